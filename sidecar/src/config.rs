@@ -1,0 +1,266 @@
+//! Which models to serve and how: `--model` flags or a YAML file, validated into [`ModelSpec`]s.
+//!
+//! Flag form: `--model ALIAS=PATH[:key=value,key=value...]`, for example
+//! `--model fast=models/x.gguf:ctx=2048,slots=4,threads=2`. The options part starts at the last
+//! `:` whose remainder is a list of `key=value`, so ordinary paths need no quoting. YAML form
+//! (`--config FILE`) uses the same keys:
+//!
+//! ```yaml
+//! host: 127.0.0.1        # optional; the command line wins when both are given
+//! port: 8081
+//! models:
+//!   - alias: smollm2
+//!     path: models/SmolLM2-135M-Instruct.Q4_1.gguf
+//!     sha256: b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+//!   - { alias: embed, path: models/all-MiniLM-L6-v2.gguf, pooling: mean }
+//! ```
+//!
+//! Keys: `ctx` (context tokens per slot; default min(4096, trained) for chat, min(512,
+//! trained) for embeddings), `slots` (parallel sequences, default 4), `queue` (requests waiting
+//! beyond the slots before 503, default 16), `threads` (default: all cores), `gpu_layers`
+//! (passed to llama.cpp, default 0), `pooling` (`mean`, `cls`, `last` or `rank`: loads the model
+//! for `/v1/embeddings`, or `/v1/rerank` with `rank`), `sha256` (checked before loading).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// How an embedding model pools token vectors into one vector per input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Last,
+    /// A classification head over a query/document pair: one relevance score (rerankers).
+    Rank,
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mean" => Ok(Self::Mean),
+            "cls" => Ok(Self::Cls),
+            "last" => Ok(Self::Last),
+            "rank" => Ok(Self::Rank),
+            other => Err(format!(
+                "unknown pooling {other:?} (expected mean, cls, last or rank)"
+            )),
+        }
+    }
+}
+
+/// One model to serve, as written by the operator; zero or absent options mean "default".
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The name clients put in `"model"`.
+    pub alias: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub ctx: Option<u32>,
+    #[serde(default)]
+    pub slots: Option<u32>,
+    #[serde(default)]
+    pub queue: Option<u32>,
+    #[serde(default)]
+    pub threads: Option<u32>,
+    #[serde(default)]
+    pub gpu_layers: Option<u32>,
+    /// Present: an embedding (or, with `rank`, reranking) model; absent: a chat model.
+    #[serde(default)]
+    pub pooling: Option<Pooling>,
+    /// Expected SHA-256 of the file, checked before loading when given.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+pub const DEFAULT_SLOTS: u32 = 4;
+pub const DEFAULT_QUEUE: u32 = 16;
+/// Upper bounds that catch typos (`slots=400`) before llama.cpp allocates for them.
+const MAX_SLOTS: u32 = 64;
+const MAX_QUEUE: u32 = 4096;
+
+/// The YAML file's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    pub models: Vec<ModelSpec>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--model {0:?}: expected ALIAS=PATH[:key=value,...]")]
+    Syntax(String),
+    #[error("--model {spec:?}: {message}")]
+    Option { spec: String, message: String },
+    #[error("{0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("invalid model configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// Parses one `--model` flag.
+pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
+    let (alias, rest) = flag
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Syntax(flag.into()))?;
+    let (path, options) = match rest.rsplit_once(':') {
+        Some((path, opts)) if !opts.is_empty() && opts.split(',').all(|kv| kv.contains('=')) => {
+            (path, Some(opts))
+        }
+        _ => (rest, None),
+    };
+    if alias.is_empty() || path.is_empty() {
+        return Err(ConfigError::Syntax(flag.into()));
+    }
+    let mut spec = ModelSpec {
+        alias: alias.into(),
+        path: PathBuf::from(path),
+        ctx: None,
+        slots: None,
+        queue: None,
+        threads: None,
+        gpu_layers: None,
+        pooling: None,
+        sha256: None,
+    };
+    for kv in options.into_iter().flat_map(|o| o.split(',')) {
+        let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+        let bad = |message: String| ConfigError::Option {
+            spec: flag.into(),
+            message,
+        };
+        let number = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| bad(format!("{key}={v}: not a whole number")))
+        };
+        match key {
+            "ctx" => spec.ctx = Some(number(value)?),
+            "slots" => spec.slots = Some(number(value)?),
+            "queue" => spec.queue = Some(number(value)?),
+            "threads" => spec.threads = Some(number(value)?),
+            "gpu_layers" => spec.gpu_layers = Some(number(value)?),
+            "pooling" => spec.pooling = Some(value.parse().map_err(bad)?),
+            "sha256" => spec.sha256 = Some(value.to_string()),
+            other => {
+                return Err(bad(format!(
+                    "unknown option {other:?} (known: ctx, slots, queue, threads, gpu_layers, \
+                     pooling, sha256)"
+                )))
+            }
+        }
+    }
+    Ok(spec)
+}
+
+/// Parses a YAML config file's text.
+pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
+    Ok(serde_yaml::from_str(text)?)
+}
+
+/// Checks the whole list and reports every problem at once.
+pub fn validate(models: &[ModelSpec]) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    if models.is_empty() {
+        problems.push("no models: give at least one --model ALIAS=PATH or --config FILE".into());
+    }
+    let mut seen = BTreeSet::new();
+    for m in models {
+        let a = &m.alias;
+        if !seen.insert(a.as_str()) {
+            problems.push(format!("{a}: alias used twice"));
+        }
+        if !m.path.is_file() {
+            problems.push(format!("{a}: model file {} not found", m.path.display()));
+        }
+        if m.ctx == Some(0) {
+            problems.push(format!("{a}: ctx must be at least 1"));
+        }
+        match m.slots {
+            Some(0) => problems.push(format!("{a}: slots must be at least 1")),
+            Some(n) if n > MAX_SLOTS => {
+                problems.push(format!("{a}: slots={n} is above the limit of {MAX_SLOTS}"))
+            }
+            _ => {}
+        }
+        if m.queue.is_some_and(|q| q > MAX_QUEUE) {
+            problems.push(format!("{a}: queue is above the limit of {MAX_QUEUE}"));
+        }
+        if m.threads == Some(0) {
+            problems.push(format!("{a}: threads must be at least 1"));
+        }
+        if let Some(sha) = &m.sha256 {
+            if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                problems.push(format!("{a}: sha256 must be 64 hex digits"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_with_options() {
+        let m = parse_model_flag("fast=models/x.gguf:ctx=2048,slots=4,threads=2").unwrap();
+        assert_eq!(m.alias, "fast");
+        assert_eq!(m.path, PathBuf::from("models/x.gguf"));
+        assert_eq!((m.ctx, m.slots, m.threads), (Some(2048), Some(4), Some(2)));
+        assert_eq!(m.pooling, None);
+    }
+
+    #[test]
+    fn flag_without_options_keeps_colons_in_paths() {
+        let m = parse_model_flag("a=/data/c:d/model.gguf").unwrap();
+        assert_eq!(m.path, PathBuf::from("/data/c:d/model.gguf"));
+        let m = parse_model_flag("e=m.gguf:pooling=rank").unwrap();
+        assert_eq!(m.pooling, Some(Pooling::Rank));
+    }
+
+    #[test]
+    fn flag_errors_name_the_problem() {
+        assert!(matches!(
+            parse_model_flag("nopath"),
+            Err(ConfigError::Syntax(_))
+        ));
+        let err = parse_model_flag("a=m.gguf:ctx=big").unwrap_err();
+        assert!(err.to_string().contains("not a whole number"), "{err}");
+        let err = parse_model_flag("a=m.gguf:colour=red").unwrap_err();
+        assert!(err.to_string().contains("unknown option"), "{err}");
+        let err = parse_model_flag("a=m.gguf:pooling=max").unwrap_err();
+        assert!(err.to_string().contains("unknown pooling"), "{err}");
+    }
+
+    #[test]
+    fn yaml_is_strict() {
+        let ok = parse_file("models:\n  - { alias: e, path: m.gguf, pooling: mean, slots: 2 }\n")
+            .unwrap();
+        assert_eq!(ok.models[0].pooling, Some(Pooling::Mean));
+        assert_eq!(ok.models[0].slots, Some(2));
+        assert!(parse_file("models:\n  - { alias: e, path: m.gguf, slot: 2 }\n").is_err());
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let mut a = parse_model_flag("a=/nonexistent/a.gguf:slots=0").unwrap();
+        a.sha256 = Some("xyz".into());
+        let b = parse_model_flag("a=/nonexistent/b.gguf").unwrap();
+        let Err(ConfigError::Invalid(problems)) = validate(&[a, b]) else {
+            panic!("expected problems");
+        };
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+    }
+}

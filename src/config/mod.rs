@@ -1,0 +1,159 @@
+//! Configuration: the YAML file (`raw`), `${VAR}` substitution (`env`), units, and the validated
+//! runtime `Snapshot` that requests read through `arc-swap`.
+//!
+//! Loading is strict: unknown keys, missing variables, bad URLs and dangling references are all
+//! errors, and every error names the file, line and column so `lumen check` reads like `nginx -t`.
+
+pub mod env;
+mod locate;
+pub mod raw;
+pub mod snapshot;
+pub mod units;
+
+use std::fmt;
+use std::path::Path;
+use std::time::SystemTime;
+
+pub use snapshot::{Limits, Listener, Provider, Snapshot, Source};
+
+/// One problem found while validating, with the YAML path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// e.g. `routes[2].targets[0].provider`.
+    pub path: String,
+    pub message: String,
+    /// Filled in from the file's text after validation: (line, column), 1-based.
+    pub position: Option<(usize, usize)>,
+}
+
+impl Problem {
+    pub fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            path: path.into(),
+            message: message.into(),
+            position: None,
+        }
+    }
+}
+
+/// Why a config could not be loaded. Messages never include substituted secret values.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", missing_vars(.path, .missing))]
+    MissingEnv {
+        path: String,
+        missing: Vec<env::MissingVar>,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{}", list_problems(.path, .problems))]
+    Invalid { path: String, problems: Vec<Problem> },
+}
+
+fn missing_vars(path: &str, missing: &[env::MissingVar]) -> String {
+    let lines: Vec<String> = missing
+        .iter()
+        .map(|m| {
+            format!(
+                "{path}:{}:{}: environment variable `{}` is not set",
+                m.line, m.column, m.name
+            )
+        })
+        .collect();
+    lines.join("\n")
+}
+
+fn list_problems(path: &str, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| match p.position {
+            Some((line, col)) => format!("{path}:{line}:{col}: {}: {}", p.path, p.message),
+            None => format!("{path}: {}: {}", p.path, p.message),
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// Reads, substitutes, parses and validates the file at `path`. Blocking (file I/O and DNS):
+/// call it at startup or from a blocking task, never on a request.
+pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    parse(&text, &shown, |name| std::env::var(name).ok())
+}
+
+/// `load` without the file: `text` is the file's content, `path` how to name it in errors.
+pub fn parse(
+    text: &str,
+    path: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Snapshot, ConfigError> {
+    let substituted = env::substitute(text, lookup).map_err(|missing| ConfigError::MissingEnv {
+        path: path.to_string(),
+        missing,
+    })?;
+    let raw: raw::RawConfig =
+        serde_yaml::from_str(&substituted).map_err(|e| syntax_error(path, e))?;
+    let source = Source {
+        path: path.to_string(),
+        hash: format!("{:016x}", fnv1a(text.as_bytes())),
+        loaded_at: SystemTime::now(),
+    };
+    snapshot::build(raw, source).map_err(|err| match err {
+        ConfigError::Invalid { path, mut problems } => {
+            let positions = locate::positions(&substituted);
+            for p in &mut problems {
+                p.position = positions.get(&p.path).copied();
+            }
+            ConfigError::Invalid { path, problems }
+        }
+        other => other,
+    })
+}
+
+fn syntax_error(path: &str, e: serde_yaml::Error) -> ConfigError {
+    let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+    // serde_yaml appends " at line X column Y"; we print the position in front instead.
+    let mut message = e.to_string();
+    if let Some(cut) = message.find(" at line ") {
+        message.truncate(cut);
+    }
+    ConfigError::Syntax {
+        path: path.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// Hash of the config text for `/admin/config`: stable and cheap, not a security boundary.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("source", &self.source)
+            .field("providers", &self.providers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+//! The YAML file as written by an operator: strict serde types, nothing resolved yet.
+//!
+//! Every struct denies unknown fields, so a typo (`retires:`) is an error rather than a silent
+//! default. Turning these into the runtime form (URLs parsed, names cross-checked, addresses
+//! resolved) is `snapshot::build`'s job.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::units::{duration, opt_duration, ByteSize};
+
+/// The whole config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Proxy listeners for OpenAI clients.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<RawListener>,
+    /// The admin listener (`/metrics`); loopback by default because it is not authenticated.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub cors: Option<lumen_plugins::cors::CorsConfig>,
+    #[serde(default)]
+    pub server: RawServer,
+    pub providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+fn default_listen() -> Vec<RawListener> {
+    vec![RawListener::Addr("0.0.0.0:8080".into())]
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+
+/// A listener is either `"host:port"` or a table with TLS settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawListener {
+    Addr(String),
+    Full(RawListenerFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerFull {
+    pub addr: String,
+    /// TLS termination: HTTP/1.1 and HTTP/2 (ALPN) on this listener.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// Accept cleartext HTTP/2 (prior knowledge) besides HTTP/1.1 on a plain listener.
+    #[serde(default)]
+    pub h2c: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Gateway-wide bounds on what a client may send.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Request bodies above this are refused with 413 before they are buffered.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: ByteSize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize(8 * 1024 * 1024)
+}
+
+/// Process-level settings handed to Pingora.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Worker threads for the proxy service (0: one per core).
+    #[serde(default)]
+    pub threads: usize,
+    /// How long in-flight requests may run after SIGTERM before the process exits.
+    #[serde(default = "default_grace", with = "duration")]
+    pub grace_period: Duration,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            threads: 0,
+            grace_period: default_grace(),
+        }
+    }
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// An OpenAI-compatible upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    /// e.g. `https://api.groq.com/openai/v1`: endpoint paths (`/chat/completions`) are appended.
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer …`; usually `${PROVIDER_API_KEY}`.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Extra headers sent with every request to this provider.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, with = "opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// Longest wait for the response header, and between two body chunks.
+    #[serde(default, with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// How long an idle pooled connection to this provider is kept.
+    #[serde(default, with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    /// Make every model of this provider reachable as `provider/model`, without a route.
+    #[serde(default)]
+    pub expose_models: bool,
+}
+
+/// A client-facing model name (or glob) and where it goes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// An exact model name (`fast`) or a glob with `*` and `?` (`*embed*`).
+    pub model: String,
+    #[serde(default)]
+    pub strategy: Strategy,
+    pub targets: Vec<RawTarget>,
+}
+
+/// How a route picks among its targets. Only `priority` exists until the fallback issue lands;
+/// the enum is here so routes are written the way they will stay.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    Priority,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub provider: String,
+    /// The provider's name for the model; defaults to the route's model name.
+    #[serde(default)]
+    pub model: Option<String>,
+}

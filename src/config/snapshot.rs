@@ -1,0 +1,288 @@
+//! The validated, immutable runtime form of a config file.
+//!
+//! `build` does every expensive or fallible step once (URL parsing, address resolution, header
+//! encoding, route compilation) so the hot path only reads. A reload builds a whole new
+//! `Snapshot` and swaps it in; requests keep the `Arc` they started with.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderName, HeaderValue};
+use pingora::upstreams::peer::HttpPeer;
+
+use super::raw::{RawConfig, RawListener, RawProvider};
+use super::{ConfigError, Problem};
+use crate::routing::RouteTable;
+
+/// Everything a request needs to know about the configuration, frozen.
+pub struct Snapshot {
+    pub listeners: Vec<Listener>,
+    pub admin_listen: String,
+    pub limits: Limits,
+    pub cors: Option<lumen_plugins::cors::Cors>,
+    pub server: ServerSettings,
+    pub providers: HashMap<String, Arc<Provider>>,
+    pub routes: RouteTable,
+    /// Where it came from, for `/admin/config` and logs.
+    pub source: Source,
+}
+
+/// Identity of the file a snapshot was built from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: String,
+    /// FNV-1a of the file's bytes as read (before `${VAR}` substitution, so secrets don't leak
+    /// through it), in hex.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: String,
+    pub tls: Option<(String, String)>,
+    pub h2c: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period: Duration,
+}
+
+/// An upstream, ready to connect to: address resolved, peer options set, headers encoded.
+pub struct Provider {
+    pub name: String,
+    /// The prebuilt Pingora peer; connections are pooled by its hash, so one per provider.
+    pub peer: HttpPeer,
+    /// `Host` header value (host, plus the port when it is not the scheme's default).
+    pub host: HeaderValue,
+    /// The base URL's path without a trailing slash (`/openai/v1`); endpoint paths follow it.
+    pub base_path: String,
+    /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
+    pub authorization: Option<HeaderValue>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub timeout: Duration,
+    pub idle_timeout: Duration,
+    pub expose_models: bool,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the API key or the extra headers (they may carry secrets too).
+        f.debug_struct("Provider")
+            .field("name", &self.name)
+            .field("peer", &self.peer.to_string())
+            .field("base_path", &self.base_path)
+            .finish_non_exhaustive()
+    }
+}
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Generous: a non-streaming completion may take minutes before its header arrives.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Validates `raw` fully and returns the runtime snapshot, or every problem found.
+pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
+    let mut problems = Vec::new();
+
+    let listeners = raw
+        .listen
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let listener = match l {
+                RawListener::Addr(addr) => Listener {
+                    addr,
+                    tls: None,
+                    h2c: false,
+                },
+                RawListener::Full(f) => Listener {
+                    addr: f.addr,
+                    tls: f.tls.map(|t| (t.cert, t.key)),
+                    h2c: f.h2c,
+                },
+            };
+            if let Err(e) = listener.addr.parse::<SocketAddr>() {
+                problems.push(Problem::at(
+                    format!("listen[{i}]"),
+                    format!("`{}` is not an address such as 0.0.0.0:8080 ({e})", listener.addr),
+                ));
+                return None;
+            }
+            if let Some((cert, key)) = &listener.tls {
+                for (what, file) in [("cert", cert), ("key", key)] {
+                    if !std::path::Path::new(file).is_file() {
+                        problems.push(Problem::at(
+                            format!("listen[{i}].tls.{what}"),
+                            format!("file `{file}` does not exist"),
+                        ));
+                    }
+                }
+            }
+            Some(listener)
+        })
+        .collect();
+    if let Err(e) = raw.admin_listen.parse::<SocketAddr>() {
+        problems.push(Problem::at(
+            "admin_listen",
+            format!("`{}` is not an address ({e})", raw.admin_listen),
+        ));
+    }
+
+    let mut providers = HashMap::new();
+    for (name, p) in raw.providers {
+        match build_provider(&name, p) {
+            Ok(provider) => {
+                providers.insert(name, Arc::new(provider));
+            }
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
+
+    let cors = match raw.cors.map(lumen_plugins::cors::Cors::new).transpose() {
+        Ok(cors) => cors,
+        Err(e) => {
+            problems.push(Problem::at("cors", e.to_string()));
+            None
+        }
+    };
+
+    let routes = RouteTable::build(&raw.routes, &providers, &mut problems);
+
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: source.path,
+            problems,
+        });
+    }
+    Ok(Snapshot {
+        listeners,
+        admin_listen: raw.admin_listen,
+        limits: Limits {
+            max_body_bytes: raw.limits.max_body_bytes.0,
+        },
+        cors,
+        server: ServerSettings {
+            threads: raw.server.threads,
+            grace_period: raw.server.grace_period,
+        },
+        providers,
+        routes,
+        source,
+    })
+}
+
+fn build_provider(name: &str, p: RawProvider) -> Result<Provider, Vec<Problem>> {
+    let here = |field: &str| format!("providers.{name}.{field}");
+    let mut problems = Vec::new();
+    let url: http::Uri = match p.base_url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return Err(vec![Problem::at(
+                here("base_url"),
+                format!("`{}` is not a URL ({e})", p.base_url),
+            )])
+        }
+    };
+    let tls = match url.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => {
+            return Err(vec![Problem::at(
+                here("base_url"),
+                format!("`{}` must start with http:// or https://", p.base_url),
+            )])
+        }
+    };
+    let Some(host) = url.host().map(str::to_string) else {
+        return Err(vec![Problem::at(
+            here("base_url"),
+            format!("`{}` has no host", p.base_url),
+        )]);
+    };
+    let port = url.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    // Resolved once per config load; a reload re-resolves. Never on the request path.
+    let host_for_dns = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = match (host_for_dns, port).to_socket_addrs() {
+        Ok(mut addrs) => match addrs.next() {
+            Some(a) => a,
+            None => {
+                return Err(vec![Problem::at(
+                    here("base_url"),
+                    format!("`{host}` resolves to no address"),
+                )])
+            }
+        },
+        Err(e) => {
+            return Err(vec![Problem::at(
+                here("base_url"),
+                format!("cannot resolve `{host}`: {e}"),
+            )])
+        }
+    };
+    let host_header = match url.port_u16() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.clone(),
+    };
+    let timeout = p.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let idle_timeout = p.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let mut peer = HttpPeer::new(addr, tls, host_for_dns.to_string());
+    peer.options.connection_timeout = Some(p.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
+    peer.options.read_timeout = Some(timeout);
+    peer.options.idle_timeout = Some(idle_timeout);
+
+    let authorization = match p.api_key.as_deref().filter(|k| !k.is_empty()) {
+        None => None,
+        Some(key) => match HeaderValue::from_str(&format!("Bearer {key}")) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                Some(v)
+            }
+            Err(_) => {
+                problems.push(Problem::at(
+                    here("api_key"),
+                    "contains characters not allowed in a header",
+                ));
+                None
+            }
+        },
+    };
+    let mut headers = Vec::new();
+    for (k, v) in &p.headers {
+        match (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+            (Ok(name), Ok(mut value)) => {
+                value.set_sensitive(true);
+                headers.push((name, value));
+            }
+            _ => problems.push(Problem::at(
+                here(&format!("headers.{k}")),
+                "is not a valid HTTP header",
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Provider {
+        name: name.to_string(),
+        peer,
+        host: HeaderValue::from_str(&host_header).map_err(|_| {
+            vec![Problem::at(here("base_url"), "host is not a valid header value")]
+        })?,
+        base_path: url.path().trim_end_matches('/').to_string(),
+        authorization,
+        headers,
+        timeout,
+        idle_timeout,
+        expose_models: p.expose_models,
+    })
+}

@@ -1,0 +1,133 @@
+//! Golden tests: YAML → snapshot, or YAML → the exact errors.
+
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "GROQ_API_KEY" => Some("gsk-secret".into()),
+        _ => None,
+    }
+}
+
+fn parse_ok(text: &str) -> Snapshot {
+    match parse(text, "test.yaml", env) {
+        Ok(s) => s,
+        Err(e) => panic!("expected a valid config, got:\n{e}"),
+    }
+}
+
+fn parse_err(text: &str) -> String {
+    match parse(text, "test.yaml", env) {
+        Ok(_) => panic!("expected an invalid config"),
+        Err(e) => e.to_string(),
+    }
+}
+
+const GOOD: &str = r#"
+listen: ["127.0.0.1:8080"]
+limits: { max_body_bytes: 2MiB }
+providers:
+  groq:
+    base_url: "http://127.0.0.1:9/openai/v1/"
+    api_key: "${GROQ_API_KEY}"
+    timeout: 30s
+  local: { base_url: "http://127.0.0.1:8081/v1", expose_models: true }
+routes:
+  - model: fast
+    targets: [ { provider: groq, model: "llama-3.1-8b-instant" }, { provider: local } ]
+  - model: "*embed*"
+    targets: [ { provider: local, model: minilm } ]
+"#;
+
+#[test]
+fn a_good_config_builds_a_snapshot() {
+    let s = parse_ok(GOOD);
+    assert_eq!(s.limits.max_body_bytes, 2 << 20);
+    let groq = &s.providers["groq"];
+    assert_eq!(groq.base_path, "/openai/v1");
+    assert_eq!(groq.timeout, std::time::Duration::from_secs(30));
+    assert_eq!(groq.authorization.as_ref().unwrap(), "Bearer gsk-secret");
+    assert_eq!(s.routes.model_names().collect::<Vec<_>>(), ["fast"]);
+    let fast = s.routes.resolve("fast").unwrap();
+    assert_eq!(fast.targets.len(), 2);
+    assert_eq!(fast.targets[0].model_json.as_deref(), Some(&br#""llama-3.1-8b-instant""#[..]));
+    assert!(fast.targets[1].model_json.is_none());
+    assert_eq!(s.routes.resolve("text-embedding-3-small").unwrap().name, "*embed*");
+    let direct = s.routes.resolve("local/qwen").unwrap();
+    assert_eq!(direct.targets[0].model_json.as_deref(), Some(&br#""qwen""#[..]));
+    assert!(s.routes.resolve("groq/x").is_none(), "groq does not expose its models");
+    assert!(s.routes.resolve("nope").is_none());
+}
+
+#[test]
+fn exact_names_win_over_patterns_and_first_pattern_wins() {
+    let s = parse_ok(
+        r#"
+providers: { a: { base_url: "http://127.0.0.1:1" }, b: { base_url: "http://127.0.0.1:2" } }
+routes:
+  - { model: "gpt-*", targets: [ { provider: a } ] }
+  - { model: "gpt-4*", targets: [ { provider: b } ] }
+  - { model: "gpt-4o", targets: [ { provider: b } ] }
+"#,
+    );
+    assert_eq!(s.routes.resolve("gpt-4o").unwrap().name, "gpt-4o");
+    assert_eq!(s.routes.resolve("gpt-4-turbo").unwrap().name, "gpt-*");
+}
+
+#[test]
+fn unknown_keys_are_errors_with_line_and_column() {
+    let err = parse_err("providers: {}\nroutes:\n  - model: x\n    retires: 3\n    targets: []\n");
+    assert!(err.starts_with("test.yaml:4:5: routes[0]: unknown field `retires`"), "{err}");
+}
+
+#[test]
+fn syntax_errors_name_the_place() {
+    let err = parse_err("providers:\n  a: { base_url: \"http://x\"\n");
+    assert!(err.starts_with("test.yaml:"), "{err}");
+    let (_, rest) = err.split_once(':').unwrap();
+    let line: usize = rest.split(':').next().unwrap().parse().unwrap();
+    assert!(line >= 2, "{err}");
+}
+
+#[test]
+fn every_reference_problem_is_reported_with_its_position() {
+    let err = parse_err(
+        r#"providers:
+  a: { base_url: "ftp://x" }
+  b: { base_url: "http://127.0.0.1:1" }
+routes:
+  - model: fast
+    targets:
+      - provider: nope
+  - model: fast
+    targets: [ { provider: b } ]
+  - model: empty
+    targets: []
+"#,
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "test.yaml:2:18: providers.a.base_url: `ftp://x` must start with http:// or https://",
+            "test.yaml:7:19: routes[0].targets[0].provider: unknown provider `nope` (known: b)",
+            "test.yaml:8:12: routes[1].model: model `fast` is routed twice",
+            "test.yaml:11:14: routes[2].targets: route `empty` has no targets",
+        ],
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_env_vars_are_named_and_secrets_never_echoed() {
+    let err = parse_err("providers:\n  a: { base_url: \"http://127.0.0.1:1\", api_key: \"${OPENAI_KEY}\" }\n");
+    assert_eq!(err, "test.yaml:2:47: environment variable `OPENAI_KEY` is not set");
+    let err = parse_err("providers:\n  a: { base_url: \"http://x:1\", api_key: \"${GROQ_API_KEY}\", timeout: 5 }\n");
+    assert!(!err.contains("gsk-secret"), "{err}");
+}
+
+#[test]
+fn durations_need_units() {
+    let err = parse_err("providers:\n  a: { base_url: \"http://127.0.0.1:1\", timeout: 5 }\n");
+    assert!(err.contains("duration"), "{err}");
+}

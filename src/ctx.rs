@@ -1,0 +1,68 @@
+//! Per-request state carried through the pipeline's phases and into the access log.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue};
+
+use crate::config::Snapshot;
+use crate::openai::Endpoint;
+
+/// What one request has gathered so far. Created empty by `new_ctx`, filled phase by phase.
+pub struct RequestCtx {
+    pub started: Instant,
+    /// The config this request runs on from start to end, whatever reloads happen meanwhile.
+    pub config: Option<Arc<Snapshot>>,
+    /// Client's `x-request-id` when it sent a sane one, otherwise generated.
+    pub request_id: HeaderValue,
+    /// Headers every response to this request carries (request id, CORS).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    pub endpoint: Option<Endpoint>,
+    /// The route's configured name (a bounded metrics label), once resolved.
+    pub route: Option<String>,
+    /// The provider that answered, once one did.
+    pub provider: Option<String>,
+    pub stream: bool,
+    /// Status sent to the client (0 until a response head went out).
+    pub status: u16,
+    /// Request sent upstream → response head received.
+    pub first_byte: Option<Duration>,
+    /// Short reason for the access log when the request failed.
+    pub error: Option<String>,
+}
+
+impl RequestCtx {
+    pub fn new() -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            config: None,
+            request_id: HeaderValue::from_static(""),
+            response_headers: Vec::new(),
+            endpoint: None,
+            route: None,
+            provider: None,
+            stream: false,
+            status: 0,
+            first_byte: None,
+            error: None,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx::new()
+    }
+}
+
+/// A client-sent request id we are willing to echo and log: short, visible ASCII only.
+pub fn accept_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A fresh 128-bit random id in hex.
+pub fn new_request_id() -> HeaderValue {
+    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+}

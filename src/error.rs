@@ -1,0 +1,134 @@
+//! Every way a request can fail, and the one mapping from failure to HTTP status and
+//! OpenAI-shaped body (`{"error":{"message","type","param","code"}}`).
+//!
+//! Who is at fault decides the status: the client → 4xx; an upstream → 502/504; us → 500. The
+//! `match` in [`GatewayError::parts`] has no catch-all, so a new variant cannot ship without a
+//! status. Messages never carry secrets (keys, tokens, provider credentials).
+
+use http::StatusCode;
+
+/// A client request the gateway refuses to forward.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request body is larger than the gateway's limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    ReadBody(String),
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    #[error("you must provide a model parameter")]
+    MissingModel,
+    #[error("invalid value for `{field}`: {reason}")]
+    InvalidField {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("missing required parameter `{0}`")]
+    MissingField(&'static str),
+}
+
+/// An upstream that did not give a usable answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to provider `{provider}`")]
+    Connect { provider: String },
+    #[error("provider `{provider}` did not answer in time")]
+    Timeout { provider: String },
+    #[error("provider `{provider}` closed the connection or sent an invalid response")]
+    Protocol { provider: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("unknown endpoint {method} {path}")]
+    UnknownEndpoint { method: String, path: String },
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    ModelNotFound(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a client sees of an error.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ErrorParts {
+    pub status: StatusCode,
+    /// OpenAI's `type`: `invalid_request_error`, `api_error`, …
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<&'static str>,
+}
+
+impl GatewayError {
+    pub fn parts(&self) -> ErrorParts {
+        use GatewayError as G;
+        use RequestError as R;
+        use UpstreamError as U;
+        let (status, kind, code, param) = match self {
+            G::UnknownEndpoint { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), None),
+            G::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), None),
+            G::Request(r) => match r {
+                R::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large"), None),
+                R::ReadBody(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_body"), None),
+                R::InvalidJson(_) | R::NotAnObject => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_json"), None),
+                R::MissingModel => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("missing_model"), Some("model")),
+                R::InvalidField { field, .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value"), Some(*field)),
+                R::MissingField(field) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("missing_required_parameter"), Some(*field)),
+            },
+            G::ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found"), Some("model")),
+            G::Upstream(u) => match u {
+                U::Connect { .. } | U::Protocol { .. } => (StatusCode::BAD_GATEWAY, "api_error", Some("upstream_unavailable"), None),
+                U::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "api_error", Some("upstream_timeout"), None),
+            },
+            G::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error"), None),
+        };
+        ErrorParts { status, kind, code, param }
+    }
+
+    /// The JSON body sent to the client.
+    pub fn body(&self) -> Vec<u8> {
+        let parts = self.parts();
+        serde_json::to_vec(&serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": parts.kind,
+                "param": parts.param,
+                "code": parts.code,
+            }
+        }))
+        .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_who_is_at_fault() {
+        let s = |e: GatewayError| e.parts().status.as_u16();
+        assert_eq!(s(RequestError::BodyTooLarge { limit: 1 }.into()), 413);
+        assert_eq!(s(RequestError::MissingModel.into()), 400);
+        assert_eq!(s(GatewayError::ModelNotFound("x".into())), 404);
+        assert_eq!(s(UpstreamError::Connect { provider: "p".into() }.into()), 502);
+        assert_eq!(s(UpstreamError::Timeout { provider: "p".into() }.into()), 504);
+        assert_eq!(s(GatewayError::Internal("x".into())), 500);
+    }
+
+    #[test]
+    fn body_has_openai_shape() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&GatewayError::ModelNotFound("gpt-9".into()).body()).unwrap();
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "model");
+        assert!(body["error"]["message"].as_str().unwrap().contains("gpt-9"));
+    }
+}

@@ -1,0 +1,134 @@
+//! Lumen: an OpenAI-compatible LLM gateway for the edge, built on Pingora.
+//!
+//! The crate is the gateway as a library, so an operator with their own Pingora server can
+//! mount it as one more service ([`proxy_service`], [`admin_service`]); the `lumen` binary is a
+//! thin CLI over [`run`].
+//!
+//! | module | what it does |
+//! |---|---|
+//! | [`config`] | YAML → validated, immutable [`config::Snapshot`] (read through `arc-swap`) |
+//! | [`pipeline`] | the `ProxyHttp` impl: the request pipeline, phase by phase |
+//! | [`openai`] | endpoints and the few body fields routing needs |
+//! | [`routing`] | model name → route → targets |
+//! | [`forward`] | the upstream attempt: pooled connections, body re-sent, streaming back |
+//! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
+//! | [`admin`] | the admin listener: `/metrics` |
+//! | [`metrics`] | the Prometheus registry |
+//! | [`error`] | every failure and its one mapping to status + OpenAI error body |
+//!
+//! Edge policies (CORS, and later auth, limits, cache) live in the `lumen-plugins` crate.
+
+pub mod admin;
+pub mod config;
+pub mod ctx;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod openai;
+pub mod ops;
+pub mod pipeline;
+pub mod routing;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::{http_proxy_service, HttpProxy};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+pub use config::Snapshot;
+pub use metrics::Metrics;
+pub use pipeline::Gateway;
+
+/// Errors from building the gateway's services.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("listener {addr}: {reason}")]
+    Listener { addr: String, reason: String },
+}
+
+/// The proxy service on the snapshot's listeners, ready to add to a Pingora `Server`.
+pub fn proxy_service(
+    server_conf: &Arc<ServerConf>,
+    gateway: Gateway,
+) -> Result<Service<HttpProxy<Gateway>>, SetupError> {
+    let snapshot = gateway.config.load_full();
+    let mut service = http_proxy_service(server_conf, gateway);
+    let mut h2c = false;
+    for listener in &snapshot.listeners {
+        match &listener.tls {
+            None => {
+                h2c |= listener.h2c;
+                service.add_tcp(&listener.addr);
+            }
+            Some((cert, key)) => {
+                let mut tls = TlsSettings::intermediate(cert, key).map_err(|e| SetupError::Listener {
+                    addr: listener.addr.clone(),
+                    reason: e.to_string(),
+                })?;
+                tls.enable_h2();
+                service.add_tls_with_settings(&listener.addr, None, tls);
+            }
+        }
+    }
+    if h2c {
+        if let Some(app) = service.app_logic_mut() {
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            app.server_options = Some(options);
+        }
+    }
+    Ok(service)
+}
+
+/// The admin service (`/metrics`) on the snapshot's admin address.
+pub fn admin_service(snapshot: &Snapshot, metrics: Arc<Metrics>) -> impl pingora::services::ServiceWithDependents {
+    let mut service = Service::new(
+        "lumen admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(admin::AdminApp { metrics }),
+    );
+    service.add_tcp(&snapshot.admin_listen);
+    service
+}
+
+/// Loads `config_path`, builds the Pingora server with the proxy and admin services, and runs
+/// it until SIGTERM (graceful) or SIGINT. Never returns on success.
+pub fn run(config_path: &Path) -> Result<(), SetupError> {
+    let snapshot = Arc::new(config::load(config_path)?);
+    let mut conf = ServerConf {
+        threads: match snapshot.server.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        },
+        grace_period_seconds: Some(snapshot.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(snapshot.server.grace_period.as_secs().max(1)),
+        upstream_keepalive_pool_size: 1024,
+        ..ServerConf::default()
+    };
+    conf.pid_file = std::env::temp_dir()
+        .join(format!("lumen-{}.pid", std::process::id()))
+        .display()
+        .to_string();
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    let metrics = Arc::new(Metrics::new());
+    let live = Arc::new(ArcSwap::new(snapshot.clone()));
+    let gateway = Gateway::new(live, metrics.clone());
+    let proxy = proxy_service(&server.configuration, gateway)?;
+    let admin = admin_service(&snapshot, metrics);
+    server.add_service(proxy);
+    server.add_service(admin);
+    tracing::info!(
+        config = %config_path.display(),
+        listen = ?snapshot.listeners.iter().map(|l| l.addr.as_str()).collect::<Vec<_>>(),
+        admin = %snapshot.admin_listen,
+        "lumen starting"
+    );
+    server.run_forever()
+}

@@ -1,0 +1,77 @@
+//! The `lumen` command: `serve` runs the gateway, `check` validates a config (like `nginx -t`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lumen", version, about = "An OpenAI-compatible LLM gateway for the edge")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, short, default_value = "conf/lumen.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit: 0 when valid, 1 with every problem listed otherwise.
+    Check {
+        #[arg(long, short, default_value = "conf/lumen.yaml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            init_logging();
+            if let Err(e) = lumen::run(&config) {
+                eprintln!("lumen: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match lumen::config::load(&config) {
+            Ok(snapshot) => {
+                println!(
+                    "{}: ok ({} providers, {} routes)",
+                    config.display(),
+                    snapshot.providers.len(),
+                    snapshot.routes.model_names().count()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Logs go to stderr through a background writer thread, so a slow terminal or journal never
+/// blocks a request. `LUMEN_LOG` (or `RUST_LOG`) sets the filter; `LUMEN_LOG_FORMAT=json` for
+/// structured output.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("LUMEN_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // The guard flushes on drop; the process lives until exit, so it is leaked on purpose.
+    std::mem::forget(guard);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(writer);
+    if std::env::var("LUMEN_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

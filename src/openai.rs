@@ -1,0 +1,220 @@
+//! The OpenAI API surface as the gateway sees it: which endpoints exist, and the few body fields
+//! routing and policy need.
+//!
+//! Bodies are not parsed into a tree. One pass with serde validates the JSON and borrows the
+//! fields we act on (`model`, `stream`, and the required input field); everything else is
+//! skipped. The raw bytes are kept and forwarded, with only the `model` value spliced, so a
+//! 1 MiB prompt costs one scan and no per-field allocation.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::RequestError;
+
+/// An endpoint the gateway forwards to providers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Rerank,
+}
+
+impl Endpoint {
+    /// The path under `/v1` (and under a provider's base URL).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+            Endpoint::Rerank => "/rerank",
+        }
+    }
+
+    /// Stable label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+            Endpoint::Rerank => "rerank",
+        }
+    }
+
+    /// The input field the endpoint cannot do without.
+    fn required_field(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "messages",
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+            Endpoint::Rerank => "query",
+        }
+    }
+
+    /// Maps a request path (without query) to a forwarded endpoint.
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        match path.strip_suffix('/').unwrap_or(path) {
+            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            "/v1/completions" => Some(Endpoint::Completions),
+            "/v1/embeddings" => Some(Endpoint::Embeddings),
+            "/v1/rerank" => Some(Endpoint::Rerank),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed client request: the original bytes and what the gateway needs from them.
+#[derive(Debug, Clone)]
+pub struct LlmRequest {
+    pub endpoint: Endpoint,
+    pub raw: Bytes,
+    pub model: String,
+    /// Byte range of the `model` value (with its quotes) in `raw`, for splicing.
+    pub model_span: Range<usize>,
+    pub stream: bool,
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<serde_json::Value>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    query: Option<&'a RawValue>,
+}
+
+/// Parses `raw` for `endpoint`: 400-class errors for anything a provider would refuse anyway.
+pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError> {
+    let first = raw.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(if first.is_none() {
+            RequestError::InvalidJson("the body is empty".into())
+        } else {
+            RequestError::NotAnObject
+        });
+    }
+    // Every field is a RawValue or a Value, so any error here is malformed JSON (or a
+    // duplicated key, which providers would reject too).
+    let head: Head =
+        serde_json::from_slice(&raw).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let model_raw = head.model.ok_or(RequestError::MissingModel)?;
+    let model: String = match serde_json::from_str(model_raw.get()) {
+        Ok(m) => m,
+        Err(_) if model_raw.get() == "null" => return Err(RequestError::MissingModel),
+        Err(_) => {
+            return Err(RequestError::InvalidField {
+                field: "model",
+                reason: "must be a string",
+            })
+        }
+    };
+    if model.is_empty() {
+        return Err(RequestError::MissingModel);
+    }
+    let stream = match head.stream {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => b,
+        Some(_) => {
+            return Err(RequestError::InvalidField {
+                field: "stream",
+                reason: "must be a boolean",
+            })
+        }
+    };
+    let required = match endpoint {
+        Endpoint::ChatCompletions => head.messages,
+        Endpoint::Completions => head.prompt,
+        Endpoint::Embeddings => head.input,
+        Endpoint::Rerank => head.query,
+    };
+    match required.map(RawValue::get) {
+        None | Some("null") => return Err(RequestError::MissingField(endpoint.required_field())),
+        Some(v) if endpoint == Endpoint::ChatCompletions && !v.starts_with('[') => {
+            return Err(RequestError::InvalidField {
+                field: "messages",
+                reason: "must be an array of messages",
+            })
+        }
+        Some(_) => {}
+    }
+    // The RawValue borrows from `raw`, so its offset is a pointer difference.
+    let start = model_raw.get().as_ptr() as usize - raw.as_ptr() as usize;
+    let model_span = start..start + model_raw.get().len();
+    Ok(LlmRequest {
+        endpoint,
+        model,
+        model_span,
+        stream,
+        raw,
+    })
+}
+
+/// The body to send upstream, as pieces that share `req.raw`'s memory: the model value is
+/// replaced by `model_json` when the target renames the model.
+pub fn body_for_target(req: &LlmRequest, model_json: Option<&Bytes>) -> [Bytes; 3] {
+    match model_json {
+        None => [req.raw.clone(), Bytes::new(), Bytes::new()],
+        Some(model) => [
+            req.raw.slice(..req.model_span.start),
+            model.clone(),
+            req.raw.slice(req.model_span.end..),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<LlmRequest, RequestError> {
+        parse(Endpoint::ChatCompletions, Bytes::from(body.to_string()))
+    }
+
+    #[test]
+    fn reads_model_and_stream() {
+        let req = chat(r#"{"messages":[{"role":"user","content":"hi"}],"model":"fast","stream":true}"#)
+            .unwrap();
+        assert_eq!(req.model, "fast");
+        assert!(req.stream);
+        assert_eq!(&req.raw[req.model_span.clone()], br#""fast""#);
+    }
+
+    #[test]
+    fn splices_the_target_model_without_touching_the_rest() {
+        let req = chat(r#"{ "model" : "fast", "messages": [], "x": {"model": "keep"} }"#).unwrap();
+        let pieces = body_for_target(&req, Some(&Bytes::from_static(br#""llama-3.1-8b""#)));
+        let joined: Vec<u8> = pieces.concat();
+        assert_eq!(
+            std::str::from_utf8(&joined).unwrap(),
+            r#"{ "model" : "llama-3.1-8b", "messages": [], "x": {"model": "keep"} }"#
+        );
+    }
+
+    #[test]
+    fn refuses_bad_bodies_with_the_right_error() {
+        assert!(matches!(chat(""), Err(RequestError::InvalidJson(_))));
+        assert!(matches!(chat("[1,2]"), Err(RequestError::NotAnObject)));
+        assert!(matches!(chat(r#"{"model": "a", "messages": [}"#), Err(RequestError::InvalidJson(_))));
+        assert!(matches!(chat(r#"{"messages": []}"#), Err(RequestError::MissingModel)));
+        assert!(matches!(chat(r#"{"model": 5, "messages": []}"#), Err(RequestError::InvalidField { field: "model", .. })));
+        assert!(matches!(chat(r#"{"model": "a"}"#), Err(RequestError::MissingField("messages"))));
+        assert!(matches!(chat(r#"{"model": "a", "messages": [], "stream": "yes"}"#), Err(RequestError::InvalidField { field: "stream", .. })));
+        assert!(matches!(chat(r#"{"model": "a", "model": "b", "messages": []}"#), Err(_)));
+    }
+
+    #[test]
+    fn unicode_model_names_round_trip() {
+        let req = chat(r#"{"model":"caf\u00e9","messages":[]}"#).unwrap();
+        assert_eq!(req.model, "café");
+    }
+}

@@ -1,0 +1,292 @@
+//! The request pipeline: Lumen's `ProxyHttp` implementation, phases in DESIGN.md's order.
+//!
+//! Pingora reads the request head and calls `request_filter`; everything happens from there:
+//! ops paths, edge policies, body, routing, forwarding. The response is always written here
+//! (`Ok(true)`), so Pingora's own upstream phases never run. Every error is written by one
+//! function, `write_error`, in OpenAI's shape.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderName, StatusCode};
+use lumen_plugins::{Decision, Policy};
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::config::Snapshot;
+use crate::ctx::{accept_request_id, new_request_id, RequestCtx};
+use crate::error::{GatewayError, RequestError};
+use crate::forward::{add_headers, ForwardError, Forwarder};
+use crate::metrics::Metrics;
+use crate::openai::{self, Endpoint, LlmRequest};
+use crate::ops;
+use crate::routing::Route;
+
+/// The gateway as a Pingora proxy application. Cheap to share: all state is behind `Arc`s.
+pub struct Gateway {
+    /// The live config; each request loads it once and keeps that snapshot to the end.
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub metrics: Arc<Metrics>,
+    forwarder: Forwarder,
+}
+
+/// What admission decided.
+enum Admit {
+    /// Answered by the gateway itself.
+    Reply(ops::Reply),
+    /// To be forwarded on this route.
+    Forward(LlmRequest, Arc<Route>),
+}
+
+impl Gateway {
+    pub fn new(config: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Gateway {
+        Gateway {
+            config,
+            metrics,
+            forwarder: Forwarder::new(),
+        }
+    }
+
+    /// DESIGN.md steps 1–4 (auth, limits and cache join here with their issues).
+    async fn admit(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<Admit, GatewayError> {
+        let config = ctx.config.clone().ok_or_else(|| GatewayError::Internal("no config".into()))?;
+        let head = s.req_header();
+        let path = head.uri.path();
+        // 1. Ops paths: no auth, never limited.
+        if let Some(reply) = ops::answer(&head.method, path, &config) {
+            return reply.map(Admit::Reply);
+        }
+        let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::UnknownEndpoint {
+            method: head.method.to_string(),
+            path: path.to_string(),
+        })?;
+        ctx.endpoint = Some(endpoint);
+        if head.method != http::Method::POST {
+            return Err(GatewayError::MethodNotAllowed {
+                method: head.method.to_string(),
+                path: path.to_string(),
+            });
+        }
+        // 3. Body: bounded, read once, kept for every attempt.
+        let raw = read_body(s, config.limits.max_body_bytes).await?;
+        let req = openai::parse(endpoint, raw)?;
+        ctx.stream = req.stream;
+        // 4. Route.
+        let route = config
+            .routes
+            .resolve(&req.model)
+            .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
+        ctx.route = Some(route.name.clone());
+        Ok(Admit::Forward(req, route))
+    }
+
+    /// Writes a complete response: status, JSON body, and the request's own headers.
+    async fn write_reply(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        status: StatusCode,
+        body: Bytes,
+    ) -> Result<()> {
+        let mut head = ResponseHeader::build(status, Some(4 + ctx.response_headers.len()))?;
+        head.insert_header(CONTENT_TYPE, "application/json")?;
+        head.insert_header(CONTENT_LENGTH, body.len())?;
+        add_headers(&mut head, &ctx.response_headers);
+        ctx.status = status.as_u16();
+        let head_only = s.req_header().method == http::Method::HEAD;
+        s.write_response_header(Box::new(head), head_only).await?;
+        if !head_only {
+            s.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    /// The one place an error becomes a response.
+    async fn write_error(&self, s: &mut Session, ctx: &mut RequestCtx, err: &GatewayError) -> Result<()> {
+        ctx.error = Some(err.to_string());
+        if matches!(err, GatewayError::Request(RequestError::BodyTooLarge { .. })) {
+            // The rest of the body is still on the wire; don't read it as the next request.
+            s.set_keepalive(None);
+        }
+        self.write_reply(s, ctx, err.parts().status, Bytes::from(err.body())).await
+    }
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes. A body that arrives in one
+/// piece (the common case) is kept as is, without a copy.
+async fn read_body(s: &mut Session, limit: usize) -> Result<Bytes, RequestError> {
+    let declared = s
+        .req_header()
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(RequestError::BodyTooLarge { limit });
+    }
+    let mut buf: Option<BytesMut> = None;
+    let mut first: Option<Bytes> = None;
+    loop {
+        let chunk = match s.read_request_body().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => return Err(RequestError::ReadBody(e.etype().as_str().to_string())),
+        };
+        let so_far = first.as_ref().map_or(0, Bytes::len) + buf.as_ref().map_or(0, BytesMut::len);
+        if so_far + chunk.len() > limit {
+            return Err(RequestError::BodyTooLarge { limit });
+        }
+        match (&mut first, &mut buf) {
+            (None, None) => first = Some(chunk),
+            (Some(f), None) => {
+                let mut b = BytesMut::with_capacity(declared.unwrap_or(f.len() + chunk.len()).min(limit));
+                b.extend_from_slice(f);
+                b.extend_from_slice(&chunk);
+                first = None;
+                buf = Some(b);
+            }
+            (_, Some(b)) => b.extend_from_slice(&chunk),
+        }
+    }
+    Ok(match (first, buf) {
+        (Some(f), _) => f,
+        (None, Some(b)) => b.freeze(),
+        (None, None) => Bytes::new(),
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let config = self.config.load_full();
+        ctx.request_id = match s.req_header().headers.get("x-request-id") {
+            Some(id) if accept_request_id(id) => id.clone(),
+            _ => new_request_id(),
+        };
+        ctx.response_headers
+            .push((HeaderName::from_static("x-request-id"), ctx.request_id.clone()));
+        if let Some(cors) = &config.cors {
+            cors.on_response(s.req_header(), &mut ctx.response_headers);
+            if let Decision::Respond(resp) = cors.on_request(s.req_header()) {
+                ctx.config = Some(config);
+                write_plugin_response(s, ctx, resp).await?;
+                return Ok(true);
+            }
+        }
+        ctx.config = Some(config);
+
+        let (req, route) = match self.admit(s, ctx).await {
+            Ok(Admit::Reply(reply)) => {
+                self.write_reply(s, ctx, reply.status, reply.body).await?;
+                return Ok(true);
+            }
+            Ok(Admit::Forward(req, route)) => (req, route),
+            Err(e) => {
+                self.write_error(s, ctx, &e).await?;
+                return Ok(true);
+            }
+        };
+        match self.forwarder.forward(s, ctx, &req, &route, &self.metrics).await {
+            Ok(()) => Ok(true),
+            Err(ForwardError::BeforeResponse(e)) => {
+                self.write_error(s, ctx, &e).await?;
+                Ok(true)
+            }
+            Err(ForwardError::AfterResponse { error, sse: true }) => {
+                // The stream already ended with an error event; the connection is sound.
+                ctx.error = Some(error.to_string());
+                Ok(true)
+            }
+            Err(ForwardError::AfterResponse { error, sse: false }) => {
+                ctx.error = Some(error.to_string());
+                // Dropping the connection is the only honest way to show a truncated body.
+                Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
+            }
+            Err(ForwardError::ClientGone) => {
+                ctx.error = Some("client disconnected".into());
+                Error::e_explain(ErrorType::WriteError, "client disconnected")
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _s: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        // request_filter always answers; Pingora's own upstream phase never runs.
+        Error::e_explain(ErrorType::InternalError, "lumen forwards requests itself")
+    }
+
+    async fn fail_to_proxy(&self, s: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        // Reached for errors Pingora saw itself (bad request heads) or that we returned after
+        // the response started. Answer in OpenAI's shape when nothing was written yet.
+        if s.response_written().is_none() {
+            let err = match e.esource() {
+                ErrorSource::Downstream => GatewayError::Request(RequestError::ReadBody(e.etype().as_str().into())),
+                _ => GatewayError::Internal(e.etype().as_str().into()),
+            };
+            let _ = self.write_error(s, ctx, &err).await;
+        }
+        FailToProxy {
+            error_code: ctx.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let elapsed = ctx.started.elapsed();
+        let endpoint = ctx.endpoint.map_or("none", Endpoint::label);
+        let route = ctx.route.as_deref().unwrap_or("");
+        let provider = ctx.provider.as_deref().unwrap_or("");
+        let status = StatusCode::from_u16(ctx.status).ok();
+        let status = status.as_ref().map_or("0", StatusCode::as_str);
+        self.metrics
+            .requests
+            .with_label_values(&[endpoint, route, provider, status])
+            .inc();
+        if ctx.endpoint.is_some() {
+            self.metrics
+                .duration
+                .with_label_values(&[endpoint, route])
+                .observe(elapsed.as_secs_f64());
+        }
+        // The query string is never logged: it may carry credentials.
+        tracing::info!(
+            target: "lumen::access",
+            request_id = ctx.request_id.to_str().unwrap_or(""),
+            method = s.req_header().method.as_str(),
+            path = s.req_header().uri.path(),
+            status = ctx.status,
+            route,
+            provider,
+            stream = ctx.stream,
+            duration_us = elapsed.as_micros() as u64,
+            first_byte_us = ctx.first_byte.map_or(0, |d| d.as_micros() as u64),
+            error = ctx.error.as_deref().unwrap_or(""),
+        );
+    }
+}
+
+/// Writes a response a policy produced (e.g. a CORS preflight answer).
+async fn write_plugin_response(s: &mut Session, ctx: &mut RequestCtx, resp: http::Response<Vec<u8>>) -> Result<()> {
+    let (parts, body) = resp.into_parts();
+    let mut head = ResponseHeader::build(parts.status, Some(parts.headers.len() + 2))?;
+    for (name, value) in parts.headers.iter() {
+        head.append_header(name.clone(), value.clone())?;
+    }
+    head.insert_header(CONTENT_LENGTH, body.len())?;
+    head.insert_header("x-request-id", ctx.request_id.clone())?;
+    ctx.status = parts.status.as_u16();
+    s.write_response_header(Box::new(head), body.is_empty()).await?;
+    if !body.is_empty() {
+        s.write_response_body(Some(Bytes::from(body)), true).await?;
+    }
+    Ok(())
+}
