@@ -1,1 +1,262 @@
-fn main(){}
+//! Load benchmark: direct-to-mock vs through nginx (the reference proxy) vs through Lumen, in the
+//! same run, on the same machine, reported as ratios.
+//!
+//! Run: `cargo bench --bench load` (needs `nginx` on PATH for the reference column; without it
+//! the nginx column is skipped). `LUMEN_BENCH_SECS` sets seconds per measurement (default 3).
+//!
+//! Measured: added latency p50/p99 at concurrency 1 for 1 KiB and 16 KiB chat bodies, requests/s
+//! at concurrency 32, and added time to first chunk of a stream. Lumen runs as configured for
+//! production: access log on, metrics on.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lumen_test_support::client::Client;
+use lumen_test_support::harness::tempdir::Dir;
+use lumen_test_support::{bin_path, free_port, Lumen};
+use serde_json::json;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Latencies (µs) of every request and the throughput of one measurement.
+struct Sample {
+    latencies: Vec<u64>,
+    rps: f64,
+}
+
+impl Sample {
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i] as f64
+    }
+}
+
+fn chat_body(bytes: usize, stream: bool) -> Vec<u8> {
+    let filler = "x".repeat(bytes.saturating_sub(120));
+    serde_json::to_vec(&json!({
+        "model": "bench", "stream": stream, "mock_chunks": 5,
+        "messages": [{"role": "user", "content": filler}],
+    }))
+    .unwrap_or_default()
+}
+
+/// `conns` connections, each sending requests back to back for `secs`. With `first_chunk`,
+/// the latency is time to the first body chunk (streams) instead of the whole response.
+async fn load(
+    addr: SocketAddr,
+    conns: usize,
+    secs: f64,
+    body: Vec<u8>,
+    first_chunk: bool,
+) -> Sample {
+    let body = std::sync::Arc::new(body);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    // Warm up connections and pools first.
+    let mut warm = Client::connect(addr).await.expect("connect");
+    for _ in 0..50 {
+        let _ = warm
+            .request(
+                "POST",
+                "/v1/chat/completions",
+                &[("content-type", "application/json")],
+                &body,
+            )
+            .await;
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let Ok(mut c) = Client::connect(addr).await else {
+                    return latencies;
+                };
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match c
+                        .request(
+                            "POST",
+                            "/v1/chat/completions",
+                            &[("content-type", "application/json")],
+                            &body,
+                        )
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => {
+                            let us = if first_chunk {
+                                r.chunks.first().map_or(t.elapsed(), |(at, _)| *at)
+                            } else {
+                                t.elapsed()
+                            };
+                            latencies.push(us.as_micros() as u64);
+                        }
+                        _ => break,
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    Sample {
+        rps: latencies.len() as f64 / elapsed,
+        latencies,
+    }
+}
+
+fn start_nginx(upstream: SocketAddr) -> Option<(Killed, SocketAddr, Dir)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let dir = Dir::new("lumen-bench-nginx");
+    let port = free_port();
+    let conf = format!(
+        r#"worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log {dir}/access.log;
+  client_body_temp_path {dir}; proxy_temp_path {dir};
+  client_max_body_size 8m; client_body_buffer_size 1m;
+  upstream mock {{ server {upstream}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}
+}}
+"#,
+        dir = dir.path().display()
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).ok()?;
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir.path())
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Some((Killed(child), addr, dir));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; run only when asked for this bench or with no filter.
+    let secs: f64 = std::env::var("LUMEN_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let mock_port = free_port();
+    let _mock = Killed(
+        Command::new(bin_path("lumen-mock-upstream"))
+            .args(["--port", &mock_port.to_string(), "--threads", "1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start lumen-mock-upstream (cargo build --release --workspace first)"),
+    );
+    let mock = SocketAddr::from(([127, 0, 0, 1], mock_port));
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(mock).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lumen = Lumen::start(&format!(
+        "server: {{ threads: 2 }}\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
+    ));
+    let nginx = start_nginx(mock);
+    if nginx.is_none() {
+        eprintln!("nginx not found: the nginx column is skipped (apt-get install nginx-light)");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", mock)];
+    if let Some((_, addr, _)) = &nginx {
+        targets.push(("nginx", *addr));
+    }
+    targets.push(("lumen", lumen.addr));
+
+    println!(
+        "Lumen load benchmark ({secs} s per measurement; 2 cores shared by load, mock and proxy)\n"
+    );
+    let scenarios: [(&str, usize, usize, bool); 4] = [
+        ("c=1 1KiB latency", 1, 1024, false),
+        ("c=1 16KiB latency", 1, 16 * 1024, false),
+        ("c=32 1KiB throughput", 32, 1024, false),
+        ("c=1 stream first chunk", 1, 1024, true),
+    ];
+    for (name, conns, bytes, stream) in scenarios {
+        let mut results = Vec::new();
+        for (label, addr) in &targets {
+            let sample =
+                runtime.block_on(load(*addr, conns, secs, chat_body(bytes, stream), stream));
+            results.push((*label, sample));
+        }
+        let direct = &results[0].1;
+        println!("{name}");
+        for (label, s) in &results {
+            let added50 = s.pct(0.5) - direct.pct(0.5);
+            let added99 = s.pct(0.99) - direct.pct(0.99);
+            println!(
+                "  {label:<7} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us",
+                s.rps,
+                s.rps / direct.rps,
+                s.pct(0.5),
+                s.pct(0.99),
+                added50,
+                added99
+            );
+        }
+        if let (Some((_, n)), Some((_, l))) = (
+            results.iter().find(|(k, _)| *k == "nginx"),
+            results.iter().find(|(k, _)| *k == "lumen"),
+        ) {
+            println!(
+                "  lumen/nginx: rps {:.2}x, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
+                l.rps / n.rps,
+                l.pct(0.5) - direct.pct(0.5),
+                n.pct(0.5) - direct.pct(0.5),
+                l.pct(0.99) - direct.pct(0.99),
+                n.pct(0.99) - direct.pct(0.99)
+            );
+        }
+        println!();
+    }
+}

@@ -30,7 +30,11 @@ impl ServeHttp for AdminApp {
             _ => (
                 StatusCode::NOT_FOUND,
                 "application/json",
-                lumen_plugins::error_body("unknown admin endpoint", "invalid_request_error", "unknown_url"),
+                lumen_plugins::error_body(
+                    "unknown admin endpoint",
+                    "invalid_request_error",
+                    "unknown_url",
+                ),
             ),
         };
         Response::builder()

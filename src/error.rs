@@ -72,24 +72,89 @@ impl GatewayError {
         use RequestError as R;
         use UpstreamError as U;
         let (status, kind, code, param) = match self {
-            G::UnknownEndpoint { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), None),
-            G::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"), None),
+            G::UnknownEndpoint { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("unknown_url"),
+                None,
+            ),
+            G::MethodNotAllowed { .. } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+                None,
+            ),
             G::Request(r) => match r {
-                R::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("request_too_large"), None),
-                R::ReadBody(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_body"), None),
-                R::InvalidJson(_) | R::NotAnObject => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_json"), None),
-                R::MissingModel => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("missing_model"), Some("model")),
-                R::InvalidField { field, .. } => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_value"), Some(*field)),
-                R::MissingField(field) => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("missing_required_parameter"), Some(*field)),
+                R::BodyTooLarge { .. } => (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    Some("request_too_large"),
+                    None,
+                ),
+                R::ReadBody(_) => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("invalid_body"),
+                    None,
+                ),
+                R::InvalidJson(_) | R::NotAnObject => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("invalid_json"),
+                    None,
+                ),
+                R::MissingModel => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("missing_model"),
+                    Some("model"),
+                ),
+                R::InvalidField { field, .. } => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("invalid_value"),
+                    Some(*field),
+                ),
+                R::MissingField(field) => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("missing_required_parameter"),
+                    Some(*field),
+                ),
             },
-            G::ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found"), Some("model")),
+            G::ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                Some("model"),
+            ),
             G::Upstream(u) => match u {
-                U::Connect { .. } | U::Protocol { .. } => (StatusCode::BAD_GATEWAY, "api_error", Some("upstream_unavailable"), None),
-                U::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "api_error", Some("upstream_timeout"), None),
+                U::Connect { .. } | U::Protocol { .. } => (
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    Some("upstream_unavailable"),
+                    None,
+                ),
+                U::Timeout { .. } => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "api_error",
+                    Some("upstream_timeout"),
+                    None,
+                ),
             },
-            G::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", Some("internal_error"), None),
+            G::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                Some("internal_error"),
+                None,
+            ),
         };
-        ErrorParts { status, kind, code, param }
+        ErrorParts {
+            status,
+            kind,
+            code,
+            param,
+        }
     }
 
     /// The JSON body sent to the client.
@@ -117,8 +182,20 @@ mod tests {
         assert_eq!(s(RequestError::BodyTooLarge { limit: 1 }.into()), 413);
         assert_eq!(s(RequestError::MissingModel.into()), 400);
         assert_eq!(s(GatewayError::ModelNotFound("x".into())), 404);
-        assert_eq!(s(UpstreamError::Connect { provider: "p".into() }.into()), 502);
-        assert_eq!(s(UpstreamError::Timeout { provider: "p".into() }.into()), 504);
+        assert_eq!(
+            s(UpstreamError::Connect {
+                provider: "p".into()
+            }
+            .into()),
+            502
+        );
+        assert_eq!(
+            s(UpstreamError::Timeout {
+                provider: "p".into()
+            }
+            .into()),
+            504
+        );
         assert_eq!(s(GatewayError::Internal("x".into())), 500);
     }
 

@@ -18,6 +18,7 @@ use pingora::connectors::ConnectorOptions;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
 use crate::config::Provider;
@@ -66,7 +67,12 @@ const NOT_FORWARDED: &[&str] = &[
 ];
 
 /// Response headers from the provider that describe its connection to us, not the answer.
-const NOT_RETURNED: &[&str] = &["connection", "keep-alive", "proxy-connection", "x-request-id"];
+const NOT_RETURNED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "x-request-id",
+];
 
 /// Idle keep-alive connections kept across all providers. Many concurrent streams finish at
 /// once; a small pool would close most of their connections only to reopen them.
@@ -102,10 +108,9 @@ impl Forwarder {
         // Strategies and fallback across targets come with the routing issue; the route's
         // first target is the primary.
         let Some(target) = route.targets.first() else {
-            return Err(ForwardError::BeforeResponse(GatewayError::Internal(format!(
-                "route `{}` has no target",
-                route.name
-            ))));
+            return Err(ForwardError::BeforeResponse(GatewayError::Internal(
+                format!("route `{}` has no target", route.name),
+            )));
         };
         let provider = &*target.provider;
         ctx.provider = Some(provider.name.clone());
@@ -114,8 +119,16 @@ impl Forwarder {
             .map_err(ForwardError::BeforeResponse)?;
 
         let sent = Instant::now();
+        let peer = provider.peer.peer().await.map_err(|_| {
+            ForwardError::BeforeResponse(
+                UpstreamError::Connect {
+                    provider: provider.name.clone(),
+                }
+                .into(),
+            )
+        })?;
         let mut upstream = self
-            .exchange(provider, head, &body)
+            .exchange(provider, &peer, head, &body)
             .await
             .map_err(|e| {
                 metrics
@@ -158,7 +171,11 @@ impl Forwarder {
         loop {
             match upstream.read_response_body().await {
                 Ok(Some(chunk)) => {
-                    if session.write_response_body(Some(chunk), false).await.is_err() {
+                    if session
+                        .write_response_body(Some(chunk), false)
+                        .await
+                        .is_err()
+                    {
                         return Err(ForwardError::ClientGone);
                     }
                 }
@@ -183,7 +200,7 @@ impl Forwarder {
             return Err(ForwardError::ClientGone);
         }
         self.connector
-            .release_http_session(upstream, &provider.peer, Some(provider.idle_timeout))
+            .release_http_session(upstream, &*peer, Some(provider.idle_timeout))
             .await;
         Ok(())
     }
@@ -193,6 +210,7 @@ impl Forwarder {
     async fn exchange(
         &self,
         provider: &Provider,
+        peer: &HttpPeer,
         head: RequestHeader,
         body: &[Bytes; 3],
     ) -> Result<HttpSession, UpstreamError> {
@@ -200,9 +218,13 @@ impl Forwarder {
         loop {
             let (mut upstream, reused) = self
                 .connector
-                .get_http_session(&provider.peer)
+                .get_http_session(peer)
                 .await
                 .map_err(|e| classify(provider, &e))?;
+            // Pingora leaves per-read timeouts to the caller: `timeout` bounds the wait for the
+            // response head and then for each body chunk.
+            upstream.set_read_timeout(Some(provider.timeout));
+            upstream.set_write_timeout(Some(provider.timeout));
             match send(&mut upstream, head.clone(), body).await {
                 Ok(()) => return Ok(upstream),
                 Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {
@@ -290,27 +312,38 @@ fn upstream_request(
         path.push('?');
         path.push_str(query);
     }
-    let internal = |e: pingora::BError| GatewayError::Internal(format!("building upstream request: {e}"));
-    let mut head = RequestHeader::build(Method::POST, path.as_bytes(), Some(client.headers.len() + 6))
-        .map_err(internal)?;
+    let internal =
+        |e: pingora::BError| GatewayError::Internal(format!("building upstream request: {e}"));
+    let mut head = RequestHeader::build(
+        Method::POST,
+        path.as_bytes(),
+        Some(client.headers.len() + 6),
+    )
+    .map_err(internal)?;
     for (name, value) in client.headers.iter() {
         if !NOT_FORWARDED.contains(&name.as_str()) {
-            head.append_header(name.clone(), value.clone()).map_err(internal)?;
+            head.append_header(name.clone(), value.clone())
+                .map_err(internal)?;
         }
     }
     let length: usize = body.iter().map(Bytes::len).sum();
-    head.insert_header(HOST, provider.host.clone()).map_err(internal)?;
-    head.insert_header(CONTENT_LENGTH, length).map_err(internal)?;
+    head.insert_header(HOST, provider.host.clone())
+        .map_err(internal)?;
+    head.insert_header(CONTENT_LENGTH, length)
+        .map_err(internal)?;
     if !head.headers.contains_key(CONTENT_TYPE) {
-        head.insert_header(CONTENT_TYPE, "application/json").map_err(internal)?;
+        head.insert_header(CONTENT_TYPE, "application/json")
+            .map_err(internal)?;
     }
-    head.insert_header("x-request-id", request_id.clone()).map_err(internal)?;
+    head.insert_header("x-request-id", request_id.clone())
+        .map_err(internal)?;
     if let Some(auth) = &provider.authorization {
         head.insert_header(http::header::AUTHORIZATION, auth.clone())
             .map_err(internal)?;
     }
     for (name, value) in &provider.headers {
-        head.insert_header(name.clone(), value.clone()).map_err(internal)?;
+        head.insert_header(name.clone(), value.clone())
+            .map_err(internal)?;
     }
     Ok(head)
 }

@@ -11,7 +11,9 @@
 //! | [`openai`] | endpoints and the few body fields routing needs |
 //! | [`routing`] | model name → route → targets |
 //! | [`forward`] | the upstream attempt: pooled connections, body re-sent, streaming back |
+//! | [`resolve`] | provider host → peer: lazy, cached DNS off the config path |
 //! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
+//! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
 //! | [`admin`] | the admin listener: `/metrics` |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
@@ -27,7 +29,9 @@ pub mod metrics;
 pub mod openai;
 pub mod ops;
 pub mod pipeline;
+pub mod resolve;
 pub mod routing;
+pub mod sidecar;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -68,10 +72,11 @@ pub fn proxy_service(
                 service.add_tcp(&listener.addr);
             }
             Some((cert, key)) => {
-                let mut tls = TlsSettings::intermediate(cert, key).map_err(|e| SetupError::Listener {
-                    addr: listener.addr.clone(),
-                    reason: e.to_string(),
-                })?;
+                let mut tls =
+                    TlsSettings::intermediate(cert, key).map_err(|e| SetupError::Listener {
+                        addr: listener.addr.clone(),
+                        reason: e.to_string(),
+                    })?;
                 tls.enable_h2();
                 service.add_tls_with_settings(&listener.addr, None, tls);
             }
@@ -88,7 +93,10 @@ pub fn proxy_service(
 }
 
 /// The admin service (`/metrics`) on the snapshot's admin address.
-pub fn admin_service(snapshot: &Snapshot, metrics: Arc<Metrics>) -> impl pingora::services::ServiceWithDependents {
+pub fn admin_service(
+    snapshot: &Snapshot,
+    metrics: Arc<Metrics>,
+) -> impl pingora::services::ServiceWithDependents {
     let mut service = Service::new(
         "lumen admin".to_string(),
         pingora::apps::http_app::HttpServer::new_app(admin::AdminApp { metrics }),
@@ -124,6 +132,14 @@ pub fn run(config_path: &Path) -> Result<(), SetupError> {
     let admin = admin_service(&snapshot, metrics);
     server.add_service(proxy);
     server.add_service(admin);
+    if !snapshot.spawns.is_empty() {
+        server.add_service(pingora::services::background::background_service(
+            "lumen sidecar supervisor",
+            sidecar::Supervisor {
+                specs: snapshot.spawns.clone(),
+            },
+        ));
+    }
     tracing::info!(
         config = %config_path.display(),
         listen = ?snapshot.listeners.iter().map(|l| l.addr.as_str()).collect::<Vec<_>>(),

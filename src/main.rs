@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lumen", version, about = "An OpenAI-compatible LLM gateway for the edge")]
+#[command(
+    name = "lumen",
+    version,
+    about = "An OpenAI-compatible LLM gateway for the edge"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -26,28 +26,41 @@ impl Metrics {
         // 100 µs … ~105 s: gateway-answered requests are sub-millisecond, generations are long.
         let buckets = exponential_buckets(0.0001, 2.0, 21).unwrap_or_default();
         let requests = IntCounterVec::new(
-            Opts::new("lumen_requests_total", "Requests answered, by endpoint, route, provider and status"),
+            Opts::new(
+                "lumen_requests_total",
+                "Requests answered, by endpoint, route, provider and status",
+            ),
             &["endpoint", "route", "provider", "status"],
         );
         let duration = HistogramVec::new(
-            HistogramOpts::new("lumen_request_duration_seconds", "Total request time, head to last byte")
-                .buckets(buckets.clone()),
+            HistogramOpts::new(
+                "lumen_request_duration_seconds",
+                "Total request time, head to last byte",
+            )
+            .buckets(buckets.clone()),
             &["endpoint", "route"],
         );
         let first_byte = HistogramVec::new(
-            HistogramOpts::new("lumen_upstream_first_byte_seconds", "Time from sending a request upstream to its response head")
-                .buckets(buckets),
+            HistogramOpts::new(
+                "lumen_upstream_first_byte_seconds",
+                "Time from sending a request upstream to its response head",
+            )
+            .buckets(buckets),
             &["provider"],
         );
         let upstream_errors = IntCounterVec::new(
-            Opts::new("lumen_upstream_errors_total", "Failed upstream attempts, by provider and kind"),
+            Opts::new(
+                "lumen_upstream_errors_total",
+                "Failed upstream attempts, by provider and kind",
+            ),
             &["provider", "kind"],
         );
-        let (requests, duration, first_byte, upstream_errors) = match (requests, duration, first_byte, upstream_errors) {
-            (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
-            // The names and labels above are constants; this cannot fail at run time.
-            _ => unreachable!("metric definitions are valid"),
-        };
+        let (requests, duration, first_byte, upstream_errors) =
+            match (requests, duration, first_byte, upstream_errors) {
+                (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
+                // The names and labels above are constants; this cannot fail at run time.
+                _ => unreachable!("metric definitions are valid"),
+            };
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duration.clone()),

@@ -182,8 +182,9 @@ mod tests {
 
     #[test]
     fn reads_model_and_stream() {
-        let req = chat(r#"{"messages":[{"role":"user","content":"hi"}],"model":"fast","stream":true}"#)
-            .unwrap();
+        let req =
+            chat(r#"{"messages":[{"role":"user","content":"hi"}],"model":"fast","stream":true}"#)
+                .unwrap();
         assert_eq!(req.model, "fast");
         assert!(req.stream);
         assert_eq!(&req.raw[req.model_span.clone()], br#""fast""#);
@@ -204,12 +205,33 @@ mod tests {
     fn refuses_bad_bodies_with_the_right_error() {
         assert!(matches!(chat(""), Err(RequestError::InvalidJson(_))));
         assert!(matches!(chat("[1,2]"), Err(RequestError::NotAnObject)));
-        assert!(matches!(chat(r#"{"model": "a", "messages": [}"#), Err(RequestError::InvalidJson(_))));
-        assert!(matches!(chat(r#"{"messages": []}"#), Err(RequestError::MissingModel)));
-        assert!(matches!(chat(r#"{"model": 5, "messages": []}"#), Err(RequestError::InvalidField { field: "model", .. })));
-        assert!(matches!(chat(r#"{"model": "a"}"#), Err(RequestError::MissingField("messages"))));
-        assert!(matches!(chat(r#"{"model": "a", "messages": [], "stream": "yes"}"#), Err(RequestError::InvalidField { field: "stream", .. })));
-        assert!(matches!(chat(r#"{"model": "a", "model": "b", "messages": []}"#), Err(_)));
+        assert!(matches!(
+            chat(r#"{"model": "a", "messages": [}"#),
+            Err(RequestError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            chat(r#"{"messages": []}"#),
+            Err(RequestError::MissingModel)
+        ));
+        assert!(matches!(
+            chat(r#"{"model": 5, "messages": []}"#),
+            Err(RequestError::InvalidField { field: "model", .. })
+        ));
+        assert!(matches!(
+            chat(r#"{"model": "a"}"#),
+            Err(RequestError::MissingField("messages"))
+        ));
+        assert!(matches!(
+            chat(r#"{"model": "a", "messages": [], "stream": "yes"}"#),
+            Err(RequestError::InvalidField {
+                field: "stream",
+                ..
+            })
+        ));
+        assert!(matches!(
+            chat(r#"{"model": "a", "model": "b", "messages": []}"#),
+            Err(_)
+        ));
     }
 
     #[test]

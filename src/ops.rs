@@ -23,9 +23,14 @@ impl Reply {
 }
 
 /// `Some` when `path` is one of ours (answered or refused here), `None` to go on.
-pub fn answer(method: &Method, path: &str, config: &Snapshot) -> Option<Result<Reply, GatewayError>> {
+pub fn answer(
+    method: &Method,
+    path: &str,
+    config: &Snapshot,
+) -> Option<Result<Reply, GatewayError>> {
     let path = path.strip_suffix('/').unwrap_or(path);
-    let known = matches!(path, "/healthz" | "/readyz" | "/v1/models") || path.starts_with("/v1/models/");
+    let known =
+        matches!(path, "/healthz" | "/readyz" | "/v1/models") || path.starts_with("/v1/models/");
     if !known {
         return None;
     }
@@ -37,7 +42,10 @@ pub fn answer(method: &Method, path: &str, config: &Snapshot) -> Option<Result<R
     }
     Some(match path {
         // Alive: the process answers.
-        "/healthz" => Ok(Reply::json(StatusCode::OK, serde_json::json!({"status": "ok"}))),
+        "/healthz" => Ok(Reply::json(
+            StatusCode::OK,
+            serde_json::json!({"status": "ok"}),
+        )),
         // Ready: a config is loaded and serving (target health joins this with the health issue).
         "/readyz" => Ok(Reply::json(
             StatusCode::OK,

@@ -26,6 +26,9 @@ use crate::openai::{self, Endpoint, LlmRequest};
 use crate::ops;
 use crate::routing::Route;
 
+/// How long an unread request body is drained after an error before the connection closes.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The gateway as a Pingora proxy application. Cheap to share: all state is behind `Arc`s.
 pub struct Gateway {
     /// The live config; each request loads it once and keeps that snapshot to the end.
@@ -53,7 +56,10 @@ impl Gateway {
 
     /// DESIGN.md steps 1–4 (auth, limits and cache join here with their issues).
     async fn admit(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<Admit, GatewayError> {
-        let config = ctx.config.clone().ok_or_else(|| GatewayError::Internal("no config".into()))?;
+        let config = ctx
+            .config
+            .clone()
+            .ok_or_else(|| GatewayError::Internal("no config".into()))?;
         let head = s.req_header();
         let path = head.uri.path();
         // 1. Ops paths: no auth, never limited.
@@ -106,13 +112,37 @@ impl Gateway {
     }
 
     /// The one place an error becomes a response.
-    async fn write_error(&self, s: &mut Session, ctx: &mut RequestCtx, err: &GatewayError) -> Result<()> {
+    async fn write_error(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        err: &GatewayError,
+    ) -> Result<()> {
         ctx.error = Some(err.to_string());
-        if matches!(err, GatewayError::Request(RequestError::BodyTooLarge { .. })) {
-            // The rest of the body is still on the wire; don't read it as the next request.
+        let too_large = matches!(
+            err,
+            GatewayError::Request(RequestError::BodyTooLarge { .. })
+        );
+        if too_large {
+            // The rest of the body is still on the wire; never read it as the next request.
+            s.set_keepalive(None);
+        } else if tokio::time::timeout(LINGER, s.drain_request_body())
+            .await
+            .is_err()
+        {
+            // Errors found before the body was read (404, 405) leave it on the wire. Pingora
+            // closes a connection whose request body is unread when the response starts, so
+            // read and discard it first, briefly, to keep the connection usable.
             s.set_keepalive(None);
         }
-        self.write_reply(s, ctx, err.parts().status, Bytes::from(err.body())).await
+        self.write_reply(s, ctx, err.parts().status, Bytes::from(err.body()))
+            .await?;
+        if too_large {
+            // Lingering close: keep reading and discarding briefly, so a client still sending
+            // its body sees the 413 instead of a reset connection.
+            let _ = tokio::time::timeout(LINGER, s.drain_request_body()).await;
+        }
+        Ok(())
     }
 }
 
@@ -143,7 +173,8 @@ async fn read_body(s: &mut Session, limit: usize) -> Result<Bytes, RequestError>
         match (&mut first, &mut buf) {
             (None, None) => first = Some(chunk),
             (Some(f), None) => {
-                let mut b = BytesMut::with_capacity(declared.unwrap_or(f.len() + chunk.len()).min(limit));
+                let mut b =
+                    BytesMut::with_capacity(declared.unwrap_or(f.len() + chunk.len()).min(limit));
                 b.extend_from_slice(f);
                 b.extend_from_slice(&chunk);
                 first = None;
@@ -173,8 +204,10 @@ impl ProxyHttp for Gateway {
             Some(id) if accept_request_id(id) => id.clone(),
             _ => new_request_id(),
         };
-        ctx.response_headers
-            .push((HeaderName::from_static("x-request-id"), ctx.request_id.clone()));
+        ctx.response_headers.push((
+            HeaderName::from_static("x-request-id"),
+            ctx.request_id.clone(),
+        ));
         if let Some(cors) = &config.cors {
             cors.on_response(s.req_header(), &mut ctx.response_headers);
             if let Decision::Respond(resp) = cors.on_request(s.req_header()) {
@@ -196,7 +229,11 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         };
-        match self.forwarder.forward(s, ctx, &req, &route, &self.metrics).await {
+        match self
+            .forwarder
+            .forward(s, ctx, &req, &route, &self.metrics)
+            .await
+        {
             Ok(()) => Ok(true),
             Err(ForwardError::BeforeResponse(e)) => {
                 self.write_error(s, ctx, &e).await?;
@@ -219,7 +256,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _s: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _s: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         // request_filter always answers; Pingora's own upstream phase never runs.
         Error::e_explain(ErrorType::InternalError, "lumen forwards requests itself")
     }
@@ -229,7 +270,9 @@ impl ProxyHttp for Gateway {
         // the response started. Answer in OpenAI's shape when nothing was written yet.
         if s.response_written().is_none() {
             let err = match e.esource() {
-                ErrorSource::Downstream => GatewayError::Request(RequestError::ReadBody(e.etype().as_str().into())),
+                ErrorSource::Downstream => {
+                    GatewayError::Request(RequestError::ReadBody(e.etype().as_str().into()))
+                }
                 _ => GatewayError::Internal(e.etype().as_str().into()),
             };
             let _ = self.write_error(s, ctx, &err).await;
@@ -275,7 +318,11 @@ impl ProxyHttp for Gateway {
 }
 
 /// Writes a response a policy produced (e.g. a CORS preflight answer).
-async fn write_plugin_response(s: &mut Session, ctx: &mut RequestCtx, resp: http::Response<Vec<u8>>) -> Result<()> {
+async fn write_plugin_response(
+    s: &mut Session,
+    ctx: &mut RequestCtx,
+    resp: http::Response<Vec<u8>>,
+) -> Result<()> {
     let (parts, body) = resp.into_parts();
     let mut head = ResponseHeader::build(parts.status, Some(parts.headers.len() + 2))?;
     for (name, value) in parts.headers.iter() {
@@ -284,7 +331,8 @@ async fn write_plugin_response(s: &mut Session, ctx: &mut RequestCtx, resp: http
     head.insert_header(CONTENT_LENGTH, body.len())?;
     head.insert_header("x-request-id", ctx.request_id.clone())?;
     ctx.status = parts.status.as_u16();
-    s.write_response_header(Box::new(head), body.is_empty()).await?;
+    s.write_response_header(Box::new(head), body.is_empty())
+        .await?;
     if !body.is_empty() {
         s.write_response_body(Some(Bytes::from(body)), true).await?;
     }

@@ -68,7 +68,10 @@ impl RouteTable {
         };
         for (i, r) in raw.iter().enumerate() {
             if r.model.is_empty() {
-                problems.push(Problem::at(format!("routes[{i}].model"), "must not be empty"));
+                problems.push(Problem::at(
+                    format!("routes[{i}].model"),
+                    "must not be empty",
+                ));
                 continue;
             }
             if r.targets.is_empty() {

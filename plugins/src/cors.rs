@@ -38,13 +38,21 @@ pub struct CorsConfig {
 }
 
 fn default_methods() -> Vec<String> {
-    ["GET", "POST", "DELETE", "OPTIONS"].map(String::from).to_vec()
+    ["GET", "POST", "DELETE", "OPTIONS"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn default_headers() -> Vec<String> {
-    ["authorization", "content-type", "x-api-key", "x-request-id", "openai-beta"]
-        .map(String::from)
-        .to_vec()
+    [
+        "authorization",
+        "content-type",
+        "x-api-key",
+        "x-request-id",
+        "openai-beta",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn default_expose() -> Vec<String> {
@@ -198,7 +206,10 @@ impl Policy for Cors {
             add.push((ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone()));
         }
         if self.credentials {
-            add.push((ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true")));
+            add.push((
+                ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            ));
         }
     }
 }
@@ -220,7 +231,9 @@ mod tests {
     }
 
     fn request(method: Method, headers: &[(&str, &str)]) -> http::request::Parts {
-        let mut b = http::Request::builder().method(method).uri("/v1/chat/completions");
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri("/v1/chat/completions");
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -231,13 +244,19 @@ mod tests {
     fn preflight_from_allowed_origin_is_answered_at_the_edge() {
         let req = request(
             Method::OPTIONS,
-            &[("origin", "https://app.example"), ("access-control-request-method", "POST")],
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "POST"),
+            ],
         );
         let Decision::Respond(resp) = cors(&["https://app.example"]).on_request(&req) else {
             panic!("preflight not answered");
         };
         assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-        assert_eq!(resp.headers()[ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
+        assert_eq!(
+            resp.headers()[ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://app.example"
+        );
         assert!(resp.headers()[ACCESS_CONTROL_ALLOW_HEADERS]
             .to_str()
             .unwrap()
@@ -248,7 +267,10 @@ mod tests {
     fn preflight_from_other_origin_is_refused() {
         let req = request(
             Method::OPTIONS,
-            &[("origin", "https://evil.example"), ("access-control-request-method", "POST")],
+            &[
+                ("origin", "https://evil.example"),
+                ("access-control-request-method", "POST"),
+            ],
         );
         let Decision::Respond(resp) = cors(&["https://app.example"]).on_request(&req) else {
             panic!("preflight not answered");
@@ -261,18 +283,31 @@ mod tests {
     fn responses_carry_headers_only_for_allowed_origins() {
         let policy = cors(&["https://app.example"]);
         let mut add = Vec::new();
-        policy.on_response(&request(Method::POST, &[("origin", "https://evil.example")]), &mut add);
+        policy.on_response(
+            &request(Method::POST, &[("origin", "https://evil.example")]),
+            &mut add,
+        );
         assert!(add.is_empty());
-        policy.on_response(&request(Method::POST, &[("origin", "https://app.example")]), &mut add);
-        assert!(add.iter().any(|(k, v)| k == ACCESS_CONTROL_ALLOW_ORIGIN && v == "https://app.example"));
+        policy.on_response(
+            &request(Method::POST, &[("origin", "https://app.example")]),
+            &mut add,
+        );
+        assert!(add
+            .iter()
+            .any(|(k, v)| k == ACCESS_CONTROL_ALLOW_ORIGIN && v == "https://app.example"));
         assert!(add.iter().any(|(k, _)| k == VARY));
     }
 
     #[test]
     fn wildcard_opens_to_all_but_not_with_credentials() {
         let mut add = Vec::new();
-        cors(&["*"]).on_response(&request(Method::POST, &[("origin", "https://x.example")]), &mut add);
-        assert!(add.iter().any(|(k, v)| k == ACCESS_CONTROL_ALLOW_ORIGIN && v == "*"));
+        cors(&["*"]).on_response(
+            &request(Method::POST, &[("origin", "https://x.example")]),
+            &mut add,
+        );
+        assert!(add
+            .iter()
+            .any(|(k, v)| k == ACCESS_CONTROL_ALLOW_ORIGIN && v == "*"));
         let err = Cors::new(CorsConfig {
             allow_origins: vec!["*".into()],
             allow_methods: default_methods(),

@@ -31,12 +31,24 @@ pub struct BertConfig {
 pub fn add_metadata(w: &mut GgufWriter, name: &str, cfg: &BertConfig, vocab: &[String]) {
     w.kv("general.architecture", Value::Str("bert".into()));
     w.kv("general.name", Value::Str(name.into()));
-    w.kv("bert.context_length", Value::U32(cfg.max_position_embeddings));
+    w.kv(
+        "bert.context_length",
+        Value::U32(cfg.max_position_embeddings),
+    );
     w.kv("bert.embedding_length", Value::U32(cfg.hidden_size));
-    w.kv("bert.feed_forward_length", Value::U32(cfg.intermediate_size));
+    w.kv(
+        "bert.feed_forward_length",
+        Value::U32(cfg.intermediate_size),
+    );
     w.kv("bert.block_count", Value::U32(cfg.num_hidden_layers));
-    w.kv("bert.attention.head_count", Value::U32(cfg.num_attention_heads));
-    w.kv("bert.attention.layer_norm_epsilon", Value::F32(cfg.layer_norm_eps));
+    w.kv(
+        "bert.attention.head_count",
+        Value::U32(cfg.num_attention_heads),
+    );
+    w.kv(
+        "bert.attention.layer_norm_epsilon",
+        Value::F32(cfg.layer_norm_eps),
+    );
     w.kv("bert.attention.causal", Value::Bool(false));
     w.kv("bert.pooling_type", Value::U32(cfg.pooling_type));
 
@@ -45,7 +57,10 @@ pub fn add_metadata(w: &mut GgufWriter, name: &str, cfg: &BertConfig, vocab: &[S
         "tokenizer.ggml.token_type_count",
         Value::U32(cfg.type_vocab_size),
     );
-    w.kv("tokenizer.ggml.normalizer.lowercase", Value::Bool(cfg.lowercase));
+    w.kv(
+        "tokenizer.ggml.normalizer.lowercase",
+        Value::Bool(cfg.lowercase),
+    );
     w.kv(
         "tokenizer.ggml.tokens",
         Value::StrArray(vocab.iter().map(|t| phantom(t)).collect()),

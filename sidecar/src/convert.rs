@@ -18,6 +18,8 @@ pub enum ConvertError {
     Config(serde_json::Error),
     #[error("config.json: {0}")]
     Unsupported(String),
+    #[error("tokenizer_config.json: {0}")]
+    TokenizerConfig(serde_json::Error),
     #[error("vocab.txt is not UTF-8")]
     Vocab,
     #[error("model.safetensors: {0}")]
@@ -140,7 +142,7 @@ fn f16_to_f32(h: u16) -> f32 {
         (0, 0) => sign,
         (0, _) => {
             // Subnormal: renormalise the fraction.
-            let mut e: i32 = -1;
+            let mut e: i32 = 0;
             let mut f = frac;
             while f & 0x400 == 0 {
                 f <<= 1;
@@ -154,10 +156,23 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// `tokenizer_config.json`'s one field that matters here. `BertTokenizer` lowercases unless
+/// told otherwise.
+#[derive(Debug, Deserialize)]
+struct TokenizerConfig {
+    #[serde(default = "yes")]
+    do_lower_case: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// Converts a BERT checkpoint to a GGUF at `out` (mean pooling recorded as its default, as
 /// sentence-transformers models use).
 pub fn bert_to_gguf(
     config_json: &[u8],
+    tokenizer_config_json: &[u8],
     vocab_txt: &[u8],
     safetensors: &[u8],
     name: &str,
@@ -182,6 +197,8 @@ pub fn bert_to_gguf(
             hf.hidden_act
         )));
     }
+    let tokenizer: TokenizerConfig =
+        serde_json::from_slice(tokenizer_config_json).map_err(ConvertError::TokenizerConfig)?;
     let vocab: Vec<String> = std::str::from_utf8(vocab_txt)
         .map_err(|_| ConvertError::Vocab)?
         .lines()
@@ -195,10 +212,7 @@ pub fn bert_to_gguf(
         max_position_embeddings: hf.max_position_embeddings,
         type_vocab_size: hf.type_vocab_size,
         layer_norm_eps: hf.layer_norm_eps,
-        // The uncased BERT vocabularies are all lowercase; a cased one has capitals.
-        lowercase: !vocab
-            .iter()
-            .any(|t| !t.starts_with('[') && t.chars().any(char::is_uppercase)),
+        lowercase: tokenizer.do_lower_case,
         pooling_type: 1,
     };
 
@@ -240,8 +254,14 @@ mod tests {
 
     #[test]
     fn reads_f32_f16_and_skips_integers() {
-        let f32s: Vec<u8> = [1.0f32, -2.5].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let f16s: Vec<u8> = [0x3c00u16, 0xc000].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f32s: Vec<u8> = [1.0f32, -2.5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = [0x3c00u16, 0xc000]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let blob = safetensors(&[
             ("a", "F32", &[2], f32s),
             ("b", "F16", &[1, 2], f16s),
@@ -276,7 +296,7 @@ mod tests {
         let cfg = br#"{"model_type":"roberta","hidden_size":8,"num_attention_heads":2,
             "num_hidden_layers":1,"intermediate_size":16,"max_position_embeddings":8}"#;
         let out = std::env::temp_dir().join("lumen-never-written.gguf");
-        let err = bert_to_gguf(cfg, b"[PAD]\n", &safetensors(&[]), "x", &out).unwrap_err();
+        let err = bert_to_gguf(cfg, b"{}", b"[PAD]\n", &safetensors(&[]), "x", &out).unwrap_err();
         assert!(matches!(err, ConvertError::Unsupported(_)));
     }
 }

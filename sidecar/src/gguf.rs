@@ -34,7 +34,6 @@ pub enum GgufError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     U32(u32),
-    I32(i32),
     F32(f32),
     Bool(bool),
     Str(String),
@@ -48,7 +47,6 @@ impl Value {
     fn type_id(&self) -> u32 {
         match self {
             Value::U32(_) => 4,
-            Value::I32(_) => 5,
             Value::F32(_) => 6,
             Value::Bool(_) => 7,
             Value::Str(_) => 8,
@@ -124,45 +122,41 @@ impl GgufWriter {
 
     /// Serialises the whole file: header, metadata, tensor infos, padding, aligned data.
     pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
-        let mut pos: u64 = 0;
-        let mut put = |w: &mut dyn Write, bytes: &[u8]| -> io::Result<()> {
-            pos += bytes.len() as u64;
-            w.write_all(bytes)
-        };
-
-        put(w, MAGIC)?;
-        put(w, &VERSION.to_le_bytes())?;
-        put(w, &(self.tensors.len() as u64).to_le_bytes())?;
-        put(w, &(self.kv.len() as u64 + 1).to_le_bytes())?;
-
-        put(w, &encode_kv("general.alignment", &Value::U32(ALIGNMENT as u32)))?;
+        let mut head = Vec::new();
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&VERSION.to_le_bytes());
+        head.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(self.kv.len() as u64 + 1).to_le_bytes());
+        head.extend_from_slice(&encode_kv(
+            "general.alignment",
+            &Value::U32(ALIGNMENT as u32),
+        ));
         for (key, value) in &self.kv {
-            put(w, &encode_kv(key, value))?;
+            head.extend_from_slice(&encode_kv(key, value));
         }
-
         let mut offset: u64 = 0;
         for t in &self.tensors {
-            let mut info = encode_str(&t.name);
-            info.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            head.extend_from_slice(&encode_str(&t.name));
+            head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
-                info.extend_from_slice(&d.to_le_bytes());
+                head.extend_from_slice(&d.to_le_bytes());
             }
-            info.extend_from_slice(&GGML_TYPE_F32.to_le_bytes());
-            info.extend_from_slice(&offset.to_le_bytes());
-            put(w, &info)?;
+            head.extend_from_slice(&GGML_TYPE_F32.to_le_bytes());
+            head.extend_from_slice(&offset.to_le_bytes());
             offset = align(offset + t.data.len() as u64 * 4);
         }
+        let head_len = head.len() as u64;
+        head.resize(align(head_len) as usize, 0);
+        w.write_all(&head)?;
 
-        let header_end = pos;
-        put(w, &vec![0u8; (align(header_end) - header_end) as usize])?;
         for t in &self.tensors {
             let mut bytes = Vec::with_capacity(t.data.len() * 4);
             for v in &t.data {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
             let len = bytes.len() as u64;
-            put(w, &bytes)?;
-            put(w, &vec![0u8; (align(len) - len) as usize])?;
+            bytes.resize(align(len) as usize, 0);
+            w.write_all(&bytes)?;
         }
         Ok(())
     }
@@ -183,7 +177,6 @@ fn encode_kv(key: &str, value: &Value) -> Vec<u8> {
     out.extend_from_slice(&value.type_id().to_le_bytes());
     match value {
         Value::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
-        Value::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
         Value::Bool(v) => out.push(u8::from(*v)),
         Value::Str(s) => out.extend_from_slice(&encode_str(s)),
@@ -229,11 +222,14 @@ mod tests {
         assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 3);
         assert_eq!(u64::from_le_bytes(bytes[8..16].try_into().unwrap()), 2);
         assert_eq!(u64::from_le_bytes(bytes[16..24].try_into().unwrap()), 2);
-        // Data: tensor a at an aligned start, tensor b 32 bytes later (12 bytes padded to 32).
-        let data_len = 32 + 8;
+        // Data: tensor a at an aligned start, tensor b 32 bytes later; each padded to 32.
+        let data_len = 32 + 32;
         let start = bytes.len() - data_len;
         assert_eq!(start % 32, 0);
-        assert_eq!(f32::from_le_bytes(bytes[start..start + 4].try_into().unwrap()), 1.0);
+        assert_eq!(
+            f32::from_le_bytes(bytes[start..start + 4].try_into().unwrap()),
+            1.0
+        );
         assert_eq!(
             f32::from_le_bytes(bytes[start + 32..start + 36].try_into().unwrap()),
             4.0

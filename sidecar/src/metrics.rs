@@ -84,21 +84,36 @@ pub fn render<'a>(models: impl Iterator<Item = (&'a str, &'a ModelMetrics)> + Cl
         }
     };
     let get = |a: &AtomicU64| a.load(Relaxed) as f64;
-    family("lumen_llama_model_loaded", "gauge", "1 once the model is loaded and serving.", &|m| {
-        f64::from(u8::from(m.loaded.load(Relaxed)))
-    });
-    family("lumen_llama_slots", "gauge", "Parallel sequence slots configured.", &|m| {
-        get(&m.slots_total)
-    });
-    family("lumen_llama_slots_busy", "gauge", "Slots currently serving a request.", &|m| {
-        get(&m.slots_busy)
-    });
-    family("lumen_llama_queue_depth", "gauge", "Requests waiting for a free slot.", &|m| {
-        get(&m.queue_depth)
-    });
-    family("lumen_llama_requests_total", "counter", "Requests accepted.", &|m| {
-        get(&m.requests_total)
-    });
+    family(
+        "lumen_llama_model_loaded",
+        "gauge",
+        "1 once the model is loaded and serving.",
+        &|m| f64::from(u8::from(m.loaded.load(Relaxed))),
+    );
+    family(
+        "lumen_llama_slots",
+        "gauge",
+        "Parallel sequence slots configured.",
+        &|m| get(&m.slots_total),
+    );
+    family(
+        "lumen_llama_slots_busy",
+        "gauge",
+        "Slots currently serving a request.",
+        &|m| get(&m.slots_busy),
+    );
+    family(
+        "lumen_llama_queue_depth",
+        "gauge",
+        "Requests waiting for a free slot.",
+        &|m| get(&m.queue_depth),
+    );
+    family(
+        "lumen_llama_requests_total",
+        "counter",
+        "Requests accepted.",
+        &|m| get(&m.requests_total),
+    );
     family(
         "lumen_llama_requests_rejected_total",
         "counter",
@@ -111,12 +126,18 @@ pub fn render<'a>(models: impl Iterator<Item = (&'a str, &'a ModelMetrics)> + Cl
         "Requests abandoned by their client; their slots were freed.",
         &|m| get(&m.cancelled_total),
     );
-    family("lumen_llama_prompt_tokens_total", "counter", "Prompt tokens processed.", &|m| {
-        get(&m.prompt_tokens_total)
-    });
-    family("lumen_llama_completion_tokens_total", "counter", "Tokens generated.", &|m| {
-        get(&m.completion_tokens_total)
-    });
+    family(
+        "lumen_llama_prompt_tokens_total",
+        "counter",
+        "Prompt tokens processed.",
+        &|m| get(&m.prompt_tokens_total),
+    );
+    family(
+        "lumen_llama_completion_tokens_total",
+        "counter",
+        "Tokens generated.",
+        &|m| get(&m.completion_tokens_total),
+    );
     family(
         "lumen_llama_prompt_seconds_total",
         "counter",
@@ -133,7 +154,12 @@ pub fn render<'a>(models: impl Iterator<Item = (&'a str, &'a ModelMetrics)> + Cl
         "lumen_llama_prompt_tokens_per_second",
         "gauge",
         "Prompt tokens per second of engine time, since start.",
-        &|m| per_second(m.prompt_tokens_total.load(Relaxed), m.prompt_micros_total.load(Relaxed)),
+        &|m| {
+            per_second(
+                m.prompt_tokens_total.load(Relaxed),
+                m.prompt_micros_total.load(Relaxed),
+            )
+        },
     );
     family(
         "lumen_llama_generation_tokens_per_second",
@@ -169,7 +195,10 @@ pub fn render<'a>(models: impl Iterator<Item = (&'a str, &'a ModelMetrics)> + Cl
             );
         }
         let count = m.batches_total.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{model=\"{alias}\",le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{model=\"{alias}\",le=\"+Inf\"}} {count}"
+        );
         let _ = writeln!(
             out,
             "{name}_sum{{model=\"{alias}\"}} {}",

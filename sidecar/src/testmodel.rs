@@ -116,7 +116,10 @@ fn chat_model(seed: u64) -> GgufWriter {
     w.kv("llama.block_count", Value::U32(N_LAYER as u32));
     w.kv("llama.feed_forward_length", Value::U32(N_FF as u32));
     w.kv("llama.attention.head_count", Value::U32(N_HEAD as u32));
-    w.kv("llama.attention.head_count_kv", Value::U32(N_HEAD_KV as u32));
+    w.kv(
+        "llama.attention.head_count_kv",
+        Value::U32(N_HEAD_KV as u32),
+    );
     w.kv("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
     w.kv("llama.rope.dimension_count", Value::U32(head_dim as u32));
     w.kv("llama.rope.freq_base", Value::F32(10000.0));
@@ -241,7 +244,10 @@ fn rerank_model(seed: u64) -> Result<GgufWriter, GgufError> {
     };
     let mut w = GgufWriter::new();
     bert::add_metadata(&mut w, "lumen-tiny-rerank", &cfg, &vocab);
-    w.kv("bert.classifier.output_labels", Value::StrArray(vec!["relevance".into()]));
+    w.kv(
+        "bert.classifier.output_labels",
+        Value::StrArray(vec!["relevance".into()]),
+    );
 
     let d = cfg.hidden_size as usize;
     let ff = cfg.intermediate_size as usize;
@@ -262,8 +268,16 @@ fn rerank_model(seed: u64) -> Result<GgufWriter, GgufError> {
             vec![d as u64, 2],
             rng.normals(d * 2, 0.1),
         ),
-        ("embeddings.LayerNorm.weight".into(), vec![d as u64], vec![1.0; d]),
-        ("embeddings.LayerNorm.bias".into(), vec![d as u64], vec![0.0; d]),
+        (
+            "embeddings.LayerNorm.weight".into(),
+            vec![d as u64],
+            vec![1.0; d],
+        ),
+        (
+            "embeddings.LayerNorm.bias".into(),
+            vec![d as u64],
+            vec![0.0; d],
+        ),
     ];
     for l in 0..cfg.num_hidden_layers {
         let p = format!("encoder.layer.{l}");

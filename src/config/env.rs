@@ -88,8 +88,16 @@ mod tests {
         assert_eq!(
             err,
             vec![
-                MissingVar { name: "X".into(), line: 1, column: 4 },
-                MissingVar { name: "Y".into(), line: 2, column: 6 },
+                MissingVar {
+                    name: "X".into(),
+                    line: 1,
+                    column: 4
+                },
+                MissingVar {
+                    name: "Y".into(),
+                    line: 2,
+                    column: 6
+                },
             ]
         );
     }

@@ -79,7 +79,9 @@ impl MarkedEventReceiver for Walker {
             },
             Event::MappingStart(..) | Event::SequenceStart(..) => {
                 let path = self.value_path().unwrap_or_default();
-                self.found.entry(path.clone()).or_insert((mark.line(), mark.col() + 1));
+                self.found
+                    .entry(path.clone())
+                    .or_insert((mark.line(), mark.col() + 1));
                 self.stack.push(if matches!(ev, Event::MappingStart(..)) {
                     Frame::Map { path, key: None }
                 } else {

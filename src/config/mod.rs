@@ -57,7 +57,10 @@ pub enum ConfigError {
         message: String,
     },
     #[error("{}", list_problems(.path, .problems))]
-    Invalid { path: String, problems: Vec<Problem> },
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
 }
 
 fn missing_vars(path: &str, missing: &[env::MissingVar]) -> String {
@@ -125,7 +128,10 @@ pub fn parse(
 }
 
 fn syntax_error(path: &str, e: serde_yaml::Error) -> ConfigError {
-    let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((1, 1));
     // serde_yaml appends " at line X column Y"; we print the position in front instead.
     let mut message = e.to_string();
     if let Some(cut) = message.find(" at line ") {

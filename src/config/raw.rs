@@ -136,6 +136,26 @@ pub struct RawProvider {
     /// Make every model of this provider reachable as `provider/model`, without a route.
     #[serde(default)]
     pub expose_models: bool,
+    /// Run a local `lumen-llama` sidecar for this provider and keep it running.
+    #[serde(default)]
+    pub spawn: Option<RawSpawn>,
+}
+
+/// A sidecar the gateway starts and supervises (quickstart; edge hosts use systemd units).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpawn {
+    /// GGUF file to serve (relative paths are relative to the working directory).
+    pub model: String,
+    /// The model name clients and routes use; defaults to the file name without `.gguf`.
+    #[serde(default)]
+    pub alias: Option<String>,
+    /// The sidecar binary; defaults to `lumen-llama` beside the `lumen` binary, then on PATH.
+    #[serde(default)]
+    pub binary: Option<String>,
+    /// Extra `lumen-llama serve` arguments (context size, slots, threads…).
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 /// A client-facing model name (or glob) and where it goes.

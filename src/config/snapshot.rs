@@ -1,20 +1,23 @@
 //! The validated, immutable runtime form of a config file.
 //!
-//! `build` does every expensive or fallible step once (URL parsing, address resolution, header
+//! `build` does every expensive or fallible step once (URL parsing, header
 //! encoding, route compilation) so the hot path only reads. A reload builds a whole new
 //! `Snapshot` and swaps it in; requests keep the `Arc` they started with.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderName, HeaderValue};
-use pingora::upstreams::peer::HttpPeer;
 
-use super::raw::{RawConfig, RawListener, RawProvider};
+use std::path::PathBuf;
+
+use super::raw::{RawConfig, RawListener, RawProvider, RawSpawn};
 use super::{ConfigError, Problem};
+use crate::resolve::{Resolver, Upstream};
 use crate::routing::RouteTable;
+use crate::sidecar::SpawnSpec;
 
 /// Everything a request needs to know about the configuration, frozen.
 pub struct Snapshot {
@@ -25,6 +28,8 @@ pub struct Snapshot {
     pub server: ServerSettings,
     pub providers: HashMap<String, Arc<Provider>>,
     pub routes: RouteTable,
+    /// Sidecars to start and supervise (`spawn:` providers).
+    pub spawns: Vec<SpawnSpec>,
     /// Where it came from, for `/admin/config` and logs.
     pub source: Source,
 }
@@ -57,11 +62,12 @@ pub struct ServerSettings {
     pub grace_period: Duration,
 }
 
-/// An upstream, ready to connect to: address resolved, peer options set, headers encoded.
+/// An upstream, ready to connect to: URL parsed, peer options set, headers encoded.
 pub struct Provider {
     pub name: String,
-    /// The prebuilt Pingora peer; connections are pooled by its hash, so one per provider.
-    pub peer: HttpPeer,
+    /// The provider's Pingora peer, built once per resolved address (connections are pooled by
+    /// the peer's hash, so requests share them).
+    pub peer: Resolver,
     /// `Host` header value (host, plus the port when it is not the scheme's default).
     pub host: HeaderValue,
     /// The base URL's path without a trailing slash (`/openai/v1`); endpoint paths follow it.
@@ -79,7 +85,7 @@ impl std::fmt::Debug for Provider {
         // Never print the API key or the extra headers (they may carry secrets too).
         f.debug_struct("Provider")
             .field("name", &self.name)
-            .field("peer", &self.peer.to_string())
+            .field("upstream", &self.peer.upstream)
             .field("base_path", &self.base_path)
             .finish_non_exhaustive()
     }
@@ -114,7 +120,10 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             if let Err(e) = listener.addr.parse::<SocketAddr>() {
                 problems.push(Problem::at(
                     format!("listen[{i}]"),
-                    format!("`{}` is not an address such as 0.0.0.0:8080 ({e})", listener.addr),
+                    format!(
+                        "`{}` is not an address such as 0.0.0.0:8080 ({e})",
+                        listener.addr
+                    ),
                 ));
                 return None;
             }
@@ -139,7 +148,14 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     }
 
     let mut providers = HashMap::new();
-    for (name, p) in raw.providers {
+    let mut spawns = Vec::new();
+    for (name, mut p) in raw.providers {
+        if let Some(spawn) = p.spawn.take() {
+            match build_spawn(&name, &p.base_url, spawn) {
+                Ok(spec) => spawns.push(spec),
+                Err(problem) => problems.push(problem),
+            }
+        }
         match build_provider(&name, p) {
             Ok(provider) => {
                 providers.insert(name, Arc::new(provider));
@@ -177,8 +193,73 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         },
         providers,
         routes,
+        spawns,
         source,
     })
+}
+
+fn build_spawn(name: &str, base_url: &str, spawn: RawSpawn) -> Result<SpawnSpec, Problem> {
+    let at = |field: &str| format!("providers.{name}.{field}");
+    let url: http::Uri = base_url
+        .parse()
+        .map_err(|_| Problem::at(at("base_url"), "is not a URL"))?;
+    let host = url
+        .host()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback || url.scheme_str() != Some("http") {
+        return Err(Problem::at(
+            at("spawn"),
+            format!("a spawned sidecar listens on loopback: base_url must be http://127.0.0.1:PORT/v1, not `{base_url}`"),
+        ));
+    }
+    let Some(port) = url.port_u16() else {
+        return Err(Problem::at(
+            at("base_url"),
+            "a spawned sidecar needs an explicit port",
+        ));
+    };
+    let model_path = std::path::Path::new(&spawn.model);
+    if !model_path.is_file() {
+        return Err(Problem::at(
+            at("spawn.model"),
+            format!(
+                "model file `{}` does not exist (for the quickstart model run `scripts/fetch-model.sh`)",
+                spawn.model
+            ),
+        ));
+    }
+    let alias = spawn.alias.unwrap_or_else(|| {
+        model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    Ok(SpawnSpec {
+        provider: name.to_string(),
+        binary: spawn
+            .binary
+            .map(PathBuf::from)
+            .unwrap_or_else(default_sidecar_binary),
+        host: host.to_string(),
+        port,
+        models: vec![format!("{alias}={}", spawn.model)],
+        args: spawn.args,
+    })
+}
+
+/// `lumen-llama` beside the running `lumen` binary, else whatever PATH finds.
+fn default_sidecar_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("lumen-llama")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("lumen-llama"))
 }
 
 fn build_provider(name: &str, p: RawProvider) -> Result<Provider, Vec<Problem>> {
@@ -210,35 +291,24 @@ fn build_provider(name: &str, p: RawProvider) -> Result<Provider, Vec<Problem>> 
         )]);
     };
     let port = url.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    // Resolved once per config load; a reload re-resolves. Never on the request path.
-    let host_for_dns = host.trim_start_matches('[').trim_end_matches(']');
-    let addr = match (host_for_dns, port).to_socket_addrs() {
-        Ok(mut addrs) => match addrs.next() {
-            Some(a) => a,
-            None => {
-                return Err(vec![Problem::at(
-                    here("base_url"),
-                    format!("`{host}` resolves to no address"),
-                )])
-            }
-        },
-        Err(e) => {
-            return Err(vec![Problem::at(
-                here("base_url"),
-                format!("cannot resolve `{host}`: {e}"),
-            )])
-        }
-    };
+    let host_for_dns = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let host_header = match url.port_u16() {
         Some(port) => format!("{host}:{port}"),
         None => host.clone(),
     };
     let timeout = p.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let idle_timeout = p.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
-    let mut peer = HttpPeer::new(addr, tls, host_for_dns.to_string());
-    peer.options.connection_timeout = Some(p.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
-    peer.options.read_timeout = Some(timeout);
-    peer.options.idle_timeout = Some(idle_timeout);
+    let upstream = Upstream {
+        host: host_for_dns,
+        port,
+        tls,
+        connect_timeout: p.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        read_timeout: timeout,
+        idle_timeout,
+    };
 
     let authorization = match p.api_key.as_deref().filter(|k| !k.is_empty()) {
         None => None,
@@ -274,9 +344,12 @@ fn build_provider(name: &str, p: RawProvider) -> Result<Provider, Vec<Problem>> 
     }
     Ok(Provider {
         name: name.to_string(),
-        peer,
+        peer: Resolver::new(upstream),
         host: HeaderValue::from_str(&host_header).map_err(|_| {
-            vec![Problem::at(here("base_url"), "host is not a valid header value")]
+            vec![Problem::at(
+                here("base_url"),
+                "host is not a valid header value",
+            )]
         })?,
         base_path: url.path().trim_end_matches('/').to_string(),
         authorization,

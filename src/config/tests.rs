@@ -50,12 +50,24 @@ fn a_good_config_builds_a_snapshot() {
     assert_eq!(s.routes.model_names().collect::<Vec<_>>(), ["fast"]);
     let fast = s.routes.resolve("fast").unwrap();
     assert_eq!(fast.targets.len(), 2);
-    assert_eq!(fast.targets[0].model_json.as_deref(), Some(&br#""llama-3.1-8b-instant""#[..]));
+    assert_eq!(
+        fast.targets[0].model_json.as_deref(),
+        Some(&br#""llama-3.1-8b-instant""#[..])
+    );
     assert!(fast.targets[1].model_json.is_none());
-    assert_eq!(s.routes.resolve("text-embedding-3-small").unwrap().name, "*embed*");
+    assert_eq!(
+        s.routes.resolve("text-embedding-3-small").unwrap().name,
+        "*embed*"
+    );
     let direct = s.routes.resolve("local/qwen").unwrap();
-    assert_eq!(direct.targets[0].model_json.as_deref(), Some(&br#""qwen""#[..]));
-    assert!(s.routes.resolve("groq/x").is_none(), "groq does not expose its models");
+    assert_eq!(
+        direct.targets[0].model_json.as_deref(),
+        Some(&br#""qwen""#[..])
+    );
+    assert!(
+        s.routes.resolve("groq/x").is_none(),
+        "groq does not expose its models"
+    );
     assert!(s.routes.resolve("nope").is_none());
 }
 
@@ -77,7 +89,10 @@ routes:
 #[test]
 fn unknown_keys_are_errors_with_line_and_column() {
     let err = parse_err("providers: {}\nroutes:\n  - model: x\n    retires: 3\n    targets: []\n");
-    assert!(err.starts_with("test.yaml:4:5: routes[0]: unknown field `retires`"), "{err}");
+    assert!(
+        err.starts_with("test.yaml:4:5: routes[0]: unknown field `retires`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -120,9 +135,16 @@ routes:
 
 #[test]
 fn missing_env_vars_are_named_and_secrets_never_echoed() {
-    let err = parse_err("providers:\n  a: { base_url: \"http://127.0.0.1:1\", api_key: \"${OPENAI_KEY}\" }\n");
-    assert_eq!(err, "test.yaml:2:47: environment variable `OPENAI_KEY` is not set");
-    let err = parse_err("providers:\n  a: { base_url: \"http://x:1\", api_key: \"${GROQ_API_KEY}\", timeout: 5 }\n");
+    let err = parse_err(
+        "providers:\n  a: { base_url: \"http://127.0.0.1:1\", api_key: \"${OPENAI_KEY}\" }\n",
+    );
+    assert_eq!(
+        err,
+        "test.yaml:2:47: environment variable `OPENAI_KEY` is not set"
+    );
+    let err = parse_err(
+        "providers:\n  a: { base_url: \"http://x:1\", api_key: \"${GROQ_API_KEY}\", timeout: 5 }\n",
+    );
     assert!(!err.contains("gsk-secret"), "{err}");
 }
 

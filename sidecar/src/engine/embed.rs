@@ -61,9 +61,7 @@ fn embed_all(
         ctx.clear_kv_cache();
         let first = next;
         let mut tokens = 0;
-        while next < inputs.len()
-            && next - first < slots
-            && tokens + inputs[next].len() <= n_batch
+        while next < inputs.len() && next - first < slots && tokens + inputs[next].len() <= n_batch
         {
             let seq_id = (next - first) as i32;
             batch
@@ -79,7 +77,8 @@ fn embed_all(
             ));
         }
         let started = Instant::now();
-        ctx.decode(batch).map_err(|e| format!("decode failed: {e}"))?;
+        ctx.decode(batch)
+            .map_err(|e| format!("decode failed: {e}"))?;
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         metrics.record_batch((next - first) as u64, tokens as u64);
         metrics.record_step_time(micros, tokens as u64, 0);

@@ -95,10 +95,9 @@ impl Sequence {
     }
 
     fn finish(&mut self, finish: Finish) {
-        if let Pushed::Text(t) | Pushed::Stopped(t) = self.text.finish() {
-            if !t.is_empty() {
-                self.outbox.push_back(Event::Text(t));
-            }
+        let (Pushed::Text(rest) | Pushed::Stopped(rest)) = self.text.finish();
+        if !rest.is_empty() {
+            self.outbox.push_back(Event::Text(rest));
         }
         self.outbox.push_back(Event::Done {
             finish,
@@ -195,7 +194,15 @@ pub(super) fn run(
             return;
         }
         retire(ctx, metrics, &mut seqs);
-        if !step(ctx, model, &mut batch, metrics, &mut seqs, n_batch, ctx_per_seq) {
+        if !step(
+            ctx,
+            model,
+            &mut batch,
+            metrics,
+            &mut seqs,
+            n_batch,
+            ctx_per_seq,
+        ) {
             if seqs.iter().any(Option::is_some) {
                 std::thread::sleep(PAUSED_POLL);
             }
@@ -242,9 +249,9 @@ fn admit(
                 }
             },
             Job::Embed(e) => {
-                let _ = e
-                    .reply
-                    .send(Err("this model is loaded for generation, not embeddings".into()));
+                let _ = e.reply.send(Err(
+                    "this model is loaded for generation, not embeddings".into()
+                ));
             }
         }
     }
@@ -292,8 +299,13 @@ fn step(
         if seq.finished || seq.paused() || budget == 0 {
             continue;
         }
-        let Some(token) = seq.next.take() else { continue };
-        if batch.add(token, seq.n_past as i32, &[id as i32], true).is_err() {
+        let Some(token) = seq.next.take() else {
+            continue;
+        };
+        if batch
+            .add(token, seq.n_past as i32, &[id as i32], true)
+            .is_err()
+        {
             seq.next = Some(token);
             continue;
         }

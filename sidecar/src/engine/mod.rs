@@ -323,7 +323,13 @@ fn serve_model(
             slots as usize,
             ctx_per_seq,
         ),
-        Some(_) => embed::run(&mut ctx, &mut jobs, metrics, slots as usize, n_batch as usize),
+        Some(_) => embed::run(
+            &mut ctx,
+            &mut jobs,
+            metrics,
+            slots as usize,
+            n_batch as usize,
+        ),
     }
     Ok(())
 }

@@ -47,9 +47,9 @@ impl TextAssembler {
             let tail = String::from_utf8_lossy(&self.pending).into_owned();
             self.pending.clear();
             self.held.push_str(&tail);
-            if let Pushed::Stopped(text) = self.settle() {
-                return Pushed::Stopped(text);
-            }
+        }
+        if let Some(text) = self.cut_at_stop() {
+            return Pushed::Stopped(text);
         }
         Pushed::Text(std::mem::take(&mut self.held))
     }
@@ -84,14 +84,7 @@ impl TextAssembler {
     }
 
     fn settle(&mut self) -> Pushed {
-        let first_stop = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
-        if let Some(at) = first_stop {
-            let text = self.held[..at].to_string();
-            self.held.clear();
+        if let Some(text) = self.cut_at_stop() {
             return Pushed::Stopped(text);
         }
         let keep = self.partial_stop_len();
@@ -99,6 +92,20 @@ impl TextAssembler {
         let text = self.held[..emit_to].to_string();
         self.held.drain(..emit_to);
         Pushed::Text(text)
+    }
+
+    /// If a stop string is in the held text, returns what precedes the first one and forgets
+    /// everything else.
+    fn cut_at_stop(&mut self) -> Option<String> {
+        let at = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()?;
+        let text = self.held[..at].to_string();
+        self.held.clear();
+        self.pending.clear();
+        Some(text)
     }
 
     /// Length of the longest suffix of `held` that is a proper prefix of some stop string.
@@ -110,7 +117,10 @@ impl TextAssembler {
             .find(|&k| {
                 let start = self.held.len() - k;
                 self.held.is_char_boundary(start)
-                    && self.stops.iter().any(|s| s.starts_with(&self.held[start..]))
+                    && self
+                        .stops
+                        .iter()
+                        .any(|s| s.starts_with(&self.held[start..]))
             })
             .unwrap_or(0)
     }

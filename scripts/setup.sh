@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building and testing Lumen needs, only where it is missing, so a second run is
+# quick and needs no network: Debian packages (cmake/clang for Pingora's zlib-ng and llama.cpp,
+# redis-server, curl, openssl, nginx for the benchmark), and the Python venv (.venv) with the
+# openai SDK and pytest pinned in tests/python/requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(cmake clang libclang-dev pkg-config redis-server curl openssl nginx-light)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing Debian packages: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # nginx is only a benchmark reference: never leave the distribution's instance running.
+  $SUDO systemctl disable --now nginx >/dev/null 2>&1 || $SUDO service nginx stop >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .venv/bin/python ] || ! cmp -s tests/python/requirements.txt .venv/.requirements 2>/dev/null; then
+  echo "== creating .venv (openai SDK, pytest)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+  cp tests/python/requirements.txt .venv/.requirements
+fi

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs Lumen's whole test suite on a fresh machine: installs what is missing (Debian packages,
+# a Python venv with the official openai SDK), builds the workspace once in release, then runs
+# the Rust tests (unit + integration, which start the real binaries) and the Python SDK tests
+# against those same binaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+echo "== build (release, once for every stage)"
+cargo build --release --workspace --all-targets
+
+echo "== rust tests"
+cargo test --release --workspace
+
+echo "== python tests (official openai SDK)"
+LUMEN_BIN_DIR="$PWD/target/release" .venv/bin/python -m pytest -q tests/python

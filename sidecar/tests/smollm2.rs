@@ -1,0 +1,153 @@
+//! A real instruct model: SmolLM2-135M-Instruct (Q4_1), served with its checksum verified.
+//! Skipped, with a message saying how to fetch it, only when the file is absent.
+
+mod common;
+
+use common::{read_chat_stream, real_model, Sidecar};
+use serde_json::{json, Value};
+
+const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+fn smollm2() -> Option<Sidecar> {
+    let path = real_model(
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "cargo run --release -p lumen-llama -- fetch-model smollm2",
+    )?;
+    Some(Sidecar::start(&[
+        "--model".into(),
+        format!(
+            "smollm2={}:ctx=1024,slots=2,sha256={SHA256}",
+            path.display()
+        ),
+    ]))
+}
+
+fn ask(s: &Sidecar, body: &Value) -> Value {
+    let r = s.post("/v1/chat/completions", body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn content(r: &Value) -> &str {
+    r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+#[test]
+fn answers_a_factual_question() {
+    let Some(s) = smollm2() else { return };
+    let body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        "temperature": 0,
+        "seed": 42,
+        "max_tokens": 16,
+    });
+    let r = ask(&s, &body);
+    assert!(content(&r).contains("Paris"), "{:?}", content(&r));
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+
+    // The same request streamed gives the same text, and the same usage.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let got = read_chat_stream(s.stream("/v1/chat/completions", &streamed));
+    assert_eq!(got.text, content(&r));
+    assert_eq!(got.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(got.usage.as_ref(), Some(&r["usage"]));
+}
+
+#[test]
+fn sampled_stream_matches_non_stream_for_the_same_seed() {
+    let Some(s) = smollm2() else { return };
+    let body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "seed": 7,
+        "max_tokens": 40,
+    });
+    let r = ask(&s, &body);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let got = read_chat_stream(s.stream("/v1/chat/completions", &streamed));
+    assert!(!got.text.is_empty());
+    assert_eq!(got.text, content(&r));
+}
+
+#[test]
+fn json_object_is_a_json_object() {
+    let Some(s) = smollm2() else { return };
+    let r = ask(
+        &s,
+        &json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Describe a cat as a JSON object with the keys name and age."}],
+            "temperature": 0,
+            "max_tokens": 200,
+            "response_format": {"type": "json_object"},
+        }),
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    let v: Value =
+        serde_json::from_str(content(&r)).unwrap_or_else(|e| panic!("{e}: {:?}", content(&r)));
+    assert!(v.is_object(), "{v}");
+}
+
+#[test]
+fn max_tokens_5_is_length_with_5_tokens() {
+    let Some(s) = smollm2() else { return };
+    let r = ask(
+        &s,
+        &json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Tell me a long story about dragons."}],
+            "temperature": 0,
+            "max_tokens": 5,
+        }),
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], 5);
+    let total = r["usage"]["prompt_tokens"].as_u64().unwrap() + 5;
+    assert_eq!(r["usage"]["total_tokens"], total);
+}
+
+#[test]
+fn stop_sequences_cut_real_text() {
+    let Some(s) = smollm2() else { return };
+    let body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "List the days of the week."}],
+        "temperature": 0,
+        "max_tokens": 40,
+    });
+    let full = ask(&s, &body);
+    let full_text = content(&full);
+    let at = full_text
+        .find("Wednes")
+        .unwrap_or_else(|| panic!("{full_text:?}"));
+
+    // "Wednes" ends inside a token: the text must stop right before it, mid-token.
+    for stream in [false, true] {
+        let mut stopped = body.clone();
+        stopped["stop"] = json!(["Wednes", "never said"]);
+        stopped["stream"] = json!(stream);
+        let (text, finish) = if stream {
+            let got = read_chat_stream(s.stream("/v1/chat/completions", &stopped));
+            (got.text, got.finish_reason.unwrap_or_default())
+        } else {
+            let r = ask(&s, &stopped);
+            (
+                content(&r).to_string(),
+                r["choices"][0]["finish_reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        };
+        assert_eq!(text, &full_text[..at], "stream={stream}");
+        assert_eq!(finish, "stop", "stream={stream}");
+    }
+}

@@ -1,0 +1,98 @@
+//! `lumen check`: exit 0 on a good config, non-zero with file:line:column on a bad one.
+
+use std::process::Command;
+
+use lumen_test_support::harness::tempdir::Dir;
+
+fn check(yaml: &str) -> (bool, String, String) {
+    let dir = Dir::new("lumen-check");
+    let path = dir.path().join("lumen.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("NOT_SET_ANYWHERE")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr)
+            .into_owned()
+            .replace(&path.display().to_string(), "FILE"),
+    )
+}
+
+#[test]
+fn a_good_config_passes() {
+    let (ok, stdout, _) = check(
+        "providers:\n  a: { base_url: \"http://127.0.0.1:1/v1\" }\nroutes:\n  - { model: m, targets: [ { provider: a } ] }\n",
+    );
+    assert!(ok);
+    assert!(stdout.contains("ok (1 providers, 1 routes)"), "{stdout}");
+}
+
+#[test]
+fn a_typo_is_reported_with_line_and_column() {
+    let (ok, _, stderr) =
+        check("providers:\n  a:\n    base_url: \"http://127.0.0.1:1/v1\"\n    timout: 5s\n");
+    assert!(!ok);
+    assert!(stderr.starts_with("FILE:4:5: "), "{stderr}");
+    assert!(stderr.contains("unknown field `timout`"), "{stderr}");
+}
+
+#[test]
+fn a_dangling_reference_is_reported_with_line_and_column() {
+    let (ok, _, stderr) = check(
+        "providers:\n  a: { base_url: \"http://127.0.0.1:1/v1\" }\nroutes:\n  - model: m\n    targets:\n      - { provider: b }\n",
+    );
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        "FILE:6:19: routes[0].targets[0].provider: unknown provider `b` (known: a)"
+    );
+}
+
+#[test]
+fn a_missing_variable_is_named() {
+    let (ok, _, stderr) = check(
+        "providers:\n  a: { base_url: \"http://127.0.0.1:1\", api_key: \"${NOT_SET_ANYWHERE}\" }\n",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("FILE:2:") && stderr.contains("`NOT_SET_ANYWHERE` is not set"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(["check", "--config", "/nonexistent/lumen.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/lumen.yaml: cannot read"));
+}
+
+#[test]
+fn the_shipped_configs_are_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for name in ["conf/examples/cloud.yaml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lumen"))
+            .args(["check", "--config"])
+            .arg(format!("{root}/{name}"))
+            .env("GROQ_API_KEY", "x")
+            .env("OPENAI_API_KEY", "x")
+            .env("DEEPSEEK_API_KEY", "x")
+            .env("TOGETHER_API_KEY", "x")
+            .env("FIREWORKS_API_KEY", "x")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

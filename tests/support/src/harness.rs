@@ -1,0 +1,190 @@
+//! Starts the real `lumen` binary with a temp config on free ports, waits until it answers
+//! `/healthz`, and kills it on drop. Its stderr goes to a file tests can read (to check, say,
+//! that no secret is ever logged).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A binary of this workspace, next to the running test or bench executable
+/// (`target/<profile>/deps/x` → `target/<profile>/NAME`).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// A running gateway.
+pub struct Lumen {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempdir::Dir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// A self-removing temp directory (std only).
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(prefix: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!(
+                "{prefix}-{}-{:x}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            Dir(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Lumen {
+    /// Starts `lumen serve` on `yaml`. Unless the YAML sets them, `listen` and `admin_listen`
+    /// are added on free loopback ports.
+    pub fn start(yaml: &str) -> Lumen {
+        Self::start_with_env(yaml, &[])
+    }
+
+    pub fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Lumen {
+        let port = free_port();
+        let admin_port = free_port();
+        let mut text = String::new();
+        if !yaml.contains("\nlisten:") && !yaml.starts_with("listen:") {
+            text.push_str(&format!("listen: [\"127.0.0.1:{port}\"]\n"));
+        }
+        if !yaml.contains("admin_listen:") {
+            text.push_str(&format!("admin_listen: \"127.0.0.1:{admin_port}\"\n"));
+        }
+        text.push_str(yaml);
+        let dir = tempdir::Dir::new("lumen-test");
+        let config_path = dir.path().join("lumen.yaml");
+        std::fs::write(&config_path, &text).expect("write config");
+        let log_path = dir.path().join("lumen.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut command = Command::new(bin_path("lumen"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("LUMEN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log clone"))
+            .stderr(log);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn lumen (is it built?)");
+        let listen = listen_port(&text).unwrap_or(port);
+        let mut lumen = Lumen {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            dir,
+            config_path,
+            log_path,
+        };
+        lumen.wait_ready(Duration::from_secs(60));
+        lumen
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "lumen exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+            if healthz(self.addr) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "lumen did not answer /healthz within {limit:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn config_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Reads the first `listen:` port of a config, when the test set its own.
+fn listen_port(text: &str) -> Option<u16> {
+    let line = text.lines().find(|l| l.starts_with("listen:"))?;
+    let start = line.find("127.0.0.1:")? + "127.0.0.1:".len();
+    line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+fn healthz(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(n) if n > 12 && buf.starts_with(b"HTTP/1.1 200"))
+}
+
+impl Drop for Lumen {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,380 @@
+//! A mock OpenAI-compatible provider: the one stand-in tests may use, because cloud providers
+//! cannot be reached. It speaks HTTP/1.1 with keep-alive, and records every request it receives
+//! (method, path, headers, body) so tests can check what the gateway really sent.
+//!
+//! Its behaviour is chosen by the **model name it receives** (so a gateway route can aim a
+//! target at a failure mode by naming the target's model) and by two optional body fields the
+//! gateway forwards untouched:
+//!
+//! | model            | behaviour |
+//! |------------------|-----------|
+//! | anything else    | a normal answer for the endpoint (chat, completions, embeddings, rerank) |
+//! | `status-NNN`     | HTTP NNN with an OpenAI error body (`429` adds `retry-after: 1`) |
+//! | `hang`           | reads the request, never answers |
+//! | `drop`           | closes the connection without answering |
+//! | `drop-mid-stream`| streams two chunks, then closes the connection mid-stream |
+//!
+//! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
+//! stream chunk, default 0). `GET /v1/models` lists a few models; `GET /_mock/requests` returns
+//! the recorded requests as JSON (for tests in other languages).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Lower-cased names, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+type Log = Arc<Mutex<Vec<Recorded>>>;
+
+/// A running mock on 127.0.0.1, on its own runtime thread; stops when dropped.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    log: Log,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl MockUpstream {
+    /// Starts on a free port with request recording on.
+    pub fn start() -> MockUpstream {
+        Self::start_on(0, true, 2)
+    }
+
+    pub fn start_on(port: u16, record: bool, threads: usize) -> MockUpstream {
+        let std_listener =
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind mock upstream");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("local addr");
+        let log: Log = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server_log = record.then(|| log.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads.max(1))
+                .enable_all()
+                .build()
+                .expect("mock runtime");
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+                tokio::select! {
+                    _ = serve(listener, server_log) => {}
+                    _ = stopped => {}
+                }
+            });
+            runtime.shutdown_background();
+        });
+        MockUpstream {
+            addr,
+            log,
+            _stop: stop,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Everything received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut l) = self.log.lock() {
+            l.clear();
+        }
+    }
+}
+
+/// Accepts connections until the task is dropped.
+pub async fn serve(listener: TcpListener, log: Option<Log>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let log = log.clone();
+        tokio::spawn(async move {
+            let _ = connection(stream, log).await;
+        });
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Request>> {
+    let head_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+        let mut tmp = [0u8; 16 * 1024];
+        let n = stream.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.drain(..head_end + 4);
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let method = first.next().unwrap_or("").to_string();
+    let path = first.next().unwrap_or("").to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    while buf.len() < length {
+        let mut tmp = vec![0u8; (length - buf.len()).min(256 * 1024)];
+        let n = stream.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    let body: Vec<u8> = buf.drain(..length).collect();
+    Ok(Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    }))
+}
+
+async fn connection(mut stream: TcpStream, log: Option<Log>) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(16 * 1024);
+    while let Some(req) = read_request(&mut stream, &mut buf).await? {
+        if let Some(log) = &log {
+            if let Ok(mut l) = log.lock() {
+                l.push(Recorded {
+                    method: req.method.clone(),
+                    path: req.path.clone(),
+                    headers: req.headers.clone(),
+                    body: req.body.clone(),
+                });
+            }
+        }
+        if !answer(&mut stream, &req, log.as_ref()).await? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+async fn write_json(
+    stream: &mut TcpStream,
+    status: u16,
+    extra: &str,
+    body: &Value,
+) -> std::io::Result<()> {
+    let body = serde_json::to_vec(body)?;
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: upstream-own-id\r\n{extra}\r\n",
+        reason(status),
+        body.len()
+    );
+    let mut wire = head.into_bytes();
+    wire.extend_from_slice(&body);
+    stream.write_all(&wire).await
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+/// Answers one request; `Ok(false)` closes the connection.
+async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std::io::Result<bool> {
+    if req.method == "GET" && req.path.ends_with("/_mock/requests") {
+        let recorded: Vec<Value> = log
+            .and_then(|l| l.lock().ok().map(|l| l.clone()))
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| !r.path.ends_with("/_mock/requests"))
+            .map(|r| {
+                json!({
+                    "method": r.method, "path": r.path,
+                    "headers": r.headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+                    "body": String::from_utf8_lossy(&r.body),
+                })
+            })
+            .collect();
+        write_json(stream, 200, "", &json!(recorded)).await?;
+        return Ok(true);
+    }
+    if req.method == "GET" && req.path.ends_with("/models") {
+        let data: Vec<Value> = ["mock-small", "mock-large", "mock-embed"]
+            .iter()
+            .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock"}))
+            .collect();
+        write_json(stream, 200, "", &json!({"object": "list", "data": data})).await?;
+        return Ok(true);
+    }
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let model = body["model"].as_str().unwrap_or("").to_string();
+    if let Some(code) = model
+        .strip_prefix("status-")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        let extra = if code == 429 {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        };
+        let err = json!({"error": {"message": format!("mock upstream says {code}"), "type": "mock_error", "param": null, "code": format!("mock_{code}")}});
+        write_json(stream, code, extra, &err).await?;
+        return Ok(true);
+    }
+    match model.as_str() {
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return Ok(false);
+        }
+        "drop" => return Ok(false),
+        _ => {}
+    }
+    let stream_mode = body["stream"].as_bool().unwrap_or(false);
+    let path = req.path.split('?').next().unwrap_or("");
+    if stream_mode && (path.ends_with("/chat/completions") || path.ends_with("/completions")) {
+        return stream_answer(stream, &body, &model, path.ends_with("/chat/completions")).await;
+    }
+    let response = if path.ends_with("/chat/completions") {
+        let text = format!("mock reply from {model}");
+        json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11},
+        })
+    } else if path.ends_with("/completions") {
+        json!({
+            "id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": model,
+            "choices": [{"index": 0, "text": format!("mock completion from {model}"), "finish_reason": "stop", "logprobs": null}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
+        })
+    } else if path.ends_with("/embeddings") {
+        let inputs = match &body["input"] {
+            Value::Array(items) => items.len(),
+            _ => 1,
+        };
+        let data: Vec<Value> = (0..inputs)
+            .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.6, 0.8, i as f64 / 10.0]}))
+            .collect();
+        json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": inputs * 3, "total_tokens": inputs * 3}})
+    } else if path.ends_with("/rerank") {
+        let docs = body["documents"].as_array().map_or(0, Vec::len);
+        let results: Vec<Value> = (0..docs)
+            .map(|i| json!({"index": i, "relevance_score": 1.0 / (i as f64 + 1.0)}))
+            .collect();
+        json!({"id": "rerank-mock", "model": model, "results": results, "usage": {"total_tokens": docs * 4}})
+    } else {
+        write_json(stream, 404, "", &json!({"error": {"message": "mock: unknown path", "type": "invalid_request_error", "param": null, "code": null}})).await?;
+        return Ok(true);
+    };
+    write_json(stream, 200, "", &response).await?;
+    Ok(true)
+}
+
+async fn stream_answer(
+    stream: &mut TcpStream,
+    body: &Value,
+    model: &str,
+    chat: bool,
+) -> std::io::Result<bool> {
+    let chunks = body["mock_chunks"].as_u64().unwrap_or(3);
+    let delay = Duration::from_millis(body["mock_delay_ms"].as_u64().unwrap_or(0));
+    let include_usage = body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let drop_mid = model == "drop-mid-stream";
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await?;
+    let event = |payload: &Value| format!("data: {payload}\n\n");
+    for i in 0..chunks {
+        if drop_mid && i == 2 {
+            return Ok(false);
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let payload = if chat {
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                   "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]})
+        } else {
+            json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": model,
+                   "choices": [{"index": 0, "text": format!("tok{i} "), "finish_reason": null}]})
+        };
+        write_chunk(stream, event(&payload).as_bytes()).await?;
+    }
+    let last = if chat {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    } else {
+        json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": model,
+               "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]})
+    };
+    let mut tail = event(&last);
+    if include_usage {
+        let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                           "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": chunks, "total_tokens": 7 + chunks}});
+        tail.push_str(&event(&usage));
+    }
+    tail.push_str("data: [DONE]\n\n");
+    write_chunk(stream, tail.as_bytes()).await?;
+    stream.write_all(b"0\r\n\r\n").await?;
+    Ok(true)
+}
+
+async fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    let mut wire = format!("{:x}\r\n", data.len()).into_bytes();
+    wire.extend_from_slice(data);
+    wire.extend_from_slice(b"\r\n");
+    stream.write_all(&wire).await?;
+    stream.flush().await
+}
