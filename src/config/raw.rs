@@ -153,7 +153,10 @@ pub struct RawSpawn {
     /// The sidecar binary; defaults to `lumen-llama` beside the `lumen` binary, then on PATH.
     #[serde(default)]
     pub binary: Option<String>,
-    /// Extra `lumen-llama serve` arguments (context size, slots, threads…).
+    /// Per-model options as `lumen-llama` takes them: `ctx=4096,slots=4,threads=2,sha256=…`.
+    #[serde(default)]
+    pub options: Option<String>,
+    /// Extra `lumen-llama serve` arguments.
     #[serde(default)]
     pub args: Vec<String>,
 }

@@ -229,7 +229,7 @@ fn build_spawn(name: &str, base_url: &str, spawn: RawSpawn) -> Result<SpawnSpec,
         return Err(Problem::at(
             at("spawn.model"),
             format!(
-                "model file `{}` does not exist (for the quickstart model run `scripts/fetch-model.sh`)",
+                "model file `{}` does not exist (for the quickstart model run `lumen-llama fetch-model smollm2`)",
                 spawn.model
             ),
         ));
@@ -248,7 +248,10 @@ fn build_spawn(name: &str, base_url: &str, spawn: RawSpawn) -> Result<SpawnSpec,
             .unwrap_or_else(default_sidecar_binary),
         host: host.to_string(),
         port,
-        models: vec![format!("{alias}={}", spawn.model)],
+        models: vec![match spawn.options.as_deref().filter(|o| !o.is_empty()) {
+            Some(options) => format!("{alias}={}:{options}", spawn.model),
+            None => format!("{alias}={}", spawn.model),
+        }],
         args: spawn.args,
     })
 }

@@ -1,0 +1,93 @@
+"""The quickstart as a new user gets it: conf/lumen.yaml (ports moved to free ones), the gateway
+spawning `lumen-llama` with SmolLM2-135M-Instruct, and the official openai SDK asking it real
+questions through the gateway."""
+
+import json
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import REPO, Gateway, free_port
+
+MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+pytestmark = pytest.mark.skipif(
+    not MODEL.exists(), reason="SmolLM2 not fetched: run `target/release/lumen-llama fetch-model smollm2`"
+)
+
+
+@pytest.fixture(scope="module")
+def quickstart():
+    text = (REPO / "conf" / "lumen.yaml").read_text()
+    sidecar_port = free_port()
+    text = text.replace("127.0.0.1:8081", f"127.0.0.1:{sidecar_port}")
+    text = text.replace("models/SmolLM2-135M-Instruct.Q4_1.gguf", str(MODEL))
+    # Gateway writes its own listen/admin lines first; drop the file's.
+    body = "\n".join(l for l in text.splitlines() if not l.startswith(("listen:", "admin_listen:")))
+    g = Gateway(body)
+    client = openai.OpenAI(base_url=g.base_url, api_key="unused", max_retries=0, timeout=120)
+    # The sidecar loads after the gateway is up: wait for its first answer.
+    import time
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+            break
+        except openai.APIStatusError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+    yield g, client
+    g.stop()
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+def test_models_list_shows_the_local_model(quickstart):
+    _, client = quickstart
+    assert "smollm2" in [m.id for m in client.models.list()]
+
+
+def test_real_answer_through_the_gateway(quickstart):
+    _, client = quickstart
+    resp = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, seed=42, max_tokens=16)
+    assert "Paris" in resp.choices[0].message.content
+
+
+def test_stream_matches_non_stream(quickstart):
+    _, client = quickstart
+    full = client.chat.completions.create(model="fast", messages=QUESTION, temperature=0, seed=7, max_tokens=24)
+    text = ""
+    for chunk in client.chat.completions.create(
+        model="fast", messages=QUESTION, temperature=0, seed=7, max_tokens=24, stream=True
+    ):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+    assert text == full.choices[0].message.content
+
+
+def test_json_object_parses(quickstart):
+    _, client = quickstart
+    resp = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Give a JSON object with keys city and country for Paris."}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=64,
+    )
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
+
+
+def test_max_tokens_gives_length_with_exact_usage(quickstart):
+    _, client = quickstart
+    resp = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=5, temperature=0)
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 5
+
+
+def test_checksum_is_part_of_the_quickstart(quickstart):
+    g, _ = quickstart
+    assert "sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" in g.config.read_text()
