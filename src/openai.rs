@@ -228,10 +228,7 @@ mod tests {
                 ..
             })
         ));
-        assert!(matches!(
-            chat(r#"{"model": "a", "model": "b", "messages": []}"#),
-            Err(_)
-        ));
+        assert!(chat(r#"{"model": "a", "model": "b", "messages": []}"#).is_err());
     }
 
     #[test]

@@ -157,9 +157,14 @@ impl Lumen {
 
 /// Reads the first `listen:` port of a config, when the test set its own.
 fn listen_port(text: &str) -> Option<u16> {
-    let line = text.lines().find(|l| l.starts_with("listen:"))?;
-    let start = line.find("127.0.0.1:")? + "127.0.0.1:".len();
-    line[start..]
+    let listen = if text.starts_with("listen:") {
+        0
+    } else {
+        text.find("\nlisten:")?
+    };
+    let rest = &text[listen..];
+    let start = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
+    rest[start..]
         .chars()
         .take_while(char::is_ascii_digit)
         .collect::<String>()
@@ -186,5 +191,26 @@ impl Drop for Lumen {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_port;
+
+    #[test]
+    fn finds_the_first_listener_port() {
+        assert_eq!(
+            listen_port("admin_listen: \"127.0.0.1:9\"\nlisten:\n  - \"127.0.0.1:41\"\n"),
+            Some(41)
+        );
+        assert_eq!(
+            listen_port("listen: [\"127.0.0.1:42\"]\nadmin_listen: \"127.0.0.1:9\"\n"),
+            Some(42)
+        );
+        assert_eq!(
+            listen_port("admin_listen: \"127.0.0.1:9\"\nproviders: {}\n"),
+            None
+        );
     }
 }
