@@ -212,7 +212,7 @@ impl Forwarder {
         provider: &Provider,
         peer: &HttpPeer,
         head: RequestHeader,
-        body: &[Bytes; 3],
+        body: &[Bytes],
     ) -> Result<HttpSession, UpstreamError> {
         let mut stale_retry_left = true;
         loop {
@@ -239,7 +239,7 @@ impl Forwarder {
 async fn send(
     upstream: &mut HttpSession,
     head: RequestHeader,
-    body: &[Bytes; 3],
+    body: &[Bytes],
 ) -> pingora::Result<()> {
     upstream.write_request_header(Box::new(head)).await?;
     for piece in body.iter().filter(|p| !p.is_empty()) {
@@ -302,7 +302,7 @@ fn upstream_request(
     client: &RequestHeader,
     provider: &Provider,
     req: &LlmRequest,
-    body: &[Bytes; 3],
+    body: &[Bytes],
     request_id: &HeaderValue,
 ) -> Result<RequestHeader, GatewayError> {
     let mut path = String::with_capacity(provider.base_path.len() + 24);

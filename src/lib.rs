@@ -15,11 +15,13 @@
 //! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
 //! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
 //! | [`admin`] | the admin listener: `/metrics` |
+//! | [`access_log`] | one JSON line per request, written off the request path |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
 //!
 //! Edge policies (CORS, and later auth, limits, cache) live in the `lumen-plugins` crate.
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod ctx;
@@ -126,6 +128,7 @@ pub fn run(config_path: &Path) -> Result<(), SetupError> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
     let metrics = Arc::new(Metrics::new());
+    access_log::init();
     let live = Arc::new(ArcSwap::new(snapshot.clone()));
     let gateway = Gateway::new(live, metrics.clone());
     let proxy = proxy_service(&server.configuration, gateway)?;

@@ -17,6 +17,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::access_log;
 use crate::config::Snapshot;
 use crate::ctx::{accept_request_id, new_request_id, RequestCtx};
 use crate::error::{GatewayError, RequestError};
@@ -300,20 +301,22 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[endpoint, route])
                 .observe(elapsed.as_secs_f64());
         }
-        // The query string is never logged: it may carry credentials.
-        tracing::info!(
-            target: "lumen::access",
-            request_id = ctx.request_id.to_str().unwrap_or(""),
-            method = s.req_header().method.as_str(),
-            path = s.req_header().uri.path(),
-            status = ctx.status,
-            route,
-            provider,
-            stream = ctx.stream,
-            duration_us = elapsed.as_micros() as u64,
-            first_byte_us = ctx.first_byte.map_or(0, |d| d.as_micros() as u64),
-            error = ctx.error.as_deref().unwrap_or(""),
-        );
+        if ctx.config.as_ref().is_none_or(|c| c.server.access_log) {
+            // The query string is never logged: it may carry credentials.
+            access_log::record(&access_log::Entry {
+                request_id: ctx.request_id.to_str().unwrap_or(""),
+                method: s.req_header().method.as_str(),
+                path: s.req_header().uri.path(),
+                status: ctx.status,
+                endpoint,
+                route,
+                provider,
+                stream: ctx.stream,
+                duration_us: elapsed.as_micros() as u64,
+                first_byte_us: ctx.first_byte.map_or(0, |d| d.as_micros() as u64),
+                error: ctx.error.as_deref().unwrap_or(""),
+            });
+        }
     }
 }
 

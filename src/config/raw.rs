@@ -98,6 +98,9 @@ pub struct RawServer {
     /// How long in-flight requests may run after SIGTERM before the process exits.
     #[serde(default = "default_grace", with = "duration")]
     pub grace_period: Duration,
+    /// One JSON line per request on stderr.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
 }
 
 impl Default for RawServer {
@@ -105,8 +108,13 @@ impl Default for RawServer {
         RawServer {
             threads: 0,
             grace_period: default_grace(),
+            access_log: true,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_grace() -> Duration {

@@ -60,6 +60,7 @@ pub struct Limits {
 pub struct ServerSettings {
     pub threads: usize,
     pub grace_period: Duration,
+    pub access_log: bool,
 }
 
 /// An upstream, ready to connect to: URL parsed, peer options set, headers encoded.
@@ -190,6 +191,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         server: ServerSettings {
             threads: raw.server.threads,
             grace_period: raw.server.grace_period,
+            access_log: raw.server.access_log,
         },
         providers,
         routes,
