@@ -94,7 +94,12 @@ pub fn record(entry: &Entry) {
 fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
     let mut line = Vec::with_capacity(256 + e.error.len());
     let ts = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let _ = write!(line, "{{\"ts\":{}.{:06},\"kind\":\"access\",\"request_id\":", ts.as_secs(), ts.subsec_micros());
+    let _ = write!(
+        line,
+        "{{\"ts\":{}.{:06},\"kind\":\"access\",\"request_id\":",
+        ts.as_secs(),
+        ts.subsec_micros()
+    );
     string(&mut line, e.request_id);
     line.extend_from_slice(b",\"method\":");
     string(&mut line, e.method);
@@ -143,7 +148,10 @@ mod tests {
             first_byte_us: 1000,
             error: "",
         };
-        let line = format_line(&entry, UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456));
+        let line = format_line(
+            &entry,
+            UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+        );
         assert!(line.ends_with(b"}\n"));
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(v["ts"].as_f64().unwrap(), 1_700_000_000.123456);

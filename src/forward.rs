@@ -61,6 +61,7 @@ const NOT_FORWARDED: &[&str] = &[
     "cookie",
     "openai-organization",
     "openai-project",
+    "x-goog-api-key",
     "x-request-id",
     // We read usage from responses, so ask for them uncompressed.
     "accept-encoding",
@@ -309,8 +310,7 @@ fn upstream_request(
     path.push_str(&provider.base_path);
     path.push_str(req.endpoint.suffix());
     if let Some(query) = client.uri.query() {
-        path.push('?');
-        path.push_str(query);
+        append_query(&mut path, query);
     }
     let internal =
         |e: pingora::BError| GatewayError::Internal(format!("building upstream request: {e}"));
@@ -348,9 +348,55 @@ fn upstream_request(
     Ok(head)
 }
 
+/// Query parameters that carry a client's credential (Azure-style `?api-key=`, `?key=`):
+/// like the `Authorization` header, they are for the gateway, never for a provider.
+const CREDENTIAL_PARAMS: &[&str] = &[
+    "api-key",
+    "api_key",
+    "apikey",
+    "key",
+    "access_token",
+    "token",
+];
+
+/// Appends `query` to `path` without credential parameters.
+fn append_query(path: &mut String, query: &str) {
+    let mut first = true;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split('=').next().unwrap_or("");
+        if CREDENTIAL_PARAMS
+            .iter()
+            .any(|c| name.eq_ignore_ascii_case(c))
+        {
+            continue;
+        }
+        path.push(if first { '?' } else { '&' });
+        path.push_str(pair);
+        first = false;
+    }
+}
+
 /// Appends the per-request headers (request id, CORS) to a response head.
 pub fn add_headers(head: &mut ResponseHeader, headers: &[(HeaderName, HeaderValue)]) {
     for (name, value) in headers {
         let _ = head.append_header(name.clone(), value.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::append_query;
+
+    #[test]
+    fn credential_query_parameters_are_never_forwarded() {
+        let mut path = String::from("/v1/chat/completions");
+        append_query(
+            &mut path,
+            "api-version=2024-06-01&api-key=sk-secret&KEY=x&user=7",
+        );
+        assert_eq!(path, "/v1/chat/completions?api-version=2024-06-01&user=7");
+        let mut path = String::from("/p");
+        append_query(&mut path, "api_key=s");
+        assert_eq!(path, "/p");
     }
 }

@@ -30,6 +30,9 @@ use crate::routing::Route;
 /// How long an unread request body is drained after an error before the connection closes.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Longest a response write may wait on a client that does not read.
+const DOWNSTREAM_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The gateway as a Pingora proxy application. Cheap to share: all state is behind `Arc`s.
 pub struct Gateway {
     /// The live config; each request loads it once and keeps that snapshot to the end.
@@ -200,6 +203,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // A client that stops reading must not pin an upstream (or a sidecar slot) forever:
+        // a write that cannot progress for this long fails, and the upstream is dropped.
+        s.set_write_timeout(Some(DOWNSTREAM_WRITE_TIMEOUT));
         let config = self.config.load_full();
         ctx.request_id = match s.req_header().headers.get("x-request-id") {
             Some(id) if accept_request_id(id) => id.clone(),

@@ -165,6 +165,7 @@ impl Policy for Cors {
         let Some(allow_origin) = allowed else {
             let response = builder
                 .status(StatusCode::FORBIDDEN)
+                .header(VARY, "Origin")
                 .header(CONTENT_TYPE, "application/json")
                 .body(error_body(
                     "this origin is not allowed by the gateway's CORS policy",
@@ -192,6 +193,11 @@ impl Policy for Cors {
     }
 
     fn on_response(&self, req: &http::request::Parts, add: &mut Vec<(HeaderName, HeaderValue)>) {
+        // The answer depends on the origin whenever not every origin is allowed: say so, so a
+        // shared cache never serves one origin's answer to another.
+        if !self.any_origin {
+            add.push((VARY, HeaderValue::from_static("Origin")));
+        }
         let Some(origin) = req.headers.get(ORIGIN) else {
             return;
         };
@@ -199,9 +205,6 @@ impl Policy for Cors {
             return;
         };
         add.push((ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin));
-        if !self.any_origin {
-            add.push((VARY, HeaderValue::from_static("Origin")));
-        }
         if let Some(expose) = &self.expose {
             add.push((ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone()));
         }
@@ -287,7 +290,11 @@ mod tests {
             &request(Method::POST, &[("origin", "https://evil.example")]),
             &mut add,
         );
-        assert!(add.is_empty());
+        assert!(!add.iter().any(|(k, _)| k == ACCESS_CONTROL_ALLOW_ORIGIN));
+        assert!(
+            add.iter().any(|(k, _)| k == VARY),
+            "caches must key on the origin"
+        );
         policy.on_response(
             &request(Method::POST, &[("origin", "https://app.example")]),
             &mut add,

@@ -11,6 +11,8 @@ use crate::grammar;
 
 /// Most stop strings one request may give.
 const MAX_STOPS: usize = 16;
+/// Longest stop sequence accepted.
+const MAX_STOP_BYTES: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -264,6 +266,14 @@ pub fn generation(f: &GenerationFields, seed_fallback: u32) -> Result<Generation
         return Err(invalid(
             "stop",
             format!("at most {MAX_STOPS} stop sequences are supported"),
+        ));
+    }
+    // Stop strings are matched on the engine thread after every token; a long one would stall
+    // every slot of the model.
+    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(invalid(
+            "stop",
+            format!("a stop sequence may be at most {MAX_STOP_BYTES} bytes"),
         ));
     }
     let grammar = match &f.response_format {

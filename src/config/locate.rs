@@ -108,6 +108,6 @@ mod tests {
         let pos = positions(text);
         assert_eq!(pos["providers.a.base_url"], (2, 18));
         assert_eq!(pos["routes[0].model"], (4, 12));
-        assert_eq!(pos["routes[0].targets[0].provider"], (6, 17));
+        assert_eq!(pos["routes[0].targets[0].provider"], (6, 19));
     }
 }

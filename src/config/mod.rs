@@ -108,8 +108,23 @@ pub fn parse(
         path: path.to_string(),
         missing,
     })?;
-    let raw: raw::RawConfig =
-        serde_yaml::from_str(&substituted).map_err(|e| syntax_error(path, e))?;
+    let raw: raw::RawConfig = serde_yaml::from_str(&substituted.text).map_err(|e| {
+        match syntax_error(path, e) {
+            ConfigError::Syntax {
+                path,
+                line,
+                column,
+                message,
+            } => ConfigError::Syntax {
+                path,
+                line,
+                column,
+                // A type error quotes the offending value; it may be a substituted secret.
+                message: substituted.redact(&message),
+            },
+            other => other,
+        }
+    })?;
     let source = Source {
         path: path.to_string(),
         hash: format!("{:016x}", fnv1a(text.as_bytes())),
@@ -117,9 +132,10 @@ pub fn parse(
     };
     snapshot::build(raw, source).map_err(|err| match err {
         ConfigError::Invalid { path, mut problems } => {
-            let positions = locate::positions(&substituted);
+            let positions = locate::positions(&substituted.text);
             for p in &mut problems {
                 p.position = positions.get(&p.path).copied();
+                p.message = substituted.redact(&p.message);
             }
             ConfigError::Invalid { path, problems }
         }

@@ -33,7 +33,8 @@ pub struct RawConfig {
 }
 
 fn default_listen() -> Vec<RawListener> {
-    vec![RawListener::Addr("0.0.0.0:8080".into())]
+    // Loopback unless the operator says otherwise: an open port is a visible choice.
+    vec![RawListener::Addr("127.0.0.1:8080".into())]
 }
 
 fn default_admin_listen() -> String {

@@ -127,7 +127,7 @@ routes:
             "test.yaml:2:18: providers.a.base_url: `ftp://x` must start with http:// or https://",
             "test.yaml:7:19: routes[0].targets[0].provider: unknown provider `nope` (known: b)",
             "test.yaml:8:12: routes[1].model: model `fast` is routed twice",
-            "test.yaml:11:14: routes[2].targets: route `empty` has no targets",
+            "test.yaml:11:5: routes[2].targets: route `empty` has no targets",
         ],
         "{err}"
     );
@@ -140,11 +140,11 @@ fn missing_env_vars_are_named_and_secrets_never_echoed() {
     );
     assert_eq!(
         err,
-        "test.yaml:2:47: environment variable `OPENAI_KEY` is not set"
+        "test.yaml:2:50: environment variable `OPENAI_KEY` is not set"
     );
-    let err = parse_err(
-        "providers:\n  a: { base_url: \"http://x:1\", api_key: \"${GROQ_API_KEY}\", timeout: 5 }\n",
-    );
+    // A secret used where a number is expected: the type error must not quote it.
+    let err = parse_err("server: { threads: \"${GROQ_API_KEY}\" }\nproviders: {}\n");
+    assert!(err.contains("invalid type"), "{err}");
     assert!(!err.contains("gsk-secret"), "{err}");
 }
 
