@@ -112,10 +112,15 @@ impl Resolver {
 
 async fn lookup(upstream: &Upstream) -> std::io::Result<SocketAddr> {
     let lookup = tokio::net::lookup_host((upstream.host.as_str(), upstream.port));
-    let mut addrs = tokio::time::timeout(upstream.connect_timeout, lookup)
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(upstream.connect_timeout, lookup)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out"))??;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out"))??
+        .collect();
+    // Prefer IPv4: edge hosts often get AAAA answers without a working IPv6 route.
     addrs
-        .next()
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
 }

@@ -173,16 +173,7 @@ async fn stream_chunks_arrive_as_the_upstream_sends_them() {
         .starts_with("text/event-stream"));
     let data = resp.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let text: String = data
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let text = resp.chat_stream_text();
     assert_eq!(text, "tok0 tok1 tok2 tok3 ");
     // Each token chunk left the gateway when it arrived: 250 ms apart, not all at the end.
     let token_chunks: Vec<Duration> = resp
@@ -466,15 +457,7 @@ async fn two_hundred_concurrent_streams_arrive_complete_and_in_order() {
         assert_eq!(resp.status, 200);
         let data = resp.sse_data();
         assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-        let text: String = data
-            .iter()
-            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-            .filter_map(|v| {
-                v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_string)
-            })
-            .collect();
+        let text = resp.chat_stream_text();
         assert_eq!(text, expected);
     }
     assert_eq!(mock.requests().len(), 200);

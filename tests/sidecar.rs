@@ -94,15 +94,7 @@ async fn the_gateway_spawns_the_sidecar_and_routes_to_it() {
     assert_eq!(resp.status, 200);
     let data = resp.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let text: String = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let text = resp.chat_stream_text();
     assert_eq!(
         text,
         answer["choices"][0]["message"]["content"].as_str().unwrap()[..text.len()]

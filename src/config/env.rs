@@ -5,7 +5,7 @@
 //! not an error), `${VAR:-default}` gives a default, and `$$` writes a literal `$`.
 //!
 //! A value is inserted as data, never as YAML: inside a double-quoted string it is escaped,
-//! inside a single-quoted one its quotes are doubled, and a placeholder that is a whole plain
+//! inside a single-quoted one its quotes are doubled, and a `${VAR}` that is a whole plain
 //! scalar (`api_key: ${KEY}`) becomes a double-quoted string. So a key containing `#`, `: ` or
 //! quotes, or made only of digits, arrives intact as a string and cannot change the file's
 //! structure. The substituted values are returned too, so error messages can redact them.
@@ -95,7 +95,7 @@ impl Substituted {
     }
 }
 
-/// Renders `value` for the place it goes: `before` is the line up to the placeholder and
+/// Renders `value` for the place it goes: `before` is the line up to the `${VAR}` and
 /// `after` the rest of the line.
 fn quote(value: &str, before: &str, after: &str) -> String {
     let (mut in_double, mut in_single, mut escaped) = (false, false, false);

@@ -38,6 +38,19 @@ impl Response {
             .unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", self.text()))
     }
 
+    /// The assistant text of a chat completion stream: every `delta.content`, in order.
+    pub fn chat_stream_text(&self) -> String {
+        self.sse_data()
+            .iter()
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
     /// The `data:` payloads of an SSE body, in order.
     pub fn sse_data(&self) -> Vec<String> {
         self.text()
