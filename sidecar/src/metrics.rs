@@ -26,6 +26,9 @@ pub struct ModelMetrics {
     pub rejected_total: AtomicU64,
     /// Requests whose client went away before they finished (their slot was freed at once).
     pub cancelled_total: AtomicU64,
+    /// Requests ended because their client stopped reading for longer than the stall limit
+    /// (their slot was freed as for a disconnect).
+    pub stalled_total: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
     pub completion_tokens_total: AtomicU64,
     /// Engine time spent on prompt tokens and on generated tokens; a decode step that carries
@@ -125,6 +128,12 @@ pub fn render<'a>(models: impl Iterator<Item = (&'a str, &'a ModelMetrics)> + Cl
         "counter",
         "Requests abandoned by their client; their slots were freed.",
         &|m| get(&m.cancelled_total),
+    );
+    family(
+        "lumen_llama_requests_stalled_total",
+        "counter",
+        "Requests ended because their client read nothing for too long; their slots were freed.",
+        &|m| get(&m.stalled_total),
     );
     family(
         "lumen_llama_prompt_tokens_total",

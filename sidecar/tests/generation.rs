@@ -420,6 +420,67 @@ fn a_client_that_disconnects_frees_its_slot() {
 }
 
 #[test]
+fn a_client_that_stops_reading_loses_its_slot_after_the_stall_limit() {
+    // A 4 KiB model name goes into every SSE chunk, so the socket buffers (megabytes on
+    // loopback) fill after about a thousand tokens rather than tens of thousands. And a short
+    // stall limit, so the test does not wait the default 30 s.
+    let name = "t".repeat(4096);
+    let args = vec![
+        "--model".into(),
+        format!(
+            "{name}={}:threads=1,ctx=16384,slots=1,queue=4",
+            tiny_chat_model().display()
+        ),
+    ];
+    let s = Sidecar::start_with_env(&args, &[("LUMEN_LLAMA_STALL_TIMEOUT_MS", "300")]);
+    let request = |content: &str, extra: Value| {
+        let mut body = chat(content, extra);
+        body["model"] = json!(name);
+        body
+    };
+
+    // Reads the role chunk, then nothing, while keeping the connection open: the socket
+    // buffers and the event channel fill, and the slot pauses on a full outbox.
+    let mut stuck = s.stream(
+        "/v1/chat/completions",
+        &request("hold", json!({"max_tokens": 15000, "stream": true})),
+    );
+    assert_eq!(stuck.status, 200);
+    assert!(stuck.next_data().is_some());
+    assert!(
+        s.eventually(Duration::from_secs(30), |s| s.health_of(&name)
+            ["slots_busy"]
+            == 0),
+        "the slot of a client that stopped reading was never freed"
+    );
+    assert_eq!(
+        s.metric("lumen_llama_requests_stalled_total", &name, None),
+        1.0
+    );
+    assert_eq!(
+        s.metric("lumen_llama_requests_cancelled_total", &name, None),
+        0.0
+    );
+    // Ended long before its 15000 tokens: by the stall, not the token limit.
+    assert!(s.metric("lumen_llama_completion_tokens_total", &name, None) < 15000.0);
+    let warns = s
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("stopped reading"))
+        .count();
+    assert_eq!(warns, 1, "one warn line per stalled request");
+
+    // The freed slot serves the next request.
+    let r = s.post(
+        "/v1/chat/completions",
+        &request("after", json!({"max_tokens": 3})),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    drop(stuck);
+}
+
+#[test]
 fn over_long_prompts_are_400_context_length_exceeded() {
     let s = Sidecar::start(&tiny("ctx=64"));
     let long = "x".repeat(200);

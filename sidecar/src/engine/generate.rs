@@ -9,6 +9,13 @@
 //! A slot whose client reads slowly keeps its undelivered events in a small outbox and sits out
 //! steps until the client catches up (backpressure without blocking the other slots); a slot
 //! whose client is gone is freed on the next step.
+//!
+//! A client that keeps its connection open but stops reading would otherwise hold its slot (and
+//! KV cells) forever, and a few such clients would take every slot. So a slot whose client has
+//! accepted nothing for [`DEFAULT_STALL_LIMIT`] while events wait is freed exactly as if the
+//! client had gone, counted in `lumen_llama_requests_stalled_total`. The environment variable
+//! `LUMEN_LLAMA_STALL_TIMEOUT_MS`, read when the engine starts, overrides the limit (tests use
+//! it to make the limit short).
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -29,6 +36,19 @@ use crate::metrics::ModelMetrics;
 /// How long to wait when every busy slot is held up by a slow client.
 const PAUSED_POLL: Duration = Duration::from_millis(2);
 
+/// How long a slot may wait on a client that reads nothing before the request is ended.
+const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(30);
+/// Overrides [`DEFAULT_STALL_LIMIT`], in milliseconds.
+const STALL_LIMIT_ENV: &str = "LUMEN_LLAMA_STALL_TIMEOUT_MS";
+
+/// The stall limit: `LUMEN_LLAMA_STALL_TIMEOUT_MS` if set to a number, else the default.
+fn stall_limit() -> Duration {
+    std::env::var(STALL_LIMIT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(DEFAULT_STALL_LIMIT, Duration::from_millis)
+}
+
 /// One request in a slot.
 struct Sequence {
     prompt: Vec<LlamaToken>,
@@ -45,12 +65,17 @@ struct Sequence {
     outbox: VecDeque<Event>,
     /// Set once `Done` or `Failed` is in the outbox: the slot is freed after delivery.
     finished: bool,
+    /// Since when the client has accepted nothing while the outbox waits; `None` when the
+    /// outbox is empty or the client took an event on the last delivery attempt.
+    stalled_since: Option<Instant>,
 }
 
 /// Whether the client still listens after a delivery attempt.
 enum Delivery {
     Open,
     Gone,
+    /// Still connected, but has read nothing for longer than the stall limit.
+    Stalled,
 }
 
 impl Sequence {
@@ -70,15 +95,21 @@ impl Sequence {
             events: job.events,
             outbox: VecDeque::new(),
             finished: false,
+            stalled_since: None,
         })
     }
 
-    fn deliver(&mut self) -> Delivery {
+    fn deliver(&mut self, stall_limit: Duration) -> Delivery {
         while let Some(event) = self.outbox.pop_front() {
             match self.events.try_send(event) {
-                Ok(()) => {}
+                // The client is reading: whatever pause there was is over.
+                Ok(()) => self.stalled_since = None,
                 Err(TrySendError::Full(event)) => {
                     self.outbox.push_front(event);
+                    let since = *self.stalled_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > stall_limit {
+                        return Delivery::Stalled;
+                    }
                     return Delivery::Open;
                 }
                 Err(TrySendError::Closed(_)) => return Delivery::Gone,
@@ -184,6 +215,7 @@ pub(super) fn run(
     slots: usize,
     ctx_per_seq: u32,
 ) {
+    let stall_limit = stall_limit();
     let n_batch = ctx.n_batch() as usize;
     let mut batch = LlamaBatch::new(n_batch, 1);
     let mut seqs: Vec<Option<Sequence>> = (0..slots).map(|_| None).collect();
@@ -193,7 +225,7 @@ pub(super) fn run(
         if !admit(model, jobs, metrics, &mut seqs) {
             return;
         }
-        retire(ctx, metrics, &mut seqs);
+        retire(ctx, metrics, &mut seqs, stall_limit);
         if !step(
             ctx,
             model,
@@ -208,7 +240,7 @@ pub(super) fn run(
             }
             continue;
         }
-        retire(ctx, metrics, &mut seqs);
+        retire(ctx, metrics, &mut seqs, stall_limit);
     }
 }
 
@@ -258,12 +290,28 @@ fn admit(
     true
 }
 
-/// Delivers outboxes and frees slots whose request is finished and delivered, or abandoned.
-fn retire(ctx: &mut LlamaContext<'_>, metrics: &ModelMetrics, seqs: &mut [Option<Sequence>]) {
+/// Delivers outboxes and frees slots whose request is finished and delivered, abandoned, or
+/// stalled (its client stopped reading for longer than `stall_limit`; see the module docs).
+fn retire(
+    ctx: &mut LlamaContext<'_>,
+    metrics: &ModelMetrics,
+    seqs: &mut [Option<Sequence>],
+    stall_limit: Duration,
+) {
     for (id, slot) in seqs.iter_mut().enumerate() {
         let Some(seq) = slot else { continue };
-        let gone = matches!(seq.deliver(), Delivery::Gone);
-        if gone || (seq.finished && seq.outbox.is_empty()) {
+        let delivery = seq.deliver(stall_limit);
+        let gone = matches!(delivery, Delivery::Gone);
+        let stalled = matches!(delivery, Delivery::Stalled);
+        if stalled {
+            tracing::warn!(
+                slot = id,
+                limit_ms = u64::try_from(stall_limit.as_millis()).unwrap_or(u64::MAX),
+                "client stopped reading its stream; ending the request and freeing its slot"
+            );
+            metrics.stalled_total.fetch_add(1, Relaxed);
+        }
+        if gone || stalled || (seq.finished && seq.outbox.is_empty()) {
             if gone && !seq.finished {
                 metrics.cancelled_total.fetch_add(1, Relaxed);
             }
@@ -372,4 +420,54 @@ fn step(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sequence with `events` queued in its outbox, sending into `tx`.
+    fn waiting(tx: mpsc::Sender<Event>, events: usize) -> Sequence {
+        Sequence {
+            prompt: Vec::new(),
+            n_past: 0,
+            next: None,
+            max_tokens: 1,
+            completion_tokens: 0,
+            sampler: LlamaSampler::greedy(),
+            text: TextAssembler::new(Vec::new()),
+            events: tx,
+            outbox: (0..events).map(|i| Event::Text(i.to_string())).collect(),
+            finished: false,
+            stalled_since: None,
+        }
+    }
+
+    #[test]
+    fn a_stall_ends_a_request_only_if_the_client_reads_nothing_for_the_whole_limit() {
+        let limit = Duration::from_millis(100);
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut seq = waiting(tx, 10);
+        assert!(matches!(seq.deliver(limit), Delivery::Open));
+        assert!(seq.stalled_since.is_some());
+
+        // The client reads one event now and then, each time within the limit: never stalled,
+        // though far more than the limit passes in all.
+        for _ in 0..4 {
+            std::thread::sleep(limit / 2);
+            assert!(rx.try_recv().is_ok());
+            assert!(matches!(seq.deliver(limit), Delivery::Open));
+        }
+
+        // Then it reads nothing for longer than the limit.
+        std::thread::sleep(limit * 2);
+        assert!(matches!(seq.deliver(limit), Delivery::Stalled));
+
+        // A client that catches up clears the timer.
+        while !seq.outbox.is_empty() {
+            let _ = rx.try_recv();
+            seq.deliver(limit);
+        }
+        assert!(seq.stalled_since.is_none());
+    }
 }

@@ -84,11 +84,17 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts `serve --port 0` with `args` and waits for the listening line (not for health).
     pub fn spawn(args: &[String]) -> Sidecar {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// [`Sidecar::spawn`] with extra environment variables for the server process.
+    pub fn spawn_with_env(args: &[String], env: &[(&str, &str)]) -> Sidecar {
         let log = scratch_dir().join(format!("sidecar-{}-{}.log", std::process::id(), unique()));
         let log_file = std::fs::File::create(&log).expect("create sidecar log");
         let mut child = Command::new(BIN)
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
@@ -115,6 +121,13 @@ impl Sidecar {
     /// Starts and waits for `/health` 200.
     pub fn start(args: &[String]) -> Sidecar {
         let s = Self::spawn(args);
+        s.wait_healthy();
+        s
+    }
+
+    /// [`Sidecar::start`] with extra environment variables for the server process.
+    pub fn start_with_env(args: &[String], env: &[(&str, &str)]) -> Sidecar {
+        let s = Self::spawn_with_env(args, env);
         s.wait_healthy();
         s
     }
