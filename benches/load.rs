@@ -6,7 +6,7 @@
 //!
 //! Measured: added latency p50/p99 at concurrency 1 for 1 KiB and 16 KiB chat bodies, requests/s
 //! at concurrency 32, and added time to first chunk of a stream. Lumen runs as configured for
-//! production: access log on, metrics on.
+//! production: API-key authentication, access log and metrics on.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -16,6 +16,11 @@ use lumen_test_support::client::Client;
 use lumen_test_support::harness::tempdir::Dir;
 use lumen_test_support::{bin_path, free_port, Lumen};
 use serde_json::json;
+
+/// Every request carries a key, so Lumen's numbers include authentication (direct and nginx
+/// ignore the header).
+const BENCH_KEY: &str = "lm-bench-key";
+const BENCH_AUTH: &str = "Bearer lm-bench-key";
 
 struct Killed(Child);
 
@@ -69,7 +74,10 @@ async fn load(
             .request(
                 "POST",
                 "/v1/chat/completions",
-                &[("content-type", "application/json")],
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", BENCH_AUTH),
+                ],
                 &body,
             )
             .await;
@@ -89,7 +97,10 @@ async fn load(
                         .request(
                             "POST",
                             "/v1/chat/completions",
-                            &[("content-type", "application/json")],
+                            &[
+                                ("content-type", "application/json"),
+                                ("authorization", BENCH_AUTH),
+                            ],
                             &body,
                         )
                         .await
@@ -195,7 +206,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let lumen = Lumen::start(&format!(
-        "server: {{ threads: 2 }}\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
+        "server: {{ threads: 2 }}\nkeys: [ {{ id: bench, key: \"{BENCH_KEY}\" }} ]\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
     ));
     let nginx = start_nginx(mock);
     if nginx.is_none() {

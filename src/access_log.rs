@@ -29,6 +29,8 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 /// nothing that could carry a credential.
 pub struct Entry<'a> {
     pub request_id: &'a str,
+    /// The key's configured id (or the JWT's mapped claim), never the credential itself.
+    pub key_id: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub status: u16,
@@ -101,6 +103,8 @@ fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
         ts.subsec_micros()
     );
     string(&mut line, e.request_id);
+    line.extend_from_slice(b",\"key_id\":");
+    string(&mut line, e.key_id);
     line.extend_from_slice(b",\"method\":");
     string(&mut line, e.method);
     line.extend_from_slice(b",\"path\":");
@@ -137,6 +141,7 @@ mod tests {
     fn lines_are_json_with_escaped_strings() {
         let entry = Entry {
             request_id: "abc",
+            key_id: "team-a",
             method: "POST",
             path: "/v1/chat/\"completions\"",
             status: 200,

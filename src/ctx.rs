@@ -18,6 +18,8 @@ pub struct RequestCtx {
     /// Headers every response to this request carries (request id, CORS).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     pub endpoint: Option<Endpoint>,
+    /// The authenticated key's id (never the key), for the access log.
+    pub key_id: Option<String>,
     /// The route's configured name (a bounded metrics label), once resolved.
     pub route: Option<String>,
     /// The provider that answered, once one did.
@@ -39,6 +41,7 @@ impl RequestCtx {
             request_id: HeaderValue::from_static(""),
             response_headers: Vec::new(),
             endpoint: None,
+            key_id: None,
             route: None,
             provider: None,
             stream: false,

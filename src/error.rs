@@ -47,6 +47,10 @@ pub enum GatewayError {
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error(transparent)]
+    Auth(#[from] lumen_plugins::auth::AuthError),
+    #[error("this key may not use the model `{0}`")]
+    ModelNotAllowed(String),
+    #[error(transparent)]
     Request(#[from] RequestError),
     #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotFound(String),
@@ -122,6 +126,18 @@ impl GatewayError {
                     Some(*field),
                 ),
             },
+            G::Auth(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                None,
+            ),
+            G::ModelNotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("model_not_allowed"),
+                Some("model"),
+            ),
             G::ModelNotFound(_) => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -182,6 +198,8 @@ mod tests {
         assert_eq!(s(RequestError::BodyTooLarge { limit: 1 }.into()), 413);
         assert_eq!(s(RequestError::MissingModel.into()), 400);
         assert_eq!(s(GatewayError::ModelNotFound("x".into())), 404);
+        assert_eq!(s(lumen_plugins::auth::AuthError::UnknownKey.into()), 401);
+        assert_eq!(s(GatewayError::ModelNotAllowed("x".into())), 403);
         assert_eq!(
             s(UpstreamError::Connect {
                 provider: "p".into()

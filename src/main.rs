@@ -33,6 +33,19 @@ enum Command {
         #[arg(long, short, default_value = "conf/lumen.yaml")]
         config: PathBuf,
     },
+    /// API keys: make one, or hash one for the `keys:` list (keys are stored hashed).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random key and the `sha256` to put in the config.
+    Generate,
+    /// Read a key from stdin and print its `sha256`.
+    Hash,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +59,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Keys { command } => keys(command),
         Command::Check { config } => match lumen::config::load(&config) {
             Ok(snapshot) => {
                 println!(
@@ -83,5 +97,31 @@ fn init_logging() {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+fn keys(command: KeysCommand) -> ExitCode {
+    match command {
+        KeysCommand::Generate => {
+            let (key, hash) = lumen_plugins::auth::generate_key();
+            println!("key:    {key}");
+            println!("sha256: {hash}");
+            eprintln!("Give the key to the client once; put only the sha256 in the config.");
+            ExitCode::SUCCESS
+        }
+        KeysCommand::Hash => {
+            let mut input = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+                eprintln!("lumen: cannot read the key from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            let key = input.trim_end_matches(['\n', '\r']);
+            if key.is_empty() {
+                eprintln!("lumen: no key on stdin (try: printf %s \"$KEY\" | lumen keys hash)");
+                return ExitCode::FAILURE;
+            }
+            println!("{}", lumen_plugins::auth::hash_key(key));
+            ExitCode::SUCCESS
+        }
     }
 }

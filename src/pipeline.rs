@@ -12,10 +12,12 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, StatusCode};
+use lumen_plugins::auth::Principal;
 use lumen_plugins::{Decision, Policy};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use std::time::SystemTime;
 
 use crate::access_log;
 use crate::config::Snapshot;
@@ -29,6 +31,10 @@ use crate::routing::Route;
 
 /// How long an unread request body is drained after an error before the connection closes.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The caller when `auth: off`: may use every model.
+static ANONYMOUS: std::sync::LazyLock<Arc<Principal>> =
+    std::sync::LazyLock::new(|| Arc::new(Principal::anonymous()));
 
 /// Longest a response write may wait on a client that does not read.
 const DOWNSTREAM_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -58,7 +64,7 @@ impl Gateway {
         }
     }
 
-    /// DESIGN.md steps 1–4 (auth, limits and cache join here with their issues).
+    /// DESIGN.md steps 1–4 (limits and cache join here with their issues).
     async fn admit(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<Admit, GatewayError> {
         let config = ctx
             .config
@@ -66,8 +72,17 @@ impl Gateway {
             .ok_or_else(|| GatewayError::Internal("no config".into()))?;
         let head = s.req_header();
         let path = head.uri.path();
-        // 1. Ops paths: no auth, never limited.
-        if let Some(reply) = ops::answer(&head.method, path, &config) {
+        // 1. Probes: no auth, never limited.
+        if let Some(reply) = ops::answer_probe(&head.method, path, &config) {
+            return reply.map(Admit::Reply);
+        }
+        // 2. Authenticate: 401 before anything else is looked at.
+        let principal = match config.auth.authenticate(&head.headers, SystemTime::now())? {
+            Some(principal) => principal,
+            None => ANONYMOUS.clone(),
+        };
+        ctx.key_id = Some(principal.key_id.clone());
+        if let Some(reply) = ops::answer(&head.method, path, &config, &principal) {
             return reply.map(Admit::Reply);
         }
         let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::UnknownEndpoint {
@@ -91,6 +106,10 @@ impl Gateway {
             .resolve(&req.model)
             .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
         ctx.route = Some(route.name.clone());
+        // The allow-list names what clients ask for, so it is checked on the client's model.
+        if !principal.may_use(&req.model) {
+            return Err(GatewayError::ModelNotAllowed(req.model.clone()));
+        }
         Ok(Admit::Forward(req, route))
     }
 
@@ -311,6 +330,7 @@ impl ProxyHttp for Gateway {
             // The query string is never logged: it may carry credentials.
             access_log::record(&access_log::Entry {
                 request_id: ctx.request_id.to_str().unwrap_or(""),
+                key_id: ctx.key_id.as_deref().unwrap_or(""),
                 method: s.req_header().method.as_str(),
                 path: s.req_header().uri.path(),
                 status: ctx.status,

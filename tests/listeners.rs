@@ -54,6 +54,7 @@ fn h2c_and_tls_listeners_serve_http2_and_http1() {
   - "127.0.0.1:{plain}"
   - {{ addr: "127.0.0.1:{h2c}", h2c: true }}
   - {{ addr: "127.0.0.1:{tls}", tls: {{ cert: "{cert}", key: "{key}" }} }}
+auth: off
 providers:
   mock: {{ base_url: "{base}" }}
 routes:

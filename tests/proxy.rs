@@ -9,6 +9,7 @@ use serde_json::json;
 fn config(mock: &MockUpstream, extra: &str) -> String {
     format!(
         r#"
+auth: off
 limits: {{ max_body_bytes: 2MiB }}
 providers:
   mock:

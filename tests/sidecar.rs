@@ -40,6 +40,7 @@ fn start(models: &Dir, port: u16) -> Lumen {
     let model = tiny_model(models);
     Lumen::start(&format!(
         r#"
+auth: off
 providers:
   local:
     base_url: "http://127.0.0.1:{port}/v1"

@@ -8,8 +8,10 @@
 //!
 //! | module | policy |
 //! |---|---|
+//! | [`auth`] | who is calling: API keys (SHA-256 digests) and locally verified JWTs → [`auth::Principal`] |
 //! | [`cors`] | browser cross-origin access: preflight answered at the edge, response headers |
 
+pub mod auth;
 pub mod cors;
 
 use http::{HeaderName, HeaderValue};

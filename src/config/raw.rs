@@ -27,6 +27,15 @@ pub struct RawConfig {
     pub cors: Option<lumen_plugins::cors::CorsConfig>,
     #[serde(default)]
     pub server: RawServer,
+    /// `required` (default) or `off`: an open gateway is always a visible choice.
+    #[serde(default)]
+    pub auth: lumen_plugins::auth::AuthMode,
+    /// Static API keys, stored as SHA-256 (or `key: ${ENV}`, hashed at load).
+    #[serde(default)]
+    pub keys: Vec<lumen_plugins::auth::KeyConfig>,
+    /// JWT issuers whose tokens are accepted as credentials.
+    #[serde(default)]
+    pub jwt: Vec<lumen_plugins::auth::JwtConfig>,
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,

@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub admin_listen: String,
     pub limits: Limits,
     pub cors: Option<lumen_plugins::cors::Cors>,
+    /// API keys and JWT issuers, with their lookup tables built.
+    pub auth: lumen_plugins::auth::Authenticator,
     pub server: ServerSettings,
     pub providers: HashMap<String, Arc<Provider>>,
     pub routes: RouteTable,
@@ -175,12 +177,27 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
 
     let routes = RouteTable::build(&raw.routes, &providers, &mut problems);
 
-    if !problems.is_empty() {
-        return Err(ConfigError::Invalid {
-            path: source.path,
-            problems,
-        });
-    }
+    let auth = match lumen_plugins::auth::Authenticator::new(raw.auth, &raw.keys, &raw.jwt) {
+        Ok(auth) => Some(auth),
+        Err(found) => {
+            problems.extend(
+                found
+                    .into_iter()
+                    .map(|(path, message)| Problem::at(path, message)),
+            );
+            None
+        }
+    };
+
+    let auth = match auth {
+        Some(auth) if problems.is_empty() => auth,
+        _ => {
+            return Err(ConfigError::Invalid {
+                path: source.path,
+                problems,
+            })
+        }
+    };
     Ok(Snapshot {
         listeners,
         admin_listen: raw.admin_listen,
@@ -188,6 +205,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             max_body_bytes: raw.limits.max_body_bytes.0,
         },
         cors,
+        auth,
         server: ServerSettings {
             threads: raw.server.threads,
             grace_period: raw.server.grace_period,

@@ -97,6 +97,9 @@ def mock():
 def gateway(mock):
     g = Gateway(
         f"""
+keys:
+  - {{ id: python, key: "sk-client-python" }}
+  - {{ id: embed-only, key: "sk-embed-only", models: ["*embed*"] }}
 providers:
   mock: {{ base_url: "{mock.base_url}", api_key: "${{MOCK_KEY}}" }}
 routes:

@@ -59,7 +59,7 @@ def test_streaming_chat(gateway):
 
 def test_async_streaming_chat(gateway):
     async def run():
-        c = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="k", max_retries=0)
+        c = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-client-python", max_retries=0)
         stream = await c.chat.completions.create(
             model="fast", messages=[{"role": "user", "content": "x"}], stream=True, extra_body={"mock_chunks": 3}
         )
@@ -103,3 +103,22 @@ def test_request_id_is_returned(gateway):
         model="fast", messages=[{"role": "user", "content": "x"}], extra_headers={"x-request-id": "py-trace-1"}
     )
     assert raw.headers["x-request-id"] == "py-trace-1"
+
+
+def test_wrong_key_raises_authentication_error(gateway):
+    c = openai.OpenAI(base_url=gateway.base_url, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        c.chat.completions.create(model="fast", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 401
+    assert err.value.code == "invalid_api_key"
+    assert "sk-wrong" not in str(err.value)
+    assert "sk-wrong" not in gateway.logs()
+
+
+def test_model_outside_allow_list_raises_permission_denied(gateway):
+    c = openai.OpenAI(base_url=gateway.base_url, api_key="sk-embed-only", max_retries=0)
+    assert [m.id for m in c.models.list()] == []
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        c.chat.completions.create(model="fast", messages=[{"role": "user", "content": "x"}])
+    assert err.value.code == "model_not_allowed"
+    assert c.embeddings.create(model="text-embedding-3-small", input="x").data[0].index == 0

@@ -1,0 +1,359 @@
+//! Static API keys: the table built from `keys:` and the lookup on each request.
+//!
+//! Only SHA-256 digests are kept — a config file or a memory dump never yields a usable key.
+//! A request's key is hashed once, the digest finds its entry in a `HashMap`, and the stored
+//! digest is compared again in constant time, so the answer does not depend on how many leading
+//! bytes matched. Each entry's [`Principal`] is built here once; a request only clones its `Arc`.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::allow::AllowList;
+use super::{AuthError, KeyConfig, Principal};
+
+/// A SHA-256 digest.
+pub(crate) type KeyDigest = [u8; 32];
+
+/// One configured key, as a request sees it.
+#[derive(Debug)]
+struct KeyEntry {
+    /// Kept next to the map key for the constant-time re-check.
+    digest: KeyDigest,
+    principal: Arc<Principal>,
+    /// `None`: never expires.
+    expires_at: Option<SystemTime>,
+    /// Disabled keys stay in the table so their callers get "disabled", not "invalid".
+    disabled: bool,
+}
+
+/// The `keys:` section, ready for lookups.
+#[derive(Debug, Default)]
+pub(crate) struct KeyTable {
+    by_digest: HashMap<KeyDigest, KeyEntry>,
+}
+
+impl KeyTable {
+    /// Builds the table, pushing every problem (with its YAML path) onto `problems`.
+    pub(crate) fn build(keys: &[KeyConfig], problems: &mut Vec<(String, String)>) -> KeyTable {
+        let mut by_digest = HashMap::with_capacity(keys.len());
+        // id → index of the first entry that used it, for the duplicate message.
+        let mut ids: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let path = |field: &str| format!("keys[{i}].{field}");
+            let mut ok = true;
+
+            if key.id.trim().is_empty() {
+                problems.push((path("id"), "must not be empty".into()));
+                ok = false;
+            } else if let Some(first) = ids.insert(&key.id, i) {
+                problems.push((
+                    path("id"),
+                    format!("duplicate key id `{}` (also keys[{first}])", key.id),
+                ));
+                ok = false;
+            }
+
+            let digest = match (&key.sha256, &key.key) {
+                (Some(hex), None) => match parse_hex_digest(hex) {
+                    Ok(d) => Some(d),
+                    Err(msg) => {
+                        problems.push((path("sha256"), msg));
+                        None
+                    }
+                },
+                (None, Some(clear)) => match check_clear_key(clear) {
+                    Ok(()) => Some(digest_of(clear)),
+                    Err(msg) => {
+                        problems.push((path("key"), msg));
+                        None
+                    }
+                },
+                (Some(_), Some(_)) => {
+                    problems.push((
+                        path("sha256"),
+                        "set either `sha256` or `key`, not both".into(),
+                    ));
+                    None
+                }
+                (None, None) => {
+                    problems.push((
+                        format!("keys[{i}]"),
+                        "needs `sha256` (hash from `lumen keys hash`) or `key`".into(),
+                    ));
+                    None
+                }
+            };
+
+            let expires_at = match key.expires_at.as_deref().map(parse_rfc3339) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(msg)) => {
+                    problems.push((path("expires_at"), msg));
+                    ok = false;
+                    None
+                }
+            };
+
+            let Some(digest) = digest else { continue };
+            if !ok {
+                continue;
+            }
+            let principal = Arc::new(Principal {
+                key_id: key.id.clone(),
+                tenant: key.tenant.clone(),
+                models: key
+                    .models
+                    .as_ref()
+                    .map(|m| AllowList::new(m.iter().cloned())),
+            });
+            match by_digest.entry(digest) {
+                Entry::Occupied(existing) => {
+                    let other: &KeyEntry = existing.get();
+                    problems.push((
+                        path(if key.sha256.is_some() {
+                            "sha256"
+                        } else {
+                            "key"
+                        }),
+                        format!(
+                            "same key as `{}`: each key must be distinct",
+                            other.principal.key_id
+                        ),
+                    ));
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(KeyEntry {
+                        digest,
+                        principal,
+                        expires_at,
+                        disabled: key.disabled,
+                    });
+                }
+            }
+        }
+        KeyTable { by_digest }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// Finds the principal for a presented key. Allocates nothing.
+    pub(crate) fn lookup(&self, key: &str, now: SystemTime) -> Result<Arc<Principal>, AuthError> {
+        let digest = digest_of(key);
+        let entry = self
+            .by_digest
+            .get(&digest)
+            .filter(|e| bool::from(e.digest.ct_eq(&digest)))
+            .ok_or(AuthError::UnknownKey)?;
+        if entry.disabled {
+            return Err(AuthError::Disabled);
+        }
+        if entry.expires_at.is_some_and(|at| now >= at) {
+            return Err(AuthError::Expired);
+        }
+        Ok(Arc::clone(&entry.principal))
+    }
+}
+
+pub(crate) fn digest_of(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Rejects clear keys that are surely mistakes rather than secrets.
+fn check_clear_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("is empty (an unset environment variable?)".into());
+    }
+    if key.starts_with("${") && key.ends_with('}') {
+        return Err("looks like an unresolved ${ENV} reference".into());
+    }
+    if key.trim() != key {
+        return Err("has leading or trailing whitespace".into());
+    }
+    Ok(())
+}
+
+/// Parses 64 hex digits, either case.
+fn parse_hex_digest(hex: &str) -> Result<KeyDigest, String> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return Err(format!(
+            "must be 64 hex digits (a SHA-256 from `lumen keys hash`), got {} characters",
+            bytes.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        match (hex_value(pair[0]), hex_value(pair[1])) {
+            (Some(hi), Some(lo)) => out[i] = hi << 4 | lo,
+            _ => return Err("must be 64 hex digits (0-9, a-f)".into()),
+        }
+    }
+    Ok(out)
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Parses an RFC 3339 timestamp (`2027-01-31T00:00:00Z`, fractions and `±hh:mm` offsets
+/// accepted). Hand-written: one format at config load does not justify a date-time crate.
+pub(crate) fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
+    let bad = || format!("`{s}` is not an RFC 3339 time like 2027-01-31T00:00:00Z");
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return Err(bad());
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return Err(bad());
+    }
+    let num = |from: usize, to: usize| -> Result<i64, String> {
+        let part = &s[from..to];
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse::<i64>().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+
+    // Optional fraction (ignored: keys expire at whole seconds), then the zone.
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad());
+        }
+        rest = &frac[digits..];
+    }
+    let offset_secs = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let rb = rest.as_bytes();
+            if rb.len() != 6 || !matches!(rb[0], b'+' | b'-') || rb[3] != b':' {
+                return Err(bad());
+            }
+            let digits = |r: &str| -> Result<i64, String> {
+                if r.bytes().all(|c| c.is_ascii_digit()) {
+                    r.parse::<i64>().map_err(|_| bad())
+                } else {
+                    Err(bad())
+                }
+            };
+            let (oh, om) = (digits(&rest[1..3])?, digits(&rest[4..6])?);
+            if oh > 23 || om > 59 {
+                return Err(bad());
+            }
+            let secs = oh * 3600 + om * 60;
+            if rb[0] == b'-' {
+                -secs
+            } else {
+                secs
+            }
+        }
+    };
+
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(year, month)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return Err(bad());
+    }
+    let days = days_from_civil(year, month, day);
+    let unix = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    let unix = u64::try_from(unix).map_err(|_| format!("`{s}` is before 1970"))?;
+    Ok(UNIX_EPOCH + Duration::from_secs(unix))
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        4 | 6 | 9 | 11 => 30,
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(unix: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(unix)
+    }
+
+    #[test]
+    fn parses_rfc3339_utc_and_offsets() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Ok(at(0)));
+        assert_eq!(parse_rfc3339("2027-01-31T00:00:00Z"), Ok(at(1_801_353_600)));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:30:15.250Z"),
+            Ok(at(1_709_209_815))
+        );
+        assert_eq!(
+            parse_rfc3339("2027-01-31T02:00:00+02:00"),
+            Ok(at(1_801_353_600))
+        );
+        assert_eq!(
+            parse_rfc3339("2027-01-30T22:00:00-02:00"),
+            Ok(at(1_801_353_600))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_times() {
+        for bad in [
+            "",
+            "2027-01-31",
+            "2027-01-31T00:00:00",
+            "2027-13-01T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2027-01-31T24:00:00Z",
+            "2027-01-31T00:00:00.Z",
+            "2027-01-31T00:00:00+2:00",
+            "２027-01-31T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "+027-01-31T00:00:00Z",
+        ] {
+            assert!(parse_rfc3339(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn hex_digest_either_case() {
+        let lower = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        assert_eq!(parse_hex_digest(lower), Ok(digest_of("test")));
+        assert_eq!(
+            parse_hex_digest(&lower.to_uppercase()),
+            Ok(digest_of("test"))
+        );
+        assert!(parse_hex_digest(&lower[..62]).is_err());
+        assert!(parse_hex_digest(&format!("{}zz", &lower[..62])).is_err());
+    }
+}

@@ -1,0 +1,301 @@
+//! Authentication at the edge, end to end: static API keys (stored hashed) and JWTs, allow-
+//! lists, `/v1/models` filtering, and the `lumen keys` commands.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{encode, EncodingKey, Header};
+use lumen_test_support::client::Client;
+use lumen_test_support::{Lumen, MockUpstream, Response};
+use serde_json::json;
+
+const JWT_SECRET: &str = "jwt-test-secret-0123456789abcdef";
+
+fn start_env(mock: &MockUpstream) -> Lumen {
+    let hashed = keys_hash("sk-hashed-key");
+    Lumen::start_with_env(
+        &format!(
+            r#"
+keys:
+  - {{ id: hashed, sha256: "{hashed}" }}
+  - {{ id: from-env, key: "${{TEAM_KEY}}", models: ["fast", "direct/*"], tenant: acme }}
+  - {{ id: old, key: "sk-expired-key", expires_at: "2020-01-01T00:00:00Z" }}
+  - {{ id: off, key: "sk-disabled-key", disabled: true }}
+jwt:
+  - issuer: "https://idp.test"
+    audience: lumen
+    algorithms: [HS256]
+    secret: "{JWT_SECRET}"
+    claims: {{ key_id: sub, models: models }}
+providers:
+  mock: {{ base_url: "{base}" }}
+  direct: {{ base_url: "{base}", expose_models: true }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+  - {{ model: slow, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+            base = mock.base_url()
+        ),
+        &[("TEAM_KEY", "sk-team-key")],
+    )
+}
+
+fn keys_hash(key: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(["keys", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(key.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn chat(model: &str) -> serde_json::Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn post(lumen: &Lumen, headers: &[(&str, &str)], model: &str) -> Response {
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    c.post_json("/v1/chat/completions", headers, &chat(model))
+        .await
+        .unwrap()
+}
+
+fn code(resp: &Response) -> String {
+    resp.json()["error"]["code"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(claims: serde_json::Value) -> String {
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_in_both_headers_and_every_refusal() {
+    let mock = MockUpstream::start();
+    let lumen = start_env(&mock);
+    let ok = post(&lumen, &[("authorization", "Bearer sk-hashed-key")], "fast").await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let ok = post(&lumen, &[("x-api-key", "sk-team-key")], "fast").await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+
+    for (headers, what) in [
+        (vec![], "missing"),
+        (vec![("authorization", "Bearer sk-unknown")], "unknown"),
+        (vec![("authorization", "Bearer sk-expired-key")], "expired"),
+        (vec![("x-api-key", "sk-disabled-key")], "disabled"),
+        (
+            vec![("authorization", "Basic c2stdGVhbS1rZXk=")],
+            "not a bearer",
+        ),
+    ] {
+        let resp = post(&lumen, &headers, "fast").await;
+        assert_eq!(
+            (resp.status, code(&resp).as_str()),
+            (401, "invalid_api_key"),
+            "{what}"
+        );
+        assert_eq!(resp.json()["error"]["type"], "invalid_request_error");
+    }
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "refused requests never reach the upstream"
+    );
+
+    // Probes need no key.
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    assert_eq!(
+        c.request("GET", "/healthz", &[], b"").await.unwrap().status,
+        200
+    );
+    assert_eq!(
+        c.request("GET", "/readyz", &[], b"").await.unwrap().status,
+        200
+    );
+    assert_eq!(
+        c.request("GET", "/v1/models", &[], b"")
+            .await
+            .unwrap()
+            .status,
+        401
+    );
+
+    // Keys never reach the upstream or the logs; key ids do reach the access log.
+    let seen: String = mock
+        .requests()
+        .iter()
+        .flat_map(|r| r.headers.clone())
+        .map(|(k, v)| format!("{k}:{v}\n"))
+        .collect();
+    assert!(!seen.contains("sk-"), "{seen}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let log = lumen.log();
+    for secret in [
+        "sk-hashed-key",
+        "sk-team-key",
+        "sk-unknown",
+        "sk-expired-key",
+        "sk-disabled-key",
+    ] {
+        assert!(!log.contains(secret), "{secret} logged");
+    }
+    assert!(log.contains(r#""key_id":"from-env""#), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_lists_and_the_model_list_follow_the_key() {
+    let mock = MockUpstream::start();
+    let lumen = start_env(&mock);
+    let team = [("authorization", "Bearer sk-team-key")];
+    assert_eq!(post(&lumen, &team, "fast").await.status, 200);
+    assert_eq!(
+        post(&lumen, &team, "direct/anything").await.status,
+        200,
+        "glob allow-list"
+    );
+    let resp = post(&lumen, &team, "slow").await;
+    assert_eq!(
+        (resp.status, code(&resp).as_str()),
+        (403, "model_not_allowed")
+    );
+    let resp = post(&lumen, &team, "nope").await;
+    assert_eq!(resp.status, 404);
+
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    let ids = |r: Response| -> Vec<String> {
+        r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let listed = c.request("GET", "/v1/models", &team, b"").await.unwrap();
+    assert_eq!(ids(listed), ["fast"]);
+    let all = c
+        .request(
+            "GET",
+            "/v1/models",
+            &[("authorization", "Bearer sk-hashed-key")],
+            b"",
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(all), ["fast", "slow"]);
+    assert_eq!(
+        c.request("GET", "/v1/models/slow", &team, b"")
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwts_are_verified_and_mapped() {
+    let mock = MockUpstream::start();
+    let lumen = start_env(&mock);
+    let good = token(
+        json!({"iss": "https://idp.test", "aud": "lumen", "sub": "svc-7", "exp": now() + 600, "models": ["fast"]}),
+    );
+    let bearer = format!("Bearer {good}");
+    let resp = post(&lumen, &[("authorization", &bearer)], "fast").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let resp = post(&lumen, &[("authorization", &bearer)], "slow").await;
+    assert_eq!(resp.status, 403, "models claim is the allow-list");
+
+    let refused = [
+        token(json!({"iss": "https://idp.test", "aud": "lumen", "sub": "a", "exp": now() - 3600})),
+        token(json!({"iss": "https://idp.test", "aud": "other", "sub": "a", "exp": now() + 600})),
+        token(json!({"iss": "https://evil.test", "aud": "lumen", "sub": "a", "exp": now() + 600})),
+        // alg: none, unsigned.
+        format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT"}"#),
+            b64(format!(
+                r#"{{"iss":"https://idp.test","aud":"lumen","sub":"a","exp":{}}}"#,
+                now() + 600
+            )
+            .as_bytes())
+        ),
+        // Right claims, wrong signature.
+        format!("{}x", &good[..good.len() - 1]),
+    ];
+    for t in refused {
+        let resp = post(&lumen, &[("authorization", &format!("Bearer {t}"))], "fast").await;
+        assert_eq!(
+            (resp.status, code(&resp).as_str()),
+            (401, "invalid_api_key"),
+            "{t}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!lumen.log().contains(&good), "a token was logged");
+    assert!(lumen.log().contains(r#""key_id":"svc-7""#));
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[test]
+fn generated_keys_hash_to_what_the_config_needs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(["keys", "generate"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(keys_hash(&key), hash);
+    assert_eq!(
+        keys_hash("test"),
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    );
+}
