@@ -6,7 +6,8 @@
 //!
 //! Measured: added latency p50/p99 at concurrency 1 for 1 KiB and 16 KiB chat bodies, requests/s
 //! at concurrency 32, and added time to first chunk of a stream. Lumen runs as configured for
-//! production: API-key authentication, access log and metrics on.
+//! production: API-key authentication, per-key rate and concurrency limits (set high enough
+//! never to refuse), access log and metrics on.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -206,7 +207,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let lumen = Lumen::start(&format!(
-        "server: {{ threads: 2 }}\nkeys: [ {{ id: bench, key: \"{BENCH_KEY}\" }} ]\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
+        "server: {{ threads: 2 }}\nkeys: [ {{ id: bench, key: \"{BENCH_KEY}\", limits: {{ requests_per_second: 1000000, concurrent_requests: 10000 }} }} ]\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
     ));
     let nginx = start_nginx(mock);
     if nginx.is_none() {

@@ -20,6 +20,8 @@ pub struct RequestCtx {
     pub endpoint: Option<Endpoint>,
     /// The authenticated key's id (never the key), for the access log.
     pub key_id: Option<String>,
+    /// This request's in-flight slot under its key's concurrency limit; released on drop.
+    pub in_flight: Option<lumen_plugins::rate_limit::InFlight>,
     /// The route's configured name (a bounded metrics label), once resolved.
     pub route: Option<String>,
     /// The provider that answered, once one did.
@@ -42,6 +44,7 @@ impl RequestCtx {
             response_headers: Vec::new(),
             endpoint: None,
             key_id: None,
+            in_flight: None,
             route: None,
             provider: None,
             stream: false,

@@ -50,6 +50,8 @@ pub enum GatewayError {
     Auth(#[from] lumen_plugins::auth::AuthError),
     #[error("this key may not use the model `{0}`")]
     ModelNotAllowed(String),
+    #[error("rate limit exceeded ({}): retry after the time in the Retry-After header", .0.label())]
+    RateLimited(lumen_plugins::rate_limit::LimitReason),
     #[error(transparent)]
     Request(#[from] RequestError),
     #[error("the model `{0}` does not exist or you do not have access to it")]
@@ -137,6 +139,12 @@ impl GatewayError {
                 "permission_error",
                 Some("model_not_allowed"),
                 Some("model"),
+            ),
+            G::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                Some("rate_limit_exceeded"),
+                None,
             ),
             G::ModelNotFound(_) => (
                 StatusCode::NOT_FOUND,

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub first_byte: HistogramVec,
     /// `lumen_upstream_errors_total{provider, kind}`: connect, timeout, protocol.
     pub upstream_errors: IntCounterVec,
+    /// `lumen_rate_limited_total{reason}`: requests refused with 429. Not by key: JWT subjects
+    /// are unbounded, and a label per caller would let clients grow the registry.
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -25,56 +28,54 @@ impl Metrics {
         let registry = Registry::new();
         // 100 µs … ~105 s: gateway-answered requests are sub-millisecond, generations are long.
         let buckets = exponential_buckets(0.0001, 2.0, 21).unwrap_or_default();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "lumen_requests_total",
-                "Requests answered, by endpoint, route, provider and status",
-            ),
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            // Names and labels are constants: a failure here is a programming error.
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.clone());
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let requests = counter(
+            "lumen_requests_total",
+            "Requests answered, by endpoint, route, provider and status",
             &["endpoint", "route", "provider", "status"],
         );
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "lumen_request_duration_seconds",
-                "Total request time, head to last byte",
-            )
-            .buckets(buckets.clone()),
+        let duration = histogram(
+            "lumen_request_duration_seconds",
+            "Total request time, head to last byte",
             &["endpoint", "route"],
         );
-        let first_byte = HistogramVec::new(
-            HistogramOpts::new(
-                "lumen_upstream_first_byte_seconds",
-                "Time from sending a request upstream to its response head",
-            )
-            .buckets(buckets),
+        let first_byte = histogram(
+            "lumen_upstream_first_byte_seconds",
+            "Time from sending a request upstream to its response head",
             &["provider"],
         );
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "lumen_upstream_errors_total",
-                "Failed upstream attempts, by provider and kind",
-            ),
+        let upstream_errors = counter(
+            "lumen_upstream_errors_total",
+            "Failed upstream attempts, by provider and kind",
             &["provider", "kind"],
         );
-        let (requests, duration, first_byte, upstream_errors) =
-            match (requests, duration, first_byte, upstream_errors) {
-                (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
-                // The names and labels above are constants; this cannot fail at run time.
-                _ => unreachable!("metric definitions are valid"),
-            };
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(duration.clone()),
-            Box::new(first_byte.clone()),
-            Box::new(upstream_errors.clone()),
-        ] {
-            let _ = registry.register(c);
-        }
+        let rate_limited = counter(
+            "lumen_rate_limited_total",
+            "Requests refused by a rate limit, by reason",
+            &["reason"],
+        );
         Metrics {
             registry,
             requests,
             duration,
             first_byte,
             upstream_errors,
+            rate_limited,
         }
     }
 

@@ -11,13 +11,14 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderName, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 use lumen_plugins::auth::Principal;
+use lumen_plugins::rate_limit::{format_reset, Limited, LocalLimiter, RateStatus};
 use lumen_plugins::{Decision, Policy};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use crate::access_log;
 use crate::config::Snapshot;
@@ -44,6 +45,8 @@ pub struct Gateway {
     /// The live config; each request loads it once and keeps that snapshot to the end.
     pub config: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
+    /// Rate-limit state: outside the config snapshot, so counters survive reloads.
+    limiter: LocalLimiter,
     forwarder: Forwarder,
 }
 
@@ -60,6 +63,7 @@ impl Gateway {
         Gateway {
             config,
             metrics,
+            limiter: LocalLimiter::new(),
             forwarder: Forwarder::new(),
         }
     }
@@ -85,6 +89,8 @@ impl Gateway {
         if let Some(reply) = ops::answer(&head.method, path, &config, &principal) {
             return reply.map(Admit::Reply);
         }
+        // 5 (early). Request-count limits need no body: refuse floods before reading one.
+        self.limit(ctx, &principal)?;
         let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::UnknownEndpoint {
             method: head.method.to_string(),
             path: path.to_string(),
@@ -111,6 +117,44 @@ impl Gateway {
             return Err(GatewayError::ModelNotAllowed(req.model.clone()));
         }
         Ok(Admit::Forward(req, route))
+    }
+
+    /// Applies the caller's request-rate and concurrency limits, adding the `x-ratelimit-*`
+    /// headers to whatever response follows (a 429 gets `Retry-After` too).
+    fn limit(&self, ctx: &mut RequestCtx, principal: &Principal) -> Result<(), GatewayError> {
+        let Some(limits) = &principal.limits else {
+            return Ok(());
+        };
+        if let Some(requests) = &limits.requests {
+            match self
+                .limiter
+                .check_request(&principal.key_id, requests, Instant::now())
+            {
+                Ok(status) => push_rate_headers(ctx, &status),
+                Err(limited) => return Err(self.refuse(ctx, &limited)),
+            }
+        }
+        if let Some(max) = limits.concurrency {
+            match self.limiter.acquire(&principal.key_id, max) {
+                Ok(slot) => ctx.in_flight = Some(slot),
+                Err(limited) => return Err(self.refuse(ctx, &limited)),
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, ctx: &mut RequestCtx, limited: &Limited) -> GatewayError {
+        push_rate_headers(ctx, &limited.status);
+        // Whole seconds, rounded up: a client that waits this long is admitted.
+        let secs =
+            limited.retry_after.as_secs() + u64::from(limited.retry_after.subsec_nanos() > 0);
+        ctx.response_headers
+            .push((http::header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
+        self.metrics
+            .rate_limited
+            .with_label_values(&[limited.reason.label()])
+            .inc();
+        GatewayError::RateLimited(limited.reason)
     }
 
     /// Writes a complete response: status, JSON body, and the request's own headers.
@@ -167,6 +211,23 @@ impl Gateway {
         }
         Ok(())
     }
+}
+
+/// OpenAI's `x-ratelimit-*-requests` headers.
+fn push_rate_headers(ctx: &mut RequestCtx, status: &RateStatus) {
+    let reset = HeaderValue::from_str(&format_reset(status.reset_after))
+        .unwrap_or(HeaderValue::from_static("0ms"));
+    ctx.response_headers.extend([
+        (
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderValue::from(status.limit),
+        ),
+        (
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderValue::from(status.remaining),
+        ),
+        (HeaderName::from_static("x-ratelimit-reset-requests"), reset),
+    ]);
 }
 
 /// Reads the whole request body, refusing more than `limit` bytes. A body that arrives in one

@@ -9,10 +9,12 @@
 //! | module | policy |
 //! |---|---|
 //! | [`auth`] | who is calling: API keys (SHA-256 digests) and locally verified JWTs → [`auth::Principal`] |
+//! | [`rate_limit`] | per-key request rate (GCRA) and concurrency limits, in process |
 //! | [`cors`] | browser cross-origin access: preflight answered at the edge, response headers |
 
 pub mod auth;
 pub mod cors;
+pub mod rate_limit;
 
 use http::{HeaderName, HeaderValue};
 

@@ -256,10 +256,34 @@ fn principal_from(
             )))
         }
     };
+    let limits = match claims.get(&map.requests_per_minute) {
+        None | Some(Value::Null) => None,
+        Some(v) => match v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+        {
+            Some(rpm) => Some(crate::rate_limit::KeyLimits {
+                requests: Some(crate::rate_limit::RequestLimit {
+                    count: rpm,
+                    period: std::time::Duration::from_secs(60),
+                    burst: rpm,
+                }),
+                concurrency: None,
+            }),
+            None => {
+                return Err(jwt(format!(
+                    "claim `{}` must be a positive integer",
+                    map.requests_per_minute
+                )))
+            }
+        },
+    };
     Ok(Principal {
         key_id,
         tenant,
         models,
+        limits,
     })
 }
 

@@ -99,6 +99,19 @@ impl KeyTable {
                 }
             };
 
+            let limits = match key
+                .limits
+                .as_ref()
+                .map(crate::rate_limit::KeyLimits::from_config)
+            {
+                None => None,
+                Some(Ok(limits)) => Some(limits),
+                Some(Err(msg)) => {
+                    problems.push((path("limits"), msg));
+                    ok = false;
+                    None
+                }
+            };
             let Some(digest) = digest else { continue };
             if !ok {
                 continue;
@@ -110,6 +123,7 @@ impl KeyTable {
                     .models
                     .as_ref()
                     .map(|m| AllowList::new(m.iter().cloned())),
+                limits,
             });
             match by_digest.entry(digest) {
                 Entry::Occupied(existing) => {

@@ -68,6 +68,9 @@ pub struct KeyConfig {
     /// Refuses the key with "disabled" (rather than "invalid") without deleting its entry.
     #[serde(default)]
     pub disabled: bool,
+    /// Request rate and concurrency limits for this key.
+    #[serde(default)]
+    pub limits: Option<crate::rate_limit::LimitsConfig>,
 }
 
 /// One `jwt:` issuer.
@@ -114,6 +117,13 @@ pub struct ClaimsMapping {
     /// Optional array-of-strings claim, the model allow-list; default `models`.
     #[serde(default = "default_models_claim")]
     pub models: String,
+    /// Optional positive-integer claim: the caller's requests per minute; default `rpm`.
+    #[serde(default = "default_rpm_claim")]
+    pub requests_per_minute: String,
+}
+
+fn default_rpm_claim() -> String {
+    "rpm".into()
 }
 
 fn default_key_id_claim() -> String {
@@ -134,6 +144,7 @@ impl Default for ClaimsMapping {
             key_id: default_key_id_claim(),
             tenant: default_tenant_claim(),
             models: default_models_claim(),
+            requests_per_minute: default_rpm_claim(),
         }
     }
 }
@@ -146,6 +157,8 @@ pub struct Principal {
     pub tenant: Option<String>,
     /// `None`: every model.
     models: Option<AllowList>,
+    /// The key's (or the token's) limits; `None`: unlimited.
+    pub limits: Option<crate::rate_limit::KeyLimits>,
 }
 
 impl Principal {
@@ -160,6 +173,7 @@ impl Principal {
             key_id: key_id.into(),
             tenant,
             models: models.map(AllowList::new),
+            limits: None,
         }
     }
 
@@ -174,6 +188,7 @@ impl Principal {
             key_id: "anonymous".into(),
             tenant: None,
             models: None,
+            limits: None,
         }
     }
 }

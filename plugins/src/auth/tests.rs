@@ -50,6 +50,7 @@ fn key(id: &str, clear: &str) -> KeyConfig {
         models: None,
         expires_at: None,
         disabled: false,
+        limits: None,
     }
 }
 
@@ -404,6 +405,7 @@ fn custom_claims_mapping() {
             key_id: "client_id".into(),
             tenant: "org".into(),
             models: "allowed_models".into(),
+            requests_per_minute: "quota".into(),
         },
         ..hs_issuer()
     });
@@ -761,4 +763,31 @@ fn jwt_and_key_shapes_are_told_apart() {
     assert!(!looks_like_jwt("a.b.c.d"));
     assert!(!looks_like_jwt("lm-abc_def"));
     assert!(!looks_like_jwt("a.b+c.d"));
+}
+
+#[test]
+fn limits_come_from_the_key_or_the_token() {
+    let mut k = key("limited", "sk-limited");
+    k.limits = Some(crate::rate_limit::LimitsConfig {
+        requests_per_minute: Some(10),
+        burst: Some(2),
+        ..Default::default()
+    });
+    let auth = Authenticator::new(AuthMode::Required, &[k], &[]).unwrap();
+    let p = auth
+        .authenticate(&x_api_key("sk-limited"), SystemTime::now())
+        .unwrap()
+        .unwrap();
+    let requests = p.limits.as_ref().unwrap().requests.clone().unwrap();
+    assert_eq!((requests.count, requests.burst), (10, 2));
+
+    let mut bad = key("bad", "sk-bad");
+    bad.limits = Some(crate::rate_limit::LimitsConfig {
+        requests_per_minute: Some(0),
+        ..Default::default()
+    });
+    let problems = Authenticator::new(AuthMode::Required, &[bad], &[])
+        .err()
+        .unwrap();
+    assert_eq!(problems[0].0, "keys[0].limits");
 }

@@ -1,0 +1,395 @@
+//! Per-key request limits, in process: requests per second or minute with a burst (GCRA, exact:
+//! it never admits more than configured), and concurrent requests in flight.
+//!
+//! GCRA keeps one number per key, the theoretical arrival time (TAT) of the next request; a
+//! request is admitted when the TAT is no further ahead of `now` than the burst allows, and then
+//! pushes the TAT one emission interval on. That is exactly a token bucket of `burst` tokens
+//! refilled at `rate`, with no timer and no window edges to game.
+//!
+//! State lives in a sharded map keyed by the bucket name (the key id), outside any config
+//! snapshot, so it survives reloads. A shard's std `Mutex` is held for one map lookup, never
+//! across an `.await`; the counters themselves are atomics. Every call takes `now`, so tests
+//! drive the clock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// The `limits:` of a key, as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default)]
+    pub requests_per_second: Option<u32>,
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Requests that may arrive at once before the steady rate applies; defaults to the
+    /// per-period count (a full second's or minute's worth).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Requests of this key in flight at the same time.
+    #[serde(default)]
+    pub concurrent_requests: Option<u32>,
+}
+
+/// A request rate: `count` per `period`, with `burst` allowed at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestLimit {
+    pub count: u32,
+    pub period: Duration,
+    pub burst: u32,
+}
+
+/// A key's validated limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub requests: Option<RequestLimit>,
+    pub concurrency: Option<u32>,
+}
+
+impl KeyLimits {
+    /// Validates a `limits:` section; the error says what is wrong (the caller adds the path).
+    pub fn from_config(c: &LimitsConfig) -> Result<KeyLimits, String> {
+        let requests = match (c.requests_per_second, c.requests_per_minute) {
+            (Some(_), Some(_)) => {
+                return Err("set requests_per_second or requests_per_minute, not both".into())
+            }
+            (Some(n), None) => Some((n, Duration::from_secs(1))),
+            (None, Some(n)) => Some((n, Duration::from_secs(60))),
+            (None, None) => None,
+        };
+        let requests = match requests {
+            Some((0, _)) => return Err("a request rate must be at least 1".into()),
+            Some((count, period)) => Some(RequestLimit {
+                count,
+                period,
+                burst: match c.burst {
+                    Some(0) => return Err("burst must be at least 1".into()),
+                    Some(b) => b,
+                    None => count,
+                },
+            }),
+            None if c.burst.is_some() => {
+                return Err("burst needs requests_per_second or requests_per_minute".into())
+            }
+            None => None,
+        };
+        if c.concurrent_requests == Some(0) {
+            return Err("concurrent_requests must be at least 1".into());
+        }
+        Ok(KeyLimits {
+            requests,
+            concurrency: c.concurrent_requests,
+        })
+    }
+}
+
+/// An admitted request's view of its limit, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateStatus {
+    pub limit: u32,
+    pub remaining: u32,
+    /// Until the bucket is full again.
+    pub reset_after: Duration,
+}
+
+/// A refusal: when to try again, and the status for the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    pub retry_after: Duration,
+    pub status: RateStatus,
+    pub reason: LimitReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReason {
+    Requests,
+    Concurrency,
+}
+
+impl LimitReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitReason::Requests => "requests",
+            LimitReason::Concurrency => "concurrency",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Bucket {
+    /// Theoretical arrival time, in nanoseconds since the limiter's epoch.
+    tat: AtomicU64,
+    in_flight: AtomicU32,
+}
+
+const SHARDS: usize = 64;
+
+/// All in-process buckets.
+pub struct LocalLimiter {
+    epoch: Instant,
+    shards: Vec<Mutex<HashMap<String, Arc<Bucket>>>>,
+}
+
+impl Default for LocalLimiter {
+    fn default() -> Self {
+        LocalLimiter::new()
+    }
+}
+
+/// Holds one in-flight slot of a key; releases it when dropped.
+pub struct InFlight {
+    bucket: Arc<Bucket>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.bucket.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl LocalLimiter {
+    pub fn new() -> LocalLimiter {
+        LocalLimiter {
+            epoch: Instant::now(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn bucket(&self, key: &str) -> Arc<Bucket> {
+        let shard = fnv(key) as usize % SHARDS;
+        let mut map = match self.shards[shard].lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(b) = map.get(key) {
+            return b.clone();
+        }
+        let b = Arc::new(Bucket::default());
+        map.insert(key.to_string(), b.clone());
+        b
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Admits one request of `key` under `limit` at `now`, or says when to retry.
+    pub fn check_request(
+        &self,
+        key: &str,
+        limit: &RequestLimit,
+        now: Instant,
+    ) -> Result<RateStatus, Limited> {
+        let bucket = self.bucket(key);
+        let interval = (limit.period.as_nanos() as u64 / u64::from(limit.count)).max(1);
+        let tolerance = interval * u64::from(limit.burst - 1);
+        let now_ns = self.nanos(now);
+        let mut tat = bucket.tat.load(Ordering::Acquire);
+        loop {
+            let start = tat.max(now_ns);
+            if start - now_ns > tolerance {
+                let wait = start - now_ns - tolerance;
+                return Err(Limited {
+                    retry_after: Duration::from_nanos(wait),
+                    status: RateStatus {
+                        limit: limit.count,
+                        remaining: 0,
+                        reset_after: Duration::from_nanos(start - now_ns),
+                    },
+                    reason: LimitReason::Requests,
+                });
+            }
+            let next = start + interval;
+            match bucket
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    let ahead = next - now_ns;
+                    let remaining = (tolerance + interval).saturating_sub(ahead) / interval;
+                    return Ok(RateStatus {
+                        limit: limit.count,
+                        remaining: remaining.min(u64::from(u32::MAX)) as u32,
+                        reset_after: Duration::from_nanos(ahead),
+                    });
+                }
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// Takes one of `max` in-flight slots of `key`; the slot is held until the guard drops.
+    pub fn acquire(&self, key: &str, max: u32) -> Result<InFlight, Limited> {
+        let bucket = self.bucket(key);
+        let mut current = bucket.in_flight.load(Ordering::Acquire);
+        loop {
+            if current >= max {
+                return Err(Limited {
+                    retry_after: Duration::from_secs(1),
+                    status: RateStatus {
+                        limit: max,
+                        remaining: 0,
+                        reset_after: Duration::from_secs(1),
+                    },
+                    reason: LimitReason::Concurrency,
+                });
+            }
+            match bucket.in_flight.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(InFlight { bucket }),
+                Err(c) => current = c,
+            }
+        }
+    }
+
+    /// Requests of `key` in flight now.
+    pub fn in_flight(&self, key: &str) -> u32 {
+        self.bucket(key).in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// OpenAI's duration format for `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        let text = format!("{secs:.3}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        return format!("{text}s");
+    }
+    let whole = d.as_secs();
+    format!("{}m{}s", whole / 60, whole % 60)
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn per_minute(count: u32, burst: u32) -> RequestLimit {
+        RequestLimit {
+            count,
+            period: Duration::from_secs(60),
+            burst,
+        }
+    }
+
+    #[test]
+    fn burst_then_exactly_the_steady_rate() {
+        let limiter = LocalLimiter::new();
+        let t0 = Instant::now();
+        let limit = per_minute(60, 10);
+        // The burst goes through at once, counting down.
+        for i in 0..10 {
+            let s = limiter.check_request("k", &limit, t0).unwrap();
+            assert_eq!(s.remaining, 9 - i);
+        }
+        let refused = limiter.check_request("k", &limit, t0).unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_secs(1));
+        assert_eq!(refused.reason, LimitReason::Requests);
+        // Then one per second: over the next 30 s, exactly 30 more.
+        let mut admitted = 0;
+        for ms in (0..30_000).step_by(100) {
+            let now = t0 + Duration::from_millis(ms + 100);
+            if limiter.check_request("k", &limit, now).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 30);
+        // Keys do not share buckets.
+        assert!(limiter.check_request("other", &limit, t0).is_ok());
+    }
+
+    #[test]
+    fn a_quiet_key_refills_to_its_burst_and_no_more() {
+        let limiter = LocalLimiter::new();
+        let t0 = Instant::now();
+        let limit = per_minute(60, 3);
+        for _ in 0..3 {
+            limiter.check_request("k", &limit, t0).unwrap();
+        }
+        let later = t0 + Duration::from_secs(3600);
+        for _ in 0..3 {
+            limiter.check_request("k", &limit, later).unwrap();
+        }
+        assert!(limiter.check_request("k", &limit, later).is_err());
+    }
+
+    #[test]
+    fn concurrency_slots_are_released_by_the_guard() {
+        let limiter = LocalLimiter::new();
+        let a = limiter.acquire("k", 2).unwrap();
+        let _b = limiter.acquire("k", 2).unwrap();
+        assert_eq!(
+            limiter.acquire("k", 2).err().map(|l| l.reason),
+            Some(LimitReason::Concurrency)
+        );
+        drop(a);
+        assert_eq!(limiter.in_flight("k"), 1);
+        assert!(limiter.acquire("k", 2).is_ok());
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let ok = KeyLimits::from_config(&LimitsConfig {
+            requests_per_minute: Some(60),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            ok.requests.unwrap().burst,
+            60,
+            "burst defaults to a period's worth"
+        );
+        for bad in [
+            LimitsConfig {
+                requests_per_second: Some(1),
+                requests_per_minute: Some(1),
+                ..Default::default()
+            },
+            LimitsConfig {
+                requests_per_minute: Some(0),
+                ..Default::default()
+            },
+            LimitsConfig {
+                burst: Some(5),
+                ..Default::default()
+            },
+            LimitsConfig {
+                requests_per_minute: Some(5),
+                burst: Some(0),
+                ..Default::default()
+            },
+            LimitsConfig {
+                concurrent_requests: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(KeyLimits::from_config(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reset_durations_read_like_openais() {
+        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_reset(Duration::from_secs(2)), "2s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+    }
+}

@@ -1,0 +1,161 @@
+//! Per-key limits through the real gateway: burst then refusal, Retry-After and the
+//! `x-ratelimit-*` headers (stream and non-stream), concurrency caps, token-claim limits.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{encode, EncodingKey, Header};
+use lumen_test_support::client::{request, Client};
+use lumen_test_support::{Lumen, MockUpstream, Response};
+use serde_json::json;
+
+const SECRET: &str = "limits-test-secret-0123456789abcdef";
+
+fn start(mock: &MockUpstream) -> Lumen {
+    Lumen::start(&format!(
+        r#"
+keys:
+  - {{ id: bursty, key: "sk-bursty", limits: {{ requests_per_minute: 60, burst: 3 }} }}
+  - {{ id: narrow, key: "sk-narrow", limits: {{ concurrent_requests: 2 }} }}
+  - {{ id: free, key: "sk-free" }}
+jwt:
+  - {{ issuer: "https://idp.test", algorithms: [HS256], secret: "{SECRET}" }}
+providers:
+  mock: {{ base_url: "{base}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        base = mock.base_url()
+    ))
+}
+
+async fn chat(lumen: &Lumen, key: &str, body: serde_json::Value) -> Response {
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    c.post_json(
+        "/v1/chat/completions",
+        &[("authorization", &format!("Bearer {key}"))],
+        &body,
+    )
+    .await
+    .unwrap()
+}
+
+fn simple() -> serde_json::Value {
+    json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_is_admitted_then_refused_with_retry_after() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    for remaining in ["2", "1", "0"] {
+        let resp = chat(&lumen, "sk-bursty", simple()).await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("x-ratelimit-limit-requests"), Some("60"));
+        assert_eq!(
+            resp.header("x-ratelimit-remaining-requests"),
+            Some(remaining)
+        );
+        assert!(resp.header("x-ratelimit-reset-requests").is_some());
+    }
+    let refused = chat(&lumen, "sk-bursty", simple()).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(refused.json()["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(
+        mock.requests().len(),
+        3,
+        "a refused request never reaches the upstream"
+    );
+    // Other keys have their own buckets; keys without limits get no headers.
+    let other = chat(&lumen, "sk-free", simple()).await;
+    assert_eq!(other.status, 200);
+    assert!(other.header("x-ratelimit-limit-requests").is_none());
+    // One request per second refills.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(chat(&lumen, "sk-bursty", simple()).await.status, 200);
+
+    let metrics = request(lumen.admin, "GET", "/metrics", &[], b"")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains(r#"lumen_rate_limited_total{reason="requests"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_responses_carry_the_headers_too() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    let body = json!({"model": "fast", "stream": true, "messages": [], "mock_chunks": 2});
+    let resp = chat(&lumen, "sk-bursty", body).await;
+    assert_eq!(resp.status, 200);
+    assert!(resp
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert_eq!(resp.header("x-ratelimit-remaining-requests"), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_is_capped_and_released() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    let slow = json!({"model": "fast", "stream": true, "messages": [], "mock_chunks": 4, "mock_delay_ms": 300});
+    let addr = lumen.addr;
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let body = slow.clone();
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await.unwrap();
+                c.post_json(
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer sk-narrow")],
+                    &body,
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = chat(&lumen, "sk-narrow", simple()).await;
+    assert_eq!(third.status, 429, "{}", third.text());
+    assert!(third.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("concurrency"));
+    for s in streams {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+    assert_eq!(
+        chat(&lumen, "sk-narrow", simple()).await.status,
+        200,
+        "slots were released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_claim_sets_the_rate() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = encode(
+        &Header::default(),
+        &json!({"iss": "https://idp.test", "sub": "svc", "exp": exp, "rpm": 2}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(chat(&lumen, &token, simple()).await.status, 200);
+    assert_eq!(chat(&lumen, &token, simple()).await.status, 200);
+    let refused = chat(&lumen, &token, simple()).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("2"));
+}
