@@ -21,6 +21,8 @@ pub struct Metrics {
     /// `lumen_rate_limited_total{reason}`: requests refused with 429. Not by key: JWT subjects
     /// are unbounded, and a label per caller would let clients grow the registry.
     pub rate_limited: IntCounterVec,
+    /// `lumen_redis_errors_total{op}`: Redis calls that failed or timed out.
+    pub redis_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -69,8 +71,14 @@ impl Metrics {
             "Requests refused by a rate limit, by reason",
             &["reason"],
         );
+        let redis_errors = counter(
+            "lumen_redis_errors_total",
+            "Redis calls that failed or timed out, by operation",
+            &["op"],
+        );
         Metrics {
             registry,
+            redis_errors,
             requests,
             duration,
             first_byte,

@@ -13,11 +13,15 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, StatusCode};
 use lumen_plugins::auth::Principal;
-use lumen_plugins::rate_limit::{format_reset, Limited, LocalLimiter, RateStatus};
+use lumen_plugins::rate_limit::shared::{OnRedisError, SharedLimiter};
+use lumen_plugins::rate_limit::{
+    format_reset, LimitReason, Limited, LocalLimiter, RateStatus, RequestLimit,
+};
 use lumen_plugins::{Decision, Policy};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use crate::access_log;
@@ -47,6 +51,11 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Rate-limit state: outside the config snapshot, so counters survive reloads.
     limiter: LocalLimiter,
+    /// Limits shared through Redis, when configured at start-up.
+    shared: Option<(SharedLimiter, OnRedisError)>,
+    /// Last time (ms since `started`) a Redis failure was logged: once per burst, not per request.
+    redis_logged_ms: AtomicU64,
+    started: Instant,
     forwarder: Forwarder,
 }
 
@@ -60,10 +69,23 @@ enum Admit {
 
 impl Gateway {
     pub fn new(config: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Gateway {
+        // Redis settings are read once: a new URL needs a restart (sockets are process state).
+        let shared = config.load().redis.as_ref().and_then(|r| {
+            match SharedLimiter::new(&r.url, &r.prefix, r.timeout) {
+                Ok(l) => Some((l, r.on_error)),
+                Err(e) => {
+                    tracing::error!(error = %e, "redis limits disabled");
+                    None
+                }
+            }
+        });
         Gateway {
             config,
             metrics,
             limiter: LocalLimiter::new(),
+            shared,
+            redis_logged_ms: AtomicU64::new(0),
+            started: Instant::now(),
             forwarder: Forwarder::new(),
         }
     }
@@ -90,7 +112,7 @@ impl Gateway {
             return reply.map(Admit::Reply);
         }
         // 5 (early). Request-count limits need no body: refuse floods before reading one.
-        self.limit(ctx, &principal)?;
+        self.limit(ctx, &principal).await?;
         let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::UnknownEndpoint {
             method: head.method.to_string(),
             path: path.to_string(),
@@ -121,15 +143,12 @@ impl Gateway {
 
     /// Applies the caller's request-rate and concurrency limits, adding the `x-ratelimit-*`
     /// headers to whatever response follows (a 429 gets `Retry-After` too).
-    fn limit(&self, ctx: &mut RequestCtx, principal: &Principal) -> Result<(), GatewayError> {
+    async fn limit(&self, ctx: &mut RequestCtx, principal: &Principal) -> Result<(), GatewayError> {
         let Some(limits) = &principal.limits else {
             return Ok(());
         };
         if let Some(requests) = &limits.requests {
-            match self
-                .limiter
-                .check_request(&principal.key_id, requests, Instant::now())
-            {
+            match self.check_requests(&principal.key_id, requests).await {
                 Ok(status) => push_rate_headers(ctx, &status),
                 Err(limited) => return Err(self.refuse(ctx, &limited)),
             }
@@ -141,6 +160,47 @@ impl Gateway {
             }
         }
         Ok(())
+    }
+
+    /// The request-rate check: through Redis when configured (one round trip), else local.
+    /// When Redis fails, `on_redis_error` decides: the local bucket, or a refusal.
+    async fn check_requests(&self, key: &str, limit: &RequestLimit) -> Result<RateStatus, Limited> {
+        let Some((shared, on_error)) = &self.shared else {
+            return self.limiter.check_request(key, limit, Instant::now());
+        };
+        match shared.check_request(key, limit).await {
+            Ok(result) => result,
+            Err(e) => {
+                self.metrics
+                    .redis_errors
+                    .with_label_values(&["rate_limit"])
+                    .inc();
+                let now_ms = self.started.elapsed().as_millis() as u64;
+                let last = self.redis_logged_ms.load(Ordering::Relaxed);
+                if now_ms.saturating_sub(last) > 10_000
+                    && self
+                        .redis_logged_ms
+                        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(error = %e, on_redis_error = ?on_error, "redis unavailable for rate limits");
+                }
+                match on_error {
+                    OnRedisError::FailOpen => {
+                        self.limiter.check_request(key, limit, Instant::now())
+                    }
+                    OnRedisError::FailClosed => Err(Limited {
+                        retry_after: std::time::Duration::from_secs(1),
+                        status: RateStatus {
+                            limit: limit.count,
+                            remaining: 0,
+                            reset_after: std::time::Duration::from_secs(1),
+                        },
+                        reason: LimitReason::Unavailable,
+                    }),
+                }
+            }
+        }
     }
 
     fn refuse(&self, ctx: &mut RequestCtx, limited: &Limited) -> GatewayError {

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
-use lumen_test_support::client::{request, Client};
+use lumen_test_support::client::Client;
 use lumen_test_support::{Lumen, MockUpstream, Response};
 use serde_json::json;
 
@@ -76,14 +76,11 @@ async fn a_burst_is_admitted_then_refused_with_retry_after() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(chat(&lumen, "sk-bursty", simple()).await.status, 200);
 
-    let metrics = request(lumen.admin, "GET", "/metrics", &[], b"")
-        .await
-        .unwrap()
-        .text();
-    assert!(
-        metrics.contains(r#"lumen_rate_limited_total{reason="requests"} 1"#),
-        "{metrics}"
-    );
+    lumen_test_support::harness::scrape_until(
+        lumen.admin,
+        r#"lumen_rate_limited_total{reason="requests"} 1"#,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

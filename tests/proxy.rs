@@ -507,10 +507,12 @@ async fn metrics_count_requests_by_route_provider_and_status() {
     c.post_json("/v1/chat/completions", &[], &chat("limited"))
         .await
         .unwrap();
-    let resp = request(lumen.admin, "GET", "/metrics", &[], b"")
-        .await
-        .unwrap();
-    let text = resp.text();
+    // Requests are counted in the logging phase, just after the response went out.
+    let text = lumen_test_support::harness::scrape_until(
+        lumen.admin,
+        r#"lumen_requests_total{endpoint="chat",provider="mock",route="limited",status="429"} 1"#,
+    )
+    .await;
     assert!(
         text.contains(
             r#"lumen_requests_total{endpoint="chat",provider="mock",route="fast",status="200"} 3"#

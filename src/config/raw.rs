@@ -36,6 +36,9 @@ pub struct RawConfig {
     /// JWT issuers whose tokens are accepted as credentials.
     #[serde(default)]
     pub jwt: Vec<lumen_plugins::auth::JwtConfig>,
+    /// Shared state across nodes (limits today); everything stays in process without it.
+    #[serde(default)]
+    pub redis: Option<RawRedis>,
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
@@ -96,6 +99,30 @@ impl Default for RawLimits {
 
 fn default_max_body() -> ByteSize {
     ByteSize(8 * 1024 * 1024)
+}
+
+/// The `redis:` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Namespace for every key Lumen writes, so several deployments can share one Redis.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Longest wait for one Redis call before `on_redis_error` applies.
+    #[serde(default = "default_redis_timeout", with = "duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub on_redis_error: lumen_plugins::rate_limit::shared::OnRedisError,
+}
+
+fn default_prefix() -> String {
+    "lumen".into()
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(50)
 }
 
 /// Process-level settings handed to Pingora.

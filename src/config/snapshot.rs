@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Sidecars to start and supervise (`spawn:` providers).
     pub spawns: Vec<SpawnSpec>,
+    /// Where shared state lives; `None`: in process.
+    pub redis: Option<RedisSettings>,
     /// Where it came from, for `/admin/config` and logs.
     pub source: Source,
 }
@@ -51,6 +53,15 @@ pub struct Listener {
     pub addr: String,
     pub tls: Option<(String, String)>,
     pub h2c: bool,
+}
+
+/// The validated `redis:` section.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub on_error: lumen_plugins::rate_limit::shared::OnRedisError,
 }
 
 #[derive(Debug, Clone)]
@@ -177,6 +188,18 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
 
     let routes = RouteTable::build(&raw.routes, &providers, &mut problems);
 
+    let redis = raw.redis.map(|r| RedisSettings {
+        url: r.url,
+        prefix: r.prefix,
+        timeout: r.timeout,
+        on_error: r.on_redis_error,
+    });
+    if let Some(r) = &redis {
+        if let Err(e) = redis_url_ok(&r.url) {
+            problems.push(Problem::at("redis.url", e));
+        }
+    }
+
     let auth = match lumen_plugins::auth::Authenticator::new(raw.auth, &raw.keys, &raw.jwt) {
         Ok(auth) => Some(auth),
         Err(found) => {
@@ -214,8 +237,16 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         providers,
         routes,
         spawns,
+        redis,
         source,
     })
+}
+
+fn redis_url_ok(url: &str) -> Result<(), String> {
+    match url.split_once("://") {
+        Some(("redis" | "rediss", rest)) if !rest.is_empty() => Ok(()),
+        _ => Err(format!("`{url}` is not a redis:// URL")),
+    }
 }
 
 fn build_spawn(name: &str, base_url: &str, spawn: RawSpawn) -> Result<SpawnSpec, Problem> {

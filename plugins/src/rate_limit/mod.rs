@@ -1,5 +1,6 @@
-//! Per-key request limits, in process: requests per second or minute with a burst (GCRA, exact:
-//! it never admits more than configured), and concurrent requests in flight.
+//! Per-key request limits: requests per second or minute with a burst (GCRA, exact: it never
+//! admits more than configured), and concurrent requests in flight. In process here; shared
+//! across nodes through Redis in [`shared`].
 //!
 //! GCRA keeps one number per key, the theoretical arrival time (TAT) of the next request; a
 //! request is admitted when the TAT is no further ahead of `now` than the burst allows, and then
@@ -10,6 +11,8 @@
 //! snapshot, so it survives reloads. A shard's std `Mutex` is held for one map lookup, never
 //! across an `.await`; the counters themselves are atomics. Every call takes `now`, so tests
 //! drive the clock.
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -108,6 +111,8 @@ pub struct Limited {
 pub enum LimitReason {
     Requests,
     Concurrency,
+    /// The shared store could not be asked and `on_redis_error: fail_closed` is set.
+    Unavailable,
 }
 
 impl LimitReason {
@@ -115,6 +120,7 @@ impl LimitReason {
         match self {
             LimitReason::Requests => "requests",
             LimitReason::Concurrency => "concurrency",
+            LimitReason::Unavailable => "store_unavailable",
         }
     }
 }

@@ -1,0 +1,105 @@
+//! Limits shared by a fleet: two real `lumen` processes on one real `redis-server` admit
+//! exactly the configured number out of a concurrent burst; Redis dying does not take the edge
+//! down (fail-open) or stops traffic (fail-closed); sharing resumes when it returns.
+
+use std::time::Duration;
+
+use lumen_test_support::client::Client;
+use lumen_test_support::harness::RedisServer;
+use lumen_test_support::{Lumen, MockUpstream};
+use serde_json::json;
+
+fn node(mock: &MockUpstream, redis: &RedisServer, on_error: &str) -> Lumen {
+    Lumen::start(&format!(
+        r#"
+redis: {{ url: "{url}", timeout: 200ms, on_redis_error: {on_error} }}
+keys:
+  - {{ id: fleet, key: "sk-fleet", limits: {{ requests_per_minute: 10, burst: 10 }} }}
+providers:
+  mock: {{ base_url: "{base}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        url = redis.url(),
+        base = mock.base_url()
+    ))
+}
+
+/// Sends `n` requests at once, alternating between the nodes; returns the statuses.
+async fn burst(nodes: &[&Lumen], n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = nodes[i % nodes.len()].addr;
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await.unwrap();
+                let body =
+                    json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+                c.post_json(
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer sk-fleet")],
+                    &body,
+                )
+                .await
+                .unwrap()
+                .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_share_one_budget_and_survive_redis_failing_open() {
+    let mock = MockUpstream::start();
+    let mut redis = RedisServer::start();
+    let (a, b) = (
+        node(&mock, &redis, "fail_open"),
+        node(&mock, &redis, "fail_open"),
+    );
+    let statuses = burst(&[&a, &b], 30).await;
+    assert_eq!(count(&statuses, 200), 10, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 20, "{statuses:?}");
+    assert_eq!(mock.requests().len(), 10);
+
+    // Redis dies: each node falls back to its own bucket and keeps serving.
+    redis.kill();
+    let statuses = burst(&[&a, &b], 6).await;
+    assert_eq!(
+        count(&statuses, 200),
+        6,
+        "fail-open keeps traffic flowing: {statuses:?}"
+    );
+    lumen_test_support::harness::scrape_until(
+        a.admin,
+        "lumen_redis_errors_total{op=\"rate_limit\"}",
+    )
+    .await;
+
+    // Redis returns (empty): the nodes share one budget again.
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let statuses = burst(&[&a, &b], 30).await;
+    assert_eq!(count(&statuses, 200), 10, "sharing resumes: {statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fail_closed_refuses_while_redis_is_down() {
+    let mock = MockUpstream::start();
+    let mut redis = RedisServer::start();
+    let a = node(&mock, &redis, "fail_closed");
+    assert_eq!(burst(&[&a], 2).await, [200, 200]);
+    redis.kill();
+    let statuses = burst(&[&a], 3).await;
+    assert_eq!(statuses, [429, 429, 429]);
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(count(&burst(&[&a], 2).await, 200), 2);
+}
