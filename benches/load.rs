@@ -7,7 +7,9 @@
 //! Measured: added latency p50/p99 at concurrency 1 for 1 KiB and 16 KiB chat bodies, requests/s
 //! at concurrency 32, and added time to first chunk of a stream. Lumen runs as configured for
 //! production: API-key authentication, per-key rate and concurrency limits (set high enough
-//! never to refuse), access log and metrics on.
+//! never to refuse), access log and metrics on; `lumen+redis` checks the rate limit in a real
+//! `redis-server` (one round trip per request); `lumen-open` is the same gateway with auth (and
+//! so limits) off, the baseline for what they cost.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use lumen_test_support::client::Client;
 use lumen_test_support::harness::tempdir::Dir;
+use lumen_test_support::harness::RedisServer;
 use lumen_test_support::{bin_path, free_port, Lumen};
 use serde_json::json;
 
@@ -206,9 +209,23 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let lumen = Lumen::start(&format!(
-        "server: {{ threads: 2 }}\nkeys: [ {{ id: bench, key: \"{BENCH_KEY}\", limits: {{ requests_per_second: 1000000, concurrent_requests: 10000 }} }} ]\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
-    ));
+    let config = |redis: &str| {
+        format!(
+            "server: {{ threads: 2 }}\n{redis}keys: [ {{ id: bench, key: \"{BENCH_KEY}\", limits: {{ requests_per_second: 1000000, concurrent_requests: 10000 }} }} ]\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
+        )
+    };
+    let lumen = Lumen::start(&config(""));
+    // The baseline for what auth and limits cost: the same gateway with `auth: off`.
+    let lumen_open = Lumen::start(&config("auth: off\n"));
+    // The same, with the request limit checked in a real redis-server (one round trip each).
+    let redis = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok()
+        .then(RedisServer::start);
+    let lumen_redis = redis
+        .as_ref()
+        .map(|r| Lumen::start(&config(&format!("redis: {{ url: \"{}\" }}\n", r.url()))));
     let nginx = start_nginx(mock);
     if nginx.is_none() {
         eprintln!("nginx not found: the nginx column is skipped (apt-get install nginx-light)");
@@ -223,7 +240,11 @@ fn main() {
     if let Some((_, addr, _)) = &nginx {
         targets.push(("nginx", *addr));
     }
+    targets.push(("lumen-open", lumen_open.addr));
     targets.push(("lumen", lumen.addr));
+    if let Some(l) = &lumen_redis {
+        targets.push(("lumen+redis", l.addr));
+    }
 
     println!(
         "Lumen load benchmark ({secs} s per measurement; 2 cores shared by load, mock and proxy)\n"
@@ -247,7 +268,7 @@ fn main() {
             let added50 = s.pct(0.5) - direct.pct(0.5);
             let added99 = s.pct(0.99) - direct.pct(0.99);
             println!(
-                "  {label:<7} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us",
+                "  {label:<11} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us",
                 s.rps,
                 s.rps / direct.rps,
                 s.pct(0.5),
