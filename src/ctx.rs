@@ -22,6 +22,12 @@ pub struct RequestCtx {
     pub key_id: Option<String>,
     /// This request's in-flight slot under its key's concurrency limit; released on drop.
     pub in_flight: Option<lumen_plugins::rate_limit::InFlight>,
+    /// Tokens reserved under the key's token budgets; settled in the logging phase.
+    pub tokens: Option<lumen_plugins::rate_limit::TokenReservation>,
+    /// Read usage off the response (and ask streams for it): set when tokens are reserved.
+    pub track_usage: bool,
+    /// Total tokens the provider reported, when it did.
+    pub usage_total: Option<u64>,
     /// The route's configured name (a bounded metrics label), once resolved.
     pub route: Option<String>,
     /// The provider that answered, once one did.
@@ -45,6 +51,9 @@ impl RequestCtx {
             endpoint: None,
             key_id: None,
             in_flight: None,
+            tokens: None,
+            track_usage: false,
+            usage_total: None,
             route: None,
             provider: None,
             stream: false,

@@ -25,8 +25,9 @@ use crate::config::Provider;
 use crate::ctx::RequestCtx;
 use crate::error::{GatewayError, UpstreamError};
 use crate::metrics::Metrics;
-use crate::openai::{body_for_target, LlmRequest};
+use crate::openai::{body_for_target, body_with_usage, LlmRequest};
 use crate::routing::Route;
+use crate::usage::UsageTap;
 
 /// How a forward failed, which decides who writes what to the client.
 #[derive(Debug)]
@@ -115,7 +116,11 @@ impl Forwarder {
         };
         let provider = &*target.provider;
         ctx.provider = Some(provider.name.clone());
-        let body = body_for_target(req, target.model_json.as_ref());
+        let body = if ctx.track_usage {
+            body_with_usage(req, target.model_json.as_ref())
+        } else {
+            body_for_target(req, target.model_json.as_ref())
+        };
         let head = upstream_request(session.req_header(), provider, req, &body, &ctx.request_id)
             .map_err(ForwardError::BeforeResponse)?;
 
@@ -169,9 +174,13 @@ impl Forwarder {
         if session.write_response_header(head, false).await.is_err() {
             return Err(ForwardError::ClientGone);
         }
+        let mut tap = (ctx.track_usage && ctx.status < 300).then(|| UsageTap::new(sse));
         loop {
             match upstream.read_response_body().await {
                 Ok(Some(chunk)) => {
+                    if let Some(tap) = tap.as_mut() {
+                        tap.observe(&chunk);
+                    }
                     if session
                         .write_response_body(Some(chunk), false)
                         .await
@@ -197,6 +206,7 @@ impl Forwarder {
                 }
             }
         }
+        ctx.usage_total = tap.as_mut().and_then(UsageTap::total_tokens);
         if session.write_response_body(None, true).await.is_err() {
             return Err(ForwardError::ClientGone);
         }

@@ -14,6 +14,7 @@
 //! | [`resolve`] | provider host → peer: lazy, cached DNS off the config path |
 //! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
 //! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
+//! | [`usage`] | token usage read off responses as they stream (token budgets) |
 //! | [`admin`] | the admin listener: `/metrics` |
 //! | [`access_log`] | one JSON line per request, written off the request path |
 //! | [`metrics`] | the Prometheus registry |
@@ -34,6 +35,7 @@ pub mod pipeline;
 pub mod resolve;
 pub mod routing;
 pub mod sidecar;
+pub mod usage;
 
 use std::path::Path;
 use std::sync::Arc;

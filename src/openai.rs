@@ -75,6 +75,26 @@ pub struct LlmRequest {
     /// Byte range of the `model` value (with its quotes) in `raw`, for splicing.
     pub model_span: Range<usize>,
     pub stream: bool,
+    /// `max_completion_tokens` or `max_tokens`, when the client set one.
+    pub max_tokens: Option<u64>,
+    /// Whether the client set `stream_options` itself (then we never add it).
+    pub has_stream_options: bool,
+}
+
+impl LlmRequest {
+    /// Tokens to reserve before forwarding: the prompt estimated from the body's size (about
+    /// four bytes a token, an over-estimate for JSON), plus the completion budget
+    /// (`max_tokens`, or `default_completion` when the client set none).
+    pub fn token_estimate(&self, default_completion: u64) -> u64 {
+        let prompt = (self.raw.len() as u64).div_ceil(4);
+        let completion = match self.endpoint {
+            Endpoint::Embeddings | Endpoint::Rerank => 0,
+            Endpoint::ChatCompletions | Endpoint::Completions => {
+                self.max_tokens.unwrap_or(default_completion)
+            }
+        };
+        prompt + completion
+    }
 }
 
 #[derive(Deserialize)]
@@ -91,6 +111,12 @@ struct Head<'a> {
     input: Option<&'a RawValue>,
     #[serde(borrow, default)]
     query: Option<&'a RawValue>,
+    #[serde(default)]
+    max_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<serde_json::Value>,
+    #[serde(borrow, default)]
+    stream_options: Option<&'a RawValue>,
 }
 
 /// Parses `raw` for `endpoint`: 400-class errors for anything a provider would refuse anyway.
@@ -150,11 +176,21 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
     // The RawValue borrows from `raw`, so its offset is a pointer difference.
     let start = model_raw.get().as_ptr() as usize - raw.as_ptr() as usize;
     let model_span = start..start + model_raw.get().len();
+    let max_tokens = match head.max_completion_tokens.or(head.max_tokens) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or(RequestError::InvalidField {
+            field: "max_tokens",
+            reason: "must be a non-negative integer",
+        })?),
+    };
+    let has_stream_options = head.stream_options.is_some_and(|v| v.get() != "null");
     Ok(LlmRequest {
         endpoint,
         model,
         model_span,
         stream,
+        max_tokens,
+        has_stream_options,
         raw,
     })
 }
@@ -169,6 +205,41 @@ pub fn body_for_target(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Byte
     let Some(model) = model_json else {
         return vec![req.raw.clone()];
     };
+    splice(req, model)
+}
+
+/// `stream_options` asking for a final usage chunk, added right after the body's `{`.
+const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
+
+/// Like [`body_for_target`], and for a stream whose client did not set `stream_options`, asks
+/// the provider for the usage chunk (token limits settle on it). The client then receives that
+/// chunk too: a `chat.completion.chunk` with `choices: []`, which OpenAI SDKs accept.
+pub fn body_with_usage(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Bytes> {
+    let wants = req.stream
+        && !req.has_stream_options
+        && matches!(
+            req.endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions
+        );
+    if !wants {
+        return body_for_target(req, model_json);
+    }
+    // The body starts with `{` (checked in `parse`), possibly after whitespace.
+    let open = req.raw.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+    let model = model_json
+        .cloned()
+        .unwrap_or_else(|| req.raw.slice(req.model_span.clone()));
+    let mut body =
+        bytes::BytesMut::with_capacity(req.raw.len() + INCLUDE_USAGE.len() + model.len());
+    body.extend_from_slice(&req.raw[..open]);
+    body.extend_from_slice(INCLUDE_USAGE);
+    body.extend_from_slice(&req.raw[open..req.model_span.start]);
+    body.extend_from_slice(&model);
+    body.extend_from_slice(&req.raw[req.model_span.end..]);
+    vec![body.freeze()]
+}
+
+fn splice(req: &LlmRequest, model: &Bytes) -> Vec<Bytes> {
     let (head, tail) = (
         &req.raw[..req.model_span.start],
         &req.raw[req.model_span.end..],
@@ -245,6 +316,24 @@ mod tests {
             })
         ));
         assert!(chat(r#"{"model": "a", "model": "b", "messages": []}"#).is_err());
+    }
+
+    #[test]
+    fn usage_is_requested_for_streams_without_stream_options() {
+        let req = chat(r#"{"model":"fast","stream":true,"messages":[],"max_tokens":7}"#).unwrap();
+        assert_eq!(req.max_tokens, Some(7));
+        let body: Vec<u8> = body_with_usage(&req, Some(&Bytes::from_static(br#""up""#))).concat();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "up");
+        let own = chat(r#"{"model":"fast","stream":true,"messages":[],"stream_options":{"include_usage":false}}"#).unwrap();
+        let body: Vec<u8> = body_with_usage(&own, None).concat();
+        assert_eq!(
+            &body[..],
+            &own.raw[..],
+            "a client's own stream_options are kept"
+        );
+        assert!(req.token_estimate(100) >= 7 + 10);
     }
 
     #[test]

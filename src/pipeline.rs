@@ -37,6 +37,11 @@ use crate::routing::Route;
 /// How long an unread request body is drained after an error before the connection closes.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Completion tokens reserved for a request that sets no `max_tokens`. A longer answer is
+/// still settled at its real size afterwards, so a key can overshoot its budget by at most the
+/// excess of the requests it had in flight at once.
+const DEFAULT_COMPLETION_TOKENS: u64 = 512;
+
 /// The caller when `auth: off`: may use every model.
 static ANONYMOUS: std::sync::LazyLock<Arc<Principal>> =
     std::sync::LazyLock::new(|| Arc::new(Principal::anonymous()));
@@ -138,6 +143,8 @@ impl Gateway {
         if !principal.may_use(&req.model) {
             return Err(GatewayError::ModelNotAllowed(req.model.clone()));
         }
+        // 5. Token budgets: reserve an estimate now, settle with real usage after.
+        self.reserve_tokens(ctx, &principal, &req)?;
         Ok(Admit::Forward(req, route))
     }
 
@@ -149,7 +156,7 @@ impl Gateway {
         };
         if let Some(requests) = &limits.requests {
             match self.check_requests(&principal.key_id, requests).await {
-                Ok(status) => push_rate_headers(ctx, &status),
+                Ok(status) => push_headers(ctx, "requests", &status),
                 Err(limited) => return Err(self.refuse(ctx, &limited)),
             }
         }
@@ -203,8 +210,38 @@ impl Gateway {
         }
     }
 
+    fn reserve_tokens(
+        &self,
+        ctx: &mut RequestCtx,
+        principal: &Principal,
+        req: &LlmRequest,
+    ) -> Result<(), GatewayError> {
+        let Some(limits) = principal.limits.as_ref().filter(|l| !l.tokens.is_empty()) else {
+            return Ok(());
+        };
+        let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
+        match self.limiter.reserve_tokens(
+            &principal.key_id,
+            &limits.tokens,
+            estimate,
+            Instant::now(),
+        ) {
+            Ok((reservation, status)) => {
+                push_headers(ctx, "tokens", &status);
+                ctx.tokens = Some(reservation);
+                ctx.track_usage = true;
+                Ok(())
+            }
+            Err(limited) => Err(self.refuse(ctx, &limited)),
+        }
+    }
+
     fn refuse(&self, ctx: &mut RequestCtx, limited: &Limited) -> GatewayError {
-        push_rate_headers(ctx, &limited.status);
+        let kind = match limited.reason {
+            LimitReason::Tokens => "tokens",
+            _ => "requests",
+        };
+        push_headers(ctx, kind, &limited.status);
         // Whole seconds, rounded up: a client that waits this long is admitted.
         let secs =
             limited.retry_after.as_secs() + u64::from(limited.retry_after.subsec_nanos() > 0);
@@ -273,20 +310,32 @@ impl Gateway {
     }
 }
 
-/// OpenAI's `x-ratelimit-*-requests` headers.
-fn push_rate_headers(ctx: &mut RequestCtx, status: &RateStatus) {
+/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
+fn push_headers(ctx: &mut RequestCtx, kind: &'static str, status: &RateStatus) {
     let reset = HeaderValue::from_str(&format_reset(status.reset_after))
         .unwrap_or(HeaderValue::from_static("0ms"));
+    let (limit, remaining, reset_name) = match kind {
+        "tokens" => (
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ),
+        _ => (
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ),
+    };
     ctx.response_headers.extend([
         (
-            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static(limit),
             HeaderValue::from(status.limit),
         ),
         (
-            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static(remaining),
             HeaderValue::from(status.remaining),
         ),
-        (HeaderName::from_static("x-ratelimit-reset-requests"), reset),
+        (HeaderName::from_static(reset_name), reset),
     ]);
 }
 
@@ -431,6 +480,16 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(reservation) = ctx.tokens.take() {
+            // Settle with what the provider reported. No usage: a failed or refused request
+            // used nothing; a successful one keeps its estimate.
+            let actual = match ctx.usage_total {
+                Some(total) => total,
+                None if ctx.status == 200 => reservation.reserved,
+                None => 0,
+            };
+            reservation.settle(actual);
+        }
         let elapsed = ctx.started.elapsed();
         let endpoint = ctx.endpoint.map_or("none", Endpoint::label);
         let route = ctx.route.as_deref().unwrap_or("");

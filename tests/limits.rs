@@ -17,6 +17,8 @@ keys:
   - {{ id: bursty, key: "sk-bursty", limits: {{ requests_per_minute: 60, burst: 3 }} }}
   - {{ id: narrow, key: "sk-narrow", limits: {{ concurrent_requests: 2 }} }}
   - {{ id: free, key: "sk-free" }}
+  - {{ id: budget, key: "sk-budget", limits: {{ tokens_per_minute: 300 }} }}
+  - {{ id: streamer, key: "sk-streamer", limits: {{ tokens_per_minute: 300 }} }}
 jwt:
   - {{ issuer: "https://idp.test", algorithms: [HS256], secret: "{SECRET}" }}
 providers:
@@ -155,4 +157,60 @@ async fn a_token_claim_sets_the_rate() {
     let refused = chat(&lumen, &token, simple()).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("2"));
+}
+
+fn with_max(max_tokens: u64, stream: bool) -> serde_json::Value {
+    json!({"model": "fast", "max_tokens": max_tokens, "stream": stream, "mock_chunks": 3,
+           "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_reservations_are_settled_with_real_usage() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    let first = chat(&lumen, "sk-budget", with_max(200, false)).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("300"));
+    let remaining: u64 = first
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining < 100,
+        "the estimate (prompt + max_tokens) is reserved: {remaining}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The mock used 11 tokens: the rest was refunded, so a second 200-token request fits.
+    let second = chat(&lumen, "sk-budget", with_max(200, false)).await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let too_big = chat(&lumen, "sk-budget", with_max(290, false)).await;
+    assert_eq!(too_big.status, 429);
+    assert_eq!(too_big.json()["error"]["type"], "rate_limit_exceeded");
+    assert!(too_big.header("retry-after").is_some());
+    assert_eq!(too_big.header("x-ratelimit-limit-tokens"), Some("300"));
+    assert_eq!(mock.requests().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_ask_for_usage_and_settle_on_it() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    let first = chat(&lumen, "sk-streamer", with_max(200, true)).await;
+    assert_eq!(first.status, 200);
+    assert!(first.header("x-ratelimit-remaining-tokens").is_some());
+    assert_eq!(
+        mock.requests()[0].json()["stream_options"]["include_usage"],
+        true
+    );
+    assert!(first.sse_data().iter().any(|d| d.contains("\"usage\"")));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Settled at the 10 tokens the stream reported, so another fits.
+    assert_eq!(
+        chat(&lumen, "sk-streamer", with_max(200, true))
+            .await
+            .status,
+        200
+    );
 }

@@ -270,6 +270,7 @@ fn principal_from(
                     burst: rpm,
                 }),
                 concurrency: None,
+                tokens: Vec::new(),
             }),
             None => {
                 return Err(jwt(format!(

@@ -36,6 +36,19 @@ pub struct LimitsConfig {
     /// Requests of this key in flight at the same time.
     #[serde(default)]
     pub concurrent_requests: Option<u32>,
+    /// Prompt + completion tokens per minute (reserved from an estimate, settled with usage).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Prompt + completion tokens per day (UTC-independent 24 h windows).
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+}
+
+/// A token budget: `limit` tokens per fixed `window`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenLimit {
+    pub limit: u64,
+    pub window: Duration,
 }
 
 /// A request rate: `count` per `period`, with `burst` allowed at once.
@@ -51,6 +64,8 @@ pub struct RequestLimit {
 pub struct KeyLimits {
     pub requests: Option<RequestLimit>,
     pub concurrency: Option<u32>,
+    /// Token budgets, shortest window first.
+    pub tokens: Vec<TokenLimit>,
 }
 
 impl KeyLimits {
@@ -83,9 +98,21 @@ impl KeyLimits {
         if c.concurrent_requests == Some(0) {
             return Err("concurrent_requests must be at least 1".into());
         }
+        let mut tokens = Vec::new();
+        for (limit, window) in [
+            (c.tokens_per_minute, Duration::from_secs(60)),
+            (c.tokens_per_day, Duration::from_secs(86_400)),
+        ] {
+            match limit {
+                Some(0) => return Err("a token limit must be at least 1".into()),
+                Some(limit) => tokens.push(TokenLimit { limit, window }),
+                None => {}
+            }
+        }
         Ok(KeyLimits {
             requests,
             concurrency: c.concurrent_requests,
+            tokens,
         })
     }
 }
@@ -110,6 +137,7 @@ pub struct Limited {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitReason {
     Requests,
+    Tokens,
     Concurrency,
     /// The shared store could not be asked and `on_redis_error: fail_closed` is set.
     Unavailable,
@@ -119,6 +147,7 @@ impl LimitReason {
     pub fn label(self) -> &'static str {
         match self {
             LimitReason::Requests => "requests",
+            LimitReason::Tokens => "tokens",
             LimitReason::Concurrency => "concurrency",
             LimitReason::Unavailable => "store_unavailable",
         }
@@ -130,6 +159,44 @@ struct Bucket {
     /// Theoretical arrival time, in nanoseconds since the limiter's epoch.
     tat: AtomicU64,
     in_flight: AtomicU32,
+    /// Token windows; a std Mutex held for a few integer updates, per key (not global).
+    tokens: Mutex<Vec<Window>>,
+}
+
+/// One fixed token window of a key.
+struct Window {
+    length_ms: u64,
+    /// Which window (`now / length`) `used` counts for.
+    index: u64,
+    used: u64,
+}
+
+/// Tokens reserved for one request; [`TokenReservation::settle`] replaces the estimate with
+/// what the request really used. Dropped unsettled, the estimate stays counted.
+pub struct TokenReservation {
+    bucket: Arc<Bucket>,
+    /// (window length, window index) of each window charged.
+    charged: Vec<(u64, u64)>,
+    pub reserved: u64,
+}
+
+impl TokenReservation {
+    /// Corrects every still-current window by `actual - reserved` (a refund when the request
+    /// used fewer tokens than estimated). A window that rolled over meanwhile is left alone.
+    pub fn settle(self, actual: u64) {
+        let mut windows = match self.bucket.tokens.lock() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        for (length_ms, index) in &self.charged {
+            if let Some(w) = windows
+                .iter_mut()
+                .find(|w| w.length_ms == *length_ms && w.index == *index)
+            {
+                w.used = (w.used + actual).saturating_sub(self.reserved);
+            }
+        }
+    }
 }
 
 const SHARDS: usize = 64;
@@ -256,6 +323,89 @@ impl LocalLimiter {
         }
     }
 
+    /// Reserves `estimate` tokens of `key` in every window of `limits`, or refuses when any
+    /// window would go over. Returns the reservation and the tightest window's status.
+    pub fn reserve_tokens(
+        &self,
+        key: &str,
+        limits: &[TokenLimit],
+        estimate: u64,
+        now: Instant,
+    ) -> Result<(TokenReservation, RateStatus), Limited> {
+        let bucket = self.bucket(key);
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let mut charged = Vec::with_capacity(limits.len());
+        let mut tightest: Option<RateStatus> = None;
+        {
+            let mut windows = match bucket.tokens.lock() {
+                Ok(w) => w,
+                Err(p) => p.into_inner(),
+            };
+            // Check every window before charging any: all or nothing.
+            for limit in limits {
+                let length_ms = limit.window.as_millis().max(1) as u64;
+                let index = now_ms / length_ms;
+                let reset = Duration::from_millis((index + 1) * length_ms - now_ms);
+                let used = windows
+                    .iter()
+                    .find(|w| w.length_ms == length_ms && w.index == index)
+                    .map_or(0, |w| w.used);
+                let status = RateStatus {
+                    limit: limit.limit.min(u64::from(u32::MAX)) as u32,
+                    remaining: limit
+                        .limit
+                        .saturating_sub(used + estimate)
+                        .min(u64::from(u32::MAX)) as u32,
+                    reset_after: reset,
+                };
+                if used + estimate > limit.limit {
+                    return Err(Limited {
+                        retry_after: reset,
+                        status: RateStatus {
+                            remaining: limit.limit.saturating_sub(used).min(u64::from(u32::MAX))
+                                as u32,
+                            ..status
+                        },
+                        reason: LimitReason::Tokens,
+                    });
+                }
+                if tightest.is_none_or(|t| status.remaining < t.remaining) {
+                    tightest = Some(status);
+                }
+            }
+            for limit in limits {
+                let length_ms = limit.window.as_millis().max(1) as u64;
+                let index = now_ms / length_ms;
+                match windows.iter_mut().find(|w| w.length_ms == length_ms) {
+                    Some(w) if w.index == index => w.used += estimate,
+                    Some(w) => {
+                        w.index = index;
+                        w.used = estimate;
+                    }
+                    None => windows.push(Window {
+                        length_ms,
+                        index,
+                        used: estimate,
+                    }),
+                }
+                charged.push((length_ms, index));
+            }
+        }
+        let status = tightest.unwrap_or(RateStatus {
+            limit: 0,
+            remaining: 0,
+            reset_after: Duration::ZERO,
+        });
+        Ok((
+            TokenReservation {
+                bucket,
+                charged,
+                reserved: estimate,
+            },
+            status,
+        ))
+    }
+
     /// Requests of `key` in flight now.
     pub fn in_flight(&self, key: &str) -> u32 {
         self.bucket(key).in_flight.load(Ordering::Acquire)
@@ -349,6 +499,64 @@ mod tests {
         drop(a);
         assert_eq!(limiter.in_flight("k"), 1);
         assert!(limiter.acquire("k", 2).is_ok());
+    }
+
+    #[test]
+    fn token_reservations_are_refunded_on_settle() {
+        let limiter = LocalLimiter::new();
+        let t0 = Instant::now();
+        let per_minute = [TokenLimit {
+            limit: 200,
+            window: Duration::from_secs(60),
+        }];
+        let (first, status) = limiter.reserve_tokens("k", &per_minute, 170, t0).unwrap();
+        assert_eq!(status.remaining, 30);
+        // Without the refund a second 170 would not fit.
+        assert_eq!(
+            limiter
+                .reserve_tokens("k", &per_minute, 170, t0)
+                .err()
+                .map(|l| l.reason),
+            Some(LimitReason::Tokens)
+        );
+        first.settle(11);
+        let (second, status) = limiter.reserve_tokens("k", &per_minute, 170, t0).unwrap();
+        assert_eq!(status.remaining, 19);
+        second.settle(170);
+        // A new window starts empty.
+        assert!(limiter
+            .reserve_tokens("k", &per_minute, 190, t0 + Duration::from_secs(61))
+            .is_ok());
+    }
+
+    #[test]
+    fn every_window_must_have_room() {
+        let limiter = LocalLimiter::new();
+        let t0 = Instant::now();
+        let limits = [
+            TokenLimit {
+                limit: 100,
+                window: Duration::from_secs(60),
+            },
+            TokenLimit {
+                limit: 150,
+                window: Duration::from_secs(86_400),
+            },
+        ];
+        limiter
+            .reserve_tokens("k", &limits, 90, t0)
+            .unwrap()
+            .0
+            .settle(90);
+        let next_minute = t0 + Duration::from_secs(61);
+        let Err(refused) = limiter.reserve_tokens("k", &limits, 90, next_minute) else {
+            panic!("the day window should refuse");
+        };
+        assert_eq!(refused.status.limit, 150, "the day window refuses");
+        // Nothing was charged by the refused request.
+        assert!(limiter
+            .reserve_tokens("k", &limits, 60, next_minute)
+            .is_ok());
     }
 
     #[test]

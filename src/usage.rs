@@ -1,0 +1,137 @@
+//! Reading token usage off a response as it streams past, without holding the stream back.
+//!
+//! Token budgets reserve an estimate before forwarding and settle with what the provider
+//! reports: `usage` in a JSON body, or in the final SSE chunk (asked for with
+//! `stream_options.include_usage`). Bounded: a JSON body is kept only up to `JSON_LIMIT` for
+//! the final parse, an SSE line only up to `LINE_LIMIT`; past that, usage is "unknown" and the
+//! estimate stands.
+
+use serde::Deserialize;
+
+const JSON_LIMIT: usize = 8 << 20;
+const LINE_LIMIT: usize = 1 << 20;
+
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    total_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+impl Usage {
+    fn total(&self) -> Option<u64> {
+        self.total_tokens
+            .or(match (self.prompt_tokens, self.completion_tokens) {
+                (None, None) => None,
+                (p, c) => Some(p.unwrap_or(0) + c.unwrap_or(0)),
+            })
+    }
+}
+
+/// Watches one response body for its token usage.
+pub struct UsageTap {
+    sse: bool,
+    buf: Vec<u8>,
+    total: Option<u64>,
+    overflow: bool,
+}
+
+impl UsageTap {
+    pub fn new(sse: bool) -> UsageTap {
+        UsageTap {
+            sse,
+            buf: Vec::new(),
+            total: None,
+            overflow: false,
+        }
+    }
+
+    /// Sees one chunk of the body, in order.
+    pub fn observe(&mut self, chunk: &[u8]) {
+        if self.overflow {
+            return;
+        }
+        if !self.sse {
+            if self.buf.len() + chunk.len() > JSON_LIMIT {
+                self.overflow = true;
+                self.buf = Vec::new();
+            } else {
+                self.buf.extend_from_slice(chunk);
+            }
+            return;
+        }
+        self.buf.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some(end) = self.buf[start..].iter().position(|b| *b == b'\n') {
+            let line = &self.buf[start..start + end];
+            if let Some(total) = sse_usage(line) {
+                self.total = Some(total);
+            }
+            start += end + 1;
+        }
+        self.buf.drain(..start);
+        if self.buf.len() > LINE_LIMIT {
+            self.buf.clear();
+        }
+    }
+
+    /// Total tokens the response reported, if it did.
+    pub fn total_tokens(&mut self) -> Option<u64> {
+        if !self.sse && !self.overflow && self.total.is_none() {
+            self.total = serde_json::from_slice::<WithUsage>(&self.buf)
+                .ok()
+                .and_then(|w| w.usage)
+                .and_then(|u| u.total());
+        }
+        self.total
+    }
+}
+
+fn sse_usage(line: &[u8]) -> Option<u64> {
+    let data = line.strip_prefix(b"data:")?;
+    // Cheap filter first: most chunks carry no usage.
+    if !data.windows(7).any(|w| w == b"\"usage\"") {
+        return None;
+    }
+    serde_json::from_slice::<WithUsage>(data.trim_ascii())
+        .ok()?
+        .usage?
+        .total()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_usage_in_a_json_body_split_anywhere() {
+        let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":4,"total_tokens":11}}"#;
+        let mut tap = UsageTap::new(false);
+        for piece in body.chunks(5) {
+            tap.observe(piece);
+        }
+        assert_eq!(tap.total_tokens(), Some(11));
+    }
+
+    #[test]
+    fn finds_usage_in_the_last_sse_chunk_across_chunk_boundaries() {
+        let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        let mut tap = UsageTap::new(true);
+        for piece in stream.chunks(9) {
+            tap.observe(piece);
+        }
+        assert_eq!(tap.total_tokens(), Some(5));
+        let mut none = UsageTap::new(true);
+        none.observe(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
+        assert_eq!(none.total_tokens(), None);
+    }
+}
