@@ -107,6 +107,18 @@ impl Gateway {
         if let Some(reply) = ops::answer_probe(&head.method, path, &config) {
             return reply.map(Admit::Reply);
         }
+        // Floods from one address are cut before any key is checked.
+        if let Some(limit) = &config.limits.per_ip {
+            let ip = s
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
+            if let Err(limited) = self.check_requests(&format!("ip:{ip}"), limit).await {
+                return Err(self.refuse(ctx, &limited));
+            }
+        }
+        let head = s.req_header();
+        let path = head.uri.path();
         // 2. Authenticate: 401 before anything else is looked at.
         let principal = match config.auth.authenticate(&head.headers, SystemTime::now())? {
             Some(principal) => principal,
@@ -143,7 +155,15 @@ impl Gateway {
         if !principal.may_use(&req.model) {
             return Err(GatewayError::ModelNotAllowed(req.model.clone()));
         }
-        // 5. Token budgets: reserve an estimate now, settle with real usage after.
+        // 5. The route's own request limit, per key.
+        if let Some(limit) = &route.limits {
+            let bucket = format!("{}{}", principal.key_id, route.bucket_suffix);
+            match self.check_requests(&bucket, limit).await {
+                Ok(status) => push_headers(ctx, "requests", &status),
+                Err(limited) => return Err(self.refuse(ctx, &limited)),
+            }
+        }
+        // Token budgets: reserve an estimate now, settle with real usage after.
         self.reserve_tokens(ctx, &principal, &req)?;
         Ok(Admit::Forward(req, route))
     }
@@ -326,6 +346,17 @@ fn push_headers(ctx: &mut RequestCtx, kind: &'static str, status: &RateStatus) {
             "x-ratelimit-reset-requests",
         ),
     };
+    // Several limits (key, route) may apply: report the tightest, as one set of headers.
+    let current = ctx
+        .response_headers
+        .iter()
+        .find(|(k, _)| k.as_str() == remaining)
+        .and_then(|(_, v)| v.to_str().ok()?.parse::<u32>().ok());
+    if current.is_some_and(|c| c <= status.remaining) {
+        return;
+    }
+    ctx.response_headers
+        .retain(|(k, _)| ![limit, remaining, reset_name].contains(&k.as_str()));
     ctx.response_headers.extend([
         (
             HeaderName::from_static(limit),

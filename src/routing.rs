@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use lumen_plugins::rate_limit::RequestLimit;
+
 use crate::config::raw::{RawRoute, Strategy};
 use crate::config::{Problem, Provider};
 
@@ -19,6 +21,10 @@ pub struct Route {
     pub name: String,
     pub strategy: Strategy,
     pub targets: Vec<Target>,
+    /// Requests per key on this route, on top of the key's own limits.
+    pub limits: Option<RequestLimit>,
+    /// The rate-limit bucket suffix for this route (`|route:NAME`), built once.
+    pub bucket_suffix: String,
 }
 
 /// One place a route can send a request.
@@ -99,10 +105,20 @@ impl RouteTable {
                     }
                 }
             }
+            let limits = match r.limits.as_ref().map(|l| l.to_limit()) {
+                None => None,
+                Some(Ok(limit)) => Some(limit),
+                Some(Err(e)) => {
+                    problems.push(Problem::at(format!("routes[{i}].limits"), e));
+                    None
+                }
+            };
             let route = Arc::new(Route {
+                bucket_suffix: format!("|route:{}", r.model),
                 name: r.model.clone(),
                 strategy: r.strategy,
                 targets,
+                limits,
             });
             let duplicate = if is_pattern(&r.model) {
                 let dup = table.patterns.iter().any(|(p, _)| p == &r.model);
@@ -136,6 +152,8 @@ impl RouteTable {
             name: format!("{}/*", provider.name),
             strategy: Strategy::Priority,
             targets: vec![Target::new(provider.clone(), Some(upstream_model))],
+            limits: None,
+            bucket_suffix: String::new(),
         }))
     }
 

@@ -25,6 +25,7 @@ providers:
   mock: {{ base_url: "{base}" }}
 routes:
   - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+  - {{ model: chat10, targets: [ {{ provider: mock, model: up }} ], limits: {{ requests_per_minute: 60, burst: 2 }} }}
 "#,
         base = mock.base_url()
     ))
@@ -212,5 +213,58 @@ async fn streams_ask_for_usage_and_settle_on_it() {
             .await
             .status,
         200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_limit_applies_per_key_on_that_route_only() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    let on_route = || json!({"model": "chat10", "messages": [{"role": "user", "content": "hi"}]});
+    let first = chat(&lumen, "sk-free", on_route()).await;
+    assert_eq!(first.header("x-ratelimit-remaining-requests"), Some("1"));
+    assert_eq!(chat(&lumen, "sk-free", on_route()).await.status, 200);
+    let refused = chat(&lumen, "sk-free", on_route()).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        chat(&lumen, "sk-free", simple()).await.status,
+        200,
+        "other routes are not limited"
+    );
+    assert_eq!(
+        chat(&lumen, "sk-narrow", on_route()).await.status,
+        200,
+        "other keys have their own bucket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn floods_from_one_address_are_cut_before_auth() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+limits: {{ per_ip: {{ requests_per_minute: 60, burst: 3 }} }}
+keys: [ {{ id: a, key: "sk-a" }} ]
+providers:
+  mock: {{ base_url: "{base}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        base = mock.base_url()
+    ));
+    for _ in 0..3 {
+        assert_eq!(chat(&lumen, "sk-wrong", simple()).await.status, 401);
+    }
+    let refused = chat(&lumen, "sk-a", simple()).await;
+    assert_eq!(
+        refused.status, 429,
+        "even a good key, from a flooding address"
+    );
+    assert!(refused.header("retry-after").is_some());
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    assert_eq!(
+        c.request("GET", "/healthz", &[], b"").await.unwrap().status,
+        200,
+        "probes are never limited"
     );
 }

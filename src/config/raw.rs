@@ -87,12 +87,16 @@ pub struct RawLimits {
     /// Request bodies above this are refused with 413 before they are buffered.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: ByteSize,
+    /// Requests per client IP, checked before authentication (floods of bad keys).
+    #[serde(default)]
+    pub per_ip: Option<lumen_plugins::rate_limit::RateConfig>,
 }
 
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             max_body_bytes: default_max_body(),
+            per_ip: None,
         }
     }
 }
@@ -215,6 +219,9 @@ pub struct RawRoute {
     #[serde(default)]
     pub strategy: Strategy,
     pub targets: Vec<RawTarget>,
+    /// Requests per key on this route (on top of the key's own limits).
+    #[serde(default)]
+    pub limits: Option<lumen_plugins::rate_limit::RateConfig>,
 }
 
 /// How a route picks among its targets. Only `priority` exists until the fallback issue lands;

@@ -67,6 +67,7 @@ pub struct RedisSettings {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub per_ip: Option<lumen_plugins::rate_limit::RequestLimit>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +188,14 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     };
 
     let routes = RouteTable::build(&raw.routes, &providers, &mut problems);
+    let per_ip = match raw.limits.per_ip.as_ref().map(|r| r.to_limit()) {
+        None => None,
+        Some(Ok(limit)) => Some(limit),
+        Some(Err(e)) => {
+            problems.push(Problem::at("limits.per_ip", e));
+            None
+        }
+    };
 
     let redis = raw.redis.map(|r| RedisSettings {
         url: r.url,
@@ -226,6 +235,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         admin_listen: raw.admin_listen,
         limits: Limits {
             max_body_bytes: raw.limits.max_body_bytes.0,
+            per_ip,
         },
         cors,
         auth,

@@ -51,6 +51,33 @@ pub struct TokenLimit {
     pub window: Duration,
 }
 
+/// A bare request rate (`limits:` on a route, `limits.per_ip`): no tokens, no concurrency.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    #[serde(default)]
+    pub requests_per_second: Option<u32>,
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+impl RateConfig {
+    /// The validated rate; an error when none or both periods are set.
+    pub fn to_limit(&self) -> Result<RequestLimit, String> {
+        let limits = KeyLimits::from_config(&LimitsConfig {
+            requests_per_second: self.requests_per_second,
+            requests_per_minute: self.requests_per_minute,
+            burst: self.burst,
+            ..LimitsConfig::default()
+        })?;
+        limits
+            .requests
+            .ok_or_else(|| "set requests_per_second or requests_per_minute".to_string())
+    }
+}
+
 /// A request rate: `count` per `period`, with `burst` allowed at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestLimit {
@@ -205,7 +232,13 @@ const SHARDS: usize = 64;
 pub struct LocalLimiter {
     epoch: Instant,
     shards: Vec<Mutex<HashMap<String, Arc<Bucket>>>>,
+    /// Checks so far; every `SWEEP_EVERY`th sweeps one shard of idle buckets.
+    checks: AtomicU64,
 }
+
+/// How often (in checks) one shard is swept of idle buckets: keeps per-IP buckets bounded
+/// without a timer task.
+const SWEEP_EVERY: u64 = 1024;
 
 impl Default for LocalLimiter {
     fn default() -> Self {
@@ -229,6 +262,7 @@ impl LocalLimiter {
         LocalLimiter {
             epoch: Instant::now(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            checks: AtomicU64::new(0),
         }
     }
 
@@ -250,6 +284,35 @@ impl LocalLimiter {
         now.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
+    /// Drops one shard's buckets that hold nothing: bucket full again, nothing in flight, no
+    /// token window. Only this map holds them then, so no one can observe the removal.
+    fn sweep(&self, now_ns: u64) {
+        let n = self.checks.fetch_add(1, Ordering::Relaxed);
+        if !n.is_multiple_of(SWEEP_EVERY) {
+            return;
+        }
+        let shard = (n / SWEEP_EVERY) as usize % SHARDS;
+        let mut map = match self.shards[shard].lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.retain(|_, b| {
+            let idle = b.tat.load(Ordering::Acquire) <= now_ns
+                && b.in_flight.load(Ordering::Acquire) == 0
+                && b.tokens.lock().is_ok_and(|w| w.is_empty())
+                && Arc::strong_count(b) == 1;
+            !idle
+        });
+    }
+
+    /// Buckets currently held (for tests and metrics).
+    pub fn buckets(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |m| m.len()))
+            .sum()
+    }
+
     /// Admits one request of `key` under `limit` at `now`, or says when to retry.
     pub fn check_request(
         &self,
@@ -261,6 +324,7 @@ impl LocalLimiter {
         let interval = (limit.period.as_nanos() as u64 / u64::from(limit.count)).max(1);
         let tolerance = interval * u64::from(limit.burst - 1);
         let now_ns = self.nanos(now);
+        self.sweep(now_ns);
         let mut tat = bucket.tat.load(Ordering::Acquire);
         loop {
             let start = tat.max(now_ns);
@@ -557,6 +621,25 @@ mod tests {
         assert!(limiter
             .reserve_tokens("k", &limits, 60, next_minute)
             .is_ok());
+    }
+
+    #[test]
+    fn idle_buckets_are_swept() {
+        let limiter = LocalLimiter::new();
+        let t0 = Instant::now();
+        let limit = per_minute(60, 1);
+        for i in 0..5000 {
+            let _ = limiter.check_request(&format!("ip:{i}"), &limit, t0);
+        }
+        let later = t0 + Duration::from_secs(120);
+        for _ in 0..(SWEEP_EVERY * SHARDS as u64) {
+            let _ = limiter.check_request("busy", &limit, later);
+        }
+        assert!(
+            limiter.buckets() < 100,
+            "{} buckets left",
+            limiter.buckets()
+        );
     }
 
     #[test]
