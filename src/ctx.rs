@@ -8,6 +8,12 @@ use http::{HeaderName, HeaderValue};
 use crate::config::Snapshot;
 use crate::openai::Endpoint;
 
+/// Tokens held for a request under its key's budgets, in process or in Redis.
+pub enum TokenHold {
+    Local(lumen_plugins::rate_limit::TokenReservation),
+    Shared(lumen_plugins::rate_limit::shared::SharedReservation),
+}
+
 /// What one request has gathered so far. Created empty by `new_ctx`, filled phase by phase.
 pub struct RequestCtx {
     pub started: Instant,
@@ -23,7 +29,7 @@ pub struct RequestCtx {
     /// This request's in-flight slot under its key's concurrency limit; released on drop.
     pub in_flight: Option<lumen_plugins::rate_limit::InFlight>,
     /// Tokens reserved under the key's token budgets; settled in the logging phase.
-    pub tokens: Option<lumen_plugins::rate_limit::TokenReservation>,
+    pub tokens: Option<TokenHold>,
     /// Read usage off the response (and ask streams for it): set when tokens are reserved.
     pub track_usage: bool,
     /// Total tokens the provider reported, when it did.

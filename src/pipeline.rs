@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, StatusCode};
 use lumen_plugins::auth::Principal;
-use lumen_plugins::rate_limit::shared::{OnRedisError, SharedLimiter};
+use lumen_plugins::rate_limit::shared::{OnRedisError, SharedError, SharedLimiter};
 use lumen_plugins::rate_limit::{
     format_reset, LimitReason, Limited, LocalLimiter, RateStatus, RequestLimit,
 };
@@ -26,7 +26,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::access_log;
 use crate::config::Snapshot;
-use crate::ctx::{accept_request_id, new_request_id, RequestCtx};
+use crate::ctx::{accept_request_id, new_request_id, RequestCtx, TokenHold};
 use crate::error::{GatewayError, RequestError};
 use crate::forward::{add_headers, ForwardError, Forwarder};
 use crate::metrics::Metrics;
@@ -164,7 +164,7 @@ impl Gateway {
             }
         }
         // Token budgets: reserve an estimate now, settle with real usage after.
-        self.reserve_tokens(ctx, &principal, &req)?;
+        self.reserve_tokens(ctx, &principal, &req).await?;
         Ok(Admit::Forward(req, route))
     }
 
@@ -192,45 +192,44 @@ impl Gateway {
     /// The request-rate check: through Redis when configured (one round trip), else local.
     /// When Redis fails, `on_redis_error` decides: the local bucket, or a refusal.
     async fn check_requests(&self, key: &str, limit: &RequestLimit) -> Result<RateStatus, Limited> {
-        let Some((shared, on_error)) = &self.shared else {
+        let Some((shared, _)) = &self.shared else {
             return self.limiter.check_request(key, limit, Instant::now());
         };
         match shared.check_request(key, limit).await {
             Ok(result) => result,
-            Err(e) => {
-                self.metrics
-                    .redis_errors
-                    .with_label_values(&["rate_limit"])
-                    .inc();
-                let now_ms = self.started.elapsed().as_millis() as u64;
-                let last = self.redis_logged_ms.load(Ordering::Relaxed);
-                if now_ms.saturating_sub(last) > 10_000
-                    && self
-                        .redis_logged_ms
-                        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    tracing::warn!(error = %e, on_redis_error = ?on_error, "redis unavailable for rate limits");
-                }
-                match on_error {
-                    OnRedisError::FailOpen => {
-                        self.limiter.check_request(key, limit, Instant::now())
-                    }
-                    OnRedisError::FailClosed => Err(Limited {
-                        retry_after: std::time::Duration::from_secs(1),
-                        status: RateStatus {
-                            limit: limit.count,
-                            remaining: 0,
-                            reset_after: std::time::Duration::from_secs(1),
-                        },
-                        reason: LimitReason::Unavailable,
-                    }),
-                }
-            }
+            Err(e) => match self.redis_failed(&e) {
+                OnRedisError::FailOpen => self.limiter.check_request(key, limit, Instant::now()),
+                OnRedisError::FailClosed => Err(unavailable(limit.count)),
+            },
         }
     }
 
-    fn reserve_tokens(
+    /// Counts and (once per burst) logs a Redis failure; returns what to do about it.
+    fn redis_failed(&self, e: &SharedError) -> OnRedisError {
+        let on_error = self
+            .shared
+            .as_ref()
+            .map_or(OnRedisError::FailOpen, |(_, o)| *o);
+        self.metrics
+            .redis_errors
+            .with_label_values(&["rate_limit"])
+            .inc();
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let last = self.redis_logged_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) > 10_000
+            && self
+                .redis_logged_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %e, on_redis_error = ?on_error, "redis unavailable for rate limits");
+        }
+        on_error
+    }
+
+    /// Reserves the request's estimated tokens under the caller's token budgets (in Redis when
+    /// configured), adding the `x-ratelimit-*-tokens` headers.
+    async fn reserve_tokens(
         &self,
         ctx: &mut RequestCtx,
         principal: &Principal,
@@ -240,15 +239,28 @@ impl Gateway {
             return Ok(());
         };
         let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
-        match self.limiter.reserve_tokens(
-            &principal.key_id,
-            &limits.tokens,
-            estimate,
-            Instant::now(),
-        ) {
-            Ok((reservation, status)) => {
+        let local = || {
+            self.limiter
+                .reserve_tokens(&principal.key_id, &limits.tokens, estimate, Instant::now())
+                .map(|(r, status)| (TokenHold::Local(r), status))
+        };
+        let result = match &self.shared {
+            None => local(),
+            Some((shared, _)) => match shared
+                .reserve_tokens(&principal.key_id, &limits.tokens, estimate)
+                .await
+            {
+                Ok(result) => result.map(|(r, status)| (TokenHold::Shared(r), status)),
+                Err(e) => match self.redis_failed(&e) {
+                    OnRedisError::FailOpen => local(),
+                    OnRedisError::FailClosed => Err(unavailable(0)),
+                },
+            },
+        };
+        match result {
+            Ok((hold, status)) => {
                 push_headers(ctx, "tokens", &status);
-                ctx.tokens = Some(reservation);
+                ctx.tokens = Some(hold);
                 ctx.track_usage = true;
                 Ok(())
             }
@@ -327,6 +339,19 @@ impl Gateway {
             let _ = tokio::time::timeout(LINGER, s.drain_request_body()).await;
         }
         Ok(())
+    }
+}
+
+/// The refusal used while Redis is down and `on_redis_error: fail_closed`.
+fn unavailable(limit: u32) -> Limited {
+    Limited {
+        retry_after: std::time::Duration::from_secs(1),
+        status: RateStatus {
+            limit,
+            remaining: 0,
+            reset_after: std::time::Duration::from_secs(1),
+        },
+        reason: LimitReason::Unavailable,
     }
 }
 
@@ -511,15 +536,27 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(reservation) = ctx.tokens.take() {
+        if let Some(hold) = ctx.tokens.take() {
             // Settle with what the provider reported. No usage: a failed or refused request
             // used nothing; a successful one keeps its estimate.
+            let reserved = match &hold {
+                TokenHold::Local(r) => r.reserved,
+                TokenHold::Shared(r) => r.reserved,
+            };
             let actual = match ctx.usage_total {
                 Some(total) => total,
-                None if ctx.status == 200 => reservation.reserved,
+                None if ctx.status == 200 => reserved,
                 None => 0,
             };
-            reservation.settle(actual);
+            match (hold, &self.shared) {
+                (TokenHold::Local(r), _) => r.settle(actual),
+                (TokenHold::Shared(r), Some((shared, _))) => {
+                    if let Err(e) = shared.settle_tokens(&r, actual).await {
+                        self.redis_failed(&e);
+                    }
+                }
+                (TokenHold::Shared(_), None) => {}
+            }
         }
         let elapsed = ctx.started.elapsed();
         let endpoint = ctx.endpoint.map_or("none", Endpoint::label);

@@ -15,6 +15,7 @@ fn node(mock: &MockUpstream, redis: &RedisServer, on_error: &str) -> Lumen {
 redis: {{ url: "{url}", timeout: 200ms, on_redis_error: {on_error} }}
 keys:
   - {{ id: fleet, key: "sk-fleet", limits: {{ requests_per_minute: 10, burst: 10 }} }}
+  - {{ id: budget, key: "sk-budget", limits: {{ tokens_per_minute: 300 }} }}
 providers:
   mock: {{ base_url: "{base}" }}
 routes:
@@ -102,4 +103,48 @@ async fn fail_closed_refuses_while_redis_is_down() {
     redis.restart();
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(count(&burst(&[&a], 2).await, 200), 2);
+}
+
+async fn with_budget(node: &Lumen, max_tokens: u64) -> lumen_test_support::Response {
+    let mut c = Client::connect(node.addr).await.unwrap();
+    let body = json!({"model": "fast", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]});
+    c.post_json(
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sk-budget")],
+        &body,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_budgets_are_shared_and_settled_across_nodes() {
+    let mock = MockUpstream::start();
+    let redis = RedisServer::start();
+    let (a, b) = (
+        node(&mock, &redis, "fail_open"),
+        node(&mock, &redis, "fail_open"),
+    );
+    // Node A reserves ~230 of 300, then settles at the 11 the mock reports.
+    let first = with_budget(&a, 200).await;
+    assert_eq!(first.status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Node B sees A's settled usage: another 200 fits (it would not without the refund)...
+    let second = with_budget(&b, 200).await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    // ...and while B's reservation is still unsettled elsewhere, node A's budget is B's too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let too_big = with_budget(&a, 290).await;
+    assert_eq!(too_big.status, 429, "{}", too_big.text());
+    assert_eq!(too_big.header("x-ratelimit-limit-tokens"), Some("300"));
+    let remaining: u64 = too_big
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        remaining,
+        300 - 22,
+        "both nodes' settled usage, counted once each"
+    );
 }

@@ -45,6 +45,59 @@ redis.call('SET', KEYS[1], nxt, 'PX', math.ceil((nxt - now) / 1000) + 1000)
 return {1, nxt - now, 0}
 ";
 
+/// Token windows on Redis time. KEYS[i]: one hash per window length (`i`: window index, `u`:
+/// used); ARGV: estimate, then (length ms, limit) per window. All or nothing.
+/// Returns {1, index, used, ms to reset, …per window} or {0, window, used, ms to reset}.
+const RESERVE_TOKENS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local est = tonumber(ARGV[1])
+local used, idx = {}, {}
+for i = 1, #KEYS do
+  local len, lim = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  idx[i] = math.floor(now / len)
+  local cur = redis.call('HMGET', KEYS[i], 'i', 'u')
+  local u = 0
+  if tonumber(cur[1]) == idx[i] then u = tonumber(cur[2]) or 0 end
+  used[i] = u
+  if u + est > lim then return {0, i, u, (idx[i] + 1) * len - now} end
+end
+local out = {1}
+for i = 1, #KEYS do
+  local len = tonumber(ARGV[2 * i])
+  redis.call('HSET', KEYS[i], 'i', idx[i], 'u', used[i] + est)
+  redis.call('PEXPIRE', KEYS[i], len * 2)
+  table.insert(out, idx[i])
+  table.insert(out, used[i] + est)
+  table.insert(out, (idx[i] + 1) * len - now)
+end
+return out
+";
+
+/// Settles a reservation: KEYS as above; ARGV: delta (actual − reserved), then the window index
+/// charged per window. A window that rolled over is left alone; usage never goes below zero.
+const SETTLE_TOKENS: &str = r"
+local delta = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  if tonumber(redis.call('HGET', KEYS[i], 'i')) == tonumber(ARGV[i + 1]) then
+    local u = tonumber(redis.call('HGET', KEYS[i], 'u')) or 0
+    local v = u + delta
+    if v < 0 then v = 0 end
+    redis.call('HSET', KEYS[i], 'u', v)
+  end
+end
+return 1
+";
+
+/// Tokens reserved in Redis for one request; settle it with [`SharedLimiter::settle_tokens`].
+#[derive(Debug, Clone)]
+pub struct SharedReservation {
+    bucket: String,
+    /// (window length ms, window index) per window charged.
+    windows: Vec<(u64, u64)>,
+    pub reserved: u64,
+}
+
 /// Why Redis gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -62,6 +115,8 @@ pub struct SharedLimiter {
     prefix: String,
     timeout: Duration,
     script: redis::Script,
+    reserve_script: redis::Script,
+    settle_script: redis::Script,
     conn: AsyncMutex<Option<ConnectionManager>>,
     /// Monotonic ms (since `epoch`) before which no new connection is attempted.
     retry_at_ms: AtomicU64,
@@ -77,6 +132,8 @@ impl SharedLimiter {
             prefix: prefix.to_string(),
             timeout,
             script: redis::Script::new(GCRA),
+            reserve_script: redis::Script::new(RESERVE_TOKENS),
+            settle_script: redis::Script::new(SETTLE_TOKENS),
             conn: AsyncMutex::new(None),
             retry_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -118,6 +175,94 @@ impl SharedLimiter {
                 Err(SharedError::Timeout(self.timeout))
             }
         }
+    }
+
+    fn window_key(&self, bucket: &str, length_ms: u64) -> String {
+        format!("{{{}:{}}}:tok:{}", self.prefix, bucket, length_ms)
+    }
+
+    /// Reserves `estimate` tokens of `bucket` in every window of `limits`, across every node.
+    pub async fn reserve_tokens(
+        &self,
+        bucket: &str,
+        limits: &[super::TokenLimit],
+        estimate: u64,
+    ) -> Result<Result<(SharedReservation, RateStatus), Limited>, SharedError> {
+        let mut conn = self.connection().await?;
+        let mut invocation = self.reserve_script.prepare_invoke();
+        invocation.arg(estimate);
+        for l in limits {
+            let length_ms = l.window.as_millis().max(1) as u64;
+            invocation.key(self.window_key(bucket, length_ms));
+            invocation.arg(length_ms).arg(l.limit);
+        }
+        let reply: Vec<i64> =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let to_u32 = |v: u64| v.min(u64::from(u32::MAX)) as u32;
+        if reply.first() == Some(&0) {
+            let window = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
+            let used = reply.get(2).copied().unwrap_or(0).max(0) as u64;
+            let reset = Duration::from_millis(reply.get(3).copied().unwrap_or(0).max(0) as u64);
+            let limit = limits.get(window).map_or(0, |l| l.limit);
+            return Ok(Err(Limited {
+                retry_after: reset,
+                status: RateStatus {
+                    limit: to_u32(limit),
+                    remaining: to_u32(limit.saturating_sub(used)),
+                    reset_after: reset,
+                },
+                reason: LimitReason::Tokens,
+            }));
+        }
+        let mut windows = Vec::with_capacity(limits.len());
+        let mut tightest: Option<RateStatus> = None;
+        for (l, chunk) in limits.iter().zip(reply[1..].chunks(3)) {
+            let [index, used, reset] = [chunk[0], chunk[1], chunk[2]].map(|v| v.max(0) as u64);
+            windows.push((l.window.as_millis().max(1) as u64, index));
+            let status = RateStatus {
+                limit: to_u32(l.limit),
+                remaining: to_u32(l.limit.saturating_sub(used)),
+                reset_after: Duration::from_millis(reset),
+            };
+            if tightest.is_none_or(|t| status.remaining < t.remaining) {
+                tightest = Some(status);
+            }
+        }
+        let status = tightest.unwrap_or(RateStatus {
+            limit: 0,
+            remaining: 0,
+            reset_after: Duration::ZERO,
+        });
+        Ok(Ok((
+            SharedReservation {
+                bucket: bucket.to_string(),
+                windows,
+                reserved: estimate,
+            },
+            status,
+        )))
+    }
+
+    /// Replaces a reservation's estimate with what the request used.
+    pub async fn settle_tokens(
+        &self,
+        reservation: &SharedReservation,
+        actual: u64,
+    ) -> Result<(), SharedError> {
+        let mut conn = self.connection().await?;
+        let delta = actual as i64 - reservation.reserved as i64;
+        let mut invocation = self.settle_script.prepare_invoke();
+        invocation.arg(delta);
+        for (length_ms, index) in &reservation.windows {
+            invocation.key(self.window_key(&reservation.bucket, *length_ms));
+            invocation.arg(*index);
+        }
+        let _: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        Ok(())
     }
 
     /// Admits one request of `bucket` under `limit`, counted across every node.
