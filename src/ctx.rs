@@ -8,6 +8,22 @@ use http::{HeaderName, HeaderValue};
 use crate::config::Snapshot;
 use crate::openai::Endpoint;
 
+/// Counts a request in `lumen_requests_in_flight` for as long as it lives.
+pub struct InFlightGauge(prometheus::IntGauge);
+
+impl InFlightGauge {
+    pub fn enter(gauge: &prometheus::IntGauge) -> InFlightGauge {
+        gauge.inc();
+        InFlightGauge(gauge.clone())
+    }
+}
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Tokens held for a request under its key's budgets, in process or in Redis.
 pub enum TokenHold {
     Local(lumen_plugins::rate_limit::TokenReservation),
@@ -26,6 +42,10 @@ pub struct RequestCtx {
     pub endpoint: Option<Endpoint>,
     /// The authenticated key's id (never the key), for the access log.
     pub key_id: Option<String>,
+    /// Whether `key_id` names a configured key (bounded, usable as a metrics label).
+    pub key_configured: bool,
+    /// Keeps `lumen_requests_in_flight` counted while the request lives.
+    pub gauge: Option<InFlightGauge>,
     /// This request's in-flight slot under its key's concurrency limit; released on drop.
     pub in_flight: Option<lumen_plugins::rate_limit::InFlight>,
     /// Tokens reserved under the key's token budgets; settled in the logging phase.
@@ -48,6 +68,17 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The caller as a bounded metrics label: a configured key's id, else `jwt`, `anonymous`
+    /// (auth off) or `ip` (refused before authentication).
+    pub fn key_label(&self) -> &str {
+        match (&self.key_id, self.key_configured) {
+            (Some(id), true) => id,
+            (Some(id), false) if id == "anonymous" => "anonymous",
+            (Some(_), false) => "jwt",
+            (None, _) => "ip",
+        }
+    }
+
     pub fn new() -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
@@ -56,6 +87,8 @@ impl RequestCtx {
             response_headers: Vec::new(),
             endpoint: None,
             key_id: None,
+            key_configured: false,
+            gauge: None,
             in_flight: None,
             tokens: None,
             track_usage: false,

@@ -18,9 +18,12 @@ pub struct Metrics {
     pub first_byte: HistogramVec,
     /// `lumen_upstream_errors_total{provider, kind}`: connect, timeout, protocol.
     pub upstream_errors: IntCounterVec,
-    /// `lumen_rate_limited_total{reason}`: requests refused with 429. Not by key: JWT subjects
-    /// are unbounded, and a label per caller would let clients grow the registry.
+    /// `lumen_rate_limited_total{key, reason}`: requests refused with 429. `key` is the
+    /// configured key id, or `jwt` / `ip` / `anonymous`: JWT subjects and client addresses are
+    /// unbounded, and a label per caller would let clients grow the registry.
     pub rate_limited: IntCounterVec,
+    /// `lumen_requests_in_flight`: requests being handled now.
+    pub in_flight: prometheus::IntGauge,
     /// `lumen_redis_errors_total{op}`: Redis calls that failed or timed out.
     pub redis_errors: IntCounterVec,
 }
@@ -68,9 +71,17 @@ impl Metrics {
         );
         let rate_limited = counter(
             "lumen_rate_limited_total",
-            "Requests refused by a rate limit, by reason",
-            &["reason"],
+            "Requests refused by a rate limit, by key and reason",
+            &["key", "reason"],
         );
+        let in_flight = prometheus::IntGauge::new(
+            "lumen_requests_in_flight",
+            "Requests being handled by the proxy now",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(in_flight.clone()))
+            .expect("unique metric");
         let redis_errors = counter(
             "lumen_redis_errors_total",
             "Redis calls that failed or timed out, by operation",
@@ -84,6 +95,7 @@ impl Metrics {
             first_byte,
             upstream_errors,
             rate_limited,
+            in_flight,
         }
     }
 

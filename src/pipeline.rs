@@ -26,7 +26,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::access_log;
 use crate::config::Snapshot;
-use crate::ctx::{accept_request_id, new_request_id, RequestCtx, TokenHold};
+use crate::ctx::{accept_request_id, new_request_id, InFlightGauge, RequestCtx, TokenHold};
 use crate::error::{GatewayError, RequestError};
 use crate::forward::{add_headers, ForwardError, Forwarder};
 use crate::metrics::Metrics;
@@ -125,6 +125,7 @@ impl Gateway {
             None => ANONYMOUS.clone(),
         };
         ctx.key_id = Some(principal.key_id.clone());
+        ctx.key_configured = principal.configured;
         if let Some(reply) = ops::answer(&head.method, path, &config, &principal) {
             return reply.map(Admit::Reply);
         }
@@ -281,7 +282,7 @@ impl Gateway {
             .push((http::header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
         self.metrics
             .rate_limited
-            .with_label_values(&[limited.reason.label()])
+            .with_label_values(&[ctx.key_label(), limited.reason.label()])
             .inc();
         GatewayError::RateLimited(limited.reason)
     }
@@ -451,6 +452,7 @@ impl ProxyHttp for Gateway {
         // A client that stops reading must not pin an upstream (or a sidecar slot) forever:
         // a write that cannot progress for this long fails, and the upstream is dropped.
         s.set_write_timeout(Some(DOWNSTREAM_WRITE_TIMEOUT));
+        ctx.gauge = Some(InFlightGauge::enter(&self.metrics.in_flight));
         let config = self.config.load_full();
         ctx.request_id = match s.req_header().headers.get("x-request-id") {
             Some(id) if accept_request_id(id) => id.clone(),

@@ -81,7 +81,7 @@ async fn a_burst_is_admitted_then_refused_with_retry_after() {
 
     lumen_test_support::harness::scrape_until(
         lumen.admin,
-        r#"lumen_rate_limited_total{reason="requests"} 1"#,
+        r#"lumen_rate_limited_total{key="bursty",reason="requests"} 1"#,
     )
     .await;
 }
@@ -122,6 +122,7 @@ async fn concurrency_is_capped_and_released() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    lumen_test_support::harness::scrape_until(lumen.admin, "lumen_requests_in_flight 2").await;
     let third = chat(&lumen, "sk-narrow", simple()).await;
     assert_eq!(third.status, 429, "{}", third.text());
     assert!(third.json()["error"]["message"]
@@ -261,6 +262,11 @@ routes:
         "even a good key, from a flooding address"
     );
     assert!(refused.header("retry-after").is_some());
+    lumen_test_support::harness::scrape_until(
+        lumen.admin,
+        r#"lumen_rate_limited_total{key="ip",reason="requests"} 1"#,
+    )
+    .await;
     let mut c = Client::connect(lumen.addr).await.unwrap();
     assert_eq!(
         c.request("GET", "/healthz", &[], b"").await.unwrap().status,

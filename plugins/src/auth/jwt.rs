@@ -285,6 +285,7 @@ fn principal_from(
         tenant,
         models,
         limits,
+        configured: false,
     })
 }
 

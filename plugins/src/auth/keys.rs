@@ -124,6 +124,7 @@ impl KeyTable {
                     .as_ref()
                     .map(|m| AllowList::new(m.iter().cloned())),
                 limits,
+                configured: true,
             });
             match by_digest.entry(digest) {
                 Entry::Occupied(existing) => {

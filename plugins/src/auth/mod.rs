@@ -159,6 +159,9 @@ pub struct Principal {
     models: Option<AllowList>,
     /// The key's (or the token's) limits; `None`: unlimited.
     pub limits: Option<crate::rate_limit::KeyLimits>,
+    /// `key_id` names a key of the config (a bounded set, safe as a metrics label), rather
+    /// than a JWT subject (unbounded).
+    pub configured: bool,
 }
 
 impl Principal {
@@ -174,6 +177,7 @@ impl Principal {
             tenant,
             models: models.map(AllowList::new),
             limits: None,
+            configured: false,
         }
     }
 
@@ -189,6 +193,7 @@ impl Principal {
             tenant: None,
             models: None,
             limits: None,
+            configured: false,
         }
     }
 }
