@@ -46,8 +46,10 @@ pub struct RequestCtx {
     pub key_configured: bool,
     /// Keeps `lumen_requests_in_flight` counted while the request lives.
     pub gauge: Option<InFlightGauge>,
-    /// This request's in-flight slot under its key's concurrency limit; released on drop.
+    /// This request's in-flight slot under its key's concurrency limit (in process: released
+    /// on drop; in Redis: released in the logging phase).
     pub in_flight: Option<lumen_plugins::rate_limit::InFlight>,
+    pub shared_slot: Option<lumen_plugins::rate_limit::shared::SharedSlot>,
     /// Tokens reserved under the key's token budgets; settled in the logging phase.
     pub tokens: Option<TokenHold>,
     /// Read usage off the response (and ask streams for it): set when tokens are reserved.
@@ -90,6 +92,7 @@ impl RequestCtx {
             key_configured: false,
             gauge: None,
             in_flight: None,
+            shared_slot: None,
             tokens: None,
             track_usage: false,
             usage_total: None,

@@ -182,10 +182,7 @@ impl Gateway {
             }
         }
         if let Some(max) = limits.concurrency {
-            match self.limiter.acquire(&principal.key_id, max) {
-                Ok(slot) => ctx.in_flight = Some(slot),
-                Err(limited) => return Err(self.refuse(ctx, &limited)),
-            }
+            self.acquire_slot(ctx, &principal.key_id, max).await?;
         }
         Ok(())
     }
@@ -202,6 +199,38 @@ impl Gateway {
                 OnRedisError::FailOpen => self.limiter.check_request(key, limit, Instant::now()),
                 OnRedisError::FailClosed => Err(unavailable(limit.count)),
             },
+        }
+    }
+
+    /// Takes an in-flight slot of `key`: fleet-wide through Redis when configured (falling
+    /// back per `on_redis_error`), else in process.
+    async fn acquire_slot(
+        &self,
+        ctx: &mut RequestCtx,
+        key: &str,
+        max: u32,
+    ) -> Result<(), GatewayError> {
+        if let Some((shared, _)) = &self.shared {
+            let member = ctx.request_id.to_str().unwrap_or("").to_string();
+            match shared.acquire(key, max, &member).await {
+                Ok(Ok(slot)) => {
+                    ctx.shared_slot = Some(slot);
+                    return Ok(());
+                }
+                Ok(Err(limited)) => return Err(self.refuse(ctx, &limited)),
+                Err(e) => {
+                    if self.redis_failed(&e) == OnRedisError::FailClosed {
+                        return Err(self.refuse(ctx, &unavailable(max)));
+                    }
+                }
+            }
+        }
+        match self.limiter.acquire(key, max) {
+            Ok(slot) => {
+                ctx.in_flight = Some(slot);
+                Ok(())
+            }
+            Err(limited) => Err(self.refuse(ctx, &limited)),
         }
     }
 
@@ -538,6 +567,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let (Some(slot), Some((shared, _))) = (ctx.shared_slot.take(), &self.shared) {
+            if let Err(e) = shared.release(&slot).await {
+                // The entry expires on its own after IN_FLIGHT_STALE_AFTER.
+                self.redis_failed(&e);
+            }
+        }
         if let Some(hold) = ctx.tokens.take() {
             // Settle with what the provider reported. No usage: a failed or refused request
             // used nothing; a successful one keeps its estimate.

@@ -16,6 +16,7 @@ redis: {{ url: "{url}", timeout: 200ms, on_redis_error: {on_error} }}
 keys:
   - {{ id: fleet, key: "sk-fleet", limits: {{ requests_per_minute: 10, burst: 10 }} }}
   - {{ id: budget, key: "sk-budget", limits: {{ tokens_per_minute: 300 }} }}
+  - {{ id: narrow, key: "sk-narrow", limits: {{ concurrent_requests: 2 }} }}
 providers:
   mock: {{ base_url: "{base}" }}
 routes:
@@ -147,4 +148,59 @@ async fn token_budgets_are_shared_and_settled_across_nodes() {
         300 - 22,
         "both nodes' settled usage, counted once each"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_caps_hold_across_nodes() {
+    let mock = MockUpstream::start();
+    let redis = RedisServer::start();
+    let (a, b) = (
+        node(&mock, &redis, "fail_open"),
+        node(&mock, &redis, "fail_open"),
+    );
+    let slow = json!({"model": "fast", "stream": true, "messages": [], "mock_chunks": 4, "mock_delay_ms": 300});
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, body) = (a.addr, slow.clone());
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await.unwrap();
+                c.post_json(
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer sk-narrow")],
+                    &body,
+                )
+                .await
+                .unwrap()
+                .status
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = Client::connect(b.addr).await.unwrap();
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    let on_b = c
+        .post_json(
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-narrow")],
+            &body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        on_b.status, 429,
+        "node A's two streams hold the fleet's two slots"
+    );
+    for s in streams {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = c
+        .post_json(
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-narrow")],
+            &body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status, 200, "slots were given back in Redis");
 }

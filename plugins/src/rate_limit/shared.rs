@@ -89,6 +89,31 @@ end
 return 1
 ";
 
+/// Concurrency on Redis time. KEYS[1]: a sorted set of in-flight request ids scored by start
+/// time; ARGV: max, member, stale-after ms. Entries older than stale-after (a node that died
+/// mid-request) no longer count. Returns 1 when admitted, else the count in flight.
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[1]) then return -n end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+";
+
+/// How long an in-flight entry counts at most: a node that dies mid-request cannot hold a
+/// fleet-wide slot for longer than this.
+pub const IN_FLIGHT_STALE_AFTER: Duration = Duration::from_secs(600);
+
+/// A fleet-wide in-flight slot; give it back with [`SharedLimiter::release`].
+#[derive(Debug, Clone)]
+pub struct SharedSlot {
+    key: String,
+    member: String,
+}
+
 /// Tokens reserved in Redis for one request; settle it with [`SharedLimiter::settle_tokens`].
 #[derive(Debug, Clone)]
 pub struct SharedReservation {
@@ -116,6 +141,7 @@ pub struct SharedLimiter {
     timeout: Duration,
     script: redis::Script,
     reserve_script: redis::Script,
+    acquire_script: redis::Script,
     settle_script: redis::Script,
     conn: AsyncMutex<Option<ConnectionManager>>,
     /// Monotonic ms (since `epoch`) before which no new connection is attempted.
@@ -133,6 +159,7 @@ impl SharedLimiter {
             timeout,
             script: redis::Script::new(GCRA),
             reserve_script: redis::Script::new(RESERVE_TOKENS),
+            acquire_script: redis::Script::new(ACQUIRE),
             settle_script: redis::Script::new(SETTLE_TOKENS),
             conn: AsyncMutex::new(None),
             retry_at_ms: AtomicU64::new(0),
@@ -175,6 +202,53 @@ impl SharedLimiter {
                 Err(SharedError::Timeout(self.timeout))
             }
         }
+    }
+
+    /// Takes one of `max` in-flight slots of `bucket` across the fleet; `member` must be unique
+    /// per request (the request id).
+    pub async fn acquire(
+        &self,
+        bucket: &str,
+        max: u32,
+        member: &str,
+    ) -> Result<Result<SharedSlot, Limited>, SharedError> {
+        let mut conn = self.connection().await?;
+        let key = format!("{{{}:{}}}:inflight", self.prefix, bucket);
+        let mut invocation = self.acquire_script.key(&key);
+        invocation
+            .arg(max)
+            .arg(member)
+            .arg(IN_FLIGHT_STALE_AFTER.as_millis() as u64);
+        let reply: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        if reply == 1 {
+            return Ok(Ok(SharedSlot {
+                key,
+                member: member.to_string(),
+            }));
+        }
+        Ok(Err(Limited {
+            retry_after: Duration::from_secs(1),
+            status: RateStatus {
+                limit: max,
+                remaining: 0,
+                reset_after: Duration::from_secs(1),
+            },
+            reason: LimitReason::Concurrency,
+        }))
+    }
+
+    /// Gives a slot back.
+    pub async fn release(&self, slot: &SharedSlot) -> Result<(), SharedError> {
+        let mut conn = self.connection().await?;
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(&slot.key).arg(&slot.member);
+        let call = cmd.query_async::<i64>(&mut conn);
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        Ok(())
     }
 
     fn window_key(&self, bucket: &str, length_ms: u64) -> String {
