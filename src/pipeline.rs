@@ -57,7 +57,7 @@ pub struct Gateway {
     /// Rate-limit state: outside the config snapshot, so counters survive reloads.
     limiter: LocalLimiter,
     /// Limits shared through Redis, when configured at start-up.
-    shared: Option<(SharedLimiter, OnRedisError)>,
+    shared: Option<(Arc<SharedLimiter>, OnRedisError)>,
     /// Last time (ms since `started`) a Redis failure was logged: once per burst, not per request.
     redis_logged_ms: AtomicU64,
     started: Instant,
@@ -77,7 +77,7 @@ impl Gateway {
         // Redis settings are read once: a new URL needs a restart (sockets are process state).
         let shared = config.load().redis.as_ref().and_then(|r| {
             match SharedLimiter::new(&r.url, &r.prefix, r.timeout) {
-                Ok(l) => Some((l, r.on_error)),
+                Ok(l) => Some((Arc::new(l), r.on_error)),
                 Err(e) => {
                     tracing::error!(error = %e, "redis limits disabled");
                     None
@@ -175,20 +175,58 @@ impl Gateway {
         let Some(limits) = &principal.limits else {
             return Ok(());
         };
+        if limits.requests.is_none() && limits.concurrency.is_none() {
+            return Ok(());
+        }
+        // With Redis: rate and concurrency in one round trip.
+        if let Some((shared, _)) = &self.shared {
+            let member = ctx.request_id.to_str().unwrap_or("").to_string();
+            match shared
+                .admit(
+                    &principal.key_id,
+                    limits.requests.as_ref(),
+                    limits.concurrency,
+                    &member,
+                )
+                .await
+            {
+                Ok(Ok(admitted)) => {
+                    if let Some(status) = admitted.rate {
+                        push_headers(ctx, "requests", &status);
+                    }
+                    ctx.shared_slot = admitted.slot;
+                    return Ok(());
+                }
+                Ok(Err(limited)) => return Err(self.refuse(ctx, &limited)),
+                Err(e) => {
+                    if self.redis_failed(&e) == OnRedisError::FailClosed {
+                        let limit = limits.requests.as_ref().map_or(0, |l| l.count);
+                        return Err(self.refuse(ctx, &unavailable(limit)));
+                    }
+                    // Fail open: the node's own limiter below.
+                }
+            }
+        }
         if let Some(requests) = &limits.requests {
-            match self.check_requests(&principal.key_id, requests).await {
+            match self
+                .limiter
+                .check_request(&principal.key_id, requests, Instant::now())
+            {
                 Ok(status) => push_headers(ctx, "requests", &status),
                 Err(limited) => return Err(self.refuse(ctx, &limited)),
             }
         }
         if let Some(max) = limits.concurrency {
-            self.acquire_slot(ctx, &principal.key_id, max).await?;
+            match self.limiter.acquire(&principal.key_id, max) {
+                Ok(slot) => ctx.in_flight = Some(slot),
+                Err(limited) => return Err(self.refuse(ctx, &limited)),
+            }
         }
         Ok(())
     }
 
-    /// The request-rate check: through Redis when configured (one round trip), else local.
-    /// When Redis fails, `on_redis_error` decides: the local bucket, or a refusal.
+    /// A request-rate check for a bucket other than the key's own (route, client address):
+    /// through Redis when configured, else local; on Redis failure, per `on_redis_error`.
     async fn check_requests(&self, key: &str, limit: &RequestLimit) -> Result<RateStatus, Limited> {
         let Some((shared, _)) = &self.shared else {
             return self.limiter.check_request(key, limit, Instant::now());
@@ -199,38 +237,6 @@ impl Gateway {
                 OnRedisError::FailOpen => self.limiter.check_request(key, limit, Instant::now()),
                 OnRedisError::FailClosed => Err(unavailable(limit.count)),
             },
-        }
-    }
-
-    /// Takes an in-flight slot of `key`: fleet-wide through Redis when configured (falling
-    /// back per `on_redis_error`), else in process.
-    async fn acquire_slot(
-        &self,
-        ctx: &mut RequestCtx,
-        key: &str,
-        max: u32,
-    ) -> Result<(), GatewayError> {
-        if let Some((shared, _)) = &self.shared {
-            let member = ctx.request_id.to_str().unwrap_or("").to_string();
-            match shared.acquire(key, max, &member).await {
-                Ok(Ok(slot)) => {
-                    ctx.shared_slot = Some(slot);
-                    return Ok(());
-                }
-                Ok(Err(limited)) => return Err(self.refuse(ctx, &limited)),
-                Err(e) => {
-                    if self.redis_failed(&e) == OnRedisError::FailClosed {
-                        return Err(self.refuse(ctx, &unavailable(max)));
-                    }
-                }
-            }
-        }
-        match self.limiter.acquire(key, max) {
-            Ok(slot) => {
-                ctx.in_flight = Some(slot);
-                Ok(())
-            }
-            Err(limited) => Err(self.refuse(ctx, &limited)),
         }
     }
 
@@ -568,10 +574,12 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         if let (Some(slot), Some((shared, _))) = (ctx.shared_slot.take(), &self.shared) {
-            if let Err(e) = shared.release(&slot).await {
-                // The entry expires on its own after IN_FLIGHT_STALE_AFTER.
-                self.redis_failed(&e);
-            }
+            // Off the connection's path: the next request on this keep-alive connection need
+            // not wait for the round trip. A lost release expires after IN_FLIGHT_STALE_AFTER.
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _ = shared.release(&slot).await;
+            });
         }
         if let Some(hold) = ctx.tokens.take() {
             // Settle with what the provider reported. No usage: a failed or refused request

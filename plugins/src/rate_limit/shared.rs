@@ -89,19 +89,45 @@ end
 return 1
 ";
 
-/// Concurrency on Redis time. KEYS[1]: a sorted set of in-flight request ids scored by start
-/// time; ARGV: max, member, stale-after ms. Entries older than stale-after (a node that died
-/// mid-request) no longer count. Returns 1 when admitted, else the count in flight.
-const ACQUIRE: &str = r"
+/// A key's request rate and concurrency in one atomic call (one round trip per request).
+/// KEYS: the GCRA key, the in-flight set (same hash tag). ARGV: interval µs (0: no rate),
+/// tolerance µs, max in flight (0: no cap), member, stale-after ms. The slot is checked
+/// first, so a refusal for concurrency does not spend a rate token.
+/// Returns {1, µs until full, 0} admitted, {0, µs until full, µs to wait} rate-limited,
+/// {2, 0, 0} concurrency-limited.
+const ADMIT: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-local n = redis.call('ZCARD', KEYS[1])
-if n >= tonumber(ARGV[1]) then return -n end
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now / 1000)
+local interval, tolerance, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if max > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms - tonumber(ARGV[5]))
+  if redis.call('ZCARD', KEYS[2]) >= max then return {2, 0, 0} end
+end
+local ahead = 0
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+  if tat < now then tat = now end
+  if tat - now > tolerance then return {0, tat - now, tat - now - tolerance} end
+  local nxt = tat + interval
+  redis.call('SET', KEYS[1], nxt, 'PX', math.ceil((nxt - now) / 1000) + 1000)
+  ahead = nxt - now
+end
+if max > 0 then
+  redis.call('ZADD', KEYS[2], now_ms, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]))
+end
+return {1, ahead, 0}
 ";
+
+/// What [`SharedLimiter::admit`] decided.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The rate's status, when the key has a rate.
+    pub rate: Option<RateStatus>,
+    /// The in-flight slot, when the key has a concurrency cap.
+    pub slot: Option<SharedSlot>,
+}
 
 /// How long an in-flight entry counts at most: a node that dies mid-request cannot hold a
 /// fleet-wide slot for longer than this.
@@ -141,7 +167,7 @@ pub struct SharedLimiter {
     timeout: Duration,
     script: redis::Script,
     reserve_script: redis::Script,
-    acquire_script: redis::Script,
+    admit_script: redis::Script,
     settle_script: redis::Script,
     conn: AsyncMutex<Option<ConnectionManager>>,
     /// Monotonic ms (since `epoch`) before which no new connection is attempted.
@@ -159,7 +185,7 @@ impl SharedLimiter {
             timeout,
             script: redis::Script::new(GCRA),
             reserve_script: redis::Script::new(RESERVE_TOKENS),
-            acquire_script: redis::Script::new(ACQUIRE),
+            admit_script: redis::Script::new(ADMIT),
             settle_script: redis::Script::new(SETTLE_TOKENS),
             conn: AsyncMutex::new(None),
             retry_at_ms: AtomicU64::new(0),
@@ -204,39 +230,81 @@ impl SharedLimiter {
         }
     }
 
-    /// Takes one of `max` in-flight slots of `bucket` across the fleet; `member` must be unique
-    /// per request (the request id).
-    pub async fn acquire(
+    /// Checks `bucket`'s rate and takes one of its in-flight slots in one round trip.
+    pub async fn admit(
         &self,
         bucket: &str,
-        max: u32,
+        rate: Option<&RequestLimit>,
+        max_in_flight: Option<u32>,
         member: &str,
-    ) -> Result<Result<SharedSlot, Limited>, SharedError> {
+    ) -> Result<Result<Admitted, Limited>, SharedError> {
         let mut conn = self.connection().await?;
-        let key = format!("{{{}:{}}}:inflight", self.prefix, bucket);
-        let mut invocation = self.acquire_script.key(&key);
+        let (interval, tolerance) = match rate {
+            Some(l) => {
+                let interval = (l.period.as_micros() as u64 / u64::from(l.count)).max(1);
+                (interval, interval * u64::from(l.burst - 1))
+            }
+            None => (0, 0),
+        };
+        let max = max_in_flight.unwrap_or(0);
+        let set = format!("{{{}:{}}}:inflight", self.prefix, bucket);
+        let mut invocation = self
+            .admit_script
+            .key(format!("{{{}:{}}}:rl", self.prefix, bucket));
         invocation
+            .key(&set)
+            .arg(interval)
+            .arg(tolerance)
             .arg(max)
             .arg(member)
             .arg(IN_FLIGHT_STALE_AFTER.as_millis() as u64);
-        let reply: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| SharedError::Timeout(self.timeout))??;
-        if reply == 1 {
-            return Ok(Ok(SharedSlot {
-                key,
-                member: member.to_string(),
-            }));
+        let (code, ahead, wait): (i64, i64, i64) =
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let ahead = ahead.max(0) as u64;
+        let status = |remaining| {
+            rate.map(|l| RateStatus {
+                limit: l.count,
+                remaining,
+                reset_after: Duration::from_micros(ahead),
+            })
+        };
+        match code {
+            1 => {
+                let remaining = if interval > 0 {
+                    ((tolerance + interval).saturating_sub(ahead) / interval)
+                        .min(u64::from(u32::MAX)) as u32
+                } else {
+                    0
+                };
+                Ok(Ok(Admitted {
+                    rate: status(remaining),
+                    slot: (max > 0).then(|| SharedSlot {
+                        key: set,
+                        member: member.to_string(),
+                    }),
+                }))
+            }
+            0 => Ok(Err(Limited {
+                retry_after: Duration::from_micros(wait.max(0) as u64),
+                status: status(0).unwrap_or(RateStatus {
+                    limit: 0,
+                    remaining: 0,
+                    reset_after: Duration::ZERO,
+                }),
+                reason: LimitReason::Requests,
+            })),
+            _ => Ok(Err(Limited {
+                retry_after: Duration::from_secs(1),
+                status: RateStatus {
+                    limit: max,
+                    remaining: 0,
+                    reset_after: Duration::from_secs(1),
+                },
+                reason: LimitReason::Concurrency,
+            })),
         }
-        Ok(Err(Limited {
-            retry_after: Duration::from_secs(1),
-            status: RateStatus {
-                limit: max,
-                remaining: 0,
-                reset_after: Duration::from_secs(1),
-            },
-            reason: LimitReason::Concurrency,
-        }))
     }
 
     /// Gives a slot back.
