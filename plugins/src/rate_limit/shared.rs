@@ -272,12 +272,11 @@ impl SharedLimiter {
         };
         match code {
             1 => {
-                let remaining = if interval > 0 {
-                    ((tolerance + interval).saturating_sub(ahead) / interval)
-                        .min(u64::from(u32::MAX)) as u32
-                } else {
-                    0
-                };
+                let remaining = (tolerance + interval)
+                    .saturating_sub(ahead)
+                    .checked_div(interval)
+                    .unwrap_or(0)
+                    .min(u64::from(u32::MAX)) as u32;
                 Ok(Ok(Admitted {
                     rate: status(remaining),
                     slot: (max > 0).then(|| SharedSlot {
