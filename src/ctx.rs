@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderName, HeaderValue};
+use lumen_plugins::auth::Principal;
 
 use crate::config::Snapshot;
 use crate::openai::Endpoint;
@@ -40,10 +41,9 @@ pub struct RequestCtx {
     /// Headers every response to this request carries (request id, CORS).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     pub endpoint: Option<Endpoint>,
-    /// The authenticated key's id (never the key), for the access log.
-    pub key_id: Option<String>,
-    /// Whether `key_id` names a configured key (bounded, usable as a metrics label).
-    pub key_configured: bool,
+    /// Who is calling, once authenticated (shared, not copied: keys' principals are built at
+    /// config load). Its `key_id` goes to the access log, never the credential.
+    pub principal: Option<Arc<Principal>>,
     /// Keeps `lumen_requests_in_flight` counted while the request lives.
     pub gauge: Option<InFlightGauge>,
     /// This request's in-flight slot under its key's concurrency limit (in process: released
@@ -73,11 +73,11 @@ impl RequestCtx {
     /// The caller as a bounded metrics label: a configured key's id, else `jwt`, `anonymous`
     /// (auth off) or `ip` (refused before authentication).
     pub fn key_label(&self) -> &str {
-        match (&self.key_id, self.key_configured) {
-            (Some(id), true) => id,
-            (Some(id), false) if id == "anonymous" => "anonymous",
-            (Some(_), false) => "jwt",
-            (None, _) => "ip",
+        match &self.principal {
+            Some(p) if p.configured => &p.key_id,
+            Some(p) if p.key_id == "anonymous" => "anonymous",
+            Some(_) => "jwt",
+            None => "ip",
         }
     }
 
@@ -88,8 +88,7 @@ impl RequestCtx {
             request_id: HeaderValue::from_static(""),
             response_headers: Vec::new(),
             endpoint: None,
-            key_id: None,
-            key_configured: false,
+            principal: None,
             gauge: None,
             in_flight: None,
             shared_slot: None,

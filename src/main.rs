@@ -62,8 +62,9 @@ fn main() -> ExitCode {
         Command::Keys { command } => keys(command),
         Command::Check { config } => match lumen::config::load(&config) {
             Ok(snapshot) => {
+                let (keys, issuers) = snapshot.auth.counts();
                 println!(
-                    "{}: ok ({} providers, {} routes)",
+                    "{}: ok ({} providers, {} routes, {keys} keys, {issuers} JWT issuers)",
                     config.display(),
                     snapshot.providers.len(),
                     snapshot.routes.model_names().count()

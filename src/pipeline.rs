@@ -124,8 +124,7 @@ impl Gateway {
             Some(principal) => principal,
             None => ANONYMOUS.clone(),
         };
-        ctx.key_id = Some(principal.key_id.clone());
-        ctx.key_configured = principal.configured;
+        ctx.principal = Some(principal.clone());
         if let Some(reply) = ops::answer(&head.method, path, &config, &principal) {
             return reply.map(Admit::Reply);
         }
@@ -380,15 +379,7 @@ impl Gateway {
 
 /// The refusal used while Redis is down and `on_redis_error: fail_closed`.
 fn unavailable(limit: u32) -> Limited {
-    Limited {
-        retry_after: std::time::Duration::from_secs(1),
-        status: RateStatus {
-            limit,
-            remaining: 0,
-            reset_after: std::time::Duration::from_secs(1),
-        },
-        reason: LimitReason::Unavailable,
-    }
+    Limited::for_a_second(limit, LimitReason::Unavailable)
 }
 
 /// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
@@ -623,7 +614,7 @@ impl ProxyHttp for Gateway {
             // The query string is never logged: it may carry credentials.
             access_log::record(&access_log::Entry {
                 request_id: ctx.request_id.to_str().unwrap_or(""),
-                key_id: ctx.key_id.as_deref().unwrap_or(""),
+                key_id: ctx.principal.as_ref().map_or("", |p| p.key_id.as_str()),
                 method: s.req_header().method.as_str(),
                 path: s.req_header().uri.path(),
                 status: ctx.status,

@@ -29,7 +29,10 @@ fn a_good_config_passes() {
         "providers:\n  a: { base_url: \"http://127.0.0.1:1/v1\" }\nroutes:\n  - { model: m, targets: [ { provider: a } ] }\n",
     );
     assert!(ok);
-    assert!(stdout.contains("ok (1 providers, 1 routes)"), "{stdout}");
+    assert!(
+        stdout.contains("ok (1 providers, 1 routes, 0 keys, 0 JWT issuers)"),
+        "{stdout}"
+    );
 }
 
 #[test]

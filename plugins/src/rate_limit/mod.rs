@@ -161,6 +161,23 @@ pub struct Limited {
     pub reason: LimitReason,
 }
 
+impl Limited {
+    /// A refusal with nothing better to say than "try again in a second" (a concurrency cap,
+    /// an unreachable store): `limit` for the headers, nothing remaining.
+    pub fn for_a_second(limit: u32, reason: LimitReason) -> Limited {
+        let second = Duration::from_secs(1);
+        Limited {
+            retry_after: second,
+            status: RateStatus {
+                limit,
+                remaining: 0,
+                reset_after: second,
+            },
+            reason,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitReason {
     Requests,
@@ -365,15 +382,7 @@ impl LocalLimiter {
         let mut current = bucket.in_flight.load(Ordering::Acquire);
         loop {
             if current >= max {
-                return Err(Limited {
-                    retry_after: Duration::from_secs(1),
-                    status: RateStatus {
-                        limit: max,
-                        remaining: 0,
-                        reset_after: Duration::from_secs(1),
-                    },
-                    reason: LimitReason::Concurrency,
-                });
+                return Err(Limited::for_a_second(max, LimitReason::Concurrency));
             }
             match bucket.in_flight.compare_exchange_weak(
                 current,

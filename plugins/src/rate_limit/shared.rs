@@ -294,15 +294,7 @@ impl SharedLimiter {
                 }),
                 reason: LimitReason::Requests,
             })),
-            _ => Ok(Err(Limited {
-                retry_after: Duration::from_secs(1),
-                status: RateStatus {
-                    limit: max,
-                    remaining: 0,
-                    reset_after: Duration::from_secs(1),
-                },
-                reason: LimitReason::Concurrency,
-            })),
+            _ => Ok(Err(Limited::for_a_second(max, LimitReason::Concurrency))),
         }
     }
 
