@@ -10,6 +10,11 @@
 //! never to refuse), access log and metrics on; `lumen+redis` checks the rate limit in a real
 //! `redis-server` (one round trip per request); `lumen-open` is the same gateway with auth (and
 //! so limits) off, the baseline for what they cost.
+//!
+//! Fallback cost: a route whose primary refuses the connection and whose second target
+//! answers, against `lumen-open` answering directly, at c=1: once with the circuit breaker
+//! kept closed (every request pays the refused connect and the fallback), once with the
+//! default circuit (it opens after five failures, so steady state skips the dead primary).
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -291,5 +296,39 @@ fn main() {
             );
         }
         println!();
+    }
+
+    // Fallback cost: the primary refuses the connection (nothing listens on its port).
+    let dead = free_port();
+    let fallback = |circuit: &str| {
+        format!(
+            "server: {{ threads: 2 }}\nauth: off\nproviders:\n  dead: {{ base_url: \"http://127.0.0.1:{dead}/v1\", health: {{ enabled: false }}{circuit} }}\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: dead, model: x }}, {{ provider: mock, model: bench-upstream }} ] }}\n"
+        )
+    };
+    let every_time = Lumen::start(&fallback(
+        ", circuit: { failures: 1000000000, min_requests: 1000000000 }",
+    ));
+    let with_circuit = Lumen::start(&fallback(""));
+    println!("fallback cost, c=1 1KiB (primary refuses the connection; vs lumen-open answering directly)");
+    let base = runtime.block_on(load(
+        lumen_open.addr,
+        1,
+        secs,
+        chat_body(1024, false),
+        false,
+    ));
+    for (label, addr) in [
+        ("every request falls back", every_time.addr),
+        ("circuit open (default)", with_circuit.addr),
+    ] {
+        let s = runtime.block_on(load(addr, 1, secs, chat_body(1024, false), false));
+        println!(
+            "  {label:<25} p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us  rps {:.2}x",
+            s.pct(0.5),
+            s.pct(0.99),
+            s.pct(0.5) - base.pct(0.5),
+            s.pct(0.99) - base.pct(0.99),
+            s.rps / base.rps
+        );
     }
 }

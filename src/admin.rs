@@ -1,4 +1,5 @@
-//! The admin listener (loopback by default): `/metrics` for Prometheus.
+//! The admin listener (loopback by default): `/metrics` for Prometheus, and `/admin/providers`
+//! (every provider's health, circuit, latency, load, limits and last error).
 //!
 //! It is a separate Pingora service so that scrapes never share a port, a limit or a failure
 //! mode with client traffic.
@@ -10,11 +11,17 @@ use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use arc_swap::ArcSwap;
+
+use crate::config::Snapshot;
+use crate::health::HealthTable;
 use crate::metrics::Metrics;
 
 /// Answers admin requests from shared gateway state.
 pub struct AdminApp {
     pub metrics: Arc<Metrics>,
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub health: Arc<HealthTable>,
 }
 
 #[async_trait]
@@ -26,6 +33,11 @@ impl ServeHttp for AdminApp {
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
                 self.metrics.render().into_bytes(),
+            ),
+            "/admin/providers" => (
+                StatusCode::OK,
+                "application/json",
+                providers_report(&self.config.load(), &self.health),
             ),
             _ => (
                 StatusCode::NOT_FOUND,
@@ -44,4 +56,63 @@ impl ServeHttp for AdminApp {
             .body(body)
             .unwrap_or_default()
     }
+}
+
+/// Per provider: what routing knows about it now, and per model (as routes name them).
+fn providers_report(config: &Snapshot, health: &HealthTable) -> Vec<u8> {
+    let now = health.now_ms();
+    let mut names: Vec<&String> = config.providers.keys().collect();
+    names.sort();
+    let limit = |v: u64| (v != u64::MAX).then_some(v);
+    let providers: Vec<serde_json::Value> = names
+        .into_iter()
+        .map(|name| {
+            let p = &config.providers[name];
+            let s = health.get(name);
+            // Every model a route sends here, even before its first request.
+            for route in config.routes.routes() {
+                for t in route.targets.iter().filter(|t| &t.provider.name == name) {
+                    s.model(&t.health_key);
+                }
+            }
+            let models: Vec<serde_json::Value> = s
+                .models()
+                .into_iter()
+                .map(|(model, m)| {
+                    serde_json::json!({
+                        "model": model,
+                        "available": s.availability(&m, now, &p.circuit, 0).err().map_or("yes", |why| why.label()),
+                        "circuit": {
+                            "state": m.circuit.state(now, &p.circuit).label(),
+                            "retry_in_ms": m.circuit.wait_ms(now, &p.circuit),
+                        },
+                        "latency_ewma_ms": m.latency().map(|d| d.as_secs_f64() * 1000.0),
+                        "rate_limited_for_ms": m.skipped_ms(now),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": name,
+                "probe": {
+                    "state": s.probe_state().label(),
+                    "enabled": p.probe.is_some(),
+                    "path": p.probe.as_ref().and_then(|pr| pr.path.clone()),
+                    "interval_ms": p.probe.as_ref().map(|pr| pr.interval.as_millis() as u64),
+                },
+                "in_flight": s.in_flight(),
+                "capacity": s.capacity(p.max_in_flight),
+                "quota": {
+                    "requests_left": limit(s.quota_requests_left.load(std::sync::atomic::Ordering::Relaxed)),
+                    "tokens_left": limit(s.quota_tokens_left.load(std::sync::atomic::Ordering::Relaxed)),
+                    "exhausted_for_ms": s.quota_wait_ms(now),
+                },
+                "last_error": s.last_error().map(|(message, at)| serde_json::json!({
+                    "message": message,
+                    "at_unix_ms": at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+                })),
+                "models": models,
+            })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({ "providers": providers })).unwrap_or_default()
 }

@@ -63,8 +63,10 @@ pub struct RequestCtx {
     pub stream: bool,
     /// Status sent to the client (0 until a response head went out).
     pub status: u16,
-    /// Request sent upstream → response head received.
+    /// Request sent upstream → first body chunk received (time to first token for streams).
     pub first_byte: Option<Duration>,
+    /// Upstream attempts made (`x-lumen-attempts`).
+    pub attempts: u32,
     /// Short reason for the access log when the request failed.
     pub error: Option<String>,
 }
@@ -100,6 +102,7 @@ impl RequestCtx {
             stream: false,
             status: 0,
             first_byte: None,
+            attempts: 0,
             error: None,
         }
     }

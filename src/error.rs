@@ -38,6 +38,8 @@ pub enum UpstreamError {
     Timeout { provider: String },
     #[error("provider `{provider}` closed the connection or sent an invalid response")]
     Protocol { provider: String },
+    #[error("provider `{provider}` answered with HTTP {status}")]
+    Status { provider: String, status: u16 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,8 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("no provider can serve the model `{route}` right now ({detail}); retry after the time in the Retry-After header")]
+    NoTarget { route: String, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -165,7 +169,20 @@ impl GatewayError {
                     Some("upstream_timeout"),
                     None,
                 ),
+                // Only when the provider's own answer could not be read back.
+                U::Status { .. } => (
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    Some("upstream_error"),
+                    None,
+                ),
             },
+            G::NoTarget { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                Some("no_available_provider"),
+                None,
+            ),
             G::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "api_error",
@@ -223,6 +240,13 @@ mod tests {
             504
         );
         assert_eq!(s(GatewayError::Internal("x".into())), 500);
+        assert_eq!(
+            s(GatewayError::NoTarget {
+                route: "r".into(),
+                detail: "p: unhealthy".into()
+            }),
+            503
+        );
     }
 
     #[test]

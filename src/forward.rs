@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderName, HeaderValue, Method};
 use pingora::connectors::http::Connector;
@@ -21,12 +21,16 @@ use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
+use crate::balance::{self, NoTarget, TargetState};
 use crate::config::Provider;
 use crate::ctx::RequestCtx;
 use crate::error::{GatewayError, UpstreamError};
+use crate::health::quota::{read_provider_limits, Quotas};
+use crate::health::{HealthTable, Outcome};
 use crate::metrics::Metrics;
-use crate::openai::{body_for_target, body_with_usage, LlmRequest};
-use crate::routing::Route;
+use crate::openai::{body_for_target, body_with_usage, LlmRequest, DEFAULT_COMPLETION_TOKENS};
+use crate::retry::{Failure, RetryPolicy};
+use crate::routing::{Route, Target};
 use crate::usage::UsageTap;
 
 /// How a forward failed, which decides who writes what to the client.
@@ -80,9 +84,39 @@ const NOT_RETURNED: &[&str] = &[
 /// once; a small pool would close most of their connections only to reopen them.
 const UPSTREAM_POOL_SIZE: usize = 1024;
 
+/// A provider's error answer is kept up to this size so that, if no other target answers, the
+/// client gets it as the last error.
+const MAX_ERROR_BODY: usize = 256 * 1024;
+
 /// The upstream side: a pool of keep-alive connections shared by all requests.
 pub struct Forwarder {
     connector: Connector,
+}
+
+/// The shared state an attempt loop reads and feeds.
+pub struct Upstreams<'a> {
+    pub health: &'a HealthTable,
+    pub quotas: &'a Quotas,
+    pub metrics: &'a Metrics,
+}
+
+/// One attempt that ended before anything reached the client.
+struct Failed {
+    failure: Failure,
+    error: UpstreamError,
+    /// The provider's own error answer (429/5xx), passed on if it is the last one.
+    answer: Option<(Box<ResponseHeader>, Bytes)>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// A response went to the client: the request is over, whatever `result` says.
+    Committed {
+        outcome: Outcome,
+        result: Result<(), ForwardError>,
+    },
+    /// Nothing reached the client: another attempt may follow.
+    Failed(Failed),
 }
 
 impl Default for Forwarder {
@@ -98,101 +132,406 @@ impl Forwarder {
         }
     }
 
-    /// Sends `req` to the route's target and streams the response to the client.
+    /// Sends `req` to the route's targets, in the order its strategy and their health give,
+    /// until one answers or the route's attempts or deadline run out, and streams the answer
+    /// to the client. Until the first byte is written the request can move on to another
+    /// target (DESIGN.md step 8); after it, a failure ends the stream with an error event.
     pub async fn forward(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         req: &LlmRequest,
         route: &Route,
-        metrics: &Metrics,
+        up: &Upstreams<'_>,
     ) -> Result<(), ForwardError> {
-        // Strategies and fallback across targets come with the routing issue; the route's
-        // first target is the primary.
-        let Some(target) = route.targets.first() else {
-            return Err(ForwardError::BeforeResponse(GatewayError::Internal(
-                format!("route `{}` has no target", route.name),
-            )));
+        let states: Vec<TargetState> = route
+            .targets
+            .iter()
+            .map(|t| {
+                let provider = up.health.get(&t.provider.name);
+                let model = provider.model(&t.health_key);
+                TargetState { provider, model }
+            })
+            .collect();
+        let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
+        let order = match balance::order(route, &states, up.health, estimate) {
+            Ok(order) => order,
+            Err(none) => return Err(self.no_target(ctx, route, &none, up.metrics)),
         };
+        let policy = &route.retry;
+        let deadline = policy.deadline.map(|d| ctx.started + d);
+        let mut tried = vec![0u32; route.targets.len()];
+        let mut cursor = 0;
+        let mut last: Option<Failed> = None;
+        let mut previous: Option<usize> = None;
+        // Each pass either starts an attempt or marks a target unavailable; bound it anyway.
+        for _ in 0..(policy.attempts as usize + 2) * route.targets.len().max(1) {
+            if ctx.attempts >= policy.attempts {
+                break;
+            }
+            // The next target in plan order that is still available: an earlier attempt may
+            // have opened a circuit or met a Retry-After since the plan was made.
+            let now_ms = up.health.now_ms();
+            let Some((k, i)) = (0..order.len())
+                .map(|k| (cursor + k) % order.len())
+                .map(|k| (k, order[k]))
+                .find(|&(_, i)| {
+                    let circuit = &route.targets[i].provider.circuit;
+                    let s = &states[i];
+                    s.provider
+                        .availability(&s.model, now_ms, circuit, estimate)
+                        .is_ok()
+                })
+            else {
+                break;
+            };
+            cursor = k + 1;
+            if tried[i] > 0 {
+                // Trying a target again: back off first (a fallback to a new target does not).
+                let pause = policy.backoff(tried[i]);
+                if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let target = &route.targets[i];
+            let provider = &*target.provider;
+            let state = &states[i];
+            let circuit = &state.model.circuit;
+            let Some(permit) = circuit.acquire(up.health.now_ms(), &provider.circuit) else {
+                continue;
+            };
+            let quota = match up
+                .quotas
+                .take(&provider.quota, &state.provider, up.health)
+                .await
+            {
+                Ok(hold) => hold,
+                Err(_) => {
+                    circuit.record(permit, Outcome::Neutral, 0, &provider.circuit);
+                    continue;
+                }
+            };
+            ctx.attempts += 1;
+            tried[i] += 1;
+            if let (Some(failed), Some(prev)) = (&last, previous) {
+                up.metrics
+                    .retries
+                    .with_label_values(&[route.name.as_str(), failed.failure.label()])
+                    .inc();
+                if prev != i {
+                    up.metrics
+                        .fallbacks
+                        .with_label_values(&[
+                            &route.name,
+                            &route.targets[prev].provider.name,
+                            &provider.name,
+                        ])
+                        .inc();
+                }
+            }
+            previous = Some(i);
+            ctx.provider = Some(provider.name.clone());
+            let in_flight = state.provider.enter();
+            let attempt = self
+                .attempt(session, ctx, req, target, state, policy, deadline, up)
+                .await;
+            drop(in_flight);
+            let (outcome, failed) = match attempt {
+                Attempt::Committed { outcome, result } => (outcome, Err(result)),
+                Attempt::Failed(failed) => {
+                    let outcome = if failed.failure.is_provider_fault() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Neutral
+                    };
+                    state.provider.set_error(failed.error.to_string());
+                    (outcome, Ok(failed))
+                }
+            };
+            up.metrics
+                .attempts
+                .with_label_values(&[
+                    provider.name.as_str(),
+                    match &failed {
+                        Ok(f) => f.failure.label(),
+                        Err(_) if outcome == Outcome::Failure => "failed_mid_response",
+                        Err(_) => "ok",
+                    },
+                ])
+                .inc();
+            let now_ms = up.health.now_ms();
+            if circuit.record(permit, outcome, now_ms, &provider.circuit) {
+                let now = circuit.state(now_ms, &provider.circuit);
+                let model = target.health_key.as_str();
+                up.metrics
+                    .circuit_state
+                    .with_label_values(&[provider.name.as_str(), model])
+                    .set(now.gauge());
+                tracing::warn!(provider = %provider.name, model, circuit = now.label(), "circuit breaker changed state");
+            }
+            let used = if failed.is_ok() {
+                0
+            } else {
+                ctx.usage_total.unwrap_or(0)
+            };
+            up.quotas.settle(quota, used).await;
+            match failed {
+                Err(result) => return result,
+                Ok(failed) => {
+                    let again = policy.retries(failed.failure);
+                    last = Some(failed);
+                    if !again {
+                        break;
+                    }
+                }
+            }
+        }
+        self.give_up(session, ctx, route, last, &states, up).await
+    }
+
+    /// No attempt succeeded: the client gets the last failure (the provider's own error answer
+    /// when there was one), or 503 when no target could even be tried.
+    async fn give_up(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        last: Option<Failed>,
+        states: &[TargetState],
+        up: &Upstreams<'_>,
+    ) -> Result<(), ForwardError> {
+        ctx.response_headers.push((
+            HeaderName::from_static("x-lumen-attempts"),
+            HeaderValue::from(ctx.attempts),
+        ));
+        let Some(failed) = last else {
+            let none = match balance::order(route, states, up.health, 0) {
+                Err(none) => none,
+                // Everything was available but busy with trials or quotas a moment ago.
+                Ok(_) => NoTarget {
+                    reasons: Vec::new(),
+                    retry_after_ms: 1000,
+                },
+            };
+            return Err(self.no_target(ctx, route, &none, up.metrics));
+        };
+        ctx.error = Some(failed.error.to_string());
+        let Some((mut head, body)) = failed.answer else {
+            return Err(ForwardError::BeforeResponse(failed.error.into()));
+        };
+        head.remove_header(&http::header::TRANSFER_ENCODING);
+        let _ = head.insert_header(CONTENT_LENGTH, body.len());
+        add_headers(&mut head, &ctx.response_headers);
+        if let Some(provider) = &ctx.provider {
+            let _ = head.insert_header("x-lumen-provider", provider.as_str());
+        }
+        ctx.status = head.status.as_u16();
+        if session.write_response_header(head, false).await.is_err()
+            || session.write_response_body(Some(body), true).await.is_err()
+        {
+            return Err(ForwardError::ClientGone);
+        }
+        Ok(())
+    }
+
+    fn no_target(
+        &self,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        none: &NoTarget,
+        metrics: &Metrics,
+    ) -> ForwardError {
+        metrics.no_target.with_label_values(&[&route.name]).inc();
+        let secs = none.retry_after_ms.div_ceil(1000).max(1);
+        ctx.response_headers
+            .push((http::header::RETRY_AFTER, HeaderValue::from(secs)));
+        ForwardError::BeforeResponse(GatewayError::NoTarget {
+            route: route.name.clone(),
+            detail: none.describe(),
+        })
+    }
+
+    /// One attempt on one target. Commits (writes to the client) only once the provider's
+    /// answer is known good enough to pass on: a success whose first chunk arrived, or a
+    /// status the route does not retry.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        req: &LlmRequest,
+        target: &Target,
+        state: &TargetState,
+        policy: &RetryPolicy,
+        deadline: Option<Instant>,
+        up: &Upstreams<'_>,
+    ) -> Attempt {
         let provider = &*target.provider;
-        ctx.provider = Some(provider.name.clone());
-        let body = if ctx.track_usage {
+        let failed = |failure: Failure, error: UpstreamError| {
+            Attempt::Failed(Failed {
+                failure,
+                error,
+                answer: None,
+            })
+        };
+        let track_usage = ctx.track_usage || !provider.quota.tokens.is_empty();
+        let body = if track_usage {
             body_with_usage(req, target.model_json.as_ref())
         } else {
             body_for_target(req, target.model_json.as_ref())
         };
-        let head = upstream_request(session.req_header(), provider, req, &body, &ctx.request_id)
-            .map_err(ForwardError::BeforeResponse)?;
-
+        let head =
+            match upstream_request(session.req_header(), provider, req, &body, &ctx.request_id) {
+                Ok(head) => head,
+                Err(e) => {
+                    return Attempt::Committed {
+                        outcome: Outcome::Neutral,
+                        result: Err(ForwardError::BeforeResponse(e)),
+                    }
+                }
+            };
         let sent = Instant::now();
-        let peer = provider.peer.peer().await.map_err(|_| {
-            ForwardError::BeforeResponse(
-                UpstreamError::Connect {
-                    provider: provider.name.clone(),
-                }
-                .into(),
-            )
-        })?;
-        let mut upstream = self
-            .exchange(provider, &peer, head, &body)
-            .await
-            .map_err(|e| {
-                metrics
-                    .upstream_errors
-                    .with_label_values(&[&provider.name, error_kind(&e)])
-                    .inc();
-                ForwardError::BeforeResponse(e.into())
-            })?;
-        let first_byte = sent.elapsed();
-        ctx.first_byte = Some(first_byte);
-        metrics
-            .first_byte
-            .with_label_values(&[&provider.name])
-            .observe(first_byte.as_secs_f64());
-
-        let Some(upstream_head) = upstream.response_header() else {
-            return Err(ForwardError::BeforeResponse(
-                UpstreamError::Protocol {
-                    provider: provider.name.clone(),
-                }
-                .into(),
-            ));
+        let Ok(peer) = provider.peer.peer().await else {
+            return failed(Failure::Connect, connect_error(provider));
         };
-        let sse = upstream_head
-            .headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let exchange = self.exchange(provider, &peer, head, &body);
+        let mut upstream = match within(deadline, exchange).await {
+            Ok(Ok(upstream)) => upstream,
+            Ok(Err(e)) => return failed(failure_of(&e), e),
+            Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
+        };
+        let Some(upstream_head) = upstream.response_header() else {
+            return failed(Failure::Dropped, protocol_error(provider));
+        };
+        let status = upstream_head.status.as_u16();
+        read_provider_limits(status, &upstream_head.headers, &state.model, up.health);
         let mut head = Box::new(upstream_head.clone());
         for name in NOT_RETURNED {
             head.remove_header(*name);
         }
+
+        // A status this route retries: keep the answer (it is the last error if nothing else
+        // answers) and let the loop try again.
+        if status >= 400 && policy.retries(Failure::Status(status)) {
+            let answer = match within(deadline, read_all(&mut upstream, MAX_ERROR_BODY)).await {
+                Ok(Ok(body)) => {
+                    self.connector
+                        .release_http_session(upstream, &*peer, Some(provider.idle_timeout))
+                        .await;
+                    Some((head, body))
+                }
+                _ => None,
+            };
+            return Attempt::Failed(Failed {
+                failure: Failure::Status(status),
+                error: UpstreamError::Status {
+                    provider: provider.name.clone(),
+                    status,
+                },
+                answer,
+            });
+        }
+
+        // Success (or a status passed on as is): wait for the first chunk before committing,
+        // so a stream that dies before its first event still falls back.
+        let first = match within(deadline, upstream.read_response_body()).await {
+            Ok(Ok(chunk)) => chunk,
+            Ok(Err(e)) => {
+                let e = classify(provider, &e);
+                return failed(failure_of(&e), e);
+            }
+            Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
+        };
+        let first_byte = sent.elapsed();
+        ctx.first_byte = Some(first_byte);
+        up.metrics
+            .first_byte
+            .with_label_values(&[&provider.name])
+            .observe(first_byte.as_secs_f64());
+        let outcome = match status {
+            200..=399 => {
+                state.model.observe_latency(first_byte);
+                Outcome::Success
+            }
+            429 | 500.. => Outcome::Failure,
+            _ => Outcome::Neutral,
+        };
+        let result = self
+            .stream_to_client(
+                session,
+                ctx,
+                upstream,
+                head,
+                first,
+                &peer,
+                provider,
+                track_usage,
+                up,
+            )
+            .await;
+        up.metrics
+            .upstream_duration
+            .with_label_values(&[&provider.name])
+            .observe(sent.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Err(ForwardError::AfterResponse { .. }) => Outcome::Failure,
+            _ => outcome,
+        };
+        Attempt::Committed { outcome, result }
+    }
+
+    /// The commit point: writes the response head and the first chunk, then streams the rest
+    /// as it arrives.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_to_client(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut upstream: HttpSession,
+        mut head: Box<ResponseHeader>,
+        first: Option<Bytes>,
+        peer: &HttpPeer,
+        provider: &Provider,
+        track_usage: bool,
+        up: &Upstreams<'_>,
+    ) -> Result<(), ForwardError> {
+        let sse = head
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         add_headers(&mut head, &ctx.response_headers);
         let _ = head.insert_header("x-lumen-provider", provider.name.as_str());
+        let _ = head.insert_header("x-lumen-attempts", ctx.attempts);
         ctx.status = head.status.as_u16();
         ctx.stream = sse;
-
         if session.write_response_header(head, false).await.is_err() {
             return Err(ForwardError::ClientGone);
         }
-        let mut tap = (ctx.track_usage && ctx.status < 300).then(|| UsageTap::new(sse));
+        let mut tap = (track_usage && ctx.status < 300).then(|| UsageTap::new(sse));
+        let mut next = first;
         loop {
+            let Some(chunk) = next.take() else {
+                break;
+            };
+            if let Some(tap) = tap.as_mut() {
+                tap.observe(&chunk);
+            }
+            if session
+                .write_response_body(Some(chunk), false)
+                .await
+                .is_err()
+            {
+                return Err(ForwardError::ClientGone);
+            }
             match upstream.read_response_body().await {
-                Ok(Some(chunk)) => {
-                    if let Some(tap) = tap.as_mut() {
-                        tap.observe(&chunk);
-                    }
-                    if session
-                        .write_response_body(Some(chunk), false)
-                        .await
-                        .is_err()
-                    {
-                        return Err(ForwardError::ClientGone);
-                    }
-                }
-                Ok(None) => break,
+                Ok(chunk) => next = chunk,
                 Err(e) => {
                     let error = classify(provider, &e);
-                    metrics
+                    up.metrics
                         .upstream_errors
                         .with_label_values(&[&provider.name, error_kind(&error)])
                         .inc();
@@ -211,7 +550,7 @@ impl Forwarder {
             return Err(ForwardError::ClientGone);
         }
         self.connector
-            .release_http_session(upstream, &*peer, Some(provider.idle_timeout))
+            .release_http_session(upstream, peer, Some(provider.idle_timeout))
             .await;
         Ok(())
     }
@@ -244,6 +583,53 @@ impl Forwarder {
                 Err(e) => return Err(classify(provider, &e)),
             }
         }
+    }
+}
+
+/// Runs `f` until `deadline` (if any); `Err(())` when the deadline came first.
+async fn within<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, ()> {
+    match deadline {
+        None => Ok(f.await),
+        Some(d) => tokio::time::timeout_at(d.into(), f).await.map_err(|_| ()),
+    }
+}
+
+/// Reads a whole (small) response body, failing above `limit` bytes.
+async fn read_all(upstream: &mut HttpSession, limit: usize) -> Result<Bytes, ()> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = upstream.read_response_body().await.map_err(|_| ())? {
+        if body.len() + chunk.len() > limit {
+            return Err(());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn failure_of(e: &UpstreamError) -> Failure {
+    match e {
+        UpstreamError::Connect { .. } => Failure::Connect,
+        UpstreamError::Timeout { .. } => Failure::Timeout,
+        UpstreamError::Protocol { .. } => Failure::Dropped,
+        UpstreamError::Status { status, .. } => Failure::Status(*status),
+    }
+}
+
+fn connect_error(provider: &Provider) -> UpstreamError {
+    UpstreamError::Connect {
+        provider: provider.name.clone(),
+    }
+}
+
+fn timeout_error(provider: &Provider) -> UpstreamError {
+    UpstreamError::Timeout {
+        provider: provider.name.clone(),
+    }
+}
+
+fn protocol_error(provider: &Provider) -> UpstreamError {
+    UpstreamError::Protocol {
+        provider: provider.name.clone(),
     }
 }
 
@@ -294,6 +680,7 @@ fn error_kind(e: &UpstreamError) -> &'static str {
         UpstreamError::Connect { .. } => "connect",
         UpstreamError::Timeout { .. } => "timeout",
         UpstreamError::Protocol { .. } => "protocol",
+        UpstreamError::Status { .. } => "status",
     }
 }
 

@@ -10,12 +10,15 @@
 //! | [`pipeline`] | the `ProxyHttp` impl: the request pipeline, phase by phase |
 //! | [`openai`] | endpoints and the few body fields routing needs |
 //! | [`routing`] | model name → route → targets |
-//! | [`forward`] | the upstream attempt: pooled connections, body re-sent, streaming back |
+//! | [`balance`] | a route's targets in the order its strategy and their health give |
+//! | [`forward`] | the attempt loop: fallback, retries, commit point, streaming back |
+//! | [`retry`] | what is retried, backoff, deadline |
+//! | [`health`] | per-provider health: circuit breaker, active probes, provider quotas |
 //! | [`resolve`] | provider host → peer: lazy, cached DNS off the config path |
 //! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
 //! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
 //! | [`usage`] | token usage read off responses as they stream (token budgets) |
-//! | [`admin`] | the admin listener: `/metrics` |
+//! | [`admin`] | the admin listener: `/metrics`, `/admin/providers` |
 //! | [`access_log`] | one JSON line per request, written off the request path |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
@@ -24,15 +27,18 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod ctx;
 pub mod error;
 pub mod forward;
+pub mod health;
 pub mod metrics;
 pub mod openai;
 pub mod ops;
 pub mod pipeline;
 pub mod resolve;
+pub mod retry;
 pub mod routing;
 pub mod sidecar;
 pub mod usage;
@@ -96,17 +102,32 @@ pub fn proxy_service(
     Ok(service)
 }
 
-/// The admin service (`/metrics`) on the snapshot's admin address.
-pub fn admin_service(
-    snapshot: &Snapshot,
-    metrics: Arc<Metrics>,
-) -> impl pingora::services::ServiceWithDependents {
+/// The admin service (`/metrics`, `/admin/providers`) on the snapshot's admin address.
+pub fn admin_service(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
+    let snapshot = gateway.config.load_full();
     let mut service = Service::new(
         "lumen admin".to_string(),
-        pingora::apps::http_app::HttpServer::new_app(admin::AdminApp { metrics }),
+        pingora::apps::http_app::HttpServer::new_app(admin::AdminApp {
+            metrics: gateway.metrics.clone(),
+            config: gateway.config.clone(),
+            health: gateway.health(),
+        }),
     );
     service.add_tcp(&snapshot.admin_listen);
     service
+}
+
+/// The background service that probes every provider of the live config.
+pub fn health_prober(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
+    pingora::services::background::background_service(
+        "lumen health prober",
+        health::probe::Prober {
+            config: gateway.config.clone(),
+            health: gateway.health(),
+            metrics: gateway.metrics.clone(),
+            redis: gateway.redis(),
+        },
+    )
 }
 
 /// Loads `config_path`, builds the Pingora server with the proxy and admin services, and runs
@@ -132,11 +153,13 @@ pub fn run(config_path: &Path) -> Result<(), SetupError> {
     let metrics = Arc::new(Metrics::new());
     access_log::init();
     let live = Arc::new(ArcSwap::new(snapshot.clone()));
-    let gateway = Gateway::new(live, metrics.clone());
+    let gateway = Gateway::new(live, metrics);
+    let admin = admin_service(&gateway);
+    let prober = health_prober(&gateway);
     let proxy = proxy_service(&server.configuration, gateway)?;
-    let admin = admin_service(&snapshot, metrics);
     server.add_service(proxy);
     server.add_service(admin);
+    server.add_service(prober);
     if !snapshot.spawns.is_empty() {
         server.add_service(pingora::services::background::background_service(
             "lumen sidecar supervisor",

@@ -4,7 +4,8 @@
 //! providers from the config, statuses from a fixed set, endpoints from a fixed set.
 
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric the gateway exports.
@@ -26,6 +27,24 @@ pub struct Metrics {
     pub in_flight: prometheus::IntGauge,
     /// `lumen_redis_errors_total{op}`: Redis calls that failed or timed out.
     pub redis_errors: IntCounterVec,
+    /// `lumen_upstream_attempts_total{provider, outcome}`: every attempt and how it ended
+    /// (`ok`, `connect`, `timeout`, `dropped`, `status_429`, `status_5xx`, `status_4xx`).
+    pub attempts: IntCounterVec,
+    /// `lumen_retries_total{route, reason}`: attempts after the first, by the failure before.
+    pub retries: IntCounterVec,
+    /// `lumen_fallbacks_total{route, from, to}`: a request moved to another provider.
+    pub fallbacks: IntCounterVec,
+    /// `lumen_no_target_total{route}`: requests refused because no target was available.
+    pub no_target: IntCounterVec,
+    /// `lumen_circuit_state{provider, model}`: 0 closed, 1 half-open, 2 open (models come
+    /// from the routing table, or from clients only through `expose_models` providers).
+    pub circuit_state: IntGaugeVec,
+    /// `lumen_provider_healthy{provider}`: the active probes' verdict (1 healthy, 0 not).
+    pub provider_healthy: IntGaugeVec,
+    /// `lumen_probes_total{provider, result}`.
+    pub probes: IntCounterVec,
+    /// `lumen_upstream_duration_seconds{provider}`: request sent → last byte received.
+    pub upstream_duration: HistogramVec,
 }
 
 impl Metrics {
@@ -87,8 +106,63 @@ impl Metrics {
             "Redis calls that failed or timed out, by operation",
             &["op"],
         );
+        let attempts = counter(
+            "lumen_upstream_attempts_total",
+            "Upstream attempts, by provider and outcome",
+            &["provider", "outcome"],
+        );
+        let retries = counter(
+            "lumen_retries_total",
+            "Attempts after the first, by route and the failure that caused them",
+            &["route", "reason"],
+        );
+        let fallbacks = counter(
+            "lumen_fallbacks_total",
+            "Requests moved from one provider to another, by route",
+            &["route", "from", "to"],
+        );
+        let no_target = counter(
+            "lumen_no_target_total",
+            "Requests refused because no target of the route was available",
+            &["route"],
+        );
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let circuit_state = gauge(
+            "lumen_circuit_state",
+            "Circuit breaker per provider model: 0 closed, 1 half-open, 2 open",
+            &["provider", "model"],
+        );
+        let provider_healthy = gauge(
+            "lumen_provider_healthy",
+            "Active health probes' verdict per provider: 1 healthy, 0 unhealthy",
+            &["provider"],
+        );
+        let probes = counter(
+            "lumen_probes_total",
+            "Active health probes, by provider and result",
+            &["provider", "result"],
+        );
+        let upstream_duration = histogram(
+            "lumen_upstream_duration_seconds",
+            "Time from sending a request upstream to its last byte",
+            &["provider"],
+        );
         Metrics {
             registry,
+            attempts,
+            retries,
+            fallbacks,
+            no_target,
+            circuit_state,
+            provider_healthy,
+            probes,
+            upstream_duration,
             redis_errors,
             requests,
             duration,

@@ -66,6 +66,11 @@ impl Endpoint {
     }
 }
 
+/// Completion tokens assumed for a request that sets no `max_tokens` (token budgets reserve
+/// this much). A longer answer is still settled at its real size afterwards, so a key can
+/// overshoot its budget by at most the excess of the requests it had in flight at once.
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 512;
+
 /// A parsed client request: the original bytes and what the gateway needs from them.
 #[derive(Debug, Clone)]
 pub struct LlmRequest {

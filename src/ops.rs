@@ -1,5 +1,5 @@
 //! What the gateway answers itself on the proxy listener, with no upstream: the probes
-//! `/healthz` and `/readyz` (no auth), and the model list built from the routing table (only
+//! `/healthz`, `/readyz` and `/health` (no auth), and the model list built from the routing table (only
 //! the models the caller may use).
 
 use bytes::Bytes;
@@ -7,8 +7,11 @@ use http::{Method, StatusCode};
 
 use lumen_plugins::auth::Principal;
 
+use crate::config::raw::Readiness;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::health::{CircuitState, HealthTable, ProbeState};
+use crate::routing::Route;
 
 /// A complete JSON answer.
 pub struct Reply {
@@ -25,14 +28,17 @@ impl Reply {
     }
 }
 
-/// Probes answered before authentication: `Some` for `/healthz` and `/readyz`.
+/// Probes answered before authentication: `Some` for `/healthz`, `/readyz` and `/health`.
+/// `redis` is the last Redis ping when Redis is configured (`Some(None)`: not pinged yet).
 pub fn answer_probe(
     method: &Method,
     path: &str,
     config: &Snapshot,
+    health: &HealthTable,
+    redis: Option<Option<bool>>,
 ) -> Option<Result<Reply, GatewayError>> {
     let path = path.strip_suffix('/').unwrap_or(path);
-    if !matches!(path, "/healthz" | "/readyz") {
+    if !matches!(path, "/healthz" | "/readyz" | "/health") {
         return None;
     }
     if let Err(e) = only_get(method, path) {
@@ -41,12 +47,128 @@ pub fn answer_probe(
     Some(Ok(match path {
         // Alive: the process answers.
         "/healthz" => Reply::json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        // Ready: a config is loaded and serving (target health joins this with the health issue).
-        _ => Reply::json(
-            StatusCode::OK,
-            serde_json::json!({"status": "ready", "config": config.source.hash}),
-        ),
+        "/readyz" => readiness(config, health),
+        _ => health_report(config, health, redis),
     }))
+}
+
+/// Whether a route has a target that could take a request now.
+fn route_ready(route: &Route, health: &HealthTable) -> bool {
+    let now = health.now_ms();
+    route.targets.iter().any(|t| {
+        let state = health.get(&t.provider.name);
+        let probed_ok = match state.probe_state() {
+            ProbeState::Healthy => true,
+            ProbeState::Unhealthy => false,
+            // Not probed yet: ready only if it is never going to be probed.
+            ProbeState::Unknown => t.provider.probe.is_none(),
+        };
+        let model = state.model(&t.health_key);
+        // Rate limits and quotas pass; a broken target (open circuit) does not.
+        probed_ok && model.circuit.state(now, &t.provider.circuit) != CircuitState::Open
+    })
+}
+
+/// `/readyz`: 200 when the config's readiness rule holds, else 503 with the routes that fail.
+fn readiness(config: &Snapshot, health: &HealthTable) -> Reply {
+    let mut ready = Vec::new();
+    let mut not_ready = Vec::new();
+    for route in config.routes.routes() {
+        if route_ready(route, health) {
+            ready.push(route.name.as_str());
+        } else {
+            not_ready.push(route.name.as_str());
+        }
+    }
+    let ok = match config.readiness {
+        Readiness::ConfigLoaded => true,
+        Readiness::AllRoutes => not_ready.is_empty(),
+        Readiness::AnyRoute => !ready.is_empty() || not_ready.is_empty(),
+    };
+    let (status, word) = if ok {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    Reply::json(
+        status,
+        serde_json::json!({
+            "status": word,
+            "config": config.source.hash,
+            "routes_not_ready": not_ready,
+        }),
+    )
+}
+
+/// `/health`: the node at a glance for humans and dashboards: overall status, version, Redis,
+/// each provider's health, and the models a local sidecar has loaded.
+fn health_report(config: &Snapshot, health: &HealthTable, redis: Option<Option<bool>>) -> Reply {
+    let now = health.now_ms();
+    let mut providers = serde_json::Map::new();
+    let mut sidecars = serde_json::Map::new();
+    let mut names: Vec<&String> = config.providers.keys().collect();
+    names.sort();
+    for name in names {
+        let provider = &config.providers[name];
+        let state = health.get(name);
+        let status = match state.probe_state() {
+            ProbeState::Unhealthy => "unhealthy",
+            _ if state.quota_wait_ms(now).is_some() => "quota_exhausted",
+            _ => "up",
+        };
+        let open: Vec<String> = state
+            .models()
+            .into_iter()
+            .filter(|(_, m)| m.circuit.state(now, &provider.circuit) == CircuitState::Open)
+            .map(|(model, _)| model)
+            .collect();
+        providers.insert(
+            name.clone(),
+            serde_json::json!({
+                "status": status,
+                "probe": state.probe_state().label(),
+                "open_circuits": open,
+                "in_flight": state.in_flight(),
+            }),
+        );
+        if let Some(detail) = state.probe_detail.load_full() {
+            if let Some(models) = detail.get("models").filter(|m| m.is_object()) {
+                sidecars.insert(name.clone(), models.clone());
+            }
+        }
+    }
+    let routes_ready = config
+        .routes
+        .routes()
+        .filter(|r| route_ready(r, health))
+        .count();
+    let routes_total = config.routes.routes().count();
+    let word = if routes_ready == routes_total {
+        "ok"
+    } else if routes_ready > 0 {
+        "degraded"
+    } else {
+        "unavailable"
+    };
+    Reply::json(
+        if word == "unavailable" {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        },
+        serde_json::json!({
+            "status": word,
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": config.source.hash,
+            "routes": {"total": routes_total, "ready": routes_ready},
+            "redis": match redis {
+                None => serde_json::json!({"configured": false}),
+                Some(connected) => serde_json::json!({"configured": true, "connected": connected}),
+            },
+            "providers": providers,
+            "sidecar": sidecars,
+        }),
+    )
 }
 
 /// The model list for an authenticated caller: `Some` for `/v1/models` and `/v1/models/{id}`.

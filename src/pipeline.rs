@@ -28,19 +28,16 @@ use crate::access_log;
 use crate::config::Snapshot;
 use crate::ctx::{accept_request_id, new_request_id, InFlightGauge, RequestCtx, TokenHold};
 use crate::error::{GatewayError, RequestError};
-use crate::forward::{add_headers, ForwardError, Forwarder};
+use crate::forward::{add_headers, ForwardError, Forwarder, Upstreams};
+use crate::health::quota::Quotas;
+use crate::health::HealthTable;
 use crate::metrics::Metrics;
-use crate::openai::{self, Endpoint, LlmRequest};
+use crate::openai::{self, Endpoint, LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::ops;
 use crate::routing::Route;
 
 /// How long an unread request body is drained after an error before the connection closes.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Completion tokens reserved for a request that sets no `max_tokens`. A longer answer is
-/// still settled at its real size afterwards, so a key can overshoot its budget by at most the
-/// excess of the requests it had in flight at once.
-const DEFAULT_COMPLETION_TOKENS: u64 = 512;
 
 /// The caller when `auth: off`: may use every model.
 static ANONYMOUS: std::sync::LazyLock<Arc<Principal>> =
@@ -62,6 +59,10 @@ pub struct Gateway {
     redis_logged_ms: AtomicU64,
     started: Instant,
     forwarder: Forwarder,
+    /// Upstream health (probes, circuits, provider limits): outlives config reloads.
+    health: Arc<HealthTable>,
+    /// Provider quotas (`quota:` on providers), counted per attempt.
+    quotas: Quotas,
 }
 
 /// What admission decided.
@@ -84,15 +85,29 @@ impl Gateway {
                 }
             }
         });
+        let health = Arc::new(HealthTable::new());
+        health.sync(config.load().providers.values());
         Gateway {
             config,
             metrics,
             limiter: LocalLimiter::new(),
+            quotas: Quotas::new(shared.as_ref().map(|(s, _)| s.clone())),
             shared,
             redis_logged_ms: AtomicU64::new(0),
             started: Instant::now(),
             forwarder: Forwarder::new(),
+            health,
         }
+    }
+
+    /// The health table this gateway routes by; the prober and the admin service share it.
+    pub fn health(&self) -> Arc<HealthTable> {
+        self.health.clone()
+    }
+
+    /// The Redis connection used for shared limits, when configured.
+    pub fn redis(&self) -> Option<Arc<SharedLimiter>> {
+        self.shared.as_ref().map(|(s, _)| s.clone())
     }
 
     /// DESIGN.md steps 1–4 (limits and cache join here with their issues).
@@ -104,7 +119,8 @@ impl Gateway {
         let head = s.req_header();
         let path = head.uri.path();
         // 1. Probes: no auth, never limited.
-        if let Some(reply) = ops::answer_probe(&head.method, path, &config) {
+        let redis = self.shared.as_ref().map(|_| self.health.redis_ok());
+        if let Some(reply) = ops::answer_probe(&head.method, path, &config, &self.health, redis) {
             return reply.map(Admit::Reply);
         }
         // Floods from one address are cut before any key is checked.
@@ -509,9 +525,14 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         };
+        let upstreams = Upstreams {
+            health: &self.health,
+            quotas: &self.quotas,
+            metrics: &self.metrics,
+        };
         match self
             .forwarder
-            .forward(s, ctx, &req, &route, &self.metrics)
+            .forward(s, ctx, &req, &route, &upstreams)
             .await
         {
             Ok(()) => Ok(true),

@@ -1,10 +1,11 @@
 //! The routing table: a client-facing model name → a route with ordered targets.
 //!
 //! Exact names win over patterns, and among patterns the first one in the file wins. A provider
-//! with `expose_models: true` also answers `provider/model` directly. Picking a target among a
-//! route's targets (strategies, health, fallback) is `forward`'s job, not this module's.
+//! with `expose_models: true` also answers `provider/model` directly. Ordering a route's targets
+//! for one request (strategy, health) is `balance`'s job; trying them is `forward`'s.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use lumen_plugins::rate_limit::RequestLimit;
 
 use crate::config::raw::{RawRoute, Strategy};
 use crate::config::{Problem, Provider};
+use crate::retry::RetryPolicy;
 
 /// A configured model name and where requests for it go.
 #[derive(Debug)]
@@ -25,6 +27,12 @@ pub struct Route {
     pub limits: Option<RequestLimit>,
     /// The rate-limit bucket suffix for this route (`|route:NAME`), built once.
     pub bucket_suffix: String,
+    pub retry: RetryPolicy,
+    /// Requests so far: the round-robin and weighted position.
+    pub turn: AtomicUsize,
+    /// Smooth weighted round robin, unrolled once at load: target indexes in the order the
+    /// weights give (`weighted` only).
+    pub weighted_order: Vec<usize>,
 }
 
 /// One place a route can send a request.
@@ -34,14 +42,63 @@ pub struct Target {
     /// The provider's model name, JSON-encoded (with quotes) so it can be spliced into the
     /// body as is; `None` keeps the client's model name (pattern routes, exposed providers).
     pub model_json: Option<Bytes>,
+    /// Which per-model health state this target uses: the model name from the config, or
+    /// `*` when the client's model name is passed through (client strings never become
+    /// state or metric labels).
+    pub health_key: String,
+    pub weight: u32,
 }
 
 impl Target {
-    fn new(provider: Arc<Provider>, model: Option<&str>) -> Self {
+    fn new(provider: Arc<Provider>, model: Option<&str>, weight: u32) -> Self {
         Target {
             provider,
             model_json: model.map(|m| Bytes::from(serde_json::to_vec(m).unwrap_or_default())),
+            health_key: model.unwrap_or("*").to_string(),
+            weight,
         }
+    }
+}
+
+/// The longest unrolled weighted order; larger weight sums are scaled down to fit.
+const MAX_WEIGHTED_ORDER: u64 = 1000;
+
+/// nginx's smooth weighted round robin, unrolled over one full cycle: each step every target
+/// gains its weight, the largest is picked and pays back the total. Heavy targets are spread
+/// out rather than picked in runs (weights 5,1,1 give a a b a c a a, not a a a a a b c).
+pub fn smooth_weighted_order(weights: &[u32]) -> Vec<usize> {
+    let gcd = weights
+        .iter()
+        .fold(0u64, |g, &w| num_gcd(g, u64::from(w)))
+        .max(1);
+    let mut w: Vec<u64> = weights.iter().map(|&w| u64::from(w) / gcd).collect();
+    let sum: u64 = w.iter().sum();
+    if sum > MAX_WEIGHTED_ORDER {
+        for x in w.iter_mut().filter(|x| **x > 0) {
+            *x = (*x * MAX_WEIGHTED_ORDER / sum).max(1);
+        }
+    }
+    let total: i64 = w.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        for (c, &wi) in current.iter_mut().zip(&w) {
+            *c += wi as i64;
+        }
+        let Some(best) = (0..w.len()).max_by_key(|&i| (current[i], std::cmp::Reverse(i))) else {
+            break;
+        };
+        current[best] -= total;
+        order.push(best);
+    }
+    order
+}
+
+fn num_gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        num_gcd(b, a % b)
     }
 }
 
@@ -90,7 +147,15 @@ impl RouteTable {
             let mut targets = Vec::with_capacity(r.targets.len());
             for (j, t) in r.targets.iter().enumerate() {
                 match providers.get(&t.provider) {
-                    Some(p) => targets.push(Target::new(p.clone(), t.model.as_deref())),
+                    Some(p) => {
+                        if t.weight == 0 && r.strategy == Strategy::Weighted {
+                            problems.push(Problem::at(
+                                format!("routes[{i}].targets[{j}].weight"),
+                                "must be at least 1 (remove the target to stop using it)",
+                            ));
+                        }
+                        targets.push(Target::new(p.clone(), t.model.as_deref(), t.weight))
+                    }
                     None => {
                         let mut known: Vec<&str> = providers.keys().map(String::as_str).collect();
                         known.sort_unstable();
@@ -113,12 +178,27 @@ impl RouteTable {
                     None
                 }
             };
+            let retry = match RetryPolicy::from_raw(r.retry.as_ref(), targets.len()) {
+                Ok(policy) => policy,
+                Err(e) => {
+                    problems.push(Problem::at(format!("routes[{i}].retry"), e));
+                    RetryPolicy::default_for(targets.len())
+                }
+            };
+            let weighted_order = if r.strategy == Strategy::Weighted {
+                smooth_weighted_order(&targets.iter().map(|t| t.weight).collect::<Vec<_>>())
+            } else {
+                Vec::new()
+            };
             let route = Arc::new(Route {
                 bucket_suffix: format!("|route:{}", r.model),
                 name: r.model.clone(),
                 strategy: r.strategy,
                 targets,
                 limits,
+                retry,
+                turn: AtomicUsize::new(0),
+                weighted_order,
             });
             let duplicate = if is_pattern(&r.model) {
                 let dup = table.patterns.iter().any(|(p, _)| p == &r.model);
@@ -151,10 +231,24 @@ impl RouteTable {
         Some(Arc::new(Route {
             name: format!("{}/*", provider.name),
             strategy: Strategy::Priority,
-            targets: vec![Target::new(provider.clone(), Some(upstream_model))],
+            targets: vec![Target {
+                health_key: "*".to_string(),
+                ..Target::new(provider.clone(), Some(upstream_model), 1)
+            }],
             limits: None,
             bucket_suffix: String::new(),
+            retry: RetryPolicy::default_for(1),
+            turn: AtomicUsize::new(0),
+            weighted_order: Vec::new(),
         }))
+    }
+
+    /// Every configured route (exact names, then patterns), for readiness.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.listed
+            .iter()
+            .filter_map(|name| self.exact.get(name))
+            .chain(self.patterns.iter().map(|(_, r)| r))
     }
 
     /// Client-facing model names, in file order (patterns are not listable).
@@ -192,7 +286,18 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, smooth_weighted_order};
+
+    #[test]
+    fn smooth_weighted_order_spreads_heavy_targets() {
+        assert_eq!(smooth_weighted_order(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_weighted_order(&[2, 2]), vec![0, 1]);
+        assert_eq!(smooth_weighted_order(&[3, 1]), vec![0, 0, 1, 0]);
+        let big = smooth_weighted_order(&[9000, 1000]);
+        assert!(big.len() <= 1000);
+        let share = big.iter().filter(|&&i| i == 0).count() as f64 / big.len() as f64;
+        assert!((share - 0.9).abs() < 0.01, "{share}");
+    }
 
     #[test]
     fn globs_match_like_shells() {

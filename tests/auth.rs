@@ -132,10 +132,13 @@ async fn api_keys_in_both_headers_and_every_refusal() {
         c.request("GET", "/healthz", &[], b"").await.unwrap().status,
         200
     );
-    assert_eq!(
-        c.request("GET", "/readyz", &[], b"").await.unwrap().status,
-        200
-    );
+    lumen_test_support::harness::wait_for_status(
+        lumen.addr,
+        "/readyz",
+        200,
+        std::time::Duration::from_secs(3),
+    )
+    .await;
     assert_eq!(
         c.request("GET", "/v1/models", &[], b"")
             .await

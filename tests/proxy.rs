@@ -17,7 +17,8 @@ providers:
     api_key: "${{MOCK_PROVIDER_KEY}}"
     timeout: 2s
   direct: {{ base_url: "{base}", expose_models: true }}
-  dead: {{ base_url: "http://127.0.0.1:1/v1", connect_timeout: 1s }}
+  # Probes off: these tests see what a request meets, not what a probe already knows.
+  dead: {{ base_url: "http://127.0.0.1:1/v1", connect_timeout: 1s, health: {{ enabled: false }} }}
 routes:
   - model: fast
     targets: [ {{ provider: mock, model: upstream-fast }} ]
@@ -474,8 +475,14 @@ async fn ops_paths_and_the_model_list() {
         (resp.status, resp.json()["status"].as_str()),
         (200, Some("ok"))
     );
-    let resp = c.request("GET", "/readyz", &[], b"").await.unwrap();
-    assert_eq!(resp.status, 200);
+    // Ready once the first probes have found the providers up (within milliseconds).
+    lumen_test_support::harness::wait_for_status(
+        lumen.addr,
+        "/readyz",
+        200,
+        Duration::from_secs(3),
+    )
+    .await;
     let resp = c.request("GET", "/v1/models", &[], b"").await.unwrap();
     let ids: Vec<String> = resp.json()["data"]
         .as_array()

@@ -141,3 +141,92 @@ async fn the_sidecar_stops_with_the_gateway() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Local first: the sidecar while it has a free slot (its `/health` says how many it has),
+/// the cloud when it is full or down.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_first_spills_to_the_cloud_when_the_sidecar_is_full_or_down() {
+    let models = Dir::new("lumen-models");
+    let model = tiny_model(&models);
+    let port = free_port();
+    let cloud = lumen_test_support::MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+providers:
+  local:
+    base_url: "http://127.0.0.1:{port}/v1"
+    timeout: 60s
+    health: {{ interval: 200ms, unhealthy_threshold: 1 }}
+    spawn: {{ model: "{model}", alias: tiny, options: "ctx=2048,slots=1" }}
+  cloud: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - model: fast
+    targets: [ {{ provider: local, model: tiny }}, {{ provider: cloud, model: cloud-model }} ]
+"#,
+        cloud.base_url()
+    ));
+    // Wait until the sidecar answers and its health has reported its one slot.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let admin =
+            lumen_test_support::client::request(lumen.admin, "GET", "/admin/providers", &[], b"")
+                .await
+                .unwrap()
+                .json();
+        let local = &admin["providers"][1];
+        assert_eq!(local["name"], "local");
+        if local["probe"]["state"] == "healthy" && local["capacity"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{admin}\n{}", lumen.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = json!({"model": "fast", "stream": true, "max_tokens": 200, "temperature": 0,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let alone = Client::connect(lumen.addr)
+        .await
+        .unwrap()
+        .post_json("/v1/chat/completions", &[], &body)
+        .await
+        .unwrap();
+    assert_eq!(alone.header("x-lumen-provider"), Some("local"));
+
+    // Four at once: one takes the slot, the others do not wait for it.
+    let addr = lumen.addr;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await.unwrap();
+                let resp = c
+                    .post_json("/v1/chat/completions", &[], &body)
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status, 200);
+                assert_eq!(resp.sse_data().last().map(String::as_str), Some("[DONE]"));
+                resp.header("x-lumen-provider").unwrap_or("").to_string()
+            })
+        })
+        .collect();
+    let mut providers = Vec::new();
+    for t in tasks {
+        providers.push(t.await.unwrap());
+    }
+    assert!(providers.iter().any(|p| p == "local"), "{providers:?}");
+    assert!(providers.iter().any(|p| p == "cloud"), "{providers:?}");
+
+    // Down: the request falls back at once, and probes then keep it away from the sidecar.
+    for pid in sidecar_pids(port) {
+        // SAFETY: kill(2) on a pid read from /proc; no memory is touched.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let resp = Client::connect(lumen.addr)
+        .await
+        .unwrap()
+        .post_json("/v1/chat/completions", &[], &body)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-lumen-provider"), Some("cloud"));
+}

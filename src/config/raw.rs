@@ -42,6 +42,23 @@ pub struct RawConfig {
     pub providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// What `/readyz` requires before a load balancer sends traffic.
+    #[serde(default)]
+    pub readiness: Readiness,
+}
+
+/// When `/readyz` answers 200.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    /// Every route has at least one healthy target (the default: a node that cannot serve
+    /// some model is taken out of rotation).
+    #[default]
+    AllRoutes,
+    /// At least one route has a healthy target.
+    AnyRoute,
+    /// A loaded config is enough.
+    ConfigLoaded,
 }
 
 fn default_listen() -> Vec<RawListener> {
@@ -188,6 +205,135 @@ pub struct RawProvider {
     /// Run a local `lumen-llama` sidecar for this provider and keep it running.
     #[serde(default)]
     pub spawn: Option<RawSpawn>,
+    /// Active health probes (on by default: `GET <base_url>/models`, or `/health` for a
+    /// spawned sidecar).
+    #[serde(default)]
+    pub health: Option<RawHealth>,
+    /// Passive health: when failures take this provider out of rotation for a while.
+    #[serde(default)]
+    pub circuit: Option<RawCircuit>,
+    /// This account's own limits at the provider: exhausted, the provider is skipped until
+    /// the window resets.
+    #[serde(default)]
+    pub quota: Option<RawQuota>,
+    /// Requests this provider takes at once before routes prefer their next target (a
+    /// sidecar reports its slot count in `/health`, which is used when this is not set).
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+}
+
+/// `health:` of a provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// `false`: never probed (passive health only).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Path on the provider's host (`/health`, `/v1/models`); defaults to the base URL's
+    /// `/models`, or `/health` for a spawned sidecar. Ignored with `tcp: true`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Only check that a TCP connection opens (providers with no cheap GET).
+    #[serde(default)]
+    pub tcp: bool,
+    #[serde(default = "default_probe_interval", with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_probe_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy target healthy again.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy target unhealthy.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            enabled: true,
+            path: None,
+            tcp: false,
+            interval: default_probe_interval(),
+            timeout: default_probe_timeout(),
+            healthy_threshold: default_healthy_threshold(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+        }
+    }
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+/// `circuit:` of a provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuit {
+    /// Consecutive failures that open the circuit.
+    #[serde(default = "default_circuit_failures")]
+    pub failures: u32,
+    /// Or: this share of failed attempts within `window` (with at least `min_requests`).
+    #[serde(default = "default_error_ratio")]
+    pub error_ratio: f64,
+    #[serde(default = "default_circuit_window", with = "duration")]
+    pub window: Duration,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    /// How long an open circuit waits before one trial request is let through.
+    #[serde(default = "default_cooldown", with = "duration")]
+    pub cooldown: Duration,
+}
+
+impl Default for RawCircuit {
+    fn default() -> Self {
+        RawCircuit {
+            failures: default_circuit_failures(),
+            error_ratio: default_error_ratio(),
+            window: default_circuit_window(),
+            min_requests: default_min_requests(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+fn default_circuit_failures() -> u32 {
+    5
+}
+fn default_error_ratio() -> f64 {
+    0.5
+}
+fn default_circuit_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `quota:` of a provider: what the account may use there.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    #[serde(default)]
+    pub requests_per_day: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
 }
 
 /// A sidecar the gateway starts and supervises (quickstart; edge hosts use systemd units).
@@ -222,15 +368,26 @@ pub struct RawRoute {
     /// Requests per key on this route (on top of the key's own limits).
     #[serde(default)]
     pub limits: Option<lumen_plugins::rate_limit::RateConfig>,
+    /// Attempts, what is retried, backoff and the total deadline.
+    #[serde(default)]
+    pub retry: Option<RawRetry>,
 }
 
-/// How a route picks among its targets. Only `priority` exists until the fallback issue lands;
-/// the enum is here so routes are written the way they will stay.
+/// How a route picks among its available targets.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
+    /// In order: the first available target (the rest are fallbacks).
     #[default]
     Priority,
+    /// Each target in turn.
+    RoundRobin,
+    /// Smooth weighted round robin by `weight`.
+    Weighted,
+    /// The target with the fewest requests in flight from this node.
+    LeastBusy,
+    /// The lowest moving average of time to first byte, exploring now and then.
+    LowestLatency,
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,4 +397,56 @@ pub struct RawTarget {
     /// The provider's name for the model; defaults to the route's model name.
     #[serde(default)]
     pub model: Option<String>,
+    /// Share of traffic under `strategy: weighted`.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// `retry:` of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    /// Attempts in all, the first included (across targets: a fallback is an attempt).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Which failures are retried: `connect`, `timeout`, `dropped` (closed before the first
+    /// byte), `429`, `5xx`, or a status code such as `503`.
+    #[serde(default)]
+    pub on: Option<Vec<String>>,
+    #[serde(default)]
+    pub backoff: RawBackoff,
+    /// Time from the request's arrival after which no new attempt starts and a waiting one is
+    /// abandoned; the client then gets the last error.
+    #[serde(default, with = "opt_duration")]
+    pub deadline: Option<Duration>,
+}
+
+/// Exponential backoff with full jitter before retrying a target already tried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackoff {
+    #[serde(default = "default_backoff_base", with = "duration")]
+    pub base: Duration,
+    #[serde(default = "default_backoff_max", with = "duration")]
+    pub max: Duration,
+}
+
+impl Default for RawBackoff {
+    fn default() -> Self {
+        RawBackoff {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
+    }
+}
+
+fn default_backoff_base() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(2)
 }

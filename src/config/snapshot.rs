@@ -13,8 +13,11 @@ use http::{HeaderName, HeaderValue};
 
 use std::path::PathBuf;
 
-use super::raw::{RawConfig, RawListener, RawProvider, RawSpawn};
+use super::raw::{RawConfig, RawHealth, RawListener, RawProvider, RawSpawn, Readiness};
 use super::{ConfigError, Problem};
+use crate::health::probe::ProbeSpec;
+use crate::health::quota::QuotaSpec;
+use crate::health::CircuitConfig;
 use crate::resolve::{Resolver, Upstream};
 use crate::routing::RouteTable;
 use crate::sidecar::SpawnSpec;
@@ -34,6 +37,8 @@ pub struct Snapshot {
     pub spawns: Vec<SpawnSpec>,
     /// Where shared state lives; `None`: in process.
     pub redis: Option<RedisSettings>,
+    /// What `/readyz` requires.
+    pub readiness: Readiness,
     /// Where it came from, for `/admin/config` and logs.
     pub source: Source,
 }
@@ -93,6 +98,12 @@ pub struct Provider {
     pub timeout: Duration,
     pub idle_timeout: Duration,
     pub expose_models: bool,
+    /// Active health probes; `None`: passive health only.
+    pub probe: Option<ProbeSpec>,
+    pub circuit: CircuitConfig,
+    pub quota: QuotaSpec,
+    /// Requests it takes at once before routes prefer their next target.
+    pub max_in_flight: Option<u32>,
 }
 
 impl std::fmt::Debug for Provider {
@@ -165,13 +176,14 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     let mut providers = HashMap::new();
     let mut spawns = Vec::new();
     for (name, mut p) in raw.providers {
+        let spawned = p.spawn.is_some();
         if let Some(spawn) = p.spawn.take() {
             match build_spawn(&name, &p.base_url, spawn) {
                 Ok(spec) => spawns.push(spec),
                 Err(problem) => problems.push(problem),
             }
         }
-        match build_provider(&name, p) {
+        match build_provider(&name, p, spawned) {
             Ok(provider) => {
                 providers.insert(name, Arc::new(provider));
             }
@@ -248,6 +260,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         routes,
         spawns,
         redis,
+        readiness: raw.readiness,
         source,
     })
 }
@@ -326,7 +339,66 @@ fn default_sidecar_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("lumen-llama"))
 }
 
-fn build_provider(name: &str, p: RawProvider) -> Result<Provider, Vec<Problem>> {
+/// The probe for a provider: `health:` as written, defaulting to the base URL's `/models`
+/// (free at every OpenAI-compatible provider), or `/health` for a spawned sidecar.
+fn build_probe(
+    name: &str,
+    raw: Option<&RawHealth>,
+    base_path: &str,
+    spawned: bool,
+    problems: &mut Vec<Problem>,
+) -> Option<ProbeSpec> {
+    // A spawned sidecar is probed every second and trusted again on its first good answer:
+    // it is local and cheap to ask, and clients wait on it while it loads.
+    let default = if spawned {
+        RawHealth {
+            interval: Duration::from_secs(1),
+            healthy_threshold: 1,
+            ..RawHealth::default()
+        }
+    } else {
+        RawHealth::default()
+    };
+    let h = raw.unwrap_or(&default);
+    if !h.enabled {
+        return None;
+    }
+    let at = |field: &str| format!("providers.{name}.health.{field}");
+    if h.interval < Duration::from_millis(10) {
+        problems.push(Problem::at(at("interval"), "must be at least 10ms"));
+    }
+    if h.timeout.is_zero() {
+        problems.push(Problem::at(at("timeout"), "must be above zero"));
+    }
+    if h.healthy_threshold == 0 || h.unhealthy_threshold == 0 {
+        problems.push(Problem::at(
+            at("healthy_threshold"),
+            "thresholds must be at least 1",
+        ));
+    }
+    let path = match (&h.path, h.tcp) {
+        (_, true) => None,
+        (Some(path), false) if path.starts_with('/') => Some(path.clone()),
+        (Some(path), false) => {
+            problems.push(Problem::at(
+                at("path"),
+                format!("`{path}` must start with `/` (a path on the provider's host)"),
+            ));
+            None
+        }
+        (None, false) if spawned => Some("/health".to_string()),
+        (None, false) => Some(format!("{base_path}/models")),
+    };
+    Some(ProbeSpec {
+        path,
+        interval: h.interval,
+        timeout: h.timeout,
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
+    })
+}
+
+fn build_provider(name: &str, p: RawProvider, spawned: bool) -> Result<Provider, Vec<Problem>> {
     let here = |field: &str| format!("providers.{name}.{field}");
     let mut problems = Vec::new();
     let url: http::Uri = match p.base_url.parse() {
@@ -403,6 +475,18 @@ fn build_provider(name: &str, p: RawProvider) -> Result<Provider, Vec<Problem>> 
             )),
         }
     }
+    let base_path = url.path().trim_end_matches('/').to_string();
+    let probe = build_probe(name, p.health.as_ref(), &base_path, spawned, &mut problems);
+    let circuit = p.circuit.clone().unwrap_or_default();
+    if !(circuit.error_ratio > 0.0 && circuit.error_ratio <= 1.0) {
+        problems.push(Problem::at(
+            here("circuit.error_ratio"),
+            "must be above 0 and at most 1",
+        ));
+    }
+    if p.max_in_flight == Some(0) {
+        problems.push(Problem::at(here("max_in_flight"), "must be at least 1"));
+    }
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -415,11 +499,25 @@ fn build_provider(name: &str, p: RawProvider) -> Result<Provider, Vec<Problem>> 
                 "host is not a valid header value",
             )]
         })?,
-        base_path: url.path().trim_end_matches('/').to_string(),
+        base_path,
         authorization,
         headers,
         timeout,
         idle_timeout,
         expose_models: p.expose_models,
+        probe,
+        circuit: CircuitConfig {
+            failures: circuit.failures,
+            error_ratio: circuit.error_ratio,
+            window: circuit.window,
+            min_requests: circuit.min_requests,
+            cooldown: circuit.cooldown,
+        },
+        quota: p
+            .quota
+            .as_ref()
+            .map(QuotaSpec::from_raw)
+            .unwrap_or_default(),
+        max_in_flight: p.max_in_flight,
     })
 }

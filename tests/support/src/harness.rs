@@ -175,6 +175,26 @@ pub async fn scrape_until(admin: SocketAddr, needle: &str) -> String {
     }
 }
 
+/// Polls `GET path` on `addr` until it answers `want`; panics after `limit`. Readiness
+/// follows the first health probes, which land a few milliseconds after start.
+pub async fn wait_for_status(addr: SocketAddr, path: &str, want: u16, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let got = crate::client::request(addr, "GET", path, &[], b"")
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0);
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{path} answered {got}, not {want}, for {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reads the first `listen:` port of a config, when the test set its own.
 fn listen_port(text: &str) -> Option<u16> {
     let listen = if text.starts_with("listen:") {

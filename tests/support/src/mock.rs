@@ -9,14 +9,20 @@
 //! | model            | behaviour |
 //! |------------------|-----------|
 //! | anything else    | a normal answer for the endpoint (chat, completions, embeddings, rerank) |
-//! | `status-NNN`     | HTTP NNN with an OpenAI error body (`429` adds `retry-after: 1`) |
+//! | `status-NNN`     | HTTP NNN with an OpenAI error body (`429` adds `retry-after`, 1 s unless `mock_retry_after`) |
 //! | `hang`           | reads the request, never answers |
 //! | `drop`           | closes the connection without answering |
+//! | `drop-after-head`| sends a 200 response head, then closes before any body |
+//! | `hang-after-head`| sends a 200 response head, then never sends the body |
 //! | `drop-mid-stream`| streams two chunks, then closes the connection mid-stream |
+//! | `slow-NNN`       | a normal answer after NNN ms |
+//! | `flaky-NN`       | fails NN% of requests at random (503, 429, a drop, or a drop after the head) |
 //!
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
-//! stream chunk, default 0). `GET /v1/models` lists a few models; `GET /_mock/requests` returns
-//! the recorded requests as JSON (for tests in other languages).
+//! stream chunk, default 0), `mock_retry_after` (seconds, for `status-429`), `mock_headers`
+//! (an object of extra response headers on a normal answer). `GET /v1/models` lists a few
+//! models; `GET /_mock/requests` returns the recorded requests as JSON (for tests in other
+//! languages). Health probes (user agent `lumen-health-probe`) are counted, not recorded.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -55,6 +61,7 @@ type Log = Arc<Mutex<Vec<Recorded>>>;
 pub struct MockUpstream {
     pub addr: SocketAddr,
     log: Log,
+    probes: Arc<std::sync::atomic::AtomicUsize>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -72,6 +79,8 @@ impl MockUpstream {
         let log: Log = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server_log = record.then(|| log.clone());
+        let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server_probes = probes.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads.max(1))
@@ -81,7 +90,7 @@ impl MockUpstream {
             runtime.block_on(async move {
                 let listener = TcpListener::from_std(std_listener).expect("tokio listener");
                 tokio::select! {
-                    _ = serve(listener, server_log) => {}
+                    _ = serve_counting(listener, server_log, server_probes) => {}
                     _ = stopped => {}
                 }
             });
@@ -90,8 +99,14 @@ impl MockUpstream {
         MockUpstream {
             addr,
             log,
+            probes,
             _stop: stop,
         }
+    }
+
+    /// Health probes received so far.
+    pub fn probes(&self) -> usize {
+        self.probes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn base_url(&self) -> String {
@@ -110,17 +125,26 @@ impl MockUpstream {
     }
 }
 
+type Counter = Arc<std::sync::atomic::AtomicUsize>;
+
 /// Accepts connections until the task is dropped.
 pub async fn serve(listener: TcpListener, log: Option<Log>) {
+    serve_counting(listener, log, Counter::default()).await
+}
+
+async fn serve_counting(listener: TcpListener, log: Option<Log>, probes: Counter) {
+    // Connections end with the server: a stopped mock must look like a dead provider.
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let log = log.clone();
-        tokio::spawn(async move {
-            let _ = connection(stream, log).await;
+        let (log, probes) = (log.clone(), probes.clone());
+        tasks.spawn(async move {
+            let _ = connection(stream, log, probes).await;
         });
+        while tasks.try_join_next().is_some() {}
     }
 }
 
@@ -178,10 +202,20 @@ async fn read_request(
     }))
 }
 
-async fn connection(mut stream: TcpStream, log: Option<Log>) -> std::io::Result<()> {
+async fn connection(
+    mut stream: TcpStream,
+    log: Option<Log>,
+    probes: Counter,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(16 * 1024);
     while let Some(req) = read_request(&mut stream, &mut buf).await? {
-        if let Some(log) = &log {
+        let probe = req
+            .headers
+            .iter()
+            .any(|(k, v)| k == "user-agent" && v == "lumen-health-probe");
+        if probe {
+            probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if let Some(log) = &log {
             if let Ok(mut l) = log.lock() {
                 l.push(Recorded {
                     method: req.method.clone(),
@@ -257,18 +291,38 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         return Ok(true);
     }
     let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
-    let model = body["model"].as_str().unwrap_or("").to_string();
+    let mut model = body["model"].as_str().unwrap_or("").to_string();
+    if let Some(pct) = model
+        .strip_prefix("flaky-")
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        model = if fastrand::u32(..100) < pct {
+            ["status-503", "status-429", "drop", "drop-after-head"][fastrand::usize(..4)]
+        } else {
+            "mock-ok"
+        }
+        .to_string();
+    }
+    if let Some(ms) = model
+        .strip_prefix("slow-")
+        .and_then(|p| p.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if let Some(code) = model
         .strip_prefix("status-")
         .and_then(|c| c.parse::<u16>().ok())
     {
         let extra = if code == 429 {
-            "retry-after: 1\r\n"
+            format!(
+                "retry-after: {}\r\n",
+                body["mock_retry_after"].as_u64().unwrap_or(1)
+            )
         } else {
-            ""
+            String::new()
         };
         let err = json!({"error": {"message": format!("mock upstream says {code}"), "type": "mock_error", "param": null, "code": format!("mock_{code}")}});
-        write_json(stream, code, extra, &err).await?;
+        write_json(stream, code, &extra, &err).await?;
         return Ok(true);
     }
     match model.as_str() {
@@ -277,8 +331,31 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
             return Ok(false);
         }
         "drop" => return Ok(false),
+        "drop-after-head" | "hang-after-head" => {
+            let kind = if body["stream"].as_bool().unwrap_or(false) {
+                "text/event-stream\r\ntransfer-encoding: chunked"
+            } else {
+                "application/json\r\ncontent-length: 100"
+            };
+            stream
+                .write_all(format!("HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\n\r\n").as_bytes())
+                .await?;
+            stream.flush().await?;
+            if model == "hang-after-head" {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            return Ok(false);
+        }
         _ => {}
     }
+    let extra_headers: String = body["mock_headers"]
+        .as_object()
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| format!("{k}: {}\r\n", v.as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default();
     let stream_mode = body["stream"].as_bool().unwrap_or(false);
     let path = req.path.split('?').next().unwrap_or("");
     if stream_mode && (path.ends_with("/chat/completions") || path.ends_with("/completions")) {
@@ -316,7 +393,7 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         write_json(stream, 404, "", &json!({"error": {"message": "mock: unknown path", "type": "invalid_request_error", "param": null, "code": null}})).await?;
         return Ok(true);
     };
-    write_json(stream, 200, "", &response).await?;
+    write_json(stream, 200, &extra_headers, &response).await?;
     Ok(true)
 }
 

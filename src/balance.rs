@@ -1,0 +1,145 @@
+//! Ordering a route's targets for one request: the route's strategy over the targets that are
+//! available now (healthy, circuit not open, not rate-limited or out of quota).
+//!
+//! The result is the order in which `forward` tries them: the strategy's pick first, the rest
+//! as fallbacks. A target that is full (as many requests in flight as it has room for, e.g. a
+//! sidecar with no free slot) goes after every target with room, so "local first, spill to the
+//! cloud" is a `priority` route with the sidecar listed first. Nothing here blocks or locks:
+//! health is read with atomic loads, the round-robin position is one atomic add.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use crate::config::raw::Strategy;
+use crate::health::{HealthTable, ProviderHealth, TargetHealth, Unavailable};
+use crate::routing::Route;
+
+/// Every this many requests, `lowest_latency` sends one to another target than the fastest, so
+/// a target that was slow (or down) is measured again and can win back its traffic. A fixed
+/// turn rather than a coin flip: exploration is guaranteed and costs no random numbers.
+const EXPLORE_EVERY: usize = 20;
+
+/// Why no target could take a request.
+#[derive(Debug, Clone)]
+pub struct NoTarget {
+    /// Each target's provider and why it was passed over.
+    pub reasons: Vec<(String, Unavailable)>,
+    /// The soonest one of them may be available again, in ms (0: unknown).
+    pub retry_after_ms: u64,
+}
+
+impl NoTarget {
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .reasons
+            .iter()
+            .map(|(p, why)| format!("{p}: {}", why.label()))
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// The health of one of a route's targets: its provider's and its model's.
+pub struct TargetState {
+    pub provider: Arc<ProviderHealth>,
+    pub model: Arc<TargetHealth>,
+}
+
+/// The available targets of `route` in the order to try them (indexes into `route.targets`).
+/// `states[i]` is the health of `route.targets[i]`.
+pub fn order(
+    route: &Route,
+    states: &[TargetState],
+    table: &HealthTable,
+    token_estimate: u64,
+) -> Result<Vec<usize>, NoTarget> {
+    let now = table.now_ms();
+    let n = route.targets.len();
+    let mut ready = Vec::with_capacity(n);
+    let mut full = Vec::new();
+    let mut reasons = Vec::new();
+    let mut retry_after_ms = u64::MAX;
+    for (i, (target, state)) in route.targets.iter().zip(states).enumerate() {
+        let provider = &target.provider;
+        match state
+            .provider
+            .availability(&state.model, now, &provider.circuit, token_estimate)
+        {
+            Ok(()) if state.provider.busy(provider.max_in_flight) => full.push(i),
+            Ok(()) => ready.push(i),
+            Err(why) => {
+                let wait = state.provider.wait_ms(&state.model, now, &provider.circuit);
+                retry_after_ms = retry_after_ms.min(match why {
+                    // Probes decide when an unhealthy target is back: one interval at least.
+                    Unavailable::Unhealthy => provider
+                        .probe
+                        .as_ref()
+                        .map_or(1000, |p| p.interval.as_millis() as u64),
+                    _ => wait,
+                });
+                reasons.push((provider.name.clone(), why));
+            }
+        }
+    }
+    if ready.is_empty() && full.is_empty() {
+        return Err(NoTarget {
+            reasons,
+            retry_after_ms: if retry_after_ms == u64::MAX {
+                0
+            } else {
+                retry_after_ms
+            },
+        });
+    }
+    arrange(route, states, &mut ready);
+    arrange(route, states, &mut full);
+    ready.extend(full);
+    Ok(ready)
+}
+
+/// Puts `candidates` (in config order) in the route's strategy order.
+fn arrange(route: &Route, states: &[TargetState], candidates: &mut [usize]) {
+    if candidates.len() < 2 {
+        return;
+    }
+    match route.strategy {
+        Strategy::Priority => {}
+        Strategy::RoundRobin => {
+            let turn = route.turn.fetch_add(1, Relaxed);
+            candidates.rotate_left(turn % candidates.len());
+        }
+        Strategy::Weighted => {
+            let order = &route.weighted_order;
+            if order.is_empty() {
+                return;
+            }
+            // The unrolled order names whose turn it is; if that target is unavailable now,
+            // the next one in the unrolled order that is available takes it.
+            let turn = route.turn.fetch_add(1, Relaxed);
+            let first = (0..order.len())
+                .map(|k| order[(turn + k) % order.len()])
+                .find(|i| candidates.contains(i));
+            if let Some(first) = first {
+                // Fallbacks after it: heaviest first.
+                candidates
+                    .sort_by_key(|&i| (i != first, std::cmp::Reverse(route.targets[i].weight), i));
+            }
+        }
+        Strategy::LeastBusy => {
+            // Ties (commonly: all idle) rotate, so idle targets share the load evenly.
+            let turn = route.turn.fetch_add(1, Relaxed);
+            candidates.rotate_left(turn % candidates.len());
+            candidates.sort_by_key(|&i| states[i].provider.in_flight());
+        }
+        Strategy::LowestLatency => {
+            // Unmeasured targets sort first (0): each is measured before being judged.
+            candidates.sort_by_key(|&i| states[i].model.latency().map_or(0, |d| d.as_micros()));
+            let turn = route.turn.fetch_add(1, Relaxed);
+            if turn % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
+                // The others take turns being explored, keeping the rest in latency order.
+                let pick = 1 + (turn / EXPLORE_EVERY) % (candidates.len() - 1);
+                candidates[..=pick].rotate_right(1);
+            }
+        }
+    }
+}

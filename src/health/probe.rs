@@ -1,0 +1,234 @@
+//! Active health probes: a background service that checks every provider continuously with
+//! requests that never bill: `GET <base_url>/models` for a cloud provider, the sidecar's
+//! `/health` (which also reports its free slots), a configured path, or a bare TCP connect.
+//!
+//! It reads the live config each round, so providers added by a reload are probed at once and
+//! removed ones are dropped. Results go into the shared [`HealthTable`]; a state change is
+//! logged once.
+
+use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::BytesMut;
+use http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use http::Method;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use lumen_plugins::rate_limit::shared::SharedLimiter;
+
+use super::{HealthTable, ProbeState, ProviderHealth};
+use crate::config::{Provider, Snapshot};
+use crate::metrics::Metrics;
+
+/// How a provider is probed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeSpec {
+    /// `None`: TCP connect only; else the path on the provider's host.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+/// A probe's answer body is read up to this size (a model list, a sidecar's health).
+const MAX_PROBE_BODY: usize = 256 * 1024;
+/// How often the scheduler looks for due probes.
+const TICK: Duration = Duration::from_millis(50);
+/// How often Redis is pinged for `/health` when configured.
+const REDIS_PING_EVERY: Duration = Duration::from_secs(5);
+
+/// The probing background service.
+pub struct Prober {
+    pub config: Arc<ArcSwap<Snapshot>>,
+    pub health: Arc<HealthTable>,
+    pub metrics: Arc<Metrics>,
+    pub redis: Option<Arc<SharedLimiter>>,
+}
+
+#[async_trait]
+impl BackgroundService for Prober {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let connector = Arc::new(Connector::new(None));
+        let mut redis_due = 0;
+        loop {
+            let snapshot = self.config.load_full();
+            self.health.sync(snapshot.providers.values());
+            let now = self.health.now_ms();
+            for provider in snapshot.providers.values() {
+                let state = self.health.get(&provider.name);
+                let Some(spec) = provider.probe.clone() else {
+                    if state.probe_state() != ProbeState::Unknown {
+                        state.clear_probe();
+                    }
+                    continue;
+                };
+                if now < state.next_probe_at.load(Acquire) || state.probing.swap(true, AcqRel) {
+                    continue;
+                }
+                state
+                    .next_probe_at
+                    .store(now + spec.interval.as_millis() as u64, Release);
+                tokio::spawn(probe_and_record(
+                    connector.clone(),
+                    provider.clone(),
+                    state,
+                    spec,
+                    self.metrics.clone(),
+                ));
+            }
+            if let Some(redis) = &self.redis {
+                if now >= redis_due {
+                    redis_due = now + REDIS_PING_EVERY.as_millis() as u64;
+                    let (redis, health) = (redis.clone(), self.health.clone());
+                    tokio::spawn(async move { health.set_redis(redis.ping().await.is_ok()) });
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+async fn probe_and_record(
+    connector: Arc<Connector>,
+    provider: Arc<Provider>,
+    state: Arc<ProviderHealth>,
+    spec: ProbeSpec,
+    metrics: Arc<Metrics>,
+) {
+    let result = tokio::time::timeout(spec.timeout, probe(&connector, &provider, &spec))
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", spec.timeout)));
+    let ok = result.is_ok();
+    metrics
+        .probes
+        .with_label_values(&[provider.name.as_str(), if ok { "ok" } else { "failed" }])
+        .inc();
+    match result {
+        Ok(detail) => {
+            if let Some(detail) = detail {
+                let slots = sidecar_slots(&detail);
+                state.set_reported_slots(slots);
+                state.probe_detail.store(Some(Arc::new(detail)));
+            }
+        }
+        Err(e) => state.set_error(format!("probe: {e}")),
+    }
+    let previous = state.probe_state();
+    if let Some(now) = state.record_probe(ok, spec.healthy_threshold, spec.unhealthy_threshold) {
+        metrics
+            .provider_healthy
+            .with_label_values(&[&provider.name])
+            .set(i64::from(now == ProbeState::Healthy));
+        if now == ProbeState::Unhealthy || previous != ProbeState::Unknown {
+            tracing::warn!(provider = %provider.name, from = previous.label(), to = now.label(), "provider health changed");
+        }
+    }
+    state.probing.store(false, Release);
+}
+
+/// One probe: `Ok` with the answer's JSON (when it was JSON) on a 2xx or a TCP connect.
+async fn probe(
+    connector: &Connector,
+    provider: &Provider,
+    spec: &ProbeSpec,
+) -> Result<Option<serde_json::Value>, String> {
+    let peer = provider
+        .peer
+        .peer()
+        .await
+        .map_err(|e| format!("resolving: {e}"))?;
+    let Some(path) = &spec.path else {
+        let addr = peer
+            ._address
+            .as_inet()
+            .copied()
+            .ok_or("not an inet address")?;
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        return Ok(None);
+    };
+    let (mut session, _) = connector
+        .get_http_session(&*peer)
+        .await
+        .map_err(|e| format!("connect: {}", e.etype().as_str()))?;
+    session.set_read_timeout(Some(spec.timeout));
+    session.set_write_timeout(Some(spec.timeout));
+    let mut head =
+        RequestHeader::build(Method::GET, path.as_bytes(), Some(4)).map_err(|e| e.to_string())?;
+    let _ = head.insert_header(HOST, provider.host.clone());
+    let _ = head.insert_header(USER_AGENT, "lumen-health-probe");
+    // A model list needs the account's key; it is a free call at every provider.
+    if let Some(auth) = &provider.authorization {
+        let _ = head.insert_header(AUTHORIZATION, auth.clone());
+    }
+    for (name, value) in &provider.headers {
+        let _ = head.insert_header(name.clone(), value.clone());
+    }
+    let io = |e: pingora::BError| e.etype().as_str().to_string();
+    session
+        .write_request_header(Box::new(head))
+        .await
+        .map_err(io)?;
+    session.finish_request_body().await.map_err(io)?;
+    session.read_response_header().await.map_err(io)?;
+    let status = session
+        .response_header()
+        .map(|h| h.status.as_u16())
+        .unwrap_or(0);
+    let mut body = BytesMut::new();
+    while let Some(chunk) = session.read_response_body().await.map_err(io)? {
+        if body.len() + chunk.len() > MAX_PROBE_BODY {
+            return Err("answer too large".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !(200..300).contains(&status) {
+        return Err(format!("HTTP {status}"));
+    }
+    connector
+        .release_http_session(session, &*peer, Some(Duration::from_secs(30)))
+        .await;
+    Ok(serde_json::from_slice(&body).ok())
+}
+
+/// Total `slots_total` over the models of a `lumen-llama` health answer (0 for other JSON).
+fn sidecar_slots(detail: &serde_json::Value) -> u32 {
+    detail["models"]
+        .as_object()
+        .map(|models| {
+            models
+                .values()
+                .filter_map(|m| m["slots_total"].as_u64())
+                .sum::<u64>()
+                .min(u64::from(u32::MAX)) as u32
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sidecar_slots;
+
+    #[test]
+    fn slots_are_read_from_a_sidecar_health_answer() {
+        let detail = serde_json::json!({"status": "ok", "models": {
+            "a": {"loaded": true, "slots_total": 4, "slots_free": 1},
+            "b": {"loaded": true, "slots_total": 2, "slots_free": 2}}});
+        assert_eq!(sidecar_slots(&detail), 6);
+        assert_eq!(
+            sidecar_slots(&serde_json::json!({"object": "list", "data": []})),
+            0
+        );
+    }
+}
