@@ -126,6 +126,7 @@ async fn token_budgets_are_shared_and_settled_across_nodes() {
         node(&mock, &redis, "fail_open"),
         node(&mock, &redis, "fail_open"),
     );
+    lumen_test_support::harness::away_from_minute_boundary().await;
     // Node A reserves ~230 of 300, then settles at the 11 the mock reports.
     let first = with_budget(&a, 200).await;
     assert_eq!(first.status, 200);
@@ -203,4 +204,45 @@ async fn concurrency_caps_hold_across_nodes() {
         .await
         .unwrap();
     assert_eq!(again.status, 200, "slots were given back in Redis");
+}
+
+/// A provider quota is the account's, so the fleet shares it: across two nodes, the primary
+/// takes exactly its quota and the rest falls back.
+#[tokio::test(flavor = "multi_thread")]
+async fn provider_quotas_are_shared_by_the_fleet() {
+    let (primary, backup) = (MockUpstream::start(), MockUpstream::start());
+    let redis = RedisServer::start();
+    let yaml = format!(
+        r#"
+auth: off
+redis: {{ url: "{url}", timeout: 200ms }}
+providers:
+  primary: {{ base_url: "{p}", quota: {{ requests_per_minute: 5 }}, health: {{ enabled: false }} }}
+  backup: {{ base_url: "{b}", health: {{ enabled: false }} }}
+routes:
+  - model: fast
+    targets: [ {{ provider: primary, model: m }}, {{ provider: backup, model: m }} ]
+"#,
+        url = redis.url(),
+        p = primary.base_url(),
+        b = backup.base_url()
+    );
+    let (one, two) = (Lumen::start(&yaml), Lumen::start(&yaml));
+    lumen_test_support::harness::away_from_minute_boundary().await;
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    let mut by_provider = std::collections::HashMap::<String, usize>::new();
+    for i in 0..12 {
+        let node = if i % 2 == 0 { &one } else { &two };
+        let mut c = Client::connect(node.addr).await.unwrap();
+        let resp = c
+            .post_json("/v1/chat/completions", &[], &body)
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        *by_provider
+            .entry(resp.header("x-lumen-provider").unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(primary.requests().len(), 5, "{by_provider:?}");
+    assert_eq!(by_provider.get("backup"), Some(&7), "{by_provider:?}");
 }

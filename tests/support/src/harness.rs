@@ -195,6 +195,19 @@ pub async fn wait_for_status(addr: SocketAddr, path: &str, want: u16, limit: Dur
     }
 }
 
+/// Waits, if needed, until at least 3 s remain in the current wall-clock minute, so a test of
+/// per-minute windows kept in Redis (aligned to Redis's clock) does not straddle a boundary.
+/// In-process windows start with the process, so tests need not wait for them.
+pub async fn away_from_minute_boundary() {
+    let into = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() % 60.0)
+        .unwrap_or(0.0);
+    if into > 57.0 {
+        tokio::time::sleep(Duration::from_secs_f64(60.2 - into)).await;
+    }
+}
+
 /// Reads the first `listen:` port of a config, when the test set its own.
 fn listen_port(text: &str) -> Option<u16> {
     let listen = if text.starts_with("listen:") {
