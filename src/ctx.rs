@@ -31,6 +31,13 @@ pub enum TokenHold {
     Shared(lumen_plugins::rate_limit::shared::SharedReservation),
 }
 
+/// A provider's answer kept for the pipeline instead of being streamed to the client.
+pub struct Captured {
+    pub limit: usize,
+    pub head: Option<Box<pingora::http::ResponseHeader>>,
+    pub body: bytes::BytesMut,
+}
+
 /// What one request has gathered so far. Created empty by `new_ctx`, filled phase by phase.
 pub struct RequestCtx {
     pub started: Instant,
@@ -67,6 +74,12 @@ pub struct RequestCtx {
     pub first_byte: Option<Duration>,
     /// Upstream attempts made (`x-lumen-attempts`).
     pub attempts: u32,
+    /// Records the answer for the cache and for coalesced followers (a cacheable miss).
+    pub fill: Option<crate::cache::Fill>,
+    /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
+    pub capture: Option<Captured>,
+    /// `hit`, `miss`, `bypass` or `coalesced` for a cacheable route (metrics, access log).
+    pub cache: Option<&'static str>,
     /// Short reason for the access log when the request failed.
     pub error: Option<String>,
 }
@@ -103,6 +116,9 @@ impl RequestCtx {
             status: 0,
             first_byte: None,
             attempts: 0,
+            fill: None,
+            capture: None,
+            cache: None,
             error: None,
         }
     }

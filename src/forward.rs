@@ -508,7 +508,15 @@ impl Forwarder {
         let _ = head.insert_header("x-lumen-attempts", ctx.attempts);
         ctx.status = head.status.as_u16();
         ctx.stream = sse;
-        if session.write_response_header(head, false).await.is_err() {
+        if let Some(fill) = ctx.fill.as_mut() {
+            fill.head(ctx.status, sse, &provider.name);
+        }
+        // Captured (the pipeline rewrites the answer, e.g. merging cached embeddings): nothing
+        // goes to the client from here.
+        let capture = ctx.capture.is_some();
+        if let Some(captured) = ctx.capture.as_mut() {
+            captured.head = Some(head);
+        } else if session.write_response_header(head, false).await.is_err() {
             return Err(ForwardError::ClientGone);
         }
         let mut tap = (track_usage && ctx.status < 300).then(|| UsageTap::new(sse));
@@ -520,7 +528,17 @@ impl Forwarder {
             if let Some(tap) = tap.as_mut() {
                 tap.observe(&chunk);
             }
-            if session
+            if let Some(fill) = ctx.fill.as_mut() {
+                fill.chunk(&chunk);
+            }
+            if let Some(captured) = ctx.capture.as_mut() {
+                if captured.body.len() + chunk.len() > captured.limit {
+                    return Err(ForwardError::BeforeResponse(GatewayError::Internal(
+                        "provider answer too large to merge".into(),
+                    )));
+                }
+                captured.body.extend_from_slice(&chunk);
+            } else if session
                 .write_response_body(Some(chunk), false)
                 .await
                 .is_err()
@@ -535,6 +553,9 @@ impl Forwarder {
                         .upstream_errors
                         .with_label_values(&[&provider.name, error_kind(&error)])
                         .inc();
+                    if capture {
+                        return Err(ForwardError::BeforeResponse(error.into()));
+                    }
                     if sse {
                         // A clean, parseable end rather than a silent truncation: OpenAI SDKs
                         // raise on an `error` object in the stream.
@@ -546,7 +567,7 @@ impl Forwarder {
             }
         }
         ctx.usage_total = tap.as_mut().and_then(UsageTap::total_tokens);
-        if session.write_response_body(None, true).await.is_err() {
+        if !capture && session.write_response_body(None, true).await.is_err() {
             return Err(ForwardError::ClientGone);
         }
         self.connector

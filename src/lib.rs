@@ -10,6 +10,7 @@
 //! | [`pipeline`] | the `ProxyHttp` impl: the request pipeline, phase by phase |
 //! | [`openai`] | endpoints and the few body fields routing needs |
 //! | [`routing`] | model name → route → targets |
+//! | [`cache`] | the cache step: hits, SSE replay, coalesced followers, recording misses |
 //! | [`balance`] | a route's targets in the order its strategy and their health give |
 //! | [`forward`] | the attempt loop: fallback, retries, commit point, streaming back |
 //! | [`retry`] | what is retried, backoff, deadline |
@@ -28,6 +29,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod cache;
 pub mod config;
 pub mod ctx;
 pub mod error;

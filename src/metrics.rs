@@ -45,6 +45,8 @@ pub struct Metrics {
     pub probes: IntCounterVec,
     /// `lumen_upstream_duration_seconds{provider}`: request sent → last byte received.
     pub upstream_duration: HistogramVec,
+    /// `lumen_cache_requests_total{route, result}`: `hit`, `miss`, `bypass`, `coalesced`.
+    pub cache: IntCounterVec,
 }
 
 impl Metrics {
@@ -153,8 +155,14 @@ impl Metrics {
             "Time from sending a request upstream to its last byte",
             &["provider"],
         );
+        let cache = counter(
+            "lumen_cache_requests_total",
+            "Requests on cached routes, by route and result",
+            &["route", "result"],
+        );
         Metrics {
             registry,
+            cache,
             attempts,
             retries,
             fallbacks,

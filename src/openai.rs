@@ -84,6 +84,8 @@ pub struct LlmRequest {
     pub max_tokens: Option<u64>,
     /// Whether the client set `stream_options` itself (then we never add it).
     pub has_stream_options: bool,
+    /// `stream_options.include_usage: true` (a cached stream replays the usage chunk).
+    pub include_usage: bool,
 }
 
 impl LlmRequest {
@@ -189,7 +191,12 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         })?),
     };
     let has_stream_options = head.stream_options.is_some_and(|v| v.get() != "null");
+    let include_usage = head.stream_options.is_some_and(|v| {
+        serde_json::from_str::<serde_json::Value>(v.get())
+            .is_ok_and(|o| o["include_usage"] == serde_json::Value::Bool(true))
+    });
     Ok(LlmRequest {
+        include_usage,
         endpoint,
         model,
         model_span,

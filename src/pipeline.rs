@@ -17,6 +17,7 @@ use lumen_plugins::rate_limit::shared::{OnRedisError, SharedError, SharedLimiter
 use lumen_plugins::rate_limit::{
     format_reset, LimitReason, Limited, LocalLimiter, RateStatus, RequestLimit,
 };
+use lumen_plugins::redis_link::RedisLink;
 use lumen_plugins::{Decision, Policy};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -25,7 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use crate::access_log;
+use crate::cache::{self, Cache, Fill, Followed, Plan};
 use crate::config::Snapshot;
+use crate::ctx::Captured;
 use crate::ctx::{accept_request_id, new_request_id, InFlightGauge, RequestCtx, TokenHold};
 use crate::error::{GatewayError, RequestError};
 use crate::forward::{add_headers, ForwardError, Forwarder, Upstreams};
@@ -35,6 +38,12 @@ use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint, LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::ops;
 use crate::routing::Route;
+use lumen_plugins::cache::flight::Join;
+use lumen_plugins::cache::store::Entry;
+use lumen_plugins::cache::ClientControl;
+
+/// Largest provider answer held to merge with cached embeddings.
+const MAX_CAPTURED: usize = 64 * 1024 * 1024;
 
 /// How long an unread request body is drained after an error before the connection closes.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -63,30 +72,48 @@ pub struct Gateway {
     health: Arc<HealthTable>,
     /// Provider quotas (`quota:` on providers), counted per attempt.
     quotas: Quotas,
+    /// The response cache (memory, and Redis when configured) and requests in flight.
+    cache: Arc<Cache>,
 }
 
 /// What admission decided.
 enum Admit {
     /// Answered by the gateway itself.
     Reply(ops::Reply),
-    /// To be forwarded on this route.
-    Forward(LlmRequest, Arc<Route>),
+    /// Answered from the cache.
+    Hit(Plan, Arc<Entry>),
+    /// To be forwarded on this route (using the cache as planned).
+    Forward(LlmRequest, Arc<Route>, Option<Plan>),
 }
 
 impl Gateway {
     pub fn new(config: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Gateway {
         // Redis settings are read once: a new URL needs a restart (sockets are process state).
-        let shared = config.load().redis.as_ref().and_then(|r| {
-            match SharedLimiter::new(&r.url, &r.prefix, r.timeout) {
-                Ok(l) => Some((Arc::new(l), r.on_error)),
-                Err(e) => {
-                    tracing::error!(error = %e, "redis limits disabled");
-                    None
-                }
-            }
-        });
+        let shared =
+            config
+                .load()
+                .redis
+                .as_ref()
+                .and_then(|r| match RedisLink::new(&r.url, r.timeout) {
+                    Ok(link) => Some((
+                        Arc::new(SharedLimiter::new(Arc::new(link), &r.prefix)),
+                        r.on_error,
+                    )),
+                    Err(e) => {
+                        tracing::error!(error = %e, "redis limits disabled");
+                        None
+                    }
+                });
         let health = Arc::new(HealthTable::new());
         health.sync(config.load().providers.values());
+        let cache = {
+            let snapshot = config.load();
+            let redis = shared
+                .as_ref()
+                .zip(snapshot.redis.as_ref())
+                .map(|((limiter, _), r)| (limiter.link().clone(), r.prefix.clone()));
+            Arc::new(Cache::new(&snapshot.cache, redis))
+        };
         Gateway {
             config,
             metrics,
@@ -97,6 +124,7 @@ impl Gateway {
             started: Instant::now(),
             forwarder: Forwarder::new(),
             health,
+            cache,
         }
     }
 
@@ -179,9 +207,285 @@ impl Gateway {
                 Err(limited) => return Err(self.refuse(ctx, &limited)),
             }
         }
+        // 6. Cache: a hit answers here. It counted as a request above, but costs no provider
+        // call and, unless the route says so, no tokens.
+        let plan = cache::plan(&route, &req, &principal, &s.req_header().headers);
+        if let Some(plan) = &plan {
+            if plan.control == ClientControl::Bypass {
+                cache::push_status(ctx, "bypass");
+            } else if plan.control == ClientControl::Normal && plan.items.is_none() {
+                if let Some(entry) = self.cache_lookup(&plan.key).await {
+                    if plan.policy.charge_tokens {
+                        self.reserve_tokens(ctx, &principal, &req).await?;
+                    }
+                    cache::push_status(ctx, "hit");
+                    return Ok(Admit::Hit(self.take_plan(plan), entry));
+                }
+            }
+        }
         // Token budgets: reserve an estimate now, settle with real usage after.
         self.reserve_tokens(ctx, &principal, &req).await?;
-        Ok(Admit::Forward(req, route))
+        Ok(Admit::Forward(req, route, plan))
+    }
+
+    /// Looks a key up in the cache; a Redis failure is counted and is a miss.
+    async fn cache_lookup(&self, key: &str) -> Option<Arc<Entry>> {
+        match self.cache.store.get(key).await {
+            Ok(found) => found.map(|(entry, _)| entry),
+            Err(_) => {
+                self.metrics
+                    .redis_errors
+                    .with_label_values(&["cache"])
+                    .inc();
+                None
+            }
+        }
+    }
+
+    /// Stores answers: in memory at once (the next request hits), in Redis off the request's
+    /// path.
+    fn cache_store(&self, entries: Vec<(String, Entry)>) {
+        if entries.is_empty() {
+            return;
+        }
+        let entries: Vec<(String, Arc<Entry>)> =
+            entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect();
+        self.cache.store.remember(&entries);
+        let cache = self.cache.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if cache.store.share(&entries).await.is_err() {
+                metrics.redis_errors.with_label_values(&["cache"]).inc();
+            }
+        });
+    }
+
+    fn take_plan(&self, plan: &Plan) -> Plan {
+        Plan {
+            key: plan.key.clone(),
+            policy: plan.policy.clone(),
+            control: plan.control,
+            api: plan.api,
+            stream: plan.stream,
+            include_usage: plan.include_usage,
+            items: None,
+        }
+    }
+
+    /// A cacheable request that missed: joins an identical request in flight (answered from
+    /// it) or leads one, recording its answer for the store. `Ok(true)`: answered.
+    async fn coalesce(&self, s: &mut Session, ctx: &mut RequestCtx, plan: &Plan) -> Result<bool> {
+        if plan.control == ClientControl::Refresh {
+            // The client wants a fresh answer: no following; store it for the others.
+            cache::push_status(ctx, "miss");
+            ctx.fill = Some(Fill::new(plan, None));
+            return Ok(false);
+        }
+        let wait = self.cache.coalesce_wait;
+        loop {
+            match self
+                .cache
+                .flights
+                .join(&plan.key, plan.policy.max_entry_bytes)
+            {
+                Join::Leader(leader) => {
+                    cache::push_status(ctx, "miss");
+                    ctx.fill = Some(Fill::new(plan, Some(leader)));
+                    return Ok(false);
+                }
+                Join::Follower(flight) => {
+                    cache::push_status(ctx, "hit");
+                    // After the status: set together, cleared together.
+                    ctx.response_headers.push((
+                        HeaderName::from_static("x-lumen-coalesced"),
+                        HeaderValue::from_static("1"),
+                    ));
+                    match cache::follow(s, ctx, plan, &flight, wait).await {
+                        Followed::Done(result) => {
+                            ctx.cache = Some("coalesced");
+                            return result.map(|()| true);
+                        }
+                        // The leader failed: the next to join leads (maybe us).
+                        Followed::TakeOver => {}
+                        Followed::Alone => {
+                            cache::push_status(ctx, "miss");
+                            ctx.fill = Some(Fill::new(plan, None));
+                            return Ok(false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A list embeddings request: cached items come from the cache, only the others go
+    /// upstream (the request rewritten to carry just them), and the answer is merged back in
+    /// the client's order.
+    async fn embeddings_by_item(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        req: &LlmRequest,
+        route: &Route,
+        plan: &Plan,
+    ) -> Result<bool> {
+        let Some(items) = &plan.items else {
+            return Ok(false);
+        };
+        let (mut found, error) = if plan.control == ClientControl::Normal {
+            self.cache.store.get_many(&items.keys).await
+        } else {
+            (vec![None; items.keys.len()], None)
+        };
+        if error.is_some() {
+            self.metrics
+                .redis_errors
+                .with_label_values(&["cache"])
+                .inc();
+        }
+        let missing: Vec<usize> = (0..found.len()).filter(|&i| found[i].is_none()).collect();
+        let hits = found.len() - missing.len();
+        ctx.response_headers.push((
+            HeaderName::from_static("x-lumen-cache-items"),
+            HeaderValue::from_str(&format!("{hits}/{}", found.len()))
+                .unwrap_or(HeaderValue::from_static("0")),
+        ));
+        let provider;
+        let mut usage = serde_json::json!({"prompt_tokens": 0, "total_tokens": 0});
+        let mut model = req.model.clone();
+        if missing.is_empty() {
+            cache::push_status(ctx, "hit");
+            provider = found
+                .first()
+                .and_then(|e| e.as_ref().map(|e| e.provider.clone()))
+                .unwrap_or_default();
+        } else {
+            if plan.control != ClientControl::Bypass {
+                cache::push_status(ctx, "miss");
+            }
+            let subset: Vec<serde_json::Value> =
+                missing.iter().map(|&i| items.items[i].clone()).collect();
+            let raw = Bytes::from(lumen_plugins::cache::embed::with_items(
+                &items.body,
+                &subset,
+            ));
+            let sub = match openai::parse(Endpoint::Embeddings, raw) {
+                Ok(sub) => sub,
+                Err(e) => {
+                    self.write_error(s, ctx, &e.into()).await?;
+                    return Ok(true);
+                }
+            };
+            ctx.capture = Some(Captured {
+                limit: MAX_CAPTURED,
+                head: None,
+                body: BytesMut::new(),
+            });
+            let upstreams = Upstreams {
+                health: &self.health,
+                quotas: &self.quotas,
+                metrics: &self.metrics,
+            };
+            let result = self
+                .forwarder
+                .forward(s, ctx, &sub, route, &upstreams)
+                .await;
+            let captured = ctx.capture.take();
+            if let Err(e) = result {
+                return self.forward_failed(s, ctx, e).await;
+            }
+            let Some(Captured {
+                head: Some(head),
+                body,
+                ..
+            }) = captured
+            else {
+                return Ok(true);
+            };
+            let body = body.freeze();
+            let fresh = (head.status == 200)
+                .then(|| lumen_plugins::cache::embed::split(&body, missing.len()))
+                .flatten();
+            let Some(fresh) = fresh else {
+                // An error, or an answer we cannot take apart: the provider's answer as is.
+                ctx.status = head.status.as_u16();
+                s.write_response_header(head, false).await?;
+                s.write_response_body(Some(body), true).await?;
+                return Ok(true);
+            };
+            let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if let Some(u) = answer.get("usage").filter(|u| u.is_object()) {
+                usage = u.clone();
+            }
+            if let Some(m) = answer["model"].as_str() {
+                model = m.to_string();
+            }
+            provider = ctx.provider.clone().unwrap_or_default();
+            let mut stored = Vec::new();
+            for (&i, vector) in missing.iter().zip(fresh) {
+                let bytes = Bytes::from(serde_json::to_vec(&vector).unwrap_or_default());
+                let entry = Entry::new(bytes, plan.policy.ttl, &provider);
+                if plan.control != ClientControl::Bypass {
+                    stored.push((items.keys[i].clone(), entry.clone()));
+                }
+                found[i] = Some(Arc::new(entry));
+            }
+            self.cache_store(stored);
+        }
+        let vectors: Vec<serde_json::Value> = found
+            .iter()
+            .map(|e| {
+                e.as_ref()
+                    .and_then(|e| serde_json::from_slice(&e.body).ok())
+                    .unwrap_or(serde_json::Value::Null)
+            })
+            .collect();
+        let merged = lumen_plugins::cache::embed::merge(&model, vectors, usage);
+        ctx.usage_total = cache::usage_total(&merged);
+        let mut head = ResponseHeader::build(StatusCode::OK, Some(6 + ctx.response_headers.len()))?;
+        head.insert_header(CONTENT_TYPE, "application/json")?;
+        head.insert_header(CONTENT_LENGTH, merged.len())?;
+        if !provider.is_empty() {
+            head.insert_header("x-lumen-provider", provider.as_str())?;
+        }
+        if ctx.attempts > 0 {
+            head.insert_header("x-lumen-attempts", ctx.attempts)?;
+        }
+        add_headers(&mut head, &ctx.response_headers);
+        ctx.status = 200;
+        s.write_response_header(Box::new(head), false).await?;
+        s.write_response_body(Some(Bytes::from(merged)), true)
+            .await?;
+        Ok(true)
+    }
+
+    /// What the client sees of a forward that failed.
+    async fn forward_failed(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        e: ForwardError,
+    ) -> Result<bool> {
+        match e {
+            ForwardError::BeforeResponse(e) => {
+                self.write_error(s, ctx, &e).await?;
+                Ok(true)
+            }
+            ForwardError::AfterResponse { error, sse: true } => {
+                // The stream already ended with an error event; the connection is sound.
+                ctx.error = Some(error.to_string());
+                Ok(true)
+            }
+            ForwardError::AfterResponse { error, sse: false } => {
+                ctx.error = Some(error.to_string());
+                // Dropping the connection is the only honest way to show a truncated body.
+                Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
+            }
+            ForwardError::ClientGone => {
+                ctx.error = Some("client disconnected".into());
+                Error::e_explain(ErrorType::WriteError, "client disconnected")
+            }
+        }
     }
 
     /// Applies the caller's request-rate and concurrency limits, adding the `x-ratelimit-*`
@@ -514,17 +818,29 @@ impl ProxyHttp for Gateway {
         }
         ctx.config = Some(config);
 
-        let (req, route) = match self.admit(s, ctx).await {
+        let (req, route, plan) = match self.admit(s, ctx).await {
             Ok(Admit::Reply(reply)) => {
                 self.write_reply(s, ctx, reply.status, reply.body).await?;
                 return Ok(true);
             }
-            Ok(Admit::Forward(req, route)) => (req, route),
+            Ok(Admit::Hit(plan, entry)) => {
+                cache::serve(s, ctx, &plan, &entry).await?;
+                return Ok(true);
+            }
+            Ok(Admit::Forward(req, route, plan)) => (req, route, plan),
             Err(e) => {
                 self.write_error(s, ctx, &e).await?;
                 return Ok(true);
             }
         };
+        if let Some(plan) = plan.as_ref() {
+            if plan.items.is_some() {
+                return self.embeddings_by_item(s, ctx, &req, &route, plan).await;
+            }
+            if plan.control != ClientControl::Bypass && self.coalesce(s, ctx, plan).await? {
+                return Ok(true);
+            }
+        }
         let upstreams = Upstreams {
             health: &self.health,
             quotas: &self.quotas,
@@ -535,25 +851,13 @@ impl ProxyHttp for Gateway {
             .forward(s, ctx, &req, &route, &upstreams)
             .await
         {
-            Ok(()) => Ok(true),
-            Err(ForwardError::BeforeResponse(e)) => {
-                self.write_error(s, ctx, &e).await?;
+            Ok(()) => {
+                if let Some(fill) = ctx.fill.take() {
+                    self.cache_store(fill.finish().into_iter().collect());
+                }
                 Ok(true)
             }
-            Err(ForwardError::AfterResponse { error, sse: true }) => {
-                // The stream already ended with an error event; the connection is sound.
-                ctx.error = Some(error.to_string());
-                Ok(true)
-            }
-            Err(ForwardError::AfterResponse { error, sse: false }) => {
-                ctx.error = Some(error.to_string());
-                // Dropping the connection is the only honest way to show a truncated body.
-                Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
-            }
-            Err(ForwardError::ClientGone) => {
-                ctx.error = Some("client disconnected".into());
-                Error::e_explain(ErrorType::WriteError, "client disconnected")
-            }
+            Err(e) => self.forward_failed(s, ctx, e).await,
         }
     }
 
@@ -625,6 +929,9 @@ impl ProxyHttp for Gateway {
             .requests
             .with_label_values(&[endpoint, route, provider, status])
             .inc();
+        if let Some(result) = ctx.cache {
+            self.metrics.cache.with_label_values(&[route, result]).inc();
+        }
         if ctx.endpoint.is_some() {
             self.metrics
                 .duration

@@ -15,6 +15,7 @@ use lumen_plugins::rate_limit::RequestLimit;
 use crate::config::raw::{RawRoute, Strategy};
 use crate::config::{Problem, Provider};
 use crate::retry::RetryPolicy;
+use lumen_plugins::cache::CachePolicy;
 
 /// A configured model name and where requests for it go.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub struct Route {
     /// Smooth weighted round robin, unrolled once at load: target indexes in the order the
     /// weights give (`weighted` only).
     pub weighted_order: Vec<usize>,
+    /// The route's cache policy; `None`: never cached.
+    pub cache: Option<CachePolicy>,
 }
 
 /// One place a route can send a request.
@@ -190,7 +193,21 @@ impl RouteTable {
             } else {
                 Vec::new()
             };
+            let cache = r.cache.as_ref().map(|c| CachePolicy {
+                ttl: c.ttl,
+                scope: c.scope,
+                max_entry_bytes: c.max_entry_bytes.0,
+                when: c.when,
+                charge_tokens: c.charge_tokens,
+            });
+            if cache.as_ref().is_some_and(|c| c.ttl.is_zero()) {
+                problems.push(Problem::at(
+                    format!("routes[{i}].cache.ttl"),
+                    "must be above zero (remove `cache:` to turn caching off)",
+                ));
+            }
             let route = Arc::new(Route {
+                cache,
                 bucket_suffix: format!("|route:{}", r.model),
                 name: r.model.clone(),
                 strategy: r.strategy,
@@ -240,6 +257,7 @@ impl RouteTable {
             retry: RetryPolicy::default_for(1),
             turn: AtomicUsize::new(0),
             weighted_order: Vec::new(),
+            cache: None,
         }))
     }
 

@@ -11,10 +11,14 @@
 //! | [`auth`] | who is calling: API keys (SHA-256 digests) and locally verified JWTs → [`auth::Principal`] |
 //! | [`rate_limit`] | per-key request rate (GCRA) and concurrency limits, in process |
 //! | [`cors`] | browser cross-origin access: preflight answered at the edge, response headers |
+//! | [`cache`] | response cache: keys, memory and Redis tiers, stream rendering, coalescing |
+//! | [`redis_link`] | the one Redis connection the policies above share |
 
 pub mod auth;
+pub mod cache;
 pub mod cors;
 pub mod rate_limit;
+pub mod redis_link;
 
 use http::{HeaderName, HeaderValue};
 

@@ -45,6 +45,68 @@ pub struct RawConfig {
     /// What `/readyz` requires before a load balancer sends traffic.
     #[serde(default)]
     pub readiness: Readiness,
+    /// The response cache's node-wide settings (routes opt in with their own `cache:`).
+    #[serde(default)]
+    pub cache: RawCacheSettings,
+}
+
+/// `cache:` at the top level: the store shared by every route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheSettings {
+    /// Memory tier bound (total bytes of keys and answers).
+    #[serde(default = "default_cache_memory")]
+    pub memory: ByteSize,
+    /// Also keep answers in Redis (when `redis:` is configured), shared by every node.
+    #[serde(default = "default_true")]
+    pub redis: bool,
+    /// Longest a request waits for an identical one in flight before calling upstream itself.
+    #[serde(default = "default_coalesce_wait", with = "duration")]
+    pub coalesce_wait: Duration,
+}
+
+impl Default for RawCacheSettings {
+    fn default() -> Self {
+        RawCacheSettings {
+            memory: default_cache_memory(),
+            redis: true,
+            coalesce_wait: default_coalesce_wait(),
+        }
+    }
+}
+
+fn default_cache_memory() -> ByteSize {
+    ByteSize(256 * 1024 * 1024)
+}
+
+fn default_coalesce_wait() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// A route's `cache:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    #[serde(default = "default_cache_ttl", with = "duration")]
+    pub ttl: Duration,
+    #[serde(default)]
+    pub scope: lumen_plugins::cache::Scope,
+    /// Larger answers are passed on but not stored.
+    #[serde(default = "default_max_entry")]
+    pub max_entry_bytes: ByteSize,
+    #[serde(default)]
+    pub when: lumen_plugins::cache::When,
+    /// Count a hit's tokens against the caller's token budget (it never costs a provider).
+    #[serde(default)]
+    pub charge_tokens: bool,
+}
+
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_max_entry() -> ByteSize {
+    ByteSize(1024 * 1024)
 }
 
 /// When `/readyz` answers 200.
@@ -371,6 +433,9 @@ pub struct RawRoute {
     /// Attempts, what is retried, backoff and the total deadline.
     #[serde(default)]
     pub retry: Option<RawRetry>,
+    /// Answer repeated requests from the cache.
+    #[serde(default)]
+    pub cache: Option<RawRouteCache>,
 }
 
 /// How a route picks among its available targets.

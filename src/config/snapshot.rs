@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub redis: Option<RedisSettings>,
     /// What `/readyz` requires.
     pub readiness: Readiness,
+    /// The response cache's store settings (read at start-up).
+    pub cache: CacheSettings,
     /// Where it came from, for `/admin/config` and logs.
     pub source: Source,
 }
@@ -58,6 +60,14 @@ pub struct Listener {
     pub addr: String,
     pub tls: Option<(String, String)>,
     pub h2c: bool,
+}
+
+/// The cache store's settings.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub memory_bytes: u64,
+    pub redis: bool,
+    pub coalesce_wait: Duration,
 }
 
 /// The validated `redis:` section.
@@ -261,6 +271,11 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         spawns,
         redis,
         readiness: raw.readiness,
+        cache: CacheSettings {
+            memory_bytes: raw.cache.memory.0 as u64,
+            redis: raw.cache.redis,
+            coalesce_wait: raw.cache.coalesce_wait,
+        },
         source,
     })
 }

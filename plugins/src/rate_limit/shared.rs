@@ -6,14 +6,12 @@
 //! one slot — and expire once the bucket would be full again, so idle keys vanish.
 //!
 //! Errors and timeouts are returned to the caller, which applies `on_redis_error`: Redis being
-//! down must not take the edge down. The connection is made lazily and re-made in the
-//! background by redis-rs's `ConnectionManager`; while none can be made, calls fail fast.
+//! down must not take the edge down. The connection is the node's shared [`RedisLink`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::Mutex as AsyncMutex;
+use crate::redis_link::RedisLink;
 
 use super::{LimitReason, Limited, RateStatus, RequestLimit};
 
@@ -149,85 +147,40 @@ pub struct SharedReservation {
     pub reserved: u64,
 }
 
-/// Why Redis gave no answer.
-#[derive(Debug, thiserror::Error)]
-pub enum SharedError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("redis is unreachable; next connection attempt in under a second")]
-    Backoff,
-}
+pub use crate::redis_link::SharedError;
 
-/// The shared limiter: a lazily made connection and the script.
+/// The shared limiter: the scripts, run over the node's shared Redis link.
 pub struct SharedLimiter {
-    client: redis::Client,
+    link: Arc<RedisLink>,
     prefix: String,
     timeout: Duration,
     script: redis::Script,
     reserve_script: redis::Script,
     admit_script: redis::Script,
     settle_script: redis::Script,
-    conn: AsyncMutex<Option<ConnectionManager>>,
-    /// Monotonic ms (since `epoch`) before which no new connection is attempted.
-    retry_at_ms: AtomicU64,
-    epoch: Instant,
 }
 
 impl SharedLimiter {
-    /// `url` like `redis://127.0.0.1:6379`; nothing is connected until the first check.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<SharedLimiter, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid redis url: {e}"))?;
-        Ok(SharedLimiter {
-            client,
+    /// Limits kept under `prefix` over `link`; nothing is connected until the first check.
+    pub fn new(link: Arc<RedisLink>, prefix: &str) -> SharedLimiter {
+        SharedLimiter {
+            timeout: link.timeout,
+            link,
             prefix: prefix.to_string(),
-            timeout,
             script: redis::Script::new(GCRA),
             reserve_script: redis::Script::new(RESERVE_TOKENS),
             admit_script: redis::Script::new(ADMIT),
             settle_script: redis::Script::new(SETTLE_TOKENS),
-            conn: AsyncMutex::new(None),
-            retry_at_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-        })
+        }
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, SharedError> {
-        // The async mutex is held only while a connection is being made (rare); the manager
-        // itself is a cheap clone shared by all requests.
-        let mut guard = self.conn.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            return Ok(conn.clone());
-        }
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
-        if now_ms < self.retry_at_ms.load(Ordering::Acquire) {
-            return Err(SharedError::Backoff);
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout.max(Duration::from_millis(200)))
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(1000);
-        match tokio::time::timeout(
-            self.timeout.max(Duration::from_millis(200)),
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => {
-                *guard = Some(conn.clone());
-                Ok(conn)
-            }
-            Ok(Err(e)) => {
-                self.retry_at_ms.store(now_ms + 1000, Ordering::Release);
-                Err(e.into())
-            }
-            Err(_) => {
-                self.retry_at_ms.store(now_ms + 1000, Ordering::Release);
-                Err(SharedError::Timeout(self.timeout))
-            }
-        }
+    /// The Redis link this limiter uses (shared with the cache).
+    pub fn link(&self) -> &Arc<RedisLink> {
+        &self.link
+    }
+
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, SharedError> {
+        self.link.connection().await
     }
 
     /// Checks `bucket`'s rate and takes one of its in-flight slots in one round trip.

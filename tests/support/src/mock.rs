@@ -375,12 +375,21 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
             "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
         })
     } else if path.ends_with("/embeddings") {
-        let inputs = match &body["input"] {
-            Value::Array(items) => items.len(),
-            _ => 1,
+        let items: Vec<Value> = match &body["input"] {
+            Value::Array(items) if items.iter().all(Value::is_string) => items.clone(),
+            other => vec![other.clone()],
         };
-        let data: Vec<Value> = (0..inputs)
-            .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.6, 0.8, i as f64 / 10.0]}))
+        let inputs = items.len();
+        // A vector that depends on the input's text, so tests can tell inputs apart.
+        let data: Vec<Value> = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let text = item.to_string();
+                let sum: u32 = text.bytes().map(u32::from).sum();
+                json!({"object": "embedding", "index": i,
+                       "embedding": [text.len() as f64 / 100.0, f64::from(sum % 1000) / 1000.0, 0.5]})
+            })
             .collect();
         json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": inputs * 3, "total_tokens": inputs * 3}})
     } else if path.ends_with("/rerank") {

@@ -1,0 +1,323 @@
+//! The response cache: which requests may be answered from it, under which key, and the
+//! pieces the pipeline puts together (DESIGN.md step 6): [`store`] (memory tier, bounded by
+//! bytes with TinyLFU eviction, and the Redis tier shared by the fleet), [`shape`] (one stored
+//! answer served as JSON or as an SSE stream), [`embed`] (embeddings cached per input item), and
+//! [`flight`] (identical requests in flight wait for the first instead of calling upstream).
+//!
+//! By default only deterministic requests are cached: chat and completions with
+//! `temperature: 0` or a fixed `seed`, and every embeddings and rerank request. The key is a
+//! SHA-256 over the caller's scope, the route, the effective model and the request body in
+//! canonical form (keys sorted, numbers normalised), without the fields that only change how
+//! an answer is delivered (`stream`, `stream_options`) or that do not change it (`user`).
+
+pub mod embed;
+pub mod flight;
+pub mod shape;
+pub mod store;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Whose answers a cached answer may be served to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Only the same key (the default: no answer ever crosses keys).
+    #[default]
+    Key,
+    /// Any key of the same tenant.
+    Tenant,
+    /// Every caller.
+    Global,
+}
+
+/// Which requests are cached.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// Only requests whose answer does not vary: `temperature: 0` or a `seed` for chat and
+    /// completions; embeddings and rerank always.
+    #[default]
+    Deterministic,
+    /// Every request of the route (sampling answers are replayed as they were first given).
+    Always,
+}
+
+/// A route's cache settings, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachePolicy {
+    pub ttl: Duration,
+    pub scope: Scope,
+    /// Answers larger than this are not stored.
+    pub max_entry_bytes: usize,
+    pub when: When,
+    /// Whether a hit counts against the caller's token budget (it never costs a provider).
+    pub charge_tokens: bool,
+}
+
+/// The endpoint of a cacheable request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completion,
+    Embeddings,
+    Rerank,
+    /// One input of a list embeddings request, cached on its own.
+    EmbeddingItem,
+}
+
+impl Api {
+    fn tag(self) -> &'static str {
+        match self {
+            Api::Chat => "chat",
+            Api::Completion => "completion",
+            Api::Embeddings => "embeddings",
+            Api::Rerank => "rerank",
+            Api::EmbeddingItem => "embedding-item",
+        }
+    }
+
+    /// The stream shape, for endpoints that stream.
+    pub fn kind(self) -> Option<shape::Kind> {
+        match self {
+            Api::Chat => Some(shape::Kind::Chat),
+            Api::Completion => Some(shape::Kind::Completion),
+            _ => None,
+        }
+    }
+}
+
+/// What the client asked of the cache with `Cache-Control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientControl {
+    /// Look up, and store a fresh answer.
+    Normal,
+    /// `no-cache`: skip the lookup, but store the fresh answer.
+    Refresh,
+    /// `no-store`: neither look up nor store.
+    Bypass,
+}
+
+/// Reads `Cache-Control` request directives.
+pub fn client_control(headers: &http::HeaderMap) -> ClientControl {
+    let mut control = ClientControl::Normal;
+    for value in headers.get_all(http::header::CACHE_CONTROL) {
+        let Ok(text) = value.to_str() else { continue };
+        for directive in text.split(',').map(|d| d.trim().to_ascii_lowercase()) {
+            match directive.as_str() {
+                "no-store" => return ClientControl::Bypass,
+                "no-cache" | "max-age=0" => control = ClientControl::Refresh,
+                _ => {}
+            }
+        }
+    }
+    control
+}
+
+/// Whether a request with this body may be cached under `when`.
+pub fn cacheable(api: Api, body: &Value, when: When) -> bool {
+    if when == When::Always {
+        return true;
+    }
+    match api {
+        Api::Embeddings | Api::Rerank | Api::EmbeddingItem => true,
+        Api::Chat | Api::Completion => {
+            // OpenAI's default temperature is 1: absent means sampling.
+            let greedy = body.get("temperature").and_then(Value::as_f64) == Some(0.0);
+            let seeded = body.get("seed").is_some_and(Value::is_number);
+            greedy || seeded
+        }
+    }
+}
+
+/// Body fields that never change the answer's content.
+const NOT_IN_KEY: &[&str] = &["stream", "stream_options", "user", "model"];
+
+/// The cache key for a request: hex SHA-256 of the scope, the route, the effective model, the
+/// endpoint and the canonical body. `scope_id` is the key id, tenant or empty for global.
+pub fn key(
+    scope: Scope,
+    scope_id: &str,
+    route: &str,
+    model: &str,
+    api: Api,
+    body: &Value,
+) -> String {
+    let mut hasher = Sha256::new();
+    let scope_tag = match scope {
+        Scope::Key => "key",
+        Scope::Tenant => "tenant",
+        Scope::Global => "global",
+    };
+    // Length-prefixed parts: no two different tuples hash the same bytes.
+    for part in [scope_tag, scope_id, route, model, api.tag()] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let mut canonical_body = Vec::with_capacity(256);
+    match body {
+        Value::Object(map) => {
+            let filtered: serde_json::Map<String, Value> = map
+                .iter()
+                .filter(|(k, _)| !NOT_IN_KEY.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            canonical(&Value::Object(filtered), &mut canonical_body);
+        }
+        other => canonical(other, &mut canonical_body),
+    }
+    hasher.update(&canonical_body);
+    hex(&hasher.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// Canonical JSON: object keys sorted, no whitespace, integral numbers written as integers
+/// (`0.0` and `0` mean the same temperature).
+pub fn canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(&Value::String(k.clone()), out);
+                out.push(b':');
+                canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(v, out);
+            }
+            out.push(b']');
+        }
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                out.extend_from_slice((f as i64).to_string().as_bytes())
+            }
+            _ => out.extend_from_slice(n.to_string().as_bytes()),
+        },
+        other => {
+            if let Ok(text) = serde_json::to_vec(other) {
+                out.extend_from_slice(&text);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn k(body: Value) -> String {
+        key(Scope::Key, "team-a", "fast", "fast", Api::Chat, &body)
+    }
+
+    #[test]
+    fn key_ignores_order_whitespace_numbers_and_delivery() {
+        let a = k(
+            json!({"model": "fast", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        let b: Value = serde_json::from_str(
+            r#"{ "messages" : [ {"content":"hi", "role":"user"} ], "temperature": 0.0, "stream": true,
+                 "stream_options": {"include_usage": true}, "user": "u-42", "model": "other" }"#,
+        )
+        .unwrap();
+        assert_eq!(a, k(b));
+    }
+
+    #[test]
+    fn key_changes_with_every_output_changing_field() {
+        let base = json!({"temperature": 0, "messages": [{"role": "user", "content": "hi"}]});
+        let reference = k(base.clone());
+        for (field, value) in [
+            ("max_tokens", json!(5)),
+            ("top_p", json!(0.5)),
+            ("seed", json!(1)),
+            ("stop", json!(["x"])),
+            ("tools", json!([])),
+            ("response_format", json!({"type": "json_object"})),
+            ("n", json!(2)),
+            ("logprobs", json!(true)),
+            ("presence_penalty", json!(0.1)),
+        ] {
+            let mut b = base.clone();
+            b[field] = value;
+            assert_ne!(k(b), reference, "{field}");
+        }
+        let mut other_text = base.clone();
+        other_text["messages"][0]["content"] = json!("hi!");
+        assert_ne!(k(other_text), reference);
+        let mut warmer = base.clone();
+        warmer["temperature"] = json!(0.7);
+        assert_ne!(k(warmer), reference);
+        // Scope, route, model and endpoint are all in it.
+        assert_ne!(
+            key(Scope::Key, "team-b", "fast", "fast", Api::Chat, &base),
+            reference
+        );
+        assert_ne!(
+            key(Scope::Tenant, "team-a", "fast", "fast", Api::Chat, &base),
+            reference
+        );
+        assert_ne!(
+            key(Scope::Key, "team-a", "slow", "fast", Api::Chat, &base),
+            reference
+        );
+        assert_ne!(
+            key(Scope::Key, "team-a", "fast", "x", Api::Chat, &base),
+            reference
+        );
+        assert_ne!(
+            key(Scope::Key, "team-a", "fast", "fast", Api::Completion, &base),
+            reference
+        );
+    }
+
+    #[test]
+    fn only_deterministic_requests_by_default() {
+        let chat = |b: Value| cacheable(Api::Chat, &b, When::Deterministic);
+        assert!(chat(json!({"temperature": 0})));
+        assert!(chat(json!({"temperature": 0.0})));
+        assert!(chat(json!({"seed": 7, "temperature": 0.8})));
+        assert!(!chat(json!({})));
+        assert!(!chat(json!({"temperature": 0.2})));
+        assert!(cacheable(Api::Embeddings, &json!({}), When::Deterministic));
+        assert!(cacheable(Api::Rerank, &json!({}), When::Deterministic));
+        assert!(cacheable(Api::Chat, &json!({}), When::Always));
+    }
+
+    #[test]
+    fn cache_control_directives() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(client_control(&h), ClientControl::Normal);
+        h.insert(http::header::CACHE_CONTROL, "No-Cache".parse().unwrap());
+        assert_eq!(client_control(&h), ClientControl::Refresh);
+        h.insert(
+            http::header::CACHE_CONTROL,
+            "no-cache, no-store".parse().unwrap(),
+        );
+        assert_eq!(client_control(&h), ClientControl::Bypass);
+    }
+}
