@@ -11,6 +11,8 @@
 //! `redis-server` (one round trip per request); `lumen-open` is the same gateway with auth (and
 //! so limits) off, the baseline for what they cost.
 //!
+//! Cache: hits served from memory against the same request proxied, at c=1 and c=32.
+//!
 //! Fallback cost: a route whose primary refuses the connection and whose second target
 //! answers, against `lumen-open` answering directly, at c=1: once with the circuit breaker
 //! kept closed (every request pays the refused connect and the fallback), once with the
@@ -59,7 +61,7 @@ impl Sample {
 fn chat_body(bytes: usize, stream: bool) -> Vec<u8> {
     let filler = "x".repeat(bytes.saturating_sub(120));
     serde_json::to_vec(&json!({
-        "model": "bench", "stream": stream, "mock_chunks": 5,
+        "model": "bench", "stream": stream, "mock_chunks": 5, "temperature": 0,
         "messages": [{"role": "user", "content": filler}],
     }))
     .unwrap_or_default()
@@ -297,6 +299,39 @@ fn main() {
         }
         println!();
     }
+
+    // Cache hits from memory against the same request proxied (lumen-open), same run.
+    let cached = Lumen::start(&format!(
+        "server: {{ threads: 2 }}\nauth: off\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ], cache: {{ ttl: 1h }} }}\n"
+    ));
+    println!("cache hits from memory vs the same request proxied (lumen-open)");
+    for (name, conns) in [("c=1 1KiB", 1), ("c=32 1KiB", 32)] {
+        let proxied = runtime.block_on(load(
+            lumen_open.addr,
+            conns,
+            secs,
+            chat_body(1024, false),
+            false,
+        ));
+        let hits = runtime.block_on(load(
+            cached.addr,
+            conns,
+            secs,
+            chat_body(1024, false),
+            false,
+        ));
+        println!(
+            "  {name:<10} hit rps {:>8.0} vs proxied {:>8.0} ({:.2}x)  p50 {:>6.0} vs {:>6.0} us  p99 {:>6.0} vs {:>6.0} us",
+            hits.rps,
+            proxied.rps,
+            hits.rps / proxied.rps,
+            hits.pct(0.5),
+            proxied.pct(0.5),
+            hits.pct(0.99),
+            proxied.pct(0.99)
+        );
+    }
+    println!();
 
     // Fallback cost: the primary refuses the connection (nothing listens on its port).
     let dead = free_port();

@@ -81,7 +81,7 @@ fn providers_report(config: &Snapshot, health: &HealthTable) -> Vec<u8> {
                 .map(|(model, m)| {
                     serde_json::json!({
                         "model": model,
-                        "available": s.availability(&m, now, &p.circuit, 0).err().map_or("yes", |why| why.label()),
+                        "available": s.availability(&m, now, &p.circuit).err().map_or("yes", |why| why.label()),
                         "circuit": {
                             "state": m.circuit.state(now, &p.circuit).label(),
                             "retry_in_ms": m.circuit.wait_ms(now, &p.circuit),

@@ -63,9 +63,14 @@ pub fn order(
         let provider = &target.provider;
         match state
             .provider
-            .availability(&state.model, now, &provider.circuit, token_estimate)
+            .availability(&state.model, now, &provider.circuit)
         {
-            Ok(()) if state.provider.busy(provider.max_in_flight) => full.push(i),
+            Ok(())
+                if state.provider.busy(provider.max_in_flight)
+                    || state.model.low_on_tokens(now, token_estimate) =>
+            {
+                full.push(i)
+            }
             Ok(()) => ready.push(i),
             Err(why) => {
                 let wait = state.provider.wait_ms(&state.model, now, &provider.circuit);
@@ -91,21 +96,22 @@ pub fn order(
             },
         });
     }
-    arrange(route, states, &mut ready);
-    arrange(route, states, &mut full);
+    // One turn per request, whatever the lists: round robin stays even.
+    let turn = route.turn.fetch_add(1, Relaxed);
+    arrange(route, states, turn, &mut ready);
+    arrange(route, states, turn, &mut full);
     ready.extend(full);
     Ok(ready)
 }
 
 /// Puts `candidates` (in config order) in the route's strategy order.
-fn arrange(route: &Route, states: &[TargetState], candidates: &mut [usize]) {
+fn arrange(route: &Route, states: &[TargetState], turn: usize, candidates: &mut [usize]) {
     if candidates.len() < 2 {
         return;
     }
     match route.strategy {
         Strategy::Priority => {}
         Strategy::RoundRobin => {
-            let turn = route.turn.fetch_add(1, Relaxed);
             candidates.rotate_left(turn % candidates.len());
         }
         Strategy::Weighted => {
@@ -115,7 +121,6 @@ fn arrange(route: &Route, states: &[TargetState], candidates: &mut [usize]) {
             }
             // The unrolled order names whose turn it is; if that target is unavailable now,
             // the next one in the unrolled order that is available takes it.
-            let turn = route.turn.fetch_add(1, Relaxed);
             let first = (0..order.len())
                 .map(|k| order[(turn + k) % order.len()])
                 .find(|i| candidates.contains(i));
@@ -127,14 +132,13 @@ fn arrange(route: &Route, states: &[TargetState], candidates: &mut [usize]) {
         }
         Strategy::LeastBusy => {
             // Ties (commonly: all idle) rotate, so idle targets share the load evenly.
-            let turn = route.turn.fetch_add(1, Relaxed);
             candidates.rotate_left(turn % candidates.len());
             candidates.sort_by_key(|&i| states[i].provider.in_flight());
         }
         Strategy::LowestLatency => {
-            // Unmeasured targets sort first (0): each is measured before being judged.
+            // Unmeasured targets sort first (0): each is measured before being judged (any
+            // answer is measured, so a target that only fails does not stay "unmeasured").
             candidates.sort_by_key(|&i| states[i].model.latency().map_or(0, |d| d.as_micros()));
-            let turn = route.turn.fetch_add(1, Relaxed);
             if turn % EXPLORE_EVERY == EXPLORE_EVERY - 1 {
                 // The others take turns being explored, keeping the rest in latency order.
                 let pick = 1 + (turn / EXPLORE_EVERY) % (candidates.len() - 1);

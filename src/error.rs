@@ -169,7 +169,13 @@ impl GatewayError {
                     Some("upstream_timeout"),
                     None,
                 ),
-                // Only when the provider's own answer could not be read back.
+                // Only when the provider's own answer could not be passed on.
+                U::Status { status: 429, .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    Some("upstream_rate_limited"),
+                    None,
+                ),
                 U::Status { .. } => (
                     StatusCode::BAD_GATEWAY,
                     "api_error",

@@ -26,7 +26,7 @@ use crate::config::Provider;
 use crate::ctx::RequestCtx;
 use crate::error::{GatewayError, UpstreamError};
 use crate::health::quota::{read_provider_limits, Quotas};
-use crate::health::{HealthTable, Outcome};
+use crate::health::{HealthTable, Outcome, Permit};
 use crate::metrics::Metrics;
 use crate::openai::{body_for_target, body_with_usage, LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::retry::{Failure, RetryPolicy};
@@ -112,7 +112,8 @@ struct Failed {
 enum Attempt {
     /// A response went to the client: the request is over, whatever `result` says.
     Committed {
-        outcome: Outcome,
+        /// How the attempt ended, for `lumen_upstream_attempts_total`.
+        label: &'static str,
         result: Result<(), ForwardError>,
     },
     /// Nothing reached the client: another attempt may follow.
@@ -178,9 +179,7 @@ impl Forwarder {
                 .find(|&(_, i)| {
                     let circuit = &route.targets[i].provider.circuit;
                     let s = &states[i];
-                    s.provider
-                        .availability(&s.model, now_ms, circuit, estimate)
-                        .is_ok()
+                    s.provider.availability(&s.model, now_ms, circuit).is_ok()
                 })
             else {
                 break;
@@ -236,52 +235,52 @@ impl Forwarder {
             previous = Some(i);
             ctx.provider = Some(provider.name.clone());
             let in_flight = state.provider.enter();
+            // The circuit learns the outcome at the commit point (a half-open trial must not
+            // wait for a long stream to end), or when the attempt fails.
+            let mut permit = Some(permit);
             let attempt = self
-                .attempt(session, ctx, req, target, state, policy, deadline, up)
+                .attempt(
+                    session,
+                    ctx,
+                    req,
+                    (target, state),
+                    &mut permit,
+                    policy,
+                    deadline,
+                    up,
+                )
                 .await;
             drop(in_flight);
-            let (outcome, failed) = match attempt {
-                Attempt::Committed { outcome, result } => (outcome, Err(result)),
+            match attempt {
+                Attempt::Committed { label, result } => {
+                    up.metrics
+                        .attempts
+                        .with_label_values(&[provider.name.as_str(), label])
+                        .inc();
+                    if let Err(ForwardError::AfterResponse { .. }) = &result {
+                        // Counts against the circuit like any failure (no trial any more).
+                        record(up, target, Permit { trial: false }, Outcome::Failure);
+                    }
+                    // A committed answer was billed: its reported usage, else the estimate.
+                    let used = ctx.usage_total.unwrap_or(estimate);
+                    up.quotas.settle(quota, used).await;
+                    return result;
+                }
                 Attempt::Failed(failed) => {
+                    up.metrics
+                        .attempts
+                        .with_label_values(&[provider.name.as_str(), failed.failure.label()])
+                        .inc();
                     let outcome = if failed.failure.is_provider_fault() {
                         Outcome::Failure
                     } else {
                         Outcome::Neutral
                     };
+                    if let Some(permit) = permit.take() {
+                        record(up, target, permit, outcome);
+                    }
                     state.provider.set_error(failed.error.to_string());
-                    (outcome, Ok(failed))
-                }
-            };
-            up.metrics
-                .attempts
-                .with_label_values(&[
-                    provider.name.as_str(),
-                    match &failed {
-                        Ok(f) => f.failure.label(),
-                        Err(_) if outcome == Outcome::Failure => "failed_mid_response",
-                        Err(_) => "ok",
-                    },
-                ])
-                .inc();
-            let now_ms = up.health.now_ms();
-            if circuit.record(permit, outcome, now_ms, &provider.circuit) {
-                let now = circuit.state(now_ms, &provider.circuit);
-                let model = target.health_key.as_str();
-                up.metrics
-                    .circuit_state
-                    .with_label_values(&[provider.name.as_str(), model])
-                    .set(now.gauge());
-                tracing::warn!(provider = %provider.name, model, circuit = now.label(), "circuit breaker changed state");
-            }
-            let used = if failed.is_ok() {
-                0
-            } else {
-                ctx.usage_total.unwrap_or(0)
-            };
-            up.quotas.settle(quota, used).await;
-            match failed {
-                Err(result) => return result,
-                Ok(failed) => {
+                    up.quotas.settle(quota, 0).await;
                     let again = policy.retries(failed.failure);
                     last = Some(failed);
                     if !again {
@@ -320,7 +319,10 @@ impl Forwarder {
             return Err(self.no_target(ctx, route, &none, up.metrics));
         };
         ctx.error = Some(failed.error.to_string());
-        let Some((mut head, body)) = failed.answer else {
+        // The provider's own error is passed on when it is an OpenAI-shaped JSON error (it
+        // says most, e.g. which limit was hit); anything else (an HTML page from a CDN) is
+        // replaced by ours.
+        let Some((mut head, body)) = failed.answer.filter(|(_, body)| is_openai_error(body)) else {
             return Err(ForwardError::BeforeResponse(failed.error.into()));
         };
         head.remove_header(&http::header::TRANSFER_ENCODING);
@@ -364,8 +366,8 @@ impl Forwarder {
         session: &mut Session,
         ctx: &mut RequestCtx,
         req: &LlmRequest,
-        target: &Target,
-        state: &TargetState,
+        (target, state): (&Target, &TargetState),
+        permit: &mut Option<Permit>,
         policy: &RetryPolicy,
         deadline: Option<Instant>,
         up: &Upstreams<'_>,
@@ -388,10 +390,13 @@ impl Forwarder {
             match upstream_request(session.req_header(), provider, req, &body, &ctx.request_id) {
                 Ok(head) => head,
                 Err(e) => {
-                    return Attempt::Committed {
-                        outcome: Outcome::Neutral,
-                        result: Err(ForwardError::BeforeResponse(e)),
+                    if let Some(permit) = permit.take() {
+                        record(up, target, permit, Outcome::Neutral);
                     }
+                    return Attempt::Committed {
+                        label: "internal",
+                        result: Err(ForwardError::BeforeResponse(e)),
+                    };
                 }
             };
         let sent = Instant::now();
@@ -436,30 +441,52 @@ impl Forwarder {
             });
         }
 
-        // Success (or a status passed on as is): wait for the first chunk before committing,
-        // so a stream that dies before its first event still falls back.
-        let first = match within(deadline, upstream.read_response_body()).await {
-            Ok(Ok(chunk)) => chunk,
-            Ok(Err(e)) => {
-                let e = classify(provider, &e);
-                return failed(failure_of(&e), e);
+        // Success (or a status passed on as is): wait for the first real chunk before
+        // committing, so a stream that dies before its first event still falls back. SSE
+        // comments (`: processing`) some providers send first are held with it.
+        let sse = head
+            .headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let mut first = BytesMut::new();
+        loop {
+            match within(deadline, upstream.read_response_body()).await {
+                Ok(Ok(Some(chunk))) => {
+                    first.extend_from_slice(&chunk);
+                    if !(sse && only_comments(&first)) {
+                        break;
+                    }
+                }
+                // A success with nothing in it is no answer.
+                Ok(Ok(None)) if (200..300).contains(&status) => {
+                    return failed(Failure::Dropped, protocol_error(provider))
+                }
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    let e = classify(provider, &e);
+                    return failed(failure_of(&e), e);
+                }
+                Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
             }
-            Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
-        };
+        }
+        let first = (!first.is_empty()).then(|| first.freeze());
         let first_byte = sent.elapsed();
         ctx.first_byte = Some(first_byte);
         up.metrics
             .first_byte
             .with_label_values(&[&provider.name])
             .observe(first_byte.as_secs_f64());
-        let outcome = match status {
-            200..=399 => {
-                state.model.observe_latency(first_byte);
-                Outcome::Success
-            }
-            429 | 500.. => Outcome::Failure,
-            _ => Outcome::Neutral,
+        // Any answer is a latency sample: a target that only fails must not look unmeasured.
+        state.model.observe_latency(first_byte);
+        let (outcome, label) = match status {
+            200..=399 => (Outcome::Success, "ok"),
+            429 => (Outcome::Failure, "status_429"),
+            500.. => (Outcome::Failure, "status_5xx"),
+            _ => (Outcome::Neutral, "status_4xx"),
         };
+        if let Some(permit) = permit.take() {
+            record(up, target, permit, outcome);
+        }
         let result = self
             .stream_to_client(
                 session,
@@ -477,11 +504,11 @@ impl Forwarder {
             .upstream_duration
             .with_label_values(&[&provider.name])
             .observe(sent.elapsed().as_secs_f64());
-        let outcome = match &result {
-            Err(ForwardError::AfterResponse { .. }) => Outcome::Failure,
-            _ => outcome,
+        let label = match &result {
+            Err(ForwardError::AfterResponse { .. }) => "failed_mid_response",
+            _ => label,
         };
-        Attempt::Committed { outcome, result }
+        Attempt::Committed { label, result }
     }
 
     /// The commit point: writes the response head and the first chunk, then streams the rest
@@ -521,6 +548,7 @@ impl Forwarder {
         }
         let mut tap = (track_usage && ctx.status < 300).then(|| UsageTap::new(sse));
         let mut next = first;
+        let mut ends_event;
         loop {
             let Some(chunk) = next.take() else {
                 break;
@@ -531,6 +559,7 @@ impl Forwarder {
             if let Some(fill) = ctx.fill.as_mut() {
                 fill.chunk(&chunk);
             }
+            ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
             if let Some(captured) = ctx.capture.as_mut() {
                 if captured.body.len() + chunk.len() > captured.limit {
                     return Err(ForwardError::BeforeResponse(GatewayError::Internal(
@@ -558,8 +587,16 @@ impl Forwarder {
                     }
                     if sse {
                         // A clean, parseable end rather than a silent truncation: OpenAI SDKs
-                        // raise on an `error` object in the stream.
+                        // raise on an `error` object in the stream. If the provider stopped
+                        // mid-event, end that event first so ours parses on its own.
                         let event = sse_error_event(&error);
+                        let event = if ends_event {
+                            event
+                        } else {
+                            let mut e = BytesMut::from(&b"\n\n"[..]);
+                            e.extend_from_slice(&event);
+                            e.freeze()
+                        };
                         let _ = session.write_response_body(Some(event), true).await;
                     }
                     return Err(ForwardError::AfterResponse { error, sse });
@@ -605,6 +642,39 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// Feeds an attempt's outcome to its target's circuit, updating the gauge and logging when the
+/// state changed.
+fn record(up: &Upstreams<'_>, target: &Target, permit: Permit, outcome: Outcome) {
+    let provider = &target.provider;
+    let circuit = &up
+        .health
+        .get(&provider.name)
+        .model(&target.health_key)
+        .circuit;
+    let now_ms = up.health.now_ms();
+    if circuit.record(permit, outcome, now_ms, &provider.circuit) {
+        let now = circuit.state(now_ms, &provider.circuit);
+        let model = target.health_key.as_str();
+        up.metrics
+            .circuit_state
+            .with_label_values(&[provider.name.as_str(), model])
+            .set(now.gauge());
+        tracing::warn!(provider = %provider.name, model, circuit = now.label(), "circuit breaker changed state");
+    }
+}
+
+/// `{"error": {...}}`: an error body clients can parse.
+fn is_openai_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v["error"].is_object())
+}
+
+/// Whether `bytes` so far hold only SSE comments and blank lines (no event yet).
+fn only_comments(bytes: &[u8]) -> bool {
+    bytes
+        .split(|b| *b == b'\n')
+        .all(|line| line.is_empty() || line == b"\r" || line.starts_with(b":"))
 }
 
 /// Runs `f` until `deadline` (if any); `Err(())` when the deadline came first.

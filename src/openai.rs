@@ -100,7 +100,7 @@ impl LlmRequest {
                 self.max_tokens.unwrap_or(default_completion)
             }
         };
-        prompt + completion
+        prompt.saturating_add(completion)
     }
 }
 

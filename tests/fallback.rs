@@ -265,6 +265,12 @@ async fn falls_back_when_the_first_chunk_never_comes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_empty_success_or_a_stream_of_comments_only_is_no_answer() {
+    falls_back_from("empty").await;
+    falls_back_from("comment-then-drop").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn after_the_first_byte_a_failure_ends_the_stream_with_an_error_event() {
     let (ma, mb) = (MockUpstream::start(), MockUpstream::start());
     let yaml = format!(

@@ -404,7 +404,9 @@ fn build_probe(
         (None, false) if spawned => Some("/health".to_string()),
         (None, false) => Some(format!("{base_path}/models")),
     };
+    let lenient = h.path.is_none() && !h.tcp && !spawned;
     Some(ProbeSpec {
+        lenient,
         path,
         interval: h.interval,
         timeout: h.timeout,
@@ -498,6 +500,32 @@ fn build_provider(name: &str, p: RawProvider, spawned: bool) -> Result<Provider,
             here("circuit.error_ratio"),
             "must be above 0 and at most 1",
         ));
+    }
+    if circuit.failures == 0 || circuit.min_requests == 0 {
+        problems.push(Problem::at(
+            here("circuit.failures"),
+            "failures and min_requests must be at least 1",
+        ));
+    }
+    if circuit.cooldown.is_zero() || circuit.window.is_zero() {
+        problems.push(Problem::at(
+            here("circuit.cooldown"),
+            "cooldown and window must be above zero",
+        ));
+    }
+    if let Some(q) = &p.quota {
+        let values = [
+            q.requests_per_minute,
+            q.requests_per_day,
+            q.tokens_per_minute,
+            q.tokens_per_day,
+        ];
+        if values.contains(&Some(0)) {
+            problems.push(Problem::at(
+                here("quota"),
+                "a quota of 0 would never let a request through; remove the provider from routes instead",
+            ));
+        }
     }
     if p.max_in_flight == Some(0) {
         problems.push(Problem::at(here("max_in_flight"), "must be at least 1"));

@@ -145,10 +145,15 @@ impl TargetHealth {
         (until > now_ms).then(|| until - now_ms)
     }
 
-    fn rate_limited(&self, now_ms: u64, token_estimate: u64) -> bool {
+    fn rate_limited(&self, now_ms: u64) -> bool {
         now_ms < self.skip_until.load(Acquire)
-            || (now_ms < self.tokens_reset_at.load(Relaxed)
-                && self.tokens_remaining.load(Relaxed) < token_estimate.max(1))
+    }
+
+    /// The provider said it has fewer tokens left than this request may use. Providers refill
+    /// continuously, so such a target is tried after the others rather than skipped.
+    pub fn low_on_tokens(&self, now_ms: u64, token_estimate: u64) -> bool {
+        now_ms < self.tokens_reset_at.load(Relaxed)
+            && self.tokens_remaining.load(Relaxed) < token_estimate.max(1)
     }
 }
 
@@ -293,7 +298,6 @@ impl ProviderHealth {
         target: &TargetHealth,
         now_ms: u64,
         circuit: &CircuitConfig,
-        token_estimate: u64,
     ) -> Result<(), Unavailable> {
         if self.probe_state() == ProbeState::Unhealthy {
             return Err(Unavailable::Unhealthy);
@@ -304,7 +308,7 @@ impl ProviderHealth {
         if now_ms < self.quota_until.load(Acquire) {
             return Err(Unavailable::QuotaExhausted);
         }
-        if target.rate_limited(now_ms, token_estimate) {
+        if target.rate_limited(now_ms) {
             return Err(Unavailable::RateLimited);
         }
         Ok(())
@@ -452,26 +456,20 @@ mod tests {
         let t = h.model("m");
         let other = h.model("n");
         let cfg = CircuitConfig::default();
-        assert_eq!(h.availability(&t, 0, &cfg, 10), Ok(()));
+        assert_eq!(h.availability(&t, 0, &cfg), Ok(()));
         t.skip(1000);
         t.skip(500);
-        assert_eq!(
-            h.availability(&t, 999, &cfg, 10),
-            Err(Unavailable::RateLimited)
-        );
-        assert_eq!(h.availability(&other, 999, &cfg, 10), Ok(()), "per model");
+        assert_eq!(h.availability(&t, 999, &cfg), Err(Unavailable::RateLimited));
+        assert_eq!(h.availability(&other, 999, &cfg), Ok(()), "per model");
         assert_eq!(h.wait_ms(&t, 400, &cfg), 600);
-        assert_eq!(h.availability(&t, 1000, &cfg, 10), Ok(()));
+        assert_eq!(h.availability(&t, 1000, &cfg), Ok(()));
         t.set_provider_tokens(5, 2000);
-        assert_eq!(
-            h.availability(&t, 1500, &cfg, 10),
-            Err(Unavailable::RateLimited)
-        );
-        assert_eq!(h.availability(&t, 1500, &cfg, 4), Ok(()));
-        assert_eq!(h.availability(&t, 2000, &cfg, 10), Ok(()), "budget reset");
+        assert!(t.low_on_tokens(1500, 10));
+        assert!(!t.low_on_tokens(1500, 4));
+        assert!(!t.low_on_tokens(2000, 10), "budget reset");
         h.quota_exhausted(3000);
         assert_eq!(
-            h.availability(&other, 2500, &cfg, 1),
+            h.availability(&other, 2500, &cfg),
             Err(Unavailable::QuotaExhausted),
             "quota is the account's"
         );

@@ -35,6 +35,9 @@ pub struct ProbeSpec {
     pub timeout: Duration,
     pub healthy_threshold: u32,
     pub unhealthy_threshold: u32,
+    /// Any answer below 500 means reachable (the default `GET /models`: a key that may not
+    /// list models, or a provider without the endpoint, still serves completions).
+    pub lenient: bool,
 }
 
 /// A probe's answer body is read up to this size (a model list, a sidecar's health).
@@ -193,7 +196,12 @@ async fn probe(
         }
         body.extend_from_slice(&chunk);
     }
-    if !(200..300).contains(&status) {
+    let healthy = if spec.lenient {
+        (200..500).contains(&status)
+    } else {
+        (200..300).contains(&status)
+    };
+    if !healthy {
         return Err(format!("HTTP {status}"));
     }
     connector

@@ -206,7 +206,8 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
 pub fn parse_reset(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
     let mut total = 0.0f64;
     let mut rest = v;
@@ -247,6 +248,15 @@ mod tests {
         assert_eq!(parse_reset("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_reset(""), None);
         assert_eq!(parse_reset("soon"), None);
+        assert_eq!(
+            parse_reset("1e20"),
+            Some(Duration::from_secs(86_400)),
+            "bounded, no panic"
+        );
+        assert_eq!(
+            parse_reset("99999999999999999999"),
+            Some(Duration::from_secs(86_400))
+        );
         assert_eq!(parse_reset("5x"), None);
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_retry_after("-1"), None);
@@ -258,7 +268,7 @@ mod tests {
         let provider = ProviderHealth::new("p");
         let state = provider.model("m");
         let cfg = CircuitConfig::default();
-        let available = |t: &TargetHealth| provider.availability(t, table.now_ms(), &cfg, 1);
+        let available = |t: &TargetHealth| provider.availability(t, table.now_ms(), &cfg);
         let mut h = HeaderMap::new();
         h.insert("retry-after", "30".parse().unwrap());
         read_provider_limits(200, &h, &state, &table);

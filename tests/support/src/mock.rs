@@ -15,6 +15,8 @@
 //! | `drop-after-head`| sends a 200 response head, then closes before any body |
 //! | `hang-after-head`| sends a 200 response head, then never sends the body |
 //! | `drop-mid-stream`| streams two chunks, then closes the connection mid-stream |
+//! | `empty`          | a 200 with an empty body |
+//! | `comment-then-drop` | a 200 SSE head and a `: processing` comment, then closes |
 //! | `slow-NNN`       | a normal answer after NNN ms |
 //! | `flaky-NN`       | fails NN% of requests at random (503, 429, a drop, or a drop after the head) |
 //!
@@ -331,6 +333,19 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
             return Ok(false);
         }
         "drop" => return Ok(false),
+        "empty" => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n")
+                .await?;
+            return Ok(true);
+        }
+        "comment-then-drop" => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await?;
+            write_chunk(stream, b": processing\n\n").await?;
+            return Ok(false);
+        }
         "drop-after-head" | "hang-after-head" => {
             let kind = if body["stream"].as_bool().unwrap_or(false) {
                 "text/event-stream\r\ntransfer-encoding: chunked"
