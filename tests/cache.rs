@@ -15,6 +15,7 @@ keys:
   - {{ id: alice, key: "sk-alice", tenant: acme }}
   - {{ id: bob, key: "sk-bob", tenant: acme }}
   - {{ id: carol, key: "sk-carol", tenant: other }}
+  - {{ id: thrifty, key: "sk-thrifty", limits: {{ tokens_per_minute: 1000 }} }}
 providers:
   mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
 routes:
@@ -41,6 +42,10 @@ routes:
     cache: {{ ttl: 10m }}
   - model: plain
     targets: [ {{ provider: mock, model: up }} ]
+  - model: fails-once
+    targets: [ {{ provider: mock, model: fail-first-300 }} ]
+    retry: {{ attempts: 1 }}
+    cache: {{ ttl: 10m }}
 {extra}"#,
         base = mock.base_url()
     )
@@ -443,4 +448,47 @@ async fn two_gateways_share_hits_through_redis_and_survive_its_loss() {
     // Memory still answers what each node holds.
     let r = send(&one, "sk-alice", &chat("cached"), &[]).await;
     assert_eq!(r.header("x-lumen-cache"), Some("hit"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_leader_fails_one_follower_takes_over() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, ""));
+    let responses = concurrent(&lumen, &chat("fails-once"), 10).await;
+    let ok = responses.iter().filter(|r| r.status == 200).count();
+    let failed = responses.iter().filter(|r| r.status == 503).count();
+    assert_eq!((ok, failed), (9, 1), "only the leader saw its failure");
+    assert_eq!(
+        chat_calls(&mock),
+        2,
+        "one follower took over; the rest followed it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hits_count_as_requests_but_spend_no_tokens() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, ""));
+    let mut body = chat("cached");
+    body["max_tokens"] = json!(300);
+    // The miss reserves its estimate and settles at the 11 tokens the mock reports.
+    let miss = send(&lumen, "sk-thrifty", &body, &[]).await;
+    assert_eq!(miss.status, 200);
+    // Hits: none reserves 300 tokens, so ten of them fit in a 1000-token budget.
+    for _ in 0..10 {
+        let hit = send(&lumen, "sk-thrifty", &body, &[]).await;
+        assert_eq!(hit.status, 200, "{}", hit.text());
+        assert_eq!(hit.header("x-lumen-cache"), Some("hit"));
+    }
+    // A new request still finds the budget nearly whole.
+    let mut other = body.clone();
+    other["messages"][0]["content"] = json!("something new");
+    let fresh = send(&lumen, "sk-thrifty", &other, &[]).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.text());
+    let left: u64 = fresh
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left > 600, "{left}");
 }

@@ -18,6 +18,7 @@
 //! | `empty`          | a 200 with an empty body |
 //! | `comment-then-drop` | a 200 SSE head and a `: processing` comment, then closes |
 //! | `slow-NNN`       | a normal answer after NNN ms |
+//! | `fail-first-NNN` | after NNN ms, a 503 for the first such request in the process, then normal answers |
 //! | `flaky-NN`       | fails NN% of requests at random (503, 429, a drop, or a drop after the head) |
 //!
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
@@ -128,6 +129,9 @@ impl MockUpstream {
 }
 
 type Counter = Arc<std::sync::atomic::AtomicUsize>;
+
+/// `fail-first-NNN`: whether the first such request (in this process) has failed yet.
+static FAILED_FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Accepts connections until the task is dropped.
 pub async fn serve(listener: TcpListener, log: Option<Log>) {
@@ -310,6 +314,15 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         .and_then(|p| p.parse::<u64>().ok())
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(ms) = model
+        .strip_prefix("fail-first-")
+        .and_then(|p| p.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        if !FAILED_FIRST.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            model = "status-503".to_string();
+        }
     }
     if let Some(code) = model
         .strip_prefix("status-")
