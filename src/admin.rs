@@ -16,12 +16,14 @@ use arc_swap::ArcSwap;
 use crate::config::Snapshot;
 use crate::health::HealthTable;
 use crate::metrics::Metrics;
+use crate::reload::ReloadState;
 
 /// Answers admin requests from shared gateway state.
 pub struct AdminApp {
     pub metrics: Arc<Metrics>,
     pub config: Arc<ArcSwap<Snapshot>>,
     pub health: Arc<HealthTable>,
+    pub reload: Arc<ReloadState>,
 }
 
 #[async_trait]
@@ -33,6 +35,11 @@ impl ServeHttp for AdminApp {
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
                 self.metrics.render().into_bytes(),
+            ),
+            "/admin/config" => (
+                StatusCode::OK,
+                "application/json",
+                config_report(&self.config.load(), &self.reload),
             ),
             "/admin/providers" => (
                 StatusCode::OK,
@@ -115,4 +122,30 @@ fn providers_report(config: &Snapshot, health: &HealthTable) -> Vec<u8> {
         })
         .collect();
     serde_json::to_vec(&serde_json::json!({ "providers": providers })).unwrap_or_default()
+}
+
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The active config and the last reload's outcome.
+fn config_report(config: &Snapshot, reload: &ReloadState) -> Vec<u8> {
+    let last = reload.last().map(|r| {
+        serde_json::json!({
+            "at_unix_ms": unix_ms(r.at),
+            "trigger": r.trigger,
+            "result": if r.error.is_some() { "error" } else { "ok" },
+            "error": r.error,
+        })
+    });
+    serde_json::to_vec(&serde_json::json!({
+        "path": config.source.path,
+        "hash": config.source.hash,
+        "loaded_at_unix_ms": unix_ms(config.source.loaded_at),
+        "routes": config.routes.routes().count(),
+        "providers": config.providers.len(),
+        "last_reload": last,
+    }))
+    .unwrap_or_default()
 }

@@ -17,6 +17,7 @@
 //! | [`health`] | per-provider health: circuit breaker, active probes, provider quotas |
 //! | [`resolve`] | provider host → peer: lazy, cached DNS off the config path |
 //! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
+//! | [`reload`] | hot reload: `SIGHUP` and file changes, validate, swap |
 //! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
 //! | [`usage`] | token usage read off responses as they stream (token budgets) |
 //! | [`admin`] | the admin listener: `/metrics`, `/admin/providers` |
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod openai;
 pub mod ops;
 pub mod pipeline;
+pub mod reload;
 pub mod resolve;
 pub mod retry;
 pub mod routing;
@@ -105,7 +107,10 @@ pub fn proxy_service(
 }
 
 /// The admin service (`/metrics`, `/admin/providers`) on the snapshot's admin address.
-pub fn admin_service(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
+pub fn admin_service(
+    gateway: &Gateway,
+    reload: Arc<reload::ReloadState>,
+) -> impl pingora::services::ServiceWithDependents {
     let snapshot = gateway.config.load_full();
     let mut service = Service::new(
         "lumen admin".to_string(),
@@ -113,6 +118,7 @@ pub fn admin_service(gateway: &Gateway) -> impl pingora::services::ServiceWithDe
             metrics: gateway.metrics.clone(),
             config: gateway.config.clone(),
             health: gateway.health(),
+            reload,
         }),
     );
     service.add_tcp(&snapshot.admin_listen);
@@ -156,12 +162,23 @@ pub fn run(config_path: &Path) -> Result<(), SetupError> {
     access_log::init();
     let live = Arc::new(ArcSwap::new(snapshot.clone()));
     let gateway = Gateway::new(live, metrics);
-    let admin = admin_service(&gateway);
+    let reload_state = Arc::new(reload::ReloadState::default());
+    let admin = admin_service(&gateway, reload_state.clone());
     let prober = health_prober(&gateway);
+    let reloader = pingora::services::background::background_service(
+        "lumen config reloader",
+        reload::Reloader {
+            path: config_path.to_path_buf(),
+            config: gateway.config.clone(),
+            metrics: gateway.metrics.clone(),
+            state: reload_state,
+        },
+    );
     let proxy = proxy_service(&server.configuration, gateway)?;
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(prober);
+    server.add_service(reloader);
     if !snapshot.spawns.is_empty() {
         server.add_service(pingora::services::background::background_service(
             "lumen sidecar supervisor",

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     /// `lumen_cache_requests_total{route, result}`: `hit`, `miss`, `bypass`, `coalesced`.
     pub cache: IntCounterVec,
+    /// `lumen_config_reloads_total{result}`: `ok` or `error`.
+    pub reloads: IntCounterVec,
+    /// `lumen_config_last_reload_success_timestamp_seconds`.
+    pub last_reload: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -160,8 +164,23 @@ impl Metrics {
             "Requests on cached routes, by route and result",
             &["route", "result"],
         );
+        let reloads = counter(
+            "lumen_config_reloads_total",
+            "Config reloads, by result (ok, error)",
+            &["result"],
+        );
+        let last_reload = prometheus::IntGauge::new(
+            "lumen_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config reload (0: none since start)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(last_reload.clone()))
+            .expect("unique metric");
         Metrics {
             registry,
+            reloads,
+            last_reload,
             cache,
             attempts,
             retries,

@@ -102,8 +102,19 @@ async fn fail_closed_refuses_while_redis_is_down() {
     let statuses = burst(&[&a], 3).await;
     assert_eq!(statuses, [429, 429, 429]);
     redis.restart();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(count(&burst(&[&a], 2).await, 200), 2);
+    // The connection is re-made within about a second of Redis coming back; allow for a
+    // loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if count(&burst(&[&a], 1).await, 200) == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "traffic never resumed after Redis came back"
+        );
+    }
 }
 
 async fn with_budget(node: &Lumen, max_tokens: u64) -> lumen_test_support::Response {

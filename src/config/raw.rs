@@ -221,6 +221,9 @@ pub struct RawServer {
     /// One JSON line per request on stderr.
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// Reload when the config file (or a file it names) changes; `SIGHUP` always reloads.
+    #[serde(default = "default_true")]
+    pub watch_config: bool,
 }
 
 impl Default for RawServer {
@@ -229,6 +232,7 @@ impl Default for RawServer {
             threads: 0,
             grace_period: default_grace(),
             access_log: true,
+            watch_config: true,
         }
     }
 }

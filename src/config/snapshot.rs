@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub readiness: Readiness,
     /// The response cache's store settings (read at start-up).
     pub cache: CacheSettings,
+    /// Files besides the config itself whose change triggers a reload (JWT keys).
+    pub watched: Vec<PathBuf>,
     /// Where it came from, for `/admin/config` and logs.
     pub source: Source,
 }
@@ -90,6 +92,7 @@ pub struct ServerSettings {
     pub threads: usize,
     pub grace_period: Duration,
     pub access_log: bool,
+    pub watch_config: bool,
 }
 
 /// An upstream, ready to connect to: URL parsed, peer options set, headers encoded.
@@ -231,6 +234,13 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         }
     }
 
+    let watched = raw
+        .jwt
+        .iter()
+        .flat_map(|j| [j.public_key_file.as_ref(), j.jwks_file.as_ref()])
+        .flatten()
+        .map(PathBuf::from)
+        .collect();
     let auth = match lumen_plugins::auth::Authenticator::new(raw.auth, &raw.keys, &raw.jwt) {
         Ok(auth) => Some(auth),
         Err(found) => {
@@ -265,12 +275,14 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             threads: raw.server.threads,
             grace_period: raw.server.grace_period,
             access_log: raw.server.access_log,
+            watch_config: raw.server.watch_config,
         },
         providers,
         routes,
         spawns,
         redis,
         readiness: raw.readiness,
+        watched,
         cache: CacheSettings {
             memory_bytes: raw.cache.memory.0 as u64,
             redis: raw.cache.redis,

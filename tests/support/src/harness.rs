@@ -115,6 +115,19 @@ impl Lumen {
         }
         let child = command.spawn().expect("spawn lumen (is it built?)");
         let listen = listen_port(&text).unwrap_or(port);
+        let admin_port = text
+            .find("admin_listen:")
+            .and_then(|at| {
+                let rest = &text[at..];
+                let start = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
+                rest[start..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(admin_port);
         let mut lumen = Lumen {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], listen)),

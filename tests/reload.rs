@@ -1,0 +1,270 @@
+//! Hot reload, end to end: the real `lumen` binary re-reads its file when it changes or on
+//! SIGHUP, swaps the new routing table and keys in without dropping a request, and keeps
+//! serving the old config when the new one is invalid.
+
+use std::time::{Duration, Instant};
+
+use lumen_test_support::client::{request, Client};
+use lumen_test_support::{Lumen, MockUpstream};
+use serde_json::json;
+
+fn config(
+    mock: &MockUpstream,
+    listen: &str,
+    admin: &str,
+    extra_keys: &str,
+    extra_routes: &str,
+) -> String {
+    format!(
+        r#"listen: ["{listen}"]
+admin_listen: "{admin}"
+server: {{ watch_config: WATCH }}
+keys:
+  - {{ id: alice, key: "sk-alice", limits: {{ requests_per_minute: 5, burst: 5 }} }}
+{extra_keys}providers:
+  mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+{extra_routes}"#,
+        base = mock.base_url()
+    )
+}
+
+async fn chat(lumen: &Lumen, key: &str, model: &str) -> u16 {
+    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let auth = format!("Bearer {key}");
+    Client::connect(lumen.addr)
+        .await
+        .unwrap()
+        .post_json(
+            "/v1/chat/completions",
+            &[("authorization", auth.as_str())],
+            &body,
+        )
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+async fn admin_config(lumen: &Lumen) -> serde_json::Value {
+    request(lumen.admin, "GET", "/admin/config", &[], b"")
+        .await
+        .unwrap()
+        .json()
+}
+
+/// Waits until `/admin/config` reports a reload after `since_hash` changed or an error.
+async fn wait_reload(lumen: &Lumen, old_hash: &str, want_error: bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let c = admin_config(lumen).await;
+        let errored = c["last_reload"]["result"] == "error";
+        if (want_error && errored) || (!want_error && c["hash"] != old_hash) {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no reload seen: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn write(lumen: &Lumen, text: &str) {
+    // Like an editor: a new file renamed over the old one.
+    let tmp = lumen.config_path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &lumen.config_path).unwrap();
+}
+
+fn ports() -> (String, String) {
+    let p = lumen_test_support::free_port();
+    let a = lumen_test_support::free_port();
+    (format!("127.0.0.1:{p}"), format!("127.0.0.1:{a}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_change_applies_keys_and_routes_at_once_and_a_bad_file_keeps_the_old_config() {
+    let mock = MockUpstream::start();
+    let (listen, admin) = ports();
+    let base = config(
+        &mock,
+        &listen,
+        &admin,
+        "  - { id: bob, key: \"sk-bob\" }\n",
+        "",
+    )
+    .replace("WATCH", "true");
+    let lumen = Lumen::start(&base);
+    assert_eq!(chat(&lumen, "sk-bob", "fast").await, 200);
+    assert_eq!(chat(&lumen, "sk-alice", "new-route").await, 404);
+    let hash = admin_config(&lumen).await["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Bob's key removed, a route added.
+    let next = config(
+        &mock,
+        &listen,
+        &admin,
+        "",
+        "  - { model: new-route, targets: [ { provider: mock, model: up } ] }\n",
+    )
+    .replace("WATCH", "true");
+    write(&lumen, &next);
+    let c = wait_reload(&lumen, &hash, false).await;
+    assert_eq!(c["last_reload"]["result"], "ok");
+    assert_eq!(c["last_reload"]["trigger"], "file");
+    assert_eq!(
+        chat(&lumen, "sk-bob", "fast").await,
+        401,
+        "a removed key is refused at once"
+    );
+    assert_eq!(
+        chat(&lumen, "sk-alice", "new-route").await,
+        200,
+        "a new route works at once"
+    );
+
+    // Invalid: the old config keeps serving and the error says where.
+    let hash = c["hash"].as_str().unwrap().to_string();
+    write(
+        &lumen,
+        &next.replace(
+            "provider: mock, model: up } ] }\n",
+            "provider: nope } ] }\n",
+        ),
+    );
+    let c = wait_reload(&lumen, &hash, true).await;
+    assert_eq!(c["hash"], hash.as_str(), "still the old config");
+    let error = c["last_reload"]["error"].as_str().unwrap();
+    assert!(error.contains("unknown provider `nope`"), "{error}");
+    assert!(
+        error.contains(":10:"),
+        "file:line:column in the error: {error}"
+    );
+    assert_eq!(chat(&lumen, "sk-alice", "new-route").await, 200);
+    lumen_test_support::harness::scrape_until(
+        lumen.admin,
+        "lumen_config_reloads_total{result=\"error\"} 1",
+    )
+    .await;
+    assert!(lumen.log().contains("config reload failed"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_and_limit_counters_survive_it() {
+    let mock = MockUpstream::start();
+    let (listen, admin) = ports();
+    let base = config(&mock, &listen, &admin, "", "").replace("WATCH", "false");
+    let lumen = Lumen::start(&base);
+    // Spend 3 of alice's 5.
+    for _ in 0..3 {
+        assert_eq!(chat(&lumen, "sk-alice", "fast").await, 200);
+    }
+    let hash = admin_config(&lumen).await["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let next = config(
+        &mock,
+        &listen,
+        &admin,
+        "",
+        "  - { model: other, targets: [ { provider: mock, model: up } ] }\n",
+    )
+    .replace("WATCH", "false");
+    write(&lumen, &next);
+    // Watching is off: nothing happens until SIGHUP.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(admin_config(&lumen).await["hash"], hash.as_str());
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
+    let c = wait_reload(&lumen, &hash, false).await;
+    assert_eq!(c["last_reload"]["trigger"], "sighup");
+    // The bucket outlived the reload: 2 left, then refused.
+    assert_eq!(chat(&lumen, "sk-alice", "other").await, 200);
+    assert_eq!(chat(&lumen, "sk-alice", "other").await, 200);
+    assert_eq!(chat(&lumen, "sk-alice", "other").await, 429);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_reloads_under_load_fail_no_request() {
+    let mock = MockUpstream::start();
+    let (listen, admin) = ports();
+    let base = config(
+        &mock,
+        &listen,
+        &admin,
+        "  - { id: load, key: \"sk-load\" }\n",
+        "",
+    )
+    .replace("WATCH", "false");
+    let lumen = Lumen::start(&base);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = lumen.addr;
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+                let mut c = Client::connect(addr).await.unwrap();
+                let (mut ok, mut bad) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match c
+                        .post_json(
+                            "/v1/chat/completions",
+                            &[("authorization", "Bearer sk-load")],
+                            &body,
+                        )
+                        .await
+                    {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) => bad.push(r.status.to_string()),
+                        Err(e) => {
+                            bad.push(e.to_string());
+                            c = Client::connect(addr).await.unwrap();
+                        }
+                    }
+                }
+                (ok, bad)
+            })
+        })
+        .collect();
+    for i in 0..50 {
+        let routes =
+            format!("  - {{ model: extra-{i}, targets: [ {{ provider: mock, model: up }} ] }}\n");
+        let next = config(
+            &mock,
+            &listen,
+            &admin,
+            "  - { id: load, key: \"sk-load\" }\n",
+            &routes,
+        )
+        .replace("WATCH", "false");
+        write(&lumen, &next);
+        // SAFETY: kill(2) on our child's pid.
+        unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        let (ok, bad) = w.await.unwrap();
+        assert!(bad.is_empty(), "failed requests during reloads: {bad:?}");
+        total += ok;
+    }
+    assert!(total > 100, "{total}");
+    let metrics = lumen_test_support::harness::scrape_until(
+        lumen.admin,
+        "lumen_config_reloads_total{result=\"ok\"}",
+    )
+    .await;
+    let reloads: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("lumen_config_reloads_total{result=\"ok\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(reloads >= 10, "{reloads}");
+}
