@@ -17,6 +17,7 @@
 //! | [`health`] | per-provider health: circuit breaker, active probes, provider quotas |
 //! | [`resolve`] | provider host → peer: lazy, cached DNS off the config path |
 //! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
+//! | [`notify`] | systemd readiness (`Type=notify`): ready, reloading, stopping, watchdog |
 //! | [`reload`] | hot reload: `SIGHUP` and file changes, validate, swap |
 //! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
 //! | [`usage`] | token usage read off responses as they stream (token budgets) |
@@ -37,6 +38,7 @@ pub mod error;
 pub mod forward;
 pub mod health;
 pub mod metrics;
+pub mod notify;
 pub mod openai;
 pub mod ops;
 pub mod pipeline;

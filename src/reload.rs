@@ -24,6 +24,7 @@ use pingora::services::background::BackgroundService;
 
 use crate::config::{self, Snapshot};
 use crate::metrics::Metrics;
+use crate::notify;
 
 /// How often file metadata is checked.
 const POLL: Duration = Duration::from_millis(250);
@@ -81,6 +82,21 @@ fn stamp(path: &Path) -> Stamp {
 }
 
 impl Reloader {
+    /// Tells systemd we are ready once the first proxy listener accepts connections (the
+    /// listeners are bound by their own services; readiness must not be claimed before).
+    async fn announce_ready(&self) {
+        let addr = self.config.load().listeners.first().map(|l| l.addr.clone());
+        if let Some(addr) = addr {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while tokio::net::TcpStream::connect(&addr).await.is_err()
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        notify::notify("READY=1");
+    }
+
     fn watched(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
         files.extend(self.config.load().watched.iter().cloned());
@@ -89,6 +105,7 @@ impl Reloader {
 
     /// Loads the file and swaps it in; on failure keeps the old snapshot.
     async fn reload(&self, trigger: &'static str) {
+        notify::reloading();
         let path = self.path.clone();
         // File I/O and validation off the async workers.
         let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
@@ -102,6 +119,7 @@ impl Reloader {
                 warn_restart_needed(&current, &next);
                 let hash = next.source.hash.clone();
                 self.config.store(Arc::new(next));
+                notify::notify("READY=1");
                 self.metrics.reloads.with_label_values(&["ok"]).inc();
                 self.metrics.last_reload.set(
                     SystemTime::now()
@@ -116,6 +134,7 @@ impl Reloader {
                 });
             }
             Err(error) => {
+                notify::notify("READY=1");
                 self.metrics.reloads.with_label_values(&["error"]).inc();
                 tracing::error!(trigger, config = %self.path.display(), %error, "config reload failed; still serving the previous config");
                 self.state.set(ReloadStatus {
@@ -188,9 +207,19 @@ impl BackgroundService for Reloader {
             .collect();
         // A change seen, and when the files were last seen changing.
         let mut pending: Option<std::time::Instant> = None;
+        self.announce_ready().await;
+        let watchdog = notify::watchdog_interval();
+        let mut last_ping = std::time::Instant::now();
         loop {
+            if watchdog.is_some_and(|every| last_ping.elapsed() >= every) {
+                notify::notify("WATCHDOG=1");
+                last_ping = std::time::Instant::now();
+            }
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    notify::notify("STOPPING=1");
+                    return;
+                }
                 Some(()) = async {
                     match hangup.as_mut() {
                         Some(h) => h.recv().await,

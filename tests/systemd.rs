@@ -1,0 +1,133 @@
+//! Lumen under systemd: the shipped units verify, the readiness protocol (`Type=notify`) is
+//! spoken, and SIGTERM drains streams in flight instead of cutting them.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lumen_test_support::client::Client;
+use lumen_test_support::harness::tempdir::Dir;
+use lumen_test_support::{bin_path, Lumen, MockUpstream};
+use serde_json::json;
+
+fn units_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd").leak()
+}
+
+#[test]
+fn the_units_verify() {
+    let dir = Dir::new("lumen-units");
+    let bin_dir = bin_path("lumen");
+    let bin_dir = bin_dir.parent().unwrap().display().to_string();
+    // The units name /usr/local/bin; verify them against the binaries just built.
+    for (file, as_name) in [
+        ("lumen.service", "lumen.service"),
+        ("lumen-llama@.service", "lumen-llama@smollm2.service"),
+    ] {
+        let text = std::fs::read_to_string(units_dir().join(file)).unwrap();
+        assert!(
+            text.contains("[Unit]") && text.contains("[Service]") && text.contains("[Install]")
+        );
+        assert!(text.contains("ExecStart=/usr/local/bin/"));
+        std::fs::write(
+            dir.path().join(as_name),
+            text.replace("/usr/local/bin", &bin_dir),
+        )
+        .unwrap();
+    }
+    let unit = std::fs::read_to_string(units_dir().join("lumen.service")).unwrap();
+    for needed in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "DynamicUser=yes",
+        "LimitNOFILE=",
+    ] {
+        assert!(unit.contains(needed), "lumen.service lacks {needed}");
+    }
+    let Ok(out) = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("lumen.service"))
+        .arg(dir.path().join("lumen-llama@smollm2.service"))
+        .output()
+    else {
+        eprintln!("systemd-analyze is not installed: checked the units' structure only");
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // It also reports unknown keys and bad values on stderr without failing: none allowed.
+    let complaints: Vec<&str> = stderr.lines().filter(|l| l.contains("lumen")).collect();
+    assert!(complaints.is_empty(), "{complaints:?}");
+}
+
+fn recv(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf).expect("a message from lumen");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_reload_and_stop_are_announced_to_systemd() {
+    let mock = MockUpstream::start();
+    let dir = Dir::new("lumen-notify");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let lumen = Lumen::start_with_env(
+        &format!(
+            "auth: off\nproviders:\n  mock: {{ base_url: \"{}\" }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: mock }} ] }}\n",
+            mock.base_url()
+        ),
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    assert_eq!(recv(&socket), "READY=1");
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
+    let reloading = recv(&socket);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(recv(&socket), "READY=1");
+    // SAFETY: as above.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGTERM) };
+    assert_eq!(recv(&socket), "STOPPING=1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_streams_in_flight_finish() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        "auth: off\nserver: {{ grace_period: 10s }}\nproviders:\n  mock: {{ base_url: \"{}\" }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: mock }} ] }}\n",
+        mock.base_url()
+    ));
+    let addr = lumen.addr;
+    let stream = tokio::spawn(async move {
+        let body = json!({"model": "m", "stream": true, "mock_chunks": 10, "mock_delay_ms": 150,
+                          "messages": [{"role": "user", "content": "a long answer"}]});
+        Client::connect(addr)
+            .await
+            .unwrap()
+            .post_json("/v1/chat/completions", &[], &body)
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGTERM) };
+    let resp = stream.await.unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.sse_data().last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream finished after SIGTERM"
+    );
+    assert_eq!(resp.chat_stream_text().split_whitespace().count(), 10);
+    assert!(stopped_at.elapsed() < Duration::from_secs(10));
+}
