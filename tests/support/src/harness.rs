@@ -117,16 +117,7 @@ impl Lumen {
         let listen = listen_port(&text).unwrap_or(port);
         let admin_port = text
             .find("admin_listen:")
-            .and_then(|at| {
-                let rest = &text[at..];
-                let start = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
-                rest[start..]
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect::<String>()
-                    .parse()
-                    .ok()
-            })
+            .and_then(|at| first_loopback_port(&text[at..]))
             .unwrap_or(admin_port);
         let mut lumen = Lumen {
             child,
@@ -238,9 +229,13 @@ fn listen_port(text: &str) -> Option<u16> {
     } else {
         text.find("\nlisten:")?
     };
-    let rest = &text[listen..];
-    let start = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
-    rest[start..]
+    first_loopback_port(&text[listen..])
+}
+
+/// The port of the first `127.0.0.1:PORT` in `text`.
+fn first_loopback_port(text: &str) -> Option<u16> {
+    let start = text.find("127.0.0.1:")? + "127.0.0.1:".len();
+    text[start..]
         .chars()
         .take_while(char::is_ascii_digit)
         .collect::<String>()
