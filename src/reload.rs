@@ -118,6 +118,13 @@ impl Reloader {
                 let current = self.config.load_full();
                 warn_restart_needed(&current, &next);
                 let hash = next.source.hash.clone();
+                // The outcome is recorded before the swap: whoever sees the new config also
+                // sees the reload that brought it.
+                self.state.set(ReloadStatus {
+                    at: SystemTime::now(),
+                    error: None,
+                    trigger,
+                });
                 self.config.store(Arc::new(next));
                 notify::notify("READY=1");
                 self.metrics.reloads.with_label_values(&["ok"]).inc();
@@ -127,11 +134,6 @@ impl Reloader {
                         .map_or(0, |d| d.as_secs() as i64),
                 );
                 tracing::info!(trigger, config = %self.path.display(), hash, "config reloaded");
-                self.state.set(ReloadStatus {
-                    at: SystemTime::now(),
-                    error: None,
-                    trigger,
-                });
             }
             Err(error) => {
                 notify::notify("READY=1");
