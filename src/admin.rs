@@ -36,6 +36,7 @@ impl ServeHttp for AdminApp {
                 "text/plain; version=0.0.4",
                 self.metrics.render().into_bytes(),
             ),
+            "/metrics/summary" => (StatusCode::OK, "application/json", self.metrics.summary()),
             "/admin/config" => (
                 StatusCode::OK,
                 "application/json",

@@ -63,6 +63,8 @@ pub struct RequestCtx {
     pub track_usage: bool,
     /// Total tokens the provider reported, when it did.
     pub usage_total: Option<u64>,
+    /// (prompt, completion) tokens the provider reported, when it did.
+    pub usage_split: Option<(u64, u64)>,
     /// The route's configured name (a bounded metrics label), once resolved.
     pub route: Option<String>,
     /// The provider that answered, once one did.
@@ -74,6 +76,13 @@ pub struct RequestCtx {
     pub first_byte: Option<Duration>,
     /// Upstream attempts made (`x-lumen-attempts`).
     pub attempts: u32,
+    /// Time spent waiting on providers in attempts before the current one, and when the
+    /// current one started: what `x-lumen-overhead-us` leaves out.
+    pub upstream_wait: Duration,
+    pub attempt_started: Option<Instant>,
+    /// When the answer was committed to the client; streaming from then on is bound by the
+    /// provider, not by us.
+    pub committed_at: Option<Instant>,
     /// Records the answer for the cache and for coalesced followers (a cacheable miss).
     pub fill: Option<crate::cache::Fill>,
     /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
@@ -85,6 +94,17 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// Time spent in the gateway itself so far: everything but waiting on providers.
+    pub fn overhead(&self) -> Duration {
+        let streamed = self.committed_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let current = self
+            .attempt_started
+            .map_or(Duration::ZERO, |t| t.elapsed().saturating_sub(streamed));
+        self.started
+            .elapsed()
+            .saturating_sub(self.upstream_wait + current + streamed)
+    }
+
     /// The caller as a bounded metrics label: a configured key's id, else `jwt`, `anonymous`
     /// (auth off) or `ip` (refused before authentication).
     pub fn key_label(&self) -> &str {
@@ -110,12 +130,16 @@ impl RequestCtx {
             tokens: None,
             track_usage: false,
             usage_total: None,
+            usage_split: None,
             route: None,
             provider: None,
             stream: false,
             status: 0,
             first_byte: None,
             attempts: 0,
+            upstream_wait: Duration::ZERO,
+            attempt_started: None,
+            committed_at: None,
             fill: None,
             capture: None,
             cache: None,

@@ -8,7 +8,7 @@
 //! `Connector`, and only a response we accept is written downstream, chunk by chunk as it
 //! arrives (SSE is never buffered).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
@@ -238,6 +238,7 @@ impl Forwarder {
             // The circuit learns the outcome at the commit point (a half-open trial must not
             // wait for a long stream to end), or when the attempt fails.
             let mut permit = Some(permit);
+            ctx.attempt_started = Some(Instant::now());
             let attempt = self
                 .attempt(
                     session,
@@ -251,6 +252,10 @@ impl Forwarder {
                 )
                 .await;
             drop(in_flight);
+            if let Some(started) = ctx.attempt_started.take() {
+                let streamed = ctx.committed_at.map_or(Duration::ZERO, |t| t.elapsed());
+                ctx.upstream_wait += started.elapsed().saturating_sub(streamed);
+            }
             match attempt {
                 Attempt::Committed { label, result } => {
                     up.metrics
@@ -488,17 +493,7 @@ impl Forwarder {
             record(up, target, permit, outcome);
         }
         let result = self
-            .stream_to_client(
-                session,
-                ctx,
-                upstream,
-                head,
-                first,
-                &peer,
-                provider,
-                track_usage,
-                up,
-            )
+            .stream_to_client(session, ctx, upstream, head, first, &peer, provider, up)
             .await;
         up.metrics
             .upstream_duration
@@ -523,7 +518,6 @@ impl Forwarder {
         first: Option<Bytes>,
         peer: &HttpPeer,
         provider: &Provider,
-        track_usage: bool,
         up: &Upstreams<'_>,
     ) -> Result<(), ForwardError> {
         let sse = head
@@ -533,6 +527,8 @@ impl Forwarder {
         add_headers(&mut head, &ctx.response_headers);
         let _ = head.insert_header("x-lumen-provider", provider.name.as_str());
         let _ = head.insert_header("x-lumen-attempts", ctx.attempts);
+        let _ = head.insert_header("x-lumen-overhead-us", ctx.overhead().as_micros() as u64);
+        ctx.committed_at = Some(Instant::now());
         ctx.status = head.status.as_u16();
         ctx.stream = sse;
         if let Some(fill) = ctx.fill.as_mut() {
@@ -546,7 +542,8 @@ impl Forwarder {
         } else if session.write_response_header(head, false).await.is_err() {
             return Err(ForwardError::ClientGone);
         }
-        let mut tap = (track_usage && ctx.status < 300).then(|| UsageTap::new(sse));
+        // Usage is read off every success: for token budgets and quotas, and for metrics.
+        let mut tap = (ctx.status < 300).then(|| UsageTap::new(sse));
         let mut next = first;
         let mut ends_event;
         loop {
@@ -604,6 +601,7 @@ impl Forwarder {
             }
         }
         ctx.usage_total = tap.as_mut().and_then(UsageTap::total_tokens);
+        ctx.usage_split = tap.as_mut().and_then(UsageTap::split);
         if !capture && session.write_response_body(None, true).await.is_err() {
             return Err(ForwardError::ClientGone);
         }

@@ -47,6 +47,11 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     /// `lumen_cache_requests_total{route, result}`: `hit`, `miss`, `bypass`, `coalesced`.
     pub cache: IntCounterVec,
+    /// `lumen_gateway_overhead_seconds{endpoint}`: time in Lumen, waiting on providers excluded.
+    pub overhead: HistogramVec,
+    /// `lumen_tokens_total{key, provider, route, kind}`: tokens providers reported, `kind`
+    /// `prompt` or `completion` (route names are the client-facing model names).
+    pub tokens: IntCounterVec,
     /// `lumen_config_reloads_total{result}`: `ok` or `error`.
     pub reloads: IntCounterVec,
     /// `lumen_config_last_reload_success_timestamp_seconds`.
@@ -164,6 +169,24 @@ impl Metrics {
             "Requests on cached routes, by route and result",
             &["route", "result"],
         );
+        // 10 µs … ~10 s: the gateway's own time is usually well under a millisecond.
+        let overhead = {
+            let opts = HistogramOpts::new(
+                "lumen_gateway_overhead_seconds",
+                "Time spent in the gateway per request, waiting on providers excluded",
+            )
+            .buckets(exponential_buckets(0.00001, 2.0, 20).unwrap_or_default());
+            let h = HistogramVec::new(opts, &["endpoint"]).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let tokens = counter(
+            "lumen_tokens_total",
+            "Tokens providers reported, by key, provider, route and kind (prompt, completion)",
+            &["key", "provider", "route", "kind"],
+        );
         let reloads = counter(
             "lumen_config_reloads_total",
             "Config reloads, by result (ok, error)",
@@ -179,6 +202,8 @@ impl Metrics {
             .expect("unique metric");
         Metrics {
             registry,
+            overhead,
+            tokens,
             reloads,
             last_reload,
             cache,
@@ -211,5 +236,107 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// Sum of a counter family, optionally grouped by one label.
+fn sum_by(
+    families: &[prometheus::proto::MetricFamily],
+    name: &str,
+    label: Option<&str>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut out: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+    for family in families.iter().filter(|f| f.name() == name) {
+        for m in family.get_metric() {
+            let value = m.get_counter().get_value();
+            let key = match label {
+                None => "total".to_string(),
+                Some(label) => m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == label)
+                    .map_or_else(String::new, |l| l.value().to_string()),
+            };
+            *out.entry(key).or_default() += value;
+        }
+    }
+    out.into_iter()
+        .map(|(k, v)| (k, serde_json::json!(v as u64)))
+        .collect()
+}
+
+/// Estimated quantile (seconds) of a histogram family, all label sets merged: the upper bound
+/// of the bucket the quantile falls in.
+fn quantile(families: &[prometheus::proto::MetricFamily], name: &str, q: f64) -> Option<f64> {
+    let mut buckets: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+    let mut count = 0u64;
+    for family in families.iter().filter(|f| f.name() == name) {
+        for m in family.get_metric() {
+            let h = m.get_histogram();
+            count += h.get_sample_count();
+            for b in h.get_bucket() {
+                *buckets.entry(b.upper_bound().to_bits()).or_default() += b.cumulative_count();
+            }
+        }
+    }
+    if count == 0 {
+        return None;
+    }
+    let want = (count as f64 * q).ceil() as u64;
+    let mut bounds: Vec<(f64, u64)> = buckets
+        .into_iter()
+        .map(|(bits, c)| (f64::from_bits(bits), c))
+        .collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    bounds
+        .into_iter()
+        .find(|(_, c)| *c >= want)
+        .map(|(ub, _)| ub)
+}
+
+impl Metrics {
+    /// `/metrics/summary`: the essentials as compact JSON for humans.
+    pub fn summary(&self) -> Vec<u8> {
+        let f = self.registry.gather();
+        let total = |name: &str| {
+            sum_by(&f, name, None)
+                .get("total")
+                .cloned()
+                .unwrap_or(serde_json::json!(0))
+        };
+        let ms = |name: &str, q: f64| {
+            quantile(&f, name, q).map(|s| (s * 1000.0 * 1000.0).round() / 1000.0)
+        };
+        let us = |name: &str, q: f64| quantile(&f, name, q).map(|s| (s * 1e6).round());
+        serde_json::to_vec(&serde_json::json!({
+            "requests": {
+                "total": total("lumen_requests_total"),
+                "by_status": sum_by(&f, "lumen_requests_total", Some("status")),
+                "by_route": sum_by(&f, "lumen_requests_total", Some("route")),
+                "in_flight": self.in_flight.get(),
+            },
+            "latency_ms": {
+                "p50": ms("lumen_request_duration_seconds", 0.5),
+                "p99": ms("lumen_request_duration_seconds", 0.99),
+            },
+            "time_to_first_token_ms": {
+                "p50": ms("lumen_upstream_first_byte_seconds", 0.5),
+                "p99": ms("lumen_upstream_first_byte_seconds", 0.99),
+            },
+            "gateway_overhead_us": {
+                "p50": us("lumen_gateway_overhead_seconds", 0.5),
+                "p99": us("lumen_gateway_overhead_seconds", 0.99),
+            },
+            "tokens": sum_by(&f, "lumen_tokens_total", Some("kind")),
+            "cache": sum_by(&f, "lumen_cache_requests_total", Some("result")),
+            "rate_limited": sum_by(&f, "lumen_rate_limited_total", Some("reason")),
+            "upstream": {
+                "attempts": sum_by(&f, "lumen_upstream_attempts_total", Some("outcome")),
+                "retries": total("lumen_retries_total"),
+                "fallbacks": total("lumen_fallbacks_total"),
+            },
+            "config_reloads": sum_by(&f, "lumen_config_reloads_total", Some("result")),
+        }))
+        .unwrap_or_default()
     }
 }

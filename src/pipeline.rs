@@ -929,6 +929,20 @@ impl ProxyHttp for Gateway {
             .requests
             .with_label_values(&[endpoint, route, provider, status])
             .inc();
+        if let Some((prompt, completion)) = ctx.usage_split {
+            for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+                self.metrics
+                    .tokens
+                    .with_label_values(&[ctx.key_label(), provider, route, kind])
+                    .inc_by(n);
+            }
+        }
+        if ctx.endpoint.is_some() {
+            self.metrics
+                .overhead
+                .with_label_values(&[endpoint])
+                .observe(ctx.overhead().as_secs_f64());
+        }
         if let Some(result) = ctx.cache {
             self.metrics.cache.with_label_values(&[route, result]).inc();
         }

@@ -28,6 +28,13 @@ struct Usage {
 }
 
 impl Usage {
+    fn split(&self) -> Option<(u64, u64)> {
+        match (self.prompt_tokens, self.completion_tokens) {
+            (None, None) => None,
+            (p, c) => Some((p.unwrap_or(0), c.unwrap_or(0))),
+        }
+    }
+
     fn total(&self) -> Option<u64> {
         self.total_tokens
             .or(match (self.prompt_tokens, self.completion_tokens) {
@@ -42,6 +49,8 @@ pub struct UsageTap {
     sse: bool,
     buf: Vec<u8>,
     total: Option<u64>,
+    /// (prompt, completion) when the provider reported them.
+    split: Option<(u64, u64)>,
     overflow: bool,
 }
 
@@ -51,6 +60,7 @@ impl UsageTap {
             sse,
             buf: Vec::new(),
             total: None,
+            split: None,
             overflow: false,
         }
     }
@@ -73,8 +83,9 @@ impl UsageTap {
         let mut start = 0;
         while let Some(end) = self.buf[start..].iter().position(|b| *b == b'\n') {
             let line = &self.buf[start..start + end];
-            if let Some(total) = sse_usage(line) {
-                self.total = Some(total);
+            if let Some(usage) = sse_usage(line) {
+                self.total = usage.total();
+                self.split = usage.split();
             }
             start += end + 1;
         }
@@ -86,17 +97,31 @@ impl UsageTap {
 
     /// Total tokens the response reported, if it did.
     pub fn total_tokens(&mut self) -> Option<u64> {
-        if !self.sse && !self.overflow && self.total.is_none() {
-            self.total = serde_json::from_slice::<WithUsage>(&self.buf)
-                .ok()
-                .and_then(|w| w.usage)
-                .and_then(|u| u.total());
-        }
+        self.parse_json();
         self.total
+    }
+
+    /// (prompt, completion) tokens the response reported, if it did.
+    pub fn split(&mut self) -> Option<(u64, u64)> {
+        self.parse_json();
+        self.split
+    }
+
+    fn parse_json(&mut self) {
+        if !self.sse && !self.overflow && self.total.is_none() && !self.buf.is_empty() {
+            let usage = serde_json::from_slice::<WithUsage>(&self.buf)
+                .ok()
+                .and_then(|w| w.usage);
+            self.buf = Vec::new();
+            if let Some(u) = usage {
+                self.total = u.total();
+                self.split = u.split();
+            }
+        }
     }
 }
 
-fn sse_usage(line: &[u8]) -> Option<u64> {
+fn sse_usage(line: &[u8]) -> Option<Usage> {
     let data = line.strip_prefix(b"data:")?;
     // Cheap filter first: most chunks carry no usage.
     if !data.windows(7).any(|w| w == b"\"usage\"") {
@@ -104,8 +129,7 @@ fn sse_usage(line: &[u8]) -> Option<u64> {
     }
     serde_json::from_slice::<WithUsage>(data.trim_ascii())
         .ok()?
-        .usage?
-        .total()
+        .usage
 }
 
 #[cfg(test)]
@@ -130,6 +154,7 @@ mod tests {
             tap.observe(piece);
         }
         assert_eq!(tap.total_tokens(), Some(5));
+        assert_eq!(tap.split(), Some((3, 2)));
         let mut none = UsageTap::new(true);
         none.observe(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.total_tokens(), None);
