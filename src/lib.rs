@@ -142,7 +142,7 @@ pub fn health_prober(gateway: &Gateway) -> impl pingora::services::ServiceWithDe
 
 /// Loads `config_path`, builds the Pingora server with the proxy and admin services, and runs
 /// it until SIGTERM (graceful) or SIGINT. Never returns on success.
-pub fn run(config_path: &Path) -> Result<(), SetupError> {
+pub fn run(config_path: &Path, upgrade: bool) -> Result<(), SetupError> {
     let snapshot = Arc::new(config::load(config_path)?);
     let mut conf = ServerConf {
         threads: match snapshot.server.threads {
@@ -152,13 +152,20 @@ pub fn run(config_path: &Path) -> Result<(), SetupError> {
         grace_period_seconds: Some(snapshot.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(snapshot.server.grace_period.as_secs().max(1)),
         upstream_keepalive_pool_size: 1024,
+        // Zero-downtime upgrade: the running process hands its listening sockets over this
+        // socket (on SIGQUIT) to a new one started with `--upgrade`.
+        upgrade_sock: snapshot.server.upgrade_sock.clone(),
         ..ServerConf::default()
     };
     conf.pid_file = std::env::temp_dir()
         .join(format!("lumen-{}.pid", std::process::id()))
         .display()
         .to_string();
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     let metrics = Arc::new(Metrics::new());
     access_log::init();

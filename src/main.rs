@@ -27,6 +27,10 @@ enum Command {
     Serve {
         #[arg(long, short, default_value = "conf/lumen.yaml")]
         config: PathBuf,
+        /// Take the listening sockets over from the running Lumen (then send it SIGQUIT):
+        /// a binary upgrade that drops no connection.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file and exit: 0 when valid, 1 with every problem listed otherwise.
     Check {
@@ -51,9 +55,9 @@ enum KeysCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve { config, upgrade } => {
             init_logging();
-            if let Err(e) = lumen::run(&config) {
+            if let Err(e) = lumen::run(&config, upgrade) {
                 eprintln!("lumen: {e}");
                 return ExitCode::FAILURE;
             }

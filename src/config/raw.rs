@@ -224,6 +224,13 @@ pub struct RawServer {
     /// Reload when the config file (or a file it names) changes; `SIGHUP` always reloads.
     #[serde(default = "default_true")]
     pub watch_config: bool,
+    /// Where a running Lumen hands its listening sockets to a new one (`serve --upgrade`).
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+}
+
+fn default_upgrade_sock() -> String {
+    "/tmp/lumen-upgrade.sock".into()
 }
 
 impl Default for RawServer {
@@ -233,6 +240,7 @@ impl Default for RawServer {
             grace_period: default_grace(),
             access_log: true,
             watch_config: true,
+            upgrade_sock: default_upgrade_sock(),
         }
     }
 }

@@ -93,6 +93,7 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub access_log: bool,
     pub watch_config: bool,
+    pub upgrade_sock: String,
 }
 
 /// An upstream, ready to connect to: URL parsed, peer options set, headers encoded.
@@ -276,6 +277,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             grace_period: raw.server.grace_period,
             access_log: raw.server.access_log,
             watch_config: raw.server.watch_config,
+            upgrade_sock: raw.server.upgrade_sock,
         },
         providers,
         routes,
