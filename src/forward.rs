@@ -264,7 +264,12 @@ impl Forwarder {
                         .inc();
                     if let Err(ForwardError::AfterResponse { .. }) = &result {
                         // Counts against the circuit like any failure (no trial any more).
-                        record(up, target, Permit { trial: false }, Outcome::Failure);
+                        record(
+                            up,
+                            (target, state),
+                            Permit { trial: false },
+                            Outcome::Failure,
+                        );
                     }
                     // A committed answer was billed: its reported usage, else the estimate.
                     let used = ctx.usage_total.unwrap_or(estimate);
@@ -282,7 +287,7 @@ impl Forwarder {
                         Outcome::Neutral
                     };
                     if let Some(permit) = permit.take() {
-                        record(up, target, permit, outcome);
+                        record(up, (target, state), permit, outcome);
                     }
                     state.provider.set_error(failed.error.to_string());
                     up.quotas.settle(quota, 0).await;
@@ -396,7 +401,7 @@ impl Forwarder {
                 Ok(head) => head,
                 Err(e) => {
                     if let Some(permit) = permit.take() {
-                        record(up, target, permit, Outcome::Neutral);
+                        record(up, (target, state), permit, Outcome::Neutral);
                     }
                     return Attempt::Committed {
                         label: "internal",
@@ -490,7 +495,7 @@ impl Forwarder {
             _ => (Outcome::Neutral, "status_4xx"),
         };
         if let Some(permit) = permit.take() {
-            record(up, target, permit, outcome);
+            record(up, (target, state), permit, outcome);
         }
         let result = self
             .stream_to_client(session, ctx, upstream, head, first, &peer, provider, up)
@@ -644,13 +649,14 @@ impl Forwarder {
 
 /// Feeds an attempt's outcome to its target's circuit, updating the gauge and logging when the
 /// state changed.
-fn record(up: &Upstreams<'_>, target: &Target, permit: Permit, outcome: Outcome) {
+fn record(
+    up: &Upstreams<'_>,
+    (target, state): (&Target, &TargetState),
+    permit: Permit,
+    outcome: Outcome,
+) {
     let provider = &target.provider;
-    let circuit = &up
-        .health
-        .get(&provider.name)
-        .model(&target.health_key)
-        .circuit;
+    let circuit = &state.model.circuit;
     let now_ms = up.health.now_ms();
     if circuit.record(permit, outcome, now_ms, &provider.circuit) {
         let now = circuit.state(now_ms, &provider.circuit);

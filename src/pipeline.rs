@@ -210,19 +210,26 @@ impl Gateway {
         // 6. Cache: a hit answers here. It counted as a request above, but costs no provider
         // call and, unless the route says so, no tokens.
         let plan = cache::plan(&route, &req, &principal, &s.req_header().headers);
-        if let Some(plan) = &plan {
-            if plan.control == ClientControl::Bypass {
+        let hit = match &plan {
+            Some(p) if p.control == ClientControl::Bypass => {
                 cache::push_status(ctx, "bypass");
-            } else if plan.control == ClientControl::Normal && plan.items.is_none() {
-                if let Some(entry) = self.cache_lookup(&plan.key).await {
-                    if plan.policy.charge_tokens {
-                        self.reserve_tokens(ctx, &principal, &req).await?;
-                    }
-                    cache::push_status(ctx, "hit");
-                    return Ok(Admit::Hit(self.take_plan(plan), entry));
-                }
+                None
             }
-        }
+            Some(p) if p.control == ClientControl::Normal && p.items.is_none() => {
+                self.cache_lookup(&p.key).await
+            }
+            _ => None,
+        };
+        let plan = match (hit, plan) {
+            (Some(entry), Some(plan)) => {
+                if plan.policy.charge_tokens {
+                    self.reserve_tokens(ctx, &principal, &req).await?;
+                }
+                cache::push_status(ctx, "hit");
+                return Ok(Admit::Hit(plan, entry));
+            }
+            (_, plan) => plan,
+        };
         // Token budgets: reserve an estimate now, settle with real usage after.
         self.reserve_tokens(ctx, &principal, &req).await?;
         Ok(Admit::Forward(req, route, plan))
@@ -258,18 +265,6 @@ impl Gateway {
                 metrics.redis_errors.with_label_values(&["cache"]).inc();
             }
         });
-    }
-
-    fn take_plan(&self, plan: &Plan) -> Plan {
-        Plan {
-            key: plan.key.clone(),
-            policy: plan.policy.clone(),
-            control: plan.control,
-            api: plan.api,
-            stream: plan.stream,
-            include_usage: plan.include_usage,
-            items: None,
-        }
     }
 
     /// A cacheable request that missed: joins an identical request in flight (answered from
