@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Lumen needs, only where it is missing, so a second run is
 # quick and needs no network: Debian packages (cmake/clang for Pingora's zlib-ng and llama.cpp,
-# redis-server, curl, openssl, nginx for the benchmark), and the Python venv (.venv) with the
-# openai SDK and pytest pinned in tests/python/requirements.txt.
+# redis-server, curl, openssl, nginx for the benchmark), promtool (taken out of Debian's
+# `prometheus` package into .tools/, so no Prometheus server is installed or started), and the
+# Python venv (.venv) with the openai SDK and pytest pinned in tests/python/requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # nginx is only a benchmark reference: never leave the distribution's instance running.
   $SUDO systemctl disable --now nginx >/dev/null 2>&1 || $SUDO service nginx stop >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .tools/promtool ]; then
+  echo "== extracting promtool from Debian's prometheus package"
+  work=$(mktemp -d)
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # apt-get download needs current package lists; refresh them only when it fails.
+  if ! (cd "$work" && apt-get download -qq prometheus >/dev/null 2>&1); then
+    $SUDO apt-get update -qq
+    (cd "$work" && apt-get download -qq prometheus >/dev/null)
+  fi
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/x"
+  mkdir -p .tools
+  install -m 0755 "$work/x/usr/bin/promtool" .tools/promtool
+  rm -rf "$work"
 fi
 
 if [ ! -x .venv/bin/python ] || ! cmp -s tests/python/requirements.txt .venv/.requirements 2>/dev/null; then

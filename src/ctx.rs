@@ -61,6 +61,8 @@ pub struct RequestCtx {
     pub tokens: Option<TokenHold>,
     /// Read usage off the response (and ask streams for it): set when tokens are reserved.
     pub track_usage: bool,
+    /// Lumen asked this stream's provider for a usage chunk the client did not ask for.
+    pub strip_usage: bool,
     /// Total tokens the provider reported, when it did.
     pub usage_total: Option<u64>,
     /// (prompt, completion) tokens the provider reported, when it did.
@@ -69,6 +71,8 @@ pub struct RequestCtx {
     pub route: Option<String>,
     /// The provider that answered, once one did.
     pub provider: Option<String>,
+    /// The model the client asked for, once its route and allow-list admitted it (usage).
+    pub model: Option<String>,
     pub stream: bool,
     /// Status sent to the client (0 until a response head went out).
     pub status: u16,
@@ -128,7 +132,9 @@ impl RequestCtx {
             in_flight: None,
             shared_slot: None,
             tokens: None,
+            model: None,
             track_usage: false,
+            strip_usage: false,
             usage_total: None,
             usage_split: None,
             route: None,

@@ -64,6 +64,12 @@ pub enum GatewayError {
     NoTarget { route: String, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("no job `{0}` (unknown, expired, or another key's)")]
+    JobNotFound(String),
+    #[error(transparent)]
+    JobRefused(#[from] crate::jobs::SubmitError),
+    #[error("{0}")]
+    BadJob(String),
 }
 
 /// What a client sees of an error.
@@ -193,6 +199,36 @@ impl GatewayError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "api_error",
                 Some("internal_error"),
+                None,
+            ),
+            G::JobNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("job_not_found"),
+                None,
+            ),
+            G::JobRefused(crate::jobs::SubmitError::Unavailable(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                Some("job_store_unavailable"),
+                None,
+            ),
+            G::JobRefused(crate::jobs::SubmitError::ShuttingDown) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                Some("shutting_down"),
+                None,
+            ),
+            G::JobRefused(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                Some("job_queue_full"),
+                None,
+            ),
+            G::BadJob(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("invalid_job"),
                 None,
             ),
         };

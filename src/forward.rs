@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::openai::{body_for_target, body_with_usage, LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::retry::{Failure, RetryPolicy};
 use crate::routing::{Route, Target};
-use crate::usage::UsageTap;
+use crate::usage::{UsageStrip, UsageTap};
 
 /// How a forward failed, which decides who writes what to the client.
 #[derive(Debug)]
@@ -62,6 +62,8 @@ const NOT_FORWARDED: &[&str] = &[
     "upgrade",
     "authorization",
     "x-api-key",
+    // A worker's one-time job token: for this process only.
+    "x-lumen-job-token",
     "api-key",
     "cookie",
     "openai-organization",
@@ -390,7 +392,10 @@ impl Forwarder {
                 answer: None,
             })
         };
-        let track_usage = ctx.track_usage || !provider.quota.tokens.is_empty();
+        let track_usage = ctx.track_usage
+            || !provider.quota.tokens.is_empty()
+            || ctx.config.as_ref().is_some_and(|c| c.usage.enabled);
+        ctx.strip_usage = track_usage && crate::openai::adds_usage(req);
         let body = if track_usage {
             body_with_usage(req, target.model_json.as_ref())
         } else {
@@ -547,8 +552,11 @@ impl Forwarder {
         } else if session.write_response_header(head, false).await.is_err() {
             return Err(ForwardError::ClientGone);
         }
-        // Usage is read off every success: for token budgets and quotas, and for metrics.
+        // Usage is read off every success: for token budgets and quotas, metrics and the usage
+        // ledger.
         let mut tap = (ctx.status < 300).then(|| UsageTap::new(sse));
+        // The usage chunk Lumen asked for on the client's behalf is not the client's to see.
+        let mut strip = (sse && ctx.strip_usage).then(UsageStrip::default);
         let mut next = first;
         let mut ends_event;
         loop {
@@ -561,8 +569,14 @@ impl Forwarder {
             if let Some(fill) = ctx.fill.as_mut() {
                 fill.chunk(&chunk);
             }
+            let chunk = match strip.as_mut() {
+                Some(strip) => strip.filter(chunk),
+                None => chunk,
+            };
             ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
-            if let Some(captured) = ctx.capture.as_mut() {
+            if chunk.is_empty() && strip.is_some() {
+                // Held back (part of an event) or stripped: nothing to write.
+            } else if let Some(captured) = ctx.capture.as_mut() {
                 if captured.body.len() + chunk.len() > captured.limit {
                     return Err(ForwardError::BeforeResponse(GatewayError::Internal(
                         "provider answer too large to merge".into(),
@@ -607,6 +621,20 @@ impl Forwarder {
         }
         ctx.usage_total = tap.as_mut().and_then(UsageTap::total_tokens);
         ctx.usage_split = tap.as_mut().and_then(UsageTap::split);
+        if let Some(rest) = strip
+            .as_mut()
+            .map(UsageStrip::finish)
+            .filter(|r| !r.is_empty())
+        {
+            if !capture
+                && session
+                    .write_response_body(Some(rest), false)
+                    .await
+                    .is_err()
+            {
+                return Err(ForwardError::ClientGone);
+            }
+        }
         if !capture && session.write_response_body(None, true).await.is_err() {
             return Err(ForwardError::ClientGone);
         }

@@ -21,7 +21,10 @@
 //! | [`reload`] | hot reload: `SIGHUP` and file changes, validate, swap |
 //! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
 //! | [`usage`] | token usage read off responses as they stream (token budgets) |
-//! | [`admin`] | the admin listener: `/metrics`, `/admin/providers` |
+//! | [`jobs`] | async jobs: the queue, workers (run through the pipeline), the HTTP shapes |
+//! | [`ledger`] | usage accounting per key, provider, model and day (file or Redis) |
+//! | [`admin`] | the admin listener: `/metrics`, `/admin/{providers,config,usage}` (admin key) |
+//! | [`admin_cli`] | `lumen status`, `lumen usage`, `lumen models`: the admin API as tables |
 //! | [`access_log`] | one JSON line per request, written off the request path |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
@@ -30,6 +33,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admin_cli;
 pub mod balance;
 pub mod cache;
 pub mod config;
@@ -37,6 +41,8 @@ pub mod ctx;
 pub mod error;
 pub mod forward;
 pub mod health;
+pub mod jobs;
+pub mod ledger;
 pub mod metrics;
 pub mod notify;
 pub mod openai;
@@ -71,6 +77,8 @@ pub enum SetupError {
     Config(#[from] config::ConfigError),
     #[error("listener {addr}: {reason}")]
     Listener { addr: String, reason: String },
+    #[error("{0}")]
+    Worker(String),
 }
 
 /// The proxy service on the snapshot's listeners, ready to add to a Pingora `Server`.
@@ -121,6 +129,7 @@ pub fn admin_service(
             config: gateway.config.clone(),
             health: gateway.health(),
             reload,
+            ledger: gateway.ledger(),
         }),
     );
     service.add_tcp(&snapshot.admin_listen);
@@ -140,10 +149,43 @@ pub fn health_prober(gateway: &Gateway) -> impl pingora::services::ServiceWithDe
     )
 }
 
+/// The background service that writes usage out periodically and on shutdown.
+pub fn usage_flusher(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
+    pingora::services::background::background_service(
+        "lumen usage flusher",
+        ledger::Flusher {
+            ledger: gateway.ledger(),
+            config: gateway.config.clone(),
+            metrics: gateway.metrics.clone(),
+        },
+    )
+}
+
 /// Loads `config_path`, builds the Pingora server with the proxy and admin services, and runs
 /// it until SIGTERM (graceful) or SIGINT. Never returns on success.
 pub fn run(config_path: &Path, upgrade: bool) -> Result<(), SetupError> {
+    run_node(config_path, upgrade, false)
+}
+
+/// Runs async-job workers only (`lumen worker`): the config's jobs are taken from Redis, run
+/// through this process's own pipeline (on its internal socket), and no port is opened.
+pub fn run_worker(config_path: &Path) -> Result<(), SetupError> {
+    run_node(config_path, false, true)
+}
+
+fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), SetupError> {
     let snapshot = Arc::new(config::load(config_path)?);
+    if worker_only && snapshot.redis.is_none() {
+        return Err(SetupError::Worker(
+            "`lumen worker` takes jobs from the fleet's Redis queue: set `redis:` in the config"
+                .into(),
+        ));
+    }
+    if worker_only && snapshot.jobs.workers == 0 {
+        return Err(SetupError::Worker(
+            "`lumen worker` with `jobs.workers: 0` would do nothing".into(),
+        ));
+    }
     let mut conf = ServerConf {
         threads: match snapshot.server.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -170,10 +212,12 @@ pub fn run(config_path: &Path, upgrade: bool) -> Result<(), SetupError> {
     let metrics = Arc::new(Metrics::new());
     access_log::init();
     let live = Arc::new(ArcSwap::new(snapshot.clone()));
+    let gateway_metrics = metrics.clone();
     let gateway = Gateway::new(live, metrics);
     let reload_state = Arc::new(reload::ReloadState::default());
-    let admin = admin_service(&gateway, reload_state.clone());
+    let admin = (!worker_only).then(|| admin_service(&gateway, reload_state.clone()));
     let prober = health_prober(&gateway);
+    let flusher = usage_flusher(&gateway);
     let reloader = pingora::services::background::background_service(
         "lumen config reloader",
         reload::Reloader {
@@ -183,16 +227,45 @@ pub fn run(config_path: &Path, upgrade: bool) -> Result<(), SetupError> {
             state: reload_state,
         },
     );
-    let proxy = proxy_service(&server.configuration, gateway)?;
+    let jobs = gateway.jobs();
+    let live_config = gateway.config.clone();
+    let mut proxy = if worker_only {
+        // No listeners but the internal socket below.
+        http_proxy_service(&server.configuration, gateway)
+    } else {
+        proxy_service(&server.configuration, gateway)?
+    };
+    // Workers send jobs through the proxy over this socket (owner-only; one per process).
+    let socket = jobs::run::socket_path();
+    let _ = std::fs::remove_file(&socket);
+    proxy.add_uds(
+        &socket.to_string_lossy(),
+        Some(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
+    );
     server.add_service(proxy);
-    server.add_service(admin);
+    if jobs.settings.workers > 0 {
+        server.add_service(pingora::services::background::background_service(
+            "lumen job workers",
+            jobs::run::Workers {
+                jobs,
+                socket,
+                config: live_config,
+            },
+        ));
+    }
+    if let Some(admin) = admin {
+        server.add_service(admin);
+    }
     server.add_service(prober);
+    server.add_service(flusher);
     server.add_service(reloader);
-    if !snapshot.spawns.is_empty() {
+    // Sidecars belong to serving nodes; a worker uses the providers as configured.
+    if !snapshot.spawns.is_empty() && !worker_only {
         server.add_service(pingora::services::background::background_service(
             "lumen sidecar supervisor",
             sidecar::Supervisor {
                 specs: snapshot.spawns.clone(),
+                metrics: gateway_metrics,
             },
         ));
     }

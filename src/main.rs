@@ -1,4 +1,5 @@
-//! The `lumen` command: `serve` runs the gateway, `check` validates a config (like `nginx -t`).
+//! The `lumen` command: `serve` runs the gateway, `worker` runs async-job workers only, `check`
+//! validates a config (like `nginx -t`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,16 +33,114 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
+    /// Run async-job workers only: no listeners, jobs taken from the fleet's Redis queue
+    /// (the config must set `redis:`), so a fleet scales by adding workers.
+    Worker {
+        #[arg(long, short, default_value = "conf/lumen.yaml")]
+        config: PathBuf,
+    },
     /// Validate a config file and exit: 0 when valid, 1 with every problem listed otherwise.
     Check {
         #[arg(long, short, default_value = "conf/lumen.yaml")]
         config: PathBuf,
+    },
+    /// The gateway's state from its admin API: providers, circuits, load, quota, last errors,
+    /// the config and its last reload. Exit code 1 when something needs attention, 2 when the
+    /// gateway cannot be asked.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Usage per key, provider, model and day (requests, tokens, errors, cache hits).
+    Usage {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// How far back: `24h`, `7d`, `90m` (whole UTC days; default today).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The routes and what each resolves to.
+    Models {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
     },
     /// API keys: make one, or hash one for the `keys:` list (keys are stored hashed).
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+/// Where the admin API is: `--admin`, else `admin_listen` of `--config`, else the default.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin listener, `host:port` or `http://host:port`.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Read `admin_listen` from this config when `--admin` is not given.
+    #[arg(long, short, default_value = "conf/lumen.yaml")]
+    config: PathBuf,
+    /// The admin key (when `admin_key:` is set); also read from LUMEN_ADMIN_KEY.
+    #[arg(long)]
+    admin_key: Option<String>,
+}
+
+impl AdminArgs {
+    fn target(&self) -> lumen::admin_cli::Target {
+        let addr = match &self.admin {
+            Some(a) => a
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+            None => lumen::config::load(&self.config)
+                .map(|s| s.admin_listen.clone())
+                .unwrap_or_else(|_| "127.0.0.1:9090".into()),
+        };
+        lumen::admin_cli::Target {
+            addr,
+            key: self.admin_key.clone().or_else(|| {
+                std::env::var("LUMEN_ADMIN_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty())
+            }),
+        }
+    }
+}
+
+/// Prints a command's answer: the table, or the JSON with `--json`.
+fn print_answer(
+    answer: Result<(String, serde_json::Value), lumen::admin_cli::CliError>,
+    json: bool,
+) -> ExitCode {
+    match answer {
+        Ok((table, value)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                );
+            } else {
+                print!("{table}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lumen: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -63,7 +162,70 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Worker { config } => {
+            init_logging();
+            if let Err(e) = lumen::run_worker(&config) {
+                eprintln!("lumen: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
         Command::Keys { command } => keys(command),
+        Command::Status { admin, json } => match lumen::admin_cli::status(&admin.target()) {
+            Ok((table, value, healthy)) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&value).unwrap_or_default()
+                    );
+                } else {
+                    print!("{table}");
+                }
+                if healthy {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("lumen: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Usage {
+            admin,
+            key,
+            provider,
+            model,
+            since,
+            json,
+        } => {
+            let mut query = Vec::new();
+            for (name, value) in [("key", key), ("provider", provider), ("model", model)] {
+                if let Some(v) = value {
+                    query.push(format!("{name}={}", encode(&v)));
+                }
+            }
+            if let Some(since) = since {
+                let Some(days) = lumen::admin_cli::since_days(&since) else {
+                    eprintln!(
+                        "lumen: --since takes a duration such as 24h, 7d or 90m, not `{since}`"
+                    );
+                    return ExitCode::from(2);
+                };
+                let from = lumen::ledger::Day::today().minus(days.saturating_sub(1).max(0));
+                query.push(format!("from={from}"));
+            }
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
+            print_answer(lumen::admin_cli::usage(&admin.target(), &query), json)
+        }
+        Command::Models { admin, json } => {
+            print_answer(lumen::admin_cli::models(&admin.target()), json)
+        }
         Command::Check { config } => match lumen::config::load(&config) {
             Ok(snapshot) => {
                 let (keys, issuers) = snapshot.auth.counts();
@@ -129,4 +291,17 @@ fn keys(command: KeysCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

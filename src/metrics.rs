@@ -56,6 +56,26 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// `lumen_config_last_reload_success_timestamp_seconds`.
     pub last_reload: prometheus::IntGauge,
+    /// `lumen_time_to_first_token_seconds{endpoint, route}`: request head → first streamed
+    /// chunk sent to the client (streams only).
+    pub ttft: HistogramVec,
+    /// `lumen_sidecar_up{provider}`: a `spawn:` sidecar's process is running (1) or not (0).
+    pub sidecar_up: IntGaugeVec,
+    /// `lumen_sidecar_restarts_total{provider}`: times the supervisor restarted it.
+    pub sidecar_restarts: IntCounterVec,
+    /// `lumen_provider_in_flight{provider}` and `lumen_provider_slots{provider}` (configured
+    /// `max_in_flight`, or the slots a sidecar reports): set at each scrape.
+    pub provider_in_flight: IntGaugeVec,
+    pub provider_slots: IntGaugeVec,
+    /// `lumen_usage_flushes_total{result}`: usage ledger writes, `ok` or `error`.
+    pub usage_flushes: IntCounterVec,
+    /// `lumen_jobs_queued`: async jobs waiting for a worker.
+    pub jobs_queued: prometheus::IntGauge,
+    /// `lumen_jobs_total{outcome}`: jobs that ended (`completed`, `failed`, `cancelled`).
+    pub jobs: IntCounterVec,
+    /// `lumen_job_queue_wait_seconds` and `lumen_job_run_seconds`.
+    pub job_queue_wait: prometheus::Histogram,
+    pub job_run: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -200,8 +220,85 @@ impl Metrics {
         registry
             .register(Box::new(last_reload.clone()))
             .expect("unique metric");
+        let ttft = histogram(
+            "lumen_time_to_first_token_seconds",
+            "Streams: time from the request head to the first chunk sent to the client",
+            &["endpoint", "route"],
+        );
+        let sidecar_up = gauge(
+            "lumen_sidecar_up",
+            "Whether a spawned lumen-llama sidecar's process is running (1) or not (0)",
+            &["provider"],
+        );
+        let sidecar_restarts = counter(
+            "lumen_sidecar_restarts_total",
+            "Times a spawned sidecar was restarted after it exited",
+            &["provider"],
+        );
+        let provider_in_flight = gauge(
+            "lumen_provider_in_flight",
+            "Requests in flight to a provider",
+            &["provider"],
+        );
+        let provider_slots = gauge(
+            "lumen_provider_slots",
+            "Requests a provider takes at once (max_in_flight or a sidecar's reported slots; 0: unbounded)",
+            &["provider"],
+        );
+        let usage_flushes = counter(
+            "lumen_usage_flushes_total",
+            "Usage ledger writes to its file or Redis, by result",
+            &["result"],
+        );
+        let jobs_queued =
+            prometheus::IntGauge::new("lumen_jobs_queued", "Async jobs waiting for a worker")
+                .expect("valid metric");
+        registry
+            .register(Box::new(jobs_queued.clone()))
+            .expect("unique metric");
+        let jobs = counter(
+            "lumen_jobs_total",
+            "Async jobs that ended, by outcome (completed, failed, cancelled)",
+            &["outcome"],
+        );
+        let plain_histogram = |name: &str, help: &str| {
+            let h = prometheus::Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(buckets.clone()),
+            )
+            .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let job_queue_wait = plain_histogram(
+            "lumen_job_queue_wait_seconds",
+            "Time async jobs waited in the queue before a worker took them",
+        );
+        let job_run = plain_histogram(
+            "lumen_job_run_seconds",
+            "Time workers spent running async jobs",
+        );
+        for outcome in ["completed", "failed", "cancelled"] {
+            jobs.with_label_values(&[outcome]);
+        }
+        // Known outcomes start at 0, so a dashboard's rate() sees the first one.
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+            usage_flushes.with_label_values(&[result]);
+        }
         Metrics {
             registry,
+            jobs_queued,
+            jobs,
+            job_queue_wait,
+            job_run,
+            ttft,
+            sidecar_up,
+            sidecar_restarts,
+            provider_in_flight,
+            provider_slots,
+            usage_flushes,
             overhead,
             tokens,
             reloads,

@@ -223,17 +223,22 @@ pub fn body_for_target(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Byte
 /// `stream_options` asking for a final usage chunk, added right after the body's `{`.
 const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
 
-/// Like [`body_for_target`], and for a stream whose client did not set `stream_options`, asks
-/// the provider for the usage chunk (token limits settle on it). The client then receives that
-/// chunk too: a `chat.completion.chunk` with `choices: []`, which OpenAI SDKs accept.
-pub fn body_with_usage(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Bytes> {
-    let wants = req.stream
+/// Whether [`body_with_usage`] adds `stream_options` to this request: a chat or completions
+/// stream whose client set none.
+pub fn adds_usage(req: &LlmRequest) -> bool {
+    req.stream
         && !req.has_stream_options
         && matches!(
             req.endpoint,
             Endpoint::ChatCompletions | Endpoint::Completions
-        );
-    if !wants {
+        )
+}
+
+/// Like [`body_for_target`], and for a stream whose client did not set `stream_options`, asks
+/// the provider for the usage chunk (token limits, quotas and usage accounting settle on it).
+/// The forwarder strips that chunk from what the client receives (`usage::UsageStrip`).
+pub fn body_with_usage(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Bytes> {
+    if !adds_usage(req) {
         return body_for_target(req, model_json);
     }
     // The body starts with `{` (checked in `parse`), possibly after whitespace.

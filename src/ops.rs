@@ -36,6 +36,7 @@ pub fn answer_probe(
     config: &Snapshot,
     health: &HealthTable,
     redis: Option<Option<bool>>,
+    jobs: &crate::jobs::Jobs,
 ) -> Option<Result<Reply, GatewayError>> {
     let path = path.strip_suffix('/').unwrap_or(path);
     if !matches!(path, "/healthz" | "/readyz" | "/health") {
@@ -48,7 +49,7 @@ pub fn answer_probe(
         // Alive: the process answers.
         "/healthz" => Reply::json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         "/readyz" => readiness(config, health),
-        _ => health_report(config, health, redis),
+        _ => health_report(config, health, redis, jobs),
     }))
 }
 
@@ -102,7 +103,12 @@ fn readiness(config: &Snapshot, health: &HealthTable) -> Reply {
 
 /// `/health`: the node at a glance for humans and dashboards: overall status, version, Redis,
 /// each provider's health, and the models a local sidecar has loaded.
-fn health_report(config: &Snapshot, health: &HealthTable, redis: Option<Option<bool>>) -> Reply {
+fn health_report(
+    config: &Snapshot,
+    health: &HealthTable,
+    redis: Option<Option<bool>>,
+    jobs: &crate::jobs::Jobs,
+) -> Reply {
     let now = health.now_ms();
     let mut providers = serde_json::Map::new();
     let mut sidecars = serde_json::Map::new();
@@ -167,6 +173,7 @@ fn health_report(config: &Snapshot, health: &HealthTable, redis: Option<Option<b
             },
             "providers": providers,
             "sidecar": sidecars,
+            "jobs": jobs.health(),
         }),
     )
 }

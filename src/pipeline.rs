@@ -34,6 +34,8 @@ use crate::error::{GatewayError, RequestError};
 use crate::forward::{add_headers, ForwardError, Forwarder, Upstreams};
 use crate::health::quota::Quotas;
 use crate::health::HealthTable;
+use crate::jobs::{self, Jobs};
+use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint, LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::ops;
@@ -74,6 +76,10 @@ pub struct Gateway {
     quotas: Quotas,
     /// The response cache (memory, and Redis when configured) and requests in flight.
     cache: Arc<Cache>,
+    /// Usage per key, provider, model and day (file or Redis).
+    ledger: Arc<Ledger>,
+    /// Async jobs: the queue and table this node's API and workers share.
+    jobs: Arc<Jobs>,
 }
 
 /// What admission decided.
@@ -84,6 +90,8 @@ enum Admit {
     Hit(Plan, Arc<Entry>),
     /// To be forwarded on this route (using the cache as planned).
     Forward(LlmRequest, Arc<Route>, Option<Plan>),
+    /// A call on the async jobs API, by this caller.
+    Job(jobs::api::Call, Arc<lumen_plugins::auth::Principal>),
 }
 
 impl Gateway {
@@ -106,14 +114,12 @@ impl Gateway {
                 });
         let health = Arc::new(HealthTable::new());
         health.sync(config.load().providers.values());
-        let cache = {
-            let snapshot = config.load();
-            let redis = shared
-                .as_ref()
-                .zip(snapshot.redis.as_ref())
-                .map(|((limiter, _), r)| (limiter.link().clone(), r.prefix.clone()));
-            Arc::new(Cache::new(&snapshot.cache, redis))
-        };
+        // The cache, the usage ledger and the job queue share the limiter's Redis link.
+        let snapshot = config.load_full();
+        let redis = shared_link(&shared, &snapshot);
+        let cache = Arc::new(Cache::new(&snapshot.cache, redis.clone()));
+        let ledger = Arc::new(Ledger::new(&snapshot.usage, redis.clone()));
+        let jobs = Arc::new(Jobs::new(snapshot.jobs.clone(), redis, metrics.clone()));
         Gateway {
             config,
             metrics,
@@ -125,7 +131,78 @@ impl Gateway {
             forwarder: Forwarder::new(),
             health,
             cache,
+            ledger,
+            jobs,
         }
+    }
+
+    /// The async jobs of this node (its workers run them).
+    pub fn jobs(&self) -> Arc<Jobs> {
+        self.jobs.clone()
+    }
+
+    /// Answers a jobs API call: JSON, an SSE stream of a job's progress, or (shape B) the
+    /// answer once the job ends.
+    async fn serve_job(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        call: jobs::api::Call,
+        principal: Arc<lumen_plugins::auth::Principal>,
+    ) -> Result<bool> {
+        let config = ctx
+            .config
+            .clone()
+            .unwrap_or_else(|| self.config.load_full());
+        let body = if s.req_header().method == http::Method::POST {
+            match read_body(s, config.limits.max_body_bytes).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.write_error(s, ctx, &GatewayError::from(e)).await?;
+                    return Ok(true);
+                }
+            }
+        } else {
+            None
+        };
+        match jobs::api::answer(call, body, &principal, &config, &self.jobs).await {
+            Ok(jobs::api::Answer::Json(status, value)) => {
+                self.write_reply(s, ctx, status, Bytes::from(value.to_string()))
+                    .await?;
+            }
+            Ok(jobs::api::Answer::Wait(id, timeout)) => {
+                let (status, value) =
+                    jobs::api::wait(&self.jobs, &principal.key_id, &id, timeout).await;
+                self.write_reply(s, ctx, status, Bytes::from(value.to_string()))
+                    .await?;
+            }
+            Ok(jobs::api::Answer::Events(id, style)) => {
+                ctx.status = 200;
+                ctx.stream = true;
+                jobs::api::stream(
+                    s,
+                    &ctx.response_headers,
+                    &self.jobs,
+                    &principal.key_id,
+                    &id,
+                    style,
+                )
+                .await?;
+            }
+            Err(e) => {
+                if matches!(e, GatewayError::JobRefused(_)) {
+                    ctx.response_headers
+                        .push((http::header::RETRY_AFTER, HeaderValue::from_static("1")));
+                }
+                self.write_error(s, ctx, &e).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The usage ledger; the admin service reads it, the flusher writes it out.
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
     }
 
     /// The health table this gateway routes by; the prober and the admin service share it.
@@ -148,11 +225,31 @@ impl Gateway {
         let path = head.uri.path();
         // 1. Probes: no auth, never limited.
         let redis = self.shared.as_ref().map(|_| self.health.redis_ok());
-        if let Some(reply) = ops::answer_probe(&head.method, path, &config, &self.health, redis) {
+        if let Some(reply) =
+            ops::answer_probe(&head.method, path, &config, &self.health, redis, &self.jobs)
+        {
             return reply.map(Admit::Reply);
         }
+        // A worker running a job: it acts as the job's key, whose request limit was counted
+        // when the job was submitted (its token budget is reserved below, as for anyone).
+        let job = match head.headers.get(jobs::run::JOB_TOKEN) {
+            None => None,
+            Some(token) => match token.to_str().ok().and_then(|t| self.jobs.by_token(t)) {
+                Some(owner) => Some(owner),
+                None => {
+                    return Err(GatewayError::Auth(
+                        lumen_plugins::auth::AuthError::UnknownKey,
+                    ))
+                }
+            },
+        };
+        let jobs_call = match jobs::api::route(&head.method, path, &config.jobs) {
+            Some(Ok(call)) => Some(call),
+            Some(Err(e)) => return Err(e),
+            None => None,
+        };
         // Floods from one address are cut before any key is checked.
-        if let Some(limit) = &config.limits.per_ip {
+        if let (Some(limit), None) = (&config.limits.per_ip, &job) {
             let ip = s
                 .client_addr()
                 .and_then(|a| a.as_inet())
@@ -164,16 +261,34 @@ impl Gateway {
         let head = s.req_header();
         let path = head.uri.path();
         // 2. Authenticate: 401 before anything else is looked at.
-        let principal = match config.auth.authenticate(&head.headers, SystemTime::now())? {
-            Some(principal) => principal,
-            None => ANONYMOUS.clone(),
+        let principal = if let Some(owner) = &job {
+            owner.clone()
+        } else {
+            // A browser's EventSource cannot send headers: shape A's stream takes `?api_key=`.
+            let from_query = match &jobs_call {
+                Some(jobs::api::Call::Stream(_)) => query_api_key(&head.headers, head.uri.query()),
+                _ => None,
+            };
+            let headers = from_query.as_ref().unwrap_or(&head.headers);
+            match config.auth.authenticate(headers, SystemTime::now())? {
+                Some(principal) => principal,
+                None => ANONYMOUS.clone(),
+            }
         };
         ctx.principal = Some(principal.clone());
         if let Some(reply) = ops::answer(&head.method, path, &config, &principal) {
             return reply.map(Admit::Reply);
         }
+        if let Some(call) = jobs_call {
+            if call.submits() {
+                self.limit(ctx, &principal).await?;
+            }
+            return Ok(Admit::Job(call, principal));
+        }
         // 5 (early). Request-count limits need no body: refuse floods before reading one.
-        self.limit(ctx, &principal).await?;
+        if job.is_none() {
+            self.limit(ctx, &principal).await?;
+        }
         let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::UnknownEndpoint {
             method: head.method.to_string(),
             path: path.to_string(),
@@ -199,6 +314,7 @@ impl Gateway {
         if !principal.may_use(&req.model) {
             return Err(GatewayError::ModelNotAllowed(req.model.clone()));
         }
+        ctx.model = Some(req.model.clone());
         // 5. The route's own request limit, per key.
         if let Some(limit) = &route.limits {
             let bucket = format!("{}{}", principal.key_id, route.bucket_suffix);
@@ -822,6 +938,9 @@ impl ProxyHttp for Gateway {
                 cache::serve(s, ctx, &plan, &entry).await?;
                 return Ok(true);
             }
+            Ok(Admit::Job(call, principal)) => {
+                return self.serve_job(s, ctx, call, principal).await;
+            }
             Ok(Admit::Forward(req, route, plan)) => (req, route, plan),
             Err(e) => {
                 self.write_error(s, ctx, &e).await?;
@@ -941,6 +1060,28 @@ impl ProxyHttp for Gateway {
         if let Some(result) = ctx.cache {
             self.metrics.cache.with_label_values(&[route, result]).inc();
         }
+        if let (Some(model), Some(principal)) = (&ctx.model, &ctx.principal) {
+            let (prompt_tokens, completion_tokens) = ctx.usage_split.unwrap_or((0, 0));
+            self.ledger.record(&ledger::Event {
+                key: &principal.key_id,
+                provider,
+                model,
+                prompt_tokens,
+                completion_tokens,
+                error: ctx.status >= 400 || ctx.status == 0 || ctx.error.is_some(),
+                cache_hit: matches!(ctx.cache, Some("hit" | "coalesced")),
+            });
+        }
+        if let (true, Some(committed)) = (ctx.stream, ctx.committed_at) {
+            self.metrics
+                .ttft
+                .with_label_values(&[endpoint, route])
+                .observe(
+                    committed
+                        .saturating_duration_since(ctx.started)
+                        .as_secs_f64(),
+                );
+        }
         if ctx.endpoint.is_some() {
             self.metrics
                 .duration
@@ -987,4 +1128,28 @@ async fn write_plugin_response(
         s.write_response_body(Some(Bytes::from(body)), true).await?;
     }
     Ok(())
+}
+
+/// `X-API-Key` made from `?api_key=` when the request carries no credential header.
+fn query_api_key(headers: &http::HeaderMap, query: Option<&str>) -> Option<http::HeaderMap> {
+    if headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key") {
+        return None;
+    }
+    let value = query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("api_key="))?;
+    let mut with_key = headers.clone();
+    with_key.insert("x-api-key", HeaderValue::from_str(value).ok()?);
+    Some(with_key)
+}
+
+/// The shared Redis link and key prefix, when `redis:` is configured and its URL is valid.
+fn shared_link(
+    shared: &Option<(Arc<SharedLimiter>, OnRedisError)>,
+    snapshot: &Snapshot,
+) -> Option<(Arc<RedisLink>, String)> {
+    shared
+        .as_ref()
+        .zip(snapshot.redis.as_ref())
+        .map(|((limiter, _), r)| (limiter.link().clone(), r.prefix.clone()))
 }

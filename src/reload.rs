@@ -183,6 +183,16 @@ fn warn_restart_needed(current: &Snapshot, next: &Snapshot) {
     if current.cache.memory_bytes != next.cache.memory_bytes {
         needs.push("cache.memory");
     }
+    let usage = |s: &Snapshot| {
+        (
+            s.usage.enabled,
+            s.usage.state_dir.clone(),
+            s.usage.retention_days,
+        )
+    };
+    if usage(current) != usage(next) {
+        needs.push("usage");
+    }
     if !needs.is_empty() {
         tracing::warn!(settings = ?needs, "these changed settings take effect only after a restart; everything else is live");
     }
@@ -210,14 +220,18 @@ impl BackgroundService for Reloader {
         // A change seen, and when the files were last seen changing.
         let mut pending: Option<std::time::Instant> = None;
         self.announce_ready().await;
-        let watchdog = notify::watchdog_interval();
-        let mut last_ping = std::time::Instant::now();
+        // Its own timer, not the file poll's: systemd kills a service whose pings are late.
+        let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
         loop {
-            if watchdog.is_some_and(|every| last_ping.elapsed() >= every) {
-                notify::notify("WATCHDOG=1");
-                last_ping = std::time::Instant::now();
-            }
             tokio::select! {
+                _ = async {
+                    match watchdog.as_mut() {
+                        Some(every) => every.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    notify::notify("WATCHDOG=1");
+                }
                 _ = shutdown.changed() => {
                     notify::notify("STOPPING=1");
                     return;

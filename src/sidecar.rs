@@ -44,6 +44,17 @@ impl SpawnSpec {
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        // A gateway that dies without its graceful shutdown (SIGKILL, a crash) must not leave
+        // the sidecar behind holding the port, or the restarted gateway's sidecar cannot bind.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 }
@@ -59,6 +70,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// The background service that keeps every `spawn:` sidecar running.
 pub struct Supervisor {
     pub specs: Vec<SpawnSpec>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 #[async_trait]
@@ -68,7 +80,7 @@ impl BackgroundService for Supervisor {
             .specs
             .iter()
             .cloned()
-            .map(|spec| tokio::spawn(supervise(spec, shutdown.clone())))
+            .map(|spec| tokio::spawn(supervise(spec, shutdown.clone(), self.metrics.clone())))
             .collect();
         for t in tasks {
             let _ = t.await;
@@ -76,9 +88,21 @@ impl BackgroundService for Supervisor {
     }
 }
 
-async fn supervise(spec: SpawnSpec, mut shutdown: ShutdownWatch) {
+async fn supervise(
+    spec: SpawnSpec,
+    mut shutdown: ShutdownWatch,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
+    let up = metrics.sidecar_up.with_label_values(&[&spec.provider]);
+    let restarts = metrics
+        .sidecar_restarts
+        .with_label_values(&[&spec.provider]);
     let mut backoff = BACKOFF_MIN;
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            restarts.inc();
+        }
         if *shutdown.borrow() {
             return;
         }
@@ -96,8 +120,10 @@ async fn supervise(spec: SpawnSpec, mut shutdown: ShutdownWatch) {
             }
         };
         tracing::info!(provider = %spec.provider, pid = child.id().unwrap_or(0), port = spec.port, "sidecar started");
+        up.set(1);
         tokio::select! {
             status = child.wait() => {
+                up.set(0);
                 let ran = started.elapsed();
                 if ran > STABLE_AFTER {
                     backoff = BACKOFF_MIN;
@@ -111,6 +137,7 @@ async fn supervise(spec: SpawnSpec, mut shutdown: ShutdownWatch) {
             }
             _ = shutdown.changed() => {
                 stop(&mut child, &spec).await;
+                up.set(0);
                 return;
             }
         }

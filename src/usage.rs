@@ -121,6 +121,87 @@ impl UsageTap {
     }
 }
 
+/// Removes the usage-only chunk (`"choices": []` with `usage`) from a stream whose client did
+/// not ask for it: Lumen asked the provider for it (for token budgets and usage accounting),
+/// so the client sees exactly the stream it would have seen without Lumen.
+///
+/// Works on whole SSE events: complete events pass at once, an event split across chunks is
+/// held only until its blank line arrives.
+#[derive(Default)]
+pub struct UsageStrip {
+    partial: bytes::BytesMut,
+}
+
+impl UsageStrip {
+    /// What of `chunk` goes to the client now (possibly nothing).
+    pub fn filter(&mut self, chunk: bytes::Bytes) -> bytes::Bytes {
+        let data: bytes::Bytes = if self.partial.is_empty() {
+            chunk
+        } else {
+            self.partial.extend_from_slice(&chunk);
+            self.partial.split().freeze()
+        };
+        let mut out: Option<bytes::BytesMut> = None;
+        let mut start = 0;
+        let mut kept_to = 0;
+        while let Some(len) = event_len(&data[start..]) {
+            let event = &data[start..start + len];
+            if is_usage_only(event) {
+                let buf = out.get_or_insert_with(bytes::BytesMut::new);
+                buf.extend_from_slice(&data[kept_to..start]);
+                kept_to = start + len;
+            }
+            start += len;
+        }
+        // An unfinished event waits for its end.
+        self.partial.extend_from_slice(&data[start..]);
+        match out {
+            None => data.slice(..start),
+            Some(mut buf) => {
+                buf.extend_from_slice(&data[kept_to..start]);
+                buf.freeze()
+            }
+        }
+    }
+
+    /// Whatever is left when the stream ends (an event without its blank line).
+    pub fn finish(&mut self) -> bytes::Bytes {
+        self.partial.split().freeze()
+    }
+}
+
+/// Length of the first complete event in `data` (through its blank line), if there is one.
+fn event_len(data: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(nl) = data[i..].iter().position(|b| *b == b'\n') {
+        let at = i + nl + 1;
+        match data.get(at) {
+            Some(b'\n') => return Some(at + 1),
+            Some(b'\r') if data.get(at + 1) == Some(&b'\n') => return Some(at + 2),
+            _ => i = at,
+        }
+    }
+    None
+}
+
+fn is_usage_only(event: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        #[serde(default)]
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    if !event.windows(7).any(|w| w == b"\"usage\"") {
+        return false;
+    }
+    event.split(|b| *b == b'\n').any(|line| {
+        line.strip_prefix(b"data:")
+            .and_then(|d| serde_json::from_slice::<Chunk>(d.trim_ascii()).ok())
+            .is_some_and(|c| c.usage.is_some() && c.choices.is_some_and(|ch| ch.is_empty()))
+    })
+}
+
 fn sse_usage(line: &[u8]) -> Option<Usage> {
     let data = line.strip_prefix(b"data:")?;
     // Cheap filter first: most chunks carry no usage.
@@ -158,5 +239,28 @@ mod tests {
         let mut none = UsageTap::new(true);
         none.observe(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.total_tokens(), None);
+    }
+
+    #[test]
+    fn strips_only_the_usage_chunk_wherever_the_chunks_split() {
+        let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\r\n\r\ndata: [DONE]\n\n";
+        let want = b"data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}]}\n\ndata: [DONE]\n\n";
+        for size in [1, 2, 5, 9, 64, stream.len()] {
+            let mut strip = UsageStrip::default();
+            let mut out = Vec::new();
+            for piece in stream.chunks(size) {
+                out.extend_from_slice(&strip.filter(bytes::Bytes::copy_from_slice(piece)));
+            }
+            out.extend_from_slice(&strip.finish());
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(want),
+                "{size}"
+            );
+        }
+        // Complete events pass at once, untouched and uncopied.
+        let mut strip = UsageStrip::default();
+        let whole = bytes::Bytes::from_static(b"data: {\"choices\":[]}\n\n");
+        assert_eq!(strip.filter(whole.clone()), whole);
     }
 }

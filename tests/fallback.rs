@@ -677,3 +677,38 @@ async fn with_two_of_three_targets_failing_at_random_every_request_succeeds() {
         lumen_test_support::harness::scrape_until(lumen.admin, "lumen_fallbacks_total").await;
     assert!(metrics.contains("lumen_retries_total{reason="), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_probe_counts_any_answer_below_500_as_reachable() {
+    // Many providers answer `GET /models` with 401 or 404 (no key, or no public list): the host
+    // is up, so routing may use it. A 5xx there is a provider in trouble.
+    let mock = MockUpstream::start();
+    let yaml = format!(
+        r#"auth: off
+providers:
+  locked: {{ base_url: "{base}/models-401/v1", health: {{ interval: 100ms, healthy_threshold: 1, unhealthy_threshold: 1 }} }}
+  sick: {{ base_url: "{base}/models-503/v1", health: {{ interval: 100ms, healthy_threshold: 1, unhealthy_threshold: 1 }} }}
+routes:
+  - {{ model: a, targets: [ {{ provider: locked, model: m }} ] }}
+  - {{ model: b, targets: [ {{ provider: sick, model: m }} ] }}
+readiness: any_route
+"#,
+        base = mock.base_url().trim_end_matches("/v1")
+    );
+    let lumen = Lumen::start(&yaml);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let h = request(lumen.addr, "GET", "/health", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        if h["providers"]["locked"]["probe"] == "healthy"
+            && h["providers"]["sick"]["probe"] == "unhealthy"
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(mock.probes() >= 2);
+}

@@ -206,7 +206,9 @@ async fn streams_ask_for_usage_and_settle_on_it() {
         mock.requests()[0].json()["stream_options"]["include_usage"],
         true
     );
-    assert!(first.sse_data().iter().any(|d| d.contains("\"usage\"")));
+    // Asked for on the client's behalf, so not passed on to it.
+    assert!(!first.sse_data().iter().any(|d| d.contains("\"usage\"")));
+    assert_eq!(first.sse_data().last().map(String::as_str), Some("[DONE]"));
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Settled at the 10 tokens the stream reported, so another fits.
     assert_eq!(

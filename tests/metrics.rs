@@ -65,3 +65,134 @@ routes:
     assert!(summary["gateway_overhead_us"]["p50"].as_f64().is_some());
     assert_eq!(summary["upstream"]["attempts"]["ok"], 2);
 }
+
+/// `promtool` from Debian's `prometheus` package (scripts/setup.sh extracts it to `.tools/`).
+fn promtool() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("LUMEN_PROMTOOL") {
+        return path.into();
+    }
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/promtool");
+    if local.is_file() {
+        return local;
+    }
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("promtool"))
+        .find(|p| p.is_file());
+    found.expect("promtool not found: run scripts/setup.sh (it extracts it to .tools/)")
+}
+
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scrape_taken_under_load_passes_promtool_and_the_named_metrics_move() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+keys:
+  - {{ id: team-a, key: "sk-team-a" }}
+  - {{ id: tight, key: "sk-tight", limits: {{ requests_per_minute: 2 }} }}
+providers:
+  mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
+  down: {{ base_url: "http://127.0.0.1:1/v1", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+  - {{ model: cached, targets: [ {{ provider: mock, model: up }} ], cache: {{ ttl: 10m }} }}
+  - model: spill
+    targets: [ {{ provider: down, model: up }}, {{ provider: mock, model: up }} ]
+"#,
+        base = mock.base_url()
+    ));
+    let addr = lumen.addr;
+    let load = tokio::spawn(async move {
+        let mut c = Client::connect(addr).await.unwrap();
+        for i in 0..60 {
+            let model = ["fast", "cached", "spill"][i % 3];
+            let body = json!({"model": model, "stream": i % 2 == 0, "temperature": 0,
+                              "mock_delay_ms": 2,
+                              "messages": [{"role": "user", "content": "hi"}]});
+            let resp = c
+                .post_json(
+                    "/v1/chat/completions",
+                    &[("authorization", "Bearer sk-team-a")],
+                    &body,
+                )
+                .await
+                .unwrap();
+            assert_eq!(resp.status, 200, "{}", resp.text());
+        }
+    });
+    let mut scrapes = Vec::new();
+    while !load.is_finished() {
+        scrapes.push(
+            request(lumen.admin, "GET", "/metrics", &[], b"")
+                .await
+                .unwrap()
+                .text(),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    load.await.unwrap();
+    for _ in 0..3 {
+        let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+        request(
+            lumen.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-tight")],
+            body.to_string().as_bytes(),
+        )
+        .await
+        .unwrap();
+    }
+    let last = scrape_until(lumen.admin, "lumen_rate_limited_total{key=\"tight\"").await;
+    scrapes.push(last.clone());
+    assert!(scrapes.len() >= 2, "no scrape was taken during the load");
+
+    let dir = lumen_test_support::harness::tempdir::Dir::new("lumen-promtool");
+    for (i, text) in scrapes.iter().enumerate() {
+        let path = dir.path().join(format!("scrape-{i}.txt"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(promtool())
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&path).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed on scrape {i}:\n{}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // The metrics the operations issue names are present, and moved with this traffic.
+    let moved =
+        |series: &str| assert!(value(&last, series) > 0.0, "{series} did not move:\n{last}");
+    moved(
+        "lumen_requests_total{endpoint=\"chat\",provider=\"mock\",route=\"fast\",status=\"200\"}",
+    );
+    moved("lumen_request_duration_seconds_count{endpoint=\"chat\",route=\"fast\"}");
+    moved("lumen_time_to_first_token_seconds_count{endpoint=\"chat\",route=\"fast\"}");
+    moved("lumen_gateway_overhead_seconds_count{endpoint=\"chat\"}");
+    moved(
+        "lumen_tokens_total{key=\"team-a\",kind=\"completion\",provider=\"mock\",route=\"fast\"}",
+    );
+    moved("lumen_cache_requests_total{result=\"hit\",route=\"cached\"}");
+    moved("lumen_rate_limited_total{key=\"tight\",reason=\"requests\"}");
+    moved("lumen_fallbacks_total{from=\"down\",route=\"spill\",to=\"mock\"}");
+    moved("lumen_upstream_attempts_total{outcome=\"connect\",provider=\"down\"}");
+    for present in [
+        "lumen_circuit_state{",
+        "lumen_provider_in_flight{provider=\"mock\"}",
+        "lumen_provider_slots{provider=\"mock\"}",
+        "lumen_config_reloads_total",
+        "lumen_config_last_reload_success_timestamp_seconds",
+        "lumen_requests_in_flight",
+    ] {
+        assert!(last.contains(present), "{present} missing:\n{last}");
+    }
+}

@@ -268,3 +268,132 @@ async fn fifty_reloads_under_load_fail_no_request() {
         .unwrap();
     assert!(reloads >= 10, "{reloads}");
 }
+
+/// An RSA key pair made with the `openssl` CLI: (private PEM, public PEM).
+fn rsa_pair(dir: &std::path::Path, name: &str) -> (Vec<u8>, Vec<u8>) {
+    let private = dir.join(format!("{name}.pem"));
+    let public = dir.join(format!("{name}.pub.pem"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        private.to_str().unwrap(),
+    ]);
+    run(&[
+        "pkey",
+        "-in",
+        private.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    (
+        std::fs::read(private).unwrap(),
+        std::fs::read(public).unwrap(),
+    )
+}
+
+fn rs256(private_pem: &[u8]) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &json!({"iss": "https://idp.test", "sub": "svc", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(private_pem).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotating_a_jwt_public_key_file_reloads_without_touching_the_config() {
+    let mock = MockUpstream::start();
+    let keys = lumen_test_support::harness::tempdir::Dir::new("lumen-jwt-rotate");
+    let (old_private, old_public) = rsa_pair(keys.path(), "old");
+    let (new_private, new_public) = rsa_pair(keys.path(), "new");
+    let key_file = keys.path().join("idp.pub.pem");
+    std::fs::write(&key_file, &old_public).unwrap();
+    let lumen = Lumen::start(&format!(
+        r#"jwt:
+  - {{ issuer: "https://idp.test", algorithms: [RS256], public_key_file: "{}" }}
+providers:
+  mock: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        key_file.display(),
+        mock.base_url()
+    ));
+    let (old_token, new_token) = (rs256(&old_private), rs256(&new_private));
+    assert_eq!(chat(&lumen, &old_token, "fast").await, 200);
+    assert_eq!(chat(&lumen, &new_token, "fast").await, 401);
+    let hash = admin_config(&lumen).await["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The identity provider rotated its key: a new file renamed over the old one.
+    let tmp = keys.path().join("idp.pub.pem.tmp");
+    std::fs::write(&tmp, &new_public).unwrap();
+    std::fs::rename(&tmp, &key_file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while chat(&lumen, &new_token, "fast").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new key was never picked up:\n{}",
+            lumen.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(chat(&lumen, &old_token, "fast").await, 401);
+    let c = admin_config(&lumen).await;
+    assert_eq!(c["last_reload"]["trigger"], "file");
+    assert_eq!(c["last_reload"]["result"], "ok");
+    // The config file itself did not change.
+    assert_eq!(c["hash"], hash.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_listener_is_logged_as_needing_a_restart() {
+    let mock = MockUpstream::start();
+    let (listen, admin) = ports();
+    let base = config(&mock, &listen, &admin, "", "").replace("WATCH", "false");
+    let lumen = Lumen::start(&base);
+    let hash = admin_config(&lumen).await["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (other_listen, _) = ports();
+    write(
+        &lumen,
+        &base.replace(&listen, &other_listen).replace(
+            "routes:\n",
+            "routes:\n  - { model: added, targets: [ { provider: mock, model: up } ] }\n",
+        ),
+    );
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
+    wait_reload(&lumen, &hash, false).await;
+    // Everything else applied; the old listener still serves, and the log says why.
+    assert_eq!(chat(&lumen, "sk-alice", "added").await, 200);
+    let log = lumen.log();
+    assert!(
+        log.contains("take effect only after a restart") && log.contains("listen"),
+        "{log}"
+    );
+}

@@ -92,7 +92,7 @@ async fn the_gateway_spawns_the_sidecar_and_routes_to_it() {
         .post_json("/v1/chat/completions", &[], &body)
         .await
         .unwrap();
-    assert_eq!(resp.status, 200);
+    assert_eq!(resp.status, 200, "{}", resp.text());
     let data = resp.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let text = resp.chat_stream_text();
@@ -110,9 +110,31 @@ async fn a_killed_sidecar_is_restarted() {
     wait_for_chat(&lumen, Duration::from_secs(60)).await;
     let before = sidecar_pids(port);
     assert_eq!(before.len(), 1);
+    let metrics = lumen_test_support::harness::scrape_until(
+        lumen.admin,
+        "lumen_sidecar_up{provider=\"local\"} 1",
+    )
+    .await;
+    assert!(
+        metrics.contains("lumen_sidecar_restarts_total{provider=\"local\"} 0"),
+        "{metrics}"
+    );
     // SAFETY: kill(2) on a pid read from /proc; no memory is touched.
     unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
     wait_for_chat(&lumen, Duration::from_secs(60)).await;
+    let metrics = lumen_test_support::harness::scrape_until(
+        lumen.admin,
+        "lumen_sidecar_restarts_total{provider=\"local\"} 1",
+    )
+    .await;
+    assert!(
+        metrics.contains("lumen_sidecar_up{provider=\"local\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lumen_provider_slots{provider=\"local\"}"),
+        "{metrics}"
+    );
     let after = sidecar_pids(port);
     assert_eq!(after.len(), 1);
     assert_ne!(after, before, "a new sidecar process answers");
@@ -229,4 +251,23 @@ routes:
         .unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("x-lumen-provider"), Some("cloud"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_does_not_outlive_a_killed_gateway() {
+    let models = Dir::new("lumen-models");
+    let port = free_port();
+    let mut lumen = start(&models, port);
+    wait_for_chat(&lumen, Duration::from_secs(60)).await;
+    assert_eq!(sidecar_pids(port).len(), 1);
+    // No graceful shutdown: the kernel tells the sidecar its parent is gone.
+    lumen.kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sidecar_pids(port).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "an orphaned sidecar still holds port {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -131,3 +131,41 @@ async fn sigterm_lets_streams_in_flight_finish() {
     assert_eq!(resp.chat_stream_text().split_whitespace().count(), 10);
     assert!(stopped_at.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watchdog_pings_come_at_half_the_interval_systemd_asked_for() {
+    let mock = MockUpstream::start();
+    let dir = Dir::new("lumen-watchdog");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // WatchdogSec=1s: pings every 500 ms.
+    let _lumen = Lumen::start_with_env(
+        &format!(
+            "auth: off\nproviders:\n  mock: {{ base_url: \"{}\" }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: mock }} ] }}\n",
+            mock.base_url()
+        ),
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    assert_eq!(recv(&socket), "READY=1");
+    let mut last = std::time::Instant::now();
+    let mut gaps = Vec::new();
+    for _ in 0..4 {
+        assert_eq!(recv(&socket), "WATCHDOG=1");
+        gaps.push(last.elapsed());
+        last = std::time::Instant::now();
+    }
+    // The first may follow READY at once; after that, about every 500 ms: never a busy loop,
+    // never late enough for systemd (1 s) to kill the service.
+    for gap in &gaps[1..] {
+        assert!(
+            *gap >= Duration::from_millis(300) && *gap < Duration::from_millis(950),
+            "{gaps:?}"
+        );
+    }
+}

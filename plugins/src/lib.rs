@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod civil;
 pub mod cors;
 pub mod rate_limit;
 pub mod redis_link;

@@ -85,6 +85,17 @@ impl RedisLink {
         }
     }
 
+    /// A connection of its own, for blocking commands (`XREADGROUP BLOCK`, `XREAD BLOCK`) that
+    /// would hold up everyone else's calls on the shared one.
+    pub async fn dedicated(&self) -> Result<redis::aio::MultiplexedConnection, SharedError> {
+        let wait = self.timeout.max(Duration::from_millis(500));
+        match tokio::time::timeout(wait, self.client.get_multiplexed_async_connection()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(SharedError::Timeout(wait)),
+        }
+    }
+
     /// Runs one call within the link's timeout.
     pub async fn within<T>(
         &self,

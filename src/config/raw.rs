@@ -18,9 +18,19 @@ pub struct RawConfig {
     /// Proxy listeners for OpenAI clients.
     #[serde(default = "default_listen")]
     pub listen: Vec<RawListener>,
-    /// The admin listener (`/metrics`); loopback by default because it is not authenticated.
+    /// The admin listener (`/metrics`, `/admin/*`); loopback by default.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
+    /// Required on every admin request when set; required in the config when `admin_listen`
+    /// is not a loopback address.
+    #[serde(default)]
+    pub admin_key: Option<lumen_plugins::auth::AdminKeyConfig>,
+    /// Usage accounting per key, provider, model and day.
+    #[serde(default)]
+    pub usage: RawUsage,
+    /// Async jobs: submit now, collect later.
+    #[serde(default)]
+    pub jobs: RawJobs,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -48,6 +58,128 @@ pub struct RawConfig {
     /// The response cache's node-wide settings (routes opt in with their own `cache:`).
     #[serde(default)]
     pub cache: RawCacheSettings,
+}
+
+/// `jobs:`: the async job queue and its workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJobs {
+    /// Workers running jobs in this process (0: this node only takes and answers jobs).
+    #[serde(default = "default_job_workers")]
+    pub workers: usize,
+    /// Jobs waiting at most; a submit beyond is refused with 429.
+    #[serde(default = "default_job_queue")]
+    pub queue_size: usize,
+    /// Jobs one key may have waiting at once.
+    #[serde(default = "default_job_per_key")]
+    pub max_queued_per_key: usize,
+    /// How long a finished job's result stays readable.
+    #[serde(default = "default_job_ttl", with = "duration")]
+    pub result_ttl: Duration,
+    /// How long `POST /generate` and `/chat_completion` (shape B) wait for the answer before
+    /// answering 202 with the job id.
+    #[serde(default = "default_job_wait", with = "duration")]
+    pub wait_timeout: Duration,
+    /// Model for compatible-shape requests that name none.
+    #[serde(default)]
+    pub default_model: Option<String>,
+    /// Where the compatible shapes are mounted (`/generate`, `/status/{id}` …).
+    #[serde(default = "default_compat_prefix")]
+    pub compat_prefix: String,
+    /// Serve shape A (`/generate` with `prompt`, `/status`, `/result`, `/stream`).
+    #[serde(default = "default_true")]
+    pub shape_a: bool,
+    /// Serve shape B (`/generate` with `content` + `meta`, `/chat_completion`).
+    #[serde(default = "default_true")]
+    pub shape_b: bool,
+    /// Runs of one job at most (a worker that dies mid-job costs one) before it fails (Redis).
+    #[serde(default = "default_job_attempts")]
+    pub max_attempts: u32,
+    /// How long a running job may go without its worker's heartbeat before another worker
+    /// claims it (Redis).
+    #[serde(default = "default_job_visibility", with = "duration")]
+    pub visibility_timeout: Duration,
+}
+
+fn default_job_attempts() -> u32 {
+    3
+}
+fn default_job_visibility() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for RawJobs {
+    fn default() -> Self {
+        RawJobs {
+            workers: default_job_workers(),
+            queue_size: default_job_queue(),
+            max_queued_per_key: default_job_per_key(),
+            result_ttl: default_job_ttl(),
+            wait_timeout: default_job_wait(),
+            default_model: None,
+            compat_prefix: default_compat_prefix(),
+            shape_a: true,
+            shape_b: true,
+            max_attempts: default_job_attempts(),
+            visibility_timeout: default_job_visibility(),
+        }
+    }
+}
+
+fn default_job_workers() -> usize {
+    4
+}
+fn default_job_queue() -> usize {
+    1000
+}
+fn default_job_per_key() -> usize {
+    100
+}
+fn default_job_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_job_wait() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_compat_prefix() -> String {
+    "/".into()
+}
+
+/// `usage:`: where the per-day usage ledger is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Directory of the ledger file (without `redis:`) or of its spool (with it). Default:
+    /// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), else `state/` beside the config file.
+    #[serde(default)]
+    pub state_dir: Option<String>,
+    /// How often counts are written out (they are also written on shutdown).
+    #[serde(default = "default_usage_flush", with = "duration")]
+    pub flush_interval: Duration,
+    /// Days of history kept.
+    #[serde(default = "default_usage_retention")]
+    pub retention_days: u32,
+}
+
+impl Default for RawUsage {
+    fn default() -> Self {
+        RawUsage {
+            enabled: true,
+            state_dir: None,
+            flush_interval: default_usage_flush(),
+            retention_days: default_usage_retention(),
+        }
+    }
+}
+
+fn default_usage_flush() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_usage_retention() -> u32 {
+    400
 }
 
 /// `cache:` at the top level: the store shared by every route.

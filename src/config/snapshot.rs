@@ -26,6 +26,12 @@ use crate::sidecar::SpawnSpec;
 pub struct Snapshot {
     pub listeners: Vec<Listener>,
     pub admin_listen: String,
+    /// Required on admin requests when set.
+    pub admin_key: Option<lumen_plugins::auth::AdminKey>,
+    /// Usage accounting (read at start-up, except `flush_interval`).
+    pub usage: UsageSettings,
+    /// Async jobs (queue size and workers are read at start-up).
+    pub jobs: crate::jobs::JobSettings,
     pub limits: Limits,
     pub cors: Option<lumen_plugins::cors::Cors>,
     /// API keys and JWT issuers, with their lookup tables built.
@@ -79,6 +85,15 @@ pub struct RedisSettings {
     pub prefix: String,
     pub timeout: Duration,
     pub on_error: lumen_plugins::rate_limit::shared::OnRedisError,
+}
+
+/// The validated `usage:` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageSettings {
+    pub enabled: bool,
+    pub state_dir: PathBuf,
+    pub flush_interval: Duration,
+    pub retention_days: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -180,12 +195,48 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             Some(listener)
         })
         .collect();
-    if let Err(e) = raw.admin_listen.parse::<SocketAddr>() {
-        problems.push(Problem::at(
+    match raw.admin_listen.parse::<SocketAddr>() {
+        Err(e) => problems.push(Problem::at(
             "admin_listen",
             format!("`{}` is not an address ({e})", raw.admin_listen),
-        ));
+        )),
+        // Usage, config and health are an operator's business: beyond this host, only with a key.
+        Ok(addr) if !addr.ip().is_loopback() && raw.admin_key.is_none() => {
+            problems.push(Problem::at(
+                "admin_listen",
+                format!(
+                    "`{}` is reachable from other hosts: set `admin_key` (sha256 from `lumen keys hash`, or key: ${{ENV}}), or listen on 127.0.0.1",
+                    raw.admin_listen
+                ),
+            ))
+        }
+        Ok(_) => {}
     }
+    let admin_key = match raw
+        .admin_key
+        .as_ref()
+        .map(lumen_plugins::auth::AdminKey::from_config)
+    {
+        None => None,
+        Some(Ok(key)) => Some(key),
+        Some(Err((field, message))) => {
+            problems.push(Problem::at(format!("admin_key.{field}"), message));
+            None
+        }
+    };
+    if raw.usage.flush_interval.is_zero() {
+        problems.push(Problem::at("usage.flush_interval", "must be above zero"));
+    }
+    if raw.usage.retention_days == 0 {
+        problems.push(Problem::at("usage.retention_days", "must be at least 1"));
+    }
+    let jobs = crate::jobs::JobSettings::build(&raw.jobs, &mut problems);
+    let usage = UsageSettings {
+        enabled: raw.usage.enabled,
+        state_dir: usage_state_dir(raw.usage.state_dir.as_deref(), &source.path),
+        flush_interval: raw.usage.flush_interval,
+        retention_days: raw.usage.retention_days,
+    };
 
     let mut providers = HashMap::new();
     let mut spawns = Vec::new();
@@ -266,6 +317,9 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     Ok(Snapshot {
         listeners,
         admin_listen: raw.admin_listen,
+        admin_key,
+        usage,
+        jobs,
         limits: Limits {
             max_body_bytes: raw.limits.max_body_bytes.0,
             per_ip,
@@ -292,6 +346,22 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         },
         source,
     })
+}
+
+/// `usage.state_dir`, else systemd's `$STATE_DIRECTORY` (its first entry), else `state/`
+/// beside the config file.
+fn usage_state_dir(configured: Option<&str>, config_path: &str) -> PathBuf {
+    if let Some(dir) = configured {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY") {
+        if let Some(first) = dir.to_string_lossy().split(':').find(|d| !d.is_empty()) {
+            return PathBuf::from(first);
+        }
+    }
+    std::path::Path::new(config_path)
+        .parent()
+        .map_or_else(|| PathBuf::from("state"), |p| p.join("state"))
 }
 
 fn redis_url_ok(url: &str) -> Result<(), String> {

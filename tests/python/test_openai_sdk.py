@@ -122,3 +122,35 @@ def test_model_outside_allow_list_raises_permission_denied(gateway):
         c.chat.completions.create(model="fast", messages=[{"role": "user", "content": "x"}])
     assert err.value.code == "model_not_allowed"
     assert c.embeddings.create(model="text-embedding-3-small", input="x").data[0].index == 0
+
+
+def test_a_stream_without_stream_options_is_accounted_but_unchanged(gateway):
+    """Lumen asks the provider for usage on the client's behalf (usage accounting), and keeps
+    the extra chunk from a client that did not ask: code that reads `chunk.choices[0]` on every
+    chunk keeps working, and /admin/usage still has the stream's tokens."""
+    import json
+    import urllib.request
+
+    def usage():
+        url = f"http://127.0.0.1:{gateway.admin_port}/admin/usage?key=python&model=fast"
+        with urllib.request.urlopen(url) as r:
+            return json.load(r)["total"]
+
+    before = usage()
+    stream = client(gateway).chat.completions.create(
+        model="fast",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,
+        extra_body={"mock_chunks": 4},
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert text == "tok0 tok1 tok2 tok3 "
+    import time
+
+    deadline = time.time() + 5
+    while usage()["requests"] == before["requests"] and time.time() < deadline:
+        time.sleep(0.05)
+    after = usage()
+    assert after["requests"] == before["requests"] + 1
+    assert after["completion_tokens"] == before["completion_tokens"] + 4
+    assert after["prompt_tokens"] > before["prompt_tokens"]

@@ -91,3 +91,33 @@ def test_max_tokens_gives_length_with_exact_usage(quickstart):
 def test_checksum_is_part_of_the_quickstart(quickstart):
     g, _ = quickstart
     assert "sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53" in g.config.read_text()
+
+
+def test_a_job_on_the_real_model_matches_the_synchronous_answer(quickstart):
+    """The README's job example: the same question as a job, collected later, through the
+    real sidecar; its result is what the synchronous endpoint answers."""
+    import time
+    import urllib.request
+
+    g, client = quickstart
+    base = f"http://127.0.0.1:{g.port}"
+    body = {"model": "smollm2", "messages": QUESTION, "temperature": 0, "max_tokens": 8}
+    req = urllib.request.Request(
+        f"{base}/v1/jobs",
+        data=json.dumps({"endpoint": "/v1/chat/completions", "body": body}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req) as r:
+        assert r.status == 202
+        job = json.load(r)
+    deadline = time.time() + 120
+    while job["status"] not in ("completed", "failed"):
+        assert time.time() < deadline, job
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"{base}/v1/jobs/{job['id']}") as r:
+            job = json.load(r)
+    assert job["status"] == "completed", job
+    sync = client.chat.completions.create(**body)
+    assert job["result"]["choices"][0]["message"]["content"] == sync.choices[0].message.content
+    assert "Paris" in sync.choices[0].message.content
+    assert job["metrics"]["completion_tokens"] == sync.usage.completion_tokens

@@ -31,6 +31,14 @@ impl AllowList {
         list
     }
 
+    /// Every entry, exact names first (sorted), then globs in order.
+    pub(crate) fn entries(&self) -> Vec<String> {
+        let mut exact: Vec<String> = self.exact.iter().cloned().collect();
+        exact.sort();
+        exact.extend(self.globs.iter().cloned());
+        exact
+    }
+
     pub(crate) fn allows(&self, model: &str) -> bool {
         self.exact.contains(model) || self.globs.iter().any(|g| glob_match(g, model))
     }

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::civil::{days_from_civil, days_in_month};
+
 use super::allow::AllowList;
 use super::{AuthError, KeyConfig, Principal};
 
@@ -158,6 +160,15 @@ impl KeyTable {
         self.by_digest.len()
     }
 
+    /// The principal of the usable (enabled, unexpired) key with this id.
+    pub(crate) fn by_id(&self, id: &str, now: SystemTime) -> Option<Arc<Principal>> {
+        self.by_digest
+            .values()
+            .find(|e| e.principal.key_id == id)
+            .filter(|e| !e.disabled && e.expires_at.is_none_or(|at| now < at))
+            .map(|e| Arc::clone(&e.principal))
+    }
+
     /// Finds the principal for a presented key. Allocates nothing.
     pub(crate) fn lookup(&self, key: &str, now: SystemTime) -> Result<Arc<Principal>, AuthError> {
         let digest = digest_of(key);
@@ -181,7 +192,7 @@ pub(crate) fn digest_of(key: &str) -> KeyDigest {
 }
 
 /// Rejects clear keys that are surely mistakes rather than secrets.
-fn check_clear_key(key: &str) -> Result<(), String> {
+pub(crate) fn check_clear_key(key: &str) -> Result<(), String> {
     if key.is_empty() {
         return Err("is empty (an unset environment variable?)".into());
     }
@@ -195,7 +206,7 @@ fn check_clear_key(key: &str) -> Result<(), String> {
 }
 
 /// Parses 64 hex digits, either case.
-fn parse_hex_digest(hex: &str) -> Result<KeyDigest, String> {
+pub(crate) fn parse_hex_digest(hex: &str) -> Result<KeyDigest, String> {
     let bytes = hex.as_bytes();
     if bytes.len() != 64 {
         return Err(format!(
@@ -293,26 +304,6 @@ pub(crate) fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
     let unix = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     let unix = u64::try_from(unix).map_err(|_| format!("`{s}` is before 1970"))?;
     Ok(UNIX_EPOCH + Duration::from_secs(unix))
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        4 | 6 | 9 | 11 => 30,
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
-        2 => 28,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! the `keys:` and `jwt:` sections are still validated so that turning auth on cannot fail
 //! later. `mode: required` with no keys and no issuers is allowed and refuses everyone.
 
+mod admin;
 mod allow;
 mod jwt;
 mod keys;
@@ -29,6 +30,7 @@ use base64::Engine;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
+pub use self::admin::{AdminKey, AdminKeyConfig};
 use self::allow::AllowList;
 use self::jwt::IssuerTable;
 use self::keys::KeyTable;
@@ -182,6 +184,11 @@ impl Principal {
     }
 
     /// Whether the allow-list lets this caller use `model` (exact name or glob match).
+    /// The allow-list's entries; `None`: every model.
+    pub fn models(&self) -> Option<Vec<String>> {
+        self.models.as_ref().map(AllowList::entries)
+    }
+
     pub fn may_use(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|list| list.allows(model))
     }
@@ -270,6 +277,12 @@ impl Authenticator {
 
     pub fn mode(&self) -> AuthMode {
         self.mode
+    }
+
+    /// The configured key `id` as a caller, when it exists, is enabled and has not expired
+    /// (async jobs run later as the key that submitted them, and see its current limits).
+    pub fn principal_by_id(&self, id: &str, now: SystemTime) -> Option<Arc<Principal>> {
+        self.keys.by_id(id, now)
     }
 
     /// How many API keys and JWT issuers are configured (for startup logs).

@@ -46,6 +46,72 @@ pub struct Lumen {
     pub log_path: PathBuf,
 }
 
+/// A running `lumen worker` (no listeners: async-job workers only); killed on drop.
+pub struct Worker {
+    child: Child,
+    pub dir: tempdir::Dir,
+    pub log_path: PathBuf,
+}
+
+impl Worker {
+    /// Starts `lumen worker` on `yaml` and waits for its start-up line.
+    pub fn start(yaml: &str) -> Worker {
+        let dir = tempdir::Dir::new("lumen-worker");
+        let config_path = dir.path().join("lumen.yaml");
+        std::fs::write(&config_path, yaml).expect("write config");
+        let log_path = dir.path().join("worker.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(bin_path("lumen"))
+            .arg("worker")
+            .arg("--config")
+            .arg(&config_path)
+            .env("LUMEN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log clone"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn lumen worker (is it built?)");
+        let mut worker = Worker {
+            child,
+            dir,
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !worker.log().contains("lumen starting") {
+            if let Ok(Some(status)) = worker.child.try_wait() {
+                panic!("lumen worker exited with {status}:\n{}", worker.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lumen worker did not start:\n{}",
+                worker.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        worker
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A self-removing temp directory (std only).
 pub mod tempdir {
     use std::path::{Path, PathBuf};
@@ -166,6 +232,30 @@ impl Lumen {
 
     pub fn config_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// SIGKILL: a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (a graceful stop, as systemd does it) and waits up to `limit` for the exit.
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lumen did not exit within {limit:?} of SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -24,7 +24,7 @@
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
 //! stream chunk, default 0), `mock_retry_after` (seconds, for `status-429`), `mock_headers`
 //! (an object of extra response headers on a normal answer). `GET /v1/models` lists a few
-//! models; `GET /_mock/requests` returns the recorded requests as JSON (for tests in other
+//! models (with HTTP NNN instead when the path has a `/models-NNN/` segment); `GET /_mock/requests` returns the recorded requests as JSON (for tests in other
 //! languages). Health probes (user agent `lumen-health-probe`) are counted, not recorded.
 
 use std::net::SocketAddr;
@@ -289,6 +289,17 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         return Ok(true);
     }
     if req.method == "GET" && req.path.ends_with("/models") {
+        // A base URL with a `/models-NNN/` segment answers its model list with HTTP NNN (how
+        // providers without a public model list answer health probes).
+        if let Some(code) = req
+            .path
+            .split('/')
+            .find_map(|seg| seg.strip_prefix("models-")?.parse::<u16>().ok())
+        {
+            let error = json!({"error": {"message": "mock: no model list", "type": "invalid_request_error", "param": null, "code": null}});
+            write_json(stream, code, "", &error).await?;
+            return Ok(true);
+        }
         let data: Vec<Value> = ["mock-small", "mock-large", "mock-embed"]
             .iter()
             .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock"}))

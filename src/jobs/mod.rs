@@ -1,0 +1,464 @@
+//! Async jobs: submit now, collect later.
+//!
+//! A job is one OpenAI request (chat, completions or embeddings) that a worker runs later
+//! through the very same pipeline as a synchronous request: the worker sends it to this
+//! process's own proxy over an internal Unix socket ([`run`]), so routing, fallback, cache,
+//! token limits, usage accounting and metrics all apply unchanged. The worker's request names
+//! the job by a one-time token that only this process knows; the pipeline then acts as the key
+//! that submitted the job (its token budgets are reserved when the job starts; its request
+//! limit was counted when it was submitted).
+//!
+//! Two backends behind one facade ([`Jobs`]):
+//! - [`memory`] (no `redis:`): a bounded queue and a table in this process. A restart loses
+//!   every job, queued, running or finished (clients then get 404).
+//! - [`redis`] (`redis:` set): a Redis stream with a consumer group is the queue, job state
+//!   and results are hashes with a TTL, progress is a stream per job, so any node answers for
+//!   any job and workers on any node (`lumen worker`) run them. A job whose worker died is
+//!   claimed again after `jobs.visibility_timeout`, up to `jobs.max_attempts` runs; exactly
+//!   one result is recorded.
+//!
+//! [`api`] turns the HTTP shapes (native `/v1/jobs`, and the two compatible shapes) into calls
+//! on [`Jobs`].
+
+pub mod api;
+pub mod memory;
+pub mod redis;
+pub mod run;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use lumen_plugins::auth::Principal;
+use lumen_plugins::redis_link::RedisLink;
+use serde_json::{json, Value};
+
+use crate::config::raw::RawJobs;
+use crate::config::Problem;
+use crate::openai::Endpoint;
+
+/// The validated `jobs:` section.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub workers: usize,
+    pub queue_size: usize,
+    pub max_queued_per_key: usize,
+    pub result_ttl: Duration,
+    pub wait_timeout: Duration,
+    pub default_model: Option<String>,
+    /// Without its trailing slash (`""` for `/`).
+    pub compat_prefix: String,
+    pub shape_a: bool,
+    pub shape_b: bool,
+    pub max_attempts: u32,
+    pub visibility_timeout: Duration,
+}
+
+impl JobSettings {
+    pub fn build(raw: &RawJobs, problems: &mut Vec<Problem>) -> JobSettings {
+        if raw.queue_size == 0 {
+            problems.push(Problem::at("jobs.queue_size", "must be at least 1"));
+        }
+        if raw.max_queued_per_key == 0 {
+            problems.push(Problem::at("jobs.max_queued_per_key", "must be at least 1"));
+        }
+        if raw.max_attempts == 0 {
+            problems.push(Problem::at("jobs.max_attempts", "must be at least 1"));
+        }
+        if raw.visibility_timeout < Duration::from_millis(100) {
+            problems.push(Problem::at(
+                "jobs.visibility_timeout",
+                "must be at least 100ms",
+            ));
+        }
+        if !raw.compat_prefix.starts_with('/') {
+            problems.push(Problem::at(
+                "jobs.compat_prefix",
+                format!("`{}` must start with /", raw.compat_prefix),
+            ));
+        }
+        JobSettings {
+            workers: raw.workers,
+            queue_size: raw.queue_size.max(1),
+            max_queued_per_key: raw.max_queued_per_key.max(1),
+            result_ttl: raw.result_ttl,
+            wait_timeout: raw.wait_timeout,
+            default_model: raw.default_model.clone(),
+            compat_prefix: raw.compat_prefix.trim_end_matches('/').to_string(),
+            shape_a: raw.shape_a,
+            shape_b: raw.shape_b,
+            max_attempts: raw.max_attempts.max(1),
+            visibility_timeout: raw.visibility_timeout,
+        }
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Processing => "processing",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(label: &str) -> Option<Status> {
+        Some(match label {
+            "queued" => Status::Queued,
+            "processing" => Status::Processing,
+            "completed" => Status::Completed,
+            "failed" => Status::Failed,
+            "cancelled" => Status::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// Why a job failed, in OpenAI's error terms.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JobError {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub code: Option<String>,
+}
+
+impl JobError {
+    pub fn cancelled(message: &str) -> JobError {
+        JobError {
+            message: message.into(),
+            kind: "job_cancelled".into(),
+            code: Some("cancelled".into()),
+        }
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone)]
+pub struct JobView {
+    pub id: String,
+    pub status: Status,
+    /// Unix microseconds.
+    pub created_us: u64,
+    pub started_us: Option<u64>,
+    pub finished_us: Option<u64>,
+    /// The upstream's OpenAI answer, once completed.
+    pub result: Option<Value>,
+    pub error: Option<JobError>,
+}
+
+impl JobView {
+    /// A job just submitted.
+    pub fn queued(id: String, created_us: u64) -> JobView {
+        JobView {
+            id,
+            status: Status::Queued,
+            created_us,
+            started_us: None,
+            finished_us: None,
+            result: None,
+            error: None,
+        }
+    }
+
+    /// `metrics` of a finished job: queue wait, processing and total seconds, tokens, tokens/s.
+    pub fn metrics(&self) -> Value {
+        let secs = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
+            _ => None,
+        };
+        let usage = self.result.as_ref().map(|r| &r["usage"]);
+        let prompt = usage.and_then(|u| u["prompt_tokens"].as_u64());
+        let completion = usage.and_then(|u| u["completion_tokens"].as_u64());
+        let processing = secs(self.started_us, self.finished_us);
+        json!({
+            "queue_wait_time": secs(Some(self.created_us), self.started_us),
+            "processing_time": processing,
+            "total_time": secs(Some(self.created_us), self.finished_us),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "tokens_per_second": match (completion, processing) {
+                (Some(c), Some(p)) if p > 0.0 => Some(c as f64 / p),
+                _ => None,
+            },
+        })
+    }
+
+    /// The native `GET /v1/jobs/{id}` answer.
+    pub fn native(&self) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": "job",
+            "status": self.status.label(),
+            "created_at": self.created_us / 1_000_000,
+            "started_at": self.started_us.map(|t| t / 1_000_000),
+            "finished_at": self.finished_us.map(|t| t / 1_000_000),
+        });
+        if self.status == Status::Completed {
+            v["result"] = self.result.clone().unwrap_or(Value::Null);
+            v["metrics"] = self.metrics();
+        }
+        if let Some(e) = &self.error {
+            v["error"] = json!({"message": e.message, "type": e.kind, "code": e.code});
+        }
+        v
+    }
+
+    /// The generated text of a completed chat or completions job.
+    pub fn text(&self) -> Option<String> {
+        let choice = self.result.as_ref()?["choices"].get(0)?;
+        choice["message"]["content"]
+            .as_str()
+            .or_else(|| choice["text"].as_str())
+            .map(str::to_string)
+    }
+}
+
+/// What a job's watchers are told after the state they started from.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Status(Status),
+    Delta(String),
+}
+
+/// Unix time in microseconds (job timestamps: queue waits are often well under a millisecond).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Why a jobs call could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the job queue is full ({0} jobs); retry later")]
+    QueueFull(usize),
+    #[error("this key already has {0} jobs waiting; retry when some have started")]
+    KeyFull(usize),
+    #[error("this node is shutting down and takes no new jobs")]
+    ShuttingDown,
+    #[error("the job store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+enum Backend {
+    Memory(memory::Memory),
+    Redis(redis::RedisJobs),
+}
+
+/// The node's jobs: the backend, and what workers and the pipeline share.
+pub struct Jobs {
+    pub settings: JobSettings,
+    backend: Backend,
+    /// Tokens of jobs being run now → the key they run as: how the pipeline knows a worker's
+    /// request.
+    tokens: Mutex<HashMap<String, Arc<Principal>>>,
+    running: AtomicUsize,
+    closing: AtomicBool,
+    /// Queue depth and Redis reachability as last seen (`/health` must not wait on Redis).
+    depth: AtomicI64,
+    connected: AtomicBool,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Jobs {
+    /// In memory, or in Redis (`link`, key prefix) when `redis:` is configured.
+    pub fn new(
+        settings: JobSettings,
+        redis: Option<(Arc<RedisLink>, String)>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Jobs {
+        let backend = match redis {
+            Some((link, prefix)) => Backend::Redis(redis::RedisJobs::new(link, &prefix, &settings)),
+            None => Backend::Memory(memory::Memory::new(&settings)),
+        };
+        Jobs {
+            settings,
+            backend,
+            tokens: Mutex::new(HashMap::new()),
+            running: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            depth: AtomicI64::new(0),
+            connected: AtomicBool::new(true),
+            metrics,
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Memory(_) => "memory",
+            Backend::Redis(_) => "redis",
+        }
+    }
+
+    /// Queues a job, or returns the existing one when `client_id` was used before by this key
+    /// (`Ok((job, false))`).
+    pub async fn submit(
+        &self,
+        owner: &Arc<Principal>,
+        endpoint: Endpoint,
+        body: Value,
+        client_id: Option<String>,
+    ) -> Result<(JobView, bool), SubmitError> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let id = client_id.unwrap_or_else(new_job_id);
+        let result = match &self.backend {
+            Backend::Memory(m) => m.submit(owner, endpoint, body, id),
+            Backend::Redis(r) => r.submit(owner, endpoint, body, id).await,
+        };
+        if let Ok((_, true)) = &result {
+            self.depth.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .jobs_queued
+                .set(self.depth.load(Ordering::Relaxed));
+        }
+        result
+    }
+
+    /// A job of `owner`'s, if it exists (and has not expired).
+    pub async fn get(&self, owner: &str, id: &str) -> Result<Option<JobView>, SubmitError> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.get(owner, id)),
+            Backend::Redis(r) => r.get(owner, id).await,
+        }
+    }
+
+    /// Cancels a queued job at once, or asks its worker to stop a running one.
+    pub async fn cancel(&self, owner: &str, id: &str) -> Result<Option<JobView>, SubmitError> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.cancel(owner, id)),
+            Backend::Redis(r) => r.cancel(owner, id).await,
+        }
+    }
+
+    /// The job's state now, and its changes from here.
+    pub async fn subscribe(
+        &self,
+        owner: &str,
+        id: &str,
+    ) -> Result<Option<(JobView, String, Subscription)>, SubmitError> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m
+                .subscribe(owner, id)
+                .map(|(v, text, s)| (v, text, Subscription::Memory(s)))),
+            Backend::Redis(r) => Ok(r
+                .subscribe(owner, id)
+                .await?
+                .map(|(v, text, s)| (v, text, Subscription::Redis(s)))),
+        }
+    }
+
+    pub(crate) fn register(&self, token: &str, principal: Arc<Principal>) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.to_string(), principal);
+        self.running.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn unregister(&self, token: &str) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(token);
+        self.running.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The key a worker's internal request runs as, by its token.
+    pub fn by_token(&self, token: &str) -> Option<Arc<Principal>> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .cloned()
+    }
+
+    /// Stops taking jobs (graceful shutdown).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// Refreshes what `/health` and the queue gauge show; drops expired results (memory).
+    pub async fn refresh(&self) {
+        let depth = match &self.backend {
+            Backend::Memory(m) => {
+                m.sweep(self.settings.result_ttl);
+                Ok(m.queued() as i64)
+            }
+            Backend::Redis(r) => r.depth().await,
+        };
+        match depth {
+            Ok(d) => {
+                self.depth.store(d, Ordering::Relaxed);
+                self.connected.store(true, Ordering::Relaxed);
+                self.metrics.jobs_queued.set(d);
+            }
+            Err(_) => self.connected.store(false, Ordering::Relaxed),
+        }
+    }
+
+    /// `/health`'s `jobs` object.
+    pub fn health(&self) -> Value {
+        json!({
+            "backend": self.backend(),
+            "redis_connected": match self.backend {
+                Backend::Redis(_) => Value::Bool(self.connected.load(Ordering::Relaxed)),
+                Backend::Memory(_) => Value::Null,
+            },
+            "queue_depth": self.depth.load(Ordering::Relaxed).max(0),
+            "running": self.running(),
+            "workers": self.settings.workers,
+        })
+    }
+}
+
+/// A watcher of one job.
+pub enum Subscription {
+    Memory(memory::MemorySub),
+    Redis(redis::RedisSub),
+}
+
+impl Subscription {
+    /// The next change; `None` when no more will come (the job ended or disappeared).
+    /// Waits at most `idle` (then `Some(None)`: nothing happened, e.g. time for a keep-alive).
+    pub async fn next(&mut self, idle: Duration) -> Option<Option<Update>> {
+        match self {
+            Subscription::Memory(s) => s.next(idle).await,
+            Subscription::Redis(s) => s.next(idle).await,
+        }
+    }
+}
+
+/// `job_` and 24 random base32 characters.
+fn new_job_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut id = String::with_capacity(28);
+    id.push_str("job_");
+    for _ in 0..24 {
+        id.push(ALPHABET[fastrand::usize(..ALPHABET.len())] as char);
+    }
+    id
+}
