@@ -243,6 +243,8 @@ pub async fn follow(
     // The length is not known until the leader's answer ends.
     let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
     let _ = resp.insert_header("x-lumen-provider", head.provider.as_str());
+    // A shared answer still being written: as fresh as an answer gets.
+    let _ = resp.insert_header("age", 0);
     add_headers(&mut resp, &ctx.response_headers);
     ctx.provider = Some(head.provider.clone());
     ctx.stream = head.sse;
