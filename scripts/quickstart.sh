@@ -15,10 +15,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The admin console and API docs' front-end packages (npm; skipped when installed).
+scripts/ui-assets.sh
+
 echo "== building lumen and lumen-llama (release; the first build takes ~15 minutes on 2 cores)"
 cargo build --release -p lumen -p lumen-llama
 
 target/release/lumen-llama fetch-model smollm2 --dir models
 
-echo "== serving on http://127.0.0.1:8080/v1 (model: smollm2); metrics on http://127.0.0.1:9090/metrics"
+echo "== serving on http://127.0.0.1:8080/v1 (model: smollm2); console on http://127.0.0.1:9090/ui, API docs on http://127.0.0.1:9090/docs"
 exec target/release/lumen serve --config conf/lumen.yaml

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing Lumen needs, only where it is missing, so a second run is
 # quick and needs no network: Debian packages (cmake/clang for Pingora's zlib-ng and llama.cpp,
-# redis-server, curl, openssl, nginx for the benchmark), promtool (taken out of Debian's
-# `prometheus` package into .tools/, so no Prometheus server is installed or started), and the
-# Python venv (.venv) with the openai SDK and pytest pinned in tests/python/requirements.txt.
+# redis-server, curl, openssl, nginx for the benchmark, chromium and Node.js for the admin
+# pages' browser test), promtool (taken out of Debian's `prometheus` package into .tools/, so no
+# Prometheus server is installed or started), the admin pages' front-end packages (Swagger UI,
+# ReDoc, uPlot; npm, pinned in src/admin/ui/package-lock.json), and the Python venv (.venv) with
+# the openai SDK, pytest and schemathesis pinned in tests/python/requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(cmake clang libclang-dev pkg-config redis-server curl openssl nginx-light)
+packages=(cmake clang libclang-dev pkg-config redis-server curl openssl nginx-light chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -21,6 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   # nginx is only a benchmark reference: never leave the distribution's instance running.
   $SUDO systemctl disable --now nginx >/dev/null 2>&1 || $SUDO service nginx stop >/dev/null 2>&1 || true
 fi
+
+scripts/ui-assets.sh
 
 if [ ! -x .tools/promtool ]; then
   echo "== extracting promtool from Debian's prometheus package"

@@ -1,12 +1,24 @@
-//! The admin listener (loopback by default): `/metrics` for Prometheus, `/metrics/summary`,
-//! `/admin/providers` (every provider's health, circuit, latency, load, limits, last error and
-//! today's usage), `/admin/config` (the active config and the last reload) and `/admin/usage`
-//! (the usage ledger, filtered).
+//! The admin listener (loopback by default):
+//!
+//! - for machines: `/metrics` (Prometheus), `/metrics/summary`, `/admin/providers` (every
+//!   provider's health, circuit, latency, load, limits, last error and today's usage),
+//!   `/admin/config` (the active config and the last reload), `/admin/routes`, `/admin/usage`
+//!   (the usage ledger, filtered), `/admin/timeseries` (the last 15 minutes of traffic) and
+//!   `/openapi.json`;
+//! - for people: `/ui` (the console), `/docs` (Swagger UI) and `/redoc` (ReDoc), whose
+//!   front-end packages are read from disk ([`assets`]), never from a CDN.
 //!
 //! It is a separate Pingora service so that scrapes never share a port, a limit or a failure
 //! mode with client traffic. With `admin_key:` set every request must present it (config
 //! validation requires one when the listener is not on loopback); the key is read from the live
-//! snapshot, so rotating it is a reload.
+//! snapshot, so rotating it is a reload. Browsers present it as a Basic password, which they
+//! ask for themselves.
+
+mod assets;
+mod history;
+pub mod openapi;
+pub mod reports;
+mod ui;
 
 use std::sync::Arc;
 
@@ -14,12 +26,15 @@ use async_trait::async_trait;
 use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use serde::Serialize;
 
 use arc_swap::ArcSwap;
 
+pub use history::{History, Sampler, Timeseries};
+
 use crate::config::Snapshot;
 use crate::health::HealthTable;
-use crate::ledger::{Day, Filter, Ledger, Report, MAX_QUERY_DAYS};
+use crate::ledger::{Day, Filter, Ledger, MAX_QUERY_DAYS};
 use crate::metrics::Metrics;
 use crate::reload::ReloadState;
 
@@ -30,17 +45,48 @@ pub struct AdminApp {
     pub health: Arc<HealthTable>,
     pub reload: Arc<ReloadState>,
     pub ledger: Arc<Ledger>,
+    pub history: Arc<History>,
 }
 
-fn json_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Reply {
-    (
-        status,
-        "application/json",
-        lumen_plugins::error_body(message, kind, code),
-    )
+/// One admin answer.
+pub(crate) struct Reply {
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+    headers: Vec<(header::HeaderName, String)>,
 }
 
-type Reply = (StatusCode, &'static str, Vec<u8>);
+impl Reply {
+    fn new(status: StatusCode, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
+        Reply {
+            status,
+            content_type,
+            body: body.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn json<T: Serialize>(value: &T) -> Reply {
+        Reply::new(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(value).unwrap_or_default(),
+        )
+    }
+
+    fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Reply {
+        Reply::new(
+            status,
+            "application/json",
+            lumen_plugins::error_body(message, kind, code),
+        )
+    }
+
+    fn header(mut self, name: header::HeaderName, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
 
 #[async_trait]
 impl ServeHttp for AdminApp {
@@ -48,84 +94,101 @@ impl ServeHttp for AdminApp {
         let head = session.req_header();
         let path = head.uri.path().to_string();
         let query = head.uri.query().unwrap_or("").to_string();
+        let host = head
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string);
         let config = self.config.load_full();
         let allowed = config
             .admin_key
             .as_ref()
             .is_none_or(|key| key.admits(&head.headers));
-        let (status, content_type, body) = if !allowed {
-            json_error(
+        let reply = if !allowed {
+            Reply::error(
                 StatusCode::UNAUTHORIZED,
-                "the admin listener needs the admin key (Authorization: Bearer <admin_key>)",
+                "the admin listener needs the admin key (Authorization: Bearer <admin_key>, or as the Basic password)",
                 "invalid_request_error",
                 "invalid_api_key",
             )
+            // Browsers then ask for it (any user name, the key as the password).
+            .header(header::WWW_AUTHENTICATE, "Basic realm=\"lumen admin\", charset=\"UTF-8\"")
         } else if head.method != http::Method::GET && head.method != http::Method::HEAD {
-            json_error(
+            Reply::error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "the admin API is read-only: use GET",
                 "invalid_request_error",
                 "method_not_allowed",
             )
         } else {
-            match path.as_str() {
-                "/metrics" => {
-                    self.collect_provider_load(&config);
-                    (
-                        StatusCode::OK,
-                        "text/plain; version=0.0.4",
-                        self.metrics.render().into_bytes(),
-                    )
-                }
-                "/metrics/summary" => (StatusCode::OK, "application/json", self.metrics.summary()),
-                "/admin/config" => (
-                    StatusCode::OK,
-                    "application/json",
-                    config_report(&config, &self.reload),
-                ),
-                "/admin/providers" => {
-                    let today = self.ledger.query(&Filter::default()).await;
-                    (
-                        StatusCode::OK,
-                        "application/json",
-                        providers_report(&config, &self.health, &today),
-                    )
-                }
-                "/admin/routes" => (StatusCode::OK, "application/json", routes_report(&config)),
-                "/admin/usage" => match parse_filter(&query) {
-                    Ok(filter) => {
-                        let report = self.ledger.query(&filter).await;
-                        (
-                            StatusCode::OK,
-                            "application/json",
-                            usage_report(&report, self.ledger.backend()),
-                        )
-                    }
-                    Err(message) => json_error(
-                        StatusCode::BAD_REQUEST,
-                        &message,
-                        "invalid_request_error",
-                        "invalid_parameter",
-                    ),
-                },
-                _ => json_error(
-                    StatusCode::NOT_FOUND,
-                    "unknown admin endpoint",
-                    "invalid_request_error",
-                    "unknown_url",
-                ),
-            }
+            self.route(&path, &query, host.as_deref(), &config).await
         };
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, content_type)
-            .header(header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .unwrap_or_default()
+        let mut builder = Response::builder()
+            .status(reply.status)
+            .header(header::CONTENT_TYPE, reply.content_type)
+            .header(header::CONTENT_LENGTH, reply.body.len())
+            .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+        for (name, value) in reply.headers {
+            builder = builder.header(name, value);
+        }
+        builder.body(reply.body).unwrap_or_default()
     }
 }
 
 impl AdminApp {
+    async fn route(&self, path: &str, query: &str, host: Option<&str>, config: &Snapshot) -> Reply {
+        match path {
+            "/metrics" => {
+                self.collect_provider_load(config);
+                Reply::new(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(),
+                )
+            }
+            "/metrics/summary" => Reply::json(&self.metrics.summary()),
+            "/admin/config" => Reply::json(&reports::config(config, &self.reload)),
+            "/admin/providers" => {
+                let today = self.ledger.query(&Filter::default()).await;
+                Reply::json(&reports::providers(config, &self.health, &today))
+            }
+            "/admin/routes" => Reply::json(&reports::routes(config)),
+            "/admin/usage" => match parse_filter(query) {
+                Ok(filter) => {
+                    let report = self.ledger.query(&filter).await;
+                    Reply::json(&reports::usage(&report, self.ledger.backend()))
+                }
+                Err(message) => Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    &message,
+                    "invalid_request_error",
+                    "invalid_parameter",
+                ),
+            },
+            "/admin/timeseries" => match parse_since(query) {
+                Ok(since) => Reply::json(&self.history.since(since)),
+                Err(message) => Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    &message,
+                    "invalid_request_error",
+                    "invalid_parameter",
+                ),
+            },
+            "/openapi.json" => Reply::json(&openapi::document(config, host)),
+            "/" => Reply::new(StatusCode::FOUND, "text/plain", "see /ui\n")
+                .header(header::LOCATION, "/ui"),
+            _ => match ui::page(path, config.admin_assets.as_deref()).await {
+                Some(reply) => reply,
+                None => Reply::error(
+                    StatusCode::NOT_FOUND,
+                    "unknown admin endpoint (see /openapi.json, or /ui in a browser)",
+                    "invalid_request_error",
+                    "unknown_url",
+                ),
+            },
+        }
+    }
+
     /// Gauges read off the health table at scrape time rather than kept up to date per request.
     fn collect_provider_load(&self, config: &Snapshot) {
         for (name, p) in &config.providers {
@@ -142,142 +205,20 @@ impl AdminApp {
     }
 }
 
-/// Per provider: what routing knows about it now, and per model (as routes name them).
-fn providers_report(config: &Snapshot, health: &HealthTable, today: &Report) -> Vec<u8> {
-    let now = health.now_ms();
-    let mut names: Vec<&String> = config.providers.keys().collect();
-    names.sort();
-    let limit = |v: u64| (v != u64::MAX).then_some(v);
-    let providers: Vec<serde_json::Value> = names
-        .into_iter()
-        .map(|name| {
-            let p = &config.providers[name];
-            let s = health.get(name);
-            // Every model a route sends here, even before its first request.
-            for route in config.routes.routes() {
-                for t in route.targets.iter().filter(|t| &t.provider.name == name) {
-                    s.model(&t.health_key);
-                }
+/// `/admin/timeseries?since=<unix ms>` (default: everything kept).
+fn parse_since(query: &str) -> Result<u64, String> {
+    let mut since = 0;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("since", v) => {
+                since = v
+                    .parse()
+                    .map_err(|_| format!("`since` must be Unix milliseconds, got `{v}`"))?
             }
-            let models: Vec<serde_json::Value> = s
-                .models()
-                .into_iter()
-                .map(|(model, m)| {
-                    serde_json::json!({
-                        "model": model,
-                        "available": s.availability(&m, now, &p.circuit).err().map_or("yes", |why| why.label()),
-                        "circuit": {
-                            "state": m.circuit.state(now, &p.circuit).label(),
-                            "retry_in_ms": m.circuit.wait_ms(now, &p.circuit),
-                        },
-                        "latency_ewma_ms": m.latency().map(|d| d.as_secs_f64() * 1000.0),
-                        "rate_limited_for_ms": m.skipped_ms(now),
-                    })
-                })
-                .collect();
-            let mut usage_today = crate::ledger::Counts::default();
-            for (_, c) in today.rows.iter().filter(|(k, _)| &*k.provider == name.as_str()) {
-                usage_today.add(c);
-            }
-            serde_json::json!({
-                "name": name,
-                "probe": {
-                    "state": s.probe_state().label(),
-                    "enabled": p.probe.is_some(),
-                    "path": p.probe.as_ref().and_then(|pr| pr.path.clone()),
-                    "interval_ms": p.probe.as_ref().map(|pr| pr.interval.as_millis() as u64),
-                },
-                "in_flight": s.in_flight(),
-                "capacity": s.capacity(p.max_in_flight),
-                "quota": {
-                    "requests_left": limit(s.quota_requests_left.load(std::sync::atomic::Ordering::Relaxed)),
-                    "tokens_left": limit(s.quota_tokens_left.load(std::sync::atomic::Ordering::Relaxed)),
-                    "exhausted_for_ms": s.quota_wait_ms(now),
-                },
-                "last_error": s.last_error().map(|(message, at)| serde_json::json!({
-                    "message": message,
-                    "at_unix_ms": at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-                })),
-                "models": models,
-                "usage_today": usage_today,
-            })
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({ "providers": providers })).unwrap_or_default()
-}
-
-fn unix_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The active config and the last reload's outcome.
-fn config_report(config: &Snapshot, reload: &ReloadState) -> Vec<u8> {
-    let last = reload.last().map(|r| {
-        serde_json::json!({
-            "at_unix_ms": unix_ms(r.at),
-            "trigger": r.trigger,
-            "result": if r.error.is_some() { "error" } else { "ok" },
-            "error": r.error,
-        })
-    });
-    serde_json::to_vec(&serde_json::json!({
-        "path": config.source.path,
-        "hash": config.source.hash,
-        "loaded_at_unix_ms": unix_ms(config.source.loaded_at),
-        "routes": config.routes.routes().count(),
-        "providers": config.providers.len(),
-        "last_reload": last,
-    }))
-    .unwrap_or_default()
-}
-
-/// Every route: its strategy, targets (provider and model) and whether it caches.
-fn routes_report(config: &Snapshot) -> Vec<u8> {
-    let routes: Vec<serde_json::Value> = config
-        .routes
-        .routes()
-        .map(|r| {
-            let targets: Vec<serde_json::Value> = r
-                .targets
-                .iter()
-                .map(|t| {
-                    let model = t
-                        .model_json
-                        .as_ref()
-                        .and_then(|m| serde_json::from_slice::<String>(m).ok());
-                    serde_json::json!({
-                        "provider": t.provider.name,
-                        "model": model.unwrap_or_else(|| "(as asked)".into()),
-                        "weight": t.weight,
-                    })
-                })
-                .collect();
-            serde_json::json!({
-                "model": r.name,
-                "strategy": strategy_label(&format!("{:?}", r.strategy)),
-                "targets": targets,
-                "cache": r.cache.is_some(),
-            })
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({ "routes": routes })).unwrap_or_default()
-}
-
-/// `RoundRobin` → `round_robin`, as the config spells it.
-fn strategy_label(debug: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
+            (other, _) => return Err(format!("unknown parameter `{other}` (filters: since)")),
         }
     }
-    out
+    Ok(since)
 }
 
 /// `/admin/usage?key=&provider=&model=&from=YYYY-MM-DD&to=YYYY-MM-DD` (days inclusive, UTC;
@@ -341,39 +282,6 @@ fn percent_decode(value: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-/// The rows and their total.
-fn usage_report(report: &Report, backend: &str) -> Vec<u8> {
-    let mut total = crate::ledger::Counts::default();
-    let rows: Vec<serde_json::Value> = report
-        .rows
-        .iter()
-        .map(|(k, c)| {
-            total.add(c);
-            let mut row = serde_json::json!({
-                "day": k.day.to_string(),
-                "key": &*k.key,
-                "provider": &*k.provider,
-                "model": &*k.model,
-            });
-            if let (Some(obj), Ok(serde_json::Value::Object(counts))) =
-                (row.as_object_mut(), serde_json::to_value(c))
-            {
-                obj.extend(counts);
-            }
-            row
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({
-        "from": report.from.to_string(),
-        "to": report.to.to_string(),
-        "backend": backend,
-        "store_error": report.store_error,
-        "rows": rows,
-        "total": total,
-    }))
-    .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -116,10 +116,12 @@ pub fn proxy_service(
     Ok(service)
 }
 
-/// The admin service (`/metrics`, `/admin/providers`) on the snapshot's admin address.
+/// The admin service (`/metrics`, `/admin/*`, `/openapi.json`, `/ui`, `/docs`) on the
+/// snapshot's admin address. `history` is what [`traffic_sampler`] fills for the console.
 pub fn admin_service(
     gateway: &Gateway,
     reload: Arc<reload::ReloadState>,
+    history: Arc<admin::History>,
 ) -> impl pingora::services::ServiceWithDependents {
     let snapshot = gateway.config.load_full();
     let mut service = Service::new(
@@ -130,10 +132,25 @@ pub fn admin_service(
             health: gateway.health(),
             reload,
             ledger: gateway.ledger(),
+            history,
         }),
     );
     service.add_tcp(&snapshot.admin_listen);
     service
+}
+
+/// The background service that keeps the last minutes of traffic for `/admin/timeseries`.
+pub fn traffic_sampler(
+    gateway: &Gateway,
+    history: Arc<admin::History>,
+) -> impl pingora::services::ServiceWithDependents {
+    pingora::services::background::background_service(
+        "lumen traffic sampler",
+        admin::Sampler {
+            history,
+            metrics: gateway.metrics.clone(),
+        },
+    )
 }
 
 /// The background service that probes every provider of the live config.
@@ -215,7 +232,13 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     let gateway_metrics = metrics.clone();
     let gateway = Gateway::new(live, metrics);
     let reload_state = Arc::new(reload::ReloadState::default());
-    let admin = (!worker_only).then(|| admin_service(&gateway, reload_state.clone()));
+    let history = Arc::new(admin::History::default());
+    let admin = (!worker_only).then(|| {
+        (
+            admin_service(&gateway, reload_state.clone(), history.clone()),
+            traffic_sampler(&gateway, history),
+        )
+    });
     let prober = health_prober(&gateway);
     let flusher = usage_flusher(&gateway);
     let reloader = pingora::services::background::background_service(
@@ -253,8 +276,9 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             },
         ));
     }
-    if let Some(admin) = admin {
+    if let Some((admin, sampler)) = admin {
         server.add_service(admin);
+        server.add_service(sampler);
     }
     server.add_service(prober);
     server.add_service(flusher);

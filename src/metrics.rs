@@ -3,6 +3,8 @@
 //! Labels are bounded: route names come from the config (never the client's raw model string),
 //! providers from the config, statuses from a fixed set, endpoints from a fixed set.
 
+use std::collections::BTreeMap;
+
 use prometheus::{
     exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -341,11 +343,11 @@ fn sum_by(
     families: &[prometheus::proto::MetricFamily],
     name: &str,
     label: Option<&str>,
-) -> serde_json::Map<String, serde_json::Value> {
-    let mut out: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+) -> BTreeMap<String, u64> {
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
     for family in families.iter().filter(|f| f.name() == name) {
         for m in family.get_metric() {
-            let value = m.get_counter().get_value();
+            let value = m.get_counter().get_value() as u64;
             let key = match label {
                 None => "total".to_string(),
                 Some(label) => m
@@ -357,9 +359,7 @@ fn sum_by(
             *out.entry(key).or_default() += value;
         }
     }
-    out.into_iter()
-        .map(|(k, v)| (k, serde_json::json!(v as u64)))
-        .collect()
+    out
 }
 
 /// Estimated quantile (seconds) of a histogram family, all label sets merged: the upper bound
@@ -391,49 +391,80 @@ fn quantile(families: &[prometheus::proto::MetricFamily], name: &str, q: f64) ->
         .map(|(ub, _)| ub)
 }
 
+/// `GET /metrics/summary`: the essentials of `/metrics` as compact JSON for humans. Counts
+/// since the process started; quantiles are the upper bound of the bucket they fall in.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    pub requests: RequestSummary,
+    pub latency_ms: Quantiles,
+    pub time_to_first_token_ms: Quantiles,
+    pub gateway_overhead_us: Quantiles,
+    /// By kind (`prompt`, `completion`).
+    pub tokens: BTreeMap<String, u64>,
+    /// By result (`hit`, `miss`, `coalesced`, `bypass`).
+    pub cache: BTreeMap<String, u64>,
+    /// By reason.
+    pub rate_limited: BTreeMap<String, u64>,
+    pub upstream: UpstreamSummary,
+    /// By result (`ok`, `error`).
+    pub config_reloads: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RequestSummary {
+    pub total: u64,
+    pub by_status: BTreeMap<String, u64>,
+    pub by_route: BTreeMap<String, u64>,
+    pub in_flight: i64,
+}
+
+/// Absent (null) before the first observation.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Quantiles {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UpstreamSummary {
+    /// By outcome.
+    pub attempts: BTreeMap<String, u64>,
+    pub retries: u64,
+    pub fallbacks: u64,
+}
+
 impl Metrics {
-    /// `/metrics/summary`: the essentials as compact JSON for humans.
-    pub fn summary(&self) -> Vec<u8> {
+    /// `/metrics/summary`.
+    pub fn summary(&self) -> Summary {
         let f = self.registry.gather();
-        let total = |name: &str| {
-            sum_by(&f, name, None)
-                .get("total")
-                .cloned()
-                .unwrap_or(serde_json::json!(0))
+        let total = |name: &str| sum_by(&f, name, None).get("total").copied().unwrap_or(0);
+        let ms = |name: &str| Quantiles {
+            p50: quantile(&f, name, 0.5).map(|s| (s * 1000.0 * 1000.0).round() / 1000.0),
+            p99: quantile(&f, name, 0.99).map(|s| (s * 1000.0 * 1000.0).round() / 1000.0),
         };
-        let ms = |name: &str, q: f64| {
-            quantile(&f, name, q).map(|s| (s * 1000.0 * 1000.0).round() / 1000.0)
+        let us = |name: &str| Quantiles {
+            p50: quantile(&f, name, 0.5).map(|s| (s * 1e6).round()),
+            p99: quantile(&f, name, 0.99).map(|s| (s * 1e6).round()),
         };
-        let us = |name: &str, q: f64| quantile(&f, name, q).map(|s| (s * 1e6).round());
-        serde_json::to_vec(&serde_json::json!({
-            "requests": {
-                "total": total("lumen_requests_total"),
-                "by_status": sum_by(&f, "lumen_requests_total", Some("status")),
-                "by_route": sum_by(&f, "lumen_requests_total", Some("route")),
-                "in_flight": self.in_flight.get(),
+        Summary {
+            requests: RequestSummary {
+                total: total("lumen_requests_total"),
+                by_status: sum_by(&f, "lumen_requests_total", Some("status")),
+                by_route: sum_by(&f, "lumen_requests_total", Some("route")),
+                in_flight: self.in_flight.get(),
             },
-            "latency_ms": {
-                "p50": ms("lumen_request_duration_seconds", 0.5),
-                "p99": ms("lumen_request_duration_seconds", 0.99),
+            latency_ms: ms("lumen_request_duration_seconds"),
+            time_to_first_token_ms: ms("lumen_time_to_first_token_seconds"),
+            gateway_overhead_us: us("lumen_gateway_overhead_seconds"),
+            tokens: sum_by(&f, "lumen_tokens_total", Some("kind")),
+            cache: sum_by(&f, "lumen_cache_requests_total", Some("result")),
+            rate_limited: sum_by(&f, "lumen_rate_limited_total", Some("reason")),
+            upstream: UpstreamSummary {
+                attempts: sum_by(&f, "lumen_upstream_attempts_total", Some("outcome")),
+                retries: total("lumen_retries_total"),
+                fallbacks: total("lumen_fallbacks_total"),
             },
-            "time_to_first_token_ms": {
-                "p50": ms("lumen_upstream_first_byte_seconds", 0.5),
-                "p99": ms("lumen_upstream_first_byte_seconds", 0.99),
-            },
-            "gateway_overhead_us": {
-                "p50": us("lumen_gateway_overhead_seconds", 0.5),
-                "p99": us("lumen_gateway_overhead_seconds", 0.99),
-            },
-            "tokens": sum_by(&f, "lumen_tokens_total", Some("kind")),
-            "cache": sum_by(&f, "lumen_cache_requests_total", Some("result")),
-            "rate_limited": sum_by(&f, "lumen_rate_limited_total", Some("reason")),
-            "upstream": {
-                "attempts": sum_by(&f, "lumen_upstream_attempts_total", Some("outcome")),
-                "retries": total("lumen_retries_total"),
-                "fallbacks": total("lumen_fallbacks_total"),
-            },
-            "config_reloads": sum_by(&f, "lumen_config_reloads_total", Some("result")),
-        }))
-        .unwrap_or_default()
+            config_reloads: sum_by(&f, "lumen_config_reloads_total", Some("result")),
+        }
     }
 }

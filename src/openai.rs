@@ -45,7 +45,7 @@ impl Endpoint {
     }
 
     /// The input field the endpoint cannot do without.
-    fn required_field(self) -> &'static str {
+    pub(crate) fn required_field(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "messages",
             Endpoint::Completions => "prompt",

@@ -2,8 +2,12 @@
 //! `/healthz`, `/readyz` and `/health` (no auth), and the model list built from the routing table (only
 //! the models the caller may use).
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use lumen_plugins::auth::Principal;
 
@@ -20,12 +24,92 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn json(status: StatusCode, value: serde_json::Value) -> Reply {
+    fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
         Reply {
             status,
-            body: Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+            body: Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
         }
     }
+}
+
+/// `GET /healthz`: the process answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Alive {
+    /// `ok`.
+    pub status: &'static str,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// `ready` (200) or `not_ready` (503).
+    pub status: &'static str,
+    /// The active config's hash.
+    pub config: String,
+    pub routes_not_ready: Vec<String>,
+}
+
+/// `GET /health`: the node at a glance.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthReport {
+    /// `ok`, `degraded` (some routes have no target that can take a request) or `unavailable`
+    /// (none has; 503).
+    pub status: &'static str,
+    pub version: &'static str,
+    /// The active config's hash.
+    pub config: String,
+    pub routes: RouteCounts,
+    pub redis: RedisHealth,
+    /// By provider name.
+    pub providers: BTreeMap<String, ProviderHealth>,
+    /// The models each local sidecar reports loaded, by provider name.
+    #[schema(value_type = Object)]
+    pub sidecar: BTreeMap<String, serde_json::Value>,
+    pub jobs: crate::jobs::JobsHealth,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RouteCounts {
+    pub total: u64,
+    pub ready: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RedisHealth {
+    pub configured: bool,
+    /// The last ping's outcome; absent when Redis is not configured, null before the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<bool>)]
+    pub connected: Option<Option<bool>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProviderHealth {
+    /// `up`, `unhealthy` or `quota_exhausted`.
+    pub status: &'static str,
+    /// `healthy`, `unhealthy` or `unknown` (not probed yet).
+    pub probe: &'static str,
+    /// Models whose circuit is open.
+    pub open_circuits: Vec<String>,
+    pub in_flight: u64,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    pub data: Vec<Model>,
+}
+
+/// A model name of the routing table (`GET /v1/models/{model}`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Model {
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
 }
 
 /// Probes answered before authentication: `Some` for `/healthz`, `/readyz` and `/health`.
@@ -47,7 +131,7 @@ pub fn answer_probe(
     }
     Some(Ok(match path {
         // Alive: the process answers.
-        "/healthz" => Reply::json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        "/healthz" => Reply::json(StatusCode::OK, &Alive { status: "ok" }),
         "/readyz" => readiness(config, health),
         _ => health_report(config, health, redis, jobs),
     }))
@@ -93,11 +177,11 @@ fn readiness(config: &Snapshot, health: &HealthTable) -> Reply {
     };
     Reply::json(
         status,
-        serde_json::json!({
-            "status": word,
-            "config": config.source.hash,
-            "routes_not_ready": not_ready,
-        }),
+        &Ready {
+            status: word,
+            config: config.source.hash.clone(),
+            routes_not_ready: not_ready.into_iter().map(str::to_string).collect(),
+        },
     )
 }
 
@@ -110,8 +194,8 @@ fn health_report(
     jobs: &crate::jobs::Jobs,
 ) -> Reply {
     let now = health.now_ms();
-    let mut providers = serde_json::Map::new();
-    let mut sidecars = serde_json::Map::new();
+    let mut providers = BTreeMap::new();
+    let mut sidecars = BTreeMap::new();
     let mut names: Vec<&String> = config.providers.keys().collect();
     names.sort();
     for name in names {
@@ -130,12 +214,12 @@ fn health_report(
             .collect();
         providers.insert(
             name.clone(),
-            serde_json::json!({
-                "status": status,
-                "probe": state.probe_state().label(),
-                "open_circuits": open,
-                "in_flight": state.in_flight(),
-            }),
+            ProviderHealth {
+                status,
+                probe: state.probe_state().label(),
+                open_circuits: open,
+                in_flight: u64::from(state.in_flight()),
+            },
         );
         if let Some(detail) = state.probe_detail.load_full() {
             if let Some(models) = detail.get("models").filter(|m| m.is_object()) {
@@ -162,19 +246,22 @@ fn health_report(
         } else {
             StatusCode::OK
         },
-        serde_json::json!({
-            "status": word,
-            "version": env!("CARGO_PKG_VERSION"),
-            "config": config.source.hash,
-            "routes": {"total": routes_total, "ready": routes_ready},
-            "redis": match redis {
-                None => serde_json::json!({"configured": false}),
-                Some(connected) => serde_json::json!({"configured": true, "connected": connected}),
+        &HealthReport {
+            status: word,
+            version: env!("CARGO_PKG_VERSION"),
+            config: config.source.hash.clone(),
+            routes: RouteCounts {
+                total: routes_total as u64,
+                ready: routes_ready as u64,
             },
-            "providers": providers,
-            "sidecar": sidecars,
-            "jobs": jobs.health(),
-        }),
+            redis: RedisHealth {
+                configured: redis.is_some(),
+                connected: redis,
+            },
+            providers,
+            sidecar: sidecars,
+            jobs: jobs.health(),
+        },
     )
 }
 
@@ -197,15 +284,15 @@ pub fn answer(
     Some(match path {
         "/v1/models" => Ok(Reply::json(
             StatusCode::OK,
-            serde_json::json!({
-                "object": "list",
-                "data": visible.map(model_object).collect::<Vec<_>>(),
-            }),
+            &ModelList {
+                object: "list",
+                data: visible.map(model_object).collect(),
+            },
         )),
         _ => {
             let id = &path["/v1/models/".len()..];
             match visible.find(|m| *m == id) {
-                Some(m) => Ok(Reply::json(StatusCode::OK, model_object(m))),
+                Some(m) => Ok(Reply::json(StatusCode::OK, &model_object(m))),
                 None => Err(GatewayError::ModelNotFound(id.to_string())),
             }
         }
@@ -222,6 +309,11 @@ fn only_get(method: &Method, path: &str) -> Result<(), GatewayError> {
     })
 }
 
-fn model_object(id: &str) -> serde_json::Value {
-    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "lumen"})
+fn model_object(id: &str) -> Model {
+    Model {
+        id: id.to_string(),
+        object: "model",
+        created: 0,
+        owned_by: "lumen",
+    }
 }

@@ -25,6 +25,11 @@ pub struct RawConfig {
     /// is not a loopback address.
     #[serde(default)]
     pub admin_key: Option<lumen_plugins::auth::AdminKeyConfig>,
+    /// The `node_modules` folder holding swagger-ui-dist, redoc and uplot for `/docs`, `/redoc`
+    /// and `/ui` (relative to this file). Default: the build tree's `src/admin/ui/node_modules`
+    /// next to the binary, then `/usr/share/lumen/node_modules`.
+    #[serde(default)]
+    pub admin_assets: Option<String>,
     /// Usage accounting per key, provider, model and day.
     #[serde(default)]
     pub usage: RawUsage,

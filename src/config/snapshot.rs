@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub admin_listen: String,
     /// Required on admin requests when set.
     pub admin_key: Option<lumen_plugins::auth::AdminKey>,
+    /// Where the admin pages' front-end packages are, when configured (else searched).
+    pub admin_assets: Option<PathBuf>,
     /// Usage accounting (read at start-up, except `flush_interval`).
     pub usage: UsageSettings,
     /// Async jobs (queue size and workers are read at start-up).
@@ -318,6 +320,12 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         listeners,
         admin_listen: raw.admin_listen,
         admin_key,
+        admin_assets: raw.admin_assets.as_deref().map(|dir| {
+            std::path::Path::new(&source.path)
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(dir)
+        }),
         usage,
         jobs,
         limits: Limits {

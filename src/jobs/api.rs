@@ -15,6 +15,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::shapes::{
+    ChatJob, ErrorDetail, GenerateBody, Generated, JobEndpoint, JobFailed, StillRunning, SubmitJob,
+    TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
+};
 use super::{JobSettings, JobView, Jobs, Status, Update};
 use crate::config::Snapshot;
 use crate::error::{GatewayError, RequestError};
@@ -148,128 +152,127 @@ pub async fn answer(
     };
     match call {
         Call::Submit => {
-            let v = json_body(body)?;
-            let endpoint = match v["endpoint"].as_str() {
-                Some("/v1/chat/completions") => Endpoint::ChatCompletions,
-                Some("/v1/completions") => Endpoint::Completions,
-                Some("/v1/embeddings") => Endpoint::Embeddings,
-                _ => return Err(GatewayError::BadJob(
-                    "`endpoint` must be /v1/chat/completions, /v1/completions or /v1/embeddings"
-                        .into(),
-                )),
+            let req: SubmitJob = typed_body(body, "POST /v1/jobs takes {\"endpoint\", \"body\", \"job_id\"?} with `endpoint` one of /v1/chat/completions, /v1/completions, /v1/embeddings")?;
+            let endpoint = match req.endpoint {
+                JobEndpoint::ChatCompletions => Endpoint::ChatCompletions,
+                JobEndpoint::Completions => Endpoint::Completions,
+                JobEndpoint::Embeddings => Endpoint::Embeddings,
             };
-            let client_id = job_id(&v["job_id"])?;
-            let (view, fresh) = submit(
-                jobs,
-                config,
-                principal,
-                endpoint,
-                v["body"].clone(),
-                client_id,
-            )
-            .await?;
+            let client_id = job_id(req.job_id)?;
+            let (view, fresh) =
+                submit(jobs, config, principal, endpoint, req.body, client_id).await?;
             Ok(Answer::Json(
                 if fresh {
                     StatusCode::ACCEPTED
                 } else {
                     StatusCode::OK
                 },
-                view.native(),
+                to_json(&view.native()),
             ))
         }
-        Call::Get(id) => Ok(Answer::Json(StatusCode::OK, find(id).await?.native())),
+        Call::Get(id) => Ok(Answer::Json(
+            StatusCode::OK,
+            to_json(&find(id).await?.native()),
+        )),
         Call::Events(id) => Ok(Answer::Events(find(id).await?.id, Style::Native)),
         Call::Cancel(id) => match jobs.cancel(owner, &id).await? {
-            Some(view) => Ok(Answer::Json(StatusCode::OK, view.native())),
+            Some(view) => Ok(Answer::Json(StatusCode::OK, to_json(&view.native()))),
             None => Err(GatewayError::JobNotFound(id)),
         },
         Call::Generate | Call::ChatCompletion => {
-            let v = json_body(body)?;
-            let shape_b = call == Call::ChatCompletion
-                || (v.get("meta").is_some() && v.get("content").is_some());
-            if shape_b && jobs.settings.shape_b {
-                let text_input = if call == Call::ChatCompletion {
-                    match &v["messages"] {
-                        m @ Value::Array(_) => m.clone(),
-                        _ => {
-                            return Err(GatewayError::BadJob("`messages` must be an array".into()))
+            let neither = "POST /generate takes either {\"prompt\", \"max_tokens\"?, \"temperature\"?, \"top_p\"?, \"user_id\"?, \"model\"?} or {\"job_id\", \"meta\": {…}, \"content\"}";
+            let (messages, meta, client_id) = if call == Call::ChatCompletion {
+                let req: ChatJob = typed_body(
+                    body,
+                    "POST /chat_completion takes {\"job_id\", \"meta\": {…}, \"messages\": [...]}",
+                )?;
+                (Value::Array(req.messages), req.meta, req.job_id)
+            } else {
+                match typed_body::<GenerateBody>(body, neither)? {
+                    GenerateBody::ShapeB(req) if jobs.settings.shape_b => (
+                        json!([{"role": "user", "content": req.content}]),
+                        req.meta,
+                        req.job_id,
+                    ),
+                    GenerateBody::ShapeA(req) if jobs.settings.shape_a => {
+                        let model = model_of(req.model.as_deref(), &jobs.settings)?;
+                        let mut chat = json!({
+                            "model": model,
+                            "messages": [{"role": "user", "content": req.prompt}],
+                            "max_tokens": req.max_tokens,
+                            "temperature": req.temperature,
+                            "top_p": req.top_p,
+                        });
+                        if let Some(user) = req.user_id {
+                            chat["user"] = json!(user);
                         }
+                        let (view, _) = submit(
+                            jobs,
+                            config,
+                            principal,
+                            Endpoint::ChatCompletions,
+                            chat,
+                            None,
+                        )
+                        .await?;
+                        return Ok(Answer::Json(
+                            StatusCode::ACCEPTED,
+                            to_json(&TaskStatus {
+                                status: TaskState::Queued,
+                                task_id: view.id,
+                                message: "Task queued for processing".into(),
+                            }),
+                        ));
                     }
-                } else {
-                    match v["content"].as_str() {
-                        Some(c) => json!([{"role": "user", "content": c}]),
-                        None => {
-                            return Err(GatewayError::BadJob("`content` must be a string".into()))
-                        }
-                    }
-                };
-                let meta = &v["meta"];
-                let model = model_of(meta["model"].as_str(), &jobs.settings)?;
-                let mut chat = json!({
-                    "model": model,
-                    "messages": text_input,
-                    "temperature": meta.get("temperature").cloned().unwrap_or(json!(0.2)),
-                    "max_tokens": meta.get("tokens_limit").cloned().unwrap_or(json!(8096)),
-                });
-                if let Some(stop) = meta.get("stop_words").filter(|s| !s.is_null()) {
-                    chat["stop"] = stop.clone();
+                    _ => return Err(GatewayError::BadJob(neither.into())),
                 }
-                let client_id = job_id(&v["job_id"])?;
-                let (view, _) = submit(
-                    jobs,
-                    config,
-                    principal,
-                    Endpoint::ChatCompletions,
-                    chat,
-                    client_id,
-                )
-                .await?;
-                return Ok(Answer::Wait(view.id, jobs.settings.wait_timeout));
+            };
+            let model = model_of(meta.model.as_deref(), &jobs.settings)?;
+            let mut chat = json!({
+                "model": model,
+                "messages": messages,
+                "temperature": meta.temperature,
+                "max_tokens": meta.tokens_limit,
+            });
+            if let Some(stop) = meta.stop_words {
+                chat["stop"] = json!(stop);
             }
-            if v.get("prompt").is_some() && jobs.settings.shape_a && call == Call::Generate {
-                let prompt = v["prompt"]
-                    .as_str()
-                    .ok_or_else(|| GatewayError::BadJob("`prompt` must be a string".into()))?;
-                let model = model_of(v["model"].as_str(), &jobs.settings)?;
-                let mut chat = json!({
-                    "model": model,
-                    "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": v.get("max_tokens").cloned().unwrap_or(json!(512)),
-                    "temperature": v.get("temperature").cloned().unwrap_or(json!(0.7)),
-                    "top_p": v.get("top_p").cloned().unwrap_or(json!(0.9)),
-                });
-                if let Some(user) = v["user_id"].as_str() {
-                    chat["user"] = json!(user);
-                }
-                let (view, _) = submit(
-                    jobs,
-                    config,
-                    principal,
-                    Endpoint::ChatCompletions,
-                    chat,
-                    None,
-                )
-                .await?;
-                return Ok(Answer::Json(
-                    StatusCode::ACCEPTED,
-                    json!({"status": "queued", "task_id": view.id, "message": "Task queued for processing"}),
-                ));
-            }
-            Err(GatewayError::BadJob(
-                "POST /generate takes either {\"prompt\", \"max_tokens\"?, \"temperature\"?, \"top_p\"?, \"user_id\"?, \"model\"?} or {\"job_id\", \"meta\": {…}, \"content\"}"
-                    .into(),
-            ))
+            let client_id = job_id(client_id)?;
+            let (view, _) = submit(
+                jobs,
+                config,
+                principal,
+                Endpoint::ChatCompletions,
+                chat,
+                client_id,
+            )
+            .await?;
+            Ok(Answer::Wait(view.id, jobs.settings.wait_timeout))
         }
         Call::Status(id) => Ok(Answer::Json(
             StatusCode::OK,
-            shape_a_status(&find(id).await?),
+            to_json(&shape_a_status(&find(id).await?)),
         )),
         Call::Result(id) => Ok(Answer::Json(
             StatusCode::OK,
-            shape_a_result(&find(id).await?),
+            to_json(&shape_a_result(&find(id).await?)),
         )),
         Call::Stream(id) => Ok(Answer::Events(find(id).await?.id, Style::ShapeA)),
     }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// The body as `T`: malformed JSON is `invalid_json`; JSON of the wrong shape is a 400 that
+/// says what was wrong and which shape is expected.
+fn typed_body<T: serde::de::DeserializeOwned>(
+    body: Option<Bytes>,
+    expected: &str,
+) -> Result<T, GatewayError> {
+    let v = json_body(body)?;
+    serde_json::from_value(v).map_err(|e| GatewayError::BadJob(format!("{expected}: {e}")))
 }
 
 fn json_body(body: Option<Bytes>) -> Result<Value, GatewayError> {
@@ -282,18 +285,18 @@ fn json_body(body: Option<Bytes>) -> Result<Value, GatewayError> {
 }
 
 /// A client-chosen id: 1 to 128 of `A-Z a-z 0-9 . _ : -`.
-fn job_id(v: &Value) -> Result<Option<String>, GatewayError> {
-    match v {
-        Value::Null => Ok(None),
-        Value::String(s)
+fn job_id(id: Option<String>) -> Result<Option<String>, GatewayError> {
+    match id {
+        None => Ok(None),
+        Some(s)
             if !s.is_empty()
                 && s.len() <= 128
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b)) =>
         {
-            Ok(Some(s.clone()))
+            Ok(Some(s))
         }
-        _ => Err(GatewayError::BadJob(
+        Some(_) => Err(GatewayError::BadJob(
             "`job_id` must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'".into(),
         )),
     }
@@ -342,15 +345,6 @@ async fn submit(
     Ok(jobs.submit(principal, endpoint, body, client_id).await?)
 }
 
-fn shape_a_label(status: Status) -> &'static str {
-    match status {
-        Status::Queued => "queued",
-        Status::Processing => "processing",
-        Status::Completed => "completed",
-        Status::Failed | Status::Cancelled => "error",
-    }
-}
-
 fn shape_a_default_message(status: Status) -> &'static str {
     match status {
         Status::Queued => "Task is waiting in the queue",
@@ -367,25 +361,37 @@ fn shape_a_message(view: &JobView) -> String {
     }
 }
 
-fn shape_a_status(view: &JobView) -> Value {
-    json!({"status": shape_a_label(view.status), "task_id": view.id, "message": shape_a_message(view)})
+fn shape_a_status(view: &JobView) -> TaskStatus {
+    TaskStatus {
+        status: view.status.into(),
+        task_id: view.id.clone(),
+        message: shape_a_message(view),
+    }
 }
 
-fn shape_a_result(view: &JobView) -> Value {
+fn shape_a_result(view: &JobView) -> TaskAnswer {
     match view.status {
-        Status::Completed => json!({
-            "status": "completed",
-            "task_id": view.id,
-            "result": view.text().unwrap_or_default(),
-            "metrics": view.metrics(),
+        Status::Completed => TaskAnswer::Completed(TaskResult {
+            status: TaskState::Completed,
+            task_id: view.id.clone(),
+            result: view.text().unwrap_or_default(),
+            metrics: view.metrics(),
         }),
-        Status::Failed | Status::Cancelled => json!({
-            "status": "error",
-            "task_id": view.id,
-            "error_message": view.error.as_ref().map_or("failed", |e| e.message.as_str()),
-            "error_type": view.error.as_ref().map_or("api_error", |e| e.kind.as_str()),
+        Status::Failed | Status::Cancelled => TaskAnswer::Error(TaskError {
+            status: TaskState::Error,
+            task_id: view.id.clone(),
+            error_message: view
+                .error
+                .as_ref()
+                .map_or("failed", |e| e.message.as_str())
+                .into(),
+            error_type: view
+                .error
+                .as_ref()
+                .map_or("api_error", |e| e.kind.as_str())
+                .into(),
         }),
-        _ => shape_a_status(view),
+        _ => TaskAnswer::Pending(shape_a_status(view)),
     }
 }
 
@@ -414,13 +420,23 @@ pub async fn wait(jobs: &Jobs, owner: &str, id: &str, timeout: Duration) -> (Sta
     let Some(view) = view else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": {"message": "the job store is unavailable", "type": "api_error", "param": null, "code": "unavailable"}, "job_id": id}),
+            to_json(&JobFailed {
+                error: ErrorDetail {
+                    message: "the job store is unavailable".into(),
+                    kind: "api_error".into(),
+                    param: None,
+                    code: Some("unavailable".into()),
+                },
+                job_id: id.into(),
+            }),
         );
     };
     match view.status {
         Status::Completed => (
             StatusCode::OK,
-            json!({"content": view.text().unwrap_or_default()}),
+            to_json(&Generated {
+                content: view.text().unwrap_or_default(),
+            }),
         ),
         Status::Failed | Status::Cancelled => {
             let e = view.error.clone().unwrap_or(super::JobError {
@@ -430,12 +446,24 @@ pub async fn wait(jobs: &Jobs, owner: &str, id: &str, timeout: Duration) -> (Sta
             });
             (
                 StatusCode::BAD_GATEWAY,
-                json!({"error": {"message": e.message, "type": e.kind, "param": null, "code": e.code}, "job_id": view.id}),
+                to_json(&JobFailed {
+                    error: ErrorDetail {
+                        message: e.message,
+                        kind: e.kind,
+                        param: None,
+                        code: e.code,
+                    },
+                    job_id: view.id,
+                }),
             )
         }
         _ => (
             StatusCode::ACCEPTED,
-            json!({"job_id": view.id, "status": view.status.label(), "poll": format!("/v1/jobs/{}", view.id)}),
+            to_json(&StillRunning {
+                poll: format!("/v1/jobs/{}", view.id),
+                job_id: view.id,
+                status: view.status.into(),
+            }),
         ),
     }
 }
@@ -491,7 +519,7 @@ pub async fn stream(
             );
             sse(
                 None,
-                &json!({"status": shape_a_label(status), "message": message}),
+                &json!({"status": TaskState::from(status), "message": message}),
             )
         }
     };
@@ -503,9 +531,9 @@ pub async fn stream(
         ),
     };
     let final_event = |view: &JobView| match style {
-        Style::Native => sse(Some("result"), &view.native()),
+        Style::Native => sse(Some("result"), &to_json(&view.native())),
         Style::ShapeA => {
-            let mut v = shape_a_result(view);
+            let mut v = to_json(&shape_a_result(view));
             if let Some(obj) = v.as_object_mut() {
                 let message = shape_a_message(view);
                 obj.entry("message").or_insert(json!(message));

@@ -24,6 +24,7 @@ pub mod api;
 pub mod memory;
 pub mod redis;
 pub mod run;
+pub mod shapes;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -32,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use lumen_plugins::auth::Principal;
 use lumen_plugins::redis_link::RedisLink;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::raw::RawJobs;
 use crate::config::Problem;
@@ -176,49 +177,6 @@ impl JobView {
             result: None,
             error: None,
         }
-    }
-
-    /// `metrics` of a finished job: queue wait, processing and total seconds, tokens, tokens/s.
-    pub fn metrics(&self) -> Value {
-        let secs = |a: Option<u64>, b: Option<u64>| match (a, b) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
-            _ => None,
-        };
-        let usage = self.result.as_ref().map(|r| &r["usage"]);
-        let prompt = usage.and_then(|u| u["prompt_tokens"].as_u64());
-        let completion = usage.and_then(|u| u["completion_tokens"].as_u64());
-        let processing = secs(self.started_us, self.finished_us);
-        json!({
-            "queue_wait_time": secs(Some(self.created_us), self.started_us),
-            "processing_time": processing,
-            "total_time": secs(Some(self.created_us), self.finished_us),
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "tokens_per_second": match (completion, processing) {
-                (Some(c), Some(p)) if p > 0.0 => Some(c as f64 / p),
-                _ => None,
-            },
-        })
-    }
-
-    /// The native `GET /v1/jobs/{id}` answer.
-    pub fn native(&self) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "job",
-            "status": self.status.label(),
-            "created_at": self.created_us / 1_000_000,
-            "started_at": self.started_us.map(|t| t / 1_000_000),
-            "finished_at": self.finished_us.map(|t| t / 1_000_000),
-        });
-        if self.status == Status::Completed {
-            v["result"] = self.result.clone().unwrap_or(Value::Null);
-            v["metrics"] = self.metrics();
-        }
-        if let Some(e) = &self.error {
-            v["error"] = json!({"message": e.message, "type": e.kind, "code": e.code});
-        }
-        v
     }
 
     /// The generated text of a completed chat or completions job.
@@ -421,18 +379,30 @@ impl Jobs {
     }
 
     /// `/health`'s `jobs` object.
-    pub fn health(&self) -> Value {
-        json!({
-            "backend": self.backend(),
-            "redis_connected": match self.backend {
-                Backend::Redis(_) => Value::Bool(self.connected.load(Ordering::Relaxed)),
-                Backend::Memory(_) => Value::Null,
+    pub fn health(&self) -> JobsHealth {
+        JobsHealth {
+            backend: self.backend(),
+            redis_connected: match self.backend {
+                Backend::Redis(_) => Some(self.connected.load(Ordering::Relaxed)),
+                Backend::Memory(_) => None,
             },
-            "queue_depth": self.depth.load(Ordering::Relaxed).max(0),
-            "running": self.running(),
-            "workers": self.settings.workers,
-        })
+            queue_depth: self.depth.load(Ordering::Relaxed).max(0) as u64,
+            running: self.running() as u64,
+            workers: self.settings.workers as u64,
+        }
     }
+}
+
+/// The job engine in `/health`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct JobsHealth {
+    /// `memory` or `redis`.
+    pub backend: &'static str,
+    /// Whether the Redis backend answers (absent in memory).
+    pub redis_connected: Option<bool>,
+    pub queue_depth: u64,
+    pub running: u64,
+    pub workers: u64,
 }
 
 /// A watcher of one job.

@@ -45,7 +45,7 @@ const MAX_ROWS_PER_SHARD: usize = 20_000;
 const SHARDS: usize = 16;
 
 /// What is counted, per row.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counts {
     pub requests: u64,
     pub prompt_tokens: u64,

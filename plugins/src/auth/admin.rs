@@ -54,12 +54,34 @@ impl AdminKey {
     }
 
     /// Whether the request presents this key (compared in constant time).
+    /// Bearer, `X-API-Key`, or HTTP Basic with the key as the password (any user name): a
+    /// browser asks for Basic credentials itself and sends them with every request of the admin
+    /// console, so the key never has to appear in a URL or a page.
     pub fn admits(&self, headers: &HeaderMap) -> bool {
+        if let Some(password) = basic_password(headers) {
+            return bool::from(digest_of(&password).ct_eq(&self.digest));
+        }
         match super::credential(headers) {
             Ok(presented) => bool::from(digest_of(presented).ct_eq(&self.digest)),
             Err(_) => false,
         }
     }
+}
+
+/// The password of `Authorization: Basic base64(user:password)`.
+fn basic_password(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (_, password) = text.split_once(':')?;
+    Some(password.to_string())
 }
 
 #[cfg(test)]
@@ -86,6 +108,10 @@ mod tests {
         assert!(key.admits(&headers("x-api-key", "adm-secret")));
         assert!(!key.admits(&headers("authorization", "Bearer adm-secreT")));
         assert!(!key.admits(&HeaderMap::new()));
+        // Basic: any user, the key as the password ("admin:adm-secret", "admin:wrong").
+        assert!(key.admits(&headers("authorization", "Basic YWRtaW46YWRtLXNlY3JldA==")));
+        assert!(!key.admits(&headers("authorization", "Basic YWRtaW46d3Jvbmc=")));
+        assert!(!key.admits(&headers("authorization", "Basic !!!")));
     }
 
     #[test]

@@ -1,0 +1,260 @@
+//! The admin listener's pages and documents, against the real gateway: `/openapi.json` fitted
+//! to the config, the console's time series, the admin key asked for as a Basic password, and
+//! pages that explain how to install their front-end packages when they are missing. (The
+//! pages in a real browser, and schemathesis against the spec: tests/python/test_admin_pages.py.)
+
+use std::time::{Duration, Instant};
+
+use lumen_test_support::client::request;
+use lumen_test_support::{Lumen, MockUpstream};
+use serde_json::{json, Value};
+
+async fn get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<(String, String)>) {
+    let r = request(addr, "GET", path, headers, b"").await.unwrap();
+    (r.status, r.text(), r.headers)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spec_follows_the_config() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+providers:
+  mock: {{ base_url: "{}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock }} ] }}
+jobs: {{ workers: 1, compat_prefix: /compat, shape_b: false, default_model: fast }}
+"#,
+        mock.base_url()
+    ));
+    let (status, body, headers) = get(lumen.admin, "/openapi.json", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    let spec: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(spec["openapi"], "3.1.0");
+    let paths = spec["paths"].as_object().unwrap();
+    // Shape A under the prefix; shape B (switched off) nowhere.
+    for p in [
+        "/compat/generate",
+        "/compat/status/{task_id}",
+        "/compat/stream/{task_id}",
+    ] {
+        assert!(paths.contains_key(p), "{p}: {:?}", paths.keys());
+    }
+    for p in ["/generate", "/chat_completion", "/compat/chat_completion"] {
+        assert!(!paths.contains_key(p), "{p}");
+    }
+    // Served where they are answered: the main listener, and the admin listener for admin paths.
+    assert_eq!(
+        spec["servers"][0]["url"],
+        format!("http://127.0.0.1:{}", lumen.addr.port())
+    );
+    assert_eq!(
+        paths["/admin/usage"]["servers"][0]["url"],
+        format!("http://127.0.0.1:{}", lumen.admin.port())
+    );
+    // The document describes what is answered: a job as submitted validates the job schema's
+    // required fields.
+    let submitted = request(
+        lumen.addr,
+        "POST",
+        "/v1/jobs",
+        &[],
+        json!({"endpoint": "/v1/chat/completions", "body": {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}})
+            .to_string()
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(submitted.status, 202, "{}", submitted.text());
+    let job = submitted.json();
+    for field in spec["components"]["schemas"]["JobObject"]["required"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            job.get(field.as_str().unwrap()).is_some(),
+            "{field} missing in {job}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pages_say_how_to_install_missing_packages() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+admin_assets: /nonexistent/node_modules
+providers:
+  mock: {{ base_url: "{}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock }} ] }}
+"#,
+        mock.base_url()
+    ));
+    for page in ["/docs", "/redoc"] {
+        let (status, body, headers) = get(lumen.admin, page, &[]).await;
+        assert_eq!(status, 503, "{page}");
+        assert!(body.contains("npm ci"), "{page}: {body}");
+        assert!(header(&headers, "content-type")
+            .unwrap()
+            .starts_with("text/html"));
+    }
+    // The console still works (tables), and says why it has no charts.
+    let (status, body, headers) = get(lumen.admin, "/ui", &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("charts-missing") && body.contains("npm ci"),
+        "{body}"
+    );
+    assert!(!body.contains("uPlot.iife.min.js"));
+    let csp = header(&headers, "content-security-policy").unwrap();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    let (status, js, _) = get(lumen.admin, "/ui/console.js", &[]).await;
+    assert_eq!(status, 200);
+    assert!(js.contains("/admin/timeseries"));
+    // The spec needs no package.
+    assert_eq!(get(lumen.admin, "/openapi.json", &[]).await.0, 200);
+    // Assets: only listed files, and only when installed; never a path into the disk.
+    for path in [
+        "/assets/uplot/uPlot.iife.min.js",
+        "/assets/../../../etc/passwd",
+        "/assets/%2e%2e/%2e%2e/etc/passwd",
+        "/assets/",
+    ] {
+        let (status, body, _) = get(lumen.admin, path, &[]).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_is_asked_for_the_admin_key_as_a_basic_password() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+admin_key: {{ key: "adm-secret" }}
+providers:
+  mock: {{ base_url: "{}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock }} ] }}
+"#,
+        mock.base_url()
+    ));
+    let (status, body, headers) = get(lumen.admin, "/ui", &[]).await;
+    assert_eq!(status, 401);
+    assert!(header(&headers, "www-authenticate")
+        .unwrap()
+        .starts_with("Basic realm=\"lumen admin\""));
+    assert!(!body.contains("adm-secret"));
+    // admin:adm-secret, and a wrong password.
+    let (status, _, _) = get(
+        lumen.admin,
+        "/ui",
+        &[("authorization", "Basic YWRtaW46YWRtLXNlY3JldA==")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, _) = get(
+        lumen.admin,
+        "/admin/timeseries",
+        &[("authorization", "Basic YWRtaW46d3Jvbmc=")],
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _, _) = get(
+        lumen.admin,
+        "/openapi.json",
+        &[("authorization", "Bearer adm-secret")],
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_timeseries_holds_the_last_minutes_of_traffic() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+keys:
+  - {{ id: team, key: "sk-team" }}
+providers:
+  mock: {{ base_url: "{}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock }} ] }}
+  - {{ model: broken, targets: [ {{ provider: mock, model: "status-500" }} ] }}
+"#,
+        mock.base_url()
+    ));
+    let chat = |model: &str, stream: bool| {
+        json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string()
+    };
+    for i in 0..20 {
+        let body = if i % 4 == 3 {
+            chat("broken", false)
+        } else {
+            chat("fast", i % 2 == 0)
+        };
+        let r = request(
+            lumen.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-team")],
+            body.as_bytes(),
+        )
+        .await
+        .unwrap();
+        assert!(r.status == 200 || r.status >= 500, "{}", r.text());
+    }
+    // The sampler takes a point every 2 s: wait for the one that holds the traffic.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let busy = loop {
+        let (status, body, _) = get(lumen.admin, "/admin/timeseries", &[]).await;
+        assert_eq!(status, 200);
+        let series: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(series["interval_ms"], 2000);
+        let points = series["points"].as_array().unwrap().clone();
+        if let Some(p) = points
+            .iter()
+            .find(|p| p["requests_per_s"].as_f64() > Some(0.0))
+        {
+            break p.clone();
+        }
+        assert!(Instant::now() < deadline, "no point with traffic: {body}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let ratio = busy["error_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio < 1.0, "{busy}");
+    assert!(busy["p50_ms"].as_f64().unwrap() > 0.0, "{busy}");
+    assert!(busy["ttft_p50_ms"].as_f64().unwrap() > 0.0, "{busy}");
+    assert!(busy["tokens_per_s"].as_f64().unwrap() > 0.0, "{busy}");
+    // `since` returns only newer points; a bad one is a 400 in OpenAI's shape.
+    let t = busy["t"].as_u64().unwrap();
+    let (_, body, _) = get(lumen.admin, &format!("/admin/timeseries?since={t}"), &[]).await;
+    let newer: Value = serde_json::from_str(&body).unwrap();
+    assert!(newer["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["t"].as_u64().unwrap() > t));
+    let (status, body, _) = get(lumen.admin, "/admin/timeseries?since=yesterday", &[]).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        "invalid_parameter"
+    );
+}
