@@ -72,6 +72,8 @@ impl Reply {
             "application/json",
             serde_json::to_vec(value).unwrap_or_default(),
         )
+        // Usage and key ids: never kept in a browser's or a proxy's cache.
+        .header(header::CACHE_CONTROL, "no-store")
     }
 
     fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Reply {
@@ -104,7 +106,18 @@ impl ServeHttp for AdminApp {
             .admin_key
             .as_ref()
             .is_none_or(|key| key.admits(&head.headers));
-        let reply = if !allowed {
+        let reply = if config.admin_key.is_none() && !host.as_deref().is_none_or(local_host) {
+            // No key, so the loopback address is the only protection: a page on another site
+            // could reach it through a DNS name it re-points at 127.0.0.1 (DNS rebinding). Such
+            // requests carry that name as their Host; browsers and tools on the host itself
+            // use an address or `localhost`.
+            Reply::error(
+                StatusCode::FORBIDDEN,
+                "without admin_key, the admin listener answers only requests addressed to an IP address or localhost",
+                "invalid_request_error",
+                "host_not_allowed",
+            )
+        } else if !allowed {
             Reply::error(
                 StatusCode::UNAUTHORIZED,
                 "the admin listener needs the admin key (Authorization: Bearer <admin_key>, or as the Basic password)",
@@ -205,6 +218,27 @@ impl AdminApp {
     }
 }
 
+/// Whether a Host header names this machine without DNS: `localhost` or an IP literal, with
+/// or without a port.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [v6]:port
+        Some(rest) => {
+            return rest
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// `/admin/timeseries?since=<unix ms>` (default: everything kept).
 fn parse_since(query: &str) -> Result<u64, String> {
     let mut since = 0;
@@ -287,6 +321,30 @@ fn percent_decode(value: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_addresses_and_localhost_are_local_hosts() {
+        for ok in [
+            "127.0.0.1:9090",
+            "127.0.0.1",
+            "localhost:9090",
+            "LOCALHOST",
+            "[::1]:9090",
+            "[::1]",
+            "10.0.0.5:9090",
+        ] {
+            assert!(local_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:9090",
+            "evil.example",
+            "127.0.0.1.nip.io",
+            "[::1",
+            "localhost.evil.example",
+        ] {
+            assert!(!local_host(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_usage_filters_and_refuses_bad_ones() {

@@ -25,20 +25,21 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// A gateway with auth off, one route (`fast`) to `mock`, and `extra` YAML.
+fn open_gateway(mock: &MockUpstream, extra: &str) -> Lumen {
+    Lumen::start(&format!(
+        "auth: off\nproviders:\n  mock: {{ base_url: \"{}\" }}\nroutes:\n  - {{ model: fast, targets: [ {{ provider: mock }} ] }}\n{extra}\n",
+        mock.base_url()
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_spec_follows_the_config() {
     let mock = MockUpstream::start();
-    let lumen = Lumen::start(&format!(
-        r#"
-auth: off
-providers:
-  mock: {{ base_url: "{}" }}
-routes:
-  - {{ model: fast, targets: [ {{ provider: mock }} ] }}
-jobs: {{ workers: 1, compat_prefix: /compat, shape_b: false, default_model: fast }}
-"#,
-        mock.base_url()
-    ));
+    let lumen = open_gateway(
+        &mock,
+        "jobs: { workers: 1, compat_prefix: /compat, shape_b: false, default_model: fast }",
+    );
     let (status, body, headers) = get(lumen.admin, "/openapi.json", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "content-type"), Some("application/json"));
@@ -94,17 +95,7 @@ jobs: {{ workers: 1, compat_prefix: /compat, shape_b: false, default_model: fast
 #[tokio::test(flavor = "multi_thread")]
 async fn the_pages_say_how_to_install_missing_packages() {
     let mock = MockUpstream::start();
-    let lumen = Lumen::start(&format!(
-        r#"
-auth: off
-admin_assets: /nonexistent/node_modules
-providers:
-  mock: {{ base_url: "{}" }}
-routes:
-  - {{ model: fast, targets: [ {{ provider: mock }} ] }}
-"#,
-        mock.base_url()
-    ));
+    let lumen = open_gateway(&mock, "admin_assets: /nonexistent/node_modules");
     for page in ["/docs", "/redoc"] {
         let (status, body, headers) = get(lumen.admin, page, &[]).await;
         assert_eq!(status, 503, "{page}");
@@ -143,17 +134,7 @@ routes:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_browser_is_asked_for_the_admin_key_as_a_basic_password() {
     let mock = MockUpstream::start();
-    let lumen = Lumen::start(&format!(
-        r#"
-auth: off
-admin_key: {{ key: "adm-secret" }}
-providers:
-  mock: {{ base_url: "{}" }}
-routes:
-  - {{ model: fast, targets: [ {{ provider: mock }} ] }}
-"#,
-        mock.base_url()
-    ));
+    let lumen = open_gateway(&mock, r#"admin_key: { key: "adm-secret" }"#);
     let (status, body, headers) = get(lumen.admin, "/ui", &[]).await;
     assert_eq!(status, 401);
     assert!(header(&headers, "www-authenticate")
@@ -182,6 +163,33 @@ routes:
     )
     .await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_an_admin_key_only_requests_addressed_to_this_host_are_answered() {
+    let mock = MockUpstream::start();
+    let lumen = open_gateway(&mock, "");
+    // A page elsewhere reaching 127.0.0.1 through a DNS name it controls (rebinding).
+    let raw = async |host: &str| {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(lumen.admin).await.unwrap();
+        s.write_all(
+            format!("GET /admin/usage HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let refused = raw("attacker.example:9090").await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("host_not_allowed"), "{refused}");
+    for host in ["127.0.0.1:9090", "localhost:9090", "[::1]:9090"] {
+        let ok = raw(host).await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{host}: {ok}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

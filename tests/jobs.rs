@@ -491,6 +491,34 @@ async fn shape_b_answers_with_the_content_when_the_job_ends_or_202_to_poll() {
     assert_eq!(sent["max_tokens"], 8096);
     assert_eq!(sent["model"], "up");
 
+    // No meta at all, or settings sent as null (Python's None), take the same defaults; one
+    // stop word may be a plain string.
+    for (i, chat) in [
+        json!({"job_id": "b-2a", "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"job_id": "b-2b", "meta": null, "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"job_id": "b-2c", "meta": {"temperature": null, "tokens_limit": null, "stop_words": "END"}, "messages": [{"role": "user", "content": "hi"}]}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, body) = curl(&[
+            "-X",
+            "POST",
+            &url("/chat_completion"),
+            "-H",
+            "X-API-Key: sk-alice",
+            "-d",
+            &chat.to_string(),
+        ]);
+        assert_eq!(status, 200, "{chat}: {body}");
+        let sent = mock.requests()[2 + i].json();
+        assert_eq!(sent["temperature"], 0.2, "{chat}");
+        assert_eq!(sent["max_tokens"], 8096, "{chat}");
+        if i == 2 {
+            assert_eq!(sent["stop"], "END");
+        }
+    }
+
     // Longer than wait_timeout: 202 with the id, then poll the native endpoint.
     let slow =
         json!({"job_id": "b-3", "meta": {"model": "fast"}, "content": "long", "mock_chunks": 1});

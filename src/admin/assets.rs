@@ -75,9 +75,12 @@ fn roots(configured: Option<&Path>) -> Vec<PathBuf> {
         roots.push(dir.to_path_buf());
         return roots;
     }
+    // Only a real build tree (`<tree>/target/<profile>/lumen` beside `<tree>/Cargo.toml`): an
+    // installed binary must not pick up whatever lies at `/usr/src/admin/ui`.
     if let Some(tree) = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
+        .filter(|tree| tree.join("Cargo.toml").is_file())
     {
         roots.push(tree.join("src/admin/ui/node_modules"));
     }

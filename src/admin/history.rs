@@ -169,17 +169,24 @@ fn counter_sum(family: &MetricFamily) -> u64 {
         .sum()
 }
 
-/// Every label set of a histogram family merged into one.
+/// Every label set of a histogram family merged into one, ending with `+Inf` (every sample).
 fn buckets(family: &MetricFamily) -> Buckets {
     let mut merged: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
+    let mut count = 0;
     for m in family.get_metric() {
-        for b in m.get_histogram().get_bucket() {
+        let h = m.get_histogram();
+        count += h.get_sample_count();
+        for b in h.get_bucket() {
             let bound = b.upper_bound();
-            // Positive finite bounds order the same as their bit patterns.
+            // Positive bounds order the same as their bit patterns.
             merged.entry(bound.to_bits()).or_insert((bound, 0)).1 += b.cumulative_count();
         }
     }
-    Buckets(merged.into_values().collect())
+    let mut all: Vec<(f64, u64)> = merged.into_values().collect();
+    if all.last().is_none_or(|(bound, _)| bound.is_finite()) {
+        all.push((f64::INFINITY, count));
+    }
+    Buckets(all)
 }
 
 /// The point between two samples; `None` when the clock went backwards.
@@ -230,7 +237,7 @@ fn delta(before: &Buckets, now: &Buckets) -> Vec<(f64, u64)> {
 }
 
 /// The `q` quantile of a cumulative histogram, interpolated linearly inside its bucket (as
-/// Prometheus' `histogram_quantile` does). Observations above the last bound count as the last
+/// Prometheus' `histogram_quantile` does). A quantile in the `+Inf` bucket is the last finite
 /// bound.
 fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
@@ -241,7 +248,10 @@ fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
     let mut lower = (0.0, 0u64);
     for &(bound, count) in buckets {
         if count as f64 >= rank {
-            let in_bucket = (count - lower.1) as f64;
+            if !bound.is_finite() {
+                return Some(lower.0);
+            }
+            let in_bucket = count.saturating_sub(lower.1) as f64;
             if in_bucket == 0.0 {
                 return Some(bound);
             }
@@ -315,6 +325,14 @@ mod tests {
         assert_eq!(p.error_ratio, None);
         assert_eq!(p.p99_ms, None);
         assert!(point(&now, &before).is_none(), "clock went backwards");
+    }
+
+    #[test]
+    fn samples_beyond_the_last_bound_count_at_it() {
+        // 10 samples, 9 of them over the last finite bound (1 s).
+        let b = [(0.1, 1), (1.0, 1), (f64::INFINITY, 10)];
+        assert_eq!(quantile(&b, 0.99), Some(1.0));
+        assert_eq!(quantile(&b, 0.05), Some(0.05));
     }
 
     #[test]

@@ -24,8 +24,8 @@ use super::reports::{
 use crate::config::Snapshot;
 use crate::jobs::shapes::{
     ChatJob, ErrorBody, ErrorDetail, GenerateBody, GenerateJob, GenerateTask, Generated,
-    JobEndpoint, JobFailed, JobMeta, JobMetrics, JobObject, JobStatus, StillRunning, SubmitJob,
-    TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
+    JobEndpoint, JobFailed, JobMeta, JobMetrics, JobObject, JobStatus, StillRunning, StopWords,
+    SubmitJob, TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
 };
 use crate::jobs::JobsHealth;
 use crate::ledger::Counts;
@@ -461,7 +461,7 @@ impl Modify for SecuritySchemes {
     ),
     components(schemas(
         SubmitJob, JobEndpoint, JobObject, JobStatus, JobMetrics, ErrorBody, ErrorDetail,
-        GenerateBody, GenerateTask, GenerateJob, JobMeta, ChatJob, Generated, StillRunning,
+        GenerateBody, GenerateTask, GenerateJob, JobMeta, StopWords, ChatJob, Generated, StillRunning,
         JobFailed, TaskStatus, TaskState, TaskAnswer, TaskResult, TaskError, GenerateAccepted,
         Alive, Ready, HealthReport, RouteCounts, RedisHealth, ProviderHealth, JobsHealth,
         ModelList, Model, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::shapes::{
-    ChatJob, ErrorDetail, GenerateBody, Generated, JobEndpoint, JobFailed, StillRunning, SubmitJob,
-    TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
+    ChatJob, ErrorDetail, GenerateJob, GenerateTask, Generated, JobEndpoint, JobFailed,
+    StillRunning, SubmitJob, TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
 };
 use super::{JobSettings, JobView, Jobs, Status, Update};
 use crate::config::Snapshot;
@@ -188,51 +188,55 @@ pub async fn answer(
                 )?;
                 (Value::Array(req.messages), req.meta, req.job_id)
             } else {
-                match typed_body::<GenerateBody>(body, neither)? {
-                    GenerateBody::ShapeB(req) if jobs.settings.shape_b => (
+                let v = json_body(body)?;
+                let has = |field: &str| v.get(field).is_some();
+                if jobs.settings.shape_b && has("meta") && has("content") {
+                    let req: GenerateJob = from_value(v, neither)?;
+                    (
                         json!([{"role": "user", "content": req.content}]),
                         req.meta,
                         req.job_id,
-                    ),
-                    GenerateBody::ShapeA(req) if jobs.settings.shape_a => {
-                        let model = model_of(req.model.as_deref(), &jobs.settings)?;
-                        let mut chat = json!({
-                            "model": model,
-                            "messages": [{"role": "user", "content": req.prompt}],
-                            "max_tokens": req.max_tokens,
-                            "temperature": req.temperature,
-                            "top_p": req.top_p,
-                        });
-                        if let Some(user) = req.user_id {
-                            chat["user"] = json!(user);
-                        }
-                        let (view, _) = submit(
-                            jobs,
-                            config,
-                            principal,
-                            Endpoint::ChatCompletions,
-                            chat,
-                            None,
-                        )
-                        .await?;
-                        return Ok(Answer::Json(
-                            StatusCode::ACCEPTED,
-                            to_json(&TaskStatus {
-                                status: TaskState::Queued,
-                                task_id: view.id,
-                                message: "Task queued for processing".into(),
-                            }),
-                        ));
+                    )
+                } else if jobs.settings.shape_a && has("prompt") {
+                    let req: GenerateTask = from_value(v, neither)?;
+                    let model = model_of(req.model.as_deref(), &jobs.settings)?;
+                    let mut chat = json!({
+                        "model": model,
+                        "messages": [{"role": "user", "content": req.prompt}],
+                        "max_tokens": req.max_tokens(),
+                        "temperature": req.temperature(),
+                        "top_p": req.top_p(),
+                    });
+                    if let Some(user) = req.user_id {
+                        chat["user"] = json!(user);
                     }
-                    _ => return Err(GatewayError::BadJob(neither.into())),
+                    let (view, _) = submit(
+                        jobs,
+                        config,
+                        principal,
+                        Endpoint::ChatCompletions,
+                        chat,
+                        None,
+                    )
+                    .await?;
+                    return Ok(Answer::Json(
+                        StatusCode::ACCEPTED,
+                        to_json(&TaskStatus {
+                            status: TaskState::Queued,
+                            task_id: view.id,
+                            message: "Task queued for processing".into(),
+                        }),
+                    ));
+                } else {
+                    return Err(GatewayError::BadJob(neither.into()));
                 }
             };
             let model = model_of(meta.model.as_deref(), &jobs.settings)?;
             let mut chat = json!({
                 "model": model,
                 "messages": messages,
-                "temperature": meta.temperature,
-                "max_tokens": meta.tokens_limit,
+                "temperature": meta.temperature(),
+                "max_tokens": meta.tokens_limit(),
             });
             if let Some(stop) = meta.stop_words {
                 chat["stop"] = json!(stop);
@@ -271,7 +275,10 @@ fn typed_body<T: serde::de::DeserializeOwned>(
     body: Option<Bytes>,
     expected: &str,
 ) -> Result<T, GatewayError> {
-    let v = json_body(body)?;
+    from_value(json_body(body)?, expected)
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(v: Value, expected: &str) -> Result<T, GatewayError> {
     serde_json::from_value(v).map_err(|e| GatewayError::BadJob(format!("{expected}: {e}")))
 }
 

@@ -215,7 +215,9 @@ impl Memory {
             _ => None,
         });
         if running {
-            let _ = job.cancel.send(true);
+            // `send_replace` stores the flag even before the worker has subscribed to it (it may
+            // have dequeued the job and not yet started to listen): `send` would drop it.
+            job.cancel.send_replace(true);
         }
         let view = job.lock().view.clone();
         Some(view)
@@ -404,5 +406,26 @@ mod tests {
         assert!(sub.next(idle).await.is_none());
         // Cancelling a finished job changes nothing.
         assert_eq!(m.cancel("a", "j").unwrap().status, Status::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_before_the_worker_listens_still_stops_it() {
+        let m = memory(3, 3);
+        m.submit(
+            &owner("a"),
+            Endpoint::ChatCompletions,
+            json!({}),
+            "j".into(),
+        )
+        .unwrap();
+        let job = m.take().await.unwrap();
+        assert!(job.start());
+        // Cancelled between dequeue and the worker subscribing to the flag.
+        m.cancel("a", "j").unwrap();
+        let mut flag = job.cancelled();
+        tokio::time::timeout(Duration::from_secs(1), flag.wait_for(|c| *c))
+            .await
+            .expect("the cancel was lost")
+            .unwrap();
     }
 }

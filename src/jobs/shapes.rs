@@ -47,8 +47,10 @@ pub enum JobEndpoint {
 #[schema(example = json!({"endpoint": "/v1/chat/completions", "body": {"model": "fast", "messages": [{"role": "user", "content": "Say hi"}]}, "job_id": "nightly-42"}))]
 pub struct SubmitJob {
     pub endpoint: JobEndpoint,
-    /// The OpenAI request, exactly as it would be sent to `endpoint`.
-    #[schema(value_type = Object)]
+    /// The OpenAI request, exactly as it would be sent to `endpoint`. (Checked after the
+    /// `job_id` lookup, so a retried submit always finds its job.)
+    #[serde(default)]
+    #[schema(value_type = Object, required = true)]
     pub body: Value,
     /// A client-chosen id (1 to 128 of `A-Z a-z 0-9 . _ : -`): submitting it again returns the
     /// existing job instead of a second one.
@@ -177,20 +179,20 @@ impl From<Status> for TaskState {
     }
 }
 
-/// Shape A: `POST /generate`.
+/// Shape A: `POST /generate`. A setting that is absent or null takes its default.
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({"prompt": "Write a haiku about the edge", "max_tokens": 64}))]
 pub struct GenerateTask {
     pub prompt: String,
-    #[serde(default = "default_max_tokens")]
+    #[serde(default)]
     #[schema(default = 512, minimum = 1)]
-    pub max_tokens: u64,
-    #[serde(default = "default_temperature")]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
     #[schema(default = 0.7)]
-    pub temperature: f64,
-    #[serde(default = "default_top_p")]
+    pub temperature: Option<f64>,
+    #[serde(default)]
     #[schema(default = 0.9)]
-    pub top_p: f64,
+    pub top_p: Option<f64>,
     /// Passed upstream as OpenAI's `user`.
     #[serde(default)]
     pub user_id: Option<String>,
@@ -199,14 +201,16 @@ pub struct GenerateTask {
     pub model: Option<String>,
 }
 
-fn default_max_tokens() -> u64 {
-    512
-}
-fn default_temperature() -> f64 {
-    0.7
-}
-fn default_top_p() -> f64 {
-    0.9
+impl GenerateTask {
+    pub fn max_tokens(&self) -> u64 {
+        self.max_tokens.unwrap_or(512)
+    }
+    pub fn temperature(&self) -> f64 {
+        self.temperature.unwrap_or(0.7)
+    }
+    pub fn top_p(&self) -> f64 {
+        self.top_p.unwrap_or(0.9)
+    }
 }
 
 /// Shape A: a task's state (`POST /generate`, `GET /status/{task_id}`, and `GET
@@ -248,27 +252,43 @@ pub enum TaskAnswer {
     Pending(TaskStatus),
 }
 
-/// Shape B: generation settings.
+/// Shape B: generation settings. A setting that is absent or null takes its default.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct JobMeta {
-    #[serde(default = "default_b_temperature")]
-    #[schema(default = 0.2)]
-    pub temperature: f64,
-    #[serde(default = "default_tokens_limit")]
-    #[schema(default = 8096, minimum = 1)]
-    pub tokens_limit: u64,
     #[serde(default)]
-    pub stop_words: Option<Vec<String>>,
+    #[schema(default = 0.2)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    #[schema(default = 8096, minimum = 1)]
+    pub tokens_limit: Option<u64>,
+    /// Passed upstream as OpenAI's `stop`: one string or a list.
+    #[serde(default)]
+    pub stop_words: Option<StopWords>,
     /// A model of the routing table; `jobs.default_model` when absent.
     #[serde(default)]
     pub model: Option<String>,
 }
 
-fn default_b_temperature() -> f64 {
-    0.2
+impl JobMeta {
+    pub fn temperature(&self) -> f64 {
+        self.temperature.unwrap_or(0.2)
+    }
+    pub fn tokens_limit(&self) -> u64 {
+        self.tokens_limit.unwrap_or(8096)
+    }
 }
-fn default_tokens_limit() -> u64 {
-    8096
+
+/// OpenAI's `stop`: one string or a list of them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopWords {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `meta` absent or null: every default.
+fn meta_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<JobMeta, D::Error> {
+    Ok(Option::<JobMeta>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Shape B: `POST /generate`.
@@ -278,6 +298,7 @@ pub struct GenerateJob {
     #[serde(default)]
     #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub job_id: Option<String>,
+    #[serde(deserialize_with = "meta_or_default")]
     pub meta: JobMeta,
     pub content: String,
 }
@@ -289,7 +310,7 @@ pub struct ChatJob {
     #[serde(default)]
     #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub job_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "meta_or_default")]
     pub meta: JobMeta,
     /// OpenAI chat messages.
     #[schema(value_type = Vec<Object>)]
@@ -319,9 +340,10 @@ pub struct JobFailed {
 }
 
 /// `POST /generate` takes either shape; the body tells them apart (`content` and `meta`: shape
-/// B, else `prompt`: shape A).
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(untagged)]
+/// B when it is on, else `prompt`: shape A when it is on). Describes the body for the spec; the
+/// handler picks the shape by those fields, then reads it as that shape's type.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
 pub enum GenerateBody {
     ShapeB(GenerateJob),
     ShapeA(GenerateTask),

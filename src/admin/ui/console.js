@@ -225,7 +225,14 @@ async function refresh() {
     document.getElementById("unreachable").hidden = true;
   } catch (e) {
     state.failures += 1;
-    document.getElementById("unreachable").hidden = false;
+    // A fetch that failed means the API does not answer; anything else is this page's bug.
+    const unreachable = e instanceof TypeError && String(e.message).includes("fetch");
+    const notice = document.getElementById("unreachable");
+    notice.textContent = unreachable
+      ? "The admin API does not answer: is the gateway running?"
+      : "The console could not show the admin API's answer: " + e.message;
+    notice.hidden = false;
+    console.warn("lumen console refresh:", e);
   }
   setTimeout(refresh, REFRESH_MS);
 }
