@@ -93,6 +93,40 @@ async fn the_spec_follows_the_config() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_listener_on_every_address_is_named_by_the_host_asked_for() {
+    let mock = MockUpstream::start();
+    let (local, every) = (
+        lumen_test_support::free_port(),
+        lumen_test_support::free_port(),
+    );
+    let lumen = open_gateway(
+        &mock,
+        &format!(
+            "listen: [\"127.0.0.1:{local}\", \"0.0.0.0:{every}\"]\nadmin_key: {{ key: \"adm\" }}"
+        ),
+    );
+    let (status, body, _) = get(
+        lumen.admin,
+        "/openapi.json",
+        &[
+            ("host", "edge-7.example:9090"),
+            ("authorization", "Bearer adm"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let spec: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        spec["servers"][0]["url"],
+        format!("http://127.0.0.1:{local}")
+    );
+    assert_eq!(
+        spec["servers"][1]["url"],
+        format!("http://edge-7.example:{every}")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_pages_say_how_to_install_missing_packages() {
     let mock = MockUpstream::start();
     let lumen = open_gateway(&mock, "admin_assets: /nonexistent/node_modules");

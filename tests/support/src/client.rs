@@ -85,12 +85,15 @@ impl Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> io::Result<Response> {
-        // The address connected to, as real clients send it.
-        let host = self
-            .stream
-            .peer_addr()
-            .map_or_else(|_| "localhost".to_string(), |a| a.to_string());
-        let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {host}\r\n");
+        let mut head = format!("{method} {path} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            // The address connected to, as real clients send it.
+            let host = self
+                .stream
+                .peer_addr()
+                .map_or_else(|_| "localhost".to_string(), |a| a.to_string());
+            head.push_str(&format!("host: {host}\r\n"));
+        }
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
