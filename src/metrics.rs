@@ -338,8 +338,8 @@ impl Default for Metrics {
     }
 }
 
-/// Sum of a counter family, optionally grouped by one label.
-fn sum_by(
+/// Sum of a counter family, optionally grouped by one label (`"total"` without one).
+pub(crate) fn sum_by(
     families: &[prometheus::proto::MetricFamily],
     name: &str,
     label: Option<&str>,
@@ -362,33 +362,46 @@ fn sum_by(
     out
 }
 
-/// Estimated quantile (seconds) of a histogram family, all label sets merged: the upper bound
-/// of the bucket the quantile falls in.
-fn quantile(families: &[prometheus::proto::MetricFamily], name: &str, q: f64) -> Option<f64> {
-    let mut buckets: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
-    let mut count = 0u64;
+/// A histogram family with every label set merged: (upper bound in seconds, cumulative count),
+/// ascending, ending with `+Inf` (every observation). Just `[(+Inf, 0)]` before the first one.
+pub(crate) fn merged_histogram(
+    families: &[prometheus::proto::MetricFamily],
+    name: &str,
+) -> Vec<(f64, u64)> {
+    let mut merged: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
+    let mut count = 0;
     for family in families.iter().filter(|f| f.name() == name) {
         for m in family.get_metric() {
             let h = m.get_histogram();
             count += h.get_sample_count();
             for b in h.get_bucket() {
-                *buckets.entry(b.upper_bound().to_bits()).or_default() += b.cumulative_count();
+                let bound = b.upper_bound();
+                // Positive bounds order the same as their bit patterns.
+                merged.entry(bound.to_bits()).or_insert((bound, 0)).1 += b.cumulative_count();
             }
         }
     }
+    let mut all: Vec<(f64, u64)> = merged.into_values().collect();
+    if all.last().is_none_or(|(bound, _)| bound.is_finite()) {
+        all.push((f64::INFINITY, count));
+    }
+    all
+}
+
+/// Estimated quantile (seconds) of a histogram family, all label sets merged: the upper bound
+/// of the bucket the quantile falls in (none above the last finite bound).
+fn quantile(families: &[prometheus::proto::MetricFamily], name: &str, q: f64) -> Option<f64> {
+    let buckets = merged_histogram(families, name);
+    let count = buckets.last()?.1;
     if count == 0 {
         return None;
     }
     let want = (count as f64 * q).ceil() as u64;
-    let mut bounds: Vec<(f64, u64)> = buckets
+    buckets
         .into_iter()
-        .map(|(bits, c)| (f64::from_bits(bits), c))
-        .collect();
-    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-    bounds
-        .into_iter()
+        .filter(|(bound, _)| bound.is_finite())
         .find(|(_, c)| *c >= want)
-        .map(|(ub, _)| ub)
+        .map(|(bound, _)| bound)
 }
 
 /// `GET /metrics/summary`: the essentials of `/metrics` as compact JSON for humans. Counts

@@ -166,6 +166,37 @@ async fn the_pages_say_how_to_install_missing_packages() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn packages_installed_while_it_runs_are_served_without_a_restart() {
+    let mock = MockUpstream::start();
+    let ui = lumen_test_support::harness::tempdir::Dir::new("lumen-ui-assets");
+    let lumen = open_gateway(&mock, &format!("admin_assets: {}", ui.path().display()));
+    assert_eq!(get(lumen.admin, "/redoc", &[]).await.0, 503);
+    // What `npm ci` would put there (the bundle reduced to the line that names the CDN).
+    let redoc = ui.path().join("redoc");
+    std::fs::create_dir_all(redoc.join("bundles")).unwrap();
+    std::fs::write(redoc.join("package.json"), "{}").unwrap();
+    std::fs::write(
+        redoc.join("bundles/redoc.standalone.js"),
+        "var logo = \"https://cdn.redoc.ly/redoc/logo-mini.svg\";",
+    )
+    .unwrap();
+    let (status, page, _) = get(lumen.admin, "/redoc", &[]).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("/assets/redoc/redoc.standalone.js"));
+    let (status, js, headers) = get(lumen.admin, "/assets/redoc/redoc.standalone.js", &[]).await;
+    assert_eq!(status, 200);
+    assert!(header(&headers, "content-type")
+        .unwrap()
+        .starts_with("text/javascript"));
+    // The one URL of another host in the bundle is replaced by an inline image.
+    assert!(!js.contains("cdn.redoc.ly"), "{js}");
+    assert!(js.contains("data:image/svg+xml"), "{js}");
+    // Admin JSON is never kept by a browser or a proxy.
+    let (_, _, headers) = get(lumen.admin, "/admin/timeseries", &[]).await;
+    assert_eq!(header(&headers, "cache-control"), Some("no-store"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_browser_is_asked_for_the_admin_key_as_a_basic_password() {
     let mock = MockUpstream::start();
     let lumen = open_gateway(&mock, r#"admin_key: { key: "adm-secret" }"#);

@@ -39,6 +39,10 @@ async fn call(lumen: &Lumen, method: &str, path: &str, key: &str, body: Option<V
         .unwrap()
 }
 
+async fn submit(lumen: &Lumen, key: &str, job: Value) -> Response {
+    call(lumen, "POST", "/v1/jobs", key, Some(job)).await
+}
+
 fn chat_job(extra: Value) -> Value {
     let mut body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
     for (k, v) in extra.as_object().unwrap() {
@@ -65,14 +69,7 @@ async fn wait_final(lumen: &Lumen, key: &str, id: &str) -> Value {
 async fn a_native_job_runs_through_the_pipeline_and_reports_its_metrics() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "workers: 2"));
-    let submitted = call(
-        &lumen,
-        "POST",
-        "/v1/jobs",
-        "sk-alice",
-        Some(chat_job(json!({}))),
-    )
-    .await;
+    let submitted = submit(&lumen, "sk-alice", chat_job(json!({}))).await;
     assert_eq!(submitted.status, 202, "{}", submitted.text());
     let s = submitted.json();
     assert_eq!(s["status"], "queued");
@@ -111,9 +108,7 @@ async fn a_native_job_runs_through_the_pipeline_and_reports_its_metrics() {
     // Embeddings run too; a provider failure is a failed job with the provider's error.
     let embed =
         json!({"endpoint": "/v1/embeddings", "body": {"model": "embed", "input": ["a", "b"]}});
-    let id = call(&lumen, "POST", "/v1/jobs", "sk-alice", Some(embed))
-        .await
-        .json()["id"]
+    let id = submit(&lumen, "sk-alice", embed).await.json()["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -123,14 +118,7 @@ async fn a_native_job_runs_through_the_pipeline_and_reports_its_metrics() {
         2,
         "{done}"
     );
-    let broken = call(
-        &lumen,
-        "POST",
-        "/v1/jobs",
-        "sk-alice",
-        Some(json!({"endpoint": "/v1/chat/completions",
-        "body": {"model": "broken", "messages": [{"role": "user", "content": "x"}]}})),
-    )
+    let broken = submit(&lumen, "sk-alice", json!({"endpoint": "/v1/chat/completions", "body": {"model": "broken", "messages": [{"role": "user", "content": "x"}]}}))
     .await;
     let done = wait_final(&lumen, "sk-alice", broken.json()["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "failed");
@@ -192,7 +180,7 @@ async fn bad_jobs_are_refused_at_submit_with_openai_errors() {
         ),
     ];
     for (body, status, code) in cases {
-        let r = call(&lumen, "POST", "/v1/jobs", "sk-alice", Some(body.clone())).await;
+        let r = submit(&lumen, "sk-alice", body.clone()).await;
         assert_eq!(r.status, status, "{body}: {}", r.text());
         assert_eq!(r.json()["error"]["code"], code, "{body}");
     }
@@ -214,10 +202,10 @@ async fn jobs_are_private_to_their_key_and_a_job_id_is_idempotent() {
     let lumen = Lumen::start(&config(&mock, "workers: 1"));
     let mut job = chat_job(json!({}));
     job["job_id"] = json!("order-42");
-    let first = call(&lumen, "POST", "/v1/jobs", "sk-alice", Some(job.clone())).await;
+    let first = submit(&lumen, "sk-alice", job.clone()).await;
     assert_eq!(first.status, 202);
     assert_eq!(first.json()["id"], "order-42");
-    let again = call(&lumen, "POST", "/v1/jobs", "sk-alice", Some(job.clone())).await;
+    let again = submit(&lumen, "sk-alice", job.clone()).await;
     assert_eq!(again.status, 200, "the existing job, not a new one");
     assert_eq!(again.json()["id"], "order-42");
     wait_final(&lumen, "sk-alice", "order-42").await;
@@ -239,7 +227,7 @@ async fn jobs_are_private_to_their_key_and_a_job_id_is_idempotent() {
         404
     );
     // Bob may use the same id for a job of his own.
-    let bobs = call(&lumen, "POST", "/v1/jobs", "sk-bob", Some(job)).await;
+    let bobs = submit(&lumen, "sk-bob", job).await;
     assert_eq!(bobs.status, 202);
 }
 
@@ -248,9 +236,7 @@ async fn events_stream_tokens_live_and_a_late_client_catches_up() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "workers: 1"));
     let job = chat_job(json!({"mock_chunks": 6, "mock_delay_ms": 100}));
-    let id = call(&lumen, "POST", "/v1/jobs", "sk-alice", Some(job))
-        .await
-        .json()["id"]
+    let id = submit(&lumen, "sk-alice", job).await.json()["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -324,15 +310,11 @@ async fn cancel_stops_a_running_job_and_removes_a_queued_one() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "workers: 1"));
     let slow = chat_job(json!({"mock_chunks": 50, "mock_delay_ms": 100}));
-    let running = call(&lumen, "POST", "/v1/jobs", "sk-alice", Some(slow.clone()))
-        .await
-        .json()["id"]
+    let running = submit(&lumen, "sk-alice", slow.clone()).await.json()["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let queued = call(&lumen, "POST", "/v1/jobs", "sk-alice", Some(slow))
-        .await
-        .json()["id"]
+    let queued = submit(&lumen, "sk-alice", slow).await.json()["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -389,26 +371,11 @@ async fn a_full_queue_answers_429_and_submits_count_against_the_request_limit() 
     let lumen = Lumen::start(&config(&mock, "workers: 0, queue_size: 2"));
     for _ in 0..2 {
         assert_eq!(
-            call(
-                &lumen,
-                "POST",
-                "/v1/jobs",
-                "sk-alice",
-                Some(chat_job(json!({})))
-            )
-            .await
-            .status,
+            submit(&lumen, "sk-alice", chat_job(json!({}))).await.status,
             202
         );
     }
-    let full = call(
-        &lumen,
-        "POST",
-        "/v1/jobs",
-        "sk-bob",
-        Some(chat_job(json!({}))),
-    )
-    .await;
+    let full = submit(&lumen, "sk-bob", chat_job(json!({}))).await;
     assert_eq!(full.status, 429, "{}", full.text());
     assert!(full.header("retry-after").is_some());
     assert_eq!(full.json()["error"]["code"], "job_queue_full");
@@ -417,15 +384,9 @@ async fn a_full_queue_answers_429_and_submits_count_against_the_request_limit() 
     let mut statuses = Vec::new();
     for _ in 0..3 {
         statuses.push(
-            call(
-                &lumen,
-                "POST",
-                "/v1/jobs",
-                "sk-limited",
-                Some(chat_job(json!({}))),
-            )
-            .await
-            .status,
+            submit(&lumen, "sk-limited", chat_job(json!({})))
+                .await
+                .status,
         );
     }
     assert_eq!(statuses, [202, 202, 429]);
@@ -618,15 +579,7 @@ async fn in_process_jobs_do_not_survive_a_restart_as_documented() {
     let mock = MockUpstream::start();
     let yaml = config(&mock, "workers: 1");
     let lumen = Lumen::start(&yaml);
-    let done = call(
-        &lumen,
-        "POST",
-        "/v1/jobs",
-        "sk-alice",
-        Some(chat_job(json!({}))),
-    )
-    .await
-    .json();
+    let done = submit(&lumen, "sk-alice", chat_job(json!({}))).await.json();
     let id = done["id"].as_str().unwrap().to_string();
     wait_final(&lumen, "sk-alice", &id).await;
     drop(lumen);
@@ -634,13 +587,6 @@ async fn in_process_jobs_do_not_survive_a_restart_as_documented() {
     let again = Lumen::start(&yaml);
     let r = call(&again, "GET", &format!("/v1/jobs/{id}"), "sk-alice", None).await;
     assert_eq!(r.status, 404);
-    let fresh = call(
-        &again,
-        "POST",
-        "/v1/jobs",
-        "sk-alice",
-        Some(chat_job(json!({}))),
-    )
-    .await;
+    let fresh = submit(&again, "sk-alice", chat_job(json!({}))).await;
     assert_eq!(fresh.status, 202);
 }

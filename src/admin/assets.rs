@@ -67,19 +67,17 @@ pub const FILES: &[File] = &[
 /// How to install the packages, for the pages that miss them.
 pub const INSTALL_HINT: &str = "npm ci --ignore-scripts --prefix src/admin/ui (scripts/setup.sh runs it), or point `admin_assets:` in the config at a node_modules folder holding swagger-ui-dist, redoc and uplot";
 
-/// The `node_modules` folders searched, in order: the configured one, the build tree's (the
-/// binary in `target/<profile>/`), and the packaged one.
-fn roots(configured: Option<&Path>) -> Vec<PathBuf> {
-    let mut roots = Vec::with_capacity(3);
+/// The `node_modules` folders searched, in order: the configured one alone, else the build
+/// tree's (for a binary at `<tree>/target/<profile>/lumen`) and the packaged one.
+fn roots(configured: Option<&Path>, exe: Option<&Path>) -> Vec<PathBuf> {
     if let Some(dir) = configured {
-        roots.push(dir.to_path_buf());
-        return roots;
+        return vec![dir.to_path_buf()];
     }
-    // Only a real build tree (`<tree>/target/<profile>/lumen` beside `<tree>/Cargo.toml`): an
-    // installed binary must not pick up whatever lies at `/usr/src/admin/ui`.
-    if let Some(tree) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent()?.parent()?.parent().map(Path::to_path_buf))
+    let mut roots = Vec::with_capacity(2);
+    // Only a real build tree (with its Cargo.toml): an installed `/usr/bin/lumen` must not pick
+    // up whatever lies at `/src/admin/ui`.
+    if let Some(tree) = exe
+        .and_then(|exe| exe.parent()?.parent()?.parent())
         .filter(|tree| tree.join("Cargo.toml").is_file())
     {
         roots.push(tree.join("src/admin/ui/node_modules"));
@@ -90,7 +88,7 @@ fn roots(configured: Option<&Path>) -> Vec<PathBuf> {
 
 /// Where `package` is installed, if anywhere.
 pub fn locate(package: &str, configured: Option<&Path>) -> Option<PathBuf> {
-    roots(configured)
+    roots(configured, std::env::current_exe().ok().as_deref())
         .into_iter()
         .find(|root| root.join(package).join("package.json").is_file())
 }
@@ -135,6 +133,25 @@ fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_tree_is_searched_only_when_it_is_one() {
+        let tree = std::env::temp_dir().join(format!("lumen-assets-{}", std::process::id()));
+        let exe = tree.join("target/release/lumen");
+        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+        let packaged = PathBuf::from("/usr/share/lumen/node_modules");
+        assert_eq!(roots(None, Some(&exe)), vec![packaged.clone()]);
+        std::fs::write(tree.join("Cargo.toml"), "").unwrap();
+        assert_eq!(
+            roots(None, Some(&exe)),
+            vec![tree.join("src/admin/ui/node_modules"), packaged]
+        );
+        let configured = Path::new("/opt/ui");
+        assert_eq!(roots(Some(configured), Some(&exe)), vec![configured]);
+        std::fs::remove_dir_all(&tree).unwrap();
+    }
+
     #[test]
     fn replaces_every_occurrence() {
         let out = super::replace(

@@ -17,7 +17,8 @@ use prometheus::proto::MetricFamily;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::metrics::Metrics;
+use crate::metrics::{merged_histogram, sum_by, Metrics};
+use lumen_plugins::cache::store::now_ms;
 
 /// Time between two points.
 pub const INTERVAL: Duration = Duration::from_secs(2);
@@ -57,7 +58,7 @@ pub struct Timeseries {
     pub points: Vec<Point>,
 }
 
-/// Cumulative histogram: upper bound (seconds) → count at or below it.
+/// Cumulative histogram: (upper bound in seconds, count at or below it), ending with `+Inf`.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Buckets(Vec<(f64, u64)>);
 
@@ -90,7 +91,7 @@ struct Ring {
 impl History {
     /// Takes a sample now and appends the point since the previous one.
     pub fn sample(&self, metrics: &Metrics) {
-        let now = totals(&metrics.registry.gather(), unix_ms());
+        let now = totals(&metrics.registry.gather(), now_ms());
         let mut ring = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(before) = &ring.last {
             if let Some(point) = point(before, &now) {
@@ -118,75 +119,32 @@ impl History {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn totals(families: &[MetricFamily], at_ms: u64) -> Totals {
-    let mut t = Totals {
-        at_ms,
-        ..Totals::default()
+    let total = |name: &str| {
+        sum_by(families, name, None)
+            .get("total")
+            .copied()
+            .unwrap_or(0)
     };
-    for family in families {
-        match family.name() {
-            "lumen_requests_total" => {
-                for m in family.get_metric() {
-                    let n = m.get_counter().get_value() as u64;
-                    t.requests += n;
-                    let status = m.get_label().iter().find(|l| l.name() == "status");
-                    if status.is_some_and(|l| l.value().starts_with('5')) {
-                        t.errors += n;
-                    }
-                }
-            }
-            "lumen_rate_limited_total" => t.rate_limited += counter_sum(family),
-            "lumen_tokens_total" => t.tokens += counter_sum(family),
-            "lumen_cache_requests_total" => {
-                for m in family.get_metric() {
-                    let n = m.get_counter().get_value() as u64;
-                    t.cache_lookups += n;
-                    let result = m.get_label().iter().find(|l| l.name() == "result");
-                    if result.is_some_and(|l| matches!(l.value(), "hit" | "coalesced")) {
-                        t.cache_hits += n;
-                    }
-                }
-            }
-            "lumen_request_duration_seconds" => t.duration = buckets(family),
-            "lumen_time_to_first_token_seconds" => t.ttft = buckets(family),
-            _ => {}
-        }
+    let statuses = sum_by(families, "lumen_requests_total", Some("status"));
+    let results = sum_by(families, "lumen_cache_requests_total", Some("result"));
+    let sum_where = |map: &BTreeMap<String, u64>, keep: fn(&str) -> bool| -> u64 {
+        map.iter().filter(|(k, _)| keep(k)).map(|(_, n)| n).sum()
+    };
+    Totals {
+        at_ms,
+        requests: statuses.values().sum(),
+        errors: sum_where(&statuses, |status| status.starts_with('5')),
+        rate_limited: total("lumen_rate_limited_total"),
+        cache_hits: sum_where(&results, |r| matches!(r, "hit" | "coalesced")),
+        cache_lookups: results.values().sum(),
+        tokens: total("lumen_tokens_total"),
+        duration: Buckets(merged_histogram(families, "lumen_request_duration_seconds")),
+        ttft: Buckets(merged_histogram(
+            families,
+            "lumen_time_to_first_token_seconds",
+        )),
     }
-    t
-}
-
-fn counter_sum(family: &MetricFamily) -> u64 {
-    family
-        .get_metric()
-        .iter()
-        .map(|m| m.get_counter().get_value() as u64)
-        .sum()
-}
-
-/// Every label set of a histogram family merged into one, ending with `+Inf` (every sample).
-fn buckets(family: &MetricFamily) -> Buckets {
-    let mut merged: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
-    let mut count = 0;
-    for m in family.get_metric() {
-        let h = m.get_histogram();
-        count += h.get_sample_count();
-        for b in h.get_bucket() {
-            let bound = b.upper_bound();
-            // Positive bounds order the same as their bit patterns.
-            merged.entry(bound.to_bits()).or_insert((bound, 0)).1 += b.cumulative_count();
-        }
-    }
-    let mut all: Vec<(f64, u64)> = merged.into_values().collect();
-    if all.last().is_none_or(|(bound, _)| bound.is_finite()) {
-        all.push((f64::INFINITY, count));
-    }
-    Buckets(all)
 }
 
 /// The point between two samples; `None` when the clock went backwards.

@@ -23,11 +23,11 @@ use super::reports::{
 };
 use crate::config::Snapshot;
 use crate::jobs::shapes::{
-    ChatJob, ErrorBody, ErrorDetail, GenerateBody, GenerateJob, GenerateTask, Generated,
-    JobEndpoint, JobFailed, JobMeta, JobMetrics, JobObject, JobStatus, StillRunning, StopWords,
-    SubmitJob, TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
+    ChatJob, ErrorBody, ErrorDetail, GenerateJob, GenerateTask, Generated, JobEndpoint, JobFailed,
+    JobMeta, JobMetrics, JobObject, StillRunning, StopWords, SubmitJob, TaskAnswer, TaskError,
+    TaskResult, TaskState, TaskStatus,
 };
-use crate::jobs::JobsHealth;
+use crate::jobs::{JobsHealth, Status};
 use crate::ledger::Counts;
 use crate::metrics::{Quantiles, RequestSummary, Summary, UpstreamSummary};
 use crate::ops::{
@@ -81,6 +81,17 @@ pub struct RerankRequest {
     query: String,
     #[schema(value_type = Vec<Object>)]
     documents: Vec<Value>,
+}
+
+/// `POST /generate` takes either shape; the body tells them apart (`content` and `meta`: shape
+/// B when it is on, else `prompt`: shape A when it is on). The handler picks the shape by those
+/// fields, then reads the body as that shape's type.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub enum GenerateBody {
+    ShapeB(GenerateJob),
+    ShapeA(GenerateTask),
 }
 
 /// What `POST /generate` answers with 202.
@@ -460,7 +471,7 @@ impl Modify for SecuritySchemes {
         operations::openapi_json,
     ),
     components(schemas(
-        SubmitJob, JobEndpoint, JobObject, JobStatus, JobMetrics, ErrorBody, ErrorDetail,
+        SubmitJob, JobEndpoint, JobObject, Status, JobMetrics, ErrorBody, ErrorDetail,
         GenerateBody, GenerateTask, GenerateJob, JobMeta, StopWords, ChatJob, Generated, StillRunning,
         JobFailed, TaskStatus, TaskState, TaskAnswer, TaskResult, TaskError, GenerateAccepted,
         Alive, Ready, HealthReport, RouteCounts, RedisHealth, ProviderHealth, JobsHealth,

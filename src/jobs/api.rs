@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::shapes::{
-    ChatJob, ErrorDetail, GenerateJob, GenerateTask, Generated, JobEndpoint, JobFailed,
+    ChatJob, ErrorDetail, GenerateJob, GenerateTask, Generated, JobEndpoint, JobFailed, JobMeta,
     StillRunning, SubmitJob, TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
 };
 use super::{JobSettings, JobView, Jobs, Status, Update};
@@ -179,79 +179,27 @@ pub async fn answer(
             Some(view) => Ok(Answer::Json(StatusCode::OK, to_json(&view.native()))),
             None => Err(GatewayError::JobNotFound(id)),
         },
-        Call::Generate | Call::ChatCompletion => {
-            let neither = "POST /generate takes either {\"prompt\", \"max_tokens\"?, \"temperature\"?, \"top_p\"?, \"user_id\"?, \"model\"?} or {\"job_id\", \"meta\": {…}, \"content\"}";
-            let (messages, meta, client_id) = if call == Call::ChatCompletion {
-                let req: ChatJob = typed_body(
-                    body,
-                    "POST /chat_completion takes {\"job_id\", \"meta\": {…}, \"messages\": [...]}",
-                )?;
-                (Value::Array(req.messages), req.meta, req.job_id)
+        Call::ChatCompletion => {
+            let req: ChatJob = typed_body(
+                body,
+                "POST /chat_completion takes {\"job_id\", \"meta\": {…}, \"messages\": [...]}",
+            )?;
+            let messages = Value::Array(req.messages);
+            submit_shape_b(jobs, config, principal, messages, req.meta, req.job_id).await
+        }
+        Call::Generate => {
+            let v = json_body(body)?;
+            let has = |field: &str| v.get(field).is_some();
+            if jobs.settings.shape_b && has("meta") && has("content") {
+                let req: GenerateJob = from_value(v, NEITHER_SHAPE)?;
+                let messages = json!([{"role": "user", "content": req.content}]);
+                submit_shape_b(jobs, config, principal, messages, req.meta, req.job_id).await
+            } else if jobs.settings.shape_a && has("prompt") {
+                let req: GenerateTask = from_value(v, NEITHER_SHAPE)?;
+                submit_shape_a(jobs, config, principal, req).await
             } else {
-                let v = json_body(body)?;
-                let has = |field: &str| v.get(field).is_some();
-                if jobs.settings.shape_b && has("meta") && has("content") {
-                    let req: GenerateJob = from_value(v, neither)?;
-                    (
-                        json!([{"role": "user", "content": req.content}]),
-                        req.meta,
-                        req.job_id,
-                    )
-                } else if jobs.settings.shape_a && has("prompt") {
-                    let req: GenerateTask = from_value(v, neither)?;
-                    let model = model_of(req.model.as_deref(), &jobs.settings)?;
-                    let mut chat = json!({
-                        "model": model,
-                        "messages": [{"role": "user", "content": req.prompt}],
-                        "max_tokens": req.max_tokens(),
-                        "temperature": req.temperature(),
-                        "top_p": req.top_p(),
-                    });
-                    if let Some(user) = req.user_id {
-                        chat["user"] = json!(user);
-                    }
-                    let (view, _) = submit(
-                        jobs,
-                        config,
-                        principal,
-                        Endpoint::ChatCompletions,
-                        chat,
-                        None,
-                    )
-                    .await?;
-                    return Ok(Answer::Json(
-                        StatusCode::ACCEPTED,
-                        to_json(&TaskStatus {
-                            status: TaskState::Queued,
-                            task_id: view.id,
-                            message: "Task queued for processing".into(),
-                        }),
-                    ));
-                } else {
-                    return Err(GatewayError::BadJob(neither.into()));
-                }
-            };
-            let model = model_of(meta.model.as_deref(), &jobs.settings)?;
-            let mut chat = json!({
-                "model": model,
-                "messages": messages,
-                "temperature": meta.temperature(),
-                "max_tokens": meta.tokens_limit(),
-            });
-            if let Some(stop) = meta.stop_words {
-                chat["stop"] = json!(stop);
+                Err(GatewayError::BadJob(NEITHER_SHAPE.into()))
             }
-            let client_id = job_id(client_id)?;
-            let (view, _) = submit(
-                jobs,
-                config,
-                principal,
-                Endpoint::ChatCompletions,
-                chat,
-                client_id,
-            )
-            .await?;
-            Ok(Answer::Wait(view.id, jobs.settings.wait_timeout))
         }
         Call::Status(id) => Ok(Answer::Json(
             StatusCode::OK,
@@ -263,6 +211,77 @@ pub async fn answer(
         )),
         Call::Stream(id) => Ok(Answer::Events(find(id).await?.id, Style::ShapeA)),
     }
+}
+
+const NEITHER_SHAPE: &str = "POST /generate takes either {\"prompt\", \"max_tokens\"?, \"temperature\"?, \"top_p\"?, \"user_id\"?, \"model\"?} or {\"job_id\", \"meta\": {…}, \"content\"}";
+
+/// Shape A: queues the prompt as a chat job and answers its `task_id` at once.
+async fn submit_shape_a(
+    jobs: &Jobs,
+    config: &Snapshot,
+    principal: &Arc<Principal>,
+    req: GenerateTask,
+) -> Result<Answer, GatewayError> {
+    let model = model_of(req.model.as_deref(), &jobs.settings)?;
+    let mut chat = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": req.prompt}],
+        "max_tokens": req.max_tokens(),
+        "temperature": req.temperature(),
+        "top_p": req.top_p(),
+    });
+    if let Some(user) = req.user_id {
+        chat["user"] = json!(user);
+    }
+    let (view, _) = submit(
+        jobs,
+        config,
+        principal,
+        Endpoint::ChatCompletions,
+        chat,
+        None,
+    )
+    .await?;
+    Ok(Answer::Json(
+        StatusCode::ACCEPTED,
+        to_json(&TaskStatus {
+            status: TaskState::Queued,
+            task_id: view.id,
+            message: "Task queued for processing".into(),
+        }),
+    ))
+}
+
+/// Shape B: queues the messages as a chat job; the answer waits for it (`jobs.wait_timeout`).
+async fn submit_shape_b(
+    jobs: &Jobs,
+    config: &Snapshot,
+    principal: &Arc<Principal>,
+    messages: Value,
+    meta: JobMeta,
+    client_id: Option<String>,
+) -> Result<Answer, GatewayError> {
+    let model = model_of(meta.model.as_deref(), &jobs.settings)?;
+    let mut chat = json!({
+        "model": model,
+        "messages": messages,
+        "temperature": meta.temperature(),
+        "max_tokens": meta.tokens_limit(),
+    });
+    if let Some(stop) = meta.stop_words {
+        chat["stop"] = json!(stop);
+    }
+    let client_id = job_id(client_id)?;
+    let (view, _) = submit(
+        jobs,
+        config,
+        principal,
+        Endpoint::ChatCompletions,
+        chat,
+        client_id,
+    )
+    .await?;
+    Ok(Answer::Wait(view.id, jobs.settings.wait_timeout))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Value {
@@ -469,7 +488,7 @@ pub async fn wait(jobs: &Jobs, owner: &str, id: &str, timeout: Duration) -> (Sta
             to_json(&StillRunning {
                 poll: format!("/v1/jobs/{}", view.id),
                 job_id: view.id,
-                status: view.status.into(),
+                status: view.status,
             }),
         ),
     }

@@ -330,6 +330,15 @@ mod tests {
         Arc::new(Principal::new(id, None, None))
     }
 
+    /// Submits a job for `key` and takes it as a worker would: it is processing now.
+    async fn running(m: &Memory, key: &str, id: &str) -> Arc<Job> {
+        m.submit(&owner(key), Endpoint::ChatCompletions, json!({}), id.into())
+            .unwrap();
+        let job = m.take().await.unwrap();
+        assert!(job.start());
+        job
+    }
+
     #[test]
     fn a_client_id_is_idempotent_per_key_and_private_to_it() {
         let m = memory(10, 10);
@@ -383,15 +392,7 @@ mod tests {
     #[tokio::test]
     async fn a_late_watcher_starts_from_the_text_so_far_without_repeats() {
         let m = memory(3, 3);
-        m.submit(
-            &owner("a"),
-            Endpoint::ChatCompletions,
-            json!({}),
-            "j".into(),
-        )
-        .unwrap();
-        let job = m.take().await.unwrap();
-        assert!(job.start());
+        let job = running(&m, "a", "j").await;
         job.delta("one ");
         let (view, text, mut sub) = m.subscribe("a", "j").unwrap();
         assert_eq!((view.status, text.as_str()), (Status::Processing, "one "));
@@ -411,15 +412,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancel_before_the_worker_listens_still_stops_it() {
         let m = memory(3, 3);
-        m.submit(
-            &owner("a"),
-            Endpoint::ChatCompletions,
-            json!({}),
-            "j".into(),
-        )
-        .unwrap();
-        let job = m.take().await.unwrap();
-        assert!(job.start());
+        let job = running(&m, "a", "j").await;
         // Cancelled between dequeue and the worker subscribing to the flag.
         m.cancel("a", "j").unwrap();
         let mut flag = job.cancelled();

@@ -95,8 +95,10 @@ impl JobSettings {
     }
 }
 
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a job is in its life (as the native API spells it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[schema(as = JobStatus)]
 pub enum Status {
     Queued,
     Processing,

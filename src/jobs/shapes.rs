@@ -8,29 +8,6 @@ use utoipa::ToSchema;
 
 use super::{JobView, Status};
 
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    Queued,
-    Processing,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl From<Status> for JobStatus {
-    fn from(s: Status) -> JobStatus {
-        match s {
-            Status::Queued => JobStatus::Queued,
-            Status::Processing => JobStatus::Processing,
-            Status::Completed => JobStatus::Completed,
-            Status::Failed => JobStatus::Failed,
-            Status::Cancelled => JobStatus::Cancelled,
-        }
-    }
-}
-
 /// The OpenAI endpoint a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 pub enum JobEndpoint {
@@ -97,7 +74,7 @@ pub struct JobObject {
     pub id: String,
     /// Always `job`.
     pub object: &'static str,
-    pub status: JobStatus,
+    pub status: Status,
     /// Unix seconds.
     pub created_at: u64,
     pub started_at: Option<u64>,
@@ -142,7 +119,7 @@ impl JobView {
         JobObject {
             id: self.id.clone(),
             object: "job",
-            status: self.status.into(),
+            status: self.status,
             created_at: self.created_us / 1_000_000,
             started_at: self.started_us.map(|t| t / 1_000_000),
             finished_at: self.finished_us.map(|t| t / 1_000_000),
@@ -327,7 +304,7 @@ pub struct Generated {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StillRunning {
     pub job_id: String,
-    pub status: JobStatus,
+    pub status: Status,
     /// `/v1/jobs/{job_id}`.
     pub poll: String,
 }
@@ -337,15 +314,4 @@ pub struct StillRunning {
 pub struct JobFailed {
     pub error: ErrorDetail,
     pub job_id: String,
-}
-
-/// `POST /generate` takes either shape; the body tells them apart (`content` and `meta`: shape
-/// B when it is on, else `prompt`: shape A when it is on). Describes the body for the spec; the
-/// handler picks the shape by those fields, then reads it as that shape's type.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-#[serde(untagged)]
-pub enum GenerateBody {
-    ShapeB(GenerateJob),
-    ShapeA(GenerateTask),
 }
