@@ -93,6 +93,9 @@ impl Reply {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Admin answers are built from memory without reading a body: the connection goes on
+        // the keep-alive clock now (the answer is written after this returns).
+        crate::conn::request_finished(session);
         let head = session.req_header();
         let path = head.uri.path().to_string();
         let query = head.uri.query().unwrap_or("").to_string();
@@ -220,7 +223,7 @@ impl AdminApp {
 
 /// Whether a Host header names this machine without DNS: `localhost` or an IP literal, with
 /// or without a port.
-fn local_host(host: &str) -> bool {
+pub(crate) fn local_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         // [v6]:port
         Some(rest) => {

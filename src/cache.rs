@@ -26,6 +26,7 @@ use crate::ctx::RequestCtx;
 use crate::forward::add_headers;
 use crate::openai::{Endpoint, LlmRequest};
 use crate::routing::Route;
+use crate::usage::UsageStrip;
 
 /// Largest entry sent to Redis: bigger answers stay in this node's memory only.
 const REDIS_MAX_ENTRY: usize = 4 * 1024 * 1024;
@@ -103,21 +104,14 @@ pub fn plan(
     let key = policy::key(policy.scope, scope_id, &route.name, &req.model, api, &body);
     let items = match api {
         Api::Embeddings => policy::embed::items(&body).map(|items| {
-            let keys = items
-                .iter()
-                .map(|item| {
-                    let mut one = body.clone();
-                    one["input"] = item.clone();
-                    policy::key(
-                        policy.scope,
-                        scope_id,
-                        &route.name,
-                        &req.model,
-                        Api::EmbeddingItem,
-                        &one,
-                    )
-                })
-                .collect();
+            let keys = policy::item_keys(
+                policy.scope,
+                scope_id,
+                &route.name,
+                &req.model,
+                &body,
+                &items,
+            );
             Items { body, items, keys }
         }),
         _ => None,
@@ -250,6 +244,9 @@ pub async fn follow(
     ctx.stream = head.sse;
     let mut written = false;
     let mut seen = 0;
+    // The leader's stream carries the usage chunk Lumen always asks for; a follower that did
+    // not ask for it must not see it (every client gets exactly the stream it asked for).
+    let mut strip = (head.sse && !plan.include_usage).then(UsageStrip::default);
     loop {
         let update = flight.next(seen, wait).await;
         if update.chunks.is_empty() && update.end.is_none() {
@@ -268,6 +265,13 @@ pub async fn follow(
         }
         for chunk in update.chunks {
             seen += 1;
+            let chunk = match strip.as_mut() {
+                Some(strip) => strip.filter(chunk),
+                None => chunk,
+            };
+            if chunk.is_empty() {
+                continue;
+            }
             if let Err(e) = s.write_response_body(Some(chunk), false).await {
                 return Followed::Done(Err(e));
             }
@@ -283,6 +287,13 @@ pub async fn follow(
                     }
                 }
                 ctx.usage_total = body.as_deref().and_then(usage_total);
+                if let Some(rest) = strip.as_mut().map(UsageStrip::finish) {
+                    if !rest.is_empty() {
+                        if let Err(e) = s.write_response_body(Some(rest), false).await {
+                            return Followed::Done(Err(e));
+                        }
+                    }
+                }
                 return Followed::Done(s.write_response_body(None, true).await);
             }
             Some(End::Failed) if !written => return Followed::TakeOver,

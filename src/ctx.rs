@@ -56,7 +56,8 @@ pub struct RequestCtx {
     /// This request's in-flight slot under its key's concurrency limit (in process: released
     /// on drop; in Redis: released in the logging phase).
     pub in_flight: Option<lumen_plugins::rate_limit::InFlight>,
-    pub shared_slot: Option<lumen_plugins::rate_limit::shared::SharedSlot>,
+    /// The fleet-wide slot (Redis): given back by the guard when the request ends, however.
+    pub shared_slot: Option<lumen_plugins::rate_limit::shared::SlotGuard>,
     /// Tokens reserved under the key's token budgets; settled in the logging phase.
     pub tokens: Option<TokenHold>,
     /// Read usage off the response (and ask streams for it): set when tokens are reserved.
@@ -65,6 +66,12 @@ pub struct RequestCtx {
     pub strip_usage: bool,
     /// Total tokens the provider reported, when it did.
     pub usage_total: Option<u64>,
+    /// Tokens estimated from what was sent and streamed, when a committed answer carried no
+    /// usage (a stream cut short, a provider that reports none): what budgets and quotas
+    /// settle on then. Never zero for an answer that started.
+    pub usage_estimate: Option<u64>,
+    /// The prompt's share of the estimate (from the body's size), set when forwarding starts.
+    pub prompt_estimate: u64,
     /// (prompt, completion) tokens the provider reported, when it did.
     pub usage_split: Option<(u64, u64)>,
     /// The route's configured name (a bounded metrics label), once resolved.
@@ -136,6 +143,8 @@ impl RequestCtx {
             track_usage: false,
             strip_usage: false,
             usage_total: None,
+            usage_estimate: None,
+            prompt_estimate: 0,
             usage_split: None,
             route: None,
             provider: None,
@@ -164,6 +173,12 @@ impl Default for RequestCtx {
 pub fn accept_request_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A gateway-made id for one request's fleet-wide concurrency slot: unique per request
+/// whatever the client sends as its request id.
+pub fn new_slot_id() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
 /// A fresh 128-bit random id in hex.

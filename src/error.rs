@@ -27,6 +27,8 @@ pub enum RequestError {
     },
     #[error("missing required parameter `{0}`")]
     MissingField(&'static str),
+    #[error("the request body must be JSON: send `Content-Type: application/json`")]
+    NotJson,
 }
 
 /// An upstream that did not give a usable answer.
@@ -40,6 +42,9 @@ pub enum UpstreamError {
     Protocol { provider: String },
     #[error("provider `{provider}` answered with HTTP {status}")]
     Status { provider: String, status: u16 },
+    /// A success that cannot be what was asked for (e.g. fewer embeddings than inputs).
+    #[error("provider `{provider}` sent an answer that does not fit the request: {detail}")]
+    Mismatch { provider: String, detail: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +75,8 @@ pub enum GatewayError {
     JobRefused(#[from] crate::jobs::SubmitError),
     #[error("{0}")]
     BadJob(String),
+    #[error("with auth off, this gateway answers only requests addressed to localhost or an IP address (the Host header)")]
+    HostNotAllowed,
 }
 
 /// What a client sees of an error.
@@ -137,6 +144,12 @@ impl GatewayError {
                     Some("missing_required_parameter"),
                     Some(*field),
                 ),
+                R::NotJson => (
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request_error",
+                    Some("unsupported_media_type"),
+                    None,
+                ),
             },
             G::Auth(_) => (
                 StatusCode::UNAUTHORIZED,
@@ -188,6 +201,12 @@ impl GatewayError {
                     Some("upstream_error"),
                     None,
                 ),
+                U::Mismatch { .. } => (
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    Some("upstream_invalid_answer"),
+                    None,
+                ),
             },
             G::NoTarget { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -231,6 +250,13 @@ impl GatewayError {
                 Some("invalid_job"),
                 None,
             ),
+            // Not a permission of the caller's: the request was not meant for this gateway.
+            G::HostNotAllowed => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                Some("host_not_allowed"),
+                None,
+            ),
         };
         ErrorParts {
             status,
@@ -267,6 +293,8 @@ mod tests {
         assert_eq!(s(GatewayError::ModelNotFound("x".into())), 404);
         assert_eq!(s(lumen_plugins::auth::AuthError::UnknownKey.into()), 401);
         assert_eq!(s(GatewayError::ModelNotAllowed("x".into())), 403);
+        assert_eq!(s(GatewayError::HostNotAllowed), 403);
+        assert_eq!(s(RequestError::NotJson.into()), 415);
         assert_eq!(
             s(UpstreamError::Connect {
                 provider: "p".into()

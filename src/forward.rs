@@ -26,9 +26,9 @@ use crate::config::Provider;
 use crate::ctx::RequestCtx;
 use crate::error::{GatewayError, UpstreamError};
 use crate::health::quota::{read_provider_limits, Quotas};
-use crate::health::{HealthTable, Outcome, Permit};
+use crate::health::{HealthTable, Outcome, Permit, TargetHealth};
 use crate::metrics::Metrics;
-use crate::openai::{body_for_target, body_with_usage, LlmRequest, DEFAULT_COMPLETION_TOKENS};
+use crate::openai::{body_with_usage, LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::retry::{Failure, RetryPolicy};
 use crate::routing::{Route, Target};
 use crate::usage::{UsageStrip, UsageTap};
@@ -72,15 +72,28 @@ const NOT_FORWARDED: &[&str] = &[
     "x-request-id",
     // We read usage from responses, so ask for them uncompressed.
     "accept-encoding",
+    // `Expect: 100-continue` is answered at the edge (the body is already read): a provider's
+    // interim `100 Continue` must never be taken for its answer.
+    "expect",
 ];
 
-/// Response headers from the provider that describe its connection to us, not the answer.
-const NOT_RETURNED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "x-request-id",
+/// Response headers passed from a provider to the client: what describes the answer itself.
+/// Everything else (cookies, `server`, the provider's organisation, its `x-ratelimit-*` for our
+/// provider key, framing of its connection to us) stays behind: the client's rate-limit
+/// headers are Lumen's own, set once.
+const RETURNED: &[&str] = &[
+    "content-type",
+    "content-encoding",
+    "cache-control",
+    "retry-after",
+    "retry-after-ms",
+    "openai-processing-ms",
+    "openai-version",
 ];
+
+/// The provider's own request id, returned under this name (for support tickets with the
+/// provider); `x-request-id` is Lumen's.
+const UPSTREAM_REQUEST_ID: &str = "x-lumen-upstream-request-id";
 
 /// Idle keep-alive connections kept across all providers. Many concurrent streams finish at
 /// once; a small pool would close most of their connections only to reopen them.
@@ -157,6 +170,7 @@ impl Forwarder {
             })
             .collect();
         let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
+        ctx.prompt_estimate = req.token_estimate(0);
         let order = match balance::order(route, &states, up.health, estimate) {
             Ok(order) => order,
             Err(none) => return Err(self.no_target(ctx, route, &none, up.metrics)),
@@ -205,6 +219,9 @@ impl Forwarder {
             let Some(permit) = circuit.acquire(up.health.now_ms(), &provider.circuit) else {
                 continue;
             };
+            // From here the permit is held by a guard: a half-open trial that never reports
+            // (a panic, a dropped future) is handed back, so the circuit cannot stay stuck.
+            let mut permit = PermitGuard::new(permit, &state.model);
             let quota = match up
                 .quotas
                 .take(&provider.quota, &state.provider, up.health)
@@ -212,7 +229,9 @@ impl Forwarder {
             {
                 Ok(hold) => hold,
                 Err(_) => {
-                    circuit.record(permit, Outcome::Neutral, 0, &provider.circuit);
+                    if let Some(permit) = permit.take() {
+                        circuit.record(permit, Outcome::Neutral, 0, &provider.circuit);
+                    }
                     continue;
                 }
             };
@@ -239,7 +258,7 @@ impl Forwarder {
             let in_flight = state.provider.enter();
             // The circuit learns the outcome at the commit point (a half-open trial must not
             // wait for a long stream to end), or when the attempt fails.
-            let mut permit = Some(permit);
+            crate::faults::maybe_panic(session.req_header(), "attempt");
             ctx.attempt_started = Some(Instant::now());
             let attempt = self
                 .attempt(
@@ -273,8 +292,10 @@ impl Forwarder {
                             Outcome::Failure,
                         );
                     }
-                    // A committed answer was billed: its reported usage, else the estimate.
-                    let used = ctx.usage_total.unwrap_or(estimate);
+                    // A committed answer costs what the provider reported; without a report,
+                    // what was streamed (estimated). The reservation's estimate is never
+                    // charged: a client's `max_tokens` must not drain a provider's quota.
+                    let used = ctx.usage_total.or(ctx.usage_estimate).unwrap_or(0);
                     up.quotas.settle(quota, used).await;
                     return result;
                 }
@@ -379,7 +400,7 @@ impl Forwarder {
         ctx: &mut RequestCtx,
         req: &LlmRequest,
         (target, state): (&Target, &TargetState),
-        permit: &mut Option<Permit>,
+        permit: &mut PermitGuard,
         policy: &RetryPolicy,
         deadline: Option<Instant>,
         up: &Upstreams<'_>,
@@ -392,15 +413,10 @@ impl Forwarder {
                 answer: None,
             })
         };
-        let track_usage = ctx.track_usage
-            || !provider.quota.tokens.is_empty()
-            || ctx.config.as_ref().is_some_and(|c| c.usage.enabled);
-        ctx.strip_usage = track_usage && crate::openai::adds_usage(req);
-        let body = if track_usage {
-            body_with_usage(req, target.model_json.as_ref())
-        } else {
-            body_for_target(req, target.model_json.as_ref())
-        };
+        // Streams always ask for the usage chunk (budgets, quotas and the ledger settle on
+        // it, whatever the client set); the client sees it only if it asked.
+        ctx.strip_usage = crate::openai::adds_usage(req);
+        let body = body_with_usage(req, target.model_json.as_ref());
         let head =
             match upstream_request(session.req_header(), provider, req, &body, &ctx.request_id) {
                 Ok(head) => head,
@@ -429,10 +445,11 @@ impl Forwarder {
         };
         let status = upstream_head.status.as_u16();
         read_provider_limits(status, &upstream_head.headers, &state.model, up.health);
-        let mut head = Box::new(upstream_head.clone());
-        for name in NOT_RETURNED {
-            head.remove_header(*name);
-        }
+        // Our own head in our own HTTP version, with the provider's answer headers only.
+        let head = match client_head(upstream_head) {
+            Ok(head) => head,
+            Err(_) => return failed(Failure::Dropped, protocol_error(provider)),
+        };
 
         // A status this route retries: keep the answer (it is the last error if nothing else
         // answers) and let the loop try again.
@@ -517,13 +534,14 @@ impl Forwarder {
     }
 
     /// The commit point: writes the response head and the first chunk, then streams the rest
-    /// as it arrives.
+    /// as it arrives. Whatever way it ends, the usage the provider reported (or, for a stream
+    /// cut short, an estimate of what was generated) is left in `ctx` for settling.
     #[allow(clippy::too_many_arguments)]
     async fn stream_to_client(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut upstream: HttpSession,
+        upstream: HttpSession,
         mut head: Box<ResponseHeader>,
         first: Option<Bytes>,
         peer: &HttpPeer,
@@ -534,6 +552,10 @@ impl Forwarder {
             .headers
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if sse {
+            // Stripping the usage chunk changes the length: a stream is always chunked.
+            head.remove_header(&CONTENT_LENGTH);
+        }
         add_headers(&mut head, &ctx.response_headers);
         let _ = head.insert_header("x-lumen-provider", provider.name.as_str());
         let _ = head.insert_header("x-lumen-attempts", ctx.attempts);
@@ -544,6 +566,39 @@ impl Forwarder {
         if let Some(fill) = ctx.fill.as_mut() {
             fill.head(ctx.status, sse, &provider.name);
         }
+        // Usage is read off every success: for token budgets and quotas, metrics and the usage
+        // ledger.
+        let mut tap = (ctx.status < 300).then(|| UsageTap::new(sse));
+        let result = self
+            .pump(session, ctx, upstream, head, first, peer, provider, up, &mut tap)
+            .await;
+        if let Some(tap) = tap.as_mut() {
+            ctx.usage_total = tap.total_tokens();
+            ctx.usage_split = tap.split();
+            if ctx.usage_total.is_none() {
+                ctx.usage_estimate = Some(ctx.prompt_estimate.saturating_add(tap.estimate()));
+            }
+        }
+        result
+    }
+
+    /// Copies the provider's answer to the client (or into the capture), chunk by chunk. A
+    /// stream must end with `data: [DONE]`: one that ends without it was cut, and ends with an
+    /// error event like any other broken stream (never cached, counted as failed).
+    #[allow(clippy::too_many_arguments)]
+    async fn pump(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut upstream: HttpSession,
+        head: Box<ResponseHeader>,
+        first: Option<Bytes>,
+        peer: &HttpPeer,
+        provider: &Provider,
+        up: &Upstreams<'_>,
+        tap: &mut Option<UsageTap>,
+    ) -> Result<(), ForwardError> {
+        let sse = ctx.stream;
         // Captured (the pipeline rewrites the answer, e.g. merging cached embeddings): nothing
         // goes to the client from here.
         let capture = ctx.capture.is_some();
@@ -552,19 +607,20 @@ impl Forwarder {
         } else if session.write_response_header(head, false).await.is_err() {
             return Err(ForwardError::ClientGone);
         }
-        // Usage is read off every success: for token budgets and quotas, metrics and the usage
-        // ledger.
-        let mut tap = (ctx.status < 300).then(|| UsageTap::new(sse));
         // The usage chunk Lumen asked for on the client's behalf is not the client's to see.
         let mut strip = (sse && ctx.strip_usage).then(UsageStrip::default);
+        let mut done = DoneWatch::default();
         let mut next = first;
-        let mut ends_event;
+        let mut ends_event = true;
         loop {
             let Some(chunk) = next.take() else {
                 break;
             };
             if let Some(tap) = tap.as_mut() {
                 tap.observe(&chunk);
+            }
+            if sse {
+                done.observe(&chunk);
             }
             if let Some(fill) = ctx.fill.as_mut() {
                 fill.chunk(&chunk);
@@ -573,7 +629,9 @@ impl Forwarder {
                 Some(strip) => strip.filter(chunk),
                 None => chunk,
             };
-            ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
+            if !chunk.is_empty() {
+                ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
+            }
             if chunk.is_empty() && strip.is_some() {
                 // Held back (part of an event) or stripped: nothing to write.
             } else if let Some(captured) = ctx.capture.as_mut() {
@@ -594,33 +652,37 @@ impl Forwarder {
                 Ok(chunk) => next = chunk,
                 Err(e) => {
                     let error = classify(provider, &e);
-                    up.metrics
-                        .upstream_errors
-                        .with_label_values(&[&provider.name, error_kind(&error)])
-                        .inc();
-                    if capture {
-                        return Err(ForwardError::BeforeResponse(error.into()));
-                    }
-                    if sse {
-                        // A clean, parseable end rather than a silent truncation: OpenAI SDKs
-                        // raise on an `error` object in the stream. If the provider stopped
-                        // mid-event, end that event first so ours parses on its own.
-                        let event = sse_error_event(&error);
-                        let event = if ends_event {
-                            event
-                        } else {
-                            let mut e = BytesMut::from(&b"\n\n"[..]);
-                            e.extend_from_slice(&event);
-                            e.freeze()
-                        };
-                        let _ = session.write_response_body(Some(event), true).await;
-                    }
-                    return Err(ForwardError::AfterResponse { error, sse });
+                    let broken = self
+                        .broken(session, provider, up, error, sse && !capture, ends_event)
+                        .await;
+                    return Err(match broken {
+                        // Nothing reached the client: the pipeline reports it.
+                        ForwardError::AfterResponse { error, .. } if capture => {
+                            ForwardError::BeforeResponse(error.into())
+                        }
+                        other => other,
+                    });
                 }
             }
         }
-        ctx.usage_total = tap.as_mut().and_then(UsageTap::total_tokens);
-        ctx.usage_split = tap.as_mut().and_then(UsageTap::split);
+        if sse && !done.seen() {
+            // Closed (or chunk-terminated) before `[DONE]`: a truncated stream, not an end.
+            let error = protocol_error(provider);
+            let pending = strip.as_mut().map(UsageStrip::finish).unwrap_or_default();
+            if !capture && !pending.is_empty() {
+                ends_event = pending.ends_with(b"\n\n");
+                if session
+                    .write_response_body(Some(pending), false)
+                    .await
+                    .is_err()
+                {
+                    return Err(ForwardError::ClientGone);
+                }
+            }
+            return Err(self
+                .broken(session, provider, up, error, !capture, ends_event)
+                .await);
+        }
         if let Some(rest) = strip
             .as_mut()
             .map(UsageStrip::finish)
@@ -644,8 +706,43 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Writes the request and reads the response head. A pooled connection the provider closed
-    /// while idle fails on first use; that one case is retried once on a fresh connection.
+    /// The provider failed after the answer was committed: counts it, and for a stream sent
+    /// to the client ends it with an error event (OpenAI SDKs raise on an `error` object in
+    /// the stream), on a fresh line if the provider stopped mid-event.
+    async fn broken(
+        &self,
+        session: &mut Session,
+        provider: &Provider,
+        up: &Upstreams<'_>,
+        error: UpstreamError,
+        sse_to_client: bool,
+        ends_event: bool,
+    ) -> ForwardError {
+        up.metrics
+            .upstream_errors
+            .with_label_values(&[&provider.name, error_kind(&error)])
+            .inc();
+        if sse_to_client {
+            let event = sse_error_event(&error);
+            let event = if ends_event {
+                event
+            } else {
+                let mut e = BytesMut::from(&b"\n\n"[..]);
+                e.extend_from_slice(&event);
+                e.freeze()
+            };
+            let _ = session.write_response_body(Some(event), true).await;
+        }
+        ForwardError::AfterResponse {
+            error,
+            sse: sse_to_client,
+        }
+    }
+
+    /// Writes the request and reads the response head (skipping interim 1xx answers). A
+    /// pooled connection found closed while the request was being written never delivered
+    /// it: that one case is retried at once on a fresh connection. Once the request is
+    /// written, a failure is an attempt like any other (the provider may have run it).
     async fn exchange(
         &self,
         provider: &Provider,
@@ -664,15 +761,106 @@ impl Forwarder {
             // response head and then for each body chunk.
             upstream.set_read_timeout(Some(provider.timeout));
             upstream.set_write_timeout(Some(provider.timeout));
-            match send(&mut upstream, head.clone(), body).await {
-                Ok(()) => return Ok(upstream),
+            match write_request(&mut upstream, head.clone(), body).await {
+                Ok(()) => {}
                 Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {
                     stale_retry_left = false;
+                    continue;
                 }
                 Err(e) => return Err(classify(provider, &e)),
             }
+            read_final_head(&mut upstream)
+                .await
+                .map_err(|e| classify(provider, &e))?;
+            return Ok(upstream);
         }
     }
+}
+
+/// Watches a stream for its `data: [DONE]` line, across chunk boundaries.
+#[derive(Default)]
+struct DoneWatch {
+    /// The end of the stream so far (enough to hold `data: [DONE]` split anywhere).
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+impl DoneWatch {
+    const MARK: &'static [u8] = b"data: [DONE]";
+
+    fn observe(&mut self, chunk: &[u8]) {
+        if self.seen {
+            return;
+        }
+        self.tail.extend_from_slice(chunk);
+        if self.tail.windows(Self::MARK.len()).any(|w| w == Self::MARK)
+            || self.tail.windows(11).any(|w| w == b"data:[DONE]")
+        {
+            self.seen = true;
+        }
+        let keep = Self::MARK.len();
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+    }
+
+    fn seen(&self) -> bool {
+        self.seen
+    }
+}
+
+/// A circuit permit held for one attempt. Recorded through [`PermitGuard::take`]; dropped
+/// unrecorded (a panic, a dropped future), a half-open trial is handed back so the next
+/// request can take it, instead of the circuit answering `circuit_open` forever.
+pub struct PermitGuard {
+    permit: Option<Permit>,
+    target: std::sync::Arc<TargetHealth>,
+}
+
+impl PermitGuard {
+    fn new(permit: Permit, target: &std::sync::Arc<TargetHealth>) -> PermitGuard {
+        PermitGuard {
+            permit: Some(permit),
+            target: target.clone(),
+        }
+    }
+
+    /// The permit, to record an outcome with (once).
+    fn take(&mut self) -> Option<Permit> {
+        self.permit.take()
+    }
+}
+
+impl Drop for PermitGuard {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.target.circuit.abandon(permit);
+        }
+    }
+}
+
+/// The client's response head made from a provider's: the provider's status and the headers
+/// in [`RETURNED`], in Lumen's own HTTP version (Pingora writes it), never the provider's.
+fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>> {
+    let mut head = ResponseHeader::build(upstream.status, Some(RETURNED.len() + 8))?;
+    for name in RETURNED {
+        for value in upstream.headers.get_all(*name) {
+            head.append_header(*name, value.clone())?;
+        }
+    }
+    // A JSON answer keeps its length (so the client sees a complete body, or a dropped
+    // connection); a stream's is removed by the caller, which may change it.
+    if let Some(length) = upstream.headers.get(CONTENT_LENGTH) {
+        head.insert_header(CONTENT_LENGTH, length.clone())?;
+    }
+    if let Some(id) = upstream
+        .headers
+        .get("x-request-id")
+        .filter(|v| v.len() <= 256)
+    {
+        head.insert_header(UPSTREAM_REQUEST_ID, id.clone())?;
+    }
+    Ok(Box::new(head))
 }
 
 /// Feeds an attempt's outcome to its target's circuit, updating the gauge and logging when the
@@ -733,7 +921,7 @@ fn failure_of(e: &UpstreamError) -> Failure {
     match e {
         UpstreamError::Connect { .. } => Failure::Connect,
         UpstreamError::Timeout { .. } => Failure::Timeout,
-        UpstreamError::Protocol { .. } => Failure::Dropped,
+        UpstreamError::Protocol { .. } | UpstreamError::Mismatch { .. } => Failure::Dropped,
         UpstreamError::Status { status, .. } => Failure::Status(*status),
     }
 }
@@ -756,7 +944,7 @@ fn protocol_error(provider: &Provider) -> UpstreamError {
     }
 }
 
-async fn send(
+async fn write_request(
     upstream: &mut HttpSession,
     head: RequestHeader,
     body: &[Bytes],
@@ -765,12 +953,30 @@ async fn send(
     for piece in body.iter().filter(|p| !p.is_empty()) {
         upstream.write_request_body(piece.clone(), false).await?;
     }
-    upstream.finish_request_body().await?;
-    upstream.read_response_header().await
+    upstream.finish_request_body().await
 }
 
-/// A reused connection that turned out to be closed: safe to retry, the provider never
-/// received the request.
+/// Most interim answers one exchange may send before its real one (a provider looping on
+/// `103 Early Hints` must not hold a request forever).
+const MAX_INTERIM: usize = 8;
+
+/// Reads the response head, skipping interim 1xx answers (`100 Continue`, `103 Early Hints`):
+/// they are not the answer, and reading a body after one would be a protocol error.
+async fn read_final_head(upstream: &mut HttpSession) -> pingora::Result<()> {
+    for _ in 0..=MAX_INTERIM {
+        upstream.read_response_header().await?;
+        let interim = upstream
+            .response_header()
+            .is_some_and(|h| h.status.is_informational());
+        if !interim {
+            return Ok(());
+        }
+    }
+    pingora::Error::e_explain(ErrorType::InvalidHTTPHeader, "too many interim answers")
+}
+
+/// A reused connection that turned out to be closed while the request was being written:
+/// safe to retry, the provider never received a whole request.
 fn is_stale_connection(e: &pingora::Error) -> bool {
     matches!(
         e.etype(),
@@ -804,6 +1010,7 @@ fn error_kind(e: &UpstreamError) -> &'static str {
         UpstreamError::Timeout { .. } => "timeout",
         UpstreamError::Protocol { .. } => "protocol",
         UpstreamError::Status { .. } => "status",
+        UpstreamError::Mismatch { .. } => "mismatch",
     }
 }
 

@@ -7,6 +7,7 @@
 //! | module | what it does |
 //! |---|---|
 //! | [`config`] | YAML → validated, immutable [`config::Snapshot`] (read through `arc-swap`) |
+//! | [`conn`] | client connections: request-head and keep-alive timeouts, the connection cap |
 //! | [`pipeline`] | the `ProxyHttp` impl: the request pipeline, phase by phase |
 //! | [`openai`] | endpoints and the few body fields routing needs |
 //! | [`routing`] | model name → route → targets |
@@ -37,8 +38,10 @@ pub mod admin_cli;
 pub mod balance;
 pub mod cache;
 pub mod config;
+pub mod conn;
 pub mod ctx;
 pub mod error;
+pub mod faults;
 pub mod forward;
 pub mod health;
 pub mod jobs;
@@ -61,7 +64,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::proxy::{http_proxy_service, HttpProxy};
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
@@ -85,16 +88,13 @@ pub enum SetupError {
 pub fn proxy_service(
     server_conf: &Arc<ServerConf>,
     gateway: Gateway,
-) -> Result<Service<HttpProxy<Gateway>>, SetupError> {
+) -> Result<Service<conn::Guarded<HttpProxy<Gateway>>>, SetupError> {
     let snapshot = gateway.config.load_full();
-    let mut service = http_proxy_service(server_conf, gateway);
-    let mut h2c = false;
+    let h2c = snapshot.listeners.iter().any(|l| l.tls.is_none() && l.h2c);
+    let mut service = guarded_proxy(server_conf, gateway, h2c);
     for listener in &snapshot.listeners {
         match &listener.tls {
-            None => {
-                h2c |= listener.h2c;
-                service.add_tcp(&listener.addr);
-            }
+            None => service.add_tcp(&listener.addr),
             Some((cert, key)) => {
                 let mut tls =
                     TlsSettings::intermediate(cert, key).map_err(|e| SetupError::Listener {
@@ -106,14 +106,32 @@ pub fn proxy_service(
             }
         }
     }
-    if h2c {
-        if let Some(app) = service.app_logic_mut() {
-            let mut options = HttpServerOptions::default();
-            options.h2c = true;
-            app.server_options = Some(options);
-        }
-    }
     Ok(service)
+}
+
+/// The proxy app behind the connection limits of `server:`, with no listener yet.
+fn guarded_proxy(
+    server_conf: &Arc<ServerConf>,
+    gateway: Gateway,
+    h2c: bool,
+) -> Service<conn::Guarded<HttpProxy<Gateway>>> {
+    let limits = gateway.config.load().server.connections;
+    let mut proxy = HttpProxy::new(gateway, server_conf.clone());
+    proxy.handle_init_modules();
+    proxy.server_options = Some(server_options(limits, h2c));
+    Service::new(
+        "lumen proxy".to_string(),
+        conn::Guarded::new(proxy, limits),
+    )
+}
+
+/// Pingora's options for a listening service: HTTP/2 idle connections close after the same
+/// `keepalive_timeout` as HTTP/1 ones (which [`conn`] enforces).
+fn server_options(limits: conn::ConnLimits, h2c: bool) -> HttpServerOptions {
+    let mut options = HttpServerOptions::default();
+    options.h2c = h2c;
+    options.h2_idle_timeout = Some(limits.keepalive_timeout);
+    options
 }
 
 /// The admin service (`/metrics`, `/admin/*`, `/openapi.json`, `/ui`, `/docs`) on the
@@ -124,16 +142,19 @@ pub fn admin_service(
     history: Arc<admin::History>,
 ) -> impl pingora::services::ServiceWithDependents {
     let snapshot = gateway.config.load_full();
+    let mut app = pingora::apps::http_app::HttpServer::new_app(admin::AdminApp {
+        metrics: gateway.metrics.clone(),
+        config: gateway.config.clone(),
+        health: gateway.health(),
+        reload,
+        ledger: gateway.ledger(),
+        history,
+    });
+    let limits = snapshot.server.connections;
+    app.server_options = Some(server_options(limits, false));
     let mut service = Service::new(
         "lumen admin".to_string(),
-        pingora::apps::http_app::HttpServer::new_app(admin::AdminApp {
-            metrics: gateway.metrics.clone(),
-            config: gateway.config.clone(),
-            health: gateway.health(),
-            reload,
-            ledger: gateway.ledger(),
-            history,
-        }),
+        conn::Guarded::new(app, limits),
     );
     service.add_tcp(&snapshot.admin_listen);
     service
@@ -248,13 +269,15 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             config: gateway.config.clone(),
             metrics: gateway.metrics.clone(),
             state: reload_state,
+            admin_bound: (!worker_only).then(|| snapshot.admin_listen.clone()),
         },
     );
     let jobs = gateway.jobs();
+    let live_health = gateway.health();
     let live_config = gateway.config.clone();
     let mut proxy = if worker_only {
         // No listeners but the internal socket below.
-        http_proxy_service(&server.configuration, gateway)
+        guarded_proxy(&server.configuration, gateway, false)
     } else {
         proxy_service(&server.configuration, gateway)?
     };
@@ -266,6 +289,12 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         Some(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
     );
     server.add_service(proxy);
+    server.add_service(pingora::services::background::background_service(
+        "lumen jobs socket cleanup",
+        jobs::run::SocketFile {
+            path: socket.clone(),
+        },
+    ));
     if jobs.settings.workers > 0 {
         server.add_service(pingora::services::background::background_service(
             "lumen job workers",
@@ -290,6 +319,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             sidecar::Supervisor {
                 specs: snapshot.spawns.clone(),
                 metrics: gateway_metrics,
+                health: live_health,
             },
         ));
     }

@@ -71,6 +71,13 @@ impl Endpoint {
 /// overshoot its budget by at most the excess of the requests it had in flight at once.
 pub const DEFAULT_COMPLETION_TOKENS: u64 = 512;
 
+/// Most items one embeddings request may hold (OpenAI's own limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// Largest `max_tokens` / `max_completion_tokens` accepted (2^31): far above any model's
+/// context, and small enough that no estimate built on it can overflow a counter.
+pub const MAX_TOKENS_LIMIT: u64 = 1 << 31;
+
 /// A parsed client request: the original bytes and what the gateway needs from them.
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
@@ -82,8 +89,9 @@ pub struct LlmRequest {
     pub stream: bool,
     /// `max_completion_tokens` or `max_tokens`, when the client set one.
     pub max_tokens: Option<u64>,
-    /// Whether the client set `stream_options` itself (then we never add it).
-    pub has_stream_options: bool,
+    /// Byte range of the client's own `stream_options` value in `raw`, when it set one that
+    /// is not null (rewritten to ask for usage; see [`body_with_usage`]).
+    pub stream_options_span: Option<Range<usize>>,
     /// `stream_options.include_usage: true` (a cached stream replays the usage chunk).
     pub include_usage: bool,
 }
@@ -178,19 +186,32 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
                 reason: "must be an array of messages",
             })
         }
+        Some(v) if endpoint == Endpoint::Embeddings && v.starts_with('[') => {
+            // Counted without building the items (each is skipped, not allocated).
+            let items = serde_json::from_str::<Vec<serde::de::IgnoredAny>>(v)
+                .map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+            if items.len() > MAX_EMBEDDING_INPUTS {
+                return Err(RequestError::InvalidField {
+                    field: "input",
+                    reason: "may hold at most 2048 items",
+                });
+            }
+        }
         Some(_) => {}
     }
     // The RawValue borrows from `raw`, so its offset is a pointer difference.
     let start = model_raw.get().as_ptr() as usize - raw.as_ptr() as usize;
     let model_span = start..start + model_raw.get().len();
-    let max_tokens = match head.max_completion_tokens.or(head.max_tokens) {
-        None | Some(serde_json::Value::Null) => None,
-        Some(v) => Some(v.as_u64().ok_or(RequestError::InvalidField {
-            field: "max_tokens",
-            reason: "must be a non-negative integer",
-        })?),
-    };
-    let has_stream_options = head.stream_options.is_some_and(|v| v.get() != "null");
+    let max_completion_tokens = bounded_tokens("max_completion_tokens", head.max_completion_tokens)?;
+    let max_tokens = bounded_tokens("max_tokens", head.max_tokens)?;
+    let max_tokens = max_completion_tokens.or(max_tokens);
+    let stream_options_span = head
+        .stream_options
+        .filter(|v| v.get() != "null")
+        .map(|v| {
+            let start = v.get().as_ptr() as usize - raw.as_ptr() as usize;
+            start..start + v.get().len()
+        });
     let include_usage = head.stream_options.is_some_and(|v| {
         serde_json::from_str::<serde_json::Value>(v.get())
             .is_ok_and(|o| o["include_usage"] == serde_json::Value::Bool(true))
@@ -202,9 +223,31 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         model_span,
         stream,
         max_tokens,
-        has_stream_options,
+        stream_options_span,
         raw,
     })
+}
+
+/// A token count field: absent or null, or an integer in `0..=MAX_TOKENS_LIMIT`. Anything
+/// else is the client's error, named by field (a huge value must never reach a counter).
+fn bounded_tokens(
+    field: &'static str,
+    value: Option<serde_json::Value>,
+) -> Result<Option<u64>, RequestError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= MAX_TOKENS_LIMIT => Ok(Some(n)),
+            Some(_) => Err(RequestError::InvalidField {
+                field,
+                reason: "must be at most 2147483648",
+            }),
+            None => Err(RequestError::InvalidField {
+                field,
+                reason: "must be a non-negative integer",
+            }),
+        },
+    }
 }
 
 /// Bodies up to this size are sent upstream as one buffer (one copy, one write); larger ones
@@ -223,36 +266,55 @@ pub fn body_for_target(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Byte
 /// `stream_options` asking for a final usage chunk, added right after the body's `{`.
 const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
 
-/// Whether [`body_with_usage`] adds `stream_options` to this request: a chat or completions
-/// stream whose client set none.
+/// Whether [`body_with_usage`] changes this request's `stream_options`: a chat or completions
+/// stream whose client did not ask for the usage chunk itself. The forwarder then strips that
+/// chunk from what the client receives (`usage::UsageStrip`).
 pub fn adds_usage(req: &LlmRequest) -> bool {
     req.stream
-        && !req.has_stream_options
+        && !req.include_usage
         && matches!(
             req.endpoint,
             Endpoint::ChatCompletions | Endpoint::Completions
         )
 }
 
-/// Like [`body_for_target`], and for a stream whose client did not set `stream_options`, asks
-/// the provider for the usage chunk (token limits, quotas and usage accounting settle on it).
-/// The forwarder strips that chunk from what the client receives (`usage::UsageStrip`).
+/// Like [`body_for_target`], and for a stream whose client did not ask for usage, asks the
+/// provider for the usage chunk: token budgets, quotas and the usage ledger settle on it, so a
+/// client cannot opt out of accounting (`include_usage: false`). A client's own
+/// `stream_options` keep their other fields; only `include_usage` is set.
 pub fn body_with_usage(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Bytes> {
     if !adds_usage(req) {
         return body_for_target(req, model_json);
     }
-    // The body starts with `{` (checked in `parse`), possibly after whitespace.
-    let open = req.raw.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
     let model = model_json
         .cloned()
         .unwrap_or_else(|| req.raw.slice(req.model_span.clone()));
     let mut body =
         bytes::BytesMut::with_capacity(req.raw.len() + INCLUDE_USAGE.len() + model.len());
-    body.extend_from_slice(&req.raw[..open]);
-    body.extend_from_slice(INCLUDE_USAGE);
-    body.extend_from_slice(&req.raw[open..req.model_span.start]);
-    body.extend_from_slice(&model);
-    body.extend_from_slice(&req.raw[req.model_span.end..]);
+    let mut edits: Vec<(Range<usize>, Bytes)> = vec![(req.model_span.clone(), model)];
+    match &req.stream_options_span {
+        Some(span) => {
+            let own = &req.raw[span.clone()];
+            let mut options = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(own)
+                .unwrap_or_default();
+            options.insert("include_usage".into(), serde_json::Value::Bool(true));
+            let rewritten = serde_json::to_vec(&options).unwrap_or_default();
+            edits.push((span.clone(), Bytes::from(rewritten)));
+        }
+        None => {
+            // The body starts with `{` (checked in `parse`), possibly after whitespace.
+            let open = req.raw.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+            edits.push((open..open, Bytes::from_static(INCLUDE_USAGE)));
+        }
+    }
+    edits.sort_by_key(|(span, _)| span.start);
+    let mut at = 0;
+    for (span, with) in edits {
+        body.extend_from_slice(&req.raw[at..span.start]);
+        body.extend_from_slice(&with);
+        at = span.end;
+    }
+    body.extend_from_slice(&req.raw[at..]);
     vec![body.freeze()]
 }
 
@@ -343,14 +405,35 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "up");
-        let own = chat(r#"{"model":"fast","stream":true,"messages":[],"stream_options":{"include_usage":false}}"#).unwrap();
+        let own = chat(r#"{"model":"fast","stream":true,"messages":[],"stream_options":{"include_usage":false,"x":1}}"#).unwrap();
         let body: Vec<u8> = body_with_usage(&own, None).concat();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
-            &body[..],
-            &own.raw[..],
-            "a client's own stream_options are kept"
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1}),
+            "a client cannot opt out of usage; its other stream options are kept"
         );
+        let asked = chat(r#"{"model":"fast","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(&body_with_usage(&asked, None).concat()[..], &asked.raw[..]);
         assert!(req.token_estimate(100) >= 7 + 10);
+    }
+
+    #[test]
+    fn absurd_token_counts_are_refused_by_name() {
+        assert!(matches!(
+            chat(r#"{"model":"a","messages":[],"max_tokens":18446744073709551615}"#),
+            Err(RequestError::InvalidField { field: "max_tokens", .. })
+        ));
+        assert!(matches!(
+            chat(r#"{"model":"a","messages":[],"max_completion_tokens":4294967296}"#),
+            Err(RequestError::InvalidField { field: "max_completion_tokens", .. })
+        ));
+        assert!(matches!(
+            chat(r#"{"model":"a","messages":[],"max_tokens":-1}"#),
+            Err(RequestError::InvalidField { field: "max_tokens", .. })
+        ));
+        let ok = chat(r#"{"model":"a","messages":[],"max_tokens":2147483648}"#).unwrap();
+        assert_eq!(ok.max_tokens, Some(1 << 31));
     }
 
     #[test]

@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, StatusCode};
-use lumen_plugins::auth::Principal;
-use lumen_plugins::rate_limit::shared::{OnRedisError, SharedError, SharedLimiter};
+use lumen_plugins::address::{self, AddressLimiter, Cidr};
+use lumen_plugins::auth::{AuthMode, Principal};
+use lumen_plugins::rate_limit::shared::{OnRedisError, SharedError, SharedLimiter, SlotGuard};
 use lumen_plugins::rate_limit::{
     format_reset, LimitReason, Limited, LocalLimiter, RateStatus, RequestLimit,
 };
@@ -80,6 +81,10 @@ pub struct Gateway {
     ledger: Arc<Ledger>,
     /// Async jobs: the queue and table this node's API and workers share.
     jobs: Arc<Jobs>,
+    /// Request counts per client address (`limits.per_ip`), in fixed memory.
+    addresses: AddressLimiter,
+    /// This process's jobs socket: the only listener on which a job token means anything.
+    internal_socket: std::path::PathBuf,
 }
 
 /// What admission decided.
@@ -133,6 +138,8 @@ impl Gateway {
             cache,
             ledger,
             jobs,
+            addresses: AddressLimiter::new(),
+            internal_socket: jobs::run::socket_path(),
         }
     }
 
@@ -230,9 +237,12 @@ impl Gateway {
         {
             return reply.map(Admit::Reply);
         }
-        // A worker running a job: it acts as the job's key, whose request limit was counted
+        // 2. A worker running a job: it acts as the job's key, whose request limit was counted
         // when the job was submitted (its token budget is reserved below, as for anyone).
-        let job = match head.headers.get(jobs::run::JOB_TOKEN) {
+        // Only on the internal socket: anywhere else the header means nothing (and is never
+        // forwarded), so it can neither skip the per-address limit nor authenticate.
+        let internal = self.on_internal_socket(s);
+        let job = match head.headers.get(jobs::run::JOB_TOKEN).filter(|_| internal) {
             None => None,
             Some(token) => match token.to_str().ok().and_then(|t| self.jobs.by_token(t)) {
                 Some(owner) => Some(owner),
@@ -248,19 +258,22 @@ impl Gateway {
             Some(Err(e)) => return Err(e),
             None => None,
         };
-        // Floods from one address are cut before any key is checked.
-        if let (Some(limit), None) = (&config.limits.per_ip, &job) {
-            let ip = s
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
-            if let Err(limited) = self.check_requests(&format!("ip:{ip}"), limit).await {
+        // 3. Floods from one address are cut before any key is checked.
+        if let (Some(per_ip), false) = (&config.limits.per_ip, internal) {
+            let address = client_address(s, &config.server.trusted_proxies, per_ip.ipv6_prefix);
+            if let Err(limited) = self.check_address(address, &per_ip.limit).await {
                 return Err(self.refuse(ctx, &limited));
             }
         }
         let head = s.req_header();
         let path = head.uri.path();
-        // 2. Authenticate: 401 before anything else is looked at.
+        // With `auth: off` the listener's address is the only protection: refuse what a web
+        // page could send it (a DNS name re-pointed at us, a cross-site form post).
+        let open = config.auth.mode() == AuthMode::Off && !internal;
+        if open && !host_is_local(head) {
+            return Err(GatewayError::HostNotAllowed);
+        }
+        // 4. Authenticate: 401 before anything else is looked at.
         let principal = if let Some(owner) = &job {
             owner.clone()
         } else {
@@ -280,6 +293,9 @@ impl Gateway {
             return reply.map(Admit::Reply);
         }
         if let Some(call) = jobs_call {
+            if open && head.method == http::Method::POST {
+                json_body_required(head, config.limits.max_body_bytes)?;
+            }
             if call.submits() {
                 self.limit(ctx, &principal).await?;
             }
@@ -299,6 +315,9 @@ impl Gateway {
                 method: head.method.to_string(),
                 path: path.to_string(),
             });
+        }
+        if open {
+            json_body_required(head, config.limits.max_body_bytes)?;
         }
         // 3. Body: bounded, read once, kept for every attempt.
         let raw = read_body(s, config.limits.max_body_bytes).await?;
@@ -349,6 +368,35 @@ impl Gateway {
         // Token budgets: reserve an estimate now, settle with real usage after.
         self.reserve_tokens(ctx, &principal, &req).await?;
         Ok(Admit::Forward(req, route, plan))
+    }
+
+    /// Whether the request came in on this process's jobs socket (a Unix socket; every public
+    /// listener is TCP).
+    fn on_internal_socket(&self, s: &Session) -> bool {
+        s.server_addr()
+            .and_then(|a| a.as_unix())
+            .and_then(|u| u.as_pathname())
+            .is_some_and(|path| path == self.internal_socket)
+    }
+
+    /// The per-address request limit: through Redis when configured (exact, keys expire),
+    /// else (and when Redis fails open) in this process's fixed-size [`AddressLimiter`].
+    async fn check_address(
+        &self,
+        address: std::net::IpAddr,
+        limit: &RequestLimit,
+    ) -> Result<RateStatus, Limited> {
+        let local = || self.addresses.check(address, limit, Instant::now());
+        let Some((shared, _)) = &self.shared else {
+            return local();
+        };
+        match shared.check_request(&format!("ip:{address}"), limit).await {
+            Ok(result) => result,
+            Err(e) => match self.redis_failed(&e) {
+                OnRedisError::FailOpen => local(),
+                OnRedisError::FailClosed => Err(unavailable(limit.count)),
+            },
+        }
     }
 
     /// Looks a key up in the cache; a Redis failure is counted and is a miss.
@@ -414,6 +462,13 @@ impl Gateway {
                     match cache::follow(s, ctx, plan, &flight, wait).await {
                         Followed::Done(result) => {
                             ctx.cache = Some("coalesced");
+                            // Like a hit: no provider call, so no tokens unless the route
+                            // charges hits.
+                            if !plan.policy.charge_tokens {
+                                if let Some(hold) = ctx.tokens.take() {
+                                    self.settle_tokens(hold, 0).await;
+                                }
+                            }
                             return result.map(|()| true);
                         }
                         // The leader failed: the next to join leads (maybe us).
@@ -518,7 +573,20 @@ impl Gateway {
                 .then(|| lumen_plugins::cache::embed::split(&body, missing.len()))
                 .flatten();
             let Some(fresh) = fresh else {
-                // An error, or an answer we cannot take apart: the provider's answer as is.
+                if head.status == 200 {
+                    // A success that does not hold one vector per input cannot be merged with
+                    // the cached ones: passing it on would pair inputs with wrong vectors.
+                    let error = GatewayError::Upstream(crate::error::UpstreamError::Mismatch {
+                        provider: ctx.provider.clone().unwrap_or_default(),
+                        detail: format!(
+                            "the embeddings answer does not hold one vector per input ({} sent)",
+                            missing.len()
+                        ),
+                    });
+                    self.write_error(s, ctx, &error).await?;
+                    return Ok(true);
+                }
+                // An error answer: the provider's, as is.
                 ctx.status = head.status.as_u16();
                 s.write_response_header(head, false).await?;
                 s.write_response_body(Some(body), true).await?;
@@ -610,7 +678,9 @@ impl Gateway {
         }
         // With Redis: rate and concurrency in one round trip.
         if let Some((shared, _)) = &self.shared {
-            let member = ctx.request_id.to_str().unwrap_or("").to_string();
+            // The slot's member is ours, never the client's `x-request-id`: a client reusing
+            // one id must not hold one slot for many requests.
+            let member = crate::ctx::new_slot_id();
             match shared
                 .admit(
                     &principal.key_id,
@@ -624,11 +694,19 @@ impl Gateway {
                     if let Some(status) = admitted.rate {
                         push_headers(ctx, "requests", &status);
                     }
-                    ctx.shared_slot = admitted.slot;
+                    ctx.shared_slot = admitted.slot.map(|s| SlotGuard::new(shared.clone(), s));
                     return Ok(());
                 }
                 Ok(Err(limited)) => return Err(self.refuse(ctx, &limited)),
                 Err(e) => {
+                    if limits.concurrency.is_some() {
+                        // A timed-out admit may still have run and taken the slot: give it
+                        // back rather than let it count for IN_FLIGHT_STALE_AFTER.
+                        drop(SlotGuard::new(
+                            shared.clone(),
+                            shared.slot(&principal.key_id, &member),
+                        ));
+                    }
                     if self.redis_failed(&e) == OnRedisError::FailClosed {
                         let limit = limits.requests.as_ref().map_or(0, |l| l.count);
                         return Err(self.refuse(ctx, &unavailable(limit)));
@@ -731,6 +809,19 @@ impl Gateway {
                 Ok(())
             }
             Err(limited) => Err(self.refuse(ctx, &limited)),
+        }
+    }
+
+    /// Replaces a token reservation's estimate with what the request used.
+    async fn settle_tokens(&self, hold: TokenHold, actual: u64) {
+        match (hold, &self.shared) {
+            (TokenHold::Local(r), _) => r.settle(actual),
+            (TokenHold::Shared(r), Some((shared, _))) => {
+                if let Err(e) = shared.settle_tokens(&r, actual).await {
+                    self.redis_failed(&e);
+                }
+            }
+            (TokenHold::Shared(_), None) => {}
         }
     }
 
@@ -865,6 +956,18 @@ async fn read_body(s: &mut Session, limit: usize) -> Result<Bytes, RequestError>
     if declared.is_some_and(|n| n > limit) {
         return Err(RequestError::BodyTooLarge { limit });
     }
+    // `Expect: 100-continue` (curl sends it for bodies over 1 KiB): the client waits for our
+    // go-ahead before sending the body. Answered here, at the edge; never forwarded.
+    let expects = s
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects {
+        s.write_continue_response()
+            .await
+            .map_err(|e| RequestError::ReadBody(e.etype().as_str().to_string()))?;
+    }
     let mut buf: Option<BytesMut> = None;
     let mut first: Option<Bytes> = None;
     loop {
@@ -903,6 +1006,16 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::new()
+    }
+
+    async fn early_request_filter(&self, s: &mut Session, _ctx: &mut RequestCtx) -> Result<()> {
+        // The head is in: the rest of this request is off the header clock.
+        crate::conn::request_started(s);
+        // HTTP/1.1 clients may send their next requests before reading this answer; without
+        // this Pingora answers the first and closes, dropping the rest. Answers go out in
+        // order, one request at a time (RFC 9112 §9.3.2); the flag carries over keep-alive.
+        s.set_pipelining_enabled(true);
+        Ok(())
     }
 
     async fn request_filter(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -987,7 +1100,8 @@ impl ProxyHttp for Gateway {
     async fn fail_to_proxy(&self, s: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
         // Reached for errors Pingora saw itself (bad request heads) or that we returned after
         // the response started. Answer in OpenAI's shape when nothing was written yet.
-        if s.response_written().is_none() {
+        // An interim `100 Continue` is not an answer: the client still waits for one.
+        if s.response_written().is_none_or(|h| h.status.is_informational()) {
             let err = match e.esource() {
                 ErrorSource::Downstream => {
                     GatewayError::Request(RequestError::ReadBody(e.etype().as_str().into()))
@@ -1003,35 +1117,23 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let (Some(slot), Some((shared, _))) = (ctx.shared_slot.take(), &self.shared) {
-            // Off the connection's path: the next request on this keep-alive connection need
-            // not wait for the round trip. A lost release expires after IN_FLIGHT_STALE_AFTER.
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let _ = shared.release(&slot).await;
-            });
-        }
+        // Answered: the connection idles toward `server.keepalive_timeout` from here.
+        crate::conn::request_finished(s);
+        // The fleet-wide slot gives itself back (off the connection's path) when dropped.
+        drop(ctx.shared_slot.take());
         if let Some(hold) = ctx.tokens.take() {
-            // Settle with what the provider reported. No usage: a failed or refused request
-            // used nothing; a successful one keeps its estimate.
+            // Settle with what the provider reported; else what was streamed (a client that
+            // left mid-stream pays for what was generated). No answer: nothing used.
             let reserved = match &hold {
                 TokenHold::Local(r) => r.reserved,
                 TokenHold::Shared(r) => r.reserved,
             };
-            let actual = match ctx.usage_total {
+            let actual = match ctx.usage_total.or(ctx.usage_estimate) {
                 Some(total) => total,
                 None if ctx.status == 200 => reserved,
                 None => 0,
             };
-            match (hold, &self.shared) {
-                (TokenHold::Local(r), _) => r.settle(actual),
-                (TokenHold::Shared(r), Some((shared, _))) => {
-                    if let Err(e) = shared.settle_tokens(&r, actual).await {
-                        self.redis_failed(&e);
-                    }
-                }
-                (TokenHold::Shared(_), None) => {}
-            }
+            self.settle_tokens(hold, actual).await;
         }
         let elapsed = ctx.started.elapsed();
         let endpoint = ctx.endpoint.map_or("none", Endpoint::label);
@@ -1128,6 +1230,66 @@ async fn write_plugin_response(
         s.write_response_body(Some(Bytes::from(body)), true).await?;
     }
     Ok(())
+}
+
+/// The address a per-address limit counts: the peer, or behind a trusted proxy the client it
+/// names in `X-Forwarded-For`; IPv6 cut to its `ipv6_prefix`. A peer without an IP address
+/// (none on public listeners) counts as `::`.
+fn client_address(s: &Session, trusted: &[Cidr], ipv6_prefix: u8) -> std::net::IpAddr {
+    let peer = s
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map_or(std::net::Ipv6Addr::UNSPECIFIED.into(), |a| a.ip());
+    let forwarded = s
+        .req_header()
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        // Not visible ASCII: not an address, which ends the walk like any garbage entry.
+        .map(|v| v.to_str().unwrap_or("unknown"));
+    address::bucket_of(address::client_ip(peer, forwarded, trusted), ipv6_prefix)
+}
+
+/// Whether the request names this machine without DNS (`localhost` or an IP literal, as the
+/// admin listener requires without `admin_key`): a browser tricked by DNS rebinding sends the
+/// attacker's name. No Host at all (HTTP/1.0) is not a browser.
+fn host_is_local(head: &pingora::http::RequestHeader) -> bool {
+    let host = head
+        .headers
+        .get(http::header::HOST)
+        .map(|h| h.to_str().unwrap_or(""))
+        .or_else(|| head.uri.authority().map(|a| a.as_str()));
+    host.is_none_or(crate::admin::local_host)
+}
+
+/// A body sent without `Content-Type: application/json` (or `…+json`) is refused (415): a web
+/// page can make a browser send `text/plain` or a form cross-site without asking, but not JSON.
+/// A body over the size limit is left to the 413 that follows; a request without a body passes.
+fn json_body_required(
+    head: &pingora::http::RequestHeader,
+    max_body_bytes: usize,
+) -> Result<(), GatewayError> {
+    let length = head
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let chunked = head.headers.contains_key(http::header::TRANSFER_ENCODING);
+    if (length.unwrap_or(0) == 0 && !chunked) || length.is_some_and(|n| n > max_body_bytes) {
+        return Ok(());
+    }
+    let json = head
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .is_some_and(|m| m == "application/json" || (m.starts_with("application/") && m.ends_with("+json")));
+    if json {
+        Ok(())
+    } else {
+        Err(RequestError::NotJson.into())
+    }
 }
 
 /// `X-API-Key` made from `?api_key=` when the request carries no credential header.

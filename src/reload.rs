@@ -64,6 +64,9 @@ pub struct Reloader {
     pub config: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     pub state: Arc<ReloadState>,
+    /// The address the admin listener is actually bound to (`None`: no admin listener). A
+    /// reload cannot move it, so the key rule is checked against it, not the new file's.
+    pub admin_bound: Option<String>,
 }
 
 /// What identifies a file's version without reading it.
@@ -112,7 +115,11 @@ impl Reloader {
         let result = match loaded {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(e) => Err(format!("reload task failed: {e}")),
-        };
+        }
+        .and_then(|next| match admin_exposed(self.admin_bound.as_deref(), &next) {
+            Some(problem) => Err(format!("{}: {problem}", self.path.display())),
+            None => Ok(next),
+        });
         match result {
             Ok(next) => {
                 let current = self.config.load_full();
@@ -138,7 +145,11 @@ impl Reloader {
             Err(error) => {
                 notify::notify("READY=1");
                 self.metrics.reloads.with_label_values(&["error"]).inc();
-                tracing::error!(trigger, config = %self.path.display(), %error, "config reload failed; still serving the previous config");
+                // One problem per line in `error`; the log line carries them all (a line break
+                // would leave every problem after the first on log lines of their own, which
+                // the journal and log searches show apart from this one).
+                let problems = error.lines().count();
+                tracing::error!(trigger, config = %self.path.display(), problems, error = %error.replace('\n', " | "), "config reload failed; still serving the previous config");
                 self.state.set(ReloadStatus {
                     at: SystemTime::now(),
                     error: Some(error),
@@ -147,6 +158,22 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Why `next` must not be swapped in while the admin listener stays bound to `bound`: on an
+/// address other hosts can reach, it would answer without a key. Validation only saw the new
+/// file's `admin_listen`, which takes effect at the next restart.
+fn admin_exposed(bound: Option<&str>, next: &Snapshot) -> Option<String> {
+    let bound = bound?;
+    let reachable = bound
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|addr| !addr.ip().is_loopback());
+    (reachable && next.admin_key.is_none()).then(|| {
+        format!(
+            "admin_key: the admin listener stays bound to `{bound}` (reachable from other hosts) until a restart, so `admin_key` cannot be removed by a reload; restart to move it to `{}`",
+            next.admin_listen
+        )
+    })
 }
 
 /// Logs every setting a reload cannot apply to a running process.

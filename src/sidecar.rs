@@ -71,6 +71,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct Supervisor {
     pub specs: Vec<SpawnSpec>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Told of each restart, so the provider's circuits reopen at its first healthy probe.
+    pub health: std::sync::Arc<crate::health::HealthTable>,
 }
 
 #[async_trait]
@@ -80,7 +82,14 @@ impl BackgroundService for Supervisor {
             .specs
             .iter()
             .cloned()
-            .map(|spec| tokio::spawn(supervise(spec, shutdown.clone(), self.metrics.clone())))
+            .map(|spec| {
+                tokio::spawn(supervise(
+                    spec,
+                    shutdown.clone(),
+                    self.metrics.clone(),
+                    self.health.clone(),
+                ))
+            })
             .collect();
         for t in tasks {
             let _ = t.await;
@@ -92,6 +101,7 @@ async fn supervise(
     spec: SpawnSpec,
     mut shutdown: ShutdownWatch,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    health: std::sync::Arc<crate::health::HealthTable>,
 ) {
     let up = metrics.sidecar_up.with_label_values(&[&spec.provider]);
     let restarts = metrics
@@ -100,7 +110,8 @@ async fn supervise(
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
     loop {
-        if !std::mem::take(&mut first) {
+        let first_start = std::mem::take(&mut first);
+        if !first_start {
             restarts.inc();
         }
         if *shutdown.borrow() {
@@ -121,6 +132,9 @@ async fn supervise(
         };
         tracing::info!(provider = %spec.provider, pid = child.id().unwrap_or(0), port = spec.port, "sidecar started");
         up.set(1);
+        if !first_start {
+            health.get(&spec.provider).mark_restarted();
+        }
         tokio::select! {
             status = child.wait() => {
                 up.set(0);

@@ -52,6 +52,10 @@ pub struct UsageTap {
     /// (prompt, completion) when the provider reported them.
     split: Option<(u64, u64)>,
     overflow: bool,
+    /// Stream events seen (each carries about one token), or body bytes for JSON: what
+    /// [`UsageTap::estimate`] counts when no usage arrives.
+    events: u64,
+    bytes: u64,
 }
 
 impl UsageTap {
@@ -62,11 +66,25 @@ impl UsageTap {
             total: None,
             split: None,
             overflow: false,
+            events: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Completion tokens estimated from what streamed past, for an answer whose usage never
+    /// arrived (a client that left mid-stream, a provider that reports none): one per stream
+    /// event (providers send about a token per event), or a token per four bytes of JSON.
+    pub fn estimate(&self) -> u64 {
+        if self.sse {
+            self.events
+        } else {
+            self.bytes.div_ceil(4)
         }
     }
 
     /// Sees one chunk of the body, in order.
     pub fn observe(&mut self, chunk: &[u8]) {
+        self.bytes = self.bytes.saturating_add(chunk.len() as u64);
         if self.overflow {
             return;
         }
@@ -83,6 +101,9 @@ impl UsageTap {
         let mut start = 0;
         while let Some(end) = self.buf[start..].iter().position(|b| *b == b'\n') {
             let line = &self.buf[start..start + end];
+            if line.starts_with(b"data:") && !line.ends_with(b"[DONE]") {
+                self.events = self.events.saturating_add(1);
+            }
             if let Some(usage) = sse_usage(line) {
                 self.total = usage.total();
                 self.split = usage.split();
@@ -153,7 +174,13 @@ impl UsageStrip {
             }
             start += len;
         }
-        // An unfinished event waits for its end.
+        // An unfinished event waits for its end, up to a line's worth: a provider that never
+        // ends its event must not grow this buffer without bound (it is passed on as is).
+        if data.len() - start > LINE_LIMIT {
+            let mut buf = out.unwrap_or_default();
+            buf.extend_from_slice(&data[kept_to..]);
+            return buf.freeze();
+        }
         self.partial.extend_from_slice(&data[start..]);
         match out {
             None => data.slice(..start),
@@ -239,6 +266,25 @@ mod tests {
         let mut none = UsageTap::new(true);
         none.observe(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.total_tokens(), None);
+    }
+
+    #[test]
+    fn a_stream_without_usage_is_estimated_by_its_events() {
+        let mut tap = UsageTap::new(true);
+        for _ in 0..5 {
+            tap.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n");
+        }
+        tap.observe(b"data: [DONE]\n\n");
+        assert_eq!(tap.total_tokens(), None);
+        assert_eq!(tap.estimate(), 5);
+    }
+
+    #[test]
+    fn an_endless_event_is_passed_on_not_held() {
+        let mut strip = UsageStrip::default();
+        let big = bytes::Bytes::from(vec![b'x'; LINE_LIMIT + 10]);
+        assert_eq!(strip.filter(big.clone()).len(), big.len());
+        assert!(strip.finish().is_empty());
     }
 
     #[test]

@@ -72,7 +72,7 @@ async fn the_spec_follows_the_config() {
         lumen.addr,
         "POST",
         "/v1/jobs",
-        &[],
+        &[("content-type", "application/json")],
         json!({"endpoint": "/v1/chat/completions", "body": {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}})
             .to_string()
             .as_bytes(),

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
-use lumen_test_support::client::Client;
+use lumen_test_support::client::{request, Client};
 use lumen_test_support::{Lumen, MockUpstream, Response};
 use serde_json::json;
 
@@ -258,7 +258,130 @@ async fn jwts_are_verified_and_mapped() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!lumen.log().contains(&good), "a token was logged");
-    assert!(lumen.log().contains(r#""key_id":"svc-7""#));
+    assert!(lumen
+        .log()
+        .contains(r#""key_id":"jwt:https://idp.test:svc-7""#));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jwt_subject_is_not_the_static_key_of_the_same_name() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+keys:
+  - {{ id: alice, key: "sk-alice", limits: {{ requests_per_minute: 600, burst: 3 }} }}
+jwt:
+  - {{ issuer: "https://idp.test", algorithms: [HS256], secret: "{JWT_SECRET}" }}
+providers:
+  mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ], cache: {{ ttl: 10m, scope: key }} }}
+jobs: {{ workers: 0, default_model: fast }}
+"#,
+        base = mock.base_url()
+    ));
+    let alice = [("authorization", "Bearer sk-alice")];
+    // A token whose subject is `alice`, with its own limit of 3 requests a minute.
+    let jwt = format!(
+        "Bearer {}",
+        token(json!({"iss": "https://idp.test", "sub": "alice", "exp": now() + 600, "rpm": 3}))
+    );
+    let jwt = [("authorization", jwt.as_str())];
+    let cached =
+        json!({"model": "fast", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]});
+
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    let first = c
+        .post_json("/v1/chat/completions", &alice, &cached)
+        .await
+        .unwrap();
+    assert_eq!(first.header("x-lumen-cache"), Some("miss"));
+    let job = c
+        .post_json(
+            "/v1/jobs",
+            &alice,
+            &json!({"endpoint": "/v1/chat/completions", "body": chat("fast")}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(job.status, 202, "{}", job.text());
+    let id = job.json()["id"].as_str().unwrap().to_string();
+
+    // Cache scope `key`: alice's answer is not the token holder's.
+    let theirs = c
+        .post_json("/v1/chat/completions", &jwt, &cached)
+        .await
+        .unwrap();
+    assert_eq!(theirs.status, 200, "{}", theirs.text());
+    assert_eq!(
+        theirs.header("x-lumen-cache"),
+        Some("miss"),
+        "alice's entry was served"
+    );
+    // Jobs: alice's job is not theirs to read.
+    let read = c
+        .request("GET", &format!("/v1/jobs/{id}"), &jwt, b"")
+        .await
+        .unwrap();
+    assert_eq!(read.status, 404, "{}", read.text());
+    assert_eq!(read.json()["error"]["code"], "job_not_found");
+    let own = c
+        .request("GET", &format!("/v1/jobs/{id}"), &alice, b"")
+        .await
+        .unwrap();
+    assert_eq!(own.status, 200);
+
+    // Limits: the token holder uses up its own 3 requests...
+    for _ in 0..2 {
+        let r = c
+            .post_json("/v1/chat/completions", &jwt, &chat("fast"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let refused = c
+        .post_json("/v1/chat/completions", &jwt, &chat("fast"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 429);
+    // ...and alice's bucket is untouched by them.
+    let r = c
+        .post_json("/v1/chat/completions", &alice, &chat("fast"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "alice shared the token holder's bucket: {}",
+        r.text()
+    );
+
+    // Usage and the access log name the token holder by issuer and subject.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(lumen
+        .log()
+        .contains(r#""key_id":"jwt:https://idp.test:alice""#));
+}
+
+#[test]
+fn a_static_key_id_may_not_start_with_jwt() {
+    let dir = lumen_test_support::harness::tempdir::Dir::new("lumen-jwt-prefix");
+    let path = dir.path().join("lumen.yaml");
+    std::fs::write(
+        &path,
+        "keys:\n  - { id: \"jwt:https://idp.test:alice\", key: \"sk-a\" }\nproviders:\n  mock: { base_url: \"http://127.0.0.1:9\" }\nroutes:\n  - { model: fast, targets: [ { provider: mock } ] }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("keys[0].id"), "{text}");
+    assert!(text.contains("reserved"), "{text}");
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -301,4 +424,103 @@ fn generated_keys_hash_to_what_the_config_needs() {
         keys_hash("test"),
         "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_auth_off_only_local_hosts_and_json_bodies_are_served() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+providers:
+  mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+jobs: {{ workers: 0, default_model: fast }}
+"#,
+        base = mock.base_url()
+    ));
+    let body = chat("fast").to_string();
+    let send = |path: &'static str, headers: Vec<(&'static str, String)>| {
+        let body = body.clone();
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            request(lumen.addr, "POST", path, &headers, body.as_bytes())
+                .await
+                .unwrap()
+        }
+    };
+    let json = || ("content-type", "application/json".to_string());
+    let port = lumen.addr.port();
+
+    // DNS rebinding: a page on attacker.example, its name re-pointed at 127.0.0.1, sends its
+    // own name as Host.
+    for host in [
+        "attacker.example".to_string(),
+        format!("attacker.example:{port}"),
+        "localhost.attacker.example".to_string(),
+    ] {
+        let r = send("/v1/chat/completions", vec![("host", host.clone()), json()]).await;
+        assert_eq!(
+            (r.status, code(&r).as_str()),
+            (403, "host_not_allowed"),
+            "{host}"
+        );
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    let models = c
+        .request("GET", "/v1/models", &[("host", "attacker.example")], b"")
+        .await
+        .unwrap();
+    assert_eq!(models.status, 403);
+    let probe = c
+        .request("GET", "/healthz", &[("host", "attacker.example")], b"")
+        .await
+        .unwrap();
+    assert_eq!(probe.status, 200, "probes answer whatever the Host");
+    // This machine's names and addresses are served.
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".to_string(),
+    ] {
+        let r = send("/v1/chat/completions", vec![("host", host.clone()), json()]).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+    let served = mock.requests().len();
+
+    // CSRF: what a cross-site form or fetch may send without a preflight is not JSON.
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+    ] {
+        let headers = content_type
+            .map(|t| vec![("content-type", t.to_string())])
+            .unwrap_or_default();
+        let r = send("/v1/chat/completions", headers.clone()).await;
+        assert_eq!(
+            (r.status, code(&r).as_str()),
+            (415, "unsupported_media_type"),
+            "{content_type:?}"
+        );
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+        let job = send("/v1/jobs", headers).await;
+        assert_eq!(job.status, 415, "jobs too: {content_type:?}");
+    }
+    assert_eq!(
+        mock.requests().len(),
+        served,
+        "nothing refused reached the provider"
+    );
+    let r = send(
+        "/v1/chat/completions",
+        vec![("content-type", "application/json; charset=utf-8".into())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }

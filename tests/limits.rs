@@ -276,3 +276,121 @@ routes:
         "probes are never limited"
     );
 }
+
+/// A chat request from this test's address, with extra headers.
+async fn chat_with(lumen: &Lumen, headers: &[(&str, &str)]) -> Response {
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    c.post_json("/v1/chat/completions", headers, &simple())
+        .await
+        .unwrap()
+}
+
+fn per_ip_config(mock: &MockUpstream, extra: &str) -> String {
+    format!(
+        r#"
+limits: {{ per_ip: {{ requests_per_minute: 60, burst: 3 }} }}
+keys: [ {{ id: a, key: "sk-a" }} ]
+providers:
+  mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+{extra}
+"#,
+        base = mock.base_url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_token_on_a_public_listener_is_ignored_and_the_address_limit_still_applies() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&per_ip_config(&mock, ""));
+    let real_looking = "0123456789abcdef0123456789abcdef";
+    // The token does not authenticate: without a key, the caller is refused as keyless.
+    let keyless = chat_with(&lumen, &[("x-lumen-job-token", real_looking)]).await;
+    assert_eq!(keyless.status, 401);
+    assert!(
+        keyless.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing API key"),
+        "{}",
+        keyless.text()
+    );
+    // Nor does a bogus one refuse a caller with a good key: it is a normal caller...
+    for token in ["bogus", real_looking] {
+        let r = chat_with(
+            &lumen,
+            &[
+                ("authorization", "Bearer sk-a"),
+                ("x-lumen-job-token", token),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // ...counted by its address like everyone: the fourth request in the burst is cut.
+    let cut = chat_with(
+        &lumen,
+        &[
+            ("authorization", "Bearer sk-a"),
+            ("x-lumen-job-token", "bogus"),
+        ],
+    )
+    .await;
+    assert_eq!(cut.status, 429, "{}", cut.text());
+    assert!(
+        mock.requests()
+            .iter()
+            .all(|r| r.header("x-lumen-job-token").is_none()),
+        "the header is never forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_ipv6_clients_are_limited_per_64() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&per_ip_config(
+        &mock,
+        r#"server: { trusted_proxies: ["127.0.0.1"] }"#,
+    ));
+    let key = ("authorization", "Bearer sk-a");
+    // Three addresses of one /64 (one client changing its low bits) share one bucket.
+    for client in [
+        "2001:db8:1:2::1",
+        "2001:db8:1:2::2",
+        "198.51.100.1, 2001:db8:1:2:aaaa:bbbb:cccc:dddd",
+    ] {
+        let r = chat_with(&lumen, &[key, ("x-forwarded-for", client)]).await;
+        assert_eq!(r.status, 200, "{client}: {}", r.text());
+    }
+    let cut = chat_with(&lumen, &[key, ("x-forwarded-for", "2001:db8:1:2:ffff::9")]).await;
+    assert_eq!(cut.status, 429, "another address of the same /64");
+    // Another /64 is another client; so is the proxy itself (no header).
+    let other = chat_with(&lumen, &[key, ("x-forwarded-for", "2001:db8:1:3::1")]).await;
+    assert_eq!(other.status, 200, "{}", other.text());
+    assert_eq!(chat_with(&lumen, &[key]).await.status, 200);
+    // The right-most untrusted entry counts, not what the client put first.
+    let forged = chat_with(
+        &lumen,
+        &[key, ("x-forwarded-for", "203.0.113.50, 2001:db8:1:2::77")],
+    )
+    .await;
+    assert_eq!(forged.status, 429, "the client is still 2001:db8:1:2::/64");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&per_ip_config(&mock, ""));
+    let key = ("authorization", "Bearer sk-a");
+    for i in 0..3 {
+        let client = format!("2001:db8:{i}::1");
+        let r = chat_with(&lumen, &[key, ("x-forwarded-for", client.as_str())]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let cut = chat_with(&lumen, &[key, ("x-forwarded-for", "2001:db8:99::1")]).await;
+    assert_eq!(
+        cut.status, 429,
+        "no proxy is trusted by default: every request is 127.0.0.1's"
+    );
+}

@@ -397,3 +397,117 @@ async fn a_changed_listener_is_logged_as_needing_a_restart() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_reload_reports_every_problem_of_the_file() {
+    let mock = MockUpstream::start();
+    let (listen, admin) = ports();
+    let base = config(&mock, &listen, &admin, "", "").replace("WATCH", "false");
+    let lumen = Lumen::start(&base);
+    let hash = admin_config(&lumen).await["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Two problems, on two lines.
+    write(
+        &lumen,
+        &config(
+            &mock,
+            &listen,
+            &admin,
+            "",
+            "  - { model: one, targets: [ { provider: nope-one } ] }\n  - { model: two, targets: [ { provider: nope-two } ] }\n",
+        )
+        .replace("WATCH", "false"),
+    );
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
+    let c = wait_reload(&lumen, &hash, true).await;
+    let problems: Vec<&str> = c["last_reload"]["problems"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no problems list: {c}"))
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("`nope-one`"), "{problems:?}");
+    assert!(problems[1].contains("`nope-two`"), "{problems:?}");
+    let error = c["last_reload"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("nope-one") && error.contains("nope-two"),
+        "{error}"
+    );
+    // The log line that says the reload failed names both, not just the first.
+    let log = lumen.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("config reload failed"))
+        .unwrap_or_else(|| panic!("no failure logged:\n{log}"));
+    assert!(
+        line.contains("nope-one") && line.contains("nope-two"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_cannot_remove_the_admin_key_while_the_admin_socket_stays_on_every_address() {
+    let mock = MockUpstream::start();
+    let (listen, loopback_admin) = ports();
+    let port = lumen_test_support::free_port();
+    let exposed = format!("0.0.0.0:{port}");
+    // The harness finds the admin port as the first `127.0.0.1:PORT` after `admin_listen:`.
+    let keyed = |admin: &str, key: &str| {
+        config(&mock, &listen, admin, "", "")
+            .replace("WATCH", "false")
+            .replace(
+                "server:",
+                &format!("# admin reached at 127.0.0.1:{port}\n{key}server:"),
+            )
+    };
+    let base = keyed(&exposed, "admin_key: { key: \"adm-secret\" }\n");
+    let lumen = Lumen::start(&base);
+    let config_as_admin = || async {
+        request(
+            lumen.admin,
+            "GET",
+            "/admin/config",
+            &[("authorization", "Bearer adm-secret")],
+            b"",
+        )
+        .await
+        .unwrap()
+    };
+    let before = config_as_admin().await;
+    assert_eq!(before.status, 200);
+    let hash = before.json()["hash"].as_str().unwrap().to_string();
+
+    // The new file is valid on its own (a loopback admin needs no key), but the socket stays
+    // bound to 0.0.0.0 until a restart.
+    write(&lumen, &keyed(&loopback_admin, ""));
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let c = loop {
+        let c = config_as_admin().await;
+        assert_eq!(c.status, 200, "the old key must still be asked for");
+        let c = c.json();
+        if c["last_reload"]["result"] == "error" {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no reload seen: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(c["hash"], hash.as_str(), "still the old config");
+    let error = c["last_reload"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("admin_key") && error.contains(&exposed),
+        "{error}"
+    );
+    // The admin listener still refuses requests without the key, and the proxy serves.
+    let anonymous = request(lumen.admin, "GET", "/admin/config", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(chat(&lumen, "sk-alice", "fast").await, 200);
+    assert!(lumen.log().contains("config reload failed"));
+}

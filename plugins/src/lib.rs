@@ -8,12 +8,14 @@
 //!
 //! | module | policy |
 //! |---|---|
+//! | [`address`] | who a request comes from (trusted proxies, `X-Forwarded-For`, IPv6 prefixes) and the per-address limit, in fixed memory |
 //! | [`auth`] | who is calling: API keys (SHA-256 digests) and locally verified JWTs → [`auth::Principal`] |
 //! | [`rate_limit`] | per-key request rate (GCRA) and concurrency limits, in process |
 //! | [`cors`] | browser cross-origin access: preflight answered at the edge, response headers |
 //! | [`cache`] | response cache: keys, memory and Redis tiers, stream rendering, coalescing |
 //! | [`redis_link`] | the one Redis connection the policies above share |
 
+pub mod address;
 pub mod auth;
 pub mod cache;
 pub mod civil;

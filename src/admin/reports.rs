@@ -169,8 +169,11 @@ pub struct ReloadReport {
     pub trigger: &'static str,
     /// `ok` or `error` (the old config kept serving).
     pub result: &'static str,
-    /// `file:line:col: message` when it failed.
+    /// `file:line:col: message` when it failed, one line per problem.
     pub error: Option<String>,
+    /// Every problem the failed file had, one `file:line:col: path: message` each (empty on
+    /// success).
+    pub problems: Vec<String>,
 }
 
 pub fn config(config: &Snapshot, reload: &ReloadState) -> ConfigReport {
@@ -184,6 +187,10 @@ pub fn config(config: &Snapshot, reload: &ReloadState) -> ConfigReport {
             at_unix_ms: unix_ms(r.at),
             trigger: r.trigger,
             result: if r.error.is_some() { "error" } else { "ok" },
+            problems: r
+                .error
+                .as_deref()
+                .map_or_else(Vec::new, |e| e.lines().map(str::to_string).collect()),
             error: r.error,
         }),
     }

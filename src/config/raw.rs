@@ -305,7 +305,27 @@ pub struct RawLimits {
     pub max_body_bytes: ByteSize,
     /// Requests per client IP, checked before authentication (floods of bad keys).
     #[serde(default)]
-    pub per_ip: Option<lumen_plugins::rate_limit::RateConfig>,
+    pub per_ip: Option<RawPerIp>,
+}
+
+/// `limits.per_ip`: a request rate per client address.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPerIp {
+    #[serde(default)]
+    pub requests_per_second: Option<u32>,
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// IPv6 clients are counted by this many leading bits of their address: one client
+    /// usually owns a whole /64, and could otherwise change address to escape the limit.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
+}
+
+fn default_ipv6_prefix() -> u8 {
+    64
 }
 
 impl Default for RawLimits {
@@ -364,6 +384,36 @@ pub struct RawServer {
     /// Where a running Lumen hands its listening sockets to a new one (`serve --upgrade`).
     #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: String,
+    /// Load balancers whose `X-Forwarded-For` names the client (CIDR blocks or addresses).
+    /// Empty (the default): the header is ignored and the peer is the client.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// How long a client has to send a whole request head, from connecting (or from the first
+    /// byte of a keep-alive request): slow-header (slowloris) clients are cut off after it.
+    #[serde(default = "default_header_timeout", with = "duration")]
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection (HTTP/1 between requests, HTTP/2 with no
+    /// stream) is kept open.
+    #[serde(default = "default_keepalive_timeout", with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// Open client connections per listening service (the proxy's listeners together, the
+    /// admin listener); connections beyond it are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Bounds what idle or slow clients can pin (README gives the measured cost per connection)
+/// while leaving room for a busy edge node; raise it with `LimitNOFILE` in mind.
+fn default_max_connections() -> usize {
+    10_000
 }
 
 fn default_upgrade_sock() -> String {
@@ -378,6 +428,10 @@ impl Default for RawServer {
             access_log: true,
             watch_config: true,
             upgrade_sock: default_upgrade_sock(),
+            trusted_proxies: Vec::new(),
+            header_timeout: default_header_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }

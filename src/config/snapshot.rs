@@ -101,7 +101,15 @@ pub struct UsageSettings {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
-    pub per_ip: Option<lumen_plugins::rate_limit::RequestLimit>,
+    pub per_ip: Option<PerAddress>,
+}
+
+/// The validated `limits.per_ip`.
+#[derive(Debug, Clone)]
+pub struct PerAddress {
+    pub limit: lumen_plugins::rate_limit::RequestLimit,
+    /// Leading bits of an IPv6 address that name one client (1–128).
+    pub ipv6_prefix: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +119,10 @@ pub struct ServerSettings {
     pub access_log: bool,
     pub watch_config: bool,
     pub upgrade_sock: String,
+    /// Peers whose `X-Forwarded-For` is believed; empty: none.
+    pub trusted_proxies: Vec<lumen_plugins::address::Cidr>,
+    /// Client connection limits (read at start-up).
+    pub connections: crate::conn::ConnLimits,
 }
 
 /// An upstream, ready to connect to: URL parsed, peer options set, headers encoded.
@@ -229,6 +241,17 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     if raw.usage.flush_interval.is_zero() {
         problems.push(Problem::at("usage.flush_interval", "must be above zero"));
     }
+    for (key, value) in [
+        ("server.header_timeout", raw.server.header_timeout),
+        ("server.keepalive_timeout", raw.server.keepalive_timeout),
+    ] {
+        if value.is_zero() {
+            problems.push(Problem::at(key, "must be above zero"));
+        }
+    }
+    if raw.server.max_connections == 0 {
+        problems.push(Problem::at("server.max_connections", "must be at least 1"));
+    }
     if raw.usage.retention_days == 0 {
         problems.push(Problem::at("usage.retention_days", "must be at least 1"));
     }
@@ -267,14 +290,36 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     };
 
     let routes = RouteTable::build(&raw.routes, &providers, &mut problems);
-    let per_ip = match raw.limits.per_ip.as_ref().map(|r| r.to_limit()) {
-        None => None,
-        Some(Ok(limit)) => Some(limit),
-        Some(Err(e)) => {
-            problems.push(Problem::at("limits.per_ip", e));
-            None
+    let per_ip = raw.limits.per_ip.as_ref().and_then(|r| {
+        let rate = lumen_plugins::rate_limit::RateConfig {
+            requests_per_second: r.requests_per_second,
+            requests_per_minute: r.requests_per_minute,
+            burst: r.burst,
+        };
+        if !(1..=128).contains(&r.ipv6_prefix) {
+            problems.push(Problem::at(
+                "limits.per_ip.ipv6_prefix",
+                "must be 1 to 128 (64: one client per /64, the usual allocation)",
+            ));
         }
-    };
+        match rate.to_limit() {
+            Ok(limit) => Some(PerAddress {
+                limit,
+                ipv6_prefix: r.ipv6_prefix,
+            }),
+            Err(e) => {
+                problems.push(Problem::at("limits.per_ip", e));
+                None
+            }
+        }
+    });
+    let mut trusted_proxies = Vec::with_capacity(raw.server.trusted_proxies.len());
+    for (i, block) in raw.server.trusted_proxies.iter().enumerate() {
+        match block.parse::<lumen_plugins::address::Cidr>() {
+            Ok(cidr) => trusted_proxies.push(cidr),
+            Err(e) => problems.push(Problem::at(format!("server.trusted_proxies[{i}]"), e)),
+        }
+    }
 
     let redis = raw.redis.map(|r| RedisSettings {
         url: r.url,
@@ -340,6 +385,12 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             access_log: raw.server.access_log,
             watch_config: raw.server.watch_config,
             upgrade_sock: raw.server.upgrade_sock,
+            trusted_proxies,
+            connections: crate::conn::ConnLimits {
+                header_timeout: raw.server.header_timeout,
+                keepalive_timeout: raw.server.keepalive_timeout,
+                max_connections: raw.server.max_connections,
+            },
         },
         providers,
         routes,

@@ -153,3 +153,34 @@ fn durations_need_units() {
     let err = parse_err("providers:\n  a: { base_url: \"http://127.0.0.1:1\", timeout: 5 }\n");
     assert!(err.contains("duration"), "{err}");
 }
+
+#[test]
+fn per_address_limits_key_ipv6_by_prefix_and_trust_only_listed_proxies() {
+    let s = parse_ok("limits: { per_ip: { requests_per_minute: 60 } }\nproviders: {}\n");
+    let per_ip = s.limits.per_ip.as_ref().unwrap();
+    assert_eq!(per_ip.ipv6_prefix, 64, "one client per /64 by default");
+    assert_eq!(per_ip.limit.count, 60);
+    assert!(s.server.trusted_proxies.is_empty(), "no proxy trusted by default");
+
+    let s = parse_ok(
+        "limits: { per_ip: { requests_per_second: 5, ipv6_prefix: 56 } }\n\
+         server: { trusted_proxies: [\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.7\"] }\nproviders: {}\n",
+    );
+    assert_eq!(s.limits.per_ip.unwrap().ipv6_prefix, 56);
+    let trusted: Vec<String> = s
+        .server
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(trusted, ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]);
+
+    let err = parse_err(
+        "limits: { per_ip: { requests_per_minute: 60, ipv6_prefix: 0 } }\n\
+         server: { trusted_proxies: [\"10.0.0.0/8\", \"10.1.2.3/8\", \"lb.internal\"] }\nproviders: {}\n",
+    );
+    assert!(err.contains("limits.per_ip.ipv6_prefix"), "{err}");
+    assert!(err.contains("server.trusted_proxies[1]"), "{err}");
+    assert!(err.contains("server.trusted_proxies[2]"), "{err}");
+    assert!(!err.contains("server.trusted_proxies[0]"), "{err}");
+}

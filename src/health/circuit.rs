@@ -204,6 +204,23 @@ impl Circuit {
         }
     }
 
+    /// Hands back a permit whose attempt never reported (its holder was dropped): a trial
+    /// frees the half-open slot, as a neutral outcome would.
+    pub fn abandon(&self, permit: Permit) {
+        if permit.trial {
+            self.trial_in_flight.store(false, Release);
+        }
+    }
+
+    /// The provider was seen to recover (a healthy probe after a failure, a restarted
+    /// sidecar): an open circuit lets its trial through now instead of after the cooldown.
+    /// Returns `true` when the circuit was open.
+    pub fn recovered(&self) -> bool {
+        self.state
+            .compare_exchange(OPEN, HALF_OPEN, AcqRel, Acquire)
+            .is_ok()
+    }
+
     fn open(&self, now_ms: u64) {
         self.opened_at.store(now_ms, Release);
         self.state.store(OPEN, Release);
@@ -296,6 +313,34 @@ mod tests {
         assert!(!fail(&c, 2007));
         assert!(!fail(&c, 2008));
         assert!(fail(&c, 2009));
+    }
+
+    #[test]
+    fn an_abandoned_trial_is_handed_back() {
+        let c = Circuit::default();
+        for t in 0..3 {
+            fail(&c, t);
+        }
+        let trial = c.acquire(1100, &cfg()).expect("trial");
+        assert!(c.acquire(1101, &cfg()).is_none());
+        c.abandon(trial);
+        assert!(c.acquire(1102, &cfg()).expect("the trial again").trial);
+    }
+
+    #[test]
+    fn a_recovered_provider_half_opens_at_once() {
+        let c = Circuit::default();
+        for t in 0..3 {
+            fail(&c, t);
+        }
+        assert_eq!(c.state(10, &cfg()), CircuitState::Open);
+        assert!(c.recovered());
+        assert_eq!(c.state(11, &cfg()), CircuitState::HalfOpen);
+        let trial = c.acquire(11, &cfg()).expect("trial before the cooldown");
+        assert!(trial.trial);
+        assert!(!c.recovered(), "only an open circuit changes");
+        assert!(c.record(trial, Outcome::Success, 12, &cfg()));
+        assert_eq!(c.state(13, &cfg()), CircuitState::Closed);
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct ProviderHealth {
     pub probe_detail: ArcSwapOption<serde_json::Value>,
     pub probing: AtomicBool,
     pub next_probe_at: AtomicU64,
+    /// The provider's process was restarted (a supervised sidecar): the next healthy probe
+    /// half-opens its circuits at once instead of after their cooldown.
+    restarted: AtomicBool,
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Per upstream model: circuit, latency, the provider's own limits. Providers rate-limit
     /// and fail per model (one overloaded model says nothing of another), so these are kept
@@ -172,6 +175,7 @@ impl ProviderHealth {
             probe_detail: ArcSwapOption::empty(),
             probing: AtomicBool::new(false),
             next_probe_at: AtomicU64::new(0),
+            restarted: AtomicBool::new(false),
             last_error: Mutex::new(None),
             models: ArcSwap::from_pointee(HashMap::new()),
         }
@@ -243,6 +247,33 @@ impl ProviderHealth {
             return Some(self.probe_state());
         }
         None
+    }
+
+    /// The provider's process was restarted: probe it soon, and let its first healthy probe
+    /// half-open its circuits.
+    pub fn mark_restarted(&self) {
+        self.restarted.store(true, Release);
+        self.next_probe_at.store(0, Release);
+    }
+
+    /// Whether a restart is waiting for its first healthy probe (probes come faster then).
+    pub fn awaiting_restart(&self) -> bool {
+        self.restarted.load(Acquire)
+    }
+
+    /// Takes the restart mark (the probe that found the provider healthy again).
+    pub fn take_restarted(&self) -> bool {
+        self.restarted.swap(false, AcqRel)
+    }
+
+    /// The provider was seen to recover: every open circuit of its models lets a trial
+    /// through now. Returns the models whose circuit changed.
+    pub fn recovered(&self) -> Vec<String> {
+        self.models()
+            .into_iter()
+            .filter(|(_, t)| t.circuit.recovered())
+            .map(|(model, _)| model)
+            .collect()
     }
 
     /// Forgets probe results (probes were turned off for this provider).

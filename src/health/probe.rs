@@ -44,6 +44,8 @@ pub struct ProbeSpec {
 const MAX_PROBE_BODY: usize = 256 * 1024;
 /// How often the scheduler looks for due probes.
 const TICK: Duration = Duration::from_millis(50);
+/// How often a restarted provider is probed until it answers.
+const RESTART_PROBE_EVERY: Duration = Duration::from_millis(200);
 /// How often Redis is pinged for `/health` when configured.
 const REDIS_PING_EVERY: Duration = Duration::from_secs(5);
 
@@ -75,9 +77,16 @@ impl BackgroundService for Prober {
                 if now < state.next_probe_at.load(Acquire) || state.probing.swap(true, AcqRel) {
                     continue;
                 }
+                // A restarted provider is probed often until it answers, so its circuits
+                // reopen as soon as it is back.
+                let every = if state.awaiting_restart() {
+                    spec.interval.min(RESTART_PROBE_EVERY)
+                } else {
+                    spec.interval
+                };
                 state
                     .next_probe_at
-                    .store(now + spec.interval.as_millis() as u64, Release);
+                    .store(now + every.as_millis() as u64, Release);
                 tokio::spawn(probe_and_record(
                     connector.clone(),
                     provider.clone(),
@@ -127,7 +136,21 @@ async fn probe_and_record(
         Err(e) => state.set_error(format!("probe: {e}")),
     }
     let previous = state.probe_state();
-    if let Some(now) = state.record_probe(ok, spec.healthy_threshold, spec.unhealthy_threshold) {
+    let changed = state.record_probe(ok, spec.healthy_threshold, spec.unhealthy_threshold);
+    // Back after a restart or an outage: circuits opened by the failures meanwhile let a trial
+    // through now, rather than keep a healthy provider out for their whole cooldown.
+    let restarted = ok && state.take_restarted();
+    let came_back = changed == Some(ProbeState::Healthy) && previous == ProbeState::Unhealthy;
+    if restarted || came_back {
+        for model in state.recovered() {
+            metrics
+                .circuit_state
+                .with_label_values(&[provider.name.as_str(), model.as_str()])
+                .set(crate::health::CircuitState::HalfOpen.gauge());
+            tracing::info!(provider = %provider.name, model = %model, "provider recovered; circuit half-open");
+        }
+    }
+    if let Some(now) = changed {
         metrics
             .provider_healthy
             .with_label_values(&[&provider.name])

@@ -37,8 +37,52 @@ const BUDGET_RETRIES: u32 = 5;
 const BUDGET_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// The internal socket for a process: one per pid, so an upgrade's two processes never share.
+/// It lives in the service's runtime directory (systemd's `RuntimeDirectory=` sets
+/// `$RUNTIME_DIRECTORY`), else the user's (`$XDG_RUNTIME_DIR`), else the temp directory, and is
+/// removed on shutdown by [`SocketFile`].
 pub fn socket_path() -> PathBuf {
-    std::env::temp_dir().join(format!("lumen-{}-jobs.sock", std::process::id()))
+    socket_path_in(|name| std::env::var_os(name), std::process::id())
+}
+
+/// Longest Unix socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+fn socket_path_in(env: impl Fn(&str) -> Option<std::ffi::OsString>, pid: u32) -> PathBuf {
+    let name = format!("lumen-{pid}-jobs.sock");
+    let runtime = env("RUNTIME_DIRECTORY")
+        // systemd lists one path per `RuntimeDirectory=` entry, colon-separated.
+        .and_then(|dirs| {
+            dirs.to_string_lossy()
+                .split(':')
+                .next()
+                .map(PathBuf::from)
+        })
+        .into_iter()
+        .chain(env("XDG_RUNTIME_DIR").map(PathBuf::from));
+    runtime
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(&name))
+        .find(|path| path.as_os_str().len() <= SUN_PATH_MAX)
+        .unwrap_or_else(|| std::env::temp_dir().join(name))
+}
+
+/// Removes the internal socket's file once the server shuts down (the listener stops accepting
+/// at the same signal), so clean exits leave nothing behind.
+pub struct SocketFile {
+    pub path: PathBuf,
+}
+
+#[async_trait]
+impl BackgroundService for SocketFile {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // `Err`: the server is gone, which is shutdown too.
+        while shutdown.changed().await.is_ok() && !*shutdown.borrow() {}
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the jobs socket");
+            }
+        }
+    }
 }
 
 /// The background service running `jobs.workers` workers, and refreshing the queue depth
@@ -492,5 +536,49 @@ impl Lines {
         }
         self.partial.drain(..start);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn the_jobs_socket_goes_to_the_runtime_directory_first() {
+        let vars = [
+            ("RUNTIME_DIRECTORY", "/run/lumen:/run/other"),
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+        ];
+        assert_eq!(
+            socket_path_in(env(&vars), 7),
+            PathBuf::from("/run/lumen/lumen-7-jobs.sock")
+        );
+        assert_eq!(
+            socket_path_in(env(&vars[1..]), 7),
+            PathBuf::from("/run/user/1000/lumen-7-jobs.sock")
+        );
+        assert_eq!(
+            socket_path_in(env(&[]), 7),
+            std::env::temp_dir().join("lumen-7-jobs.sock")
+        );
+    }
+
+    #[test]
+    fn a_runtime_directory_too_long_for_a_socket_path_falls_back() {
+        let long = format!("/{}", "d".repeat(120));
+        let vars = [("RUNTIME_DIRECTORY", long.as_str())];
+        assert_eq!(
+            socket_path_in(env(&vars), 7),
+            std::env::temp_dir().join("lumen-7-jobs.sock")
+        );
     }
 }

@@ -88,6 +88,26 @@ impl IssuerTable {
                 by_iss.insert(cfg.issuer.clone(), issuer);
             }
         }
+        // `jwt:https://idp:8443:bob` could be issuer `https://idp:8443`'s `bob` or issuer
+        // `https://idp`'s `8443:bob`: refuse issuers that would make principal ids ambiguous.
+        for (i, cfg) in jwt.iter().enumerate() {
+            let clash = jwt.iter().enumerate().find(|(j, other)| {
+                *j != i
+                    && !other.issuer.is_empty()
+                    && cfg.issuer.starts_with(&format!("{}:", other.issuer))
+            });
+            if let Some((j, other)) = clash {
+                problems.push((
+                    format!("jwt[{i}].issuer"),
+                    format!(
+                        "`{}` starts with issuer `{}` (jwt[{j}]) and `:`: their subjects' names \
+                         (`jwt:<issuer>:<sub>`) could collide",
+                        cfg.issuer, other.issuer
+                    ),
+                ));
+                by_iss.remove(&cfg.issuer);
+            }
+        }
         IssuerTable { by_iss }
     }
 
@@ -162,7 +182,7 @@ impl IssuerTable {
             })?;
         let claims = data.claims;
         check_claims(issuer, &iss, &claims, now)?;
-        principal_from(&issuer.claims, &claims)
+        principal_from(&iss, &issuer.claims, &claims)
     }
 }
 
@@ -221,20 +241,26 @@ fn check_claims(
 }
 
 /// Maps verified claims to a principal through the issuer's [`ClaimsMapping`].
+///
+/// The key id and tenant are namespaced by the issuer, `jwt:<iss>:<value>` (see
+/// [`namespaced`]): an issuer vouches for its own subjects only, so a token with `sub: alice`
+/// must not act as the static key `alice` (its jobs, cache entries, limits and usage rows), nor
+/// as another issuer's `alice`.
 fn principal_from(
+    iss: &str,
     map: &ClaimsMapping,
     claims: &Map<String, Value>,
 ) -> Result<Principal, AuthError> {
     let jwt = |msg: String| AuthError::Jwt(msg);
     let key_id = match claims.get(&map.key_id) {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) if !s.is_empty() => namespaced(iss, s),
+        Some(Value::Number(n)) => namespaced(iss, &n.to_string()),
         Some(_) => return Err(jwt(format!("claim `{}` is not a string", map.key_id))),
         None => return Err(jwt(format!("missing claim `{}`", map.key_id))),
     };
     let tenant = match claims.get(&map.tenant) {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::String(s)) => Some(namespaced(iss, s)),
         Some(_) => return Err(jwt(format!("claim `{}` is not a string", map.tenant))),
     };
     let models = match claims.get(&map.models) {
@@ -288,6 +314,18 @@ fn principal_from(
         configured: false,
     })
 }
+
+/// A token's subject (or tenant) as Lumen names it: `jwt:<iss>:<value>`.
+///
+/// Static key ids may not start with `jwt:` (config refuses them), and no configured issuer
+/// followed by `:` starts another (config refuses that too), so the `iss` a name was made with
+/// is always recoverable: names from different sources never meet.
+pub(crate) fn namespaced(iss: &str, value: &str) -> String {
+    format!("{JWT_PREFIX}{iss}:{value}")
+}
+
+/// What every JWT principal's id starts with, and a static key id may not.
+pub(crate) const JWT_PREFIX: &str = "jwt:";
 
 fn build_issuer(i: usize, cfg: &JwtConfig, problems: &mut Vec<(String, String)>) -> Option<Issuer> {
     let path = |field: &str| format!("jwt[{i}].{field}");

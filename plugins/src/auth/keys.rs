@@ -52,6 +52,17 @@ impl KeyTable {
             if key.id.trim().is_empty() {
                 problems.push((path("id"), "must not be empty".into()));
                 ok = false;
+            } else if key.id.starts_with(super::jwt::JWT_PREFIX) {
+                // Token holders are named `jwt:<issuer>:<sub>`: a key named so could be one.
+                problems.push((
+                    path("id"),
+                    format!(
+                        "`{}`: ids starting with `{}` are reserved for JWT callers",
+                        key.id,
+                        super::jwt::JWT_PREFIX
+                    ),
+                ));
+                ok = false;
             } else if let Some(first) = ids.insert(&key.id, i) {
                 problems.push((
                     path("id"),

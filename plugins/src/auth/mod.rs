@@ -79,7 +79,8 @@ pub struct KeyConfig {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// Must equal the token's `iss`; also how a token finds this entry.
+    /// Must equal the token's `iss`; also how a token finds this entry, and the namespace of
+    /// its callers (`jwt:<issuer>:<sub>`).
     pub issuer: String,
     /// When set, the token's `aud` (string or array) must contain it.
     #[serde(default)]
@@ -154,8 +155,13 @@ impl Default for ClaimsMapping {
 /// Who is calling, after authentication.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    /// The API key's `id`, or the JWT's key-id claim (default `sub`).
+    /// Who is calling, in every place a caller is named (jobs' owner, cache scope `key`, limit
+    /// buckets, usage rows, access log): the API key's `id`, or for a JWT
+    /// `jwt:<iss>:<key-id claim>` (default claim `sub`), so that each issuer's subjects live in
+    /// their own namespace and none can be mistaken for a static key (whose ids may not start
+    /// with `jwt:`).
     pub key_id: String,
+    /// The key's `tenant`, or a JWT's tenant claim namespaced like `key_id`.
     pub tenant: Option<String>,
     /// `None`: every model.
     models: Option<AllowList>,

@@ -360,6 +360,85 @@ fn key_config_problems_carry_their_paths() {
 }
 
 #[test]
+fn jwt_callers_never_share_a_name_with_a_static_key_or_another_issuer() {
+    const OTHER: &str = "https://other.example.com";
+    let auth = Authenticator::new(
+        AuthMode::Required,
+        &[key("user-1", "lm-user-1")],
+        &[
+            hs_issuer(),
+            JwtConfig {
+                issuer: OTHER.into(),
+                ..hs_issuer()
+            },
+        ],
+    )
+    .unwrap();
+    let from_key = auth
+        .authenticate(&bearer("lm-user-1"), now())
+        .unwrap()
+        .unwrap();
+    let from_idp = auth
+        .authenticate(&bearer(&hs256(&claims())), now())
+        .unwrap()
+        .unwrap();
+    let from_other = auth
+        .authenticate(
+            &bearer(&hs256(&with(claims(), json!({ "iss": OTHER })))),
+            now(),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(from_key.key_id, "user-1");
+    assert_eq!(from_idp.key_id, "jwt:https://idp.example.com:user-1");
+    assert_eq!(from_other.key_id, "jwt:https://other.example.com:user-1");
+    assert!(from_key.configured && !from_idp.configured);
+    // Numeric subjects are namespaced the same way.
+    let numeric = hs256(&with(claims(), json!({"sub": 42})));
+    let p = auth.authenticate(&bearer(&numeric), now()).unwrap().unwrap();
+    assert_eq!(p.key_id, "jwt:https://idp.example.com:42");
+}
+
+#[test]
+fn static_key_ids_may_not_take_the_jwt_namespace() {
+    let problems = Authenticator::new(
+        AuthMode::Required,
+        &[key("jwt:https://idp.example.com:alice", "lm-a"), key("jwtish", "lm-b")],
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "keys[0].id");
+    assert!(problems[0].1.contains("reserved"), "{problems:?}");
+}
+
+#[test]
+fn issuers_whose_names_could_collide_are_refused() {
+    let problems = Authenticator::new(
+        AuthMode::Required,
+        &[],
+        &[
+            JwtConfig {
+                issuer: "https://idp".into(),
+                ..hs_issuer()
+            },
+            JwtConfig {
+                issuer: "https://idp:8443".into(),
+                ..hs_issuer()
+            },
+            JwtConfig {
+                issuer: "https://idp2".into(),
+                ..hs_issuer()
+            },
+        ],
+    )
+    .unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].0, "jwt[1].issuer");
+    assert!(problems[0].1.contains("collide"), "{problems:?}");
+}
+
+#[test]
 fn key_config_yaml_is_strict() {
     let ok: KeyConfig =
         serde_json::from_value(json!({"id": "a", "sha256": hash_key("k")})).unwrap();
@@ -389,8 +468,8 @@ fn valid_hs256_token_maps_claims() {
         json!({"tenant": "acme", "models": ["local/*", "gpt-4o"]}),
     ));
     let p = auth.authenticate(&bearer(&token), now()).unwrap().unwrap();
-    assert_eq!(p.key_id, "user-1");
-    assert_eq!(p.tenant.as_deref(), Some("acme"));
+    assert_eq!(p.key_id, "jwt:https://idp.example.com:user-1");
+    assert_eq!(p.tenant.as_deref(), Some("jwt:https://idp.example.com:acme"));
     assert!(p.may_use("local/qwen"));
     assert!(p.may_use("gpt-4o"));
     assert!(!p.may_use("gpt-4o-mini"));
@@ -414,8 +493,8 @@ fn custom_claims_mapping() {
         json!({"client_id": "svc-7", "org": "acme", "allowed_models": ["o3"], "models": ["x"]}),
     ));
     let p = auth.authenticate(&bearer(&token), now()).unwrap().unwrap();
-    assert_eq!(p.key_id, "svc-7");
-    assert_eq!(p.tenant.as_deref(), Some("acme"));
+    assert_eq!(p.key_id, "jwt:https://idp.example.com:svc-7");
+    assert_eq!(p.tenant.as_deref(), Some("jwt:https://idp.example.com:acme"));
     assert!(p.may_use("o3"));
     assert!(!p.may_use("x"));
 
@@ -434,7 +513,7 @@ fn valid_rs256_and_ps256_tokens() {
     for alg in [Algorithm::RS256, Algorithm::PS256] {
         let token = sign(alg, &rsa_key(), &claims());
         let p = auth.authenticate(&bearer(&token), now()).unwrap().unwrap();
-        assert_eq!(p.key_id, "user-1");
+        assert_eq!(p.key_id, "jwt:https://idp.example.com:user-1");
         assert!(p.may_use("any"));
     }
 }

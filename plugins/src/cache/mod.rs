@@ -146,31 +146,90 @@ pub fn key(
     api: Api,
     body: &Value,
 ) -> String {
+    let mut hasher = key_hasher(scope, scope_id, route, model, api);
+    let mut canonical_body = Vec::with_capacity(256);
+    match body {
+        // The fields that do not change the answer are skipped while writing, not removed
+        // from a copy: a large body is never cloned to compute its key.
+        Value::Object(map) => canonical_object(map, &[NOT_IN_KEY], &mut canonical_body),
+        other => canonical(other, &mut canonical_body),
+    }
+    hasher.update(&canonical_body);
+    hex(&hasher.finalize())
+}
+
+/// The key of each item of a list embeddings request, in linear time: the body without its
+/// `input` is canonicalised and hashed once, and each item's key continues from that state
+/// (a SHA-256 state is a few hundred bytes to copy). Length prefixes keep (body, item) pairs
+/// apart.
+pub fn item_keys(
+    scope: Scope,
+    scope_id: &str,
+    route: &str,
+    model: &str,
+    body: &Value,
+    items: &[Value],
+) -> Vec<String> {
+    let mut shared = key_hasher(scope, scope_id, route, model, Api::EmbeddingItem);
+    let mut canonical_body = Vec::with_capacity(256);
+    match body {
+        Value::Object(map) => canonical_object(map, &[NOT_IN_KEY, &["input"]], &mut canonical_body),
+        other => canonical(other, &mut canonical_body),
+    }
+    shared.update((canonical_body.len() as u64).to_be_bytes());
+    shared.update(&canonical_body);
+    let mut item_bytes = Vec::with_capacity(64);
+    items
+        .iter()
+        .map(|item| {
+            item_bytes.clear();
+            canonical(item, &mut item_bytes);
+            let mut hasher = shared.clone();
+            hasher.update((item_bytes.len() as u64).to_be_bytes());
+            hasher.update(&item_bytes);
+            hex(&hasher.finalize())
+        })
+        .collect()
+}
+
+/// A hasher that has taken the key's fixed parts, length-prefixed so that no two different
+/// tuples hash the same bytes.
+fn key_hasher(scope: Scope, scope_id: &str, route: &str, model: &str, api: Api) -> Sha256 {
     let mut hasher = Sha256::new();
     let scope_tag = match scope {
         Scope::Key => "key",
         Scope::Tenant => "tenant",
         Scope::Global => "global",
     };
-    // Length-prefixed parts: no two different tuples hash the same bytes.
     for part in [scope_tag, scope_id, route, model, api.tag()] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
-    let mut canonical_body = Vec::with_capacity(256);
-    match body {
-        Value::Object(map) => {
-            let filtered: serde_json::Map<String, Value> = map
-                .iter()
-                .filter(|(k, _)| !NOT_IN_KEY.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            canonical(&Value::Object(filtered), &mut canonical_body);
+    hasher
+}
+
+/// [`canonical`] of an object without the fields named in `skip`.
+fn canonical_object(map: &serde_json::Map<String, Value>, skip: &[&[&str]], out: &mut Vec<u8>) {
+    let mut keys: Vec<&String> = map
+        .keys()
+        .filter(|k| !skip.iter().any(|names| names.contains(&k.as_str())))
+        .collect();
+    keys.sort();
+    out.push(b'{');
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        other => canonical(other, &mut canonical_body),
+        write_string(k, out);
+        out.push(b':');
+        canonical(&map[k], out);
     }
-    hasher.update(&canonical_body);
-    hex(&hasher.finalize())
+    out.push(b'}');
+}
+
+fn write_string(text: &str, out: &mut Vec<u8>) {
+    // Serialising a string to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -187,20 +246,7 @@ fn hex(bytes: &[u8]) -> String {
 /// (`0.0` and `0` mean the same temperature).
 pub fn canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                canonical(&Value::String(k.clone()), out);
-                out.push(b':');
-                canonical(&map[k], out);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => canonical_object(map, &[], out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, v) in items.iter().enumerate() {

@@ -237,7 +237,7 @@ impl TokenReservation {
                 .iter_mut()
                 .find(|w| w.length_ms == *length_ms && w.index == *index)
             {
-                w.used = (w.used + actual).saturating_sub(self.reserved);
+                w.used = w.used.saturating_add(actual).saturating_sub(self.reserved);
             }
         }
     }
@@ -427,11 +427,11 @@ impl LocalLimiter {
                     limit: limit.limit.min(u64::from(u32::MAX)) as u32,
                     remaining: limit
                         .limit
-                        .saturating_sub(used + estimate)
+                        .saturating_sub(used.saturating_add(estimate))
                         .min(u64::from(u32::MAX)) as u32,
                     reset_after: reset,
                 };
-                if used + estimate > limit.limit {
+                if used.saturating_add(estimate) > limit.limit {
                     return Err(Limited {
                         retry_after: reset,
                         status: RateStatus {
@@ -450,7 +450,7 @@ impl LocalLimiter {
                 let length_ms = limit.window.as_millis().max(1) as u64;
                 let index = now_ms / length_ms;
                 match windows.iter_mut().find(|w| w.length_ms == length_ms) {
-                    Some(w) if w.index == index => w.used += estimate,
+                    Some(w) if w.index == index => w.used = w.used.saturating_add(estimate),
                     Some(w) => {
                         w.index = index;
                         w.used = estimate;
@@ -630,6 +630,21 @@ mod tests {
         assert!(limiter
             .reserve_tokens("k", &limits, 60, next_minute)
             .is_ok());
+    }
+
+    #[test]
+    fn a_huge_estimate_is_refused_and_cannot_wrap_a_window() {
+        let limiter = LocalLimiter::new();
+        let t0 = Instant::now();
+        let limits = [TokenLimit {
+            window: Duration::from_secs(60),
+            limit: 1000,
+        }];
+        let (held, _) = limiter.reserve_tokens("k", &limits, 600, t0).unwrap();
+        assert!(limiter.reserve_tokens("k", &limits, u64::MAX, t0).is_err());
+        held.settle(u64::MAX);
+        // Saturated at the top, never wrapped to zero: the key stays limited.
+        assert!(limiter.reserve_tokens("k", &limits, 1, t0).is_err());
     }
 
     #[test]

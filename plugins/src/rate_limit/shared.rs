@@ -138,6 +138,38 @@ pub struct SharedSlot {
     member: String,
 }
 
+/// A fleet-wide slot held for one request: given back when dropped, however the request
+/// ended (answered, refused later, its client gone, its task panicked). The release runs off
+/// the request's path, on the current runtime; a release that cannot run expires after
+/// [`IN_FLIGHT_STALE_AFTER`].
+pub struct SlotGuard {
+    limiter: Arc<SharedLimiter>,
+    slot: Option<SharedSlot>,
+}
+
+impl SlotGuard {
+    pub fn new(limiter: Arc<SharedLimiter>, slot: SharedSlot) -> SlotGuard {
+        SlotGuard {
+            limiter,
+            slot: Some(slot),
+        }
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let limiter = self.limiter.clone();
+            runtime.spawn(async move {
+                let _ = limiter.release(&slot).await;
+            });
+        }
+    }
+}
+
 /// Tokens reserved in Redis for one request; settle it with [`SharedLimiter::settle_tokens`].
 #[derive(Debug, Clone)]
 pub struct SharedReservation {
@@ -181,6 +213,15 @@ impl SharedLimiter {
 
     async fn connection(&self) -> Result<redis::aio::ConnectionManager, SharedError> {
         self.link.connection().await
+    }
+
+    /// The slot `member` would hold in `bucket`: for giving back a slot whose admit timed out
+    /// (the script may have run and added it).
+    pub fn slot(&self, bucket: &str, member: &str) -> SharedSlot {
+        SharedSlot {
+            key: format!("{{{}:{}}}:inflight", self.prefix, bucket),
+            member: member.to_string(),
+        }
     }
 
     /// Checks `bucket`'s rate and takes one of its in-flight slots in one round trip.
@@ -350,7 +391,9 @@ impl SharedLimiter {
         actual: u64,
     ) -> Result<(), SharedError> {
         let mut conn = self.connection().await?;
-        let delta = actual as i64 - reservation.reserved as i64;
+        // Both are bounded (`max_tokens` is capped at parse), but never trust a cast to.
+        let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let delta = signed(actual).saturating_sub(signed(reservation.reserved));
         let mut invocation = self.settle_script.prepare_invoke();
         invocation.arg(delta);
         for (length_ms, index) in &reservation.windows {

@@ -121,6 +121,36 @@ impl Client {
             .await
     }
 
+    /// Writes `bytes` exactly as given (pipelined, malformed or trickled requests); read the
+    /// answers with [`Client::response`].
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Reads the next response on the connection (after [`Client::send_raw`]).
+    pub async fn response(&mut self) -> io::Result<Response> {
+        self.read_response(Instant::now(), false).await
+    }
+
+    /// Waits until the server closes the connection (EOF or reset), discarding what it sends;
+    /// `Err` when it is still open after `limit`.
+    pub async fn closed_within(&mut self, limit: Duration) -> Result<Duration, Duration> {
+        let started = Instant::now();
+        let mut tmp = [0u8; 4096];
+        loop {
+            match tokio::time::timeout_at(
+                (started + limit).into(),
+                self.stream.read(&mut tmp),
+            )
+            .await
+            {
+                Err(_) => return Err(started.elapsed()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(started.elapsed()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
     async fn fill(&mut self) -> io::Result<()> {
         let mut tmp = [0u8; 16 * 1024];
         let n = self.stream.read(&mut tmp).await?;

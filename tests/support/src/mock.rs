@@ -20,6 +20,10 @@
 //! | `slow-NNN`       | a normal answer after NNN ms |
 //! | `fail-first-NNN` | after NNN ms, a 503 for the first such request in the process, then normal answers |
 //! | `flaky-NN`       | fails NN% of requests at random (503, 429, a drop, or a drop after the head) |
+//! | `interim-100`    | a `100 Continue` interim answer first, then a normal answer |
+//! | `no-done`        | a stream that ends (chunked terminator) without `data: [DONE]` |
+//! | `http10-stream`  | an HTTP/1.0 stream, close-delimited, cut before `data: [DONE]` |
+//! | `embed-short`    | an embeddings answer with one vector fewer than the inputs |
 //!
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
 //! stream chunk, default 0), `mock_retry_after` (seconds, for `status-429`), `mock_headers`
@@ -352,6 +356,36 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         return Ok(true);
     }
     match model.as_str() {
+        "interim-100" => {
+            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            stream.flush().await?;
+        }
+        "no-done" | "http10-stream" => {
+            let head: &[u8] = if model == "no-done" {
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            } else {
+                b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+            };
+            stream.write_all(head).await?;
+            for i in 0..2 {
+                let event = format!(
+                    "data: {}\n\n",
+                    json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                           "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}]})
+                );
+                if model == "no-done" {
+                    write_chunk(stream, event.as_bytes()).await?;
+                } else {
+                    stream.write_all(event.as_bytes()).await?;
+                    stream.flush().await?;
+                }
+            }
+            if model == "no-done" {
+                stream.write_all(b"0\r\n\r\n").await?;
+                return Ok(true);
+            }
+            return Ok(false);
+        }
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             return Ok(false);
@@ -418,6 +452,10 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
             Value::Array(items) if items.iter().all(Value::is_string) => items.clone(),
             other => vec![other.clone()],
         };
+        let mut items = items;
+        if model == "embed-short" {
+            items.pop();
+        }
         let inputs = items.len();
         // A vector that depends on the input's text, so tests can tell inputs apart.
         let data: Vec<Value> = items

@@ -1,0 +1,454 @@
+//! Client connections: the limits every listener enforces around Pingora's HTTP code.
+//!
+//! Pingora 0.9 bounds each *read* of a request head (60 s), not the head as a whole, and once
+//! a keep-alive request has been answered it waits for the next one with no timeout at all. A
+//! client sending one header byte every few seconds, or opening connections and never using
+//! them, therefore holds a task, a socket and its buffers forever. [`Guarded`] wraps a
+//! listening service's app and puts each accepted connection in a [`GuardedStream`], which
+//! enforces three limits:
+//!
+//! - `server.header_timeout`: a request head must be complete this long after the connection
+//!   opened, or after the first byte of a keep-alive request arrived;
+//! - `server.keepalive_timeout`: an idle keep-alive connection (HTTP/1 between requests, HTTP/2
+//!   through Pingora's `h2_idle_timeout`) is closed after this long;
+//! - `server.max_connections`: connections beyond this many open ones are closed at once.
+//!
+//! Only reads are put on the clock, and only while a head is awaited: the phase is switched by
+//! [`request_started`] (head parsed: the body has Pingora's per-read timeout, the response our
+//! write timeout) and [`request_finished`] (answered: idle until the next head), which the
+//! proxy and the admin app call through the session's stream. HTTP/2 connections (ALPN `h2`,
+//! or the h2c preface) have their own framing and idle timeout, so they are only counted.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// What the HTTP/2 client connection preface starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// The limits of one listening service (`server:` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// A listening service's app behind the connection limits. Wrap the whole app, so every
+/// endpoint of the service (TCP, TLS, Unix socket) shares one connection count.
+pub struct Guarded<A> {
+    app: Arc<A>,
+    limits: ConnLimits,
+    /// One permit per open connection; the permit lives in the connection's stream.
+    slots: Arc<Semaphore>,
+    /// When a refusal was last logged (seconds since the Unix epoch): one line a second at most,
+    /// since refusals come in floods.
+    last_warned: AtomicU64,
+}
+
+impl<A> Guarded<A> {
+    pub fn new(app: A, limits: ConnLimits) -> Self {
+        Guarded {
+            app: Arc::new(app),
+            limits,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            last_warned: AtomicU64::new(0),
+        }
+    }
+
+    fn warn_refused(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.last_warned.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(
+                max_connections = self.limits.max_connections,
+                "connection refused: server.max_connections are open"
+            );
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A stream handed back for reuse is already guarded and holds its slot.
+        if stream.as_any().is::<GuardedStream>() {
+            return self.app.process_new(stream, shutdown).await;
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            // Dropping the stream closes it: cheaper than reading a request to answer 503, and
+            // the point is to stop spending memory on this client.
+            self.warn_refused();
+            return None;
+        };
+        let stream = GuardedStream::new(stream, self.limits, slot);
+        self.app.process_new(Box::new(stream), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await
+    }
+}
+
+/// Marks the request on `session` as having its head read: from here on its reads are not
+/// on the head clock. A no-op on streams that are not guarded (HTTP/2, the jobs' subrequests).
+pub fn request_started(session: &ServerSession) {
+    if let Some(stream) = guarded(session) {
+        stream.set_phase(Phase::Busy);
+    }
+}
+
+/// Marks the request on `session` as answered: the connection idles until the next request
+/// starts, at most `keepalive_timeout`.
+pub fn request_finished(session: &ServerSession) {
+    if let Some(stream) = guarded(session) {
+        let until = Instant::now() + stream.limits.keepalive_timeout;
+        stream.set_phase(Phase::Idle { until });
+    }
+}
+
+fn guarded(session: &ServerSession) -> Option<&GuardedStream> {
+    session.stream()?.as_any().downcast_ref::<GuardedStream>()
+}
+
+/// Where a connection is between requests, and so what its reads must meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A request head is being read: it must be complete by `deadline`.
+    Head { deadline: Instant },
+    /// Between requests: the next one must start by `until`; its first byte starts the head clock.
+    Idle { until: Instant },
+    /// A request is being served: body reads have Pingora's own read timeout.
+    Busy,
+    /// HTTP/2: idle connections are closed by Pingora's `h2_idle_timeout`.
+    Exempt,
+}
+
+/// An accepted connection with its slot and its head and idle deadlines.
+pub struct GuardedStream {
+    inner: Stream,
+    limits: ConnLimits,
+    /// Written by the request hooks through `&self` (std Mutex: held for one assignment, never
+    /// across an await); read by `poll_read` through `&mut self`, without locking.
+    phase: Mutex<Phase>,
+    /// Whether nothing has been read yet (the h2c preface is looked for in the first read).
+    fresh: bool,
+    timer: Pin<Box<Sleep>>,
+    /// Released when the connection is dropped.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl GuardedStream {
+    fn new(inner: Stream, limits: ConnLimits, slot: OwnedSemaphorePermit) -> Self {
+        let deadline = Instant::now() + limits.header_timeout;
+        let phase = if matches!(inner.selected_alpn_proto(), Some(ALPN::H2)) {
+            Phase::Exempt
+        } else {
+            Phase::Head { deadline }
+        };
+        GuardedStream {
+            inner,
+            limits,
+            phase: Mutex::new(phase),
+            fresh: true,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            _slot: slot,
+        }
+    }
+
+    fn set_phase(&self, next: Phase) {
+        let mut phase = self.phase.lock().unwrap_or_else(PoisonError::into_inner);
+        if *phase != Phase::Exempt {
+            *phase = next;
+        }
+    }
+
+    fn phase_mut(&mut self) -> &mut Phase {
+        self.phase.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The instant the current wait for a read must end, if any.
+    fn deadline(&mut self) -> Option<Instant> {
+        match *self.phase_mut() {
+            Phase::Head { deadline } => Some(deadline),
+            Phase::Idle { until } => Some(until),
+            Phase::Busy | Phase::Exempt => None,
+        }
+    }
+
+    /// Bytes arrived: a keep-alive connection's next head has started, or an h2c connection
+    /// announced itself.
+    fn on_read(&mut self, bytes: &[u8]) {
+        let fresh = std::mem::replace(&mut self.fresh, false);
+        let header_timeout = self.limits.header_timeout;
+        let phase = self.phase_mut();
+        if fresh && bytes.starts_with(H2_PREFACE) {
+            *phase = Phase::Exempt;
+        } else if let Phase::Idle { .. } = phase {
+            *phase = Phase::Head {
+                deadline: Instant::now() + header_timeout,
+            };
+        }
+    }
+
+    fn timed_out(&mut self) -> io::Error {
+        let what = match self.phase_mut() {
+            Phase::Idle { .. } => "idle keep-alive connection (server.keepalive_timeout)",
+            _ => "request head not complete in time (server.header_timeout)",
+        };
+        io::Error::new(io::ErrorKind::TimedOut, what)
+    }
+}
+
+impl fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedStream")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                if !read.is_empty() {
+                    this.on_read(read);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let Some(deadline) = this.deadline() else {
+                    return Poll::Pending;
+                };
+                if this.timer.deadline() != deadline {
+                    this.timer.as_mut().reset(deadline);
+                }
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(this.timed_out())),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            failed => failed,
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    /// Pingora peeks for the h2c preface before reading anything: a client that sends nothing
+    /// must not wait here past the head deadline either.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        match self.deadline() {
+            Some(deadline) => tokio::time::timeout_at(deadline, self.inner.try_peek(buf))
+                .await
+                .unwrap_or_else(|_| Err(self.timed_out())),
+            None => self.inner.try_peek(buf).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const LIMITS: ConnLimits = ConnLimits {
+        header_timeout: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(60),
+        max_connections: 4,
+    };
+
+    fn guarded(io: tokio::io::DuplexStream) -> GuardedStream {
+        let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        GuardedStream::new(Box::new(io), LIMITS, slot)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_trickles_in_is_cut_at_the_header_timeout() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut stream = guarded(server);
+        let started = Instant::now();
+        let trickle = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\n" {
+                if client.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let mut buf = [0u8; 64];
+        let error = loop {
+            match stream.read(&mut buf).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.header_timeout);
+        trickle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_waits_keepalive_timeout_then_a_head_gets_header_timeout() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let stream = guarded(server);
+        stream.set_phase(Phase::Busy);
+        let mut stream = stream;
+        // Busy: no deadline while a request is served.
+        let mut buf = [0u8; 8];
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), stream.read(&mut buf))
+                .await
+                .is_err()
+        );
+        stream.set_phase(Phase::Idle {
+            until: Instant::now() + LIMITS.keepalive_timeout,
+        });
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        client.write_all(b"G").await.unwrap();
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 1);
+        let started = Instant::now();
+        let error = stream.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), LIMITS.header_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_h2c_connection_is_left_to_http2s_own_timeouts() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut stream = guarded(server);
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(stream.read(&mut buf).await.unwrap() > 0);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), stream.read(&mut buf))
+                .await
+                .is_err()
+        );
+    }
+}
