@@ -24,6 +24,8 @@ struct Writer {
 
 static WRITER: OnceLock<Writer> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Lines queued and not yet written (for [`flush`] at exit).
+static PENDING: AtomicU64 = AtomicU64::new(0);
 
 /// One request, as the access log records it. No header values, no query string, no body:
 /// nothing that could carry a credential.
@@ -67,15 +69,26 @@ fn write_loop(rx: Receiver<Vec<u8>>) {
     // `recv` blocks only while idle; under load the thread sleeps between batches instead.
     while let Ok(first) = rx.recv() {
         batch.extend_from_slice(&first);
+        let mut lines = 1;
         while let Ok(line) = rx.try_recv() {
             batch.extend_from_slice(&line);
+            lines += 1;
             if batch.len() > 256 * 1024 {
                 break;
             }
         }
         let _ = std::io::stderr().lock().write_all(&batch);
+        PENDING.fetch_sub(lines, Ordering::AcqRel);
         batch.clear();
         std::thread::sleep(BATCH_WINDOW);
+    }
+}
+
+/// Waits (up to `limit`) until every queued line is written: for a process about to exit.
+pub fn flush(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while PENDING.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -85,9 +98,11 @@ pub fn record(entry: &Entry) {
         return;
     };
     let line = format_line(entry, SystemTime::now());
+    PENDING.fetch_add(1, Ordering::AcqRel);
     match writer.tx.try_send(line) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            PENDING.fetch_sub(1, Ordering::AcqRel);
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -128,14 +143,37 @@ fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
     line
 }
 
-/// A JSON string, escaped.
+/// Longest value of any one field: a line stays small whatever a client sends (a long path,
+/// an error message quoting the request). Longer values end with `…`.
+const MAX_FIELD: usize = 512;
+
+/// A JSON string, escaped, cut at [`MAX_FIELD`] bytes (on a character boundary).
 fn string(out: &mut Vec<u8>, s: &str) {
-    let _ = serde_json::to_writer(&mut *out, s);
+    if s.len() <= MAX_FIELD {
+        let _ = serde_json::to_writer(&mut *out, s);
+        return;
+    }
+    let mut end = MAX_FIELD;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = format!("{}…", &s[..end]);
+    let _ = serde_json::to_writer(&mut *out, &cut);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_fields_are_cut() {
+        let long = "é".repeat(2000);
+        let mut out = Vec::new();
+        string(&mut out, &long);
+        let back: String = serde_json::from_slice(&out).unwrap();
+        assert!(back.len() <= MAX_FIELD + 3, "{}", back.len());
+        assert!(back.ends_with('…'));
+    }
 
     #[test]
     fn lines_are_json_with_escaped_strings() {

@@ -87,8 +87,10 @@ pub fn plan(
     route: &Route,
     req: &LlmRequest,
     principal: &Principal,
-    headers: &http::HeaderMap,
+    head: &pingora::http::RequestHeader,
 ) -> Option<Plan> {
+    let headers = &head.headers;
+    let query = head.uri.query().unwrap_or("");
     let policy = route.cache.clone()?;
     let api = api_of(req.endpoint);
     let body: Value = serde_json::from_slice(&req.raw).ok()?;
@@ -101,7 +103,15 @@ pub fn plan(
         Scope::Tenant => principal.tenant.as_deref().unwrap_or(&principal.key_id),
         Scope::Global => "",
     };
-    let key = policy::key(policy.scope, scope_id, &route.name, &req.model, api, &body);
+    let key = policy::key(
+        policy.scope,
+        scope_id,
+        &route.name,
+        &req.model,
+        api,
+        query,
+        &body,
+    );
     let items = match api {
         Api::Embeddings => policy::embed::items(&body).map(|items| {
             let keys = policy::item_keys(
@@ -109,6 +119,7 @@ pub fn plan(
                 scope_id,
                 &route.name,
                 &req.model,
+                query,
                 &body,
                 &items,
             );

@@ -5,13 +5,22 @@
 //! client sending one header byte every few seconds, or opening connections and never using
 //! them, therefore holds a task, a socket and its buffers forever. [`Guarded`] wraps a
 //! listening service's app and puts each accepted connection in a [`GuardedStream`], which
-//! enforces three limits:
+//! enforces four limits:
 //!
 //! - `server.header_timeout`: a request head must be complete this long after the connection
 //!   opened, or after the first byte of a keep-alive request arrived;
+//! - `server.max_header_bytes`: a request head (request line, header fields, blank line) may
+//!   be at most this long, with at most [`MAX_HEADER_FIELDS`] fields. Pingora's own limits
+//!   are 1 MiB and 256 fields, refused with a plain-text 400; here a longer head is answered
+//!   `431 Request Header Fields Too Large` in OpenAI's error shape as soon as it passes the
+//!   limit, written straight on the socket (Pingora has parsed nothing yet), and the
+//!   connection is closed;
 //! - `server.keepalive_timeout`: an idle keep-alive connection (HTTP/1 between requests, HTTP/2
 //!   through Pingora's `h2_idle_timeout`) is closed after this long;
 //! - `server.max_connections`: connections beyond this many open ones are closed at once.
+//!
+//! `server.body_timeout` is carried here with the others but enforced by the pipeline's body
+//! read, which knows where a body ends.
 //!
 //! Only reads are put on the clock, and only while a head is awaited: the phase is switched by
 //! [`request_started`] (head parsed: the body has Pingora's per-read timeout, the response our
@@ -43,12 +52,26 @@ use tokio::time::{Instant, Sleep};
 /// What the HTTP/2 client connection preface starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
+/// Most header fields in one request head: Pingora parses at most 256 (`MAX_HEADERS` in
+/// pingora-core) and answers more with a plain-text 400, so we refuse them first, in our shape.
+pub const MAX_HEADER_FIELDS: usize = 256;
+
+/// How long a refused connection (431) may take to receive its answer: the answer is written,
+/// the sending side closed, and what the client still sends is read and discarded meanwhile,
+/// so that closing does not reset the connection before the client has read the 431.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
 /// The limits of one listening service (`server:` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
     pub header_timeout: Duration,
     pub keepalive_timeout: Duration,
     pub max_connections: usize,
+    /// Longest request head in bytes (`server.max_header_bytes`); a longer one is answered 431.
+    pub max_header_bytes: usize,
+    /// How long a request body may take to arrive once its head is in (`server.body_timeout`;
+    /// enforced by the pipeline's body read, answered 408).
+    pub body_timeout: Duration,
 }
 
 /// A listening service's app behind the connection limits. Wrap the whole app, so every

@@ -77,6 +77,8 @@ pub enum GatewayError {
     BadJob(String),
     #[error("with auth off, this gateway answers only requests addressed to localhost or an IP address (the Host header)")]
     HostNotAllowed,
+    #[error("the gateway is shutting down; retry the request")]
+    ShuttingDown,
 }
 
 /// What a client sees of an error.
@@ -208,6 +210,12 @@ impl GatewayError {
                     None,
                 ),
             },
+            G::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                Some("server_shutting_down"),
+                None,
+            ),
             G::NoTarget { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",

@@ -44,6 +44,9 @@ pub enum ForwardError {
     AfterResponse { error: UpstreamError, sse: bool },
     /// The client went away; the upstream connection is dropped so generation stops.
     ClientGone,
+    /// The node is shutting down and its grace period is ending: the stream was ended with a
+    /// `server_shutting_down` event (says nothing about the provider).
+    ShuttingDown,
 }
 
 /// Request headers never passed on to a provider: hop-by-hop headers, headers we set
@@ -113,6 +116,8 @@ pub struct Upstreams<'a> {
     pub health: &'a HealthTable,
     pub quotas: &'a Quotas,
     pub metrics: &'a Metrics,
+    /// Shutdown: streams still open when the grace period ends are ended cleanly.
+    pub drain: &'a crate::drain::Drain,
 }
 
 /// One attempt that ended before anything reached the client.
@@ -555,6 +560,7 @@ impl Forwarder {
         if sse {
             // Stripping the usage chunk changes the length: a stream is always chunked.
             head.remove_header(&CONTENT_LENGTH);
+            let _ = head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
         }
         add_headers(&mut head, &ctx.response_headers);
         let _ = head.insert_header("x-lumen-provider", provider.name.as_str());
@@ -648,7 +654,23 @@ impl Forwarder {
             {
                 return Err(ForwardError::ClientGone);
             }
-            match upstream.read_response_body().await {
+            let read = tokio::select! {
+                read = upstream.read_response_body() => read,
+                () = up.drain.cut(), if sse && !capture => {
+                    // Shutting down: end the stream while the client can still be told why.
+                    let mut event = if ends_event {
+                        BytesMut::new()
+                    } else {
+                        BytesMut::from(&b"\n\n"[..])
+                    };
+                    event.extend_from_slice(b"data: ");
+                    event.extend_from_slice(&GatewayError::ShuttingDown.body());
+                    event.extend_from_slice(b"\n\n");
+                    let _ = session.write_response_body(Some(event.freeze()), true).await;
+                    return Err(ForwardError::ShuttingDown);
+                }
+            };
+            match read {
                 Ok(chunk) => next = chunk,
                 Err(e) => {
                     let error = classify(provider, &e);
@@ -850,8 +872,11 @@ fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>
     }
     // A JSON answer keeps its length (so the client sees a complete body, or a dropped
     // connection); a stream's is removed by the caller, which may change it.
-    if let Some(length) = upstream.headers.get(CONTENT_LENGTH) {
-        head.insert_header(CONTENT_LENGTH, length.clone())?;
+    // Without a length the body is chunked to the client, whatever the provider's framing
+    // (close-delimited would end the client's keep-alive connection).
+    match upstream.headers.get(CONTENT_LENGTH) {
+        Some(length) => head.insert_header(CONTENT_LENGTH, length.clone())?,
+        None => head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?,
     }
     if let Some(id) = upstream
         .headers

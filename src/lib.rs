@@ -38,6 +38,7 @@ pub mod admin_cli;
 pub mod balance;
 pub mod cache;
 pub mod config;
+pub mod drain;
 pub mod conn;
 pub mod ctx;
 pub mod error;
@@ -119,10 +120,7 @@ fn guarded_proxy(
     let mut proxy = HttpProxy::new(gateway, server_conf.clone());
     proxy.handle_init_modules();
     proxy.server_options = Some(server_options(limits, h2c));
-    Service::new(
-        "lumen proxy".to_string(),
-        conn::Guarded::new(proxy, limits),
-    )
+    Service::new("lumen proxy".to_string(), conn::Guarded::new(proxy, limits))
 }
 
 /// Pingora's options for a listening service: HTTP/2 idle connections close after the same
@@ -152,10 +150,7 @@ pub fn admin_service(
     });
     let limits = snapshot.server.connections;
     app.server_options = Some(server_options(limits, false));
-    let mut service = Service::new(
-        "lumen admin".to_string(),
-        conn::Guarded::new(app, limits),
-    );
+    let mut service = Service::new("lumen admin".to_string(), conn::Guarded::new(app, limits));
     service.add_tcp(&snapshot.admin_listen);
     service
 }
@@ -191,10 +186,32 @@ pub fn health_prober(gateway: &Gateway) -> impl pingora::services::ServiceWithDe
 pub fn usage_flusher(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
     pingora::services::background::background_service(
         "lumen usage flusher",
-        ledger::Flusher {
-            ledger: gateway.ledger(),
-            config: gateway.config.clone(),
-            metrics: gateway.metrics.clone(),
+        usage_flush(gateway),
+    )
+}
+
+fn usage_flush(gateway: &Gateway) -> ledger::Flusher {
+    ledger::Flusher {
+        ledger: gateway.ledger(),
+        config: gateway.config.clone(),
+        metrics: gateway.metrics.clone(),
+    }
+}
+
+/// A background service the node's early exit waits for at shutdown (`drain::Held`).
+fn held<S>(
+    name: &str,
+    inner: S,
+    drain: &Arc<drain::Drain>,
+) -> pingora::services::background::GenBackgroundService<drain::Held<S>>
+where
+    S: pingora::services::background::BackgroundService + Send + Sync + 'static,
+{
+    pingora::services::background::background_service(
+        name,
+        drain::Held {
+            inner,
+            drain: drain.clone(),
         },
     )
 }
@@ -261,8 +278,8 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         )
     });
     let prober = health_prober(&gateway);
-    let flusher = usage_flusher(&gateway);
-    let reloader = pingora::services::background::background_service(
+    let flusher = usage_flush(&gateway);
+    let reloader = (
         "lumen config reloader",
         reload::Reloader {
             path: config_path.to_path_buf(),
@@ -274,6 +291,8 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     );
     let jobs = gateway.jobs();
     let live_health = gateway.health();
+    let drain = gateway.drain();
+    let ledger = gateway.ledger();
     let live_config = gateway.config.clone();
     let mut proxy = if worker_only {
         // No listeners but the internal socket below.
@@ -289,20 +308,22 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         Some(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
     );
     server.add_service(proxy);
-    server.add_service(pingora::services::background::background_service(
+    server.add_service(held(
         "lumen jobs socket cleanup",
         jobs::run::SocketFile {
             path: socket.clone(),
         },
+        &drain,
     ));
     if jobs.settings.workers > 0 {
-        server.add_service(pingora::services::background::background_service(
+        server.add_service(held(
             "lumen job workers",
             jobs::run::Workers {
                 jobs,
                 socket,
                 config: live_config,
             },
+            &drain,
         ));
     }
     if let Some((admin, sampler)) = admin {
@@ -310,19 +331,34 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         server.add_service(sampler);
     }
     server.add_service(prober);
-    server.add_service(flusher);
-    server.add_service(reloader);
+    // Not held: it keeps flushing through the grace period; the drainer flushes last.
+    server.add_service(pingora::services::background::background_service(
+        "lumen usage flusher",
+        flusher,
+    ));
+    // Held: it announces STOPPING=1 to systemd before the node may exit.
+    server.add_service(held(reloader.0, reloader.1, &drain));
     // Sidecars belong to serving nodes; a worker uses the providers as configured.
     if !snapshot.spawns.is_empty() && !worker_only {
-        server.add_service(pingora::services::background::background_service(
+        server.add_service(held(
             "lumen sidecar supervisor",
             sidecar::Supervisor {
                 specs: snapshot.spawns.clone(),
-                metrics: gateway_metrics,
+                metrics: gateway_metrics.clone(),
                 health: live_health,
             },
+            &drain,
         ));
     }
+    server.add_service(pingora::services::background::background_service(
+        "lumen drain",
+        drain::Drainer {
+            drain,
+            ledger: ledger.clone(),
+            in_flight: gateway_metrics.in_flight.clone(),
+            grace_period: snapshot.server.grace_period,
+        },
+    ));
     tracing::info!(
         config = %config_path.display(),
         listen = ?snapshot.listeners.iter().map(|l| l.addr.as_str()).collect::<Vec<_>>(),

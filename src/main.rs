@@ -254,8 +254,19 @@ fn init_logging() {
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_string());
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    // The guard flushes on drop; the process lives until exit, so it is leaked on purpose.
-    std::mem::forget(guard);
+    // The guard flushes on drop. The process lives until it exits, and a drained node exits
+    // from the library (`std::process::exit`, which runs no destructors): the guard is kept
+    // for the exit hook, which drops it so the last lines are written.
+    static GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+        std::sync::Mutex::new(None);
+    if let Ok(mut slot) = GUARD.lock() {
+        *slot = Some(guard);
+    }
+    lumen::drain::set_exit_hook(|| {
+        if let Ok(mut slot) = GUARD.lock() {
+            drop(slot.take());
+        }
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -81,6 +81,8 @@ pub struct Gateway {
     ledger: Arc<Ledger>,
     /// Async jobs: the queue and table this node's API and workers share.
     jobs: Arc<Jobs>,
+    /// Shutdown: open streams end when it says so (`drain::Drainer`).
+    drain: Arc<crate::drain::Drain>,
     /// Request counts per client address (`limits.per_ip`), in fixed memory.
     addresses: AddressLimiter,
     /// This process's jobs socket: the only listener on which a job token means anything.
@@ -140,7 +142,13 @@ impl Gateway {
             jobs,
             addresses: AddressLimiter::new(),
             internal_socket: jobs::run::socket_path(),
+            drain: Arc::new(crate::drain::Drain::default()),
         }
+    }
+
+    /// The shutdown state this gateway's streams watch.
+    pub fn drain(&self) -> Arc<crate::drain::Drain> {
+        self.drain.clone()
     }
 
     /// The async jobs of this node (its workers run them).
@@ -222,7 +230,7 @@ impl Gateway {
         self.shared.as_ref().map(|(s, _)| s.clone())
     }
 
-    /// DESIGN.md steps 1–4 (limits and cache join here with their issues).
+    /// DESIGN.md's pipeline steps 1–10, in order; any `Err` is written by `write_error`.
     async fn admit(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<Admit, GatewayError> {
         let config = ctx
             .config
@@ -301,7 +309,7 @@ impl Gateway {
             }
             return Ok(Admit::Job(call, principal));
         }
-        // 5 (early). Request-count limits need no body: refuse floods before reading one.
+        // 5. Request-count limits need no body: refuse floods before reading one.
         if job.is_none() {
             self.limit(ctx, &principal).await?;
         }
@@ -319,22 +327,23 @@ impl Gateway {
         if open {
             json_body_required(head, config.limits.max_body_bytes)?;
         }
-        // 3. Body: bounded, read once, kept for every attempt.
+        // 6. Body: bounded, read once, kept for every attempt.
         let raw = read_body(s, config.limits.max_body_bytes).await?;
         let req = openai::parse(endpoint, raw)?;
         ctx.stream = req.stream;
-        // 4. Route.
+        // 7. Route. The allow-list names what clients ask for, so it is checked on the
+        // client's model, and before the route table: a key must not learn which models exist
+        // beyond its own (403 for every model it may not use, existing or not).
+        if !principal.may_use(&req.model) {
+            return Err(GatewayError::ModelNotAllowed(req.model.clone()));
+        }
         let route = config
             .routes
             .resolve(&req.model)
             .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
         ctx.route = Some(route.name.clone());
-        // The allow-list names what clients ask for, so it is checked on the client's model.
-        if !principal.may_use(&req.model) {
-            return Err(GatewayError::ModelNotAllowed(req.model.clone()));
-        }
         ctx.model = Some(req.model.clone());
-        // 5. The route's own request limit, per key.
+        // 8. The route's own request limit, per key.
         if let Some(limit) = &route.limits {
             let bucket = format!("{}{}", principal.key_id, route.bucket_suffix);
             match self.check_requests(&bucket, limit).await {
@@ -342,9 +351,9 @@ impl Gateway {
                 Err(limited) => return Err(self.refuse(ctx, &limited)),
             }
         }
-        // 6. Cache: a hit answers here. It counted as a request above, but costs no provider
+        // 9. Cache: a hit answers here. It counted as a request above, but costs no provider
         // call and, unless the route says so, no tokens.
-        let plan = cache::plan(&route, &req, &principal, &s.req_header().headers);
+        let plan = cache::plan(&route, &req, &principal, s.req_header());
         let hit = match &plan {
             Some(p) if p.control == ClientControl::Bypass => {
                 cache::push_status(ctx, "bypass");
@@ -551,6 +560,7 @@ impl Gateway {
                 health: &self.health,
                 quotas: &self.quotas,
                 metrics: &self.metrics,
+                drain: &self.drain,
             };
             let result = self
                 .forwarder
@@ -659,6 +669,11 @@ impl Gateway {
                 ctx.error = Some(error.to_string());
                 // Dropping the connection is the only honest way to show a truncated body.
                 Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
+            }
+            ForwardError::ShuttingDown => {
+                // The stream already ended with a `server_shutting_down` event.
+                ctx.error = Some("server shutting down".into());
+                Ok(true)
             }
             ForwardError::ClientGone => {
                 ctx.error = Some("client disconnected".into());
@@ -1072,6 +1087,7 @@ impl ProxyHttp for Gateway {
             health: &self.health,
             quotas: &self.quotas,
             metrics: &self.metrics,
+            drain: &self.drain,
         };
         match self
             .forwarder
@@ -1284,7 +1300,9 @@ fn json_body_required(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .map(|m| m.trim().to_ascii_lowercase())
-        .is_some_and(|m| m == "application/json" || (m.starts_with("application/") && m.ends_with("+json")));
+        .is_some_and(|m| {
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        });
     if json {
         Ok(())
     } else {

@@ -116,10 +116,12 @@ impl Reloader {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(e) => Err(format!("reload task failed: {e}")),
         }
-        .and_then(|next| match admin_exposed(self.admin_bound.as_deref(), &next) {
-            Some(problem) => Err(format!("{}: {problem}", self.path.display())),
-            None => Ok(next),
-        });
+        .and_then(
+            |next| match admin_exposed(self.admin_bound.as_deref(), &next) {
+                Some(problem) => Err(format!("{}: {problem}", self.path.display())),
+                None => Ok(next),
+            },
+        );
         match result {
             Ok(next) => {
                 let current = self.config.load_full();

@@ -185,7 +185,14 @@ async fn allow_lists_and_the_model_list_follow_the_key() {
         (resp.status, code(&resp).as_str()),
         (403, "model_not_allowed")
     );
+    // No oracle: a model outside the allow-list is refused the same whether it exists or not.
     let resp = post(&lumen, &team, "nope").await;
+    assert_eq!(
+        (resp.status, code(&resp).as_str()),
+        (403, "model_not_allowed")
+    );
+    // A key that may use every model learns that it does not exist.
+    let resp = post(&lumen, &[("authorization", "Bearer sk-hashed-key")], "nope").await;
     assert_eq!(resp.status, 404);
 
     let mut c = Client::connect(lumen.addr).await.unwrap();

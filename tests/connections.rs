@@ -97,7 +97,10 @@ async fn an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, SHORT));
     let mut c = Client::connect(lumen.addr).await.unwrap();
-    assert_eq!(c.request("GET", "/healthz", &[], b"").await.unwrap().status, 200);
+    assert_eq!(
+        c.request("GET", "/healthz", &[], b"").await.unwrap().status,
+        200
+    );
     // Idle for less than keepalive_timeout (but longer than header_timeout): still open, and
     // each request restarts the idle clock.
     for _ in 0..2 {
@@ -125,17 +128,25 @@ async fn connections_beyond_max_connections_are_closed_while_open_ones_are_serve
     let mut open = Vec::new();
     for _ in 0..4 {
         let mut c = Client::connect(lumen.addr).await.unwrap();
-        assert_eq!(c.request("GET", "/healthz", &[], b"").await.unwrap().status, 200);
+        assert_eq!(
+            c.request("GET", "/healthz", &[], b"").await.unwrap().status,
+            200
+        );
         open.push(c);
     }
     // The fifth is accepted by the kernel and closed at once by the gateway.
     let mut fifth = Client::connect(lumen.addr).await.unwrap();
-    let _ = fifth.send_raw(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
+    let _ = fifth
+        .send_raw(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
     let closed = fifth.closed_within(Duration::from_secs(3)).await;
     assert!(closed.is_ok(), "a fifth connection was kept open");
     // The four keep working.
     for c in &mut open {
-        assert_eq!(c.request("GET", "/healthz", &[], b"").await.unwrap().status, 200);
+        assert_eq!(
+            c.request("GET", "/healthz", &[], b"").await.unwrap().status,
+            200
+        );
     }
     // A closed one frees its slot.
     drop(open.pop());

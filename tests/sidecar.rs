@@ -146,6 +146,58 @@ async fn a_killed_sidecar_is_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_sidecar_reopens_its_circuit_at_once() {
+    let models = Dir::new("lumen-models");
+    let port = free_port();
+    let model = tiny_model(&models);
+    // A long cooldown: without the restart signal the route would stay down for a minute.
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+providers:
+  local:
+    base_url: "http://127.0.0.1:{port}/v1"
+    timeout: 60s
+    circuit: {{ failures: 1, cooldown: 60s }}
+    spawn: {{ model: "{model}", alias: tiny, options: "ctx=512,slots=2" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ], retry: {{ attempts: 1 }} }}
+"#
+    ));
+    wait_for_chat(&lumen, Duration::from_secs(60)).await;
+    let before = sidecar_pids(port);
+    assert_eq!(before.len(), 1);
+    // SAFETY: kill(2) on a pid read from /proc; no memory is touched.
+    unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
+    // A request while it is down fails and opens the circuit.
+    let body = json!({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let mut opened = false;
+    for _ in 0..50 {
+        let mut c = Client::connect(lumen.addr).await.unwrap();
+        let resp = c.post_json("/v1/chat/completions", &[], &body).await.unwrap();
+        if resp.text().contains("circuit_open") {
+            opened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(opened, "the circuit opened while the sidecar was down");
+    // Back well within the cooldown, once the new sidecar answers its probe.
+    let started = Instant::now();
+    wait_for_chat(&lumen, Duration::from_secs(30)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        lumen.log().contains("provider recovered; circuit half-open"),
+        "{}",
+        lumen.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_sidecar_stops_with_the_gateway() {
     let models = Dir::new("lumen-models");
     let port = free_port();

@@ -133,6 +133,68 @@ async fn sigterm_lets_streams_in_flight_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn streams_longer_than_the_grace_period_end_with_an_error_event_not_silently() {
+    let mock = MockUpstream::start();
+    let mut lumen = Lumen::start(&format!(
+        "auth: off\nserver: {{ grace_period: 2s }}\nproviders:\n  mock: {{ base_url: \"{}\", health: {{ enabled: false }} }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: mock }} ] }}\n",
+        mock.base_url()
+    ));
+    let addr = lumen.addr;
+    let streams: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(async move {
+                // 40 chunks 200 ms apart: 8 s, far past the 2 s grace period.
+                let body = json!({"model": "m", "stream": true, "mock_chunks": 40, "mock_delay_ms": 200,
+                                  "messages": [{"role": "user", "content": "a very long answer"}]});
+                Client::connect(addr)
+                    .await
+                    .unwrap()
+                    .post_json("/v1/chat/completions", &[], &body)
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped_at = Instant::now();
+    let status = lumen.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    let exited_after = stopped_at.elapsed();
+    assert!(
+        exited_after < Duration::from_secs(4),
+        "exits once its streams ended, not long after the grace period: {exited_after:?}"
+    );
+    for stream in streams {
+        // A complete chunked response (the client read it to its end), whose last event says
+        // why it stopped.
+        let resp = stream.await.unwrap().expect("a cleanly ended response");
+        assert_eq!(resp.status, 200);
+        let last = resp.sse_data().last().cloned().unwrap_or_default();
+        let event: serde_json::Value = serde_json::from_str(&last)
+            .unwrap_or_else(|_| panic!("last event is JSON: {}", resp.text()));
+        assert_eq!(event["error"]["code"], "server_shutting_down", "{}", resp.text());
+        assert!(resp.chat_stream_text().split_whitespace().count() >= 5);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_node_exits_at_once_on_sigterm() {
+    let mock = MockUpstream::start();
+    let mut lumen = Lumen::start(&format!(
+        "auth: off\nserver: {{ grace_period: 20s }}\nproviders:\n  mock: {{ base_url: \"{}\", health: {{ enabled: false }} }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: mock }} ] }}\n",
+        mock.base_url()
+    ));
+    let stopped_at = Instant::now();
+    let status = lumen.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(3),
+        "nothing in flight: no need to wait out the grace period ({:?})",
+        stopped_at.elapsed()
+    );
+    assert!(lumen.log().contains("drained"), "{}", lumen.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn watchdog_pings_come_at_half_the_interval_systemd_asked_for() {
     let mock = MockUpstream::start();
     let dir = Dir::new("lumen-watchdog");

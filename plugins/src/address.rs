@@ -100,7 +100,9 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
-            let kept = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+            let kept = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
             IpAddr::V4((bits & kept).into())
         }
         IpAddr::V6(v6) => {
@@ -208,10 +210,7 @@ impl AddressLimiter {
         let (window, allowed) = window_of(limit);
         let window_ms = window.as_millis() as u64;
         let w = self.state.get_or_init(|| Windows {
-            sketches: [
-                Estimator::new(HASHES, SLOTS),
-                Estimator::new(HASHES, SLOTS),
-            ],
+            sketches: [Estimator::new(HASHES, SLOTS), Estimator::new(HASHES, SLOTS)],
             epoch: AtomicU64::new(0),
             window_ms: AtomicU64::new(window_ms),
         });
@@ -353,7 +352,10 @@ mod tests {
         assert!(net.contains(ip("10.200.3.4")));
         assert!(net.contains(ip("::ffff:10.1.1.1")));
         assert!(!net.contains(ip("11.0.0.1")));
-        assert!(!net.contains(ip("::a00:1")), "an IPv6 address is not in an IPv4 block");
+        assert!(
+            !net.contains(ip("::a00:1")),
+            "an IPv6 address is not in an IPv4 block"
+        );
         let one: Cidr = "192.0.2.7".parse().unwrap();
         assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
         let v6: Cidr = "fd00::/8".parse().unwrap();
@@ -361,7 +363,14 @@ mod tests {
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains(ip("203.0.113.1")));
         assert_eq!(v6.to_string(), "fd00::/8");
-        for bad in ["10.0.0.0/33", "fd00::/129", "10.1.2.3/8", "proxy", "10.0.0.0/x", ""] {
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.1.2.3/8",
+            "proxy",
+            "10.0.0.0/x",
+            "",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }
@@ -406,7 +415,11 @@ mod tests {
         );
         // Several headers are one list, in order.
         assert_eq!(
-            client_ip(peer, ["1.1.1.1", "2001:db8::7,fd00::2"].into_iter(), &trusted),
+            client_ip(
+                peer,
+                ["1.1.1.1", "2001:db8::7,fd00::2"].into_iter(),
+                &trusted
+            ),
             ip("2001:db8::7")
         );
         // Ports and brackets, as some proxies write them.
@@ -420,7 +433,11 @@ mod tests {
         );
         // Garbage stops the walk at the last trusted hop.
         assert_eq!(
-            client_ip(peer, ["203.0.113.9, unknown, 10.1.1.1"].into_iter(), &trusted),
+            client_ip(
+                peer,
+                ["203.0.113.9, unknown, 10.1.1.1"].into_iter(),
+                &trusted
+            ),
             ip("10.1.1.1")
         );
         assert_eq!(
@@ -506,10 +523,7 @@ mod tests {
             burst: 5,
         };
         assert_eq!(window_of(&fast), (Duration::from_secs(1), 100));
-        assert_eq!(
-            window_of(&per_minute(60, 3)),
-            (Duration::from_secs(3), 3)
-        );
+        assert_eq!(window_of(&per_minute(60, 3)), (Duration::from_secs(3), 3));
         assert_eq!(
             window_of(&per_minute(600, 600)),
             (Duration::from_secs(60), 600)

@@ -208,7 +208,16 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             }
             Some(listener)
         })
-        .collect();
+        .collect::<Vec<Listener>>();
+    // Pingora applies h2c to a whole service, so one plaintext listener with `h2c: true`
+    // would turn it on for every plaintext listener: refuse the mix rather than surprise.
+    let plaintext: Vec<&Listener> = listeners.iter().filter(|l| l.tls.is_none()).collect();
+    if plaintext.iter().any(|l| l.h2c) && plaintext.iter().any(|l| !l.h2c) {
+        problems.push(Problem::at(
+            "listen",
+            "`h2c` must be the same on every plaintext listener (it applies to all of them at once)",
+        ));
+    }
     match raw.admin_listen.parse::<SocketAddr>() {
         Err(e) => problems.push(Problem::at(
             "admin_listen",

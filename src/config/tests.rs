@@ -160,7 +160,10 @@ fn per_address_limits_key_ipv6_by_prefix_and_trust_only_listed_proxies() {
     let per_ip = s.limits.per_ip.as_ref().unwrap();
     assert_eq!(per_ip.ipv6_prefix, 64, "one client per /64 by default");
     assert_eq!(per_ip.limit.count, 60);
-    assert!(s.server.trusted_proxies.is_empty(), "no proxy trusted by default");
+    assert!(
+        s.server.trusted_proxies.is_empty(),
+        "no proxy trusted by default"
+    );
 
     let s = parse_ok(
         "limits: { per_ip: { requests_per_second: 5, ipv6_prefix: 56 } }\n\

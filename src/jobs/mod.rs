@@ -424,13 +424,25 @@ impl Subscription {
     }
 }
 
-/// `job_` and 24 random base32 characters.
+/// `job_` and 24 random base32 characters (120 bits from the OS's CSPRNG): an id names a job
+/// to its owner, so it must not be guessable from others.
 fn new_job_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut id = String::with_capacity(28);
     id.push_str("job_");
-    for _ in 0..24 {
-        id.push(ALPHABET[fastrand::usize(..ALPHABET.len())] as char);
+    for b in secure_random::<24>() {
+        id.push(char::from(ALPHABET[usize::from(b & 31)]));
     }
     id
+}
+
+/// `N` bytes from the operating system's CSPRNG. Should the OS refuse (it does not on Linux
+/// once booted), the process-local generator is used with a log line, rather than fail jobs.
+pub fn secure_random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    if let Err(e) = getrandom::fill(&mut bytes) {
+        tracing::error!(error = %e, "OS random source failed; using the process generator");
+        bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    }
+    bytes
 }

@@ -51,12 +51,7 @@ fn socket_path_in(env: impl Fn(&str) -> Option<std::ffi::OsString>, pid: u32) ->
     let name = format!("lumen-{pid}-jobs.sock");
     let runtime = env("RUNTIME_DIRECTORY")
         // systemd lists one path per `RuntimeDirectory=` entry, colon-separated.
-        .and_then(|dirs| {
-            dirs.to_string_lossy()
-                .split(':')
-                .next()
-                .map(PathBuf::from)
-        })
+        .and_then(|dirs| dirs.to_string_lossy().split(':').next().map(PathBuf::from))
         .into_iter()
         .chain(env("XDG_RUNTIME_DIR").map(PathBuf::from));
     runtime
@@ -292,7 +287,8 @@ async fn run(
     jobs.metrics
         .job_queue_wait
         .observe(now_us().saturating_sub(created_us) as f64 / 1e6);
-    let token = format!("{:032x}", fastrand::u128(..));
+    // The token lets the holder act as the job's key: unguessable, from the OS's CSPRNG.
+    let token = format!("{:032x}", u128::from_le_bytes(super::secure_random::<16>()));
     jobs.register(&token, owner);
     let run_started = Instant::now();
     let outcome = tokio::select! {

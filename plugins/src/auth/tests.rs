@@ -395,7 +395,10 @@ fn jwt_callers_never_share_a_name_with_a_static_key_or_another_issuer() {
     assert!(from_key.configured && !from_idp.configured);
     // Numeric subjects are namespaced the same way.
     let numeric = hs256(&with(claims(), json!({"sub": 42})));
-    let p = auth.authenticate(&bearer(&numeric), now()).unwrap().unwrap();
+    let p = auth
+        .authenticate(&bearer(&numeric), now())
+        .unwrap()
+        .unwrap();
     assert_eq!(p.key_id, "jwt:https://idp.example.com:42");
 }
 
@@ -403,7 +406,10 @@ fn jwt_callers_never_share_a_name_with_a_static_key_or_another_issuer() {
 fn static_key_ids_may_not_take_the_jwt_namespace() {
     let problems = Authenticator::new(
         AuthMode::Required,
-        &[key("jwt:https://idp.example.com:alice", "lm-a"), key("jwtish", "lm-b")],
+        &[
+            key("jwt:https://idp.example.com:alice", "lm-a"),
+            key("jwtish", "lm-b"),
+        ],
         &[],
     )
     .unwrap_err();
@@ -469,7 +475,10 @@ fn valid_hs256_token_maps_claims() {
     ));
     let p = auth.authenticate(&bearer(&token), now()).unwrap().unwrap();
     assert_eq!(p.key_id, "jwt:https://idp.example.com:user-1");
-    assert_eq!(p.tenant.as_deref(), Some("jwt:https://idp.example.com:acme"));
+    assert_eq!(
+        p.tenant.as_deref(),
+        Some("jwt:https://idp.example.com:acme")
+    );
     assert!(p.may_use("local/qwen"));
     assert!(p.may_use("gpt-4o"));
     assert!(!p.may_use("gpt-4o-mini"));
@@ -494,7 +503,10 @@ fn custom_claims_mapping() {
     ));
     let p = auth.authenticate(&bearer(&token), now()).unwrap().unwrap();
     assert_eq!(p.key_id, "jwt:https://idp.example.com:svc-7");
-    assert_eq!(p.tenant.as_deref(), Some("jwt:https://idp.example.com:acme"));
+    assert_eq!(
+        p.tenant.as_deref(),
+        Some("jwt:https://idp.example.com:acme")
+    );
     assert!(p.may_use("o3"));
     assert!(!p.may_use("x"));
 

@@ -137,16 +137,17 @@ pub fn cacheable(api: Api, body: &Value, when: When) -> bool {
 const NOT_IN_KEY: &[&str] = &["stream", "stream_options", "user", "model"];
 
 /// The cache key for a request: hex SHA-256 of the scope, the route, the effective model, the
-/// endpoint and the canonical body. `scope_id` is the key id, tenant or empty for global.
+/// endpoint, the query string (as forwarded) and the canonical body. `scope_id` is the key id, tenant or empty for global.
 pub fn key(
     scope: Scope,
     scope_id: &str,
     route: &str,
     model: &str,
     api: Api,
+    query: &str,
     body: &Value,
 ) -> String {
-    let mut hasher = key_hasher(scope, scope_id, route, model, api);
+    let mut hasher = key_hasher(scope, scope_id, route, model, api, query);
     let mut canonical_body = Vec::with_capacity(256);
     match body {
         // The fields that do not change the answer are skipped while writing, not removed
@@ -167,10 +168,11 @@ pub fn item_keys(
     scope_id: &str,
     route: &str,
     model: &str,
+    query: &str,
     body: &Value,
     items: &[Value],
 ) -> Vec<String> {
-    let mut shared = key_hasher(scope, scope_id, route, model, Api::EmbeddingItem);
+    let mut shared = key_hasher(scope, scope_id, route, model, Api::EmbeddingItem, query);
     let mut canonical_body = Vec::with_capacity(256);
     match body {
         Value::Object(map) => canonical_object(map, &[NOT_IN_KEY, &["input"]], &mut canonical_body),
@@ -194,14 +196,23 @@ pub fn item_keys(
 
 /// A hasher that has taken the key's fixed parts, length-prefixed so that no two different
 /// tuples hash the same bytes.
-fn key_hasher(scope: Scope, scope_id: &str, route: &str, model: &str, api: Api) -> Sha256 {
+fn key_hasher(
+    scope: Scope,
+    scope_id: &str,
+    route: &str,
+    model: &str,
+    api: Api,
+    query: &str,
+) -> Sha256 {
     let mut hasher = Sha256::new();
     let scope_tag = match scope {
         Scope::Key => "key",
         Scope::Tenant => "tenant",
         Scope::Global => "global",
     };
-    for part in [scope_tag, scope_id, route, model, api.tag()] {
+    // The query string is forwarded to the provider (e.g. `api-version`), so it may change
+    // the answer: it is part of the key.
+    for part in [scope_tag, scope_id, route, model, api.tag(), query] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
@@ -277,7 +288,7 @@ mod tests {
     use serde_json::json;
 
     fn k(body: Value) -> String {
-        key(Scope::Key, "team-a", "fast", "fast", Api::Chat, &body)
+        key(Scope::Key, "team-a", "fast", "fast", Api::Chat, "", &body)
     }
 
     #[test]
@@ -320,23 +331,23 @@ mod tests {
         assert_ne!(k(warmer), reference);
         // Scope, route, model and endpoint are all in it.
         assert_ne!(
-            key(Scope::Key, "team-b", "fast", "fast", Api::Chat, &base),
+            key(Scope::Key, "team-b", "fast", "fast", Api::Chat, "", &base),
             reference
         );
         assert_ne!(
-            key(Scope::Tenant, "team-a", "fast", "fast", Api::Chat, &base),
+            key(Scope::Tenant, "team-a", "fast", "fast", Api::Chat, "", &base),
             reference
         );
         assert_ne!(
-            key(Scope::Key, "team-a", "slow", "fast", Api::Chat, &base),
+            key(Scope::Key, "team-a", "slow", "fast", Api::Chat, "", &base),
             reference
         );
         assert_ne!(
-            key(Scope::Key, "team-a", "fast", "x", Api::Chat, &base),
+            key(Scope::Key, "team-a", "fast", "x", Api::Chat, "", &base),
             reference
         );
         assert_ne!(
-            key(Scope::Key, "team-a", "fast", "fast", Api::Completion, &base),
+            key(Scope::Key, "team-a", "fast", "fast", Api::Completion, "", &base),
             reference
         );
     }

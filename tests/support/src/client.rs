@@ -138,11 +138,8 @@ impl Client {
         let started = Instant::now();
         let mut tmp = [0u8; 4096];
         loop {
-            match tokio::time::timeout_at(
-                (started + limit).into(),
-                self.stream.read(&mut tmp),
-            )
-            .await
+            match tokio::time::timeout_at((started + limit).into(), self.stream.read(&mut tmp))
+                .await
             {
                 Err(_) => return Err(started.elapsed()),
                 Ok(Ok(0)) | Ok(Err(_)) => return Ok(started.elapsed()),
