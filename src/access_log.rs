@@ -7,6 +7,14 @@
 //! batches, so busy senders never wake it) and writes each batch with one syscall. When the
 //! channel is full the line is dropped and counted — logging never blocks a request.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -69,10 +77,10 @@ fn write_loop(rx: Receiver<Vec<u8>>) {
     // `recv` blocks only while idle; under load the thread sleeps between batches instead.
     while let Ok(first) = rx.recv() {
         batch.extend_from_slice(&first);
-        let mut lines = 1;
+        let mut lines = 1u64;
         while let Ok(line) = rx.try_recv() {
             batch.extend_from_slice(&line);
-            lines += 1;
+            lines = lines.saturating_add(1);
             if batch.len() > 256 * 1024 {
                 break;
             }
@@ -86,8 +94,11 @@ fn write_loop(rx: Receiver<Vec<u8>>) {
 
 /// Waits (up to `limit`) until every queued line is written: for a process about to exit.
 pub fn flush(limit: Duration) {
-    let deadline = std::time::Instant::now() + limit;
-    while PENDING.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+    // None: a limit too long to represent, which is no limit.
+    let deadline = std::time::Instant::now().checked_add(limit);
+    while PENDING.load(Ordering::Acquire) > 0
+        && deadline.is_none_or(|d| std::time::Instant::now() < d)
+    {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -109,7 +120,7 @@ pub fn record(entry: &Entry) {
 }
 
 fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
-    let mut line = Vec::with_capacity(256 + e.error.len());
+    let mut line = Vec::with_capacity(e.error.len().saturating_add(256));
     let ts = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let _ = write!(
         line,
@@ -153,15 +164,18 @@ fn string(out: &mut Vec<u8>, s: &str) {
         let _ = serde_json::to_writer(&mut *out, s);
         return;
     }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = s.floor_char_boundary(MAX_FIELD);
     let cut = format!("{}…", &s[..end]);
     let _ = serde_json::to_writer(&mut *out, &cut);
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -5,6 +5,14 @@
 //! The policy itself (keys, tiers, stream shapes, coalescing) is `lumen_plugins::cache`, plain
 //! Rust with no Pingora types.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -167,7 +175,10 @@ pub async fn serve(
     ctx.usage_total = usage_total(&entry.body);
     ctx.provider = Some(entry.provider.clone());
     ctx.stream = sse;
-    let mut head = ResponseHeader::build(StatusCode::OK, Some(6 + ctx.response_headers.len()))?;
+    let mut head = ResponseHeader::build(
+        StatusCode::OK,
+        Some(ctx.response_headers.len().saturating_add(6)),
+    )?;
     head.insert_header(
         CONTENT_TYPE,
         if sse {
@@ -188,7 +199,11 @@ pub async fn serve(
 
 /// `usage.total_tokens` of a stored answer.
 pub fn usage_total(body: &[u8]) -> Option<u64> {
-    serde_json::from_slice::<Value>(body).ok()?["usage"]["total_tokens"].as_u64()
+    serde_json::from_slice::<Value>(body)
+        .ok()?
+        .get("usage")?
+        .get("total_tokens")?
+        .as_u64()
 }
 
 /// What following an identical request in flight came to.
@@ -234,8 +249,10 @@ pub async fn follow(
         };
     }
     // Same shape: the leader's bytes, as they arrive.
-    let mut resp = match ResponseHeader::build(StatusCode::OK, Some(4 + ctx.response_headers.len()))
-    {
+    let mut resp = match ResponseHeader::build(
+        StatusCode::OK,
+        Some(ctx.response_headers.len().saturating_add(4)),
+    ) {
         Ok(r) => r,
         Err(e) => return Followed::Done(Err(e)),
     };
@@ -275,7 +292,7 @@ pub async fn follow(
             written = true;
         }
         for chunk in update.chunks {
-            seen += 1;
+            seen = seen.saturating_add(1);
             let chunk = match strip.as_mut() {
                 Some(strip) => strip.filter(chunk),
                 None => chunk,
@@ -391,7 +408,7 @@ impl Fill {
         if let Some(assembler) = self.assembler.as_mut() {
             assembler.push(chunk);
         } else if !self.sse && !self.too_large {
-            if self.body.len() + chunk.len() > self.limit {
+            if self.body.len().saturating_add(chunk.len()) > self.limit {
                 self.too_large = true;
                 self.body = BytesMut::new();
             } else {

@@ -178,9 +178,131 @@ pub struct GuardedStream {
     phase: Mutex<Phase>,
     /// Whether nothing has been read yet (the h2c preface is looked for in the first read).
     fresh: bool,
+    /// The head being read: its size so far, and whether it has ended.
+    head: HeadScan,
+    /// Set once the head is refused: the 431 being written, then the close.
+    refusal: Option<Refusal>,
     timer: Pin<Box<Sleep>>,
     /// Released when the connection is dropped.
     _slot: OwnedSemaphorePermit,
+}
+
+/// Counts a request head's bytes and fields as they arrive, up to the blank line that ends it,
+/// whatever the reads' boundaries (a line end split across two reads counts once).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct HeadScan {
+    /// Bytes of this head so far, the ending blank line included once seen.
+    bytes: usize,
+    /// Lines ended so far: the request line, then one per header field.
+    lines: usize,
+    /// Line feeds since the last byte that was neither CR nor LF: two end the head (CRLFCRLF,
+    /// or bare LFs, which httparse accepts too).
+    newlines: u8,
+    /// Whether a byte other than CR or LF has arrived: blank lines before the request line are
+    /// skipped by the parser (RFC 9112 §2.2), so they must not end the head here.
+    started: bool,
+    /// The blank line was seen: what follows is the body, or the next pipelined request (which
+    /// Pingora parses from what it has already read; its next read starts a new count).
+    complete: bool,
+}
+
+/// Why a head is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadTooLarge {
+    Bytes(usize),
+    Fields,
+}
+
+impl HeadScan {
+    /// Takes the next bytes read; `Err` once the head is over `max_bytes` or has too many fields.
+    fn feed(&mut self, bytes: &[u8], max_bytes: usize) -> Result<(), HeadTooLarge> {
+        if self.complete {
+            return Ok(());
+        }
+        let mut taken = bytes.len();
+        for (i, b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' if self.started => {
+                    self.newlines = self.newlines.saturating_add(1);
+                    if self.newlines == 2 {
+                        self.complete = true;
+                        taken = i.saturating_add(1);
+                        break;
+                    }
+                    self.lines = self.lines.saturating_add(1);
+                }
+                b'\r' | b'\n' => {}
+                _ => {
+                    self.started = true;
+                    self.newlines = 0;
+                }
+            }
+        }
+        self.bytes = self.bytes.saturating_add(taken);
+        if self.bytes > max_bytes {
+            Err(HeadTooLarge::Bytes(max_bytes))
+        } else if self.lines.saturating_sub(1) > MAX_HEADER_FIELDS {
+            Err(HeadTooLarge::Fields)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A refused head's answer on its way out, then the wait for the client to stop sending.
+#[derive(Debug)]
+struct Refusal {
+    response: Vec<u8>,
+    written: usize,
+    /// The answer is written and the sending side shut: reads are only discarded now.
+    sent: bool,
+    /// The connection closes at this instant at the latest.
+    until: Instant,
+    why: HeadTooLarge,
+}
+
+impl Refusal {
+    fn new(why: HeadTooLarge) -> Self {
+        let message = match why {
+            HeadTooLarge::Bytes(limit) => format!(
+                "the request head (request line and headers) is larger than the gateway's limit of {limit} bytes"
+            ),
+            HeadTooLarge::Fields => format!(
+                "the request has more than the gateway's limit of {MAX_HEADER_FIELDS} header fields"
+            ),
+        };
+        let body = serde_json::json!({"error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "request_header_fields_too_large",
+        }})
+        .to_string();
+        let mut response = format!(
+            "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        response.extend_from_slice(body.as_bytes());
+        Refusal {
+            response,
+            written: 0,
+            sent: false,
+            until: Instant::now() + REFUSAL_LINGER,
+            why,
+        }
+    }
+
+    /// What the read that Pingora is waiting on finally fails with.
+    fn error(&self) -> io::Error {
+        let what = match self.why {
+            HeadTooLarge::Bytes(_) => {
+                "request head larger than server.max_header_bytes (answered 431)"
+            }
+            HeadTooLarge::Fields => "request head with too many header fields (answered 431)",
+        };
+        io::Error::new(io::ErrorKind::InvalidData, what)
+    }
 }
 
 impl GuardedStream {
@@ -196,6 +318,8 @@ impl GuardedStream {
             limits,
             phase: Mutex::new(phase),
             fresh: true,
+            head: HeadScan::default(),
+            refusal: None,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             _slot: slot,
         }
@@ -222,8 +346,8 @@ impl GuardedStream {
     }
 
     /// Bytes arrived: a keep-alive connection's next head has started, or an h2c connection
-    /// announced itself.
-    fn on_read(&mut self, bytes: &[u8]) {
+    /// announced itself; a head is counted against `max_header_bytes`.
+    fn on_read(&mut self, bytes: &[u8]) -> Result<(), HeadTooLarge> {
         let fresh = std::mem::replace(&mut self.fresh, false);
         let header_timeout = self.limits.header_timeout;
         let phase = self.phase_mut();
@@ -233,7 +357,49 @@ impl GuardedStream {
             *phase = Phase::Head {
                 deadline: Instant::now() + header_timeout,
             };
+            self.head = HeadScan::default();
         }
+        match *self.phase_mut() {
+            Phase::Head { .. } => self.head.feed(bytes, self.limits.max_header_bytes),
+            Phase::Idle { .. } | Phase::Busy | Phase::Exempt => Ok(()),
+        }
+    }
+
+    /// Drives a refused connection: writes the 431, shuts the sending side, discards what the
+    /// client still sends until it stops or the linger ends, then fails the read.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(refusal) = self.refusal.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        // Bounded work per wake-up: a client flooding the socket must not hold the thread.
+        for _ in 0..64 {
+            let unsent = refusal.response.get(refusal.written..).unwrap_or_default();
+            if !unsent.is_empty() {
+                match Pin::new(&mut self.inner).poll_write(cx, unsent) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => refusal.written = refusal.written.saturating_add(n),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return poll_until(&mut self.timer, refusal, cx),
+                }
+            } else if !refusal.sent {
+                // Shutting down flushes Pingora's write buffer first, then sends FIN.
+                match Pin::new(&mut self.inner).poll_shutdown(cx) {
+                    Poll::Ready(Ok(())) => refusal.sent = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return poll_until(&mut self.timer, refusal, cx),
+                }
+            } else {
+                let mut scratch = [0u8; 4096];
+                let mut discard = ReadBuf::new(&mut scratch);
+                match Pin::new(&mut self.inner).poll_read(cx, &mut discard) {
+                    Poll::Ready(Ok(())) if !discard.filled().is_empty() => {}
+                    Poll::Ready(_) => return Poll::Ready(Err(refusal.error())),
+                    Poll::Pending => return poll_until(&mut self.timer, refusal, cx),
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn timed_out(&mut self) -> io::Error {
@@ -242,6 +408,21 @@ impl GuardedStream {
             _ => "request head not complete in time (server.header_timeout)",
         };
         io::Error::new(io::ErrorKind::TimedOut, what)
+    }
+}
+
+/// A refused connection waiting on its socket: fails the read once the linger is over.
+fn poll_until(
+    timer: &mut Pin<Box<Sleep>>,
+    refusal: &Refusal,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    if timer.deadline() != refusal.until {
+        timer.as_mut().reset(refusal.until);
+    }
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(refusal.error())),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -261,12 +442,22 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.refusal.is_some() {
+            return this.poll_refusal(cx);
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let read = &buf.filled()[before..];
-                if !read.is_empty() {
-                    this.on_read(read);
+                if read.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                if let Err(why) = this.on_read(read) {
+                    // Pingora never sees the head: it only sees the read fail, once answered.
+                    buf.set_filled(before);
+                    tracing::debug!(?why, "request head refused with 431");
+                    this.refusal = Some(Refusal::new(why));
+                    return this.poll_refusal(cx);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -401,6 +592,8 @@ mod tests {
         header_timeout: Duration::from_secs(10),
         keepalive_timeout: Duration::from_secs(60),
         max_connections: 4,
+        max_header_bytes: 1024,
+        body_timeout: Duration::from_secs(30),
     };
 
     fn guarded(io: tokio::io::DuplexStream) -> GuardedStream {
@@ -473,5 +666,129 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// Reads until the stream fails or ends, returning everything read and the error.
+    async fn read_all(stream: &mut GuardedStream) -> (Vec<u8>, Option<io::Error>) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return (got, None),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_is_counted_to_its_blank_line_across_reads() {
+        let head = b"\r\nPOST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2000\r\n\r\n";
+        // Every split point, including inside the CRLFCRLF; the body after it is not counted.
+        for split in 0..head.len() {
+            let mut scan = HeadScan::default();
+            let mut wire = head.to_vec();
+            wire.extend_from_slice(&[b'x'; 2000]);
+            scan.feed(&wire[..split], head.len()).unwrap();
+            scan.feed(&wire[split..], head.len()).unwrap();
+            assert!(scan.complete, "split at {split}");
+            assert_eq!(scan.bytes, head.len(), "split at {split}");
+            assert_eq!(scan.lines, 3);
+        }
+        // One byte over the limit, however it arrives.
+        let mut scan = HeadScan::default();
+        scan.feed(&head[..10], head.len() - 1).unwrap();
+        assert_eq!(
+            scan.feed(&head[10..], head.len() - 1),
+            Err(HeadTooLarge::Bytes(head.len() - 1))
+        );
+        // Bare line feeds end a head too (httparse takes them).
+        let mut scan = HeadScan::default();
+        scan.feed(b"GET / HTTP/1.1\nhost: x\n\nGET /next", 1024)
+            .unwrap();
+        assert!(scan.complete);
+        assert_eq!(scan.bytes, 24);
+    }
+
+    #[test]
+    fn more_header_fields_than_pingora_parses_are_refused() {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..MAX_HEADER_FIELDS {
+            head.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        let mut scan = HeadScan::default();
+        scan.feed(&head, 1 << 20).unwrap();
+        assert_eq!(
+            scan.feed(b"x-last: v\r\n", 1 << 20),
+            Err(HeadTooLarge::Fields)
+        );
+        let mut exact = HeadScan::default();
+        head.extend_from_slice(b"\r\n");
+        exact.feed(&head, 1 << 20).unwrap();
+        assert!(exact.complete);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_over_max_header_bytes_is_answered_431_and_closed() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut stream = guarded(server);
+        let sender = tokio::spawn(async move {
+            client
+                .write_all(b"GET / HTTP/1.1\r\nx-big: ")
+                .await
+                .unwrap();
+            // Split across many writes, never ending the head.
+            for _ in 0..40 {
+                if client.write_all(&[b'a'; 100]).await.is_err() {
+                    break;
+                }
+            }
+            let mut answer = Vec::new();
+            let _ = client.read_to_end(&mut answer).await;
+            answer
+        });
+        let (got, error) = read_all(&mut stream).await;
+        // Pingora is handed only what fit under the limit, then an error.
+        assert!(got.len() <= LIMITS.max_header_bytes);
+        assert_eq!(error.unwrap().kind(), io::ErrorKind::InvalidData);
+        drop(stream);
+        let answer = String::from_utf8(sender.await.unwrap()).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"]["code"], "request_header_fields_too_large");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_keepalive_request_gets_its_own_head_allowance() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut stream = guarded(server);
+        // Two heads of 700 bytes each: 1,400 on one connection, each under the 1,024 limit.
+        let head = |n: usize| {
+            let mut h = b"GET / HTTP/1.1\r\nx-pad: ".to_vec();
+            h.resize(n - 4, b'p');
+            h.extend_from_slice(b"\r\n\r\n");
+            h
+        };
+        let mut buf = vec![0u8; 4096];
+        for _ in 0..2 {
+            client.write_all(&head(700)).await.unwrap();
+            let mut got = 0;
+            while got < 700 {
+                got += stream.read(&mut buf).await.unwrap();
+            }
+            stream.set_phase(Phase::Busy);
+            stream.set_phase(Phase::Idle {
+                until: Instant::now() + LIMITS.keepalive_timeout,
+            });
+        }
+        // A third one over the limit is still refused.
+        client.write_all(&head(1100)).await.unwrap();
+        let (_, error) = read_all(&mut stream).await;
+        assert_eq!(error.unwrap().kind(), io::ErrorKind::InvalidData);
     }
 }

@@ -1,5 +1,13 @@
 //! Per-request state carried through the pipeline's phases and into the access log.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,9 +119,11 @@ impl RequestCtx {
         let current = self
             .attempt_started
             .map_or(Duration::ZERO, |t| t.elapsed().saturating_sub(streamed));
-        self.started
-            .elapsed()
-            .saturating_sub(self.upstream_wait + current + streamed)
+        self.started.elapsed().saturating_sub(
+            self.upstream_wait
+                .saturating_add(current)
+                .saturating_add(streamed),
+        )
     }
 
     /// The caller as a bounded metrics label: a configured key's id, else `jwt`, `anonymous`

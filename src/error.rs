@@ -5,6 +5,14 @@
 //! `match` in [`GatewayError::parts`] has no catch-all, so a new variant cannot ship without a
 //! status. Messages never carry secrets (keys, tokens, provider credentials).
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use http::StatusCode;
 
 /// A client request the gateway refuses to forward.
@@ -14,6 +22,8 @@ pub enum RequestError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     ReadBody(String),
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("request body must be a JSON object")]
@@ -114,6 +124,12 @@ impl GatewayError {
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "invalid_request_error",
                     Some("request_too_large"),
+                    None,
+                ),
+                R::BodyTimeout => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    Some("request_timeout"),
                     None,
                 ),
                 R::ReadBody(_) => (
@@ -290,6 +306,12 @@ impl GatewayError {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 
@@ -297,6 +319,7 @@ mod tests {
     fn statuses_follow_who_is_at_fault() {
         let s = |e: GatewayError| e.parts().status.as_u16();
         assert_eq!(s(RequestError::BodyTooLarge { limit: 1 }.into()), 413);
+        assert_eq!(s(RequestError::BodyTimeout.into()), 408);
         assert_eq!(s(RequestError::MissingModel.into()), 400);
         assert_eq!(s(GatewayError::ModelNotFound("x".into())), 404);
         assert_eq!(s(lumen_plugins::auth::AuthError::UnknownKey.into()), 401);

@@ -7,6 +7,14 @@
 //! each attempt writes its own rewritten copy through a pooled connection from Pingora's
 //! `Connector`, and only a response we accept is written downstream, chunk by chunk as it
 //! arrives (SSE is never buffered).
+//!
+//! On the request path: no panics (the lints below are denied; tests may unwrap).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use std::time::{Duration, Instant};
 
@@ -181,35 +189,48 @@ impl Forwarder {
             Err(none) => return Err(self.no_target(ctx, route, &none, up.metrics)),
         };
         let policy = &route.retry;
-        let deadline = policy.deadline.map(|d| ctx.started + d);
+        let deadline = policy.deadline.and_then(|d| ctx.started.checked_add(d));
         let mut tried = vec![0u32; route.targets.len()];
-        let mut cursor = 0;
+        let mut cursor: usize = 0;
         let mut last: Option<Failed> = None;
         let mut previous: Option<usize> = None;
         // Each pass either starts an attempt or marks a target unavailable; bound it anyway.
-        for _ in 0..(policy.attempts as usize + 2) * route.targets.len().max(1) {
+        let passes = (policy.attempts as usize)
+            .saturating_add(2)
+            .saturating_mul(route.targets.len().max(1));
+        for _ in 0..passes {
             if ctx.attempts >= policy.attempts {
                 break;
             }
             // The next target in plan order that is still available: an earlier attempt may
-            // have opened a circuit or met a Retry-After since the plan was made.
+            // have opened a circuit or met a Retry-After since the plan was made. (`order`
+            // holds indexes of `route.targets`, which `states` and `tried` mirror.)
             let now_ms = up.health.now_ms();
-            let Some((k, i)) = (0..order.len())
-                .map(|k| (cursor + k) % order.len())
-                .map(|k| (k, order[k]))
-                .find(|&(_, i)| {
-                    let circuit = &route.targets[i].provider.circuit;
-                    let s = &states[i];
-                    s.provider.availability(&s.model, now_ms, circuit).is_ok()
+            let Some((k, i, target, state)) = (0..order.len())
+                .filter_map(|k| {
+                    let k = cursor.wrapping_add(k).checked_rem(order.len())?;
+                    let i = *order.get(k)?;
+                    Some((k, i, route.targets.get(i)?, states.get(i)?))
+                })
+                .find(|(_, _, target, state)| {
+                    let circuit = &target.provider.circuit;
+                    state
+                        .provider
+                        .availability(&state.model, now_ms, circuit)
+                        .is_ok()
                 })
             else {
                 break;
             };
-            cursor = k + 1;
-            if tried[i] > 0 {
+            cursor = k.saturating_add(1);
+            let Some(tries) = tried.get_mut(i) else {
+                break;
+            };
+            if *tries > 0 {
                 // Trying a target again: back off first (a fallback to a new target does not).
-                let pause = policy.backoff(tried[i]);
-                if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+                let pause = policy.backoff(*tries);
+                let resume = Instant::now().checked_add(pause);
+                if deadline.is_some_and(|d| resume.is_none_or(|r| r >= d)) {
                     break;
                 }
                 tokio::time::sleep(pause).await;
@@ -217,9 +238,7 @@ impl Forwarder {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
-            let target = &route.targets[i];
             let provider = &*target.provider;
-            let state = &states[i];
             let circuit = &state.model.circuit;
             let Some(permit) = circuit.acquire(up.health.now_ms(), &provider.circuit) else {
                 continue;
@@ -240,21 +259,19 @@ impl Forwarder {
                     continue;
                 }
             };
-            ctx.attempts += 1;
-            tried[i] += 1;
+            ctx.attempts = ctx.attempts.saturating_add(1);
+            if let Some(tries) = tried.get_mut(i) {
+                *tries = tries.saturating_add(1);
+            }
             if let (Some(failed), Some(prev)) = (&last, previous) {
                 up.metrics
                     .retries
                     .with_label_values(&[route.name.as_str(), failed.failure.label()])
                     .inc();
-                if prev != i {
+                if let Some(from) = route.targets.get(prev).filter(|_| prev != i) {
                     up.metrics
                         .fallbacks
-                        .with_label_values(&[
-                            &route.name,
-                            &route.targets[prev].provider.name,
-                            &provider.name,
-                        ])
+                        .with_label_values(&[&route.name, &from.provider.name, &provider.name])
                         .inc();
                 }
             }
@@ -280,7 +297,9 @@ impl Forwarder {
             drop(in_flight);
             if let Some(started) = ctx.attempt_started.take() {
                 let streamed = ctx.committed_at.map_or(Duration::ZERO, |t| t.elapsed());
-                ctx.upstream_wait += started.elapsed().saturating_sub(streamed);
+                ctx.upstream_wait = ctx
+                    .upstream_wait
+                    .saturating_add(started.elapsed().saturating_sub(streamed));
             }
             match attempt {
                 Attempt::Committed { label, result } => {
@@ -641,7 +660,7 @@ impl Forwarder {
             if chunk.is_empty() && strip.is_some() {
                 // Held back (part of an event) or stripped: nothing to write.
             } else if let Some(captured) = ctx.capture.as_mut() {
-                if captured.body.len() + chunk.len() > captured.limit {
+                if captured.body.len().saturating_add(chunk.len()) > captured.limit {
                     return Err(ForwardError::BeforeResponse(GatewayError::Internal(
                         "provider answer too large to merge".into(),
                     )));
@@ -822,7 +841,8 @@ impl DoneWatch {
         }
         let keep = Self::MARK.len();
         if self.tail.len() > keep {
-            self.tail.drain(..self.tail.len() - keep);
+            let cut = self.tail.len().saturating_sub(keep);
+            self.tail.drain(..cut);
         }
     }
 
@@ -864,7 +884,7 @@ impl Drop for PermitGuard {
 /// The client's response head made from a provider's: the provider's status and the headers
 /// in [`RETURNED`], in Lumen's own HTTP version (Pingora writes it), never the provider's.
 fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>> {
-    let mut head = ResponseHeader::build(upstream.status, Some(RETURNED.len() + 8))?;
+    let mut head = ResponseHeader::build(upstream.status, Some(RETURNED.len().saturating_add(8)))?;
     for name in RETURNED {
         for value in upstream.headers.get_all(*name) {
             head.append_header(*name, value.clone())?;
@@ -912,7 +932,8 @@ fn record(
 
 /// `{"error": {...}}`: an error body clients can parse.
 fn is_openai_error(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v["error"].is_object())
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("error").is_some_and(serde_json::Value::is_object))
 }
 
 /// Whether `bytes` so far hold only SSE comments and blank lines (no event yet).
@@ -934,7 +955,7 @@ async fn within<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Resu
 async fn read_all(upstream: &mut HttpSession, limit: usize) -> Result<Bytes, ()> {
     let mut body = BytesMut::new();
     while let Some(chunk) = upstream.read_response_body().await.map_err(|_| ())? {
-        if body.len() + chunk.len() > limit {
+        if body.len().saturating_add(chunk.len()) > limit {
             return Err(());
         }
         body.extend_from_slice(&chunk);
@@ -1042,7 +1063,7 @@ fn error_kind(e: &UpstreamError) -> &'static str {
 /// `data: {"error":{…}}` followed by a blank line: how a broken stream ends.
 pub fn sse_error_event(error: &UpstreamError) -> Bytes {
     let body = GatewayError::from(error.clone()).body();
-    let mut event = Vec::with_capacity(body.len() + 8);
+    let mut event = Vec::with_capacity(body.len().saturating_add(8));
     event.extend_from_slice(b"data: ");
     event.extend_from_slice(&body);
     event.extend_from_slice(b"\n\n");
@@ -1058,7 +1079,7 @@ fn upstream_request(
     body: &[Bytes],
     request_id: &HeaderValue,
 ) -> Result<RequestHeader, GatewayError> {
-    let mut path = String::with_capacity(provider.base_path.len() + 24);
+    let mut path = String::with_capacity(provider.base_path.len().saturating_add(24));
     path.push_str(&provider.base_path);
     path.push_str(req.endpoint.suffix());
     if let Some(query) = client.uri.query() {
@@ -1069,7 +1090,7 @@ fn upstream_request(
     let mut head = RequestHeader::build(
         Method::POST,
         path.as_bytes(),
-        Some(client.headers.len() + 6),
+        Some(client.headers.len().saturating_add(6)),
     )
     .map_err(internal)?;
     for (name, value) in client.headers.iter() {
@@ -1136,6 +1157,7 @@ pub fn add_headers(head: &mut ResponseHeader, headers: &[(HeaderName, HeaderValu
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::append_query;
 

@@ -92,6 +92,12 @@ pub fn proxy_service(
 ) -> Result<Service<conn::Guarded<HttpProxy<Gateway>>>, SetupError> {
     let snapshot = gateway.config.load_full();
     let h2c = snapshot.listeners.iter().any(|l| l.tls.is_none() && l.h2c);
+    if h2c && snapshot.listeners.iter().any(|l| l.tls.is_none() && !l.h2c) {
+        // Pingora takes h2c per service, not per listener. Two services would mean two
+        // gateways (two limiters, caches, pools); instead say what happens: HTTP/1 clients
+        // are unaffected, and a client that opens with the HTTP/2 preface gets HTTP/2.
+        tracing::warn!("`h2c: true` on one plaintext listener accepts cleartext HTTP/2 on every plaintext listener");
+    }
     let mut service = guarded_proxy(server_conf, gateway, h2c);
     for listener in &snapshot.listeners {
         match &listener.tls {

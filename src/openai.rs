@@ -6,6 +6,14 @@
 //! skipped. The raw bytes are kept and forwarded, with only the `model` value spliced, so a
 //! 1 MiB prompt costs one scan and no per-field allocation.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -199,22 +207,18 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         }
         Some(_) => {}
     }
-    // The RawValue borrows from `raw`, so its offset is a pointer difference.
-    let start = model_raw.get().as_ptr() as usize - raw.as_ptr() as usize;
-    let model_span = start..start + model_raw.get().len();
-    let max_completion_tokens = bounded_tokens("max_completion_tokens", head.max_completion_tokens)?;
+    let model_span = span_in(&raw, model_raw.get());
+    let max_completion_tokens =
+        bounded_tokens("max_completion_tokens", head.max_completion_tokens)?;
     let max_tokens = bounded_tokens("max_tokens", head.max_tokens)?;
     let max_tokens = max_completion_tokens.or(max_tokens);
     let stream_options_span = head
         .stream_options
         .filter(|v| v.get() != "null")
-        .map(|v| {
-            let start = v.get().as_ptr() as usize - raw.as_ptr() as usize;
-            start..start + v.get().len()
-        });
+        .map(|v| span_in(&raw, v.get()));
     let include_usage = head.stream_options.is_some_and(|v| {
         serde_json::from_str::<serde_json::Value>(v.get())
-            .is_ok_and(|o| o["include_usage"] == serde_json::Value::Bool(true))
+            .is_ok_and(|o| o.get("include_usage") == Some(&serde_json::Value::Bool(true)))
     });
     Ok(LlmRequest {
         include_usage,
@@ -226,6 +230,12 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         stream_options_span,
         raw,
     })
+}
+
+/// Where `part`, borrowed from `raw` (a RawValue of it), lies in it: a pointer difference.
+fn span_in(raw: &[u8], part: &str) -> Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(raw.as_ptr() as usize);
+    start..start.saturating_add(part.len())
 }
 
 /// A token count field: absent or null, or an integer in `0..=MAX_TOKENS_LIMIT`. Anything
@@ -289,42 +299,60 @@ pub fn body_with_usage(req: &LlmRequest, model_json: Option<&Bytes>) -> Vec<Byte
     let model = model_json
         .cloned()
         .unwrap_or_else(|| req.raw.slice(req.model_span.clone()));
-    let mut body =
-        bytes::BytesMut::with_capacity(req.raw.len() + INCLUDE_USAGE.len() + model.len());
+    let mut body = bytes::BytesMut::with_capacity(
+        req.raw
+            .len()
+            .saturating_add(INCLUDE_USAGE.len())
+            .saturating_add(model.len()),
+    );
     let mut edits: Vec<(Range<usize>, Bytes)> = vec![(req.model_span.clone(), model)];
     match &req.stream_options_span {
         Some(span) => {
-            let own = &req.raw[span.clone()];
-            let mut options = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(own)
-                .unwrap_or_default();
+            let own = req.raw.get(span.clone()).unwrap_or_default();
+            let mut options =
+                serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(own)
+                    .unwrap_or_default();
             options.insert("include_usage".into(), serde_json::Value::Bool(true));
             let rewritten = serde_json::to_vec(&options).unwrap_or_default();
             edits.push((span.clone(), Bytes::from(rewritten)));
         }
         None => {
             // The body starts with `{` (checked in `parse`), possibly after whitespace.
-            let open = req.raw.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+            let open = req
+                .raw
+                .iter()
+                .position(|b| *b == b'{')
+                .unwrap_or(0)
+                .saturating_add(1);
             edits.push((open..open, Bytes::from_static(INCLUDE_USAGE)));
         }
     }
     edits.sort_by_key(|(span, _)| span.start);
+    // The spans come from `parse` (inside `raw`, never overlapping), so `get` always finds them.
     let mut at = 0;
     for (span, with) in edits {
-        body.extend_from_slice(&req.raw[at..span.start]);
+        body.extend_from_slice(req.raw.get(at..span.start).unwrap_or_default());
         body.extend_from_slice(&with);
         at = span.end;
     }
-    body.extend_from_slice(&req.raw[at..]);
+    body.extend_from_slice(req.raw.get(at..).unwrap_or_default());
     vec![body.freeze()]
 }
 
 fn splice(req: &LlmRequest, model: &Bytes) -> Vec<Bytes> {
-    let (head, tail) = (
-        &req.raw[..req.model_span.start],
-        &req.raw[req.model_span.end..],
-    );
-    if head.len() + model.len() + tail.len() <= COALESCE_LIMIT {
-        let mut body = bytes::BytesMut::with_capacity(head.len() + model.len() + tail.len());
+    // `model_span` comes from `parse`, inside `raw`; were it not, the body goes unchanged.
+    let (Some(head), Some(tail)) = (
+        req.raw.get(..req.model_span.start),
+        req.raw.get(req.model_span.end..),
+    ) else {
+        return vec![req.raw.clone()];
+    };
+    let len = head
+        .len()
+        .saturating_add(model.len())
+        .saturating_add(tail.len());
+    if len <= COALESCE_LIMIT {
+        let mut body = bytes::BytesMut::with_capacity(len);
         body.extend_from_slice(head);
         body.extend_from_slice(model);
         body.extend_from_slice(tail);
@@ -338,6 +366,12 @@ fn splice(req: &LlmRequest, model: &Bytes) -> Vec<Bytes> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 
@@ -422,15 +456,24 @@ mod tests {
     fn absurd_token_counts_are_refused_by_name() {
         assert!(matches!(
             chat(r#"{"model":"a","messages":[],"max_tokens":18446744073709551615}"#),
-            Err(RequestError::InvalidField { field: "max_tokens", .. })
+            Err(RequestError::InvalidField {
+                field: "max_tokens",
+                ..
+            })
         ));
         assert!(matches!(
             chat(r#"{"model":"a","messages":[],"max_completion_tokens":4294967296}"#),
-            Err(RequestError::InvalidField { field: "max_completion_tokens", .. })
+            Err(RequestError::InvalidField {
+                field: "max_completion_tokens",
+                ..
+            })
         ));
         assert!(matches!(
             chat(r#"{"model":"a","messages":[],"max_tokens":-1}"#),
-            Err(RequestError::InvalidField { field: "max_tokens", .. })
+            Err(RequestError::InvalidField {
+                field: "max_tokens",
+                ..
+            })
         ));
         let ok = chat(r#"{"model":"a","messages":[],"max_tokens":2147483648}"#).unwrap();
         assert_eq!(ok.max_tokens, Some(1 << 31));

@@ -170,7 +170,7 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| self.config.load_full());
         let body = if s.req_header().method == http::Method::POST {
-            match read_body(s, config.limits.max_body_bytes).await {
+            match read_body(s, &config).await {
                 Ok(b) => Some(b),
                 Err(e) => {
                     self.write_error(s, ctx, &GatewayError::from(e)).await?;
@@ -253,6 +253,19 @@ impl Gateway {
         let job = match head.headers.get(jobs::run::JOB_TOKEN).filter(|_| internal) {
             None => None,
             Some(token) => match token.to_str().ok().and_then(|t| self.jobs.by_token(t)) {
+                // A configured key is looked up again in this request's config: a key removed
+                // or disabled by a reload since its job was queued runs nothing more (its
+                // limits and allow-list are the current ones too).
+                Some(owner) if owner.configured => {
+                    match config.auth.principal_by_id(&owner.key_id, SystemTime::now()) {
+                        Some(current) => Some(current),
+                        None => {
+                            return Err(GatewayError::Auth(
+                                lumen_plugins::auth::AuthError::UnknownKey,
+                            ))
+                        }
+                    }
+                }
                 Some(owner) => Some(owner),
                 None => {
                     return Err(GatewayError::Auth(
@@ -328,7 +341,7 @@ impl Gateway {
             json_body_required(head, config.limits.max_body_bytes)?;
         }
         // 6. Body: bounded, read once, kept for every attempt.
-        let raw = read_body(s, config.limits.max_body_bytes).await?;
+        let raw = read_body(s, &config).await?;
         let req = openai::parse(endpoint, raw)?;
         ctx.stream = req.stream;
         // 7. Route. The allow-list names what clients ask for, so it is checked on the
@@ -518,8 +531,13 @@ impl Gateway {
                 .with_label_values(&["cache"])
                 .inc();
         }
-        let missing: Vec<usize> = (0..found.len()).filter(|&i| found[i].is_none()).collect();
-        let hits = found.len() - missing.len();
+        let missing: Vec<usize> = found
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        let hits = found.len().saturating_sub(missing.len());
         ctx.response_headers.push((
             HeaderName::from_static("x-lumen-cache-items"),
             HeaderValue::from_str(&format!("{hits}/{}", found.len()))
@@ -539,7 +557,7 @@ impl Gateway {
                 cache::push_status(ctx, "miss");
             }
             let subset: Vec<serde_json::Value> =
-                missing.iter().map(|&i| items.items[i].clone()).collect();
+                missing.iter().filter_map(|&i| items.items.get(i).cloned()).collect();
             let raw = Bytes::from(lumen_plugins::cache::embed::with_items(
                 &items.body,
                 &subset,
@@ -606,7 +624,7 @@ impl Gateway {
             if let Some(u) = answer.get("usage").filter(|u| u.is_object()) {
                 usage = u.clone();
             }
-            if let Some(m) = answer["model"].as_str() {
+            if let Some(m) = answer.get("model").and_then(serde_json::Value::as_str) {
                 model = m.to_string();
             }
             provider = ctx.provider.clone().unwrap_or_default();
@@ -614,10 +632,12 @@ impl Gateway {
             for (&i, vector) in missing.iter().zip(fresh) {
                 let bytes = Bytes::from(serde_json::to_vec(&vector).unwrap_or_default());
                 let entry = Entry::new(bytes, plan.policy.ttl, &provider);
-                if plan.control != ClientControl::Bypass {
-                    stored.push((items.keys[i].clone(), entry.clone()));
+                if let Some(key) = items.keys.get(i).filter(|_| plan.control != ClientControl::Bypass) {
+                    stored.push((key.clone(), entry.clone()));
                 }
-                found[i] = Some(Arc::new(entry));
+                if let Some(slot) = found.get_mut(i) {
+                    *slot = Some(Arc::new(entry));
+                }
             }
             self.cache_store(stored);
         }
@@ -631,7 +651,7 @@ impl Gateway {
             .collect();
         let merged = lumen_plugins::cache::embed::merge(&model, vectors, usage);
         ctx.usage_total = cache::usage_total(&merged);
-        let mut head = ResponseHeader::build(StatusCode::OK, Some(6 + ctx.response_headers.len()))?;
+        let mut head = ResponseHeader::build(StatusCode::OK, Some(ctx.response_headers.len().saturating_add(6)))?;
         head.insert_header(CONTENT_TYPE, "application/json")?;
         head.insert_header(CONTENT_LENGTH, merged.len())?;
         if !provider.is_empty() {
@@ -848,7 +868,7 @@ impl Gateway {
         push_headers(ctx, kind, &limited.status);
         // Whole seconds, rounded up: a client that waits this long is admitted.
         let secs =
-            limited.retry_after.as_secs() + u64::from(limited.retry_after.subsec_nanos() > 0);
+            limited.retry_after.as_secs().saturating_add(u64::from(limited.retry_after.subsec_nanos() > 0));
         ctx.response_headers
             .push((http::header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
         self.metrics
@@ -866,7 +886,7 @@ impl Gateway {
         status: StatusCode,
         body: Bytes,
     ) -> Result<()> {
-        let mut head = ResponseHeader::build(status, Some(4 + ctx.response_headers.len()))?;
+        let mut head = ResponseHeader::build(status, Some(ctx.response_headers.len().saturating_add(4)))?;
         head.insert_header(CONTENT_TYPE, "application/json")?;
         head.insert_header(CONTENT_LENGTH, body.len())?;
         add_headers(&mut head, &ctx.response_headers);
@@ -889,7 +909,7 @@ impl Gateway {
         ctx.error = Some(err.to_string());
         let too_large = matches!(
             err,
-            GatewayError::Request(RequestError::BodyTooLarge { .. })
+            GatewayError::Request(RequestError::BodyTooLarge { .. } | RequestError::BodyTimeout)
         );
         if too_large {
             // The rest of the body is still on the wire; never read it as the next request.
@@ -959,9 +979,12 @@ fn push_headers(ctx: &mut RequestCtx, kind: &'static str, status: &RateStatus) {
     ]);
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes. A body that arrives in one
+/// Reads the whole request body, refusing more than `limits.max_body_bytes` bytes, and a body
+/// still arriving `server.body_timeout` after its head (408). A body that arrives in one
 /// piece (the common case) is kept as is, without a copy.
-async fn read_body(s: &mut Session, limit: usize) -> Result<Bytes, RequestError> {
+async fn read_body(s: &mut Session, config: &Snapshot) -> Result<Bytes, RequestError> {
+    let limit = config.limits.max_body_bytes;
+    let deadline = tokio::time::Instant::now() + config.server.connections.body_timeout;
     let declared = s
         .req_header()
         .headers
@@ -986,7 +1009,8 @@ async fn read_body(s: &mut Session, limit: usize) -> Result<Bytes, RequestError>
     let mut buf: Option<BytesMut> = None;
     let mut first: Option<Bytes> = None;
     loop {
-        let chunk = match s.read_request_body().await {
+        let read = tokio::time::timeout_at(deadline, s.read_request_body());
+        let chunk = match read.await.map_err(|_| RequestError::BodyTimeout)? {
             Ok(Some(chunk)) => chunk,
             Ok(None) => break,
             Err(e) => return Err(RequestError::ReadBody(e.etype().as_str().to_string())),

@@ -6,6 +6,14 @@
 //! the final parse, an SSE line only up to `LINE_LIMIT`; past that, usage is "unknown" and the
 //! estimate stands.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use serde::Deserialize;
 
 const JSON_LIMIT: usize = 8 << 20;
@@ -39,7 +47,7 @@ impl Usage {
         self.total_tokens
             .or(match (self.prompt_tokens, self.completion_tokens) {
                 (None, None) => None,
-                (p, c) => Some(p.unwrap_or(0) + c.unwrap_or(0)),
+                (p, c) => Some(p.unwrap_or(0).saturating_add(c.unwrap_or(0))),
             })
     }
 }
@@ -89,7 +97,7 @@ impl UsageTap {
             return;
         }
         if !self.sse {
-            if self.buf.len() + chunk.len() > JSON_LIMIT {
+            if self.buf.len().saturating_add(chunk.len()) > JSON_LIMIT {
                 self.overflow = true;
                 self.buf = Vec::new();
             } else {
@@ -98,9 +106,13 @@ impl UsageTap {
             return;
         }
         self.buf.extend_from_slice(chunk);
-        let mut start = 0;
-        while let Some(end) = self.buf[start..].iter().position(|b| *b == b'\n') {
-            let line = &self.buf[start..start + end];
+        // Bytes of whole lines seen (at most the buffer's length); the rest waits for its end.
+        let mut done = 0usize;
+        for piece in self.buf.split_inclusive(|b| *b == b'\n') {
+            let Some(line) = piece.strip_suffix(b"\n") else {
+                break;
+            };
+            done = done.saturating_add(piece.len());
             if line.starts_with(b"data:") && !line.ends_with(b"[DONE]") {
                 self.events = self.events.saturating_add(1);
             }
@@ -108,9 +120,8 @@ impl UsageTap {
                 self.total = usage.total();
                 self.split = usage.split();
             }
-            start += end + 1;
         }
-        self.buf.drain(..start);
+        self.buf.drain(..done);
         if self.buf.len() > LINE_LIMIT {
             self.buf.clear();
         }
@@ -163,29 +174,31 @@ impl UsageStrip {
             self.partial.split().freeze()
         };
         let mut out: Option<bytes::BytesMut> = None;
+        // `data[..start]` is whole events; `data[kept_to..start]` is not yet copied to `out`.
+        // Both only ever move to the end of an event found in `data`, so the ranges are valid.
         let mut start = 0;
         let mut kept_to = 0;
-        while let Some(len) = event_len(&data[start..]) {
-            let event = &data[start..start + len];
+        while let Some((event, end)) = next_event(&data, start) {
             if is_usage_only(event) {
                 let buf = out.get_or_insert_with(bytes::BytesMut::new);
-                buf.extend_from_slice(&data[kept_to..start]);
-                kept_to = start + len;
+                buf.extend_from_slice(data.get(kept_to..start).unwrap_or_default());
+                kept_to = end;
             }
-            start += len;
+            start = end;
         }
+        let unfinished = data.get(start..).unwrap_or_default();
         // An unfinished event waits for its end, up to a line's worth: a provider that never
         // ends its event must not grow this buffer without bound (it is passed on as is).
-        if data.len() - start > LINE_LIMIT {
+        if unfinished.len() > LINE_LIMIT {
             let mut buf = out.unwrap_or_default();
-            buf.extend_from_slice(&data[kept_to..]);
+            buf.extend_from_slice(data.get(kept_to..).unwrap_or_default());
             return buf.freeze();
         }
-        self.partial.extend_from_slice(&data[start..]);
+        self.partial.extend_from_slice(unfinished);
         match out {
-            None => data.slice(..start),
+            None => data.slice(..start.min(data.len())),
             Some(mut buf) => {
-                buf.extend_from_slice(&data[kept_to..start]);
+                buf.extend_from_slice(data.get(kept_to..start).unwrap_or_default());
                 buf.freeze()
             }
         }
@@ -197,18 +210,24 @@ impl UsageStrip {
     }
 }
 
+/// The first complete event in `data[from..]` and where it ends in `data`, if there is one.
+fn next_event(data: &[u8], from: usize) -> Option<(&[u8], usize)> {
+    let rest = data.get(from..)?;
+    let len = event_len(rest)?;
+    Some((rest.get(..len)?, from.checked_add(len)?))
+}
+
 /// Length of the first complete event in `data` (through its blank line), if there is one.
 fn event_len(data: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(nl) = data[i..].iter().position(|b| *b == b'\n') {
-        let at = i + nl + 1;
-        match data.get(at) {
-            Some(b'\n') => return Some(at + 1),
-            Some(b'\r') if data.get(at + 1) == Some(&b'\n') => return Some(at + 2),
-            _ => i = at,
-        }
-    }
-    None
+    // The first line end followed by `\n` or `\r\n` ends the event.
+    data.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .find_map(|(nl, _)| match data.get(nl..)? {
+            [b'\n', b'\n', ..] => nl.checked_add(2),
+            [b'\n', b'\r', b'\n', ..] => nl.checked_add(3),
+            _ => None,
+        })
 }
 
 fn is_usage_only(event: &[u8]) -> bool {
@@ -241,6 +260,12 @@ fn sse_usage(line: &[u8]) -> Option<Usage> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

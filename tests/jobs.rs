@@ -590,3 +590,44 @@ async fn in_process_jobs_do_not_survive_a_restart_as_documented() {
     let fresh = submit(&again, "sk-alice", chat_job(json!({}))).await;
     assert_eq!(fresh.status, 202);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_job_of_a_key_removed_by_a_reload_never_runs() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, "workers: 1"));
+    // One worker, busy for about 3 s with bob's streamed job, while alice's job waits.
+    let blocker = submit(
+        &lumen,
+        "sk-bob",
+        chat_job(json!({"stream": true, "mock_chunks": 30, "mock_delay_ms": 100})),
+    )
+    .await;
+    assert_eq!(blocker.status, 202, "{}", blocker.text());
+    let queued = submit(
+        &lumen,
+        "sk-alice",
+        chat_job(json!({"messages": [{"role": "user", "content": "queued-after-removal"}]})),
+    )
+    .await;
+    assert_eq!(queued.status, 202, "{}", queued.text());
+    // Alice's key is removed before her queued job runs.
+    let text = std::fs::read_to_string(&lumen.config_path).unwrap();
+    let without = text.replace("  - { id: alice, key: \"sk-alice\" }\n", "");
+    assert_ne!(text, without);
+    std::fs::write(&lumen.config_path, without).unwrap();
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
+    let done = wait_final(&lumen, "sk-bob", blocker.json()["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ran = mock
+        .requests()
+        .iter()
+        .any(|r| String::from_utf8_lossy(&r.body).contains("queued-after-removal"));
+    assert!(!ran, "a removed key's queued job reached the provider");
+    assert!(
+        lumen.log().contains("reload"),
+        "the reload happened: {}",
+        lumen.log()
+    );
+}

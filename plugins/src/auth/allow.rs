@@ -4,6 +4,14 @@
 //! and `?` (exactly one character). Exact names go in a set so the common case is one hash
 //! lookup; globs are few and tried in order.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::collections::HashSet;
 
 /// A parsed allow-list. Built once per key at config load (or per token for JWTs).
@@ -49,24 +57,30 @@ impl AllowList {
 /// Greedy with one backtrack point (the last `*`), which is enough for these two wildcards and
 /// keeps the worst case at O(len(pattern) × len(text)) rather than exponential.
 pub(crate) fn glob_match(pattern: &str, text: &str) -> bool {
-    let (mut p, mut t) = (0usize, 0usize);
-    // (pattern offset just after the last `*`, text offset that `*` currently stops at)
-    let mut star: Option<(usize, usize)> = None;
-    while let Some(tc) = text[t..].chars().next() {
-        match pattern[p..].chars().next() {
+    // What is left of each to match: suffixes, always cut at a character boundary.
+    let (mut p, mut t) = (pattern, text);
+    // (pattern just after the last `*`, text that `*` currently stops at)
+    let mut star: Option<(&str, &str)> = None;
+    loop {
+        let mut t_chars = t.chars();
+        let Some(tc) = t_chars.next() else {
+            break;
+        };
+        let mut p_chars = p.chars();
+        match p_chars.next() {
             Some('*') => {
-                p += 1;
+                p = p_chars.as_str();
                 star = Some((p, t));
                 continue;
             }
             Some('?') => {
-                p += 1;
-                t += tc.len_utf8();
+                p = p_chars.as_str();
+                t = t_chars.as_str();
                 continue;
             }
             Some(pc) if pc == tc => {
-                p += pc.len_utf8();
-                t += tc.len_utf8();
+                p = p_chars.as_str();
+                t = t_chars.as_str();
                 continue;
             }
             _ => {}
@@ -75,18 +89,25 @@ pub(crate) fn glob_match(pattern: &str, text: &str) -> bool {
         let Some((after_star, star_t)) = star else {
             return false;
         };
-        let Some(skipped) = text[star_t..].chars().next() else {
+        let mut skipped = star_t.chars();
+        if skipped.next().is_none() {
             return false;
-        };
-        let next_t = star_t + skipped.len_utf8();
+        }
+        let next_t = skipped.as_str();
         star = Some((after_star, next_t));
         p = after_star;
         t = next_t;
     }
-    pattern[p..].chars().all(|c| c == '*')
+    p.chars().all(|c| c == '*')
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -7,6 +7,14 @@
 //! here rather than by the crate, because the crate reads the system clock and the gateway wants
 //! to pass `now` in (tests drive it; one request sees one instant).
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -456,7 +464,8 @@ fn build_issuer(i: usize, cfg: &JwtConfig, problems: &mut Vec<(String, String)>)
     if !ok {
         return None;
     }
-    let mut validation = Validation::new(algorithms[0]);
+    // Never empty here (no algorithms, no keys), but `?` costs nothing.
+    let mut validation = Validation::new(*algorithms.first()?);
     validation.algorithms = algorithms;
     validation.required_spec_claims.clear();
     validation.validate_exp = false;

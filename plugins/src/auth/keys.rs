@@ -5,6 +5,14 @@
 //! digest is compared again in constant time, so the answer does not depend on how many leading
 //! bytes matched. Each entry's [`Principal`] is built here once; a request only clones its `Arc`.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -226,9 +234,12 @@ pub(crate) fn parse_hex_digest(hex: &str) -> Result<KeyDigest, String> {
         ));
     }
     let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        match (hex_value(pair[0]), hex_value(pair[1])) {
-            (Some(hi), Some(lo)) => out[i] = hi << 4 | lo,
+    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        match pair {
+            &[hi, lo] => match (hex_value(hi), hex_value(lo)) {
+                (Some(hi), Some(lo)) => *byte = hi << 4 | lo,
+                _ => return Err("must be 64 hex digits (0-9, a-f)".into()),
+            },
             _ => return Err("must be 64 hex digits (0-9, a-f)".into()),
         }
     }
@@ -236,27 +247,27 @@ pub(crate) fn parse_hex_digest(hex: &str) -> Result<KeyDigest, String> {
 }
 
 fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
+    // 0-9, a-f, A-F; a digit is below 16, so it fits.
+    char::from(c).to_digit(16).map(|d| d as u8)
 }
 
 /// Parses an RFC 3339 timestamp (`2027-01-31T00:00:00Z`, fractions and `±hh:mm` offsets
 /// accepted). Hand-written: one format at config load does not justify a date-time crate.
 pub(crate) fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
     let bad = || format!("`{s}` is not an RFC 3339 time like 2027-01-31T00:00:00Z");
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+    // The fixed part, `YYYY-MM-DDThh:mm:ss`, and one byte after it (fraction or zone).
+    let Some(b) = s.as_bytes().first_chunk::<20>() else {
+        return Err(bad());
+    };
+    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return Err(bad());
     }
     if b[13] != b':' || b[16] != b':' {
         return Err(bad());
     }
     let num = |from: usize, to: usize| -> Result<i64, String> {
-        let part = &s[from..to];
+        // `get`: a multi-byte character inside the fixed part makes a cut fall inside it.
+        let part = s.get(from..to).ok_or_else(bad)?;
         if part.bytes().all(|c| c.is_ascii_digit()) {
             part.parse::<i64>().map_err(|_| bad())
         } else {
@@ -267,21 +278,20 @@ pub(crate) fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
     let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
 
     // Optional fraction (ignored: keys expire at whole seconds), then the zone.
-    let mut rest = &s[19..];
+    let mut rest = s.get(19..).ok_or_else(bad)?;
     if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
+        let after = frac.trim_start_matches(|c: char| c.is_ascii_digit());
+        if after.len() == frac.len() {
             return Err(bad());
         }
-        rest = &frac[digits..];
+        rest = after;
     }
     let offset_secs = match rest {
         "Z" | "z" => 0,
         _ => {
-            let rb = rest.as_bytes();
-            if rb.len() != 6 || !matches!(rb[0], b'+' | b'-') || rb[3] != b':' {
+            let &[sign @ (b'+' | b'-'), _, _, b':', _, _] = rest.as_bytes() else {
                 return Err(bad());
-            }
+            };
             let digits = |r: &str| -> Result<i64, String> {
                 if r.bytes().all(|c| c.is_ascii_digit()) {
                     r.parse::<i64>().map_err(|_| bad())
@@ -289,13 +299,16 @@ pub(crate) fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
                     Err(bad())
                 }
             };
-            let (oh, om) = (digits(&rest[1..3])?, digits(&rest[4..6])?);
+            let part = |from: usize, to: usize| rest.get(from..to).ok_or_else(bad);
+            let (oh, om) = (digits(part(1, 3)?)?, digits(part(4, 6)?)?);
             if oh > 23 || om > 59 {
                 return Err(bad());
             }
+            // Both range-checked just above: at most 86,340, far from i64's limits.
+            #[allow(clippy::arithmetic_side_effects)]
             let secs = oh * 3600 + om * 60;
-            if rb[0] == b'-' {
-                -secs
+            if sign == b'-' {
+                secs.saturating_neg()
             } else {
                 secs
             }
@@ -312,12 +325,23 @@ pub(crate) fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
         return Err(bad());
     }
     let days = days_from_civil(year, month, day);
+    // Every part was range-checked above (a 4-digit year: |days| < 4 million), so the sum stays
+    // within a few times 10^11, far from i64's limits.
+    #[allow(clippy::arithmetic_side_effects)]
     let unix = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     let unix = u64::try_from(unix).map_err(|_| format!("`{s}` is before 1970"))?;
-    Ok(UNIX_EPOCH + Duration::from_secs(unix))
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(unix))
+        .ok_or_else(bad)
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 
@@ -357,6 +381,9 @@ mod tests {
             "２027-01-31T00:00:00Z",
             "1969-12-31T23:59:59Z",
             "+027-01-31T00:00:00Z",
+            // A multi-byte character across a field's end: an error, not a panic.
+            "2027-01-31T00:00:0é",
+            "2027-01-31T00:00:0éZ",
         ] {
             assert!(parse_rfc3339(bad).is_err(), "{bad:?} should be rejected");
         }

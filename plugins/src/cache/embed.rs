@@ -7,6 +7,14 @@
 //! cached as a whole request. Responses come from upstream providers and may be malformed;
 //! nothing here panics on any input.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use serde_json::{Map, Value};
 
 /// The items of an embeddings request's `input` when it is a JSON array of at least one item
@@ -104,6 +112,12 @@ pub fn merge(model: &str, embeddings: Vec<Value>, usage: Value) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
     use serde_json::json;

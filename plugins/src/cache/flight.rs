@@ -11,6 +11,14 @@
 //! The map of flights is sharded by key; a shard's lock is held for one map operation. A
 //! flight's own lock is held to append or copy chunks, never across an `.await`.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -85,7 +93,7 @@ impl Flight {
     /// Waits up to `wait` for anything beyond the first `seen` chunks (or the end), and
     /// returns it. An empty update means the wait ran out.
     pub async fn next(&self, seen: usize, wait: Duration) -> Update {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = deadline_after(wait);
         loop {
             // Registered before looking, so a change between the look and the wait is seen.
             let notified = self.changed.notified();
@@ -104,7 +112,7 @@ impl Flight {
     /// The head, waiting up to `wait` for it (None: no head in time, or the flight failed
     /// before one).
     pub async fn head(&self, wait: Duration) -> Option<Head> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = deadline_after(wait);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -126,7 +134,7 @@ impl Flight {
 
     /// Waits up to `wait` for the end.
     pub async fn end(&self, wait: Duration) -> Option<End> {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = deadline_after(wait);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -169,12 +177,13 @@ impl Flights {
 
     fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Arc<Flight>>> {
         // Keys are hex digests: their first bytes are already uniform.
-        let i = key
-            .bytes()
-            .take(4)
-            .fold(0usize, |h, b| h * 31 + usize::from(b))
-            % SHARDS;
-        match self.shards[i].lock() {
+        let i = key.bytes().take(4).fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        }) % SHARDS;
+        // `i < SHARDS`, the length `new` gives `shards`.
+        #[allow(clippy::indexing_slicing)]
+        let shard = &self.shards[i];
+        match shard.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         }
@@ -247,7 +256,7 @@ impl Leader {
         }
         let overflow = {
             let mut record = self.flight.lock();
-            record.bytes += chunk.len();
+            record.bytes = record.bytes.saturating_add(chunk.len());
             if record.bytes > self.limit {
                 true
             } else {
@@ -284,7 +293,22 @@ impl Drop for Leader {
     }
 }
 
+/// `wait` from now. A wait too long to represent is cut to a year: nothing waits that long.
+fn deadline_after(wait: Duration) -> tokio::time::Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(YEAR))
+        .unwrap_or(now)
+}
+
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -10,6 +10,14 @@
 //! canonical form (keys sorted, numbers normalised), without the fields that only change how
 //! an answer is delivered (`stream`, `stream_options`) or that do not change it (`user`).
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 pub mod embed;
 pub mod flight;
 pub mod shape;
@@ -244,11 +252,11 @@ fn write_string(text: &str, out: &mut Vec<u8>) {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len().saturating_mul(2));
     for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 15)] as char);
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{b:02x}");
     }
     s
 }
@@ -283,6 +291,12 @@ pub fn canonical(value: &Value, out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -335,7 +349,15 @@ mod tests {
             reference
         );
         assert_ne!(
-            key(Scope::Tenant, "team-a", "fast", "fast", Api::Chat, "", &base),
+            key(
+                Scope::Tenant,
+                "team-a",
+                "fast",
+                "fast",
+                Api::Chat,
+                "",
+                &base
+            ),
             reference
         );
         assert_ne!(
@@ -347,7 +369,15 @@ mod tests {
             reference
         );
         assert_ne!(
-            key(Scope::Key, "team-a", "fast", "fast", Api::Completion, "", &base),
+            key(
+                Scope::Key,
+                "team-a",
+                "fast",
+                "fast",
+                Api::Completion,
+                "",
+                &base
+            ),
             reference
         );
     }

@@ -13,6 +13,14 @@
 //! faithfully (an object, such as the legacy `function_call` or `audio`) makes the stream
 //! unusable rather than stored incomplete.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
@@ -558,7 +566,7 @@ pub fn render_sse(kind: Kind, body: &[u8], include_usage: bool) -> Option<Vec<u8
         endings.push(ending);
     }
     let header = header_of(&answer, kind.chunk_object());
-    let mut out = Vec::with_capacity(body.len() * 2 + 256);
+    let mut out = Vec::with_capacity(body.len().saturating_mul(2).saturating_add(256));
     for choice in openings.into_iter().chain(endings) {
         let mut chunk = header.clone();
         chunk.insert("choices".into(), Value::Array(vec![choice]));
@@ -684,6 +692,12 @@ fn write_event(out: &mut Vec<u8>, chunk: &Map<String, Value>) -> Option<()> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
     use serde_json::json;

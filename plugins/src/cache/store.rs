@@ -5,6 +5,14 @@
 //! Redis errors never fail a request: a lookup that cannot reach Redis is a miss, a store
 //! that cannot reach it is skipped; the caller counts them.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,13 +55,22 @@ impl Entry {
     }
 
     fn remaining(&self, now_ms: u64) -> Duration {
-        Duration::from_millis((self.created_ms + self.ttl_ms).saturating_sub(now_ms))
+        Duration::from_millis(
+            self.created_ms
+                .saturating_add(self.ttl_ms)
+                .saturating_sub(now_ms),
+        )
     }
 
     /// `created (8) | ttl (8) | provider length (1) | provider | body`.
     fn encode(&self) -> Vec<u8> {
-        let provider = &self.provider.as_bytes()[..self.provider.len().min(255)];
-        let mut out = Vec::with_capacity(17 + provider.len() + self.body.len());
+        let provider = self.provider.as_bytes();
+        let provider = provider.get(..255).unwrap_or(provider);
+        let mut out = Vec::with_capacity(
+            17usize
+                .saturating_add(provider.len())
+                .saturating_add(self.body.len()),
+        );
         out.extend_from_slice(&self.created_ms.to_be_bytes());
         out.extend_from_slice(&self.ttl_ms.to_be_bytes());
         out.push(provider.len() as u8);
@@ -117,7 +134,10 @@ impl CacheStore {
         let memory = moka::sync::Cache::builder()
             .max_capacity(memory_bytes)
             .weigher(|key: &String, entry: &Arc<Entry>| {
-                (key.len() + entry.body.len() + entry.provider.len() + 64)
+                key.len()
+                    .saturating_add(entry.body.len())
+                    .saturating_add(entry.provider.len())
+                    .saturating_add(64)
                     .try_into()
                     .unwrap_or(u32::MAX)
             })
@@ -160,16 +180,15 @@ impl CacheStore {
         keys: &[String],
     ) -> (Vec<Option<Arc<Entry>>>, Option<SharedError>) {
         let mut found: Vec<Option<Arc<Entry>>> = keys.iter().map(|k| self.memory.get(k)).collect();
-        let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
         let Some((link, prefix)) = &self.redis else {
             return (found, None);
         };
-        if missing.is_empty() {
+        if found.iter().all(Option::is_some) {
             return (found, None);
         }
         let mut cmd = redis::cmd("MGET");
-        for &i in &missing {
-            cmd.arg(Self::redis_key(prefix, &keys[i]));
+        for (key, _) in keys.iter().zip(&found).filter(|(_, hit)| hit.is_none()) {
+            cmd.arg(Self::redis_key(prefix, key));
         }
         let raws: Vec<Option<Vec<u8>>> = match link.connection().await {
             Ok(mut conn) => match link.within(cmd.query_async(&mut conn)).await {
@@ -178,8 +197,13 @@ impl CacheStore {
             },
             Err(e) => return (found, Some(e)),
         };
-        for (&i, raw) in missing.iter().zip(raws) {
-            found[i] = self.admit_from_redis(&keys[i], raw);
+        // MGET answers in the order asked: the misses, in order.
+        let misses = found
+            .iter_mut()
+            .zip(keys)
+            .filter(|(slot, _)| slot.is_none());
+        for ((slot, key), raw) in misses.zip(raws) {
+            *slot = self.admit_from_redis(key, raw);
         }
         (found, None)
     }
@@ -252,6 +276,12 @@ impl CacheStore {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

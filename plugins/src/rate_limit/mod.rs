@@ -12,9 +12,18 @@
 //! across an `.await`; the counters themselves are atomics. Every call takes `now`, so tests
 //! drive the clock.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 pub mod shared;
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -283,12 +292,19 @@ impl LocalLimiter {
         }
     }
 
-    fn bucket(&self, key: &str) -> Arc<Bucket> {
-        let shard = fnv(key) as usize % SHARDS;
-        let mut map = match self.shards[shard].lock() {
+    /// Shard `n % SHARDS`, locked (a panic elsewhere while it was held leaves its map usable).
+    fn shard(&self, n: usize) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Bucket>>> {
+        // `n % SHARDS` is below SHARDS, the length `new` gives `shards`.
+        #[allow(clippy::indexing_slicing)]
+        let shard = &self.shards[n % SHARDS];
+        match shard.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
-        };
+        }
+    }
+
+    fn bucket(&self, key: &str) -> Arc<Bucket> {
+        let mut map = self.shard(fnv(key) as usize);
         if let Some(b) = map.get(key) {
             return b.clone();
         }
@@ -308,11 +324,7 @@ impl LocalLimiter {
         if !n.is_multiple_of(SWEEP_EVERY) {
             return;
         }
-        let shard = (n / SWEEP_EVERY) as usize % SHARDS;
-        let mut map = match self.shards[shard].lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut map = self.shard((n / SWEEP_EVERY) as usize);
         map.retain(|_, b| {
             let idle = b.tat.load(Ordering::Acquire) <= now_ns
                 && b.in_flight.load(Ordering::Acquire) == 0
@@ -338,33 +350,37 @@ impl LocalLimiter {
         now: Instant,
     ) -> Result<RateStatus, Limited> {
         let bucket = self.bucket(key);
-        let interval = (limit.period.as_nanos() as u64 / u64::from(limit.count)).max(1);
-        let tolerance = interval * u64::from(limit.burst - 1);
+        let (interval, tolerance) = gcra_steps(limit, limit.period.as_nanos());
         let now_ns = self.nanos(now);
         self.sweep(now_ns);
         let mut tat = bucket.tat.load(Ordering::Acquire);
         loop {
             let start = tat.max(now_ns);
-            if start - now_ns > tolerance {
-                let wait = start - now_ns - tolerance;
+            // `start >= now_ns`: the subtractions below cannot go under zero.
+            let ahead = start.saturating_sub(now_ns);
+            if ahead > tolerance {
+                let wait = ahead.saturating_sub(tolerance);
                 return Err(Limited {
                     retry_after: Duration::from_nanos(wait),
                     status: RateStatus {
                         limit: limit.count,
                         remaining: 0,
-                        reset_after: Duration::from_nanos(start - now_ns),
+                        reset_after: Duration::from_nanos(ahead),
                     },
                     reason: LimitReason::Requests,
                 });
             }
-            let next = start + interval;
+            let next = start.saturating_add(interval.get());
             match bucket
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    let ahead = next - now_ns;
-                    let remaining = (tolerance + interval).saturating_sub(ahead) / interval;
+                    let ahead = next.saturating_sub(now_ns);
+                    let remaining = tolerance
+                        .saturating_add(interval.get())
+                        .saturating_sub(ahead)
+                        / interval;
                     return Ok(RateStatus {
                         limit: limit.count,
                         remaining: remaining.min(u64::from(u32::MAX)) as u32,
@@ -386,7 +402,8 @@ impl LocalLimiter {
             }
             match bucket.in_flight.compare_exchange_weak(
                 current,
-                current + 1,
+                // `current < max <= u32::MAX`: no overflow.
+                current.saturating_add(1),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -416,9 +433,12 @@ impl LocalLimiter {
             };
             // Check every window before charging any: all or nothing.
             for limit in limits {
-                let length_ms = limit.window.as_millis().max(1) as u64;
+                let length_ms = window_ms(limit);
                 let index = now_ms / length_ms;
-                let reset = Duration::from_millis((index + 1) * length_ms - now_ms);
+                // The end of window `index`, which is after `now_ms`.
+                let end_ms = index.saturating_add(1).saturating_mul(length_ms.get());
+                let reset = Duration::from_millis(end_ms.saturating_sub(now_ms));
+                let length_ms = length_ms.get();
                 let used = windows
                     .iter()
                     .find(|w| w.length_ms == length_ms && w.index == index)
@@ -447,8 +467,9 @@ impl LocalLimiter {
                 }
             }
             for limit in limits {
-                let length_ms = limit.window.as_millis().max(1) as u64;
+                let length_ms = window_ms(limit);
                 let index = now_ms / length_ms;
+                let length_ms = length_ms.get();
                 match windows.iter_mut().find(|w| w.length_ms == length_ms) {
                     Some(w) if w.index == index => w.used = w.used.saturating_add(estimate),
                     Some(w) => {
@@ -485,6 +506,23 @@ impl LocalLimiter {
     }
 }
 
+/// GCRA's emission interval (`period / count`, at least 1) and burst tolerance
+/// (`interval * (burst - 1)`), in the unit `period` is given in. `count` and `burst` are at
+/// least 1 once validated; the floors below only keep a hand-built limit from panicking.
+pub(crate) fn gcra_steps(limit: &RequestLimit, period: u128) -> (NonZeroU64, u64) {
+    let count = NonZeroU64::new(u64::from(limit.count)).unwrap_or(NonZeroU64::MIN);
+    let interval = NonZeroU64::new(period as u64 / count).unwrap_or(NonZeroU64::MIN);
+    let tolerance = interval
+        .get()
+        .saturating_mul(u64::from(limit.burst.saturating_sub(1)));
+    (interval, tolerance)
+}
+
+/// A token window's length in milliseconds, at least 1.
+pub(crate) fn window_ms(limit: &TokenLimit) -> NonZeroU64 {
+    NonZeroU64::new(limit.window.as_millis().max(1) as u64).unwrap_or(NonZeroU64::MIN)
+}
+
 /// OpenAI's duration format for `x-ratelimit-reset-*`: `20ms`, `1.5s`, `6m0s`.
 pub fn format_reset(d: Duration) -> String {
     let ms = d.as_millis();
@@ -508,6 +546,12 @@ fn fnv(s: &str) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 mod tests {
     use super::*;
 

@@ -8,12 +8,20 @@
 //! Errors and timeouts are returned to the caller, which applies `on_redis_error`: Redis being
 //! down must not take the edge down. The connection is the node's shared [`RedisLink`].
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::redis_link::RedisLink;
 
-use super::{LimitReason, Limited, RateStatus, RequestLimit};
+use super::{gcra_steps, window_ms, LimitReason, Limited, RateStatus, RequestLimit};
 
 /// What to do when Redis cannot answer in time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -235,8 +243,8 @@ impl SharedLimiter {
         let mut conn = self.connection().await?;
         let (interval, tolerance) = match rate {
             Some(l) => {
-                let interval = (l.period.as_micros() as u64 / u64::from(l.count)).max(1);
-                (interval, interval * u64::from(l.burst - 1))
+                let (interval, tolerance) = gcra_steps(l, l.period.as_micros());
+                (interval.get(), tolerance)
             }
             None => (0, 0),
         };
@@ -266,7 +274,8 @@ impl SharedLimiter {
         };
         match code {
             1 => {
-                let remaining = (tolerance + interval)
+                let remaining = tolerance
+                    .saturating_add(interval)
                     .saturating_sub(ahead)
                     .checked_div(interval)
                     .unwrap_or(0)
@@ -331,7 +340,7 @@ impl SharedLimiter {
         let mut invocation = self.reserve_script.prepare_invoke();
         invocation.arg(estimate);
         for l in limits {
-            let length_ms = l.window.as_millis().max(1) as u64;
+            let length_ms = window_ms(l).get();
             invocation.key(self.window_key(bucket, length_ms));
             invocation.arg(length_ms).arg(l.limit);
         }
@@ -341,7 +350,8 @@ impl SharedLimiter {
                 .map_err(|_| SharedError::Timeout(self.timeout))??;
         let to_u32 = |v: u64| v.min(u64::from(u32::MAX)) as u32;
         if reply.first() == Some(&0) {
-            let window = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
+            // The script's window number counts from 1.
+            let window = (reply.get(1).copied().unwrap_or(1).max(1) as usize).saturating_sub(1);
             let used = reply.get(2).copied().unwrap_or(0).max(0) as u64;
             let reset = Duration::from_millis(reply.get(3).copied().unwrap_or(0).max(0) as u64);
             let limit = limits.get(window).map_or(0, |l| l.limit);
@@ -357,9 +367,14 @@ impl SharedLimiter {
         }
         let mut windows = Vec::with_capacity(limits.len());
         let mut tightest: Option<RateStatus> = None;
-        for (l, chunk) in limits.iter().zip(reply[1..].chunks(3)) {
-            let [index, used, reset] = [chunk[0], chunk[1], chunk[2]].map(|v| v.max(0) as u64);
-            windows.push((l.window.as_millis().max(1) as u64, index));
+        // `[1, index, used, reset, index, used, reset, …]`; a short reply leaves windows out.
+        let triples = reply.get(1..).unwrap_or_default().chunks_exact(3);
+        for (l, chunk) in limits.iter().zip(triples) {
+            let &[index, used, reset] = chunk else {
+                continue;
+            };
+            let [index, used, reset] = [index, used, reset].map(|v| v.max(0) as u64);
+            windows.push((window_ms(l).get(), index));
             let status = RateStatus {
                 limit: to_u32(l.limit),
                 remaining: to_u32(l.limit.saturating_sub(used)),
@@ -413,18 +428,20 @@ impl SharedLimiter {
         limit: &RequestLimit,
     ) -> Result<Result<RateStatus, Limited>, SharedError> {
         let mut conn = self.connection().await?;
-        let interval = (limit.period.as_micros() as u64 / u64::from(limit.count)).max(1);
-        let tolerance = interval * u64::from(limit.burst - 1);
+        let (interval, tolerance) = gcra_steps(limit, limit.period.as_micros());
         let key = format!("{{{}:{}}}:rl", self.prefix, bucket);
         let mut invocation = self.script.key(key);
-        invocation.arg(interval).arg(tolerance);
+        invocation.arg(interval.get()).arg(tolerance);
         let call = invocation.invoke_async(&mut conn);
         let (admitted, ahead, wait): (i64, i64, i64) = tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| SharedError::Timeout(self.timeout))??;
         let ahead = ahead.max(0) as u64;
         if admitted == 1 {
-            let remaining = (tolerance + interval).saturating_sub(ahead) / interval;
+            let remaining = tolerance
+                .saturating_add(interval.get())
+                .saturating_sub(ahead)
+                / interval;
             return Ok(Ok(RateStatus {
                 limit: limit.count,
                 remaining: remaining.min(u64::from(u32::MAX)) as u32,
