@@ -101,8 +101,7 @@ pub fn plan(
     let query = head.uri.query().unwrap_or("");
     let policy = route.cache.clone()?;
     let api = api_of(req.endpoint);
-    let body: Value = serde_json::from_slice(&req.raw).ok()?;
-    if !policy::cacheable(api, &body, policy.when) {
+    if !policy::cacheable_raw(api, &req.raw, policy.when)? {
         return None;
     }
     let scope_id = match policy.scope {
@@ -111,28 +110,34 @@ pub fn plan(
         Scope::Tenant => principal.tenant.as_deref().unwrap_or(&principal.key_id),
         Scope::Global => "",
     };
-    let key = policy::key(
+    // Keyed from the bytes: a parsed tree of a large body costs many times its size.
+    let key = policy::key_raw(
         policy.scope,
         scope_id,
         &route.name,
         &req.model,
         api,
         query,
-        &body,
-    );
+        &req.raw,
+    )?;
+    // A list embeddings request is also cached item by item: that needs its items, so it is
+    // parsed (a list of strings or token arrays, not a tree of small objects).
     let items = match api {
-        Api::Embeddings => policy::embed::items(&body).map(|items| {
-            let keys = policy::item_keys(
-                policy.scope,
-                scope_id,
-                &route.name,
-                &req.model,
-                query,
-                &body,
-                &items,
-            );
-            Items { body, items, keys }
-        }),
+        Api::Embeddings => {
+            let body: Value = serde_json::from_slice(&req.raw).ok()?;
+            policy::embed::items(&body).map(|items| {
+                let keys = policy::item_keys(
+                    policy.scope,
+                    scope_id,
+                    &route.name,
+                    &req.model,
+                    query,
+                    &body,
+                    &items,
+                );
+                Items { body, items, keys }
+            })
+        }
         _ => None,
     };
     Some(Plan {

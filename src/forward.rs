@@ -459,7 +459,17 @@ impl Forwarder {
             return failed(Failure::Connect, connect_error(provider));
         };
         let exchange = self.exchange(provider, &peer, head, &body);
-        let mut upstream = match within(deadline, exchange).await {
+        // A client that leaves while the provider thinks is noticed now, not when the answer
+        // comes: the provider's connection is dropped, so generation (and billing) stops.
+        let gone = || Attempt::Committed {
+            label: "client_gone",
+            result: Err(ForwardError::ClientGone),
+        };
+        let exchanged = tokio::select! {
+            exchanged = within(deadline, exchange) => exchanged,
+            () = client_gone(session) => return gone(),
+        };
+        let mut upstream = match exchanged {
             Ok(Ok(upstream)) => upstream,
             Ok(Err(e)) => return failed(failure_of(&e), e),
             Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
@@ -506,7 +516,11 @@ impl Forwarder {
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let mut first = BytesMut::new();
         loop {
-            match within(deadline, upstream.read_response_body()).await {
+            let read = tokio::select! {
+                read = within(deadline, upstream.read_response_body()) => read,
+                () = client_gone(session) => return gone(),
+            };
+            match read {
                 Ok(Ok(Some(chunk))) => {
                     first.extend_from_slice(&chunk);
                     if !(sse && only_comments(&first)) {
@@ -941,6 +955,15 @@ fn only_comments(bytes: &[u8]) -> bool {
     bytes
         .split(|b| *b == b'\n')
         .all(|line| line.is_empty() || line == b"\r" || line.starts_with(b":"))
+}
+
+/// Resolves when the client closed or reset its connection, while its request waits for the
+/// provider (the body is read by then). Anything else the client sends (a pipelined request,
+/// kept for later by Pingora) says nothing: then this never resolves.
+async fn client_gone(session: &mut Session) {
+    if session.read_body_or_idle(true).await.is_ok() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Runs `f` until `deadline` (if any); `Err(())` when the deadline came first.

@@ -97,8 +97,8 @@ pub struct LlmRequest {
     pub stream: bool,
     /// `max_completion_tokens` or `max_tokens`, when the client set one.
     pub max_tokens: Option<u64>,
-    /// Byte range of the client's own `stream_options` value in `raw`, when it set one that
-    /// is not null (rewritten to ask for usage; see [`body_with_usage`]).
+    /// Byte range of the client's own `stream_options` value in `raw` (null included), when
+    /// it set one (rewritten to ask for usage; see [`body_with_usage`]).
     pub stream_options_span: Option<Range<usize>>,
     /// `stream_options.include_usage: true` (a cached stream replays the usage chunk).
     pub include_usage: bool,
@@ -138,8 +138,14 @@ struct Head<'a> {
     max_tokens: Option<serde_json::Value>,
     #[serde(default)]
     max_completion_tokens: Option<serde_json::Value>,
-    #[serde(borrow, default)]
+    /// Present even when `null` (an `Option` alone would read `null` as absent).
+    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Parses `raw` for `endpoint`: 400-class errors for anything a provider would refuse anyway.
@@ -212,10 +218,9 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         bounded_tokens("max_completion_tokens", head.max_completion_tokens)?;
     let max_tokens = bounded_tokens("max_tokens", head.max_tokens)?;
     let max_tokens = max_completion_tokens.or(max_tokens);
-    let stream_options_span = head
-        .stream_options
-        .filter(|v| v.get() != "null")
-        .map(|v| span_in(&raw, v.get()));
+    // Kept even when null: `body_with_usage` replaces the value in place, so the forwarded
+    // body never holds the key twice (readers keep the last one, which would opt out).
+    let stream_options_span = head.stream_options.map(|v| span_in(&raw, v.get()));
     let include_usage = head.stream_options.is_some_and(|v| {
         serde_json::from_str::<serde_json::Value>(v.get())
             .is_ok_and(|o| o.get("include_usage") == Some(&serde_json::Value::Bool(true)))

@@ -48,6 +48,9 @@ use lumen_plugins::cache::ClientControl;
 /// Largest provider answer held to merge with cached embeddings.
 const MAX_CAPTURED: usize = 64 * 1024 * 1024;
 
+/// The access log's error for a request whose client went away.
+const CLIENT_GONE: &str = "client disconnected";
+
 /// How long an unread request body is drained after an error before the connection closes.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -696,7 +699,7 @@ impl Gateway {
                 Ok(true)
             }
             ForwardError::ClientGone => {
-                ctx.error = Some("client disconnected".into());
+                ctx.error = Some(CLIENT_GONE.into());
                 Error::e_explain(ErrorType::WriteError, "client disconnected")
             }
         }
@@ -1141,7 +1144,9 @@ impl ProxyHttp for Gateway {
         // Reached for errors Pingora saw itself (bad request heads) or that we returned after
         // the response started. Answer in OpenAI's shape when nothing was written yet.
         // An interim `100 Continue` is not an answer: the client still waits for one.
-        if s.response_written().is_none_or(|h| h.status.is_informational()) {
+        // Nobody is left to answer when the client is gone.
+        let gone = ctx.error.as_deref() == Some(CLIENT_GONE);
+        if !gone && s.response_written().is_none_or(|h| h.status.is_informational()) {
             let err = match e.esource() {
                 ErrorSource::Downstream => {
                     GatewayError::Request(RequestError::ReadBody(e.etype().as_str().into()))

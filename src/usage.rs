@@ -105,6 +105,16 @@ impl UsageTap {
             }
             return;
         }
+        // A chunk without a line end only extends the pending line: no rescan of what is
+        // buffered (a provider sending a long line in tiny pieces must not cost quadratic time).
+        if !self.buf.is_empty() && !chunk.contains(&b'\n') {
+            if self.buf.len().saturating_add(chunk.len()) > LINE_LIMIT {
+                self.buf.clear();
+            } else {
+                self.buf.extend_from_slice(chunk);
+            }
+            return;
+        }
         self.buf.extend_from_slice(chunk);
         // Bytes of whole lines seen (at most the buffer's length); the rest waits for its end.
         let mut done = 0usize;
@@ -167,6 +177,15 @@ pub struct UsageStrip {
 impl UsageStrip {
     /// What of `chunk` goes to the client now (possibly nothing).
     pub fn filter(&mut self, chunk: bytes::Bytes) -> bytes::Bytes {
+        if !self.partial.is_empty() && !ends_an_event(&self.partial, &chunk) {
+            // Still inside the held event: append only, no rescan of what is held (a provider
+            // sending a long event in tiny pieces must not cost quadratic time).
+            self.partial.extend_from_slice(&chunk);
+            if self.partial.len() > LINE_LIMIT {
+                return self.partial.split().freeze();
+            }
+            return bytes::Bytes::new();
+        }
         let data: bytes::Bytes = if self.partial.is_empty() {
             chunk
         } else {
@@ -208,6 +227,16 @@ impl UsageStrip {
     pub fn finish(&mut self) -> bytes::Bytes {
         self.partial.split().freeze()
     }
+}
+
+/// Whether `chunk`, following `held` (an event without its end so far), completes an event:
+/// an event end may start in the last two bytes held.
+fn ends_an_event(held: &[u8], chunk: &[u8]) -> bool {
+    let tail = held.get(held.len().saturating_sub(2)..).unwrap_or_default();
+    let mut probe = Vec::with_capacity(tail.len().saturating_add(chunk.len()));
+    probe.extend_from_slice(tail);
+    probe.extend_from_slice(chunk);
+    event_len(&probe).is_some()
 }
 
 /// The first complete event in `data[from..]` and where it ends in `data`, if there is one.
@@ -302,6 +331,26 @@ mod tests {
         tap.observe(b"data: [DONE]\n\n");
         assert_eq!(tap.total_tokens(), None);
         assert_eq!(tap.estimate(), 5);
+    }
+
+    #[test]
+    fn a_long_event_in_tiny_pieces_costs_linear_time() {
+        // 512 KiB in 1-byte pieces: quadratic rescans would take minutes.
+        let started = std::time::Instant::now();
+        let mut strip = UsageStrip::default();
+        let mut tap = UsageTap::new(true);
+        let mut out = 0;
+        out += strip.filter(bytes::Bytes::from_static(b"data: {\"x\":\"")).len();
+        tap.observe(b"data: {\"x\":\"");
+        for _ in 0..512 * 1024 {
+            out += strip.filter(bytes::Bytes::from_static(b"a")).len();
+            tap.observe(b"a");
+        }
+        out += strip.filter(bytes::Bytes::from_static(b"\"}\n\n")).len();
+        tap.observe(b"\"}\n\n");
+        assert_eq!(out, 512 * 1024 + 16);
+        assert_eq!(tap.estimate(), 1);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -547,3 +547,100 @@ routes:
     assert_eq!(second.status, 429, "{}", second.text());
     assert_eq!(first.await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_before_the_answer_is_noticed_at_once() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"auth: off
+providers:
+  mock: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: slow, targets: [ {{ provider: mock, model: slow-4000 }} ] }}
+"#,
+        mock.base_url()
+    ));
+    let body = serde_json::to_vec(&chat("slow")).unwrap();
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    c.send_raw(head.as_bytes()).await.unwrap();
+    c.send_raw(&body).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(c);
+    // The request ends (and is logged) long before the provider would have answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let log = lumen.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("\"route\":\"slow\"") && l.contains("\"kind\":\"access\""))
+        {
+            assert!(line.contains("client disconnected"), "{line}");
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(v["duration_us"].as_u64().unwrap() < 2_000_000, "{line}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not noticed within 2 s:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Peak resident memory of a process so far (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keying_a_large_cacheable_body_costs_a_few_times_its_size_not_a_hundred() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"auth: off
+limits: {{ max_body_bytes: 16777216 }}
+providers:
+  mock: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: m, targets: [ {{ provider: mock, model: up }} ], cache: {{ ttl: 10m, when: always }} }}
+"#,
+        mock.base_url()
+    ));
+    // Warm up (pools, allocator) with a small request first.
+    assert_eq!(post(&lumen, &[], &chat("m")).await.status, 200);
+    // About 8 MiB of small JSON objects: the shape that costs most as a parsed tree.
+    let messages: Vec<serde_json::Value> = (0..260_000)
+        .map(|i| json!({"role": "user", "content": format!("m{i}")}))
+        .collect();
+    let body = json!({"model": "m", "messages": messages});
+    let bytes = serde_json::to_vec(&body).unwrap();
+    assert!(bytes.len() > 8_000_000, "{}", bytes.len());
+    let before = peak_rss(lumen.pid());
+    let resp = request(
+        lumen.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        &bytes,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-lumen-cache"), Some("miss"));
+    let grown = peak_rss(lumen.pid()).saturating_sub(before);
+    assert!(
+        grown < 6 * bytes.len() as u64,
+        "peak RSS grew {} MiB for a {} MiB body",
+        grown >> 20,
+        bytes.len() >> 20
+    );
+}

@@ -70,9 +70,8 @@ fn auth_headers() {
 
 /// Finding F1 (issue 16): a stream with `"stream_options": null` is forwarded with the key
 /// twice, `{"include_usage":true}` first and the client's `null` last; readers keep the last.
-/// Ignored until `openai::body_with_usage` is fixed; then drop `known_finding_f1` too.
+/// Fixed: the client's `stream_options` value is replaced in place.
 #[test]
-#[ignore = "finding F1 of issue 16: open"]
 fn regression_f1_stream_options_null() {
     let body = br#"{"messages":[],"model":"t","stream":true,"stream_options":null,"":""}"#;
     let req = lumen::openai::parse(
@@ -91,9 +90,8 @@ fn regression_f1_stream_options_null() {
 }
 
 /// Finding F5 (issue 16): a stream whose delta `content` is a list assembles into an answer
-/// that `render_sse` refuses. Ignored until shape.rs is fixed; then drop `known_finding_f5`.
+/// that `render_sse` refuses. Fixed: such a stream is not assembled (not stored).
 #[test]
-#[ignore = "finding F5 of issue 16: open"]
 fn regression_f5_array_content() {
     use lumen_plugins::cache::shape::{render_sse, Assembler, Kind};
     let stream = b"data:{\"choices\":[{\"delta\":{\"content\":[{\"type\":\"text\",\"text\":\"hi\"}]}}]}\n\ndata:[DONE]\n\n";

@@ -110,9 +110,6 @@ fn check_request(req: &LlmRequest) {
         serde_json::from_slice::<Value>(&raw[span.clone()])
             .expect("stream_options_span is not a JSON value");
     }
-    if known_finding_f1(req, &original) {
-        return;
-    }
     let renamed = Bytes::from_static(b"\"renamed/model-\\u00e9\"");
     for model_json in [None, Some(&renamed)] {
         let sent = concat(&openai::body_with_usage(req, model_json));
@@ -181,16 +178,6 @@ fn check_request(req: &LlmRequest) {
     }
 }
 
-/// Finding F1 of issue 16, tolerated here until `openai::body_with_usage` is fixed (the
-/// ignored test `regression_f1_stream_options_null` checks it strictly): a stream with
-/// `"stream_options": null` gets `"stream_options":{"include_usage":true}` added in front and
-/// keeps its own `null`, a duplicate key. JSON readers keep the last one (serde_json, Python,
-/// JavaScript), so the provider sends no usage chunk, and Lumen's own parser refuses the body.
-pub fn known_finding_f1(req: &LlmRequest, original: &Value) -> bool {
-    openai::adds_usage(req)
-        && req.stream_options_span.is_none()
-        && original.get("stream_options").is_some_and(Value::is_null)
-}
 
 fn concat(parts: &[Bytes]) -> Vec<u8> {
     parts.iter().flat_map(|p| p.iter().copied()).collect()

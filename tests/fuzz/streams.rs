@@ -178,12 +178,10 @@ fn check_round_trip(kind: Kind, answer: &[u8]) {
     let value: Value = serde_json::from_slice(answer).expect("an assembled answer is JSON");
     for include_usage in [false, true] {
         let Some(sse) = render_sse(kind, answer, include_usage) else {
-            assert!(
-                known_finding_f5(&value),
+            panic!(
                 "{kind:?}: an assembled answer does not render: {}",
                 String::from_utf8_lossy(answer)
             );
-            return;
         };
         let again = assemble(kind, &[&sse], usize::MAX).unwrap_or_else(|| {
             panic!(
@@ -205,18 +203,6 @@ fn check_round_trip(kind: Kind, answer: &[u8]) {
     }
 }
 
-/// Finding F5 of issue 16, tolerated here until shape.rs is fixed (the ignored test
-/// `regression_f5_array_content` checks it strictly): the assembler concatenates a delta's
-/// `content` given as a list (as it does any list field) and stores the answer, but
-/// `render_sse` renders only text or null `content`, so a later stream request for that entry
-/// is answered with the stored JSON body instead of a stream (src/cache.rs falls back to it).
-pub fn known_finding_f5(answer: &Value) -> bool {
-    answer["choices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|c| c["message"]["content"].is_array())
-}
 
 pub fn render_target() -> Target {
     Target {

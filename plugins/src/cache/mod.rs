@@ -18,6 +18,7 @@
     clippy::arithmetic_side_effects
 )]
 
+pub mod canon;
 pub mod embed;
 pub mod flight;
 pub mod shape;
@@ -139,6 +140,48 @@ pub fn cacheable(api: Api, body: &Value, when: When) -> bool {
             greedy || seeded
         }
     }
+}
+
+/// [`cacheable`] read straight from the request's bytes (no `Value` tree is built): `None`
+/// when the body is not a JSON object.
+pub fn cacheable_raw(api: Api, raw: &[u8], when: When) -> Option<bool> {
+    #[derive(Deserialize)]
+    struct Sampling {
+        #[serde(default)]
+        temperature: Option<Value>,
+        #[serde(default)]
+        seed: Option<Value>,
+    }
+    if when == When::Always {
+        return Some(true);
+    }
+    match api {
+        Api::Embeddings | Api::Rerank | Api::EmbeddingItem => Some(true),
+        Api::Chat | Api::Completion => {
+            let sampling: Sampling = serde_json::from_slice(raw).ok()?;
+            let greedy = sampling.temperature.as_ref().and_then(Value::as_f64) == Some(0.0);
+            let seeded = sampling.seed.as_ref().is_some_and(Value::is_number);
+            Some(greedy || seeded)
+        }
+    }
+}
+
+/// [`key`] computed straight from the request's bytes, without parsing them into a tree (the
+/// same key as [`key`] gives for the parsed body). `None` when the bytes are not JSON.
+pub fn key_raw(
+    scope: Scope,
+    scope_id: &str,
+    route: &str,
+    model: &str,
+    api: Api,
+    query: &str,
+    raw: &[u8],
+) -> Option<String> {
+    let mut hasher = key_hasher(scope, scope_id, route, model, api, query);
+    let mut canonical_body = Vec::with_capacity(raw.len().min(1 << 20));
+    canon::canonical_bytes(raw, NOT_IN_KEY, &mut canonical_body).ok()?;
+    hasher.update(&canonical_body);
+    Some(hex(&hasher.finalize()))
 }
 
 /// Body fields that never change the answer's content.
@@ -302,7 +345,11 @@ mod tests {
     use serde_json::json;
 
     fn k(body: Value) -> String {
-        key(Scope::Key, "team-a", "fast", "fast", Api::Chat, "", &body)
+        let parsed = key(Scope::Key, "team-a", "fast", "fast", Api::Chat, "", &body);
+        let raw = serde_json::to_vec(&body).unwrap();
+        let streamed = key_raw(Scope::Key, "team-a", "fast", "fast", Api::Chat, "", &raw);
+        assert_eq!(Some(parsed.clone()), streamed, "the key from bytes is the key from the tree");
+        parsed
     }
 
     #[test]

@@ -343,6 +343,11 @@ impl Choice {
             match name.as_str() {
                 "role" => set_once(&mut self.role, value)?,
                 "tool_calls" => self.merge_tool_calls(value)?,
+                // The message's text: a list here (content parts) would assemble into an
+                // answer that cannot be replayed as a stream.
+                "content" if !matches!(value, Value::String(_) | Value::Null) => {
+                    return Err(Unusable)
+                }
                 _ => append_piece(&mut self.fields, name, value)?,
             }
         }
