@@ -145,7 +145,10 @@ mod tests {
     #[test]
     fn streams_are_cut_just_before_the_grace_period_ends() {
         assert_eq!(cut_after(Duration::from_secs(30)), Duration::from_secs(29));
-        assert_eq!(cut_after(Duration::from_secs(5)), Duration::from_millis(4500));
+        assert_eq!(
+            cut_after(Duration::from_secs(5)),
+            Duration::from_millis(4500)
+        );
         assert_eq!(cut_after(Duration::ZERO), Duration::ZERO);
     }
 

@@ -609,7 +609,9 @@ impl Forwarder {
         // ledger.
         let mut tap = (ctx.status < 300).then(|| UsageTap::new(sse));
         let result = self
-            .pump(session, ctx, upstream, head, first, peer, provider, up, &mut tap)
+            .pump(
+                session, ctx, upstream, head, first, peer, provider, up, &mut tap,
+            )
             .await;
         if let Some(tap) = tap.as_mut() {
             ctx.usage_total = tap.total_tokens();

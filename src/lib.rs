@@ -38,9 +38,9 @@ pub mod admin_cli;
 pub mod balance;
 pub mod cache;
 pub mod config;
-pub mod drain;
 pub mod conn;
 pub mod ctx;
+pub mod drain;
 pub mod error;
 pub mod faults;
 pub mod forward;
@@ -190,10 +190,7 @@ pub fn health_prober(gateway: &Gateway) -> impl pingora::services::ServiceWithDe
 
 /// The background service that writes usage out periodically and on shutdown.
 pub fn usage_flusher(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
-    pingora::services::background::background_service(
-        "lumen usage flusher",
-        usage_flush(gateway),
-    )
+    pingora::services::background::background_service("lumen usage flusher", usage_flush(gateway))
 }
 
 fn usage_flush(gateway: &Gateway) -> ledger::Flusher {

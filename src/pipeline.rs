@@ -5,6 +5,14 @@
 //! (`Ok(true)`), so Pingora's own upstream phases never run. Every error is written by one
 //! function, `write_error`, in OpenAI's shape.
 
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -260,7 +268,10 @@ impl Gateway {
                 // or disabled by a reload since its job was queued runs nothing more (its
                 // limits and allow-list are the current ones too).
                 Some(owner) if owner.configured => {
-                    match config.auth.principal_by_id(&owner.key_id, SystemTime::now()) {
+                    match config
+                        .auth
+                        .principal_by_id(&owner.key_id, SystemTime::now())
+                    {
                         Some(current) => Some(current),
                         None => {
                             return Err(GatewayError::Auth(
@@ -559,8 +570,10 @@ impl Gateway {
             if plan.control != ClientControl::Bypass {
                 cache::push_status(ctx, "miss");
             }
-            let subset: Vec<serde_json::Value> =
-                missing.iter().filter_map(|&i| items.items.get(i).cloned()).collect();
+            let subset: Vec<serde_json::Value> = missing
+                .iter()
+                .filter_map(|&i| items.items.get(i).cloned())
+                .collect();
             let raw = Bytes::from(lumen_plugins::cache::embed::with_items(
                 &items.body,
                 &subset,
@@ -635,7 +648,11 @@ impl Gateway {
             for (&i, vector) in missing.iter().zip(fresh) {
                 let bytes = Bytes::from(serde_json::to_vec(&vector).unwrap_or_default());
                 let entry = Entry::new(bytes, plan.policy.ttl, &provider);
-                if let Some(key) = items.keys.get(i).filter(|_| plan.control != ClientControl::Bypass) {
+                if let Some(key) = items
+                    .keys
+                    .get(i)
+                    .filter(|_| plan.control != ClientControl::Bypass)
+                {
                     stored.push((key.clone(), entry.clone()));
                 }
                 if let Some(slot) = found.get_mut(i) {
@@ -654,7 +671,10 @@ impl Gateway {
             .collect();
         let merged = lumen_plugins::cache::embed::merge(&model, vectors, usage);
         ctx.usage_total = cache::usage_total(&merged);
-        let mut head = ResponseHeader::build(StatusCode::OK, Some(ctx.response_headers.len().saturating_add(6)))?;
+        let mut head = ResponseHeader::build(
+            StatusCode::OK,
+            Some(ctx.response_headers.len().saturating_add(6)),
+        )?;
         head.insert_header(CONTENT_TYPE, "application/json")?;
         head.insert_header(CONTENT_LENGTH, merged.len())?;
         if !provider.is_empty() {
@@ -870,8 +890,10 @@ impl Gateway {
         };
         push_headers(ctx, kind, &limited.status);
         // Whole seconds, rounded up: a client that waits this long is admitted.
-        let secs =
-            limited.retry_after.as_secs().saturating_add(u64::from(limited.retry_after.subsec_nanos() > 0));
+        let secs = limited
+            .retry_after
+            .as_secs()
+            .saturating_add(u64::from(limited.retry_after.subsec_nanos() > 0));
         ctx.response_headers
             .push((http::header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
         self.metrics
@@ -889,7 +911,8 @@ impl Gateway {
         status: StatusCode,
         body: Bytes,
     ) -> Result<()> {
-        let mut head = ResponseHeader::build(status, Some(ctx.response_headers.len().saturating_add(4)))?;
+        let mut head =
+            ResponseHeader::build(status, Some(ctx.response_headers.len().saturating_add(4)))?;
         head.insert_header(CONTENT_TYPE, "application/json")?;
         head.insert_header(CONTENT_LENGTH, body.len())?;
         add_headers(&mut head, &ctx.response_headers);
@@ -987,7 +1010,10 @@ fn push_headers(ctx: &mut RequestCtx, kind: &'static str, status: &RateStatus) {
 /// piece (the common case) is kept as is, without a copy.
 async fn read_body(s: &mut Session, config: &Snapshot) -> Result<Bytes, RequestError> {
     let limit = config.limits.max_body_bytes;
-    let deadline = tokio::time::Instant::now() + config.server.connections.body_timeout;
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(config.server.connections.body_timeout)
+        .unwrap_or(now);
     let declared = s
         .req_header()
         .headers
@@ -1018,15 +1044,21 @@ async fn read_body(s: &mut Session, config: &Snapshot) -> Result<Bytes, RequestE
             Ok(None) => break,
             Err(e) => return Err(RequestError::ReadBody(e.etype().as_str().to_string())),
         };
-        let so_far = first.as_ref().map_or(0, Bytes::len) + buf.as_ref().map_or(0, BytesMut::len);
-        if so_far + chunk.len() > limit {
+        let so_far = first
+            .as_ref()
+            .map_or(0, Bytes::len)
+            .saturating_add(buf.as_ref().map_or(0, BytesMut::len));
+        if so_far.saturating_add(chunk.len()) > limit {
             return Err(RequestError::BodyTooLarge { limit });
         }
         match (&mut first, &mut buf) {
             (None, None) => first = Some(chunk),
             (Some(f), None) => {
-                let mut b =
-                    BytesMut::with_capacity(declared.unwrap_or(f.len() + chunk.len()).min(limit));
+                let mut b = BytesMut::with_capacity(
+                    declared
+                        .unwrap_or(f.len().saturating_add(chunk.len()))
+                        .min(limit),
+                );
                 b.extend_from_slice(f);
                 b.extend_from_slice(&chunk);
                 first = None;
@@ -1146,7 +1178,10 @@ impl ProxyHttp for Gateway {
         // An interim `100 Continue` is not an answer: the client still waits for one.
         // Nobody is left to answer when the client is gone.
         let gone = ctx.error.as_deref() == Some(CLIENT_GONE);
-        if !gone && s.response_written().is_none_or(|h| h.status.is_informational()) {
+        if !gone
+            && s.response_written()
+                .is_none_or(|h| h.status.is_informational())
+        {
             let err = match e.esource() {
                 ErrorSource::Downstream => {
                     GatewayError::Request(RequestError::ReadBody(e.etype().as_str().into()))
@@ -1262,7 +1297,8 @@ async fn write_plugin_response(
     resp: http::Response<Vec<u8>>,
 ) -> Result<()> {
     let (parts, body) = resp.into_parts();
-    let mut head = ResponseHeader::build(parts.status, Some(parts.headers.len() + 2))?;
+    let mut head =
+        ResponseHeader::build(parts.status, Some(parts.headers.len().saturating_add(2)))?;
     for (name, value) in parts.headers.iter() {
         head.append_header(name.clone(), value.clone())?;
     }

@@ -340,7 +340,9 @@ mod tests {
         let mut strip = UsageStrip::default();
         let mut tap = UsageTap::new(true);
         let mut out = 0;
-        out += strip.filter(bytes::Bytes::from_static(b"data: {\"x\":\"")).len();
+        out += strip
+            .filter(bytes::Bytes::from_static(b"data: {\"x\":\""))
+            .len();
         tap.observe(b"data: {\"x\":\"");
         for _ in 0..512 * 1024 {
             out += strip.filter(bytes::Bytes::from_static(b"a")).len();

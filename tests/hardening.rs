@@ -77,7 +77,10 @@ routes:
         }
         let text = String::from_utf8_lossy(&rest);
         assert!(text.contains("HTTP/1.1 200"), "{model}: {text}");
-        assert!(!text.contains("HTTP/1.1 100"), "one interim answer only: {text}");
+        assert!(
+            !text.contains("HTTP/1.1 100"),
+            "one interim answer only: {text}"
+        );
     }
     assert!(
         mock.requests().iter().all(|r| r.header("expect").is_none()),
@@ -266,7 +269,11 @@ routes:
     // cost its prompt and a few streamed events: some tokens, far below its 512+ estimate.
     let before = remaining - 11;
     assert!(left < before, "a cut stream is never settled at zero");
-    assert!(before - left < 500, "charged the estimate: {}", before - left);
+    assert!(
+        before - left < 500,
+        "charged the estimate: {}",
+        before - left
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -413,15 +420,22 @@ routes:
     let auth2 = auth.clone();
     let lead = tokio::spawn(async move {
         let mut c = Client::connect(addr).await.unwrap();
-        c.post_json("/v1/chat/completions", &[("authorization", &auth2)], &leader)
-            .await
-            .unwrap()
+        c.post_json(
+            "/v1/chat/completions",
+            &[("authorization", &auth2)],
+            &leader,
+        )
+        .await
+        .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(80)).await;
     let follow = post(&lumen, &[("authorization", &auth)], &follower).await;
     let lead = lead.await.unwrap();
     assert_eq!(follow.header("x-lumen-coalesced"), Some("1"), "{follow:?}");
-    assert!(lead.text().contains("\"usage\""), "the leader asked for usage");
+    assert!(
+        lead.text().contains("\"usage\""),
+        "the leader asked for usage"
+    );
     assert!(
         !follow.text().contains("\"usage\""),
         "the follower did not: {}",
@@ -436,7 +450,11 @@ routes:
         .parse()
         .unwrap();
     assert!(remaining >= 100_000 - 10 - 600, "{remaining}");
-    assert_eq!(mock.requests().len(), 2, "one upstream call for both streams");
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "one upstream call for both streams"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

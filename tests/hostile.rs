@@ -467,17 +467,14 @@ async fn chunked_with_content_length_is_refused_and_never_smuggles_a_second_requ
     for wire in [wire, te_cl] {
         let mut c = Client::connect(lumen.addr).await.unwrap();
         c.send_raw(wire.as_bytes()).await.unwrap();
-        match c.response().await {
-            Ok(r) => {
-                assert!((400..500).contains(&r.status), "{} {}", r.status, r.text());
-                r.json();
-                // Nothing more: the connection closes instead of answering a second request.
-                match c.response().await {
-                    Err(_) => {}
-                    Ok(second) => panic!("a second answer: {} {}", second.status, second.text()),
-                }
+        // Closed without an answer is fine too.
+        if let Ok(r) = c.response().await {
+            assert!((400..500).contains(&r.status), "{} {}", r.status, r.text());
+            r.json();
+            // Nothing more: the connection closes instead of answering a second request.
+            if let Ok(second) = c.response().await {
+                panic!("a second answer: {} {}", second.status, second.text());
             }
-            Err(_) => {} // closed without an answer
         }
         assert!(c.closed_within(Duration::from_secs(4)).await.is_ok());
     }

@@ -170,11 +170,15 @@ routes:
     // SAFETY: kill(2) on a pid read from /proc; no memory is touched.
     unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
     // A request while it is down fails and opens the circuit.
-    let body = json!({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let body =
+        json!({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
     let mut opened = false;
     for _ in 0..50 {
         let mut c = Client::connect(lumen.addr).await.unwrap();
-        let resp = c.post_json("/v1/chat/completions", &[], &body).await.unwrap();
+        let resp = c
+            .post_json("/v1/chat/completions", &[], &body)
+            .await
+            .unwrap();
         if resp.text().contains("circuit_open") {
             opened = true;
             break;
@@ -191,7 +195,9 @@ routes:
         started.elapsed()
     );
     assert!(
-        lumen.log().contains("provider recovered; circuit half-open"),
+        lumen
+            .log()
+            .contains("provider recovered; circuit half-open"),
         "{}",
         lumen.log()
     );

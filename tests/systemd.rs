@@ -171,7 +171,12 @@ async fn streams_longer_than_the_grace_period_end_with_an_error_event_not_silent
         let last = resp.sse_data().last().cloned().unwrap_or_default();
         let event: serde_json::Value = serde_json::from_str(&last)
             .unwrap_or_else(|_| panic!("last event is JSON: {}", resp.text()));
-        assert_eq!(event["error"]["code"], "server_shutting_down", "{}", resp.text());
+        assert_eq!(
+            event["error"]["code"],
+            "server_shutting_down",
+            "{}",
+            resp.text()
+        );
         assert!(resp.chat_stream_text().split_whitespace().count() >= 5);
     }
 }

@@ -178,7 +178,6 @@ fn check_request(req: &LlmRequest) {
     }
 }
 
-
 fn concat(parts: &[Bytes]) -> Vec<u8> {
     parts.iter().flat_map(|p| p.iter().copied()).collect()
 }

@@ -203,7 +203,6 @@ fn check_round_trip(kind: Kind, answer: &[u8]) {
     }
 }
 
-
 pub fn render_target() -> Target {
     Target {
         name: "sse_render",

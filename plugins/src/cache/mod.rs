@@ -348,7 +348,11 @@ mod tests {
         let parsed = key(Scope::Key, "team-a", "fast", "fast", Api::Chat, "", &body);
         let raw = serde_json::to_vec(&body).unwrap();
         let streamed = key_raw(Scope::Key, "team-a", "fast", "fast", Api::Chat, "", &raw);
-        assert_eq!(Some(parsed.clone()), streamed, "the key from bytes is the key from the tree");
+        assert_eq!(
+            Some(parsed.clone()),
+            streamed,
+            "the key from bytes is the key from the tree"
+        );
         parsed
     }
 
