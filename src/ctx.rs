@@ -36,7 +36,7 @@ impl Drop for InFlightGauge {
 /// Tokens held for a request under its key's budgets, in process or in Redis.
 pub enum TokenHold {
     Local(lumen_plugins::rate_limit::TokenReservation),
-    Shared(lumen_plugins::rate_limit::shared::SharedReservation),
+    Shared(lumen_plugins::rate_limit::shared::ReservationGuard),
 }
 
 /// A provider's answer kept for the pipeline instead of being streamed to the client.

@@ -362,6 +362,9 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             grace_period: snapshot.server.grace_period,
         },
     ));
+    for warning in snapshot.auth.warnings() {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(
         config = %config_path.display(),
         listen = ?snapshot.listeners.iter().map(|l| l.addr.as_str()).collect::<Vec<_>>(),

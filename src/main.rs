@@ -228,6 +228,9 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => match lumen::config::load(&config) {
             Ok(snapshot) => {
+                for warning in snapshot.auth.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 let (keys, issuers) = snapshot.auth.counts();
                 println!(
                     "{}: ok ({} providers, {} routes, {keys} keys, {issuers} JWT issuers)",

@@ -22,7 +22,9 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, StatusCode};
 use lumen_plugins::address::{self, AddressLimiter, Cidr};
 use lumen_plugins::auth::{AuthMode, Principal};
-use lumen_plugins::rate_limit::shared::{OnRedisError, SharedError, SharedLimiter, SlotGuard};
+use lumen_plugins::rate_limit::shared::{
+    OnRedisError, ReservationGuard, SharedError, SharedLimiter, SlotGuard,
+};
 use lumen_plugins::rate_limit::{
     format_reset, LimitReason, Limited, LocalLimiter, RateStatus, RequestLimit,
 };
@@ -852,7 +854,12 @@ impl Gateway {
                 .reserve_tokens(&principal.key_id, &limits.tokens, estimate)
                 .await
             {
-                Ok(result) => result.map(|(r, status)| (TokenHold::Shared(r), status)),
+                Ok(result) => result.map(|(r, status)| {
+                    (
+                        TokenHold::Shared(ReservationGuard::new(shared.clone(), r)),
+                        status,
+                    )
+                }),
                 Err(e) => match self.redis_failed(&e) {
                     OnRedisError::FailOpen => local(),
                     OnRedisError::FailClosed => Err(unavailable(0)),
@@ -874,9 +881,11 @@ impl Gateway {
     async fn settle_tokens(&self, hold: TokenHold, actual: u64) {
         match (hold, &self.shared) {
             (TokenHold::Local(r), _) => r.settle(actual),
-            (TokenHold::Shared(r), Some((shared, _))) => {
-                if let Err(e) = shared.settle_tokens(&r, actual).await {
-                    self.redis_failed(&e);
+            (TokenHold::Shared(mut guard), Some((shared, _))) => {
+                if let Some(r) = guard.take() {
+                    if let Err(e) = shared.settle_tokens(&r, actual).await {
+                        self.redis_failed(&e);
+                    }
                 }
             }
             (TokenHold::Shared(_), None) => {}
@@ -1199,14 +1208,17 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         // Answered: the connection idles toward `server.keepalive_timeout` from here.
         crate::conn::request_finished(s);
-        // The fleet-wide slot gives itself back (off the connection's path) when dropped.
-        drop(ctx.shared_slot.take());
+        // The fleet-wide slot is given back before this connection reads its next request (a
+        // client's next call must find it free); were this future dropped, the guard would.
+        if let Some(slot) = ctx.shared_slot.take() {
+            slot.release().await;
+        }
         if let Some(hold) = ctx.tokens.take() {
             // Settle with what the provider reported; else what was streamed (a client that
             // left mid-stream pays for what was generated). No answer: nothing used.
             let reserved = match &hold {
                 TokenHold::Local(r) => r.reserved,
-                TokenHold::Shared(r) => r.reserved,
+                TokenHold::Shared(r) => r.reserved(),
             };
             let actual = match ctx.usage_total.or(ctx.usage_estimate) {
                 Some(total) => total,

@@ -248,7 +248,15 @@ impl BackgroundService for Reloader {
             .collect();
         // A change seen, and when the files were last seen changing.
         let mut pending: Option<std::time::Instant> = None;
-        self.announce_ready().await;
+        // A stop may come before the listener is up (the wait would then last its whole 30 s
+        // and hold the drained node's exit).
+        tokio::select! {
+            () = self.announce_ready() => {}
+            _ = shutdown.changed() => {
+                notify::notify("STOPPING=1");
+                return;
+            }
+        }
         // Its own timer, not the file poll's: systemd kills a service whose pings are late.
         let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
         loop {

@@ -102,3 +102,16 @@ fn the_shipped_configs_are_valid() {
         );
     }
 }
+
+#[test]
+fn an_issuer_without_an_audience_is_warned_about() {
+    let (ok, _, stderr) = check(
+        "jwt:\n  - { issuer: \"https://idp.test\", algorithms: [HS256], secret: \"0123456789abcdef0123456789abcdef\" }\n  - { issuer: \"https://other.test\", audience: lumen, algorithms: [HS256], secret: \"0123456789abcdef0123456789abcdef\" }\nproviders:\n  a: { base_url: \"http://127.0.0.1:1/v1\" }\nroutes:\n  - { model: m, targets: [ { provider: a } ] }\n",
+    );
+    assert!(ok, "a warning, not an error: {stderr}");
+    assert!(
+        stderr.contains("warning: jwt issuer `https://idp.test` sets no `audience`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("other.test"), "{stderr}");
+}

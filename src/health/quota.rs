@@ -98,8 +98,12 @@ impl Quotas {
                 )
                 .await?;
             state.quota_requests_left.store(left, Relaxed);
-            // Requests are counted as they start; nothing to settle.
-            drop(reservation);
+            // Requests are counted as they start: kept as reserved (an unsettled local
+            // reservation would be refunded when dropped).
+            if let Reservation::Local(r) = reservation {
+                let counted = r.reserved;
+                r.settle(counted);
+            }
         }
         if !spec.tokens.is_empty() {
             // One token "reserved" asks whether any is left; the real count is settled after.

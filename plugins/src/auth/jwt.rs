@@ -77,6 +77,19 @@ struct Unverified {
 }
 
 impl IssuerTable {
+    /// Issuers that check no audience, sorted: any token they sign for any service is
+    /// accepted here, which is rarely what an operator means (`lumen check` and start-up warn).
+    pub(crate) fn without_audience(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .by_iss
+            .iter()
+            .filter(|(_, issuer)| issuer.audience.is_none())
+            .map(|(name, _)| name.as_str())
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
     /// Builds every issuer, reading key files now; problems go onto `problems` with their paths.
     pub(crate) fn build(jwt: &[JwtConfig], problems: &mut Vec<(String, String)>) -> IssuerTable {
         let mut by_iss = HashMap::with_capacity(jwt.len());

@@ -305,6 +305,19 @@ impl Authenticator {
         self.keys.by_id(id, now)
     }
 
+    /// What is valid but probably not meant: JWT issuers without an `audience` (their tokens
+    /// minted for any other service would be accepted). One line each, for `lumen check` and
+    /// the start-up log.
+    pub fn warnings(&self) -> Vec<String> {
+        self.issuers
+            .without_audience()
+            .into_iter()
+            .map(|iss| {
+                format!("jwt issuer `{iss}` sets no `audience`: tokens it issued for any other service are accepted here")
+            })
+            .collect()
+    }
+
     /// How many API keys and JWT issuers are configured (for startup logs).
     pub fn counts(&self) -> (usize, usize) {
         (self.keys.len(), self.issuers.len())

@@ -225,18 +225,33 @@ struct Window {
 }
 
 /// Tokens reserved for one request; [`TokenReservation::settle`] replaces the estimate with
-/// what the request really used. Dropped unsettled, the estimate stays counted.
+/// what the request really used. Dropped unsettled (the request's task panicked or was
+/// dropped before it could settle: the client got no answer), the reservation is refunded.
 pub struct TokenReservation {
     bucket: Arc<Bucket>,
     /// (window length, window index) of each window charged.
     charged: Vec<(u64, u64)>,
     pub reserved: u64,
+    settled: bool,
+}
+
+impl Drop for TokenReservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.apply(0);
+        }
+    }
 }
 
 impl TokenReservation {
     /// Corrects every still-current window by `actual - reserved` (a refund when the request
     /// used fewer tokens than estimated). A window that rolled over meanwhile is left alone.
-    pub fn settle(self, actual: u64) {
+    pub fn settle(mut self, actual: u64) {
+        self.apply(actual);
+        self.settled = true;
+    }
+
+    fn apply(&self, actual: u64) {
         let mut windows = match self.bucket.tokens.lock() {
             Ok(w) => w,
             Err(p) => p.into_inner(),
@@ -492,6 +507,7 @@ impl LocalLimiter {
         });
         Ok((
             TokenReservation {
+                settled: false,
                 bucket,
                 charged,
                 reserved: estimate,
@@ -689,6 +705,24 @@ mod tests {
         held.settle(u64::MAX);
         // Saturated at the top, never wrapped to zero: the key stays limited.
         assert!(limiter.reserve_tokens("k", &limits, 1, t0).is_err());
+    }
+
+    #[test]
+    fn a_reservation_dropped_unsettled_is_refunded() {
+        let limiter = LocalLimiter::new();
+        let t0 = Instant::now();
+        let limits = [TokenLimit {
+            window: Duration::from_secs(60),
+            limit: 1000,
+        }];
+        let (held, _) = limiter.reserve_tokens("k", &limits, 900, t0).unwrap();
+        assert!(limiter.reserve_tokens("k", &limits, 200, t0).is_err());
+        drop(held);
+        let (kept, status) = limiter.reserve_tokens("k", &limits, 200, t0).unwrap();
+        assert_eq!(status.remaining, 800);
+        kept.settle(200);
+        let (_, status) = limiter.reserve_tokens("k", &limits, 100, t0).unwrap();
+        assert_eq!(status.remaining, 700, "a settled reservation stays charged");
     }
 
     #[test]

@@ -164,6 +164,15 @@ impl SlotGuard {
     }
 }
 
+impl SlotGuard {
+    /// Gives the slot back now (the request ended normally), waiting for Redis's answer.
+    pub async fn release(mut self) {
+        if let Some(slot) = self.slot.take() {
+            let _ = self.limiter.release(&slot).await;
+        }
+    }
+}
+
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         let Some(slot) = self.slot.take() else {
@@ -173,6 +182,47 @@ impl Drop for SlotGuard {
             let limiter = self.limiter.clone();
             runtime.spawn(async move {
                 let _ = limiter.release(&slot).await;
+            });
+        }
+    }
+}
+
+/// A reservation held for one request: settled by the pipeline with what was used, or, when
+/// dropped unsettled (a panic, a dropped future: no answer reached the client), refunded off
+/// the request's path.
+pub struct ReservationGuard {
+    limiter: Arc<SharedLimiter>,
+    reservation: Option<SharedReservation>,
+}
+
+impl ReservationGuard {
+    pub fn new(limiter: Arc<SharedLimiter>, reservation: SharedReservation) -> ReservationGuard {
+        ReservationGuard {
+            limiter,
+            reservation: Some(reservation),
+        }
+    }
+
+    /// Tokens reserved (0 once taken).
+    pub fn reserved(&self) -> u64 {
+        self.reservation.as_ref().map_or(0, |r| r.reserved)
+    }
+
+    /// The reservation, to settle it; the guard then has nothing left to refund.
+    pub fn take(&mut self) -> Option<SharedReservation> {
+        self.reservation.take()
+    }
+}
+
+impl Drop for ReservationGuard {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let limiter = self.limiter.clone();
+            runtime.spawn(async move {
+                let _ = limiter.settle_tokens(&reservation, 0).await;
             });
         }
     }
