@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{merge, Batch, Counts, Day, RowKey};
+use super::{Batch, Counts, Day, RowKey};
 use lumen_plugins::redis_link::RedisLink;
 
 const FILE: &str = "usage.json";
@@ -331,6 +331,39 @@ fn read_file(path: &Path) -> Result<Batch, StoreError> {
     Ok(rows)
 }
 
+/// Most rows one day may hold in the usage file. Clients choose model names (pass-through
+/// routes): past this, new (key, provider, model) rows of that day are counted under one
+/// `_other` row, so the file cannot grow without bound however many names are sent.
+const MAX_FILE_ROWS_PER_DAY: usize = 100_000;
+
+/// Adds `batch` to `rows`; a row new to a day that already holds `cap` rows goes to `_other`.
+fn merge_capped(rows: &mut Batch, batch: Batch, cap: usize) {
+    let mut per_day: HashMap<Day, usize> = HashMap::new();
+    for k in rows.keys() {
+        let n = per_day.entry(k.day).or_default();
+        *n = n.saturating_add(1);
+    }
+    for (k, v) in batch {
+        let k = if rows.contains_key(&k) {
+            k
+        } else {
+            let n = per_day.entry(k.day).or_default();
+            if *n >= cap {
+                RowKey {
+                    day: k.day,
+                    key: "_other".into(),
+                    provider: "_other".into(),
+                    model: "_other".into(),
+                }
+            } else {
+                *n = n.saturating_add(1);
+                k
+            }
+        };
+        rows.entry(k).or_default().add(&v);
+    }
+}
+
 /// Reads `name`, adds `batch`, drops days past retention, and replaces the file atomically
 /// (write a temporary file, fsync, rename), all under the directory lock.
 fn add_to_file(
@@ -342,7 +375,7 @@ fn add_to_file(
     let _lock = open_lock(dir)?;
     let path = dir.join(name);
     let mut rows = read_file(&path)?;
-    merge(&mut rows, batch);
+    merge_capped(&mut rows, batch, MAX_FILE_ROWS_PER_DAY);
     if let Some(days) = retention_days {
         let oldest = Day::today().minus(i64::from(days) - 1);
         rows.retain(|k, _| k.day >= oldest);
@@ -377,4 +410,50 @@ fn add_to_file(
         let _ = std::fs::remove_file(&tmp);
         io(dir, e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(model: &str) -> RowKey {
+        RowKey {
+            day: Day::today(),
+            key: "k".into(),
+            provider: "p".into(),
+            model: model.into(),
+        }
+    }
+
+    fn one() -> Counts {
+        Counts {
+            requests: 1,
+            ..Counts::default()
+        }
+    }
+
+    #[test]
+    fn client_chosen_model_names_cannot_grow_a_day_past_its_cap() {
+        let mut rows = Batch::new();
+        rows.insert(row("a"), one());
+        let mut batch = Batch::new();
+        for model in ["a", "b", "c", "d"] {
+            batch.insert(row(model), one());
+        }
+        merge_capped(&mut rows, batch, 2);
+        assert_eq!(rows.len(), 3, "a, b, and _other: {rows:?}");
+        assert_eq!(rows[&row("a")].requests, 2, "known rows keep counting");
+        let other = RowKey {
+            day: Day::today(),
+            key: "_other".into(),
+            provider: "_other".into(),
+            model: "_other".into(),
+        };
+        assert_eq!(rows[&other].requests, 2, "c and d");
+        assert_eq!(
+            rows.values().map(|c| c.requests).sum::<u64>(),
+            5,
+            "nothing lost"
+        );
+    }
 }
