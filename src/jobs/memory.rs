@@ -34,7 +34,9 @@ enum Event {
 pub struct Job {
     pub owner: Arc<Principal>,
     pub endpoint: Endpoint,
-    pub body: Value,
+    /// The OpenAI request as JSON bytes, not a parsed tree: a job is kept for its whole TTL,
+    /// and a tree of many small values costs many times its text. Parsed when it runs.
+    pub body: bytes::Bytes,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     cancel: watch::Sender<bool>,
@@ -157,7 +159,8 @@ impl Memory {
         let job = Arc::new(Job {
             owner: owner.clone(),
             endpoint,
-            body,
+            // Serialising a `Value` to bytes cannot fail.
+            body: bytes::Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
             state: Mutex::new(State {
                 view: view.clone(),
                 text: String::new(),

@@ -209,6 +209,8 @@ async fn worker(
             }
             let sink = Sink::Memory(&job);
             let owner = job.owner.clone();
+            // Stored as the bytes it was submitted as (checked then): parsed only to run.
+            let body: Value = serde_json::from_slice(&job.body).unwrap_or_default();
             run(
                 &jobs,
                 &connector,
@@ -216,7 +218,7 @@ async fn worker(
                 &sink,
                 owner,
                 job.endpoint,
-                &job.body,
+                &body,
                 job.created_us(),
             )
             .await;
