@@ -207,6 +207,16 @@ impl Lumen {
                 );
             }
             if healthz(self.addr) {
+                // The admin listener is a service of its own, bound on its own thread: a test
+                // that goes to it at once must not race its bind. (Bounded: a test whose admin
+                // address the harness cannot tell is not held up for long.)
+                let admin_deadline = Instant::now() + Duration::from_secs(5);
+                while std::net::TcpStream::connect_timeout(&self.admin, Duration::from_millis(200))
+                    .is_err()
+                    && Instant::now() < admin_deadline
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
