@@ -173,6 +173,9 @@ impl Lumen {
             .arg("--config")
             .arg(&config_path)
             .env("LUMEN_LOG", "info")
+            // The jobs socket lives in the test's own directory, removed with it (a gateway
+            // killed by a test cannot remove it itself).
+            .env("RUNTIME_DIRECTORY", dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log clone"))
             .stderr(log);
