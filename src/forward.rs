@@ -651,6 +651,9 @@ impl Forwarder {
         // The usage chunk Lumen asked for on the client's behalf is not the client's to see.
         let mut strip = (sse && ctx.strip_usage).then(UsageStrip::default);
         let mut done = DoneWatch::default();
+        // One wait on the shutdown signal for the whole stream, not one per chunk.
+        let cut = up.drain.cut();
+        tokio::pin!(cut);
         let mut next = first;
         let mut ends_event = true;
         loop {
@@ -691,7 +694,7 @@ impl Forwarder {
             }
             let read = tokio::select! {
                 read = upstream.read_response_body() => read,
-                () = up.drain.cut(), if sse && !capture => {
+                () = &mut cut, if sse && !capture => {
                     // Shutting down: end the stream while the client can still be told why.
                     let mut event = if ends_event {
                         BytesMut::new()
@@ -837,29 +840,47 @@ impl Forwarder {
 /// Watches a stream for its `data: [DONE]` line, across chunk boundaries.
 #[derive(Default)]
 struct DoneWatch {
-    /// The end of the stream so far (enough to hold `data: [DONE]` split anywhere).
+    /// The last bytes of the stream so far (a mark split across chunks is found), never
+    /// more than a mark's length: each chunk is scanned once, not copied.
     tail: Vec<u8>,
     seen: bool,
 }
 
 impl DoneWatch {
-    const MARK: &'static [u8] = b"data: [DONE]";
+    const MARKS: [&'static [u8]; 2] = [b"data: [DONE]", b"data:[DONE]"];
+    const KEEP: usize = 12;
 
     fn observe(&mut self, chunk: &[u8]) {
         if self.seen {
             return;
         }
-        self.tail.extend_from_slice(chunk);
-        if self.tail.windows(Self::MARK.len()).any(|w| w == Self::MARK)
-            || self.tail.windows(11).any(|w| w == b"data:[DONE]")
-        {
+        let has = |bytes: &[u8]| {
+            Self::MARKS
+                .iter()
+                .any(|mark| bytes.windows(mark.len()).any(|w| w == *mark))
+        };
+        // A mark across the boundary: the held tail and the chunk's first bytes.
+        let head = chunk.get(..chunk.len().min(Self::KEEP)).unwrap_or_default();
+        let mut seam = [0u8; 2 * Self::KEEP];
+        let n = seam
+            .iter_mut()
+            .zip(self.tail.iter().chain(head))
+            .map(|(slot, b)| *slot = *b)
+            .count();
+        if has(seam.get(..n).unwrap_or_default()) || has(chunk) {
             self.seen = true;
+            return;
         }
-        let keep = Self::MARK.len();
-        if self.tail.len() > keep {
-            let cut = self.tail.len().saturating_sub(keep);
-            self.tail.drain(..cut);
-        }
+        // Keep the last KEEP bytes of tail + chunk.
+        let from_chunk = chunk.len().min(Self::KEEP);
+        let from_tail = Self::KEEP.saturating_sub(from_chunk).min(self.tail.len());
+        let tail_start = self.tail.len().saturating_sub(from_tail);
+        self.tail.drain(..tail_start);
+        self.tail.extend_from_slice(
+            chunk
+                .get(chunk.len().saturating_sub(from_chunk)..)
+                .unwrap_or_default(),
+        );
     }
 
     fn seen(&self) -> bool {
@@ -1184,7 +1205,22 @@ pub fn add_headers(head: &mut ResponseHeader, headers: &[(HeaderName, HeaderValu
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::append_query;
+    use super::{append_query, DoneWatch};
+
+    #[test]
+    fn done_is_found_wherever_the_chunks_split() {
+        let stream = b"data: {\"a\":1}\n\ndata: [DONE]\n\n";
+        for size in 1..stream.len() {
+            let mut watch = DoneWatch::default();
+            for piece in stream.chunks(size) {
+                watch.observe(piece);
+            }
+            assert!(watch.seen(), "{size}");
+        }
+        let mut watch = DoneWatch::default();
+        watch.observe(b"data: {\"text\":\"[DONE\"}\n\n");
+        assert!(!watch.seen());
+    }
 
     #[test]
     fn credential_query_parameters_are_never_forwarded() {

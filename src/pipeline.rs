@@ -722,7 +722,7 @@ impl Gateway {
             }
             ForwardError::ClientGone => {
                 ctx.error = Some(CLIENT_GONE.into());
-                Error::e_explain(ErrorType::WriteError, "client disconnected")
+                Error::e_explain(ErrorType::ConnectionClosed, CLIENT_GONE)
             }
         }
     }
@@ -740,7 +740,11 @@ impl Gateway {
         if let Some((shared, _)) = &self.shared {
             // The slot's member is ours, never the client's `x-request-id`: a client reusing
             // one id must not hold one slot for many requests.
-            let member = crate::ctx::new_slot_id();
+            let member = if limits.concurrency.is_some() {
+                crate::ctx::new_slot_id()
+            } else {
+                String::new()
+            };
             match shared
                 .admit(
                     &principal.key_id,
@@ -1185,8 +1189,11 @@ impl ProxyHttp for Gateway {
         // Reached for errors Pingora saw itself (bad request heads) or that we returned after
         // the response started. Answer in OpenAI's shape when nothing was written yet.
         // An interim `100 Continue` is not an answer: the client still waits for one.
-        // Nobody is left to answer when the client is gone.
-        let gone = ctx.error.as_deref() == Some(CLIENT_GONE);
+        // Nobody is left to answer when the client's connection is closed or broken.
+        let gone = matches!(
+            e.etype(),
+            ErrorType::WriteError | ErrorType::ConnectionClosed
+        );
         if !gone
             && s.response_written()
                 .is_none_or(|h| h.status.is_informational())

@@ -232,11 +232,19 @@ impl UsageStrip {
 /// Whether `chunk`, following `held` (an event without its end so far), completes an event:
 /// an event end may start in the last two bytes held.
 fn ends_an_event(held: &[u8], chunk: &[u8]) -> bool {
+    if event_len(chunk).is_some() {
+        return true;
+    }
+    // An end across the seam: at most two bytes held and two of the chunk (`\n` `\r\n`).
     let tail = held.get(held.len().saturating_sub(2)..).unwrap_or_default();
-    let mut probe = Vec::with_capacity(tail.len().saturating_add(chunk.len()));
-    probe.extend_from_slice(tail);
-    probe.extend_from_slice(chunk);
-    event_len(&probe).is_some()
+    let head = chunk.get(..chunk.len().min(2)).unwrap_or_default();
+    let mut seam = [0u8; 4];
+    let n = seam
+        .iter_mut()
+        .zip(tail.iter().chain(head))
+        .map(|(slot, b)| *slot = *b)
+        .count();
+    event_len(seam.get(..n).unwrap_or_default()).is_some()
 }
 
 /// The first complete event in `data[from..]` and where it ends in `data`, if there is one.

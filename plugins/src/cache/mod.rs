@@ -128,42 +128,43 @@ pub fn client_control(headers: &http::HeaderMap) -> ClientControl {
 
 /// Whether a request with this body may be cached under `when`.
 pub fn cacheable(api: Api, body: &Value, when: When) -> bool {
-    if when == When::Always {
-        return true;
-    }
-    match api {
-        Api::Embeddings | Api::Rerank | Api::EmbeddingItem => true,
-        Api::Chat | Api::Completion => {
-            // OpenAI's default temperature is 1: absent means sampling.
-            let greedy = body.get("temperature").and_then(Value::as_f64) == Some(0.0);
-            let seeded = body.get("seed").is_some_and(Value::is_number);
-            greedy || seeded
-        }
+    let temperature = body.get("temperature").and_then(Value::as_f64);
+    let seeded = body.get("seed").is_some_and(Value::is_number);
+    deterministic(api, when, temperature, seeded)
+}
+
+/// The rule both forms share: every embeddings and rerank request, and chat or completions
+/// that are greedy or seeded (OpenAI's default temperature is 1: absent means sampling).
+fn deterministic(api: Api, when: When, temperature: Option<f64>, seeded: bool) -> bool {
+    match (when, api) {
+        (When::Always, _) => true,
+        (_, Api::Embeddings | Api::Rerank | Api::EmbeddingItem) => true,
+        (_, Api::Chat | Api::Completion) => temperature == Some(0.0) || seeded,
     }
 }
 
-/// [`cacheable`] read straight from the request's bytes (no `Value` tree is built): `None`
-/// when the body is not a JSON object.
+/// [`cacheable`] read straight from the request's bytes: the two fields are borrowed, never
+/// parsed into a tree (a huge `temperature` value costs a scan, not a copy). `None` when the
+/// body is not a JSON object.
 pub fn cacheable_raw(api: Api, raw: &[u8], when: When) -> Option<bool> {
     #[derive(Deserialize)]
-    struct Sampling {
-        #[serde(default)]
-        temperature: Option<Value>,
-        #[serde(default)]
-        seed: Option<Value>,
+    struct Sampling<'a> {
+        #[serde(borrow, default)]
+        temperature: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        seed: Option<&'a serde_json::value::RawValue>,
     }
-    if when == When::Always {
-        return Some(true);
+    if when == When::Always || !matches!(api, Api::Chat | Api::Completion) {
+        return Some(deterministic(api, when, None, false));
     }
-    match api {
-        Api::Embeddings | Api::Rerank | Api::EmbeddingItem => Some(true),
-        Api::Chat | Api::Completion => {
-            let sampling: Sampling = serde_json::from_slice(raw).ok()?;
-            let greedy = sampling.temperature.as_ref().and_then(Value::as_f64) == Some(0.0);
-            let seeded = sampling.seed.as_ref().is_some_and(Value::is_number);
-            Some(greedy || seeded)
-        }
-    }
+    let sampling: Sampling = serde_json::from_slice(raw).ok()?;
+    let temperature = sampling
+        .temperature
+        .and_then(|t| serde_json::from_str::<f64>(t.get()).ok());
+    let seeded = sampling
+        .seed
+        .is_some_and(|s| serde_json::from_str::<serde_json::Number>(s.get()).is_ok());
+    Some(deterministic(api, when, temperature, seeded))
 }
 
 /// [`key`] computed straight from the request's bytes, without parsing them into a tree (the
@@ -435,12 +436,24 @@ mod tests {
 
     #[test]
     fn only_deterministic_requests_by_default() {
-        let chat = |b: Value| cacheable(Api::Chat, &b, When::Deterministic);
+        // Both forms, the parsed and the raw one, agree on every case.
+        let chat = |b: Value| {
+            let parsed = cacheable(Api::Chat, &b, When::Deterministic);
+            let raw = serde_json::to_vec(&b).unwrap();
+            assert_eq!(
+                cacheable_raw(Api::Chat, &raw, When::Deterministic),
+                Some(parsed),
+                "{b}"
+            );
+            parsed
+        };
         assert!(chat(json!({"temperature": 0})));
         assert!(chat(json!({"temperature": 0.0})));
         assert!(chat(json!({"seed": 7, "temperature": 0.8})));
         assert!(!chat(json!({})));
         assert!(!chat(json!({"temperature": 0.2})));
+        assert!(!chat(json!({"temperature": "0", "seed": "7"})));
+        assert!(!chat(json!({"temperature": [0], "seed": null})));
         assert!(cacheable(Api::Embeddings, &json!({}), When::Deterministic));
         assert!(cacheable(Api::Rerank, &json!({}), When::Deterministic));
         assert!(cacheable(Api::Chat, &json!({}), When::Always));
