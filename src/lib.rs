@@ -34,30 +34,20 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod admin_cli;
-pub mod balance;
-pub mod cache;
 pub mod config;
 pub mod conn;
-pub mod ctx;
 pub mod drain;
 pub mod error;
-pub mod faults;
-pub mod forward;
-pub mod health;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;
 pub mod notify;
 pub mod openai;
 pub mod ops;
-pub mod pipeline;
-pub mod reload;
-pub mod resolve;
-pub mod retry;
+pub mod proxy;
 pub mod routing;
-pub mod sidecar;
-pub mod usage;
+pub mod upstream;
+pub use lumen_plugins::sse::usage;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -72,7 +62,23 @@ use pingora::services::listening::Service;
 
 pub use config::Snapshot;
 pub use metrics::Metrics;
-pub use pipeline::Gateway;
+pub use proxy::Gateway;
+
+// Paths from before the source reshape (issue 17), kept so code written against them builds.
+#[doc(hidden)]
+pub use admin::cli as admin_cli;
+#[doc(hidden)]
+pub use config::reload;
+#[doc(hidden)]
+pub use proxy as pipeline;
+#[doc(hidden)]
+pub use proxy::{cache, ctx, faults, forward};
+#[doc(hidden)]
+pub use routing::balance;
+#[doc(hidden)]
+pub use upstream::supervisor as sidecar;
+#[doc(hidden)]
+pub use upstream::{health, resolve, retry};
 
 /// Errors from building the gateway's services.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +148,7 @@ fn server_options(limits: conn::ConnLimits, h2c: bool) -> HttpServerOptions {
 /// snapshot's admin address. `history` is what [`traffic_sampler`] fills for the console.
 pub fn admin_service(
     gateway: &Gateway,
-    reload: Arc<reload::ReloadState>,
+    reload: Arc<config::reload::ReloadState>,
     history: Arc<admin::History>,
 ) -> impl pingora::services::ServiceWithDependents {
     let snapshot = gateway.config.load_full();
@@ -179,8 +185,8 @@ pub fn traffic_sampler(
 pub fn health_prober(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
     pingora::services::background::background_service(
         "lumen health prober",
-        health::probe::Prober {
-            config: gateway.config.clone(),
+        upstream::health::probe::Prober {
+            providers: gateway.config.clone(),
             health: gateway.health(),
             metrics: gateway.metrics.clone(),
             redis: gateway.redis(),
@@ -272,7 +278,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     let live = Arc::new(ArcSwap::new(snapshot.clone()));
     let gateway_metrics = metrics.clone();
     let gateway = Gateway::new(live, metrics);
-    let reload_state = Arc::new(reload::ReloadState::default());
+    let reload_state = Arc::new(config::reload::ReloadState::default());
     let history = Arc::new(admin::History::default());
     let admin = (!worker_only).then(|| {
         (
@@ -284,7 +290,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     let flusher = usage_flush(&gateway);
     let reloader = (
         "lumen config reloader",
-        reload::Reloader {
+        config::reload::Reloader {
             path: config_path.to_path_buf(),
             config: gateway.config.clone(),
             metrics: gateway.metrics.clone(),
@@ -345,7 +351,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     if !snapshot.spawns.is_empty() && !worker_only {
         server.add_service(held(
             "lumen sidecar supervisor",
-            sidecar::Supervisor {
+            upstream::supervisor::Supervisor {
                 specs: snapshot.spawns.clone(),
                 metrics: gateway_metrics.clone(),
                 health: live_health,

@@ -98,7 +98,7 @@ struct AdminArgs {
 }
 
 impl AdminArgs {
-    fn target(&self) -> lumen::admin_cli::Target {
+    fn target(&self) -> lumen::admin::cli::Target {
         let addr = match &self.admin {
             Some(a) => a
                 .trim_start_matches("http://")
@@ -108,7 +108,7 @@ impl AdminArgs {
                 .map(|s| s.admin_listen.clone())
                 .unwrap_or_else(|_| "127.0.0.1:9090".into()),
         };
-        lumen::admin_cli::Target {
+        lumen::admin::cli::Target {
             addr,
             key: self.admin_key.clone().or_else(|| {
                 std::env::var("LUMEN_ADMIN_KEY")
@@ -121,7 +121,7 @@ impl AdminArgs {
 
 /// Prints a command's answer: the table, or the JSON with `--json`.
 fn print_answer(
-    answer: Result<(String, serde_json::Value), lumen::admin_cli::CliError>,
+    answer: Result<(String, serde_json::Value), lumen::admin::cli::CliError>,
     json: bool,
 ) -> ExitCode {
     match answer {
@@ -171,7 +171,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Keys { command } => keys(command),
-        Command::Status { admin, json } => match lumen::admin_cli::status(&admin.target()) {
+        Command::Status { admin, json } => match lumen::admin::cli::status(&admin.target()) {
             Ok((table, value, healthy)) => {
                 if json {
                     println!(
@@ -207,7 +207,7 @@ fn main() -> ExitCode {
                 }
             }
             if let Some(since) = since {
-                let Some(days) = lumen::admin_cli::since_days(&since) else {
+                let Some(days) = lumen::admin::cli::since_days(&since) else {
                     eprintln!(
                         "lumen: --since takes a duration such as 24h, 7d or 90m, not `{since}`"
                     );
@@ -221,10 +221,10 @@ fn main() -> ExitCode {
             } else {
                 format!("?{}", query.join("&"))
             };
-            print_answer(lumen::admin_cli::usage(&admin.target(), &query), json)
+            print_answer(lumen::admin::cli::usage(&admin.target(), &query), json)
         }
         Command::Models { admin, json } => {
-            print_answer(lumen::admin_cli::models(&admin.target()), json)
+            print_answer(lumen::admin::cli::models(&admin.target()), json)
         }
         Command::Check { config } => match lumen::config::load(&config) {
             Ok(snapshot) => {

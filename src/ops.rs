@@ -14,8 +14,8 @@ use lumen_plugins::auth::Principal;
 use crate::config::raw::Readiness;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
-use crate::health::{CircuitState, HealthTable, ProbeState};
 use crate::routing::Route;
+use crate::upstream::health::{CircuitState, HealthTable, ProbeState};
 
 /// A complete JSON answer.
 pub struct Reply {

@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::config::reload::ReloadState;
 use crate::config::Snapshot;
-use crate::health::HealthTable;
 use crate::ledger::{Counts, Report};
-use crate::reload::ReloadState;
+use crate::upstream::health::HealthTable;
 
 fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)

@@ -7,6 +7,7 @@
 pub mod env;
 mod locate;
 pub mod raw;
+pub mod reload;
 pub mod snapshot;
 pub mod units;
 
@@ -14,7 +15,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::SystemTime;
 
-pub use snapshot::{Limits, Listener, Provider, Snapshot, Source};
+pub use crate::upstream::provider::Provider;
+pub use snapshot::{Limits, Listener, Snapshot, Source};
 
 /// One problem found while validating, with the YAML path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,12 +15,11 @@ use std::path::PathBuf;
 
 use super::raw::{RawConfig, RawHealth, RawListener, RawProvider, RawSpawn, Readiness};
 use super::{ConfigError, Problem};
-use crate::health::probe::ProbeSpec;
-use crate::health::quota::QuotaSpec;
-use crate::health::CircuitConfig;
-use crate::resolve::{Resolver, Upstream};
 use crate::routing::RouteTable;
-use crate::sidecar::SpawnSpec;
+use crate::upstream::health::CircuitConfig;
+use crate::upstream::provider::{ProbeSpec, Provider, QuotaSpec};
+use crate::upstream::resolve::{Resolver, Upstream};
+use crate::upstream::supervisor::SpawnSpec;
 
 /// Everything a request needs to know about the configuration, frozen.
 pub struct Snapshot {
@@ -125,38 +124,10 @@ pub struct ServerSettings {
     pub connections: crate::conn::ConnLimits,
 }
 
-/// An upstream, ready to connect to: URL parsed, peer options set, headers encoded.
-pub struct Provider {
-    pub name: String,
-    /// The provider's Pingora peer, built once per resolved address (connections are pooled by
-    /// the peer's hash, so requests share them).
-    pub peer: Resolver,
-    /// `Host` header value (host, plus the port when it is not the scheme's default).
-    pub host: HeaderValue,
-    /// The base URL's path without a trailing slash (`/openai/v1`); endpoint paths follow it.
-    pub base_path: String,
-    /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
-    pub authorization: Option<HeaderValue>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub timeout: Duration,
-    pub idle_timeout: Duration,
-    pub expose_models: bool,
-    /// Active health probes; `None`: passive health only.
-    pub probe: Option<ProbeSpec>,
-    pub circuit: CircuitConfig,
-    pub quota: QuotaSpec,
-    /// Requests it takes at once before routes prefer their next target.
-    pub max_in_flight: Option<u32>,
-}
-
-impl std::fmt::Debug for Provider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the API key or the extra headers (they may carry secrets too).
-        f.debug_struct("Provider")
-            .field("name", &self.name)
-            .field("upstream", &self.peer.upstream)
-            .field("base_path", &self.base_path)
-            .finish_non_exhaustive()
+/// The prober reads the live config's providers each round.
+impl crate::upstream::health::probe::ProviderList for arc_swap::ArcSwap<Snapshot> {
+    fn providers(&self) -> Vec<Arc<Provider>> {
+        self.load().providers.values().cloned().collect()
     }
 }
 
@@ -712,7 +683,14 @@ fn build_provider(name: &str, p: RawProvider, spawned: bool) -> Result<Provider,
         quota: p
             .quota
             .as_ref()
-            .map(QuotaSpec::from_raw)
+            .map(|q| {
+                QuotaSpec::new(
+                    q.requests_per_minute,
+                    q.requests_per_day,
+                    q.tokens_per_minute,
+                    q.tokens_per_day,
+                )
+            })
             .unwrap_or_default(),
         max_in_flight: p.max_in_flight,
     })

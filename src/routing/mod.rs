@@ -4,6 +4,8 @@
 //! with `expose_models: true` also answers `provider/model` directly. Ordering a route's targets
 //! for one request (strategy, health) is `balance`'s job; trying them is `forward`'s.
 
+pub mod balance;
+
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -12,9 +14,10 @@ use bytes::Bytes;
 
 use lumen_plugins::rate_limit::RequestLimit;
 
-use crate::config::raw::{RawRoute, Strategy};
-use crate::config::{Problem, Provider};
-use crate::retry::RetryPolicy;
+use crate::config::raw::{RawRetry, RawRoute, Strategy};
+use crate::config::Problem;
+use crate::upstream::provider::Provider;
+use crate::upstream::retry::{self, RetryPolicy};
 use lumen_plugins::cache::CachePolicy;
 
 /// A configured model name and where requests for it go.
@@ -181,7 +184,7 @@ impl RouteTable {
                     None
                 }
             };
-            let retry = match RetryPolicy::from_raw(r.retry.as_ref(), targets.len()) {
+            let retry = match retry_policy(r.retry.as_ref(), targets.len()) {
                 Ok(policy) => policy,
                 Err(e) => {
                     problems.push(Problem::at(format!("routes[{i}].retry"), e));
@@ -302,9 +305,64 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// The retry policy for a route with `targets` targets. Unset, every target is tried once, plus
+/// one more attempt (so a single-target route retries once), on every retryable failure.
+fn retry_policy(raw: Option<&RawRetry>, targets: usize) -> Result<RetryPolicy, String> {
+    let mut policy = RetryPolicy::default_for(targets);
+    let Some(raw) = raw else {
+        return Ok(policy);
+    };
+    if let Some(attempts) = raw.attempts {
+        if !(1..=retry::MAX_ATTEMPTS).contains(&attempts) {
+            return Err(format!(
+                "attempts must be between 1 and {}, not {attempts}",
+                retry::MAX_ATTEMPTS
+            ));
+        }
+        policy.attempts = attempts;
+    }
+    if let Some(on) = &raw.on {
+        policy.connect = false;
+        policy.timeout = false;
+        policy.dropped = false;
+        policy.status_429 = false;
+        policy.status_5xx = false;
+        for item in on {
+            match item.as_str() {
+                "connect" => policy.connect = true,
+                "timeout" => policy.timeout = true,
+                "dropped" => policy.dropped = true,
+                "429" => policy.status_429 = true,
+                "5xx" => policy.status_5xx = true,
+                code => match code.parse::<u16>() {
+                    Ok(c) if (400..600).contains(&c) => policy.statuses.push(c),
+                    _ => {
+                        return Err(format!(
+                            "unknown failure `{code}` in `on` (use connect, timeout, dropped, 429, 5xx, or a status code 400-599)"
+                        ))
+                    }
+                },
+            }
+        }
+    }
+    if raw.backoff.max < raw.backoff.base {
+        return Err("backoff.max must not be below backoff.base".into());
+    }
+    policy.backoff_base = raw.backoff.base;
+    policy.backoff_max = raw.backoff.max;
+    if raw.deadline.is_some_and(|d| d.is_zero()) {
+        return Err("deadline must be above zero".into());
+    }
+    policy.deadline = raw.deadline;
+    Ok(policy)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{glob_match, smooth_weighted_order};
+    use super::{glob_match, retry_policy, smooth_weighted_order};
+    use crate::config::raw::{RawBackoff, RawRetry};
+    use crate::upstream::retry::Failure;
+    use std::time::Duration;
 
     #[test]
     fn smooth_weighted_order_spreads_heavy_targets() {
@@ -327,5 +385,50 @@ mod tests {
         assert!(glob_match("local/*", "local/tiny"));
         assert!(glob_match("a*b*c", "axxbyyc"));
         assert!(!glob_match("a*b*c", "axxbyy"));
+    }
+
+    // Retry policies as routes configure them.
+    fn raw(on: &[&str]) -> RawRetry {
+        RawRetry {
+            attempts: Some(4),
+            on: Some(on.iter().map(|s| s.to_string()).collect()),
+            backoff: RawBackoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_millis(500),
+            },
+            deadline: Some(Duration::from_secs(3)),
+        }
+    }
+
+    #[test]
+    fn defaults_retry_everything_once_per_target_plus_one() {
+        let p = retry_policy(None, 3).unwrap();
+        assert_eq!(p.attempts, 4);
+        for f in [
+            Failure::Connect,
+            Failure::Timeout,
+            Failure::Dropped,
+            Failure::Status(429),
+            Failure::Status(503),
+        ] {
+            assert!(p.retries(f), "{f:?}");
+        }
+        assert!(!p.retries(Failure::Status(400)));
+        assert!(!p.retries(Failure::Status(404)));
+    }
+
+    #[test]
+    fn on_lists_exactly_what_is_retried() {
+        let p = retry_policy(Some(&raw(&["connect", "503"])), 2).unwrap();
+        assert!(p.retries(Failure::Connect));
+        assert!(p.retries(Failure::Status(503)));
+        assert!(!p.retries(Failure::Status(500)));
+        assert!(!p.retries(Failure::Status(429)));
+        assert!(!p.retries(Failure::Timeout));
+        let e = retry_policy(Some(&raw(&["sometimes"])), 2).unwrap_err();
+        assert!(e.contains("sometimes"), "{e}");
+        let mut r = raw(&[]);
+        r.attempts = Some(0);
+        assert!(retry_policy(Some(&r), 1).is_err());
     }
 }

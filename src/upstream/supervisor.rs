@@ -72,7 +72,7 @@ pub struct Supervisor {
     pub specs: Vec<SpawnSpec>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Told of each restart, so the provider's circuits reopen at its first healthy probe.
-    pub health: std::sync::Arc<crate::health::HealthTable>,
+    pub health: std::sync::Arc<crate::upstream::health::HealthTable>,
 }
 
 #[async_trait]
@@ -101,7 +101,7 @@ async fn supervise(
     spec: SpawnSpec,
     mut shutdown: ShutdownWatch,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    health: std::sync::Arc<crate::health::HealthTable>,
+    health: std::sync::Arc<crate::upstream::health::HealthTable>,
 ) {
     let up = metrics.sidecar_up.with_label_values(&[&spec.provider]);
     let restarts = metrics

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::config::Provider;
+use crate::upstream::provider::Provider;
 pub use circuit::{Circuit, CircuitConfig, CircuitState, Outcome, Permit};
 
 /// What the active probes last concluded.

@@ -103,7 +103,7 @@ pub struct RequestCtx {
     /// provider, not by us.
     pub committed_at: Option<Instant>,
     /// Records the answer for the cache and for coalesced followers (a cacheable miss).
-    pub fill: Option<crate::cache::Fill>,
+    pub fill: Option<crate::proxy::cache::Fill>,
     /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
     pub capture: Option<Captured>,
     /// `hit`, `miss`, `bypass` or `coalesced` for a cacheable route (metrics, access log).

@@ -15,6 +15,7 @@
 //! ask for themselves.
 
 mod assets;
+pub mod cli;
 mod history;
 pub mod openapi;
 pub mod reports;
@@ -32,11 +33,11 @@ use arc_swap::ArcSwap;
 
 pub use history::{History, Sampler, Timeseries};
 
+use crate::config::reload::ReloadState;
 use crate::config::Snapshot;
-use crate::health::HealthTable;
 use crate::ledger::{Day, Filter, Ledger, MAX_QUERY_DAYS};
 use crate::metrics::Metrics;
-use crate::reload::ReloadState;
+use crate::upstream::health::HealthTable;
 
 /// Answers admin requests from shared gateway state.
 pub struct AdminApp {

@@ -13,6 +13,11 @@
     clippy::arithmetic_side_effects
 )]
 
+pub mod cache;
+pub mod ctx;
+pub mod faults;
+pub mod forward;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -37,20 +42,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use crate::access_log;
-use crate::cache::{self, Cache, Fill, Followed, Plan};
 use crate::config::Snapshot;
-use crate::ctx::Captured;
-use crate::ctx::{accept_request_id, new_request_id, InFlightGauge, RequestCtx, TokenHold};
 use crate::error::{GatewayError, RequestError};
-use crate::forward::{add_headers, ForwardError, Forwarder, Upstreams};
-use crate::health::quota::Quotas;
-use crate::health::HealthTable;
 use crate::jobs::{self, Jobs};
 use crate::ledger::{self, Ledger};
 use crate::metrics::Metrics;
 use crate::openai::{self, Endpoint, LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::ops;
 use crate::routing::Route;
+use crate::upstream::health::quota::Quotas;
+use crate::upstream::health::HealthTable;
+use cache::{Cache, Fill, Followed, Plan};
+use ctx::Captured;
+use ctx::{accept_request_id, new_request_id, InFlightGauge, RequestCtx, TokenHold};
+use forward::{add_headers, ForwardError, Forwarder, Upstreams};
 use lumen_plugins::cache::flight::Join;
 use lumen_plugins::cache::store::Entry;
 use lumen_plugins::cache::ClientControl;
@@ -741,7 +746,7 @@ impl Gateway {
             // The slot's member is ours, never the client's `x-request-id`: a client reusing
             // one id must not hold one slot for many requests.
             let member = if limits.concurrency.is_some() {
-                crate::ctx::new_slot_id()
+                crate::proxy::ctx::new_slot_id()
             } else {
                 String::new()
             };

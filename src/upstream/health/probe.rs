@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use http::header::{AUTHORIZATION, HOST, USER_AGENT};
@@ -23,22 +22,8 @@ use pingora::services::background::BackgroundService;
 use lumen_plugins::rate_limit::shared::SharedLimiter;
 
 use super::{HealthTable, ProbeState, ProviderHealth};
-use crate::config::{Provider, Snapshot};
 use crate::metrics::Metrics;
-
-/// How a provider is probed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProbeSpec {
-    /// `None`: TCP connect only; else the path on the provider's host.
-    pub path: Option<String>,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy_threshold: u32,
-    pub unhealthy_threshold: u32,
-    /// Any answer below 500 means reachable (the default `GET /models`: a key that may not
-    /// list models, or a provider without the endpoint, still serves completions).
-    pub lenient: bool,
-}
+use crate::upstream::provider::{ProbeSpec, Provider};
 
 /// A probe's answer body is read up to this size (a model list, a sidecar's health).
 const MAX_PROBE_BODY: usize = 256 * 1024;
@@ -49,9 +34,17 @@ const RESTART_PROBE_EVERY: Duration = Duration::from_millis(200);
 /// How often Redis is pinged for `/health` when configured.
 const REDIS_PING_EVERY: Duration = Duration::from_secs(5);
 
+/// Where the prober finds the providers to probe. The live config implements it; upstream code
+/// never reads the config itself.
+pub trait ProviderList: Send + Sync {
+    /// Every provider configured now.
+    fn providers(&self) -> Vec<Arc<Provider>>;
+}
+
 /// The probing background service.
 pub struct Prober {
-    pub config: Arc<ArcSwap<Snapshot>>,
+    /// The providers to probe, read afresh each round (the live config).
+    pub providers: Arc<dyn ProviderList>,
     pub health: Arc<HealthTable>,
     pub metrics: Arc<Metrics>,
     pub redis: Option<Arc<SharedLimiter>>,
@@ -63,10 +56,10 @@ impl BackgroundService for Prober {
         let connector = Arc::new(Connector::new(None));
         let mut redis_due = 0;
         loop {
-            let snapshot = self.config.load_full();
-            self.health.sync(snapshot.providers.values());
+            let providers = self.providers.providers();
+            self.health.sync(providers.iter());
             let now = self.health.now_ms();
-            for provider in snapshot.providers.values() {
+            for provider in &providers {
                 let state = self.health.get(&provider.name);
                 let Some(spec) = provider.probe.clone() else {
                     if state.probe_state() != ProbeState::Unknown {
@@ -146,7 +139,7 @@ async fn probe_and_record(
             metrics
                 .circuit_state
                 .with_label_values(&[provider.name.as_str(), model.as_str()])
-                .set(crate::health::CircuitState::HalfOpen.gauge());
+                .set(crate::upstream::health::CircuitState::HalfOpen.gauge());
             tracing::info!(provider = %provider.name, model = %model, "provider recovered; circuit half-open");
         }
     }

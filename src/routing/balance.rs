@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::config::raw::Strategy;
-use crate::health::{HealthTable, ProviderHealth, TargetHealth, Unavailable};
 use crate::routing::Route;
+use crate::upstream::health::{HealthTable, ProviderHealth, TargetHealth, Unavailable};
 
 /// Every this many requests, `lowest_latency` sends one to another target than the fastest, so
 /// a target that was slow (or down) is measured again and can win back its traffic. A fixed

@@ -29,16 +29,16 @@ use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use crate::balance::{self, NoTarget, TargetState};
-use crate::config::Provider;
-use crate::ctx::RequestCtx;
 use crate::error::{GatewayError, UpstreamError};
-use crate::health::quota::{read_provider_limits, Quotas};
-use crate::health::{HealthTable, Outcome, Permit, TargetHealth};
 use crate::metrics::Metrics;
 use crate::openai::{body_with_usage, LlmRequest, DEFAULT_COMPLETION_TOKENS};
-use crate::retry::{Failure, RetryPolicy};
+use crate::proxy::ctx::RequestCtx;
+use crate::routing::balance::{self, NoTarget, TargetState};
 use crate::routing::{Route, Target};
+use crate::upstream::health::quota::{read_provider_limits, Quotas};
+use crate::upstream::health::{HealthTable, Outcome, Permit, TargetHealth};
+use crate::upstream::provider::Provider;
+use crate::upstream::retry::{Failure, RetryPolicy};
 use crate::usage::{UsageStrip, UsageTap};
 
 /// How a forward failed, which decides who writes what to the client.
@@ -280,7 +280,7 @@ impl Forwarder {
             let in_flight = state.provider.enter();
             // The circuit learns the outcome at the commit point (a half-open trial must not
             // wait for a long stream to end), or when the attempt fails.
-            crate::faults::maybe_panic(session.req_header(), "attempt");
+            crate::proxy::faults::maybe_panic(session.req_header(), "attempt");
             ctx.attempt_started = Some(Instant::now());
             let attempt = self
                 .attempt(

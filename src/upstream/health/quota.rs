@@ -16,39 +16,11 @@ use lumen_plugins::rate_limit::shared::{SharedLimiter, SharedReservation};
 use lumen_plugins::rate_limit::{LocalLimiter, TokenLimit, TokenReservation};
 
 use super::{HealthTable, ProviderHealth, TargetHealth, Unavailable};
-use crate::config::raw::RawQuota;
+use crate::upstream::provider::QuotaSpec;
 
-const MINUTE: Duration = Duration::from_secs(60);
-const DAY: Duration = Duration::from_secs(86_400);
 /// A provider's `Retry-After` is trusted up to this long; beyond it, probes and the circuit
 /// decide.
 const MAX_SKIP: Duration = Duration::from_secs(3600);
-
-/// A provider's configured quota, as window limits.
-#[derive(Debug, Clone, Default)]
-pub struct QuotaSpec {
-    pub requests: Vec<TokenLimit>,
-    pub tokens: Vec<TokenLimit>,
-}
-
-impl QuotaSpec {
-    pub fn from_raw(raw: &RawQuota) -> QuotaSpec {
-        let windows = |per_minute: Option<u64>, per_day: Option<u64>| {
-            [(per_minute, MINUTE), (per_day, DAY)]
-                .into_iter()
-                .filter_map(|(limit, window)| limit.map(|limit| TokenLimit { limit, window }))
-                .collect()
-        };
-        QuotaSpec {
-            requests: windows(raw.requests_per_minute, raw.requests_per_day),
-            tokens: windows(raw.tokens_per_minute, raw.tokens_per_day),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.requests.is_empty() && self.tokens.is_empty()
-    }
-}
 
 enum Reservation {
     Local(TokenReservation),
@@ -240,7 +212,7 @@ pub fn parse_reset(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::CircuitConfig;
+    use crate::upstream::health::CircuitConfig;
 
     #[test]
     fn reset_durations_in_openai_format() {
@@ -293,11 +265,7 @@ mod tests {
         let table = HealthTable::new();
         let state = ProviderHealth::new("p");
         let quotas = Quotas::new(None);
-        let spec = QuotaSpec::from_raw(&RawQuota {
-            requests_per_minute: Some(2),
-            tokens_per_day: Some(100),
-            ..RawQuota::default()
-        });
+        let spec = QuotaSpec::new(Some(2), None, None, Some(100));
         let hold = quotas.take(&spec, &state, &table).await.expect("first");
         quotas.settle(hold, 99).await;
         // The token window has 1 left: a request may still start.

@@ -30,9 +30,9 @@ use pingora::proxy::Session;
 use serde_json::Value;
 
 use crate::config::snapshot::CacheSettings;
-use crate::ctx::RequestCtx;
-use crate::forward::add_headers;
 use crate::openai::{Endpoint, LlmRequest};
+use crate::proxy::ctx::RequestCtx;
+use crate::proxy::forward::add_headers;
 use crate::routing::Route;
 use crate::usage::UsageStrip;
 
