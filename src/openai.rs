@@ -20,7 +20,32 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::error::RequestError;
+/// A client request the gateway refuses to forward.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request body is larger than the gateway's limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    ReadBody(String),
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    #[error("you must provide a model parameter")]
+    MissingModel,
+    #[error("invalid value for `{field}`: {reason}")]
+    InvalidField {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("missing required parameter `{0}`")]
+    MissingField(&'static str),
+    #[error("the request body must be JSON: send `Content-Type: application/json`")]
+    NotJson,
+}
+
 
 /// An endpoint the gateway forwards to providers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

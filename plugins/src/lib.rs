@@ -12,8 +12,9 @@
 //! | [`auth`] | who is calling: API keys (SHA-256 digests) and locally verified JWTs → [`auth::Principal`] |
 //! | [`rate_limit`] | per-key request rate (GCRA) and concurrency limits, in process |
 //! | [`cors`] | browser cross-origin access: preflight answered at the edge, response headers |
-//! | [`cache`] | response cache: keys, memory and Redis tiers, stream rendering, coalescing |
+//! | [`cache`] | response cache: keys, memory and Redis tiers, coalescing |
 //! | [`redis_link`] | the one Redis connection the policies above share |
+//! | [`sse`] | the OpenAI stream codec: SSE ↔ JSON answer, token usage read off a stream (not a policy: shared by the cache and the jobs engine) |
 
 pub mod address;
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod civil;
 pub mod cors;
 pub mod rate_limit;
 pub mod redis_link;
+pub mod sse;
 
 use http::{HeaderName, HeaderValue};
 

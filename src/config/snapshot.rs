@@ -14,7 +14,7 @@ use http::{HeaderName, HeaderValue};
 use std::path::PathBuf;
 
 use super::raw::{RawConfig, RawHealth, RawListener, RawProvider, RawSpawn, Readiness};
-use super::{ConfigError, Problem};
+use super::problem::{ConfigError, Problem};
 use crate::routing::RouteTable;
 use crate::upstream::health::CircuitConfig;
 use crate::upstream::provider::{ProbeSpec, Provider, QuotaSpec};

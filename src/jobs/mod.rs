@@ -36,7 +36,7 @@ use lumen_plugins::redis_link::RedisLink;
 use serde_json::Value;
 
 use crate::config::raw::RawJobs;
-use crate::config::Problem;
+use crate::config::problem::Problem;
 use crate::openai::Endpoint;
 
 /// The validated `jobs:` section.

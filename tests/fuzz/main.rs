@@ -12,9 +12,9 @@
 //! | `openai_parse` | `openai::parse` (all four endpoints), `body_with_usage` | spans name their values; the body sent upstream is valid JSON, parses back to the same request, model spliced, usage asked for |
 //! | `cache_key` | `cache::key`, `item_keys`, `canonical` | canonical JSON is valid and idempotent; the key ignores key order, whitespace and delivery fields; item keys match canonical equality |
 //! | `cache_embed` | `embed::{items, with_items, split, merge}` | items read back; other fields kept; split accounts for every input; merge splits back |
-//! | `sse_assemble` | `shape::Assembler` on arbitrary streams in arbitrary chunks | chunking never changes the answer; an answer renders and re-assembles to itself |
-//! | `sse_render` | `shape::render_sse` on arbitrary bodies | what renders assembles, and renders again the same |
-//! | `usage_stream` | `usage::UsageTap`, `usage::UsageStrip` in arbitrary chunks | same usage however chunked; the strip drops only whole usage-only events |
+//! | `sse_assemble` | `sse::Assembler` on arbitrary streams in arbitrary chunks | chunking never changes the answer; an answer renders and re-assembles to itself |
+//! | `sse_render` | `sse::render_sse` on arbitrary bodies | what renders assembles, and renders again the same |
+//! | `usage_stream` | `sse::usage::UsageTap`, `sse::usage::UsageStrip` in arbitrary chunks | same usage however chunked; the strip drops only whole usage-only events |
 //! | `config_parse` | `config::parse` on arbitrary YAML | a snapshot or problems |
 //! | `auth_headers` | `Authenticator::authenticate` on arbitrary headers and JWTs | only the live key, or a validly signed unexpired token, gets in |
 //!
@@ -93,7 +93,7 @@ fn regression_f1_stream_options_null() {
 /// that `render_sse` refuses. Fixed: such a stream is not assembled (not stored).
 #[test]
 fn regression_f5_array_content() {
-    use lumen_plugins::cache::shape::{render_sse, Assembler, Kind};
+    use lumen_plugins::sse::{render_sse, Assembler, Kind};
     let stream = b"data:{\"choices\":[{\"delta\":{\"content\":[{\"type\":\"text\",\"text\":\"hi\"}]}}]}\n\ndata:[DONE]\n\n";
     let mut assembler = Assembler::new(Kind::Chat, usize::MAX);
     assembler.push(stream);

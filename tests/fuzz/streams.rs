@@ -1,9 +1,9 @@
-//! Response streams: the SSE assembler and renderer of the cache (`lumen_plugins::cache::shape`)
-//! and the usage tap and strip (`lumen::usage`), all fed arbitrary bytes in arbitrary chunks.
+//! Response streams: the SSE assembler and renderer (`lumen_plugins::sse`) and the usage
+//! tap and strip (`lumen_plugins::sse::usage`), all fed arbitrary bytes in arbitrary chunks.
 
 use bytes::Bytes;
-use lumen::usage::{UsageStrip, UsageTap};
-use lumen_plugins::cache::shape::{render_sse, Assembler, Kind};
+use lumen_plugins::sse::usage::{UsageStrip, UsageTap};
+use lumen_plugins::sse::{render_sse, Assembler, Kind};
 use serde_json::{json, Value};
 
 use crate::engine::{chunkings, outcome, Target};

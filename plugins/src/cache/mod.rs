@@ -1,8 +1,9 @@
 //! The response cache: which requests may be answered from it, under which key, and the
 //! pieces the pipeline puts together (DESIGN.md step 6): [`store`] (memory tier, bounded by
-//! bytes with TinyLFU eviction, and the Redis tier shared by the fleet), [`shape`] (one stored
-//! answer served as JSON or as an SSE stream), [`embed`] (embeddings cached per input item), and
-//! [`flight`] (identical requests in flight wait for the first instead of calling upstream).
+//! bytes with TinyLFU eviction, and the Redis tier shared by the fleet), [`embed`] (embeddings
+//! cached per input item), and [`flight`] (identical requests in flight wait for the first
+//! instead of calling upstream). One stored answer is served as JSON or as an SSE stream with
+//! the stream codec, [`crate::sse`].
 //!
 //! By default only deterministic requests are cached: chat and completions with
 //! `temperature: 0` or a fixed `seed`, and every embeddings and rerank request. The key is a
@@ -21,14 +22,18 @@
 pub mod canon;
 pub mod embed;
 pub mod flight;
-pub mod shape;
 pub mod store;
+
+// Old path, for src/ until it moves to lumen_plugins::sse.
+pub use crate::sse as shape;
 
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::sse::Kind;
 
 /// Whose answers a cached answer may be served to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -90,10 +95,10 @@ impl Api {
     }
 
     /// The stream shape, for endpoints that stream.
-    pub fn kind(self) -> Option<shape::Kind> {
+    pub fn kind(self) -> Option<Kind> {
         match self {
-            Api::Chat => Some(shape::Kind::Chat),
-            Api::Completion => Some(shape::Kind::Completion),
+            Api::Chat => Some(Kind::Chat),
+            Api::Completion => Some(Kind::Completion),
             _ => None,
         }
     }
