@@ -15,6 +15,7 @@
 //! ask for themselves.
 
 mod assets;
+mod reply;
 pub mod cli;
 mod history;
 pub mod openapi;
@@ -27,12 +28,12 @@ use async_trait::async_trait;
 use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use serde::Serialize;
 
 use arc_swap::ArcSwap;
 
 pub use history::{History, Sampler, Timeseries};
 
+use reply::Reply;
 use crate::config::reload::ReloadState;
 use crate::config::Snapshot;
 use crate::ledger::{Day, Filter, Ledger, MAX_QUERY_DAYS};
@@ -47,48 +48,6 @@ pub struct AdminApp {
     pub reload: Arc<ReloadState>,
     pub ledger: Arc<Ledger>,
     pub history: Arc<History>,
-}
-
-/// One admin answer.
-pub(crate) struct Reply {
-    status: StatusCode,
-    content_type: &'static str,
-    body: Vec<u8>,
-    headers: Vec<(header::HeaderName, String)>,
-}
-
-impl Reply {
-    fn new(status: StatusCode, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
-        Reply {
-            status,
-            content_type,
-            body: body.into(),
-            headers: Vec::new(),
-        }
-    }
-
-    fn json<T: Serialize>(value: &T) -> Reply {
-        Reply::new(
-            StatusCode::OK,
-            "application/json",
-            serde_json::to_vec(value).unwrap_or_default(),
-        )
-        // Usage and key ids: never kept in a browser's or a proxy's cache.
-        .header(header::CACHE_CONTROL, "no-store")
-    }
-
-    fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Reply {
-        Reply::new(
-            status,
-            "application/json",
-            lumen_plugins::error_body(message, kind, code),
-        )
-    }
-
-    fn header(mut self, name: header::HeaderName, value: impl Into<String>) -> Reply {
-        self.headers.push((name, value.into()));
-        self
-    }
 }
 
 #[async_trait]

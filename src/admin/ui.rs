@@ -10,7 +10,7 @@ use std::path::Path;
 use http::{header, StatusCode};
 
 use super::assets;
-use super::Reply;
+use super::reply::Reply;
 
 const CONSOLE_HTML: &str = include_str!("ui/console.html");
 const CONSOLE_JS: &str = include_str!("ui/console.js");

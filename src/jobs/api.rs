@@ -19,7 +19,8 @@ use super::shapes::{
     ChatJob, ErrorDetail, GenerateJob, GenerateTask, Generated, JobEndpoint, JobFailed, JobMeta,
     StillRunning, SubmitJob, TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
 };
-use super::{JobSettings, JobView, Jobs, Status, Update};
+use super::job::{JobError, JobSettings, JobView, Status, Update};
+use super::Jobs;
 use crate::config::Snapshot;
 use crate::error::{GatewayError, RequestError};
 use crate::openai::{self, Endpoint};
@@ -465,7 +466,7 @@ pub async fn wait(jobs: &Jobs, owner: &str, id: &str, timeout: Duration) -> (Sta
             }),
         ),
         Status::Failed | Status::Cancelled => {
-            let e = view.error.clone().unwrap_or(super::JobError {
+            let e = view.error.clone().unwrap_or(JobError {
                 message: "failed".into(),
                 kind: "api_error".into(),
                 code: None,

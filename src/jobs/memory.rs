@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc, watch};
 
-use super::{now_us, JobError, JobSettings, JobView, Status, SubmitError, Update};
+use super::job::{now_us, JobError, JobSettings, JobView, Status, SubmitError, Update};
 use crate::openai::Endpoint;
 
 /// A job's mutable part.

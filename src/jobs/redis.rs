@@ -23,7 +23,7 @@ use lumen_plugins::redis_link::RedisLink;
 use redis::Value as R;
 use serde_json::{json, Value};
 
-use super::{now_us, JobError, JobSettings, JobView, Status, SubmitError, Update};
+use super::job::{now_us, JobError, JobSettings, JobView, Status, SubmitError, Update};
 use crate::openai::Endpoint;
 
 /// Longest wait for one Redis call of the jobs API (a submit fails with 503 after it).

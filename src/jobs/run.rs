@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 
 use super::memory;
 use super::redis::{self, RedisClaim, RedisJobs};
-use super::{now_us, Backend, JobError, Jobs, Status};
+use super::job::{now_us, JobError, Status};
+use super::{Backend, Jobs};
 use crate::config::Snapshot;
 use crate::openai::Endpoint;
 use arc_swap::ArcSwap;

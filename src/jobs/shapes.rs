@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::{JobView, Status};
+use super::job::{JobView, Status};
 
 /// The OpenAI endpoint a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]

@@ -18,6 +18,7 @@
 //! is exact at any moment, not only after a flush.
 
 mod day;
+mod row;
 mod store;
 
 use std::collections::HashMap;
@@ -28,13 +29,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
 use crate::config::snapshot::UsageSettings;
 use crate::config::Snapshot;
 use lumen_plugins::redis_link::RedisLink;
 
 pub use day::Day;
+use row::Batch;
+pub use row::{Counts, RowKey};
 use store::Store;
 pub use store::StoreError;
 
@@ -43,57 +45,6 @@ pub use store::StoreError;
 /// name every request to a passthrough route.
 const MAX_ROWS_PER_SHARD: usize = 20_000;
 const SHARDS: usize = 16;
-
-/// What is counted, per row.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Counts {
-    pub requests: u64,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub errors: u64,
-    pub cache_hits: u64,
-}
-
-impl Counts {
-    pub fn add(&mut self, other: &Counts) {
-        self.requests += other.requests;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
-        self.errors += other.errors;
-        self.cache_hits += other.cache_hits;
-    }
-
-    /// (field name, value) pairs, in a fixed order (the store's field names).
-    pub fn fields(&self) -> [(&'static str, u64); 5] {
-        [
-            ("requests", self.requests),
-            ("prompt_tokens", self.prompt_tokens),
-            ("completion_tokens", self.completion_tokens),
-            ("errors", self.errors),
-            ("cache_hits", self.cache_hits),
-        ]
-    }
-
-    fn set(&mut self, field: &str, value: u64) {
-        match field {
-            "requests" => self.requests = value,
-            "prompt_tokens" => self.prompt_tokens = value,
-            "completion_tokens" => self.completion_tokens = value,
-            "errors" => self.errors = value,
-            "cache_hits" => self.cache_hits = value,
-            _ => {}
-        }
-    }
-}
-
-/// One row's identity.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RowKey {
-    pub day: Day,
-    pub key: Box<str>,
-    pub provider: Box<str>,
-    pub model: Box<str>,
-}
 
 /// One finished request, as the pipeline saw it.
 pub struct Event<'a> {
@@ -109,8 +60,6 @@ pub struct Event<'a> {
     pub cache_hit: bool,
 }
 
-/// A batch on its way to the store: kept until the store took it, so reads still see it.
-type Batch = HashMap<RowKey, Counts>;
 
 /// One shard of what was counted since the last flush: rows by hash (collisions share a vec),
 /// so a lookup allocates nothing.

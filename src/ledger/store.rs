@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, Counts, Day, RowKey};
+use super::day::Day;
+use super::row::{Batch, Counts, RowKey};
 use lumen_plugins::redis_link::RedisLink;
 
 const FILE: &str = "usage.json";
