@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
+# Static check (cheap, before the build): the import-cycle checker checks itself.
+python3 scripts/import-cycles --self-test
+
 echo "== build (release, once for every stage)"
 cargo build --release --workspace --all-targets
 

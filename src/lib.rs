@@ -4,33 +4,30 @@
 //! mount it as one more service ([`proxy_service`], [`admin_service`]); the `lumen` binary is a
 //! thin CLI over [`run`].
 //!
+//! The layers, top down; each imports only the layers below it (no import cycle between files:
+//! `scripts/import-cycles` checks it):
+//!
 //! | module | what it does |
 //! |---|---|
-//! | [`config`] | YAML → validated, immutable [`config::Snapshot`] (read through `arc-swap`) |
-//! | [`conn`] | client connections: request-head and keep-alive timeouts, the connection cap |
-//! | [`pipeline`] | the `ProxyHttp` impl: the request pipeline, phase by phase |
-//! | [`openai`] | endpoints and the few body fields routing needs |
-//! | [`routing`] | model name → route → targets |
-//! | [`cache`] | the cache step: hits, SSE replay, coalesced followers, recording misses |
-//! | [`balance`] | a route's targets in the order its strategy and their health give |
-//! | [`forward`] | the attempt loop: fallback, retries, commit point, streaming back |
-//! | [`retry`] | what is retried, backoff, deadline |
-//! | [`health`] | per-provider health: circuit breaker, active probes, provider quotas |
-//! | [`resolve`] | provider host → peer: lazy, cached DNS off the config path |
-//! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
-//! | [`notify`] | systemd readiness (`Type=notify`): ready, reloading, stopping, watchdog |
-//! | [`reload`] | hot reload: `SIGHUP` and file changes, validate, swap |
-//! | [`sidecar`] | starts and supervises `spawn:` sidecars (`lumen-llama`) |
-//! | [`usage`] | token usage read off responses as they stream (token budgets) |
+//! | [`node`] | the composition root: the Redis link first, then health, quotas, cache, ledger, jobs |
+//! | [`proxy`] | the `ProxyHttp` impl: DESIGN.md's request pipeline, one file per concern |
+//! | [`admin`] | the admin listener (`/metrics`, `/admin/*`, console, OpenAPI) and its CLI |
 //! | [`jobs`] | async jobs: the queue, workers (run through the pipeline), the HTTP shapes |
 //! | [`ledger`] | usage accounting per key, provider, model and day (file or Redis) |
-//! | [`admin`] | the admin listener: `/metrics`, `/admin/{providers,config,usage}` (admin key) |
-//! | [`admin_cli`] | `lumen status`, `lumen usage`, `lumen models`: the admin API as tables |
+//! | [`routing`] | model name → route → targets, and their order for one request (`balance`) |
+//! | [`config`] | YAML → validated, immutable [`config::Snapshot`]; hot reload |
+//! | [`upstream`] | one provider: its definition, health, quotas, DNS, retries, sidecar supervisor |
+//! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
+//! | [`openai`] | endpoints, the few body fields routing needs, and request errors |
+//! | [`error`] | every failure and its one mapping to status + OpenAI error body |
+//! | [`conn`] | client connections: request-head and keep-alive timeouts, the connection cap |
+//! | [`drain`] | graceful shutdown: open streams ended cleanly, the last usage flush |
+//! | [`notify`] | systemd readiness (`Type=notify`): ready, reloading, stopping, watchdog |
 //! | [`access_log`] | one JSON line per request, written off the request path |
 //! | [`metrics`] | the Prometheus registry |
-//! | [`error`] | every failure and its one mapping to status + OpenAI error body |
 //!
-//! Edge policies (CORS, and later auth, limits, cache) live in the `lumen-plugins` crate.
+//! Edge policies (auth, rate limits, cache, CORS, the SSE codec) live in the `lumen-plugins`
+//! crate, as plain Rust with no Pingora types.
 
 pub mod access_log;
 pub mod admin;
@@ -41,6 +38,7 @@ pub mod error;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;
+pub mod node;
 pub mod notify;
 pub mod openai;
 pub mod ops;
@@ -62,6 +60,7 @@ use pingora::services::listening::Service;
 
 pub use config::Snapshot;
 pub use metrics::Metrics;
+pub use node::Node;
 pub use proxy::Gateway;
 
 // Paths from before the source reshape (issue 17), kept so code written against them builds.
@@ -146,18 +145,20 @@ fn server_options(limits: conn::ConnLimits, h2c: bool) -> HttpServerOptions {
 
 /// The admin service (`/metrics`, `/admin/*`, `/openapi.json`, `/ui`, `/docs`) on the
 /// snapshot's admin address. `history` is what [`traffic_sampler`] fills for the console.
+/// `node` is the [`Node`] (or a [`Gateway`], which serves one).
 pub fn admin_service(
-    gateway: &Gateway,
+    node: &impl AsRef<Node>,
     reload: Arc<config::reload::ReloadState>,
     history: Arc<admin::History>,
 ) -> impl pingora::services::ServiceWithDependents {
-    let snapshot = gateway.config.load_full();
+    let node = node.as_ref();
+    let snapshot = node.config.load_full();
     let mut app = pingora::apps::http_app::HttpServer::new_app(admin::AdminApp {
-        metrics: gateway.metrics.clone(),
-        config: gateway.config.clone(),
-        health: gateway.health(),
+        metrics: node.metrics.clone(),
+        config: node.config.clone(),
+        health: node.health.clone(),
         reload,
-        ledger: gateway.ledger(),
+        ledger: node.ledger.clone(),
         history,
     });
     let limits = snapshot.server.connections;
@@ -169,41 +170,45 @@ pub fn admin_service(
 
 /// The background service that keeps the last minutes of traffic for `/admin/timeseries`.
 pub fn traffic_sampler(
-    gateway: &Gateway,
+    node: &impl AsRef<Node>,
     history: Arc<admin::History>,
 ) -> impl pingora::services::ServiceWithDependents {
     pingora::services::background::background_service(
         "lumen traffic sampler",
         admin::Sampler {
             history,
-            metrics: gateway.metrics.clone(),
+            metrics: node.as_ref().metrics.clone(),
         },
     )
 }
 
-/// The background service that probes every provider of the live config.
-pub fn health_prober(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
+/// The background service that probes every provider of the live config (and Redis).
+pub fn health_prober(node: &impl AsRef<Node>) -> impl pingora::services::ServiceWithDependents {
+    let node = node.as_ref();
     pingora::services::background::background_service(
         "lumen health prober",
         upstream::health::probe::Prober {
-            providers: gateway.config.clone(),
-            health: gateway.health(),
-            metrics: gateway.metrics.clone(),
-            redis: gateway.redis(),
+            providers: node.config.clone(),
+            health: node.health.clone(),
+            metrics: node.metrics.clone(),
+            redis: node.shared_limits(),
         },
     )
 }
 
 /// The background service that writes usage out periodically and on shutdown.
-pub fn usage_flusher(gateway: &Gateway) -> impl pingora::services::ServiceWithDependents {
-    pingora::services::background::background_service("lumen usage flusher", usage_flush(gateway))
+pub fn usage_flusher(node: &impl AsRef<Node>) -> impl pingora::services::ServiceWithDependents {
+    pingora::services::background::background_service(
+        "lumen usage flusher",
+        usage_flush(node.as_ref()),
+    )
 }
 
-fn usage_flush(gateway: &Gateway) -> ledger::Flusher {
+fn usage_flush(node: &Node) -> ledger::Flusher {
     ledger::Flusher {
-        ledger: gateway.ledger(),
-        config: gateway.config.clone(),
-        metrics: gateway.metrics.clone(),
+        ledger: node.ledger.clone(),
+        config: node.config.clone(),
+        metrics: node.metrics.clone(),
     }
 }
 
@@ -276,33 +281,12 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     let metrics = Arc::new(Metrics::new());
     access_log::init();
     let live = Arc::new(ArcSwap::new(snapshot.clone()));
-    let gateway_metrics = metrics.clone();
-    let gateway = Gateway::new(live, metrics);
+    // The composition root: Redis, health, quotas, cache, ledger and jobs, built once. The
+    // proxy and every service below are built from it.
+    let node = Arc::new(Node::new(live, metrics));
     let reload_state = Arc::new(config::reload::ReloadState::default());
     let history = Arc::new(admin::History::default());
-    let admin = (!worker_only).then(|| {
-        (
-            admin_service(&gateway, reload_state.clone(), history.clone()),
-            traffic_sampler(&gateway, history),
-        )
-    });
-    let prober = health_prober(&gateway);
-    let flusher = usage_flush(&gateway);
-    let reloader = (
-        "lumen config reloader",
-        config::reload::Reloader {
-            path: config_path.to_path_buf(),
-            config: gateway.config.clone(),
-            metrics: gateway.metrics.clone(),
-            state: reload_state,
-            admin_bound: (!worker_only).then(|| snapshot.admin_listen.clone()),
-        },
-    );
-    let jobs = gateway.jobs();
-    let live_health = gateway.health();
-    let drain = gateway.drain();
-    let ledger = gateway.ledger();
-    let live_config = gateway.config.clone();
+    let gateway = Gateway::on(node.clone());
     let mut proxy = if worker_only {
         // No listeners but the internal socket below.
         guarded_proxy(&server.configuration, gateway, false)
@@ -322,49 +306,56 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         jobs::run::SocketFile {
             path: socket.clone(),
         },
-        &drain,
+        &node.drain,
     ));
-    if jobs.settings.workers > 0 {
+    if node.jobs.settings.workers > 0 {
         server.add_service(held(
             "lumen job workers",
             jobs::run::Workers {
-                jobs,
+                jobs: node.jobs.clone(),
                 socket,
-                config: live_config,
+                config: node.config.clone(),
             },
-            &drain,
+            &node.drain,
         ));
     }
-    if let Some((admin, sampler)) = admin {
-        server.add_service(admin);
-        server.add_service(sampler);
+    if !worker_only {
+        server.add_service(admin_service(&node, reload_state.clone(), history.clone()));
+        server.add_service(traffic_sampler(&node, history));
     }
-    server.add_service(prober);
+    server.add_service(health_prober(&node));
     // Not held: it keeps flushing through the grace period; the drainer flushes last.
-    server.add_service(pingora::services::background::background_service(
-        "lumen usage flusher",
-        flusher,
-    ));
+    server.add_service(usage_flusher(&node));
     // Held: it announces STOPPING=1 to systemd before the node may exit.
-    server.add_service(held(reloader.0, reloader.1, &drain));
+    server.add_service(held(
+        "lumen config reloader",
+        config::reload::Reloader {
+            path: config_path.to_path_buf(),
+            config: node.config.clone(),
+            metrics: node.metrics.clone(),
+            state: reload_state,
+            admin_bound: (!worker_only).then(|| snapshot.admin_listen.clone()),
+        },
+        &node.drain,
+    ));
     // Sidecars belong to serving nodes; a worker uses the providers as configured.
     if !snapshot.spawns.is_empty() && !worker_only {
         server.add_service(held(
             "lumen sidecar supervisor",
             upstream::supervisor::Supervisor {
                 specs: snapshot.spawns.clone(),
-                metrics: gateway_metrics.clone(),
-                health: live_health,
+                metrics: node.metrics.clone(),
+                health: node.health.clone(),
             },
-            &drain,
+            &node.drain,
         ));
     }
     server.add_service(pingora::services::background::background_service(
         "lumen drain",
         drain::Drainer {
-            drain,
-            ledger: ledger.clone(),
-            in_flight: gateway_metrics.in_flight.clone(),
+            drain: node.drain.clone(),
+            ledger: node.ledger.clone(),
+            in_flight: node.metrics.in_flight.clone(),
             grace_period: snapshot.server.grace_period,
         },
     ));

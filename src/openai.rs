@@ -46,7 +46,6 @@ pub enum RequestError {
     NotJson,
 }
 
-
 /// An endpoint the gateway forwards to providers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {

@@ -14,7 +14,7 @@ use http::header::{
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 use serde::Deserialize;
 
-use crate::{error_body, Decision, Policy};
+use crate::{error_body, Decision};
 
 /// The `cors:` section of the config.
 #[derive(Debug, Clone, Deserialize)]
@@ -146,12 +146,10 @@ impl Cors {
     }
 }
 
-impl Policy for Cors {
-    fn name(&self) -> &'static str {
-        "cors"
-    }
-
-    fn on_request(&self, req: &http::request::Parts) -> Decision {
+impl Cors {
+    /// Called once the request head is read, before authentication: a preflight is answered
+    /// here.
+    pub fn on_request(&self, req: &http::request::Parts) -> Decision {
         let is_preflight = req.method == Method::OPTIONS
             && req.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD);
         if !is_preflight {
@@ -192,7 +190,13 @@ impl Policy for Cors {
             .map_or(Decision::Continue, Decision::Respond)
     }
 
-    fn on_response(&self, req: &http::request::Parts, add: &mut Vec<(HeaderName, HeaderValue)>) {
+    /// Called before the response head is written, for every response (success or error):
+    /// the headers pushed onto `add` are appended to it.
+    pub fn on_response(
+        &self,
+        req: &http::request::Parts,
+        add: &mut Vec<(HeaderName, HeaderValue)>,
+    ) {
         // The answer depends on the origin whenever not every origin is allowed: say so, so a
         // shared cache never serves one origin's answer to another.
         if !self.any_origin {

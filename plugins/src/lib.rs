@@ -1,10 +1,10 @@
 //! Lumen's edge policies, one module each, with no Pingora types in their APIs so they are
 //! tested as plain Rust.
 //!
-//! A policy sees a request's head before the gateway acts on it, may answer it at the edge
-//! ([`Decision::Respond`]), and may add headers to whatever response goes back — including
-//! error responses, so that a browser can read a 401 or 429 through CORS. The gateway runs the
-//! policies in the pipeline's fixed order (DESIGN.md, "Request pipeline").
+//! Each policy is a plain type with plain methods, called by the gateway at its step of the
+//! pipeline (DESIGN.md, "Request pipeline"); there is no policy trait, because no two policies
+//! share hooks (auth returns a `Principal`, limits a reservation, CORS a [`Decision`] and
+//! headers for every response, including errors, so a browser can read a 401 or 429).
 //!
 //! | module | policy |
 //! |---|---|
@@ -25,8 +25,6 @@ pub mod rate_limit;
 pub mod redis_link;
 pub mod sse;
 
-use http::{HeaderName, HeaderValue};
-
 /// What a policy decided about a request.
 #[derive(Debug)]
 pub enum Decision {
@@ -34,19 +32,6 @@ pub enum Decision {
     Continue,
     /// Answer now with this response; nothing later in the pipeline runs.
     Respond(http::Response<Vec<u8>>),
-}
-
-/// One edge policy's hooks. Hooks are cheap and never block: they run on every request.
-pub trait Policy: Send + Sync {
-    /// Stable name, used in logs and metrics.
-    fn name(&self) -> &'static str;
-
-    /// Called once the request head is read, before authentication.
-    fn on_request(&self, req: &http::request::Parts) -> Decision;
-
-    /// Called before the response head is written, for every response (success or error).
-    /// Headers pushed onto `add` are appended to the response.
-    fn on_response(&self, req: &http::request::Parts, add: &mut Vec<(HeaderName, HeaderValue)>);
 }
 
 /// An OpenAI-shaped error body: `{"error":{"message","type","param","code"}}`.

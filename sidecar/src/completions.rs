@@ -17,10 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::api::{self, ChatRequest, CompletionRequest, Generation, Prompt};
+use crate::app::{blocking, App};
 use crate::engine::{Event, Finish, GenerateJob, Job};
 use crate::error::ApiError;
 use crate::prompt;
-use crate::server::{blocking, App};
 
 /// Events buffered per request between the engine and the HTTP writer. Small on purpose: a
 /// client that stops reading pauses its own slot soon, not after a long run of wasted tokens.

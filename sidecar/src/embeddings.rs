@@ -16,11 +16,11 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::api::{self, EmbeddingInput, EmbeddingRequest, RerankRequest};
+use crate::app::{blocking, App};
 use crate::config::Pooling;
 use crate::engine::{Capability, EmbedJob, Job, Loaded, ModelHandle, SubmitError};
 use crate::error::ApiError;
 use crate::prompt;
-use crate::server::{blocking, App};
 
 /// Most inputs (or documents) one request may carry; OpenAI's limit for embeddings.
 const MAX_INPUTS: usize = 2048;

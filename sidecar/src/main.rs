@@ -19,6 +19,7 @@
 //!
 //! Module map:
 //! * `config`: model specs from flags or YAML · `server`: routes, health, metrics, models list
+//! * `app`: the state shared by the handlers, and `blocking` for CPU work off the async workers
 //! * `completions`, `embeddings`: the OpenAI endpoints · `api`: request types and validation
 //! * `prompt`: chat templates and tokenizing · `grammar`: `response_format` grammars
 //! * `engine`: llama.cpp on its own threads (continuous batching) · `metrics`: counters
@@ -26,6 +27,7 @@
 //! * `fetch`, `convert`, `bert`, `testmodel`, `gguf`: getting and making model files
 
 mod api;
+mod app;
 mod bert;
 mod completions;
 mod config;
@@ -193,7 +195,7 @@ fn serve(
                 failures_tx.clone(),
             )?);
         }
-        let app = Arc::new(server::App::new(handles));
+        let app = Arc::new(app::App::new(handles));
         server::serve(listener, app, failures)
             .await
             .map_err(anyhow::Error::from)

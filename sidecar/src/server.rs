@@ -1,13 +1,13 @@
-//! The HTTP server: shared state, routes, and the operational endpoints (`/health`,
-//! `/metrics`, `/v1/models`). The OpenAI endpoints live in `completions` and `embeddings`.
+//! The HTTP server: routes and the operational endpoints (`/health`, `/metrics`,
+//! `/v1/models`). The OpenAI endpoints live in `completions` and `embeddings`; the state they
+//! share lives in `app`.
 //!
 //! The listener is bound before any model loads, so `/health` answers 503 `loading` from the
 //! first moment and a supervisor can tell "starting" from "dead".
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode, Uri};
@@ -18,8 +18,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::app::App;
 use crate::config::Pooling;
-use crate::engine::{Capability, EngineFailure, Loaded, ModelHandle};
+use crate::engine::{Capability, EngineFailure};
 use crate::error::ApiError;
 use crate::{completions, embeddings, metrics};
 
@@ -27,86 +28,6 @@ use crate::{completions, embeddings, metrics};
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// After SIGTERM/SIGINT, in-flight responses get this long to finish before the process exits.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// State shared by all handlers.
-#[derive(Debug)]
-pub struct App {
-    /// Served models by alias, in a stable order for `/v1/models` and `/metrics`.
-    pub models: BTreeMap<String, ModelHandle>,
-    started: u64,
-    /// Makes response ids unique within this process.
-    counter: AtomicU64,
-}
-
-impl App {
-    pub fn new(models: Vec<ModelHandle>) -> Self {
-        Self {
-            models: models.into_iter().map(|m| (m.alias.clone(), m)).collect(),
-            started: unix_now(),
-            counter: AtomicU64::new(0),
-        }
-    }
-
-    pub fn model(&self, name: &str) -> Result<&ModelHandle, ApiError> {
-        self.models
-            .get(name)
-            .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
-    }
-
-    /// The loaded model behind a handle, or 503 while it is still loading.
-    pub fn loaded<'a>(&self, handle: &'a ModelHandle) -> Result<&'a Loaded, ApiError> {
-        handle
-            .loaded()
-            .ok_or_else(|| ApiError::Loading(handle.alias.clone()))
-    }
-
-    /// A model that can generate text: 404 if unknown, 400 if it is an embedding model.
-    pub fn generation_model(&self, name: &str) -> Result<(&ModelHandle, &Loaded), ApiError> {
-        let handle = self.model(name)?;
-        if let Capability::Embed(_) = handle.capability {
-            return Err(ApiError::WrongModelKind {
-                message: format!(
-                    "model `{name}` is loaded for embeddings or reranking; it cannot generate text"
-                ),
-            });
-        }
-        Ok((handle, self.loaded(handle)?))
-    }
-
-    pub fn next_id(&self, prefix: &str) -> String {
-        let n = self.counter.fetch_add(1, Relaxed);
-        format!("{prefix}-{:x}{n:06x}", self.started)
-    }
-
-    pub fn now(&self) -> u64 {
-        unix_now()
-    }
-
-    /// A seed for requests that give none: different per request, as OpenAI's sampling is.
-    pub fn fresh_seed(&self) -> u32 {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        nanos ^ (self.counter.fetch_add(1, Relaxed) as u32).wrapping_mul(0x9E37_79B9)
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Runs tokenization or other CPU work on the blocking pool.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::Internal(format!("worker task failed: {e}")))?
-}
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -230,7 +151,7 @@ async fn list_models(State(app): State<Arc<App>>) -> Response {
             json!({
                 "id": m.alias,
                 "object": "model",
-                "created": app.started,
+                "created": app.started(),
                 "owned_by": "lumen-llama",
             })
         })

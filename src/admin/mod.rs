@@ -15,10 +15,10 @@
 //! ask for themselves.
 
 mod assets;
-mod reply;
 pub mod cli;
 mod history;
 pub mod openapi;
+mod reply;
 pub mod reports;
 mod ui;
 
@@ -33,12 +33,12 @@ use arc_swap::ArcSwap;
 
 pub use history::{History, Sampler, Timeseries};
 
-use reply::Reply;
 use crate::config::reload::ReloadState;
 use crate::config::Snapshot;
 use crate::ledger::{Day, Filter, Ledger, MAX_QUERY_DAYS};
 use crate::metrics::Metrics;
 use crate::upstream::health::HealthTable;
+use reply::Reply;
 
 /// Answers admin requests from shared gateway state.
 pub struct AdminApp {

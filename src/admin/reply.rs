@@ -13,7 +13,11 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    pub(crate) fn new(status: StatusCode, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
+    pub(crate) fn new(
+        status: StatusCode,
+        content_type: &'static str,
+        body: impl Into<Vec<u8>>,
+    ) -> Reply {
         Reply {
             status,
             content_type,
@@ -45,4 +49,3 @@ impl Reply {
         self
     }
 }
-

@@ -74,4 +74,3 @@ fn list_problems(path: &str, problems: &[Problem]) -> String {
         .collect();
     lines.join("\n")
 }
-

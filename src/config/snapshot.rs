@@ -13,8 +13,8 @@ use http::{HeaderName, HeaderValue};
 
 use std::path::PathBuf;
 
-use super::raw::{RawConfig, RawHealth, RawListener, RawProvider, RawSpawn, Readiness};
 use super::problem::{ConfigError, Problem};
+use super::raw::{RawConfig, RawHealth, RawListener, RawProvider, RawSpawn, Readiness};
 use crate::routing::RouteTable;
 use crate::upstream::health::CircuitConfig;
 use crate::upstream::provider::{ProbeSpec, Provider, QuotaSpec};

@@ -15,11 +15,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::job::{JobError, JobSettings, JobView, Status, Update};
 use super::shapes::{
     ChatJob, ErrorDetail, GenerateJob, GenerateTask, Generated, JobEndpoint, JobFailed, JobMeta,
     StillRunning, SubmitJob, TaskAnswer, TaskError, TaskResult, TaskState, TaskStatus,
 };
-use super::job::{JobError, JobSettings, JobView, Status, Update};
 use super::Jobs;
 use crate::config::Snapshot;
 use crate::error::{GatewayError, RequestError};

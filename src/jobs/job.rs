@@ -187,4 +187,3 @@ pub enum SubmitError {
     #[error("the job store is unavailable: {0}")]
     Unavailable(String),
 }
-

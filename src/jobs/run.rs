@@ -20,9 +20,9 @@ use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::{json, Value};
 
+use super::job::{now_us, JobError, Status};
 use super::memory;
 use super::redis::{self, RedisClaim, RedisJobs};
-use super::job::{now_us, JobError, Status};
 use super::{Backend, Jobs};
 use crate::config::Snapshot;
 use crate::openai::Endpoint;

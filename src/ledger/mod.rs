@@ -60,7 +60,6 @@ pub struct Event<'a> {
     pub cache_hit: bool,
 }
 
-
 /// One shard of what was counted since the last flush: rows by hash (collisions share a vec),
 /// so a lookup allocates nothing.
 #[derive(Default)]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderName, HeaderValue};
 use lumen_plugins::auth::Principal;
+use pingora::http::ResponseHeader;
 
 use crate::config::Snapshot;
 use crate::openai::Endpoint;
@@ -39,13 +40,6 @@ pub enum TokenHold {
     Shared(lumen_plugins::rate_limit::shared::ReservationGuard),
 }
 
-/// A provider's answer kept for the pipeline instead of being streamed to the client.
-pub struct Captured {
-    pub limit: usize,
-    pub head: Option<Box<pingora::http::ResponseHeader>>,
-    pub body: bytes::BytesMut,
-}
-
 /// What one request has gathered so far. Created empty by `new_ctx`, filled phase by phase.
 pub struct RequestCtx {
     pub started: Instant,
@@ -70,8 +64,6 @@ pub struct RequestCtx {
     pub tokens: Option<TokenHold>,
     /// Read usage off the response (and ask streams for it): set when tokens are reserved.
     pub track_usage: bool,
-    /// Lumen asked this stream's provider for a usage chunk the client did not ask for.
-    pub strip_usage: bool,
     /// Total tokens the provider reported, when it did.
     pub usage_total: Option<u64>,
     /// Tokens estimated from what was sent and streamed, when a committed answer carried no
@@ -102,10 +94,6 @@ pub struct RequestCtx {
     /// When the answer was committed to the client; streaming from then on is bound by the
     /// provider, not by us.
     pub committed_at: Option<Instant>,
-    /// Records the answer for the cache and for coalesced followers (a cacheable miss).
-    pub fill: Option<crate::proxy::cache::Fill>,
-    /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
-    pub capture: Option<Captured>,
     /// `hit`, `miss`, `bypass` or `coalesced` for a cacheable route (metrics, access log).
     pub cache: Option<&'static str>,
     /// Short reason for the access log when the request failed.
@@ -151,7 +139,6 @@ impl RequestCtx {
             tokens: None,
             model: None,
             track_usage: false,
-            strip_usage: false,
             usage_total: None,
             usage_estimate: None,
             prompt_estimate: 0,
@@ -165,8 +152,6 @@ impl RequestCtx {
             upstream_wait: Duration::ZERO,
             attempt_started: None,
             committed_at: None,
-            fill: None,
-            capture: None,
             cache: None,
             error: None,
         }
@@ -195,4 +180,12 @@ pub fn new_slot_id() -> String {
 pub fn new_request_id() -> HeaderValue {
     let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Appends the per-request headers (request id, CORS, rate limits, cache status) to a response
+/// head.
+pub fn add_headers(head: &mut ResponseHeader, headers: &[(HeaderName, HeaderValue)]) {
+    for (name, value) in headers {
+        let _ = head.append_header(name.clone(), value.clone());
+    }
 }

@@ -14,8 +14,8 @@ use bytes::Bytes;
 
 use lumen_plugins::rate_limit::RequestLimit;
 
-use crate::config::raw::{RawRetry, RawRoute, Strategy};
 use crate::config::problem::Problem;
+use crate::config::raw::{RawRetry, RawRoute, Strategy};
 use crate::upstream::provider::Provider;
 use crate::upstream::retry::{self, RetryPolicy};
 use lumen_plugins::cache::CachePolicy;

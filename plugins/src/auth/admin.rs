@@ -15,6 +15,7 @@
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
+use super::credential::credential;
 use super::keys::{check_clear_key, digest_of, parse_hex_digest, KeyDigest};
 
 /// `admin_key:` in the YAML: exactly one of `sha256` and `key`.
@@ -69,7 +70,7 @@ impl AdminKey {
         if let Some(password) = basic_password(headers) {
             return bool::from(digest_of(&password).ct_eq(&self.digest));
         }
-        match super::credential(headers) {
+        match credential(headers) {
             Ok(presented) => bool::from(digest_of(presented).ct_eq(&self.digest)),
             Err(_) => false,
         }

@@ -27,7 +27,9 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use super::allow::AllowList;
-use super::{AuthError, ClaimsMapping, JwtConfig, Principal};
+use super::error::AuthError;
+use super::principal::Principal;
+use super::settings::{ClaimsMapping, JwtConfig};
 
 /// Clock skew tolerated on `exp` and `nbf` when the config does not say.
 const DEFAULT_LEEWAY_SECONDS: u64 = 30;

@@ -24,7 +24,9 @@ use subtle::ConstantTimeEq;
 use crate::civil::{days_from_civil, days_in_month};
 
 use super::allow::AllowList;
-use super::{AuthError, KeyConfig, Principal};
+use super::error::AuthError;
+use super::principal::Principal;
+use super::settings::KeyConfig;
 
 /// A SHA-256 digest.
 pub(crate) type KeyDigest = [u8; 32];

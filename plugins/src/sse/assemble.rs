@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use super::{header_of, Kind, HEADER_FIELDS};
+use super::kind::{header_of, Kind, HEADER_FIELDS};
 
 /// A stream that cannot be stored: malformed, errored, or with a part we cannot merge.
 #[derive(Debug)]

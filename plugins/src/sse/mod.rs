@@ -15,7 +15,7 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `mod.rs` | [`Kind`] (which endpoint), the header fields an answer and its chunks share |
+//! | `kind.rs` | [`Kind`] (which endpoint), the header fields an answer and its chunks share |
 //! | `assemble.rs` | [`Assembler`]: an SSE stream → the non-stream JSON answer |
 //! | `render.rs` | [`render_sse`]: a non-stream JSON answer → its SSE stream |
 //! | `usage.rs` | [`usage::UsageTap`] (token usage off a JSON or SSE body), [`usage::UsageStrip`] (drops usage-only events) |
@@ -30,6 +30,7 @@
 )]
 
 mod assemble;
+mod kind;
 mod render;
 pub mod usage;
 
@@ -42,66 +43,6 @@ pub mod usage;
 )]
 mod tests;
 
-use serde_json::{Map, Value};
-
 pub use assemble::Assembler;
+pub use kind::Kind;
 pub use render::render_sse;
-
-/// Which OpenAI endpoint a body belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `/v1/chat/completions`.
-    Chat,
-    /// `/v1/completions` (legacy text completions).
-    Completion,
-}
-
-impl Kind {
-    /// The `object` of a non-stream answer.
-    fn answer_object(self) -> &'static str {
-        match self {
-            Kind::Chat => "chat.completion",
-            Kind::Completion => "text_completion",
-        }
-    }
-
-    /// The `object` of a stream chunk (text completions use the same one as the answer).
-    fn chunk_object(self) -> &'static str {
-        match self {
-            Kind::Chat => "chat.completion.chunk",
-            Kind::Completion => "text_completion",
-        }
-    }
-}
-
-/// Top-level fields that describe the whole answer; each chunk repeats them, the answer keeps
-/// the first value seen. `object` is not among them: it differs between chunk and answer.
-const HEADER_FIELDS: [&str; 5] = [
-    "id",
-    "created",
-    "model",
-    "system_fingerprint",
-    "service_tier",
-];
-
-/// Header fields every answer and chunk carries, `null` when the upstream never sent them.
-const REQUIRED_HEADER_FIELDS: [&str; 3] = ["id", "created", "model"];
-
-/// The header fields of `from` with `object` set: `id`, `created` and `model` always
-/// (`null` when missing), the optional ones when present.
-fn header_of(from: &Map<String, Value>, object: &str) -> Map<String, Value> {
-    let mut header = Map::new();
-    for name in HEADER_FIELDS {
-        match from.get(name) {
-            Some(value) if !value.is_null() => {
-                header.insert(name.to_string(), value.clone());
-            }
-            _ if REQUIRED_HEADER_FIELDS.contains(&name) => {
-                header.insert(name.to_string(), Value::Null);
-            }
-            _ => {}
-        }
-    }
-    header.insert("object".into(), Value::String(object.to_string()));
-    header
-}

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
-use super::{header_of, Kind};
+use super::kind::{header_of, Kind};
 
 /// Renders a non-stream body (a `chat.completion` or `text_completion` answer) as the SSE bytes
 /// an OpenAI stream would have carried, ending with `data: [DONE]\n\n`: per choice a chunk with

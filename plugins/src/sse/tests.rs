@@ -2,7 +2,7 @@
 //! [`render_sse`] on answers valid or not, and answers rendered and assembled back.
 
 use super::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A chat stream as OpenAI sends it with `stream_options.include_usage`.
 const CHAT_STREAM: &str = concat!(

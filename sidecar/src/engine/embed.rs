@@ -12,7 +12,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
-use super::{Event, Job};
+use super::job::{Event, Job};
 use crate::metrics::ModelMetrics;
 
 /// Runs until the job channel is closed.

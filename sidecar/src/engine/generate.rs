@@ -29,8 +29,8 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
+use super::job::{Event, Finish, GenerateJob, Job, Sampling};
 use super::text::{Pushed, TextAssembler};
-use super::{Event, Finish, GenerateJob, Job, Sampling};
 use crate::metrics::ModelMetrics;
 
 /// How long to wait when every busy slot is held up by a slow client.

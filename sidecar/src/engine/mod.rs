@@ -6,12 +6,14 @@
 //! a bounded channel per request; when that request's receiver is dropped (the client went
 //! away) the engine frees the slot and its KV cache on its next step.
 //!
+//! * `job`: the [`Job`]s sent to the engine and the [`Event`]s a generation sends back.
 //! * `generate`: chat/completion models, N slots decoded together (continuous batching).
 //! * `embed`: embedding and reranking models, one request at a time, its inputs batched.
 //! * `text`: UTF-8 assembly and stop strings for generated text.
 
 mod embed;
 mod generate;
+mod job;
 pub mod text;
 
 use std::num::NonZeroU32;
@@ -24,12 +26,13 @@ use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::token::LlamaToken;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::config::{ModelSpec, Pooling, DEFAULT_QUEUE, DEFAULT_SLOTS};
 use crate::fetch;
 use crate::metrics::ModelMetrics;
+
+pub use self::job::{EmbedJob, Event, Finish, GenerateJob, Job, Sampling};
 
 /// Default context per slot when the spec gives none (capped by what the model was trained on).
 const DEFAULT_CHAT_CTX: u32 = 4096;
@@ -43,81 +46,6 @@ const MAX_BATCH_TOKENS: u32 = 512;
 pub enum Capability {
     Chat,
     Embed(Pooling),
-}
-
-/// Sampling settings of one request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampling {
-    /// 0 means greedy.
-    pub temperature: f32,
-    pub top_p: f32,
-    /// 0 means no top-k cut.
-    pub top_k: i32,
-    pub seed: u32,
-    /// GBNF grammar (root rule `root`) the output must follow.
-    pub grammar: Option<String>,
-}
-
-/// A generation request, already tokenized and checked against the context size.
-#[derive(Debug)]
-pub struct GenerateJob {
-    pub prompt: Vec<LlamaToken>,
-    /// At least 1; the prompt plus this fits in one slot's context.
-    pub max_tokens: u32,
-    pub stop: Vec<String>,
-    pub sampling: Sampling,
-    pub events: mpsc::Sender<Event>,
-}
-
-/// Why generation ended, as OpenAI's `finish_reason`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    Stop,
-    Length,
-}
-
-impl Finish {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Finish::Stop => "stop",
-            Finish::Length => "length",
-        }
-    }
-}
-
-/// What a generation request receives, in order: text deltas, then one `Done` or `Failed`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    Text(String),
-    Done {
-        finish: Finish,
-        completion_tokens: u32,
-    },
-    Failed(String),
-}
-
-/// Embedding (or, for rank pooling, scoring) of several tokenized inputs.
-#[derive(Debug)]
-pub struct EmbedJob {
-    pub inputs: Vec<Vec<LlamaToken>>,
-    /// One vector per input: the pooled embedding, or `[score]` for rank pooling.
-    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
-}
-
-#[derive(Debug)]
-pub enum Job {
-    Generate(GenerateJob),
-    Embed(EmbedJob),
-}
-
-impl Job {
-    /// True when whoever sent the job no longer waits for it.
-    fn abandoned(&self) -> bool {
-        match self {
-            Job::Generate(g) => g.events.is_closed(),
-            Job::Embed(e) => e.reply.is_closed(),
-        }
-    }
 }
 
 /// What handlers need from a loaded model.

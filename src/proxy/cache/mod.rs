@@ -1,9 +1,17 @@
-//! The cache step of the pipeline (DESIGN.md step 6), on Pingora's side: deciding whether a
-//! request uses the cache, answering hits (as JSON or as an SSE replay), following an
-//! identical request in flight, and recording a miss's answer as it streams to its client.
+//! The cache step of the pipeline (DESIGN.md step 9), on Pingora's side: answering hits (as
+//! JSON or as an SSE replay), following an identical request in flight, and storing a miss's
+//! answer once it is complete.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `mod.rs` | hits, followers, lookup and store, coalescing |
+//! | [`plan`] | whether and how a request uses the cache |
+//! | [`fill`] | recording a miss's answer as it streams |
+//! | [`embeddings`] | lists of embeddings, cached item by item |
+//! | [`store`] | the node's store and flights |
 //!
 //! The policy itself (keys, tiers, stream shapes, coalescing) is `lumen_plugins::cache`, plain
-//! Rust with no Pingora types.
+//! Rust with no Pingora types. Imports: `proxy`'s gateway and ctx, and `forward`'s watchers.
 
 // Reachable from the network: no panics (issue 16); tests below may unwrap.
 #![deny(
@@ -13,142 +21,42 @@
     clippy::arithmetic_side_effects
 )]
 
+pub mod embeddings;
+pub mod fill;
+pub mod plan;
+pub mod store;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, StatusCode};
-use lumen_plugins::auth::Principal;
-use lumen_plugins::cache::flight::{End, Flight, Flights, Head, Leader};
-use lumen_plugins::cache::shape::{self, Assembler, Kind};
-use lumen_plugins::cache::store::{now_ms, CacheStore, Entry};
-use lumen_plugins::cache::{self as policy, Api, CachePolicy, ClientControl, Scope};
-use lumen_plugins::redis_link::RedisLink;
+use lumen_plugins::cache::flight::{End, Flight, Join};
+use lumen_plugins::cache::store::{now_ms, Entry};
+use lumen_plugins::cache::ClientControl;
+use lumen_plugins::sse::render_sse;
+use lumen_plugins::sse::usage::UsageStrip;
 use pingora::http::ResponseHeader;
+use pingora::prelude::*;
 use pingora::proxy::Session;
 use serde_json::Value;
 
-use crate::config::snapshot::CacheSettings;
-use crate::openai::{Endpoint, LlmRequest};
-use crate::proxy::ctx::RequestCtx;
-use crate::proxy::forward::add_headers;
+use super::ctx::{add_headers, RequestCtx};
+use super::forward::Watchers;
+use super::gateway::Gateway;
+use crate::openai::LlmRequest;
 use crate::routing::Route;
-use crate::usage::UsageStrip;
+use fill::Fill;
+use plan::Plan;
 
-/// Largest entry sent to Redis: bigger answers stay in this node's memory only.
-const REDIS_MAX_ENTRY: usize = 4 * 1024 * 1024;
-
-/// The node's cache: its store and the requests in flight.
-pub struct Cache {
-    pub store: CacheStore,
-    pub flights: Arc<Flights>,
-    pub coalesce_wait: Duration,
-}
-
-impl Cache {
-    pub fn new(settings: &CacheSettings, redis: Option<(Arc<RedisLink>, String)>) -> Cache {
-        Cache {
-            store: CacheStore::new(
-                settings.memory_bytes,
-                redis.filter(|_| settings.redis),
-                REDIS_MAX_ENTRY,
-            ),
-            flights: Arc::new(Flights::new()),
-            coalesce_wait: settings.coalesce_wait,
-        }
-    }
-}
-
-/// How one request uses the cache.
-pub struct Plan {
-    pub key: String,
-    pub policy: CachePolicy,
-    pub control: ClientControl,
-    pub api: Api,
-    pub stream: bool,
-    /// The client asked for the usage chunk (`stream_options.include_usage`).
-    pub include_usage: bool,
-    /// A list embeddings request: cached per item.
-    pub items: Option<Items>,
-}
-
-/// A list embeddings request, item by item.
-pub struct Items {
-    pub body: Value,
-    pub items: Vec<Value>,
-    pub keys: Vec<String>,
-}
-
-fn api_of(endpoint: Endpoint) -> Api {
-    match endpoint {
-        Endpoint::ChatCompletions => Api::Chat,
-        Endpoint::Completions => Api::Completion,
-        Endpoint::Embeddings => Api::Embeddings,
-        Endpoint::Rerank => Api::Rerank,
-    }
-}
-
-/// Whether and how this request uses the route's cache; `None` when the route has no cache or
-/// the request is not cacheable under its policy.
-pub fn plan(
-    route: &Route,
-    req: &LlmRequest,
-    principal: &Principal,
-    head: &pingora::http::RequestHeader,
-) -> Option<Plan> {
-    let headers = &head.headers;
-    let query = head.uri.query().unwrap_or("");
-    let policy = route.cache.clone()?;
-    let api = api_of(req.endpoint);
-    if !policy::cacheable_raw(api, &req.raw, policy.when)? {
-        return None;
-    }
-    let scope_id = match policy.scope {
-        Scope::Key => principal.key_id.as_str(),
-        // A key without a tenant is its own tenant.
-        Scope::Tenant => principal.tenant.as_deref().unwrap_or(&principal.key_id),
-        Scope::Global => "",
-    };
-    // Keyed from the bytes: a parsed tree of a large body costs many times its size.
-    let key = policy::key_raw(
-        policy.scope,
-        scope_id,
-        &route.name,
-        &req.model,
-        api,
-        query,
-        &req.raw,
-    )?;
-    // A list embeddings request is also cached item by item: that needs its items, so it is
-    // parsed (a list of strings or token arrays, not a tree of small objects).
-    let items = match api {
-        Api::Embeddings => {
-            let body: Value = serde_json::from_slice(&req.raw).ok()?;
-            policy::embed::items(&body).map(|items| {
-                let keys = policy::item_keys(
-                    policy.scope,
-                    scope_id,
-                    &route.name,
-                    &req.model,
-                    query,
-                    &body,
-                    &items,
-                );
-                Items { body, items, keys }
-            })
-        }
-        _ => None,
-    };
-    Some(Plan {
-        key,
-        control: policy::client_control(headers),
-        api,
-        stream: req.stream,
-        include_usage: req.stream && req.include_usage,
-        policy,
-        items,
-    })
+/// What coalescing decided.
+pub(super) enum Coalesced {
+    /// Answered from an identical request in flight.
+    Answered,
+    /// To be forwarded, its answer recorded by this fill (boxed: a fill is large, and most
+    /// requests never make one).
+    Forward(Box<Fill>),
 }
 
 /// Sets `x-lumen-cache` (replacing an earlier verdict, such as a follower that had to go
@@ -171,7 +79,7 @@ pub async fn serve(
     entry: &Entry,
 ) -> pingora::Result<()> {
     let (body, sse) = match plan.api.kind().filter(|_| plan.stream) {
-        Some(kind) => match shape::render_sse(kind, &entry.body, plan.include_usage) {
+        Some(kind) => match render_sse(kind, &entry.body, plan.include_usage) {
             Some(sse) => (Bytes::from(sse), true),
             None => (entry.body.clone(), false),
         },
@@ -350,101 +258,147 @@ async fn end_broken(s: &mut Session, sse: bool) -> pingora::Result<()> {
     }
 }
 
-/// Records a cacheable miss's answer as it streams to its client: for the store (when the
-/// client allowed it) and for followers.
-pub struct Fill {
-    key: String,
-    ttl: Duration,
-    limit: usize,
-    store: bool,
-    leader: Option<Leader>,
-    kind: Option<Kind>,
-    status: u16,
-    sse: bool,
-    provider: String,
-    assembler: Option<Assembler>,
-    body: BytesMut,
-    too_large: bool,
-}
+impl Gateway {
+    /// Step 9 for a request the cache did not answer: a list of embeddings is looked up item
+    /// by item (and answered here); an identical request in flight is followed, else this one
+    /// leads and its answer is recorded by a fill. `None`: answered here; else the watchers
+    /// to forward with.
+    pub(super) async fn miss(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        req: &LlmRequest,
+        route: &Route,
+        plan: Option<&Plan>,
+    ) -> Result<Option<Watchers>> {
+        let Some(plan) = plan else {
+            return Ok(Some(Watchers::default()));
+        };
+        if plan.items.is_some() {
+            self.embeddings_by_item(s, ctx, req, route, plan).await?;
+            return Ok(None);
+        }
+        if plan.control == ClientControl::Bypass {
+            return Ok(Some(Watchers::default()));
+        }
+        Ok(match self.coalesce(s, ctx, plan).await? {
+            Coalesced::Answered => None,
+            Coalesced::Forward(fill) => Some(Watchers::filling(Some(*fill))),
+        })
+    }
 
-impl Fill {
-    pub fn new(plan: &Plan, leader: Option<Leader>) -> Fill {
-        Fill {
-            key: plan.key.clone(),
-            ttl: plan.policy.ttl,
-            limit: plan.policy.max_entry_bytes,
-            store: plan.control != ClientControl::Bypass,
-            leader,
-            kind: plan.api.kind(),
-            status: 0,
-            sse: false,
-            provider: String::new(),
-            assembler: None,
-            body: BytesMut::new(),
-            too_large: false,
+    /// Step 12 for a forwarded miss: its answer is stored when it was complete.
+    pub(super) fn cache_fill(&self, mut watch: Watchers) {
+        if let Some(fill) = watch.fill.take() {
+            self.cache_store(fill.finish().into_iter().collect());
         }
     }
 
-    pub fn head(&mut self, status: u16, sse: bool, provider: &str) {
-        self.status = status;
-        self.sse = sse;
-        self.provider = provider.to_string();
-        if sse {
-            // Streams are assembled into the non-stream answer (the stored shape).
-            // SSE carries the answer two to three times over; the assembled body is checked
-            // against the limit itself.
-            self.assembler = self
-                .kind
-                .map(|k| Assembler::new(k, self.limit.saturating_mul(4)));
-        }
-        if let Some(leader) = self.leader.as_mut() {
-            leader.head(Head {
-                status,
-                sse,
-                provider: provider.to_string(),
-            });
+    /// Step 9: a cached answer for this plan, if there is one. A client's `no-cache` or
+    /// `no-store` bypasses the lookup (`bypass` is reported at once); a list of embeddings is
+    /// looked up item by item later.
+    pub(super) async fn cache_hit(
+        &self,
+        ctx: &mut RequestCtx,
+        plan: Option<&Plan>,
+    ) -> Option<Arc<Entry>> {
+        match plan {
+            Some(p) if p.control == ClientControl::Bypass => {
+                push_status(ctx, "bypass");
+                None
+            }
+            Some(p) if p.control == ClientControl::Normal && p.items.is_none() => {
+                self.cache_lookup(&p.key).await
+            }
+            _ => None,
         }
     }
 
-    pub fn chunk(&mut self, chunk: &Bytes) {
-        if let Some(leader) = self.leader.as_mut() {
-            leader.chunk(chunk);
-        }
-        if let Some(assembler) = self.assembler.as_mut() {
-            assembler.push(chunk);
-        } else if !self.sse && !self.too_large {
-            if self.body.len().saturating_add(chunk.len()) > self.limit {
-                self.too_large = true;
-                self.body = BytesMut::new();
-            } else {
-                self.body.extend_from_slice(chunk);
+    /// Looks a key up in the cache; a Redis failure is counted and is a miss.
+    pub(super) async fn cache_lookup(&self, key: &str) -> Option<Arc<Entry>> {
+        match self.node.cache.store.get(key).await {
+            Ok(found) => found.map(|(entry, _)| entry),
+            Err(_) => {
+                self.metrics
+                    .redis_errors
+                    .with_label_values(&["cache"])
+                    .inc();
+                None
             }
         }
     }
 
-    /// The answer went out whole: completes the flight and returns what to store, if the
-    /// answer is a complete success within the size limit.
-    pub fn finish(self) -> Option<(String, Entry)> {
-        let body: Option<Bytes> = if self.status != 200 {
-            None
-        } else if self.sse {
-            self.assembler
-                .and_then(Assembler::finish)
-                .filter(|b| b.len() <= self.limit)
-                .map(Bytes::from)
-        } else if self.too_large || !is_json_object(&self.body) {
-            None
-        } else {
-            Some(self.body.freeze())
-        };
-        if let Some(leader) = self.leader {
-            leader.complete(body.clone());
+    /// Stores answers: in memory at once (the next request hits), in Redis off the request's
+    /// path.
+    pub(super) fn cache_store(&self, entries: Vec<(String, Entry)>) {
+        if entries.is_empty() {
+            return;
         }
-        let body = body.filter(|_| self.store)?;
-        Some((self.key, Entry::new(body, self.ttl, &self.provider)))
+        let entries: Vec<(String, Arc<Entry>)> =
+            entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect();
+        self.node.cache.store.remember(&entries);
+        let cache = self.node.cache.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            if cache.store.share(&entries).await.is_err() {
+                metrics.redis_errors.with_label_values(&["cache"]).inc();
+            }
+        });
     }
-}
 
-fn is_json_object(body: &[u8]) -> bool {
-    body.first() == Some(&b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    /// A cacheable request that missed: joins an identical request in flight (answered from
+    /// it) or leads one, recording its answer for the store.
+    async fn coalesce(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        plan: &Plan,
+    ) -> Result<Coalesced> {
+        if plan.control == ClientControl::Refresh {
+            // The client wants a fresh answer: no following; store it for the others.
+            push_status(ctx, "miss");
+            return Ok(Coalesced::Forward(Box::new(Fill::new(plan, None))));
+        }
+        let wait = self.node.cache.coalesce_wait;
+        loop {
+            match self
+                .node
+                .cache
+                .flights
+                .join(&plan.key, plan.policy.max_entry_bytes)
+            {
+                Join::Leader(leader) => {
+                    push_status(ctx, "miss");
+                    return Ok(Coalesced::Forward(Box::new(Fill::new(plan, Some(leader)))));
+                }
+                Join::Follower(flight) => {
+                    push_status(ctx, "hit");
+                    // After the status: set together, cleared together.
+                    ctx.response_headers.push((
+                        HeaderName::from_static("x-lumen-coalesced"),
+                        HeaderValue::from_static("1"),
+                    ));
+                    match follow(s, ctx, plan, &flight, wait).await {
+                        Followed::Done(result) => {
+                            ctx.cache = Some("coalesced");
+                            // Like a hit: no provider call, so no tokens unless the route
+                            // charges hits.
+                            if !plan.policy.charge_tokens {
+                                if let Some(hold) = ctx.tokens.take() {
+                                    self.settle_tokens(hold, 0).await;
+                                }
+                            }
+                            return result.map(|()| Coalesced::Answered);
+                        }
+                        // The leader failed: the next to join leads (maybe us).
+                        Followed::TakeOver => {}
+                        Followed::Alone => {
+                            push_status(ctx, "miss");
+                            return Ok(Coalesced::Forward(Box::new(Fill::new(plan, None))));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,363 @@
+//! Admission: DESIGN.md's steps 1–10, one call each, in the order they run. A request refused
+//! at a step never reaches the next: nothing is counted, read or reserved for it beyond that
+//! step. Any `Err` is written as an OpenAI error by `respond::write_error`.
+
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::HeaderValue;
+use lumen_plugins::address::{self, Cidr};
+use lumen_plugins::auth::{AuthError, AuthMode, Principal};
+use lumen_plugins::cache::store::Entry;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+
+use super::cache::plan::{self, Plan};
+use super::cache::push_status;
+use super::ctx::RequestCtx;
+use super::gateway::Gateway;
+use super::respond::read_body;
+use crate::config::Snapshot;
+use crate::error::{GatewayError, RequestError};
+use crate::jobs;
+use crate::openai::{self, Endpoint, LlmRequest};
+use crate::ops;
+use crate::routing::Route;
+
+/// The caller when `auth: off`: may use every model.
+static ANONYMOUS: std::sync::LazyLock<Arc<Principal>> =
+    std::sync::LazyLock::new(|| Arc::new(Principal::anonymous()));
+
+/// What admission decided.
+pub(super) enum Admit {
+    /// Answered by the gateway itself.
+    Reply(ops::Reply),
+    /// Answered from the cache.
+    Hit(Plan, Arc<Entry>),
+    /// To be forwarded on this route (using the cache as planned).
+    Forward(LlmRequest, Arc<Route>, Option<Plan>),
+    /// A call on the async jobs API, by this caller.
+    Job(jobs::api::Call, Arc<Principal>),
+}
+
+impl Gateway {
+    /// DESIGN.md's pipeline steps 1–10, in order, one call each; the statuses a step refuses
+    /// with are beside it.
+    pub(super) async fn admit(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Admit, GatewayError> {
+        let config = ctx
+            .config
+            .clone()
+            .ok_or_else(|| GatewayError::Internal("no config".into()))?;
+        let internal = self.on_internal_socket(s);
+        // 1. Probes: answered at once, no auth, never limited.
+        if let Some(reply) = self.probe(s.req_header(), &config) {
+            return reply.map(Admit::Reply);
+        }
+        // 2. Job token, on the internal socket only: a worker acts as its job's key.    401
+        let job = self.job_owner(s.req_header(), &config, internal)?;
+        // 3. Per-address limit: floods are cut before any key is checked.               429
+        if !internal {
+            self.limit_address(s, ctx, &config).await?;
+        }
+        // 4. Authenticate; then the gateway's own answers for this caller: `/v1/models`,
+        //    and the jobs API (which limits only submissions).       401, 403, 404, 405, 429
+        let jobs_call = jobs::api::route(
+            &s.req_header().method,
+            s.req_header().uri.path(),
+            &config.jobs,
+        )
+        .transpose()?;
+        let open = config.auth.mode() == AuthMode::Off && !internal;
+        let principal = authenticate(
+            s.req_header(),
+            &config,
+            job.as_ref(),
+            jobs_call.as_ref(),
+            open,
+        )?;
+        ctx.principal = Some(principal.clone());
+        if let Some(reply) = ops::answer(
+            &s.req_header().method,
+            s.req_header().uri.path(),
+            &config,
+            &principal,
+        ) {
+            return reply.map(Admit::Reply);
+        }
+        if let Some(call) = jobs_call {
+            return self
+                .admit_job(s.req_header(), ctx, &config, call, principal, open)
+                .await;
+        }
+        // 5. Key rate limit (requests, concurrency): no body is read for a refusal.      429
+        if job.is_none() {
+            self.limit(ctx, &principal).await?;
+        }
+        // 6. Body: endpoint and method, then a bounded read, parsed once.
+        //                                                         404, 405, 415, 413, 408, 400
+        let req = read_request(s, ctx, &config, open).await?;
+        // 7. Route: the allow-list first, then the route table.                         403, 404
+        let route = resolve_route(ctx, &config, &principal, &req)?;
+        // 8. Route limit, per key.                                                      429
+        self.limit_route(ctx, &principal, &route).await?;
+        // 9. Cache: a hit answers below (a request, but no provider call).
+        let plan = plan::plan(&route, &req, &principal, s.req_header());
+        let hit = self.cache_hit(ctx, plan.as_ref()).await;
+        // 10. Token reservation: an estimate now, settled with real usage after. A hit costs
+        //     tokens only when the route says so.                                        429
+        if hit.is_none() || plan.as_ref().is_some_and(|p| p.policy.charge_tokens) {
+            self.reserve_tokens(ctx, &principal, &req).await?;
+        }
+        match (hit, plan) {
+            (Some(entry), Some(plan)) => {
+                push_status(ctx, "hit");
+                Ok(Admit::Hit(plan, entry))
+            }
+            (_, plan) => Ok(Admit::Forward(req, route, plan)),
+        }
+    }
+
+    /// Step 1: `/healthz`, `/readyz`, `/health`.
+    fn probe(
+        &self,
+        head: &RequestHeader,
+        config: &Snapshot,
+    ) -> Option<Result<ops::Reply, GatewayError>> {
+        let redis = self
+            .node
+            .redis
+            .as_ref()
+            .map(|_| self.node.health.redis_ok());
+        ops::answer_probe(
+            &head.method,
+            head.uri.path(),
+            config,
+            &self.node.health,
+            redis,
+            &self.node.jobs,
+        )
+    }
+
+    /// Step 2: the key a worker's job token stands for. Whose request limit was counted when
+    /// the job was submitted; its token budget is reserved at step 10, as for anyone. Only on
+    /// the internal socket: anywhere else the header means nothing (and is never forwarded),
+    /// so it can neither skip the per-address limit nor authenticate.
+    fn job_owner(
+        &self,
+        head: &RequestHeader,
+        config: &Snapshot,
+        internal: bool,
+    ) -> Result<Option<Arc<Principal>>, GatewayError> {
+        let Some(token) = head.headers.get(jobs::run::JOB_TOKEN).filter(|_| internal) else {
+            return Ok(None);
+        };
+        match token.to_str().ok().and_then(|t| self.node.jobs.by_token(t)) {
+            // A configured key is looked up again in this request's config: a key removed or
+            // disabled by a reload since its job was queued runs nothing more (its limits and
+            // allow-list are the current ones too).
+            Some(owner) if owner.configured => config
+                .auth
+                .principal_by_id(&owner.key_id, SystemTime::now())
+                .map(Some)
+                .ok_or(GatewayError::Auth(AuthError::UnknownKey)),
+            Some(owner) => Ok(Some(owner)),
+            None => Err(GatewayError::Auth(AuthError::UnknownKey)),
+        }
+    }
+
+    /// Step 4 for a jobs API call: a submission's body must be JSON when the listener is open
+    /// (`auth: off`), and it counts against the key's request limit.
+    async fn admit_job(
+        &self,
+        head: &RequestHeader,
+        ctx: &mut RequestCtx,
+        config: &Snapshot,
+        call: jobs::api::Call,
+        principal: Arc<Principal>,
+        open: bool,
+    ) -> Result<Admit, GatewayError> {
+        if open && head.method == http::Method::POST {
+            json_body_required(head, config.limits.max_body_bytes)?;
+        }
+        if call.submits() {
+            self.limit(ctx, &principal).await?;
+        }
+        Ok(Admit::Job(call, principal))
+    }
+
+    /// Whether the request came in on this process's jobs socket (a Unix socket; every public
+    /// listener is TCP).
+    fn on_internal_socket(&self, s: &Session) -> bool {
+        s.server_addr()
+            .and_then(|a| a.as_unix())
+            .and_then(|u| u.as_pathname())
+            .is_some_and(|path| path == self.internal_socket)
+    }
+}
+
+/// Step 4: who is calling. A job's worker is its job's key; otherwise the credential headers
+/// (or, for a jobs event stream, `?api_key=`: a browser's EventSource cannot send headers).
+/// With `auth: off` the listener's address is the only protection: what a web page could send
+/// it (a DNS name re-pointed at us) is refused first.
+fn authenticate(
+    head: &RequestHeader,
+    config: &Snapshot,
+    job: Option<&Arc<Principal>>,
+    jobs_call: Option<&jobs::api::Call>,
+    open: bool,
+) -> Result<Arc<Principal>, GatewayError> {
+    if open && !host_is_local(head) {
+        return Err(GatewayError::HostNotAllowed);
+    }
+    if let Some(owner) = job {
+        return Ok(owner.clone());
+    }
+    let from_query = match jobs_call {
+        Some(jobs::api::Call::Stream(_)) => query_api_key(&head.headers, head.uri.query()),
+        _ => None,
+    };
+    let headers = from_query.as_ref().unwrap_or(&head.headers);
+    Ok(config
+        .auth
+        .authenticate(headers, SystemTime::now())?
+        .unwrap_or_else(|| ANONYMOUS.clone()))
+}
+
+/// Step 6: the endpoint and method from the head, then the body: bounded, read once, kept for
+/// every attempt, and parsed for what routing and policy need.
+async fn read_request(
+    s: &mut Session,
+    ctx: &mut RequestCtx,
+    config: &Snapshot,
+    open: bool,
+) -> Result<LlmRequest, GatewayError> {
+    let head = s.req_header();
+    let path = head.uri.path();
+    let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::UnknownEndpoint {
+        method: head.method.to_string(),
+        path: path.to_string(),
+    })?;
+    ctx.endpoint = Some(endpoint);
+    if head.method != http::Method::POST {
+        return Err(GatewayError::MethodNotAllowed {
+            method: head.method.to_string(),
+            path: path.to_string(),
+        });
+    }
+    if open {
+        json_body_required(head, config.limits.max_body_bytes)?;
+    }
+    let raw = read_body(s, config).await?;
+    let req = openai::parse(endpoint, raw)?;
+    ctx.stream = req.stream;
+    Ok(req)
+}
+
+/// Step 7: the route for the model asked for. The allow-list names what clients ask for, so it
+/// is checked on the client's model, and before the route table: a key must not learn which
+/// models exist beyond its own (403 for every model it may not use, existing or not).
+fn resolve_route(
+    ctx: &mut RequestCtx,
+    config: &Snapshot,
+    principal: &Principal,
+    req: &LlmRequest,
+) -> Result<Arc<Route>, GatewayError> {
+    if !principal.may_use(&req.model) {
+        return Err(GatewayError::ModelNotAllowed(req.model.clone()));
+    }
+    let route = config
+        .routes
+        .resolve(&req.model)
+        .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
+    ctx.route = Some(route.name.clone());
+    ctx.model = Some(req.model.clone());
+    Ok(route)
+}
+
+/// The address a per-address limit counts: the peer, or behind a trusted proxy the client it
+/// names in `X-Forwarded-For`; IPv6 cut to its `ipv6_prefix`. A peer without an IP address
+/// (none on public listeners) counts as `::`.
+pub(super) fn client_address(s: &Session, trusted: &[Cidr], ipv6_prefix: u8) -> std::net::IpAddr {
+    let peer = s
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map_or(std::net::Ipv6Addr::UNSPECIFIED.into(), |a| a.ip());
+    let forwarded = s
+        .req_header()
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        // Not visible ASCII: not an address, which ends the walk like any garbage entry.
+        .map(|v| v.to_str().unwrap_or("unknown"));
+    address::bucket_of(address::client_ip(peer, forwarded, trusted), ipv6_prefix)
+}
+
+/// Whether the request names this machine without DNS (`localhost` or an IP literal, as the
+/// admin listener requires without `admin_key`): a browser tricked by DNS rebinding sends the
+/// attacker's name. No Host at all (HTTP/1.0) is not a browser.
+fn host_is_local(head: &pingora::http::RequestHeader) -> bool {
+    let host = head
+        .headers
+        .get(http::header::HOST)
+        .map(|h| h.to_str().unwrap_or(""))
+        .or_else(|| head.uri.authority().map(|a| a.as_str()));
+    host.is_none_or(crate::admin::local_host)
+}
+
+/// A body sent without `Content-Type: application/json` (or `…+json`) is refused (415): a web
+/// page can make a browser send `text/plain` or a form cross-site without asking, but not JSON.
+/// A body over the size limit is left to the 413 that follows; a request without a body passes.
+fn json_body_required(
+    head: &pingora::http::RequestHeader,
+    max_body_bytes: usize,
+) -> Result<(), GatewayError> {
+    let length = head
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let chunked = head.headers.contains_key(http::header::TRANSFER_ENCODING);
+    if (length.unwrap_or(0) == 0 && !chunked) || length.is_some_and(|n| n > max_body_bytes) {
+        return Ok(());
+    }
+    let json = head
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .is_some_and(|m| {
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        });
+    if json {
+        Ok(())
+    } else {
+        Err(RequestError::NotJson.into())
+    }
+}
+
+/// `X-API-Key` made from `?api_key=` when the request carries no credential header.
+fn query_api_key(headers: &http::HeaderMap, query: Option<&str>) -> Option<http::HeaderMap> {
+    if headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key") {
+        return None;
+    }
+    let value = query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("api_key="))?;
+    let mut with_key = headers.clone();
+    with_key.insert("x-api-key", HeaderValue::from_str(value).ok()?);
+    Some(with_key)
+}

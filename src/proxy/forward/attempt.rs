@@ -1,0 +1,353 @@
+//! One attempt on one target, up to the commit point: the request written through a pooled
+//! connection, the answer's head read, and then either a failure the loop may retry (nothing
+//! reached the client) or a commit, from which `stream.rs` takes over. The circuit
+//! permit of the attempt is held by a [`PermitGuard`], so it is given back however the attempt
+//! ends.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_TYPE;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+
+use super::error::{
+    classify, connect_error, failure_of, is_stale_connection, protocol_error, timeout_error,
+    ForwardError,
+};
+use super::request::{client_head, read_all, read_final_head, upstream_request, write_request};
+use super::stream::{stream_to_client, Source};
+use super::watch::Watchers;
+use crate::drain::Drain;
+use crate::error::UpstreamError;
+use crate::metrics::Metrics;
+use crate::openai::{body_with_usage, LlmRequest};
+use crate::proxy::ctx::RequestCtx;
+use crate::routing::balance::TargetState;
+use crate::routing::Target;
+use crate::upstream::health::quota::{read_provider_limits, Quotas};
+use crate::upstream::health::{HealthTable, Outcome, Permit, TargetHealth};
+use crate::upstream::provider::Provider;
+use crate::upstream::retry::{Failure, RetryPolicy};
+
+/// A provider's error answer is kept up to this size so that, if no other target answers, the
+/// client gets it as the last error.
+const MAX_ERROR_BODY: usize = 256 * 1024;
+
+/// The shared state an attempt loop reads and feeds.
+pub struct Upstreams<'a> {
+    pub health: &'a HealthTable,
+    pub quotas: &'a Quotas,
+    pub metrics: &'a Metrics,
+    /// Shutdown: streams still open when the grace period ends are ended cleanly.
+    pub drain: &'a Drain,
+}
+
+/// What one attempt goes to, and within which bounds.
+pub(super) struct Try<'a> {
+    /// The pool the attempt's connection comes from.
+    pub connector: &'a Connector,
+    pub target: &'a Target,
+    /// The target's health (its provider's and its model's).
+    pub state: &'a TargetState,
+    pub policy: &'a RetryPolicy,
+    /// The route's deadline for the whole request, if it has one.
+    pub deadline: Option<Instant>,
+}
+
+/// One attempt that ended before anything reached the client.
+pub(super) struct Failed {
+    pub failure: Failure,
+    pub error: UpstreamError,
+    /// The provider's own error answer (429/5xx), passed on if it is the last one.
+    pub answer: Option<(Box<ResponseHeader>, Bytes)>,
+}
+
+/// How one attempt ended.
+pub(super) enum Attempt {
+    /// A response went to the client: the request is over, whatever `result` says.
+    Committed {
+        /// How the attempt ended, for `lumen_upstream_attempts_total`.
+        label: &'static str,
+        result: Result<(), ForwardError>,
+    },
+    /// Nothing reached the client: another attempt may follow.
+    Failed(Failed),
+}
+
+/// One attempt on one target. Commits (writes to the client) only once the provider's answer
+/// is known good enough to pass on: a success whose first chunk arrived, or a status the route
+/// does not retry.
+pub(super) async fn attempt(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &LlmRequest,
+    t: &Try<'_>,
+    permit: &mut PermitGuard,
+    up: &Upstreams<'_>,
+    watch: &mut Watchers,
+) -> Attempt {
+    let (target, state) = (t.target, t.state);
+    let provider = &*target.provider;
+    let failed = |failure: Failure, error: UpstreamError| {
+        Attempt::Failed(Failed {
+            failure,
+            error,
+            answer: None,
+        })
+    };
+    // Streams always ask for the usage chunk (budgets, quotas and the ledger settle on
+    // it, whatever the client set); the client sees it only if it asked.
+    watch.strip_usage(crate::openai::adds_usage(req));
+    let body = body_with_usage(req, target.model_json.as_ref());
+    let head = match upstream_request(session.req_header(), provider, req, &body, &ctx.request_id) {
+        Ok(head) => head,
+        Err(e) => {
+            if let Some(permit) = permit.take() {
+                record(up, t, permit, Outcome::Neutral);
+            }
+            return Attempt::Committed {
+                label: "internal",
+                result: Err(ForwardError::BeforeResponse(e)),
+            };
+        }
+    };
+    let sent = Instant::now();
+    let Ok(peer) = provider.peer.peer().await else {
+        return failed(Failure::Connect, connect_error(provider));
+    };
+    let exchange = exchange(t.connector, provider, &peer, head, &body);
+    // A client that leaves while the provider thinks is noticed now, not when the answer
+    // comes: the provider's connection is dropped, so generation (and billing) stops.
+    let gone = || Attempt::Committed {
+        label: "client_gone",
+        result: Err(ForwardError::ClientGone),
+    };
+    let exchanged = tokio::select! {
+        exchanged = within(t.deadline, exchange) => exchanged,
+        () = client_gone(session) => return gone(),
+    };
+    let mut upstream = match exchanged {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => return failed(failure_of(&e), e),
+        Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
+    };
+    let Some(upstream_head) = upstream.response_header() else {
+        return failed(Failure::Dropped, protocol_error(provider));
+    };
+    let status = upstream_head.status.as_u16();
+    read_provider_limits(status, &upstream_head.headers, &state.model, up.health);
+    // Our own head in our own HTTP version, with the provider's answer headers only.
+    let head = match client_head(upstream_head) {
+        Ok(head) => head,
+        Err(_) => return failed(Failure::Dropped, protocol_error(provider)),
+    };
+
+    // A status this route retries: keep the answer (it is the last error if nothing else
+    // answers) and let the loop try again.
+    if status >= 400 && t.policy.retries(Failure::Status(status)) {
+        let answer = match within(t.deadline, read_all(&mut upstream, MAX_ERROR_BODY)).await {
+            Ok(Ok(body)) => {
+                t.connector
+                    .release_http_session(upstream, &*peer, Some(provider.idle_timeout))
+                    .await;
+                Some((head, body))
+            }
+            _ => None,
+        };
+        return Attempt::Failed(Failed {
+            failure: Failure::Status(status),
+            error: UpstreamError::Status {
+                provider: provider.name.clone(),
+                status,
+            },
+            answer,
+        });
+    }
+
+    // Success (or a status passed on as is): wait for the first real chunk before
+    // committing, so a stream that dies before its first event still falls back. SSE
+    // comments (`: processing`) some providers send first are held with it.
+    let sse = head
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut first = BytesMut::new();
+    loop {
+        let read = tokio::select! {
+            read = within(t.deadline, upstream.read_response_body()) => read,
+            () = client_gone(session) => return gone(),
+        };
+        match read {
+            Ok(Ok(Some(chunk))) => {
+                first.extend_from_slice(&chunk);
+                if !(sse && only_comments(&first)) {
+                    break;
+                }
+            }
+            // A success with nothing in it is no answer.
+            Ok(Ok(None)) if (200..300).contains(&status) => {
+                return failed(Failure::Dropped, protocol_error(provider))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                let e = classify(provider, &e);
+                return failed(failure_of(&e), e);
+            }
+            Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
+        }
+    }
+    let first = (!first.is_empty()).then(|| first.freeze());
+    let first_byte = sent.elapsed();
+    ctx.first_byte = Some(first_byte);
+    up.metrics
+        .first_byte
+        .with_label_values(&[&provider.name])
+        .observe(first_byte.as_secs_f64());
+    // Any answer is a latency sample: a target that only fails must not look unmeasured.
+    state.model.observe_latency(first_byte);
+    let (outcome, label) = match status {
+        200..=399 => (Outcome::Success, "ok"),
+        429 => (Outcome::Failure, "status_429"),
+        500.. => (Outcome::Failure, "status_5xx"),
+        _ => (Outcome::Neutral, "status_4xx"),
+    };
+    if let Some(permit) = permit.take() {
+        record(up, t, permit, outcome);
+    }
+    let source = Source {
+        connector: t.connector,
+        peer: &peer,
+        provider,
+        metrics: up.metrics,
+        drain: up.drain,
+    };
+    let result = stream_to_client(session, ctx, upstream, (head, first), &source, watch).await;
+    up.metrics
+        .upstream_duration
+        .with_label_values(&[&provider.name])
+        .observe(sent.elapsed().as_secs_f64());
+    let label = match &result {
+        Err(ForwardError::AfterResponse { .. }) => "failed_mid_response",
+        _ => label,
+    };
+    Attempt::Committed { label, result }
+}
+
+/// Writes the request and reads the response head (skipping interim 1xx answers). A
+/// pooled connection found closed while the request was being written never delivered
+/// it: that one case is retried at once on a fresh connection. Once the request is
+/// written, a failure is an attempt like any other (the provider may have run it).
+async fn exchange(
+    connector: &Connector,
+    provider: &Provider,
+    peer: &HttpPeer,
+    head: RequestHeader,
+    body: &[Bytes],
+) -> Result<HttpSession, UpstreamError> {
+    let mut stale_retry_left = true;
+    loop {
+        let (mut upstream, reused) = connector
+            .get_http_session(peer)
+            .await
+            .map_err(|e| classify(provider, &e))?;
+        // Pingora leaves per-read timeouts to the caller: `timeout` bounds the wait for the
+        // response head and then for each body chunk.
+        upstream.set_read_timeout(Some(provider.timeout));
+        upstream.set_write_timeout(Some(provider.timeout));
+        match write_request(&mut upstream, head.clone(), body).await {
+            Ok(()) => {}
+            Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {
+                stale_retry_left = false;
+                continue;
+            }
+            Err(e) => return Err(classify(provider, &e)),
+        }
+        read_final_head(&mut upstream)
+            .await
+            .map_err(|e| classify(provider, &e))?;
+        return Ok(upstream);
+    }
+}
+
+/// A circuit permit held for one attempt. Recorded through [`PermitGuard::take`]; dropped
+/// unrecorded (a panic, a dropped future), a half-open trial is handed back so the next
+/// request can take it, instead of the circuit answering `circuit_open` forever.
+pub struct PermitGuard {
+    permit: Option<Permit>,
+    target: Arc<TargetHealth>,
+}
+
+impl PermitGuard {
+    pub(super) fn new(permit: Permit, target: &Arc<TargetHealth>) -> PermitGuard {
+        PermitGuard {
+            permit: Some(permit),
+            target: target.clone(),
+        }
+    }
+
+    /// The permit, to record an outcome with (once).
+    pub(super) fn take(&mut self) -> Option<Permit> {
+        self.permit.take()
+    }
+}
+
+impl Drop for PermitGuard {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.target.circuit.abandon(permit);
+        }
+    }
+}
+
+/// Feeds an attempt's outcome to its target's circuit, updating the gauge and logging when the
+/// state changed.
+pub(super) fn record(up: &Upstreams<'_>, t: &Try<'_>, permit: Permit, outcome: Outcome) {
+    let provider = &t.target.provider;
+    let circuit = &t.state.model.circuit;
+    let now_ms = up.health.now_ms();
+    if circuit.record(permit, outcome, now_ms, &provider.circuit) {
+        let now = circuit.state(now_ms, &provider.circuit);
+        let model = t.target.health_key.as_str();
+        up.metrics
+            .circuit_state
+            .with_label_values(&[provider.name.as_str(), model])
+            .set(now.gauge());
+        tracing::warn!(provider = %provider.name, model, circuit = now.label(), "circuit breaker changed state");
+    }
+}
+
+/// Whether `bytes` so far hold only SSE comments and blank lines (no event yet).
+fn only_comments(bytes: &[u8]) -> bool {
+    bytes
+        .split(|b| *b == b'\n')
+        .all(|line| line.is_empty() || line == b"\r" || line.starts_with(b":"))
+}
+
+/// Resolves when the client closed or reset its connection, while its request waits for the
+/// provider (the body is read by then). Anything else the client sends (a pipelined request,
+/// kept for later by Pingora) says nothing: then this never resolves.
+async fn client_gone(session: &mut Session) {
+    if session.read_body_or_idle(true).await.is_ok() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs `f` until `deadline` (if any); `Err(())` when the deadline came first.
+async fn within<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, ()> {
+    match deadline {
+        None => Ok(f.await),
+        Some(d) => tokio::time::timeout_at(d.into(), f).await.map_err(|_| ()),
+    }
+}

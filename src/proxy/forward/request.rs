@@ -1,0 +1,238 @@
+//! The provider's side of the wire: the request head Lumen sends (path, host, credentials, the
+//! client's headers less those never forwarded), writing it, and the response head the client
+//! gets from the provider's (only the headers that describe the answer). A leaf of `forward`.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Method};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::client::HttpSession;
+use pingora::ErrorType;
+
+use crate::error::GatewayError;
+use crate::openai::LlmRequest;
+use crate::upstream::provider::Provider;
+
+/// Request headers never passed on to a provider: hop-by-hop headers, headers we set
+/// ourselves, and the client's credentials (the gateway authenticates clients; providers only
+/// ever see the provider key).
+const NOT_FORWARDED: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "authorization",
+    "x-api-key",
+    // A worker's one-time job token: for this process only.
+    "x-lumen-job-token",
+    "api-key",
+    "cookie",
+    "openai-organization",
+    "openai-project",
+    "x-goog-api-key",
+    "x-request-id",
+    // We read usage from responses, so ask for them uncompressed.
+    "accept-encoding",
+    // `Expect: 100-continue` is answered at the edge (the body is already read): a provider's
+    // interim `100 Continue` must never be taken for its answer.
+    "expect",
+];
+
+/// Response headers passed from a provider to the client: what describes the answer itself.
+/// Everything else (cookies, `server`, the provider's organisation, its `x-ratelimit-*` for our
+/// provider key, framing of its connection to us) stays behind: the client's rate-limit
+/// headers are Lumen's own, set once.
+const RETURNED: &[&str] = &[
+    "content-type",
+    "content-encoding",
+    "cache-control",
+    "retry-after",
+    "retry-after-ms",
+    "openai-processing-ms",
+    "openai-version",
+];
+
+/// The provider's own request id, returned under this name (for support tickets with the
+/// provider); `x-request-id` is Lumen's.
+const UPSTREAM_REQUEST_ID: &str = "x-lumen-upstream-request-id";
+
+/// Builds the provider's request head: its path, host and credentials, the client's other
+/// headers, and our request id.
+pub(super) fn upstream_request(
+    client: &RequestHeader,
+    provider: &Provider,
+    req: &LlmRequest,
+    body: &[Bytes],
+    request_id: &HeaderValue,
+) -> Result<RequestHeader, GatewayError> {
+    let mut path = String::with_capacity(provider.base_path.len().saturating_add(24));
+    path.push_str(&provider.base_path);
+    path.push_str(req.endpoint.suffix());
+    if let Some(query) = client.uri.query() {
+        append_query(&mut path, query);
+    }
+    let internal =
+        |e: pingora::BError| GatewayError::Internal(format!("building upstream request: {e}"));
+    let mut head = RequestHeader::build(
+        Method::POST,
+        path.as_bytes(),
+        Some(client.headers.len().saturating_add(6)),
+    )
+    .map_err(internal)?;
+    for (name, value) in client.headers.iter() {
+        if !NOT_FORWARDED.contains(&name.as_str()) {
+            head.append_header(name.clone(), value.clone())
+                .map_err(internal)?;
+        }
+    }
+    let length: usize = body.iter().map(Bytes::len).sum();
+    head.insert_header(HOST, provider.host.clone())
+        .map_err(internal)?;
+    head.insert_header(CONTENT_LENGTH, length)
+        .map_err(internal)?;
+    if !head.headers.contains_key(CONTENT_TYPE) {
+        head.insert_header(CONTENT_TYPE, "application/json")
+            .map_err(internal)?;
+    }
+    head.insert_header("x-request-id", request_id.clone())
+        .map_err(internal)?;
+    if let Some(auth) = &provider.authorization {
+        head.insert_header(http::header::AUTHORIZATION, auth.clone())
+            .map_err(internal)?;
+    }
+    for (name, value) in &provider.headers {
+        head.insert_header(name.clone(), value.clone())
+            .map_err(internal)?;
+    }
+    Ok(head)
+}
+
+/// Query parameters that carry a client's credential (Azure-style `?api-key=`, `?key=`):
+/// like the `Authorization` header, they are for the gateway, never for a provider.
+const CREDENTIAL_PARAMS: &[&str] = &[
+    "api-key",
+    "api_key",
+    "apikey",
+    "key",
+    "access_token",
+    "token",
+];
+
+/// Appends `query` to `path` without credential parameters.
+pub(super) fn append_query(path: &mut String, query: &str) {
+    let mut first = true;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split('=').next().unwrap_or("");
+        if CREDENTIAL_PARAMS
+            .iter()
+            .any(|c| name.eq_ignore_ascii_case(c))
+        {
+            continue;
+        }
+        path.push(if first { '?' } else { '&' });
+        path.push_str(pair);
+        first = false;
+    }
+}
+
+/// The client's response head made from a provider's: the provider's status and the headers
+/// in [`RETURNED`], in Lumen's own HTTP version (Pingora writes it), never the provider's.
+pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>> {
+    let mut head = ResponseHeader::build(upstream.status, Some(RETURNED.len().saturating_add(8)))?;
+    for name in RETURNED {
+        for value in upstream.headers.get_all(*name) {
+            head.append_header(*name, value.clone())?;
+        }
+    }
+    // A JSON answer keeps its length (so the client sees a complete body, or a dropped
+    // connection); a stream's is removed by the caller, which may change it.
+    // Without a length the body is chunked to the client, whatever the provider's framing
+    // (close-delimited would end the client's keep-alive connection).
+    match upstream.headers.get(CONTENT_LENGTH) {
+        Some(length) => head.insert_header(CONTENT_LENGTH, length.clone())?,
+        None => head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?,
+    }
+    if let Some(id) = upstream
+        .headers
+        .get("x-request-id")
+        .filter(|v| v.len() <= 256)
+    {
+        head.insert_header(UPSTREAM_REQUEST_ID, id.clone())?;
+    }
+    Ok(Box::new(head))
+}
+
+pub(super) async fn write_request(
+    upstream: &mut HttpSession,
+    head: RequestHeader,
+    body: &[Bytes],
+) -> pingora::Result<()> {
+    upstream.write_request_header(Box::new(head)).await?;
+    for piece in body.iter().filter(|p| !p.is_empty()) {
+        upstream.write_request_body(piece.clone(), false).await?;
+    }
+    upstream.finish_request_body().await
+}
+
+/// Most interim answers one exchange may send before its real one (a provider looping on
+/// `103 Early Hints` must not hold a request forever).
+const MAX_INTERIM: usize = 8;
+
+/// Reads the response head, skipping interim 1xx answers (`100 Continue`, `103 Early Hints`):
+/// they are not the answer, and reading a body after one would be a protocol error.
+pub(super) async fn read_final_head(upstream: &mut HttpSession) -> pingora::Result<()> {
+    for _ in 0..=MAX_INTERIM {
+        upstream.read_response_header().await?;
+        let interim = upstream
+            .response_header()
+            .is_some_and(|h| h.status.is_informational());
+        if !interim {
+            return Ok(());
+        }
+    }
+    pingora::Error::e_explain(ErrorType::InvalidHTTPHeader, "too many interim answers")
+}
+
+/// Reads a whole (small) response body, failing above `limit` bytes.
+pub(super) async fn read_all(upstream: &mut HttpSession, limit: usize) -> Result<Bytes, ()> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = upstream.read_response_body().await.map_err(|_| ())? {
+        if body.len().saturating_add(chunk.len()) > limit {
+            return Err(());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::append_query;
+
+    #[test]
+    fn credential_query_parameters_are_never_forwarded() {
+        let mut path = String::from("/v1/chat/completions");
+        append_query(
+            &mut path,
+            "api-version=2024-06-01&api-key=sk-secret&KEY=x&user=7",
+        );
+        assert_eq!(path, "/v1/chat/completions?api-version=2024-06-01&user=7");
+        let mut path = String::from("/p");
+        append_query(&mut path, "api_key=s");
+        assert_eq!(path, "/p");
+    }
+}

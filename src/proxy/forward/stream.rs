@@ -1,0 +1,228 @@
+//! From the commit point on: the response head and the provider's answer, chunk by chunk, to
+//! the client (or into the pipeline's capture), every chunk shown to the [`Watchers`]. A
+//! stream that breaks or is cut before `data: [DONE]` ends with an error event; a node
+//! shutting down ends open streams with a `server_shutting_down` event.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use pingora::connectors::http::Connector;
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+
+use super::error::{classify, error_kind, protocol_error, sse_error_event, ForwardError};
+use super::watch::Watchers;
+use crate::drain::Drain;
+use crate::error::{GatewayError, UpstreamError};
+use crate::metrics::Metrics;
+use crate::proxy::ctx::{add_headers, RequestCtx};
+use crate::upstream::provider::Provider;
+
+/// Where a committed answer comes from, and what streaming it reports to.
+pub(super) struct Source<'a> {
+    /// The pool the provider's connection goes back to when its answer ended cleanly.
+    pub connector: &'a Connector,
+    pub peer: &'a HttpPeer,
+    pub provider: &'a Provider,
+    pub metrics: &'a Metrics,
+    /// Shutdown: streams still open when the grace period ends are ended cleanly.
+    pub drain: &'a Drain,
+}
+
+/// The commit point: writes the response head and the first chunk, then streams the rest as
+/// it arrives. Whatever way it ends, the usage the provider reported (or, for a stream cut
+/// short, an estimate of what was generated) is left in `ctx` for settling.
+pub(super) async fn stream_to_client(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    upstream: HttpSession,
+    (mut head, first): (Box<ResponseHeader>, Option<Bytes>),
+    source: &Source<'_>,
+    watch: &mut Watchers,
+) -> Result<(), ForwardError> {
+    let sse = head
+        .headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if sse {
+        // Stripping the usage chunk changes the length: a stream is always chunked.
+        head.remove_header(&CONTENT_LENGTH);
+        let _ = head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+    }
+    let provider = source.provider;
+    add_headers(&mut head, &ctx.response_headers);
+    let _ = head.insert_header("x-lumen-provider", provider.name.as_str());
+    let _ = head.insert_header("x-lumen-attempts", ctx.attempts);
+    let _ = head.insert_header("x-lumen-overhead-us", ctx.overhead().as_micros() as u64);
+    ctx.committed_at = Some(Instant::now());
+    ctx.status = head.status.as_u16();
+    ctx.stream = sse;
+    watch.commit(ctx.status, sse, &provider.name);
+    let result = pump(session, upstream, head, first, sse, source, watch).await;
+    if let Some(tap) = watch.tap() {
+        ctx.usage_total = tap.total_tokens();
+        ctx.usage_split = tap.split();
+        if ctx.usage_total.is_none() {
+            ctx.usage_estimate = Some(ctx.prompt_estimate.saturating_add(tap.estimate()));
+        }
+    }
+    result
+}
+
+/// Copies the provider's answer to the client (or into the capture), chunk by chunk. A stream
+/// must end with `data: [DONE]`: one that ends without it was cut, and ends with an error event
+/// like any other broken stream (never cached, counted as failed).
+async fn pump(
+    session: &mut Session,
+    mut upstream: HttpSession,
+    head: Box<ResponseHeader>,
+    first: Option<Bytes>,
+    sse: bool,
+    source: &Source<'_>,
+    watch: &mut Watchers,
+) -> Result<(), ForwardError> {
+    // Captured (the pipeline rewrites the answer, e.g. merging cached embeddings): nothing
+    // goes to the client from here.
+    let capture = watch.capture.is_some();
+    if let Some(captured) = watch.capture.as_mut() {
+        captured.head = Some(head);
+    } else if session.write_response_header(head, false).await.is_err() {
+        return Err(ForwardError::ClientGone);
+    }
+    // One wait on the shutdown signal for the whole stream, not one per chunk.
+    let cut = source.drain.cut();
+    tokio::pin!(cut);
+    let mut next = first;
+    let mut ends_event = true;
+    loop {
+        let Some(chunk) = next.take() else {
+            break;
+        };
+        let chunk = watch.chunk(chunk);
+        if !chunk.is_empty() {
+            ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
+        }
+        if chunk.is_empty() && watch.strips() {
+            // Held back (part of an event) or stripped: nothing to write.
+        } else if let Some(captured) = watch.capture.as_mut() {
+            if captured.body.len().saturating_add(chunk.len()) > captured.limit {
+                return Err(ForwardError::BeforeResponse(GatewayError::Internal(
+                    "provider answer too large to merge".into(),
+                )));
+            }
+            captured.body.extend_from_slice(&chunk);
+        } else if session
+            .write_response_body(Some(chunk), false)
+            .await
+            .is_err()
+        {
+            return Err(ForwardError::ClientGone);
+        }
+        let read = tokio::select! {
+            read = upstream.read_response_body() => read,
+            () = &mut cut, if sse && !capture => {
+                // Shutting down: end the stream while the client can still be told why.
+                let mut event = if ends_event {
+                    BytesMut::new()
+                } else {
+                    BytesMut::from(&b"\n\n"[..])
+                };
+                event.extend_from_slice(b"data: ");
+                event.extend_from_slice(&GatewayError::ShuttingDown.body());
+                event.extend_from_slice(b"\n\n");
+                let _ = session.write_response_body(Some(event.freeze()), true).await;
+                return Err(ForwardError::ShuttingDown);
+            }
+        };
+        match read {
+            Ok(chunk) => next = chunk,
+            Err(e) => {
+                let error = classify(source.provider, &e);
+                let broken = broken(session, source, error, sse && !capture, ends_event).await;
+                return Err(match broken {
+                    // Nothing reached the client: the pipeline reports it.
+                    ForwardError::AfterResponse { error, .. } if capture => {
+                        ForwardError::BeforeResponse(error.into())
+                    }
+                    other => other,
+                });
+            }
+        }
+    }
+    if sse && !watch.done_seen() {
+        // Closed (or chunk-terminated) before `[DONE]`: a truncated stream, not an end.
+        let error = protocol_error(source.provider);
+        let pending = watch.rest();
+        if !capture && !pending.is_empty() {
+            ends_event = pending.ends_with(b"\n\n");
+            if session
+                .write_response_body(Some(pending), false)
+                .await
+                .is_err()
+            {
+                return Err(ForwardError::ClientGone);
+            }
+        }
+        return Err(broken(session, source, error, !capture, ends_event).await);
+    }
+    let rest = watch.rest();
+    if !rest.is_empty()
+        && !capture
+        && session
+            .write_response_body(Some(rest), false)
+            .await
+            .is_err()
+    {
+        return Err(ForwardError::ClientGone);
+    }
+    if !capture && session.write_response_body(None, true).await.is_err() {
+        return Err(ForwardError::ClientGone);
+    }
+    source
+        .connector
+        .release_http_session(upstream, source.peer, Some(source.provider.idle_timeout))
+        .await;
+    Ok(())
+}
+
+/// The provider failed after the answer was committed: counts it, and for a stream sent to the
+/// client ends it with an error event (OpenAI SDKs raise on an `error` object in the stream),
+/// on a fresh line if the provider stopped mid-event.
+async fn broken(
+    session: &mut Session,
+    source: &Source<'_>,
+    error: UpstreamError,
+    sse_to_client: bool,
+    ends_event: bool,
+) -> ForwardError {
+    source
+        .metrics
+        .upstream_errors
+        .with_label_values(&[&source.provider.name, error_kind(&error)])
+        .inc();
+    if sse_to_client {
+        let event = sse_error_event(&error);
+        let event = if ends_event {
+            event
+        } else {
+            let mut e = BytesMut::from(&b"\n\n"[..]);
+            e.extend_from_slice(&event);
+            e.freeze()
+        };
+        let _ = session.write_response_body(Some(event), true).await;
+    }
+    ForwardError::AfterResponse {
+        error,
+        sse: sse_to_client,
+    }
+}

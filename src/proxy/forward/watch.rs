@@ -1,0 +1,199 @@
+//! What watches an answer on its way from the provider to the client, so the streaming loop
+//! owns no pipeline state: the cache fill (and the coalesced followers behind it), the capture
+//! of an answer the pipeline rewrites, the usage tap (budgets, quotas, the ledger), the strip of
+//! a usage chunk the client did not ask for, and the `[DONE]` watch that tells a finished
+//! stream from a cut one. The pipeline hands a [`Watchers`] to the forwarder and reads it back.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use bytes::{Bytes, BytesMut};
+use lumen_plugins::sse::usage::{UsageStrip, UsageTap};
+use pingora::http::ResponseHeader;
+
+use crate::proxy::cache::fill::Fill;
+
+/// A provider's answer kept for the pipeline instead of being streamed to the client.
+pub struct Captured {
+    /// Most bytes kept; a larger answer fails the request.
+    pub limit: usize,
+    pub head: Option<Box<ResponseHeader>>,
+    pub body: BytesMut,
+}
+
+/// Everything that sees an answer's chunks, in the order they see each one: usage tap, `[DONE]`
+/// watch, cache fill, then the strip (which may hold back or drop bytes for the client).
+#[derive(Default)]
+pub struct Watchers {
+    /// Records the answer for the cache and coalesced followers (a cacheable miss).
+    pub fill: Option<Fill>,
+    /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
+    pub capture: Option<Captured>,
+    /// Lumen asked the provider for a usage chunk the client did not ask for (set per attempt).
+    strip_usage: bool,
+    /// Whether the committed answer is an event stream.
+    sse: bool,
+    /// Reads usage off a success (committed 2xx answers only).
+    tap: Option<UsageTap>,
+    strip: Option<UsageStrip>,
+    done: DoneWatch,
+}
+
+impl Watchers {
+    /// Watchers for an answer that fills the cache (or nothing: `Watchers::default()`).
+    pub fn filling(fill: Option<Fill>) -> Watchers {
+        Watchers {
+            fill,
+            ..Watchers::default()
+        }
+    }
+
+    /// Watchers for an answer kept for the pipeline, up to `limit` bytes.
+    pub fn capturing(limit: usize) -> Watchers {
+        Watchers {
+            capture: Some(Captured {
+                limit,
+                head: None,
+                body: BytesMut::new(),
+            }),
+            ..Watchers::default()
+        }
+    }
+
+    /// Before each attempt: whether the usage chunk asked for on the client's behalf is to be
+    /// stripped from what the client sees.
+    pub(super) fn strip_usage(&mut self, strip: bool) {
+        self.strip_usage = strip;
+    }
+
+    /// The answer is committed with this status and framing: the watchers start.
+    pub(super) fn commit(&mut self, status: u16, sse: bool, provider: &str) {
+        self.sse = sse;
+        if let Some(fill) = self.fill.as_mut() {
+            fill.head(status, sse, provider);
+        }
+        // Usage is read off every success: for token budgets and quotas, metrics and the
+        // usage ledger.
+        self.tap = (status < 300).then(|| UsageTap::new(sse));
+        // The usage chunk Lumen asked for on the client's behalf is not the client's to see.
+        self.strip = (sse && self.strip_usage).then(UsageStrip::default);
+        self.done = DoneWatch::default();
+    }
+
+    /// One chunk as the provider sent it: every watcher sees it. Returns what the client is to
+    /// get (empty when the strip holds it back or drops it).
+    pub(super) fn chunk(&mut self, chunk: Bytes) -> Bytes {
+        if let Some(tap) = self.tap.as_mut() {
+            tap.observe(&chunk);
+        }
+        if self.sse {
+            self.done.observe(&chunk);
+        }
+        if let Some(fill) = self.fill.as_mut() {
+            fill.chunk(&chunk);
+        }
+        match self.strip.as_mut() {
+            Some(strip) => strip.filter(chunk),
+            None => chunk,
+        }
+    }
+
+    /// Whether the strip is on: an empty chunk from [`Watchers::chunk`] is then nothing to write.
+    pub(super) fn strips(&self) -> bool {
+        self.strip.is_some()
+    }
+
+    /// What the strip still holds once the provider's answer ended (empty without a strip).
+    pub(super) fn rest(&mut self) -> Bytes {
+        self.strip
+            .as_mut()
+            .map(UsageStrip::finish)
+            .unwrap_or_default()
+    }
+
+    /// Whether the stream's `data: [DONE]` went by.
+    pub(super) fn done_seen(&self) -> bool {
+        self.done.seen()
+    }
+
+    /// The usage tap of a committed success.
+    pub(super) fn tap(&mut self) -> Option<&mut UsageTap> {
+        self.tap.as_mut()
+    }
+}
+
+/// Watches a stream for its `data: [DONE]` line, across chunk boundaries.
+#[derive(Default)]
+struct DoneWatch {
+    /// The last bytes of the stream so far (a mark split across chunks is found), never
+    /// more than a mark's length: each chunk is scanned once, not copied.
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+impl DoneWatch {
+    const MARKS: [&'static [u8]; 2] = [b"data: [DONE]", b"data:[DONE]"];
+    const KEEP: usize = 12;
+
+    fn observe(&mut self, chunk: &[u8]) {
+        if self.seen {
+            return;
+        }
+        let has = |bytes: &[u8]| {
+            Self::MARKS
+                .iter()
+                .any(|mark| bytes.windows(mark.len()).any(|w| w == *mark))
+        };
+        // A mark across the boundary: the held tail and the chunk's first bytes.
+        let head = chunk.get(..chunk.len().min(Self::KEEP)).unwrap_or_default();
+        let mut seam = [0u8; 2 * Self::KEEP];
+        let n = seam
+            .iter_mut()
+            .zip(self.tail.iter().chain(head))
+            .map(|(slot, b)| *slot = *b)
+            .count();
+        if has(seam.get(..n).unwrap_or_default()) || has(chunk) {
+            self.seen = true;
+            return;
+        }
+        // Keep the last KEEP bytes of tail + chunk.
+        let from_chunk = chunk.len().min(Self::KEEP);
+        let from_tail = Self::KEEP.saturating_sub(from_chunk).min(self.tail.len());
+        let tail_start = self.tail.len().saturating_sub(from_tail);
+        self.tail.drain(..tail_start);
+        self.tail.extend_from_slice(
+            chunk
+                .get(chunk.len().saturating_sub(from_chunk)..)
+                .unwrap_or_default(),
+        );
+    }
+
+    fn seen(&self) -> bool {
+        self.seen
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::DoneWatch;
+
+    #[test]
+    fn done_is_found_wherever_the_chunks_split() {
+        let stream = b"data: {\"a\":1}\n\ndata: [DONE]\n\n";
+        for size in 1..stream.len() {
+            let mut watch = DoneWatch::default();
+            for piece in stream.chunks(size) {
+                watch.observe(piece);
+            }
+            assert!(watch.seen(), "{size}");
+        }
+        let mut watch = DoneWatch::default();
+        watch.observe(b"data: {\"text\":\"[DONE\"}\n\n");
+        assert!(!watch.seen());
+    }
+}

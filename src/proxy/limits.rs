@@ -1,0 +1,370 @@
+//! Rate limits at their pipeline steps: per client address (step 3), per key (requests and
+//! concurrency, step 5), per key on a route (step 8), and token budgets (reserved at step 10,
+//! settled when the request ends). Through Redis when configured, else in this process; when
+//! Redis fails, `redis.on_error` decides. Every limit that applied is reported in OpenAI's
+//! `x-ratelimit-*` headers, the tightest one when several did.
+
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, HeaderValue};
+use lumen_plugins::auth::Principal;
+use lumen_plugins::rate_limit::shared::{
+    OnRedisError, ReservationGuard, SharedError, SharedLimiter, SlotGuard,
+};
+use lumen_plugins::rate_limit::{format_reset, LimitReason, Limited, RateStatus, RequestLimit};
+use pingora::proxy::Session;
+
+use super::admit::client_address;
+use super::ctx::{new_slot_id, RequestCtx, TokenHold};
+use super::gateway::Gateway;
+use crate::config::Snapshot;
+use crate::error::GatewayError;
+use crate::openai::{LlmRequest, DEFAULT_COMPLETION_TOKENS};
+use crate::routing::Route;
+
+impl Gateway {
+    /// When the request ends: the fleet-wide concurrency slot is given back, and the token
+    /// reservation settled with what was used.
+    pub(super) async fn release(&self, ctx: &mut RequestCtx) {
+        // The fleet-wide slot is given back before this connection reads its next request (a
+        // client's next call must find it free); were this future dropped, the guard would.
+        if let Some(slot) = ctx.shared_slot.take() {
+            slot.release().await;
+        }
+        if let Some(hold) = ctx.tokens.take() {
+            // Settle with what the provider reported; else what was streamed (a client that
+            // left mid-stream pays for what was generated). No answer: nothing used.
+            let reserved = match &hold {
+                TokenHold::Local(r) => r.reserved,
+                TokenHold::Shared(r) => r.reserved(),
+            };
+            let actual = match ctx.usage_total.or(ctx.usage_estimate) {
+                Some(total) => total,
+                None if ctx.status == 200 => reserved,
+                None => 0,
+            };
+            self.settle_tokens(hold, actual).await;
+        }
+    }
+
+    /// The limits shared through Redis, when configured.
+    fn shared(&self) -> Option<&Arc<SharedLimiter>> {
+        self.node.redis.as_ref().map(|r| &r.limits)
+    }
+
+    /// Step 3: the per-address limit (`limits.per_ip`), never on the internal jobs socket.
+    pub(super) async fn limit_address(
+        &self,
+        s: &Session,
+        ctx: &mut RequestCtx,
+        config: &Snapshot,
+    ) -> Result<(), GatewayError> {
+        let Some(per_ip) = &config.limits.per_ip else {
+            return Ok(());
+        };
+        let address = client_address(s, &config.server.trusted_proxies, per_ip.ipv6_prefix);
+        match self.check_address(address, &per_ip.limit).await {
+            Ok(_) => Ok(()),
+            Err(limited) => Err(self.refuse(ctx, &limited)),
+        }
+    }
+
+    /// Step 8: the route's own request limit, per key.
+    pub(super) async fn limit_route(
+        &self,
+        ctx: &mut RequestCtx,
+        principal: &Principal,
+        route: &Route,
+    ) -> Result<(), GatewayError> {
+        let Some(limit) = &route.limits else {
+            return Ok(());
+        };
+        let bucket = format!("{}{}", principal.key_id, route.bucket_suffix);
+        match self.check_requests(&bucket, limit).await {
+            Ok(status) => {
+                push_headers(ctx, "requests", &status);
+                Ok(())
+            }
+            Err(limited) => Err(self.refuse(ctx, &limited)),
+        }
+    }
+
+    /// The per-address request limit: through Redis when configured (exact, keys expire),
+    /// else (and when Redis fails open) in this process's fixed-size [`AddressLimiter`].
+    pub(super) async fn check_address(
+        &self,
+        address: std::net::IpAddr,
+        limit: &RequestLimit,
+    ) -> Result<RateStatus, Limited> {
+        let local = || self.addresses.check(address, limit, Instant::now());
+        let Some(shared) = self.shared() else {
+            return local();
+        };
+        match shared.check_request(&format!("ip:{address}"), limit).await {
+            Ok(result) => result,
+            Err(e) => match self.redis_failed(&e) {
+                OnRedisError::FailOpen => local(),
+                OnRedisError::FailClosed => Err(unavailable(limit.count)),
+            },
+        }
+    }
+
+    /// Applies the caller's request-rate and concurrency limits, adding the `x-ratelimit-*`
+    /// headers to whatever response follows (a 429 gets `Retry-After` too).
+    pub(super) async fn limit(
+        &self,
+        ctx: &mut RequestCtx,
+        principal: &Principal,
+    ) -> Result<(), GatewayError> {
+        let Some(limits) = &principal.limits else {
+            return Ok(());
+        };
+        if limits.requests.is_none() && limits.concurrency.is_none() {
+            return Ok(());
+        }
+        // With Redis: rate and concurrency in one round trip.
+        if let Some(shared) = self.shared() {
+            // The slot's member is ours, never the client's `x-request-id`: a client reusing
+            // one id must not hold one slot for many requests.
+            let member = if limits.concurrency.is_some() {
+                new_slot_id()
+            } else {
+                String::new()
+            };
+            match shared
+                .admit(
+                    &principal.key_id,
+                    limits.requests.as_ref(),
+                    limits.concurrency,
+                    &member,
+                )
+                .await
+            {
+                Ok(Ok(admitted)) => {
+                    if let Some(status) = admitted.rate {
+                        push_headers(ctx, "requests", &status);
+                    }
+                    ctx.shared_slot = admitted.slot.map(|s| SlotGuard::new(shared.clone(), s));
+                    return Ok(());
+                }
+                Ok(Err(limited)) => return Err(self.refuse(ctx, &limited)),
+                Err(e) => {
+                    if limits.concurrency.is_some() {
+                        // A timed-out admit may still have run and taken the slot: give it
+                        // back rather than let it count for IN_FLIGHT_STALE_AFTER.
+                        drop(SlotGuard::new(
+                            shared.clone(),
+                            shared.slot(&principal.key_id, &member),
+                        ));
+                    }
+                    if self.redis_failed(&e) == OnRedisError::FailClosed {
+                        let limit = limits.requests.as_ref().map_or(0, |l| l.count);
+                        return Err(self.refuse(ctx, &unavailable(limit)));
+                    }
+                    // Fail open: the node's own limiter below.
+                }
+            }
+        }
+        if let Some(requests) = &limits.requests {
+            match self
+                .limiter
+                .check_request(&principal.key_id, requests, Instant::now())
+            {
+                Ok(status) => push_headers(ctx, "requests", &status),
+                Err(limited) => return Err(self.refuse(ctx, &limited)),
+            }
+        }
+        if let Some(max) = limits.concurrency {
+            match self.limiter.acquire(&principal.key_id, max) {
+                Ok(slot) => ctx.in_flight = Some(slot),
+                Err(limited) => return Err(self.refuse(ctx, &limited)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A request-rate check for a bucket other than the key's own (route, client address):
+    /// through Redis when configured, else local; on Redis failure, per `on_redis_error`.
+    pub(super) async fn check_requests(
+        &self,
+        key: &str,
+        limit: &RequestLimit,
+    ) -> Result<RateStatus, Limited> {
+        let Some(shared) = self.shared() else {
+            return self.limiter.check_request(key, limit, Instant::now());
+        };
+        match shared.check_request(key, limit).await {
+            Ok(result) => result,
+            Err(e) => match self.redis_failed(&e) {
+                OnRedisError::FailOpen => self.limiter.check_request(key, limit, Instant::now()),
+                OnRedisError::FailClosed => Err(unavailable(limit.count)),
+            },
+        }
+    }
+
+    /// Counts and (once per burst) logs a Redis failure; returns what to do about it.
+    pub(super) fn redis_failed(&self, e: &SharedError) -> OnRedisError {
+        let on_error = self
+            .node
+            .redis
+            .as_ref()
+            .map_or(OnRedisError::FailOpen, |r| r.on_error);
+        self.metrics
+            .redis_errors
+            .with_label_values(&["rate_limit"])
+            .inc();
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        let last = self.redis_logged_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) > 10_000
+            && self
+                .redis_logged_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %e, on_redis_error = ?on_error, "redis unavailable for rate limits");
+        }
+        on_error
+    }
+
+    /// Reserves the request's estimated tokens under the caller's token budgets (in Redis when
+    /// configured), adding the `x-ratelimit-*-tokens` headers.
+    pub(super) async fn reserve_tokens(
+        &self,
+        ctx: &mut RequestCtx,
+        principal: &Principal,
+        req: &LlmRequest,
+    ) -> Result<(), GatewayError> {
+        let Some(limits) = principal.limits.as_ref().filter(|l| !l.tokens.is_empty()) else {
+            return Ok(());
+        };
+        let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
+        let local = || {
+            self.limiter
+                .reserve_tokens(&principal.key_id, &limits.tokens, estimate, Instant::now())
+                .map(|(r, status)| (TokenHold::Local(r), status))
+        };
+        let result = match self.shared() {
+            None => local(),
+            Some(shared) => match shared
+                .reserve_tokens(&principal.key_id, &limits.tokens, estimate)
+                .await
+            {
+                Ok(result) => result.map(|(r, status)| {
+                    (
+                        TokenHold::Shared(ReservationGuard::new(shared.clone(), r)),
+                        status,
+                    )
+                }),
+                Err(e) => match self.redis_failed(&e) {
+                    OnRedisError::FailOpen => local(),
+                    OnRedisError::FailClosed => Err(unavailable(0)),
+                },
+            },
+        };
+        match result {
+            Ok((hold, status)) => {
+                push_headers(ctx, "tokens", &status);
+                ctx.tokens = Some(hold);
+                ctx.track_usage = true;
+                Ok(())
+            }
+            Err(limited) => Err(self.refuse(ctx, &limited)),
+        }
+    }
+
+    /// Replaces a token reservation's estimate with what the request used.
+    pub(super) async fn settle_tokens(&self, hold: TokenHold, actual: u64) {
+        match (hold, self.shared()) {
+            (TokenHold::Local(r), _) => r.settle(actual),
+            (TokenHold::Shared(mut guard), Some(shared)) => {
+                if let Some(r) = guard.take() {
+                    if let Err(e) = shared.settle_tokens(&r, actual).await {
+                        self.redis_failed(&e);
+                    }
+                }
+            }
+            (TokenHold::Shared(_), None) => {}
+        }
+    }
+
+    /// A refusal: the limit's headers, `Retry-After`, the metric, and the error to write.
+    pub(super) fn refuse(&self, ctx: &mut RequestCtx, limited: &Limited) -> GatewayError {
+        let kind = match limited.reason {
+            LimitReason::Tokens => "tokens",
+            _ => "requests",
+        };
+        push_headers(ctx, kind, &limited.status);
+        ctx.response_headers.push((
+            http::header::RETRY_AFTER,
+            HeaderValue::from(retry_after_secs(limited.retry_after)),
+        ));
+        self.metrics
+            .rate_limited
+            .with_label_values(&[ctx.key_label(), limited.reason.label()])
+            .inc();
+        GatewayError::RateLimited(limited.reason)
+    }
+}
+
+/// The refusal used while Redis is down and `on_redis_error: fail_closed`.
+fn unavailable(limit: u32) -> Limited {
+    Limited::for_a_second(limit, LimitReason::Unavailable)
+}
+
+/// OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` headers.
+fn push_headers(ctx: &mut RequestCtx, kind: &'static str, status: &RateStatus) {
+    let reset = HeaderValue::from_str(&format_reset(status.reset_after))
+        .unwrap_or(HeaderValue::from_static("0ms"));
+    let (limit, remaining, reset_name) = match kind {
+        "tokens" => (
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ),
+        _ => (
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ),
+    };
+    // Several limits (key, route) may apply: report the tightest, as one set of headers.
+    let current = ctx
+        .response_headers
+        .iter()
+        .find(|(k, _)| k.as_str() == remaining)
+        .and_then(|(_, v)| v.to_str().ok()?.parse::<u32>().ok());
+    if current.is_some_and(|c| c <= status.remaining) {
+        return;
+    }
+    ctx.response_headers
+        .retain(|(k, _)| ![limit, remaining, reset_name].contains(&k.as_str()));
+    ctx.response_headers.extend([
+        (
+            HeaderName::from_static(limit),
+            HeaderValue::from(status.limit),
+        ),
+        (
+            HeaderName::from_static(remaining),
+            HeaderValue::from(status.remaining),
+        ),
+        (HeaderName::from_static(reset_name), reset),
+    ]);
+}
+
+/// `Retry-After` in whole seconds, rounded up (a client that waits this long is admitted),
+/// and never 0 (which some clients read as "retry at once, forever").
+fn retry_after_secs(wait: Duration) -> u64 {
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .max(1)
+}

@@ -1,0 +1,98 @@
+//! What a finished request leaves behind (DESIGN.md step 12): its metrics, its row in the usage
+//! ledger, and one access-log line. Read-only over the request's state; runs in Pingora's
+//! `logging` phase, after the answer went out.
+
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use http::StatusCode;
+use pingora::proxy::Session;
+
+use super::ctx::RequestCtx;
+use super::gateway::Gateway;
+use crate::access_log;
+use crate::ledger;
+use crate::openai::Endpoint;
+
+impl Gateway {
+    /// Records the finished request in the metrics, the ledger and the access log.
+    pub(super) fn observe(&self, s: &Session, ctx: &RequestCtx) {
+        let elapsed = ctx.started.elapsed();
+        let endpoint = ctx.endpoint.map_or("none", Endpoint::label);
+        let route = ctx.route.as_deref().unwrap_or("");
+        let provider = ctx.provider.as_deref().unwrap_or("");
+        let status = StatusCode::from_u16(ctx.status).ok();
+        let status = status.as_ref().map_or("0", StatusCode::as_str);
+        self.metrics
+            .requests
+            .with_label_values(&[endpoint, route, provider, status])
+            .inc();
+        if let Some((prompt, completion)) = ctx.usage_split {
+            for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+                self.metrics
+                    .tokens
+                    .with_label_values(&[ctx.key_label(), provider, route, kind])
+                    .inc_by(n);
+            }
+        }
+        if ctx.endpoint.is_some() {
+            self.metrics
+                .overhead
+                .with_label_values(&[endpoint])
+                .observe(ctx.overhead().as_secs_f64());
+        }
+        if let Some(result) = ctx.cache {
+            self.metrics.cache.with_label_values(&[route, result]).inc();
+        }
+        if let (Some(model), Some(principal)) = (&ctx.model, &ctx.principal) {
+            let (prompt_tokens, completion_tokens) = ctx.usage_split.unwrap_or((0, 0));
+            self.node.ledger.record(&ledger::Event {
+                key: &principal.key_id,
+                provider,
+                model,
+                prompt_tokens,
+                completion_tokens,
+                error: ctx.status >= 400 || ctx.status == 0 || ctx.error.is_some(),
+                cache_hit: matches!(ctx.cache, Some("hit" | "coalesced")),
+            });
+        }
+        if let (true, Some(committed)) = (ctx.stream, ctx.committed_at) {
+            self.metrics
+                .ttft
+                .with_label_values(&[endpoint, route])
+                .observe(
+                    committed
+                        .saturating_duration_since(ctx.started)
+                        .as_secs_f64(),
+                );
+        }
+        if ctx.endpoint.is_some() {
+            self.metrics
+                .duration
+                .with_label_values(&[endpoint, route])
+                .observe(elapsed.as_secs_f64());
+        }
+        if ctx.config.as_ref().is_none_or(|c| c.server.access_log) {
+            // The query string is never logged: it may carry credentials.
+            access_log::record(&access_log::Entry {
+                request_id: ctx.request_id.to_str().unwrap_or(""),
+                key_id: ctx.principal.as_ref().map_or("", |p| p.key_id.as_str()),
+                method: s.req_header().method.as_str(),
+                path: s.req_header().uri.path(),
+                status: ctx.status,
+                endpoint,
+                route,
+                provider,
+                stream: ctx.stream,
+                duration_us: elapsed.as_micros() as u64,
+                first_byte_us: ctx.first_byte.map_or(0, |d| d.as_micros() as u64),
+                error: ctx.error.as_deref().unwrap_or(""),
+            });
+        }
+    }
+}
