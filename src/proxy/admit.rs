@@ -361,3 +361,185 @@ fn query_api_key(headers: &http::HeaderMap, query: Option<&str>) -> Option<http:
     with_key.insert("x-api-key", HeaderValue::from_str(value).ok()?);
     Some(with_key)
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+mod tests {
+    //! The admit order, on a real Pingora session over an in-memory connection: a request
+    //! refused at each step shows no trace of the steps after it (no body read, no route, no
+    //! reservation).
+
+    use std::time::Duration;
+
+    use arc_swap::ArcSwap;
+    use lumen_plugins::rate_limit::LimitReason;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    const CONFIG: &str = r#"
+listen: ["127.0.0.1:8080"]
+keys:
+  - { id: burst1, key: "sk-burst1", limits: { requests_per_minute: 60, burst: 1 } }
+  - { id: fastonly, key: "sk-fastonly", models: [fast] }
+  - { id: tokens, key: "sk-tokens", limits: { tokens_per_minute: 100000 } }
+  - { id: tiny, key: "sk-tiny", limits: { tokens_per_minute: 10 } }
+providers:
+  mock: { base_url: "http://127.0.0.1:9/v1", health: { enabled: false } }
+routes:
+  - { model: fast, targets: [ { provider: mock } ] }
+  - { model: narrow, targets: [ { provider: mock } ], limits: { requests_per_minute: 60, burst: 1 } }
+"#;
+
+    const BODY: &str =
+        r#"{"model":"fast","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
+
+    fn gateway(yaml: &str) -> Gateway {
+        let snapshot = crate::config::parse(yaml, "test.yaml", |_| None).unwrap();
+        Gateway::new(
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    /// Admits one request: `key` (if any), a chat completion whose head declares `body`'s
+    /// length, and `body` sent only when `send_body`. The client end is returned so the
+    /// connection stays open. Times out (fails) if admission waits on a body never sent.
+    async fn admit(
+        gw: &Gateway,
+        key: Option<&str>,
+        body: &str,
+        send_body: bool,
+    ) -> (Result<Admit, GatewayError>, RequestCtx, DuplexStream) {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n{auth}\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        if send_body {
+            client.write_all(body.as_bytes()).await.unwrap();
+        }
+        let mut s = Session::new_h1(Box::new(server));
+        assert!(s.read_request().await.unwrap());
+        let mut ctx = RequestCtx::new();
+        ctx.config = Some(gw.config.load_full());
+        let admitted = tokio::time::timeout(Duration::from_secs(5), gw.admit(&mut s, &mut ctx))
+            .await
+            .expect("admission waited on something it should not have");
+        (admitted, ctx, client)
+    }
+
+    fn has_header(ctx: &RequestCtx, name: &str) -> bool {
+        ctx.response_headers.iter().any(|(k, _)| k.as_str() == name)
+    }
+
+    #[tokio::test]
+    async fn a_request_admitted_passes_every_step() {
+        let gw = gateway(CONFIG);
+        let (admitted, ctx, _c) = admit(&gw, Some("sk-tokens"), BODY, true).await;
+        assert!(matches!(admitted, Ok(Admit::Forward(..))));
+        assert_eq!(ctx.route.as_deref(), Some("fast"));
+        assert!(ctx.tokens.is_some(), "tokens reserved at step 10");
+    }
+
+    #[tokio::test]
+    async fn refused_at_the_address_limit_is_never_authenticated() {
+        let gw = gateway(&CONFIG.replace(
+            "keys:",
+            "limits: { per_ip: { requests_per_minute: 1, burst: 1 } }\nkeys:",
+        ));
+        let mut refused = None;
+        for _ in 0..5 {
+            let (admitted, ctx, _c) = admit(&gw, None, BODY, false).await;
+            match admitted {
+                Err(GatewayError::RateLimited(LimitReason::Requests)) => {
+                    refused = Some(ctx);
+                    break;
+                }
+                // Until the address is limited, the missing key is what refuses it.
+                Err(GatewayError::Auth(_)) => {}
+                _ => panic!("expected a 401 or a 429"),
+            }
+        }
+        let ctx = refused.expect("the address limit refuses within 5 requests");
+        assert!(ctx.principal.is_none(), "step 3 refuses before step 4");
+    }
+
+    #[tokio::test]
+    async fn refused_at_authentication_reads_no_body() {
+        let gw = gateway(CONFIG);
+        let (admitted, ctx, _c) = admit(&gw, None, BODY, false).await;
+        assert!(matches!(admitted, Err(GatewayError::Auth(_))));
+        assert!(ctx.endpoint.is_none() && ctx.route.is_none());
+    }
+
+    #[tokio::test]
+    async fn refused_at_the_key_limit_reads_no_body() {
+        let gw = gateway(CONFIG);
+        let (first, _, _c) = admit(&gw, Some("sk-burst1"), BODY, true).await;
+        assert!(first.is_ok());
+        // The body is declared but never sent: a step that read it would wait forever.
+        let (admitted, ctx, _c) = admit(&gw, Some("sk-burst1"), BODY, false).await;
+        assert!(matches!(
+            admitted,
+            Err(GatewayError::RateLimited(LimitReason::Requests))
+        ));
+        assert!(ctx.endpoint.is_none(), "step 5 refuses before step 6");
+        assert!(has_header(&ctx, "retry-after"));
+    }
+
+    #[tokio::test]
+    async fn a_bad_body_is_refused_before_the_route_is_looked_at() {
+        let gw = gateway(CONFIG);
+        // A model this key may not use, in a body that is not JSON: the body is judged first.
+        let (admitted, ctx, _c) =
+            admit(&gw, Some("sk-fastonly"), r#"{"model":"other","#, true).await;
+        assert!(matches!(admitted, Err(GatewayError::Request(_))));
+        assert!(ctx.route.is_none() && ctx.model.is_none());
+    }
+
+    #[tokio::test]
+    async fn refused_at_the_route_reserves_nothing() {
+        let gw = gateway(CONFIG);
+        let body = BODY.replace("fast", "other");
+        let (admitted, ctx, _c) = admit(&gw, Some("sk-fastonly"), &body, true).await;
+        assert!(matches!(admitted, Err(GatewayError::ModelNotAllowed(_))));
+        assert!(ctx.route.is_none() && ctx.tokens.is_none());
+    }
+
+    #[tokio::test]
+    async fn refused_at_the_route_limit_reserves_no_tokens() {
+        let gw = gateway(CONFIG);
+        let body = BODY.replace("fast", "narrow");
+        let (first, _, _c) = admit(&gw, Some("sk-tokens"), &body, true).await;
+        assert!(first.is_ok());
+        let (admitted, ctx, _c) = admit(&gw, Some("sk-tokens"), &body, true).await;
+        assert!(matches!(
+            admitted,
+            Err(GatewayError::RateLimited(LimitReason::Requests))
+        ));
+        assert_eq!(ctx.route.as_deref(), Some("narrow"), "step 7 ran");
+        assert!(ctx.tokens.is_none(), "step 8 refuses before step 10");
+        assert!(!has_header(&ctx, "x-ratelimit-remaining-tokens"));
+    }
+
+    #[tokio::test]
+    async fn refused_at_the_token_reservation_forwards_nothing() {
+        let gw = gateway(CONFIG);
+        let (admitted, ctx, _c) = admit(&gw, Some("sk-tiny"), BODY, true).await;
+        assert!(matches!(
+            admitted,
+            Err(GatewayError::RateLimited(LimitReason::Tokens))
+        ));
+        assert!(ctx.tokens.is_none());
+    }
+}

@@ -368,3 +368,54 @@ fn retry_after_secs(wait: Duration) -> u64 {
         .saturating_add(u64::from(wait.subsec_nanos() > 0))
         .max(1)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn status(limit: u32, remaining: u32, reset_ms: u64) -> RateStatus {
+        RateStatus {
+            limit,
+            remaining,
+            reset_after: Duration::from_millis(reset_ms),
+        }
+    }
+
+    fn header<'a>(ctx: &'a RequestCtx, name: &str) -> Vec<&'a str> {
+        ctx.response_headers
+            .iter()
+            .filter(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_tightest_of_several_limits_is_reported_once() {
+        let mut ctx = RequestCtx::new();
+        // The key's limit, then a route's tighter one, then a looser one.
+        push_headers(&mut ctx, "requests", &status(60, 40, 1000));
+        push_headers(&mut ctx, "requests", &status(10, 3, 6000));
+        push_headers(&mut ctx, "requests", &status(100, 99, 600));
+        assert_eq!(header(&ctx, "x-ratelimit-limit-requests"), ["10"]);
+        assert_eq!(header(&ctx, "x-ratelimit-remaining-requests"), ["3"]);
+        assert_eq!(header(&ctx, "x-ratelimit-reset-requests"), ["6s"]);
+        // Token limits are reported beside request limits, not instead of them.
+        push_headers(&mut ctx, "tokens", &status(1000, 900, 60));
+        assert_eq!(header(&ctx, "x-ratelimit-remaining-tokens"), ["900"]);
+        assert_eq!(header(&ctx, "x-ratelimit-remaining-requests"), ["3"]);
+        // A tie keeps the first (no flapping between equal limits).
+        push_headers(&mut ctx, "tokens", &status(2000, 900, 60));
+        assert_eq!(header(&ctx, "x-ratelimit-limit-tokens"), ["1000"]);
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(59_999)), 60);
+        assert_eq!(retry_after_secs(Duration::MAX), u64::MAX);
+    }
+}

@@ -118,3 +118,90 @@ impl Fill {
 fn is_json_object(body: &[u8]) -> bool {
     body.first() == Some(&b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use std::sync::Arc;
+
+    use lumen_plugins::cache::flight::{End, Flights, Join};
+    use lumen_plugins::cache::{Api, CachePolicy, Scope, When};
+
+    use super::*;
+
+    const ANSWER: &[u8] = br#"{"id":"c1","object":"chat.completion","choices":[]}"#;
+    const STREAM: &[u8] = b"data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+
+    fn plan(stream: bool) -> Plan {
+        Plan {
+            key: "k".into(),
+            policy: CachePolicy {
+                ttl: Duration::from_secs(60),
+                scope: Scope::Key,
+                max_entry_bytes: 1 << 20,
+                when: When::Always,
+                charge_tokens: false,
+            },
+            control: ClientControl::Normal,
+            api: Api::Chat,
+            stream,
+            include_usage: false,
+            items: None,
+        }
+    }
+
+    fn fill(status: u16, sse: bool, body: &[u8]) -> Option<(String, Entry)> {
+        let mut fill = Fill::new(&plan(sse), None);
+        fill.head(status, sse, "p");
+        fill.chunk(&Bytes::copy_from_slice(body));
+        fill.finish()
+    }
+
+    #[test]
+    fn a_complete_200_answer_is_stored() {
+        let (key, entry) = fill(200, false, ANSWER).unwrap();
+        assert_eq!(key, "k");
+        assert_eq!(&entry.body[..], ANSWER);
+        assert!(
+            fill(200, true, STREAM).is_some(),
+            "a stream is stored assembled"
+        );
+    }
+
+    #[test]
+    fn a_non_200_answer_is_never_stored() {
+        for status in [201, 206, 400, 404, 429, 500, 503] {
+            assert!(fill(status, false, ANSWER).is_none(), "{status}");
+            assert!(fill(status, true, STREAM).is_none(), "{status} stream");
+        }
+    }
+
+    #[test]
+    fn a_non_200_answer_fails_the_followers_instead_of_feeding_them() {
+        let flights = Arc::new(Flights::new());
+        let Join::Leader(leader) = flights.join("k", 1 << 20) else {
+            panic!("the first request leads");
+        };
+        let Join::Follower(flight) = flights.join("k", 1 << 20) else {
+            panic!("the second follows");
+        };
+        let mut fill = Fill::new(&plan(false), Some(leader));
+        fill.head(503, false, "p");
+        fill.chunk(&Bytes::from_static(br#"{"error":{"message":"busy"}}"#));
+        assert!(fill.finish().is_none());
+        let end = end_soon(&flight);
+        assert!(
+            matches!(end, Some(End::Complete(None)) | Some(End::Failed)),
+            "followers get no body from an error answer"
+        );
+    }
+
+    /// How the flight ended (waiting briefly).
+    fn end_soon(flight: &lumen_plugins::cache::flight::Flight) -> Option<End> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+            .block_on(flight.end(Duration::from_millis(100)))
+    }
+}
