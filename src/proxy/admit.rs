@@ -401,7 +401,10 @@ routes:
         r#"{"model":"fast","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
 
     fn gateway(yaml: &str) -> Gateway {
-        let snapshot = crate::config::parse(yaml, "test.yaml", |_| None).unwrap();
+        // The usage ledger's lock file goes to a scratch directory, not the working tree.
+        let dir = std::env::temp_dir().join(format!("lumen-admit-{}", std::process::id()));
+        let yaml = format!("usage: {{ state_dir: \"{}\" }}\n{yaml}", dir.display());
+        let snapshot = crate::config::parse(&yaml, "test.yaml", |_| None).unwrap();
         Gateway::new(
             Arc::new(ArcSwap::from_pointee(snapshot)),
             Arc::new(Metrics::new()),
