@@ -15,6 +15,9 @@
 //! | [`cache`] | response cache: keys, memory and Redis tiers, coalescing |
 //! | [`redis_link`] | the one Redis connection the policies above share |
 //! | [`sse`] | the OpenAI stream codec: SSE ↔ JSON answer, token usage read off a stream (not a policy: shared by the cache and the jobs engine) |
+//!
+//! Imports: nothing of the gateway (this is its own crate) and no Pingora types; modules import
+//! `redis_link`, `civil` and `sse` below them, never each other's internals.
 
 pub mod address;
 pub mod auth;

@@ -13,6 +13,9 @@
 //! validation requires one when the listener is not on loopback); the key is read from the live
 //! snapshot, so rotating it is a reload. Browsers present it as a Basic password, which they
 //! ask for themselves.
+//!
+//! Imports: `config`, `upstream::health`, `ledger`, `metrics`, `jobs` and `ops` (read-only, for
+//! reports and the OpenAPI document); never `proxy` or `node`.
 
 mod assets;
 pub mod cli;

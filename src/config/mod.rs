@@ -3,10 +3,22 @@
 //!
 //! Loading is strict: unknown keys, missing variables, bad URLs and dangling references are all
 //! errors, and every error names the file, line and column so `lumen check` reads like `nginx -t`.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `raw.rs` | the YAML types, strict |
+//! | `env.rs`, `units.rs`, `locate.rs` | `${VAR}`, durations and sizes, YAML paths → line:column |
+//! | `problem.rs` | [`Problem`] and [`ConfigError`] (a leaf) |
+//! | `providers.rs`, `snapshot.rs` | raw → the validated [`Snapshot`] |
+//! | `reload.rs` | `SIGHUP` and file changes: validate, swap, tell systemd |
+//!
+//! Imports: `upstream` (it builds providers), `routing` (the route table), `jobs` (its
+//! settings), the plugins; never `proxy` or `node`.
 
 pub mod env;
 mod locate;
 pub mod problem;
+mod providers;
 pub mod raw;
 pub mod reload;
 pub mod snapshot;

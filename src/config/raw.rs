@@ -3,6 +3,9 @@
 //! Every struct denies unknown fields, so a typo (`retires:`) is an error rather than a silent
 //! default. Turning these into the runtime form (URLs parsed, names cross-checked, addresses
 //! resolved) is `snapshot::build`'s job.
+//!
+//! Over 600 lines on purpose: the whole YAML shape in one file, read top to bottom like the
+//! config it describes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

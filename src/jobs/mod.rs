@@ -19,6 +19,10 @@
 //!
 //! [`api`] turns the HTTP shapes (native `/v1/jobs`, and the two compatible shapes) into calls
 //! on [`Jobs`].
+//!
+//! Imports: `config`, `openai`, `error`, the plugins (`sse`, `redis_link`); the jobs API writes
+//! to Pingora's session itself; never `proxy` or `node` (workers reach the pipeline over the
+//! socket, not by a call).
 
 pub mod api;
 pub mod job;

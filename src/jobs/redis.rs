@@ -12,6 +12,8 @@
 //!
 //! Every state change is one script, so two workers that both believe they run a job (one
 //! was presumed dead) record one result: the first `finish` wins, the other is ignored.
+//!
+//! Over 600 lines on purpose: each Lua script sits next to the one method that runs it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -16,6 +16,8 @@
 //!
 //! Reads ([`Ledger::query`]) add what is stored to what is still in memory, so `/admin/usage`
 //! is exact at any moment, not only after a flush.
+//!
+//! Imports: `config`'s usage settings and the plugins' Redis link; nothing of the request path.
 
 mod day;
 mod row;

@@ -3,6 +3,9 @@
 //! Exact names win over patterns, and among patterns the first one in the file wins. A provider
 //! with `expose_models: true` also answers `provider/model` directly. Ordering a route's targets
 //! for one request (strategy, health) is `balance`'s job; trying them is `forward`'s.
+//!
+//! Imports: `config` (raw routes, problems), `upstream` (providers, health, retry policies),
+//! the plugins; never `proxy`.
 
 pub mod balance;
 
