@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Client};
 use lumen_test_support::harness::RedisServer;
+use lumen_test_support::openai::{chat, chat_job};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
 
@@ -22,14 +23,9 @@ fn config(mock: &MockUpstream, redis: Option<&RedisServer>) -> String {
 
 const AUTH: (&str, &str) = ("authorization", "Bearer sk-bench");
 
-fn job() -> Value {
-    json!({"endpoint": "/v1/chat/completions",
-           "body": {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}})
-}
-
 async fn submit(c: &mut Client) -> String {
     let r = c
-        .post_json("/v1/jobs", &[AUTH], &job())
+        .post_json("/v1/jobs", &[AUTH], &chat_job("fast", "hi", json!({})))
         .await
         .expect("submit");
     assert_eq!(r.status, 202, "{}", r.text());
@@ -94,7 +90,7 @@ async fn sync_throughput(addr: SocketAddr, n: usize) -> f64 {
         .map(|_| {
             tokio::spawn(async move {
                 let mut c = Client::connect(addr).await.expect("connect");
-                let body = job()["body"].clone();
+                let body = chat("fast", "hi");
                 for _ in 0..n / 3 {
                     let r = c
                         .post_json("/v1/chat/completions", &[AUTH], &body)

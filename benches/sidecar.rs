@@ -7,12 +7,10 @@
 //! the figures include tokenizing, SSE framing and loopback; the baseline (one stream) is taken
 //! in the same run, and the table reports the parallel/single ratio.
 
-#[path = "../sidecar/tests/common/mod.rs"]
-mod common;
-
 use std::time::Instant;
 
-use common::{real_model, tiny_chat_model, Sidecar};
+use lumen_test_support::openai::chat_with;
+use lumen_test_support::sidecar::{self, real_model, tiny_chat_model, Sidecar};
 use serde_json::json;
 
 /// Repetitions per measurement; the best is kept (least disturbed by other work on the box).
@@ -114,19 +112,12 @@ fn long_prompt(port: u16, target: u64) -> String {
 
 /// A sampled chat completion; returns the completion tokens generated.
 fn generate(port: u16, seed: u64, max_tokens: u64) -> u64 {
-    let body = json!({
-        "model": "m",
-        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to sail."}],
-        "temperature": 0.7,
-        "seed": seed,
-        "max_tokens": max_tokens,
-    });
-    let r = common::request(
-        port,
-        "POST",
-        "/v1/chat/completions",
-        Some(body.to_string().as_bytes()),
+    let body = chat_with(
+        "m",
+        "Write a long story about a dragon who learns to sail.",
+        json!({"temperature": 0.7, "seed": seed, "max_tokens": max_tokens}),
     );
+    let r = sidecar::post(port, "/v1/chat/completions", &body);
     assert_eq!(r.status, 200, "{}", r.text());
     r.json()["usage"]["completion_tokens"].as_u64().unwrap_or(0)
 }
@@ -134,12 +125,7 @@ fn generate(port: u16, seed: u64, max_tokens: u64) -> u64 {
 /// A text completion; returns (prompt tokens, completion tokens).
 fn complete(port: u16, prompt: &str, max_tokens: u64) -> (u64, u64) {
     let body = json!({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
-    let r = common::request(
-        port,
-        "POST",
-        "/v1/completions",
-        Some(body.to_string().as_bytes()),
-    );
+    let r = sidecar::post(port, "/v1/completions", &body);
     assert_eq!(r.status, 200, "{}", r.text());
     let usage = &r.json()["usage"];
     (

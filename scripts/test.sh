@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 
-# Static check (cheap, before the build): the import-cycle checker checks itself.
+# Static checks (cheap, before the build): the import-cycle checker checks itself, then the
+# workspace: no two source files may import each other, directly or around a loop.
+echo "== import cycles"
 python3 scripts/import-cycles --self-test
+python3 scripts/import-cycles
 
 echo "== build (release, once for every stage)"
 cargo build --release --workspace --all-targets

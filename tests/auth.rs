@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use lumen_test_support::client::{request, Client};
+use lumen_test_support::openai::{chat, chat_job};
 use lumen_test_support::{Lumen, MockUpstream, Response};
 use serde_json::json;
 
@@ -59,17 +60,6 @@ fn keys_hash(key: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-fn chat(model: &str) -> serde_json::Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-}
-
-async fn post(lumen: &Lumen, headers: &[(&str, &str)], model: &str) -> Response {
-    let mut c = Client::connect(lumen.addr).await.unwrap();
-    c.post_json("/v1/chat/completions", headers, &chat(model))
-        .await
-        .unwrap()
-}
-
 fn code(resp: &Response) -> String {
     resp.json()["error"]["code"]
         .as_str()
@@ -97,9 +87,16 @@ fn token(claims: serde_json::Value) -> String {
 async fn api_keys_in_both_headers_and_every_refusal() {
     let mock = MockUpstream::start();
     let lumen = start_env(&mock);
-    let ok = post(&lumen, &[("authorization", "Bearer sk-hashed-key")], "fast").await;
+    let ok = lumen
+        .post_chat(
+            &[("authorization", "Bearer sk-hashed-key")],
+            &chat("fast", "hi"),
+        )
+        .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
-    let ok = post(&lumen, &[("x-api-key", "sk-team-key")], "fast").await;
+    let ok = lumen
+        .post_chat(&[("x-api-key", "sk-team-key")], &chat("fast", "hi"))
+        .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 
     for (headers, what) in [
@@ -112,7 +109,7 @@ async fn api_keys_in_both_headers_and_every_refusal() {
             "not a bearer",
         ),
     ] {
-        let resp = post(&lumen, &headers, "fast").await;
+        let resp = lumen.post_chat(&headers, &chat("fast", "hi")).await;
         assert_eq!(
             (resp.status, code(&resp).as_str()),
             (401, "invalid_api_key"),
@@ -174,25 +171,36 @@ async fn allow_lists_and_the_model_list_follow_the_key() {
     let mock = MockUpstream::start();
     let lumen = start_env(&mock);
     let team = [("authorization", "Bearer sk-team-key")];
-    assert_eq!(post(&lumen, &team, "fast").await.status, 200);
     assert_eq!(
-        post(&lumen, &team, "direct/anything").await.status,
+        lumen.post_chat(&team, &chat("fast", "hi")).await.status,
+        200
+    );
+    assert_eq!(
+        lumen
+            .post_chat(&team, &chat("direct/anything", "hi"))
+            .await
+            .status,
         200,
         "glob allow-list"
     );
-    let resp = post(&lumen, &team, "slow").await;
+    let resp = lumen.post_chat(&team, &chat("slow", "hi")).await;
     assert_eq!(
         (resp.status, code(&resp).as_str()),
         (403, "model_not_allowed")
     );
     // No oracle: a model outside the allow-list is refused the same whether it exists or not.
-    let resp = post(&lumen, &team, "nope").await;
+    let resp = lumen.post_chat(&team, &chat("nope", "hi")).await;
     assert_eq!(
         (resp.status, code(&resp).as_str()),
         (403, "model_not_allowed")
     );
     // A key that may use every model learns that it does not exist.
-    let resp = post(&lumen, &[("authorization", "Bearer sk-hashed-key")], "nope").await;
+    let resp = lumen
+        .post_chat(
+            &[("authorization", "Bearer sk-hashed-key")],
+            &chat("nope", "hi"),
+        )
+        .await;
     assert_eq!(resp.status, 404);
 
     let mut c = Client::connect(lumen.addr).await.unwrap();
@@ -233,9 +241,13 @@ async fn jwts_are_verified_and_mapped() {
         json!({"iss": "https://idp.test", "aud": "lumen", "sub": "svc-7", "exp": now() + 600, "models": ["fast"]}),
     );
     let bearer = format!("Bearer {good}");
-    let resp = post(&lumen, &[("authorization", &bearer)], "fast").await;
+    let resp = lumen
+        .post_chat(&[("authorization", &bearer)], &chat("fast", "hi"))
+        .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let resp = post(&lumen, &[("authorization", &bearer)], "slow").await;
+    let resp = lumen
+        .post_chat(&[("authorization", &bearer)], &chat("slow", "hi"))
+        .await;
     assert_eq!(resp.status, 403, "models claim is the allow-list");
 
     let refused = [
@@ -256,7 +268,12 @@ async fn jwts_are_verified_and_mapped() {
         format!("{}x", &good[..good.len() - 1]),
     ];
     for t in refused {
-        let resp = post(&lumen, &[("authorization", &format!("Bearer {t}"))], "fast").await;
+        let resp = lumen
+            .post_chat(
+                &[("authorization", &format!("Bearer {t}"))],
+                &chat("fast", "hi"),
+            )
+            .await;
         assert_eq!(
             (resp.status, code(&resp).as_str()),
             (401, "invalid_api_key"),
@@ -304,11 +321,7 @@ jobs: {{ workers: 0, default_model: fast }}
         .unwrap();
     assert_eq!(first.header("x-lumen-cache"), Some("miss"));
     let job = c
-        .post_json(
-            "/v1/jobs",
-            &alice,
-            &json!({"endpoint": "/v1/chat/completions", "body": chat("fast")}),
-        )
+        .post_json("/v1/jobs", &alice, &chat_job("fast", "hi", json!({})))
         .await
         .unwrap();
     assert_eq!(job.status, 202, "{}", job.text());
@@ -341,19 +354,19 @@ jobs: {{ workers: 0, default_model: fast }}
     // Limits: the token holder uses up its own 3 requests...
     for _ in 0..2 {
         let r = c
-            .post_json("/v1/chat/completions", &jwt, &chat("fast"))
+            .post_json("/v1/chat/completions", &jwt, &chat("fast", "hi"))
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
     }
     let refused = c
-        .post_json("/v1/chat/completions", &jwt, &chat("fast"))
+        .post_json("/v1/chat/completions", &jwt, &chat("fast", "hi"))
         .await
         .unwrap();
     assert_eq!(refused.status, 429);
     // ...and alice's bucket is untouched by them.
     let r = c
-        .post_json("/v1/chat/completions", &alice, &chat("fast"))
+        .post_json("/v1/chat/completions", &alice, &chat("fast", "hi"))
         .await
         .unwrap();
     assert_eq!(
@@ -447,7 +460,7 @@ jobs: {{ workers: 0, default_model: fast }}
 "#,
         base = mock.base_url()
     ));
-    let body = chat("fast").to_string();
+    let body = chat("fast", "hi").to_string();
     let send = |path: &'static str, headers: Vec<(&'static str, String)>| {
         let body = body.clone();
         async move {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use lumen_test_support::client::{Client, Response};
 use lumen_test_support::harness::RedisServer;
+use lumen_test_support::openai::chat_with;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
 
@@ -51,8 +52,9 @@ routes:
     )
 }
 
-fn chat(model: &str) -> Value {
-    json!({"model": model, "temperature": 0, "messages": [{"role": "user", "content": "hello"}]})
+/// The request these tests repeat: greedy (`temperature: 0`), so the cache may store it.
+fn cacheable(model: &str) -> Value {
+    chat_with(model, "hello", json!({"temperature": 0}))
 }
 
 async fn send(lumen: &Lumen, key: &str, body: &Value, extra: &[(&str, &str)]) -> Response {
@@ -83,10 +85,10 @@ fn chat_calls(mock: &MockUpstream) -> usize {
 async fn a_repeated_request_is_a_hit_with_age_and_no_upstream_call() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    let first = send(&lumen, "sk-alice", &chat("cached"), &[]).await;
+    let first = send(&lumen, "sk-alice", &cacheable("cached"), &[]).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-lumen-cache"), Some("miss"));
-    let second = send(&lumen, "sk-alice", &chat("cached"), &[]).await;
+    let second = send(&lumen, "sk-alice", &cacheable("cached"), &[]).await;
     assert_eq!(second.status, 200);
     assert_eq!(second.header("x-lumen-cache"), Some("hit"));
     assert!(second.header("age").is_some());
@@ -95,7 +97,7 @@ async fn a_repeated_request_is_a_hit_with_age_and_no_upstream_call() {
     assert_eq!(chat_calls(&mock), 1);
 
     // Not deterministic: never cached, no cache header.
-    let mut warm = chat("cached");
+    let mut warm = cacheable("cached");
     warm["temperature"] = json!(0.7);
     for _ in 0..2 {
         let r = send(&lumen, "sk-alice", &warm, &[]).await;
@@ -113,11 +115,11 @@ async fn a_repeated_request_is_a_hit_with_age_and_no_upstream_call() {
 async fn entries_expire_after_their_ttl() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    send(&lumen, "sk-alice", &chat("short"), &[]).await;
-    let hit = send(&lumen, "sk-alice", &chat("short"), &[]).await;
+    send(&lumen, "sk-alice", &cacheable("short"), &[]).await;
+    let hit = send(&lumen, "sk-alice", &cacheable("short"), &[]).await;
     assert_eq!(hit.header("x-lumen-cache"), Some("hit"));
     tokio::time::sleep(Duration::from_millis(450)).await;
-    let expired = send(&lumen, "sk-alice", &chat("short"), &[]).await;
+    let expired = send(&lumen, "sk-alice", &cacheable("short"), &[]).await;
     assert_eq!(expired.header("x-lumen-cache"), Some("miss"));
     assert_eq!(chat_calls(&mock), 2);
 }
@@ -126,7 +128,7 @@ async fn entries_expire_after_their_ttl() {
 async fn the_key_ignores_json_order_and_stream_but_not_output_fields() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    send(&lumen, "sk-alice", &chat("cached"), &[]).await;
+    send(&lumen, "sk-alice", &cacheable("cached"), &[]).await;
     // Same request, keys reordered, whitespace, 0.0 for 0, a user id: a hit.
     let reordered: Value = serde_json::from_str(
         r#"{ "messages": [ { "content": "hello", "role": "user" } ],
@@ -143,12 +145,12 @@ async fn the_key_ignores_json_order_and_stream_but_not_output_fields() {
         ("seed", json!(3)),
         ("response_format", json!({"type": "json_object"})),
     ] {
-        let mut b = chat("cached");
+        let mut b = cacheable("cached");
         b[field] = value;
         let r = send(&lumen, "sk-alice", &b, &[]).await;
         assert_eq!(r.header("x-lumen-cache"), Some("miss"), "{field}");
     }
-    let mut other = chat("cached");
+    let mut other = cacheable("cached");
     other["messages"][0]["content"] = json!("hello!");
     assert_eq!(
         send(&lumen, "sk-alice", &other, &[])
@@ -163,8 +165,8 @@ async fn a_json_answer_is_replayed_as_a_stream_and_a_stream_as_json() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
     // JSON first, then the same request as a stream.
-    let json_first = send(&lumen, "sk-alice", &chat("cached"), &[]).await;
-    let mut stream = chat("cached");
+    let json_first = send(&lumen, "sk-alice", &cacheable("cached"), &[]).await;
+    let mut stream = cacheable("cached");
     stream["stream"] = json!(true);
     let replay = send(&lumen, "sk-alice", &stream, &[]).await;
     assert_eq!(replay.header("x-lumen-cache"), Some("hit"));
@@ -179,7 +181,7 @@ async fn a_json_answer_is_replayed_as_a_stream_and_a_stream_as_json() {
     assert_eq!(first["object"], "chat.completion.chunk");
 
     // A stream first (stored once [DONE] arrived), then JSON.
-    let mut other = chat("cached");
+    let mut other = cacheable("cached");
     other["messages"][0]["content"] = json!("stream me");
     other["stream"] = json!(true);
     other["mock_chunks"] = json!(4);
@@ -203,7 +205,7 @@ async fn a_json_answer_is_replayed_as_a_stream_and_a_stream_as_json() {
 async fn a_broken_stream_is_never_stored() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    let mut b = chat("breaks");
+    let mut b = cacheable("breaks");
     b["stream"] = json!(true);
     b["mock_chunks"] = json!(5);
     for _ in 0..2 {
@@ -219,22 +221,22 @@ async fn a_broken_stream_is_never_stored() {
 async fn scopes_keep_answers_to_their_key_tenant_or_everyone() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    send(&lumen, "sk-alice", &chat("cached"), &[]).await;
-    let bob = send(&lumen, "sk-bob", &chat("cached"), &[]).await;
+    send(&lumen, "sk-alice", &cacheable("cached"), &[]).await;
+    let bob = send(&lumen, "sk-bob", &cacheable("cached"), &[]).await;
     assert_eq!(
         bob.header("x-lumen-cache"),
         Some("miss"),
         "scope key: never across keys"
     );
 
-    send(&lumen, "sk-alice", &chat("team"), &[]).await;
-    let bob = send(&lumen, "sk-bob", &chat("team"), &[]).await;
+    send(&lumen, "sk-alice", &cacheable("team"), &[]).await;
+    let bob = send(&lumen, "sk-bob", &cacheable("team"), &[]).await;
     assert_eq!(bob.header("x-lumen-cache"), Some("hit"), "same tenant");
-    let carol = send(&lumen, "sk-carol", &chat("team"), &[]).await;
+    let carol = send(&lumen, "sk-carol", &cacheable("team"), &[]).await;
     assert_eq!(carol.header("x-lumen-cache"), Some("miss"), "other tenant");
 
-    send(&lumen, "sk-alice", &chat("shared"), &[]).await;
-    let carol = send(&lumen, "sk-carol", &chat("shared"), &[]).await;
+    send(&lumen, "sk-alice", &cacheable("shared"), &[]).await;
+    let carol = send(&lumen, "sk-carol", &cacheable("shared"), &[]).await;
     assert_eq!(carol.header("x-lumen-cache"), Some("hit"), "global");
 }
 
@@ -245,12 +247,12 @@ async fn cache_control_no_cache_refreshes_and_no_store_bypasses() {
     let bypass = send(
         &lumen,
         "sk-alice",
-        &chat("cached"),
+        &cacheable("cached"),
         &[("cache-control", "no-store")],
     )
     .await;
     assert_eq!(bypass.header("x-lumen-cache"), Some("bypass"));
-    let after = send(&lumen, "sk-alice", &chat("cached"), &[]).await;
+    let after = send(&lumen, "sk-alice", &cacheable("cached"), &[]).await;
     assert_eq!(
         after.header("x-lumen-cache"),
         Some("miss"),
@@ -259,7 +261,7 @@ async fn cache_control_no_cache_refreshes_and_no_store_bypasses() {
     let refresh = send(
         &lumen,
         "sk-alice",
-        &chat("cached"),
+        &cacheable("cached"),
         &[("cache-control", "no-cache")],
     )
     .await;
@@ -269,7 +271,7 @@ async fn cache_control_no_cache_refreshes_and_no_store_bypasses() {
         "no-cache skips the lookup"
     );
     assert_eq!(chat_calls(&mock), 3);
-    let hit = send(&lumen, "sk-alice", &chat("cached"), &[]).await;
+    let hit = send(&lumen, "sk-alice", &cacheable("cached"), &[]).await;
     assert_eq!(hit.header("x-lumen-cache"), Some("hit"));
     assert_eq!(chat_calls(&mock), 3);
 }
@@ -374,7 +376,7 @@ async fn concurrent(lumen: &Lumen, body: &Value, n: usize) -> Vec<Response> {
 async fn fifty_identical_requests_in_flight_make_one_upstream_call() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    let responses = concurrent(&lumen, &chat("slow"), 50).await;
+    let responses = concurrent(&lumen, &cacheable("slow"), 50).await;
     for r in &responses {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
@@ -391,7 +393,7 @@ async fn fifty_identical_requests_in_flight_make_one_upstream_call() {
 
     // Streams: followers get the leader's chunks as they arrive.
     mock.clear();
-    let mut stream = chat("cached");
+    let mut stream = cacheable("cached");
     stream["messages"][0]["content"] = json!("a slow stream");
     stream["stream"] = json!(true);
     stream["mock_chunks"] = json!(5);
@@ -423,12 +425,12 @@ async fn two_gateways_share_hits_through_redis_and_survive_its_loss() {
     let extra = format!("redis: {{ url: \"{}\", timeout: 200ms }}\n", redis.url());
     let one = Lumen::start(&config(&mock, &extra));
     let two = Lumen::start(&config(&mock, &extra));
-    let miss = send(&one, "sk-alice", &chat("cached"), &[]).await;
+    let miss = send(&one, "sk-alice", &cacheable("cached"), &[]).await;
     assert_eq!(miss.header("x-lumen-cache"), Some("miss"));
     // The store to Redis happens just after the response: give it a moment.
     let mut hit = None;
     for _ in 0..50 {
-        let r = send(&two, "sk-alice", &chat("cached"), &[]).await;
+        let r = send(&two, "sk-alice", &cacheable("cached"), &[]).await;
         if r.header("x-lumen-cache") == Some("hit") {
             hit = Some(r);
             break;
@@ -439,14 +441,14 @@ async fn two_gateways_share_hits_through_redis_and_survive_its_loss() {
     assert_eq!(hit.json(), miss.json());
 
     redis.kill();
-    let mut other = chat("cached");
+    let mut other = cacheable("cached");
     other["messages"][0]["content"] = json!("while redis is down");
     for node in [&one, &two] {
         let r = send(node, "sk-alice", &other, &[]).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
     // Memory still answers what each node holds.
-    let r = send(&one, "sk-alice", &chat("cached"), &[]).await;
+    let r = send(&one, "sk-alice", &cacheable("cached"), &[]).await;
     assert_eq!(r.header("x-lumen-cache"), Some("hit"));
 }
 
@@ -454,7 +456,7 @@ async fn two_gateways_share_hits_through_redis_and_survive_its_loss() {
 async fn when_the_leader_fails_one_follower_takes_over() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    let responses = concurrent(&lumen, &chat("fails-once"), 10).await;
+    let responses = concurrent(&lumen, &cacheable("fails-once"), 10).await;
     let ok = responses.iter().filter(|r| r.status == 200).count();
     let failed = responses.iter().filter(|r| r.status == 503).count();
     assert_eq!((ok, failed), (9, 1), "only the leader saw its failure");
@@ -469,7 +471,7 @@ async fn when_the_leader_fails_one_follower_takes_over() {
 async fn hits_count_as_requests_but_spend_no_tokens() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, ""));
-    let mut body = chat("cached");
+    let mut body = cacheable("cached");
     body["max_tokens"] = json!(300);
     // The miss reserves its estimate and settles at the 11 tokens the mock reports.
     let miss = send(&lumen, "sk-thrifty", &body, &[]).await;

@@ -4,28 +4,13 @@
 //! dashboard panel or an alert silently empty).
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lumen_test_support::client::request;
 use lumen_test_support::harness::tempdir::Dir;
+use lumen_test_support::harness::{promtool, repo_path};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
-
-fn repo(path: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn promtool() -> std::path::PathBuf {
-    let local = repo(".tools/promtool");
-    if local.is_file() {
-        return local;
-    }
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("promtool"))
-        .find(|p| p.is_file())
-        .expect("promtool not found: run scripts/setup.sh (it extracts it to .tools/)")
-}
 
 /// Every `lumen_*` metric name in a PromQL expression, histogram suffixes removed.
 fn metric_names(expr: &str, into: &mut BTreeSet<String>) {
@@ -66,7 +51,7 @@ fn exprs(v: &Value, out: &mut Vec<String>) {
 fn the_alert_rules_pass_promtool() {
     let out = std::process::Command::new(promtool())
         .args(["check", "rules"])
-        .arg(repo("conf/prometheus/lumen-rules.yml"))
+        .arg(repo_path("conf/prometheus/lumen-rules.yml"))
         .output()
         .unwrap();
     assert!(
@@ -79,13 +64,14 @@ fn the_alert_rules_pass_promtool() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_metric_the_dashboard_and_the_alerts_query_exists_in_a_live_scrape() {
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo("conf/grafana/lumen.json")).unwrap())
-            .expect("the dashboard is JSON");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("conf/grafana/lumen.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
     assert_eq!(dashboard["uid"], "lumen-gateway");
     let mut all = Vec::new();
     exprs(&dashboard, &mut all);
-    let rules = std::fs::read_to_string(repo("conf/prometheus/lumen-rules.yml")).unwrap();
+    let rules = std::fs::read_to_string(repo_path("conf/prometheus/lumen-rules.yml")).unwrap();
     all.extend(
         rules
             .lines()

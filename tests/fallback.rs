@@ -7,23 +7,9 @@ use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Client, Response};
 use lumen_test_support::harness::free_port;
+use lumen_test_support::openai::{chat, chat_with};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
-
-fn chat(model: &str) -> serde_json::Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
-}
-
-fn chat_stream(model: &str) -> serde_json::Value {
-    json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hello"}]})
-}
-
-async fn post(lumen: &Lumen, body: &serde_json::Value) -> Response {
-    let mut c = Client::connect(lumen.addr).await.unwrap();
-    c.post_json("/v1/chat/completions", &[], body)
-        .await
-        .unwrap()
-}
 
 /// Providers `a`, `b`, `c` on separate mocks, probes off unless `extra_provider` says
 /// otherwise, and the given routes.
@@ -54,7 +40,7 @@ async fn sequential(lumen: &Lumen, model: &str, n: usize) -> Vec<Response> {
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(
-            c.post_json("/v1/chat/completions", &[], &chat(model))
+            c.post_json("/v1/chat/completions", &[], &chat(model, "hello"))
                 .await
                 .unwrap(),
         );
@@ -138,7 +124,7 @@ routes:
     // Occupy the local target's one slot with a slow stream.
     let addr = lumen.addr;
     let long = tokio::spawn(async move {
-        let mut body = chat_stream("local-first");
+        let mut body = chat_with("local-first", "hello", json!({"stream": true}));
         body["mock_chunks"] = json!(6);
         body["mock_delay_ms"] = json!(150);
         let mut c = Client::connect(addr).await.unwrap();
@@ -197,7 +183,7 @@ routes:
             body["stream"] = json!(true);
         }
         let started = Instant::now();
-        let resp = post(&lumen, &body).await;
+        let resp = lumen.post_chat(&[], &body).await;
         assert_eq!(
             resp.status,
             200,
@@ -281,9 +267,12 @@ async fn after_the_first_byte_a_failure_ends_the_stream_with_an_error_event() {
         providers(&[&ma, &mb], "")
     );
     let lumen = Lumen::start(&yaml);
-    let resp = tokio::time::timeout(Duration::from_secs(5), post(&lumen, &chat_stream("fast")))
-        .await
-        .expect("no hang");
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        lumen.post_chat(&[], &chat_with("fast", "hello", json!({"stream": true}))),
+    )
+    .await
+    .expect("no hang");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("x-lumen-provider"), Some("a"));
     let data = resp.sse_data();
@@ -310,11 +299,11 @@ async fn retry_after_skips_the_provider_instead_of_sleeping() {
         providers(&[&ma, &mb], "")
     );
     let lumen = Lumen::start(&yaml);
-    let mut body = chat("fast");
+    let mut body = chat("fast", "hello");
     body["mock_retry_after"] = json!(30);
     for i in 0..5 {
         let started = Instant::now();
-        let resp = post(&lumen, &body).await;
+        let resp = lumen.post_chat(&[], &body).await;
         assert_eq!(resp.status, 200);
         assert_eq!(resp.header("x-lumen-provider"), Some("b"));
         assert!(
@@ -348,21 +337,27 @@ async fn provider_rate_limit_headers_skip_it_until_reset() {
         providers(&[&ma, &mb], "")
     );
     let lumen = Lumen::start(&yaml);
-    let mut body = chat("fast");
+    let mut body = chat("fast", "hello");
     body["mock_headers"] =
         json!({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"});
     assert_eq!(
-        post(&lumen, &body).await.header("x-lumen-provider"),
+        lumen.post_chat(&[], &body).await.header("x-lumen-provider"),
         Some("a")
     );
     // a said it has no requests left for 1 s.
     assert_eq!(
-        post(&lumen, &chat("fast")).await.header("x-lumen-provider"),
+        lumen
+            .post_chat(&[], &chat("fast", "hello"))
+            .await
+            .header("x-lumen-provider"),
         Some("b")
     );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
-        post(&lumen, &chat("fast")).await.header("x-lumen-provider"),
+        lumen
+            .post_chat(&[], &chat("fast", "hello"))
+            .await
+            .header("x-lumen-provider"),
         Some("a")
     );
 }
@@ -390,7 +385,7 @@ routes:
     assert_eq!(got.get("b"), Some(&3), "{got:?}");
     assert_eq!(ma.requests().len(), 2);
     // A route with nothing else to use says so: 503 with Retry-After up to the window's end.
-    let resp = post(&lumen, &chat("only-a")).await;
+    let resp = lumen.post_chat(&[], &chat("only-a", "hello")).await;
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert_eq!(resp.json()["error"]["code"], "no_available_provider");
     assert!(resp.text().contains("quota_exhausted"), "{}", resp.text());
@@ -417,10 +412,10 @@ routes:
     let lumen = Lumen::start(&yaml);
     // a refuses connections: two failures open its circuit.
     for _ in 0..2 {
-        let r = post(&lumen, &chat("fast")).await;
+        let r = lumen.post_chat(&[], &chat("fast", "hello")).await;
         assert_eq!(r.header("x-lumen-attempts"), Some("2"));
     }
-    let r = post(&lumen, &chat("fast")).await;
+    let r = lumen.post_chat(&[], &chat("fast", "hello")).await;
     assert_eq!(r.header("x-lumen-provider"), Some("b"));
     assert_eq!(
         r.header("x-lumen-attempts"),
@@ -444,9 +439,9 @@ routes:
     // a comes back; after the cooldown one trial request goes to it and closes the circuit.
     let ma = MockUpstream::start_on(port, true, 1);
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let r = post(&lumen, &chat("fast")).await;
+    let r = lumen.post_chat(&[], &chat("fast", "hello")).await;
     assert_eq!(r.header("x-lumen-provider"), Some("a"), "half-open trial");
-    let r = post(&lumen, &chat("fast")).await;
+    let r = lumen.post_chat(&[], &chat("fast", "hello")).await;
     assert_eq!(r.header("x-lumen-provider"), Some("a"), "closed again");
     assert_eq!(ma.requests().len(), 2);
     lumen_test_support::harness::scrape_until(
@@ -496,7 +491,7 @@ routes:
     // interval × threshold, plus a probe timeout and scheduling slack.
     let took = wait_for_status(&lumen, "/readyz", 503, Duration::from_secs(2)).await;
     assert!(took <= Duration::from_millis(900), "{took:?}");
-    let resp = post(&lumen, &chat("fast")).await;
+    let resp = lumen.post_chat(&[], &chat("fast", "hello")).await;
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert!(resp.text().contains("a: unhealthy"), "{}", resp.text());
     let health = request(lumen.addr, "GET", "/health", &[], b"")
@@ -512,7 +507,10 @@ routes:
 
     let _ma = MockUpstream::start_on(port, true, 1);
     wait_for_status(&lumen, "/readyz", 200, Duration::from_secs(2)).await;
-    assert_eq!(post(&lumen, &chat("fast")).await.status, 200);
+    assert_eq!(
+        lumen.post_chat(&[], &chat("fast", "hello")).await.status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -570,7 +568,7 @@ routes:
     );
     let lumen = Lumen::start(&yaml);
     let started = Instant::now();
-    let resp = post(&lumen, &chat("hangs")).await;
+    let resp = lumen.post_chat(&[], &chat("hangs", "hello")).await;
     let took = started.elapsed();
     assert_eq!(resp.status, 504, "{}", resp.text());
     assert_eq!(resp.json()["error"]["code"], "upstream_timeout");
@@ -579,7 +577,7 @@ routes:
 
     // Retries of one target stop at the deadline; the provider's own last answer is passed on.
     let started = Instant::now();
-    let resp = post(&lumen, &chat("keeps-failing")).await;
+    let resp = lumen.post_chat(&[], &chat("keeps-failing", "hello")).await;
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert_eq!(resp.json()["error"]["code"], "mock_502");
     assert!(started.elapsed() < Duration::from_secs(2));
@@ -601,10 +599,10 @@ async fn statuses_not_retried_pass_through_at_once() {
         providers(&[&ma, &mb], "")
     );
     let lumen = Lumen::start(&yaml);
-    let resp = post(&lumen, &chat("fast")).await;
+    let resp = lumen.post_chat(&[], &chat("fast", "hello")).await;
     assert_eq!(resp.status, 500);
     assert_eq!(resp.header("x-lumen-provider"), Some("a"));
-    let resp = post(&lumen, &chat("bad")).await;
+    let resp = lumen.post_chat(&[], &chat("bad", "hello")).await;
     assert_eq!(resp.status, 400, "a client error is not retried");
     assert!(mb.requests().is_empty());
 }
@@ -634,9 +632,9 @@ async fn with_two_of_three_targets_failing_at_random_every_request_succeeds() {
                 let mut failures = Vec::new();
                 for i in 0..125 {
                     let body = if i % 2 == 0 {
-                        chat("fast")
+                        chat("fast", "hello")
                     } else {
-                        chat_stream("fast")
+                        chat_with("fast", "hello", json!({"stream": true}))
                     };
                     let resp = match c.post_json("/v1/chat/completions", &[], &body).await {
                         Ok(r) => r,

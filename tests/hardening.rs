@@ -4,25 +4,11 @@
 
 use std::time::Duration;
 
-use lumen_test_support::client::{request, Client, Response};
+use lumen_test_support::client::{request, Client};
 use lumen_test_support::harness::{scrape_until, RedisServer};
+use lumen_test_support::openai::{bearer, chat};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
-
-fn chat(model: &str) -> serde_json::Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
-}
-
-async fn post(lumen: &Lumen, headers: &[(&str, &str)], body: &serde_json::Value) -> Response {
-    let mut c = Client::connect(lumen.addr).await.unwrap();
-    c.post_json("/v1/chat/completions", headers, body)
-        .await
-        .unwrap()
-}
-
-fn bearer(key: &str) -> String {
-    format!("Bearer {key}")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expect_continue_is_answered_at_the_edge_and_interim_answers_are_skipped() {
@@ -39,7 +25,7 @@ routes:
     ));
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     for model in ["plain", "interim"] {
-        let body = serde_json::to_vec(&chat(model)).unwrap();
+        let body = serde_json::to_vec(&chat(model, "hello")).unwrap();
         let mut c = tokio::net::TcpStream::connect(lumen.addr).await.unwrap();
         let head = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
@@ -109,17 +95,23 @@ routes:
     );
     let auth = bearer("sk-one");
     // The first answer is a 503: the circuit opens (one failure is enough here).
-    let first = post(&lumen, &[("authorization", &auth)], &chat("m")).await;
+    let first = lumen
+        .post_chat(&[("authorization", &auth)], &chat("m", "hello"))
+        .await;
     assert_eq!(first.status, 503, "{}", first.text());
     // (The first request's slot is given back just after its answer: a client this quick may
     // meet it still taken, as with any concurrency limit.)
-    let mut open = post(&lumen, &[("authorization", &auth)], &chat("m")).await;
+    let mut open = lumen
+        .post_chat(&[("authorization", &auth)], &chat("m", "hello"))
+        .await;
     for _ in 0..20 {
         if open.status != 429 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
-        open = post(&lumen, &[("authorization", &auth)], &chat("m")).await;
+        open = lumen
+            .post_chat(&[("authorization", &auth)], &chat("m", "hello"))
+            .await;
     }
     assert_eq!(open.status, 503, "{}", open.text());
     assert!(open.text().contains("circuit_open"), "{}", open.text());
@@ -131,7 +123,7 @@ routes:
         .post_json(
             "/v1/chat/completions",
             &[("authorization", &auth), ("x-lumen-test-panic", "attempt")],
-            &chat("m"),
+            &chat("m", "hello"),
         )
         .await;
     assert!(panicked.is_err(), "the panicking request gets no answer");
@@ -141,7 +133,9 @@ routes:
     // and the key's only slot is free (no 429).
     let mut last = None;
     for _ in 0..20 {
-        let resp = post(&lumen, &[("authorization", &auth)], &chat("m")).await;
+        let resp = lumen
+            .post_chat(&[("authorization", &auth)], &chat("m", "hello"))
+            .await;
         if resp.status == 200 {
             last = Some(resp);
             break;
@@ -154,7 +148,11 @@ routes:
     assert_eq!(last.status, 200, "{}", last.text());
     // And its token reservation was refunded: all that is held is this request's own
     // estimate (a quarter of the body's bytes plus 512 completion tokens).
-    let estimate = serde_json::to_vec(&chat("m")).unwrap().len().div_ceil(4) + 512;
+    let estimate = serde_json::to_vec(&chat("m", "hello"))
+        .unwrap()
+        .len()
+        .div_ceil(4)
+        + 512;
     assert_eq!(
         last.header("x-ratelimit-remaining-tokens"),
         Some((100_000 - estimate).to_string().as_str()),
@@ -179,19 +177,20 @@ routes:
     ));
     let auth = bearer("sk-small");
     for field in ["max_tokens", "max_completion_tokens"] {
-        let mut body = chat("m");
+        let mut body = chat("m", "hello");
         body[field] = json!(18446744073709551615u64);
-        let resp = post(&lumen, &[("authorization", &auth)], &body).await;
+        let resp = lumen.post_chat(&[("authorization", &auth)], &body).await;
         assert_eq!(resp.status, 400, "{}", resp.text());
         let v = resp.json();
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["param"], field);
     }
     // The budget still holds: a request estimated over it is refused.
-    let mut body = chat("m");
+    let mut body = chat("m", "hello");
     body["max_tokens"] = json!(5000);
     assert_eq!(
-        post(&lumen, &[("authorization", &auth)], &body)
+        lumen
+            .post_chat(&[("authorization", &auth)], &body)
             .await
             .status,
         429
@@ -213,15 +212,15 @@ routes:
         mock.base_url()
     ));
     // A client-chosen huge max_tokens on a request the provider refuses.
-    let mut body = chat("bad");
+    let mut body = chat("bad", "hello");
     body["max_tokens"] = json!(1_000_000_000u64);
     for _ in 0..3 {
-        let resp = post(&lumen, &[], &body).await;
+        let resp = lumen.post_chat(&[], &body).await;
         assert_eq!(resp.status, 400, "{}", resp.text());
     }
     // The quota was charged what the provider reported (nothing), not the estimate: every
     // tenant is still served.
-    let resp = post(&lumen, &[], &chat("good")).await;
+    let resp = lumen.post_chat(&[], &chat("good", "hello")).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
 }
 
@@ -240,11 +239,11 @@ routes:
     ));
     let auth = bearer("sk-s");
     // The client opts out of usage and asks for a huge completion budget.
-    let mut body = chat("m");
+    let mut body = chat("m", "hello");
     body["stream"] = json!(true);
     body["max_tokens"] = json!(50_000);
     body["stream_options"] = json!({"include_usage": false});
-    let resp = post(&lumen, &[("authorization", &auth)], &body).await;
+    let resp = lumen.post_chat(&[("authorization", &auth)], &body).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert!(
         !resp.text().contains("\"usage\""),
@@ -255,7 +254,9 @@ routes:
     let sent = mock.requests().pop().unwrap().json();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     // Settled with the reported 10 tokens, not the 50,000+ estimate.
-    let next = post(&lumen, &[("authorization", &auth)], &chat("m")).await;
+    let next = lumen
+        .post_chat(&[("authorization", &auth)], &chat("m", "hello"))
+        .await;
     let remaining: u64 = next
         .header("x-ratelimit-remaining-tokens")
         .unwrap()
@@ -264,7 +265,7 @@ routes:
     assert!(remaining > 90_000, "charged the estimate: {remaining}");
 
     // A client that leaves mid-stream pays for what was streamed, not nothing.
-    let mut body = chat("m");
+    let mut body = chat("m", "hello");
     body["stream"] = json!(true);
     body["mock_chunks"] = json!(40);
     body["mock_delay_ms"] = json!(50);
@@ -279,7 +280,9 @@ routes:
     tokio::time::sleep(Duration::from_millis(400)).await;
     drop(c);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = post(&lumen, &[("authorization", &auth)], &chat("m")).await;
+    let after = lumen
+        .post_chat(&[("authorization", &auth)], &chat("m", "hello"))
+        .await;
     let left: u64 = after
         .header("x-ratelimit-remaining-tokens")
         .unwrap()
@@ -310,10 +313,10 @@ routes:
         mock.base_url()
     ));
     for model in ["nodone", "old"] {
-        let mut body = chat(model);
+        let mut body = chat(model, "hello");
         body["stream"] = json!(true);
         body["temperature"] = json!(0);
-        let resp = post(&lumen, &[], &body).await;
+        let resp = lumen.post_chat(&[], &body).await;
         assert_eq!(resp.status, 200, "{model}");
         let data = resp.sse_data();
         let last = data.last().cloned().unwrap_or_default();
@@ -325,17 +328,17 @@ routes:
         assert!(!resp.text().contains("[DONE]"));
     }
     let mut c = Client::connect(lumen.addr).await.unwrap();
-    let mut raw = chat("old");
+    let mut raw = chat("old", "hello");
     raw["stream"] = json!(true);
     let resp = c
         .post_json("/v1/chat/completions", &[], &raw)
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
-    let mut body = chat("nodone");
+    let mut body = chat("nodone", "hello");
     body["stream"] = json!(true);
     body["temperature"] = json!(0);
-    let again = post(&lumen, &[], &body).await;
+    let again = lumen.post_chat(&[], &body).await;
     assert_ne!(
         again.header("x-lumen-cache"),
         Some("hit"),
@@ -357,7 +360,7 @@ routes:
 "#,
         mock.base_url()
     ));
-    let mut body = chat("old");
+    let mut body = chat("old", "hello");
     body["stream"] = json!(true);
     let wire = serde_json::to_vec(&body).unwrap();
     let mut stream = tokio::net::TcpStream::connect(lumen.addr).await.unwrap();
@@ -387,7 +390,7 @@ routes:
 "#,
         mock.base_url()
     ));
-    let mut body = chat("m");
+    let mut body = chat("m", "hello");
     body["mock_headers"] = json!({
         "set-cookie": "session=secret",
         "server": "upstream/1.0",
@@ -395,7 +398,9 @@ routes:
         "x-ratelimit-limit-requests": "10000",
         "openai-processing-ms": "12",
     });
-    let resp = post(&lumen, &[("authorization", &bearer("sk-k"))], &body).await;
+    let resp = lumen
+        .post_chat(&[("authorization", &bearer("sk-k"))], &body)
+        .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     for leaked in ["set-cookie", "server", "openai-organization"] {
         assert!(resp.header(leaked).is_none(), "{leaked} leaked");
@@ -429,7 +434,7 @@ routes:
         mock.base_url()
     ));
     let auth = bearer("sk-a");
-    let mut leader = chat("m");
+    let mut leader = chat("m", "hello");
     leader["stream"] = json!(true);
     leader["temperature"] = json!(0);
     leader["mock_delay_ms"] = json!(150);
@@ -449,7 +454,9 @@ routes:
         .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(80)).await;
-    let follow = post(&lumen, &[("authorization", &auth)], &follower).await;
+    let follow = lumen
+        .post_chat(&[("authorization", &auth)], &follower)
+        .await;
     let lead = lead.await.unwrap();
     assert_eq!(follow.header("x-lumen-coalesced"), Some("1"), "{follow:?}");
     assert!(
@@ -463,7 +470,9 @@ routes:
     );
     assert_eq!(follow.chat_stream_text(), lead.chat_stream_text());
     // The follower paid nothing: only the leader's 10 tokens are gone.
-    let next = post(&lumen, &[("authorization", &auth)], &chat("m")).await;
+    let next = lumen
+        .post_chat(&[("authorization", &auth)], &chat("m", "hello"))
+        .await;
     let remaining: u64 = next
         .header("x-ratelimit-remaining-tokens")
         .unwrap()
@@ -533,9 +542,9 @@ routes:
         mock.base_url()
     ));
     // A first request leaves a pooled connection to the provider.
-    assert_eq!(post(&lumen, &[], &chat("ok")).await.status, 200);
+    assert_eq!(lumen.post_chat(&[], &chat("ok", "hello")).await.status, 200);
     // The provider reads the next one on that connection, then closes it without answering.
-    let resp = post(&lumen, &[], &chat("dropper")).await;
+    let resp = lumen.post_chat(&[], &chat("dropper", "hello")).await;
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert_eq!(resp.header("x-lumen-attempts"), Some("1"));
     let drops = mock
@@ -570,18 +579,18 @@ routes:
         c.post_json(
             "/v1/chat/completions",
             &[("authorization", &auth2), ("x-request-id", "same-id")],
-            &chat("slow"),
+            &chat("slow", "hello"),
         )
         .await
         .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let second = post(
-        &lumen,
-        &[("authorization", &auth), ("x-request-id", "same-id")],
-        &chat("slow"),
-    )
-    .await;
+    let second = lumen
+        .post_chat(
+            &[("authorization", &auth), ("x-request-id", "same-id")],
+            &chat("slow", "hello"),
+        )
+        .await;
     assert_eq!(second.status, 429, "{}", second.text());
     assert_eq!(first.await.unwrap().status, 200);
 }
@@ -598,7 +607,7 @@ routes:
 "#,
         mock.base_url()
     ));
-    let body = serde_json::to_vec(&chat("slow")).unwrap();
+    let body = serde_json::to_vec(&chat("slow", "hello")).unwrap();
     let mut c = Client::connect(lumen.addr).await.unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
@@ -654,7 +663,7 @@ routes:
         mock.base_url()
     ));
     // Warm up (pools, allocator) with a small request first.
-    assert_eq!(post(&lumen, &[], &chat("m")).await.status, 200);
+    assert_eq!(lumen.post_chat(&[], &chat("m", "hello")).await.status, 200);
     // About 8 MiB of small JSON objects: the shape that costs most as a parsed tree.
     let messages: Vec<serde_json::Value> = (0..260_000)
         .map(|i| json!({"role": "user", "content": format!("m{i}")}))

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Client, Response};
+use lumen_test_support::openai::chat;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -34,11 +35,9 @@ routes:
     )
 }
 
+/// [`chat`] as bytes, for `send_raw` and hand-made requests.
 fn chat_body(content: &str) -> Vec<u8> {
-    serde_json::to_vec(
-        &json!({"model": "fast", "messages": [{"role": "user", "content": content}]}),
-    )
-    .unwrap()
+    serde_json::to_vec(&chat("fast", content)).unwrap()
 }
 
 /// A chat request head for `send_raw`, with `extra` header lines (each ending in CRLF).

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Response};
+use lumen_test_support::openai::chat_job;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
 
@@ -43,14 +44,6 @@ async fn submit(lumen: &Lumen, key: &str, job: Value) -> Response {
     call(lumen, "POST", "/v1/jobs", key, Some(job)).await
 }
 
-fn chat_job(extra: Value) -> Value {
-    let mut body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    json!({"endpoint": "/v1/chat/completions", "body": body})
-}
-
 async fn wait_final(lumen: &Lumen, key: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -69,7 +62,7 @@ async fn wait_final(lumen: &Lumen, key: &str, id: &str) -> Value {
 async fn a_native_job_runs_through_the_pipeline_and_reports_its_metrics() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "workers: 2"));
-    let submitted = submit(&lumen, "sk-alice", chat_job(json!({}))).await;
+    let submitted = submit(&lumen, "sk-alice", chat_job("fast", "hi", json!({}))).await;
     assert_eq!(submitted.status, 202, "{}", submitted.text());
     let s = submitted.json();
     assert_eq!(s["status"], "queued");
@@ -167,7 +160,7 @@ async fn bad_jobs_are_refused_at_submit_with_openai_errors() {
             "missing_model",
         ),
         (
-            chat_job(json!({}))
+            chat_job("fast", "hi", json!({}))
                 .as_object()
                 .map(|o| {
                     let mut o = o.clone();
@@ -200,7 +193,7 @@ async fn bad_jobs_are_refused_at_submit_with_openai_errors() {
 async fn jobs_are_private_to_their_key_and_a_job_id_is_idempotent() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "workers: 1"));
-    let mut job = chat_job(json!({}));
+    let mut job = chat_job("fast", "hi", json!({}));
     job["job_id"] = json!("order-42");
     let first = submit(&lumen, "sk-alice", job.clone()).await;
     assert_eq!(first.status, 202);
@@ -235,7 +228,11 @@ async fn jobs_are_private_to_their_key_and_a_job_id_is_idempotent() {
 async fn events_stream_tokens_live_and_a_late_client_catches_up() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "workers: 1"));
-    let job = chat_job(json!({"mock_chunks": 6, "mock_delay_ms": 100}));
+    let job = chat_job(
+        "fast",
+        "hi",
+        json!({"mock_chunks": 6, "mock_delay_ms": 100}),
+    );
     let id = submit(&lumen, "sk-alice", job).await.json()["id"]
         .as_str()
         .unwrap()
@@ -309,7 +306,11 @@ async fn events_stream_tokens_live_and_a_late_client_catches_up() {
 async fn cancel_stops_a_running_job_and_removes_a_queued_one() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "workers: 1"));
-    let slow = chat_job(json!({"mock_chunks": 50, "mock_delay_ms": 100}));
+    let slow = chat_job(
+        "fast",
+        "hi",
+        json!({"mock_chunks": 50, "mock_delay_ms": 100}),
+    );
     let running = submit(&lumen, "sk-alice", slow.clone()).await.json()["id"]
         .as_str()
         .unwrap()
@@ -371,11 +372,13 @@ async fn a_full_queue_answers_429_and_submits_count_against_the_request_limit() 
     let lumen = Lumen::start(&config(&mock, "workers: 0, queue_size: 2"));
     for _ in 0..2 {
         assert_eq!(
-            submit(&lumen, "sk-alice", chat_job(json!({}))).await.status,
+            submit(&lumen, "sk-alice", chat_job("fast", "hi", json!({})))
+                .await
+                .status,
             202
         );
     }
-    let full = submit(&lumen, "sk-bob", chat_job(json!({}))).await;
+    let full = submit(&lumen, "sk-bob", chat_job("fast", "hi", json!({}))).await;
     assert_eq!(full.status, 429, "{}", full.text());
     assert!(full.header("retry-after").is_some());
     assert_eq!(full.json()["error"]["code"], "job_queue_full");
@@ -384,7 +387,7 @@ async fn a_full_queue_answers_429_and_submits_count_against_the_request_limit() 
     let mut statuses = Vec::new();
     for _ in 0..3 {
         statuses.push(
-            submit(&lumen, "sk-limited", chat_job(json!({})))
+            submit(&lumen, "sk-limited", chat_job("fast", "hi", json!({})))
                 .await
                 .status,
         );
@@ -579,7 +582,9 @@ async fn in_process_jobs_do_not_survive_a_restart_as_documented() {
     let mock = MockUpstream::start();
     let yaml = config(&mock, "workers: 1");
     let lumen = Lumen::start(&yaml);
-    let done = submit(&lumen, "sk-alice", chat_job(json!({}))).await.json();
+    let done = submit(&lumen, "sk-alice", chat_job("fast", "hi", json!({})))
+        .await
+        .json();
     let id = done["id"].as_str().unwrap().to_string();
     wait_final(&lumen, "sk-alice", &id).await;
     drop(lumen);
@@ -587,7 +592,7 @@ async fn in_process_jobs_do_not_survive_a_restart_as_documented() {
     let again = Lumen::start(&yaml);
     let r = call(&again, "GET", &format!("/v1/jobs/{id}"), "sk-alice", None).await;
     assert_eq!(r.status, 404);
-    let fresh = submit(&again, "sk-alice", chat_job(json!({}))).await;
+    let fresh = submit(&again, "sk-alice", chat_job("fast", "hi", json!({}))).await;
     assert_eq!(fresh.status, 202);
 }
 
@@ -599,14 +604,18 @@ async fn a_queued_job_of_a_key_removed_by_a_reload_never_runs() {
     let blocker = submit(
         &lumen,
         "sk-bob",
-        chat_job(json!({"stream": true, "mock_chunks": 30, "mock_delay_ms": 100})),
+        chat_job(
+            "fast",
+            "hi",
+            json!({"stream": true, "mock_chunks": 30, "mock_delay_ms": 100}),
+        ),
     )
     .await;
     assert_eq!(blocker.status, 202, "{}", blocker.text());
     let queued = submit(
         &lumen,
         "sk-alice",
-        chat_job(json!({"messages": [{"role": "user", "content": "queued-after-removal"}]})),
+        chat_job("fast", "queued-after-removal", json!({})),
     )
     .await;
     assert_eq!(queued.status, 202, "{}", queued.text());

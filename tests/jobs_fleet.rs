@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Response};
 use lumen_test_support::harness::{RedisServer, Worker};
+use lumen_test_support::openai::chat_job;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
 
@@ -47,14 +48,6 @@ async fn call(
     .unwrap()
 }
 
-fn job(content: &str, extra: Value) -> Value {
-    let mut body = json!({"model": "fast", "messages": [{"role": "user", "content": content}]});
-    for (k, v) in extra.as_object().unwrap() {
-        body[k] = v.clone();
-    }
-    json!({"endpoint": "/v1/chat/completions", "body": body})
-}
-
 async fn wait_status(
     addr: std::net::SocketAddr,
     id: &str,
@@ -89,7 +82,7 @@ async fn two_nodes_and_a_worker_run_200_jobs_exactly_once() {
             "POST",
             "/v1/jobs",
             "sk-alice",
-            Some(job(&format!("job-{i}"), json!({}))),
+            Some(chat_job("fast", &format!("job-{i}"), json!({}))),
         )
         .await;
         assert_eq!(r.status, 202, "{}", r.text());
@@ -139,7 +132,11 @@ async fn two_nodes_and_a_worker_run_200_jobs_exactly_once() {
         "POST",
         "/v1/jobs",
         "sk-alice",
-        Some(job("slow", json!({"mock_chunks": 5, "mock_delay_ms": 100}))),
+        Some(chat_job(
+            "fast",
+            "slow",
+            json!({"mock_chunks": 5, "mock_delay_ms": 100}),
+        )),
     )
     .await
     .json();
@@ -182,7 +179,8 @@ async fn a_job_whose_worker_is_killed_is_finished_by_another() {
         "POST",
         "/v1/jobs",
         "sk-alice",
-        Some(job(
+        Some(chat_job(
+            "fast",
             "survivor",
             json!({"mock_chunks": 10, "mock_delay_ms": 100}),
         )),
@@ -225,7 +223,7 @@ async fn without_redis_a_submit_fails_fast_and_service_resumes_when_it_returns()
         "POST",
         "/v1/jobs",
         "sk-alice",
-        Some(job("before", json!({}))),
+        Some(chat_job("fast", "before", json!({}))),
     )
     .await;
     assert_eq!(ok.status, 202);
@@ -236,7 +234,7 @@ async fn without_redis_a_submit_fails_fast_and_service_resumes_when_it_returns()
         "POST",
         "/v1/jobs",
         "sk-alice",
-        Some(job("during", json!({}))),
+        Some(chat_job("fast", "during", json!({}))),
     )
     .await;
     assert_eq!(down.status, 503, "{}", down.text());
@@ -257,7 +255,7 @@ async fn without_redis_a_submit_fails_fast_and_service_resumes_when_it_returns()
             "POST",
             "/v1/jobs",
             "sk-alice",
-            Some(job("after", json!({}))),
+            Some(chat_job("fast", "after", json!({}))),
         )
         .await;
         if r.status == 202 {

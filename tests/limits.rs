@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use lumen_test_support::client::Client;
-use lumen_test_support::{Lumen, MockUpstream, Response};
+use lumen_test_support::openai::{chat, chat_with};
+use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 
 const SECRET: &str = "limits-test-secret-0123456789abcdef";
@@ -31,27 +32,12 @@ routes:
     ))
 }
 
-async fn chat(lumen: &Lumen, key: &str, body: serde_json::Value) -> Response {
-    let mut c = Client::connect(lumen.addr).await.unwrap();
-    c.post_json(
-        "/v1/chat/completions",
-        &[("authorization", &format!("Bearer {key}"))],
-        &body,
-    )
-    .await
-    .unwrap()
-}
-
-fn simple() -> serde_json::Value {
-    json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_is_admitted_then_refused_with_retry_after() {
     let mock = MockUpstream::start();
     let lumen = start(&mock);
     for remaining in ["2", "1", "0"] {
-        let resp = chat(&lumen, "sk-bursty", simple()).await;
+        let resp = lumen.post_chat_as("sk-bursty", &chat("fast", "hi")).await;
         assert_eq!(resp.status, 200);
         assert_eq!(resp.header("x-ratelimit-limit-requests"), Some("60"));
         assert_eq!(
@@ -60,7 +46,7 @@ async fn a_burst_is_admitted_then_refused_with_retry_after() {
         );
         assert!(resp.header("x-ratelimit-reset-requests").is_some());
     }
-    let refused = chat(&lumen, "sk-bursty", simple()).await;
+    let refused = lumen.post_chat_as("sk-bursty", &chat("fast", "hi")).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.json()["error"]["type"], "rate_limit_exceeded");
     assert_eq!(refused.json()["error"]["code"], "rate_limit_exceeded");
@@ -72,12 +58,18 @@ async fn a_burst_is_admitted_then_refused_with_retry_after() {
         "a refused request never reaches the upstream"
     );
     // Other keys have their own buckets; keys without limits get no headers.
-    let other = chat(&lumen, "sk-free", simple()).await;
+    let other = lumen.post_chat_as("sk-free", &chat("fast", "hi")).await;
     assert_eq!(other.status, 200);
     assert!(other.header("x-ratelimit-limit-requests").is_none());
     // One request per second refills.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(chat(&lumen, "sk-bursty", simple()).await.status, 200);
+    assert_eq!(
+        lumen
+            .post_chat_as("sk-bursty", &chat("fast", "hi"))
+            .await
+            .status,
+        200
+    );
 
     lumen_test_support::harness::scrape_until(
         lumen.admin,
@@ -91,7 +83,7 @@ async fn stream_responses_carry_the_headers_too() {
     let mock = MockUpstream::start();
     let lumen = start(&mock);
     let body = json!({"model": "fast", "stream": true, "messages": [], "mock_chunks": 2});
-    let resp = chat(&lumen, "sk-bursty", body).await;
+    let resp = lumen.post_chat_as("sk-bursty", &body).await;
     assert_eq!(resp.status, 200);
     assert!(resp
         .header("content-type")
@@ -123,7 +115,7 @@ async fn concurrency_is_capped_and_released() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     lumen_test_support::harness::scrape_until(lumen.admin, "lumen_requests_in_flight 2").await;
-    let third = chat(&lumen, "sk-narrow", simple()).await;
+    let third = lumen.post_chat_as("sk-narrow", &chat("fast", "hi")).await;
     assert_eq!(third.status, 429, "{}", third.text());
     assert!(third.json()["error"]["message"]
         .as_str()
@@ -133,7 +125,10 @@ async fn concurrency_is_capped_and_released() {
         assert_eq!(s.await.unwrap().status, 200);
     }
     assert_eq!(
-        chat(&lumen, "sk-narrow", simple()).await.status,
+        lumen
+            .post_chat_as("sk-narrow", &chat("fast", "hi"))
+            .await
+            .status,
         200,
         "slots were released"
     );
@@ -154,23 +149,32 @@ async fn a_token_claim_sets_the_rate() {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
-    assert_eq!(chat(&lumen, &token, simple()).await.status, 200);
-    assert_eq!(chat(&lumen, &token, simple()).await.status, 200);
-    let refused = chat(&lumen, &token, simple()).await;
+    assert_eq!(
+        lumen.post_chat_as(&token, &chat("fast", "hi")).await.status,
+        200
+    );
+    assert_eq!(
+        lumen.post_chat_as(&token, &chat("fast", "hi")).await.status,
+        200
+    );
+    let refused = lumen.post_chat_as(&token, &chat("fast", "hi")).await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("2"));
 }
 
 fn with_max(max_tokens: u64, stream: bool) -> serde_json::Value {
-    json!({"model": "fast", "max_tokens": max_tokens, "stream": stream, "mock_chunks": 3,
-           "messages": [{"role": "user", "content": "hi"}]})
+    chat_with(
+        "fast",
+        "hi",
+        json!({"max_tokens": max_tokens, "stream": stream, "mock_chunks": 3}),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_reservations_are_settled_with_real_usage() {
     let mock = MockUpstream::start();
     let lumen = start(&mock);
-    let first = chat(&lumen, "sk-budget", with_max(200, false)).await;
+    let first = lumen.post_chat_as("sk-budget", &with_max(200, false)).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("300"));
     let remaining: u64 = first
@@ -184,10 +188,10 @@ async fn token_reservations_are_settled_with_real_usage() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The mock used 11 tokens: the rest was refunded, so a second 200-token request fits.
-    let second = chat(&lumen, "sk-budget", with_max(200, false)).await;
+    let second = lumen.post_chat_as("sk-budget", &with_max(200, false)).await;
     assert_eq!(second.status, 200, "{}", second.text());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let too_big = chat(&lumen, "sk-budget", with_max(290, false)).await;
+    let too_big = lumen.post_chat_as("sk-budget", &with_max(290, false)).await;
     assert_eq!(too_big.status, 429);
     assert_eq!(too_big.json()["error"]["type"], "rate_limit_exceeded");
     assert!(too_big.header("retry-after").is_some());
@@ -199,7 +203,9 @@ async fn token_reservations_are_settled_with_real_usage() {
 async fn streams_ask_for_usage_and_settle_on_it() {
     let mock = MockUpstream::start();
     let lumen = start(&mock);
-    let first = chat(&lumen, "sk-streamer", with_max(200, true)).await;
+    let first = lumen
+        .post_chat_as("sk-streamer", &with_max(200, true))
+        .await;
     assert_eq!(first.status, 200);
     assert!(first.header("x-ratelimit-remaining-tokens").is_some());
     assert_eq!(
@@ -212,7 +218,8 @@ async fn streams_ask_for_usage_and_settle_on_it() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Settled at the 10 tokens the stream reported, so another fits.
     assert_eq!(
-        chat(&lumen, "sk-streamer", with_max(200, true))
+        lumen
+            .post_chat_as("sk-streamer", &with_max(200, true))
             .await
             .status,
         200
@@ -223,19 +230,22 @@ async fn streams_ask_for_usage_and_settle_on_it() {
 async fn a_route_limit_applies_per_key_on_that_route_only() {
     let mock = MockUpstream::start();
     let lumen = start(&mock);
-    let on_route = || json!({"model": "chat10", "messages": [{"role": "user", "content": "hi"}]});
-    let first = chat(&lumen, "sk-free", on_route()).await;
+    let on_route = || chat("chat10", "hi");
+    let first = lumen.post_chat_as("sk-free", &on_route()).await;
     assert_eq!(first.header("x-ratelimit-remaining-requests"), Some("1"));
-    assert_eq!(chat(&lumen, "sk-free", on_route()).await.status, 200);
-    let refused = chat(&lumen, "sk-free", on_route()).await;
+    assert_eq!(lumen.post_chat_as("sk-free", &on_route()).await.status, 200);
+    let refused = lumen.post_chat_as("sk-free", &on_route()).await;
     assert_eq!(refused.status, 429);
     assert_eq!(
-        chat(&lumen, "sk-free", simple()).await.status,
+        lumen
+            .post_chat_as("sk-free", &chat("fast", "hi"))
+            .await
+            .status,
         200,
         "other routes are not limited"
     );
     assert_eq!(
-        chat(&lumen, "sk-narrow", on_route()).await.status,
+        lumen.post_chat_as("sk-narrow", &on_route()).await.status,
         200,
         "other keys have their own bucket"
     );
@@ -256,9 +266,15 @@ routes:
         base = mock.base_url()
     ));
     for _ in 0..3 {
-        assert_eq!(chat(&lumen, "sk-wrong", simple()).await.status, 401);
+        assert_eq!(
+            lumen
+                .post_chat_as("sk-wrong", &chat("fast", "hi"))
+                .await
+                .status,
+            401
+        );
     }
-    let refused = chat(&lumen, "sk-a", simple()).await;
+    let refused = lumen.post_chat_as("sk-a", &chat("fast", "hi")).await;
     assert_eq!(
         refused.status, 429,
         "even a good key, from a flooding address"
@@ -275,14 +291,6 @@ routes:
         200,
         "probes are never limited"
     );
-}
-
-/// A chat request from this test's address, with extra headers.
-async fn chat_with(lumen: &Lumen, headers: &[(&str, &str)]) -> Response {
-    let mut c = Client::connect(lumen.addr).await.unwrap();
-    c.post_json("/v1/chat/completions", headers, &simple())
-        .await
-        .unwrap()
 }
 
 fn per_ip_config(mock: &MockUpstream, extra: &str) -> String {
@@ -306,7 +314,9 @@ async fn a_job_token_on_a_public_listener_is_ignored_and_the_address_limit_still
     let lumen = Lumen::start(&per_ip_config(&mock, ""));
     let real_looking = "0123456789abcdef0123456789abcdef";
     // The token does not authenticate: without a key, the caller is refused as keyless.
-    let keyless = chat_with(&lumen, &[("x-lumen-job-token", real_looking)]).await;
+    let keyless = lumen
+        .post_chat(&[("x-lumen-job-token", real_looking)], &chat("fast", "hi"))
+        .await;
     assert_eq!(keyless.status, 401);
     assert!(
         keyless.json()["error"]["message"]
@@ -318,25 +328,27 @@ async fn a_job_token_on_a_public_listener_is_ignored_and_the_address_limit_still
     );
     // Nor does a bogus one refuse a caller with a good key: it is a normal caller...
     for token in ["bogus", real_looking] {
-        let r = chat_with(
-            &lumen,
-            &[
-                ("authorization", "Bearer sk-a"),
-                ("x-lumen-job-token", token),
-            ],
-        )
-        .await;
+        let r = lumen
+            .post_chat(
+                &[
+                    ("authorization", "Bearer sk-a"),
+                    ("x-lumen-job-token", token),
+                ],
+                &chat("fast", "hi"),
+            )
+            .await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
     // ...counted by its address like everyone: the fourth request in the burst is cut.
-    let cut = chat_with(
-        &lumen,
-        &[
-            ("authorization", "Bearer sk-a"),
-            ("x-lumen-job-token", "bogus"),
-        ],
-    )
-    .await;
+    let cut = lumen
+        .post_chat(
+            &[
+                ("authorization", "Bearer sk-a"),
+                ("x-lumen-job-token", "bogus"),
+            ],
+            &chat("fast", "hi"),
+        )
+        .await;
     assert_eq!(cut.status, 429, "{}", cut.text());
     assert!(
         mock.requests()
@@ -360,21 +372,37 @@ async fn behind_a_trusted_proxy_ipv6_clients_are_limited_per_64() {
         "2001:db8:1:2::2",
         "198.51.100.1, 2001:db8:1:2:aaaa:bbbb:cccc:dddd",
     ] {
-        let r = chat_with(&lumen, &[key, ("x-forwarded-for", client)]).await;
+        let r = lumen
+            .post_chat(&[key, ("x-forwarded-for", client)], &chat("fast", "hi"))
+            .await;
         assert_eq!(r.status, 200, "{client}: {}", r.text());
     }
-    let cut = chat_with(&lumen, &[key, ("x-forwarded-for", "2001:db8:1:2:ffff::9")]).await;
+    let cut = lumen
+        .post_chat(
+            &[key, ("x-forwarded-for", "2001:db8:1:2:ffff::9")],
+            &chat("fast", "hi"),
+        )
+        .await;
     assert_eq!(cut.status, 429, "another address of the same /64");
     // Another /64 is another client; so is the proxy itself (no header).
-    let other = chat_with(&lumen, &[key, ("x-forwarded-for", "2001:db8:1:3::1")]).await;
+    let other = lumen
+        .post_chat(
+            &[key, ("x-forwarded-for", "2001:db8:1:3::1")],
+            &chat("fast", "hi"),
+        )
+        .await;
     assert_eq!(other.status, 200, "{}", other.text());
-    assert_eq!(chat_with(&lumen, &[key]).await.status, 200);
+    assert_eq!(
+        lumen.post_chat(&[key], &chat("fast", "hi")).await.status,
+        200
+    );
     // The right-most untrusted entry counts, not what the client put first.
-    let forged = chat_with(
-        &lumen,
-        &[key, ("x-forwarded-for", "203.0.113.50, 2001:db8:1:2::77")],
-    )
-    .await;
+    let forged = lumen
+        .post_chat(
+            &[key, ("x-forwarded-for", "203.0.113.50, 2001:db8:1:2::77")],
+            &chat("fast", "hi"),
+        )
+        .await;
     assert_eq!(forged.status, 429, "the client is still 2001:db8:1:2::/64");
 }
 
@@ -385,10 +413,20 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     let key = ("authorization", "Bearer sk-a");
     for i in 0..3 {
         let client = format!("2001:db8:{i}::1");
-        let r = chat_with(&lumen, &[key, ("x-forwarded-for", client.as_str())]).await;
+        let r = lumen
+            .post_chat(
+                &[key, ("x-forwarded-for", client.as_str())],
+                &chat("fast", "hi"),
+            )
+            .await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let cut = chat_with(&lumen, &[key, ("x-forwarded-for", "2001:db8:99::1")]).await;
+    let cut = lumen
+        .post_chat(
+            &[key, ("x-forwarded-for", "2001:db8:99::1")],
+            &chat("fast", "hi"),
+        )
+        .await;
     assert_eq!(
         cut.status, 429,
         "no proxy is trusted by default: every request is 127.0.0.1's"

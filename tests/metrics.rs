@@ -2,7 +2,7 @@
 //! as a histogram), tokens by key, provider and route, and `/metrics/summary`.
 
 use lumen_test_support::client::{request, Client};
-use lumen_test_support::harness::scrape_until;
+use lumen_test_support::harness::{promtool, scrape_until};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 
@@ -64,21 +64,6 @@ routes:
     assert!(summary["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
     assert!(summary["gateway_overhead_us"]["p50"].as_f64().is_some());
     assert_eq!(summary["upstream"]["attempts"]["ok"], 2);
-}
-
-/// `promtool` from Debian's `prometheus` package (scripts/setup.sh extracts it to `.tools/`).
-fn promtool() -> std::path::PathBuf {
-    if let Some(path) = std::env::var_os("LUMEN_PROMTOOL") {
-        return path.into();
-    }
-    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/promtool");
-    if local.is_file() {
-        return local;
-    }
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join("promtool"))
-        .find(|p| p.is_file());
-    found.expect("promtool not found: run scripts/setup.sh (it extracts it to .tools/)")
 }
 
 fn value(text: &str, series: &str) -> f64 {

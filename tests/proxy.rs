@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use lumen_test_support::client::{request, Client};
+use lumen_test_support::openai::chat;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 
@@ -45,10 +46,6 @@ fn start(mock: &MockUpstream) -> Lumen {
     Lumen::start_with_env(&config(mock, ""), &[("MOCK_PROVIDER_KEY", PROVIDER_KEY)])
 }
 
-fn chat(model: &str) -> serde_json::Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_is_forwarded_with_model_rewritten_and_provider_key() {
     let mock = MockUpstream::start();
@@ -58,7 +55,7 @@ async fn chat_is_forwarded_with_model_rewritten_and_provider_key() {
         .post_json(
             "/v1/chat/completions",
             &[("authorization", "Bearer client-key-abc")],
-            &chat("fast"),
+            &chat("fast", "hello"),
         )
         .await
         .unwrap();
@@ -100,7 +97,7 @@ async fn client_credentials_never_reach_the_upstream() {
         ("x-custom-trace", "keep-me"),
     ];
     let resp = c
-        .post_json("/v1/chat/completions", &headers, &chat("fast"))
+        .post_json("/v1/chat/completions", &headers, &chat("fast", "hello"))
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
@@ -131,7 +128,7 @@ async fn request_ids_are_propagated_or_generated() {
         .post_json(
             "/v1/chat/completions",
             &[("x-request-id", "trace-42")],
-            &chat("fast"),
+            &chat("fast", "hello"),
         )
         .await
         .unwrap();
@@ -139,7 +136,7 @@ async fn request_ids_are_propagated_or_generated() {
     assert_eq!(mock.requests()[0].header("x-request-id"), Some("trace-42"));
 
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("fast"))
+        .post_json("/v1/chat/completions", &[], &chat("fast", "hello"))
         .await
         .unwrap();
     let generated = resp.header("x-request-id").unwrap().to_string();
@@ -150,7 +147,7 @@ async fn request_ids_are_propagated_or_generated() {
     );
     // Errors carry it too.
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("nope"))
+        .post_json("/v1/chat/completions", &[], &chat("nope", "hello"))
         .await
         .unwrap();
     assert_eq!(resp.status, 404);
@@ -240,13 +237,21 @@ async fn completions_embeddings_and_rerank_are_forwarded() {
 
     // provider/model reaches an exposing provider directly.
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("direct/mock-large"))
+        .post_json(
+            "/v1/chat/completions",
+            &[],
+            &chat("direct/mock-large", "hello"),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(mock.requests()[3].json()["model"], "mock-large");
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("mock/mock-large"))
+        .post_json(
+            "/v1/chat/completions",
+            &[],
+            &chat("mock/mock-large", "hello"),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -338,7 +343,7 @@ async fn client_errors_get_openai_shaped_answers() {
     );
     // The gateway still serves after all that.
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("fast"))
+        .post_json("/v1/chat/completions", &[], &chat("fast", "hello"))
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
@@ -350,7 +355,7 @@ async fn upstream_failures_map_to_502_504_and_upstream_errors_pass_through() {
     let lumen = start(&mock);
     let mut c = Client::connect(lumen.addr).await.unwrap();
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("unreachable"))
+        .post_json("/v1/chat/completions", &[], &chat("unreachable", "hello"))
         .await
         .unwrap();
     assert_eq!(
@@ -359,7 +364,7 @@ async fn upstream_failures_map_to_502_504_and_upstream_errors_pass_through() {
     );
 
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("hangs"))
+        .post_json("/v1/chat/completions", &[], &chat("hangs", "hello"))
         .await
         .unwrap();
     assert_eq!(
@@ -368,7 +373,7 @@ async fn upstream_failures_map_to_502_504_and_upstream_errors_pass_through() {
     );
 
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("limited"))
+        .post_json("/v1/chat/completions", &[], &chat("limited", "hello"))
         .await
         .unwrap();
     assert_eq!(resp.status, 429);
@@ -380,7 +385,7 @@ async fn upstream_failures_map_to_502_504_and_upstream_errors_pass_through() {
     );
 
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("broken"))
+        .post_json("/v1/chat/completions", &[], &chat("broken", "hello"))
         .await
         .unwrap();
     assert_eq!(resp.status, 500);
@@ -405,7 +410,7 @@ async fn a_stream_broken_mid_way_ends_with_an_error_event() {
     assert!(!data.iter().any(|d| d == "[DONE]"));
     // The connection is still usable afterwards.
     let resp = c
-        .post_json("/v1/chat/completions", &[], &chat("fast"))
+        .post_json("/v1/chat/completions", &[], &chat("fast", "hello"))
         .await
         .unwrap();
     assert_eq!(resp.status, 200);
@@ -507,11 +512,11 @@ async fn metrics_count_requests_by_route_provider_and_status() {
     let lumen = start(&mock);
     let mut c = Client::connect(lumen.addr).await.unwrap();
     for _ in 0..3 {
-        c.post_json("/v1/chat/completions", &[], &chat("fast"))
+        c.post_json("/v1/chat/completions", &[], &chat("fast", "hello"))
             .await
             .unwrap();
     }
-    c.post_json("/v1/chat/completions", &[], &chat("limited"))
+    c.post_json("/v1/chat/completions", &[], &chat("limited", "hello"))
         .await
         .unwrap();
     // Requests are counted in the logging phase, just after the response went out.
@@ -587,7 +592,7 @@ async fn cors_is_closed_by_default_and_opens_per_config() {
         .post_json(
             "/v1/chat/completions",
             &[("origin", "https://app.example")],
-            &chat("fast"),
+            &chat("fast", "hello"),
         )
         .await
         .unwrap();
@@ -603,7 +608,7 @@ async fn cors_is_closed_by_default_and_opens_per_config() {
         .post_json(
             "/v1/chat/completions",
             &[("origin", "https://evil.example")],
-            &chat("nope"),
+            &chat("nope", "hello"),
         )
         .await
         .unwrap();

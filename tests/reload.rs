@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Client};
+use lumen_test_support::openai::chat;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 
@@ -28,22 +29,6 @@ routes:
 {extra_routes}"#,
         base = mock.base_url()
     )
-}
-
-async fn chat(lumen: &Lumen, key: &str, model: &str) -> u16 {
-    let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-    let auth = format!("Bearer {key}");
-    Client::connect(lumen.addr)
-        .await
-        .unwrap()
-        .post_json(
-            "/v1/chat/completions",
-            &[("authorization", auth.as_str())],
-            &body,
-        )
-        .await
-        .map(|r| r.status)
-        .unwrap_or(0)
 }
 
 async fn admin_config(lumen: &Lumen) -> serde_json::Value {
@@ -93,8 +78,13 @@ async fn a_file_change_applies_keys_and_routes_at_once_and_a_bad_file_keeps_the_
     )
     .replace("WATCH", "true");
     let lumen = Lumen::start(&base);
-    assert_eq!(chat(&lumen, "sk-bob", "fast").await, 200);
-    assert_eq!(chat(&lumen, "sk-alice", "new-route").await, 404);
+    assert_eq!(lumen.chat_status("sk-bob", &chat("fast", "hi")).await, 200);
+    assert_eq!(
+        lumen
+            .chat_status("sk-alice", &chat("new-route", "hi"))
+            .await,
+        404
+    );
     let hash = admin_config(&lumen).await["hash"]
         .as_str()
         .unwrap()
@@ -114,12 +104,14 @@ async fn a_file_change_applies_keys_and_routes_at_once_and_a_bad_file_keeps_the_
     assert_eq!(c["last_reload"]["result"], "ok");
     assert_eq!(c["last_reload"]["trigger"], "file");
     assert_eq!(
-        chat(&lumen, "sk-bob", "fast").await,
+        lumen.chat_status("sk-bob", &chat("fast", "hi")).await,
         401,
         "a removed key is refused at once"
     );
     assert_eq!(
-        chat(&lumen, "sk-alice", "new-route").await,
+        lumen
+            .chat_status("sk-alice", &chat("new-route", "hi"))
+            .await,
         200,
         "a new route works at once"
     );
@@ -141,7 +133,12 @@ async fn a_file_change_applies_keys_and_routes_at_once_and_a_bad_file_keeps_the_
         error.contains(":10:"),
         "file:line:column in the error: {error}"
     );
-    assert_eq!(chat(&lumen, "sk-alice", "new-route").await, 200);
+    assert_eq!(
+        lumen
+            .chat_status("sk-alice", &chat("new-route", "hi"))
+            .await,
+        200
+    );
     lumen_test_support::harness::scrape_until(
         lumen.admin,
         "lumen_config_reloads_total{result=\"error\"} 1",
@@ -158,7 +155,10 @@ async fn sighup_reloads_and_limit_counters_survive_it() {
     let lumen = Lumen::start(&base);
     // Spend 3 of alice's 5.
     for _ in 0..3 {
-        assert_eq!(chat(&lumen, "sk-alice", "fast").await, 200);
+        assert_eq!(
+            lumen.chat_status("sk-alice", &chat("fast", "hi")).await,
+            200
+        );
     }
     let hash = admin_config(&lumen).await["hash"]
         .as_str()
@@ -181,9 +181,18 @@ async fn sighup_reloads_and_limit_counters_survive_it() {
     let c = wait_reload(&lumen, &hash, false).await;
     assert_eq!(c["last_reload"]["trigger"], "sighup");
     // The bucket outlived the reload: 2 left, then refused.
-    assert_eq!(chat(&lumen, "sk-alice", "other").await, 200);
-    assert_eq!(chat(&lumen, "sk-alice", "other").await, 200);
-    assert_eq!(chat(&lumen, "sk-alice", "other").await, 429);
+    assert_eq!(
+        lumen.chat_status("sk-alice", &chat("other", "hi")).await,
+        200
+    );
+    assert_eq!(
+        lumen.chat_status("sk-alice", &chat("other", "hi")).await,
+        200
+    );
+    assert_eq!(
+        lumen.chat_status("sk-alice", &chat("other", "hi")).await,
+        429
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -341,8 +350,14 @@ routes:
         mock.base_url()
     ));
     let (old_token, new_token) = (rs256(&old_private), rs256(&new_private));
-    assert_eq!(chat(&lumen, &old_token, "fast").await, 200);
-    assert_eq!(chat(&lumen, &new_token, "fast").await, 401);
+    assert_eq!(
+        lumen.chat_status(&old_token, &chat("fast", "hi")).await,
+        200
+    );
+    assert_eq!(
+        lumen.chat_status(&new_token, &chat("fast", "hi")).await,
+        401
+    );
     let hash = admin_config(&lumen).await["hash"]
         .as_str()
         .unwrap()
@@ -352,7 +367,7 @@ routes:
     std::fs::write(&tmp, &new_public).unwrap();
     std::fs::rename(&tmp, &key_file).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while chat(&lumen, &new_token, "fast").await != 200 {
+    while lumen.chat_status(&new_token, &chat("fast", "hi")).await != 200 {
         assert!(
             Instant::now() < deadline,
             "the new key was never picked up:\n{}",
@@ -360,7 +375,10 @@ routes:
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(chat(&lumen, &old_token, "fast").await, 401);
+    assert_eq!(
+        lumen.chat_status(&old_token, &chat("fast", "hi")).await,
+        401
+    );
     let c = admin_config(&lumen).await;
     assert_eq!(c["last_reload"]["trigger"], "file");
     assert_eq!(c["last_reload"]["result"], "ok");
@@ -390,7 +408,10 @@ async fn a_changed_listener_is_logged_as_needing_a_restart() {
     unsafe { libc::kill(lumen.pid() as i32, libc::SIGHUP) };
     wait_reload(&lumen, &hash, false).await;
     // Everything else applied; the old listener still serves, and the log says why.
-    assert_eq!(chat(&lumen, "sk-alice", "added").await, 200);
+    assert_eq!(
+        lumen.chat_status("sk-alice", &chat("added", "hi")).await,
+        200
+    );
     let log = lumen.log();
     assert!(
         log.contains("take effect only after a restart") && log.contains("listen"),
@@ -508,6 +529,9 @@ async fn a_reload_cannot_remove_the_admin_key_while_the_admin_socket_stays_on_ev
         .await
         .unwrap();
     assert_eq!(anonymous.status, 401);
-    assert_eq!(chat(&lumen, "sk-alice", "fast").await, 200);
+    assert_eq!(
+        lumen.chat_status("sk-alice", &chat("fast", "hi")).await,
+        200
+    );
     assert!(lumen.log().contains("config reload failed"));
 }

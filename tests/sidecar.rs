@@ -2,22 +2,18 @@
 //! generated tiny GGUF, the gateway routes to it, restarts it when it dies, and stops it on
 //! shutdown.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lumen_test_support::client::Client;
 use lumen_test_support::harness::tempdir::Dir;
-use lumen_test_support::{bin_path, free_port, Lumen};
+use lumen_test_support::openai::chat_with;
+use lumen_test_support::sidecar::gen_test_model;
+use lumen_test_support::{free_port, Lumen};
 use serde_json::json;
 
 fn tiny_model(dir: &Dir) -> String {
     let path = dir.path().join("tiny.gguf");
-    let status = Command::new(bin_path("lumen-llama"))
-        .args(["gen-test-model", "--out"])
-        .arg(&path)
-        .status()
-        .expect("run lumen-llama gen-test-model");
-    assert!(status.success());
+    gen_test_model("chat", &path);
     path.display().to_string()
 }
 
@@ -55,8 +51,7 @@ routes:
 /// Chat through the gateway until the sidecar answers (it loads after the gateway is up).
 async fn wait_for_chat(lumen: &Lumen, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
-    let body = json!({"model": "fast", "max_tokens": 8, "temperature": 0,
-                      "messages": [{"role": "user", "content": "hello"}]});
+    let body = chat_with("fast", "hello", json!({"max_tokens": 8, "temperature": 0}));
     loop {
         if let Ok(mut c) = Client::connect(lumen.addr).await {
             if let Ok(resp) = c.post_json("/v1/chat/completions", &[], &body).await {

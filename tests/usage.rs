@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use lumen_test_support::client::{request, Client};
+use lumen_test_support::client::request;
 use lumen_test_support::harness::{tempdir::Dir, RedisServer};
+use lumen_test_support::openai::chat_with;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
 
@@ -30,21 +31,9 @@ routes:
     )
 }
 
-async fn chat(lumen: &Lumen, key: &str, model: &str, stream: bool) -> u16 {
-    let auth = format!("Bearer {key}");
-    let body = json!({"model": model, "stream": stream, "temperature": 0,
-                      "messages": [{"role": "user", "content": "hi"}]});
-    Client::connect(lumen.addr)
-        .await
-        .unwrap()
-        .post_json(
-            "/v1/chat/completions",
-            &[("authorization", auth.as_str())],
-            &body,
-        )
-        .await
-        .unwrap()
-        .status
+/// The chat these tests account for (greedy, so the `cached` route can hit).
+fn usage_chat(model: &str, stream: bool) -> Value {
+    chat_with(model, "hi", json!({"stream": stream, "temperature": 0}))
 }
 
 async fn usage(lumen: &Lumen, query: &str) -> Value {
@@ -89,12 +78,42 @@ async fn until_total(lumen: &Lumen, query: &str, want: u64) -> Value {
 
 async fn traffic(lumen: &Lumen) {
     // team-a: 2 plain (7 + 4 tokens each), 1 stream (7 + 3), 1 error; team-b: a miss and a hit.
-    assert_eq!(chat(lumen, "sk-team-a", "fast", false).await, 200);
-    assert_eq!(chat(lumen, "sk-team-a", "fast", false).await, 200);
-    assert_eq!(chat(lumen, "sk-team-a", "fast", true).await, 200);
-    assert_eq!(chat(lumen, "sk-team-a", "broken", false).await, 500);
-    assert_eq!(chat(lumen, "sk-team-b", "cached", false).await, 200);
-    assert_eq!(chat(lumen, "sk-team-b", "cached", false).await, 200);
+    assert_eq!(
+        lumen
+            .chat_status("sk-team-a", &usage_chat("fast", false))
+            .await,
+        200
+    );
+    assert_eq!(
+        lumen
+            .chat_status("sk-team-a", &usage_chat("fast", false))
+            .await,
+        200
+    );
+    assert_eq!(
+        lumen
+            .chat_status("sk-team-a", &usage_chat("fast", true))
+            .await,
+        200
+    );
+    assert_eq!(
+        lumen
+            .chat_status("sk-team-a", &usage_chat("broken", false))
+            .await,
+        500
+    );
+    assert_eq!(
+        lumen
+            .chat_status("sk-team-b", &usage_chat("cached", false))
+            .await,
+        200
+    );
+    assert_eq!(
+        lumen
+            .chat_status("sk-team-b", &usage_chat("cached", false))
+            .await,
+        200
+    );
 }
 
 fn check_counts(report: &Value) {
@@ -169,7 +188,12 @@ async fn usage_is_counted_filtered_and_survives_a_restart() {
     let report = usage(&restarted, "").await;
     check_counts(&report);
     // And it keeps counting from there.
-    assert_eq!(chat(&restarted, "sk-team-a", "fast", false).await, 200);
+    assert_eq!(
+        restarted
+            .chat_status("sk-team-a", &usage_chat("fast", false))
+            .await,
+        200
+    );
     let report = until_total(&restarted, "?key=team-a&model=fast", 4).await;
     assert_eq!(report["total"]["prompt_tokens"], 28);
 }
@@ -193,12 +217,22 @@ async fn two_nodes_share_usage_through_redis() {
     let a = Lumen::start(&config(&mock, &extra));
     let b = Lumen::start(&config(&mock, &extra));
     for _ in 0..3 {
-        assert_eq!(chat(&a, "sk-team-a", "fast", false).await, 200);
+        assert_eq!(
+            a.chat_status("sk-team-a", &usage_chat("fast", false)).await,
+            200
+        );
     }
     for _ in 0..2 {
-        assert_eq!(chat(&b, "sk-team-a", "fast", false).await, 200);
+        assert_eq!(
+            b.chat_status("sk-team-a", &usage_chat("fast", false)).await,
+            200
+        );
     }
-    assert_eq!(chat(&b, "sk-team-b", "broken", false).await, 500);
+    assert_eq!(
+        b.chat_status("sk-team-b", &usage_chat("broken", false))
+            .await,
+        500
+    );
     // Each node sees the fleet's total once both flushed.
     for node in [&a, &b] {
         let report = until_total(node, "", 6).await;
@@ -225,7 +259,12 @@ async fn usage_counted_while_redis_is_down_reaches_it_later() {
     let lumen = Lumen::start(&config(&mock, &extra));
     redis.kill();
     for _ in 0..3 {
-        assert_eq!(chat(&lumen, "sk-team-a", "fast", false).await, 200);
+        assert_eq!(
+            lumen
+                .chat_status("sk-team-a", &usage_chat("fast", false))
+                .await,
+            200
+        );
     }
     // Still visible from memory, with the store's error said.
     let report = until_total(&lumen, "", 3).await;
@@ -267,7 +306,12 @@ async fn the_admin_listener_needs_its_key_when_one_is_set() {
         assert_eq!(ok.status, 200, "{path}");
     }
     // Nor is the admin key a client key.
-    assert_eq!(chat(&lumen, "adm-test-key", "fast", false).await, 401);
+    assert_eq!(
+        lumen
+            .chat_status("adm-test-key", &usage_chat("fast", false))
+            .await,
+        401
+    );
     let log = lumen.log();
     assert!(!log.contains("adm-test-key"), "the admin key was logged");
 }

@@ -2,10 +2,8 @@
 //! exactly (shapes, normalisation, `dimensions`, batching, ordering); all-MiniLM-L6-v2, when
 //! fetched, checks that the vectors mean something.
 
-mod common;
-
 use base64::Engine as _;
-use common::{real_model, tiny_chat_model, tiny_rerank_model, Sidecar};
+use lumen_test_support::sidecar::{real_model, tiny_chat_model, tiny_rerank_model, Sidecar};
 use serde_json::{json, Value};
 
 fn vector(item: &Value) -> Vec<f64> {

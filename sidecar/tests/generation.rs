@@ -2,11 +2,12 @@
 //! model. Its greedy output is deterministic, never ends on its own, and is one printable ASCII
 //! character per token, so lengths, usage and stop strings are checked exactly.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{is_json_prefix, read_chat_stream, tiny_chat_model, Sidecar};
+use lumen_test_support::json_prefix::is_json_prefix;
+use lumen_test_support::openai::{chat_with, message_content};
+use lumen_test_support::sidecar::{self, tiny_chat_model, Sidecar};
+use lumen_test_support::sse::{read_chat_stream, SseStream};
 use serde_json::{json, Value};
 
 /// `--model tiny=<generated model>:<opts>` (one engine thread, to be kind to a 2-core CI box).
@@ -15,24 +16,6 @@ fn tiny(opts: &str) -> Vec<String> {
         "--model".into(),
         format!("tiny={}:threads=1,{opts}", tiny_chat_model().display()),
     ]
-}
-
-fn chat(content: &str, extra: Value) -> Value {
-    let mut body = json!({
-        "model": "tiny",
-        "messages": [{"role": "user", "content": content}],
-        "temperature": 0,
-    });
-    for (k, v) in extra.as_object().into_iter().flatten() {
-        body[k] = v.clone();
-    }
-    body
-}
-
-fn content(r: &Value) -> &str {
-    r["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap_or_default()
 }
 
 #[test]
@@ -46,7 +29,7 @@ fn health_is_503_while_loading_then_200_with_free_slots() {
     assert_eq!(r.json()["status"], "loading");
     let r = s.post(
         "/v1/chat/completions",
-        &chat("hi", json!({"max_tokens": 1})),
+        &chat_with("tiny", "hi", json!({"temperature": 0, "max_tokens": 1})),
     );
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"]["code"], "model_loading");
@@ -64,7 +47,7 @@ fn chat_reports_exact_usage_and_length() {
     let s = Sidecar::start(&tiny("ctx=512"));
     let r = s.post(
         "/v1/chat/completions",
-        &chat("Hello", json!({"max_tokens": 20})),
+        &chat_with("tiny", "Hello", json!({"temperature": 0, "max_tokens": 20})),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let r = r.json();
@@ -76,17 +59,22 @@ fn chat_reports_exact_usage_and_length() {
     assert_eq!(r["usage"]["prompt_tokens"], 25);
     assert_eq!(r["usage"]["completion_tokens"], 20);
     assert_eq!(r["usage"]["total_tokens"], 45);
-    assert_eq!(content(&r).chars().count(), 20, "{:?}", content(&r));
+    assert_eq!(
+        message_content(&r).chars().count(),
+        20,
+        "{:?}",
+        message_content(&r)
+    );
 
     let again = s
         .post(
             "/v1/chat/completions",
-            &chat("Hello", json!({"max_tokens": 20})),
+            &chat_with("tiny", "Hello", json!({"temperature": 0, "max_tokens": 20})),
         )
         .json();
     assert_eq!(
-        content(&again),
-        content(&r),
+        message_content(&again),
+        message_content(&r),
         "greedy decoding is deterministic"
     );
 }
@@ -94,7 +82,11 @@ fn chat_reports_exact_usage_and_length() {
 #[test]
 fn stream_gives_the_same_text_as_non_stream() {
     let s = Sidecar::start(&tiny("ctx=512"));
-    let body = chat("Tell me", json!({"max_tokens": 24}));
+    let body = chat_with(
+        "tiny",
+        "Tell me",
+        json!({"temperature": 0, "max_tokens": 24}),
+    );
     let whole = s.post("/v1/chat/completions", &body).json();
 
     let mut streamed = body.clone();
@@ -111,7 +103,7 @@ fn stream_gives_the_same_text_as_non_stream() {
     );
     let got = read_chat_stream(stream);
     assert_eq!(got.first_role.as_deref(), Some("assistant"));
-    assert_eq!(got.text, content(&whole));
+    assert_eq!(got.text, message_content(&whole));
     assert_eq!(got.finish_reason.as_deref(), Some("length"));
     assert_eq!(got.usage.as_ref(), Some(&whole["usage"]));
     assert!(got.ended_with_done);
@@ -123,10 +115,10 @@ fn stop_strings_end_generation_and_are_never_emitted() {
     let full = s
         .post(
             "/v1/chat/completions",
-            &chat("abc", json!({"max_tokens": 40})),
+            &chat_with("tiny", "abc", json!({"temperature": 0, "max_tokens": 40})),
         )
         .json();
-    let full = content(&full).to_string();
+    let full = message_content(&full).to_string();
     assert_eq!(full.chars().count(), 40);
     // A 3-character stop string from the middle of what the model says anyway.
     let stop: String = full.chars().skip(10).take(3).collect();
@@ -134,10 +126,11 @@ fn stop_strings_end_generation_and_are_never_emitted() {
     let expected = &full[..at];
 
     for stream in [false, true] {
-        let body = chat(
+        let body = chat_with(
+            "tiny",
             "abc",
-            json!({"max_tokens": 40, "stop": ["never-said", stop], "stream": stream,
-                   "stream_options": {"include_usage": true}}),
+            json!({"temperature": 0, "max_tokens": 40, "stop": ["never-said", stop],
+                   "stream": stream, "stream_options": {"include_usage": true}}),
         );
         let (text, finish, usage) = if stream {
             let got = read_chat_stream(s.stream("/v1/chat/completions", &body));
@@ -149,7 +142,7 @@ fn stop_strings_end_generation_and_are_never_emitted() {
         } else {
             let r = s.post("/v1/chat/completions", &body).json();
             (
-                content(&r).to_string(),
+                message_content(&r).to_string(),
                 r["choices"][0]["finish_reason"]
                     .as_str()
                     .unwrap_or_default()
@@ -166,10 +159,14 @@ fn stop_strings_end_generation_and_are_never_emitted() {
     let single = s
         .post(
             "/v1/chat/completions",
-            &chat("abc", json!({"max_tokens": 40, "stop": stop})),
+            &chat_with(
+                "tiny",
+                "abc",
+                json!({"temperature": 0, "max_tokens": 40, "stop": stop}),
+            ),
         )
         .json();
-    assert_eq!(content(&single), expected, "stop as a plain string");
+    assert_eq!(message_content(&single), expected, "stop as a plain string");
 }
 
 #[test]
@@ -207,14 +204,15 @@ fn json_object_output_follows_the_json_grammar() {
         let r = s
             .post(
                 "/v1/chat/completions",
-                &chat(
+                &chat_with(
+                    "tiny",
                     "json",
                     json!({"max_tokens": 120, "temperature": 1.0, "seed": seed,
                            "response_format": {"type": "json_object"}}),
                 ),
             )
             .json();
-        let text = content(&r);
+        let text = message_content(&r);
         assert!(text.starts_with('{'), "{text:?}");
         match r["choices"][0]["finish_reason"].as_str() {
             Some("stop") => {
@@ -236,15 +234,16 @@ fn json_object_output_follows_the_json_grammar() {
     let r = s
         .post(
             "/v1/chat/completions",
-            &chat(
+            &chat_with(
+                "tiny",
                 "json",
-                json!({"max_tokens": 60,
+                json!({"temperature": 0, "max_tokens": 60,
                        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}),
             ),
         )
         .json();
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
-    let v: Value = serde_json::from_str(content(&r)).expect("schema output parses");
+    let v: Value = serde_json::from_str(message_content(&r)).expect("schema output parses");
     assert!(v["ok"].is_boolean(), "{v}");
     assert!(v["colour"] == "red" || v["colour"] == "green", "{v}");
 }
@@ -256,19 +255,12 @@ fn eight_concurrent_requests_on_four_slots_complete_and_are_batched() {
     let workers: Vec<_> = (0..8)
         .map(|i| {
             std::thread::spawn(move || {
-                let body = json!({
-                    "model": "tiny",
-                    "messages": [{"role": "user", "content": format!("request number {i}")}],
-                    "max_tokens": 128,
-                    "temperature": 0.7,
-                    "seed": i,
-                });
-                common::request(
-                    port,
-                    "POST",
-                    "/v1/chat/completions",
-                    Some(body.to_string().as_bytes()),
-                )
+                let body = chat_with(
+                    "tiny",
+                    &format!("request number {i}"),
+                    json!({"max_tokens": 128, "temperature": 0.7, "seed": i}),
+                );
+                sidecar::post(port, "/v1/chat/completions", &body)
             })
         })
         .collect();
@@ -311,10 +303,14 @@ fn eight_concurrent_requests_on_four_slots_complete_and_are_batched() {
 
 /// A streamed request with room for thousands of tokens, whose client reads one chunk and
 /// then stops reading: its slot stays busy (generating, then paused by backpressure).
-fn occupy_slot(s: &Sidecar) -> common::SseStream {
+fn occupy_slot(s: &Sidecar) -> SseStream {
     let mut stream = s.stream(
         "/v1/chat/completions",
-        &chat("hold", json!({"max_tokens": 15000, "stream": true})),
+        &chat_with(
+            "tiny",
+            "hold",
+            json!({"temperature": 0, "max_tokens": 15000, "stream": true}),
+        ),
     );
     assert_eq!(stream.status, 200);
     // The role chunk comes before the engine takes the job; the first text chunk comes after.
@@ -335,7 +331,11 @@ fn a_full_queue_answers_503_with_retry_after() {
     // The second request waits in the queue (its headers come back at once: it is a stream).
     let queued = s.stream(
         "/v1/chat/completions",
-        &chat("wait", json!({"max_tokens": 5, "stream": true})),
+        &chat_with(
+            "tiny",
+            "wait",
+            json!({"temperature": 0, "max_tokens": 5, "stream": true}),
+        ),
     );
     assert_eq!(queued.status, 200);
     assert!(
@@ -346,7 +346,7 @@ fn a_full_queue_answers_503_with_retry_after() {
 
     let r = s.post(
         "/v1/chat/completions",
-        &chat("third", json!({"max_tokens": 5})),
+        &chat_with("tiny", "third", json!({"temperature": 0, "max_tokens": 5})),
     );
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -382,7 +382,12 @@ fn a_client_that_disconnects_frees_its_slot() {
             // A non-streaming request, abandoned while it is generating.
             let port = s.port;
             let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let body = chat("hold", json!({"max_tokens": 15000})).to_string();
+            let body = chat_with(
+                "tiny",
+                "hold",
+                json!({"temperature": 0, "max_tokens": 15000}),
+            )
+            .to_string();
             use std::io::Write;
             write!(
                 conn,
@@ -413,7 +418,7 @@ fn a_client_that_disconnects_frees_its_slot() {
     assert!(s.metric("lumen_llama_completion_tokens_total", "tiny", None) < 15000.0);
     let r = s.post(
         "/v1/chat/completions",
-        &chat("after", json!({"max_tokens": 3})),
+        &chat_with("tiny", "after", json!({"temperature": 0, "max_tokens": 3})),
     );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["usage"]["completion_tokens"], 3);
@@ -433,17 +438,15 @@ fn a_client_that_stops_reading_loses_its_slot_after_the_stall_limit() {
         ),
     ];
     let s = Sidecar::start_with_env(&args, &[("LUMEN_LLAMA_STALL_TIMEOUT_MS", "300")]);
-    let request = |content: &str, extra: Value| {
-        let mut body = chat(content, extra);
-        body["model"] = json!(name);
-        body
-    };
-
     // Reads the role chunk, then nothing, while keeping the connection open: the socket
     // buffers and the event channel fill, and the slot pauses on a full outbox.
     let mut stuck = s.stream(
         "/v1/chat/completions",
-        &request("hold", json!({"max_tokens": 15000, "stream": true})),
+        &chat_with(
+            &name,
+            "hold",
+            json!({"temperature": 0, "max_tokens": 15000, "stream": true}),
+        ),
     );
     assert_eq!(stuck.status, 200);
     assert!(stuck.next_data().is_some());
@@ -479,7 +482,7 @@ fn a_client_that_stops_reading_loses_its_slot_after_the_stall_limit() {
     // The freed slot serves the next request.
     let r = s.post(
         "/v1/chat/completions",
-        &request("after", json!({"max_tokens": 3})),
+        &chat_with(&name, "after", json!({"temperature": 0, "max_tokens": 3})),
     );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["usage"]["completion_tokens"], 3);
@@ -490,7 +493,10 @@ fn a_client_that_stops_reading_loses_its_slot_after_the_stall_limit() {
 fn over_long_prompts_are_400_context_length_exceeded() {
     let s = Sidecar::start(&tiny("ctx=64"));
     let long = "x".repeat(200);
-    let r = s.post("/v1/chat/completions", &chat(&long, json!({})));
+    let r = s.post(
+        "/v1/chat/completions",
+        &chat_with("tiny", &long, json!({"temperature": 0})),
+    );
     assert_eq!(r.status, 400, "{}", r.text());
     let e = r.json();
     assert_eq!(e["error"]["code"], "context_length_exceeded");
@@ -500,14 +506,17 @@ fn over_long_prompts_are_400_context_length_exceeded() {
     // The prompt fits but prompt + max_tokens does not.
     let r = s.post(
         "/v1/chat/completions",
-        &chat("hi", json!({"max_tokens": 60})),
+        &chat_with("tiny", "hi", json!({"temperature": 0, "max_tokens": 60})),
     );
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
 
     // Without max_tokens the reply fills what is left of the context, then stops: length.
     let r = s
-        .post("/v1/chat/completions", &chat("hi", json!({})))
+        .post(
+            "/v1/chat/completions",
+            &chat_with("tiny", "hi", json!({"temperature": 0})),
+        )
         .json();
     assert_eq!(r["choices"][0]["finish_reason"], "length");
     assert_eq!(r["usage"]["total_tokens"], 64);
@@ -540,7 +549,7 @@ fn bad_requests_get_openai_errors() {
 
     let r = s.post(
         "/v1/chat/completions",
-        &chat("x", json!({"temperature": 5})),
+        &chat_with("tiny", "x", json!({"temperature": 5})),
     );
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["param"], "temperature");
@@ -561,7 +570,7 @@ fn bad_requests_get_openai_errors() {
     // Still serving normally afterwards.
     let r = s.post(
         "/v1/chat/completions",
-        &chat("ok", json!({"max_tokens": 2})),
+        &chat_with("tiny", "ok", json!({"temperature": 0, "max_tokens": 2})),
     );
     assert_eq!(r.status, 200);
 }

@@ -1,9 +1,9 @@
 //! A real instruct model: SmolLM2-135M-Instruct (Q4_1), served with its checksum verified.
 //! Skipped, with a message saying how to fetch it, only when the file is absent.
 
-mod common;
-
-use common::{read_chat_stream, real_model, Sidecar};
+use lumen_test_support::openai::message_content;
+use lumen_test_support::sidecar::{real_model, Sidecar};
+use lumen_test_support::sse::read_chat_stream;
 use serde_json::{json, Value};
 
 const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
@@ -28,12 +28,6 @@ fn ask(s: &Sidecar, body: &Value) -> Value {
     r.json()
 }
 
-fn content(r: &Value) -> &str {
-    r["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap_or_default()
-}
-
 #[test]
 fn answers_a_factual_question() {
     let Some(s) = smollm2() else { return };
@@ -45,7 +39,11 @@ fn answers_a_factual_question() {
         "max_tokens": 16,
     });
     let r = ask(&s, &body);
-    assert!(content(&r).contains("Paris"), "{:?}", content(&r));
+    assert!(
+        message_content(&r).contains("Paris"),
+        "{:?}",
+        message_content(&r)
+    );
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
 
     // The same request streamed gives the same text, and the same usage.
@@ -53,7 +51,7 @@ fn answers_a_factual_question() {
     streamed["stream"] = json!(true);
     streamed["stream_options"] = json!({"include_usage": true});
     let got = read_chat_stream(s.stream("/v1/chat/completions", &streamed));
-    assert_eq!(got.text, content(&r));
+    assert_eq!(got.text, message_content(&r));
     assert_eq!(got.finish_reason.as_deref(), Some("stop"));
     assert_eq!(got.usage.as_ref(), Some(&r["usage"]));
 }
@@ -74,7 +72,7 @@ fn sampled_stream_matches_non_stream_for_the_same_seed() {
     streamed["stream"] = json!(true);
     let got = read_chat_stream(s.stream("/v1/chat/completions", &streamed));
     assert!(!got.text.is_empty());
-    assert_eq!(got.text, content(&r));
+    assert_eq!(got.text, message_content(&r));
 }
 
 #[test]
@@ -91,8 +89,8 @@ fn json_object_is_a_json_object() {
         }),
     );
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
-    let v: Value =
-        serde_json::from_str(content(&r)).unwrap_or_else(|e| panic!("{e}: {:?}", content(&r)));
+    let v: Value = serde_json::from_str(message_content(&r))
+        .unwrap_or_else(|e| panic!("{e}: {:?}", message_content(&r)));
     assert!(v.is_object(), "{v}");
 }
 
@@ -124,7 +122,7 @@ fn stop_sequences_cut_real_text() {
         "max_tokens": 40,
     });
     let full = ask(&s, &body);
-    let full_text = content(&full);
+    let full_text = message_content(&full);
     let at = full_text
         .find("Wednes")
         .unwrap_or_else(|| panic!("{full_text:?}"));
@@ -140,7 +138,7 @@ fn stop_sequences_cut_real_text() {
         } else {
             let r = ask(&s, &stopped);
             (
-                content(&r).to_string(),
+                message_content(&r).to_string(),
                 r["choices"][0]["finish_reason"]
                     .as_str()
                     .unwrap_or_default()

@@ -85,6 +85,48 @@ impl Client {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> io::Result<Response> {
+        let sent = self.send(method, path, headers, body).await?;
+        self.read_response(sent, method == "HEAD").await
+    }
+
+    /// Sends a request and reads only the response head (the returned body is empty): read a
+    /// chunked body as it arrives with [`Client::next_chunk`] (an SSE stream, event by event),
+    /// or stop reading it to play a client that stalls or goes away.
+    pub async fn request_head(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Response> {
+        let sent = self.send(method, path, headers, body).await?;
+        self.read_head(sent).await
+    }
+
+    /// The next chunk of a chunked body whose head [`Client::request_head`] read; `None` after
+    /// the last one.
+    pub async fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let size_line = String::from_utf8_lossy(&self.read_line().await?).into_owned();
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, size_line.clone()))?;
+        if size == 0 {
+            // Trailers (none expected) end with an empty line.
+            while !self.read_line().await?.is_empty() {}
+            return Ok(None);
+        }
+        let chunk = self.read_exact_buf(size).await?;
+        self.read_line().await?;
+        Ok(Some(chunk))
+    }
+
+    /// Writes a request; returns when it was sent.
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<Instant> {
         let mut head = format!("{method} {path} HTTP/1.1\r\n");
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             // The address connected to, as real clients send it.
@@ -105,7 +147,7 @@ impl Client {
         wire.extend_from_slice(body);
         let sent = Instant::now();
         self.stream.write_all(&wire).await?;
-        self.read_response(sent, method == "HEAD").await
+        Ok(sent)
     }
 
     /// `POST` a JSON body.
@@ -179,7 +221,8 @@ impl Client {
         Ok(self.buf.drain(..n).collect())
     }
 
-    async fn read_response(&mut self, sent: Instant, head_only: bool) -> io::Result<Response> {
+    /// Reads a status line and headers; the body is left on the connection.
+    async fn read_head(&mut self, sent: Instant) -> io::Result<Response> {
         let status_line = String::from_utf8_lossy(&self.read_line().await?).into_owned();
         let status: u16 = status_line
             .split_whitespace()
@@ -198,37 +241,29 @@ impl Client {
                 headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
             }
         }
+        Ok(Response {
+            status,
+            headers,
+            body: Vec::new(),
+            chunks: Vec::new(),
+            head_after,
+        })
+    }
+
+    async fn read_response(&mut self, sent: Instant, head_only: bool) -> io::Result<Response> {
+        let mut response = self.read_head(sent).await?;
+        if head_only || response.status == 204 || response.status == 304 {
+            return Ok(response);
+        }
         let get = |name: &str| {
-            headers
+            response
+                .headers
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         };
-        let mut response = Response {
-            status,
-            headers: headers.clone(),
-            body: Vec::new(),
-            chunks: Vec::new(),
-            head_after,
-        };
-        if head_only || status == 204 || status == 304 {
-            return Ok(response);
-        }
         if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-            loop {
-                let size_line = String::from_utf8_lossy(&self.read_line().await?).into_owned();
-                let size =
-                    usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::InvalidData, size_line.clone())
-                        })?;
-                if size == 0 {
-                    // Trailers (none expected) end with an empty line.
-                    while !self.read_line().await?.is_empty() {}
-                    break;
-                }
-                let chunk = self.read_exact_buf(size).await?;
-                self.read_line().await?;
+            while let Some(chunk) = self.next_chunk().await? {
                 response.body.extend_from_slice(&chunk);
                 response.chunks.push((sent.elapsed(), chunk));
             }

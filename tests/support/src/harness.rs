@@ -36,6 +36,33 @@ pub fn bin_path(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// A path in this repository, from its root (`models`, `.tools/promtool`, `conf/...`).
+pub fn repo_path(relative: &str) -> PathBuf {
+    // This crate is `<repo>/tests/support`.
+    let support = Path::new(env!("CARGO_MANIFEST_DIR"));
+    support
+        .ancestors()
+        .nth(2)
+        .expect("tests/support inside the repository")
+        .join(relative)
+}
+
+/// `promtool` from Debian's `prometheus` package: `LUMEN_PROMTOOL`, else the copy that
+/// `scripts/setup.sh` extracts to `.tools/`, else the first on `PATH`.
+pub fn promtool() -> PathBuf {
+    if let Some(path) = std::env::var_os("LUMEN_PROMTOOL") {
+        return path.into();
+    }
+    let local = repo_path(".tools/promtool");
+    if local.is_file() {
+        return local;
+    }
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("promtool"))
+        .find(|p| p.is_file());
+    found.expect("promtool not found: run scripts/setup.sh (it extracts it to .tools/)")
+}
+
 /// A running gateway.
 pub struct Lumen {
     child: Child,

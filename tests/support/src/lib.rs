@@ -1,11 +1,20 @@
-//! Test support for Lumen: the harness that starts the real binaries on free ports, a small
-//! HTTP/1.1 client that records when each chunk arrives, and the mock OpenAI-compatible
-//! upstream (the only stand-in we allow: cloud providers cannot be reached from tests).
+//! Test support for Lumen: one harness and one HTTP client for every test. The harness starts
+//! the real binaries on free ports (the gateway, redis-server, the `lumen-llama` sidecar); the
+//! client is a small HTTP/1.1 client that records when each chunk arrives; the mock is an
+//! OpenAI-compatible upstream (the only stand-in we allow: cloud providers cannot be reached
+//! from tests). `openai` builds the requests tests send.
 
+pub mod blocking;
 pub mod client;
 pub mod harness;
+pub mod json_prefix;
 pub mod mock;
+pub mod openai;
+pub mod sidecar;
+pub mod sse;
 
 pub use client::{Client, Response};
 pub use harness::{bin_path, free_port, Lumen};
 pub use mock::{MockUpstream, Recorded};
+pub use openai::{chat, chat_with};
+pub use sidecar::Sidecar;
