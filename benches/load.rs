@@ -1,5 +1,7 @@
-//! Load benchmark: direct-to-mock vs through nginx (the reference proxy) vs through Lumen, in the
-//! same run, on the same machine, reported as ratios.
+//! Load benchmark: direct-to-mock vs through nginx (the reference proxy) vs a bare Pingora proxy
+//! (`lumen-bare-proxy`: a `ProxyHttp` that only picks the peer, same pingora version and
+//! features, one thread per core, default settings) vs through Lumen, in the same run, on the
+//! same machine, reported as ratios.
 //!
 //! Run: `cargo bench --bench load` (needs `nginx` on PATH for the reference column; without it
 //! the nginx column is skipped). `LUMEN_BENCH_SECS` sets seconds per measurement (default 3).
@@ -206,6 +208,27 @@ http {{
     None
 }
 
+/// The bare Pingora proxy in front of `upstream`, once it accepts connections.
+fn start_bare(upstream: SocketAddr) -> Option<(Killed, SocketAddr)> {
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let child = Command::new(bin_path("lumen-bare-proxy"))
+        .args(["--listen", &addr.to_string(), "--upstream", &upstream.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let child = Killed(child);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Some((child, addr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("lumen-bare-proxy did not start: the pingora column is skipped");
+    None
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; run only when asked for this bench or with no filter.
     let secs: f64 = std::env::var("LUMEN_BENCH_SECS")
@@ -248,6 +271,7 @@ fn main() {
     if nginx.is_none() {
         eprintln!("nginx not found: the nginx column is skipped (apt-get install nginx-light)");
     }
+    let bare = start_bare(mock);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -257,6 +281,9 @@ fn main() {
     let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", mock)];
     if let Some((_, addr, _)) = &nginx {
         targets.push(("nginx", *addr));
+    }
+    if let Some((_, addr)) = &bare {
+        targets.push(("pingora", *addr));
     }
     targets.push(("lumen-open", lumen_open.addr));
     targets.push(("lumen", lumen.addr));
@@ -306,6 +333,19 @@ fn main() {
                 n.pct(0.5) - direct.pct(0.5),
                 l.pct(0.99) - direct.pct(0.99),
                 n.pct(0.99) - direct.pct(0.99)
+            );
+        }
+        if let (Some((_, p)), Some((_, l))) = (
+            results.iter().find(|(k, _)| *k == "pingora"),
+            results.iter().find(|(k, _)| *k == "lumen"),
+        ) {
+            println!(
+                "  lumen/pingora: rps {:.2}x, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
+                l.rps / p.rps,
+                l.pct(0.5) - direct.pct(0.5),
+                p.pct(0.5) - direct.pct(0.5),
+                l.pct(0.99) - direct.pct(0.99),
+                p.pct(0.99) - direct.pct(0.99)
             );
         }
         println!();
