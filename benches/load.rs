@@ -59,6 +59,8 @@ impl Drop for Killed {
 struct Sample {
     latencies: Vec<u64>,
     rps: f64,
+    /// Requests per CPU-second of the proxy's processes (none for `direct`).
+    per_cpu_sec: Option<f64>,
 }
 
 impl Sample {
@@ -153,6 +155,7 @@ async fn load(
     Sample {
         rps: latencies.len() as f64 / elapsed,
         latencies,
+        per_cpu_sec: None,
     }
 }
 
@@ -208,12 +211,59 @@ http {{
     None
 }
 
+/// CPU seconds (user + system) used so far by process `pid` and its children (nginx's
+/// workers), from `/proc`; 0 for pid 0.
+fn cpu_secs(pid: u32) -> f64 {
+    if pid == 0 {
+        return 0.0;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // Fields after the command name: state is 3rd, ppid 4th, utime 14th, stime 15th.
+    let stat = |p: &str| -> Option<(u32, f64)> {
+        let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let rest = &text[text.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let used = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some((ppid, used / ticks))
+    };
+    let mut total = stat(&pid.to_string()).map_or(0.0, |(_, t)| t);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.bytes().all(|b| b.is_ascii_digit()) {
+                if let Some((ppid, t)) = stat(&name) {
+                    if ppid == pid {
+                        total += t;
+                    }
+                }
+            }
+        }
+    }
+    total
+}
+
+/// `a / b` as `0.00x`, or `-` when either is unknown.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
 /// The bare Pingora proxy in front of `upstream`, once it accepts connections.
 fn start_bare(upstream: SocketAddr) -> Option<(Killed, SocketAddr)> {
     let port = free_port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let child = Command::new(bin_path("lumen-bare-proxy"))
-        .args(["--listen", &addr.to_string(), "--upstream", &upstream.to_string()])
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--upstream",
+            &upstream.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -278,17 +328,20 @@ fn main() {
         .build()
         .expect("runtime");
 
-    let mut targets: Vec<(&str, SocketAddr)> = vec![("direct", mock)];
-    if let Some((_, addr, _)) = &nginx {
-        targets.push(("nginx", *addr));
+    // Each proxy's process (0: none to measure), whose CPU time (with its children's, for
+    // nginx's workers) gives requests per CPU-second: a figure the shared cores disturb less
+    // than requests per second.
+    let mut targets: Vec<(&str, SocketAddr, u32)> = vec![("direct", mock, 0)];
+    if let Some((child, addr, _)) = &nginx {
+        targets.push(("nginx", *addr, child.0.id()));
     }
-    if let Some((_, addr)) = &bare {
-        targets.push(("pingora", *addr));
+    if let Some((child, addr)) = &bare {
+        targets.push(("pingora", *addr, child.0.id()));
     }
-    targets.push(("lumen-open", lumen_open.addr));
-    targets.push(("lumen", lumen.addr));
+    targets.push(("lumen-open", lumen_open.addr, lumen_open.pid()));
+    targets.push(("lumen", lumen.addr, lumen.pid()));
     if let Some(l) = &lumen_redis {
-        targets.push(("lumen+redis", l.addr));
+        targets.push(("lumen+redis", l.addr, l.pid()));
     }
 
     println!(
@@ -300,11 +353,20 @@ fn main() {
         ("c=32 1KiB throughput", 32, 1024, false),
         ("c=1 stream first chunk", 1, 1024, true),
     ];
+    // `LUMEN_BENCH_ONLY=c=32` runs only the scenarios whose name contains it (and skips the
+    // cache and fallback sections): for quick A/B runs of one change.
+    let only = std::env::var("LUMEN_BENCH_ONLY").ok();
     for (name, conns, bytes, stream) in scenarios {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let mut results = Vec::new();
-        for (label, addr) in &targets {
-            let sample =
+        for (label, addr, pid) in &targets {
+            let cpu_before = cpu_secs(*pid);
+            let mut sample =
                 runtime.block_on(load(*addr, conns, secs, chat_body(bytes, stream), stream));
+            let cpu = cpu_secs(*pid) - cpu_before;
+            sample.per_cpu_sec = (cpu > 0.0).then(|| sample.latencies.len() as f64 / cpu);
             results.push((*label, sample));
         }
         let direct = &results[0].1;
@@ -313,13 +375,14 @@ fn main() {
             let added50 = s.pct(0.5) - direct.pct(0.5);
             let added99 = s.pct(0.99) - direct.pct(0.99);
             println!(
-                "  {label:<11} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us",
+                "  {label:<11} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us  req/cpu-s {:>7}",
                 s.rps,
                 s.rps / direct.rps,
                 s.pct(0.5),
                 s.pct(0.99),
                 added50,
-                added99
+                added99,
+                s.per_cpu_sec.map_or("-".to_string(), |r| format!("{r:.0}"))
             );
         }
         if let (Some((_, n)), Some((_, l))) = (
@@ -327,8 +390,9 @@ fn main() {
             results.iter().find(|(k, _)| *k == "lumen"),
         ) {
             println!(
-                "  lumen/nginx: rps {:.2}x, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
+                "  lumen/nginx: rps {:.2}x, req/cpu-s {}, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
                 l.rps / n.rps,
+                ratio(l.per_cpu_sec, n.per_cpu_sec),
                 l.pct(0.5) - direct.pct(0.5),
                 n.pct(0.5) - direct.pct(0.5),
                 l.pct(0.99) - direct.pct(0.99),
@@ -340,8 +404,9 @@ fn main() {
             results.iter().find(|(k, _)| *k == "lumen"),
         ) {
             println!(
-                "  lumen/pingora: rps {:.2}x, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
+                "  lumen/pingora: rps {:.2}x, req/cpu-s {}, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
                 l.rps / p.rps,
+                ratio(l.per_cpu_sec, p.per_cpu_sec),
                 l.pct(0.5) - direct.pct(0.5),
                 p.pct(0.5) - direct.pct(0.5),
                 l.pct(0.99) - direct.pct(0.99),
@@ -351,6 +416,9 @@ fn main() {
         println!();
     }
 
+    if only.is_some() {
+        return;
+    }
     // Cache hits from memory against the same request proxied (lumen-open), same run.
     let cached = Lumen::start(&format!(
         "server: {{ threads: 2 }}\nauth: off\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ], cache: {{ ttl: 1h }} }}\n"
