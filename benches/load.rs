@@ -13,6 +13,9 @@
 //! `redis-server` (one round trip per request); `lumen-open` is the same gateway with auth (and
 //! so limits) off, the baseline for what they cost.
 //!
+//! Syscalls per request (`strace -c -f`, when strace is installed) of every proxy, which,
+//! unlike CPU time, the shared cores do not disturb.
+//!
 //! Cache: hits served from memory against the same request proxied, at c=1 and c=32.
 //!
 //! Fallback cost: a route whose primary refuses the connection and whose second target
@@ -211,38 +214,107 @@ http {{
     None
 }
 
-/// CPU seconds (user + system) used so far by process `pid` and its children (nginx's
-/// workers), from `/proc`; 0 for pid 0.
-fn cpu_secs(pid: u32) -> f64 {
+/// `pid` and its children (nginx's workers); empty for pid 0.
+fn family(pid: u32) -> Vec<u32> {
     if pid == 0 {
-        return 0.0;
+        return Vec::new();
     }
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // Fields after the command name: state is 3rd, ppid 4th, utime 14th, stime 15th.
-    let stat = |p: &str| -> Option<(u32, f64)> {
-        let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        let rest = &text[text.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ppid = f.get(1)?.parse().ok()?;
-        let used = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-        Some((ppid, used / ticks))
-    };
-    let mut total = stat(&pid.to_string()).map_or(0.0, |(_, t)| t);
+    let mut pids = vec![pid];
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
             let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.bytes().all(|b| b.is_ascii_digit()) {
-                if let Some((ppid, t)) = stat(&name) {
-                    if ppid == pid {
-                        total += t;
-                    }
-                }
+            let Ok(child) = name.to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if proc_stat(child).is_some_and(|(ppid, _)| ppid == pid) {
+                pids.push(child);
             }
         }
     }
-    total
+    pids
+}
+
+/// (parent pid, CPU seconds used: user + system) of one process, from `/proc`.
+fn proc_stat(pid: u32) -> Option<(u32, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name: state, ppid, …, utime (14th), stime (15th).
+    let rest = &text[text.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = f.get(1)?.parse().ok()?;
+    let used = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some((ppid, used / ticks))
+}
+
+/// CPU seconds used so far by process `pid` and its children; 0 for pid 0.
+fn cpu_secs(pid: u32) -> f64 {
+    family(pid)
+        .into_iter()
+        .filter_map(proc_stat)
+        .map(|(_, t)| t)
+        .sum()
+}
+
+/// System calls per request of a proxy (its processes and their threads, `strace -c -f`),
+/// over `n` requests sent one after another on one connection. Deterministic where CPU time is
+/// not: the count does not depend on what else the cores are doing. `None` without strace.
+fn syscalls_per_request(
+    runtime: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    pid: u32,
+    n: usize,
+    body: &[u8],
+) -> Option<f64> {
+    let dir = Dir::new("lumen-bench-strace");
+    let out = dir.path().join("strace.txt");
+    let mut command = Command::new("strace");
+    command.args(["-c", "-f", "-qq", "-o"]).arg(&out);
+    for p in family(pid) {
+        command.arg("-p").arg(p.to_string());
+    }
+    let strace = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // Attaching takes a moment; requests before it would go uncounted.
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = runtime.block_on(async {
+        let mut c = Client::connect(addr).await.ok()?;
+        for _ in 0..n {
+            let r = c
+                .request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[
+                        ("content-type", "application/json"),
+                        ("authorization", BENCH_AUTH),
+                    ],
+                    body,
+                )
+                .await
+                .ok()?;
+            if r.status != 200 {
+                return None;
+            }
+        }
+        Some(())
+    });
+    // SIGINT: strace detaches and writes its summary.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = Killed(strace);
+    sent?;
+    let text = std::fs::read_to_string(&out).ok()?;
+    let calls: f64 = text
+        .lines()
+        .find(|l| l.trim_end().ends_with("total"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(calls / n as f64)
 }
 
 /// `a / b` as `0.00x`, or `-` when either is unknown.
@@ -416,6 +488,34 @@ fn main() {
         println!();
     }
 
+    if only.as_deref().is_none_or(|o| "syscalls".contains(o)) {
+        println!(
+            "syscalls per request (strace -c -f on the proxy's processes; 500 requests, c=1, 1KiB)"
+        );
+        let body = chat_body(1024, false);
+        let mut counts = Vec::new();
+        for (label, addr, pid) in targets.iter().filter(|(_, _, pid)| *pid != 0) {
+            let per = syscalls_per_request(&runtime, *addr, *pid, 500, &body);
+            println!(
+                "  {label:<11} {}",
+                per.map_or("- (strace not available)".to_string(), |v| format!(
+                    "{v:.1}"
+                ))
+            );
+            counts.push((*label, per));
+        }
+        let of = |name: &str| {
+            counts
+                .iter()
+                .find(|(k, _)| *k == name)
+                .and_then(|(_, v)| *v)
+        };
+        println!(
+            "  lumen/nginx {}  lumen/pingora {}\n",
+            ratio(of("lumen"), of("nginx")),
+            ratio(of("lumen"), of("pingora"))
+        );
+    }
     if only.is_some() {
         return;
     }

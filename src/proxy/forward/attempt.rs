@@ -266,14 +266,15 @@ async fn exchange(
         // response head and then for each body chunk.
         upstream.set_read_timeout(Some(provider.timeout));
         upstream.set_write_timeout(Some(provider.timeout));
-        match write_request(&mut upstream, head.clone(), body).await {
-            Ok(()) => {}
+        let written = write_request(upstream, head.clone(), body, peer, provider.timeout).await;
+        let mut upstream = match written {
+            Ok(upstream) => upstream,
             Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {
                 stale_retry_left = false;
                 continue;
             }
             Err(e) => return Err(classify(provider, &e)),
-        }
+        };
         read_final_head(&mut upstream)
             .await
             .map_err(|e| classify(provider, &e))?;

@@ -13,8 +13,13 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
+use std::time::Duration;
+
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
+use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
+use tokio::io::AsyncWriteExt;
 
 use crate::error::GatewayError;
 use crate::openai::LlmRequest;
@@ -175,16 +180,80 @@ pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<Resp
     Ok(Box::new(head))
 }
 
+/// Requests up to this size (head and body) go out in one write on HTTP/1.
+const ONE_WRITE_MAX: usize = 256 * 1024;
+
+/// Writes the request. On HTTP/1, up to [`ONE_WRITE_MAX`], head and body leave in one write:
+/// one syscall and one segment, where Pingora's session flushes the head on its own first.
+/// Larger requests and HTTP/2 go through Pingora's session as is. Returns the session to read
+/// the answer from.
 pub(super) async fn write_request(
-    upstream: &mut HttpSession,
+    upstream: HttpSession,
     head: RequestHeader,
     body: &[Bytes],
-) -> pingora::Result<()> {
+    peer: &HttpPeer,
+    timeout: Duration,
+) -> pingora::Result<HttpSession> {
+    let length = body
+        .iter()
+        .map(Bytes::len)
+        .fold(0usize, usize::saturating_add);
+    let mut upstream = match upstream {
+        HttpSession::H1(h1) if length <= ONE_WRITE_MAX => {
+            return write_h1_at_once(h1, &head, body, length, peer, timeout).await;
+        }
+        other => other,
+    };
     upstream.write_request_header(Box::new(head)).await?;
     for piece in body.iter().filter(|p| !p.is_empty()) {
         upstream.write_request_body(piece.clone(), false).await?;
     }
-    upstream.finish_request_body().await
+    upstream.finish_request_body().await?;
+    Ok(upstream)
+}
+
+/// The one-write path of [`write_request`]: the head serialized as Pingora would, the body
+/// after it, written on the connection's stream, which then becomes an HTTP/1 session again
+/// (ready to read the answer, and to go back to the pool after it).
+async fn write_h1_at_once(
+    h1: Http1Session,
+    head: &RequestHeader,
+    body: &[Bytes],
+    length: usize,
+    peer: &HttpPeer,
+    timeout: Duration,
+) -> pingora::Result<HttpSession> {
+    let wire = http_req_header_to_wire(head).ok_or_else(|| {
+        pingora::Error::explain(ErrorType::InvalidHTTPHeader, "request head not writable")
+    })?;
+    let mut bytes = BytesMut::with_capacity(wire.len().saturating_add(length));
+    bytes.extend_from_slice(&wire);
+    for piece in body {
+        bytes.extend_from_slice(piece);
+    }
+    let mut stream = h1.into_inner();
+    let written = tokio::time::timeout(timeout, async {
+        stream.write_all(&bytes).await?;
+        stream.flush().await
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(pingora::Error::because(
+                ErrorType::WriteError,
+                "while writing the request",
+                e,
+            ))
+        }
+        Err(_) => {
+            return pingora::Error::e_explain(ErrorType::WriteTimedout, "writing the request")
+        }
+    }
+    let mut h1 = Http1Session::new_with_options(stream, peer);
+    h1.read_timeout = Some(timeout);
+    h1.write_timeout = Some(timeout);
+    Ok(HttpSession::H1(h1))
 }
 
 /// Most interim answers one exchange may send before its real one (a provider looping on
