@@ -457,32 +457,20 @@ fn main() {
                 s.per_cpu_sec.map_or("-".to_string(), |r| format!("{r:.0}"))
             );
         }
-        if let (Some((_, n)), Some((_, l))) = (
-            results.iter().find(|(k, _)| *k == "nginx"),
-            results.iter().find(|(k, _)| *k == "lumen"),
-        ) {
+        let lumen = results.iter().find(|(k, _)| *k == "lumen").map(|(_, s)| s);
+        for reference in ["nginx", "pingora"] {
+            let Some((l, r)) = lumen.zip(results.iter().find(|(k, _)| *k == reference)) else {
+                continue;
+            };
+            let r = &r.1;
             println!(
-                "  lumen/nginx: rps {:.2}x, req/cpu-s {}, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
-                l.rps / n.rps,
-                ratio(l.per_cpu_sec, n.per_cpu_sec),
+                "  lumen/{reference}: rps {:.2}x, req/cpu-s {}, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
+                l.rps / r.rps,
+                ratio(l.per_cpu_sec, r.per_cpu_sec),
                 l.pct(0.5) - direct.pct(0.5),
-                n.pct(0.5) - direct.pct(0.5),
+                r.pct(0.5) - direct.pct(0.5),
                 l.pct(0.99) - direct.pct(0.99),
-                n.pct(0.99) - direct.pct(0.99)
-            );
-        }
-        if let (Some((_, p)), Some((_, l))) = (
-            results.iter().find(|(k, _)| *k == "pingora"),
-            results.iter().find(|(k, _)| *k == "lumen"),
-        ) {
-            println!(
-                "  lumen/pingora: rps {:.2}x, req/cpu-s {}, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
-                l.rps / p.rps,
-                ratio(l.per_cpu_sec, p.per_cpu_sec),
-                l.pct(0.5) - direct.pct(0.5),
-                p.pct(0.5) - direct.pct(0.5),
-                l.pct(0.99) - direct.pct(0.99),
-                p.pct(0.99) - direct.pct(0.99)
+                r.pct(0.99) - direct.pct(0.99)
             );
         }
         println!();

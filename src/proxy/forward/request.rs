@@ -180,8 +180,9 @@ pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<Resp
     Ok(Box::new(head))
 }
 
-/// Requests up to this size (head and body) go out in one write on HTTP/1.
-const ONE_WRITE_MAX: usize = 256 * 1024;
+/// Bodies up to this size go out in one write with their head on HTTP/1 (most chat requests).
+/// Beyond it, copying the body next to the head would cost more than the write it saves.
+const ONE_WRITE_MAX: usize = 64 * 1024;
 
 /// Writes the request. On HTTP/1, up to [`ONE_WRITE_MAX`], head and body leave in one write:
 /// one syscall and one segment, where Pingora's session flushes the head on its own first.
