@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use lumen_plugins::cache::shape::{Assembler, Kind};
+use lumen_plugins::sse::{Assembler, Kind};
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;

@@ -24,9 +24,6 @@ pub mod embed;
 pub mod flight;
 pub mod store;
 
-// Old path, for src/ until it moves to lumen_plugins::sse.
-pub use crate::sse as shape;
-
 use std::time::Duration;
 
 use serde::Deserialize;

@@ -50,15 +50,6 @@ use crate::routing::Route;
 use fill::Fill;
 use plan::Plan;
 
-/// What coalescing decided.
-pub(super) enum Coalesced {
-    /// Answered from an identical request in flight.
-    Answered,
-    /// To be forwarded, its answer recorded by this fill (boxed: a fill is large, and most
-    /// requests never make one).
-    Forward(Box<Fill>),
-}
-
 /// Sets `x-lumen-cache` (replacing an earlier verdict, such as a follower that had to go
 /// upstream after all).
 pub fn push_status(ctx: &mut RequestCtx, status: &'static str) {
@@ -281,10 +272,7 @@ impl Gateway {
         if plan.control == ClientControl::Bypass {
             return Ok(Some(Watchers::default()));
         }
-        Ok(match self.coalesce(s, ctx, plan).await? {
-            Coalesced::Answered => None,
-            Coalesced::Forward(fill) => Some(Watchers::filling(Some(*fill))),
-        })
+        Ok(self.coalesce(s, ctx, plan).await?.map(Watchers::filling))
     }
 
     /// Step 12 for a forwarded miss: its answer is stored when it was complete.
@@ -347,17 +335,17 @@ impl Gateway {
     }
 
     /// A cacheable request that missed: joins an identical request in flight (answered from
-    /// it) or leads one, recording its answer for the store.
+    /// it: `None`) or leads one, recording its answer for the store with the fill returned.
     async fn coalesce(
         &self,
         s: &mut Session,
         ctx: &mut RequestCtx,
         plan: &Plan,
-    ) -> Result<Coalesced> {
+    ) -> Result<Option<Fill>> {
         if plan.control == ClientControl::Refresh {
             // The client wants a fresh answer: no following; store it for the others.
             push_status(ctx, "miss");
-            return Ok(Coalesced::Forward(Box::new(Fill::new(plan, None))));
+            return Ok(Some(Fill::new(plan, None)));
         }
         let wait = self.node.cache.coalesce_wait;
         loop {
@@ -369,7 +357,7 @@ impl Gateway {
             {
                 Join::Leader(leader) => {
                     push_status(ctx, "miss");
-                    return Ok(Coalesced::Forward(Box::new(Fill::new(plan, Some(leader)))));
+                    return Ok(Some(Fill::new(plan, Some(leader))));
                 }
                 Join::Follower(flight) => {
                     push_status(ctx, "hit");
@@ -388,13 +376,13 @@ impl Gateway {
                                     self.settle_tokens(hold, 0).await;
                                 }
                             }
-                            return result.map(|()| Coalesced::Answered);
+                            return result.map(|()| None);
                         }
                         // The leader failed: the next to join leads (maybe us).
                         Followed::TakeOver => {}
                         Followed::Alone => {
                             push_status(ctx, "miss");
-                            return Ok(Coalesced::Forward(Box::new(Fill::new(plan, None))));
+                            return Ok(Some(Fill::new(plan, None)));
                         }
                     }
                 }

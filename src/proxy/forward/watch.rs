@@ -44,10 +44,11 @@ pub struct Watchers {
 }
 
 impl Watchers {
-    /// Watchers for an answer that fills the cache (or nothing: `Watchers::default()`).
-    pub fn filling(fill: Option<Fill>) -> Watchers {
+    /// Watchers for an answer that fills the cache (`Watchers::default()` watches for nothing
+    /// but usage).
+    pub fn filling(fill: Fill) -> Watchers {
         Watchers {
-            fill,
+            fill: Some(fill),
             ..Watchers::default()
         }
     }
