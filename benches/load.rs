@@ -7,7 +7,11 @@
 //! the nginx column is skipped). `LUMEN_BENCH_SECS` sets seconds per measurement (default 3).
 //!
 //! Measured: added latency p50/p99 at concurrency 1 for 1 KiB and 16 KiB chat bodies, requests/s
-//! at concurrency 32, and added time to first chunk of a stream. Lumen runs as configured for
+//! at concurrency 32 (plain, and streams of 20 chunks), added time to first chunk of a stream,
+//! and resident memory of each proxy (idle before any load, peak after the scenarios).
+//! `lumen` runs the default thread model (`server.runtime: per_core`); `lumen-steal` and
+//! `lumen-nosteal` are the same gateway with `work_stealing` and `no_steal`, the comparison
+//! the default was picked by. Lumen runs as configured for
 //! production: API-key authentication, per-key rate and concurrency limits (set high enough
 //! never to refuse), access log and metrics on; `lumen+redis` checks the rate limit in a real
 //! `redis-server` (one round trip per request); `lumen-open` is the same gateway with auth (and
@@ -77,9 +81,14 @@ impl Sample {
 }
 
 fn chat_body(bytes: usize, stream: bool) -> Vec<u8> {
+    chat_body_chunks(bytes, stream, 5)
+}
+
+/// A chat request whose streamed answer has `chunks` content chunks.
+fn chat_body_chunks(bytes: usize, stream: bool, chunks: u32) -> Vec<u8> {
     let filler = "x".repeat(bytes.saturating_sub(120));
     serde_json::to_vec(&json!({
-        "model": "bench", "stream": stream, "mock_chunks": 5, "temperature": 0,
+        "model": "bench", "stream": stream, "mock_chunks": chunks, "temperature": 0,
         "messages": [{"role": "user", "content": filler}],
     }))
     .unwrap_or_default()
@@ -247,6 +256,24 @@ fn proc_stat(pid: u32) -> Option<(u32, f64)> {
     Some((ppid, used / ticks))
 }
 
+/// Resident memory of `pid` and its children (nginx's workers) in MiB, from
+/// `/proc/<pid>/status`: now (`VmRSS`) and at its peak so far (`VmHWM`).
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    family(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .map(|t| (field(&t, "VmRSS:"), field(&t, "VmHWM:")))
+        .fold((0.0, 0.0), |(r, h), (r2, h2)| {
+            (r + r2 / 1024.0, h + h2 / 1024.0)
+        })
+}
+
 /// CPU seconds used so far by process `pid` and its children; 0 for pid 0.
 fn cpu_secs(pid: u32) -> f64 {
     family(pid)
@@ -378,6 +405,12 @@ fn main() {
         )
     };
     let lumen = Lumen::start(&config(""));
+    // The thread models of `server.runtime` other than the default (`per_core`), same config.
+    let runtime_config = |model: &str| {
+        config("").replace("threads: 2 }", &format!("threads: 2, runtime: {model} }}"))
+    };
+    let lumen_steal = Lumen::start(&runtime_config("work_stealing"));
+    let lumen_nosteal = Lumen::start(&runtime_config("no_steal"));
     // The baseline for what auth and limits cost: the same gateway with `auth: off`.
     let lumen_open = Lumen::start(&config("auth: off\n"));
     // The same, with the request limit checked in a real redis-server (one round trip each).
@@ -412,6 +445,8 @@ fn main() {
     }
     targets.push(("lumen-open", lumen_open.addr, lumen_open.pid()));
     targets.push(("lumen", lumen.addr, lumen.pid()));
+    targets.push(("lumen-steal", lumen_steal.addr, lumen_steal.pid()));
+    targets.push(("lumen-nosteal", lumen_nosteal.addr, lumen_nosteal.pid()));
     if let Some(l) = &lumen_redis {
         targets.push(("lumen+redis", l.addr, l.pid()));
     }
@@ -419,24 +454,37 @@ fn main() {
     println!(
         "Lumen load benchmark ({secs} s per measurement; 2 cores shared by load, mock and proxy)\n"
     );
-    let scenarios: [(&str, usize, usize, bool); 4] = [
-        ("c=1 1KiB latency", 1, 1024, false),
-        ("c=1 16KiB latency", 1, 16 * 1024, false),
-        ("c=32 1KiB throughput", 32, 1024, false),
-        ("c=1 stream first chunk", 1, 1024, true),
+    // Idle memory, before any load (peaks are read after the last scenario).
+    let idle: Vec<(&str, f64)> = targets
+        .iter()
+        .filter(|(_, _, pid)| *pid != 0)
+        .map(|(label, _, pid)| (*label, rss_mib(*pid).0))
+        .collect();
+    // (name, connections, body bytes, stream, streamed chunks)
+    let scenarios: [(&str, usize, usize, bool, u32); 5] = [
+        ("c=1 1KiB latency", 1, 1024, false, 5),
+        ("c=1 16KiB latency", 1, 16 * 1024, false, 5),
+        ("c=32 1KiB throughput", 32, 1024, false, 5),
+        ("c=1 stream first chunk", 1, 1024, true, 5),
+        ("c=32 stream throughput (20 chunks)", 32, 1024, true, 20),
     ];
     // `LUMEN_BENCH_ONLY=c=32` runs only the scenarios whose name contains it (and skips the
     // cache and fallback sections): for quick A/B runs of one change.
     let only = std::env::var("LUMEN_BENCH_ONLY").ok();
-    for (name, conns, bytes, stream) in scenarios {
+    for (name, conns, bytes, stream, chunks) in scenarios {
         if only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
         let mut results = Vec::new();
         for (label, addr, pid) in &targets {
             let cpu_before = cpu_secs(*pid);
-            let mut sample =
-                runtime.block_on(load(*addr, conns, secs, chat_body(bytes, stream), stream));
+            let mut sample = runtime.block_on(load(
+                *addr,
+                conns,
+                secs,
+                chat_body_chunks(bytes, stream, chunks),
+                stream,
+            ));
             let cpu = cpu_secs(*pid) - cpu_before;
             sample.per_cpu_sec = (cpu > 0.0).then(|| sample.latencies.len() as f64 / cpu);
             results.push((*label, sample));
@@ -447,7 +495,7 @@ fn main() {
             let added50 = s.pct(0.5) - direct.pct(0.5);
             let added99 = s.pct(0.99) - direct.pct(0.99);
             println!(
-                "  {label:<11} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us  req/cpu-s {:>7}",
+                "  {label:<13} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us  req/cpu-s {:>7}",
                 s.rps,
                 s.rps / direct.rps,
                 s.pct(0.5),
@@ -458,7 +506,7 @@ fn main() {
             );
         }
         let lumen = results.iter().find(|(k, _)| *k == "lumen").map(|(_, s)| s);
-        for reference in ["nginx", "pingora"] {
+        for reference in ["nginx", "pingora", "lumen-steal", "lumen-nosteal"] {
             let Some((l, r)) = lumen.zip(results.iter().find(|(k, _)| *k == reference)) else {
                 continue;
             };
@@ -475,6 +523,31 @@ fn main() {
         }
         println!();
     }
+
+    println!("memory (MiB, resident; the proxy's processes: idle before any load, peak after the scenarios above)");
+    for (label, idle_mib) in &idle {
+        let Some((_, _, pid)) = targets.iter().find(|(l, _, _)| l == label) else {
+            continue;
+        };
+        println!(
+            "  {label:<13} idle {idle_mib:>6.1}  peak {:>6.1}",
+            rss_mib(*pid).1
+        );
+    }
+    let mem = |name: &str| idle.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let peak = |name: &str| {
+        targets
+            .iter()
+            .find(|(k, _, _)| *k == name)
+            .map(|(_, _, pid)| rss_mib(*pid).1)
+    };
+    println!(
+        "  lumen/nginx idle {} peak {}  lumen/pingora idle {} peak {}\n",
+        ratio(mem("lumen"), mem("nginx")),
+        ratio(peak("lumen"), peak("nginx")),
+        ratio(mem("lumen"), mem("pingora")),
+        ratio(peak("lumen"), peak("pingora"))
+    );
 
     if only.as_deref().is_none_or(|o| "syscalls".contains(o)) {
         println!(

@@ -96,6 +96,17 @@ impl<A> Guarded<A> {
         }
     }
 
+    /// `app` behind the same connection count as `other`: the per-thread proxy services of
+    /// `runtime: per_core` are one listening service to `server.max_connections`.
+    pub fn sharing<B>(app: A, other: &Guarded<B>) -> Self {
+        Guarded {
+            app: Arc::new(app),
+            limits: other.limits,
+            slots: other.slots.clone(),
+            last_warned: AtomicU64::new(0),
+        }
+    }
+
     fn warn_refused(&self) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

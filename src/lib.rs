@@ -21,6 +21,7 @@
 //! | [`openai`] | endpoints, the few body fields routing needs, and request errors |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
 //! | [`conn`] | client connections: request-head and keep-alive timeouts, the connection cap |
+//! | [`background`] | background services on one niced thread each |
 //! | [`drain`] | graceful shutdown: open streams ended cleanly, the last usage flush |
 //! | [`notify`] | systemd readiness (`Type=notify`): ready, reloading, stopping, watchdog |
 //! | [`access_log`] | one JSON line per request, written off the request path |
@@ -31,6 +32,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod background;
 pub mod config;
 pub mod conn;
 pub mod drain;
@@ -58,6 +60,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
+pub use config::raw::RuntimeModel;
 pub use config::Snapshot;
 pub use metrics::Metrics;
 pub use node::Node;
@@ -96,6 +99,42 @@ pub fn proxy_service(
     gateway: Gateway,
 ) -> Result<Service<conn::Guarded<HttpProxy<Gateway>>>, SetupError> {
     let snapshot = gateway.config.load_full();
+    let h2c = plaintext_h2c(&snapshot);
+    let mut service = guarded_proxy(server_conf, gateway, h2c);
+    add_listeners(&mut service, &snapshot)?;
+    Ok(service)
+}
+
+/// `server.runtime: per_core`: `threads` proxy services of one thread each on the same
+/// listening sockets (Pingora's listener table hands every service the socket the first one
+/// bound, so the kernel spreads accepted connections over the threads waiting on it). Each
+/// has an upstream pool of its own ([`Gateway::sibling`]); they share the node, the limits
+/// and one `server.max_connections` count.
+pub fn per_core_proxy_services(
+    server_conf: &Arc<ServerConf>,
+    gateway: Gateway,
+    threads: usize,
+) -> Result<Vec<Service<conn::Guarded<HttpProxy<Gateway>>>>, SetupError> {
+    let siblings: Vec<Gateway> = (1..threads.max(1)).map(|_| gateway.sibling()).collect();
+    let snapshot = gateway.config.load_full();
+    let h2c = plaintext_h2c(&snapshot);
+    let mut first = proxy_service(server_conf, gateway)?;
+    first.threads = Some(1);
+    let mut services = Vec::with_capacity(threads.max(1));
+    for (i, sibling) in siblings.into_iter().enumerate() {
+        let shared = first.app_logic().expect("a new service holds its app");
+        let app = conn::Guarded::sharing(http_proxy(server_conf, sibling, h2c), shared);
+        let mut service = Service::new(format!("lumen proxy {}", i + 2), app);
+        service.threads = Some(1);
+        add_listeners(&mut service, &snapshot)?;
+        services.push(service);
+    }
+    services.insert(0, first);
+    Ok(services)
+}
+
+/// Whether cleartext HTTP/2 is taken on the plaintext listeners.
+fn plaintext_h2c(snapshot: &Snapshot) -> bool {
     let h2c = snapshot.listeners.iter().any(|l| l.tls.is_none() && l.h2c);
     if h2c && snapshot.listeners.iter().any(|l| l.tls.is_none() && !l.h2c) {
         // Pingora takes h2c per service, not per listener. Two services would mean two
@@ -103,7 +142,11 @@ pub fn proxy_service(
         // are unaffected, and a client that opens with the HTTP/2 preface gets HTTP/2.
         tracing::warn!("`h2c: true` on one plaintext listener accepts cleartext HTTP/2 on every plaintext listener");
     }
-    let mut service = guarded_proxy(server_conf, gateway, h2c);
+    h2c
+}
+
+/// The snapshot's listeners, added to `service`.
+fn add_listeners<A>(service: &mut Service<A>, snapshot: &Snapshot) -> Result<(), SetupError> {
     for listener in &snapshot.listeners {
         match &listener.tls {
             None => service.add_tcp(&listener.addr),
@@ -118,7 +161,7 @@ pub fn proxy_service(
             }
         }
     }
-    Ok(service)
+    Ok(())
 }
 
 /// The proxy app behind the connection limits of `server:`, with no listener yet.
@@ -128,10 +171,17 @@ fn guarded_proxy(
     h2c: bool,
 ) -> Service<conn::Guarded<HttpProxy<Gateway>>> {
     let limits = gateway.config.load().server.connections;
+    let proxy = http_proxy(server_conf, gateway, h2c);
+    Service::new("lumen proxy".to_string(), conn::Guarded::new(proxy, limits))
+}
+
+/// Pingora's proxy around `gateway`.
+fn http_proxy(server_conf: &Arc<ServerConf>, gateway: Gateway, h2c: bool) -> HttpProxy<Gateway> {
+    let limits = gateway.config.load().server.connections;
     let mut proxy = HttpProxy::new(gateway, server_conf.clone());
     proxy.handle_init_modules();
     proxy.server_options = Some(server_options(limits, h2c));
-    Service::new("lumen proxy".to_string(), conn::Guarded::new(proxy, limits))
+    proxy
 }
 
 /// Pingora's options for a listening service: HTTP/2 idle connections close after the same
@@ -164,6 +214,8 @@ pub fn admin_service(
     let limits = snapshot.server.connections;
     app.server_options = Some(server_options(limits, false));
     let mut service = Service::new("lumen admin".to_string(), conn::Guarded::new(app, limits));
+    // Scrapes and the console: one thread is plenty, and leaves the cores to the proxy.
+    service.threads = Some(1);
     service.add_tcp(&snapshot.admin_listen);
     service
 }
@@ -173,7 +225,7 @@ pub fn traffic_sampler(
     node: &impl AsRef<Node>,
     history: Arc<admin::History>,
 ) -> impl pingora::services::ServiceWithDependents {
-    pingora::services::background::background_service(
+    background::service(
         "lumen traffic sampler",
         admin::Sampler {
             history,
@@ -185,7 +237,7 @@ pub fn traffic_sampler(
 /// The background service that probes every provider of the live config (and Redis).
 pub fn health_prober(node: &impl AsRef<Node>) -> impl pingora::services::ServiceWithDependents {
     let node = node.as_ref();
-    pingora::services::background::background_service(
+    background::service(
         "lumen health prober",
         upstream::health::probe::Prober {
             providers: node.config.clone(),
@@ -198,10 +250,7 @@ pub fn health_prober(node: &impl AsRef<Node>) -> impl pingora::services::Service
 
 /// The background service that writes usage out periodically and on shutdown.
 pub fn usage_flusher(node: &impl AsRef<Node>) -> impl pingora::services::ServiceWithDependents {
-    pingora::services::background::background_service(
-        "lumen usage flusher",
-        usage_flush(node.as_ref()),
-    )
+    background::service("lumen usage flusher", usage_flush(node.as_ref()))
 }
 
 fn usage_flush(node: &Node) -> ledger::Flusher {
@@ -217,11 +266,11 @@ fn held<S>(
     name: &str,
     inner: S,
     drain: &Arc<drain::Drain>,
-) -> pingora::services::background::GenBackgroundService<drain::Held<S>>
+) -> pingora::services::background::GenBackgroundService<background::Niced<drain::Held<S>>>
 where
     S: pingora::services::background::BackgroundService + Send + Sync + 'static,
 {
-    pingora::services::background::background_service(
+    background::service(
         name,
         drain::Held {
             inner,
@@ -255,11 +304,16 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             "`lumen worker` with `jobs.workers: 0` would do nothing".into(),
         ));
     }
+    let threads = match snapshot.server.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let runtime = snapshot.server.runtime;
     let mut conf = ServerConf {
-        threads: match snapshot.server.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        },
+        threads,
+        // per_core: each proxy service has one thread, and a one-thread runtime without work
+        // stealing is a plain single-threaded Tokio runtime (no shared run queue to lock).
+        work_stealing: runtime == RuntimeModel::WorkStealing,
         grace_period_seconds: Some(snapshot.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(snapshot.server.grace_period.as_secs().max(1)),
         upstream_keepalive_pool_size: 1024,
@@ -287,20 +341,24 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     let reload_state = Arc::new(config::reload::ReloadState::default());
     let history = Arc::new(admin::History::default());
     let gateway = Gateway::on(node.clone());
-    let mut proxy = if worker_only {
+    let mut proxies = if worker_only {
         // No listeners but the internal socket below.
-        guarded_proxy(&server.configuration, gateway, false)
+        vec![guarded_proxy(&server.configuration, gateway, false)]
+    } else if runtime == RuntimeModel::PerCore {
+        per_core_proxy_services(&server.configuration, gateway, threads)?
     } else {
-        proxy_service(&server.configuration, gateway)?
+        vec![proxy_service(&server.configuration, gateway)?]
     };
     // Workers send jobs through the proxy over this socket (owner-only; one per process).
     let socket = jobs::run::socket_path();
     let _ = std::fs::remove_file(&socket);
-    proxy.add_uds(
+    proxies[0].add_uds(
         &socket.to_string_lossy(),
         Some(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
     );
-    server.add_service(proxy);
+    for proxy in proxies {
+        server.add_service(proxy);
+    }
     server.add_service(held(
         "lumen jobs socket cleanup",
         jobs::run::SocketFile {
@@ -350,7 +408,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             &node.drain,
         ));
     }
-    server.add_service(pingora::services::background::background_service(
+    server.add_service(background::service(
         "lumen drain",
         drain::Drainer {
             drain: node.drain.clone(),

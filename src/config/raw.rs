@@ -368,6 +368,28 @@ fn default_redis_timeout() -> Duration {
     Duration::from_millis(50)
 }
 
+/// How the proxy's worker threads are organised (`server.runtime`). Measured with
+/// `cargo bench --bench load` (README, Performance): `per_core` serves the most requests per
+/// CPU-second on a small edge host, so it is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeModel {
+    /// nginx's worker model: one single-threaded runtime per thread, each its own proxy
+    /// service accepting on the shared listening sockets, with its own upstream connection
+    /// pool. A connection, its request and its upstream connection stay on one thread, so no
+    /// I/O event wakes another thread. State that must be shared (limits, cache, health,
+    /// metrics) is, as in every model.
+    #[default]
+    PerCore,
+    /// Pingora's default: one multi-threaded runtime whose threads steal each other's tasks,
+    /// and one upstream pool. Evens out load when a few requests are much heavier than the
+    /// rest, at the price of cross-thread wake-ups on every I/O event.
+    WorkStealing,
+    /// Pingora's `work_stealing: false`: single-threaded runtimes sharing one service and one
+    /// upstream pool; an accepted connection goes to a random thread.
+    NoSteal,
+}
+
 /// Process-level settings handed to Pingora.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -375,6 +397,10 @@ pub struct RawServer {
     /// Worker threads for the proxy service (0: one per core).
     #[serde(default)]
     pub threads: usize,
+    /// How the proxy's threads share work: `per_core` (the default), `work_stealing` or
+    /// `no_steal`. See [`RuntimeModel`].
+    #[serde(default)]
+    pub runtime: RuntimeModel,
     /// How long in-flight requests may run after SIGTERM before the process exits.
     #[serde(default = "default_grace", with = "duration")]
     pub grace_period: Duration,
@@ -446,6 +472,7 @@ impl Default for RawServer {
     fn default() -> Self {
         RawServer {
             threads: 0,
+            runtime: RuntimeModel::default(),
             grace_period: default_grace(),
             access_log: true,
             watch_config: true,

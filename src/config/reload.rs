@@ -209,6 +209,9 @@ fn warn_restart_needed(current: &Snapshot, next: &Snapshot) {
     if current.server.threads != next.server.threads {
         needs.push("server.threads");
     }
+    if current.server.runtime != next.server.runtime {
+        needs.push("server.runtime");
+    }
     if current.cache.memory_bytes != next.cache.memory_bytes {
         needs.push("cache.memory");
     }

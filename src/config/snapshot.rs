@@ -111,6 +111,7 @@ pub struct PerAddress {
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub threads: usize,
+    pub runtime: super::raw::RuntimeModel,
     pub grace_period: Duration,
     pub access_log: bool,
     pub watch_config: bool,
@@ -352,6 +353,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         auth,
         server: ServerSettings {
             threads: raw.server.threads,
+            runtime: raw.server.runtime,
             grace_period: raw.server.grace_period,
             access_log: raw.server.access_log,
             watch_config: raw.server.watch_config,

@@ -28,14 +28,18 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// What this node shares across requests: health, quotas, cache, ledger, jobs, Redis.
     pub(super) node: Arc<Node>,
-    /// Rate-limit state: outside the config snapshot, so counters survive reloads.
-    pub(super) limiter: LocalLimiter,
+    /// Rate-limit state: outside the config snapshot, so counters survive reloads. Shared
+    /// with this gateway's [`siblings`](Gateway::sibling), so a key's limit is the node's.
+    pub(super) limiter: Arc<LocalLimiter>,
     /// Request counts per client address (`limits.per_ip`), in fixed memory.
-    pub(super) addresses: AddressLimiter,
+    pub(super) addresses: Arc<AddressLimiter>,
     /// Last time (ms since `started`) a Redis failure was logged: once per burst, not per request.
-    pub(super) redis_logged_ms: AtomicU64,
+    pub(super) redis_logged_ms: Arc<AtomicU64>,
     pub(super) started: Instant,
-    /// The upstream side: a pool of keep-alive connections shared by all requests.
+    /// The upstream side: a pool of keep-alive connections, this gateway's own (each thread's,
+    /// in `runtime: per_core`: a pooled connection is registered with the I/O driver of the
+    /// runtime that opened it, so sharing one pool across runtimes wakes another thread on
+    /// every read).
     pub(super) forwarder: Forwarder,
     /// This process's jobs socket: the only listener on which a job token means anything.
     pub(super) internal_socket: std::path::PathBuf,
@@ -53,12 +57,28 @@ impl Gateway {
             config: node.config.clone(),
             metrics: node.metrics.clone(),
             node,
-            limiter: LocalLimiter::new(),
-            addresses: AddressLimiter::new(),
-            redis_logged_ms: AtomicU64::new(0),
+            limiter: Arc::new(LocalLimiter::new()),
+            addresses: Arc::new(AddressLimiter::new()),
+            redis_logged_ms: Arc::new(AtomicU64::new(0)),
             started: Instant::now(),
             forwarder: Forwarder::new(),
             internal_socket: crate::jobs::run::socket_path(),
+        }
+    }
+
+    /// Another proxy over the same node and the same limits, with an upstream pool of its
+    /// own: one per runtime in `runtime: per_core`.
+    pub fn sibling(&self) -> Gateway {
+        Gateway {
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            node: self.node.clone(),
+            limiter: self.limiter.clone(),
+            addresses: self.addresses.clone(),
+            redis_logged_ms: self.redis_logged_ms.clone(),
+            started: self.started,
+            forwarder: Forwarder::new(),
+            internal_socket: self.internal_socket.clone(),
         }
     }
 

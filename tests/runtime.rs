@@ -1,0 +1,179 @@
+//! `server.runtime` through the real binary: every thread model serves; in `per_core` (the
+//! default) the per-thread proxies are one node to the limits and the connection cap; the
+//! background services run on threads niced below the proxy's.
+
+use std::time::Duration;
+
+use lumen_test_support::client::Client;
+use lumen_test_support::openai::chat;
+use lumen_test_support::{Lumen, MockUpstream};
+
+fn config(mock: &MockUpstream, server: &str) -> String {
+    format!(
+        r#"
+server: {{ {server} }}
+keys:
+  - {{ id: bursty, key: "sk-bursty", limits: {{ requests_per_minute: 6, burst: 6 }} }}
+  - {{ id: free, key: "sk-free" }}
+providers:
+  mock: {{ base_url: "{base}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        base = mock.base_url()
+    )
+}
+
+/// (thread name, niceness) of every thread of `pid`, from `/proc`.
+fn threads(pid: u32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        // After the command name: state is field 3, nice field 19 (proc(5)).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i32 = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.push((name.trim().to_string(), nice));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_thread_model_serves() {
+    let mock = MockUpstream::start();
+    for model in ["per_core", "work_stealing", "no_steal"] {
+        let lumen = Lumen::start(&config(&mock, &format!("threads: 2, runtime: {model}")));
+        let resp = lumen.post_chat_as("sk-free", &chat("fast", "hi")).await;
+        assert_eq!(resp.status, 200, "runtime {model}: {}", resp.text());
+        let proxies = threads(lumen.pid())
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("lumen proxy"))
+            .count();
+        // per_core: one proxy service (one thread) per core; the others: one service with
+        // two threads (Pingora names them after the service, too).
+        assert!(proxies >= 2, "runtime {model}: {proxies} proxy threads");
+    }
+}
+
+#[test]
+fn an_unknown_thread_model_is_refused_by_name() {
+    let dir = lumen_test_support::harness::tempdir::Dir::new("lumen-runtime");
+    let path = dir.path().join("lumen.yaml");
+    std::fs::write(
+        &path,
+        "server: { runtime: fastest }\nproviders:\n  a: { base_url: \"http://127.0.0.1:1/v1\" }\nroutes:\n  - { model: m, targets: [ { provider: a } ] }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lumen"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("fastest") && stderr.contains("per_core"),
+        "names the bad value and the good ones: {stderr}"
+    );
+}
+
+/// Requests spread over both per-core proxies draw on one bucket per key: a key allowed six
+/// requests gets six, however the kernel hands the connections to the threads.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_core_proxies_share_one_rate_limit() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, "threads: 2, runtime: per_core"));
+    let names: Vec<String> = threads(lumen.pid()).into_iter().map(|t| t.0).collect();
+    assert!(
+        names.iter().any(|n| n == "lumen proxy") && names.iter().any(|n| n == "lumen proxy 2"),
+        "one proxy service per core: {names:?}"
+    );
+    // Twenty connections at once, so both threads accept some.
+    let sends = (0..20).map(|_| {
+        let lumen = &lumen;
+        async move { lumen.chat_status("sk-bursty", &chat("fast", "hi")).await }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((ok, limited), (6, 14), "{statuses:?}");
+}
+
+/// `server.max_connections` counts the connections of every per-core proxy together.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_core_proxies_share_one_connection_cap() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(
+        &mock,
+        "threads: 2, runtime: per_core, max_connections: 4",
+    ));
+    // Four open connections take every slot, wherever they were accepted.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut c = Client::connect(lumen.addr).await.unwrap();
+        let answer = c.request("GET", "/healthz", &[], b"").await.unwrap();
+        assert_eq!(answer.status, 200);
+        held.push(c);
+    }
+    // Each further connection is closed at once, on whichever thread takes it.
+    for _ in 0..6 {
+        let mut extra = Client::connect(lumen.addr).await.unwrap();
+        let _ = extra
+            .send_raw(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await;
+        let closed = extra.closed_within(Duration::from_secs(3)).await;
+        assert!(closed.is_ok(), "a fifth connection was kept open");
+    }
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = lumen_test_support::client::request(lumen.addr, "GET", "/healthz", &[], b"")
+            .await
+            .map_or(0, |r| r.status);
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "freed slots were not reused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The prober, reloader, flusher and the other background services run niced, so under load
+/// they leave the cores to the proxy; the proxy's threads keep the process's priority.
+#[tokio::test(flavor = "multi_thread")]
+async fn background_services_run_below_the_proxy() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, "threads: 2"));
+    let all = threads(lumen.pid());
+    let nice_of = |prefix: &str| -> Vec<i32> {
+        all.iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, nice)| *nice)
+            .collect()
+    };
+    let proxy = nice_of("lumen proxy");
+    let base = proxy[0];
+    assert!(proxy.iter().all(|n| *n == base), "{all:?}");
+    let expected = (base + 10).min(19);
+    for service in [
+        "lumen health",
+        "lumen config",
+        "lumen usage",
+        "lumen traffic",
+    ] {
+        let nice = nice_of(service);
+        assert!(!nice.is_empty(), "no thread named {service}…: {all:?}");
+        assert!(
+            nice.iter().all(|n| *n == expected),
+            "{service} at {nice:?}, expected {expected}: {all:?}"
+        );
+    }
+}
