@@ -107,33 +107,46 @@ impl UsageTap {
         }
         // A chunk without a line end only extends the pending line: no rescan of what is
         // buffered (a provider sending a long line in tiny pieces must not cost quadratic time).
-        if !self.buf.is_empty() && !chunk.contains(&b'\n') {
+        let Some(first_nl) = memchr::memchr(b'\n', chunk) else {
             if self.buf.len().saturating_add(chunk.len()) > LINE_LIMIT {
                 self.buf.clear();
             } else {
                 self.buf.extend_from_slice(chunk);
             }
             return;
+        };
+        // Whole lines are read where they lie in the chunk; only a line split across chunks
+        // is copied (its start, held in `buf`, and then its end).
+        let mut rest = chunk;
+        if !self.buf.is_empty() {
+            let (end, after) = chunk.split_at(first_nl.saturating_add(1).min(chunk.len()));
+            let mut line = std::mem::take(&mut self.buf);
+            line.extend_from_slice(end);
+            self.line(line.strip_suffix(b"\n").unwrap_or_default());
+            line.clear();
+            self.buf = line;
+            rest = after;
         }
-        self.buf.extend_from_slice(chunk);
-        // Bytes of whole lines seen (at most the buffer's length); the rest waits for its end.
-        let mut done = 0usize;
-        for piece in self.buf.split_inclusive(|b| *b == b'\n') {
-            let Some(line) = piece.strip_suffix(b"\n") else {
-                break;
-            };
-            done = done.saturating_add(piece.len());
-            if line.starts_with(b"data:") && !line.ends_with(b"[DONE]") {
-                self.events = self.events.saturating_add(1);
-            }
-            if let Some(usage) = sse_usage(line) {
-                self.total = usage.total();
-                self.split = usage.split();
-            }
+        let mut start = 0usize;
+        for nl in memchr::memchr_iter(b'\n', rest) {
+            self.line(rest.get(start..nl).unwrap_or_default());
+            start = nl.saturating_add(1);
         }
-        self.buf.drain(..done);
-        if self.buf.len() > LINE_LIMIT {
-            self.buf.clear();
+        let unfinished = rest.get(start..).unwrap_or_default();
+        if unfinished.len() <= LINE_LIMIT {
+            self.buf.extend_from_slice(unfinished);
+        }
+    }
+
+    /// One whole SSE line (without its `\n`).
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b"data:") && !line.ends_with(b"[DONE]") {
+            self.events = self.events.saturating_add(1);
+        }
+        if let Some(usage) = sse_usage(line) {
+            self.total = usage.total();
+            self.split = usage.split();
         }
     }
 
@@ -257,14 +270,16 @@ fn next_event(data: &[u8], from: usize) -> Option<(&[u8], usize)> {
 /// Length of the first complete event in `data` (through its blank line), if there is one.
 fn event_len(data: &[u8]) -> Option<usize> {
     // The first line end followed by `\n` or `\r\n` ends the event.
-    data.iter()
-        .enumerate()
-        .filter(|(_, b)| **b == b'\n')
-        .find_map(|(nl, _)| match data.get(nl..)? {
-            [b'\n', b'\n', ..] => nl.checked_add(2),
-            [b'\n', b'\r', b'\n', ..] => nl.checked_add(3),
-            _ => None,
-        })
+    memchr::memchr_iter(b'\n', data).find_map(|nl| match data.get(nl..)? {
+        [b'\n', b'\n', ..] => nl.checked_add(2),
+        [b'\n', b'\r', b'\n', ..] => nl.checked_add(3),
+        _ => None,
+    })
+}
+
+/// Whether `bytes` holds the JSON key `"usage"` (SIMD search: most chunks do not).
+fn mentions_usage(bytes: &[u8]) -> bool {
+    memchr::memmem::find(bytes, b"\"usage\"").is_some()
 }
 
 fn is_usage_only(event: &[u8]) -> bool {
@@ -275,7 +290,7 @@ fn is_usage_only(event: &[u8]) -> bool {
         #[serde(default)]
         usage: Option<serde::de::IgnoredAny>,
     }
-    if !event.windows(7).any(|w| w == b"\"usage\"") {
+    if !mentions_usage(event) {
         return false;
     }
     event.split(|b| *b == b'\n').any(|line| {
@@ -288,7 +303,7 @@ fn is_usage_only(event: &[u8]) -> bool {
 fn sse_usage(line: &[u8]) -> Option<Usage> {
     let data = line.strip_prefix(b"data:")?;
     // Cheap filter first: most chunks carry no usage.
-    if !data.windows(7).any(|w| w == b"\"usage\"") {
+    if !mentions_usage(data) {
         return None;
     }
     serde_json::from_slice::<WithUsage>(data.trim_ascii())
@@ -328,6 +343,25 @@ mod tests {
         let mut none = UsageTap::new(true);
         none.observe(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.total_tokens(), None);
+    }
+
+    /// Lines are read in place and only a line split across chunks is copied: the usage and
+    /// the event count come out the same for every split, with `\n` or `\r\n` line ends.
+    #[test]
+    fn every_split_reads_the_same_usage_and_events() {
+        for nl in ["\n", "\r\n"] {
+            let stream = format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"a\"}}}}]}}{nl}{nl}: keep-alive{nl}{nl}data: {{\"choices\":[{{\"delta\":{{\"content\":\"b\"}}}}]}}{nl}{nl}data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":4,\"completion_tokens\":2}}}}{nl}{nl}data: [DONE]{nl}{nl}"
+            );
+            for size in 1..=stream.len() {
+                let mut tap = UsageTap::new(true);
+                for piece in stream.as_bytes().chunks(size) {
+                    tap.observe(piece);
+                }
+                assert_eq!(tap.split(), Some((4, 2)), "pieces of {size} ({nl:?})");
+                assert_eq!(tap.estimate(), 3, "pieces of {size} ({nl:?})");
+            }
+        }
     }
 
     #[test]

@@ -144,10 +144,11 @@ impl DoneWatch {
         if self.seen {
             return;
         }
+        // SIMD substring search: this runs on every chunk of every stream.
         let has = |bytes: &[u8]| {
             Self::MARKS
                 .iter()
-                .any(|mark| bytes.windows(mark.len()).any(|w| w == *mark))
+                .any(|mark| memchr::memmem::find(bytes, mark).is_some())
         };
         // A mark across the boundary: the held tail and the chunk's first bytes.
         let head = chunk.get(..chunk.len().min(Self::KEEP)).unwrap_or_default();
