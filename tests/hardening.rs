@@ -299,6 +299,52 @@ routes:
     );
 }
 
+/// A client that saw a broken stream end and asks again at once gets an attempt of its own:
+/// it does not follow the broken answer's cache flight, even while the failed request is
+/// still winding down (held here by a test pause after its client saw the end).
+#[tokio::test(flavor = "multi_thread")]
+async fn asking_again_right_after_a_broken_stream_does_not_follow_it() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start_with_env(
+        &format!(
+            r#"auth: off
+providers:
+  mock: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: nodone, targets: [ {{ provider: mock, model: no-done }} ], cache: {{ ttl: 10m, when: always }} }}
+"#,
+            mock.base_url()
+        ),
+        &[("LUMEN_TEST_FAULTS", "1")],
+    );
+    let mut body = chat("nodone", "hello");
+    body["stream"] = json!(true);
+    body["temperature"] = json!(0);
+    let first = lumen
+        .post_chat(&[("x-lumen-test-pause", "forward-failed")], &body)
+        .await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-lumen-cache"), Some("miss"));
+    assert!(first
+        .sse_data()
+        .last()
+        .is_some_and(|d| d.contains("\"error\"")));
+    // The first request is still paused (500 ms) behind its answer's end.
+    let again = lumen.post_chat(&[], &body).await;
+    assert_eq!(
+        again.header("x-lumen-cache"),
+        Some("miss"),
+        "a fresh attempt, not a follower of the broken answer: {}",
+        again.text()
+    );
+    assert!(again.header("x-lumen-coalesced").is_none());
+    assert_eq!(
+        mock.requests().len(),
+        2,
+        "each request reached the provider"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_cut_before_done_ends_with_an_error_and_is_never_cached() {
     let mock = MockUpstream::start();

@@ -1,7 +1,8 @@
 //! Test-only fault injection, compiled in but inert unless the process was started with
 //! `LUMEN_TEST_FAULTS=1`: lets the integration tests prove that per-request state (circuit
 //! trial permits, concurrency slots, token reservations, gauges) is released by guards even
-//! when a request's task panics. Never enable it in production.
+//! when a request's task panics, and hold a request at a point to widen a race. Never enable
+//! it in production.
 
 use std::sync::LazyLock;
 
@@ -23,5 +24,26 @@ pub fn maybe_panic(head: &pingora::http::RequestHeader, point: &str) {
         .is_some_and(|v| v.as_bytes() == point.as_bytes())
     {
         panic!("test fault injected at {point}");
+    }
+}
+
+/// The request header that names the point to pause at.
+const PAUSE_HEADER: &str = "x-lumen-test-pause";
+
+/// How long [`maybe_pause`] holds a request.
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Holds the request for [`PAUSE`] when faults are enabled and it asks for a pause at `point`:
+/// what the request still holds there (a cache flight, a slot) stays held that long.
+pub async fn maybe_pause(head: &pingora::http::RequestHeader, point: &str) {
+    if !*ENABLED {
+        return;
+    }
+    if head
+        .headers
+        .get(PAUSE_HEADER)
+        .is_some_and(|v| v.as_bytes() == point.as_bytes())
+    {
+        tokio::time::sleep(PAUSE).await;
     }
 }

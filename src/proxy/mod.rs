@@ -117,7 +117,12 @@ impl ProxyHttp for Gateway {
                 self.cache_fill(watch);
                 Ok(true)
             }
-            Err(e) => self.forward_failed(s, ctx, e).await,
+            Err(e) => {
+                // (Tests: everything the failed request holds, its watchers included, is
+                // still held here.)
+                faults::maybe_pause(s.req_header(), "forward-failed").await;
+                self.forward_failed(s, ctx, e).await
+            }
         }
     }
 

@@ -132,6 +132,7 @@ async fn pump(
             read = upstream.read_response_body() => read,
             () = &mut cut, if sse && !capture => {
                 // Shutting down: end the stream while the client can still be told why.
+                watch.broke();
                 let mut event = if ends_event {
                     BytesMut::new()
                 } else {
@@ -148,6 +149,7 @@ async fn pump(
             Ok(chunk) => next = chunk,
             Err(e) => {
                 let error = classify(source.provider, &e);
+                watch.broke();
                 let broken = broken(session, source, error, sse && !capture, ends_event).await;
                 return Err(match broken {
                     // Nothing reached the client: the pipeline reports it.
@@ -162,6 +164,7 @@ async fn pump(
     if sse && !watch.done_seen() {
         // Closed (or chunk-terminated) before `[DONE]`: a truncated stream, not an end.
         let error = protocol_error(source.provider);
+        watch.broke();
         let pending = watch.rest();
         if !capture && !pending.is_empty() {
             ends_event = pending.ends_with(b"\n\n");

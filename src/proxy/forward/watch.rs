@@ -103,6 +103,13 @@ impl Watchers {
         }
     }
 
+    /// The answer broke: its cache fill is dropped now, which ends its flight as failed, before
+    /// this client is told. A client that saw the end and asks again at once must find no
+    /// flight left to follow (it would follow a leader that can only fail).
+    pub(super) fn broke(&mut self) {
+        self.fill = None;
+    }
+
     /// Whether the strip is on: an empty chunk from [`Watchers::chunk`] is then nothing to write.
     pub(super) fn strips(&self) -> bool {
         self.strip.is_some()
