@@ -710,3 +710,39 @@ readiness: any_route
     }
     assert!(mock.probes() >= 2);
 }
+
+/// A target is free again as soon as its answer has arrived, before the client is sent the
+/// end: a client that asks again at once gets the preferred target, even while the first
+/// request is still winding down (held here by a test pause after its answer went out).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_is_free_once_its_answer_arrived() {
+    let (ma, mb) = (MockUpstream::start(), MockUpstream::start());
+    let yaml = format!(
+        r#"auth: off
+providers:
+  local: {{ base_url: "{}", max_in_flight: 1, health: {{ enabled: false }} }}
+  cloud: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - model: local-first
+    targets: [ {{ provider: local, model: m }}, {{ provider: cloud, model: m }} ]
+"#,
+        ma.base_url(),
+        mb.base_url()
+    );
+    let lumen = Lumen::start_with_env(&yaml, &[("LUMEN_TEST_FAULTS", "1")]);
+    for stream in [false, true] {
+        let body = chat_with("local-first", "hello", json!({"stream": stream}));
+        let first = lumen
+            .post_chat(&[("x-lumen-test-pause", "answer-sent")], &body)
+            .await;
+        assert_eq!(first.header("x-lumen-provider"), Some("local"));
+        // The first request is still paused (500 ms) after its answer went out.
+        let again = lumen.post_chat(&[], &body).await;
+        assert_eq!(
+            again.header("x-lumen-provider"),
+            Some("local"),
+            "stream {stream}: the local target was free again"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+}

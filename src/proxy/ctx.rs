@@ -176,10 +176,19 @@ pub fn new_slot_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
-/// A fresh 128-bit random id in hex.
+/// A fresh 128-bit random id in hex (formatted on the stack: one allocation, the value's).
 pub fn new_request_id() -> HeaderValue {
-    let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+    let mut id = [0u8; 32];
+    for (i, slot) in id.iter_mut().enumerate() {
+        let shift = 124u32.saturating_sub(4u32.saturating_mul(i as u32));
+        *slot = HEX
+            .get(((n >> shift) & 0xf) as usize)
+            .copied()
+            .unwrap_or(b'0');
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Appends the per-request headers (request id, CORS, rate limits, cache status) to a response
@@ -187,5 +196,34 @@ pub fn new_request_id() -> HeaderValue {
 pub fn add_headers(head: &mut ResponseHeader, headers: &[(HeaderName, HeaderValue)]) {
     for (name, value) in headers {
         let _ = head.append_header(name.clone(), value.clone());
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::new_request_id;
+
+    #[test]
+    fn request_ids_are_32_lowercase_hex_digits_and_fresh() {
+        let a = new_request_id();
+        let b = new_request_id();
+        for id in [&a, &b] {
+            let s = id.to_str().unwrap_or_default();
+            assert_eq!(s.len(), 32, "{s}");
+            assert!(
+                s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+                "{s}"
+            );
+        }
+        assert_ne!(a, b);
+        // All 32 digits are drawn: across many ids every position takes several values.
+        let ids: Vec<Vec<u8>> = (0..64)
+            .map(|_| new_request_id().as_bytes().to_vec())
+            .collect();
+        for pos in 0..32 {
+            let distinct: std::collections::HashSet<u8> =
+                ids.iter().filter_map(|id| id.get(pos).copied()).collect();
+            assert!(distinct.len() > 4, "position {pos} barely varies");
+        }
     }
 }

@@ -266,7 +266,7 @@ async fn exchange(
         // response head and then for each body chunk.
         upstream.set_read_timeout(Some(provider.timeout));
         upstream.set_write_timeout(Some(provider.timeout));
-        let written = write_request(upstream, head.clone(), body, peer, provider.timeout).await;
+        let written = write_request(upstream, &head, body, peer, provider.timeout).await;
         let mut upstream = match written {
             Ok(upstream) => upstream,
             Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {

@@ -194,7 +194,7 @@ impl Forwarder {
             }
             previous = Some(i);
             ctx.provider = Some(provider.name.clone());
-            let in_flight = state.provider.enter();
+            watch.in_flight(state.provider.enter());
             // The circuit learns the outcome at the commit point (a half-open trial must not
             // wait for a long stream to end), or when the attempt fails.
             crate::proxy::faults::maybe_panic(session.req_header(), "attempt");
@@ -207,7 +207,8 @@ impl Forwarder {
                 deadline,
             };
             let attempt = attempt(session, ctx, req, &t, &mut permit, up, watch).await;
-            drop(in_flight);
+            // Given back already when the answer arrived whole; else now.
+            watch.answered();
             if let Some(started) = ctx.attempt_started.take() {
                 let streamed = ctx.committed_at.map_or(Duration::ZERO, |t| t.elapsed());
                 ctx.upstream_wait = ctx

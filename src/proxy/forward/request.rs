@@ -72,6 +72,8 @@ const RETURNED: &[&str] = &[
 
 /// The provider's own request id, returned under this name (for support tickets with the
 /// provider); `x-request-id` is Lumen's.
+// Header names as `&'static str`: Pingora takes those without a copy (a `HeaderName` is
+// copied into its case form first).
 const UPSTREAM_REQUEST_ID: &str = "x-lumen-upstream-request-id";
 
 /// Builds the provider's request head: its path, host and credentials, the client's other
@@ -91,7 +93,9 @@ pub(super) fn upstream_request(
     }
     let internal =
         |e: pingora::BError| GatewayError::Internal(format!("building upstream request: {e}"));
-    let mut head = RequestHeader::build(
+    // No header-case map: field names go out lowercase (as in HTTP/2), which saves an
+    // allocation per header and a second map per request.
+    let mut head = RequestHeader::build_no_case(
         Method::POST,
         path.as_bytes(),
         Some(client.headers.len().saturating_add(6)),
@@ -156,7 +160,9 @@ pub(super) fn append_query(path: &mut String, query: &str) {
 /// The client's response head made from a provider's: the provider's status and the headers
 /// in [`RETURNED`], in Lumen's own HTTP version (Pingora writes it), never the provider's.
 pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>> {
-    let mut head = ResponseHeader::build(upstream.status, Some(RETURNED.len().saturating_add(8)))?;
+    // No header-case map, as for the provider's request: lowercase field names.
+    let mut head =
+        ResponseHeader::build_no_case(upstream.status, Some(RETURNED.len().saturating_add(8)))?;
     for name in RETURNED {
         for value in upstream.headers.get_all(*name) {
             head.append_header(*name, value.clone())?;
@@ -190,7 +196,7 @@ const ONE_WRITE_MAX: usize = 64 * 1024;
 /// the answer from.
 pub(super) async fn write_request(
     upstream: HttpSession,
-    head: RequestHeader,
+    head: &RequestHeader,
     body: &[Bytes],
     peer: &HttpPeer,
     timeout: Duration,
@@ -201,11 +207,13 @@ pub(super) async fn write_request(
         .fold(0usize, usize::saturating_add);
     let mut upstream = match upstream {
         HttpSession::H1(h1) if length <= ONE_WRITE_MAX => {
-            return write_h1_at_once(h1, &head, body, length, peer, timeout).await;
+            return write_h1_at_once(h1, head, body, length, peer, timeout).await;
         }
         other => other,
     };
-    upstream.write_request_header(Box::new(head)).await?;
+    upstream
+        .write_request_header(Box::new(head.clone()))
+        .await?;
     for piece in body.iter().filter(|p| !p.is_empty()) {
         upstream.write_request_body(piece.clone(), false).await?;
     }

@@ -106,6 +106,9 @@ async fn pump(
     let mut ends_event = true;
     loop {
         let Some(chunk) = next.take() else {
+            // The provider's answer is all here: it is free for the next request before
+            // this client is sent the end.
+            watch.answered();
             break;
         };
         let chunk = watch.chunk(chunk);
@@ -191,6 +194,8 @@ async fn pump(
     if !capture && session.write_response_body(None, true).await.is_err() {
         return Err(ForwardError::ClientGone);
     }
+    // (Tests: the client has the whole answer; what the attempt still holds is held here.)
+    crate::proxy::faults::maybe_pause(session.req_header(), "answer-sent").await;
     source
         .connector
         .release_http_session(upstream, source.peer, Some(source.provider.idle_timeout))

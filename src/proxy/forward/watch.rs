@@ -16,6 +16,7 @@ use lumen_plugins::sse::usage::{UsageStrip, UsageTap};
 use pingora::http::ResponseHeader;
 
 use crate::proxy::cache::fill::Fill;
+use crate::upstream::health::InFlight;
 
 /// A provider's answer kept for the pipeline instead of being streamed to the client.
 pub struct Captured {
@@ -33,6 +34,10 @@ pub struct Watchers {
     pub fill: Option<Fill>,
     /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
     pub capture: Option<Captured>,
+    /// The attempt's place in its provider's in-flight count (what "busy" and least-loaded
+    /// balancing read): given back once the provider's answer has fully arrived, before the
+    /// client is sent its end, so a client that asks again at once finds the provider free.
+    in_flight: Option<InFlight>,
     /// Lumen asked the provider for a usage chunk the client did not ask for (set per attempt).
     strip_usage: bool,
     /// Whether the committed answer is an event stream.
@@ -108,6 +113,18 @@ impl Watchers {
     /// flight left to follow (it would follow a leader that can only fail).
     pub(super) fn broke(&mut self) {
         self.fill = None;
+        self.in_flight = None;
+    }
+
+    /// Holds the attempt's in-flight count until [`Watchers::answered`].
+    pub(super) fn in_flight(&mut self, in_flight: InFlight) {
+        self.in_flight = Some(in_flight);
+    }
+
+    /// The provider is done with this attempt (its answer arrived whole, or the attempt
+    /// ended): its in-flight count is given back.
+    pub(super) fn answered(&mut self) {
+        self.in_flight = None;
     }
 
     /// Whether the strip is on: an empty chunk from [`Watchers::chunk`] is then nothing to write.
