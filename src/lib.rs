@@ -21,7 +21,7 @@
 //! | [`openai`] | endpoints, the few body fields routing needs, and request errors |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
 //! | [`conn`] | client connections: request-head and keep-alive timeouts, the connection cap |
-//! | [`background`] | background services on one niced thread each |
+//! | [`background`] | background services on one thread each, the deferrable ones niced |
 //! | [`drain`] | graceful shutdown: open streams ended cleanly, the last usage flush |
 //! | [`notify`] | systemd readiness (`Type=notify`): ready, reloading, stopping, watchdog |
 //! | [`access_log`] | one JSON line per request, written off the request path |
@@ -227,6 +227,7 @@ pub fn traffic_sampler(
 ) -> impl pingora::services::ServiceWithDependents {
     background::service(
         "lumen traffic sampler",
+        background::Priority::Deferrable,
         admin::Sampler {
             history,
             metrics: node.as_ref().metrics.clone(),
@@ -239,6 +240,7 @@ pub fn health_prober(node: &impl AsRef<Node>) -> impl pingora::services::Service
     let node = node.as_ref();
     background::service(
         "lumen health prober",
+        background::Priority::Timely,
         upstream::health::probe::Prober {
             providers: node.config.clone(),
             health: node.health.clone(),
@@ -250,7 +252,11 @@ pub fn health_prober(node: &impl AsRef<Node>) -> impl pingora::services::Service
 
 /// The background service that writes usage out periodically and on shutdown.
 pub fn usage_flusher(node: &impl AsRef<Node>) -> impl pingora::services::ServiceWithDependents {
-    background::service("lumen usage flusher", usage_flush(node.as_ref()))
+    background::service(
+        "lumen usage flusher",
+        background::Priority::Deferrable,
+        usage_flush(node.as_ref()),
+    )
 }
 
 fn usage_flush(node: &Node) -> ledger::Flusher {
@@ -264,6 +270,7 @@ fn usage_flush(node: &Node) -> ledger::Flusher {
 /// A background service the node's early exit waits for at shutdown (`drain::Held`).
 fn held<S>(
     name: &str,
+    priority: background::Priority,
     inner: S,
     drain: &Arc<drain::Drain>,
 ) -> pingora::services::background::GenBackgroundService<background::Niced<drain::Held<S>>>
@@ -272,6 +279,7 @@ where
 {
     background::service(
         name,
+        priority,
         drain::Held {
             inner,
             drain: drain.clone(),
@@ -361,6 +369,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     }
     server.add_service(held(
         "lumen jobs socket cleanup",
+        background::Priority::Deferrable,
         jobs::run::SocketFile {
             path: socket.clone(),
         },
@@ -369,6 +378,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     if node.jobs.settings.workers > 0 {
         server.add_service(held(
             "lumen job workers",
+            background::Priority::Deferrable,
             jobs::run::Workers {
                 jobs: node.jobs.clone(),
                 socket,
@@ -387,6 +397,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     // Held: it announces STOPPING=1 to systemd before the node may exit.
     server.add_service(held(
         "lumen config reloader",
+        background::Priority::Timely,
         config::reload::Reloader {
             path: config_path.to_path_buf(),
             config: node.config.clone(),
@@ -400,6 +411,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     if !snapshot.spawns.is_empty() && !worker_only {
         server.add_service(held(
             "lumen sidecar supervisor",
+            background::Priority::Timely,
             upstream::supervisor::Supervisor {
                 specs: snapshot.spawns.clone(),
                 metrics: node.metrics.clone(),
@@ -410,6 +422,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     }
     server.add_service(background::service(
         "lumen drain",
+        background::Priority::Timely,
         drain::Drainer {
             drain: node.drain.clone(),
             ledger: node.ledger.clone(),

@@ -1,6 +1,6 @@
 //! `server.runtime` through the real binary: every thread model serves; in `per_core` (the
 //! default) the per-thread proxies are one node to the limits and the connection cap; the
-//! background services run on threads niced below the proxy's.
+//! deferrable background services run on threads niced below the proxy's.
 
 use std::time::Duration;
 
@@ -146,10 +146,12 @@ async fn per_core_proxies_share_one_connection_cap() {
     }
 }
 
-/// The prober, reloader, flusher and the other background services run niced, so under load
-/// they leave the cores to the proxy; the proxy's threads keep the process's priority.
+/// The deferrable background services (usage flusher, traffic sampler, job workers) run
+/// niced, so under load they leave the cores to the proxy; the proxy's threads and the timely
+/// services (the health prober, the reloader that pings systemd's watchdog) keep the
+/// process's priority.
 #[tokio::test(flavor = "multi_thread")]
-async fn background_services_run_below_the_proxy() {
+async fn deferrable_background_services_run_below_the_proxy() {
     let mock = MockUpstream::start();
     let lumen = Lumen::start(&config(&mock, "threads: 2"));
     let all = threads(lumen.pid());
@@ -162,18 +164,19 @@ async fn background_services_run_below_the_proxy() {
     let proxy = nice_of("lumen proxy");
     let base = proxy[0];
     assert!(proxy.iter().all(|n| *n == base), "{all:?}");
-    let expected = (base + 10).min(19);
-    for service in [
-        "lumen health",
-        "lumen config",
-        "lumen usage",
-        "lumen traffic",
+    let niced = (base + 10).min(19);
+    for (service, nice) in [
+        ("lumen usage", niced),
+        ("lumen traffic", niced),
+        ("lumen job", niced),
+        ("lumen health", base),
+        ("lumen config", base),
     ] {
-        let nice = nice_of(service);
-        assert!(!nice.is_empty(), "no thread named {service}…: {all:?}");
+        let seen = nice_of(service);
+        assert!(!seen.is_empty(), "no thread named {service}…: {all:?}");
         assert!(
-            nice.iter().all(|n| *n == expected),
-            "{service} at {nice:?}, expected {expected}: {all:?}"
+            seen.iter().all(|n| *n == nice),
+            "{service} at {seen:?}, expected {nice}: {all:?}"
         );
     }
 }
