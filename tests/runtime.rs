@@ -1,5 +1,5 @@
-//! `server.runtime` through the real binary: every thread model serves; in `per_core` (the
-//! default) the per-thread proxies are one node to the limits and the connection cap; the
+//! `server.runtime` through the real binary: every thread model serves; in `per_core` the
+//! per-thread proxies are one node to the limits and the connection cap; the
 //! deferrable background services run on threads niced below the proxy's.
 
 use std::time::Duration;

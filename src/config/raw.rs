@@ -369,8 +369,10 @@ fn default_redis_timeout() -> Duration {
 }
 
 /// How the proxy's worker threads are organised (`server.runtime`). Measured with
-/// `cargo bench --bench load` (README, Performance): `per_core` serves the most requests per
-/// CPU-second on a small edge host, so it is the default.
+/// `cargo bench --bench load`: `per_core` serves about 1.2x the requests of `work_stealing` at
+/// c=32 on a 2-core host. It is not the default yet: the shared Redis connection is driven by
+/// the one runtime that opened it, so under load the other threads' Redis calls can miss
+/// `redis.timeout` (a per-runtime Redis link is the missing piece).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeModel {
@@ -379,11 +381,11 @@ pub enum RuntimeModel {
     /// pool. A connection, its request and its upstream connection stay on one thread, so no
     /// I/O event wakes another thread. State that must be shared (limits, cache, health,
     /// metrics) is, as in every model.
-    #[default]
     PerCore,
     /// Pingora's default: one multi-threaded runtime whose threads steal each other's tasks,
     /// and one upstream pool. Evens out load when a few requests are much heavier than the
     /// rest, at the price of cross-thread wake-ups on every I/O event.
+    #[default]
     WorkStealing,
     /// Pingora's `work_stealing: false`: single-threaded runtimes sharing one service and one
     /// upstream pool; an accepted connection goes to a random thread.
@@ -397,7 +399,7 @@ pub struct RawServer {
     /// Worker threads for the proxy service (0: one per core).
     #[serde(default)]
     pub threads: usize,
-    /// How the proxy's threads share work: `per_core` (the default), `work_stealing` or
+    /// How the proxy's threads share work: `work_stealing` (the default), `per_core` or
     /// `no_steal`. See [`RuntimeModel`].
     #[serde(default)]
     pub runtime: RuntimeModel,
