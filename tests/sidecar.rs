@@ -159,6 +159,26 @@ routes:
   - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ], retry: {{ attempts: 1 }} }}
 "#
     ));
+    // With `failures: 1` a chat sent before the new sidecar listens would open the circuit
+    // for the whole cooldown: start once its probe has seen it up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let admin =
+            lumen_test_support::client::request(lumen.admin, "GET", "/admin/providers", &[], b"")
+                .await
+                .unwrap()
+                .json();
+        let probed_up = admin["providers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "local" && p["probe"]["state"] == "healthy");
+        if probed_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{admin}\n{}", lumen.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     wait_for_chat(&lumen, Duration::from_secs(60)).await;
     let before = sidecar_pids(port);
     assert_eq!(before.len(), 1);
