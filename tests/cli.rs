@@ -115,3 +115,15 @@ fn an_issuer_without_an_audience_is_warned_about() {
     );
     assert!(!stderr.contains("other.test"), "{stderr}");
 }
+
+#[test]
+fn an_unknown_thread_model_is_refused_by_name() {
+    let (ok, _, stderr) = check(
+        "server: { runtime: fastest }\nproviders:\n  a: { base_url: \"http://127.0.0.1:1/v1\" }\nroutes:\n  - { model: m, targets: [ { provider: a } ] }\n",
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("fastest") && stderr.contains("per_core"),
+        "names the bad value and the good ones: {stderr}"
+    );
+}

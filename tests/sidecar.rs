@@ -48,6 +48,28 @@ routes:
     ))
 }
 
+/// Polls `/admin/providers` (up to 60 s) until the `local` provider's entry satisfies `ready`.
+async fn wait_for_local(lumen: &Lumen, ready: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let admin =
+            lumen_test_support::client::request(lumen.admin, "GET", "/admin/providers", &[], b"")
+                .await
+                .unwrap()
+                .json();
+        let local = admin["providers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "local");
+        if local.is_some_and(&ready) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{admin}\n{}", lumen.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Chat through the gateway until the sidecar answers (it loads after the gateway is up).
 async fn wait_for_chat(lumen: &Lumen, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
@@ -161,24 +183,7 @@ routes:
     ));
     // With `failures: 1` a chat sent before the new sidecar listens would open the circuit
     // for the whole cooldown: start once its probe has seen it up.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let admin =
-            lumen_test_support::client::request(lumen.admin, "GET", "/admin/providers", &[], b"")
-                .await
-                .unwrap()
-                .json();
-        let probed_up = admin["providers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["name"] == "local" && p["probe"]["state"] == "healthy");
-        if probed_up {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{admin}\n{}", lumen.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_local(&lumen, |local| local["probe"]["state"] == "healthy").await;
     wait_for_chat(&lumen, Duration::from_secs(60)).await;
     let before = sidecar_pids(port);
     assert_eq!(before.len(), 1);
@@ -262,21 +267,10 @@ routes:
         cloud.base_url()
     ));
     // Wait until the sidecar answers and its health has reported its one slot.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let admin =
-            lumen_test_support::client::request(lumen.admin, "GET", "/admin/providers", &[], b"")
-                .await
-                .unwrap()
-                .json();
-        let local = &admin["providers"][1];
-        assert_eq!(local["name"], "local");
-        if local["probe"]["state"] == "healthy" && local["capacity"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{admin}\n{}", lumen.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_local(&lumen, |local| {
+        local["probe"]["state"] == "healthy" && local["capacity"] == 1
+    })
+    .await;
     let body = json!({"model": "fast", "stream": true, "max_tokens": 200, "temperature": 0,
                       "messages": [{"role": "user", "content": "hello"}]});
     let alone = Client::connect(lumen.addr)
