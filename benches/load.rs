@@ -549,32 +549,36 @@ fn main() {
     );
 
     if only.as_deref().is_none_or(|o| "syscalls".contains(o)) {
-        println!(
-            "syscalls per request (strace -c -f on the proxy's processes; 500 requests, c=1, 1KiB)"
-        );
-        let body = chat_body(1024, false);
-        let mut counts = Vec::new();
-        for (label, addr, pid) in targets.iter().filter(|(_, _, pid)| *pid != 0) {
-            let per = syscalls_per_request(&runtime, *addr, *pid, 500, &body);
+        for (what, body) in [
+            ("chat", chat_body(1024, false)),
+            ("stream of 20 chunks", chat_body_chunks(1024, true, 20)),
+        ] {
             println!(
-                "  {label:<11} {}",
-                per.map_or("- (strace not available)".to_string(), |v| format!(
-                    "{v:.1}"
-                ))
+                "syscalls per request, {what} (strace -c -f on the proxy's processes; 500 requests, c=1, 1KiB)"
             );
-            counts.push((*label, per));
+            let mut counts = Vec::new();
+            for (label, addr, pid) in targets.iter().filter(|(_, _, pid)| *pid != 0) {
+                let per = syscalls_per_request(&runtime, *addr, *pid, 500, &body);
+                println!(
+                    "  {label:<11} {}",
+                    per.map_or("- (strace not available)".to_string(), |v| format!(
+                        "{v:.1}"
+                    ))
+                );
+                counts.push((*label, per));
+            }
+            let of = |name: &str| {
+                counts
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .and_then(|(_, v)| *v)
+            };
+            println!(
+                "  lumen/nginx {}  lumen/pingora {}\n",
+                ratio(of("lumen"), of("nginx")),
+                ratio(of("lumen"), of("pingora"))
+            );
         }
-        let of = |name: &str| {
-            counts
-                .iter()
-                .find(|(k, _)| *k == name)
-                .and_then(|(_, v)| *v)
-        };
-        println!(
-            "  lumen/nginx {}  lumen/pingora {}\n",
-            ratio(of("lumen"), of("nginx")),
-            ratio(of("lumen"), of("pingora"))
-        );
     }
     if only.is_some() {
         return;

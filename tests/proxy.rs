@@ -190,6 +190,32 @@ async fn stream_chunks_arrive_as_the_upstream_sends_them() {
     }
 }
 
+/// Events that reached the gateway together leave it together: one write to the client (one
+/// chunk on the wire) instead of one write and one flush per event.
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_chunks_that_arrive_together_leave_in_one_write() {
+    let mock = MockUpstream::start();
+    let lumen = start(&mock);
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    let body = json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "hi"}],
+                      "mock_chunks": 20, "mock_one_write": true});
+    let resp = c
+        .post_json("/v1/chat/completions", &[], &body)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let data = resp.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let expected: String = (0..20).map(|i| format!("tok{i} ")).collect();
+    assert_eq!(resp.chat_stream_text(), expected);
+    // 21 events and [DONE] in at most two chunks (a head read may end mid-body).
+    assert!(
+        resp.chunks.len() <= 2,
+        "{} chunks for one upstream write",
+        resp.chunks.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn completions_embeddings_and_rerank_are_forwarded() {
     let mock = MockUpstream::start();

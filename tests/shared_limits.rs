@@ -10,8 +10,13 @@ use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 
 fn node(mock: &MockUpstream, redis: &RedisServer, on_error: &str) -> Lumen {
+    node_on(mock, redis, on_error, "work_stealing")
+}
+
+fn node_on(mock: &MockUpstream, redis: &RedisServer, on_error: &str, runtime: &str) -> Lumen {
     Lumen::start(&format!(
         r#"
+server: {{ threads: 2, runtime: {runtime} }}
 redis: {{ url: "{url}", timeout: 200ms, on_redis_error: {on_error} }}
 keys:
   - {{ id: fleet, key: "sk-fleet", limits: {{ requests_per_minute: 10, burst: 10 }} }}
@@ -60,11 +65,22 @@ fn count(statuses: &[u16], status: u16) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_share_one_budget_and_survive_redis_failing_open() {
+    share_one_budget_across_a_redis_restart("work_stealing").await;
+}
+
+/// One single-threaded runtime per thread, each with its own Redis connection: every one of
+/// them must find Redis again after the restart, not fail open on its first call.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_core_nodes_share_one_budget_across_a_redis_restart() {
+    share_one_budget_across_a_redis_restart("per_core").await;
+}
+
+async fn share_one_budget_across_a_redis_restart(runtime: &str) {
     let mock = MockUpstream::start();
     let mut redis = RedisServer::start();
     let (a, b) = (
-        node(&mock, &redis, "fail_open"),
-        node(&mock, &redis, "fail_open"),
+        node_on(&mock, &redis, "fail_open", runtime),
+        node_on(&mock, &redis, "fail_open", runtime),
     );
     let statuses = burst(&[&a, &b], 30).await;
     assert_eq!(count(&statuses, 200), 10, "{statuses:?}");

@@ -96,6 +96,9 @@ async fn the_gateway_spawns_the_sidecar_and_routes_to_it() {
     let models = Dir::new("lumen-models");
     let port = free_port();
     let lumen = start(&models, port);
+    // Chats sent while the sidecar still loads fail and mark it down until the next probe:
+    // start once the probe has seen it up.
+    wait_for_local(&lumen, |local| local["probe"]["state"] == "healthy").await;
     let answer = wait_for_chat(&lumen, Duration::from_secs(60)).await;
     assert_eq!(answer["usage"]["completion_tokens"], 8);
     assert_eq!(answer["choices"][0]["finish_reason"], "length");

@@ -1,10 +1,15 @@
-//! One lazily made, self-healing Redis connection shared by every policy that keeps state in
-//! Redis (shared limits, the cache), so a node holds one multiplexed connection, not one per
-//! feature.
+//! The Redis connections shared by every policy that keeps state in Redis (shared limits, the
+//! cache, the ledger, jobs): one multiplexed connection per tokio runtime, made lazily and
+//! re-made in the background by redis-rs's `ConnectionManager`.
 //!
-//! The connection is made on first use and re-made in the background by redis-rs's
-//! `ConnectionManager`; while none can be made, calls fail fast (once a second a new attempt),
-//! so Redis being down costs a request nothing but the fallback its policy chooses.
+//! One per runtime, not one per node: a connection's reader and writer run as a task on the
+//! runtime that made it, so with `server.runtime: per_core` (one single-threaded runtime per
+//! thread) a single shared connection made every other thread's Redis call wait for that one
+//! thread to be scheduled, and under load calls missed `redis.timeout` and fell back. Finding
+//! the caller's connection is one lock-free `arc-swap` load; only making one takes a lock.
+//!
+//! While no connection can be made, calls fail fast (once a second a new attempt), so Redis
+//! being down costs a request nothing but the fallback its policy chooses.
 
 // Reachable from the network: no panics (issue 16); tests below may unwrap.
 #![deny(
@@ -14,11 +19,26 @@
     clippy::arithmetic_side_effects
 )]
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::runtime::Handle;
 use tokio::sync::Mutex as AsyncMutex;
+
+/// Connections kept for runtimes at most. A process has a handful of runtimes (the proxy's, one
+/// per core with `per_core`, the background services'); ids are never reused, so a runtime that
+/// ended leaves an entry behind until this many newer ones push it out.
+const MAX_RUNTIMES: usize = 64;
+
+/// The connection made on one runtime (`None`: called from outside any runtime).
+struct Made {
+    runtime: Option<tokio::runtime::Id>,
+    conn: ConnectionManager,
+}
 
 /// Why Redis gave no answer.
 #[derive(Debug, thiserror::Error)]
@@ -31,12 +51,14 @@ pub enum SharedError {
     Backoff,
 }
 
-/// The connection and the time budget every call gets.
+/// The connections and the time budget every call gets.
 pub struct RedisLink {
     client: redis::Client,
     /// Longest wait for one call.
     pub timeout: Duration,
-    conn: AsyncMutex<Option<ConnectionManager>>,
+    conns: ArcSwap<Vec<Made>>,
+    /// Held only while a connection is being made, so two callers on one runtime make one.
+    making: AsyncMutex<()>,
     /// Monotonic ms (since `epoch`) before which no new connection is attempted.
     retry_at_ms: AtomicU64,
     epoch: Instant,
@@ -49,19 +71,22 @@ impl RedisLink {
         Ok(RedisLink {
             client,
             timeout,
-            conn: AsyncMutex::new(None),
+            conns: ArcSwap::from_pointee(Vec::new()),
+            making: AsyncMutex::new(()),
             retry_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         })
     }
 
-    /// A handle on the shared connection (a cheap clone), making it if needed.
+    /// A handle on the calling runtime's connection (a cheap clone), making it if needed.
     pub async fn connection(&self) -> Result<ConnectionManager, SharedError> {
-        // The async mutex is held only while a connection is being made (rare); the manager
-        // itself is a cheap clone shared by all requests.
-        let mut guard = self.conn.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            return Ok(conn.clone());
+        let runtime = Handle::try_current().ok().map(|h| h.id());
+        if let Some(conn) = self.made_on(runtime) {
+            return Ok(conn);
+        }
+        let _making = self.making.lock().await;
+        if let Some(conn) = self.made_on(runtime) {
+            return Ok(conn);
         }
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         if now_ms < self.retry_at_ms.load(Ordering::Acquire) {
@@ -79,7 +104,22 @@ impl RedisLink {
         .await
         {
             Ok(Ok(conn)) => {
-                *guard = Some(conn.clone());
+                self.conns.rcu(|made| {
+                    let keep = made.len().saturating_sub(MAX_RUNTIMES.saturating_sub(1));
+                    let mut next: Vec<Made> = made
+                        .iter()
+                        .skip(keep)
+                        .map(|m| Made {
+                            runtime: m.runtime,
+                            conn: m.conn.clone(),
+                        })
+                        .collect();
+                    next.push(Made {
+                        runtime,
+                        conn: conn.clone(),
+                    });
+                    Arc::new(next)
+                });
                 Ok(conn)
             }
             Ok(Err(e)) => {
@@ -93,6 +133,14 @@ impl RedisLink {
                 Err(SharedError::Timeout(self.timeout))
             }
         }
+    }
+
+    fn made_on(&self, runtime: Option<tokio::runtime::Id>) -> Option<ConnectionManager> {
+        self.conns
+            .load()
+            .iter()
+            .find(|m| m.runtime == runtime)
+            .map(|m| m.conn.clone())
     }
 
     /// A connection of its own, for blocking commands (`XREADGROUP BLOCK`, `XREAD BLOCK`) that
@@ -109,10 +157,46 @@ impl RedisLink {
     /// Runs one call within the link's timeout.
     pub async fn within<T>(
         &self,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+        call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, SharedError> {
         Ok(tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| SharedError::Timeout(self.timeout))??)
+    }
+
+    /// Runs `op` on the calling runtime's connection within the link's timeout, and once more
+    /// if the connection turned out to be dead, while time is left.
+    ///
+    /// After Redis restarts, every connection learns it is dead on its next call: redis-rs
+    /// fails that call (and every call already waiting on the same connection) and starts a
+    /// new one. Without the second try a concurrent burst right after a restart would all fall
+    /// back to each node's local bucket. Only for commands where running twice errs on the
+    /// safe side (a call that reached Redis before the connection broke may have run): taking
+    /// a slot or reserving counts more, never less.
+    pub async fn retrying<T, F, Fut>(&self, mut op: F) -> Result<T, SharedError>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(self.timeout).unwrap_or(now);
+        let first = async {
+            let conn = self.connection().await?;
+            op(conn).await.map_err(SharedError::from)
+        };
+        let error = match tokio::time::timeout_at(deadline, first).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(SharedError::Redis(e))) if e.is_unrecoverable_error() || e.is_io_error() => e,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(SharedError::Timeout(self.timeout)),
+        };
+        tracing::debug!(error = %error, "redis connection was dead; one more try on its replacement");
+        let second = async {
+            let conn = self.connection().await?;
+            op(conn).await.map_err(SharedError::from)
+        };
+        tokio::time::timeout_at(deadline, second)
+            .await
+            .map_err(|_| SharedError::Timeout(self.timeout))?
     }
 }

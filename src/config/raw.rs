@@ -370,9 +370,11 @@ fn default_redis_timeout() -> Duration {
 
 /// How the proxy's worker threads are organised (`server.runtime`). Measured with
 /// `cargo bench --bench load`: `per_core` serves about 1.2x the requests of `work_stealing` at
-/// c=32 on a 2-core host. It is not the default yet: the shared Redis connection is driven by
-/// the one runtime that opened it, so under load the other threads' Redis calls can miss
-/// `redis.timeout` (a per-runtime Redis link is the missing piece).
+/// c=32 on a 2-core host (1.18x the requests per CPU-second). Redis is reached through one
+/// connection per runtime (`RedisLink`). It is not the default yet: a finished request's
+/// token settlement and ledger row come after its client has the whole answer, and with
+/// threads that never share work a client's next request, on another thread, can run before
+/// them (seen in CI as a stale `x-ratelimit-remaining-tokens`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeModel {

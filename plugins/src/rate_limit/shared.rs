@@ -290,7 +290,6 @@ impl SharedLimiter {
         max_in_flight: Option<u32>,
         member: &str,
     ) -> Result<Result<Admitted, Limited>, SharedError> {
-        let mut conn = self.connection().await?;
         let (interval, tolerance) = match rate {
             Some(l) => {
                 let (interval, tolerance) = gcra_steps(l, l.period.as_micros());
@@ -310,10 +309,11 @@ impl SharedLimiter {
             .arg(max)
             .arg(member)
             .arg(IN_FLIGHT_STALE_AFTER.as_millis() as u64);
-        let (code, ahead, wait): (i64, i64, i64) =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-                .await
-                .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let invocation = &invocation;
+        let (code, ahead, wait): (i64, i64, i64) = self
+            .link
+            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
         let ahead = ahead.max(0) as u64;
         let status = |remaining| {
             rate.map(|l| RateStatus {
@@ -365,13 +365,13 @@ impl SharedLimiter {
 
     /// Gives a slot back.
     pub async fn release(&self, slot: &SharedSlot) -> Result<(), SharedError> {
-        let mut conn = self.connection().await?;
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(&slot.key).arg(&slot.member);
-        let call = cmd.query_async::<i64>(&mut conn);
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        // ZREM of one member is idempotent: a second try is always safe.
+        let cmd = &cmd;
+        self.link
+            .retrying(|mut conn| async move { cmd.query_async::<i64>(&mut conn).await })
+            .await?;
         Ok(())
     }
 
@@ -386,7 +386,6 @@ impl SharedLimiter {
         limits: &[super::TokenLimit],
         estimate: u64,
     ) -> Result<Result<(SharedReservation, RateStatus), Limited>, SharedError> {
-        let mut conn = self.connection().await?;
         let mut invocation = self.reserve_script.prepare_invoke();
         invocation.arg(estimate);
         for l in limits {
@@ -394,10 +393,11 @@ impl SharedLimiter {
             invocation.key(self.window_key(bucket, length_ms));
             invocation.arg(length_ms).arg(l.limit);
         }
-        let reply: Vec<i64> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-                .await
-                .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let invocation = &invocation;
+        let reply: Vec<i64> = self
+            .link
+            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
         let to_u32 = |v: u64| v.min(u64::from(u32::MAX)) as u32;
         if reply.first() == Some(&0) {
             // The script's window number counts from 1.
@@ -455,6 +455,8 @@ impl SharedLimiter {
         reservation: &SharedReservation,
         actual: u64,
     ) -> Result<(), SharedError> {
+        // Not retried on a dead connection: a settle that had run before the connection broke
+        // would count the difference twice, and this one errs towards admitting more.
         let mut conn = self.connection().await?;
         // Both are bounded (`max_tokens` is capped at parse), but never trust a cast to.
         let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -477,15 +479,15 @@ impl SharedLimiter {
         bucket: &str,
         limit: &RequestLimit,
     ) -> Result<Result<RateStatus, Limited>, SharedError> {
-        let mut conn = self.connection().await?;
         let (interval, tolerance) = gcra_steps(limit, limit.period.as_micros());
         let key = format!("{{{}:{}}}:rl", self.prefix, bucket);
         let mut invocation = self.script.key(key);
         invocation.arg(interval.get()).arg(tolerance);
-        let call = invocation.invoke_async(&mut conn);
-        let (admitted, ahead, wait): (i64, i64, i64) = tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let invocation = &invocation;
+        let (admitted, ahead, wait): (i64, i64, i64) = self
+            .link
+            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
         let ahead = ahead.max(0) as u64;
         if admitted == 1 {
             let remaining = tolerance

@@ -14,6 +14,9 @@
     clippy::arithmetic_side_effects
 )]
 
+use std::sync::LazyLock;
+
+use memchr::memmem;
 use serde::Deserialize;
 
 const JSON_LIMIT: usize = 8 << 20;
@@ -279,7 +282,10 @@ fn event_len(data: &[u8]) -> Option<usize> {
 
 /// Whether `bytes` holds the JSON key `"usage"` (SIMD search: most chunks do not).
 fn mentions_usage(bytes: &[u8]) -> bool {
-    memchr::memmem::find(bytes, b"\"usage\"").is_some()
+    // Built once: `memmem::find` builds a searcher on every call.
+    static USAGE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    USAGE.find(bytes).is_some()
 }
 
 fn is_usage_only(event: &[u8]) -> bool {

@@ -272,7 +272,11 @@ impl Gateway {
         if plan.control == ClientControl::Bypass {
             return Ok(Some(Watchers::default()));
         }
-        Ok(self.coalesce(s, ctx, plan).await?.map(Watchers::filling))
+        let sink = (self.node.cache.clone(), self.metrics.clone());
+        Ok(self
+            .coalesce(s, ctx, plan)
+            .await?
+            .map(|fill| Watchers::filling(fill, sink)))
     }
 
     /// Step 12 for a forwarded miss: its answer is stored when it was complete.
@@ -316,22 +320,9 @@ impl Gateway {
         }
     }
 
-    /// Stores answers: in memory at once (the next request hits), in Redis off the request's
-    /// path.
+    /// Stores answers (see [`Cache::keep`]).
     pub(super) fn cache_store(&self, entries: Vec<(String, Entry)>) {
-        if entries.is_empty() {
-            return;
-        }
-        let entries: Vec<(String, Arc<Entry>)> =
-            entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect();
-        self.node.cache.store.remember(&entries);
-        let cache = self.node.cache.clone();
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            if cache.store.share(&entries).await.is_err() {
-                metrics.redis_errors.with_label_values(&["cache"]).inc();
-            }
-        });
+        self.node.cache.keep(entries, &self.metrics);
     }
 
     /// A cacheable request that missed: joins an identical request in flight (answered from

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lumen_plugins::cache::flight::Flights;
-use lumen_plugins::cache::store::CacheStore;
+use lumen_plugins::cache::store::{CacheStore, Entry};
 use lumen_plugins::redis_link::RedisLink;
 
 use crate::config::snapshot::CacheSettings;
+use crate::metrics::Metrics;
 
 /// Largest entry sent to Redis: bigger answers stay in this node's memory only.
 const REDIS_MAX_ENTRY: usize = 4 * 1024 * 1024;
@@ -31,5 +32,25 @@ impl Cache {
             flights: Arc::new(Flights::new()),
             coalesce_wait: settings.coalesce_wait,
         }
+    }
+}
+
+impl Cache {
+    /// Stores answers: in memory at once (the next request hits), in Redis off the request's
+    /// path (a failure is counted).
+    pub fn keep(self: &Arc<Cache>, entries: Vec<(String, Entry)>, metrics: &Arc<Metrics>) {
+        if entries.is_empty() {
+            return;
+        }
+        let entries: Vec<(String, Arc<Entry>)> =
+            entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect();
+        self.store.remember(&entries);
+        let cache = self.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if cache.store.share(&entries).await.is_err() {
+                metrics.redis_errors.with_label_values(&["cache"]).inc();
+            }
+        });
     }
 }

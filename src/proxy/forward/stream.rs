@@ -79,6 +79,21 @@ pub(super) async fn stream_to_client(
     result
 }
 
+/// Most bytes gathered from chunks that are already here before they are written.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// The output of `future` if it is ready without waiting. Reading the provider's body is
+/// cancel-safe in Pingora (nothing is consumed from the socket until a read completes), so a
+/// read that is not ready is dropped and made again later.
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Copies the provider's answer to the client (or into the capture), chunk by chunk. A stream
 /// must end with `data: [DONE]`: one that ends without it was cut, and ends with an error event
 /// like any other broken stream (never cached, counted as failed).
@@ -111,7 +126,42 @@ async fn pump(
             watch.answered();
             break;
         };
-        let chunk = watch.chunk(chunk);
+        let mut chunk = watch.chunk(chunk);
+        // One read from the provider often holds many chunks (Pingora hands them out one at a
+        // time from its buffer): every chunk already here goes to the client in one write, not
+        // one write (and one flush) each. What ended the run (the end, an error) is acted on
+        // after the write, as if it had been read then.
+        let mut ahead = None;
+        if !capture {
+            let mut batch: Option<BytesMut> = None;
+            while batch.as_ref().map_or(chunk.len(), BytesMut::len) < BATCH_BYTES {
+                match ready_now(upstream.read_response_body()) {
+                    None => break,
+                    Some(Ok(Some(more))) => {
+                        let more = watch.chunk(more);
+                        batch
+                            .get_or_insert_with(|| BytesMut::from(&chunk[..]))
+                            .extend_from_slice(&more);
+                    }
+                    Some(end_or_error) => {
+                        ahead = Some(end_or_error);
+                        break;
+                    }
+                }
+            }
+            if let Some(batch) = batch {
+                chunk = batch.freeze();
+            }
+        }
+        if matches!(ahead, Some(Ok(None))) || upstream.response_done() {
+            // The provider's answer is all here: it is free for the next request before this
+            // client has the last bytes (a client that asks again at once must find it free,
+            // and a complete answer already cached).
+            watch.answered();
+            if !sse || watch.done_seen() {
+                watch.complete();
+            }
+        }
         if !chunk.is_empty() {
             ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
         }
@@ -131,22 +181,25 @@ async fn pump(
         {
             return Err(ForwardError::ClientGone);
         }
-        let read = tokio::select! {
-            read = upstream.read_response_body() => read,
-            () = &mut cut, if sse && !capture => {
-                // Shutting down: end the stream while the client can still be told why.
-                watch.broke();
-                let mut event = if ends_event {
-                    BytesMut::new()
-                } else {
-                    BytesMut::from(&b"\n\n"[..])
-                };
-                event.extend_from_slice(b"data: ");
-                event.extend_from_slice(&GatewayError::ShuttingDown.body());
-                event.extend_from_slice(b"\n\n");
-                let _ = session.write_response_body(Some(event.freeze()), true).await;
-                return Err(ForwardError::ShuttingDown);
-            }
+        let read = match ahead {
+            Some(read) => read,
+            None => tokio::select! {
+                read = upstream.read_response_body() => read,
+                () = &mut cut, if sse && !capture => {
+                    // Shutting down: end the stream while the client can still be told why.
+                    watch.broke();
+                    let mut event = if ends_event {
+                        BytesMut::new()
+                    } else {
+                        BytesMut::from(&b"\n\n"[..])
+                    };
+                    event.extend_from_slice(b"data: ");
+                    event.extend_from_slice(&GatewayError::ShuttingDown.body());
+                    event.extend_from_slice(b"\n\n");
+                    let _ = session.write_response_body(Some(event.freeze()), true).await;
+                    return Err(ForwardError::ShuttingDown);
+                }
+            },
         };
         match read {
             Ok(chunk) => next = chunk,

@@ -11,11 +11,16 @@
     clippy::arithmetic_side_effects
 )]
 
+use std::sync::{Arc, LazyLock};
+
 use bytes::{Bytes, BytesMut};
 use lumen_plugins::sse::usage::{UsageStrip, UsageTap};
+use memchr::memmem;
 use pingora::http::ResponseHeader;
 
+use crate::metrics::Metrics;
 use crate::proxy::cache::fill::Fill;
+use crate::proxy::cache::store::Cache;
 use crate::upstream::health::InFlight;
 
 /// A provider's answer kept for the pipeline instead of being streamed to the client.
@@ -32,6 +37,9 @@ pub struct Captured {
 pub struct Watchers {
     /// Records the answer for the cache and coalesced followers (a cacheable miss).
     pub fill: Option<Fill>,
+    /// Where a complete fill is stored (the node's cache, and the metrics its Redis errors
+    /// are counted in).
+    sink: Option<(Arc<Cache>, Arc<Metrics>)>,
     /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
     pub capture: Option<Captured>,
     /// The attempt's place in its provider's in-flight count (what "busy" and least-loaded
@@ -51,9 +59,10 @@ pub struct Watchers {
 impl Watchers {
     /// Watchers for an answer that fills the cache (`Watchers::default()` watches for nothing
     /// but usage).
-    pub fn filling(fill: Fill) -> Watchers {
+    pub fn filling(fill: Fill, sink: (Arc<Cache>, Arc<Metrics>)) -> Watchers {
         Watchers {
             fill: Some(fill),
+            sink: Some(sink),
             ..Watchers::default()
         }
     }
@@ -116,6 +125,15 @@ impl Watchers {
         self.in_flight = None;
     }
 
+    /// The answer arrived whole and was a complete answer: it is stored (and its flight ended)
+    /// now, before the client is sent the last of it, so a client that asks again at once
+    /// finds it cached instead of following a flight that is about to end.
+    pub(super) fn complete(&mut self) {
+        if let (Some(fill), Some((cache, metrics))) = (self.fill.take(), self.sink.as_ref()) {
+            cache.keep(fill.finish().into_iter().collect(), metrics);
+        }
+    }
+
     /// Holds the attempt's in-flight count until [`Watchers::answered`].
     pub(super) fn in_flight(&mut self, in_flight: InFlight) {
         self.in_flight = Some(in_flight);
@@ -161,18 +179,23 @@ struct DoneWatch {
 }
 
 impl DoneWatch {
-    const MARKS: [&'static [u8]; 2] = [b"data: [DONE]", b"data:[DONE]"];
+    /// What precedes `[DONE]` on its line.
+    const MARKS: [&'static [u8]; 2] = [b"data: ", b"data:"];
     const KEEP: usize = 12;
 
     fn observe(&mut self, chunk: &[u8]) {
         if self.seen {
             return;
         }
-        // SIMD substring search: this runs on every chunk of every stream.
+        // One SIMD substring search per chunk (this runs on every chunk of every stream), with
+        // the searcher built once: `memmem::find` builds one per call.
+        static DONE: LazyLock<memmem::Finder<'static>> =
+            LazyLock::new(|| memmem::Finder::new(b"[DONE]"));
         let has = |bytes: &[u8]| {
-            Self::MARKS
-                .iter()
-                .any(|mark| memchr::memmem::find(bytes, mark).is_some())
+            DONE.find_iter(bytes).any(|at| {
+                let before = bytes.get(..at).unwrap_or_default();
+                Self::MARKS.iter().any(|mark| before.ends_with(mark))
+            })
         };
         // A mark across the boundary: the held tail and the chunk's first bytes.
         let head = chunk.get(..chunk.len().min(Self::KEEP)).unwrap_or_default();

@@ -26,7 +26,8 @@
 //! | `embed-short`    | an embeddings answer with one vector fewer than the inputs |
 //!
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
-//! stream chunk, default 0), `mock_retry_after` (seconds, for `status-429`), `mock_headers`
+//! stream chunk, default 0), `mock_one_write` (the whole stream in one write, so it all reaches
+//! the gateway at once), `mock_retry_after` (seconds, for `status-429`), `mock_headers`
 //! (an object of extra response headers on a normal answer). `GET /v1/models` lists a few
 //! models (with HTTP NNN instead when the path has a `/models-NNN/` segment); `GET /_mock/requests` returns the recorded requests as JSON (for tests in other
 //! languages). Health probes (user agent `lumen-health-probe`) are counted, not recorded.
@@ -495,9 +496,14 @@ async fn stream_answer(
         .as_bool()
         .unwrap_or(false);
     let drop_mid = model == "drop-mid-stream";
-    stream
-        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
-        .await?;
+    // Everything into `wire`; written after each chunk, or once at the end with `mock_one_write`.
+    let one_write = body["mock_one_write"].as_bool().unwrap_or(false);
+    let mut wire = Vec::new();
+    wire.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n");
+    if !one_write {
+        stream.write_all(&wire).await?;
+        wire.clear();
+    }
     let event = |payload: &Value| format!("data: {payload}\n\n");
     for i in 0..chunks {
         if drop_mid && i == 2 {
@@ -513,7 +519,10 @@ async fn stream_answer(
             json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000, "model": model,
                    "choices": [{"index": 0, "text": format!("tok{i} "), "finish_reason": null}]})
         };
-        write_chunk(stream, event(&payload).as_bytes()).await?;
+        frame(&mut wire, event(&payload).as_bytes());
+        if !one_write {
+            write_out(stream, &mut wire).await?;
+        }
     }
     let last = if chat {
         json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
@@ -529,15 +538,27 @@ async fn stream_answer(
         tail.push_str(&event(&usage));
     }
     tail.push_str("data: [DONE]\n\n");
-    write_chunk(stream, tail.as_bytes()).await?;
-    stream.write_all(b"0\r\n\r\n").await?;
+    frame(&mut wire, tail.as_bytes());
+    wire.extend_from_slice(b"0\r\n\r\n");
+    write_out(stream, &mut wire).await?;
     Ok(true)
 }
 
-async fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
-    let mut wire = format!("{:x}\r\n", data.len()).into_bytes();
+/// Appends `data` as one chunk of a chunked body.
+fn frame(wire: &mut Vec<u8>, data: &[u8]) {
+    wire.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
     wire.extend_from_slice(data);
     wire.extend_from_slice(b"\r\n");
-    stream.write_all(&wire).await?;
+}
+
+async fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    let mut wire = Vec::with_capacity(data.len().saturating_add(16));
+    frame(&mut wire, data);
+    write_out(stream, &mut wire).await
+}
+
+async fn write_out(stream: &mut TcpStream, wire: &mut Vec<u8>) -> std::io::Result<()> {
+    stream.write_all(wire).await?;
+    wire.clear();
     stream.flush().await
 }
