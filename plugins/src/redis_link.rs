@@ -178,24 +178,20 @@ impl RedisLink {
         F: FnMut(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let now = tokio::time::Instant::now();
-        let deadline = now.checked_add(self.timeout).unwrap_or(now);
-        let first = async {
-            let conn = self.connection().await?;
-            op(conn).await.map_err(SharedError::from)
+        let attempts = async {
+            let mut retried = false;
+            loop {
+                let conn = self.connection().await?;
+                match op(conn).await {
+                    Err(e) if !retried && (e.is_unrecoverable_error() || e.is_io_error()) => {
+                        tracing::debug!(error = %e, "redis connection was dead; one more try on its replacement");
+                        retried = true;
+                    }
+                    result => return result.map_err(SharedError::from),
+                }
+            }
         };
-        let error = match tokio::time::timeout_at(deadline, first).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(SharedError::Redis(e))) if e.is_unrecoverable_error() || e.is_io_error() => e,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(SharedError::Timeout(self.timeout)),
-        };
-        tracing::debug!(error = %error, "redis connection was dead; one more try on its replacement");
-        let second = async {
-            let conn = self.connection().await?;
-            op(conn).await.map_err(SharedError::from)
-        };
-        tokio::time::timeout_at(deadline, second)
+        tokio::time::timeout(self.timeout, attempts)
             .await
             .map_err(|_| SharedError::Timeout(self.timeout))?
     }
