@@ -9,8 +9,8 @@
 //! Measured: added latency p50/p99 at concurrency 1 for 1 KiB and 16 KiB chat bodies, requests/s
 //! at concurrency 32 (plain, and streams of 20 chunks), added time to first chunk of a stream,
 //! and resident memory of each proxy (idle before any load, peak after the scenarios).
-//! `lumen` runs the default thread model (`server.runtime: work_stealing`); `lumen-percore`
-//! and `lumen-nosteal` are the same gateway with `per_core` and `no_steal`. Lumen runs as configured for
+//! `lumen` runs the default thread model (`server.runtime: per_core`); `lumen-steal` and
+//! `lumen-nosteal` are the same gateway with `work_stealing` and `no_steal`. Lumen runs as configured for
 //! production: API-key authentication, per-key rate and concurrency limits (set high enough
 //! never to refuse), access log and metrics on; `lumen+redis` checks the rate limit in a real
 //! `redis-server` (one round trip per request); `lumen-open` is the same gateway with auth (and
@@ -404,11 +404,11 @@ fn main() {
         )
     };
     let lumen = Lumen::start(&config(""));
-    // The thread models of `server.runtime` other than the default (`work_stealing`).
+    // The thread models of `server.runtime` other than the default (`per_core`).
     let runtime_config = |model: &str| {
         config("").replace("threads: 2 }", &format!("threads: 2, runtime: {model} }}"))
     };
-    let lumen_percore = Lumen::start(&runtime_config("per_core"));
+    let lumen_steal = Lumen::start(&runtime_config("work_stealing"));
     let lumen_nosteal = Lumen::start(&runtime_config("no_steal"));
     // The baseline for what auth and limits cost: the same gateway with `auth: off`.
     let lumen_open = Lumen::start(&config("auth: off\n"));
@@ -444,7 +444,7 @@ fn main() {
     }
     targets.push(("lumen-open", lumen_open.addr, lumen_open.pid()));
     targets.push(("lumen", lumen.addr, lumen.pid()));
-    targets.push(("lumen-percore", lumen_percore.addr, lumen_percore.pid()));
+    targets.push(("lumen-steal", lumen_steal.addr, lumen_steal.pid()));
     targets.push(("lumen-nosteal", lumen_nosteal.addr, lumen_nosteal.pid()));
     if let Some(l) = &lumen_redis {
         targets.push(("lumen+redis", l.addr, l.pid()));
@@ -505,7 +505,7 @@ fn main() {
             );
         }
         let lumen = results.iter().find(|(k, _)| *k == "lumen").map(|(_, s)| s);
-        for reference in ["nginx", "pingora", "lumen-percore", "lumen-nosteal"] {
+        for reference in ["nginx", "pingora", "lumen-steal", "lumen-nosteal"] {
             let Some((l, r)) = lumen.zip(results.iter().find(|(k, _)| *k == reference)) else {
                 continue;
             };

@@ -412,11 +412,11 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         server.add_service(held(
             "lumen sidecar supervisor",
             background::Priority::Timely,
-            upstream::supervisor::Supervisor {
-                specs: snapshot.spawns.clone(),
-                metrics: node.metrics.clone(),
-                health: node.health.clone(),
-            },
+            upstream::supervisor::Supervisor::new(
+                snapshot.spawns.clone(),
+                node.metrics.clone(),
+                node.health.clone(),
+            ),
             &node.drain,
         ));
     }

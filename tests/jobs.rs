@@ -319,7 +319,8 @@ async fn cancel_stops_a_running_job_and_removes_a_queued_one() {
         .as_str()
         .unwrap()
         .to_string();
-    // Wait until the first is running.
+    // Wait until the first is running and its request has reached the provider ("processing"
+    // comes first: the worker's request is still on its way then).
     let deadline = Instant::now() + Duration::from_secs(5);
     while call(
         &lumen,
@@ -331,6 +332,7 @@ async fn cancel_stops_a_running_job_and_removes_a_queued_one() {
     .await
     .json()["status"]
         != "processing"
+        || mock.requests().is_empty()
     {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -432,3 +432,73 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
         "no proxy is trusted by default: every request is 127.0.0.1's"
     );
 }
+
+/// A key's concurrency slot and its token reservation are given back the moment its answer is
+/// complete, before the client is sent the last of it: a client that has its answer and asks
+/// again at once, on another connection (and, with `runtime: per_core`, another thread),
+/// finds them free and settled, while the first request is still winding down (held here by
+/// a test pause after its answer went out). Answers, streams, stripped streams and errors alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_are_given_back_before_the_client_has_its_answer() {
+    let mock = MockUpstream::start();
+    let yaml = format!(
+        r#"
+keys:
+  - {{ id: one, key: "sk-one", limits: {{ concurrent_requests: 1, tokens_per_minute: 100000 }} }}
+providers:
+  mock: {{ base_url: "{}", health: {{ enabled: false }} }}
+  gone: {{ base_url: "http://127.0.0.1:9", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+  - {{ model: dead, targets: [ {{ provider: gone, model: up }} ], retry: {{ attempts: 1 }} }}
+"#,
+        mock.base_url()
+    );
+    let lumen = Lumen::start_with_env(&yaml, &[("LUMEN_TEST_FAULTS", "1")]);
+    let pause = ("x-lumen-test-pause", "answer-sent");
+    let auth = "Bearer sk-one".to_string();
+    let cases = [
+        ("answer", with_max(50_000, false)),
+        ("stream", with_max(50_000, true)),
+        ("stream, usage stripped", {
+            let mut body = with_max(50_000, true);
+            body["stream_options"] = json!({"include_usage": false});
+            body
+        }),
+    ];
+    for (case, body) in cases {
+        let first = lumen
+            .post_chat(&[("authorization", &auth), pause], &body)
+            .await;
+        assert_eq!(first.status, 200, "{case}: {}", first.text());
+        // The first request is still paused (500 ms) after its answer went out.
+        let again = lumen
+            .post_chat(&[("authorization", &auth)], &chat("fast", "hi"))
+            .await;
+        assert_eq!(
+            again.status,
+            200,
+            "{case}: the slot was free: {}",
+            again.text()
+        );
+        let remaining: u64 = again
+            .header("x-ratelimit-remaining-tokens")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            remaining > 90_000,
+            "{case}: settled on the usage, not the 50,000-token estimate: {remaining}"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    // An error answer gives the slot back before it goes out too.
+    let failed = lumen
+        .post_chat(&[("authorization", &auth), pause], &chat("dead", "hi"))
+        .await;
+    assert_eq!(failed.status, 502, "{}", failed.text());
+    let again = lumen
+        .post_chat(&[("authorization", &auth)], &chat("fast", "hi"))
+        .await;
+    assert_eq!(again.status, 200, "the slot was free: {}", again.text());
+}

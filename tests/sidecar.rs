@@ -96,9 +96,6 @@ async fn the_gateway_spawns_the_sidecar_and_routes_to_it() {
     let models = Dir::new("lumen-models");
     let port = free_port();
     let lumen = start(&models, port);
-    // Chats sent while the sidecar still loads fail and mark it down until the next probe:
-    // start once the probe has seen it up.
-    wait_for_local(&lumen, |local| local["probe"]["state"] == "healthy").await;
     let answer = wait_for_chat(&lumen, Duration::from_secs(60)).await;
     assert_eq!(answer["usage"]["completion_tokens"], 8);
     assert_eq!(answer["choices"][0]["finish_reason"], "length");
@@ -184,9 +181,8 @@ routes:
   - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ], retry: {{ attempts: 1 }} }}
 "#
     ));
-    // With `failures: 1` a chat sent before the new sidecar listens would open the circuit
-    // for the whole cooldown: start once its probe has seen it up.
-    wait_for_local(&lumen, |local| local["probe"]["state"] == "healthy").await;
+    // (With `failures: 1`, a chat sent before the sidecar listens would open the circuit for
+    // the whole cooldown; it is held back as starting until then.)
     wait_for_chat(&lumen, Duration::from_secs(60)).await;
     let before = sidecar_pids(port);
     assert_eq!(before.len(), 1);
@@ -224,6 +220,61 @@ routes:
         "{}",
         lumen.log()
     );
+}
+
+/// A sidecar still loading its model is not routed to: requests meanwhile get a 503 that says
+/// it is starting, with Retry-After, instead of failing on it, and open no circuit (here one
+/// failure would close the route for a minute); once it has loaded, requests are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loading_sidecar_is_held_back_until_it_is_ready() {
+    let models = Dir::new("lumen-models");
+    let port = free_port();
+    let model = tiny_model(&models);
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+providers:
+  local:
+    base_url: "http://127.0.0.1:{port}/v1"
+    timeout: 60s
+    circuit: {{ failures: 1, cooldown: 60s }}
+    spawn: {{ model: "{model}", alias: tiny, options: "ctx=512,slots=2", args: ["--load-delay-ms", "1500"] }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ], retry: {{ attempts: 1 }} }}
+"#
+    ));
+    let body =
+        json!({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let started = Instant::now();
+    let mut held = 0;
+    loop {
+        let mut c = Client::connect(lumen.addr).await.unwrap();
+        let resp = c
+            .post_json("/v1/chat/completions", &[], &body)
+            .await
+            .unwrap();
+        if resp.status == 200 {
+            break;
+        }
+        assert_eq!(resp.status, 503, "{}", resp.text());
+        assert!(resp.text().contains("starting"), "{}", resp.text());
+        assert!(resp.header("retry-after").is_some(), "{}", resp.text());
+        assert_eq!(
+            resp.json()["error"]["code"],
+            "no_available_provider",
+            "{}",
+            resp.text()
+        );
+        held += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "never answered (a circuit opened?):\n{}",
+            lumen.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held >= 5, "held back only {held} times while it loaded");
+    assert!(lumen.log().contains("sidecar ready"), "{}", lumen.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]

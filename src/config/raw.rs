@@ -369,12 +369,11 @@ fn default_redis_timeout() -> Duration {
 }
 
 /// How the proxy's worker threads are organised (`server.runtime`). Measured with
-/// `cargo bench --bench load`: `per_core` serves about 1.2x the requests of `work_stealing` at
-/// c=32 on a 2-core host (1.18x the requests per CPU-second). Redis is reached through one
-/// connection per runtime (`RedisLink`). It is not the default yet: a finished request's
-/// token settlement and ledger row come after its client has the whole answer, and with
-/// threads that never share work a client's next request, on another thread, can run before
-/// them (seen in CI as a stale `x-ratelimit-remaining-tokens`).
+/// `cargo bench --bench load`: `per_core` serves about 1.2x the requests of `work_stealing` per
+/// CPU-second at c=32 on a 2-core host, so it is the default. Redis is reached through one
+/// connection per runtime (`RedisLink`). What a request holds (concurrency slots, its token
+/// reservation) is given back when its answer is complete, before its client has the last of
+/// it, so a client's next request, on whichever thread, finds its limits settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeModel {
@@ -383,11 +382,11 @@ pub enum RuntimeModel {
     /// pool. A connection, its request and its upstream connection stay on one thread, so no
     /// I/O event wakes another thread. State that must be shared (limits, cache, health,
     /// metrics) is, as in every model.
+    #[default]
     PerCore,
     /// Pingora's default: one multi-threaded runtime whose threads steal each other's tasks,
     /// and one upstream pool. Evens out load when a few requests are much heavier than the
     /// rest, at the price of cross-thread wake-ups on every I/O event.
-    #[default]
     WorkStealing,
     /// Pingora's `work_stealing: false`: single-threaded runtimes sharing one service and one
     /// upstream pool; an accepted connection goes to a random thread.
@@ -401,7 +400,7 @@ pub struct RawServer {
     /// Worker threads for the proxy service (0: one per core).
     #[serde(default)]
     pub threads: usize,
-    /// How the proxy's threads share work: `work_stealing` (the default), `per_core` or
+    /// How the proxy's threads share work: `per_core` (the default), `work_stealing` or
     /// `no_steal`. See [`RuntimeModel`].
     #[serde(default)]
     pub runtime: RuntimeModel,

@@ -119,6 +119,7 @@ impl Gateway {
             quotas: &self.node.quotas,
             metrics: &self.metrics,
             drain: &self.node.drain,
+            settle: self,
         }
     }
 }

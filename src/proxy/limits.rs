@@ -26,16 +26,27 @@ use pingora::proxy::Session;
 
 use super::admit::client_address;
 use super::ctx::{new_slot_id, RequestCtx, TokenHold};
+use super::forward::Settle;
 use super::gateway::Gateway;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::openai::{LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::routing::Route;
 
+#[async_trait::async_trait]
+impl Settle for Gateway {
+    async fn settle(&self, ctx: &mut RequestCtx) {
+        self.release(ctx).await;
+    }
+}
+
 impl Gateway {
-    /// When the request ends: the fleet-wide concurrency slot is given back, and the token
-    /// reservation settled with what was used.
+    /// When the answer is complete (before the client is sent the last of it), and again when
+    /// the request ends: the key's concurrency slots are given back, and the token reservation
+    /// settled with what was used. What was given back is gone from `ctx`: a second call does
+    /// nothing.
     pub(super) async fn release(&self, ctx: &mut RequestCtx) {
+        ctx.in_flight = None;
         // The fleet-wide slot is given back before this connection reads its next request (a
         // client's next call must find it free); were this future dropped, the guard would.
         if let Some(slot) = ctx.shared_slot.take() {

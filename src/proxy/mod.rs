@@ -19,8 +19,11 @@
 //!   9  miss: embeddings item by item (cache/embeddings.rs), follow or lead a flight
 //!   11 forward               targets, fallback, retries, streaming (forward/)   [502 503 504]
 //! logging
-//!   12 after                 release and settle (limits.rs), metrics, ledger, access log
-//!                            (observe.rs); a miss's answer was stored at the end of 11
+//!   12 after                 metrics, ledger, access log (observe.rs); limits were given
+//!                            back and tokens settled (limits.rs), and a miss's answer stored,
+//!                            when the answer was complete, before the client had the last
+//!                            of it (a client that asks again at once finds them so); what a
+//!                            request that ended otherwise still holds is released here
 //! ```
 //!
 //! Every error is written by one function, `respond::write_error`, in OpenAI's shape.
@@ -91,6 +94,8 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
             Ok(Admit::Hit(plan, entry)) => {
+                // Given back before the client has its answer (a hit reserves no tokens).
+                self.release(ctx).await;
                 cache::serve(s, ctx, &plan, &entry).await?;
                 return Ok(true);
             }
@@ -165,7 +170,8 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         // Answered: the connection idles toward `server.keepalive_timeout` from here.
         crate::conn::request_finished(s);
-        // 12. Settle limits and tokens, then metrics, the ledger and the access log.
+        // 12. What a request that ended otherwise (a client gone, a stream cut, a follower)
+        // still holds is given back; then metrics, the ledger and the access log.
         self.release(ctx).await;
         self.observe(s, ctx);
     }

@@ -78,10 +78,19 @@ impl Gateway {
         add_headers(&mut head, &ctx.response_headers);
         ctx.status = status.as_u16();
         let head_only = s.req_header().method == http::Method::HEAD;
-        s.write_response_header(Box::new(head), head_only).await?;
-        if !head_only {
-            s.write_response_body(Some(body), true).await?;
-        }
+        let write = async {
+            s.write_response_header(Box::new(head), head_only).await?;
+            if !head_only {
+                s.write_response_body(Some(body), true).await?;
+            }
+            Result::<()>::Ok(())
+        };
+        // What the request holds is given back before the client has its answer (see
+        // `forward::Settle`): polled first, so what is given back in this process is, and a
+        // Redis call is on its way while the answer goes out.
+        tokio::join!(biased; self.release(ctx), write).1?;
+        // (Tests: the client has the whole answer; the request has not ended yet.)
+        super::faults::maybe_pause(s.req_header(), "answer-sent").await;
         Ok(())
     }
 

@@ -75,6 +75,8 @@ pub fn order(
             Err(why) => {
                 let wait = state.provider.wait_ms(&state.model, now, &provider.circuit);
                 retry_after_ms = retry_after_ms.min(match why {
+                    // A sidecar loading its model: a second is a fair first guess.
+                    Unavailable::Starting => 1000,
                     // Probes decide when an unhealthy target is back: one interval at least.
                     Unavailable::Unhealthy => provider
                         .probe

@@ -1,8 +1,8 @@
 //! Supervises a local `lumen-llama` sidecar for a provider with `spawn:` in its config (the
 //! quickstart; on edge hosts systemd runs the sidecar as its own unit instead).
 //!
-//! The supervisor starts the sidecar on the provider's base URL port, waits for its `/health`
-//! to answer 200, restarts it with capped exponential backoff whenever it exits, and stops it
+//! The supervisor starts the sidecar on the provider's base URL port, holds the provider back
+//! from routing ("starting") until its `/health` answers 200 (its models are loaded), restarts it with capped exponential backoff whenever it exits, and stops it
 //! (SIGTERM, then SIGKILL after a grace period) when the gateway shuts down. It runs as a
 //! Pingora background service, so it shares the server's lifecycle.
 
@@ -64,6 +64,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A sidecar that ran this long before dying counts as healthy: the backoff starts over.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// How often a starting sidecar's `/health` is asked, and how long one ask may take.
+const READY_POLL: Duration = Duration::from_millis(100);
+const READY_ASK: Duration = Duration::from_secs(2);
 /// How long a stopping sidecar gets after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -73,6 +77,25 @@ pub struct Supervisor {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Told of each restart, so the provider's circuits reopen at its first healthy probe.
     pub health: std::sync::Arc<crate::upstream::health::HealthTable>,
+}
+
+impl Supervisor {
+    /// The supervisor of `specs`. Their providers are held back as starting from now, before
+    /// the server accepts its first request: none is routed to before its sidecar is ready.
+    pub fn new(
+        specs: Vec<SpawnSpec>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        health: std::sync::Arc<crate::upstream::health::HealthTable>,
+    ) -> Supervisor {
+        for spec in &specs {
+            health.get(&spec.provider).set_starting(true);
+        }
+        Supervisor {
+            specs,
+            metrics,
+            health,
+        }
+    }
 }
 
 #[async_trait]
@@ -132,33 +155,75 @@ async fn supervise(
         };
         tracing::info!(provider = %spec.provider, pid = child.id().unwrap_or(0), port = spec.port, "sidecar started");
         up.set(1);
-        if !first_start {
-            health.get(&spec.provider).mark_restarted();
-        }
-        tokio::select! {
-            status = child.wait() => {
-                up.set(0);
-                let ran = started.elapsed();
-                if ran > STABLE_AFTER {
-                    backoff = BACKOFF_MIN;
+        // Not routed to until it has loaded its models: requests meanwhile go to the route's
+        // other targets, or get a 503 with Retry-After, instead of failing on a refused
+        // connection and opening its circuits.
+        let state = health.get(&spec.provider);
+        state.set_starting(true);
+        let ready = wait_ready(&spec.host, spec.port);
+        tokio::pin!(ready);
+        let mut starting = true;
+        let status = loop {
+            tokio::select! {
+                () = &mut ready, if starting => {
+                    starting = false;
+                    state.set_starting(false);
+                    tracing::info!(provider = %spec.provider, ready_ms = started.elapsed().as_millis() as u64, "sidecar ready");
+                    // What probes saw while it loaded (503s) is stale: forgotten, so it is
+                    // routed to at once, and probed at once (whose first healthy answer
+                    // half-opens the circuits a death opened).
+                    state.clear_probe();
+                    state.mark_restarted();
                 }
-                tracing::warn!(provider = %spec.provider, status = ?status.ok(), ran_s = ran.as_secs(),
-                    retry_in_ms = backoff.as_millis() as u64, "sidecar exited; restarting");
-                if wait_or_shutdown(backoff, &mut shutdown).await {
+                status = child.wait() => break status,
+                _ = shutdown.changed() => {
+                    stop(&mut child, &spec).await;
+                    up.set(0);
+                    state.set_starting(false);
                     return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            _ = shutdown.changed() => {
-                stop(&mut child, &spec).await;
-                up.set(0);
-                return;
-            }
+        };
+        up.set(0);
+        let ran = started.elapsed();
+        if ran > STABLE_AFTER {
+            backoff = BACKOFF_MIN;
         }
+        tracing::warn!(provider = %spec.provider, status = ?status.ok(), ran_s = ran.as_secs(),
+            retry_in_ms = backoff.as_millis() as u64, "sidecar exited; restarting");
+        if wait_or_shutdown(backoff, &mut shutdown).await {
+            return;
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
-/// Sleeps `d`; `true` if shutdown began meanwhile.
+/// Returns once the sidecar on `host:port` answers `GET /health` with 200 (it answers 503
+/// while it loads its models); the caller races this against the child's exit.
+async fn wait_ready(host: &str, port: u16) {
+    while !tokio::time::timeout(READY_ASK, health_ok(host, port))
+        .await
+        .unwrap_or(false)
+    {
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+/// One `GET /health`: whether it answered 200.
+async fn health_ok(host: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect((host, port)).await else {
+        return false;
+    };
+    let ask = format!("GET /health HTTP/1.1\r\nhost: {host}:{port}\r\nconnection: close\r\n\r\n");
+    if stream.write_all(ask.as_bytes()).await.is_err() {
+        return false;
+    }
+    // The status line's first 12 bytes: "HTTP/1.1 200".
+    let mut status = [0u8; 12];
+    stream.read_exact(&mut status).await.is_ok() && status.ends_with(b" 200")
+}
+
 async fn wait_or_shutdown(d: Duration, shutdown: &mut ShutdownWatch) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => *shutdown.borrow(),

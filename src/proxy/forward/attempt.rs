@@ -27,7 +27,7 @@ use super::error::{
     ForwardError,
 };
 use super::request::{client_head, read_all, read_final_head, upstream_request, write_request};
-use super::stream::{stream_to_client, Source};
+use super::stream::{stream_to_client, Settle, Source};
 use super::watch::Watchers;
 use crate::drain::Drain;
 use crate::error::UpstreamError;
@@ -52,6 +52,8 @@ pub struct Upstreams<'a> {
     pub metrics: &'a Metrics,
     /// Shutdown: streams still open when the grace period ends are ended cleanly.
     pub drain: &'a Drain,
+    /// What the request holds is given back through this once its answer is complete.
+    pub settle: &'a dyn Settle,
 }
 
 /// What one attempt goes to, and within which bounds.
@@ -232,6 +234,7 @@ pub(super) async fn attempt(
         provider,
         metrics: up.metrics,
         drain: up.drain,
+        settle: up.settle,
     };
     let result = stream_to_client(session, ctx, upstream, (head, first), &source, watch).await;
     up.metrics

@@ -53,6 +53,7 @@ pub use attempt::Upstreams;
 use attempt::{attempt, record, Attempt, Failed, PermitGuard, Try};
 use error::is_openai_error;
 pub use error::{sse_error_event, ForwardError};
+pub use stream::Settle;
 pub use watch::{Captured, Watchers};
 
 /// Idle keep-alive connections kept across all providers. Many concurrent streams finish at

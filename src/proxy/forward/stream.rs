@@ -28,6 +28,18 @@ use crate::metrics::Metrics;
 use crate::proxy::ctx::{add_headers, RequestCtx};
 use crate::upstream::provider::Provider;
 
+/// The pipeline's side of the moment a committed answer is complete (the provider's answer
+/// arrived whole, or a stream's `data: [DONE]` went by), before the client is sent the last of
+/// it: a client that has its answer and asks again at once, on any connection and any thread,
+/// must find its limits as this request left them, not still held.
+#[async_trait::async_trait]
+pub trait Settle: Sync {
+    /// Gives back what the request holds (its concurrency slots; its token reservation,
+    /// settled with the usage now in `ctx`). The pipeline calls it again when the request
+    /// ends, so a second call must find nothing left to give back.
+    async fn settle(&self, ctx: &mut RequestCtx);
+}
+
 /// Where a committed answer comes from, and what streaming it reports to.
 pub(super) struct Source<'a> {
     /// The pool the provider's connection goes back to when its answer ended cleanly.
@@ -37,6 +49,8 @@ pub(super) struct Source<'a> {
     pub metrics: &'a Metrics,
     /// Shutdown: streams still open when the grace period ends are ended cleanly.
     pub drain: &'a Drain,
+    /// Gives back what the request holds once its answer is complete.
+    pub settle: &'a dyn Settle,
 }
 
 /// The commit point: writes the response head and the first chunk, then streams the rest as
@@ -68,7 +82,14 @@ pub(super) async fn stream_to_client(
     ctx.status = head.status.as_u16();
     ctx.stream = sse;
     watch.commit(ctx.status, sse, &provider.name);
-    let result = pump(session, upstream, head, first, sse, source, watch).await;
+    let result = pump(session, ctx, upstream, head, first, sse, source, watch).await;
+    take_usage(ctx, watch);
+    result
+}
+
+/// The usage the provider reported, or, for an answer cut short, an estimate of what was
+/// generated, into `ctx` for settling, metrics and the ledger.
+fn take_usage(ctx: &mut RequestCtx, watch: &mut Watchers) {
     if let Some(tap) = watch.tap() {
         ctx.usage_total = tap.total_tokens();
         ctx.usage_split = tap.split();
@@ -76,7 +97,24 @@ pub(super) async fn stream_to_client(
             ctx.usage_estimate = Some(ctx.prompt_estimate.saturating_add(tap.estimate()));
         }
     }
-    result
+}
+
+/// The answer is complete: the provider's in-flight count is given back, a complete answer
+/// stored (its flight ended), and what the request holds given back with the usage it reported
+/// (see [`Settle`]), all before the client is sent the last of it: a client that asks again at
+/// once must find the provider free, the answer cached and its limits settled.
+fn complete<'a>(
+    ctx: &'a mut RequestCtx,
+    watch: &mut Watchers,
+    sse: bool,
+    source: &'a Source<'_>,
+) -> impl std::future::Future<Output = ()> + 'a {
+    watch.answered();
+    if !sse || watch.done_seen() {
+        watch.complete();
+    }
+    take_usage(ctx, watch);
+    source.settle.settle(ctx)
 }
 
 /// Most bytes gathered from chunks that are already here before they are written.
@@ -97,8 +135,10 @@ fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
 /// Copies the provider's answer to the client (or into the capture), chunk by chunk. A stream
 /// must end with `data: [DONE]`: one that ends without it was cut, and ends with an error event
 /// like any other broken stream (never cached, counted as failed).
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     session: &mut Session,
+    ctx: &mut RequestCtx,
     mut upstream: HttpSession,
     head: Box<ResponseHeader>,
     first: Option<Bytes>,
@@ -119,11 +159,14 @@ async fn pump(
     tokio::pin!(cut);
     let mut next = first;
     let mut ends_event = true;
+    // Whether the answer was found complete (`complete` ran).
+    let mut completed = false;
     loop {
         let Some(chunk) = next.take() else {
-            // The provider's answer is all here: it is free for the next request before
-            // this client is sent the end.
-            watch.answered();
+            // The provider's answer ended on a read that waited: only the end is left to send.
+            if !completed {
+                complete(ctx, watch, sse, source).await;
+            }
             break;
         };
         let mut chunk = watch.chunk(chunk);
@@ -153,33 +196,48 @@ async fn pump(
                 chunk = batch.freeze();
             }
         }
-        if matches!(ahead, Some(Ok(None))) || upstream.response_done() {
-            // The provider's answer is all here: it is free for the next request before this
-            // client has the last bytes (a client that asks again at once must find it free,
-            // and a complete answer already cached).
-            watch.answered();
-            if !sse || watch.done_seen() {
-                watch.complete();
-            }
-        }
+        // Complete: the provider's answer is all here, or a stream's `[DONE]` went by (the
+        // usage chunk comes before it). What this write carries is the client's last of it.
+        let settling = if !completed
+            && (matches!(ahead, Some(Ok(None)))
+                || upstream.response_done()
+                || (sse && watch.done_seen()))
+        {
+            completed = true;
+            Some(complete(ctx, watch, sse, source))
+        } else {
+            None
+        };
         if !chunk.is_empty() {
             ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
         }
         if chunk.is_empty() && watch.strips() {
             // Held back (part of an event) or stripped: nothing to write.
+            if let Some(settling) = settling {
+                settling.await;
+            }
         } else if let Some(captured) = watch.capture.as_mut() {
+            if let Some(settling) = settling {
+                settling.await;
+            }
             if captured.body.len().saturating_add(chunk.len()) > captured.limit {
                 return Err(ForwardError::BeforeResponse(GatewayError::Internal(
                     "provider answer too large to merge".into(),
                 )));
             }
             captured.body.extend_from_slice(&chunk);
-        } else if session
-            .write_response_body(Some(chunk), false)
-            .await
-            .is_err()
-        {
-            return Err(ForwardError::ClientGone);
+        } else {
+            let write = session.write_response_body(Some(chunk), false);
+            let written = match settling {
+                // Settling is polled first: given back in this process, it is done before a
+                // byte is written; through Redis, its command is on its way while the bytes
+                // go out, not a round trip before them.
+                Some(settling) => tokio::join!(biased; settling, write).1,
+                None => write.await,
+            };
+            if written.is_err() {
+                return Err(ForwardError::ClientGone);
+            }
         }
         let read = match ahead {
             Some(read) => read,

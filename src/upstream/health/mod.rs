@@ -46,6 +46,10 @@ const UNHEALTHY: u8 = 2;
 /// Why a target is passed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
+    /// A supervised sidecar is starting (loading its model): not routed to until its
+    /// `/health` answers, so the requests meanwhile neither fail on a refused connection nor
+    /// open its circuits.
+    Starting,
     Unhealthy,
     CircuitOpen,
     /// The provider asked us to wait (`Retry-After`, `x-ratelimit-remaining-*: 0`).
@@ -57,6 +61,7 @@ pub enum Unavailable {
 impl Unavailable {
     pub fn label(self) -> &'static str {
         match self {
+            Unavailable::Starting => "starting",
             Unavailable::Unhealthy => "unhealthy",
             Unavailable::CircuitOpen => "circuit_open",
             Unavailable::RateLimited => "rate_limited",
@@ -89,6 +94,8 @@ pub struct ProviderHealth {
     /// The provider's process was restarted (a supervised sidecar): the next healthy probe
     /// half-opens its circuits at once instead of after their cooldown.
     restarted: AtomicBool,
+    /// Its supervisor started the provider's process and it has not answered `/health` yet.
+    starting: AtomicBool,
     last_error: Mutex<Option<(String, SystemTime)>>,
     /// Per upstream model: circuit, latency, the provider's own limits. Providers rate-limit
     /// and fail per model (one overloaded model says nothing of another), so these are kept
@@ -176,6 +183,7 @@ impl ProviderHealth {
             probing: AtomicBool::new(false),
             next_probe_at: AtomicU64::new(0),
             restarted: AtomicBool::new(false),
+            starting: AtomicBool::new(false),
             last_error: Mutex::new(None),
             models: ArcSwap::from_pointee(HashMap::new()),
         }
@@ -256,6 +264,12 @@ impl ProviderHealth {
         self.next_probe_at.store(0, Release);
     }
 
+    /// The provider's process was (re)started and is not ready yet (`true`), or answered its
+    /// first `/health` (`false`): requests go elsewhere, or wait, meanwhile.
+    pub fn set_starting(&self, starting: bool) {
+        self.starting.store(starting, Release);
+    }
+
     /// Whether a restart is waiting for its first healthy probe (probes come faster then).
     pub fn awaiting_restart(&self) -> bool {
         self.restarted.load(Acquire)
@@ -330,6 +344,9 @@ impl ProviderHealth {
         now_ms: u64,
         circuit: &CircuitConfig,
     ) -> Result<(), Unavailable> {
+        if self.starting.load(Acquire) {
+            return Err(Unavailable::Starting);
+        }
         if self.probe_state() == ProbeState::Unhealthy {
             return Err(Unavailable::Unhealthy);
         }
