@@ -129,7 +129,9 @@ pub(super) async fn attempt(
     let Ok(peer) = provider.peer.peer().await else {
         return failed(Failure::Connect, connect_error(provider));
     };
-    let exchange = exchange(t.connector, provider, &peer, head, &body);
+    // Boxed, as is the streaming below: inline, their state (4-5 KiB each) would be part of
+    // every future that awaits this one, each moved whole once per request.
+    let exchange = Box::pin(exchange(t.connector, provider, &peer, head, &body));
     // A client that leaves while the provider thinks is noticed now, not when the answer
     // comes: the provider's connection is dropped, so generation (and billing) stops.
     let gone = || Attempt::Committed {
@@ -236,7 +238,15 @@ pub(super) async fn attempt(
         drain: up.drain,
         settle: up.settle,
     };
-    let result = stream_to_client(session, ctx, upstream, (head, first), &source, watch).await;
+    let result = Box::pin(stream_to_client(
+        session,
+        ctx,
+        upstream,
+        (head, first),
+        &source,
+        watch,
+    ))
+    .await;
     up.metrics
         .upstream_duration
         .with_label_values(&[&provider.name])
@@ -261,8 +271,10 @@ async fn exchange(
 ) -> Result<HttpSession, UpstreamError> {
     let mut stale_retry_left = true;
     loop {
-        let (mut upstream, reused) = connector
-            .get_http_session(peer)
+        // Boxed: the connect future (a TLS handshake included) is about 9 KiB, and inline it
+        // would make every future that awaits this one that much larger, each moved whole
+        // once per request (memcpy led Lumen's own user time in a profile).
+        let (mut upstream, reused) = Box::pin(connector.get_http_session(peer))
             .await
             .map_err(|e| classify(provider, &e))?;
         // Pingora leaves per-read timeouts to the caller: `timeout` bounds the wait for the
