@@ -142,12 +142,14 @@ fn route_ready(route: &Route, health: &HealthTable) -> bool {
     let now = health.now_ms();
     route.targets.iter().any(|t| {
         let state = health.get(&t.provider.name);
-        let probed_ok = match state.probe_state() {
-            ProbeState::Healthy => true,
-            ProbeState::Unhealthy => false,
-            // Not probed yet: ready only if it is never going to be probed.
-            ProbeState::Unknown => t.provider.probe.is_none(),
-        };
+        // A sidecar still loading its model is not ready, probed or not.
+        let probed_ok = !state.starting()
+            && match state.probe_state() {
+                ProbeState::Healthy => true,
+                ProbeState::Unhealthy => false,
+                // Not probed yet: ready only if it is never going to be probed.
+                ProbeState::Unknown => t.provider.probe.is_none(),
+            };
         let model = state.model(&t.health_key);
         // Rate limits and quotas pass; a broken target (open circuit) does not.
         probed_ok && model.circuit.state(now, &t.provider.circuit) != CircuitState::Open

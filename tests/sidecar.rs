@@ -265,6 +265,15 @@ routes:
             "{}",
             resp.text()
         );
+        // Held back, so not ready either (a balancer keeps traffic off the node meanwhile).
+        let ready = lumen_test_support::client::request(lumen.addr, "GET", "/readyz", &[], b"")
+            .await
+            .unwrap();
+        if ready.status == 200 {
+            // Ready between the two calls: the next chat is answered.
+            continue;
+        }
+        assert_eq!(ready.status, 503, "{}", ready.text());
         held += 1;
         assert!(
             started.elapsed() < Duration::from_secs(30),

@@ -373,7 +373,8 @@ fn default_redis_timeout() -> Duration {
 /// CPU-second at c=32 on a 2-core host, so it is the default. Redis is reached through one
 /// connection per runtime (`RedisLink`). What a request holds (concurrency slots, its token
 /// reservation) is given back when its answer is complete, before its client has the last of
-/// it, so a client's next request, on whichever thread, finds its limits settled.
+/// it (through Redis, the call goes out with the last bytes), so a client's next request, on
+/// whichever thread, finds its limits settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeModel {

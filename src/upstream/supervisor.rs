@@ -2,9 +2,10 @@
 //! quickstart; on edge hosts systemd runs the sidecar as its own unit instead).
 //!
 //! The supervisor starts the sidecar on the provider's base URL port, holds the provider back
-//! from routing ("starting") until its `/health` answers 200 (its models are loaded), restarts it with capped exponential backoff whenever it exits, and stops it
-//! (SIGTERM, then SIGKILL after a grace period) when the gateway shuts down. It runs as a
-//! Pingora background service, so it shares the server's lifecycle.
+//! from routing ("starting") until its `/health` answers 200 (its models are loaded), restarts
+//! it with capped exponential backoff whenever it exits, and stops it (SIGTERM, then SIGKILL
+//! after a grace period) when the gateway shuts down. It runs as a Pingora background service,
+//! so it shares the server's lifecycle.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -215,7 +216,12 @@ async fn health_ok(host: &str, port: u16) -> bool {
     let Ok(mut stream) = tokio::net::TcpStream::connect((host, port)).await else {
         return false;
     };
-    let ask = format!("GET /health HTTP/1.1\r\nhost: {host}:{port}\r\nconnection: close\r\n\r\n");
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let ask = format!("GET /health HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
     if stream.write_all(ask.as_bytes()).await.is_err() {
         return false;
     }
@@ -224,6 +230,7 @@ async fn health_ok(host: &str, port: u16) -> bool {
     stream.read_exact(&mut status).await.is_ok() && status.ends_with(b" 200")
 }
 
+/// Sleeps `d`; `true` if shutdown began meanwhile.
 async fn wait_or_shutdown(d: Duration, shutdown: &mut ShutdownWatch) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => *shutdown.borrow(),

@@ -270,6 +270,11 @@ impl ProviderHealth {
         self.starting.store(starting, Release);
     }
 
+    /// Whether the provider's process is starting (see [`ProviderHealth::set_starting`]).
+    pub fn starting(&self) -> bool {
+        self.starting.load(Acquire)
+    }
+
     /// Whether a restart is waiting for its first healthy probe (probes come faster then).
     pub fn awaiting_restart(&self) -> bool {
         self.restarted.load(Acquire)
@@ -344,7 +349,7 @@ impl ProviderHealth {
         now_ms: u64,
         circuit: &CircuitConfig,
     ) -> Result<(), Unavailable> {
-        if self.starting.load(Acquire) {
+        if self.starting() {
             return Err(Unavailable::Starting);
         }
         if self.probe_state() == ProbeState::Unhealthy {
