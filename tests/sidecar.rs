@@ -33,6 +33,13 @@ fn sidecar_pids(port: u16) -> Vec<u32> {
 }
 
 fn start(models: &Dir, port: u16) -> Lumen {
+    start_with(models, port, "", "", "")
+}
+
+/// The gateway with a spawned sidecar serving the tiny model as `tiny` behind the route
+/// `fast`: `circuit` and `retry` (YAML flow-map items) for the provider and the route, and
+/// `args` (YAML list items) for `lumen-llama serve`.
+fn start_with(models: &Dir, port: u16, circuit: &str, retry: &str, args: &str) -> Lumen {
     let model = tiny_model(models);
     Lumen::start(&format!(
         r#"
@@ -41,11 +48,24 @@ providers:
   local:
     base_url: "http://127.0.0.1:{port}/v1"
     timeout: 60s
-    spawn: {{ model: "{model}", alias: tiny, options: "ctx=512,slots=2" }}
+    circuit: {{ {circuit} }}
+    spawn: {{ model: "{model}", alias: tiny, options: "ctx=512,slots=2", args: [{args}] }}
 routes:
-  - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ] }}
+  - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ], retry: {{ {retry} }} }}
 "#
     ))
+}
+
+/// [`start`] with a route that one failure closes for a minute (`failures: 1`, a 60 s cooldown,
+/// one attempt), and `args` for `lumen-llama serve`.
+fn start_fragile(models: &Dir, port: u16, args: &str) -> Lumen {
+    start_with(
+        models,
+        port,
+        "failures: 1, cooldown: 60s",
+        "attempts: 1",
+        args,
+    )
 }
 
 /// Polls `/admin/providers` (up to 60 s) until the `local` provider's entry satisfies `ready`.
@@ -166,21 +186,8 @@ async fn a_killed_sidecar_is_restarted() {
 async fn a_restarted_sidecar_reopens_its_circuit_at_once() {
     let models = Dir::new("lumen-models");
     let port = free_port();
-    let model = tiny_model(&models);
     // A long cooldown: without the restart signal the route would stay down for a minute.
-    let lumen = Lumen::start(&format!(
-        r#"
-auth: off
-providers:
-  local:
-    base_url: "http://127.0.0.1:{port}/v1"
-    timeout: 60s
-    circuit: {{ failures: 1, cooldown: 60s }}
-    spawn: {{ model: "{model}", alias: tiny, options: "ctx=512,slots=2" }}
-routes:
-  - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ], retry: {{ attempts: 1 }} }}
-"#
-    ));
+    let lumen = start_fragile(&models, port, "");
     // (With `failures: 1`, a chat sent before the sidecar listens would open the circuit for
     // the whole cooldown; it is held back as starting until then.)
     wait_for_chat(&lumen, Duration::from_secs(60)).await;
@@ -229,20 +236,7 @@ routes:
 async fn a_loading_sidecar_is_held_back_until_it_is_ready() {
     let models = Dir::new("lumen-models");
     let port = free_port();
-    let model = tiny_model(&models);
-    let lumen = Lumen::start(&format!(
-        r#"
-auth: off
-providers:
-  local:
-    base_url: "http://127.0.0.1:{port}/v1"
-    timeout: 60s
-    circuit: {{ failures: 1, cooldown: 60s }}
-    spawn: {{ model: "{model}", alias: tiny, options: "ctx=512,slots=2", args: ["--load-delay-ms", "1500"] }}
-routes:
-  - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ], retry: {{ attempts: 1 }} }}
-"#
-    ));
+    let lumen = start_fragile(&models, port, r#""--load-delay-ms", "1500""#);
     let body =
         json!({"model": "fast", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
     let started = Instant::now();
