@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lumen_test_support::client::{request, Client};
-use lumen_test_support::openai::chat;
+use lumen_test_support::openai::{chat, chat_with};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 
@@ -639,4 +639,27 @@ async fn cors_is_closed_by_default_and_opens_per_config() {
         .await
         .unwrap();
     assert!(resp.header("access-control-allow-origin").is_none());
+}
+
+/// Connections to a provider are kept alive and reused across requests, plain answers and
+/// streams alike: with one thread (one pool), one connection carries them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn provider_connections_are_kept_alive_and_reused() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"auth: off
+server: {{ threads: 1 }}
+providers:
+  mock: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: m, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        mock.base_url()
+    ));
+    for i in 0..20 {
+        let body = chat_with("m", "hi", json!({"stream": i % 2 == 1}));
+        let resp = lumen.post_chat(&[], &body).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    assert_eq!(mock.connections(), 1, "one connection carried all twenty");
 }

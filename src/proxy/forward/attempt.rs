@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
@@ -26,6 +25,7 @@ use super::error::{
     classify, connect_error, failure_of, is_stale_connection, protocol_error, timeout_error,
     ForwardError,
 };
+use super::pool::Connections;
 use super::request::{client_head, read_all, read_final_head, upstream_request, write_request};
 use super::stream::{stream_to_client, Settle, Source};
 use super::watch::Watchers;
@@ -59,7 +59,7 @@ pub struct Upstreams<'a> {
 /// What one attempt goes to, and within which bounds.
 pub(super) struct Try<'a> {
     /// The pool the attempt's connection comes from.
-    pub connector: &'a Connector,
+    pub connections: &'a Connections,
     pub target: &'a Target,
     /// The target's health (its provider's and its model's).
     pub state: &'a TargetState,
@@ -131,7 +131,7 @@ pub(super) async fn attempt(
     };
     // Boxed, as is the streaming below: inline, their state (4-5 KiB each) would be part of
     // every future that awaits this one, each moved whole once per request.
-    let exchange = Box::pin(exchange(t.connector, provider, &peer, head, &body));
+    let exchange = Box::pin(exchange(t.connections, provider, &peer, head, &body));
     // A client that leaves while the provider thinks is noticed now, not when the answer
     // comes: the provider's connection is dropped, so generation (and billing) stops.
     let gone = || Attempt::Committed {
@@ -163,8 +163,8 @@ pub(super) async fn attempt(
     if status >= 400 && t.policy.retries(Failure::Status(status)) {
         let answer = match within(t.deadline, read_all(&mut upstream, MAX_ERROR_BODY)).await {
             Ok(Ok(body)) => {
-                t.connector
-                    .release_http_session(upstream, &*peer, Some(provider.idle_timeout))
+                t.connections
+                    .release(upstream, &peer, provider.idle_timeout)
                     .await;
                 Some((head, body))
             }
@@ -231,7 +231,7 @@ pub(super) async fn attempt(
         record(up, t, permit, outcome);
     }
     let source = Source {
-        connector: t.connector,
+        connections: t.connections,
         peer: &peer,
         provider,
         metrics: up.metrics,
@@ -263,7 +263,7 @@ pub(super) async fn attempt(
 /// it: that one case is retried at once on a fresh connection. Once the request is
 /// written, a failure is an attempt like any other (the provider may have run it).
 async fn exchange(
-    connector: &Connector,
+    connections: &Connections,
     provider: &Provider,
     peer: &HttpPeer,
     head: RequestHeader,
@@ -271,10 +271,8 @@ async fn exchange(
 ) -> Result<HttpSession, UpstreamError> {
     let mut stale_retry_left = true;
     loop {
-        // Boxed: the connect future (a TLS handshake included) is about 9 KiB, and inline it
-        // would make every future that awaits this one that much larger, each moved whole
-        // once per request (memcpy led Lumen's own user time in a profile).
-        let (mut upstream, reused) = Box::pin(connector.get_http_session(peer))
+        let (mut upstream, reused) = connections
+            .get(peer)
             .await
             .map_err(|e| classify(provider, &e))?;
         // Pingora leaves per-read timeouts to the caller: `timeout` bounds the wait for the

@@ -4,9 +4,9 @@
 //! Pingora replays a request body only from a 64 KiB retry buffer and commits to an upstream
 //! once its response head is read, while LLM prompts are often larger and falling back after a
 //! 429/503 is the point of a gateway. Here the body is already in memory (read once, bounded),
-//! each attempt writes its own rewritten copy through a pooled connection from Pingora's
-//! `Connector`, and only a response we accept is written downstream, chunk by chunk as it
-//! arrives (SSE is never buffered).
+//! each attempt writes its own rewritten copy through a pooled connection (`pool.rs`: new ones
+//! from Pingora's `Connector`, idle ones kept by us), and only a response we accept is written
+//! downstream, chunk by chunk as it arrives (SSE is never buffered).
 //!
 //! On the request path: no panics (the lints below are denied; tests may unwrap).
 #![deny(
@@ -23,6 +23,8 @@
 //! | `stream.rs` | from the commit point: the answer to the client, chunk by chunk |
 //! | `watch.rs` | what sees the answer on its way: cache fill, capture, usage tap and strip |
 //! | `request.rs` | the provider's request head and the client's response head |
+//! | `pool.rs` | connections to providers: new ones, and the idle ones kept for reuse |
+//! | `ready.rs` | polling a read once without waiting (batching chunks, checking an idle connection) |
 //! | `error.rs` | [`ForwardError`] and the mapping of transport errors |
 //!
 //! Imports: `upstream` (health, quotas, providers), `routing`, the request's `ctx`, and the
@@ -30,6 +32,8 @@
 
 mod attempt;
 mod error;
+mod pool;
+mod ready;
 mod request;
 mod stream;
 mod watch;
@@ -38,8 +42,6 @@ use std::time::{Duration, Instant};
 
 use http::header::CONTENT_LENGTH;
 use http::{HeaderName, HeaderValue};
-use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
 use pingora::proxy::Session;
 
 use crate::error::GatewayError;
@@ -53,6 +55,7 @@ pub use attempt::Upstreams;
 use attempt::{attempt, record, Attempt, Failed, PermitGuard, Try};
 use error::is_openai_error;
 pub use error::{sse_error_event, ForwardError};
+use pool::Connections;
 pub use stream::Settle;
 pub use watch::{Captured, Watchers};
 
@@ -62,7 +65,7 @@ const UPSTREAM_POOL_SIZE: usize = 1024;
 
 /// The upstream side: a pool of keep-alive connections shared by all requests.
 pub struct Forwarder {
-    connector: Connector,
+    connections: Connections,
 }
 
 impl Default for Forwarder {
@@ -74,7 +77,7 @@ impl Default for Forwarder {
 impl Forwarder {
     pub fn new() -> Forwarder {
         Forwarder {
-            connector: Connector::new(Some(ConnectorOptions::new(UPSTREAM_POOL_SIZE))),
+            connections: Connections::new(UPSTREAM_POOL_SIZE),
         }
     }
 
@@ -201,7 +204,7 @@ impl Forwarder {
             crate::proxy::faults::maybe_panic(session.req_header(), "attempt");
             ctx.attempt_started = Some(Instant::now());
             let t = Try {
-                connector: &self.connector,
+                connections: &self.connections,
                 target,
                 state,
                 policy,

@@ -14,13 +14,14 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
 use super::error::{classify, error_kind, protocol_error, sse_error_event, ForwardError};
+use super::pool::Connections;
+use super::ready::ready_now;
 use super::watch::Watchers;
 use crate::drain::Drain;
 use crate::error::{GatewayError, UpstreamError};
@@ -42,8 +43,8 @@ pub trait Settle: Sync {
 
 /// Where a committed answer comes from, and what streaming it reports to.
 pub(super) struct Source<'a> {
-    /// The pool the provider's connection goes back to when its answer ended cleanly.
-    pub connector: &'a Connector,
+    /// Where the provider's connection goes back when its answer ended cleanly.
+    pub connections: &'a Connections,
     pub peer: &'a HttpPeer,
     pub provider: &'a Provider,
     pub metrics: &'a Metrics,
@@ -119,18 +120,6 @@ fn complete<'a>(
 
 /// Most bytes gathered from chunks that are already here before they are written.
 const BATCH_BYTES: usize = 64 * 1024;
-
-/// The output of `future` if it is ready without waiting. Reading the provider's body is
-/// cancel-safe in Pingora (nothing is consumed from the socket until a read completes), so a
-/// read that is not ready is dropped and made again later.
-fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(output) => Some(output),
-        std::task::Poll::Pending => None,
-    }
-}
 
 /// Copies the provider's answer to the client (or into the capture), chunk by chunk. A stream
 /// must end with `data: [DONE]`: one that ends without it was cut, and ends with an error event
@@ -308,8 +297,8 @@ async fn pump(
     // (Tests: the client has the whole answer; what the attempt still holds is held here.)
     crate::proxy::faults::maybe_pause(session.req_header(), "answer-sent").await;
     source
-        .connector
-        .release_http_session(upstream, source.peer, Some(source.provider.idle_timeout))
+        .connections
+        .release(upstream, source.peer, source.provider.idle_timeout)
         .await;
     Ok(())
 }

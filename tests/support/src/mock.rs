@@ -70,6 +70,7 @@ pub struct MockUpstream {
     pub addr: SocketAddr,
     log: Log,
     probes: Arc<std::sync::atomic::AtomicUsize>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -89,6 +90,8 @@ impl MockUpstream {
         let server_log = record.then(|| log.clone());
         let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let server_probes = probes.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server_connections = connections.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads.max(1))
@@ -98,7 +101,7 @@ impl MockUpstream {
             runtime.block_on(async move {
                 let listener = TcpListener::from_std(std_listener).expect("tokio listener");
                 tokio::select! {
-                    _ = serve_counting(listener, server_log, server_probes) => {}
+                    _ = serve_counting(listener, server_log, server_probes, server_connections) => {}
                     _ = stopped => {}
                 }
             });
@@ -108,6 +111,7 @@ impl MockUpstream {
             addr,
             log,
             probes,
+            connections,
             _stop: stop,
         }
     }
@@ -115,6 +119,11 @@ impl MockUpstream {
     /// Health probes received so far.
     pub fn probes(&self) -> usize {
         self.probes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn base_url(&self) -> String {
@@ -140,16 +149,22 @@ static FAILED_FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 
 /// Accepts connections until the task is dropped.
 pub async fn serve(listener: TcpListener, log: Option<Log>) {
-    serve_counting(listener, log, Counter::default()).await
+    serve_counting(listener, log, Counter::default(), Counter::default()).await
 }
 
-async fn serve_counting(listener: TcpListener, log: Option<Log>, probes: Counter) {
+async fn serve_counting(
+    listener: TcpListener,
+    log: Option<Log>,
+    probes: Counter,
+    connections: Counter,
+) {
     // Connections end with the server: a stopped mock must look like a dead provider.
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let (log, probes) = (log.clone(), probes.clone());
         tasks.spawn(async move {
