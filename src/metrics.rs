@@ -3,8 +3,12 @@
 //! Labels are bounded: route names come from the config (never the client's raw model string),
 //! providers from the config, statuses from a fixed set, endpoints from a fixed set.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
+use crate::openai::Endpoint;
 use prometheus::{
     exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -78,6 +82,87 @@ pub struct Metrics {
     /// `lumen_job_queue_wait_seconds` and `lumen_job_run_seconds`.
     pub job_queue_wait: prometheus::Histogram,
     pub job_run: prometheus::Histogram,
+    /// `overhead` by endpoint, resolved on first use.
+    overhead_by_endpoint: [OnceLock<prometheus::Histogram>; Endpoint::COUNT],
+    /// Tells this registry from another one (see [`Series`]).
+    id: usize,
+}
+
+/// A series (or a few) resolved once and kept beside what it labels (a route, a provider), so
+/// a request records into it without looking it up by label values: each lookup hashes the
+/// values, takes the metric's read lock (shared by every thread) and clones and drops an `Arc`.
+/// It is kept with the registry it came from: one route or provider seen by a second registry
+/// (two gateways on one config) has its series looked up each time there, as before.
+pub struct Series<T> {
+    cell: OnceLock<(usize, T)>,
+}
+
+impl<T> Default for Series<T> {
+    fn default() -> Series<T> {
+        Series {
+            cell: OnceLock::new(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Series<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Series")
+    }
+}
+
+impl<T: Clone> Series<T> {
+    /// The series in `metrics`, made by `make` the first time.
+    pub fn get(&self, metrics: &Metrics, make: impl Fn(&Metrics) -> T) -> Cow<'_, T> {
+        let (owner, series) = self.cell.get_or_init(|| (metrics.id, make(metrics)));
+        if *owner == metrics.id {
+            Cow::Borrowed(series)
+        } else {
+            Cow::Owned(make(metrics))
+        }
+    }
+}
+
+/// What every forwarded attempt records for its provider.
+#[derive(Clone)]
+pub struct ProviderSeries {
+    pub first_byte: prometheus::Histogram,
+    pub upstream_duration: prometheus::Histogram,
+    /// `attempts{provider, outcome="ok"}` (other outcomes are rarer and looked up).
+    pub attempts_ok: prometheus::IntCounter,
+}
+
+/// What every request on a route records, one slot per endpoint.
+#[derive(Debug, Default)]
+pub struct RouteSeries {
+    duration: [Series<prometheus::Histogram>; Endpoint::COUNT],
+    ttft: [Series<prometheus::Histogram>; Endpoint::COUNT],
+}
+
+impl RouteSeries {
+    /// `lumen_request_duration_seconds{endpoint, route}`.
+    pub fn duration<'a>(
+        &'a self,
+        metrics: &Metrics,
+        endpoint: Endpoint,
+        route: &str,
+    ) -> Cow<'a, prometheus::Histogram> {
+        self.duration[endpoint.index()].get(metrics, |m| {
+            m.duration.with_label_values(&[endpoint.label(), route])
+        })
+    }
+
+    /// `lumen_time_to_first_token_seconds{endpoint, route}`.
+    pub fn ttft<'a>(
+        &'a self,
+        metrics: &Metrics,
+        endpoint: Endpoint,
+        route: &str,
+    ) -> Cow<'a, prometheus::Histogram> {
+        self.ttft[endpoint.index()].get(metrics, |m| {
+            m.ttft.with_label_values(&[endpoint.label(), route])
+        })
+    }
 }
 
 impl Metrics {
@@ -289,7 +374,10 @@ impl Metrics {
             reloads.with_label_values(&[result]);
             usage_flushes.with_label_values(&[result]);
         }
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
         Metrics {
+            overhead_by_endpoint: Default::default(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             jobs_queued,
             jobs,
@@ -325,6 +413,21 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every registered metric.
+    /// `lumen_gateway_overhead_seconds{endpoint}`.
+    pub fn overhead_for(&self, endpoint: Endpoint) -> &prometheus::Histogram {
+        self.overhead_by_endpoint[endpoint.index()]
+            .get_or_init(|| self.overhead.with_label_values(&[endpoint.label()]))
+    }
+
+    /// A provider's per-attempt series, for [`Series`].
+    pub fn provider_series(&self, provider: &str) -> ProviderSeries {
+        ProviderSeries {
+            first_byte: self.first_byte.with_label_values(&[provider]),
+            upstream_duration: self.upstream_duration.with_label_values(&[provider]),
+            attempts_ok: self.attempts.with_label_values(&[provider, "ok"]),
+        }
+    }
+
     pub fn render(&self) -> String {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
@@ -479,5 +582,70 @@ impl Metrics {
             },
             config_reloads: sum_by(&f, "lumen_config_reloads_total", Some("result")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
+        metrics
+            .registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_histogram().get_sample_count())
+            .sum()
+    }
+
+    /// A route's series lands in the registry that records it, also when one route is seen by
+    /// two registries (the second one's series is looked up, not the first one's reused).
+    #[test]
+    fn kept_series_record_into_their_own_registry() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let route = RouteSeries::default();
+        let labels = [("endpoint", "chat"), ("route", "r")];
+        let name = "lumen_request_duration_seconds";
+        route
+            .duration(&a, Endpoint::ChatCompletions, "r")
+            .observe(0.1);
+        route
+            .duration(&a, Endpoint::ChatCompletions, "r")
+            .observe(0.1);
+        route
+            .duration(&b, Endpoint::ChatCompletions, "r")
+            .observe(0.1);
+        assert_eq!(count(&a, name, &labels), 2);
+        assert_eq!(count(&b, name, &labels), 1);
+        // Each endpoint has its own slot.
+        route.duration(&a, Endpoint::Embeddings, "r").observe(0.1);
+        assert_eq!(count(&a, name, &labels), 2);
+        assert_eq!(count(&a, name, &[("endpoint", "embeddings")]), 1);
+        a.overhead_for(Endpoint::Rerank).observe(0.1);
+        let overhead = "lumen_gateway_overhead_seconds";
+        assert_eq!(count(&a, overhead, &[("endpoint", "rerank")]), 1);
+        assert_eq!(count(&a, overhead, &[("endpoint", "chat")]), 0);
+    }
+
+    #[test]
+    fn endpoint_indexes_are_dense() {
+        let all = [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Embeddings,
+            Endpoint::Rerank,
+        ];
+        let mut seen: Vec<usize> = all.iter().map(|e| e.index()).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..Endpoint::COUNT).collect::<Vec<_>>());
     }
 }

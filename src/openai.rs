@@ -56,6 +56,19 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// How many endpoints there are (for tables indexed by [`Endpoint::index`]).
+    pub const COUNT: usize = 4;
+
+    /// A dense index, `0..COUNT`.
+    pub fn index(self) -> usize {
+        match self {
+            Endpoint::ChatCompletions => 0,
+            Endpoint::Completions => 1,
+            Endpoint::Embeddings => 2,
+            Endpoint::Rerank => 3,
+        }
+    }
+
     /// The path under `/v1` (and under a provider's base URL).
     pub fn suffix(self) -> &'static str {
         match self {

@@ -309,5 +309,6 @@ pub(super) fn build_provider(
             })
             .unwrap_or_default(),
         max_in_flight: p.max_in_flight,
+        series: Default::default(),
     })
 }

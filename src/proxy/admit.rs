@@ -282,7 +282,7 @@ fn resolve_route(
         .routes
         .resolve(&req.model)
         .ok_or_else(|| GatewayError::ModelNotFound(req.model.clone()))?;
-    ctx.route = Some(route.name.clone());
+    ctx.route = Some(route.clone());
     ctx.model = Some(req.model.clone());
     Ok(route)
 }
@@ -450,7 +450,7 @@ routes:
         let gw = gateway(CONFIG);
         let (admitted, ctx, _c) = admit(&gw, Some("sk-tokens"), BODY, true).await;
         assert!(matches!(admitted, Ok(Admit::Forward(..))));
-        assert_eq!(ctx.route.as_deref(), Some("fast"));
+        assert_eq!(ctx.route_name(), "fast");
         assert!(ctx.tokens.is_some(), "tokens reserved at step 10");
     }
 
@@ -530,7 +530,7 @@ routes:
             admitted,
             Err(GatewayError::RateLimited(LimitReason::Requests))
         ));
-        assert_eq!(ctx.route.as_deref(), Some("narrow"), "step 7 ran");
+        assert_eq!(ctx.route_name(), "narrow", "step 7 ran");
         assert!(ctx.tokens.is_none(), "step 8 refuses before step 10");
         assert!(!has_header(&ctx, "x-ratelimit-remaining-tokens"));
     }

@@ -17,6 +17,7 @@ use pingora::http::ResponseHeader;
 
 use crate::config::Snapshot;
 use crate::openai::Endpoint;
+use crate::routing::Route;
 
 /// Counts a request in `lumen_requests_in_flight` for as long as it lives.
 pub struct InFlightGauge(prometheus::IntGauge);
@@ -74,8 +75,8 @@ pub struct RequestCtx {
     pub prompt_estimate: u64,
     /// (prompt, completion) tokens the provider reported, when it did.
     pub usage_split: Option<(u64, u64)>,
-    /// The route's configured name (a bounded metrics label), once resolved.
-    pub route: Option<String>,
+    /// The route, once resolved (its name is a bounded metrics label).
+    pub route: Option<Arc<Route>>,
     /// The provider that answered, once one did.
     pub provider: Option<String>,
     /// The model the client asked for, once its route and allow-list admitted it (usage).
@@ -112,6 +113,11 @@ impl RequestCtx {
                 .saturating_add(current)
                 .saturating_add(streamed),
         )
+    }
+
+    /// The route's configured name, or `""` before one is resolved.
+    pub fn route_name(&self) -> &str {
+        self.route.as_deref().map_or("", |r| r.name.as_str())
     }
 
     /// The caller as a bounded metrics label: a configured key's id, else `jwt`, `anonymous`

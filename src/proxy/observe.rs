@@ -24,7 +24,7 @@ impl Gateway {
     pub(super) fn observe(&self, s: &Session, ctx: &RequestCtx) {
         let elapsed = ctx.started.elapsed();
         let endpoint = ctx.endpoint.map_or("none", Endpoint::label);
-        let route = ctx.route.as_deref().unwrap_or("");
+        let route = ctx.route_name();
         let provider = ctx.provider.as_deref().unwrap_or("");
         let status = StatusCode::from_u16(ctx.status).ok();
         let status = status.as_ref().map_or("0", StatusCode::as_str);
@@ -40,10 +40,9 @@ impl Gateway {
                     .inc_by(n);
             }
         }
-        if ctx.endpoint.is_some() {
+        if let Some(e) = ctx.endpoint {
             self.metrics
-                .overhead
-                .with_label_values(&[endpoint])
+                .overhead_for(e)
                 .observe(ctx.overhead().as_secs_f64());
         }
         if let Some(result) = ctx.cache {
@@ -61,20 +60,21 @@ impl Gateway {
                 cache_hit: matches!(ctx.cache, Some("hit" | "coalesced")),
             });
         }
-        if let (true, Some(committed)) = (ctx.stream, ctx.committed_at) {
-            self.metrics
-                .ttft
-                .with_label_values(&[endpoint, route])
-                .observe(
-                    committed
-                        .saturating_duration_since(ctx.started)
-                        .as_secs_f64(),
-                );
-        }
-        if ctx.endpoint.is_some() {
+        // Every request with an endpoint has a route or was refused before it had one.
+        if let (Some(e), Some(r)) = (ctx.endpoint, &ctx.route) {
+            if let (true, Some(committed)) = (ctx.stream, ctx.committed_at) {
+                let ttft = committed.saturating_duration_since(ctx.started);
+                r.series
+                    .ttft(&self.metrics, e, route)
+                    .observe(ttft.as_secs_f64());
+            }
+            r.series
+                .duration(&self.metrics, e, route)
+                .observe(elapsed.as_secs_f64());
+        } else if let Some(e) = ctx.endpoint {
             self.metrics
                 .duration
-                .with_label_values(&[endpoint, route])
+                .with_label_values(&[e.label(), route])
                 .observe(elapsed.as_secs_f64());
         }
         if ctx.config.as_ref().is_none_or(|c| c.server.access_log) {

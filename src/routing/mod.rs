@@ -19,6 +19,7 @@ use lumen_plugins::rate_limit::RequestLimit;
 
 use crate::config::problem::Problem;
 use crate::config::raw::{RawRetry, RawRoute, Strategy};
+use crate::metrics::RouteSeries;
 use crate::upstream::provider::Provider;
 use crate::upstream::retry::{self, RetryPolicy};
 use lumen_plugins::cache::CachePolicy;
@@ -42,6 +43,8 @@ pub struct Route {
     pub weighted_order: Vec<usize>,
     /// The route's cache policy; `None`: never cached.
     pub cache: Option<CachePolicy>,
+    /// Its metric series, resolved on first use.
+    pub series: RouteSeries,
 }
 
 /// One place a route can send a request.
@@ -222,6 +225,7 @@ impl RouteTable {
                 retry,
                 turn: AtomicUsize::new(0),
                 weighted_order,
+                series: RouteSeries::default(),
             });
             let duplicate = if is_pattern(&r.model) {
                 let dup = table.patterns.iter().any(|(p, _)| p == &r.model);
@@ -264,6 +268,7 @@ impl RouteTable {
             turn: AtomicUsize::new(0),
             weighted_order: Vec::new(),
             cache: None,
+            series: RouteSeries::default(),
         }))
     }
 

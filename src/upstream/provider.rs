@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use lumen_plugins::rate_limit::TokenLimit;
 
+use crate::metrics::{ProviderSeries, Series};
 use crate::upstream::health::circuit::CircuitConfig;
 use crate::upstream::resolve::Resolver;
 
@@ -36,6 +37,8 @@ pub struct Provider {
     pub quota: QuotaSpec,
     /// Requests it takes at once before routes prefer their next target.
     pub max_in_flight: Option<u32>,
+    /// Its per-attempt metric series, resolved on first use.
+    pub series: Series<ProviderSeries>,
 }
 
 impl std::fmt::Debug for Provider {

@@ -215,10 +215,10 @@ pub(super) async fn attempt(
     let first = (!first.is_empty()).then(|| first.freeze());
     let first_byte = sent.elapsed();
     ctx.first_byte = Some(first_byte);
-    up.metrics
-        .first_byte
-        .with_label_values(&[&provider.name])
-        .observe(first_byte.as_secs_f64());
+    let series = provider
+        .series
+        .get(up.metrics, |m| m.provider_series(&provider.name));
+    series.first_byte.observe(first_byte.as_secs_f64());
     // Any answer is a latency sample: a target that only fails must not look unmeasured.
     state.model.observe_latency(first_byte);
     let (outcome, label) = match status {
@@ -247,9 +247,8 @@ pub(super) async fn attempt(
         watch,
     ))
     .await;
-    up.metrics
+    series
         .upstream_duration
-        .with_label_values(&[&provider.name])
         .observe(sent.elapsed().as_secs_f64());
     let label = match &result {
         Err(ForwardError::AfterResponse { .. }) => "failed_mid_response",

@@ -221,10 +221,17 @@ impl Forwarder {
             }
             match attempt {
                 Attempt::Committed { label, result } => {
-                    up.metrics
-                        .attempts
-                        .with_label_values(&[provider.name.as_str(), label])
-                        .inc();
+                    if label == "ok" {
+                        let series = provider
+                            .series
+                            .get(up.metrics, |m| m.provider_series(&provider.name));
+                        series.attempts_ok.inc();
+                    } else {
+                        up.metrics
+                            .attempts
+                            .with_label_values(&[provider.name.as_str(), label])
+                            .inc();
+                    }
                     if let Err(ForwardError::AfterResponse { .. }) = &result {
                         // Counts against the circuit like any failure (no trial any more).
                         record(up, &t, Permit { trial: false }, Outcome::Failure);
