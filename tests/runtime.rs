@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use lumen_test_support::client::Client;
-use lumen_test_support::openai::chat;
+use lumen_test_support::openai::{chat, chat_with};
 use lumen_test_support::{Lumen, MockUpstream};
 
 fn config(mock: &MockUpstream, server: &str) -> String {
@@ -157,4 +157,24 @@ async fn deferrable_background_services_run_below_the_proxy() {
             "{service} at {seen:?}, expected {nice}: {all:?}"
         );
     }
+}
+
+/// No thread of the gateway wakes on a clock while it has nothing to do: Pingora's millisecond
+/// timer thread, which its read and write timeouts start by default, never runs (plain answers
+/// and streams, each read and write under a timeout, included).
+#[tokio::test(flavor = "multi_thread")]
+async fn no_millisecond_timer_thread_runs() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, "threads: 2"));
+    for stream in [false, true] {
+        let body = chat_with("fast", "hi", serde_json::json!({ "stream": stream }));
+        let resp = lumen.post_chat_as("sk-free", &body).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let names: Vec<String> = threads(lumen.pid()).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        !names.iter().any(|n| n == "Timer thread"),
+        "threads: {names:?}"
+    );
+    assert!(names.iter().any(|n| n.starts_with("lumen proxy")));
 }
