@@ -19,6 +19,7 @@
 //! | [`upstream`] | one provider: its definition, health, quotas, DNS, retries, sidecar supervisor |
 //! | [`ops`] | `/healthz`, `/readyz`, `/v1/models` |
 //! | [`openai`] | endpoints, the few body fields routing needs, and request errors |
+//! | [`translate`] | other API families (Responses) to and from chat completions, the hub |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
 //! | [`conn`] | client connections: request-head and keep-alive timeouts, the connection cap |
 //! | [`background`] | background services on one thread each, the deferrable ones niced |
@@ -46,6 +47,7 @@ pub mod openai;
 pub mod ops;
 pub mod proxy;
 pub mod routing;
+pub mod translate;
 pub mod upstream;
 pub use lumen_plugins::sse::usage;
 
