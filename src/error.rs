@@ -144,6 +144,19 @@ impl GatewayError {
                     Some("unsupported_media_type"),
                     None,
                 ),
+                // (The message names the field: it is built from the client's input.)
+                R::Translate(crate::translate::TranslateError::Invalid { .. }) => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("invalid_value"),
+                    None,
+                ),
+                R::Translate(crate::translate::TranslateError::Unsupported { .. }) => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Some("unsupported_value"),
+                    None,
+                ),
             },
             G::Auth(_) => (
                 StatusCode::UNAUTHORIZED,

@@ -147,9 +147,7 @@ impl RouteSeries {
         endpoint: Endpoint,
         route: &str,
     ) -> Cow<'a, prometheus::Histogram> {
-        self.duration[endpoint.index()].get(metrics, |m| {
-            m.duration.with_label_values(&[endpoint.label(), route])
-        })
+        by_endpoint(&self.duration, metrics, |m| &m.duration, endpoint, route)
     }
 
     /// `lumen_time_to_first_token_seconds{endpoint, route}`.
@@ -159,10 +157,21 @@ impl RouteSeries {
         endpoint: Endpoint,
         route: &str,
     ) -> Cow<'a, prometheus::Histogram> {
-        self.ttft[endpoint.index()].get(metrics, |m| {
-            m.ttft.with_label_values(&[endpoint.label(), route])
-        })
+        by_endpoint(&self.ttft, metrics, |m| &m.ttft, endpoint, route)
     }
+}
+
+/// The `{endpoint, route}` series of `vec` kept in `slots`.
+fn by_endpoint<'a>(
+    slots: &'a [Series<prometheus::Histogram>; Endpoint::COUNT],
+    metrics: &Metrics,
+    vec: fn(&Metrics) -> &HistogramVec,
+    endpoint: Endpoint,
+    route: &str,
+) -> Cow<'a, prometheus::Histogram> {
+    slots[endpoint.index()].get(metrics, |m| {
+        vec(m).with_label_values(&[endpoint.label(), route])
+    })
 }
 
 impl Metrics {
@@ -643,6 +652,7 @@ mod tests {
             Endpoint::Completions,
             Endpoint::Embeddings,
             Endpoint::Rerank,
+            Endpoint::Responses,
         ];
         let mut seen: Vec<usize> = all.iter().map(|e| e.index()).collect();
         seen.sort_unstable();

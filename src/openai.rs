@@ -16,6 +16,8 @@
 
 use std::ops::Range;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -44,6 +46,9 @@ pub enum RequestError {
     MissingField(&'static str),
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     NotJson,
+    /// A Responses request a chat completions target cannot be given.
+    #[error(transparent)]
+    Translate(#[from] crate::translate::TranslateError),
 }
 
 /// An endpoint the gateway forwards to providers.
@@ -53,11 +58,14 @@ pub enum Endpoint {
     Completions,
     Embeddings,
     Rerank,
+    /// OpenAI's Responses API, translated to chat completions for the target
+    /// (`crate::translate::responses`).
+    Responses,
 }
 
 impl Endpoint {
     /// How many endpoints there are (for tables indexed by [`Endpoint::index`]).
-    pub const COUNT: usize = 4;
+    pub const COUNT: usize = 5;
 
     /// A dense index, `0..COUNT`.
     pub fn index(self) -> usize {
@@ -66,13 +74,23 @@ impl Endpoint {
             Endpoint::Completions => 1,
             Endpoint::Embeddings => 2,
             Endpoint::Rerank => 3,
+            Endpoint::Responses => 4,
         }
     }
 
-    /// The path under `/v1` (and under a provider's base URL).
+    /// The path under `/v1` a client sends the request to.
     pub fn suffix(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Responses => "/responses",
+            other => other.upstream_suffix(),
+        }
+    }
+
+    /// The path under a provider's base URL the request goes to: a translated request goes
+    /// to the API it was translated to.
+    pub fn upstream_suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions | Endpoint::Responses => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Rerank => "/rerank",
@@ -86,6 +104,7 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Rerank => "rerank",
+            Endpoint::Responses => "responses",
         }
     }
 
@@ -96,6 +115,7 @@ impl Endpoint {
             Endpoint::Completions => "prompt",
             Endpoint::Embeddings => "input",
             Endpoint::Rerank => "query",
+            Endpoint::Responses => "input",
         }
     }
 
@@ -106,6 +126,7 @@ impl Endpoint {
             "/v1/completions" => Some(Endpoint::Completions),
             "/v1/embeddings" => Some(Endpoint::Embeddings),
             "/v1/rerank" => Some(Endpoint::Rerank),
+            "/v1/responses" => Some(Endpoint::Responses),
             _ => None,
         }
     }
@@ -139,6 +160,9 @@ pub struct LlmRequest {
     pub stream_options_span: Option<Range<usize>>,
     /// `stream_options.include_usage: true` (a cached stream replays the usage chunk).
     pub include_usage: bool,
+    /// The client's request as it came, when `raw` is its translation (a Responses request:
+    /// the answer is translated back, and echoes it).
+    pub original: Option<Arc<serde_json::Value>>,
 }
 
 impl LlmRequest {
@@ -149,7 +173,7 @@ impl LlmRequest {
         let prompt = (self.raw.len() as u64).div_ceil(4);
         let completion = match self.endpoint {
             Endpoint::Embeddings | Endpoint::Rerank => 0,
-            Endpoint::ChatCompletions | Endpoint::Completions => {
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses => {
                 self.max_tokens.unwrap_or(default_completion)
             }
         };
@@ -186,7 +210,12 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 }
 
 /// Parses `raw` for `endpoint`: 400-class errors for anything a provider would refuse anyway.
+/// A Responses request is translated to chat completions here (DESIGN.md step 6): `raw` is
+/// then the translation, and `original` the client's request.
 pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError> {
+    if endpoint == Endpoint::Responses {
+        return parse_responses(raw);
+    }
     let first = raw.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(if first.is_none() {
@@ -228,6 +257,7 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         Endpoint::Completions => head.prompt,
         Endpoint::Embeddings => head.input,
         Endpoint::Rerank => head.query,
+        Endpoint::Responses => head.input,
     };
     match required.map(RawValue::get) {
         None | Some("null") => return Err(RequestError::MissingField(endpoint.required_field())),
@@ -271,7 +301,59 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         max_tokens,
         stream_options_span,
         raw,
+        original: None,
     })
+}
+
+/// A Responses request: checked, translated to a chat completions request, and that parsed.
+fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
+    let first = raw.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_none() {
+        return Err(RequestError::InvalidJson("the body is empty".into()));
+    }
+    let request: serde_json::Value =
+        serde_json::from_slice(&raw).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    if !request.is_object() {
+        return Err(RequestError::NotAnObject);
+    }
+    match request.get("model") {
+        None | Some(serde_json::Value::Null) => return Err(RequestError::MissingModel),
+        Some(serde_json::Value::String(m)) if m.is_empty() => {
+            return Err(RequestError::MissingModel)
+        }
+        Some(serde_json::Value::String(_)) => {}
+        Some(_) => {
+            return Err(RequestError::InvalidField {
+                field: "model",
+                reason: "must be a string",
+            })
+        }
+    }
+    if matches!(request.get("input"), None | Some(serde_json::Value::Null)) {
+        return Err(RequestError::MissingField("input"));
+    }
+    bounded_tokens(
+        "max_output_tokens",
+        request.get("max_output_tokens").cloned(),
+    )?;
+    // Continuing a stored response would silently lose the conversation: refused by name.
+    if request
+        .get("previous_response_id")
+        .is_some_and(|v| !v.is_null())
+    {
+        return Err(crate::translate::TranslateError::unsupported(
+            "previous_response_id",
+            "this gateway does not store responses yet; send the whole conversation as `input`",
+        )
+        .into());
+    }
+    let chat = crate::translate::responses::to_chat(&request, &[])?;
+    let body =
+        serde_json::to_vec(&chat.body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let mut req = parse(Endpoint::ChatCompletions, Bytes::from(body))?;
+    req.endpoint = Endpoint::Responses;
+    req.original = Some(Arc::new(request));
+    Ok(req)
 }
 
 /// Where `part`, borrowed from `raw` (a RawValue of it), lies in it: a pointer difference.

@@ -181,3 +181,49 @@ routes:
         assert!(last.contains(present), "{present} missing:\n{last}");
     }
 }
+
+/// A translated Responses request counts as `endpoint="responses"` everywhere, and its usage
+/// (read off the chat answer it was translated from) reaches the token counters, streamed or
+/// not. Sent with curl, as a shell user would.
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_requests_are_counted_under_their_own_endpoint() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&format!(
+        r#"keys: [ {{ id: team-a, key: "sk-team-a" }} ]
+providers:
+  mock: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        mock.base_url()
+    ));
+    for stream in [false, true] {
+        let body = json!({"model": "fast", "input": "hi", "stream": stream}).to_string();
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-N", "-H", "authorization: Bearer sk-team-a"])
+            .args(["-H", "content-type: application/json", "-d", &body])
+            .arg(format!("http://{}/v1/responses", lumen.addr))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if stream {
+            assert!(text.contains("event: response.completed"), "{text}");
+        } else {
+            assert!(text.contains("\"object\":\"response\""), "{text}");
+        }
+    }
+    // Non-stream: 7 prompt + 4 completion; stream (3 chunks): 7 + 3.
+    let text = scrape_until(
+        lumen.admin,
+        "lumen_tokens_total{key=\"team-a\",kind=\"completion\",provider=\"mock\",route=\"fast\"} 7",
+    )
+    .await;
+    for series in [
+        "lumen_requests_total{endpoint=\"responses\",provider=\"mock\",route=\"fast\",status=\"200\"} 2",
+        "lumen_request_duration_seconds_count{endpoint=\"responses\",route=\"fast\"} 2",
+        "lumen_time_to_first_token_seconds_count{endpoint=\"responses\",route=\"fast\"} 1",
+        "lumen_tokens_total{key=\"team-a\",kind=\"prompt\",provider=\"mock\",route=\"fast\"} 14",
+    ] {
+        assert!(text.contains(series), "{series}:\n{text}");
+    }
+}

@@ -83,6 +83,33 @@ pub struct RerankRequest {
     documents: Vec<Value>,
 }
 
+/// `POST /v1/responses` (OpenAI's Responses API), translated to chat completions for the
+/// route's targets.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ResponsesRequest {
+    model: String,
+    /// A string, or a list of items: messages (`input_text`, `output_text`, `input_image`
+    /// parts), `function_call` and `function_call_output` items.
+    #[schema(value_type = Object)]
+    input: Value,
+    instructions: Option<String>,
+    /// Function tools (built-in tools need a target that speaks the Responses API).
+    #[schema(value_type = Option<Vec<Object>>)]
+    tools: Option<Vec<Value>>,
+    #[schema(value_type = Option<Object>)]
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    max_output_tokens: Option<u64>,
+    /// `{"format": {"type": "text" | "json_object" | "json_schema", …}}`.
+    #[schema(value_type = Option<Object>)]
+    text: Option<Value>,
+    stream: Option<bool>,
+    user: Option<String>,
+}
+
 /// `POST /generate` takes either shape; the body tells them apart (`content` and `meta`: shape
 /// B when it is on, else `prompt`: shape A when it is on). The handler picks the shape by those
 /// fields, then reads the body as that shape's type.
@@ -343,6 +370,19 @@ mod operations {
         security(("bearer" = []), ("x_api_key" = [])))]
     fn rerank() {}
 
+    /// OpenAI's Responses API: translated to chat completions for the route's targets, the
+    /// answer (or the stream, event by event) translated back. Fields a chat target cannot
+    /// take (`reasoning`, `metadata`) are left out and named in `x-lumen-dropped-params`.
+    /// Nothing is stored (`store` is answered `false`).
+    #[utoipa::path(post, path = "/v1/responses", tag = "openai", request_body = ResponsesRequest,
+        responses(
+            (status = 200, description = "A `response` object, or with `stream: true` the Responses event stream", body = Object),
+            (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No key, or an unknown one", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody),
+            (status = 429, description = "Rate limited (see Retry-After)", body = ErrorBody), (status = 502, description = "The provider failed", body = ErrorBody), (status = 503, description = "Unavailable", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn responses() {}
+
     // ---- Admin (admin listener; the admin key when one is configured) ----
 
     /// Prometheus metrics (text exposition format).
@@ -461,6 +501,7 @@ impl Modify for SecuritySchemes {
         operations::completions,
         operations::embeddings,
         operations::rerank,
+        operations::responses,
         operations::metrics,
         operations::metrics_summary,
         operations::admin_config,
@@ -476,7 +517,7 @@ impl Modify for SecuritySchemes {
         JobFailed, TaskStatus, TaskState, TaskAnswer, TaskResult, TaskError, GenerateAccepted,
         Alive, Ready, HealthReport, RouteCounts, RedisHealth, ProviderHealth, JobsHealth,
         ModelList, Model, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-        RerankRequest, Summary, RequestSummary, Quantiles, UpstreamSummary, ConfigReport,
+        RerankRequest, ResponsesRequest, Summary, RequestSummary, Quantiles, UpstreamSummary, ConfigReport,
         ReloadReport, ProvidersReport, ProviderReport, ProbeReport, QuotaReport, LastError,
         ModelReport, CircuitReport, Counts, RoutesReport, RouteReport, TargetReport,
         UsageReport, UsageRow, Timeseries, Point, JobEvent, JobEventKind, TaskEvent,
@@ -655,6 +696,7 @@ mod tests {
             ("CompletionRequest", Endpoint::Completions),
             ("EmbeddingRequest", Endpoint::Embeddings),
             ("RerankRequest", Endpoint::Rerank),
+            ("ResponsesRequest", Endpoint::Responses),
         ] {
             let required = &v["components"]["schemas"][schema]["required"];
             let required: Vec<&str> = required

@@ -53,6 +53,7 @@ mod jobs;
 mod limits;
 mod observe;
 mod respond;
+mod translated;
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -111,6 +112,8 @@ impl ProxyHttp for Gateway {
         let Some(mut watch) = self.miss(s, ctx, &req, &route, plan.as_ref()).await? else {
             return Ok(true);
         };
+        // A translated request (Responses): its answer is translated back.
+        let translation = translated::Translation::start(ctx, &req, &mut watch);
         // 11. Forward: targets in order, fallback, retries, the answer streamed back.
         let forwarded = self
             .forwarder
@@ -118,6 +121,10 @@ impl ProxyHttp for Gateway {
             .await;
         match forwarded {
             Ok(()) => {
+                if let Some(translation) = &translation {
+                    self.send_translated(s, ctx, translation, &mut watch)
+                        .await?;
+                }
                 // 12 (the rest is in `logging`): a complete answer is stored.
                 self.cache_fill(watch);
                 Ok(true)

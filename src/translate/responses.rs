@@ -121,15 +121,19 @@ pub fn to_chat(request: &Value, history: &[Value]) -> Result<ToChat, TranslateEr
             chat.insert("response_format".into(), rf);
         }
     }
-    let dropped = DROPPED
-        .iter()
-        .copied()
-        .filter(|f| req.get(*f).is_some_and(|v| !v.is_null()))
-        .collect();
     Ok(ToChat {
         body: Value::Object(chat),
-        dropped,
+        dropped: dropped_fields(request),
     })
+}
+
+/// The fields of `request` a translated request leaves out.
+pub fn dropped_fields(request: &Value) -> Vec<&'static str> {
+    DROPPED
+        .iter()
+        .copied()
+        .filter(|f| request.get(*f).is_some_and(|v| !v.is_null()))
+        .collect()
 }
 
 /// Appends one Responses input item to the chat messages. Consecutive `function_call` items
@@ -386,14 +390,13 @@ pub struct Meta {
 }
 
 /// Request fields a `response` echoes, with their values when the client left them out.
-const ECHOED: [(&str, Value); 11] = [
+const ECHOED: [(&str, Value); 10] = [
     ("instructions", Value::Null),
     ("max_output_tokens", Value::Null),
     ("metadata", Value::Null),
     ("parallel_tool_calls", Value::Bool(true)),
     ("previous_response_id", Value::Null),
     ("reasoning", Value::Null),
-    ("store", Value::Bool(true)),
     ("temperature", Value::Null),
     ("top_p", Value::Null),
     ("user", Value::Null),
@@ -430,6 +433,8 @@ impl Meta {
                 .cloned()
                 .unwrap_or_else(|| json!({"format": {"type": "text"}})),
         );
+        // Nothing is stored for a translated request: `GET /v1/responses/{id}` cannot find it.
+        echo.insert("store".into(), Value::Bool(false));
         if echo.get("truncation").is_some_and(Value::is_null) {
             echo.insert("truncation".into(), json!("disabled"));
         }
@@ -659,6 +664,9 @@ impl StreamTranslator {
 
     /// The events one chat chunk makes.
     pub fn chunk(&mut self, chunk: &Value, out: &mut Vec<Event>) {
+        if self.finished {
+            return;
+        }
         self.start(out);
         if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
             self.usage = Some(u.clone());

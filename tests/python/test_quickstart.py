@@ -121,3 +121,22 @@ def test_a_job_on_the_real_model_matches_the_synchronous_answer(quickstart):
     assert job["result"]["choices"][0]["message"]["content"] == sync.choices[0].message.content
     assert "Paris" in sync.choices[0].message.content
     assert job["metrics"]["completion_tokens"] == sync.usage.completion_tokens
+
+
+def test_responses_api_on_the_real_model(quickstart):
+    """A Responses request, translated for the local sidecar, gets the same answer as the chat
+    request it becomes; streamed, the same text again, then `response.completed` with usage."""
+    _, client = quickstart
+    chat = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+    resp = client.responses.create(model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=16)
+    assert resp.status in ("completed", "incomplete")
+    assert resp.output_text == chat.choices[0].message.content
+    assert "Paris" in resp.output_text
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens
+    assert resp.usage.output_tokens == chat.usage.completion_tokens
+    with client.responses.stream(model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=16) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == resp.output_text
+    assert final.usage.output_tokens == resp.usage.output_tokens

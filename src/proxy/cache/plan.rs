@@ -37,12 +37,15 @@ pub struct Items {
     pub keys: Vec<String>,
 }
 
-fn api_of(endpoint: Endpoint) -> Api {
+/// The cache's name for an endpoint; `None`: not cached (a translated Responses answer is
+/// not stored yet: the cache holds answers in the client's own API).
+fn api_of(endpoint: Endpoint) -> Option<Api> {
     match endpoint {
-        Endpoint::ChatCompletions => Api::Chat,
-        Endpoint::Completions => Api::Completion,
-        Endpoint::Embeddings => Api::Embeddings,
-        Endpoint::Rerank => Api::Rerank,
+        Endpoint::ChatCompletions => Some(Api::Chat),
+        Endpoint::Completions => Some(Api::Completion),
+        Endpoint::Embeddings => Some(Api::Embeddings),
+        Endpoint::Rerank => Some(Api::Rerank),
+        Endpoint::Responses => None,
     }
 }
 
@@ -57,7 +60,7 @@ pub fn plan(
     let headers = &head.headers;
     let query = head.uri.query().unwrap_or("");
     let policy = route.cache.clone()?;
-    let api = api_of(req.endpoint);
+    let api = api_of(req.endpoint)?;
     if !policy::cacheable_raw(api, &req.raw, policy.when)? {
         return None;
     }

@@ -25,6 +25,7 @@
 //! | `request.rs` | the provider's request head and the client's response head |
 //! | `pool.rs` | connections to providers: new ones, and the idle ones kept for reuse |
 //! | `ready.rs` | polling a read once without waiting (batching chunks, checking an idle connection) |
+//! | `translate.rs` | a streamed answer translated event by event for a client of another API |
 //! | `error.rs` | [`ForwardError`] and the mapping of transport errors |
 //!
 //! Imports: `upstream` (health, quotas, providers), `routing`, the request's `ctx`, and the
@@ -36,6 +37,7 @@ mod pool;
 mod ready;
 mod request;
 mod stream;
+mod translate;
 mod watch;
 
 use std::time::{Duration, Instant};
@@ -57,6 +59,7 @@ use error::is_openai_error;
 pub use error::{sse_error_event, ForwardError};
 use pool::Connections;
 pub use stream::Settle;
+pub use translate::ResponsesStream;
 pub use watch::{Captured, Watchers};
 
 /// Idle keep-alive connections kept across all providers. Many concurrent streams finish at

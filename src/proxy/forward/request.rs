@@ -87,7 +87,7 @@ pub(super) fn upstream_request(
 ) -> Result<RequestHeader, GatewayError> {
     let mut path = String::with_capacity(provider.base_path.len().saturating_add(24));
     path.push_str(&provider.base_path);
-    path.push_str(req.endpoint.suffix());
+    path.push_str(req.endpoint.upstream_suffix());
     if let Some(query) = client.uri.query() {
         append_query(&mut path, query);
     }

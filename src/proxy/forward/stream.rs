@@ -235,6 +235,11 @@ async fn pump(
                 () = &mut cut, if sse && !capture => {
                     // Shutting down: end the stream while the client can still be told why.
                     watch.broke();
+                    let message = GatewayError::ShuttingDown.to_string();
+                    if let Some(event) = watch.failed_event(&message) {
+                        let _ = session.write_response_body(Some(event), true).await;
+                        return Err(ForwardError::ShuttingDown);
+                    }
                     let mut event = if ends_event {
                         BytesMut::new()
                     } else {
@@ -253,7 +258,8 @@ async fn pump(
             Err(e) => {
                 let error = classify(source.provider, &e);
                 watch.broke();
-                let broken = broken(session, source, error, sse && !capture, ends_event).await;
+                let end = watch.failed_event(&error.to_string());
+                let broken = broken(session, source, error, sse && !capture, ends_event, end).await;
                 return Err(match broken {
                     // Nothing reached the client: the pipeline reports it.
                     ForwardError::AfterResponse { error, .. } if capture => {
@@ -279,7 +285,8 @@ async fn pump(
                 return Err(ForwardError::ClientGone);
             }
         }
-        return Err(broken(session, source, error, !capture, ends_event).await);
+        let end = watch.failed_event(&error.to_string());
+        return Err(broken(session, source, error, !capture, ends_event, end).await);
     }
     let rest = watch.rest();
     if !rest.is_empty()
@@ -312,13 +319,18 @@ async fn broken(
     error: UpstreamError,
     sse_to_client: bool,
     ends_event: bool,
+    translated_end: Option<Bytes>,
 ) -> ForwardError {
     source
         .metrics
         .upstream_errors
         .with_label_values(&[&source.provider.name, error_kind(&error)])
         .inc();
-    if sse_to_client {
+    if let (true, Some(event)) = (sse_to_client, translated_end) {
+        // A translated stream ends in its own API (`response.failed`); the translation only
+        // ever sends whole events, so it is on a fresh line.
+        let _ = session.write_response_body(Some(event), true).await;
+    } else if sse_to_client {
         let event = sse_error_event(&error);
         let event = if ends_event {
             event

@@ -18,6 +18,7 @@ use lumen_plugins::sse::usage::{UsageStrip, UsageTap};
 use memchr::memmem;
 use pingora::http::ResponseHeader;
 
+use super::translate::ResponsesStream;
 use crate::metrics::Metrics;
 use crate::proxy::cache::fill::Fill;
 use crate::proxy::cache::store::Cache;
@@ -54,6 +55,10 @@ pub struct Watchers {
     tap: Option<UsageTap>,
     strip: Option<UsageStrip>,
     done: DoneWatch,
+    /// The client speaks another API: a successful stream is translated event by event.
+    translate: Option<ResponsesStream>,
+    /// Whether `translate` applies to the committed answer (a successful stream).
+    translating: bool,
 }
 
 impl Watchers {
@@ -79,6 +84,11 @@ impl Watchers {
         }
     }
 
+    /// Translates a successful streamed answer for a client that speaks another API.
+    pub fn translating(&mut self, stream: ResponsesStream) {
+        self.translate = Some(stream);
+    }
+
     /// Before each attempt: whether the usage chunk asked for on the client's behalf is to be
     /// stripped from what the client sees.
     pub(super) fn strip_usage(&mut self, strip: bool) {
@@ -97,6 +107,8 @@ impl Watchers {
         // The usage chunk Lumen asked for on the client's behalf is not the client's to see.
         self.strip = (sse && self.strip_usage).then(UsageStrip::default);
         self.done = DoneWatch::default();
+        // An error answer is passed on as it is (the error shape is the same in both APIs).
+        self.translating = sse && status < 300 && self.translate.is_some();
     }
 
     /// One chunk as the provider sent it: every watcher sees it. Returns what the client is to
@@ -111,10 +123,23 @@ impl Watchers {
         if let Some(fill) = self.fill.as_mut() {
             fill.chunk(&chunk);
         }
-        match self.strip.as_mut() {
+        let chunk = match self.strip.as_mut() {
             Some(strip) => strip.filter(chunk),
             None => chunk,
+        };
+        match self.translate.as_mut().filter(|_| self.translating) {
+            Some(t) => t.filter(&chunk),
+            None => chunk,
         }
+    }
+
+    /// For a translated stream that broke: its closing event (`response.failed`) in the
+    /// client's API; `None` for an untranslated one (the caller sends an `error` event).
+    pub(super) fn failed_event(&mut self, message: &str) -> Option<Bytes> {
+        self.translate
+            .as_mut()
+            .filter(|_| self.translating)
+            .map(|t| t.fail(message))
     }
 
     /// The answer broke: its cache fill is dropped now, which ends its flight as failed, before
@@ -147,15 +172,20 @@ impl Watchers {
 
     /// Whether the strip is on: an empty chunk from [`Watchers::chunk`] is then nothing to write.
     pub(super) fn strips(&self) -> bool {
-        self.strip.is_some()
+        self.strip.is_some() || self.translating
     }
 
     /// What the strip still holds once the provider's answer ended (empty without a strip).
     pub(super) fn rest(&mut self) -> Bytes {
-        self.strip
+        let rest = self
+            .strip
             .as_mut()
             .map(UsageStrip::finish)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match self.translate.as_mut().filter(|_| self.translating) {
+            Some(t) => t.filter(&rest),
+            None => rest,
+        }
     }
 
     /// Whether the stream's `data: [DONE]` went by.

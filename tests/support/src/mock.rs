@@ -447,11 +447,22 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         .unwrap_or_default();
     let stream_mode = body["stream"].as_bool().unwrap_or(false);
     let path = req.path.split('?').next().unwrap_or("");
+    if path.ends_with("/chat/completions") && wants_tool_call(&body) {
+        return tool_call_answer(stream, &body, &model, stream_mode).await;
+    }
     if stream_mode && (path.ends_with("/chat/completions") || path.ends_with("/completions")) {
         return stream_answer(stream, &body, &model, path.ends_with("/chat/completions")).await;
     }
     let response = if path.ends_with("/chat/completions") {
-        let text = format!("mock reply from {model}");
+        let tool_result = body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .filter(|m| m["role"] == "tool")
+            .and_then(|m| m["content"].as_str());
+        let text = match tool_result {
+            Some(result) => format!("mock reply from {model}: the tool said {result}"),
+            None => format!("mock reply from {model}"),
+        };
         json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -496,6 +507,81 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         return Ok(true);
     };
     write_json(stream, 200, &extra_headers, &response).await?;
+    Ok(true)
+}
+
+/// A chat request with tools whose last message is not a tool's result: the mock calls the
+/// first tool (as a model would), with `{"city":"Paris"}`. After a tool's result, it answers
+/// in text quoting the result.
+fn wants_tool_call(body: &Value) -> bool {
+    let has_tools = body["tools"].as_array().is_some_and(|t| !t.is_empty());
+    let last_is_tool = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .is_some_and(|m| m["role"] == "tool");
+    has_tools && body["tool_choice"] != "none" && !last_is_tool
+}
+
+/// The tool call of [`wants_tool_call`]; streamed, its arguments arrive in three pieces.
+async fn tool_call_answer(
+    stream: &mut TcpStream,
+    body: &Value,
+    model: &str,
+    stream_mode: bool,
+) -> std::io::Result<bool> {
+    let name = body["tools"][0]["function"]["name"]
+        .as_str()
+        .unwrap_or("tool");
+    let arguments = r#"{"city":"Paris"}"#;
+    let usage = json!({"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15});
+    if !stream_mode {
+        let answer = json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_mock_1", "type": "function", "function": {"name": name, "arguments": arguments}}]}}],
+            "usage": usage,
+        });
+        write_json(stream, 200, "", &answer).await?;
+        return Ok(true);
+    }
+    let chunk = |delta: Value, finish: Value| {
+        let payload = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                             "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {payload}\n\n")
+    };
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_mock_1", "type": "function",
+                                                    "function": {"name": name, "arguments": ""}}]}),
+        Value::Null,
+    )];
+    for piece in [r#"{"city""#, r#":"Par"#, r#"is"}"#] {
+        events.push(chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+            Value::Null,
+        ));
+    }
+    events.push(chunk(json!({}), json!("tool_calls")));
+    if body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false)
+    {
+        let payload = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                             "model": model, "choices": [], "usage": usage});
+        events.push(format!("data: {payload}\n\n"));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    let mut wire = Vec::new();
+    wire.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    stream.write_all(&wire).await?;
+    wire.clear();
+    for event in events {
+        frame(&mut wire, event.as_bytes());
+        write_out(stream, &mut wire).await?;
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    write_out(stream, &mut wire).await?;
     Ok(true)
 }
 

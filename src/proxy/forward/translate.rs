@@ -1,0 +1,198 @@
+//! A translated stream on its way to the client: the provider's chat completion chunks in,
+//! the client's Responses events out (`crate::translate::responses`), event by event as they
+//! complete. A provider's error event becomes `response.failed`; `[DONE]` becomes
+//! `response.completed` (or `response.incomplete`).
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+use serde_json::Value;
+
+use crate::translate::responses::{sse, Event, StreamTranslator};
+
+/// Most bytes one provider event may hold before the stream is failed: the translation needs
+/// whole events, and a provider that never ends one must not grow the buffer without bound.
+const MAX_EVENT: usize = 4 << 20;
+
+pub struct ResponsesStream {
+    translator: StreamTranslator,
+    /// Bytes of an event not yet complete.
+    pending: BytesMut,
+    events: Vec<Event>,
+}
+
+impl ResponsesStream {
+    pub fn new(translator: StreamTranslator) -> ResponsesStream {
+        ResponsesStream {
+            translator,
+            pending: BytesMut::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// The client's bytes for one provider chunk (empty while an event is incomplete).
+    pub fn filter(&mut self, chunk: &[u8]) -> Bytes {
+        if self.translator.finished() {
+            return Bytes::new();
+        }
+        self.pending.extend_from_slice(chunk);
+        while let Some(end) = event_end(&self.pending) {
+            let event = self.pending.split_to(end);
+            self.event(&event);
+        }
+        if self.pending.len() > MAX_EVENT {
+            self.pending.clear();
+            self.translator.fail(
+                "the provider sent an event larger than 4 MiB",
+                &mut self.events,
+            );
+        }
+        self.take()
+    }
+
+    /// Ends the stream with `response.failed` (nothing when it already ended).
+    pub fn fail(&mut self, message: &str) -> Bytes {
+        self.translator.fail(message, &mut self.events);
+        self.take()
+    }
+
+    /// Whether the stream ended (completed, incomplete or failed).
+    pub fn finished(&self) -> bool {
+        self.translator.finished()
+    }
+
+    fn take(&mut self) -> Bytes {
+        let mut out = Vec::new();
+        for event in self.events.drain(..) {
+            out.extend_from_slice(&sse(&event));
+        }
+        Bytes::from(out)
+    }
+
+    /// One whole SSE event from the provider: its `data:` lines joined.
+    fn event(&mut self, event: &[u8]) {
+        let mut data = Vec::new();
+        for line in event.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                if !data.is_empty() {
+                    data.push(b'\n');
+                }
+                data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+            }
+        }
+        if data.is_empty() {
+            // A comment or a keep-alive.
+            return;
+        }
+        if data == b"[DONE]" {
+            self.translator.finish(&mut self.events);
+            return;
+        }
+        match serde_json::from_slice::<Value>(&data) {
+            Ok(v) => match v.get("error") {
+                Some(error) => {
+                    let message = error
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the provider failed");
+                    self.translator.fail(message, &mut self.events);
+                }
+                None => self.translator.chunk(&v, &mut self.events),
+            },
+            Err(_) => self.translator.fail(
+                "the provider sent an event that is not JSON",
+                &mut self.events,
+            ),
+        }
+    }
+}
+
+/// Where the first complete event in `buf` ends (after its blank line).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = memmem::find(buf, b"\n\n").map(|i| i.saturating_add(2));
+    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i.saturating_add(4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::translate::responses::Meta;
+    use serde_json::json;
+
+    fn stream() -> ResponsesStream {
+        let meta = Meta::new("resp_1".into(), 1, &json!({"model": "m", "input": "x"}));
+        ResponsesStream::new(StreamTranslator::new(meta))
+    }
+
+    fn types(bytes: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: ").map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn events_are_translated_whole_wherever_the_chunks_split() {
+        let provider = concat!(
+            ": keep-alive\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\r\n\r\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        )
+        .as_bytes();
+        let whole = {
+            let mut s = stream();
+            s.filter(provider).to_vec()
+        };
+        assert_eq!(
+            types(&whole),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        for size in 1..provider.len() {
+            let mut s = stream();
+            let mut out = Vec::new();
+            for piece in provider.chunks(size) {
+                out.extend_from_slice(&s.filter(piece));
+            }
+            assert_eq!(types(&out), types(&whole), "{size}");
+            assert!(s.finished());
+        }
+    }
+
+    #[test]
+    fn a_provider_error_event_or_garbage_fails_the_stream_once() {
+        let mut s = stream();
+        let out = s.filter(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n");
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains("event: response.failed"), "{text}");
+        assert!(text.contains("overloaded"), "{text}");
+        assert!(s.fail("later").is_empty(), "ended once");
+        assert!(s.filter(b"data: [DONE]\n\n").is_empty());
+
+        let mut s = stream();
+        let text = String::from_utf8(s.filter(b"data: {nope\n\n").to_vec()).unwrap();
+        assert!(text.contains("event: response.failed"), "{text}");
+    }
+}

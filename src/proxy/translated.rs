@@ -1,0 +1,115 @@
+//! A request in another API than the target's (a Responses request to a chat completions
+//! target, DESIGN.md step 6): its answer is translated back, a stream event by event while it
+//! flows, a whole answer once it is here. The request itself was translated when it was parsed
+//! (`openai::parse`).
+
+// Reachable from the network: no panics (issue 16).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderName, HeaderValue};
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use super::ctx::RequestCtx;
+use super::forward::{Captured, ResponsesStream, Watchers};
+use super::gateway::Gateway;
+use crate::openai::LlmRequest;
+use crate::translate::responses::{dropped_fields, from_chat, Meta, StreamTranslator};
+
+/// Most bytes of a whole answer kept for its translation.
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
+/// Names the request fields the target could not be given (`reasoning`, `metadata`…).
+const DROPPED_HEADER: HeaderName = HeaderName::from_static("x-lumen-dropped-params");
+
+/// How a translated request's answer is translated back; `None` for an untranslated request.
+pub(super) struct Translation {
+    meta: Meta,
+}
+
+impl Translation {
+    /// Sets up the translation of `req`'s answer: `watch` translates a stream as it flows, or
+    /// becomes a capture of the whole answer.
+    pub(super) fn start(
+        ctx: &mut RequestCtx,
+        req: &LlmRequest,
+        watch: &mut Watchers,
+    ) -> Option<Translation> {
+        let original = req.original.as_ref()?;
+        let dropped = dropped_fields(original);
+        if let Ok(v) = HeaderValue::from_str(&dropped.join(", ")) {
+            if !dropped.is_empty() {
+                ctx.response_headers.push((DROPPED_HEADER, v));
+            }
+        }
+        let id = format!("resp_{}", ctx.request_id.to_str().unwrap_or_default());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let meta = Meta::new(id, now, original);
+        if req.stream {
+            watch.translating(ResponsesStream::new(StreamTranslator::new(meta.clone())));
+        } else {
+            *watch = Watchers::capturing(MAX_ANSWER);
+        }
+        Some(Translation { meta })
+    }
+}
+
+impl Gateway {
+    /// Sends a whole translated answer (a stream went out as it came). An error answer is
+    /// passed on as it is: errors have the same shape in both APIs.
+    pub(super) async fn send_translated(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        translation: &Translation,
+        watch: &mut Watchers,
+    ) -> Result<()> {
+        let Some(Captured {
+            head: Some(mut head),
+            body,
+            ..
+        }) = watch.capture.take()
+        else {
+            // A stream: already sent.
+            return Ok(());
+        };
+        let body = body.freeze();
+        let body = if head.status.is_success() {
+            match serde_json::from_slice(&body) {
+                Ok(chat) => Bytes::from(
+                    serde_json::to_vec(&from_chat(&chat, &translation.meta)).unwrap_or_default(),
+                ),
+                Err(_) => {
+                    let error = crate::error::GatewayError::Upstream(
+                        crate::error::UpstreamError::Mismatch {
+                            provider: ctx.provider.clone().unwrap_or_default(),
+                            detail: "the provider's answer is not JSON".into(),
+                        },
+                    );
+                    return self.write_error(s, ctx, &error).await;
+                }
+            }
+        } else {
+            body
+        };
+        head.insert_header(CONTENT_LENGTH, body.len())?;
+        ctx.status = head.status.as_u16();
+        let write = async {
+            s.write_response_header(head, false).await?;
+            s.write_response_body(Some(body), true).await?;
+            Result::<()>::Ok(())
+        };
+        tokio::join!(biased; self.release(ctx), write).1
+    }
+}

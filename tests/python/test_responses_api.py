@@ -1,0 +1,184 @@
+"""OpenAI's Responses API through the real gateway with the official `openai` SDK: requests
+translated to chat completions for an OpenAI-compatible provider (the mock), answers and
+streams translated back."""
+
+import asyncio
+import json
+
+import openai
+import pytest
+
+from conftest import Gateway
+
+
+@pytest.fixture(scope="module")
+def gateway(mock):
+    g = Gateway(
+        f"""
+keys:
+  - {{ id: python, key: "sk-client-python" }}
+providers:
+  mock: {{ base_url: "{mock.base_url}", api_key: "sk-provider-python", health: {{ enabled: false }} }}
+routes:
+  - model: fast
+    targets: [ {{ provider: mock, model: upstream-fast }} ]
+  - model: cut
+    targets: [ {{ provider: mock, model: drop-mid-stream }} ]
+  - model: falls-back
+    targets: [ {{ provider: mock, model: status-500 }}, {{ provider: mock, model: upstream-fast }} ]
+""",
+    )
+    yield g
+    g.stop()
+
+
+def client(gateway):
+    return openai.OpenAI(base_url=gateway.base_url, api_key="sk-client-python", max_retries=0)
+
+
+WEATHER = {
+    "type": "function",
+    "name": "weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def test_create_is_translated_both_ways(gateway, mock):
+    resp = client(gateway).responses.create(model="fast", instructions="Be brief.", input="hello", max_output_tokens=64)
+    assert resp.object == "response" and resp.status == "completed"
+    assert resp.output_text == "mock reply from upstream-fast"
+    assert resp.model == "fast"
+    assert resp.usage.input_tokens == 7 and resp.usage.output_tokens == 4
+    assert resp.usage.output_tokens_details.reasoning_tokens == 0
+    last = mock.requests()[-1]
+    assert last["path"].endswith("/chat/completions")
+    sent = json.loads(last["body"])
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+    ]
+    assert sent["max_tokens"] == 64 and sent["model"] == "upstream-fast"
+    assert "sk-client-python" not in str(last["headers"])
+
+
+def test_async_create(gateway):
+    async def run():
+        c = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-client-python", max_retries=0)
+        results = await asyncio.gather(*[c.responses.create(model="fast", input=str(i)) for i in range(5)])
+        await c.close()
+        return results
+
+    assert [r.output_text for r in asyncio.run(run())] == ["mock reply from upstream-fast"] * 5
+
+
+def test_stream_emits_the_documented_events(gateway):
+    with client(gateway).responses.stream(model="fast", input="hello") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [e.type for e in events]
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types.count("response.output_text.delta") == 3
+    assert types[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == "tok0 tok1 tok2 "
+    assert final.usage.input_tokens == 7 and final.usage.output_tokens == 3
+
+
+def test_a_function_tool_round_trip(gateway, mock):
+    c = client(gateway)
+    first = c.responses.create(model="fast", input="Weather in Paris?", tools=[WEATHER])
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.name == "weather" and json.loads(call.arguments) == {"city": "Paris"}
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent["tools"][0] == {
+        "type": "function",
+        "function": {k: WEATHER[k] for k in ("name", "description", "parameters")},
+    }
+    second = c.responses.create(
+        model="fast",
+        tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "18C and sunny"},
+        ],
+    )
+    assert second.output_text == "mock reply from upstream-fast: the tool said 18C and sunny"
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent["messages"][1]["tool_calls"][0]["id"] == call.call_id
+    assert sent["messages"][2] == {"role": "tool", "tool_call_id": call.call_id, "content": "18C and sunny"}
+
+
+def test_streamed_tool_arguments_arrive_in_pieces(gateway):
+    with client(gateway).responses.stream(model="fast", input="Weather?", tools=[WEATHER]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert deltas == ['{"city"', ':"Par', 'is"}']
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and json.loads(done[0].arguments) == {"city": "Paris"}
+    assert final.output[0].type == "function_call" and final.output[0].call_id == "call_mock_1"
+
+
+def test_structured_output_is_asked_for_as_response_format(gateway, mock):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}
+    client(gateway).responses.create(
+        model="fast",
+        input="x",
+        text={"format": {"type": "json_schema", "name": "out", "schema": schema, "strict": True}},
+    )
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "out", "schema": schema, "strict": True},
+    }
+
+
+def test_fields_a_chat_target_cannot_take_are_dropped_and_said(gateway, mock):
+    raw = client(gateway).responses.with_raw_response.create(
+        model="fast", input="x", reasoning={"effort": "low"}, metadata={"team": "a"}
+    )
+    assert raw.headers["x-lumen-dropped-params"] == "reasoning, metadata"
+    assert raw.parse().output_text == "mock reply from upstream-fast"
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert "reasoning" not in sent and "metadata" not in sent
+
+
+def test_a_built_in_tool_or_bad_input_is_a_clear_400(gateway):
+    c = client(gateway)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="fast", input="x", tools=[{"type": "web_search"}])
+    assert e.value.status_code == 400
+    assert "web_search" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        c.responses.create(model="fast", input=[{"type": "function_call_output", "output": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="nope", input="x")
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="fast", input="x", previous_response_id="resp_123")
+    assert "previous_response_id" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model="fast", input="x", max_output_tokens=-1)
+    assert "max_output_tokens" in e.value.message
+
+
+def test_a_stream_that_breaks_ends_with_response_failed(gateway):
+    with client(gateway).responses.stream(model="cut", input="x") as stream:
+        events = list(stream)
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed"
+    assert events[-1].response.error is not None
+
+
+def test_fallback_before_the_first_event(gateway):
+    with client(gateway).responses.stream(model="falls-back", input="x") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "tok0 tok1 tok2 "
