@@ -5,7 +5,7 @@
 # pages' browser test), promtool (taken out of Debian's `prometheus` package into .tools/, so no
 # Prometheus server is installed or started), the admin pages' front-end packages (Swagger UI,
 # ReDoc, uPlot; npm, pinned in src/admin/ui/package-lock.json), and the Python venv (.venv) with
-# the openai SDK, pytest and schemathesis pinned in tests/python/requirements.txt.
+# the openai SDK, the OpenAI Agents SDK, pytest and schemathesis pinned in tests/python/requirements.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

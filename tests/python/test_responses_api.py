@@ -182,3 +182,38 @@ def test_fallback_before_the_first_event(gateway):
     with client(gateway).responses.stream(model="falls-back", input="x") as stream:
         final = stream.get_final_response()
     assert final.output_text == "tok0 tok1 tok2 "
+
+
+def test_an_agents_sdk_agent_with_a_function_tool_runs_to_completion(gateway, mock):
+    """The OpenAI Agents SDK (Responses API by default): the model calls the tool, the SDK runs
+    it and sends its output back, and the model's answer is the run's final output; streamed
+    too."""
+    import agents
+
+    agents.set_tracing_disabled(True)
+
+    @agents.function_tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return f"18C in {city}"
+
+    def agent():
+        c = openai.AsyncOpenAI(base_url=gateway.base_url, api_key="sk-client-python", max_retries=0)
+        model = agents.OpenAIResponsesModel(model="fast", openai_client=c)
+        return agents.Agent(name="weather", instructions="Use the tool.", tools=[weather], model=model)
+
+    result = agents.Runner.run_sync(agent(), "Weather in Paris?")
+    assert result.final_output == "mock reply from upstream-fast: the tool said 18C in Paris"
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent["messages"][0] == {"role": "system", "content": "Use the tool."}
+    assert sent["messages"][-1]["role"] == "tool"
+
+    async def streamed():
+        run = agents.Runner.run_streamed(agent(), "Weather in Paris?")
+        kinds = [e.type async for e in run.stream_events()]
+        return run.final_output, kinds
+
+    final, kinds = asyncio.run(streamed())
+    assert "raw_response_event" in kinds
+    # Streamed, the mock answers the tool's output in tokens rather than quoting it.
+    assert final == "tok0 tok1 tok2 "
