@@ -369,9 +369,9 @@ fn default_redis_timeout() -> Duration {
 }
 
 /// How the proxy's worker threads are organised (`server.runtime`). Measured with
-/// `cargo bench --bench load` on a 2-core host: `per_core` adds less latency than
-/// `work_stealing` at c=1 (45 against 80 µs at p50) and serves about as much at c=32
-/// (0.86–1.01x, since each forwarder keeps its own connection pool), so it is the default.
+/// `cargo bench --bench load` on a 2-core host: `per_core` adds no more latency than
+/// `work_stealing` at c=1 (57 against 60 µs at p50 in one run, 45 against 80 in another) and
+/// serves 0.86–1.25x as many requests at c=32 across runs, so it is the default.
 /// Redis is reached through one connection per runtime (`RedisLink`). What a request holds
 /// (concurrency slots, its token reservation) is given back when its answer is complete,
 /// before its client has the last of it (through Redis, the call goes out with the last

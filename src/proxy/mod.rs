@@ -113,7 +113,7 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         // A translated request (Responses): its answer is translated back.
-        let translation = translated::Translation::start(ctx, &req, &mut watch);
+        let translation = translated::start(ctx, &req, &mut watch);
         // 11. Forward: targets in order, fallback, retries, the answer streamed back.
         let forwarded = self
             .forwarder
@@ -121,9 +121,8 @@ impl ProxyHttp for Gateway {
             .await;
         match forwarded {
             Ok(()) => {
-                if let Some(translation) = &translation {
-                    self.send_translated(s, ctx, translation, &mut watch)
-                        .await?;
+                if let Some(meta) = &translation {
+                    self.send_translated(s, ctx, meta, &mut watch).await?;
                 }
                 // 12 (the rest is in `logging`): a complete answer is stored.
                 self.cache_fill(watch);

@@ -60,7 +60,8 @@ impl Gateway {
                 cache_hit: matches!(ctx.cache, Some("hit" | "coalesced")),
             });
         }
-        // Every request with an endpoint has a route or was refused before it had one.
+        // A routed request records into its route's kept series; one refused before it had a
+        // route (bad body, unknown model) is looked up under `route=""`.
         if let (Some(e), Some(r)) = (ctx.endpoint, &ctx.route) {
             if let (true, Some(committed)) = (ctx.stream, ctx.committed_at) {
                 let ttft = committed.saturating_duration_since(ctx.started);

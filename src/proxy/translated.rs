@@ -22,6 +22,7 @@ use pingora::proxy::Session;
 use super::ctx::RequestCtx;
 use super::forward::{Captured, ResponsesStream, Watchers};
 use super::gateway::Gateway;
+use crate::error::{GatewayError, UpstreamError};
 use crate::openai::LlmRequest;
 use crate::translate::responses::{dropped_fields, from_chat, Meta, StreamTranslator};
 
@@ -31,38 +32,29 @@ const MAX_ANSWER: usize = 64 * 1024 * 1024;
 /// Names the request fields the target could not be given (`reasoning`, `metadata`…).
 const DROPPED_HEADER: HeaderName = HeaderName::from_static("x-lumen-dropped-params");
 
-/// How a translated request's answer is translated back; `None` for an untranslated request.
-pub(super) struct Translation {
-    meta: Meta,
-}
-
-impl Translation {
-    /// Sets up the translation of `req`'s answer: `watch` translates a stream as it flows, or
-    /// becomes a capture of the whole answer.
-    pub(super) fn start(
-        ctx: &mut RequestCtx,
-        req: &LlmRequest,
-        watch: &mut Watchers,
-    ) -> Option<Translation> {
-        let original = req.original.as_ref()?;
-        let dropped = dropped_fields(original);
+/// Sets up the translation of `req`'s answer (`None` for an untranslated request): `watch`
+/// translates a stream as it flows, or becomes a capture of the whole answer. Returns what
+/// the translated answer says of itself (its id, and the request it echoes).
+pub(super) fn start(ctx: &mut RequestCtx, req: &LlmRequest, watch: &mut Watchers) -> Option<Meta> {
+    let original = req.original.as_ref()?;
+    let dropped = dropped_fields(original);
+    if !dropped.is_empty() {
+        // Field names from a fixed list: always a valid header value.
         if let Ok(v) = HeaderValue::from_str(&dropped.join(", ")) {
-            if !dropped.is_empty() {
-                ctx.response_headers.push((DROPPED_HEADER, v));
-            }
+            ctx.response_headers.push((DROPPED_HEADER, v));
         }
-        let id = format!("resp_{}", ctx.request_id.to_str().unwrap_or_default());
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let meta = Meta::new(id, now, original);
-        if req.stream {
-            watch.translating(ResponsesStream::new(StreamTranslator::new(meta.clone())));
-        } else {
-            *watch = Watchers::capturing(MAX_ANSWER);
-        }
-        Some(Translation { meta })
     }
+    let id = format!("resp_{}", ctx.request_id.to_str().unwrap_or_default());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let meta = Meta::new(id, now, original);
+    if req.stream {
+        watch.translating(ResponsesStream::new(StreamTranslator::new(meta.clone())));
+    } else {
+        *watch = Watchers::capturing(MAX_ANSWER);
+    }
+    Some(meta)
 }
 
 impl Gateway {
@@ -72,7 +64,7 @@ impl Gateway {
         &self,
         s: &mut Session,
         ctx: &mut RequestCtx,
-        translation: &Translation,
+        meta: &Meta,
         watch: &mut Watchers,
     ) -> Result<()> {
         let Some(Captured {
@@ -87,16 +79,14 @@ impl Gateway {
         let body = body.freeze();
         let body = if head.status.is_success() {
             match serde_json::from_slice(&body) {
-                Ok(chat) => Bytes::from(
-                    serde_json::to_vec(&from_chat(&chat, &translation.meta)).unwrap_or_default(),
-                ),
+                Ok(chat) => {
+                    Bytes::from(serde_json::to_vec(&from_chat(&chat, meta)).unwrap_or_default())
+                }
                 Err(_) => {
-                    let error = crate::error::GatewayError::Upstream(
-                        crate::error::UpstreamError::Mismatch {
-                            provider: ctx.provider.clone().unwrap_or_default(),
-                            detail: "the provider's answer is not JSON".into(),
-                        },
-                    );
+                    let error = GatewayError::Upstream(UpstreamError::Mismatch {
+                        provider: ctx.provider.clone().unwrap_or_default(),
+                        detail: "the provider's answer is not JSON".into(),
+                    });
                     return self.write_error(s, ctx, &error).await;
                 }
             }

@@ -868,17 +868,15 @@ impl StreamTranslator {
     }
 }
 
-/// One event as SSE bytes: `event: <type>` and `data: <json>`.
-pub fn sse(event: &Event) -> Vec<u8> {
+/// Appends one event as SSE bytes: `event: <type>` and `data: <json>`.
+pub fn write_sse(out: &mut Vec<u8>, event: &Event) {
     let (kind, data) = event;
-    let mut out = Vec::with_capacity(128);
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(kind.as_bytes());
     out.extend_from_slice(b"\ndata: ");
     // Serializing a `Value` into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, data);
+    let _ = serde_json::to_writer(&mut *out, data);
     out.extend_from_slice(b"\n\n");
-    out
 }
 
 #[cfg(test)]
@@ -1227,10 +1225,14 @@ mod tests {
 
     #[test]
     fn events_are_written_as_named_sse_events() {
-        let bytes = sse(&("response.output_text.delta", json!({"delta": "a\nb"})));
+        let mut bytes = b"before\n\n".to_vec();
+        write_sse(
+            &mut bytes,
+            &("response.output_text.delta", json!({"delta": "a\nb"})),
+        );
         assert_eq!(
             String::from_utf8(bytes).unwrap(),
-            "event: response.output_text.delta\ndata: {\"delta\":\"a\\nb\"}\n\n"
+            "before\n\nevent: response.output_text.delta\ndata: {\"delta\":\"a\\nb\"}\n\n"
         );
     }
 }

@@ -106,7 +106,12 @@ pub(super) fn error_kind(e: &UpstreamError) -> &'static str {
 
 /// `data: {"error":{…}}` followed by a blank line: how a broken stream ends.
 pub fn sse_error_event(error: &UpstreamError) -> Bytes {
-    let body = GatewayError::from(error.clone()).body();
+    sse_event_of(&GatewayError::from(error.clone()))
+}
+
+/// `error` as an SSE `data:` event in OpenAI's error shape.
+pub fn sse_event_of(error: &GatewayError) -> Bytes {
+    let body = error.body();
     let mut event = Vec::with_capacity(body.len().saturating_add(8));
     event.extend_from_slice(b"data: ");
     event.extend_from_slice(&body);

@@ -19,7 +19,9 @@ use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
-use super::error::{classify, error_kind, protocol_error, sse_error_event, ForwardError};
+use super::error::{
+    classify, error_kind, protocol_error, sse_error_event, sse_event_of, ForwardError,
+};
 use super::pool::Connections;
 use super::ready::ready_now;
 use super::watch::Watchers;
@@ -235,20 +237,9 @@ async fn pump(
                 () = &mut cut, if sse && !capture => {
                     // Shutting down: end the stream while the client can still be told why.
                     watch.broke();
-                    let message = GatewayError::ShuttingDown.to_string();
-                    if let Some(event) = watch.failed_event(&message) {
-                        let _ = session.write_response_body(Some(event), true).await;
-                        return Err(ForwardError::ShuttingDown);
-                    }
-                    let mut event = if ends_event {
-                        BytesMut::new()
-                    } else {
-                        BytesMut::from(&b"\n\n"[..])
-                    };
-                    event.extend_from_slice(b"data: ");
-                    event.extend_from_slice(&GatewayError::ShuttingDown.body());
-                    event.extend_from_slice(b"\n\n");
-                    let _ = session.write_response_body(Some(event.freeze()), true).await;
+                    let error = GatewayError::ShuttingDown;
+                    let event = closing_event(watch, sse_event_of(&error), &error, ends_event);
+                    let _ = session.write_response_body(Some(event), true).await;
                     return Err(ForwardError::ShuttingDown);
                 }
             },
@@ -258,8 +249,9 @@ async fn pump(
             Err(e) => {
                 let error = classify(source.provider, &e);
                 watch.broke();
-                let end = watch.failed_event(&error.to_string());
-                let broken = broken(session, source, error, sse && !capture, ends_event, end).await;
+                let closing = (sse && !capture)
+                    .then(|| closing_event(watch, sse_error_event(&error), &error, ends_event));
+                let broken = broken(session, source, error, closing).await;
                 return Err(match broken {
                     // Nothing reached the client: the pipeline reports it.
                     ForwardError::AfterResponse { error, .. } if capture => {
@@ -285,8 +277,9 @@ async fn pump(
                 return Err(ForwardError::ClientGone);
             }
         }
-        let end = watch.failed_event(&error.to_string());
-        return Err(broken(session, source, error, !capture, ends_event, end).await);
+        let closing =
+            (!capture).then(|| closing_event(watch, sse_error_event(&error), &error, ends_event));
+        return Err(broken(session, source, error, closing).await);
     }
     let rest = watch.rest();
     if !rest.is_empty()
@@ -310,39 +303,43 @@ async fn pump(
     Ok(())
 }
 
+/// The event that ends a stream which broke: for a translated stream, its own API's
+/// (`response.failed`, always on a fresh line: the translation sends whole events only); else
+/// `event` (OpenAI SDKs raise on an `error` object in the stream), on a fresh line if the
+/// provider stopped mid-event.
+fn closing_event(
+    watch: &mut Watchers,
+    event: Bytes,
+    error: &dyn std::fmt::Display,
+    ends_event: bool,
+) -> Bytes {
+    if let Some(failed) = watch.failed_event(&error.to_string()) {
+        return failed;
+    }
+    if ends_event {
+        return event;
+    }
+    let mut fresh = BytesMut::from(&b"\n\n"[..]);
+    fresh.extend_from_slice(&event);
+    fresh.freeze()
+}
+
 /// The provider failed after the answer was committed: counts it, and for a stream sent to the
-/// client ends it with an error event (OpenAI SDKs raise on an `error` object in the stream),
-/// on a fresh line if the provider stopped mid-event.
+/// client ends it with `closing` (see [`closing_event`]).
 async fn broken(
     session: &mut Session,
     source: &Source<'_>,
     error: UpstreamError,
-    sse_to_client: bool,
-    ends_event: bool,
-    translated_end: Option<Bytes>,
+    closing: Option<Bytes>,
 ) -> ForwardError {
     source
         .metrics
         .upstream_errors
         .with_label_values(&[&source.provider.name, error_kind(&error)])
         .inc();
-    if let (true, Some(event)) = (sse_to_client, translated_end) {
-        // A translated stream ends in its own API (`response.failed`); the translation only
-        // ever sends whole events, so it is on a fresh line.
-        let _ = session.write_response_body(Some(event), true).await;
-    } else if sse_to_client {
-        let event = sse_error_event(&error);
-        let event = if ends_event {
-            event
-        } else {
-            let mut e = BytesMut::from(&b"\n\n"[..]);
-            e.extend_from_slice(&event);
-            e.freeze()
-        };
+    let sse = closing.is_some();
+    if let Some(event) = closing {
         let _ = session.write_response_body(Some(event), true).await;
     }
-    ForwardError::AfterResponse {
-        error,
-        sse: sse_to_client,
-    }
+    ForwardError::AfterResponse { error, sse }
 }

@@ -14,7 +14,9 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde_json::Value;
 
-use crate::translate::responses::{sse, Event, StreamTranslator};
+use std::sync::LazyLock;
+
+use crate::translate::responses::{write_sse, Event, StreamTranslator};
 
 /// Most bytes one provider event may hold before the stream is failed: the translation needs
 /// whole events, and a provider that never ends one must not grow the buffer without bound.
@@ -24,6 +26,8 @@ pub struct ResponsesStream {
     translator: StreamTranslator,
     /// Bytes of an event not yet complete.
     pending: BytesMut,
+    /// How much of `pending` is known to hold no event end (not scanned again).
+    scanned: usize,
     events: Vec<Event>,
 }
 
@@ -32,6 +36,7 @@ impl ResponsesStream {
         ResponsesStream {
             translator,
             pending: BytesMut::new(),
+            scanned: 0,
             events: Vec::new(),
         }
     }
@@ -42,12 +47,16 @@ impl ResponsesStream {
             return Bytes::new();
         }
         self.pending.extend_from_slice(chunk);
-        while let Some(end) = event_end(&self.pending) {
+        while let Some(end) = event_end(&self.pending, self.scanned) {
             let event = self.pending.split_to(end);
+            self.scanned = 0;
             self.event(&event);
         }
+        // An end marker may start in the last 3 bytes and finish in the next chunk.
+        self.scanned = self.pending.len().saturating_sub(3);
         if self.pending.len() > MAX_EVENT {
             self.pending.clear();
+            self.scanned = 0;
             self.translator.fail(
                 "the provider sent an event larger than 4 MiB",
                 &mut self.events,
@@ -70,7 +79,7 @@ impl ResponsesStream {
     fn take(&mut self) -> Bytes {
         let mut out = Vec::new();
         for event in self.events.drain(..) {
-            out.extend_from_slice(&sse(&event));
+            write_sse(&mut out, &event);
         }
         Bytes::from(out)
     }
@@ -114,10 +123,17 @@ impl ResponsesStream {
     }
 }
 
-/// Where the first complete event in `buf` ends (after its blank line).
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = memmem::find(buf, b"\n\n").map(|i| i.saturating_add(2));
-    let crlf = memmem::find(buf, b"\r\n\r\n").map(|i| i.saturating_add(4));
+/// Where the first complete event in `buf` ends (after its blank line), looking from `from`
+/// on (what lies before holds no end). The searchers are built once: building one costs more
+/// than a search (`memmem::find` builds one per call).
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    static LF: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new("\n\n"));
+    static CRLF: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new("\r\n\r\n"));
+    let rest = buf.get(from..)?;
+    let at = |i: usize, len: usize| from.saturating_add(i).saturating_add(len);
+    let lf = LF.find(rest).map(|i| at(i, 2));
+    let crlf = CRLF.find(rest).map(|i| at(i, 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
