@@ -588,6 +588,10 @@ fn function_item(id: String, call_id: &str, name: &str, arguments: &str, status:
     })
 }
 
+/// Most output items (a message, tool calls) one streamed answer may open: each is kept until
+/// the end, so a provider sending ever new tool call indexes must not grow them without bound.
+const MAX_ITEMS: usize = 128;
+
 /// One output item being streamed.
 #[derive(Debug)]
 enum Open {
@@ -735,6 +739,10 @@ impl StreamTranslator {
         let key = call.get("index").and_then(Value::as_u64).unwrap_or(0);
         let index = match self.calls.iter().find(|(k, _)| *k == key) {
             Some((_, i)) => *i,
+            None if self.items.len() >= MAX_ITEMS => {
+                self.fail("the provider's answer opened too many tool calls", out);
+                return;
+            }
             None => {
                 let i = self.items.len();
                 let id = self.meta.item_id("fc", i);
@@ -1221,6 +1229,30 @@ mod tests {
             data["response"]["incomplete_details"]["reason"],
             "max_output_tokens"
         );
+    }
+
+    /// A provider that opens ever new tool calls ends the stream with `response.failed` at
+    /// the item limit instead of growing it.
+    #[test]
+    fn a_stream_opening_too_many_items_fails_once() {
+        let mut t = StreamTranslator::new(meta());
+        let mut out = Vec::new();
+        for i in 0..1000u64 {
+            let call = json!({"tool_calls": [{"index": i, "id": format!("c{i}"),
+                                               "function": {"name": "f", "arguments": "{}"}}]});
+            t.chunk(&chunk(call, None), &mut out);
+        }
+        assert!(t.finished());
+        let failed: Vec<_> = out
+            .iter()
+            .filter(|(k, _)| *k == "response.failed")
+            .collect();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(
+            failed[0].1["response"]["output"].as_array().unwrap().len(),
+            MAX_ITEMS
+        );
+        assert_eq!(out.last().unwrap().0, "response.failed");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! idle connection is a stream in a list under a mutex that only this forwarder's thread takes
 //! (`runtime: per_core` gives each thread its own forwarder), checked when it is taken: a
 //! connection the provider closed, or one it sent unasked-for bytes on, is dropped then.
-//! Connections past their idle timeout are dropped when their provider's list is next used.
+//! Connections past their idle timeout are closed by a sweep over every provider's list, at
+//! most once a second, when a connection is given back (so a provider no longer used does not
+//! keep its idle connections open beyond their timeout while the gateway has traffic).
 
 #![deny(
     clippy::unwrap_used,
@@ -36,11 +38,31 @@ pub struct Connections {
     max_idle: usize,
 }
 
+/// How often idle connections past their timeout are looked for across all providers.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 struct Idle {
     /// Per peer (`Peer::reuse_hash`: address, TLS name and options), oldest first.
     by_peer: HashMap<u64, Vec<Kept>>,
     total: usize,
+    /// When the next sweep is due (`None`: at the next release).
+    next_sweep: Option<Instant>,
+}
+
+impl Idle {
+    /// Closes every connection past its idle timeout, and forgets peers with none left.
+    fn sweep(&mut self, now: Instant) {
+        if self.next_sweep.is_some_and(|due| now < due) {
+            return;
+        }
+        self.next_sweep = now.checked_add(SWEEP_EVERY);
+        self.by_peer.retain(|_, list| {
+            list.retain(|k| k.until > now);
+            !list.is_empty()
+        });
+        self.total = self.by_peer.values().map(Vec::len).sum();
+    }
 }
 
 struct Kept {
@@ -95,10 +117,8 @@ impl Connections {
         };
         let mut idle = self.lock();
         let idle = &mut *idle;
+        idle.sweep(now);
         let list = idle.by_peer.entry(peer.reuse_hash()).or_default();
-        let before = list.len();
-        list.retain(|k| k.until > now);
-        idle.total = idle.total.saturating_sub(before.saturating_sub(list.len()));
         if idle.total >= self.max_idle {
             // Full: the oldest connection of this peer makes room, else this one is closed.
             if list.is_empty() {
@@ -224,6 +244,37 @@ mod tests {
         let session = ask(session, &mut server, answer).await;
         pool.release(session, &peer, Duration::from_secs(60)).await;
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// A provider no longer used does not keep its idle connections past their timeout: the
+    /// next connection given back (to any provider) after the sweep interval closes them.
+    #[tokio::test]
+    async fn idle_connections_of_an_unused_provider_are_closed_after_their_timeout() {
+        let (a, b) = (
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
+        let peer_a = HttpPeer::new(a.local_addr().unwrap(), false, String::new());
+        let peer_b = HttpPeer::new(b.local_addr().unwrap(), false, String::new());
+        let pool = Connections::new(8);
+        let (session, mut server_a) = pair(&a, &peer_a, &pool).await;
+        let session = answered(session, &mut server_a).await;
+        pool.release(session, &peer_a, Duration::from_millis(1))
+            .await;
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(100)).await;
+        let (session, mut server_b) = pair(&b, &peer_b, &pool).await;
+        let session = answered(session, &mut server_b).await;
+        pool.release(session, &peer_b, Duration::from_secs(60))
+            .await;
+        assert_eq!(pool.idle_count(), 1, "only provider b's connection is kept");
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), server_a.read(&mut buf)).await;
+        assert_eq!(
+            read.unwrap().unwrap(),
+            0,
+            "provider a's connection was closed"
+        );
     }
 
     #[tokio::test]

@@ -22,12 +22,20 @@ use crate::translate::responses::{write_sse, Event, StreamTranslator};
 /// whole events, and a provider that never ends one must not grow the buffer without bound.
 const MAX_EVENT: usize = 4 << 20;
 
+/// Most bytes of a provider's stream translated: the translation keeps the answer's text and
+/// arguments for its closing events, so an endless stream must not grow them without bound
+/// (the limit a whole translated answer has too).
+const MAX_STREAM: usize = 64 << 20;
+
 pub struct ResponsesStream {
     translator: StreamTranslator,
     /// Bytes of an event not yet complete.
     pending: BytesMut,
     /// How much of `pending` is known to hold no event end (not scanned again).
     scanned: usize,
+    /// Bytes of the provider's stream so far, and the most translated.
+    seen: usize,
+    limit: usize,
     events: Vec<Event>,
 }
 
@@ -37,6 +45,8 @@ impl ResponsesStream {
             translator,
             pending: BytesMut::new(),
             scanned: 0,
+            seen: 0,
+            limit: MAX_STREAM,
             events: Vec::new(),
         }
     }
@@ -45,6 +55,15 @@ impl ResponsesStream {
     pub fn filter(&mut self, chunk: &[u8]) -> Bytes {
         if self.translator.finished() {
             return Bytes::new();
+        }
+        self.seen = self.seen.saturating_add(chunk.len());
+        if self.seen > self.limit {
+            self.pending.clear();
+            self.translator.fail(
+                "the provider's answer is larger than 64 MiB",
+                &mut self.events,
+            );
+            return self.take();
         }
         self.pending.extend_from_slice(chunk);
         while let Some(end) = event_end(&self.pending, self.scanned) {
@@ -195,6 +214,23 @@ mod tests {
             assert_eq!(types(&out), types(&whole), "{size}");
             assert!(s.finished());
         }
+    }
+
+    /// A stream past the limit ends with `response.failed`, and nothing after it.
+    #[test]
+    fn a_stream_past_its_size_limit_fails() {
+        let mut s = stream();
+        s.limit = 1000;
+        let event =
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"0123456789\"}}]}\n\n";
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            out.extend_from_slice(&s.filter(event));
+        }
+        let kinds = types(&out);
+        assert_eq!(kinds.last().map(String::as_str), Some("response.failed"));
+        assert_eq!(kinds.iter().filter(|k| *k == "response.failed").count(), 1);
+        assert!(s.finished());
     }
 
     #[test]
