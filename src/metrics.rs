@@ -653,6 +653,7 @@ mod tests {
             Endpoint::Embeddings,
             Endpoint::Rerank,
             Endpoint::Responses,
+            Endpoint::Messages,
         ];
         let mut seen: Vec<usize> = all.iter().map(|e| e.index()).collect();
         seen.sort_unstable();

@@ -46,7 +46,7 @@ pub enum RequestError {
     MissingField(&'static str),
     #[error("the request body must be JSON: send `Content-Type: application/json`")]
     NotJson,
-    /// A Responses request a chat completions target cannot be given.
+    /// A Responses or Messages request a chat completions target cannot be given.
     #[error(transparent)]
     Translate(#[from] crate::translate::TranslateError),
 }
@@ -61,11 +61,14 @@ pub enum Endpoint {
     /// OpenAI's Responses API, translated to chat completions for the target
     /// (`crate::translate::responses`).
     Responses,
+    /// Anthropic's Messages API, translated to chat completions for the target
+    /// (`crate::translate::messages`).
+    Messages,
 }
 
 impl Endpoint {
     /// How many endpoints there are (for tables indexed by [`Endpoint::index`]).
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
 
     /// A dense index, `0..COUNT`.
     pub fn index(self) -> usize {
@@ -75,6 +78,7 @@ impl Endpoint {
             Endpoint::Embeddings => 2,
             Endpoint::Rerank => 3,
             Endpoint::Responses => 4,
+            Endpoint::Messages => 5,
         }
     }
 
@@ -82,6 +86,7 @@ impl Endpoint {
     pub fn suffix(self) -> &'static str {
         match self {
             Endpoint::Responses => "/responses",
+            Endpoint::Messages => "/messages",
             other => other.upstream_suffix(),
         }
     }
@@ -90,7 +95,9 @@ impl Endpoint {
     /// to the API it was translated to.
     pub fn upstream_suffix(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Responses => "/chat/completions",
+            Endpoint::ChatCompletions | Endpoint::Responses | Endpoint::Messages => {
+                "/chat/completions"
+            }
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Rerank => "/rerank",
@@ -105,6 +112,7 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
             Endpoint::Rerank => "rerank",
             Endpoint::Responses => "responses",
+            Endpoint::Messages => "messages",
         }
     }
 
@@ -116,7 +124,14 @@ impl Endpoint {
             Endpoint::Embeddings => "input",
             Endpoint::Rerank => "query",
             Endpoint::Responses => "input",
+            Endpoint::Messages => "messages",
         }
+    }
+
+    /// Whether the client speaks another API than chat completions, and its request is
+    /// translated (`LlmRequest::original` holds it).
+    pub fn translated(self) -> bool {
+        matches!(self, Endpoint::Responses | Endpoint::Messages)
     }
 
     /// Maps a request path (without query) to a forwarded endpoint.
@@ -127,6 +142,17 @@ impl Endpoint {
             "/v1/embeddings" => Some(Endpoint::Embeddings),
             "/v1/rerank" => Some(Endpoint::Rerank),
             "/v1/responses" => Some(Endpoint::Responses),
+            "/v1/messages" => Some(Endpoint::Messages),
+            _ => None,
+        }
+    }
+
+    /// The token counting endpoint of an API (`POST /v1/messages/count_tokens`,
+    /// `POST /v1/responses/input_tokens`): answered by the gateway, never forwarded.
+    pub fn counting_path(path: &str) -> Option<Endpoint> {
+        match path.strip_suffix('/').unwrap_or(path) {
+            "/v1/messages/count_tokens" => Some(Endpoint::Messages),
+            "/v1/responses/input_tokens" => Some(Endpoint::Responses),
             _ => None,
         }
     }
@@ -160,9 +186,13 @@ pub struct LlmRequest {
     pub stream_options_span: Option<Range<usize>>,
     /// `stream_options.include_usage: true` (a cached stream replays the usage chunk).
     pub include_usage: bool,
-    /// The client's request as it came, when `raw` is its translation (a Responses request:
-    /// the answer is translated back, and echoes it).
+    /// The client's request as it came, when `raw` is its translation (a Responses or
+    /// Messages request: the answer is translated back, and a `response` echoes it).
     pub original: Option<Arc<serde_json::Value>>,
+    /// The fields of `original` its translation left out (for a response header).
+    pub dropped: Vec<&'static str>,
+    /// A token counting request: answered with the prompt's size, never forwarded.
+    pub counting: bool,
 }
 
 impl LlmRequest {
@@ -173,9 +203,10 @@ impl LlmRequest {
         let prompt = (self.raw.len() as u64).div_ceil(4);
         let completion = match self.endpoint {
             Endpoint::Embeddings | Endpoint::Rerank => 0,
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses => {
-                self.max_tokens.unwrap_or(default_completion)
-            }
+            Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Responses
+            | Endpoint::Messages => self.max_tokens.unwrap_or(default_completion),
         };
         prompt.saturating_add(completion)
     }
@@ -210,11 +241,13 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 }
 
 /// Parses `raw` for `endpoint`: 400-class errors for anything a provider would refuse anyway.
-/// A Responses request is translated to chat completions here (DESIGN.md step 6): `raw` is
-/// then the translation, and `original` the client's request.
+/// A Responses or Messages request is translated to chat completions here (DESIGN.md step
+/// 6): `raw` is then the translation, and `original` the client's request.
 pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError> {
-    if endpoint == Endpoint::Responses {
-        return parse_responses(raw);
+    match endpoint {
+        Endpoint::Responses => return parse_responses(raw),
+        Endpoint::Messages => return parse_messages(raw, false),
+        _ => {}
     }
     let first = raw.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
@@ -258,6 +291,7 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         Endpoint::Embeddings => head.input,
         Endpoint::Rerank => head.query,
         Endpoint::Responses => head.input,
+        Endpoint::Messages => head.messages,
     };
     match required.map(RawValue::get) {
         None | Some("null") => return Err(RequestError::MissingField(endpoint.required_field())),
@@ -302,17 +336,31 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         stream_options_span,
         raw,
         original: None,
+        dropped: Vec::new(),
+        counting: false,
     })
 }
 
-/// A Responses request: checked, translated to a chat completions request, and that parsed.
-fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
+/// Parses `raw` for a token counting endpoint (`Endpoint::counting_path`): the API's request
+/// (a Messages one without `max_tokens`), translated as if it were sent.
+pub fn parse_counting(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError> {
+    let mut req = match endpoint {
+        Endpoint::Messages => parse_messages(raw, true)?,
+        _ => parse_responses(raw)?,
+    };
+    req.counting = true;
+    req.stream = false;
+    Ok(req)
+}
+
+/// A translated request's body as JSON: an object with a string `model`.
+fn translated_body(raw: &[u8]) -> Result<serde_json::Value, RequestError> {
     let first = raw.iter().find(|b| !b.is_ascii_whitespace());
     if first.is_none() {
         return Err(RequestError::InvalidJson("the body is empty".into()));
     }
     let request: serde_json::Value =
-        serde_json::from_slice(&raw).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+        serde_json::from_slice(raw).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
     if !request.is_object() {
         return Err(RequestError::NotAnObject);
     }
@@ -329,6 +377,50 @@ fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
             })
         }
     }
+    Ok(request)
+}
+
+/// The chat translation of a client's request, parsed as a chat request, carrying the
+/// original.
+fn translated(
+    endpoint: Endpoint,
+    request: serde_json::Value,
+    chat: serde_json::Value,
+    dropped: Vec<&'static str>,
+) -> Result<LlmRequest, RequestError> {
+    let body = serde_json::to_vec(&chat).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+    let mut req = parse(Endpoint::ChatCompletions, Bytes::from(body))?;
+    req.endpoint = endpoint;
+    req.original = Some(Arc::new(request));
+    req.dropped = dropped;
+    Ok(req)
+}
+
+/// A Messages request: checked, translated to a chat completions request, and that parsed.
+fn parse_messages(raw: Bytes, counting: bool) -> Result<LlmRequest, RequestError> {
+    let request = translated_body(&raw)?;
+    if matches!(
+        request.get("messages"),
+        None | Some(serde_json::Value::Null)
+    ) {
+        return Err(RequestError::MissingField("messages"));
+    }
+    if !counting
+        && matches!(
+            request.get("max_tokens"),
+            None | Some(serde_json::Value::Null)
+        )
+    {
+        return Err(RequestError::MissingField("max_tokens"));
+    }
+    bounded_tokens("max_tokens", request.get("max_tokens").cloned())?;
+    let chat = crate::translate::messages::to_chat(&request, counting)?;
+    translated(Endpoint::Messages, request, chat.body, chat.dropped)
+}
+
+/// A Responses request: checked, translated to a chat completions request, and that parsed.
+fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
+    let request = translated_body(&raw)?;
     if matches!(request.get("input"), None | Some(serde_json::Value::Null)) {
         return Err(RequestError::MissingField("input"));
     }
@@ -348,12 +440,7 @@ fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
         .into());
     }
     let chat = crate::translate::responses::to_chat(&request, &[])?;
-    let body =
-        serde_json::to_vec(&chat.body).map_err(|e| RequestError::InvalidJson(e.to_string()))?;
-    let mut req = parse(Endpoint::ChatCompletions, Bytes::from(body))?;
-    req.endpoint = Endpoint::Responses;
-    req.original = Some(Arc::new(request));
-    Ok(req)
+    translated(Endpoint::Responses, request, chat.body, chat.dropped)
 }
 
 /// Where `part`, borrowed from `raw` (a RawValue of it), lies in it: a pointer difference.

@@ -24,7 +24,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
+    pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
         Reply {
             status,
             body: Bytes::from(serde_json::to_vec(value).unwrap_or_default()),

@@ -92,6 +92,7 @@ fn the_shipped_configs_are_valid() {
             .env("DEEPSEEK_API_KEY", "x")
             .env("TOGETHER_API_KEY", "x")
             .env("FIREWORKS_API_KEY", "x")
+            .env("ANTHROPIC_API_KEY", "x")
             .env("LUMEN_TEAM_A_KEY", "x")
             .output()
             .unwrap();

@@ -110,6 +110,56 @@ pub struct ResponsesRequest {
     user: Option<String>,
 }
 
+/// `POST /v1/messages` (Anthropic's Messages API), translated to chat completions for the
+/// route's targets. `POST /v1/messages/count_tokens` takes the same body without `max_tokens`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct MessagesRequest {
+    model: String,
+    max_tokens: u64,
+    /// `{"role": "user" | "assistant", "content": string | blocks}`; blocks `text`, `image`
+    /// (`base64` or `url`), `tool_use`, `tool_result`, `thinking` (left out for chat targets).
+    #[schema(value_type = Vec<Object>)]
+    messages: Vec<Value>,
+    /// A string or a list of text blocks.
+    #[schema(value_type = Option<Object>)]
+    system: Option<Value>,
+    /// Client tools (`name`, `description`, `input_schema`); server tools need a target that
+    /// speaks the Messages API.
+    #[schema(value_type = Option<Vec<Object>>)]
+    tools: Option<Vec<Value>>,
+    /// `{"type": "auto" | "any" | "tool" | "none", "name"?, "disable_parallel_tool_use"?}`.
+    #[schema(value_type = Option<Object>)]
+    tool_choice: Option<Value>,
+    stop_sequences: Option<Vec<String>>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    /// Left out for chat targets (named in `x-lumen-dropped-params`).
+    top_k: Option<u64>,
+    /// `{"user_id"}`, passed on as the chat request's `user`.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Value>,
+    stream: Option<bool>,
+}
+
+/// An error in Anthropic's shape (every error on the `/v1/messages` paths).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AnthropicError {
+    /// Always `error`.
+    r#type: String,
+    error: AnthropicErrorDetail,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AnthropicErrorDetail {
+    /// `invalid_request_error`, `authentication_error`, `permission_error`, `not_found_error`,
+    /// `request_too_large`, `rate_limit_error`, `api_error`, `timeout_error`, `overloaded_error`.
+    r#type: String,
+    message: String,
+}
+
 /// `POST /generate` takes either shape; the body tells them apart (`content` and `meta`: shape
 /// B when it is on, else `prompt`: shape A when it is on). The handler picks the shape by those
 /// fields, then reads the body as that shape's type.
@@ -383,6 +433,41 @@ mod operations {
         security(("bearer" = []), ("x_api_key" = [])))]
     fn responses() {}
 
+    /// The token count of a Responses request (an estimate from its text: about four
+    /// characters a token, plus each message's framing and the tools' definitions). Routed
+    /// and limited like the request; never forwarded.
+    #[utoipa::path(post, path = "/v1/responses/input_tokens", tag = "openai", request_body = ResponsesRequest,
+        responses(
+            (status = 200, description = "`{\"object\": \"response.input_tokens\", \"input_tokens\"}`", body = Object),
+            (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No key, or an unknown one", body = ErrorBody), (status = 404, description = "Not found", body = ErrorBody),
+            (status = 429, description = "Rate limited (see Retry-After)", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn responses_input_tokens() {}
+
+    /// Anthropic's Messages API: translated to chat completions for the route's targets, the
+    /// answer (or the stream, event by event: `message_start`, `content_block_*`,
+    /// `message_delta`, `message_stop`) translated back. Errors in Anthropic's shape.
+    #[utoipa::path(post, path = "/v1/messages", tag = "anthropic", request_body = MessagesRequest,
+        params(("anthropic-version" = Option<String>, Header, description = "Accepted and ignored")),
+        responses(
+            (status = 200, description = "A `message` object, or with `stream: true` the Messages event stream", body = Object),
+            (status = 400, description = "Bad request", body = AnthropicError), (status = 401, description = "No key, or an unknown one", body = AnthropicError), (status = 404, description = "Not found", body = AnthropicError),
+            (status = 429, description = "Rate limited (see Retry-After)", body = AnthropicError), (status = 502, description = "The provider failed", body = AnthropicError), (status = 503, description = "Unavailable", body = AnthropicError),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn messages() {}
+
+    /// The token count of a Messages request (an estimate, as for the Responses API).
+    #[utoipa::path(post, path = "/v1/messages/count_tokens", tag = "anthropic", request_body = MessagesRequest,
+        responses(
+            (status = 200, description = "`{\"input_tokens\"}`", body = Object),
+            (status = 400, description = "Bad request", body = AnthropicError), (status = 401, description = "No key, or an unknown one", body = AnthropicError), (status = 404, description = "Not found", body = AnthropicError),
+            (status = 429, description = "Rate limited (see Retry-After)", body = AnthropicError),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn messages_count_tokens() {}
+
     // ---- Admin (admin listener; the admin key when one is configured) ----
 
     /// Prometheus metrics (text exposition format).
@@ -502,6 +587,9 @@ impl Modify for SecuritySchemes {
         operations::embeddings,
         operations::rerank,
         operations::responses,
+        operations::responses_input_tokens,
+        operations::messages,
+        operations::messages_count_tokens,
         operations::metrics,
         operations::metrics_summary,
         operations::admin_config,
@@ -517,7 +605,7 @@ impl Modify for SecuritySchemes {
         JobFailed, TaskStatus, TaskState, TaskAnswer, TaskResult, TaskError, GenerateAccepted,
         Alive, Ready, HealthReport, RouteCounts, RedisHealth, ProviderHealth, JobsHealth,
         ModelList, Model, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-        RerankRequest, ResponsesRequest, Summary, RequestSummary, Quantiles, UpstreamSummary, ConfigReport,
+        RerankRequest, ResponsesRequest, MessagesRequest, AnthropicError, AnthropicErrorDetail, Summary, RequestSummary, Quantiles, UpstreamSummary, ConfigReport,
         ReloadReport, ProvidersReport, ProviderReport, ProbeReport, QuotaReport, LastError,
         ModelReport, CircuitReport, Counts, RoutesReport, RouteReport, TargetReport,
         UsageReport, UsageRow, Timeseries, Point, JobEvent, JobEventKind, TaskEvent,
@@ -528,6 +616,7 @@ impl Modify for SecuritySchemes {
         (name = "job shapes", description = "The request shapes of two queue-based LLM APIs (`jobs.compat_prefix`)"),
         (name = "health", description = "Probes for load balancers (no auth)"),
         (name = "openai", description = "OpenAI-compatible endpoints"),
+        (name = "anthropic", description = "Anthropic's Messages API, translated for every provider"),
         (name = "admin", description = "The admin listener"),
     )
 )]
@@ -697,6 +786,7 @@ mod tests {
             ("EmbeddingRequest", Endpoint::Embeddings),
             ("RerankRequest", Endpoint::Rerank),
             ("ResponsesRequest", Endpoint::Responses),
+            ("MessagesRequest", Endpoint::Messages),
         ] {
             let required = &v["components"]["schemas"][schema]["required"];
             let required: Vec<&str> = required

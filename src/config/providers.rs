@@ -10,7 +10,7 @@ use http::{HeaderName, HeaderValue};
 use super::problem::Problem;
 use super::raw::{RawHealth, RawProvider, RawSpawn};
 use crate::upstream::health::CircuitConfig;
-use crate::upstream::provider::{ProbeSpec, Provider, QuotaSpec};
+use crate::upstream::provider::{Api, ProbeSpec, Provider, QuotaSpec, ANTHROPIC_VERSION};
 use crate::upstream::resolve::{Resolver, Upstream};
 use crate::upstream::supervisor::SpawnSpec;
 
@@ -203,12 +203,18 @@ pub(super) fn build_provider(
         idle_timeout,
     };
 
-    let authorization = match p.api_key.as_deref().filter(|k| !k.is_empty()) {
+    let credential = match p.api_key.as_deref().filter(|k| !k.is_empty()) {
         None => None,
-        Some(key) => match HeaderValue::from_str(&format!("Bearer {key}")) {
-            Ok(mut v) => {
+        Some(key) => match match p.api {
+            Api::Openai => HeaderValue::from_str(&format!("Bearer {key}"))
+                .map(|v| (http::header::AUTHORIZATION, v)),
+            Api::Anthropic => {
+                HeaderValue::from_str(key).map(|v| (HeaderName::from_static("x-api-key"), v))
+            }
+        } {
+            Ok((name, mut v)) => {
                 v.set_sensitive(true);
-                Some(v)
+                Some((name, v))
             }
             Err(_) => {
                 problems.push(Problem::at(
@@ -231,6 +237,18 @@ pub(super) fn build_provider(
                 "is not a valid HTTP header",
             )),
         }
+    }
+    if p.api == Api::Anthropic && !headers.iter().any(|(n, _)| n == "anthropic-version") {
+        headers.push((
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static(ANTHROPIC_VERSION),
+        ));
+    }
+    if p.api == Api::Anthropic && spawned {
+        problems.push(Problem::at(
+            here("api"),
+            "a spawned sidecar speaks the OpenAI API; `api: anthropic` is for Messages API providers",
+        ));
     }
     let base_path = url.path().trim_end_matches('/').to_string();
     let probe = build_probe(name, p.health.as_ref(), &base_path, spawned, &mut problems);
@@ -283,7 +301,8 @@ pub(super) fn build_provider(
             )]
         })?,
         base_path,
-        authorization,
+        api: p.api,
+        credential,
         headers,
         timeout,
         idle_timeout,

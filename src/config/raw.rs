@@ -506,9 +506,14 @@ fn default_grace() -> Duration {
 pub struct RawProvider {
     /// e.g. `https://api.groq.com/openai/v1`: endpoint paths (`/chat/completions`) are appended.
     pub base_url: String,
-    /// Sent as `Authorization: Bearer …`; usually `${PROVIDER_API_KEY}`.
+    /// Sent as `Authorization: Bearer …` (`x-api-key` for `api: anthropic`); usually
+    /// `${PROVIDER_API_KEY}`.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// The API it speaks: `openai` (the default: chat completions and the endpoints beside
+    /// it) or `anthropic` (the Messages API).
+    #[serde(default)]
+    pub api: crate::upstream::provider::Api,
     /// Extra headers sent with every request to this provider.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,

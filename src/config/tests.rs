@@ -46,7 +46,9 @@ fn a_good_config_builds_a_snapshot() {
     let groq = &s.providers["groq"];
     assert_eq!(groq.base_path, "/openai/v1");
     assert_eq!(groq.timeout, std::time::Duration::from_secs(30));
-    assert_eq!(groq.authorization.as_ref().unwrap(), "Bearer gsk-secret");
+    let (name, value) = groq.credential.as_ref().unwrap();
+    assert_eq!(name.as_str(), "authorization");
+    assert_eq!(value, "Bearer gsk-secret");
     assert_eq!(s.routes.model_names().collect::<Vec<_>>(), ["fast"]);
     let fast = s.routes.resolve("fast").unwrap();
     assert_eq!(fast.targets.len(), 2);

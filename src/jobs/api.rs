@@ -153,11 +153,13 @@ pub async fn answer(
     };
     match call {
         Call::Submit => {
-            let req: SubmitJob = typed_body(body, "POST /v1/jobs takes {\"endpoint\", \"body\", \"job_id\"?} with `endpoint` one of /v1/chat/completions, /v1/completions, /v1/embeddings")?;
+            let req: SubmitJob = typed_body(body, "POST /v1/jobs takes {\"endpoint\", \"body\", \"job_id\"?} with `endpoint` one of /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/messages")?;
             let endpoint = match req.endpoint {
                 JobEndpoint::ChatCompletions => Endpoint::ChatCompletions,
                 JobEndpoint::Completions => Endpoint::Completions,
                 JobEndpoint::Embeddings => Endpoint::Embeddings,
+                JobEndpoint::Responses => Endpoint::Responses,
+                JobEndpoint::Messages => Endpoint::Messages,
             };
             let client_id = job_id(req.job_id)?;
             let (view, fresh) =

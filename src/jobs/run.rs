@@ -326,6 +326,10 @@ async fn execute(
         _ => None,
     };
     let mut body = body.clone();
+    if endpoint.translated() {
+        // A Responses or Messages job's result is its whole answer, in its own API.
+        body["stream"] = Value::Bool(false);
+    }
     if kind.is_some() {
         body["stream"] = Value::Bool(true);
         if body.get("stream_options").is_none_or(Value::is_null) {

@@ -17,6 +17,10 @@ pub enum JobEndpoint {
     Completions,
     #[serde(rename = "/v1/embeddings")]
     Embeddings,
+    #[serde(rename = "/v1/responses")]
+    Responses,
+    #[serde(rename = "/v1/messages")]
+    Messages,
 }
 
 /// `POST /v1/jobs`.

@@ -113,6 +113,11 @@ impl Gateway {
         let route = resolve_route(ctx, &config, &principal, &req)?;
         // 8. Route limit, per key.                                                      429
         self.limit_route(ctx, &principal, &route).await?;
+        // A token count (Messages, Responses) is answered here: routed and limited like the
+        // request it measures, but never forwarded, cached or charged tokens.
+        if req.counting {
+            return Ok(Admit::Reply(count_tokens(&req)));
+        }
         // 9. Cache: a hit answers below (a request, but no provider call).
         let plan = plan::plan(&route, &req, &principal, s.req_header());
         let hit = self.cache_hit(ctx, plan.as_ref()).await;
@@ -246,10 +251,14 @@ async fn read_request(
 ) -> Result<LlmRequest, GatewayError> {
     let head = s.req_header();
     let path = head.uri.path();
-    let endpoint = Endpoint::from_path(path).ok_or_else(|| GatewayError::UnknownEndpoint {
-        method: head.method.to_string(),
-        path: path.to_string(),
-    })?;
+    let counting = Endpoint::counting_path(path);
+    let endpoint =
+        Endpoint::from_path(path)
+            .or(counting)
+            .ok_or_else(|| GatewayError::UnknownEndpoint {
+                method: head.method.to_string(),
+                path: path.to_string(),
+            })?;
     ctx.endpoint = Some(endpoint);
     if head.method != http::Method::POST {
         return Err(GatewayError::MethodNotAllowed {
@@ -261,9 +270,23 @@ async fn read_request(
         json_body_required(head, config.limits.max_body_bytes)?;
     }
     let raw = read_body(s, config).await?;
-    let req = openai::parse(endpoint, raw)?;
+    let req = match counting {
+        Some(api) => openai::parse_counting(api, raw)?,
+        None => openai::parse(endpoint, raw)?,
+    };
     ctx.stream = req.stream;
     Ok(req)
+}
+
+/// The answer to a token count: the prompt's estimated size, in the API's own shape.
+fn count_tokens(req: &LlmRequest) -> ops::Reply {
+    let chat = serde_json::from_slice(&req.raw).unwrap_or(serde_json::Value::Null);
+    let tokens = crate::translate::estimate_prompt_tokens(&chat);
+    let body = match req.endpoint {
+        Endpoint::Messages => serde_json::json!({"input_tokens": tokens}),
+        _ => serde_json::json!({"object": "response.input_tokens", "input_tokens": tokens}),
+    };
+    ops::Reply::json(http::StatusCode::OK, &body)
 }
 
 /// Step 7: the route for the model asked for. The allow-list names what clients ask for, so it

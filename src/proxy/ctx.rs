@@ -51,6 +51,9 @@ pub struct RequestCtx {
     /// Headers every response to this request carries (request id, CORS).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     pub endpoint: Option<Endpoint>,
+    /// The client speaks Anthropic's API (a `/v1/messages` path): every error it gets, from
+    /// the first check on, takes Anthropic's shape.
+    pub anthropic: bool,
     /// Who is calling, once authenticated (shared, not copied: keys' principals are built at
     /// config load). Its `key_id` goes to the access log, never the credential.
     pub principal: Option<Arc<Principal>>,
@@ -138,6 +141,7 @@ impl RequestCtx {
             request_id: HeaderValue::from_static(""),
             response_headers: Vec::new(),
             endpoint: None,
+            anthropic: false,
             principal: None,
             gauge: None,
             in_flight: None,

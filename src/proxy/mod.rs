@@ -112,7 +112,7 @@ impl ProxyHttp for Gateway {
         let Some(mut watch) = self.miss(s, ctx, &req, &route, plan.as_ref()).await? else {
             return Ok(true);
         };
-        // A translated request (Responses): its answer is translated back.
+        // A translated request (Responses, Messages): its answer is translated back.
         let translation = translated::start(ctx, &req, &mut watch);
         // 11. Forward: targets in order, fallback, retries, the answer streamed back.
         let forwarded = self
@@ -121,8 +121,8 @@ impl ProxyHttp for Gateway {
             .await;
         match forwarded {
             Ok(()) => {
-                if let Some(meta) = &translation {
-                    self.send_translated(s, ctx, meta, &mut watch).await?;
+                if let Some(answer) = &translation {
+                    self.send_translated(s, ctx, answer, &mut watch).await?;
                 }
                 // 12 (the rest is in `logging`): a complete answer is stored.
                 self.cache_fill(watch);

@@ -1,5 +1,5 @@
 //! Writing answers: a complete JSON reply, the one place an error becomes a response
-//! (`write_error`, in OpenAI's shape), what the client sees of a forward that failed, a
+//! (`write_error`, in OpenAI's shape, or Anthropic's for a Messages client), what the client sees of a forward that failed, a
 //! policy's own answer (a CORS preflight), and reading the request body within its limits.
 
 // Reachable from the network: no panics (issue 16); tests below may unwrap.
@@ -43,6 +43,7 @@ impl Gateway {
         s.set_write_timeout(Some(DOWNSTREAM_WRITE_TIMEOUT));
         ctx.gauge = Some(InFlightGauge::enter(&self.metrics.in_flight));
         let config = self.config.load_full();
+        ctx.anthropic = s.req_header().uri.path().starts_with("/v1/messages");
         ctx.request_id = match s.req_header().headers.get("x-request-id") {
             Some(id) if accept_request_id(id) => id.clone(),
             _ => new_request_id(),
@@ -118,8 +119,14 @@ impl Gateway {
             // read and discard it first, briefly, to keep the connection usable.
             s.set_keepalive(None);
         }
-        self.write_reply(s, ctx, err.parts().status, Bytes::from(err.body()))
-            .await?;
+        let status = err.parts().status;
+        let body = if ctx.anthropic {
+            let error = crate::translate::messages::error_body(status.as_u16(), &err.to_string());
+            serde_json::to_vec(&error).unwrap_or_default()
+        } else {
+            err.body()
+        };
+        self.write_reply(s, ctx, status, Bytes::from(body)).await?;
         if too_large {
             // Lingering close: keep reading and discarding briefly, so a client still sending
             // its body sees the 413 instead of a reset connection.

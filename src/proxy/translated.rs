@@ -1,7 +1,7 @@
-//! A request in another API than the target's (a Responses request to a chat completions
-//! target, DESIGN.md step 6): its answer is translated back, a stream event by event while it
-//! flows, a whole answer once it is here. The request itself was translated when it was parsed
-//! (`openai::parse`).
+//! A request in another API than the target's (a Responses or Messages request to a chat
+//! completions target, DESIGN.md step 6): its answer is translated back, a stream event by
+//! event while it flows, a whole answer once it is here. The request itself was translated
+//! when it was parsed (`openai::parse`).
 
 // Reachable from the network: no panics (issue 16).
 #![deny(
@@ -20,11 +20,11 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::ctx::RequestCtx;
-use super::forward::{Captured, ResponsesStream, Watchers};
+use super::forward::{Captured, TranslatedStream, Watchers};
 use super::gateway::Gateway;
 use crate::error::{GatewayError, UpstreamError};
-use crate::openai::LlmRequest;
-use crate::translate::responses::{dropped_fields, from_chat, Meta, StreamTranslator};
+use crate::openai::{Endpoint, LlmRequest};
+use crate::translate::{messages, responses, Answer};
 
 /// Most bytes of a whole answer kept for its translation.
 const MAX_ANSWER: usize = 64 * 1024 * 1024;
@@ -34,37 +34,45 @@ const DROPPED_HEADER: HeaderName = HeaderName::from_static("x-lumen-dropped-para
 
 /// Sets up the translation of `req`'s answer (`None` for an untranslated request): `watch`
 /// translates a stream as it flows, or becomes a capture of the whole answer. Returns what
-/// the translated answer says of itself (its id, and the request it echoes).
-pub(super) fn start(ctx: &mut RequestCtx, req: &LlmRequest, watch: &mut Watchers) -> Option<Meta> {
+/// the translated answer says of itself (its id, and the request a `response` echoes).
+pub(super) fn start(
+    ctx: &mut RequestCtx,
+    req: &LlmRequest,
+    watch: &mut Watchers,
+) -> Option<Answer> {
     let original = req.original.as_ref()?;
-    let dropped = dropped_fields(original);
-    if !dropped.is_empty() {
+    if !req.dropped.is_empty() {
         // Field names from a fixed list: always a valid header value.
-        if let Ok(v) = HeaderValue::from_str(&dropped.join(", ")) {
+        if let Ok(v) = HeaderValue::from_str(&req.dropped.join(", ")) {
             ctx.response_headers.push((DROPPED_HEADER, v));
         }
     }
-    let id = format!("resp_{}", ctx.request_id.to_str().unwrap_or_default());
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let meta = Meta::new(id, now, original);
+    let id = ctx.request_id.to_str().unwrap_or_default();
+    let answer = match req.endpoint {
+        Endpoint::Messages => Answer::Messages(messages::Meta::new(format!("msg_{id}"), original)),
+        _ => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            Answer::Responses(responses::Meta::new(format!("resp_{id}"), now, original))
+        }
+    };
     if req.stream {
-        watch.translating(ResponsesStream::new(StreamTranslator::new(meta.clone())));
+        watch.translating(TranslatedStream::new(answer.clone()));
     } else {
         *watch = Watchers::capturing(MAX_ANSWER);
     }
-    Some(meta)
+    Some(answer)
 }
 
 impl Gateway {
     /// Sends a whole translated answer (a stream went out as it came). An error answer is
-    /// passed on as it is: errors have the same shape in both APIs.
+    /// passed on in the client's API's error shape (OpenAI's is the Responses API's too).
     pub(super) async fn send_translated(
         &self,
         s: &mut Session,
         ctx: &mut RequestCtx,
-        meta: &Meta,
+        answer: &Answer,
         watch: &mut Watchers,
     ) -> Result<()> {
         let Some(Captured {
@@ -77,10 +85,13 @@ impl Gateway {
             return Ok(());
         };
         let body = body.freeze();
-        let body = if head.status.is_success() {
+        let body = if watch.native() {
+            // The provider speaks the client's API: its answer is the client's as it is.
+            body
+        } else if head.status.is_success() {
             match serde_json::from_slice(&body) {
                 Ok(chat) => {
-                    Bytes::from(serde_json::to_vec(&from_chat(&chat, meta)).unwrap_or_default())
+                    Bytes::from(serde_json::to_vec(&answer.from_chat(&chat)).unwrap_or_default())
                 }
                 Err(_) => {
                     let error = GatewayError::Upstream(UpstreamError::Mismatch {
@@ -91,7 +102,10 @@ impl Gateway {
                 }
             }
         } else {
-            body
+            match answer.error(head.status.as_u16(), &body) {
+                Some(error) => Bytes::from(serde_json::to_vec(&error).unwrap_or_default()),
+                None => body,
+            }
         };
         head.insert_header(CONTENT_LENGTH, body.len())?;
         ctx.status = head.status.as_u16();

@@ -7,6 +7,12 @@
 //! | file | what it does |
 //! |---|---|
 //! | `responses.rs` | OpenAI's Responses API: request → chat, chat answer → `response`, chat stream → Responses events |
+//! | `messages.rs` | Anthropic's Messages API: request → chat, chat answer → `message`, chat stream → Messages events, errors in Anthropic's shape |
+//! | `messages_provider.rs` | the other way, for a provider that speaks the Messages API: chat request → Messages, `message` → chat answer, Messages events → chat chunks |
+//!
+//! What both share lives here: the usage a chat answer reports ([`ChatUsage`]), a stream's
+//! events and their SSE form ([`Event`], [`write_sse`]), and the one type the pipeline holds
+//! for a translated answer ([`Answer`]) and stream ([`Stream`]).
 //!
 //! Pure functions over JSON values, no I/O: the pipeline decides when to translate, these only
 //! say how. Client input is never trusted: every shape is checked and a wrong one is a
@@ -20,7 +26,11 @@
     clippy::arithmetic_side_effects
 )]
 
+pub mod messages;
+pub mod messages_provider;
 pub mod responses;
+
+use serde_json::Value;
 
 /// A request that cannot be translated, said in the client's terms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,5 +69,224 @@ impl TranslateError {
                 field
             }
         }
+    }
+}
+
+/// The usage a chat answer reports, with zeros for what it leaves out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChatUsage {
+    pub input: u64,
+    pub output: u64,
+    pub total: u64,
+    /// Input tokens read from the provider's prompt cache.
+    pub cached: u64,
+    /// Input tokens written to it (providers that bill writes apart report them).
+    pub cache_written: u64,
+    pub reasoning: u64,
+}
+
+impl ChatUsage {
+    pub fn of(usage: Option<&Value>) -> ChatUsage {
+        let u = usage.filter(|u| u.is_object());
+        let n = |p: &str| {
+            u.and_then(|u| u.pointer(p))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
+        let (input, output) = (n("/prompt_tokens"), n("/completion_tokens"));
+        ChatUsage {
+            input,
+            output,
+            total: u
+                .and_then(|u| u.get("total_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or_else(|| input.saturating_add(output)),
+            cached: n("/prompt_tokens_details/cached_tokens"),
+            cache_written: n("/prompt_tokens_details/cache_write_tokens"),
+            reasoning: n("/completion_tokens_details/reasoning_tokens"),
+        }
+    }
+}
+
+/// An estimate of a chat request's prompt tokens, for the token counting endpoints: about four
+/// characters a token for text (English prose runs 3.5–4.5 with the common BPE tokenizers), a
+/// few tokens of framing per message, tool definitions by their JSON size, and an image at
+/// OpenAI's low-detail cost.
+pub fn estimate_prompt_tokens(chat: &Value) -> u64 {
+    fn text(chars: usize) -> u64 {
+        (chars as u64).div_ceil(4)
+    }
+    let mut tokens: u64 = 3;
+    let messages = chat.get("messages").and_then(Value::as_array);
+    for message in messages.map(Vec::as_slice).unwrap_or_default() {
+        tokens = tokens.saturating_add(4);
+        match message.get("content") {
+            Some(Value::String(s)) => tokens = tokens.saturating_add(text(s.chars().count())),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    let cost = match part.get("text").and_then(Value::as_str) {
+                        Some(t) => text(t.chars().count()),
+                        None => 85,
+                    };
+                    tokens = tokens.saturating_add(cost);
+                }
+            }
+            _ => {}
+        }
+        if let Some(calls) = message.get("tool_calls") {
+            tokens = tokens.saturating_add(text(calls.to_string().len()));
+        }
+    }
+    if let Some(tools) = chat.get("tools") {
+        tokens = tokens.saturating_add(text(tools.to_string().len()));
+    }
+    tokens
+}
+
+/// One stream event: its type (the SSE `event:` line) and its data.
+pub type Event = (&'static str, Value);
+
+/// Appends one event as SSE bytes: `event: <type>` and `data: <json>`.
+pub fn write_sse(out: &mut Vec<u8>, event: &Event) {
+    let (kind, data) = event;
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    // Serializing a `Value` into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, data);
+    out.extend_from_slice(b"\n\n");
+}
+
+/// What a translated answer says of itself, in the client's API: a chat answer becomes its
+/// `response` or `message`, a chat stream its events.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Responses(responses::Meta),
+    Messages(messages::Meta),
+}
+
+impl Answer {
+    /// A whole chat completion in the client's API.
+    pub fn from_chat(&self, chat: &Value) -> Value {
+        match self {
+            Answer::Responses(meta) => responses::from_chat(chat, meta),
+            Answer::Messages(meta) => messages::from_chat(chat, meta),
+        }
+    }
+
+    /// An error answer (`status`, an OpenAI-shaped `body`) in the client's API; `None` when
+    /// it is the same (Responses errors are OpenAI's).
+    pub fn error(&self, status: u16, body: &[u8]) -> Option<Value> {
+        match self {
+            Answer::Responses(_) => None,
+            Answer::Messages(_) => Some(messages::error_from_openai(status, body)),
+        }
+    }
+
+    /// The translator of a chat stream into the client's events.
+    pub fn stream(&self) -> Stream {
+        match self {
+            Answer::Responses(meta) => {
+                Stream::Responses(responses::StreamTranslator::new(meta.clone()))
+            }
+            Answer::Messages(meta) => {
+                Stream::Messages(messages::StreamTranslator::new(meta.clone()))
+            }
+        }
+    }
+}
+
+/// Chat completion chunks in, the client's stream events out.
+#[derive(Debug)]
+pub enum Stream {
+    Responses(responses::StreamTranslator),
+    Messages(messages::StreamTranslator),
+}
+
+impl Stream {
+    /// The events one chat chunk makes.
+    pub fn chunk(&mut self, chunk: &Value, out: &mut Vec<Event>) {
+        match self {
+            Stream::Responses(t) => t.chunk(chunk, out),
+            Stream::Messages(t) => t.chunk(chunk, out),
+        }
+    }
+
+    /// The stream's end (`[DONE]`).
+    pub fn finish(&mut self, out: &mut Vec<Event>) {
+        match self {
+            Stream::Responses(t) => t.finish(out),
+            Stream::Messages(t) => t.finish(out),
+        }
+    }
+
+    /// The stream failed after its first event: its closing failure event, once.
+    pub fn fail(&mut self, message: &str, out: &mut Vec<Event>) {
+        match self {
+            Stream::Responses(t) => t.fail(message, out),
+            Stream::Messages(t) => t.fail(message, out),
+        }
+    }
+
+    /// Whether the stream has ended.
+    pub fn finished(&self) -> bool {
+        match self {
+            Stream::Responses(t) => t.finished(),
+            Stream::Messages(t) => t.finished(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn events_are_written_as_named_sse_events() {
+        let mut bytes = b"before\n\n".to_vec();
+        write_sse(
+            &mut bytes,
+            &("response.output_text.delta", json!({"delta": "a\nb"})),
+        );
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            "before\n\nevent: response.output_text.delta\ndata: {\"delta\":\"a\\nb\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn prompt_estimates_grow_with_text_messages_and_tools() {
+        let one = json!({"messages": [{"role": "user", "content": "abcdefgh"}]});
+        assert_eq!(estimate_prompt_tokens(&one), 3 + 4 + 2);
+        let two = json!({"messages": [{"role": "system", "content": "abcd"},
+                                      {"role": "user", "content": [{"type": "text", "text": "abcdefgh"},
+                                                                   {"type": "image_url", "image_url": {"url": "x"}}]}]});
+        assert_eq!(estimate_prompt_tokens(&two), 3 + 4 + 1 + 4 + 2 + 85);
+        let tools = json!({"messages": [{"role": "user", "content": "abcdefgh"}],
+                           "tools": [{"type": "function", "function": {"name": "f"}}]});
+        assert!(estimate_prompt_tokens(&tools) > estimate_prompt_tokens(&one));
+        assert_eq!(estimate_prompt_tokens(&json!({})), 3);
+    }
+
+    #[test]
+    fn usage_reads_every_detail_and_defaults_to_zero() {
+        let u = ChatUsage::of(Some(&json!({"prompt_tokens": 10, "completion_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 3, "cache_write_tokens": 2},
+            "completion_tokens_details": {"reasoning_tokens": 1}})));
+        assert_eq!(
+            u,
+            ChatUsage {
+                input: 10,
+                output: 4,
+                total: 14,
+                cached: 3,
+                cache_written: 2,
+                reasoning: 1
+            }
+        );
+        assert_eq!(ChatUsage::of(None), ChatUsage::default());
+        assert_eq!(ChatUsage::of(Some(&json!("x"))), ChatUsage::default());
     }
 }

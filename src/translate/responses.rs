@@ -15,7 +15,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::TranslateError;
+use super::{ChatUsage, Event, TranslateError};
 
 /// A chat completions body, and the Responses fields it does not carry (for a response
 /// header saying so).
@@ -505,23 +505,13 @@ impl End {
 
 /// A chat `usage` object in Responses terms (zeros when absent).
 pub fn usage(chat_usage: Option<&Value>) -> Value {
-    let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
-    let u = chat_usage.filter(|u| u.is_object());
-    let input = n(u.and_then(|u| u.get("prompt_tokens")));
-    let output = n(u.and_then(|u| u.get("completion_tokens")));
-    let total = u
-        .and_then(|u| u.get("total_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| input.saturating_add(output));
-    let cached = n(u.and_then(|u| u.pointer("/prompt_tokens_details/cached_tokens")));
-    let written = n(u.and_then(|u| u.pointer("/prompt_tokens_details/cache_write_tokens")));
-    let reasoning = n(u.and_then(|u| u.pointer("/completion_tokens_details/reasoning_tokens")));
+    let u = ChatUsage::of(chat_usage);
     json!({
-        "input_tokens": input,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
-        "output_tokens": output,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": total,
+        "input_tokens": u.input,
+        "input_tokens_details": {"cached_tokens": u.cached, "cache_write_tokens": u.cache_written},
+        "output_tokens": u.output,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning},
+        "total_tokens": u.total,
     })
 }
 
@@ -624,9 +614,6 @@ pub struct StreamTranslator {
     usage: Option<Value>,
     finished: bool,
 }
-
-/// One event: its type (the SSE `event:` line) and its data.
-pub type Event = (&'static str, Value);
 
 impl StreamTranslator {
     pub fn new(meta: Meta) -> StreamTranslator {
@@ -874,17 +861,6 @@ impl StreamTranslator {
         }
         output
     }
-}
-
-/// Appends one event as SSE bytes: `event: <type>` and `data: <json>`.
-pub fn write_sse(out: &mut Vec<u8>, event: &Event) {
-    let (kind, data) = event;
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(kind.as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    // Serializing a `Value` into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, data);
-    out.extend_from_slice(b"\n\n");
 }
 
 #[cfg(test)]
@@ -1253,18 +1229,5 @@ mod tests {
             MAX_ITEMS
         );
         assert_eq!(out.last().unwrap().0, "response.failed");
-    }
-
-    #[test]
-    fn events_are_written_as_named_sse_events() {
-        let mut bytes = b"before\n\n".to_vec();
-        write_sse(
-            &mut bytes,
-            &("response.output_text.delta", json!({"delta": "a\nb"})),
-        );
-        assert_eq!(
-            String::from_utf8(bytes).unwrap(),
-            "before\n\nevent: response.output_text.delta\ndata: {\"delta\":\"a\\nb\"}\n\n"
-        );
     }
 }

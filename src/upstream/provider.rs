@@ -25,8 +25,11 @@ pub struct Provider {
     pub host: HeaderValue,
     /// The base URL's path without a trailing slash (`/openai/v1`); endpoint paths follow it.
     pub base_path: String,
-    /// `Bearer <api_key>`, marked sensitive so it never shows in debug output.
-    pub authorization: Option<HeaderValue>,
+    /// The API the provider speaks: what a request to it is translated to, if anything.
+    pub api: Api,
+    /// The credential header: `Authorization: Bearer <api_key>` (`x-api-key: <api_key>` for
+    /// `api: anthropic`), marked sensitive so it never shows in debug output.
+    pub credential: Option<(HeaderName, HeaderValue)>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub timeout: Duration,
     pub idle_timeout: Duration,
@@ -51,6 +54,24 @@ impl std::fmt::Debug for Provider {
             .finish_non_exhaustive()
     }
 }
+
+/// The API a provider speaks (`api:` in its config).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// OpenAI's Chat Completions and the endpoints beside it (`/completions`, `/embeddings`,
+    /// `/rerank`): OpenAI, Groq, DeepSeek, Together, Fireworks, the sidecar.
+    #[default]
+    #[serde(alias = "chat")]
+    Openai,
+    /// Anthropic's Messages API (`POST /messages`): a Messages request goes as it is, a chat
+    /// (or Responses) request is translated to it and its answer back.
+    Anthropic,
+}
+
+/// The `anthropic-version` a provider with `api: anthropic` is sent unless its `headers:` set
+/// one.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// How a provider is probed.
 #[derive(Debug, Clone, PartialEq)]

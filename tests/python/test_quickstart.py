@@ -140,3 +140,24 @@ def test_responses_api_on_the_real_model(quickstart):
     assert events[-1].type in ("response.completed", "response.incomplete")
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == resp.output_text
     assert final.usage.output_tokens == resp.usage.output_tokens
+
+
+def test_messages_api_on_the_real_model(quickstart):
+    """A Messages request from the `anthropic` SDK, translated for the local sidecar, gets the
+    same answer as the chat request it becomes; streamed, the same text, then `message_stop`."""
+    import anthropic
+
+    g, client = quickstart
+    chat = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+    a = anthropic.Anthropic(base_url=g.base_url.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=120)
+    msg = a.messages.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+    assert msg.type == "message" and msg.stop_reason in ("end_turn", "max_tokens")
+    assert msg.content[0].text == chat.choices[0].message.content
+    assert msg.usage.input_tokens == chat.usage.prompt_tokens
+    assert msg.usage.output_tokens == chat.usage.completion_tokens
+    with a.messages.stream(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert events[-1].type == "message_stop"
+    assert final.content[0].text == msg.content[0].text
+    assert final.usage.output_tokens == msg.usage.output_tokens

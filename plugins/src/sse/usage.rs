@@ -22,12 +22,30 @@ use serde::Deserialize;
 const JSON_LIMIT: usize = 8 << 20;
 const LINE_LIMIT: usize = 1 << 20;
 
+/// A body or event with usage: OpenAI's at the top (`usage`), or an Anthropic Messages
+/// stream's `message_start`, whose usage is in its `message`.
 #[derive(Deserialize)]
 struct WithUsage {
     #[serde(default)]
     usage: Option<Usage>,
+    #[serde(default)]
+    message: Option<Nested>,
 }
 
+#[derive(Deserialize)]
+struct Nested {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+impl WithUsage {
+    fn usage(self) -> Option<Usage> {
+        self.usage.or(self.message.and_then(|m| m.usage))
+    }
+}
+
+/// Usage in OpenAI's terms (`prompt_tokens`, `completion_tokens`) or Anthropic's
+/// (`input_tokens` without the cache's, `output_tokens`).
 #[derive(Deserialize)]
 struct Usage {
     #[serde(default)]
@@ -36,11 +54,32 @@ struct Usage {
     prompt_tokens: Option<u64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
 }
 
 impl Usage {
+    fn prompt(&self) -> Option<u64> {
+        self.prompt_tokens.or_else(|| {
+            self.input_tokens.map(|i| {
+                i.saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+                    .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+            })
+        })
+    }
+
+    fn completion(&self) -> Option<u64> {
+        self.completion_tokens.or(self.output_tokens)
+    }
+
     fn split(&self) -> Option<(u64, u64)> {
-        match (self.prompt_tokens, self.completion_tokens) {
+        match (self.prompt(), self.completion()) {
             (None, None) => None,
             (p, c) => Some((p.unwrap_or(0), c.unwrap_or(0))),
         }
@@ -48,10 +87,7 @@ impl Usage {
 
     fn total(&self) -> Option<u64> {
         self.total_tokens
-            .or(match (self.prompt_tokens, self.completion_tokens) {
-                (None, None) => None,
-                (p, c) => Some(p.unwrap_or(0).saturating_add(c.unwrap_or(0))),
-            })
+            .or(self.split().map(|(p, c)| p.saturating_add(c)))
     }
 }
 
@@ -148,8 +184,18 @@ impl UsageTap {
             self.events = self.events.saturating_add(1);
         }
         if let Some(usage) = sse_usage(line) {
-            self.total = usage.total();
-            self.split = usage.split();
+            // A Messages stream reports in two events (input at the start, output at the
+            // end): what one leaves out, the one before said.
+            let before = self.split;
+            let prompt = usage.prompt().or(before.map(|(p, _)| p));
+            let completion = usage.completion().or(before.map(|(_, c)| c));
+            self.split = match (prompt, completion) {
+                (None, None) => None,
+                (p, c) => Some((p.unwrap_or(0), c.unwrap_or(0))),
+            };
+            self.total = usage
+                .total_tokens
+                .or(self.split.map(|(p, c)| p.saturating_add(c)));
         }
     }
 
@@ -169,7 +215,7 @@ impl UsageTap {
         if !self.sse && !self.overflow && self.total.is_none() && !self.buf.is_empty() {
             let usage = serde_json::from_slice::<WithUsage>(&self.buf)
                 .ok()
-                .and_then(|w| w.usage);
+                .and_then(WithUsage::usage);
             self.buf = Vec::new();
             if let Some(u) = usage {
                 self.total = u.total();
@@ -314,7 +360,7 @@ fn sse_usage(line: &[u8]) -> Option<Usage> {
     }
     serde_json::from_slice::<WithUsage>(data.trim_ascii())
         .ok()?
-        .usage
+        .usage()
 }
 
 #[cfg(test)]
@@ -349,6 +395,25 @@ mod tests {
         let mut none = UsageTap::new(true);
         none.observe(b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(none.total_tokens(), None);
+    }
+
+    /// Anthropic's Messages API: a whole `message`'s usage (cache reads and writes count as
+    /// prompt tokens), and a stream's, given at its start (input) and its end (output).
+    #[test]
+    fn anthropic_usage_is_read_in_openai_terms() {
+        let mut json = UsageTap::new(false);
+        json.observe(br#"{"id":"msg_1","usage":{"input_tokens":7,"output_tokens":4,"cache_read_input_tokens":3}}"#);
+        assert_eq!(json.split(), Some((10, 4)));
+        assert_eq!(json.total_tokens(), Some(14));
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n",
+        );
+        let mut tap = UsageTap::new(true);
+        tap.observe(stream.as_bytes());
+        assert_eq!(tap.split(), Some((12, 9)));
+        assert_eq!(tap.total_tokens(), Some(21));
     }
 
     /// Lines are read in place and only a line split across chunks is copied: the usage and

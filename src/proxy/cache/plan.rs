@@ -37,15 +37,15 @@ pub struct Items {
     pub keys: Vec<String>,
 }
 
-/// The cache's name for an endpoint; `None`: not cached (a translated Responses answer is
-/// not stored yet: the cache holds answers in the client's own API).
+/// The cache's name for an endpoint; `None`: not cached (a translated Responses or Messages
+/// answer is not stored yet: the cache holds answers in the client's own API).
 fn api_of(endpoint: Endpoint) -> Option<Api> {
     match endpoint {
         Endpoint::ChatCompletions => Some(Api::Chat),
         Endpoint::Completions => Some(Api::Completion),
         Endpoint::Embeddings => Some(Api::Embeddings),
         Endpoint::Rerank => Some(Api::Rerank),
-        Endpoint::Responses => None,
+        Endpoint::Responses | Endpoint::Messages => None,
     }
 }
 

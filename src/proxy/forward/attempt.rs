@@ -26,19 +26,22 @@ use super::error::{
     ForwardError,
 };
 use super::pool::Connections;
-use super::request::{client_head, read_all, read_final_head, upstream_request, write_request};
+use super::request::{
+    client_head, read_all, read_final_head, target_body, upstream_request, write_request,
+};
 use super::stream::{stream_to_client, Settle, Source};
 use super::watch::Watchers;
 use crate::drain::Drain;
 use crate::error::UpstreamError;
 use crate::metrics::Metrics;
-use crate::openai::{body_with_usage, LlmRequest};
+use crate::openai::LlmRequest;
 use crate::proxy::ctx::RequestCtx;
 use crate::routing::balance::TargetState;
 use crate::routing::Target;
+use crate::translate::messages_provider;
 use crate::upstream::health::quota::{read_provider_limits, Quotas};
 use crate::upstream::health::{HealthTable, Outcome, Permit, TargetHealth};
-use crate::upstream::provider::Provider;
+use crate::upstream::provider::{Api, Provider};
 use crate::upstream::retry::{Failure, RetryPolicy};
 
 /// A provider's error answer is kept up to this size so that, if no other target answers, the
@@ -112,9 +115,13 @@ pub(super) async fn attempt(
     // Streams always ask for the usage chunk (budgets, quotas and the ledger settle on
     // it, whatever the client set); the client sees it only if it asked.
     watch.strip_usage(crate::openai::adds_usage(req));
-    let body = body_with_usage(req, target.model_json.as_ref());
-    let head = match upstream_request(session.req_header(), provider, req, &body, &ctx.request_id) {
-        Ok(head) => head,
+    watch.provider_api(provider.api, req.endpoint);
+    let head = target_body(req, target).and_then(|body| {
+        upstream_request(session.req_header(), provider, req, &body, &ctx.request_id)
+            .map(|head| (head, body))
+    });
+    let (head, body) = match head {
+        Ok(built) => built,
         Err(e) => {
             if let Some(permit) = permit.take() {
                 record(up, t, permit, Outcome::Neutral);
@@ -166,6 +173,15 @@ pub(super) async fn attempt(
                 t.connections
                     .release(upstream, &peer, provider.idle_timeout)
                     .await;
+                // Kept in OpenAI's shape, whatever the provider's API: it is what the client
+                // (or its own API's translation) gets if nothing else answers.
+                let body = match provider.api {
+                    Api::Openai => body,
+                    Api::Anthropic => Bytes::from(
+                        serde_json::to_vec(&messages_provider::error(status, &body))
+                            .unwrap_or_default(),
+                    ),
+                };
                 Some((head, body))
             }
             _ => None,

@@ -26,11 +26,13 @@
 //! | `pool.rs` | connections to providers: new ones, and the idle ones kept for reuse |
 //! | `ready.rs` | polling a read once without waiting (batching chunks, checking an idle connection) |
 //! | `translate.rs` | a streamed answer translated event by event for a client of another API |
+//! | `adapt.rs` | the answer of a provider of another API (`api: anthropic`) made a chat answer first |
 //! | `error.rs` | [`ForwardError`] and the mapping of transport errors |
 //!
 //! Imports: `upstream` (health, quotas, providers), `routing`, the request's `ctx`, and the
 //! cache's `Fill` (a watcher); nothing else of `proxy`.
 
+mod adapt;
 mod attempt;
 mod error;
 mod pool;
@@ -59,7 +61,7 @@ use error::is_openai_error;
 pub use error::{sse_error_event, ForwardError};
 use pool::Connections;
 pub use stream::Settle;
-pub use translate::ResponsesStream;
+pub use translate::TranslatedStream;
 pub use watch::{Captured, Watchers};
 
 /// Idle keep-alive connections kept across all providers. Many concurrent streams finish at
@@ -304,6 +306,13 @@ impl Forwarder {
         // replaced by ours.
         let Some((mut head, body)) = failed.answer.filter(|(_, body)| is_openai_error(body)) else {
             return Err(ForwardError::BeforeResponse(failed.error.into()));
+        };
+        // A Messages client gets it in Anthropic's shape.
+        let body = if ctx.anthropic {
+            let error = crate::translate::messages::error_from_openai(head.status.as_u16(), &body);
+            bytes::Bytes::from(serde_json::to_vec(&error).unwrap_or_default())
+        } else {
+            body
         };
         head.remove_header(&http::header::TRANSFER_ENCODING);
         let _ = head.insert_header(CONTENT_LENGTH, body.len());

@@ -21,9 +21,11 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
-use crate::error::GatewayError;
-use crate::openai::LlmRequest;
-use crate::upstream::provider::Provider;
+use crate::error::{GatewayError, RequestError};
+use crate::openai::{body_with_usage, Endpoint, LlmRequest};
+use crate::routing::Target;
+use crate::translate::{messages_provider, TranslateError};
+use crate::upstream::provider::{Api, Provider};
 
 /// Request headers never passed on to a provider: hop-by-hop headers, headers we set
 /// ourselves, and the client's credentials (the gateway authenticates clients; providers only
@@ -76,6 +78,52 @@ const RETURNED: &[&str] = &[
 // copied into its case form first).
 const UPSTREAM_REQUEST_ID: &str = "x-lumen-upstream-request-id";
 
+/// The body a target gets, in the API its provider speaks: the client's request (its model
+/// replaced, usage asked for on streams) for an OpenAI-compatible provider; for one that
+/// speaks the Messages API, a Messages request's own body (its model replaced), or a chat (or
+/// Responses) request translated to Messages.
+pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes>, GatewayError> {
+    let provider = &target.provider;
+    if provider.api == Api::Openai {
+        return Ok(body_with_usage(req, target.model_json.as_ref()));
+    }
+    let model = target
+        .model_json
+        .as_ref()
+        .and_then(|m| serde_json::from_slice::<String>(m).ok())
+        .unwrap_or_else(|| req.model.clone());
+    let invalid = |e: TranslateError| GatewayError::Request(RequestError::Translate(e));
+    let body = match (req.endpoint, req.original.as_deref()) {
+        (Endpoint::Messages, Some(original)) => {
+            let mut body = original.clone();
+            if let Some(o) = body.as_object_mut() {
+                o.insert("model".into(), serde_json::Value::from(model));
+            }
+            body
+        }
+        (Endpoint::ChatCompletions | Endpoint::Responses, _) => {
+            let chat: serde_json::Value = serde_json::from_slice(&req.raw)
+                .map_err(|e| GatewayError::Internal(format!("chat body: {e}")))?;
+            messages_provider::request(&chat, &model)
+                .map_err(invalid)?
+                .0
+        }
+        (other, _) => {
+            return Err(invalid(TranslateError::unsupported(
+                "model",
+                format!(
+                    "the route's target `{}` speaks the Messages API, which has no /{} endpoint",
+                    provider.name,
+                    other.label()
+                ),
+            )))
+        }
+    };
+    let bytes = serde_json::to_vec(&body)
+        .map_err(|e| GatewayError::Internal(format!("messages body: {e}")))?;
+    Ok(vec![Bytes::from(bytes)])
+}
+
 /// Builds the provider's request head: its path, host and credentials, the client's other
 /// headers, and our request id.
 pub(super) fn upstream_request(
@@ -87,7 +135,10 @@ pub(super) fn upstream_request(
 ) -> Result<RequestHeader, GatewayError> {
     let mut path = String::with_capacity(provider.base_path.len().saturating_add(24));
     path.push_str(&provider.base_path);
-    path.push_str(req.endpoint.upstream_suffix());
+    path.push_str(match provider.api {
+        Api::Openai => req.endpoint.upstream_suffix(),
+        Api::Anthropic => "/messages",
+    });
     if let Some(query) = client.uri.query() {
         append_query(&mut path, query);
     }
@@ -101,8 +152,13 @@ pub(super) fn upstream_request(
         Some(client.headers.len().saturating_add(6)),
     )
     .map_err(internal)?;
+    // A Messages client's `anthropic-version` / `anthropic-beta` describe its own API: they
+    // go to a provider that speaks it, not with the chat completions request others get.
+    let translated = req.endpoint.translated() && provider.api != Api::Anthropic;
     for (name, value) in client.headers.iter() {
-        if !NOT_FORWARDED.contains(&name.as_str()) {
+        let name_str = name.as_str();
+        let theirs = translated && name_str.starts_with("anthropic-");
+        if !NOT_FORWARDED.contains(&name_str) && !theirs {
             head.append_header(name.clone(), value.clone())
                 .map_err(internal)?;
         }
@@ -118,8 +174,8 @@ pub(super) fn upstream_request(
     }
     head.insert_header("x-request-id", request_id.clone())
         .map_err(internal)?;
-    if let Some(auth) = &provider.authorization {
-        head.insert_header(http::header::AUTHORIZATION, auth.clone())
+    if let Some((name, value)) = &provider.credential {
+        head.insert_header(name.clone(), value.clone())
             .map_err(internal)?;
     }
     for (name, value) in &provider.headers {

@@ -71,11 +71,6 @@ pub(super) async fn stream_to_client(
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if sse {
-        // Stripping the usage chunk changes the length: a stream is always chunked.
-        head.remove_header(&CONTENT_LENGTH);
-        let _ = head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-    }
     let provider = source.provider;
     add_headers(&mut head, &ctx.response_headers);
     let _ = head.insert_header("x-lumen-provider", provider.name.as_str());
@@ -85,6 +80,12 @@ pub(super) async fn stream_to_client(
     ctx.status = head.status.as_u16();
     ctx.stream = sse;
     watch.commit(ctx.status, sse, &provider.name);
+    if sse || watch.strips() {
+        // Stripping the usage chunk, or a translation, changes the length: a stream (or a
+        // rewritten answer) is always chunked.
+        head.remove_header(&CONTENT_LENGTH);
+        let _ = head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+    }
     let result = pump(session, ctx, upstream, head, first, sse, source, watch).await;
     take_usage(ctx, watch);
     result

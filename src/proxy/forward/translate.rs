@@ -1,7 +1,9 @@
 //! A translated stream on its way to the client: the provider's chat completion chunks in,
-//! the client's Responses events out (`crate::translate::responses`), event by event as they
-//! complete. A provider's error event becomes `response.failed`; `[DONE]` becomes
-//! `response.completed` (or `response.incomplete`).
+//! the client's events out (Responses or Messages, `crate::translate`), event by event as they
+//! complete. A provider's error event becomes the API's failure event (`response.failed`, an
+//! Anthropic `error`); `[DONE]` becomes its end (`response.completed`, `message_stop`). An
+//! error answer (a provider's 4xx before any event) is passed on in the client's API's error
+//! shape when it has its own (Anthropic's), whole.
 
 #![deny(
     clippy::unwrap_used,
@@ -16,7 +18,7 @@ use serde_json::Value;
 
 use std::sync::LazyLock;
 
-use crate::translate::responses::{write_sse, Event, StreamTranslator};
+use crate::translate::{write_sse, Answer, Event, Stream};
 
 /// Most bytes one provider event may hold before the stream is failed: the translation needs
 /// whole events, and a provider that never ends one must not grow the buffer without bound.
@@ -27,8 +29,24 @@ const MAX_EVENT: usize = 4 << 20;
 /// (the limit a whole translated answer has too).
 const MAX_STREAM: usize = 64 << 20;
 
-pub struct ResponsesStream {
-    translator: StreamTranslator,
+/// Most bytes of a provider's error answer kept to reshape it (the message is what matters).
+const MAX_ERROR: usize = 64 << 10;
+
+/// What the stage does with the committed answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Not committed yet, or an answer passed on as it is.
+    Off,
+    /// A successful stream: translated event by event.
+    Events,
+    /// An error answer the client's API shapes its own way: kept, and sent reshaped at the end.
+    Error(u16),
+}
+
+pub struct TranslatedStream {
+    answer: Answer,
+    translator: Stream,
+    mode: Mode,
     /// Bytes of an event not yet complete.
     pending: BytesMut,
     /// How much of `pending` is known to hold no event end (not scanned again).
@@ -39,10 +57,12 @@ pub struct ResponsesStream {
     events: Vec<Event>,
 }
 
-impl ResponsesStream {
-    pub fn new(translator: StreamTranslator) -> ResponsesStream {
-        ResponsesStream {
-            translator,
+impl TranslatedStream {
+    pub fn new(answer: Answer) -> TranslatedStream {
+        TranslatedStream {
+            translator: answer.stream(),
+            answer,
+            mode: Mode::Off,
             pending: BytesMut::new(),
             scanned: 0,
             seen: 0,
@@ -51,8 +71,33 @@ impl ResponsesStream {
         }
     }
 
-    /// The client's bytes for one provider chunk (empty while an event is incomplete).
+    /// The answer is committed with this status and framing: whether the stage changes it
+    /// (what it returns for a chunk is then all the client gets of it).
+    pub fn commit(&mut self, status: u16, sse: bool) -> bool {
+        self.mode = if status < 300 && sse {
+            Mode::Events
+        } else if status >= 300 && self.answer.error(status, b"").is_some() {
+            Mode::Error(status)
+        } else {
+            Mode::Off
+        };
+        self.pending.clear();
+        self.mode != Mode::Off
+    }
+
+    /// The client's bytes for one provider chunk (empty while an event is incomplete, or
+    /// while an error answer is kept).
     pub fn filter(&mut self, chunk: &[u8]) -> Bytes {
+        match self.mode {
+            Mode::Off => return Bytes::copy_from_slice(chunk),
+            Mode::Error(_) => {
+                let room = MAX_ERROR.saturating_sub(self.pending.len());
+                self.pending
+                    .extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
+                return Bytes::new();
+            }
+            Mode::Events => {}
+        }
         if self.translator.finished() {
             return Bytes::new();
         }
@@ -84,7 +129,20 @@ impl ResponsesStream {
         self.take()
     }
 
-    /// Ends the stream with `response.failed` (nothing when it already ended).
+    /// What is left to send once the provider's answer ended: a kept error answer, reshaped.
+    pub fn end(&mut self) -> Bytes {
+        let Mode::Error(status) = self.mode else {
+            return Bytes::new();
+        };
+        self.mode = Mode::Off;
+        let body = std::mem::take(&mut self.pending);
+        self.answer
+            .error(status, &body)
+            .map(|error| Bytes::from(serde_json::to_vec(&error).unwrap_or_default()))
+            .unwrap_or_else(|| body.freeze())
+    }
+
+    /// Ends the stream with its API's failure event (nothing when it already ended).
     pub fn fail(&mut self, message: &str) -> Bytes {
         self.translator.fail(message, &mut self.events);
         self.take()
@@ -103,18 +161,9 @@ impl ResponsesStream {
         Bytes::from(out)
     }
 
-    /// One whole SSE event from the provider: its `data:` lines joined.
+    /// One whole SSE event from the provider.
     fn event(&mut self, event: &[u8]) {
-        let mut data = Vec::new();
-        for line in event.split(|b| *b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if let Some(rest) = line.strip_prefix(b"data:") {
-                if !data.is_empty() {
-                    data.push(b'\n');
-                }
-                data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
-            }
-        }
+        let data = data_of(event);
         if data.is_empty() {
             // A comment or a keep-alive.
             return;
@@ -142,10 +191,25 @@ impl ResponsesStream {
     }
 }
 
+/// An SSE event's `data:` lines, joined (empty for a comment or a keep-alive).
+pub(super) fn data_of(event: &[u8]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            if !data.is_empty() {
+                data.push(b'\n');
+            }
+            data.extend_from_slice(rest.strip_prefix(b" ").unwrap_or(rest));
+        }
+    }
+    data
+}
+
 /// Where the first complete event in `buf` ends (after its blank line), looking from `from`
 /// on (what lies before holds no end). The searchers are built once: building one costs more
 /// than a search (`memmem::find` builds one per call).
-fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+pub(super) fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     static LF: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new("\n\n"));
     static CRLF: LazyLock<memmem::Finder<'static>> =
         LazyLock::new(|| memmem::Finder::new("\r\n\r\n"));
@@ -166,9 +230,16 @@ mod tests {
     use crate::translate::responses::Meta;
     use serde_json::json;
 
-    fn stream() -> ResponsesStream {
+    fn stream() -> TranslatedStream {
         let meta = Meta::new("resp_1".into(), 1, &json!({"model": "m", "input": "x"}));
-        ResponsesStream::new(StreamTranslator::new(meta))
+        let mut s = TranslatedStream::new(Answer::Responses(meta));
+        assert!(s.commit(200, true));
+        s
+    }
+
+    fn messages() -> TranslatedStream {
+        let meta = crate::translate::messages::Meta::new("msg_1".into(), &json!({"model": "m"}));
+        TranslatedStream::new(Answer::Messages(meta))
     }
 
     fn types(bytes: &[u8]) -> Vec<String> {
@@ -246,5 +317,62 @@ mod tests {
         let mut s = stream();
         let text = String::from_utf8(s.filter(b"data: {nope\n\n").to_vec()).unwrap();
         assert!(text.contains("event: response.failed"), "{text}");
+    }
+
+    /// A Messages stream: Anthropic's events, and Anthropic's `error` event for a failure.
+    #[test]
+    fn a_messages_stream_is_translated_and_its_errors_reshaped() {
+        let mut s = messages();
+        assert!(s.commit(200, true));
+        let out = s.filter(
+            concat!(
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+                "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+                "data: [DONE]\n\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(
+            types(&out),
+            [
+                "message_start",
+                "ping",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert!(s.end().is_empty(), "nothing kept for a success");
+
+        let mut s = messages();
+        assert!(s.commit(200, true));
+        let text = String::from_utf8(s.fail("cut").to_vec()).unwrap();
+        let last = text.trim_end().rsplit("\n\n").next().unwrap();
+        let data = last.strip_prefix("event: error\ndata: ").unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(data).unwrap(),
+            json!({"type": "error", "error": {"type": "api_error", "message": "cut"}})
+        );
+
+        // A provider's error answer, in pieces: kept, then sent whole in Anthropic's shape.
+        let mut s = messages();
+        assert!(s.commit(400, false));
+        assert!(s.filter(b"{\"error\":{\"message\":\"bad ").is_empty());
+        assert!(s
+            .filter(b"input\",\"type\":\"invalid_request_error\"}}")
+            .is_empty());
+        let body: serde_json::Value = serde_json::from_slice(&s.end()).unwrap();
+        assert_eq!(
+            body,
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "bad input"}})
+        );
+
+        // A Responses client gets the provider's error as it is (the same shape).
+        let meta = Meta::new("resp_1".into(), 1, &json!({"model": "m", "input": "x"}));
+        let mut s = TranslatedStream::new(Answer::Responses(meta));
+        assert!(!s.commit(400, false));
+        assert_eq!(&s.filter(b"{}")[..], b"{}");
     }
 }

@@ -18,11 +18,14 @@ use lumen_plugins::sse::usage::{UsageStrip, UsageTap};
 use memchr::memmem;
 use pingora::http::ResponseHeader;
 
-use super::translate::ResponsesStream;
+use super::adapt::FromMessages;
+use super::translate::TranslatedStream;
 use crate::metrics::Metrics;
+use crate::openai::Endpoint;
 use crate::proxy::cache::fill::Fill;
 use crate::proxy::cache::store::Cache;
 use crate::upstream::health::InFlight;
+use crate::upstream::provider::Api;
 
 /// A provider's answer kept for the pipeline instead of being streamed to the client.
 pub struct Captured {
@@ -55,10 +58,17 @@ pub struct Watchers {
     tap: Option<UsageTap>,
     strip: Option<UsageStrip>,
     done: DoneWatch,
-    /// The client speaks another API: a successful stream is translated event by event.
-    translate: Option<ResponsesStream>,
-    /// Whether `translate` applies to the committed answer (a successful stream).
+    /// The client speaks another API: a successful stream is translated event by event (and
+    /// an error answer reshaped when the API has its own error shape).
+    translate: Option<TranslatedStream>,
+    /// Whether `translate` applies to the committed answer.
     translating: bool,
+    /// The provider speaks another API than chat completions (set per attempt): its answer is
+    /// made a chat answer before any other watcher sees it.
+    adapt: Option<FromMessages>,
+    /// The provider speaks the client's own API (a Messages request to `api: anthropic`, set
+    /// per attempt): its answer goes to the client as it is, untranslated.
+    native: bool,
 }
 
 impl Watchers {
@@ -85,8 +95,21 @@ impl Watchers {
     }
 
     /// Translates a successful streamed answer for a client that speaks another API.
-    pub fn translating(&mut self, stream: ResponsesStream) {
+    pub fn translating(&mut self, stream: TranslatedStream) {
         self.translate = Some(stream);
+    }
+
+    /// Before each attempt: the API its provider speaks, for a request from a client of
+    /// `endpoint`'s API.
+    pub(super) fn provider_api(&mut self, api: Api, endpoint: Endpoint) {
+        let messages = api == Api::Anthropic;
+        self.native = messages && endpoint == Endpoint::Messages;
+        self.adapt = (messages && !self.native).then(FromMessages::new);
+    }
+
+    /// Whether the committed answer is in the client's own API already (no translation).
+    pub fn native(&self) -> bool {
+        self.native
     }
 
     /// Before each attempt: whether the usage chunk asked for on the client's behalf is to be
@@ -98,6 +121,9 @@ impl Watchers {
     /// The answer is committed with this status and framing: the watchers start.
     pub(super) fn commit(&mut self, status: u16, sse: bool, provider: &str) {
         self.sse = sse;
+        if let Some(adapt) = self.adapt.as_mut() {
+            adapt.commit(status, sse);
+        }
         if let Some(fill) = self.fill.as_mut() {
             fill.head(status, sse, provider);
         }
@@ -106,14 +132,31 @@ impl Watchers {
         self.tap = (status < 300).then(|| UsageTap::new(sse));
         // The usage chunk Lumen asked for on the client's behalf is not the client's to see.
         self.strip = (sse && self.strip_usage).then(UsageStrip::default);
-        self.done = DoneWatch::default();
-        // An error answer is passed on as it is (the error shape is the same in both APIs).
-        self.translating = sse && status < 300 && self.translate.is_some();
+        self.done = DoneWatch {
+            messages: self.native,
+            ..DoneWatch::default()
+        };
+        self.translating = !self.native
+            && self
+                .translate
+                .as_mut()
+                .is_some_and(|t| t.commit(status, sse));
     }
 
     /// One chunk as the provider sent it: every watcher sees it. Returns what the client is to
     /// get (empty when the strip holds it back or drops it).
     pub(super) fn chunk(&mut self, chunk: Bytes) -> Bytes {
+        match self.adapt.as_mut() {
+            Some(adapt) => {
+                let chat = adapt.filter(&chunk);
+                self.watch(chat)
+            }
+            None => self.watch(chunk),
+        }
+    }
+
+    /// One chunk of a chat answer: every watcher after the adapter sees it.
+    fn watch(&mut self, chunk: Bytes) -> Bytes {
         if let Some(tap) = self.tap.as_mut() {
             tap.observe(&chunk);
         }
@@ -133,8 +176,9 @@ impl Watchers {
         }
     }
 
-    /// For a translated stream that broke: its closing event (`response.failed`) in the
-    /// client's API; `None` for an untranslated one (the caller sends an `error` event).
+    /// For a translated stream that broke: its closing event (`response.failed`, Anthropic's
+    /// `error`) in the client's API; `None` for an untranslated one (the caller sends an
+    /// `error` event).
     pub(super) fn failed_event(&mut self, message: &str) -> Option<Bytes> {
         self.translate
             .as_mut()
@@ -170,22 +214,32 @@ impl Watchers {
         self.in_flight = None;
     }
 
-    /// Whether the strip is on: an empty chunk from [`Watchers::chunk`] is then nothing to write.
+    /// Whether the strip (or a translation) is on: the answer's length changes, and an empty
+    /// chunk from [`Watchers::chunk`] is nothing to write.
     pub(super) fn strips(&self) -> bool {
-        self.strip.is_some() || self.translating
+        self.strip.is_some() || self.translating || self.adapt.is_some()
     }
 
     /// What the strip still holds once the provider's answer ended (empty without a strip).
     pub(super) fn rest(&mut self) -> Bytes {
+        let adapted = match self.adapt.as_mut().map(FromMessages::end) {
+            Some(end) if !end.is_empty() => self.watch(end),
+            _ => Bytes::new(),
+        };
         let rest = self
             .strip
             .as_mut()
             .map(UsageStrip::finish)
             .unwrap_or_default();
-        match self.translate.as_mut().filter(|_| self.translating) {
-            Some(t) => t.filter(&rest),
+        let rest = match self.translate.as_mut().filter(|_| self.translating) {
+            Some(t) => {
+                let events = t.filter(&rest);
+                let end = t.end();
+                join(events, end)
+            }
             None => rest,
-        }
+        };
+        join(adapted, rest)
     }
 
     /// Whether the stream's `data: [DONE]` went by.
@@ -199,19 +253,23 @@ impl Watchers {
     }
 }
 
-/// Watches a stream for its `data: [DONE]` line, across chunk boundaries.
+/// Watches a stream for its `data: [DONE]` line (a Messages stream: its `event:
+/// message_stop` line), across chunk boundaries.
 #[derive(Default)]
 struct DoneWatch {
     /// The last bytes of the stream so far (a mark split across chunks is found), never
     /// more than a mark's length: each chunk is scanned once, not copied.
     tail: Vec<u8>,
     seen: bool,
+    /// An Anthropic Messages stream, passed on untranslated.
+    messages: bool,
 }
 
 impl DoneWatch {
-    /// What precedes `[DONE]` on its line.
+    /// What precedes the end word on its line.
     const MARKS: [&'static [u8]; 2] = [b"data: ", b"data:"];
-    const KEEP: usize = 12;
+    const MESSAGES_MARKS: [&'static [u8]; 2] = [b"event: ", b"event:"];
+    const KEEP: usize = 20;
 
     fn observe(&mut self, chunk: &[u8]) {
         if self.seen {
@@ -221,10 +279,17 @@ impl DoneWatch {
         // the searcher built once: `memmem::find` builds one per call.
         static DONE: LazyLock<memmem::Finder<'static>> =
             LazyLock::new(|| memmem::Finder::new(b"[DONE]"));
+        static STOP: LazyLock<memmem::Finder<'static>> =
+            LazyLock::new(|| memmem::Finder::new(b"message_stop"));
+        let (word, marks) = if self.messages {
+            (&*STOP, &Self::MESSAGES_MARKS)
+        } else {
+            (&*DONE, &Self::MARKS)
+        };
         let has = |bytes: &[u8]| {
-            DONE.find_iter(bytes).any(|at| {
+            word.find_iter(bytes).any(|at| {
                 let before = bytes.get(..at).unwrap_or_default();
-                Self::MARKS.iter().any(|mark| before.ends_with(mark))
+                marks.iter().any(|mark| before.ends_with(mark))
             })
         };
         // A mark across the boundary: the held tail and the chunk's first bytes.
@@ -256,6 +321,15 @@ impl DoneWatch {
     }
 }
 
+/// `a` then `b`, copied only when both hold bytes.
+fn join(a: Bytes, b: Bytes) -> Bytes {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => a,
+        (true, false) => b,
+        (false, false) => [a, b].concat().into(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -274,5 +348,28 @@ mod tests {
         let mut watch = DoneWatch::default();
         watch.observe(b"data: {\"text\":\"[DONE\"}\n\n");
         assert!(!watch.seen());
+    }
+
+    #[test]
+    fn a_messages_stream_ends_with_message_stop() {
+        let stream = b"event: content_block_delta\ndata: {\"delta\":{\"text\":\"message_stop\"}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for size in 1..stream.len() {
+            let mut watch = DoneWatch {
+                messages: true,
+                ..DoneWatch::default()
+            };
+            let mut seen_at = None;
+            for (i, piece) in stream.chunks(size).enumerate() {
+                watch.observe(piece);
+                if watch.seen() && seen_at.is_none() {
+                    seen_at = Some((i + 1) * size);
+                }
+            }
+            // Not fooled by the word in the text; found on its own event line.
+            assert!(seen_at.is_some_and(|at| at > 60), "{size}: {seen_at:?}");
+        }
+        let mut chat = DoneWatch::default();
+        chat.observe(b"event: message_stop\n\n");
+        assert!(!chat.seen(), "a chat stream ends with [DONE] only");
     }
 }

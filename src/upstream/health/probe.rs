@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use http::header::{AUTHORIZATION, HOST, USER_AGENT};
+use http::header::{HOST, USER_AGENT};
 use http::Method;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
@@ -188,8 +188,8 @@ async fn probe(
     let _ = head.insert_header(HOST, provider.host.clone());
     let _ = head.insert_header(USER_AGENT, "lumen-health-probe");
     // A model list needs the account's key; it is a free call at every provider.
-    if let Some(auth) = &provider.authorization {
-        let _ = head.insert_header(AUTHORIZATION, auth.clone());
+    if let Some((name, value)) = &provider.credential {
+        let _ = head.insert_header(name.clone(), value.clone());
     }
     for (name, value) in &provider.headers {
         let _ = head.insert_header(name.clone(), value.clone());

@@ -367,7 +367,17 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         } else {
             String::new()
         };
-        let err = json!({"error": {"message": format!("mock upstream says {code}"), "type": "mock_error", "param": null, "code": format!("mock_{code}")}});
+        let err = if req
+            .path
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .ends_with("/messages")
+        {
+            json!({"type": "error", "error": {"type": "mock_error", "message": format!("mock upstream says {code}")}})
+        } else {
+            json!({"error": {"message": format!("mock upstream says {code}"), "type": "mock_error", "param": null, "code": format!("mock_{code}")}})
+        };
         write_json(stream, code, &extra, &err).await?;
         return Ok(true);
     }
@@ -447,6 +457,9 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         .unwrap_or_default();
     let stream_mode = body["stream"].as_bool().unwrap_or(false);
     let path = req.path.split('?').next().unwrap_or("");
+    if path.ends_with("/messages") {
+        return messages_answer(stream, &body, &model, stream_mode).await;
+    }
     if path.ends_with("/chat/completions") && wants_tool_call(&body) {
         return tool_call_answer(stream, &body, &model, stream_mode).await;
     }
@@ -640,6 +653,116 @@ async fn stream_answer(
     }
     tail.push_str("data: [DONE]\n\n");
     frame(&mut wire, tail.as_bytes());
+    wire.extend_from_slice(b"0\r\n\r\n");
+    write_out(stream, &mut wire).await?;
+    Ok(true)
+}
+
+/// Anthropic's Messages API (`POST …/messages`), for `api: anthropic` providers: a text
+/// answer (`tok0 tok1 tok2 ` streamed), or with tools and no tool result yet a `tool_use` of
+/// the first tool with `{"city":"Paris"}` (its input streamed in three pieces); after a tool
+/// result, text quoting it. `drop-mid-stream` drops the connection after two deltas.
+async fn messages_answer(
+    stream: &mut TcpStream,
+    body: &Value,
+    model: &str,
+    stream_mode: bool,
+) -> std::io::Result<bool> {
+    let last = body["messages"].as_array().and_then(|m| m.last());
+    let tool_result = last
+        .and_then(|m| m["content"].as_array())
+        .and_then(|blocks| blocks.iter().find(|b| b["type"] == "tool_result"))
+        .map(|b| match &b["content"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    let tool = body["tools"][0]["name"]
+        .as_str()
+        .filter(|_| tool_result.is_none() && body["tool_choice"]["type"] != "none");
+    let id = "msg_mock_1";
+    if !stream_mode {
+        let (content, stop) = match (tool, &tool_result) {
+            (Some(name), _) => (
+                json!([{"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": {"city": "Paris"}}]),
+                "tool_use",
+            ),
+            (None, Some(result)) => (
+                json!([{"type": "text", "text": format!("mock reply from {model}: the tool said {result}")}]),
+                "end_turn",
+            ),
+            (None, None) => (
+                json!([{"type": "text", "text": format!("mock reply from {model}")}]),
+                "end_turn",
+            ),
+        };
+        let answer = json!({"id": id, "type": "message", "role": "assistant", "model": model,
+                            "content": content, "stop_reason": stop, "stop_sequence": null,
+                            "usage": {"input_tokens": 7, "output_tokens": 4}});
+        write_json(stream, 200, "", &answer).await?;
+        return Ok(true);
+    }
+    let event = |kind: &str, data: Value| format!("event: {kind}\ndata: {data}\n\n");
+    let mut events = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": id, "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 7, "output_tokens": 1}}}),
+        ),
+        event("ping", json!({"type": "ping"})),
+    ];
+    let stop = match tool {
+        Some(name) => {
+            events.push(event("content_block_start", json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_mock_1", "name": name, "input": {}}})));
+            for piece in [r#"{"city""#, r#":"Par"#, r#"is"}"#] {
+                events.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": piece}}),
+                ));
+            }
+            "tool_use"
+        }
+        None => {
+            events.push(event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+            ));
+            for i in 0..3 {
+                events.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": format!("tok{i} ")}}),
+                ));
+            }
+            "end_turn"
+        }
+    };
+    events.push(event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(event(
+        "message_delta",
+        json!({"type": "message_delta",
+        "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 3}}),
+    ));
+    events.push(event("message_stop", json!({"type": "message_stop"})));
+    let mut wire = Vec::new();
+    wire.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    stream.write_all(&wire).await?;
+    wire.clear();
+    for (i, e) in events.into_iter().enumerate() {
+        if model == "drop-mid-stream" && i == 5 {
+            return Ok(false);
+        }
+        frame(&mut wire, e.as_bytes());
+        write_out(stream, &mut wire).await?;
+    }
     wire.extend_from_slice(b"0\r\n\r\n");
     write_out(stream, &mut wire).await?;
     Ok(true)
