@@ -24,7 +24,8 @@ use super::forward::{Captured, TranslatedStream, Watchers};
 use super::gateway::Gateway;
 use crate::error::{GatewayError, UpstreamError};
 use crate::openai::{Endpoint, LlmRequest};
-use crate::translate::{messages, responses, Answer};
+use crate::translate::answer::Answer;
+use crate::translate::{messages, responses};
 
 /// Most bytes of a whole answer kept for its translation.
 const MAX_ANSWER: usize = 64 * 1024 * 1024;

@@ -8,11 +8,12 @@
 //! |---|---|
 //! | `responses.rs` | OpenAI's Responses API: request → chat, chat answer → `response`, chat stream → Responses events |
 //! | `messages.rs` | Anthropic's Messages API: request → chat, chat answer → `message`, chat stream → Messages events, errors in Anthropic's shape |
+//! | `answer.rs` | the pipeline's one handle on a translated answer or stream, whichever the API |
 //! | `messages_provider.rs` | the other way, for a provider that speaks the Messages API: chat request → Messages, `message` → chat answer, Messages events → chat chunks |
 //!
 //! What both share lives here: the usage a chat answer reports ([`ChatUsage`]), a stream's
 //! events and their SSE form ([`Event`], [`write_sse`]), and the one type the pipeline holds
-//! for a translated answer ([`Answer`]) and stream ([`Stream`]).
+//! for a translated answer and stream (`answer.rs`: [`answer::Answer`], [`answer::Stream`]).
 //!
 //! Pure functions over JSON values, no I/O: the pipeline decides when to translate, these only
 //! say how. Client input is never trusted: every shape is checked and a wrong one is a
@@ -26,6 +27,7 @@
     clippy::arithmetic_side_effects
 )]
 
+pub mod answer;
 pub mod messages;
 pub mod messages_provider;
 pub mod responses;
@@ -155,86 +157,6 @@ pub fn write_sse(out: &mut Vec<u8>, event: &Event) {
     // Serializing a `Value` into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, data);
     out.extend_from_slice(b"\n\n");
-}
-
-/// What a translated answer says of itself, in the client's API: a chat answer becomes its
-/// `response` or `message`, a chat stream its events.
-#[derive(Debug, Clone)]
-pub enum Answer {
-    Responses(responses::Meta),
-    Messages(messages::Meta),
-}
-
-impl Answer {
-    /// A whole chat completion in the client's API.
-    pub fn from_chat(&self, chat: &Value) -> Value {
-        match self {
-            Answer::Responses(meta) => responses::from_chat(chat, meta),
-            Answer::Messages(meta) => messages::from_chat(chat, meta),
-        }
-    }
-
-    /// An error answer (`status`, an OpenAI-shaped `body`) in the client's API; `None` when
-    /// it is the same (Responses errors are OpenAI's).
-    pub fn error(&self, status: u16, body: &[u8]) -> Option<Value> {
-        match self {
-            Answer::Responses(_) => None,
-            Answer::Messages(_) => Some(messages::error_from_openai(status, body)),
-        }
-    }
-
-    /// The translator of a chat stream into the client's events.
-    pub fn stream(&self) -> Stream {
-        match self {
-            Answer::Responses(meta) => {
-                Stream::Responses(responses::StreamTranslator::new(meta.clone()))
-            }
-            Answer::Messages(meta) => {
-                Stream::Messages(messages::StreamTranslator::new(meta.clone()))
-            }
-        }
-    }
-}
-
-/// Chat completion chunks in, the client's stream events out.
-#[derive(Debug)]
-pub enum Stream {
-    Responses(responses::StreamTranslator),
-    Messages(messages::StreamTranslator),
-}
-
-impl Stream {
-    /// The events one chat chunk makes.
-    pub fn chunk(&mut self, chunk: &Value, out: &mut Vec<Event>) {
-        match self {
-            Stream::Responses(t) => t.chunk(chunk, out),
-            Stream::Messages(t) => t.chunk(chunk, out),
-        }
-    }
-
-    /// The stream's end (`[DONE]`).
-    pub fn finish(&mut self, out: &mut Vec<Event>) {
-        match self {
-            Stream::Responses(t) => t.finish(out),
-            Stream::Messages(t) => t.finish(out),
-        }
-    }
-
-    /// The stream failed after its first event: its closing failure event, once.
-    pub fn fail(&mut self, message: &str, out: &mut Vec<Event>) {
-        match self {
-            Stream::Responses(t) => t.fail(message, out),
-            Stream::Messages(t) => t.fail(message, out),
-        }
-    }
-
-    /// Whether the stream has ended.
-    pub fn finished(&self) -> bool {
-        match self {
-            Stream::Responses(t) => t.finished(),
-            Stream::Messages(t) => t.finished(),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use std::sync::LazyLock;
 
-use crate::translate::{write_sse, Answer, Event, Stream};
+use crate::translate::answer::{Answer, Stream};
+use crate::translate::{write_sse, Event};
 
 /// Most bytes one provider event may hold before the stream is failed: the translation needs
 /// whole events, and a provider that never ends one must not grow the buffer without bound.
