@@ -150,12 +150,12 @@ def test_messages_api_on_the_real_model(quickstart):
     g, client = quickstart
     chat = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
     a = anthropic.Anthropic(base_url=g.base_url.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=120)
-    msg = a.messages.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+    msg = a.messages.create(model="smollm2", messages=QUESTION, max_tokens=16, extra_body={"temperature": 0})
     assert msg.type == "message" and msg.stop_reason in ("end_turn", "max_tokens")
     assert msg.content[0].text == chat.choices[0].message.content
     assert msg.usage.input_tokens == chat.usage.prompt_tokens
     assert msg.usage.output_tokens == chat.usage.completion_tokens
-    with a.messages.stream(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16) as stream:
+    with a.messages.stream(model="smollm2", messages=QUESTION, max_tokens=16, extra_body={"temperature": 0}) as stream:
         events = list(stream)
         final = stream.get_final_message()
     assert events[-1].type == "message_stop"
