@@ -57,6 +57,12 @@ pub enum GatewayError {
     Internal(String),
     #[error("no job `{0}` (unknown, expired, or another key's)")]
     JobNotFound(String),
+    #[error("no response with id `{0}` (unknown, expired, deleted, or another key's)")]
+    ResponseNotFound(String),
+    #[error("previous response with id `{0}` not found (unknown, expired, deleted, stored with `store: false`, or another key's)")]
+    PreviousResponseNotFound(String),
+    #[error(transparent)]
+    Store(#[from] crate::stored::StoreError),
     #[error(transparent)]
     JobRefused(#[from] crate::jobs::SubmitError),
     #[error("{0}")]
@@ -237,6 +243,24 @@ impl GatewayError {
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("job_not_found"),
+                None,
+            ),
+            G::ResponseNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("not_found"),
+                None,
+            ),
+            G::PreviousResponseNotFound(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("previous_response_not_found"),
+                Some("previous_response_id"),
+            ),
+            G::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                Some("response_store_unavailable"),
                 None,
             ),
             G::JobRefused(crate::jobs::SubmitError::Unavailable(_)) => (

@@ -47,6 +47,7 @@ pub mod openai;
 pub mod ops;
 pub mod proxy;
 pub mod routing;
+pub mod stored;
 pub mod translate;
 pub mod upstream;
 pub use lumen_plugins::sse::usage;

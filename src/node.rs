@@ -55,6 +55,8 @@ pub struct Node {
     pub jobs: Arc<Jobs>,
     /// Shutdown: open streams end when it says so (`drain::Drainer`).
     pub drain: Arc<Drain>,
+    /// Stored responses (the Responses API's `store`): in Redis when configured.
+    pub responses: Arc<crate::stored::ResponseStore>,
 }
 
 impl Node {
@@ -89,6 +91,10 @@ impl Node {
             quotas: Arc::new(Quotas::new(redis.as_ref().map(|r| r.limits.clone()))),
             cache: Arc::new(Cache::new(&snapshot.cache, link.clone())),
             ledger: Arc::new(Ledger::new(&snapshot.usage, link.clone())),
+            responses: Arc::new(crate::stored::ResponseStore::new(
+                link.clone(),
+                snapshot.responses.max_stored,
+            )),
             jobs: Arc::new(Jobs::new(snapshot.jobs.clone(), link, metrics.clone())),
             health,
             redis,

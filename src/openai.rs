@@ -193,6 +193,8 @@ pub struct LlmRequest {
     pub dropped: Vec<&'static str>,
     /// A token counting request: answered with the prompt's size, never forwarded.
     pub counting: bool,
+    /// The stored conversation a Responses request continues (its items, before its input).
+    pub history: Option<Arc<Vec<serde_json::Value>>>,
 }
 
 impl LlmRequest {
@@ -338,6 +340,7 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         original: None,
         dropped: Vec::new(),
         counting: false,
+        history: None,
     })
 }
 
@@ -428,19 +431,49 @@ fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
         "max_output_tokens",
         request.get("max_output_tokens").cloned(),
     )?;
-    // Continuing a stored response would silently lose the conversation: refused by name.
-    if request
-        .get("previous_response_id")
-        .is_some_and(|v| !v.is_null())
-    {
-        return Err(crate::translate::TranslateError::unsupported(
-            "previous_response_id",
-            "this gateway does not store responses yet; send the whole conversation as `input`",
-        )
-        .into());
+    match request.get("previous_response_id") {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::String(_)) => {}
+        Some(_) => {
+            return Err(RequestError::InvalidField {
+                field: "previous_response_id",
+                reason: "must be a string",
+            })
+        }
     }
     let chat = crate::translate::responses::to_chat(&request, &[])?;
     translated(Endpoint::Responses, request, chat.body, chat.dropped)
+}
+
+/// A Responses request that continues a stored one (`previous_response_id`): translated again
+/// with the conversation so far (`history`, as Responses items) before its own input.
+pub fn continued(
+    req: LlmRequest,
+    history: Vec<serde_json::Value>,
+) -> Result<LlmRequest, RequestError> {
+    let Some(original) = req.original.clone() else {
+        return Ok(req);
+    };
+    let chat = crate::translate::responses::to_chat(&original, &history)?;
+    let mut next = translated(
+        Endpoint::Responses,
+        (*original).clone(),
+        chat.body,
+        chat.dropped,
+    )?;
+    next.counting = req.counting;
+    next.stream = req.stream;
+    next.history = Some(Arc::new(history));
+    Ok(next)
+}
+
+impl LlmRequest {
+    /// The stored response a Responses request continues, if any.
+    pub fn previous_response_id(&self) -> Option<&str> {
+        self.original
+            .as_ref()?
+            .get("previous_response_id")?
+            .as_str()
+    }
 }
 
 /// Where `part`, borrowed from `raw` (a RawValue of it), lies in it: a pointer difference.

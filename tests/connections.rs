@@ -158,7 +158,10 @@ async fn connections_beyond_max_connections_are_closed_while_open_ones_are_serve
     // The refusal was logged (the log is written off the request path: it may lag a little).
     let deadline = Instant::now() + Duration::from_secs(5);
     while !lumen.log().contains("server.max_connections") {
-        assert!(Instant::now() < deadline, "the refused connection was not logged");
+        assert!(
+            Instant::now() < deadline,
+            "the refused connection was not logged"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

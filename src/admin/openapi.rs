@@ -423,7 +423,8 @@ mod operations {
     /// OpenAI's Responses API: translated to chat completions for the route's targets, the
     /// answer (or the stream, event by event) translated back. Fields a chat target cannot
     /// take (`reasoning`, `metadata`) are left out and named in `x-lumen-dropped-params`.
-    /// Nothing is stored (`store` is answered `false`).
+    /// The response is stored for `responses.store_ttl` unless `store: false` (in Redis when
+    /// configured, so any node finds it); `previous_response_id` continues a stored one.
     #[utoipa::path(post, path = "/v1/responses", tag = "openai", request_body = ResponsesRequest,
         responses(
             (status = 200, description = "A `response` object, or with `stream: true` the Responses event stream", body = Object),
@@ -432,6 +433,49 @@ mod operations {
         ),
         security(("bearer" = []), ("x_api_key" = [])))]
     fn responses() {}
+
+    /// A stored response (`store` is true unless the request said false), the key's own only:
+    /// another key's id is not found.
+    #[utoipa::path(get, path = "/v1/responses/{id}", tag = "openai",
+        params(("id" = String, Path, description = "The response's id (`resp_…`)")),
+        responses(
+            (status = 200, description = "The `response` object as it was answered", body = Object),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, deleted, or another key's", body = ErrorBody),
+            (status = 503, description = "The response store (Redis) is unavailable", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn responses_get() {}
+
+    /// The input items of a stored response: the whole conversation it answered (earlier
+    /// turns' included), newest first unless `order=asc`.
+    #[utoipa::path(get, path = "/v1/responses/{id}/input_items", tag = "openai",
+        params(
+            ("id" = String, Path, description = "The response's id"),
+            ("limit" = Option<u32>, Query, description = "1 to 100 (20)"),
+            ("order" = Option<String>, Query, description = "`desc` (the default) or `asc`"),
+            ("after" = Option<String>, Query, description = "An item id: the page after it"),
+        ),
+        responses(
+            (status = 200, description = "`{\"object\": \"list\", \"data\", \"first_id\", \"last_id\", \"has_more\"}`", body = Object),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, deleted, or another key's", body = ErrorBody),
+            (status = 503, description = "The response store (Redis) is unavailable", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn responses_input_items() {}
+
+    /// Deletes a stored response (the key's own).
+    #[utoipa::path(delete, path = "/v1/responses/{id}", tag = "openai",
+        params(("id" = String, Path, description = "The response's id")),
+        responses(
+            (status = 200, description = "`{\"id\", \"object\": \"response\", \"deleted\": true}`", body = Object),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, deleted, or another key's", body = ErrorBody),
+            (status = 503, description = "The response store (Redis) is unavailable", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn responses_delete() {}
 
     /// The token count of a Responses request (an estimate from its text: about four
     /// characters a token, plus each message's framing and the tools' definitions). Routed
@@ -588,6 +632,9 @@ impl Modify for SecuritySchemes {
         operations::rerank,
         operations::responses,
         operations::responses_input_tokens,
+        operations::responses_get,
+        operations::responses_input_items,
+        operations::responses_delete,
         operations::messages,
         operations::messages_count_tokens,
         operations::metrics,

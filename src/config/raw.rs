@@ -66,6 +66,38 @@ pub struct RawConfig {
     /// The response cache's node-wide settings (routes opt in with their own `cache:`).
     #[serde(default)]
     pub cache: RawCacheSettings,
+    /// Stored responses (the Responses API's `store`).
+    #[serde(default)]
+    pub responses: RawResponses,
+}
+
+/// `responses:`: how long stored responses are kept, and how many in this process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResponses {
+    /// How long a stored response can be read and continued (OpenAI keeps them 30 days).
+    #[serde(default = "default_store_ttl", with = "duration")]
+    pub store_ttl: Duration,
+    /// Most responses kept in this process without `redis:` (the oldest go first).
+    #[serde(default = "default_max_stored")]
+    pub max_stored: usize,
+}
+
+impl Default for RawResponses {
+    fn default() -> Self {
+        RawResponses {
+            store_ttl: default_store_ttl(),
+            max_stored: default_max_stored(),
+        }
+    }
+}
+
+fn default_store_ttl() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+
+fn default_max_stored() -> usize {
+    10_000
 }
 
 /// `jobs:`: the async job queue and its workers.

@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub readiness: Readiness,
     /// The response cache's store settings (read at start-up).
     pub cache: CacheSettings,
+    /// Stored responses: how long they are kept (`max_stored` is read at start-up).
+    pub responses: super::raw::RawResponses,
     /// Files besides the config itself whose change triggers a reload (JWT keys).
     pub watched: Vec<PathBuf>,
     /// Where it came from, for `/admin/config` and logs.
@@ -214,6 +216,15 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             problems.push(Problem::at(key, "must be above zero"));
         }
     }
+    if raw.responses.store_ttl.is_zero() {
+        problems.push(Problem::at(
+            "responses.store_ttl",
+            "must be above zero (send `store: false` to store nothing)",
+        ));
+    }
+    if raw.responses.max_stored == 0 {
+        problems.push(Problem::at("responses.max_stored", "must be at least 1"));
+    }
     if raw.server.max_connections == 0 {
         problems.push(Problem::at("server.max_connections", "must be at least 1"));
     }
@@ -378,6 +389,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             redis: raw.cache.redis,
             coalesce_wait: raw.cache.coalesce_wait,
         },
+        responses: raw.responses,
         source,
     })
 }

@@ -1,4 +1,4 @@
-//! Human units in YAML: durations (`500ms`, `60s`, `5m`, `1h`) and byte sizes (`1048576`,
+//! Human units in YAML: durations (`500ms`, `60s`, `5m`, `1h`, `30d`) and byte sizes (`1048576`,
 //! `512KiB`, `8MiB`).
 
 use std::fmt;
@@ -7,12 +7,12 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-/// Parses `250ms`, `60s`, `5m`, `2h`. A bare number is refused: the unit must be visible.
+/// Parses `250ms`, `60s`, `5m`, `2h`, `30d`. A bare number is refused: the unit must be visible.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("duration `{text}` needs a unit (ms, s, m or h)"))?;
+        .ok_or_else(|| format!("duration `{text}` needs a unit (ms, s, m, h or d)"))?;
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
@@ -22,9 +22,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         _ => {
             return Err(format!(
-                "unknown duration unit `{unit}` in `{text}` (use ms, s, m or h)"
+                "unknown duration unit `{unit}` in `{text}` (use ms, s, m, h or d)"
             ))
         }
     };
@@ -119,7 +120,11 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("60").unwrap_err().contains("unit"));
-        assert!(parse_duration("5d")
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert!(parse_duration("5w")
             .unwrap_err()
             .contains("unknown duration unit"));
     }

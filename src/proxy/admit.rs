@@ -26,6 +26,7 @@ use super::cache::push_status;
 use super::ctx::RequestCtx;
 use super::gateway::Gateway;
 use super::respond::read_body;
+use super::stored;
 use crate::config::Snapshot;
 use crate::error::{GatewayError, RequestError};
 use crate::jobs;
@@ -106,9 +107,20 @@ impl Gateway {
         if job.is_none() {
             self.limit(ctx, &principal).await?;
         }
+        //    Stored responses: read or deleted, the key's own only.                404, 503
+        let head = s.req_header();
+        if let Some(call) = stored::route(&head.method, head.uri.path()) {
+            let query = head.uri.query().map(str::to_string);
+            return self
+                .answer_stored(call, &principal, query.as_deref())
+                .await
+                .map(Admit::Reply);
+        }
         // 6. Body: endpoint and method, then a bounded read, parsed once.
         //                                                         404, 405, 415, 413, 408, 400
         let req = read_request(s, ctx, &config, open).await?;
+        //    A Responses request continuing a stored one: the conversation so far.   400, 503
+        let req = self.continue_stored(&principal, req).await?;
         // 7. Route: the allow-list first, then the route table.                         403, 404
         let route = resolve_route(ctx, &config, &principal, &req)?;
         // 8. Route limit, per key.                                                      429

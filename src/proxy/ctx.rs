@@ -54,6 +54,8 @@ pub struct RequestCtx {
     /// The client speaks Anthropic's API (a `/v1/messages` path): every error it gets, from
     /// the first check on, takes Anthropic's shape.
     pub anthropic: bool,
+    /// A translated Responses answer to keep once complete (`store`).
+    pub keep: Option<crate::stored::Keep>,
     /// Who is calling, once authenticated (shared, not copied: keys' principals are built at
     /// config load). Its `key_id` goes to the access log, never the credential.
     pub principal: Option<Arc<Principal>>,
@@ -142,6 +144,7 @@ impl RequestCtx {
             response_headers: Vec::new(),
             endpoint: None,
             anthropic: false,
+            keep: None,
             principal: None,
             gauge: None,
             in_flight: None,

@@ -36,6 +36,8 @@
 //! | `respond.rs` | replies, errors, reading the body |
 //! | `observe.rs` | metrics, ledger, access log |
 //! | `jobs.rs` | the async jobs API |
+//! | `stored.rs` | stored responses: continuing one, keeping one, `GET`/`DELETE /v1/responses/{id}` |
+//! | `translated.rs` | a translated request's answer, back in the client's API |
 //! | `ctx.rs` | per-request state |
 //! | `cache/` | hits, followers, the fill, embeddings by item |
 //! | `forward/` | the attempt loop and streaming |
@@ -53,6 +55,7 @@ mod jobs;
 mod limits;
 mod observe;
 mod respond;
+mod stored;
 mod translated;
 
 use async_trait::async_trait;

@@ -24,6 +24,7 @@ use super::forward::{Captured, TranslatedStream, Watchers};
 use super::gateway::Gateway;
 use crate::error::{GatewayError, UpstreamError};
 use crate::openai::{Endpoint, LlmRequest};
+use crate::stored::Keep;
 use crate::translate::answer::Answer;
 use crate::translate::{messages, responses};
 
@@ -55,7 +56,11 @@ pub(super) fn start(
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            Answer::Responses(responses::Meta::new(format!("resp_{id}"), now, original))
+            let id = format!("resp_{id}");
+            if !req.counting {
+                ctx.keep = Keep::of(req, &id);
+            }
+            Answer::Responses(responses::Meta::new(id, now, original))
         }
     };
     if req.stream {
@@ -92,7 +97,12 @@ impl Gateway {
         } else if head.status.is_success() {
             match serde_json::from_slice(&body) {
                 Ok(chat) => {
-                    Bytes::from(serde_json::to_vec(&answer.from_chat(&chat)).unwrap_or_default())
+                    let translated = answer.from_chat(&chat);
+                    if let Some(keep) = ctx.keep.as_mut() {
+                        keep.response = Some(translated.clone());
+                        self.keep_response(ctx).await;
+                    }
+                    Bytes::from(serde_json::to_vec(&translated).unwrap_or_default())
                 }
                 Err(_) => {
                     let error = GatewayError::Upstream(UpstreamError::Mismatch {

@@ -77,6 +77,14 @@ impl Stream {
         }
     }
 
+    /// The finished `response` of a Responses stream that completed, once.
+    pub fn take_completed(&mut self) -> Option<Value> {
+        match self {
+            Stream::Responses(t) => t.take_completed(),
+            Stream::Messages(_) => None,
+        }
+    }
+
     /// Whether the stream has ended.
     pub fn finished(&self) -> bool {
         match self {

@@ -241,6 +241,16 @@ fn chat_content(content: Option<&Value>, role: &str, at: &str) -> Result<Value, 
     if role != "user" {
         return Ok(Value::String(text_of(parts, at)?));
     }
+    // One text part is a plain string, as the same input sent as a string becomes (a stored
+    // conversation replays its string inputs as parts).
+    if let [part] = parts.as_slice() {
+        let kind = part.get("type").and_then(Value::as_str);
+        if matches!(kind, Some("input_text" | "text")) {
+            if let Some(text) = part.get("text").and_then(Value::as_str) {
+                return Ok(Value::from(text));
+            }
+        }
+    }
     let mut out = Vec::with_capacity(parts.len());
     for (i, part) in parts.iter().enumerate() {
         let here = format!("{at}[{i}]");
@@ -433,8 +443,9 @@ impl Meta {
                 .cloned()
                 .unwrap_or_else(|| json!({"format": {"type": "text"}})),
         );
-        // Nothing is stored for a translated request: `GET /v1/responses/{id}` cannot find it.
-        echo.insert("store".into(), Value::Bool(false));
+        // Stored unless the client said not to (`GET /v1/responses/{id}` finds it).
+        let store = request.get("store").and_then(Value::as_bool) != Some(false);
+        echo.insert("store".into(), Value::Bool(store));
         if echo.get("truncation").is_some_and(Value::is_null) {
             echo.insert("truncation".into(), json!("disabled"));
         }
@@ -613,6 +624,8 @@ pub struct StreamTranslator {
     finish_reason: Option<String>,
     usage: Option<Value>,
     finished: bool,
+    /// The finished `response` (completed or incomplete), for storing.
+    completed: Option<Value>,
 }
 
 impl StreamTranslator {
@@ -627,7 +640,14 @@ impl StreamTranslator {
             finish_reason: None,
             usage: None,
             finished: false,
+            completed: None,
         }
+    }
+
+    /// The finished `response` of a stream that completed (or was cut by its token limit),
+    /// once.
+    pub fn take_completed(&mut self) -> Option<Value> {
+        self.completed.take()
     }
 
     fn event(&mut self, out: &mut Vec<Event>, kind: &'static str, data: Value) {
@@ -792,6 +812,7 @@ impl StreamTranslator {
             "response.completed"
         };
         self.finished = true;
+        self.completed = Some(r.clone());
         self.event(out, kind, json!({"response": r}));
     }
 

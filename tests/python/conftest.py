@@ -86,6 +86,39 @@ class Gateway:
         self.dir.cleanup()
 
 
+class Redis:
+    """A real `redis-server` on a free loopback port, nothing persisted (as the Rust harness
+    starts it)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    r = Redis()
+    yield r
+    r.stop()
+
+
 @pytest.fixture(scope="module")
 def mock():
     m = Mock()

@@ -17,6 +17,7 @@ def gateway(mock):
         f"""
 keys:
   - {{ id: python, key: "sk-client-python" }}
+  - {{ id: other, key: "sk-client-other" }}
 providers:
   mock: {{ base_url: "{mock.base_url}", api_key: "sk-provider-python", health: {{ enabled: false }} }}
 routes:
@@ -164,7 +165,7 @@ def test_a_built_in_tool_or_bad_input_is_a_clear_400(gateway):
         c.responses.create(model="nope", input="x")
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model="fast", input="x", previous_response_id="resp_123")
-    assert "previous_response_id" in e.value.message
+    assert e.value.code == "previous_response_not_found" and e.value.param == "previous_response_id"
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model="fast", input="x", max_output_tokens=-1)
     assert "max_output_tokens" in e.value.message
@@ -217,3 +218,83 @@ def test_an_agents_sdk_agent_with_a_function_tool_runs_to_completion(gateway, mo
     assert "raw_response_event" in kinds
     # Streamed, the mock answers the tool's output in tokens rather than quoting it.
     assert final == "tok0 tok1 tok2 "
+
+
+def test_a_stored_response_is_read_listed_and_deleted_by_its_key_only(gateway):
+    c = client(gateway)
+    resp = c.responses.create(model="fast", input="hello", metadata={"t": "1"})
+    assert resp.store is True
+    got = c.responses.retrieve(resp.id)
+    assert got.id == resp.id and got.output_text == resp.output_text
+    items = c.responses.input_items.list(resp.id)
+    assert [(i.role, i.content[0].text) for i in items.data] == [("user", "hello")]
+    other = openai.OpenAI(base_url=gateway.base_url, api_key="sk-client-other", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(resp.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(resp.id)
+    with pytest.raises(openai.BadRequestError):
+        other.responses.create(model="fast", input="x", previous_response_id=resp.id)
+    c.responses.delete(resp.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(resp.id)
+    # `store: false` (what Codex sends): nothing is kept.
+    unstored = c.responses.create(model="fast", input="x", store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+
+
+def test_previous_response_id_continues_the_conversation(gateway, mock):
+    """Three turns, the second streamed: each turn's chat request carries the whole
+    conversation, and the instructions are this turn's only."""
+    c = client(gateway)
+    first = c.responses.create(model="fast", instructions="Be brief.", input="My name is Ada.")
+    with c.responses.stream(model="fast", input="What is my name?", previous_response_id=first.id) as stream:
+        second = stream.get_final_response()
+    assert second.previous_response_id == first.id
+    third = c.responses.create(model="fast", instructions="Be kind.", input="Thanks.", previous_response_id=second.id)
+    assert third.output_text == "mock reply from upstream-fast"
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "mock reply from upstream-fast"},
+        {"role": "user", "content": "What is my name?"},
+        {"role": "assistant", "content": "tok0 tok1 tok2 "},
+        {"role": "user", "content": "Thanks."},
+    ]
+    items = c.responses.input_items.list(third.id, order="asc")
+    assert [i.type for i in items.data] == ["message"] * 5
+
+
+def test_previous_response_id_across_two_nodes_sharing_redis(mock, redis_server):
+    """Two gateways on one Redis: a conversation goes on whichever node each turn reaches."""
+    config = f"""
+keys:
+  - {{ id: python, key: "sk-client-python" }}
+redis: {{ url: "{redis_server.url}" }}
+providers:
+  mock: {{ base_url: "{mock.base_url}", health: {{ enabled: false }} }}
+routes:
+  - model: fast
+    targets: [ {{ provider: mock, model: upstream-fast }} ]
+"""
+    a, b = Gateway(config), Gateway(config)
+    try:
+        ca, cb = client(a), client(b)
+        first = ca.responses.create(model="fast", input="one")
+        with cb.responses.stream(model="fast", input="two", previous_response_id=first.id) as stream:
+            second = stream.get_final_response()
+        third = ca.responses.create(model="fast", input="three", previous_response_id=second.id)
+        sent = json.loads(mock.requests()[-1]["body"])
+        assert [m["content"] for m in sent["messages"]] == [
+            "one", "mock reply from upstream-fast", "two", "tok0 tok1 tok2 ", "three",
+        ]
+        assert cb.responses.retrieve(third.id).output_text == third.output_text
+        ca.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            cb.responses.retrieve(first.id)
+    finally:
+        a.stop()
+        b.stop()

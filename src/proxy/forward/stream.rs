@@ -118,6 +118,11 @@ fn complete<'a>(
         watch.complete();
     }
     take_usage(ctx, watch);
+    if let Some(keep) = ctx.keep.as_mut() {
+        if keep.response.is_none() {
+            keep.response = watch.completed_response();
+        }
+    }
     source.settle.settle(ctx)
 }
 

@@ -149,6 +149,11 @@ impl TranslatedStream {
         self.take()
     }
 
+    /// The finished `response` of a Responses stream that completed, once.
+    pub fn take_completed(&mut self) -> Option<Value> {
+        self.translator.take_completed()
+    }
+
     /// Whether the stream ended (completed, incomplete or failed).
     pub fn finished(&self) -> bool {
         self.translator.finished()

@@ -242,6 +242,14 @@ impl Watchers {
         join(adapted, rest)
     }
 
+    /// The finished `response` of a translated Responses stream that completed, once.
+    pub(super) fn completed_response(&mut self) -> Option<serde_json::Value> {
+        self.translate
+            .as_mut()
+            .filter(|_| self.translating)
+            .and_then(TranslatedStream::take_completed)
+    }
+
     /// Whether the stream's `data: [DONE]` went by.
     pub(super) fn done_seen(&self) -> bool {
         self.done.seen()
