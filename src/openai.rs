@@ -195,6 +195,9 @@ pub struct LlmRequest {
     pub counting: bool,
     /// The stored conversation a Responses request continues (its items, before its input).
     pub history: Option<Arc<Vec<serde_json::Value>>>,
+    /// Why a Responses request cannot be translated for a chat completions target (a built-in
+    /// tool…): only a provider that speaks the Responses API can serve it.
+    pub untranslatable: Option<Box<crate::translate::TranslateError>>,
 }
 
 impl LlmRequest {
@@ -341,6 +344,7 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         dropped: Vec::new(),
         counting: false,
         history: None,
+        untranslatable: None,
     })
 }
 
@@ -440,8 +444,22 @@ fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
             })
         }
     }
-    let chat = crate::translate::responses::to_chat(&request, &[])?;
-    translated(Endpoint::Responses, request, chat.body, chat.dropped)
+    match crate::translate::responses::to_chat(&request, &[]) {
+        Ok(chat) => translated(Endpoint::Responses, request, chat.body, chat.dropped),
+        // Refused at routing unless a target speaks the Responses API (which takes it as is).
+        Err(e @ crate::translate::TranslateError::Unsupported { .. }) => {
+            let stream = request.get("stream").and_then(serde_json::Value::as_bool);
+            let placeholder = serde_json::json!({
+                "model": request.get("model"),
+                "messages": [{"role": "user", "content": ""}],
+                "stream": stream.unwrap_or(false),
+            });
+            let mut req = translated(Endpoint::Responses, request, placeholder, Vec::new())?;
+            req.untranslatable = Some(Box::new(e));
+            Ok(req)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A Responses request that continues a stored one (`previous_response_id`): translated again
@@ -453,6 +471,13 @@ pub fn continued(
     let Some(original) = req.original.clone() else {
         return Ok(req);
     };
+    if req.untranslatable.is_some() {
+        // Only a provider that speaks the Responses API can serve it: it gets the history as
+        // items (`forward::request`).
+        let mut next = req;
+        next.history = Some(Arc::new(history));
+        return Ok(next);
+    }
     let chat = crate::translate::responses::to_chat(&original, &history)?;
     let mut next = translated(
         Endpoint::Responses,

@@ -206,7 +206,7 @@ pub(super) fn build_provider(
     let credential = match p.api_key.as_deref().filter(|k| !k.is_empty()) {
         None => None,
         Some(key) => match match p.api {
-            Api::Openai => HeaderValue::from_str(&format!("Bearer {key}"))
+            Api::Openai | Api::Responses => HeaderValue::from_str(&format!("Bearer {key}"))
                 .map(|v| (http::header::AUTHORIZATION, v)),
             Api::Anthropic => {
                 HeaderValue::from_str(key).map(|v| (HeaderName::from_static("x-api-key"), v))

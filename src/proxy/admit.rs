@@ -119,10 +119,11 @@ impl Gateway {
         // 6. Body: endpoint and method, then a bounded read, parsed once.
         //                                                         404, 405, 415, 413, 408, 400
         let req = read_request(s, ctx, &config, open).await?;
-        //    A Responses request continuing a stored one: the conversation so far.   400, 503
-        let req = self.continue_stored(&principal, req).await?;
         // 7. Route: the allow-list first, then the route table.                         403, 404
         let route = resolve_route(ctx, &config, &principal, &req)?;
+        //    A Responses request continuing a stored one: the conversation so far; one only
+        //    a provider speaking the Responses API can serve needs such a target.      400, 503
+        let req = self.continue_stored(&principal, req, &route).await?;
         // 8. Route limit, per key.                                                      429
         self.limit_route(ctx, &principal, &route).await?;
         // A token count (Messages, Responses) is answered here: routed and limited like the

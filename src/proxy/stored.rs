@@ -18,10 +18,13 @@ use serde_json::{json, Value};
 
 use super::ctx::RequestCtx;
 use super::gateway::Gateway;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, RequestError};
 use crate::openai::{self, LlmRequest};
 use crate::ops::Reply;
+use crate::routing::Route;
 use crate::stored::Stored;
+use crate::translate::TranslateError;
+use crate::upstream::provider::Api;
 
 /// A stored-responses call.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,23 +54,40 @@ pub(super) fn route(method: &Method, path: &str) -> Option<Call> {
 }
 
 impl Gateway {
-    /// Step 6, for a Responses request with `previous_response_id`: the stored conversation
-    /// (the key's own), translated in before the request's input.          400, 503
+    /// After step 7, for a Responses request with `previous_response_id`: the stored
+    /// conversation (the key's own), translated in before the request's input. An id this
+    /// gateway never stored may be the provider's own when the route has a target that speaks
+    /// the Responses API: it goes there as it is (and to no other target). A request only such
+    /// a target can serve (a built-in tool) is refused on a route without one.      400, 503
     pub(super) async fn continue_stored(
         &self,
         principal: &Principal,
-        req: LlmRequest,
+        mut req: LlmRequest,
+        route: &Route,
     ) -> Result<LlmRequest, GatewayError> {
+        let native = route
+            .targets
+            .iter()
+            .any(|t| t.provider.api == Api::Responses);
+        if let Some(e) = req.untranslatable.as_ref().filter(|_| !native) {
+            return Err(RequestError::Translate((**e).clone()).into());
+        }
         let Some(id) = req.previous_response_id().map(str::to_string) else {
             return Ok(req);
         };
-        let stored = self
-            .node
-            .responses
-            .get(&principal.key_id, &id)
-            .await?
-            .ok_or(GatewayError::PreviousResponseNotFound(id))?;
-        Ok(openai::continued(req, stored.history())?)
+        match self.node.responses.get(&principal.key_id, &id).await? {
+            Some(stored) => Ok(openai::continued(req, stored.history())?),
+            None if native => {
+                req.untranslatable.get_or_insert_with(|| {
+                    Box::new(TranslateError::unsupported(
+                        "previous_response_id",
+                        "the response is the provider's: only a target that speaks the Responses API can continue it",
+                    ))
+                });
+                Ok(req)
+            }
+            None => Err(GatewayError::PreviousResponseNotFound(id)),
+        }
     }
 
     /// Keeps the finished response `ctx` holds, if it asked to be kept. A store that fails

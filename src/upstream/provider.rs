@@ -64,9 +64,26 @@ pub enum Api {
     #[default]
     #[serde(alias = "chat")]
     Openai,
+    /// OpenAI's API with the Responses API (`POST /responses`) beside chat completions
+    /// (OpenAI itself): a Responses request goes as it is (built-in tools, reasoning and the
+    /// provider's own stored responses included); every other request as for `openai`.
+    Responses,
     /// Anthropic's Messages API (`POST /messages`): a Messages request goes as it is, a chat
     /// (or Responses) request is translated to it and its answer back.
     Anthropic,
+}
+
+impl Api {
+    /// Whether a request from a client of `endpoint`'s API reaches this provider in that API,
+    /// untranslated.
+    pub fn native_for(self, endpoint: crate::openai::Endpoint) -> bool {
+        use crate::openai::Endpoint;
+        match self {
+            Api::Openai => !endpoint.translated(),
+            Api::Responses => endpoint != Endpoint::Messages,
+            Api::Anthropic => endpoint == Endpoint::Messages,
+        }
+    }
 }
 
 /// The `anthropic-version` a provider with `api: anthropic` is sent unless its `headers:` set

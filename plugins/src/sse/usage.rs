@@ -22,14 +22,17 @@ use serde::Deserialize;
 const JSON_LIMIT: usize = 8 << 20;
 const LINE_LIMIT: usize = 1 << 20;
 
-/// A body or event with usage: OpenAI's at the top (`usage`), or an Anthropic Messages
-/// stream's `message_start`, whose usage is in its `message`.
+/// A body or event with usage: OpenAI's at the top (`usage`), an Anthropic Messages stream's
+/// `message_start` (in its `message`), or a Responses stream's last event (in its
+/// `response`).
 #[derive(Deserialize)]
 struct WithUsage {
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default)]
     message: Option<Nested>,
+    #[serde(default)]
+    response: Option<Nested>,
 }
 
 #[derive(Deserialize)]
@@ -40,7 +43,9 @@ struct Nested {
 
 impl WithUsage {
     fn usage(self) -> Option<Usage> {
-        self.usage.or(self.message.and_then(|m| m.usage))
+        self.usage
+            .or(self.message.and_then(|m| m.usage))
+            .or(self.response.and_then(|r| r.usage))
     }
 }
 
@@ -414,6 +419,11 @@ mod tests {
         tap.observe(stream.as_bytes());
         assert_eq!(tap.split(), Some((12, 9)));
         assert_eq!(tap.total_tokens(), Some(21));
+        // A Responses stream: in its last event's response.
+        let mut tap = UsageTap::new(true);
+        tap.observe(b"event: response.created\ndata: {\"response\":{\"usage\":null}}\n\nevent: response.completed\ndata: {\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":3,\"total_tokens\":8}}}\n\n");
+        assert_eq!(tap.split(), Some((5, 3)));
+        assert_eq!(tap.total_tokens(), Some(8));
     }
 
     /// Lines are read in place and only a line split across chunks is copied: the usage and

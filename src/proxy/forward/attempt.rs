@@ -176,7 +176,7 @@ pub(super) async fn attempt(
                 // Kept in OpenAI's shape, whatever the provider's API: it is what the client
                 // (or its own API's translation) gets if nothing else answers.
                 let body = match provider.api {
-                    Api::Openai => body,
+                    Api::Openai | Api::Responses => body,
                     Api::Anthropic => Bytes::from(
                         serde_json::to_vec(&messages_provider::error(status, &body))
                             .unwrap_or_default(),

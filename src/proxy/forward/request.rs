@@ -84,15 +84,20 @@ const UPSTREAM_REQUEST_ID: &str = "x-lumen-upstream-request-id";
 /// Responses) request translated to Messages.
 pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes>, GatewayError> {
     let provider = &target.provider;
-    if provider.api == Api::Openai {
-        return Ok(body_with_usage(req, target.model_json.as_ref()));
+    if let Some(e) = &req.untranslatable {
+        // A Responses request only a provider speaking the Responses API can serve.
+        if !(provider.api == Api::Responses && req.endpoint == Endpoint::Responses) {
+            return Err(invalid((**e).clone()));
+        }
     }
-    let model = target
-        .model_json
-        .as_ref()
-        .and_then(|m| serde_json::from_slice::<String>(m).ok())
-        .unwrap_or_else(|| req.model.clone());
-    let invalid = |e: TranslateError| GatewayError::Request(RequestError::Translate(e));
+    match (provider.api, req.endpoint) {
+        (Api::Responses, Endpoint::Responses) => return native_responses(req, target),
+        (Api::Openai | Api::Responses, _) => {
+            return Ok(body_with_usage(req, target.model_json.as_ref()))
+        }
+        (Api::Anthropic, _) => {}
+    }
+    let model = target_model(req, target);
     let body = match (req.endpoint, req.original.as_deref()) {
         (Endpoint::Messages, Some(original)) => {
             let mut body = original.clone();
@@ -124,6 +129,52 @@ pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes
     Ok(vec![Bytes::from(bytes)])
 }
 
+fn invalid(e: TranslateError) -> GatewayError {
+    GatewayError::Request(RequestError::Translate(e))
+}
+
+/// The model a target names (the client's when it names none).
+fn target_model(req: &LlmRequest, target: &Target) -> String {
+    target
+        .model_json
+        .as_ref()
+        .and_then(|m| serde_json::from_slice::<String>(m).ok())
+        .unwrap_or_else(|| req.model.clone())
+}
+
+/// A Responses request to a provider that speaks the Responses API: the client's request, its
+/// model replaced. A conversation stored here (`previous_response_id` of a response this
+/// gateway kept) goes as its items before the input, since the provider has never seen it.
+fn native_responses(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes>, GatewayError> {
+    let Some(original) = req.original.as_deref() else {
+        return Err(GatewayError::Internal(
+            "a Responses request without its body".into(),
+        ));
+    };
+    let mut body = original.clone();
+    if let Some(o) = body.as_object_mut() {
+        o.insert(
+            "model".into(),
+            serde_json::Value::from(target_model(req, target)),
+        );
+        if let Some(history) = req.history.as_deref() {
+            let mut input = history.clone();
+            match o.remove("input") {
+                Some(serde_json::Value::Array(items)) => input.extend(items),
+                Some(serde_json::Value::String(text)) => {
+                    input.push(serde_json::json!({"role": "user", "content": text}))
+                }
+                _ => {}
+            }
+            o.insert("input".into(), serde_json::Value::Array(input));
+            o.remove("previous_response_id");
+        }
+    }
+    let bytes = serde_json::to_vec(&body)
+        .map_err(|e| GatewayError::Internal(format!("responses body: {e}")))?;
+    Ok(vec![Bytes::from(bytes)])
+}
+
 /// Builds the provider's request head: its path, host and credentials, the client's other
 /// headers, and our request id.
 pub(super) fn upstream_request(
@@ -136,7 +187,8 @@ pub(super) fn upstream_request(
     let mut path = String::with_capacity(provider.base_path.len().saturating_add(24));
     path.push_str(&provider.base_path);
     path.push_str(match provider.api {
-        Api::Openai => req.endpoint.upstream_suffix(),
+        Api::Responses if req.endpoint == Endpoint::Responses => "/responses",
+        Api::Openai | Api::Responses => req.endpoint.upstream_suffix(),
         Api::Anthropic => "/messages",
     });
     if let Some(query) = client.uri.query() {
@@ -154,7 +206,7 @@ pub(super) fn upstream_request(
     .map_err(internal)?;
     // A Messages client's `anthropic-version` / `anthropic-beta` describe its own API: they
     // go to a provider that speaks it, not with the chat completions request others get.
-    let translated = req.endpoint.translated() && provider.api != Api::Anthropic;
+    let translated = !provider.api.native_for(req.endpoint);
     for (name, value) in client.headers.iter() {
         let name_str = name.as_str();
         let theirs = translated && name_str.starts_with("anthropic-");

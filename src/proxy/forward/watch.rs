@@ -69,6 +69,8 @@ pub struct Watchers {
     /// The provider speaks the client's own API (a Messages request to `api: anthropic`, set
     /// per attempt): its answer goes to the client as it is, untranslated.
     native: bool,
+    /// What ends the committed stream.
+    end: End,
 }
 
 impl Watchers {
@@ -102,9 +104,13 @@ impl Watchers {
     /// Before each attempt: the API its provider speaks, for a request from a client of
     /// `endpoint`'s API.
     pub(super) fn provider_api(&mut self, api: Api, endpoint: Endpoint) {
-        let messages = api == Api::Anthropic;
-        self.native = messages && endpoint == Endpoint::Messages;
-        self.adapt = (messages && !self.native).then(FromMessages::new);
+        self.native = endpoint.translated() && api.native_for(endpoint);
+        self.end = match (self.native, endpoint) {
+            (true, Endpoint::Messages) => End::MessageStop,
+            (true, _) => End::ResponseDone,
+            (false, _) => End::Done,
+        };
+        self.adapt = (api == Api::Anthropic && !self.native).then(FromMessages::new);
     }
 
     /// Whether the committed answer is in the client's own API already (no translation).
@@ -133,7 +139,7 @@ impl Watchers {
         // The usage chunk Lumen asked for on the client's behalf is not the client's to see.
         self.strip = (sse && self.strip_usage).then(UsageStrip::default);
         self.done = DoneWatch {
-            messages: self.native,
+            end: self.end,
             ..DoneWatch::default()
         };
         self.translating = !self.native
@@ -261,23 +267,34 @@ impl Watchers {
     }
 }
 
-/// Watches a stream for its `data: [DONE]` line (a Messages stream: its `event:
-/// message_stop` line), across chunk boundaries.
+/// What ends a complete stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum End {
+    /// Chat completions: `data: [DONE]`.
+    #[default]
+    Done,
+    /// Anthropic's Messages API, passed on untranslated: `event: message_stop`.
+    MessageStop,
+    /// OpenAI's Responses API, passed on untranslated: `event: response.completed` (or
+    /// `.incomplete`, `.failed`: the provider's own end).
+    ResponseDone,
+}
+
+/// Watches a stream for the line that ends it ([`End`]), across chunk boundaries.
 #[derive(Default)]
 struct DoneWatch {
     /// The last bytes of the stream so far (a mark split across chunks is found), never
     /// more than a mark's length: each chunk is scanned once, not copied.
     tail: Vec<u8>,
     seen: bool,
-    /// An Anthropic Messages stream, passed on untranslated.
-    messages: bool,
+    end: End,
 }
 
 impl DoneWatch {
     /// What precedes the end word on its line.
     const MARKS: [&'static [u8]; 2] = [b"data: ", b"data:"];
-    const MESSAGES_MARKS: [&'static [u8]; 2] = [b"event: ", b"event:"];
-    const KEEP: usize = 20;
+    const EVENT_MARKS: [&'static [u8]; 2] = [b"event: ", b"event:"];
+    const KEEP: usize = 28;
 
     fn observe(&mut self, chunk: &[u8]) {
         if self.seen {
@@ -289,15 +306,23 @@ impl DoneWatch {
             LazyLock::new(|| memmem::Finder::new(b"[DONE]"));
         static STOP: LazyLock<memmem::Finder<'static>> =
             LazyLock::new(|| memmem::Finder::new(b"message_stop"));
-        let (word, marks) = if self.messages {
-            (&*STOP, &Self::MESSAGES_MARKS)
-        } else {
-            (&*DONE, &Self::MARKS)
+        static RESPONSE: LazyLock<memmem::Finder<'static>> =
+            LazyLock::new(|| memmem::Finder::new(b"response."));
+        let (word, marks) = match self.end {
+            End::Done => (&*DONE, &Self::MARKS),
+            End::MessageStop => (&*STOP, &Self::EVENT_MARKS),
+            End::ResponseDone => (&*RESPONSE, &Self::EVENT_MARKS),
         };
+        let responses = self.end == End::ResponseDone;
         let has = |bytes: &[u8]| {
             word.find_iter(bytes).any(|at| {
                 let before = bytes.get(..at).unwrap_or_default();
+                let after = bytes.get(at.saturating_add(9)..).unwrap_or_default();
                 marks.iter().any(|mark| before.ends_with(mark))
+                    && (!responses
+                        || [&b"completed"[..], b"incomplete", b"failed"]
+                            .iter()
+                            .any(|w| after.starts_with(w)))
             })
         };
         // A mark across the boundary: the held tail and the chunk's first bytes.
@@ -341,7 +366,7 @@ fn join(a: Bytes, b: Bytes) -> Bytes {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::DoneWatch;
+    use super::{DoneWatch, End};
 
     #[test]
     fn done_is_found_wherever_the_chunks_split() {
@@ -363,7 +388,7 @@ mod tests {
         let stream = b"event: content_block_delta\ndata: {\"delta\":{\"text\":\"message_stop\"}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         for size in 1..stream.len() {
             let mut watch = DoneWatch {
-                messages: true,
+                end: End::MessageStop,
                 ..DoneWatch::default()
             };
             let mut seen_at = None;
@@ -379,5 +404,33 @@ mod tests {
         let mut chat = DoneWatch::default();
         chat.observe(b"event: message_stop\n\n");
         assert!(!chat.seen(), "a chat stream ends with [DONE] only");
+    }
+
+    #[test]
+    fn a_responses_stream_ends_with_its_last_event() {
+        let stream = b"event: response.created\ndata: {}\n\nevent: response.output_text.delta\ndata: {\"delta\":\"response.completed\"}\n\nevent: response.completed\ndata: {}\n\n";
+        let end = stream.len() - b"event: response.completed\ndata: {}\n\n".len();
+        for size in 1..stream.len() {
+            let mut watch = DoneWatch {
+                end: End::ResponseDone,
+                ..DoneWatch::default()
+            };
+            let mut seen_at = None;
+            for (i, piece) in stream.chunks(size).enumerate() {
+                watch.observe(piece);
+                if watch.seen() && seen_at.is_none() {
+                    seen_at = Some((i + 1) * size);
+                }
+            }
+            assert!(seen_at.is_some_and(|at| at > end), "{size}: {seen_at:?}");
+        }
+        for last in ["response.incomplete", "response.failed"] {
+            let mut watch = DoneWatch {
+                end: End::ResponseDone,
+                ..DoneWatch::default()
+            };
+            watch.observe(format!("event: {last}\ndata: {{}}\n\n").as_bytes());
+            assert!(watch.seen(), "{last}");
+        }
     }
 }

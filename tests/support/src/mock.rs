@@ -460,6 +460,9 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
     if path.ends_with("/messages") {
         return messages_answer(stream, &body, &model, stream_mode).await;
     }
+    if path.ends_with("/responses") {
+        return responses_answer(stream, &body, &model, stream_mode).await;
+    }
     if path.ends_with("/chat/completions") && wants_tool_call(&body) {
         return tool_call_answer(stream, &body, &model, stream_mode).await;
     }
@@ -762,6 +765,108 @@ async fn messages_answer(
         }
         frame(&mut wire, e.as_bytes());
         write_out(stream, &mut wire).await?;
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    write_out(stream, &mut wire).await?;
+    Ok(true)
+}
+
+/// OpenAI's Responses API (`POST …/responses`), for `api: responses` providers: a text
+/// answer naming the model and the tools it was given (`mock responses reply from M with
+/// [tools]`), streamed as `tok0 tok1 tok2 `; its id is `resp_mock_<n>` where n counts the
+/// input items it got (a continuation resolved by the provider shows as `prev=<id>`).
+async fn responses_answer(
+    stream: &mut TcpStream,
+    body: &Value,
+    model: &str,
+    stream_mode: bool,
+) -> std::io::Result<bool> {
+    let items = body["input"].as_array().map_or(1, Vec::len);
+    let id = format!("resp_mock_{items}");
+    let tools: Vec<&str> = body["tools"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["type"].as_str()).collect())
+        .unwrap_or_default();
+    let prev = body["previous_response_id"]
+        .as_str()
+        .map(|p| format!(" prev={p}"))
+        .unwrap_or_default();
+    let text = format!("mock responses reply from {model} with {tools:?}{prev}");
+    let usage = json!({"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0},
+                       "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 8});
+    let message = |text: &str, status: &str| {
+        json!({"type": "message", "id": "msg_mock", "status": status, "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    };
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": id, "object": "response", "created_at": 1_700_000_000, "status": status,
+               "model": model, "output": output, "usage": usage, "error": null,
+               "incomplete_details": null, "instructions": null, "metadata": {},
+               "parallel_tool_calls": true, "temperature": null, "tool_choice": "auto",
+               "tools": [], "top_p": null})
+    };
+    if !stream_mode {
+        let answer = response("completed", json!([message(&text, "completed")]), usage);
+        write_json(stream, 200, "", &answer).await?;
+        return Ok(true);
+    }
+    let mut seq = 0;
+    let mut events = Vec::new();
+    let mut push = |kind: &str, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        events.push(format!("event: {kind}\ndata: {data}\n\n"));
+    };
+    push(
+        "response.created",
+        json!({"response": response("in_progress", json!([]), Value::Null)}),
+    );
+    push(
+        "response.in_progress",
+        json!({"response": response("in_progress", json!([]), Value::Null)}),
+    );
+    push(
+        "response.output_item.added",
+        json!({"output_index": 0, "item": message("", "in_progress")}),
+    );
+    push(
+        "response.content_part.added",
+        json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0,
+        "part": {"type": "output_text", "text": "", "annotations": []}}),
+    );
+    for i in 0..3 {
+        push(
+            "response.output_text.delta",
+            json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0,
+            "delta": format!("tok{i} "), "logprobs": []}),
+        );
+    }
+    let full = "tok0 tok1 tok2 ";
+    push(
+        "response.output_text.done",
+        json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0,
+        "text": full, "logprobs": []}),
+    );
+    push(
+        "response.content_part.done",
+        json!({"item_id": "msg_mock", "output_index": 0, "content_index": 0,
+        "part": {"type": "output_text", "text": full, "annotations": []}}),
+    );
+    push(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": message(full, "completed")}),
+    );
+    push(
+        "response.completed",
+        json!({"response": response("completed", json!([message(full, "completed")]), usage)}),
+    );
+    let mut wire = Vec::new();
+    wire.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    for e in events {
+        frame(&mut wire, e.as_bytes());
     }
     wire.extend_from_slice(b"0\r\n\r\n");
     write_out(stream, &mut wire).await?;
