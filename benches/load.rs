@@ -102,6 +102,18 @@ async fn load(
     body: Vec<u8>,
     first_chunk: bool,
 ) -> Sample {
+    load_at(addr, "/v1/chat/completions", conns, secs, body, first_chunk).await
+}
+
+/// [`load`] on another endpoint than chat completions.
+async fn load_at(
+    addr: SocketAddr,
+    path: &'static str,
+    conns: usize,
+    secs: f64,
+    body: Vec<u8>,
+    first_chunk: bool,
+) -> Sample {
     let body = std::sync::Arc::new(body);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     // Warm up connections and pools first.
@@ -110,7 +122,7 @@ async fn load(
         let _ = warm
             .request(
                 "POST",
-                "/v1/chat/completions",
+                path,
                 &[
                     ("content-type", "application/json"),
                     ("authorization", BENCH_AUTH),
@@ -133,7 +145,7 @@ async fn load(
                     match c
                         .request(
                             "POST",
-                            "/v1/chat/completions",
+                            path,
                             &[
                                 ("content-type", "application/json"),
                                 ("authorization", BENCH_AUTH),
@@ -579,6 +591,51 @@ fn main() {
                 ratio(of("lumen"), of("pingora"))
             );
         }
+    }
+    // Translation: the same answer asked for in the Responses and Messages APIs (translated
+    // to chat completions and back) against chat completions itself, same gateway, same run.
+    // `store: false`: the cost of translation alone (storing is a memory write, or a Redis
+    // round trip with `redis:`).
+    if only.as_deref().is_none_or(|o| "translation".contains(o)) {
+        println!(
+            "translation overhead, c=1 1KiB (lumen-open; each API's request for the same answer)"
+        );
+        let filler = "x".repeat(1024 - 120);
+        for stream in [false, true] {
+            let what = if stream {
+                "stream, first chunk"
+            } else {
+                "whole answer"
+            };
+            let base = runtime.block_on(load(
+                lumen_open.addr,
+                1,
+                secs,
+                chat_body_chunks(1024, stream, 3),
+                stream,
+            ));
+            let responses = json!({"model": "bench", "input": filler, "stream": stream,
+                               "temperature": 0, "store": false});
+            let messages = json!({"model": "bench", "max_tokens": 64, "stream": stream, "temperature": 0,
+                              "messages": [{"role": "user", "content": filler}]});
+            for (label, path, body) in [
+                ("responses", "/v1/responses", responses),
+                ("messages", "/v1/messages", messages),
+            ] {
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                let s = runtime.block_on(load_at(lumen_open.addr, path, 1, secs, body, stream));
+                println!(
+                "  {label:<9} {what:<19} p50 {:>6.0} vs chat {:>6.0} us (added {:>+4.0} us)  p99 {:>6.0} vs {:>6.0} us  rps {:.2}x",
+                s.pct(0.5),
+                base.pct(0.5),
+                s.pct(0.5) - base.pct(0.5),
+                s.pct(0.99),
+                base.pct(0.99),
+                s.rps / base.rps
+            );
+            }
+        }
+        println!();
     }
     if only.is_some() {
         return;
