@@ -43,7 +43,7 @@ pub(super) enum Admit {
     /// Answered by the gateway itself.
     Reply(ops::Reply),
     /// Answered from the cache.
-    Hit(Plan, Arc<Entry>),
+    Hit(Plan, Arc<Entry>, LlmRequest),
     /// To be forwarded on this route (using the cache as planned).
     Forward(LlmRequest, Arc<Route>, Option<Plan>),
     /// A call on the async jobs API, by this caller.
@@ -142,7 +142,7 @@ impl Gateway {
         match (hit, plan) {
             (Some(entry), Some(plan)) => {
                 push_status(ctx, "hit");
-                Ok(Admit::Hit(plan, entry))
+                Ok(Admit::Hit(plan, entry, req))
             }
             (_, plan) => Ok(Admit::Forward(req, route, plan)),
         }

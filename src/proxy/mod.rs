@@ -97,10 +97,19 @@ impl ProxyHttp for Gateway {
                 self.write_reply(s, ctx, reply.status, reply.body).await?;
                 return Ok(true);
             }
-            Ok(Admit::Hit(plan, entry)) => {
+            Ok(Admit::Hit(plan, entry, req)) => {
                 // Given back before the client has its answer (a hit reserves no tokens).
                 self.release(ctx).await;
-                cache::serve(s, ctx, &plan, &entry).await?;
+                // A translated request's hit is translated back like a provider's answer.
+                let answer = translated::answer(ctx, &req);
+                let rendered = cache::render(ctx, &plan, &entry, answer.as_ref())?;
+                if let (Some(response), Some(keep)) =
+                    (rendered.completed.clone(), ctx.keep.as_mut())
+                {
+                    keep.response = Some(response);
+                    self.keep_response(ctx).await;
+                }
+                cache::write(s, rendered).await?;
                 return Ok(true);
             }
             Ok(Admit::Job(call, principal)) => {

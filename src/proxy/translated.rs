@@ -35,13 +35,26 @@ const MAX_ANSWER: usize = 64 * 1024 * 1024;
 const DROPPED_HEADER: HeaderName = HeaderName::from_static("x-lumen-dropped-params");
 
 /// Sets up the translation of `req`'s answer (`None` for an untranslated request): `watch`
-/// translates a stream as it flows, or becomes a capture of the whole answer. Returns what
-/// the translated answer says of itself (its id, and the request a `response` echoes).
+/// translates a stream as it flows, or captures the whole answer. Returns what the translated
+/// answer says of itself (its id, and the request a `response` echoes).
 pub(super) fn start(
     ctx: &mut RequestCtx,
     req: &LlmRequest,
     watch: &mut Watchers,
 ) -> Option<Answer> {
+    let answer = answer(ctx, req)?;
+    if req.stream {
+        watch.translating(TranslatedStream::new(answer.clone()));
+    } else {
+        watch.capture(MAX_ANSWER);
+    }
+    Some(answer)
+}
+
+/// What `req`'s answer says of itself in the client's API (`None` for an untranslated
+/// request); the fields its translation left out are named in a response header, and a
+/// Responses answer to store is set up in `ctx`.
+pub(super) fn answer(ctx: &mut RequestCtx, req: &LlmRequest) -> Option<Answer> {
     let original = req.original.as_ref()?;
     if !req.dropped.is_empty() {
         // Field names from a fixed list: always a valid header value.
@@ -63,11 +76,6 @@ pub(super) fn start(
             Answer::Responses(responses::Meta::new(id, now, original))
         }
     };
-    if req.stream {
-        watch.translating(TranslatedStream::new(answer.clone()));
-    } else {
-        *watch = Watchers::capturing(MAX_ANSWER);
-    }
     Some(answer)
 }
 

@@ -32,6 +32,9 @@ routes:
     targets: [ {{ provider: mock, model: status-400 }} ]
   - model: falls-back
     targets: [ {{ provider: mock, model: status-500 }}, {{ provider: mock, model: upstream-fast }} ]
+  - model: cached
+    targets: [ {{ provider: mock, model: upstream-cached }} ]
+    cache: {{ ttl: 1h, when: always }}
 jobs: {{ workers: 1 }}
 """,
     )
@@ -233,3 +236,37 @@ def test_jobs_take_messages_and_responses_requests(gateway, endpoint, body, text
         job = requests.get(f"{root}/v1/jobs/{job['id']}", headers=headers).json()
     assert job["status"] == "completed", job
     assert text(job["result"]) == "mock reply from upstream-fast"
+
+
+def test_the_cache_answers_translated_requests_in_each_api(gateway, mock):
+    """A Messages request and the Responses and chat requests that mean the same are one cache
+    entry (the chat answer), each hit translated back into its client's API, streams too."""
+    import openai
+
+    c = client(gateway)
+    before = len(mock.requests())
+    ask = dict(model="cached", max_tokens=32, system="Be brief.", messages=[{"role": "user", "content": "cache me"}])
+    first = c.messages.with_raw_response.create(**ask)
+    assert first.headers["x-lumen-cache"] == "miss"
+    second = c.messages.with_raw_response.create(**ask)
+    assert second.headers["x-lumen-cache"] == "hit"
+    assert second.parse().content[0].text == first.parse().content[0].text == "mock reply from upstream-cached"
+    assert second.parse().id != first.parse().id
+    with c.messages.stream(**ask) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert events[-1].type == "message_stop"
+    assert final.content[0].text == "mock reply from upstream-cached"
+    oa = openai.OpenAI(base_url=gateway.base_url, api_key="sk-client-python", max_retries=0)
+    r = oa.responses.with_raw_response.create(model="cached", instructions="Be brief.", input="cache me", max_output_tokens=32)
+    assert r.headers["x-lumen-cache"] == "hit"
+    assert r.parse().output_text == "mock reply from upstream-cached"
+    # Stored like any response: it continues.
+    follow = oa.responses.retrieve(r.parse().id)
+    assert follow.output_text == "mock reply from upstream-cached"
+    chat = oa.chat.completions.with_raw_response.create(
+        model="cached", max_tokens=32,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "cache me"}],
+    )
+    assert chat.headers["x-lumen-cache"] == "hit"
+    assert len(mock.requests()) == before + 1, "one provider call for all of them"

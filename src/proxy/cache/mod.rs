@@ -43,10 +43,11 @@ use pingora::proxy::Session;
 use serde_json::Value;
 
 use super::ctx::{add_headers, RequestCtx};
-use super::forward::Watchers;
+use super::forward::{TranslatedStream, Watchers};
 use super::gateway::Gateway;
-use crate::openai::LlmRequest;
+use crate::openai::{Endpoint, LlmRequest};
 use crate::routing::Route;
+use crate::translate::answer::Answer;
 use fill::Fill;
 use plan::Plan;
 
@@ -69,12 +70,50 @@ pub async fn serve(
     plan: &Plan,
     entry: &Entry,
 ) -> pingora::Result<()> {
+    let rendered = render(ctx, plan, entry, None)?;
+    write(s, rendered).await
+}
+
+/// A stored answer ready to write.
+pub struct Rendered {
+    head: Box<ResponseHeader>,
+    body: Bytes,
+    /// A translated Responses answer's `response` (for storing it).
+    pub completed: Option<Value>,
+}
+
+/// A stored answer as this client gets it: JSON, or an SSE stream for a stream request; in
+/// the client's API when its request was translated (`answer`).
+pub fn render(
+    ctx: &mut RequestCtx,
+    plan: &Plan,
+    entry: &Entry,
+    answer: Option<&Answer>,
+) -> pingora::Result<Rendered> {
     let (body, sse) = match plan.api.kind().filter(|_| plan.stream) {
         Some(kind) => match render_sse(kind, &entry.body, plan.include_usage) {
             Some(sse) => (Bytes::from(sse), true),
             None => (entry.body.clone(), false),
         },
         None => (entry.body.clone(), false),
+    };
+    let mut completed = None;
+    let body = match answer {
+        None => body,
+        Some(answer) if sse => {
+            let mut stream = TranslatedStream::new(answer.clone());
+            stream.commit(200, true);
+            let events = stream.filter(&body);
+            completed = stream.take_completed();
+            events
+        }
+        Some(answer) => {
+            let chat: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let translated = answer.from_chat(&chat);
+            let bytes = Bytes::from(serde_json::to_vec(&translated).unwrap_or_default());
+            completed = matches!(answer, Answer::Responses(_)).then_some(translated);
+            bytes
+        }
     };
     ctx.usage_total = usage_total(&entry.body);
     ctx.provider = Some(entry.provider.clone());
@@ -96,8 +135,17 @@ pub async fn serve(
     head.insert_header("x-lumen-provider", entry.provider.as_str())?;
     add_headers(&mut head, &ctx.response_headers);
     ctx.status = 200;
-    s.write_response_header(Box::new(head), false).await?;
-    s.write_response_body(Some(body), true).await?;
+    Ok(Rendered {
+        head: Box::new(head),
+        body,
+        completed,
+    })
+}
+
+/// Writes a rendered answer.
+pub async fn write(s: &mut Session, rendered: Rendered) -> pingora::Result<()> {
+    s.write_response_header(rendered.head, false).await?;
+    s.write_response_body(Some(rendered.body), true).await?;
     Ok(())
 }
 
@@ -333,8 +381,11 @@ impl Gateway {
         ctx: &mut RequestCtx,
         plan: &Plan,
     ) -> Result<Option<Fill>> {
-        if plan.control == ClientControl::Refresh {
-            // The client wants a fresh answer: no following; store it for the others.
+        let translated = ctx.endpoint.is_some_and(Endpoint::translated);
+        if plan.control == ClientControl::Refresh || translated {
+            // The client wants a fresh answer: no following; store it for the others. (A
+            // translated request neither follows nor leads a flight: a follower gets the
+            // leader's bytes as they come, in the leader's API.)
             push_status(ctx, "miss");
             return Ok(Some(Fill::new(plan, None)));
         }

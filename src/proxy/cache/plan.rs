@@ -37,15 +37,16 @@ pub struct Items {
     pub keys: Vec<String>,
 }
 
-/// The cache's name for an endpoint; `None`: not cached (a translated Responses or Messages
-/// answer is not stored yet: the cache holds answers in the client's own API).
+/// The cache's name for an endpoint. A Responses or Messages request is cached as the chat
+/// completions request it was translated to (the cache holds chat answers; a hit is
+/// translated back like an answer from a provider).
 fn api_of(endpoint: Endpoint) -> Option<Api> {
     match endpoint {
         Endpoint::ChatCompletions => Some(Api::Chat),
         Endpoint::Completions => Some(Api::Completion),
         Endpoint::Embeddings => Some(Api::Embeddings),
         Endpoint::Rerank => Some(Api::Rerank),
-        Endpoint::Responses | Endpoint::Messages => None,
+        Endpoint::Responses | Endpoint::Messages => Some(Api::Chat),
     }
 }
 
@@ -61,6 +62,15 @@ pub fn plan(
     let query = head.uri.query().unwrap_or("");
     let policy = route.cache.clone()?;
     let api = api_of(req.endpoint)?;
+    // A translated request cached as chat needs a chat answer: not when a target may answer
+    // it in its own API (a provider that speaks it), nor when only such a target can.
+    let native = route
+        .targets
+        .iter()
+        .any(|t| t.provider.api.native_for(req.endpoint));
+    if req.endpoint.translated() && (native || req.untranslatable.is_some()) {
+        return None;
+    }
     if !policy::cacheable_raw(api, &req.raw, policy.when)? {
         return None;
     }

@@ -96,6 +96,16 @@ impl Watchers {
         }
     }
 
+    /// Keeps the answer for the pipeline (up to `limit` bytes) instead of sending it; the
+    /// other watchers (a cache fill) still see it.
+    pub fn capture(&mut self, limit: usize) {
+        self.capture = Some(Captured {
+            limit,
+            head: None,
+            body: BytesMut::new(),
+        });
+    }
+
     /// Translates a successful streamed answer for a client that speaks another API.
     pub fn translating(&mut self, stream: TranslatedStream) {
         self.translate = Some(stream);
