@@ -42,6 +42,9 @@ enum Mode {
     Events,
     /// An error answer the client's API shapes its own way: kept, and sent reshaped at the end.
     Error(u16),
+    /// A whole chat answer to a stream request (a provider that ignored `stream`): kept, and
+    /// sent translated at the end, as a whole answer in the client's API.
+    Whole,
 }
 
 pub struct TranslatedStream {
@@ -79,6 +82,8 @@ impl TranslatedStream {
             Mode::Events
         } else if status >= 300 && self.answer.error(status, b"").is_some() {
             Mode::Error(status)
+        } else if status < 300 {
+            Mode::Whole
         } else {
             Mode::Off
         };
@@ -91,8 +96,13 @@ impl TranslatedStream {
     pub fn filter(&mut self, chunk: &[u8]) -> Bytes {
         match self.mode {
             Mode::Off => return Bytes::copy_from_slice(chunk),
-            Mode::Error(_) => {
-                let room = MAX_ERROR.saturating_sub(self.pending.len());
+            Mode::Error(_) | Mode::Whole => {
+                let max = if self.mode == Mode::Whole {
+                    MAX_STREAM
+                } else {
+                    MAX_ERROR
+                };
+                let room = max.saturating_sub(self.pending.len());
                 self.pending
                     .extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
                 return Bytes::new();
@@ -130,8 +140,19 @@ impl TranslatedStream {
         self.take()
     }
 
-    /// What is left to send once the provider's answer ended: a kept error answer, reshaped.
+    /// What is left to send once the provider's answer ended: a kept error answer, reshaped;
+    /// a kept whole answer, translated (as it came when it is not JSON).
     pub fn end(&mut self) -> Bytes {
+        if self.mode == Mode::Whole {
+            self.mode = Mode::Off;
+            let body = std::mem::take(&mut self.pending);
+            return match serde_json::from_slice::<Value>(&body) {
+                Ok(chat) => Bytes::from(
+                    serde_json::to_vec(&self.answer.from_chat(&chat)).unwrap_or_default(),
+                ),
+                Err(_) => body.freeze(),
+            };
+        }
         let Mode::Error(status) = self.mode else {
             return Bytes::new();
         };
@@ -374,6 +395,18 @@ mod tests {
             body,
             json!({"type": "error", "error": {"type": "invalid_request_error", "message": "bad input"}})
         );
+
+        // A provider that answered a stream request with a whole JSON answer: translated whole.
+        let mut s = messages();
+        assert!(s.commit(200, false));
+        assert!(s
+            .filter(br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"#)
+            .is_empty());
+        assert!(s.filter(br#""finish_reason":"length"}]}"#).is_empty());
+        let message: serde_json::Value = serde_json::from_slice(&s.end()).unwrap();
+        assert_eq!(message["type"], "message");
+        assert_eq!(message["content"][0]["text"], "Hi");
+        assert_eq!(message["stop_reason"], "max_tokens");
 
         // A Responses client gets the provider's error as it is (the same shape).
         let meta = Meta::new("resp_1".into(), 1, &json!({"model": "m", "input": "x"}));
