@@ -187,3 +187,11 @@ def test_a_broken_stream_ends_with_an_error_event(gateway):
     with pytest.raises(openai.APIError):
         for _ in oa(gateway).chat.completions.create(model="cut", messages=[{"role": "user", "content": "x"}], stream=True):
             pass
+
+
+def test_an_endpoint_the_messages_api_lacks_is_a_clear_400(gateway, mock):
+    before = len(mock.requests())
+    with pytest.raises(openai.BadRequestError) as e:
+        oa(gateway).embeddings.create(model="claude", input="x")
+    assert "Messages API" in e.value.message
+    assert len(mock.requests()) == before, "no provider was asked"

@@ -76,10 +76,12 @@ def test_what_only_the_responses_api_serves_needs_such_a_target(gateway, mock):
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model="chat-only", input="x", previous_response_id="resp_unknown")
     assert e.value.code == "previous_response_not_found"
-    # A route whose first target speaks chat completions refuses a built-in tool there (the
-    # order is the operator's: a route for such requests lists the native target first).
-    with pytest.raises(openai.BadRequestError):
-        c.responses.create(model="chat-then-native", input="x", tools=[{"type": "web_search"}])
+    # A target that cannot take the request is passed over (not tried, not counted): the
+    # native one answers.
+    before = len(mock.requests())
+    r = c.responses.create(model="chat-then-native", input="x", tools=[{"type": "web_search"}])
+    assert r.output_text == 'mock responses reply from upstream-gpt with ["web_search"]'
+    assert [q["path"] for q in mock.requests()[before:]] == ["/v1/responses"]
     # A plain request falls back from the failing chat target to the native one.
     r = c.responses.create(model="chat-then-native", input="x")
     assert r.output_text.startswith("mock responses reply from upstream-gpt")

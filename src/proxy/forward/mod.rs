@@ -124,6 +124,16 @@ impl Forwarder {
         let passes = (policy.attempts as usize)
             .saturating_add(2)
             .saturating_mul(route.targets.len().max(1));
+        // A request no target can take (their providers' APIs cannot carry it) is the client's
+        // error; a target that cannot take it is passed over.
+        let unsuited = |t: &crate::routing::Target| request::unsuited(req, t);
+        if route.targets.iter().all(|t| unsuited(t).is_some()) {
+            if let Some(e) = route.targets.first().and_then(unsuited) {
+                return Err(ForwardError::BeforeResponse(GatewayError::Request(
+                    crate::error::RequestError::Translate(e),
+                )));
+            }
+        }
         for _ in 0..passes {
             if ctx.attempts >= policy.attempts {
                 break;
@@ -140,10 +150,11 @@ impl Forwarder {
                 })
                 .find(|(_, _, target, state)| {
                     let circuit = &target.provider.circuit;
-                    state
-                        .provider
-                        .availability(&state.model, now_ms, circuit)
-                        .is_ok()
+                    unsuited(target).is_none()
+                        && state
+                            .provider
+                            .availability(&state.model, now_ms, circuit)
+                            .is_ok()
                 })
             else {
                 break;

@@ -84,11 +84,8 @@ const UPSTREAM_REQUEST_ID: &str = "x-lumen-upstream-request-id";
 /// Responses) request translated to Messages.
 pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes>, GatewayError> {
     let provider = &target.provider;
-    if let Some(e) = &req.untranslatable {
-        // A Responses request only a provider speaking the Responses API can serve.
-        if !(provider.api == Api::Responses && req.endpoint == Endpoint::Responses) {
-            return Err(invalid((**e).clone()));
-        }
+    if let Some(e) = unsuited(req, target) {
+        return Err(invalid(e));
     }
     match (provider.api, req.endpoint) {
         (Api::Responses, Endpoint::Responses) => return native_responses(req, target),
@@ -114,19 +111,43 @@ pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes
                 .0
         }
         (other, _) => {
-            return Err(invalid(TranslateError::unsupported(
-                "model",
-                format!(
-                    "the route's target `{}` speaks the Messages API, which has no /{} endpoint",
-                    provider.name,
-                    other.label()
-                ),
+            return Err(GatewayError::Internal(format!(
+                "a /{} request reached a Messages API target",
+                other.label()
             )))
         }
     };
     let bytes = serde_json::to_vec(&body)
         .map_err(|e| GatewayError::Internal(format!("messages body: {e}")))?;
     Ok(vec![Bytes::from(bytes)])
+}
+
+/// Why `target` cannot take `req` at all (its provider's API cannot carry it): such a target is
+/// passed over, not tried. A Responses request only the Responses API can serve (a built-in
+/// tool) needs a provider that speaks it; a provider that speaks the Messages API takes chat,
+/// Responses and Messages requests only.
+pub(super) fn unsuited(req: &LlmRequest, target: &Target) -> Option<TranslateError> {
+    let provider = &target.provider;
+    if let Some(e) = &req.untranslatable {
+        if !(provider.api == Api::Responses && req.endpoint == Endpoint::Responses) {
+            return Some((**e).clone());
+        }
+    }
+    let chat_like = matches!(
+        req.endpoint,
+        Endpoint::ChatCompletions | Endpoint::Responses | Endpoint::Messages
+    );
+    if provider.api == Api::Anthropic && !chat_like {
+        return Some(TranslateError::unsupported(
+            "model",
+            format!(
+                "the route's target `{}` speaks the Messages API, which has no /{} endpoint",
+                provider.name,
+                req.endpoint.label()
+            ),
+        ));
+    }
+    None
 }
 
 fn invalid(e: TranslateError) -> GatewayError {
