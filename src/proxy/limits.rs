@@ -36,10 +36,10 @@ use crate::routing::Route;
 #[async_trait::async_trait]
 impl Settle for Gateway {
     async fn settle(&self, ctx: &mut RequestCtx) {
-        self.release(ctx).await;
         // A finished Responses answer is stored before the client has its end: its next turn
         // (on any node) finds it.
         self.keep_response(ctx).await;
+        self.release(ctx).await;
     }
 }
 

@@ -126,6 +126,7 @@ impl Gateway {
                 None => body,
             }
         };
+        head.remove_header(&http::header::TRANSFER_ENCODING);
         head.insert_header(CONTENT_LENGTH, body.len())?;
         ctx.status = head.status.as_u16();
         let write = async {

@@ -440,7 +440,7 @@ fn stop_reason(finish_reason: Option<&str>, matched: Option<&str>) -> (&'static 
 fn usage(chat_usage: Option<&Value>) -> Value {
     let u = ChatUsage::of(chat_usage);
     json!({
-        "input_tokens": u.input.saturating_sub(u.cached),
+        "input_tokens": u.input.saturating_sub(u.cached.saturating_add(u.cache_written)),
         "output_tokens": u.output,
         "cache_read_input_tokens": u.cached,
         "cache_creation_input_tokens": u.cache_written,
@@ -482,6 +482,13 @@ pub fn from_chat(chat: &Value, meta: &Meta) -> Value {
         s(choice, "finish_reason"),
         s(choice, "stop_reason").or_else(|| s(choice, "stop")),
     );
+    // Some providers say `stop` for an answer that calls tools: the client's loop needs
+    // `tool_use` to run them.
+    let stop = if !calls.is_empty() && stop == "end_turn" {
+        "tool_use"
+    } else {
+        stop
+    };
     json!({
         "id": meta.id,
         "type": "message",
@@ -606,14 +613,18 @@ impl StreamTranslator {
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
             for call in calls {
                 let key = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let args = call
+                    .pointer("/function/arguments")
+                    .and_then(Value::as_str)
+                    .filter(|a| !a.is_empty());
+                if args.is_none() && self.closed_calls.contains(&key) {
+                    // Back to a call it left, with nothing for it: nothing lost.
+                    continue;
+                }
                 if !self.enter(Block::Tool(key), Some(call), out) {
                     return;
                 }
-                if let Some(args) = call
-                    .pointer("/function/arguments")
-                    .and_then(Value::as_str)
-                    .filter(|a| !a.is_empty())
-                {
+                if let Some(args) = args {
                     self.delta(
                         json!({"type": "input_json_delta", "partial_json": args}),
                         out,
@@ -696,6 +707,11 @@ impl StreamTranslator {
         self.close(out);
         let (stop, sequence) =
             stop_reason(self.finish_reason.as_deref(), self.matched_stop.as_deref());
+        let stop = if !self.closed_calls.is_empty() && stop == "end_turn" {
+            "tool_use"
+        } else {
+            stop
+        };
         self.finished = true;
         out.push((
             "message_delta",
@@ -976,6 +992,12 @@ mod tests {
             from_chat(&json!({"choices": [choice]}), &meta())
         };
         assert_eq!(answer(json!("stop"), json!({}))["stop_reason"], "end_turn");
+        let called = from_chat(
+            &json!({"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+                "content": null, "tool_calls": [{"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}),
+            &meta(),
+        );
+        assert_eq!(called["stop_reason"], "tool_use", "tool calls said `stop`");
         assert_eq!(
             answer(json!("length"), json!({}))["stop_reason"],
             "max_tokens"

@@ -195,3 +195,12 @@ def test_an_endpoint_the_messages_api_lacks_is_a_clear_400(gateway, mock):
         oa(gateway).embeddings.create(model="claude", input="x")
     assert "Messages API" in e.value.message
     assert len(mock.requests()) == before, "no provider was asked"
+
+
+def test_a_native_stream_that_breaks_ends_with_anthropics_error_event(gateway):
+    a = anthropic.Anthropic(base_url=gateway.base_url.removesuffix("/v1"), api_key="sk-client-python", max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with a.messages.stream(model="cut", max_tokens=8, messages=[{"role": "user", "content": "x"}]) as stream:
+            for _ in stream:
+                pass
+    assert e.value.body["type"] == "error"

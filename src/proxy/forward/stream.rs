@@ -107,12 +107,13 @@ fn take_usage(ctx: &mut RequestCtx, watch: &mut Watchers) {
 /// stored (its flight ended), and what the request holds given back with the usage it reported
 /// (see [`Settle`]), all before the client is sent the last of it: a client that asks again at
 /// once must find the provider free, the answer cached and its limits settled.
+/// Also says whether a response is to be stored (the client's end then waits for it).
 fn complete<'a>(
     ctx: &'a mut RequestCtx,
     watch: &mut Watchers,
     sse: bool,
     source: &'a Source<'_>,
-) -> impl std::future::Future<Output = ()> + 'a {
+) -> (impl std::future::Future<Output = ()> + 'a, bool) {
     watch.answered();
     if !sse || watch.done_seen() {
         watch.complete();
@@ -123,7 +124,8 @@ fn complete<'a>(
             keep.response = watch.completed_response();
         }
     }
-    source.settle.settle(ctx)
+    let keeping = ctx.keep.as_ref().is_some_and(|k| k.response.is_some());
+    (source.settle.settle(ctx), keeping)
 }
 
 /// Most bytes gathered from chunks that are already here before they are written.
@@ -162,7 +164,7 @@ async fn pump(
         let Some(chunk) = next.take() else {
             // The provider's answer ended on a read that waited: only the end is left to send.
             if !completed {
-                complete(ctx, watch, sse, source).await;
+                complete(ctx, watch, sse, source).0.await;
             }
             break;
         };
@@ -195,13 +197,16 @@ async fn pump(
         }
         // Complete: the provider's answer is all here, or a stream's `[DONE]` went by (the
         // usage chunk comes before it). What this write carries is the client's last of it.
+        let mut keeping = false;
         let settling = if !completed
             && (matches!(ahead, Some(Ok(None)))
                 || upstream.response_done()
                 || (sse && watch.done_seen()))
         {
             completed = true;
-            Some(complete(ctx, watch, sse, source))
+            let settle = complete(ctx, watch, sse, source);
+            keeping = settle.1;
+            Some(settle.0)
         } else {
             None
         };
@@ -229,6 +234,12 @@ async fn pump(
                 // Settling is polled first: given back in this process, it is done before a
                 // byte is written; through Redis, its command is on its way while the bytes
                 // go out, not a round trip before them.
+                // A response being stored is stored first: its next turn may come at once,
+                // to any node.
+                Some(settling) if keeping => {
+                    settling.await;
+                    write.await
+                }
                 Some(settling) => tokio::join!(biased; settling, write).1,
                 None => write.await,
             };

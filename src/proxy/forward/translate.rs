@@ -143,6 +143,13 @@ impl TranslatedStream {
     /// What is left to send once the provider's answer ended: a kept error answer, reshaped;
     /// a kept whole answer, translated (as it came when it is not JSON).
     pub fn end(&mut self) -> Bytes {
+        if self.mode == Mode::Events && !self.pending.is_empty() {
+            // The provider's last event without its blank line (`data: [DONE]` and a close).
+            let event = self.pending.split();
+            self.scanned = 0;
+            self.event(&event);
+            return self.take();
+        }
         if self.mode == Mode::Whole {
             self.mode = Mode::Off;
             let body = std::mem::take(&mut self.pending);

@@ -196,6 +196,20 @@ impl Watchers {
     /// `error`) in the client's API; `None` for an untranslated one (the caller sends an
     /// `error` event).
     pub(super) fn failed_event(&mut self, message: &str) -> Option<Bytes> {
+        // A stream passed on in the client's own API ends with that API's `error` event (the
+        // SDKs skip an unnamed one).
+        let native = match self.end {
+            End::MessageStop => Some(crate::translate::messages::error_body(500, message)),
+            End::ResponseDone => Some(serde_json::json!({
+                "type": "error", "code": "server_error", "message": message, "param": null,
+            })),
+            End::Done => None,
+        };
+        if let Some(error) = native {
+            let mut out = b"\n\n".to_vec();
+            crate::translate::write_sse(&mut out, &("error", error));
+            return Some(Bytes::from(out));
+        }
         self.translate
             .as_mut()
             .filter(|_| self.translating)
@@ -328,7 +342,14 @@ impl DoneWatch {
             word.find_iter(bytes).any(|at| {
                 let before = bytes.get(..at).unwrap_or_default();
                 let after = bytes.get(at.saturating_add(9)..).unwrap_or_default();
-                marks.iter().any(|mark| before.ends_with(mark))
+                // The mark starts a line (text inside JSON may hold the same words).
+                let at_line_start = |mark: &&[u8]| {
+                    before.ends_with(mark)
+                        && before
+                            .get(..before.len().saturating_sub(mark.len()))
+                            .is_some_and(|b| b.is_empty() || b.ends_with(b"\n"))
+                };
+                marks.iter().any(at_line_start)
                     && (!responses
                         || [&b"completed"[..], b"incomplete", b"failed"]
                             .iter()
