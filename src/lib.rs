@@ -10,7 +10,7 @@
 //! | module | what it does |
 //! |---|---|
 //! | [`node`] | the composition root: the Redis link first, then health, quotas, cache, ledger, jobs |
-//! | [`proxy`] | the `ProxyHttp` impl: DESIGN.md's request pipeline, one file per concern |
+//! | [`proxy`] | Lumen's HTTP service ([`proxy::Proxy`]): DESIGN.md's request pipeline, one file per concern |
 //! | [`admin`] | the admin listener (`/metrics`, `/admin/*`, console, OpenAPI) and its CLI |
 //! | [`jobs`] | async jobs: the queue, workers (run through the pipeline), the HTTP shapes |
 //! | [`ledger`] | usage accounting per key, provider, model and day (file or Redis) |
@@ -22,6 +22,7 @@
 //! | [`translate`] | other API families (Responses) to and from chat completions, the hub |
 //! | [`error`] | every failure and its one mapping to status + OpenAI error body |
 //! | [`conn`] | client connections: request-head and keep-alive timeouts, the connection cap |
+//! | [`session`] | the client's side of one request (Pingora's `ServerSession`, shaped for the pipeline) |
 //! | [`background`] | background services on one thread each, the deferrable ones niced |
 //! | [`drain`] | graceful shutdown: open streams ended cleanly, the last usage flush |
 //! | [`notify`] | systemd readiness (`Type=notify`): ready, reloading, stopping, watchdog |
@@ -47,6 +48,7 @@ pub mod openai;
 pub mod ops;
 pub mod proxy;
 pub mod routing;
+pub mod session;
 pub mod stored;
 pub mod translate;
 pub mod upstream;
@@ -58,7 +60,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::tls::TlsSettings;
-use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
@@ -97,13 +98,10 @@ pub enum SetupError {
 }
 
 /// The proxy service on the snapshot's listeners, ready to add to a Pingora `Server`.
-pub fn proxy_service(
-    server_conf: &Arc<ServerConf>,
-    gateway: Gateway,
-) -> Result<Service<conn::Guarded<HttpProxy<Gateway>>>, SetupError> {
+pub fn proxy_service(gateway: Gateway) -> Result<Service<conn::Guarded<proxy::Proxy>>, SetupError> {
     let snapshot = gateway.config.load_full();
     let h2c = plaintext_h2c(&snapshot);
-    let mut service = guarded_proxy(server_conf, gateway, h2c);
+    let mut service = guarded_proxy(gateway, h2c);
     add_listeners(&mut service, &snapshot)?;
     Ok(service)
 }
@@ -114,19 +112,18 @@ pub fn proxy_service(
 /// has an upstream pool of its own ([`Gateway::sibling`]); they share the node, the limits
 /// and one `server.max_connections` count.
 pub fn per_core_proxy_services(
-    server_conf: &Arc<ServerConf>,
     gateway: Gateway,
     threads: usize,
-) -> Result<Vec<Service<conn::Guarded<HttpProxy<Gateway>>>>, SetupError> {
+) -> Result<Vec<Service<conn::Guarded<proxy::Proxy>>>, SetupError> {
     let siblings: Vec<Gateway> = (1..threads.max(1)).map(|_| gateway.sibling()).collect();
     let snapshot = gateway.config.load_full();
     let h2c = plaintext_h2c(&snapshot);
-    let mut first = proxy_service(server_conf, gateway)?;
+    let mut first = proxy_service(gateway)?;
     first.threads = Some(1);
     let mut services = Vec::with_capacity(threads.max(1));
     for (i, sibling) in siblings.into_iter().enumerate() {
         let shared = first.app_logic().expect("a new service holds its app");
-        let app = conn::Guarded::sharing(http_proxy(server_conf, sibling, h2c), shared);
+        let app = conn::Guarded::sharing(http_proxy(sibling, h2c), shared);
         let mut service = Service::new(format!("lumen proxy {}", i + 2), app);
         service.threads = Some(1);
         add_listeners(&mut service, &snapshot)?;
@@ -168,23 +165,16 @@ fn add_listeners<A>(service: &mut Service<A>, snapshot: &Snapshot) -> Result<(),
 }
 
 /// The proxy app behind the connection limits of `server:`, with no listener yet.
-fn guarded_proxy(
-    server_conf: &Arc<ServerConf>,
-    gateway: Gateway,
-    h2c: bool,
-) -> Service<conn::Guarded<HttpProxy<Gateway>>> {
+fn guarded_proxy(gateway: Gateway, h2c: bool) -> Service<conn::Guarded<proxy::Proxy>> {
     let limits = gateway.config.load().server.connections;
-    let proxy = http_proxy(server_conf, gateway, h2c);
+    let proxy = http_proxy(gateway, h2c);
     Service::new("lumen proxy".to_string(), conn::Guarded::new(proxy, limits))
 }
 
-/// Pingora's proxy around `gateway`.
-fn http_proxy(server_conf: &Arc<ServerConf>, gateway: Gateway, h2c: bool) -> HttpProxy<Gateway> {
+/// Lumen's HTTP service around `gateway`.
+fn http_proxy(gateway: Gateway, h2c: bool) -> proxy::Proxy {
     let limits = gateway.config.load().server.connections;
-    let mut proxy = HttpProxy::new(gateway, server_conf.clone());
-    proxy.handle_init_modules();
-    proxy.server_options = Some(server_options(limits, h2c));
-    proxy
+    proxy::Proxy::new(gateway, server_options(limits, h2c))
 }
 
 /// Pingora's options for a listening service: HTTP/2 idle connections close after the same
@@ -361,11 +351,11 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     let gateway = Gateway::on(node.clone());
     let mut proxies = if worker_only {
         // No listeners but the internal socket below.
-        vec![guarded_proxy(&server.configuration, gateway, false)]
+        vec![guarded_proxy(gateway, false)]
     } else if runtime == RuntimeModel::PerCore {
-        per_core_proxy_services(&server.configuration, gateway, threads)?
+        per_core_proxy_services(gateway, threads)?
     } else {
-        vec![proxy_service(&server.configuration, gateway)?]
+        vec![proxy_service(gateway)?]
     };
     // Workers send jobs through the proxy over this socket (owner-only; one per process).
     let socket = jobs::run::socket_path();

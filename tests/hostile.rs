@@ -684,6 +684,39 @@ async fn http10_without_host_is_answered_and_the_connection_closed() {
     assert_unhurt(&lumen).await;
 }
 
+// 9b. A head that does not parse, and a CONNECT: each answered in OpenAI's shape, and the
+// connection closed (where a next request would start is unknown; a tunnel is not served).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_head_or_a_connect_is_refused_in_openai_shape_and_closed() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, "", ""));
+    let bystander = Bystander::start(lumen.addr, false);
+    for (wire, status, code) in [
+        (
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n",
+            400,
+            "malformed_request",
+        ),
+        (
+            "CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+            405,
+            "method_not_allowed",
+        ),
+    ] {
+        let mut c = Client::connect(lumen.addr).await.unwrap();
+        c.send_raw(wire.as_bytes()).await.unwrap();
+        let r = c.response().await.expect("an answer");
+        assert_openai_error(&r, status, code);
+        assert!(
+            c.closed_within(Duration::from_secs(2)).await.is_ok(),
+            "the connection was kept open after {wire:?}"
+        );
+    }
+    assert_only_bystanders_forwarded(&mock);
+    bystander.served().await;
+    assert_unhurt(&lumen).await;
+}
+
 // 10. A body that stops half-way: 408 at body_timeout, and closed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_that_stops_half_way_is_answered_408_at_the_body_timeout() {

@@ -24,11 +24,11 @@ use super::Jobs;
 use crate::config::Snapshot;
 use crate::error::{GatewayError, RequestError};
 use crate::openai::{self, Endpoint};
+use crate::session::Session;
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use lumen_plugins::auth::Principal;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use serde_json::{json, Value};
 
 /// A request the jobs API answers.

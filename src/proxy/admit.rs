@@ -13,13 +13,13 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::session::Session;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderValue;
 use lumen_plugins::address::{self, Cidr};
 use lumen_plugins::auth::{AuthError, AuthMode, Principal};
 use lumen_plugins::cache::store::Entry;
 use pingora::http::RequestHeader;
-use pingora::proxy::Session;
 
 use super::cache::plan::{self, Plan};
 use super::cache::push_status;
@@ -99,8 +99,7 @@ impl Gateway {
             return reply.map(Admit::Reply);
         }
         if let Some(call) = jobs_call {
-            return self
-                .admit_job(s.req_header(), ctx, &config, call, principal, open)
+            return Box::pin(self.admit_job(s.req_header(), ctx, &config, call, principal, open))
                 .await;
         }
         // 5. Key rate limit (requests, concurrency): no body is read for a refusal.      429
@@ -111,8 +110,7 @@ impl Gateway {
         let head = s.req_header();
         if let Some(call) = stored::route(&head.method, head.uri.path()) {
             let query = head.uri.query().map(str::to_string);
-            return self
-                .answer_stored(call, &principal, query.as_deref())
+            return Box::pin(self.answer_stored(call, &principal, query.as_deref()))
                 .await
                 .map(Admit::Reply);
         }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use lumen_plugins::auth::Principal;
 use pingora::http::ResponseHeader;
 
@@ -204,12 +204,30 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
+/// Every answer's request id (parsed at compile time, like every name set per request).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Appends the per-request headers (request id, CORS, rate limits, cache status) to a response
 /// head.
 pub fn add_headers(head: &mut ResponseHeader, headers: &[(HeaderName, HeaderValue)]) {
-    for (name, value) in headers {
-        let _ = head.append_header(name.clone(), value.clone());
-    }
+    edit_headers(head, |map| {
+        for (name, value) in headers {
+            map.append(name.clone(), value.clone());
+        }
+    });
+}
+
+/// Runs `edit` on `head`'s header map itself. Pingora's `insert_header` and `append_header`
+/// parse every name they are given again (a `HeaderName` included) and keep a second map of
+/// the names' spellings: most of what building a head cost per request. Here names are
+/// parsed once (constants, or the request's own), and the head keeps no spelling map: field
+/// names go out lowercase, standard ones in Pingora's title case.
+pub fn edit_headers(head: &mut ResponseHeader, edit: impl FnOnce(&mut HeaderMap)) {
+    // Moved out and back: no copy of the map, and an empty `Parts` allocates nothing.
+    let empty = ResponseHeader::from(http::Response::new(()).into_parts().0);
+    let mut parts = http::response::Parts::from(std::mem::replace(head, empty));
+    edit(&mut parts.headers);
+    *head = ResponseHeader::from(parts);
 }
 
 #[cfg(test)]

@@ -12,11 +12,11 @@
 
 use std::sync::Arc;
 
+use crate::session::Session;
 use bytes::Bytes;
 use http::HeaderValue;
 use lumen_plugins::auth::Principal;
 use pingora::prelude::*;
-use pingora::proxy::Session;
 
 use super::ctx::RequestCtx;
 use super::gateway::Gateway;

@@ -3,6 +3,9 @@
 //! settled when the request ends). Through Redis when configured, else in this process; when
 //! Redis fails, `redis.on_error` decides. Every limit that applied is reported in OpenAI's
 //! `x-ratelimit-*` headers, the tightest one when several did.
+//!
+//! Redis calls are awaited boxed (`Box::pin`): inline, their state would be part of every
+//! request's future, which is moved whole once per request (see `proxy`'s module doc).
 
 // Reachable from the network: no panics (issue 16); tests below may unwrap.
 #![deny(
@@ -16,13 +19,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::session::Session;
 use http::{HeaderName, HeaderValue};
 use lumen_plugins::auth::Principal;
 use lumen_plugins::rate_limit::shared::{
     OnRedisError, ReservationGuard, SharedError, SharedLimiter, SlotGuard,
 };
 use lumen_plugins::rate_limit::{format_reset, LimitReason, Limited, RateStatus, RequestLimit};
-use pingora::proxy::Session;
 
 use super::admit::client_address;
 use super::ctx::{new_slot_id, RequestCtx, TokenHold};
@@ -53,7 +56,7 @@ impl Gateway {
         // The fleet-wide slot is given back before this connection reads its next request (a
         // client's next call must find it free); were this future dropped, the guard would.
         if let Some(slot) = ctx.shared_slot.take() {
-            slot.release().await;
+            Box::pin(slot.release()).await;
         }
         if let Some(hold) = ctx.tokens.take() {
             // Settle with what the provider reported; else what was streamed (a client that
@@ -124,7 +127,7 @@ impl Gateway {
         let Some(shared) = self.shared() else {
             return local();
         };
-        match shared.check_request(&format!("ip:{address}"), limit).await {
+        match Box::pin(shared.check_request(&format!("ip:{address}"), limit)).await {
             Ok(result) => result,
             Err(e) => match self.redis_failed(&e) {
                 OnRedisError::FailOpen => local(),
@@ -155,14 +158,13 @@ impl Gateway {
             } else {
                 String::new()
             };
-            match shared
-                .admit(
-                    &principal.key_id,
-                    limits.requests.as_ref(),
-                    limits.concurrency,
-                    &member,
-                )
-                .await
+            match Box::pin(shared.admit(
+                &principal.key_id,
+                limits.requests.as_ref(),
+                limits.concurrency,
+                &member,
+            ))
+            .await
             {
                 Ok(Ok(admitted)) => {
                     if let Some(status) = admitted.rate {
@@ -217,7 +219,7 @@ impl Gateway {
         let Some(shared) = self.shared() else {
             return self.limiter.check_request(key, limit, Instant::now());
         };
-        match shared.check_request(key, limit).await {
+        match Box::pin(shared.check_request(key, limit)).await {
             Ok(result) => result,
             Err(e) => match self.redis_failed(&e) {
                 OnRedisError::FailOpen => self.limiter.check_request(key, limit, Instant::now()),
@@ -269,21 +271,22 @@ impl Gateway {
         };
         let result = match self.shared() {
             None => local(),
-            Some(shared) => match shared
-                .reserve_tokens(&principal.key_id, &limits.tokens, estimate)
-                .await
-            {
-                Ok(result) => result.map(|(r, status)| {
-                    (
-                        TokenHold::Shared(ReservationGuard::new(shared.clone(), r)),
-                        status,
-                    )
-                }),
-                Err(e) => match self.redis_failed(&e) {
-                    OnRedisError::FailOpen => local(),
-                    OnRedisError::FailClosed => Err(unavailable(0)),
-                },
-            },
+            Some(shared) => {
+                match Box::pin(shared.reserve_tokens(&principal.key_id, &limits.tokens, estimate))
+                    .await
+                {
+                    Ok(result) => result.map(|(r, status)| {
+                        (
+                            TokenHold::Shared(ReservationGuard::new(shared.clone(), r)),
+                            status,
+                        )
+                    }),
+                    Err(e) => match self.redis_failed(&e) {
+                        OnRedisError::FailOpen => local(),
+                        OnRedisError::FailClosed => Err(unavailable(0)),
+                    },
+                }
+            }
         };
         match result {
             Ok((hold, status)) => {
@@ -302,7 +305,7 @@ impl Gateway {
             (TokenHold::Local(r), _) => r.settle(actual),
             (TokenHold::Shared(mut guard), Some(shared)) => {
                 if let Some(r) = guard.take() {
-                    if let Err(e) = shared.settle_tokens(&r, actual).await {
+                    if let Err(e) = Box::pin(shared.settle_tokens(&r, actual)).await {
                         self.redis_failed(&e);
                     }
                 }
@@ -339,39 +342,36 @@ fn unavailable(limit: u32) -> Limited {
 fn push_headers(ctx: &mut RequestCtx, kind: &'static str, status: &RateStatus) {
     let reset = HeaderValue::from_str(&format_reset(status.reset_after))
         .unwrap_or(HeaderValue::from_static("0ms"));
-    let (limit, remaining, reset_name) = match kind {
-        "tokens" => (
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-        ),
-        _ => (
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
-        ),
+    // Names parsed at compile time (a name parsed per request shows in a profile).
+    const TOKENS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ];
+    const REQUESTS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    let [limit, remaining, reset_name] = match kind {
+        "tokens" => TOKENS,
+        _ => REQUESTS,
     };
     // Several limits (key, route) may apply: report the tightest, as one set of headers.
     let current = ctx
         .response_headers
         .iter()
-        .find(|(k, _)| k.as_str() == remaining)
+        .find(|(k, _)| *k == remaining)
         .and_then(|(_, v)| v.to_str().ok()?.parse::<u32>().ok());
     if current.is_some_and(|c| c <= status.remaining) {
         return;
     }
     ctx.response_headers
-        .retain(|(k, _)| ![limit, remaining, reset_name].contains(&k.as_str()));
+        .retain(|(k, _)| *k != limit && *k != remaining && *k != reset_name);
     ctx.response_headers.extend([
-        (
-            HeaderName::from_static(limit),
-            HeaderValue::from(status.limit),
-        ),
-        (
-            HeaderName::from_static(remaining),
-            HeaderValue::from(status.remaining),
-        ),
-        (HeaderName::from_static(reset_name), reset),
+        (limit, HeaderValue::from(status.limit)),
+        (remaining, HeaderValue::from(status.remaining)),
+        (reset_name, reset),
     ]);
 }
 

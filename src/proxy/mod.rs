@@ -1,10 +1,10 @@
-//! The request pipeline: Lumen's `ProxyHttp` implementation. Pingora reads the request head and
-//! calls `request_filter`; everything happens from there, and the response is always written
-//! here (`Ok(true)`), so Pingora's own upstream phases never run. DESIGN.md's steps, in the
+//! The request pipeline. Lumen serves HTTP itself ([`Proxy`], frame.rs, an `HttpServerApp` on
+//! Pingora's listeners and sessions): Pingora reads the request head, and everything happens
+//! from [`Gateway::serve`] on; the response is always written here. DESIGN.md's steps, in the
 //! order they run (the statuses a step refuses with in brackets):
 //!
 //! ```text
-//! request_filter
+//! serve
 //!   admit (admit.rs)
 //!     1  probes              /healthz /readyz /health, no auth, never limited
 //!     2  job token           internal socket only: a worker acts as its job's key   [401]
@@ -18,7 +18,7 @@
 //!     10 reserve tokens      the estimate, settled after (limits.rs)                 [429]
 //!   9  miss: embeddings item by item (cache/embeddings.rs), follow or lead a flight
 //!   11 forward               targets, fallback, retries, streaming (forward/)   [502 503 504]
-//! logging
+//! finish
 //!   12 after                 metrics, ledger, access log (observe.rs); limits were given
 //!                            back and tokens settled (limits.rs), and a miss's answer stored,
 //!                            when the answer was complete, before the client had the last
@@ -30,6 +30,7 @@
 //!
 //! | file | concern |
 //! |---|---|
+//! | `frame.rs` | the HTTP service: read the head, run the phases, reuse the connection |
 //! | `gateway.rs` | the [`Gateway`] type and what it holds (a leaf) |
 //! | `admit.rs` | steps 1–10, one call each |
 //! | `limits.rs` | per-address, key, route and token limits; settling |
@@ -50,6 +51,7 @@ pub mod cache;
 pub mod ctx;
 pub mod faults;
 pub mod forward;
+mod frame;
 mod gateway;
 mod jobs;
 mod limits;
@@ -58,44 +60,44 @@ mod respond;
 mod stored;
 mod translated;
 
-use async_trait::async_trait;
 use pingora::prelude::*;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::error::{GatewayError, RequestError};
+use crate::session::Session;
 use admit::Admit;
 use ctx::RequestCtx;
+pub use frame::Proxy;
 pub use gateway::Gateway;
 
-#[async_trait]
-impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
-    }
-
-    async fn early_request_filter(&self, s: &mut Session, _ctx: &mut RequestCtx) -> Result<()> {
+/// The phases of one request, in the order [`Proxy`] runs them: [`serve`](Gateway::serve),
+/// [`fail`](Gateway::fail) when it returned an error, then [`finish`](Gateway::finish).
+impl Gateway {
+    /// Steps 1–11: the request's head is in; the answer is written here, whatever it is.
+    pub(super) async fn serve(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         // The head is in: the rest of this request is off the header clock.
         crate::conn::request_started(s);
         // HTTP/1.1 clients may send their next requests before reading this answer; without
         // this Pingora answers the first and closes, dropping the rest. Answers go out in
         // order, one request at a time (RFC 9112 §9.3.2); the flag carries over keep-alive.
         s.set_pipelining_enabled(true);
-        Ok(())
-    }
-
-    async fn request_filter(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         // Every answer carries the request id and CORS headers; a preflight is answered here.
         if self.start(s, ctx).await? {
-            return Ok(true);
+            return Ok(());
+        }
+        if s.req_header().method == http::Method::CONNECT {
+            // A tunnel's framing is not a request's: refused, and the connection closed.
+            s.set_keepalive(None);
+            let e = GatewayError::MethodNotAllowed {
+                method: "CONNECT".into(),
+                path: s.req_header().uri.to_string(),
+            };
+            return self.write_error(s, ctx, &e).await;
         }
         // 1–10: admission, one call per step (admit.rs).
         let (req, route, plan) = match self.admit(s, ctx).await {
             Ok(Admit::Forward(req, route, plan)) => (req, route, plan),
             Ok(Admit::Reply(reply)) => {
-                self.write_reply(s, ctx, reply.status, reply.body).await?;
-                return Ok(true);
+                return self.write_reply(s, ctx, reply.status, reply.body).await;
             }
             Ok(Admit::Hit(plan, entry, req)) => {
                 // Given back before the client has its answer (a hit reserves no tokens).
@@ -107,22 +109,20 @@ impl ProxyHttp for Gateway {
                     (rendered.completed.clone(), ctx.keep.as_mut())
                 {
                     keep.response = Some(response);
-                    self.keep_response(ctx).await;
+                    Box::pin(self.keep_response(ctx)).await;
                 }
-                cache::write(s, rendered).await?;
-                return Ok(true);
+                return Box::pin(cache::write(s, rendered)).await;
             }
             Ok(Admit::Job(call, principal)) => {
-                return self.serve_job(s, ctx, call, principal).await
+                return Box::pin(self.serve_job(s, ctx, call, principal))
+                    .await
+                    .map(drop)
             }
-            Err(e) => {
-                self.write_error(s, ctx, &e).await?;
-                return Ok(true);
-            }
+            Err(e) => return Box::pin(self.write_error(s, ctx, &e)).await,
         };
         // 9, for a miss: embeddings item by item, or follow (or lead) an identical request.
         let Some(mut watch) = self.miss(s, ctx, &req, &route, plan.as_ref()).await? else {
-            return Ok(true);
+            return Ok(());
         };
         // A translated request (Responses, Messages): its answer is translated back.
         let translation = translated::start(ctx, &req, &mut watch);
@@ -134,33 +134,25 @@ impl ProxyHttp for Gateway {
         match forwarded {
             Ok(()) => {
                 if let Some(answer) = &translation {
-                    self.send_translated(s, ctx, answer, &mut watch).await?;
+                    Box::pin(self.send_translated(s, ctx, answer, &mut watch)).await?;
                 }
-                // 12 (the rest is in `logging`): a complete answer is stored.
+                // 12 (the rest is in `finish`): a complete answer is stored.
                 self.cache_fill(watch);
-                Ok(true)
+                Ok(())
             }
             Err(e) => {
                 // (Tests: everything the failed request holds, its watchers included, is
                 // still held here.)
                 faults::maybe_pause(s.req_header(), "forward-failed").await;
-                self.forward_failed(s, ctx, e).await
+                Box::pin(self.forward_failed(s, ctx, e)).await.map(drop)
             }
         }
     }
 
-    async fn upstream_peer(
-        &self,
-        _s: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
-        // request_filter always answers; Pingora's own upstream phase never runs.
-        Error::e_explain(ErrorType::InternalError, "lumen forwards requests itself")
-    }
-
-    async fn fail_to_proxy(&self, s: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        // Reached for errors Pingora saw itself (bad request heads) or that we returned after
-        // the response started. Answer in OpenAI's shape when nothing was written yet.
+    /// After [`serve`](Gateway::serve) returned `e`: errors Pingora saw itself (a broken
+    /// request body) or that came up after the response started. Answered in OpenAI's shape
+    /// when nothing was written yet; the connection is not reused.
+    pub(super) async fn fail(&self, s: &mut Session, e: &Error, ctx: &mut RequestCtx) {
         // An interim `100 Continue` is not an answer: the client still waits for one.
         // Nobody is left to answer when the client's connection is closed or broken.
         let gone = matches!(
@@ -179,16 +171,13 @@ impl ProxyHttp for Gateway {
             };
             let _ = self.write_error(s, ctx, &err).await;
         }
-        FailToProxy {
-            error_code: ctx.status,
-            can_reuse_downstream: false,
-        }
     }
 
-    async fn logging(&self, s: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    /// 12. The request has ended, however it ended.
+    pub(super) async fn finish(&self, s: &Session, ctx: &mut RequestCtx) {
         // Answered: the connection idles toward `server.keepalive_timeout` from here.
         crate::conn::request_finished(s);
-        // 12. What a request that ended otherwise (a client gone, a stream cut, a follower)
+        // What a request that ended otherwise (a client gone, a stream cut, a follower)
         // still holds is given back; then metrics, the ledger and the access log.
         self.release(ctx).await;
         self.observe(s, ctx);

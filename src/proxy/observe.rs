@@ -10,8 +10,8 @@
     clippy::arithmetic_side_effects
 )]
 
+use crate::session::Session;
 use http::StatusCode;
-use pingora::proxy::Session;
 
 use super::ctx::RequestCtx;
 use super::gateway::Gateway;

@@ -10,15 +10,17 @@
     clippy::arithmetic_side_effects
 )]
 
+use crate::session::Session;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderName, StatusCode};
+use http::{HeaderValue, StatusCode};
 use lumen_plugins::Decision;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::proxy::Session;
 
-use super::ctx::{accept_request_id, add_headers, new_request_id, InFlightGauge, RequestCtx};
+use super::ctx::{
+    accept_request_id, edit_headers, new_request_id, InFlightGauge, RequestCtx, X_REQUEST_ID,
+};
 use super::forward::ForwardError;
 use super::gateway::Gateway;
 use crate::config::Snapshot;
@@ -48,10 +50,8 @@ impl Gateway {
             Some(id) if accept_request_id(id) => id.clone(),
             _ => new_request_id(),
         };
-        ctx.response_headers.push((
-            HeaderName::from_static("x-request-id"),
-            ctx.request_id.clone(),
-        ));
+        ctx.response_headers
+            .push((X_REQUEST_ID, ctx.request_id.clone()));
         if let Some(cors) = &config.cors {
             cors.on_response(s.req_header(), &mut ctx.response_headers);
             if let Decision::Respond(resp) = cors.on_request(s.req_header()) {
@@ -72,11 +72,15 @@ impl Gateway {
         status: StatusCode,
         body: Bytes,
     ) -> Result<()> {
-        let mut head =
-            ResponseHeader::build(status, Some(ctx.response_headers.len().saturating_add(4)))?;
-        head.insert_header(CONTENT_TYPE, "application/json")?;
-        head.insert_header(CONTENT_LENGTH, body.len())?;
-        add_headers(&mut head, &ctx.response_headers);
+        let mut head = ResponseHeader::build_no_case(status, None)?;
+        edit_headers(&mut head, |map| {
+            map.reserve(ctx.response_headers.len().saturating_add(2));
+            map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            for (name, value) in &ctx.response_headers {
+                map.append(name.clone(), value.clone());
+            }
+        });
         ctx.status = status.as_u16();
         let head_only = s.req_header().method == http::Method::HEAD;
         let write = async {

@@ -75,7 +75,7 @@ impl Gateway {
         let Some(id) = req.previous_response_id().map(str::to_string) else {
             return Ok(req);
         };
-        match self.node.responses.get(&principal.key_id, &id).await? {
+        match Box::pin(self.node.responses.get(&principal.key_id, &id)).await? {
             Some(stored) => Ok(openai::continued(req, stored.history())?),
             None if native => {
                 req.untranslatable.get_or_insert_with(|| {

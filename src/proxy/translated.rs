@@ -13,11 +13,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::session::Session;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderName, HeaderValue};
 use pingora::prelude::*;
-use pingora::proxy::Session;
 
 use super::ctx::RequestCtx;
 use super::forward::{Captured, TranslatedStream, Watchers};

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use crate::session::Session;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -19,7 +20,6 @@ use lumen_plugins::cache::store::Entry;
 use lumen_plugins::cache::ClientControl;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::proxy::Session;
 
 use super::plan::Plan;
 use super::{push_status, usage_total};

@@ -29,6 +29,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::session::Session;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -39,7 +40,6 @@ use lumen_plugins::sse::render_sse;
 use lumen_plugins::sse::usage::UsageStrip;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
-use pingora::proxy::Session;
 use serde_json::Value;
 
 use super::ctx::{add_headers, RequestCtx};
@@ -314,7 +314,7 @@ impl Gateway {
             return Ok(Some(Watchers::default()));
         };
         if plan.items.is_some() {
-            self.embeddings_by_item(s, ctx, req, route, plan).await?;
+            Box::pin(self.embeddings_by_item(s, ctx, req, route, plan)).await?;
             return Ok(None);
         }
         if plan.control == ClientControl::Bypass {
@@ -356,7 +356,7 @@ impl Gateway {
 
     /// Looks a key up in the cache; a Redis failure is counted and is a miss.
     pub(super) async fn cache_lookup(&self, key: &str) -> Option<Arc<Entry>> {
-        match self.node.cache.store.get(key).await {
+        match Box::pin(self.node.cache.store.get(key)).await {
             Ok(found) => found.map(|(entry, _)| entry),
             Err(_) => {
                 self.metrics
@@ -408,7 +408,7 @@ impl Gateway {
                         HeaderName::from_static("x-lumen-coalesced"),
                         HeaderValue::from_static("1"),
                     ));
-                    match follow(s, ctx, plan, &flight, wait).await {
+                    match Box::pin(follow(s, ctx, plan, &flight, wait)).await {
                         Followed::Done(result) => {
                             ctx.cache = Some("coalesced");
                             // Like a hit: no provider call, so no tokens unless the route

@@ -14,11 +14,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::session::Session;
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
-use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
 use super::error::{

@@ -44,9 +44,9 @@ mod watch;
 
 use std::time::{Duration, Instant};
 
+use crate::session::Session;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderName, HeaderValue};
-use pingora::proxy::Session;
 
 use crate::error::GatewayError;
 use crate::metrics::Metrics;

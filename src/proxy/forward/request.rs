@@ -11,7 +11,7 @@
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
-use http::{HeaderValue, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::time::Duration;
 
@@ -62,21 +62,19 @@ const NOT_FORWARDED: &[&str] = &[
 /// Everything else (cookies, `server`, the provider's organisation, its `x-ratelimit-*` for our
 /// provider key, framing of its connection to us) stays behind: the client's rate-limit
 /// headers are Lumen's own, set once.
-const RETURNED: &[&str] = &[
-    "content-type",
-    "content-encoding",
-    "cache-control",
-    "retry-after",
-    "retry-after-ms",
-    "openai-processing-ms",
-    "openai-version",
+const RETURNED: [HeaderName; 7] = [
+    http::header::CONTENT_TYPE,
+    http::header::CONTENT_ENCODING,
+    http::header::CACHE_CONTROL,
+    http::header::RETRY_AFTER,
+    HeaderName::from_static("retry-after-ms"),
+    HeaderName::from_static("openai-processing-ms"),
+    HeaderName::from_static("openai-version"),
 ];
 
 /// The provider's own request id, returned under this name (for support tickets with the
 /// provider); `x-request-id` is Lumen's.
-// Header names as `&'static str`: Pingora takes those without a copy (a `HeaderName` is
-// copied into its case form first).
-const UPSTREAM_REQUEST_ID: &str = "x-lumen-upstream-request-id";
+const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-lumen-upstream-request-id");
 
 /// The body a target gets, in the API its provider speaks: the client's request (its model
 /// replaced, usage asked for on streams) for an OpenAI-compatible provider; for one that
@@ -289,12 +287,12 @@ pub(super) fn append_query(path: &mut String, query: &str) {
 /// The client's response head made from a provider's: the provider's status and the headers
 /// in [`RETURNED`], in Lumen's own HTTP version (Pingora writes it), never the provider's.
 pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>> {
-    // No header-case map, as for the provider's request: lowercase field names.
-    let mut head =
-        ResponseHeader::build_no_case(upstream.status, Some(RETURNED.len().saturating_add(8)))?;
+    // Built in `http`'s map, with no header-case map (as for the provider's request):
+    // lowercase field names, parsed once (`ctx::edit_headers` says why).
+    let mut map = HeaderMap::with_capacity(RETURNED.len().saturating_add(8));
     for name in RETURNED {
-        for value in upstream.headers.get_all(*name) {
-            head.append_header(*name, value.clone())?;
+        for value in upstream.headers.get_all(&name) {
+            map.append(name.clone(), value.clone());
         }
     }
     // A JSON answer keeps its length (so the client sees a complete body, or a dropped
@@ -302,17 +300,23 @@ pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<Resp
     // Without a length the body is chunked to the client, whatever the provider's framing
     // (close-delimited would end the client's keep-alive connection).
     match upstream.headers.get(CONTENT_LENGTH) {
-        Some(length) => head.insert_header(CONTENT_LENGTH, length.clone())?,
-        None => head.insert_header(http::header::TRANSFER_ENCODING, "chunked")?,
-    }
+        Some(length) => map.insert(CONTENT_LENGTH, length.clone()),
+        None => map.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        ),
+    };
     if let Some(id) = upstream
         .headers
         .get("x-request-id")
         .filter(|v| v.len() <= 256)
     {
-        head.insert_header(UPSTREAM_REQUEST_ID, id.clone())?;
+        map.insert(UPSTREAM_REQUEST_ID, id.clone());
     }
-    Ok(Box::new(head))
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = upstream.status;
+    parts.headers = map;
+    Ok(Box::new(ResponseHeader::from(parts)))
 }
 
 /// Bodies up to this size go out in one write with their head on HTTP/1 (most chat requests).

@@ -12,11 +12,12 @@
 
 use std::time::Instant;
 
+use crate::session::Session;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
-use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 
 use super::error::{
@@ -28,8 +29,13 @@ use super::watch::Watchers;
 use crate::drain::Drain;
 use crate::error::{GatewayError, UpstreamError};
 use crate::metrics::Metrics;
-use crate::proxy::ctx::{add_headers, RequestCtx};
+use crate::proxy::ctx::{edit_headers, RequestCtx};
 use crate::upstream::provider::Provider;
+
+// Parsed at compile time: a name parsed per request costs more than the rest of the head.
+const X_LUMEN_PROVIDER: HeaderName = HeaderName::from_static("x-lumen-provider");
+const X_LUMEN_ATTEMPTS: HeaderName = HeaderName::from_static("x-lumen-attempts");
+const X_LUMEN_OVERHEAD_US: HeaderName = HeaderName::from_static("x-lumen-overhead-us");
 
 /// The pipeline's side of the moment a committed answer is complete (the provider's answer
 /// arrived whole, or a stream's `data: [DONE]` went by), before the client is sent the last of
@@ -72,10 +78,17 @@ pub(super) async fn stream_to_client(
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let provider = source.provider;
-    add_headers(&mut head, &ctx.response_headers);
-    let _ = head.insert_header("x-lumen-provider", provider.name.as_str());
-    let _ = head.insert_header("x-lumen-attempts", ctx.attempts);
-    let _ = head.insert_header("x-lumen-overhead-us", ctx.overhead().as_micros() as u64);
+    let overhead = u64::try_from(ctx.overhead().as_micros()).unwrap_or(u64::MAX);
+    edit_headers(&mut head, |map| {
+        for (name, value) in &ctx.response_headers {
+            map.append(name.clone(), value.clone());
+        }
+        if let Ok(name) = HeaderValue::from_str(&provider.name) {
+            map.insert(X_LUMEN_PROVIDER, name);
+        }
+        map.insert(X_LUMEN_ATTEMPTS, HeaderValue::from(ctx.attempts));
+        map.insert(X_LUMEN_OVERHEAD_US, HeaderValue::from(overhead));
+    });
     ctx.committed_at = Some(Instant::now());
     ctx.status = head.status.as_u16();
     ctx.stream = sse;
