@@ -1,7 +1,7 @@
-//! The gateway as a Pingora proxy application: the [`Gateway`] type and what it holds. Its
-//! methods live one concern per file beside this one (`admit`, `limits`, `respond`, `observe`,
-//! `jobs`, `cache/`), as pingora-proxy splits its own proxy; the `ProxyHttp` phases are in
-//! `mod.rs`. A leaf of `proxy`: every other file of it imports this one, never the reverse.
+//! The gateway: the [`Gateway`] type and what it holds. Its methods live one concern per file
+//! beside this one (`admit`, `limits`, `respond`, `observe`, `jobs`, `cache/`), as
+//! pingora-proxy splits its own proxy; the request's phases are in `mod.rs`, the HTTP service
+//! that runs them in `frame.rs`. A leaf of `proxy`: every other file of it imports this one, never the reverse.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
