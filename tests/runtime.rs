@@ -90,12 +90,23 @@ async fn per_core_proxies_share_one_connection_cap() {
         &mock,
         "threads: 2, runtime: per_core, max_connections: 4",
     ));
-    // Four open connections take every slot, wherever they were accepted.
+    // Four open connections take every slot, wherever they were accepted. The harness's
+    // readiness probe closed its connection, but on a loaded machine the gateway may not
+    // have seen it go yet: a connection refused while that slot is still held is tried again.
     let mut held = Vec::new();
     for _ in 0..4 {
-        let mut c = Client::connect(lumen.addr).await.unwrap();
-        let answer = c.request("GET", "/healthz", &[], b"").await.unwrap();
-        assert_eq!(answer.status, 200);
+        let mut tries = 0;
+        let c = loop {
+            let mut c = Client::connect(lumen.addr).await.unwrap();
+            match c.request("GET", "/healthz", &[], b"").await {
+                Ok(answer) if answer.status == 200 => break c,
+                answer => {
+                    tries += 1;
+                    assert!(tries < 30, "no slot for a connection: {:?}", answer.err());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         held.push(c);
     }
     // Each further connection is closed at once, on whichever thread takes it.
