@@ -323,9 +323,13 @@ routes:
 "#,
         cloud.base_url()
     ));
-    // Wait until the sidecar answers and its health has reported its one slot.
+    // Wait until the sidecar answers, its health has reported its one slot, and the
+    // supervisor has let it take requests (a spawned sidecar is "starting" until then, and
+    // the prober may call it healthy a moment before).
     wait_for_local(&lumen, |local| {
-        local["probe"]["state"] == "healthy" && local["capacity"] == 1
+        local["probe"]["state"] == "healthy"
+            && local["capacity"] == 1
+            && local["models"][0]["available"] == "yes"
     })
     .await;
     let body = json!({"model": "fast", "stream": true, "max_tokens": 200, "temperature": 0,
