@@ -23,6 +23,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::error::{GatewayError, RequestError};
 use crate::openai::{body_with_usage, Endpoint, LlmRequest};
+use crate::proxy::ctx::X_REQUEST_ID;
 use crate::routing::Target;
 use crate::translate::{messages_provider, TranslateError};
 use crate::upstream::provider::{Api, Provider};
@@ -217,12 +218,14 @@ pub(super) fn upstream_request(
         |e: pingora::BError| GatewayError::Internal(format!("building upstream request: {e}"));
     // No header-case map: field names go out lowercase (as in HTTP/2), which saves an
     // allocation per header and a second map per request.
-    let mut head = RequestHeader::build_no_case(
-        Method::POST,
-        path.as_bytes(),
-        Some(client.headers.len().saturating_add(6)),
-    )
-    .map_err(internal)?;
+    let head =
+        RequestHeader::build_no_case(Method::POST, path.as_bytes(), None).map_err(internal)?;
+    // The headers go straight into `http`'s map: Pingora's `append_header` would parse every
+    // name again (see `ctx::edit_headers`). The path is origin-form, which the URI carries
+    // byte for byte, so nothing is lost on the way out and back.
+    let mut parts = http::request::Parts::from(head);
+    let map = &mut parts.headers;
+    map.reserve(client.headers.len().saturating_add(6));
     // A Messages client's `anthropic-version` / `anthropic-beta` describe its own API: they
     // go to a provider that speaks it, not with the chat completions request others get.
     let translated = !provider.api.native_for(req.endpoint);
@@ -230,30 +233,23 @@ pub(super) fn upstream_request(
         let name_str = name.as_str();
         let theirs = translated && name_str.starts_with("anthropic-");
         if !NOT_FORWARDED.contains(&name_str) && !theirs {
-            head.append_header(name.clone(), value.clone())
-                .map_err(internal)?;
+            map.append(name.clone(), value.clone());
         }
     }
     let length: usize = body.iter().map(Bytes::len).sum();
-    head.insert_header(HOST, provider.host.clone())
-        .map_err(internal)?;
-    head.insert_header(CONTENT_LENGTH, length)
-        .map_err(internal)?;
-    if !head.headers.contains_key(CONTENT_TYPE) {
-        head.insert_header(CONTENT_TYPE, "application/json")
-            .map_err(internal)?;
+    map.insert(HOST, provider.host.clone());
+    map.insert(CONTENT_LENGTH, HeaderValue::from(length));
+    if !map.contains_key(CONTENT_TYPE) {
+        map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
-    head.insert_header("x-request-id", request_id.clone())
-        .map_err(internal)?;
+    map.insert(X_REQUEST_ID, request_id.clone());
     if let Some((name, value)) = &provider.credential {
-        head.insert_header(name.clone(), value.clone())
-            .map_err(internal)?;
+        map.insert(name.clone(), value.clone());
     }
     for (name, value) in &provider.headers {
-        head.insert_header(name.clone(), value.clone())
-            .map_err(internal)?;
+        map.insert(name.clone(), value.clone());
     }
-    Ok(head)
+    Ok(RequestHeader::from(parts))
 }
 
 /// Query parameters that carry a client's credential (Azure-style `?api-key=`, `?key=`):
