@@ -70,6 +70,11 @@ fn start_fragile(models: &Dir, port: u16, args: &str) -> Lumen {
 
 /// Polls `/admin/providers` (up to 60 s) until the `local` provider's entry satisfies `ready`.
 async fn wait_for_local(lumen: &Lumen, ready: impl Fn(&serde_json::Value) -> bool) {
+    wait_for_provider(lumen, "local", ready).await
+}
+
+/// Polls `/admin/providers` (up to 60 s) until provider `name`'s entry satisfies `ready`.
+async fn wait_for_provider(lumen: &Lumen, name: &str, ready: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let admin =
@@ -81,7 +86,7 @@ async fn wait_for_local(lumen: &Lumen, ready: impl Fn(&serde_json::Value) -> boo
             .as_array()
             .into_iter()
             .flatten()
-            .find(|p| p["name"] == "local");
+            .find(|p| p["name"] == name);
         if local.is_some_and(&ready) {
             return;
         }
@@ -397,5 +402,109 @@ async fn a_sidecar_does_not_outlive_a_killed_gateway() {
             "an orphaned sidecar still holds port {port}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The cached share of each later turn of `conversations` chats of three turns sent in turn
+/// through `model` (each turn resends the history): `(cached_tokens, prompt_tokens)` per turn
+/// after the first.
+async fn converse(
+    lumen: &Lumen,
+    model: &str,
+    opening: &str,
+    conversations: usize,
+) -> Vec<(u64, u64)> {
+    let system = "You are a careful assistant who answers questions about the sea. ".repeat(5);
+    let mut histories: Vec<Vec<serde_json::Value>> = (0..conversations)
+        .map(|i| {
+            vec![
+                json!({"role": "system", "content": system}),
+                json!({"role": "user", "content": format!("{opening} {i}")}),
+            ]
+        })
+        .collect();
+    let mut later = Vec::new();
+    for turn in 0..3 {
+        for h in histories.iter_mut() {
+            let body = json!({"model": model, "messages": h, "temperature": 0, "max_tokens": 10});
+            let mut c = Client::connect(lumen.addr).await.unwrap();
+            let r = c
+                .post_json("/v1/chat/completions", &[], &body)
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+            let r = r.json();
+            if turn > 0 {
+                let usage = &r["usage"];
+                later.push((
+                    usage["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap(),
+                    usage["prompt_tokens"].as_u64().unwrap(),
+                ));
+            }
+            h.push(r["choices"][0]["message"].clone());
+            h.push(json!({"role": "user", "content": "Go on."}));
+        }
+    }
+    later
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_affinity_sends_each_conversation_back_to_the_sidecar_that_holds_it() {
+    let models = Dir::new("lumen-models");
+    let model = tiny_model(&models);
+    let (pa, pb) = (free_port(), free_port());
+    let sidecar = |port: u16| {
+        format!(
+            r#"{{ base_url: "http://127.0.0.1:{port}/v1", timeout: 60s,
+               spawn: {{ model: "{model}", alias: tiny, options: "ctx=1024,slots=2,threads=1" }} }}"#
+        )
+    };
+    let lumen = Lumen::start(&format!(
+        r#"
+auth: off
+providers:
+  a: {}
+  b: {}
+routes:
+  - {{ model: sticky, strategy: round_robin, prefix_affinity: true,
+       targets: [ {{ provider: a, model: tiny }}, {{ provider: b, model: tiny }} ] }}
+  - {{ model: rr, strategy: round_robin,
+       targets: [ {{ provider: a, model: tiny }}, {{ provider: b, model: tiny }} ] }}
+"#,
+        sidecar(pa),
+        sidecar(pb)
+    ));
+    for name in ["a", "b"] {
+        wait_for_provider(&lumen, name, |p| {
+            p["probe"]["state"] == "healthy" && p["models"][0]["available"] == "yes"
+        })
+        .await;
+    }
+
+    // Three conversations, round robin over two sidecars: each next turn would land on the
+    // other sidecar, which holds only the shared system prompt. With affinity it goes back.
+    let sticky = converse(&lumen, "sticky", "Tell me about whales", 3).await;
+    assert!(
+        sticky.iter().all(|&(cached, prompt)| cached + 45 > prompt),
+        "with affinity the history was processed again: {sticky:?}"
+    );
+    let plain = converse(&lumen, "rr", "Tell me about ships", 3).await;
+    assert!(
+        plain.iter().all(|&(cached, prompt)| cached + 45 <= prompt),
+        "round robin without affinity reused the history: {plain:?}"
+    );
+
+    // What the gateway reads: each sidecar lists the conversations its slots hold.
+    for port in [pa, pb] {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let health = lumen_test_support::client::request(addr, "GET", "/health", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        let prefixes = health["models"]["tiny"]["prefixes"].as_array().unwrap();
+        assert!(!prefixes.is_empty(), "{health}");
+        assert!(prefixes.iter().all(|h| h.as_str().unwrap().len() == 16));
     }
 }

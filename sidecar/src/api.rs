@@ -8,11 +8,15 @@ use serde::Deserialize;
 use crate::engine::Sampling;
 use crate::error::ApiError;
 use crate::grammar;
+use crate::tools::{self, PastCall, Tool, ToolChoice};
 
 /// Most stop strings one request may give.
 const MAX_STOPS: usize = 16;
 /// Longest stop sequence accepted.
 const MAX_STOP_BYTES: usize = 256;
+/// OpenAI's limits on alternatives per token: `top_logprobs` (chat) and `logprobs` (completions).
+const MAX_TOP_LOGPROBS: i64 = 20;
+const MAX_COMPLETION_LOGPROBS: i64 = 5;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -89,14 +93,53 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's tool calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<PastCall>>,
+    /// A `tool` turn: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub fields: GenerationFields,
+}
+
+impl ChatRequest {
+    /// `logprobs` / `top_logprobs` as the engine takes them: `Some(k)` when asked for.
+    pub fn logprobs(&self) -> Result<Option<u8>, ApiError> {
+        let top = self.top_logprobs.unwrap_or(0);
+        if !(0..=MAX_TOP_LOGPROBS).contains(&top) {
+            return Err(ApiError::InvalidParam {
+                param: "top_logprobs",
+                message: format!(
+                    "top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top}"
+                ),
+            });
+        }
+        match self.logprobs {
+            Some(true) => Ok(Some(top as u8)),
+            _ if self.top_logprobs.is_some_and(|t| t > 0) => Err(ApiError::InvalidParam {
+                param: "top_logprobs",
+                message: "top_logprobs needs logprobs: true".into(),
+            }),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,8 +153,26 @@ pub enum Prompt {
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: Prompt,
+    /// Legacy completions: the number of alternatives per token, 0 to 5.
+    #[serde(default)]
+    pub logprobs: Option<i64>,
     #[serde(flatten)]
     pub fields: GenerationFields,
+}
+
+impl CompletionRequest {
+    pub fn logprobs(&self) -> Result<Option<u8>, ApiError> {
+        match self.logprobs {
+            None => Ok(None),
+            Some(k) if (0..=MAX_COMPLETION_LOGPROBS).contains(&k) => Ok(Some(k as u8)),
+            Some(k) => Err(ApiError::InvalidParam {
+                param: "logprobs",
+                message: format!(
+                    "logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {k}"
+                ),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +233,8 @@ pub struct PlainMessage {
 }
 
 /// Text parts are joined; other parts (images, audio) are refused: these models read text only.
+/// Roles are checked (`developer` is read as `system`, OpenAI's newer name for it); an
+/// assistant turn's tool calls and `tool` turns are written as [`tools`] describes.
 pub fn plain_messages(messages: &[ChatMessage]) -> Result<Vec<PlainMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::InvalidParam {
@@ -179,37 +242,86 @@ pub fn plain_messages(messages: &[ChatMessage]) -> Result<Vec<PlainMessage>, Api
             message: "messages must not be empty".into(),
         });
     }
-    messages
-        .iter()
-        .map(|m| {
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => {
-                                return Err(ApiError::InvalidParam {
-                                    param: "messages",
-                                    message: format!(
-                                        "content part of type {kind:?} is not supported; this \
-                                         model reads text"
-                                    ),
-                                })
-                            }
-                        }
-                    }
-                    text
+    let invalid = |param: String, message: String| ApiError::InvalidField { param, message };
+    let mut call_ids: Vec<&str> = Vec::new();
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let mut content = text_content(m.content.as_ref(), i)?;
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => {
+                if let Some(calls) = m.tool_calls.as_deref().filter(|c| !c.is_empty()) {
+                    call_ids.extend(calls.iter().map(|c| c.id.as_str()));
+                    content = tools::past_calls_text(calls, &format!("messages[{i}]"))?;
                 }
-            };
-            Ok(PlainMessage {
-                role: m.role.clone(),
-                content,
-            })
-        })
-        .collect()
+                "assistant"
+            }
+            "tool" => {
+                let id = m.tool_call_id.as_deref().ok_or_else(|| {
+                    invalid(
+                        format!("messages[{i}].tool_call_id"),
+                        "a message with role 'tool' needs tool_call_id".into(),
+                    )
+                })?;
+                if !call_ids.contains(&id) {
+                    return Err(invalid(
+                        format!("messages[{i}].tool_call_id"),
+                        format!(
+                            "tool_call_id {id:?} answers no tool call of an earlier assistant \
+                             message"
+                        ),
+                    ));
+                }
+                "tool"
+            }
+            other => {
+                return Err(invalid(
+                    format!("messages[{i}].role"),
+                    format!(
+                        "role {other:?} is not one of system, developer, user, assistant, tool"
+                    ),
+                ))
+            }
+        };
+        out.push(PlainMessage {
+            role: role.to_string(),
+            content,
+        });
+    }
+    Ok(out)
+}
+
+/// A message's text: a string, or text parts joined; any other part is a 400 naming it.
+fn text_content(content: Option<&Content>, i: usize) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => text.push_str(t),
+                    ("text", None) => {
+                        return Err(ApiError::InvalidField {
+                            param: format!("messages[{i}].content[{j}].text"),
+                            message: "a text content part needs `text`".into(),
+                        })
+                    }
+                    (kind, _) => {
+                        return Err(ApiError::InvalidField {
+                            param: format!("messages[{i}].content[{j}].type"),
+                            message: format!(
+                                "content part of type {kind:?} is not supported; this model \
+                                 reads text"
+                            ),
+                        })
+                    }
+                }
+            }
+            Ok(text)
+        }
+    }
 }
 
 /// Generation settings checked and resolved, except for `max_tokens`' default, which needs the
@@ -248,7 +360,10 @@ pub fn generation(f: &GenerationFields, seed_fallback: u32) -> Result<Generation
         ));
     }
     if f.n.is_some_and(|n| n != 1) {
-        return Err(invalid("n", "only n=1 is supported".into()));
+        return Err(invalid(
+            "n",
+            "only n=1 is supported: this server generates one choice per request".into(),
+        ));
     }
     let max_tokens = f.max_completion_tokens.or(f.max_tokens);
     if max_tokens == Some(0) {
@@ -401,12 +516,80 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plain_messages(&msgs).unwrap()[0].content, "ab");
+        assert!(plain_messages(&[]).is_err());
+    }
+
+    fn field_error(json: &str) -> String {
+        let msgs: Vec<ChatMessage> = serde_json::from_str(json).unwrap();
+        match plain_messages(&msgs) {
+            Err(ApiError::InvalidField { param, .. }) => param,
+            other => panic!("{json}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_messages_name_the_field() {
+        assert_eq!(
+            field_error(
+                r#"[{"role":"user","content":"a"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"x"}}]}]"#
+            ),
+            "messages[1].content[1].type"
+        );
+        assert_eq!(
+            field_error(r#"[{"role":"wizard","content":"a"}]"#),
+            "messages[0].role"
+        );
+        assert_eq!(
+            field_error(r#"[{"role":"tool","content":"a"}]"#),
+            "messages[0].tool_call_id"
+        );
+        assert_eq!(
+            field_error(r#"[{"role":"tool","content":"a","tool_call_id":"call_9"}]"#),
+            "messages[0].tool_call_id"
+        );
+    }
+
+    #[test]
+    fn a_tool_round_trip_reads_as_the_model_wrote_it() {
         let msgs: Vec<ChatMessage> = serde_json::from_str(
-            r#"[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]"#,
+            r#"[{"role":"developer","content":"be brief"},{"role":"user","content":"weather?"},
+               {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"w","arguments":"{\"city\":\"Oslo\"}"}}]},
+               {"role":"tool","tool_call_id":"call_1","content":"-3 C"}]"#,
         )
         .unwrap();
-        assert!(plain_messages(&msgs).is_err());
-        assert!(plain_messages(&[]).is_err());
+        let plain = plain_messages(&msgs).unwrap();
+        assert_eq!(plain[0].role, "system");
+        assert_eq!(
+            plain[2].content,
+            r#"{"tool_calls":[{"name":"w","arguments":{"city":"Oslo"}}]}"#
+        );
+        assert_eq!(
+            (plain[3].role.as_str(), plain[3].content.as_str()),
+            ("tool", "-3 C")
+        );
+    }
+
+    #[test]
+    fn logprobs_are_checked() {
+        let chat = |json: &str| {
+            parse::<ChatRequest>(format!(r#"{{"model":"m","messages":[],{json}}}"#).as_bytes())
+                .unwrap()
+                .logprobs()
+        };
+        assert_eq!(
+            chat(r#""logprobs":true,"top_logprobs":3"#).unwrap(),
+            Some(3)
+        );
+        assert_eq!(chat(r#""logprobs":false"#).unwrap(), None);
+        assert!(chat(r#""logprobs":true,"top_logprobs":21"#).is_err());
+        assert!(chat(r#""top_logprobs":2"#).is_err());
+        let text = |json: &str| {
+            parse::<CompletionRequest>(format!(r#"{{"model":"m","prompt":"p",{json}}}"#).as_bytes())
+                .unwrap()
+                .logprobs()
+        };
+        assert_eq!(text(r#""logprobs":2"#).unwrap(), Some(2));
+        assert!(text(r#""logprobs":6"#).is_err());
     }
 
     #[test]

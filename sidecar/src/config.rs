@@ -19,7 +19,10 @@
 //! trained) for embeddings), `slots` (parallel sequences, default 4), `queue` (requests waiting
 //! beyond the slots before 503, default 16), `threads` (default: all cores), `gpu_layers`
 //! (passed to llama.cpp, default 0), `pooling` (`mean`, `cls`, `last` or `rank`: loads the model
-//! for `/v1/embeddings`, or `/v1/rerank` with `rank`), `sha256` (checked before loading).
+//! for `/v1/embeddings`, or `/v1/rerank` with `rank`), `sha256` (checked before loading),
+//! `prompt_cache` (keep each slot's KV cache after a request and reuse the longest matching
+//! prefix for the next one; default true) and `min_prefix` (the fewest shared tokens worth
+//! reusing, default 64: below it a request takes the least recently used slot and starts over).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -75,10 +78,19 @@ pub struct ModelSpec {
     /// Expected SHA-256 of the file, checked before loading when given.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Keep each slot's KV cache between requests and reuse matching prefixes (default true).
+    #[serde(default)]
+    pub prompt_cache: Option<bool>,
+    /// Fewest leading tokens a request must share with a slot's cache to reuse it (default 64).
+    #[serde(default)]
+    pub min_prefix: Option<u32>,
 }
 
 pub const DEFAULT_SLOTS: u32 = 4;
 pub const DEFAULT_QUEUE: u32 = 16;
+/// Below this many shared tokens, reusing a slot's cache saves less than it costs to evict a
+/// longer conversation from the slot (llama-server's `--cache-reuse` works in chunks of this order).
+pub const DEFAULT_MIN_PREFIX: u32 = 64;
 /// Upper bounds that catch typos (`slots=400`) before llama.cpp allocates for them.
 const MAX_SLOTS: u32 = 64;
 const MAX_QUEUE: u32 = 4096;
@@ -130,6 +142,8 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
         gpu_layers: None,
         pooling: None,
         sha256: None,
+        prompt_cache: None,
+        min_prefix: None,
     };
     for kv in options.into_iter().flat_map(|o| o.split(',')) {
         let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
@@ -149,10 +163,18 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
             "gpu_layers" => spec.gpu_layers = Some(number(value)?),
             "pooling" => spec.pooling = Some(value.parse().map_err(bad)?),
             "sha256" => spec.sha256 = Some(value.to_string()),
+            "min_prefix" => spec.min_prefix = Some(number(value)?),
+            "prompt_cache" => {
+                spec.prompt_cache = Some(match value {
+                    "true" => true,
+                    "false" => false,
+                    v => return Err(bad(format!("prompt_cache={v}: expected true or false"))),
+                })
+            }
             other => {
                 return Err(bad(format!(
                     "unknown option {other:?} (known: ctx, slots, queue, threads, gpu_layers, \
-                     pooling, sha256)"
+                     pooling, sha256, prompt_cache, min_prefix)"
                 )))
             }
         }
@@ -220,6 +242,9 @@ mod tests {
         assert_eq!(m.path, PathBuf::from("models/x.gguf"));
         assert_eq!((m.ctx, m.slots, m.threads), (Some(2048), Some(4), Some(2)));
         assert_eq!(m.pooling, None);
+        let m = parse_model_flag("c=m.gguf:prompt_cache=false,min_prefix=8").unwrap();
+        assert_eq!((m.prompt_cache, m.min_prefix), (Some(false), Some(8)));
+        assert!(parse_model_flag("c=m.gguf:prompt_cache=yes").is_err());
     }
 
     #[test]

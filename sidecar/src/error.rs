@@ -20,6 +20,9 @@ pub enum ApiError {
         param: &'static str,
         message: String,
     },
+    /// As `InvalidParam`, for a field whose name is built per request (`messages[2].role`).
+    #[error("{message}")]
+    InvalidField { param: String, message: String },
     #[error("The model `{0}` does not exist or is not served here")]
     ModelNotFound(String),
     #[error("{message}")]
@@ -48,14 +51,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// Status, OpenAI `type`, `param` and `code` for each variant.
-    fn parts(
-        &self,
-    ) -> (
-        StatusCode,
-        &'static str,
-        Option<&'static str>,
-        Option<&'static str>,
-    ) {
+    fn parts(&self) -> (StatusCode, &'static str, Option<&str>, Option<&'static str>) {
         use StatusCode as S;
         match self {
             ApiError::BadJson(_) => (
@@ -68,6 +64,12 @@ impl ApiError {
                 S::BAD_REQUEST,
                 "invalid_request_error",
                 Some(param),
+                Some("invalid_value"),
+            ),
+            ApiError::InvalidField { param, .. } => (
+                S::BAD_REQUEST,
+                "invalid_request_error",
+                Some(param.as_str()),
                 Some("invalid_value"),
             ),
             ApiError::ModelNotFound(_) => (

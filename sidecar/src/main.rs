@@ -8,8 +8,9 @@
 //!
 //! `serve` loads each model on its own engine thread and answers `POST /v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings`, `/v1/rerank`, and `GET /v1/models`, `/health`,
-//! `/metrics`. Model options (`ctx`, `slots`, `queue`, `threads`, `gpu_layers`, `pooling`,
-//! `sha256`) are described in [`config`]; for example
+//! `/metrics`, and `POST /tokenize`, `/detokenize`. Model options (`ctx`, `slots`, `queue`,
+//! `threads`, `gpu_layers`, `pooling`, `sha256`, `prompt_cache`, `min_prefix`) are described in
+//! [`config`]; for example
 //! `--model fast=models/x.gguf:ctx=2048,slots=4,threads=2` or
 //! `--model embed=models/all-MiniLM-L6-v2.gguf:pooling=mean`. With `--port 0` the OS picks a port;
 //! the first line on stdout is always `lumen-llama listening on HOST:PORT`.
@@ -22,10 +23,14 @@
 //! * `app`: the state shared by the handlers, and `blocking` for CPU work off the async workers
 //! * `completions`, `embeddings`: the OpenAI endpoints · `api`: request types and validation
 //! * `prompt`: chat templates and tokenizing · `grammar`: `response_format` grammars
+//! * `tools`: tool calling through a grammar, and reading the calls as they are generated
+//! * `affinity`: the conversation-prefix hashes `/health` reports for cache-aware routing
+//! * `tokens`: `/tokenize` and `/detokenize`
 //! * `engine`: llama.cpp on its own threads (continuous batching) · `metrics`: counters
 //! * `error`: every failure's HTTP status and OpenAI error body
 //! * `fetch`, `convert`, `bert`, `testmodel`, `gguf`: getting and making model files
 
+mod affinity;
 mod api;
 mod app;
 mod bert;
@@ -42,6 +47,8 @@ mod metrics;
 mod prompt;
 mod server;
 mod testmodel;
+mod tokens;
+mod tools;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -7,6 +7,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
 /// Upper bounds of the "sequences per decode step" histogram.
 pub const BATCH_BUCKETS: [u64; 6] = [1, 2, 4, 8, 16, 32];
@@ -29,7 +30,11 @@ pub struct ModelMetrics {
     /// Requests ended because their client stopped reading for longer than the stall limit
     /// (their slot was freed as for a disconnect).
     pub stalled_total: AtomicU64,
+    /// Prompt tokens decoded, and prompt tokens taken from a slot's cache instead.
     pub prompt_tokens_total: AtomicU64,
+    pub prompt_tokens_cached_total: AtomicU64,
+    /// Times a slot's cache was copied into an empty slot for a request sharing its prefix.
+    pub prompt_cache_copies_total: AtomicU64,
     pub completion_tokens_total: AtomicU64,
     /// Engine time spent on prompt tokens and on generated tokens; a decode step that carries
     /// both is split in proportion to its token counts.
@@ -40,6 +45,9 @@ pub struct ModelMetrics {
     pub batch_sequences_total: AtomicU64,
     pub batch_sequences_bucket: [AtomicU64; BATCH_BUCKETS.len()],
     pub batch_tokens_total: AtomicU64,
+    /// The conversation prefixes the slots' caches hold (`affinity`), sorted, for `/health`.
+    /// Replaced by the engine thread when a slot takes a request; read by `/health`.
+    pub cached_prefixes: Mutex<Vec<u64>>,
 }
 
 impl ModelMetrics {
@@ -138,8 +146,20 @@ pub fn render<'a>(models: impl Iterator<Item = (&'a str, &'a ModelMetrics)> + Cl
     family(
         "lumen_llama_prompt_tokens_total",
         "counter",
-        "Prompt tokens processed.",
+        "Prompt tokens processed (decoded).",
         &|m| get(&m.prompt_tokens_total),
+    );
+    family(
+        "lumen_llama_prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens reused from a slot's KV cache instead of being processed.",
+        &|m| get(&m.prompt_tokens_cached_total),
+    );
+    family(
+        "lumen_llama_prompt_cache_copies_total",
+        "counter",
+        "Slot caches copied into an empty slot for a request sharing their prefix.",
+        &|m| get(&m.prompt_cache_copies_total),
     );
     family(
         "lumen_llama_completion_tokens_total",

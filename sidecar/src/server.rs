@@ -22,7 +22,7 @@ use crate::app::App;
 use crate::config::Pooling;
 use crate::engine::{Capability, EngineFailure};
 use crate::error::ApiError;
-use crate::{completions, embeddings, metrics};
+use crate::{completions, embeddings, metrics, tokens};
 
 /// Largest request body accepted; far above any prompt that fits these models' contexts.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -39,6 +39,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/rerank", post(embeddings::rerank))
         .route("/rerank", post(embeddings::rerank))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .fallback(|uri: Uri| async move { ApiError::NotFound(uri.path().to_string()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
@@ -110,17 +112,25 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         all_loaded &= loaded;
         let total = m.metrics.slots_total.load(Relaxed);
         let busy = m.metrics.slots_busy.load(Relaxed);
-        models.insert(
-            alias.clone(),
-            json!({
-                "loaded": loaded,
-                "kind": kind_name(m.capability),
-                "slots_total": total,
-                "slots_busy": busy,
-                "slots_free": total.saturating_sub(busy),
-                "queue_depth": m.metrics.queue_depth.load(Relaxed),
-            }),
-        );
+        let mut entry = json!({
+            "loaded": loaded,
+            "kind": kind_name(m.capability),
+            "slots_total": total,
+            "slots_busy": busy,
+            "slots_free": total.saturating_sub(busy),
+            "queue_depth": m.metrics.queue_depth.load(Relaxed),
+        });
+        if m.capability == Capability::Chat {
+            // The conversations the slots' caches hold, for the gateway's prefix affinity.
+            let prefixes: Vec<String> = m
+                .metrics
+                .cached_prefixes
+                .lock()
+                .map(|p| p.iter().map(|h| format!("{h:016x}")).collect())
+                .unwrap_or_default();
+            entry["prefixes"] = json!(prefixes);
+        }
+        models.insert(alias.clone(), entry);
     }
     let (status, word) = if all_loaded {
         (StatusCode::OK, "ok")

@@ -9,6 +9,11 @@ use serde_json::{json, Value};
 const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 fn smollm2() -> Option<Sidecar> {
+    smollm2_with("")
+}
+
+/// SmolLM2 with extra model options (`,key=value...`).
+fn smollm2_with(opts: &str) -> Option<Sidecar> {
     let path = real_model(
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "cargo run --release -p lumen-llama -- fetch-model smollm2",
@@ -16,7 +21,7 @@ fn smollm2() -> Option<Sidecar> {
     Some(Sidecar::start(&[
         "--model".into(),
         format!(
-            "smollm2={}:ctx=1024,slots=2,sha256={SHA256}",
+            "smollm2={}:ctx=1024,slots=2,sha256={SHA256}{opts}",
             path.display()
         ),
     ]))
@@ -117,7 +122,7 @@ fn stop_sequences_cut_real_text() {
     let Some(s) = smollm2() else { return };
     let body = json!({
         "model": "smollm2",
-        "messages": [{"role": "user", "content": "List the days of the week."}],
+        "messages": [{"role": "user", "content": "What are the seven days of the week? List them."}],
         "temperature": 0,
         "max_tokens": 40,
     });
@@ -147,5 +152,41 @@ fn stop_sequences_cut_real_text() {
         };
         assert_eq!(text, &full_text[..at], "stream={stream}");
         assert_eq!(finish, "stop", "stream={stream}");
+    }
+}
+
+#[test]
+fn a_reused_prefix_answers_byte_for_byte_as_a_cold_start() {
+    let Some(warm) = smollm2() else { return };
+    let Some(cold) = smollm2_with(",prompt_cache=false") else {
+        return;
+    };
+    let system = "You are a patient tutor who explains geography to children. ".repeat(6);
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    for (turn, question) in [
+        "What is the capital of France?",
+        "What river runs through it?",
+        "Name one famous building there.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        messages.push(json!({"role": "user", "content": question}));
+        let body =
+            json!({"model": "smollm2", "messages": messages, "temperature": 0, "max_tokens": 24});
+        let (w, c) = (ask(&warm, &body), ask(&cold, &body));
+        assert_eq!(message_content(&w), message_content(&c), "turn {turn}");
+        let cached = w["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let prompt = w["usage"]["prompt_tokens"].as_u64().unwrap();
+        if turn > 0 {
+            assert!(
+                cached > prompt / 2,
+                "turn {turn}: {cached} of {prompt} cached"
+            );
+        }
+        assert_eq!(c["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        messages.push(json!({"role": "assistant", "content": message_content(&w)}));
     }
 }

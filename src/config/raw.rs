@@ -722,6 +722,10 @@ pub struct RawRoute {
     pub model: String,
     #[serde(default)]
     pub strategy: Strategy,
+    /// Send each chat to the target (a sidecar) whose prompt cache holds the longest prefix of
+    /// its conversation; the strategy decides when none does.
+    #[serde(default)]
+    pub prefix_affinity: bool,
     pub targets: Vec<RawTarget>,
     /// Requests per key on this route (on top of the key's own limits).
     #[serde(default)]

@@ -46,12 +46,15 @@ pub struct TargetState {
 }
 
 /// The available targets of `route` in the order to try them (indexes into `route.targets`).
-/// `states[i]` is the health of `route.targets[i]`.
+/// `states[i]` is the health of `route.targets[i]`. `conversation` is the request's prefix hash
+/// chain (`affinity`), empty unless the route has `prefix_affinity`: the target with room that
+/// holds the longest prefix of it goes first, and is remembered as holding all of it.
 pub fn order(
     route: &Route,
     states: &[TargetState],
     table: &HealthTable,
     token_estimate: u64,
+    conversation: &[u64],
 ) -> Result<Vec<usize>, NoTarget> {
     let now = table.now_ms();
     let n = route.targets.len();
@@ -102,8 +105,29 @@ pub fn order(
     let turn = route.turn.fetch_add(1, Relaxed);
     arrange(route, states, turn, &mut ready);
     arrange(route, states, turn, &mut full);
+    if let Some(&whole) = conversation.last() {
+        prefer_holder(states, conversation, &mut ready);
+        if let Some(&first) = ready.first().or(full.first()) {
+            states[first].provider.prefixes.note_sent(whole);
+        }
+    }
     ready.extend(full);
     Ok(ready)
+}
+
+/// Moves the candidate holding the longest prefix of `conversation` to the front (the first
+/// in strategy order among equals); the order stays as it is when none holds any.
+fn prefer_holder(states: &[TargetState], conversation: &[u64], candidates: &mut [usize]) {
+    let mut best = (0, 0);
+    for (at, &i) in candidates.iter().enumerate() {
+        let held = states[i].provider.prefixes.longest(conversation);
+        if held > best.1 {
+            best = (at, held);
+        }
+    }
+    if best.1 > 0 {
+        candidates[..=best.0].rotate_right(1);
+    }
 }
 
 /// Puts `candidates` (in config order) in the route's strategy order.

@@ -7,6 +7,7 @@
 //! Imports: `config` (raw routes, problems), `upstream` (providers, health, retry policies),
 //! the plugins; never `proxy`.
 
+pub mod affinity;
 pub mod balance;
 
 use std::collections::HashMap;
@@ -30,6 +31,8 @@ pub struct Route {
     /// The model name or pattern as written in the config; also the `route` metrics label.
     pub name: String,
     pub strategy: Strategy,
+    /// Prefer the target whose cache holds the request's conversation (`affinity`).
+    pub prefix_affinity: bool,
     pub targets: Vec<Target>,
     /// Requests per key on this route, on top of the key's own limits.
     pub limits: Option<RequestLimit>,
@@ -220,6 +223,7 @@ impl RouteTable {
                 bucket_suffix: format!("|route:{}", r.model),
                 name: r.model.clone(),
                 strategy: r.strategy,
+                prefix_affinity: r.prefix_affinity,
                 targets,
                 limits,
                 retry,
@@ -258,6 +262,7 @@ impl RouteTable {
         Some(Arc::new(Route {
             name: format!("{}/*", provider.name),
             strategy: Strategy::Priority,
+            prefix_affinity: false,
             targets: vec![Target {
                 health_key: "*".to_string(),
                 ..Target::new(provider.clone(), Some(upstream_model), 1)

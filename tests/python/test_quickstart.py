@@ -185,36 +185,135 @@ def test_responses_json_schema_uses_the_sidecars_grammar(quickstart):
     assert all(isinstance(v, str) for v in place.values())
 
 
-def test_an_agents_sdk_agent_runs_on_the_real_model(quickstart):
-    """The OpenAI Agents SDK (Responses API) runs an agent with a function tool to completion
-    on the local sidecar, plain and streamed. (The sidecar does not call tools yet, issue 20:
-    the small model answers in prose, and the run ends with it.)"""
+def test_an_agents_sdk_agent_calls_a_tool_on_the_real_model(quickstart):
+    """The OpenAI Agents SDK (Responses API) runs an agent whose function tool the local model
+    calls: the sidecar's grammar makes SmolLM2 emit a valid call, the gateway translates it to
+    a Responses `function_call`, the SDK runs the tool, and the run ends with the tool's
+    output. Then an agent without a required tool answers in prose, plain and streamed."""
     import asyncio
 
     import agents
 
     g, _ = quickstart
     agents.set_tracing_disabled(True)
+    seen = []
 
     @agents.function_tool
     def capital(country: str) -> str:
         """The capital of a country."""
+        seen.append(country)
         return "Paris"
 
-    def agent():
+    def agent(**kw):
         c = openai.AsyncOpenAI(base_url=g.base_url, api_key="unused", max_retries=0, timeout=120)
         model = agents.OpenAIResponsesModel(model="smollm2", openai_client=c)
-        settings = agents.ModelSettings(temperature=0, max_tokens=24)
-        return agents.Agent(name="geo", instructions="Answer in one word.", tools=[capital], model=model, model_settings=settings)
+        settings = agents.ModelSettings(temperature=0, max_tokens=48, **kw.pop("settings", {}))
+        return agents.Agent(name="geo", instructions="Answer in one word.", tools=[capital], model=model, model_settings=settings, **kw)
 
-    result = agents.Runner.run_sync(agent(), QUESTION[0]["content"])
+    called = agents.Runner.run_sync(
+        agent(settings={"tool_choice": "required"}, tool_use_behavior="stop_on_first_tool"),
+        "What is the capital of France? Use the tool.",
+    )
+    assert called.final_output == "Paris"
+    assert len(seen) == 1 and isinstance(seen[0], str) and seen[0]
+
+    result = agents.Runner.run_sync(agent(settings={"tool_choice": "none"}), QUESTION[0]["content"])
     assert isinstance(result.final_output, str) and result.final_output.strip()
 
     async def streamed():
-        run = agents.Runner.run_streamed(agent(), QUESTION[0]["content"])
+        run = agents.Runner.run_streamed(agent(settings={"tool_choice": "none"}), QUESTION[0]["content"])
         kinds = [e.type async for e in run.stream_events()]
         return run.final_output, kinds
 
     final, kinds = asyncio.run(streamed())
     assert "raw_response_event" in kinds
     assert final == result.final_output
+
+
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_tool_round_trip_with_the_sdk_on_the_real_model(quickstart):
+    """The openai SDK parses the sidecar's tool call (through the gateway), sends the tool's
+    result back, and gets a text answer; streamed, the same call arrives in deltas."""
+    _, client = quickstart
+    resp = client.chat.completions.create(
+        model="smollm2", messages=WEATHER_QUESTION, tools=WEATHER, tool_choice="required", temperature=0, max_tokens=64
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    args = json.loads(call.function.arguments)
+    assert isinstance(args["city"], str) and args["city"]
+
+    name, arguments, ids, finish = "", "", [], None
+    for chunk in client.chat.completions.create(
+        model="smollm2", messages=WEATHER_QUESTION, tools=WEATHER, tool_choice="required", temperature=0, max_tokens=64, stream=True
+    ):
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                if d.id:
+                    ids.append(d.id)
+                name += (d.function and d.function.name) or ""
+                arguments += (d.function and d.function.arguments) or ""
+            finish = c.finish_reason or finish
+    assert (name, arguments, finish) == ("get_weather", call.function.arguments, "tool_calls")
+    assert len(ids) == 1
+
+    history = WEATHER_QUESTION + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+
+    async def follow_up():
+        a = openai.AsyncOpenAI(base_url=client.base_url, api_key="unused", max_retries=0, timeout=120)
+        return await a.chat.completions.create(model="smollm2", messages=history, tools=WEATHER, tool_choice="none", temperature=0, max_tokens=32)
+
+    import asyncio
+
+    answer = asyncio.run(follow_up())
+    assert answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].message.content.strip()
+
+
+def test_logprobs_on_the_real_model(quickstart):
+    _, client = quickstart
+    resp = client.chat.completions.create(
+        model="smollm2", messages=QUESTION, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2
+    )
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert "".join(t.token for t in content) == resp.choices[0].message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+
+
+def test_a_second_turn_reuses_the_cached_prefix(quickstart):
+    """Turn 2 of a chat resends turn 1: the sidecar's slot still holds it, so usage says most
+    of the prompt was cached, and the answer is the one a cold start gives."""
+    _, client = quickstart
+    system = {"role": "system", "content": "You are a concise geography tutor. " * 12}
+    turn1 = [system] + QUESTION
+    first = client.chat.completions.create(model="smollm2", messages=turn1, temperature=0, max_tokens=12)
+    turn2 = turn1 + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    second = client.chat.completions.create(model="smollm2", messages=turn2, temperature=0, max_tokens=12)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > second.usage.prompt_tokens // 2, (cached, second.usage.prompt_tokens)

@@ -5,7 +5,14 @@
 //! its own row. New requests join between steps; finished ones leave between steps. So
 //! requests never wait for each other to finish, only for a free slot.
 //!
-//! Slot `i` is llama.cpp sequence id `i`. Its KV cells are removed the moment it is freed.
+//! Slot `i` is llama.cpp sequence id `i`. With the prompt cache on (the default), a slot keeps
+//! its prompt's KV cells after its request ends, with the tokens they hold (the generated
+//! tokens' cells are dropped: see `retire`). A new request goes to the free slot that best holds
+//! its prompt (see [`choose_slot`]: longest shared prefix, a copy into an empty slot, or the
+//! least recently used slot); the cells past the shared prefix are removed and only the rest of
+//! the prompt is decoded. So a chat that resends its history pays only for the last answer and
+//! the new turn, and the answer is byte-identical to a cold start's. A decode failure clears the
+//! slots it touched: their cells are not trusted.
 //! A slot whose client reads slowly keeps its undelivered events in a small outbox and sits out
 //! steps until the client catches up (backpressure without blocking the other slots); a slot
 //! whose client is gone is freed on the next step.
@@ -29,7 +36,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
-use super::job::{Event, Finish, GenerateJob, Job, Sampling};
+use super::job::{Event, Finish, GenerateJob, Job, Sampling, TokenLogprob};
 use super::text::{Pushed, TextAssembler};
 use crate::metrics::ModelMetrics;
 
@@ -49,11 +56,36 @@ fn stall_limit() -> Duration {
         .map_or(DEFAULT_STALL_LIMIT, Duration::from_millis)
 }
 
+/// How slots reuse their KV cache between requests (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PromptCache {
+    pub enabled: bool,
+    pub min_prefix: usize,
+}
+
+/// What a free slot's KV cache holds, kept between requests.
+#[derive(Debug, Default)]
+struct SlotCache {
+    /// The tokens at positions `0..tokens.len()` of the slot's sequence.
+    tokens: Vec<LlamaToken>,
+    /// When the slot was last given a request (a step counter); 0 for never.
+    last_used: u64,
+    /// The conversation prefix hashes of the request it last served (`affinity`).
+    prefixes: Vec<u64>,
+}
+
 /// One request in a slot.
 struct Sequence {
-    prompt: Vec<LlamaToken>,
+    /// The prompt, then each generated token as it is fed back: `tokens[..n_past]` are in the KV
+    /// cache.
+    tokens: Vec<LlamaToken>,
+    prompt_len: usize,
     /// Tokens already in the KV cache (prompt and generated): the next token's position.
     n_past: usize,
+    /// Prompt tokens that were already in the slot's cache when the request arrived.
+    cached: usize,
+    /// `Some(k)`: report each token's log probability and its `k` best alternatives.
+    logprobs: Option<u8>,
     /// The last sampled token, to be fed on the next step.
     next: Option<LlamaToken>,
     max_tokens: u32,
@@ -65,6 +97,8 @@ struct Sequence {
     outbox: VecDeque<Event>,
     /// Set once `Done` or `Failed` is in the outbox: the slot is freed after delivery.
     finished: bool,
+    /// A decode that carried this sequence failed: its KV cells are not kept for reuse.
+    poisoned: bool,
     /// Since when the client has accepted nothing while the outbox waits; `None` when the
     /// outbox is empty or the client took an event on the last delivery attempt.
     stalled_since: Option<Instant>,
@@ -85,8 +119,11 @@ impl Sequence {
             Err(e) => return Err((job.events, e)),
         };
         Ok(Self {
-            prompt: job.prompt,
+            prompt_len: job.prompt.len(),
+            tokens: job.prompt,
             n_past: 0,
+            cached: 0,
+            logprobs: job.logprobs,
             next: None,
             max_tokens: job.max_tokens,
             completion_tokens: 0,
@@ -95,6 +132,7 @@ impl Sequence {
             events: job.events,
             outbox: VecDeque::new(),
             finished: false,
+            poisoned: false,
             stalled_since: None,
         })
     }
@@ -133,6 +171,7 @@ impl Sequence {
         self.outbox.push_back(Event::Done {
             finish,
             completion_tokens: self.completion_tokens,
+            cached_tokens: u32::try_from(self.cached).unwrap_or(u32::MAX),
         });
         self.finished = true;
     }
@@ -143,9 +182,11 @@ impl Sequence {
     }
 
     /// Handles one sampled token: end of generation, a stop string, the token limit, or text.
+    /// `logprob` is the token's log probability entry, when the request asked for them.
     fn accept(
         &mut self,
         token: LlamaToken,
+        logprob: Option<TokenLogprob>,
         model: &LlamaModel,
         ctx_per_seq: usize,
         metrics: &ModelMetrics,
@@ -157,6 +198,9 @@ impl Sequence {
         }
         self.completion_tokens += 1;
         metrics.completion_tokens_total.fetch_add(1, Relaxed);
+        if let Some(l) = logprob {
+            self.outbox.push_back(Event::Logprob(l));
+        }
         let piece = vocab.token_to_piece(token, false, None);
         match self.text.push(&piece) {
             Pushed::Stopped(t) => {
@@ -206,6 +250,37 @@ fn build_sampler(model: &LlamaModel, s: &Sampling) -> Result<LlamaSampler, Strin
     Ok(LlamaSampler::chain_simple(chain))
 }
 
+/// The sampled token's log probability and the `top` most likely tokens, from the row's raw
+/// logits (a log-softmax over the whole vocabulary, as llama-server's `n_probs` reports).
+fn token_logprob(logits: &[f32], token: LlamaToken, top: u8, model: &LlamaModel) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let log_norm = max + sum.ln();
+    let logprob_of = |i: usize| logits.get(i).map_or(f32::NEG_INFINITY, |&l| l - log_norm);
+    let vocab = model.vocab();
+    let mut best: Vec<usize> = Vec::with_capacity(usize::from(top) + 1);
+    if top > 0 {
+        // One pass keeping the `top` largest, sorted: top is at most 20.
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == usize::from(top) && logits[best[best.len() - 1]] >= l {
+                continue;
+            }
+            let at = best.partition_point(|&b| logits[b] >= l);
+            best.insert(at, i);
+            best.truncate(usize::from(top));
+        }
+    }
+    let piece = |i: usize| vocab.token_to_piece(LlamaToken(i as i32), false, None);
+    TokenLogprob {
+        bytes: vocab.token_to_piece(token, false, None),
+        logprob: logprob_of(token.0 as usize),
+        top: best
+            .into_iter()
+            .map(|i| (piece(i), logprob_of(i)))
+            .collect(),
+    }
+}
+
 /// Runs until the job channel is closed and every slot is empty.
 pub(super) fn run(
     ctx: &mut LlamaContext<'_>,
@@ -214,18 +289,30 @@ pub(super) fn run(
     metrics: &ModelMetrics,
     slots: usize,
     ctx_per_seq: u32,
+    cache: PromptCache,
 ) {
     let stall_limit = stall_limit();
     let n_batch = ctx.n_batch() as usize;
     let mut batch = LlamaBatch::new(n_batch, 1);
     let mut seqs: Vec<Option<Sequence>> = (0..slots).map(|_| None).collect();
+    let mut caches: Vec<SlotCache> = (0..slots).map(|_| SlotCache::default()).collect();
+    let mut clock = 0u64;
     let ctx_per_seq = ctx_per_seq as usize;
 
     loop {
-        if !admit(model, jobs, metrics, &mut seqs) {
+        if !admit(
+            ctx,
+            model,
+            jobs,
+            metrics,
+            &mut seqs,
+            &mut caches,
+            &mut clock,
+            cache,
+        ) {
             return;
         }
-        retire(ctx, metrics, &mut seqs, stall_limit);
+        retire(ctx, metrics, &mut seqs, &mut caches, cache, stall_limit);
         if !step(
             ctx,
             model,
@@ -240,19 +327,110 @@ pub(super) fn run(
             }
             continue;
         }
-        retire(ctx, metrics, &mut seqs, stall_limit);
+        retire(ctx, metrics, &mut seqs, &mut caches, cache, stall_limit);
     }
 }
 
-/// Fills free slots from the queue. Blocks only when no slot is busy. Returns false when the
-/// channel is closed and nothing is left to do.
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Where a request goes: its slot, how many of the slot's cached tokens it keeps, and the slot
+/// whose cache is copied in first, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Placement {
+    slot: usize,
+    keep: usize,
+    copy_from: Option<usize>,
+}
+
+/// Where `prompt` goes among the free slots. The slot sharing the longest prefix (ties: least
+/// recently used) is used when the prefix is at least `min_prefix` tokens and:
+/// * the prompt extends all that slot holds (a conversation's next turn): it is taken;
+/// * else, when a free slot is empty, that slot gets a copy of the matching slot's cache, so a
+///   request sharing a system prompt with another conversation does not evict it;
+/// * else, when the prefix is at least half of what the slot holds (llama-server's similarity
+///   rule), it is taken.
+///
+/// Otherwise the least recently used free slot is taken, keeping whatever prefix it shares. At
+/// least one prompt token is always left to decode: sampling needs the logits of the prompt's
+/// last position.
+fn choose_slot(
+    seqs: &[Option<Sequence>],
+    caches: &[SlotCache],
+    prompt: &[LlamaToken],
+    cache: PromptCache,
+) -> Option<Placement> {
+    let free = || (0..seqs.len()).filter(|&i| seqs[i].is_none());
+    let lru = free().min_by_key(|&i| caches[i].last_used)?;
+    let fresh = |slot: usize| Placement {
+        slot,
+        keep: 0,
+        copy_from: None,
+    };
+    if !cache.enabled {
+        return Some(fresh(lru));
+    }
+    let usable = |shared: usize| {
+        let keep = shared.min(prompt.len().saturating_sub(1));
+        if keep >= cache.min_prefix {
+            keep
+        } else {
+            0
+        }
+    };
+    let (best, shared) = free()
+        .map(|i| (i, common_prefix(&caches[i].tokens, prompt)))
+        // Longest prefix first, then least recently used.
+        .min_by_key(|&(i, n)| (std::cmp::Reverse(n), caches[i].last_used))?;
+    let keep = usable(shared);
+    if keep > 0 {
+        let held = caches[best].tokens.len();
+        if shared >= held {
+            return Some(Placement {
+                slot: best,
+                keep,
+                copy_from: None,
+            });
+        }
+        if let Some(empty) = free().find(|&i| i != best && caches[i].tokens.is_empty()) {
+            return Some(Placement {
+                slot: empty,
+                keep,
+                copy_from: Some(best),
+            });
+        }
+        if shared.saturating_mul(2) >= held {
+            return Some(Placement {
+                slot: best,
+                keep,
+                copy_from: None,
+            });
+        }
+    }
+    Some(Placement {
+        slot: lru,
+        keep: usable(common_prefix(&caches[lru].tokens, prompt)),
+        copy_from: None,
+    })
+}
+
+/// Fills free slots from the queue, each request into the slot that best holds its prompt
+/// (see [`choose_slot`]). Blocks only when no slot is busy. Returns false when the channel is
+/// closed and nothing is left to do.
+#[allow(clippy::too_many_arguments)]
 fn admit(
+    ctx: &mut LlamaContext<'_>,
     model: &LlamaModel,
     jobs: &mut mpsc::Receiver<Job>,
     metrics: &ModelMetrics,
     seqs: &mut [Option<Sequence>],
+    caches: &mut [SlotCache],
+    clock: &mut u64,
+    cache: PromptCache,
 ) -> bool {
-    while let Some(free) = seqs.iter().position(Option::is_none) {
+    while seqs.iter().any(Option::is_none) {
         let idle = seqs.iter().all(Option::is_none);
         let job = if idle {
             match jobs.blocking_recv() {
@@ -270,32 +448,93 @@ fn admit(
             metrics.cancelled_total.fetch_add(1, Relaxed);
             continue;
         }
-        match job {
-            Job::Generate(g) => match Sequence::new(model, g) {
-                Ok(seq) => {
-                    metrics.slots_busy.fetch_add(1, Relaxed);
-                    seqs[free] = Some(seq);
-                }
-                Err((events, message)) => {
-                    let _ = events.try_send(Event::Failed(message));
-                }
-            },
+        let mut g = match job {
+            Job::Generate(g) => g,
             Job::Embed(e) => {
                 let _ = e.reply.send(Err(
                     "this model is loaded for generation, not embeddings".into()
                 ));
+                continue;
             }
+        };
+        let prefixes = std::mem::take(&mut g.prefixes);
+        let mut seq = match Sequence::new(model, g) {
+            Ok(seq) => seq,
+            Err((events, message)) => {
+                let _ = events.try_send(Event::Failed(message));
+                continue;
+            }
+        };
+        // There is a free slot: the loop condition says so.
+        let Some(place) = choose_slot(seqs, caches, &seq.tokens, cache) else {
+            break;
+        };
+        let slot = place.slot;
+        if let Some(from) = place.copy_from {
+            // Slot indices fit an i32. llama.cpp copies across KV streams only whole; the copy
+            // is trimmed to the shared prefix just below.
+            let _ = ctx.copy_kv_cache_seq(from as i32, slot as i32, None, None);
+            metrics.prompt_cache_copies_total.fetch_add(1, Relaxed);
+        }
+        let keep = reuse(ctx, slot, &mut caches[slot], place.keep);
+        *clock += 1;
+        caches[slot].last_used = *clock;
+        seq.n_past = keep;
+        seq.cached = keep;
+        metrics
+            .prompt_tokens_cached_total
+            .fetch_add(keep as u64, Relaxed);
+        metrics.slots_busy.fetch_add(1, Relaxed);
+        seqs[slot] = Some(seq);
+        if cache.enabled {
+            caches[slot].prefixes = prefixes;
+            publish_prefixes(metrics, caches);
         }
     }
     true
 }
 
+/// Publishes every slot's conversation prefixes for `/health`.
+fn publish_prefixes(metrics: &ModelMetrics, caches: &[SlotCache]) {
+    let mut all: Vec<u64> = caches
+        .iter()
+        .flat_map(|c| c.prefixes.iter().copied())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    if let Ok(mut published) = metrics.cached_prefixes.lock() {
+        *published = all;
+    }
+}
+
+/// Trims slot `id`'s KV cells to their first `keep` positions (all of them when `keep` is 0)
+/// and returns how many were kept: 0 if llama.cpp cannot remove a partial range (recurrent
+/// models), in which case the slot is cleared.
+fn reuse(ctx: &mut LlamaContext<'_>, id: usize, cached: &mut SlotCache, keep: usize) -> usize {
+    // Sequence ids are slot indices and positions fit a slot's context: far below u32::MAX.
+    let keep = if keep > 0
+        && ctx
+            .clear_kv_cache_seq(Some(id as u32), Some(keep as u32), None)
+            .unwrap_or(false)
+    {
+        keep
+    } else {
+        let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+        0
+    };
+    cached.tokens.clear();
+    keep
+}
+
 /// Delivers outboxes and frees slots whose request is finished and delivered, abandoned, or
 /// stalled (its client stopped reading for longer than `stall_limit`; see the module docs).
+/// A freed slot keeps its KV cells and remembers their tokens when the prompt cache is on.
 fn retire(
     ctx: &mut LlamaContext<'_>,
     metrics: &ModelMetrics,
     seqs: &mut [Option<Sequence>],
+    caches: &mut [SlotCache],
+    cache: PromptCache,
     stall_limit: Duration,
 ) {
     for (id, slot) in seqs.iter_mut().enumerate() {
@@ -315,8 +554,27 @@ fn retire(
             if gone && !seq.finished {
                 metrics.cancelled_total.fetch_add(1, Relaxed);
             }
-            // Sequence ids are slot indices, far below u32::MAX.
-            let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+            if cache.enabled && !seq.poisoned {
+                // Only prompt tokens are kept: a generated token's KV was computed one token at
+                // a time, and llama.cpp's single-row kernels round differently from its batched
+                // ones, so a next turn reusing them would not answer byte for byte as a cold
+                // start does (measured on SmolLM2). The answer is read again with the new turn.
+                let kept = seq.n_past.min(seq.prompt_len);
+                if kept < seq.n_past {
+                    let _ = ctx.clear_kv_cache_seq(Some(id as u32), Some(kept as u32), None);
+                }
+                let mut tokens = std::mem::take(&mut seq.tokens);
+                tokens.truncate(kept);
+                caches[id].tokens = tokens;
+            } else {
+                // Sequence ids are slot indices, far below u32::MAX.
+                let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+                caches[id].tokens.clear();
+                if !caches[id].prefixes.is_empty() {
+                    caches[id].prefixes.clear();
+                    publish_prefixes(metrics, caches);
+                }
+            }
             *slot = None;
             metrics.slots_busy.fetch_sub(1, Relaxed);
         }
@@ -357,6 +615,8 @@ fn step(
             seq.next = Some(token);
             continue;
         }
+        seq.tokens.truncate(seq.n_past);
+        seq.tokens.push(token);
         seq.n_past += 1;
         budget -= 1;
         generated_tokens += 1;
@@ -365,16 +625,16 @@ fn step(
     }
     for (id, slot) in seqs.iter_mut().enumerate() {
         let Some(seq) = slot else { continue };
-        if seq.finished || seq.paused() || budget == 0 || seq.n_past >= seq.prompt.len() {
+        if seq.finished || seq.paused() || budget == 0 || seq.n_past >= seq.prompt_len {
             continue;
         }
-        let take = (seq.prompt.len() - seq.n_past).min(budget);
+        let take = (seq.prompt_len - seq.n_past).min(budget);
         let mut added = 0;
         for k in 0..take {
             let pos = seq.n_past + k;
-            let last = pos + 1 == seq.prompt.len();
+            let last = pos + 1 == seq.prompt_len;
             if batch
-                .add(seq.prompt[pos], pos as i32, &[id as i32], last)
+                .add(seq.tokens[pos], pos as i32, &[id as i32], last)
                 .is_err()
             {
                 break;
@@ -408,6 +668,7 @@ fn step(
         tracing::error!(error = %e, "llama_decode failed; failing the requests in this batch");
         for id in in_batch {
             if let Some(seq) = seqs[id].as_mut() {
+                seq.poisoned = true;
                 seq.fail(format!("decode failed: {e}"));
             }
         }
@@ -416,7 +677,10 @@ fn step(
     for (id, row) in to_sample {
         if let Some(seq) = seqs[id].as_mut() {
             let token = seq.sampler.sample(ctx, row);
-            seq.accept(token, model, ctx_per_seq, metrics);
+            let logprob = seq
+                .logprobs
+                .map(|top| token_logprob(ctx.get_logits_ith(row), token, top, model));
+            seq.accept(token, logprob, model, ctx_per_seq, metrics);
         }
     }
     true
@@ -429,8 +693,11 @@ mod tests {
     /// A sequence with `events` queued in its outbox, sending into `tx`.
     fn waiting(tx: mpsc::Sender<Event>, events: usize) -> Sequence {
         Sequence {
-            prompt: Vec::new(),
+            tokens: Vec::new(),
+            prompt_len: 0,
             n_past: 0,
+            cached: 0,
+            logprobs: None,
             next: None,
             max_tokens: 1,
             completion_tokens: 0,
@@ -439,8 +706,76 @@ mod tests {
             events: tx,
             outbox: (0..events).map(|i| Event::Text(i.to_string())).collect(),
             finished: false,
+            poisoned: false,
             stalled_since: None,
         }
+    }
+
+    fn tokens(ids: std::ops::Range<i32>) -> Vec<LlamaToken> {
+        ids.map(LlamaToken).collect()
+    }
+
+    fn slot(held: Vec<LlamaToken>, last_used: u64) -> SlotCache {
+        SlotCache {
+            tokens: held,
+            last_used,
+            prefixes: Vec::new(),
+        }
+    }
+
+    const CACHE: PromptCache = PromptCache {
+        enabled: true,
+        min_prefix: 4,
+    };
+
+    fn place(caches: &[SlotCache], prompt: &[LlamaToken], cache: PromptCache) -> Placement {
+        let seqs: Vec<Option<Sequence>> = caches.iter().map(|_| None).collect();
+        choose_slot(&seqs, caches, prompt, cache).unwrap()
+    }
+
+    #[test]
+    fn a_next_turn_extends_the_slot_holding_its_conversation() {
+        let caches = [slot(tokens(0..10), 2), slot(tokens(100..110), 1)];
+        let p = place(&caches, &tokens(0..15), CACHE);
+        assert_eq!((p.slot, p.keep, p.copy_from), (0, 10, None));
+        // The whole prompt cached: its last token is decoded again.
+        let p = place(&caches, &tokens(0..10), CACHE);
+        assert_eq!((p.slot, p.keep), (0, 9));
+    }
+
+    #[test]
+    fn a_shared_prefix_is_copied_into_an_empty_slot_rather_than_evicting() {
+        let mut other = tokens(0..6);
+        other.extend(tokens(50..60));
+        let caches = [slot(tokens(0..20), 1), slot(Vec::new(), 0)];
+        let p = place(&caches, &other, CACHE);
+        assert_eq!((p.slot, p.keep, p.copy_from), (1, 6, Some(0)));
+    }
+
+    #[test]
+    fn without_an_empty_slot_a_half_match_is_reused_and_a_small_one_is_not() {
+        let mut half = tokens(0..12);
+        half.extend(tokens(50..60));
+        let caches = [slot(tokens(0..20), 1), slot(tokens(200..210), 2)];
+        let p = place(&caches, &half, CACHE);
+        assert_eq!((p.slot, p.keep, p.copy_from), (0, 12, None));
+        // 6 of 20 shared: the least recently used slot is taken instead (slot 0 here, which
+        // keeps its 6 shared tokens anyway); with slot 1 older, slot 1 starts over.
+        let mut small = tokens(0..6);
+        small.extend(tokens(50..60));
+        let caches = [slot(tokens(0..20), 3), slot(tokens(200..210), 2)];
+        let p = place(&caches, &small, CACHE);
+        assert_eq!((p.slot, p.keep, p.copy_from), (1, 0, None));
+        // Fewer than min_prefix shared: nothing kept.
+        let p = place(&caches, &tokens(0..3), CACHE);
+        assert_eq!((p.slot, p.keep), (1, 0));
+        // The cache off: least recently used, nothing kept.
+        let off = PromptCache {
+            enabled: false,
+            ..CACHE
+        };
+        let p = place(&caches, &tokens(0..15), off);
+        assert_eq!((p.slot, p.keep, p.copy_from), (1, 0, None));
     }
 
     #[test]

@@ -29,7 +29,24 @@ pub struct GenerateJob {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub sampling: Sampling,
+    /// `Some(k)`: send a [`Event::Logprob`] for every generated token, with its `k` most likely
+    /// alternatives (0 to 20).
+    pub logprobs: Option<u8>,
+    /// The conversation's prefix hashes (`affinity::chain`), remembered with the slot's cache
+    /// and reported in `/health`; empty for a text completion.
+    pub prefixes: Vec<u64>,
     pub events: mpsc::Sender<Event>,
+}
+
+/// One generated token's log probability, and the most likely tokens at its position, from the
+/// model's distribution before sampling cuts (as OpenAI reports them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's bytes (a piece of a UTF-8 character for byte-fallback tokens).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(Vec<u8>, f32)>,
 }
 
 /// Why generation ended, as OpenAI's `finish_reason`.
@@ -48,13 +65,18 @@ impl Finish {
     }
 }
 
-/// What a generation request receives, in order: text deltas, then one `Done` or `Failed`.
+/// What a generation request receives, in order: text deltas (and, when asked for, one
+/// `Logprob` per generated token, each before the text it produced), then one `Done` or
+/// `Failed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Text(String),
+    Logprob(TokenLogprob),
     Done {
         finish: Finish,
         completion_tokens: u32,
+        /// Prompt tokens taken from the slot's KV cache rather than processed.
+        cached_tokens: u32,
     },
     Failed(String),
 }

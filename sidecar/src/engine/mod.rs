@@ -28,11 +28,11 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use tokio::sync::mpsc;
 
-use crate::config::{ModelSpec, Pooling, DEFAULT_QUEUE, DEFAULT_SLOTS};
+use crate::config::{ModelSpec, Pooling, DEFAULT_MIN_PREFIX, DEFAULT_QUEUE, DEFAULT_SLOTS};
 use crate::fetch;
 use crate::metrics::ModelMetrics;
 
-pub use self::job::{EmbedJob, Event, Finish, GenerateJob, Job, Sampling};
+pub use self::job::{EmbedJob, Event, Finish, GenerateJob, Job, Sampling, TokenLogprob};
 
 /// Default context per slot when the spec gives none (capped by what the model was trained on).
 const DEFAULT_CHAT_CTX: u32 = 4096;
@@ -207,7 +207,12 @@ fn serve_model(
         .with_n_threads_batch(threads)
         // One KV stream per slot, each `ctx_per_seq` long: a request that fits its slot can
         // never run out of cache because of its neighbours.
-        .with_kv_unified(false);
+        .with_kv_unified(false)
+        // Flash attention off (0 = LLAMA_FLASH_ATTN_TYPE_DISABLED): its CPU kernel rounds
+        // differently for a query batch read after a cached prefix than for the same rows in
+        // one batch, so a reused prefix would not answer byte for byte as a cold start (measured
+        // on SmolLM2; llama-cpp-python leaves it off too).
+        .with_flash_attention_policy(0);
     if let Some(pooling) = spec.pooling {
         ctx_params = ctx_params
             .with_embeddings(true)
@@ -233,12 +238,18 @@ fn serve_model(
     });
     metrics.slots_total.store(u64::from(slots), Relaxed);
     metrics.loaded.store(true, Relaxed);
+    let cache = generate::PromptCache {
+        enabled: spec.prompt_cache.unwrap_or(true),
+        min_prefix: spec.min_prefix.unwrap_or(DEFAULT_MIN_PREFIX).max(1) as usize,
+    };
     tracing::info!(
         model = %spec.alias,
         path = %spec.path.display(),
         ctx_per_seq,
         slots,
         threads,
+        prompt_cache = cache.enabled,
+        min_prefix = cache.min_prefix,
         "model loaded"
     );
 
@@ -250,6 +261,7 @@ fn serve_model(
             metrics,
             slots as usize,
             ctx_per_seq,
+            cache,
         ),
         Some(_) => embed::run(
             &mut ctx,

@@ -110,7 +110,12 @@ impl Forwarder {
             .collect();
         let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
         ctx.prompt_estimate = req.token_estimate(0);
-        let order = match balance::order(route, &states, up.health, estimate) {
+        let conversation = if route.prefix_affinity {
+            crate::routing::affinity::chain(&req.raw)
+        } else {
+            Vec::new()
+        };
+        let order = match balance::order(route, &states, up.health, estimate, &conversation) {
             Ok(order) => order,
             Err(none) => return Err(self.no_target(ctx, route, &none, up.metrics)),
         };
@@ -301,7 +306,7 @@ impl Forwarder {
             HeaderValue::from(ctx.attempts),
         ));
         let Some(failed) = last else {
-            let none = match balance::order(route, states, up.health, 0) {
+            let none = match balance::order(route, states, up.health, 0, &[]) {
                 Err(none) => none,
                 // Everything was available but busy with trials or quotas a moment ago.
                 Ok(_) => NoTarget {

@@ -7,6 +7,7 @@
 //! atomic loads only; the table itself is an `ArcSwap`'d map, swapped when providers change.
 
 pub mod circuit;
+pub mod prefixes;
 pub mod probe;
 pub mod quota;
 
@@ -89,6 +90,8 @@ pub struct ProviderHealth {
     pub quota_tokens_left: AtomicU64,
     /// The last probe's JSON answer, when it had one (a sidecar's models and slots).
     pub probe_detail: ArcSwapOption<serde_json::Value>,
+    /// The conversations its prompt cache holds (`prefix_affinity` routes).
+    pub prefixes: prefixes::HeldPrefixes,
     pub probing: AtomicBool,
     pub next_probe_at: AtomicU64,
     /// The provider's process was restarted (a supervised sidecar): the next healthy probe
@@ -180,6 +183,7 @@ impl ProviderHealth {
             quota_requests_left: AtomicU64::new(u64::MAX),
             quota_tokens_left: AtomicU64::new(u64::MAX),
             probe_detail: ArcSwapOption::empty(),
+            prefixes: prefixes::HeldPrefixes::default(),
             probing: AtomicBool::new(false),
             next_probe_at: AtomicU64::new(0),
             restarted: AtomicBool::new(false),

@@ -123,6 +123,7 @@ async fn probe_and_record(
             if let Some(detail) = detail {
                 let slots = sidecar_slots(&detail);
                 state.set_reported_slots(slots);
+                state.prefixes.set_reported(sidecar_prefixes(&detail));
                 state.probe_detail.store(Some(Arc::new(detail)));
             }
         }
@@ -240,9 +241,32 @@ fn sidecar_slots(detail: &serde_json::Value) -> u32 {
         .unwrap_or(0)
 }
 
+/// The conversation prefix hashes a sidecar's models' caches hold (16 hex digits each).
+fn sidecar_prefixes(detail: &serde_json::Value) -> Vec<u64> {
+    let Some(models) = detail["models"].as_object() else {
+        return Vec::new();
+    };
+    models
+        .values()
+        .filter_map(|m| m["prefixes"].as_array())
+        .flatten()
+        .filter_map(|h| h.as_str().and_then(|h| u64::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::sidecar_slots;
+    use super::{sidecar_prefixes, sidecar_slots};
+
+    #[test]
+    fn cached_prefixes_are_read_from_a_sidecar_health_answer() {
+        let detail = serde_json::json!({"status": "ok", "models": {
+            "a": {"slots_total": 4, "prefixes": ["00000000000000ff", "not hex"]},
+            "b": {"slots_total": 2, "prefixes": ["0000000000000001"]},
+            "e": {"slots_total": 1}}});
+        assert_eq!(sidecar_prefixes(&detail), vec![255, 1]);
+        assert!(sidecar_prefixes(&serde_json::json!({"data": []})).is_empty());
+    }
 
     #[test]
     fn slots_are_read_from_a_sidecar_health_answer() {
