@@ -21,8 +21,11 @@
 //! (passed to llama.cpp, default 0), `pooling` (`mean`, `cls`, `last` or `rank`: loads the model
 //! for `/v1/embeddings`, or `/v1/rerank` with `rank`), `sha256` (checked before loading),
 //! `prompt_cache` (keep each slot's KV cache after a request and reuse the longest matching
-//! prefix for the next one; default true) and `min_prefix` (the fewest shared tokens worth
-//! reusing, default 64: below it a request takes the least recently used slot and starts over).
+//! prefix for the next one; default true), `min_prefix` (the fewest shared tokens worth
+//! reusing, default 64: below it a request takes the least recently used slot and starts over)
+//! and `cache_generated` (keep the generated tokens' cache too, as llama-server does: a next
+//! turn skips re-reading the last answer, but its answer may differ from a cold start's in the
+//! last bits of a near tie; default false).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -84,6 +87,10 @@ pub struct ModelSpec {
     /// Fewest leading tokens a request must share with a slot's cache to reuse it (default 64).
     #[serde(default)]
     pub min_prefix: Option<u32>,
+    /// Keep generated tokens' KV cells too (faster next turns, not byte-identical to a cold
+    /// start; default false).
+    #[serde(default)]
+    pub cache_generated: Option<bool>,
 }
 
 pub const DEFAULT_SLOTS: u32 = 4;
@@ -144,6 +151,7 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
         sha256: None,
         prompt_cache: None,
         min_prefix: None,
+        cache_generated: None,
     };
     for kv in options.into_iter().flat_map(|o| o.split(',')) {
         let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
@@ -164,17 +172,22 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
             "pooling" => spec.pooling = Some(value.parse().map_err(bad)?),
             "sha256" => spec.sha256 = Some(value.to_string()),
             "min_prefix" => spec.min_prefix = Some(number(value)?),
-            "prompt_cache" => {
-                spec.prompt_cache = Some(match value {
+            "prompt_cache" | "cache_generated" => {
+                let on = match value {
                     "true" => true,
                     "false" => false,
-                    v => return Err(bad(format!("prompt_cache={v}: expected true or false"))),
-                })
+                    v => return Err(bad(format!("{key}={v}: expected true or false"))),
+                };
+                if key == "prompt_cache" {
+                    spec.prompt_cache = Some(on);
+                } else {
+                    spec.cache_generated = Some(on);
+                }
             }
             other => {
                 return Err(bad(format!(
                     "unknown option {other:?} (known: ctx, slots, queue, threads, gpu_layers, \
-                     pooling, sha256, prompt_cache, min_prefix)"
+                     pooling, sha256, prompt_cache, min_prefix, cache_generated)"
                 )))
             }
         }
@@ -245,6 +258,8 @@ mod tests {
         let m = parse_model_flag("c=m.gguf:prompt_cache=false,min_prefix=8").unwrap();
         assert_eq!((m.prompt_cache, m.min_prefix), (Some(false), Some(8)));
         assert!(parse_model_flag("c=m.gguf:prompt_cache=yes").is_err());
+        let m = parse_model_flag("c=m.gguf:cache_generated=true").unwrap();
+        assert_eq!(m.cache_generated, Some(true));
     }
 
     #[test]

@@ -180,3 +180,19 @@ fn a_repeated_prompt_reuses_all_but_its_last_token_and_streams_the_same_text() {
     );
     assert_eq!(cached(&other), 0);
 }
+
+#[test]
+fn cache_generated_keeps_the_answer_for_the_next_turn() {
+    // By default a next turn reads the last answer again (byte-identical answers); with
+    // cache_generated the answer's cells are kept, as llama-server keeps them.
+    for (opts, answer_cached) in [("", false), (",cache_generated=true", true)] {
+        let s = tiny(&format!("ctx=1024,slots=1,min_prefix=16{opts}"));
+        let turns = conversation(&s, "rivers", "Hello");
+        let prompt = turns[1]["usage"]["prompt_tokens"].as_u64().unwrap();
+        // Turn 2 adds the 12-token answer and 33 tokens of new turn; with the answer cached,
+        // only the new turn and the answer's last token (sampled, never fed) are read.
+        let uncached = prompt - cached(&turns[1]);
+        let expected = if answer_cached { 34 } else { 45 };
+        assert_eq!(uncached, expected, "{opts}: {uncached} of {prompt} read");
+    }
+}

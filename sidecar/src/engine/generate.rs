@@ -61,6 +61,8 @@ fn stall_limit() -> Duration {
 pub(super) struct PromptCache {
     pub enabled: bool,
     pub min_prefix: usize,
+    /// Keep the generated tokens' cells too (`cache_generated`; see `retire`).
+    pub keep_generated: bool,
 }
 
 /// What a free slot's KV cache holds, kept between requests.
@@ -555,11 +557,16 @@ fn retire(
                 metrics.cancelled_total.fetch_add(1, Relaxed);
             }
             if cache.enabled && !seq.poisoned {
-                // Only prompt tokens are kept: a generated token's KV was computed one token at
-                // a time, and llama.cpp's single-row kernels round differently from its batched
-                // ones, so a next turn reusing them would not answer byte for byte as a cold
-                // start does (measured on SmolLM2). The answer is read again with the new turn.
-                let kept = seq.n_past.min(seq.prompt_len);
+                // Only prompt tokens are kept unless `cache_generated`: a generated token's KV
+                // was computed one token at a time, and llama.cpp's single-row kernels round
+                // differently from its batched ones, so a next turn reusing them would not
+                // answer byte for byte as a cold start does (measured on SmolLM2). The answer
+                // is read again with the new turn instead.
+                let kept = if cache.keep_generated {
+                    seq.n_past
+                } else {
+                    seq.n_past.min(seq.prompt_len)
+                };
                 if kept < seq.n_past {
                     let _ = ctx.clear_kv_cache_seq(Some(id as u32), Some(kept as u32), None);
                 }
@@ -726,6 +733,7 @@ mod tests {
     const CACHE: PromptCache = PromptCache {
         enabled: true,
         min_prefix: 4,
+        keep_generated: false,
     };
 
     fn place(caches: &[SlotCache], prompt: &[LlamaToken], cache: PromptCache) -> Placement {

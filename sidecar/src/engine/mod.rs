@@ -241,6 +241,7 @@ fn serve_model(
     let cache = generate::PromptCache {
         enabled: spec.prompt_cache.unwrap_or(true),
         min_prefix: spec.min_prefix.unwrap_or(DEFAULT_MIN_PREFIX).max(1) as usize,
+        keep_generated: spec.cache_generated.unwrap_or(false),
     };
     tracing::info!(
         model = %spec.alias,
