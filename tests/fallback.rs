@@ -746,3 +746,41 @@ routes:
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_affinity_remembers_the_target_that_answered_not_the_one_that_failed() {
+    // `a` always fails (503, retried on `b`). The conversation's first turn is answered by
+    // `b`, so its next turn must go straight to `b`: had `a` been remembered as holding it
+    // (it was first in line), every turn would pay a failed attempt on `a` first.
+    let (ma, mb) = (MockUpstream::start(), MockUpstream::start());
+    let yaml = format!(
+        r#"{}routes:
+  - model: chat
+    prefix_affinity: true
+    targets: [ {{ provider: a, model: status-503 }}, {{ provider: b, model: up }} ]
+"#,
+        providers(&[&ma, &mb], "")
+    );
+    let lumen = Lumen::start(&yaml);
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    let mut messages = vec![
+        json!({"role": "system", "content": "You answer questions about the sea."}),
+        json!({"role": "user", "content": "Why is it salty?"}),
+    ];
+    for turn in 0..4 {
+        let r = c
+            .post_json(
+                "/v1/chat/completions",
+                &[],
+                &json!({"model": "chat", "messages": messages}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-lumen-provider"), Some("b"));
+        // Only the first turn tried `a` (first in line, holding nothing yet).
+        assert_eq!(ma.requests().len(), 1, "turn {turn}");
+        messages.push(r.json()["choices"][0]["message"].clone());
+        messages.push(json!({"role": "user", "content": format!("And then? {turn}")}));
+    }
+}

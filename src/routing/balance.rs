@@ -48,7 +48,8 @@ pub struct TargetState {
 /// The available targets of `route` in the order to try them (indexes into `route.targets`).
 /// `states[i]` is the health of `route.targets[i]`. `conversation` is the request's prefix hash
 /// chain (`affinity`), empty unless the route has `prefix_affinity`: the target with room that
-/// holds the longest prefix of it goes first, and is remembered as holding all of it.
+/// holds the longest prefix of it goes first. (The target that answers is remembered as
+/// holding all of it, by the forwarding loop when it commits.)
 pub fn order(
     route: &Route,
     states: &[TargetState],
@@ -105,11 +106,8 @@ pub fn order(
     let turn = route.turn.fetch_add(1, Relaxed);
     arrange(route, states, turn, &mut ready);
     arrange(route, states, turn, &mut full);
-    if let Some(&whole) = conversation.last() {
+    if !conversation.is_empty() {
         prefer_holder(states, conversation, &mut ready);
-        if let Some(&first) = ready.first().or(full.first()) {
-            states[first].provider.prefixes.note_sent(whole);
-        }
     }
     ready.extend(full);
     Ok(ready)

@@ -242,6 +242,11 @@ impl Forwarder {
             }
             match attempt {
                 Attempt::Committed { label, result } => {
+                    // This target read the conversation: its next turn should come back here
+                    // (not to a target that was tried first and failed).
+                    if let Some(&whole) = conversation.last() {
+                        state.provider.prefixes.note_sent(whole);
+                    }
                     if label == "ok" {
                         let series = provider
                             .series
