@@ -193,6 +193,9 @@ pub struct LlmRequest {
     pub dropped: Vec<&'static str>,
     /// A token counting request: answered with the prompt's size, never forwarded.
     pub counting: bool,
+    /// The prompt's tokens as the target's own tokenizer counted them (a sidecar target; see
+    /// `upstream::tokenize`); `None`: estimated from the body's size.
+    pub prompt_tokens: Option<u64>,
     /// The stored conversation a Responses request continues (its items, before its input).
     pub history: Option<Arc<Vec<serde_json::Value>>>,
     /// Why a Responses request cannot be translated for a chat completions target (a built-in
@@ -201,11 +204,14 @@ pub struct LlmRequest {
 }
 
 impl LlmRequest {
-    /// Tokens to reserve before forwarding: the prompt estimated from the body's size (about
-    /// four bytes a token, an over-estimate for JSON), plus the completion budget
+    /// Tokens to reserve before forwarding: the prompt (counted by the target's tokenizer when
+    /// it could be, else estimated from the body's size: about four bytes a token, an
+    /// over-estimate for JSON with a cloud tokenizer), plus the completion budget
     /// (`max_tokens`, or `default_completion` when the client set none).
     pub fn token_estimate(&self, default_completion: u64) -> u64 {
-        let prompt = (self.raw.len() as u64).div_ceil(4);
+        let prompt = self
+            .prompt_tokens
+            .unwrap_or_else(|| (self.raw.len() as u64).div_ceil(4));
         let completion = match self.endpoint {
             Endpoint::Embeddings | Endpoint::Rerank => 0,
             Endpoint::ChatCompletions
@@ -343,6 +349,7 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         original: None,
         dropped: Vec::new(),
         counting: false,
+        prompt_tokens: None,
         history: None,
         untranslatable: None,
     })

@@ -508,3 +508,75 @@ routes:
         assert!(prefixes.iter().all(|h| h.as_str().unwrap().len() == 16));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_route_counts_and_reserves_the_prompt_with_the_models_own_tokenizer() {
+    // The tiny model reads one token per character, so the estimate from the body's size (about
+    // four bytes a token) is far below the real count: the reservation and the count endpoint
+    // must use the sidecar's count, not the estimate.
+    let models = Dir::new("lumen-models");
+    let model = tiny_model(&models);
+    let port = free_port();
+    let lumen = Lumen::start(&format!(
+        r#"
+keys:
+  - {{ id: roomy, key: "sk-roomy", limits: {{ tokens_per_minute: 10000 }} }}
+  - {{ id: tight, key: "sk-tight", limits: {{ tokens_per_minute: 400 }} }}
+providers:
+  local:
+    base_url: "http://127.0.0.1:{port}/v1"
+    timeout: 60s
+    spawn: {{ model: "{model}", alias: tiny, options: "ctx=1024,slots=2" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: local, model: tiny }} ] }}
+"#
+    ));
+    wait_for_local(&lumen, |local| {
+        local["probe"]["state"] == "healthy"
+            && local["capacity"] == 2
+            && local["models"][0]["available"] == "yes"
+    })
+    .await;
+    let text = "Tell me about the tides and the moon. ".repeat(16);
+    let body = json!({"model": "fast", "temperature": 0, "max_tokens": 8,
+                      "messages": [{"role": "user", "content": text}]});
+    let estimate = (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4);
+
+    let roomy = [("authorization", "Bearer sk-roomy")];
+    let mut c = Client::connect(lumen.addr).await.unwrap();
+    let r = c
+        .post_json("/v1/chat/completions", &roomy, &body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lumen.log());
+    let prompt = r.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt > estimate * 2,
+        "{prompt} tokens, estimate {estimate}"
+    );
+    // Reserved: the real prompt plus max_tokens.
+    let remaining: u64 = r
+        .header("x-ratelimit-remaining-tokens")
+        .expect("token headers")
+        .parse()
+        .unwrap();
+    assert_eq!(10000 - remaining, prompt + 8);
+
+    // The counting endpoint answers the sidecar's count of the chat it would send.
+    let count = json!({"model": "fast", "input": text});
+    let r = c
+        .post_json("/v1/responses/input_tokens", &roomy, &count)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["input_tokens"], prompt);
+
+    // A budget the estimate fits in but the real prompt does not: refused before the sidecar.
+    let tight = [("authorization", "Bearer sk-tight")];
+    assert!(estimate + 8 < 400);
+    let r = c
+        .post_json("/v1/chat/completions", &tight, &body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 429, "{}", r.text());
+}

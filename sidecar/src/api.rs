@@ -232,6 +232,23 @@ pub struct PlainMessage {
     pub content: String,
 }
 
+/// Puts the tools' instructions into the system message (after the operator's own text, if
+/// any), as a chat with tools is rendered.
+pub fn instruct(messages: &mut Vec<PlainMessage>, plan: &tools::Plan) {
+    match messages.first_mut() {
+        Some(first) if first.role == "system" => {
+            first.content = format!("{}\n\n{}", first.content, plan.instructions);
+        }
+        _ => messages.insert(
+            0,
+            PlainMessage {
+                role: "system".into(),
+                content: plan.instructions.clone(),
+            },
+        ),
+    }
+}
+
 /// Text parts are joined; other parts (images, audio) are refused: these models read text only.
 /// Roles are checked (`developer` is read as `system`, OpenAI's newer name for it); an
 /// assistant turn's tool calls and `tool` turns are written as [`tools`] describes.

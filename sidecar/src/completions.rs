@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::affinity;
-use crate::api::{self, ChatRequest, CompletionRequest, Generation, PlainMessage, Prompt};
+use crate::api::{self, ChatRequest, CompletionRequest, Generation, Prompt};
 use crate::app::{blocking, App};
 use crate::engine::{Event, Finish, GenerateJob, Job, TokenLogprob};
 use crate::error::ApiError;
@@ -50,47 +50,38 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
 }
 
 async fn chat_response(app: Arc<App>, body: Bytes) -> Result<Response, ApiError> {
-    let req: ChatRequest = api::parse(&body)?;
+    let mut req: ChatRequest = api::parse(&body)?;
     // The model is looked up first so an unknown model is a 404 whatever else is wrong.
     let model = app.generation_model(&req.model)?.1.model.clone();
     let mut generation = api::generation(&req.fields, app.fresh_seed())?;
     let logprobs = req.logprobs()?;
     let mut messages = api::plain_messages(&req.messages)?;
     let prefixes = affinity::chain(&req.messages);
-    let plan = tools::plan(
-        req.tools.as_deref(),
-        req.tool_choice.as_ref(),
-        req.parallel_tool_calls.unwrap_or(true),
-    )?;
-    if let Some(plan) = &plan {
-        if generation.sampling.grammar.is_some() {
-            return Err(ApiError::InvalidParam {
-                param: "response_format",
-                message: "response_format cannot be combined with tools unless tool_choice is \
-                          \"none\""
-                    .into(),
-            });
-        }
-        generation.sampling.grammar = Some(plan.grammar.clone());
-        // The tools go into the system message (after the operator's own text, if any).
-        match messages.first_mut() {
-            Some(first) if first.role == "system" => {
-                first.content = format!("{}\n\n{}", first.content, plan.instructions);
+    let formatted = generation.sampling.grammar.is_some();
+    let (tool_defs, choice) = (req.tools.take(), req.tool_choice.take());
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
+    // The tools' grammar (llama.cpp's schema converter, over client-given schemas) and the
+    // template are CPU work: done off the async threads.
+    let (plan, tokens) = blocking(move || {
+        let plan = tools::plan(tool_defs.as_deref(), choice.as_ref(), parallel)?;
+        if let Some(plan) = &plan {
+            if formatted {
+                return Err(ApiError::InvalidParam {
+                    param: "response_format",
+                    message: "response_format cannot be combined with tools unless tool_choice \
+                              is \"none\""
+                        .into(),
+                });
             }
-            _ => messages.insert(
-                0,
-                PlainMessage {
-                    role: "system".into(),
-                    content: plan.instructions.clone(),
-                },
-            ),
+            api::instruct(&mut messages, plan);
         }
-    }
-    let tokens = blocking(move || {
         let text = prompt::render_chat(&model, &messages)?;
-        Ok(prompt::tokenize(&model, &text, true))
+        Ok((plan, prompt::tokenize(&model, &text, true)))
     })
     .await?;
+    if let Some(plan) = &plan {
+        generation.sampling.grammar = Some(plan.grammar.clone());
+    }
     let options = Options {
         kind: Kind::Chat,
         default_max_tokens: None,

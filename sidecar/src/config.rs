@@ -25,7 +25,9 @@
 //! reusing, default 64: below it a request takes the least recently used slot and starts over)
 //! and `cache_generated` (keep the generated tokens' cache too, as llama-server does: a next
 //! turn skips re-reading the last answer, but its answer may differ from a cold start's in the
-//! last bits of a near tie; default false).
+//! last bits of a near tie; default false) and `prompt_cache_ram` (host memory for slot caches
+//! that another conversation evicted, so their conversation's next turn is restored instead of
+//! read again: bytes, or with a unit such as `512MiB` or `2GiB`; default 0, none).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -91,6 +93,52 @@ pub struct ModelSpec {
     /// start; default false).
     #[serde(default)]
     pub cache_generated: Option<bool>,
+    /// Host memory for evicted slot caches (default none).
+    #[serde(default)]
+    pub prompt_cache_ram: Option<Bytes>,
+}
+
+/// A size in bytes, written as a whole number or with a binary unit (`KiB`, `MiB`, `GiB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub usize);
+
+impl std::str::FromStr for Bytes {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let units = [
+            ("GiB", 1usize << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+            ("B", 1),
+        ];
+        let (digits, factor) = units
+            .iter()
+            .find_map(|&(unit, f)| text.strip_suffix(unit).map(|d| (d.trim_end(), f)))
+            .unwrap_or((text, 1));
+        digits
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_mul(factor))
+            .map(Bytes)
+            .ok_or_else(|| format!("{text:?} is not a size such as 536870912 or 512MiB"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A YAML number or a string with a unit.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Number(usize),
+            Text(String),
+        }
+        match Written::deserialize(d)? {
+            Written::Number(n) => Ok(Bytes(n)),
+            Written::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 pub const DEFAULT_SLOTS: u32 = 4;
@@ -152,6 +200,7 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
         prompt_cache: None,
         min_prefix: None,
         cache_generated: None,
+        prompt_cache_ram: None,
     };
     for kv in options.into_iter().flat_map(|o| o.split(',')) {
         let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
@@ -172,6 +221,9 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
             "pooling" => spec.pooling = Some(value.parse().map_err(bad)?),
             "sha256" => spec.sha256 = Some(value.to_string()),
             "min_prefix" => spec.min_prefix = Some(number(value)?),
+            "prompt_cache_ram" => {
+                spec.prompt_cache_ram = Some(value.parse().map_err(|e| bad(format!("{key}: {e}")))?)
+            }
             "prompt_cache" | "cache_generated" => {
                 let on = match value {
                     "true" => true,
@@ -187,7 +239,8 @@ pub fn parse_model_flag(flag: &str) -> Result<ModelSpec, ConfigError> {
             other => {
                 return Err(bad(format!(
                     "unknown option {other:?} (known: ctx, slots, queue, threads, gpu_layers, \
-                     pooling, sha256, prompt_cache, min_prefix, cache_generated)"
+                     pooling, sha256, prompt_cache, min_prefix, cache_generated, \
+                     prompt_cache_ram)"
                 )))
             }
         }
@@ -260,6 +313,13 @@ mod tests {
         assert!(parse_model_flag("c=m.gguf:prompt_cache=yes").is_err());
         let m = parse_model_flag("c=m.gguf:cache_generated=true").unwrap();
         assert_eq!(m.cache_generated, Some(true));
+        let m = parse_model_flag("c=m.gguf:prompt_cache_ram=512MiB").unwrap();
+        assert_eq!(m.prompt_cache_ram, Some(Bytes(512 << 20)));
+        let err = parse_model_flag("c=m.gguf:prompt_cache_ram=lots").unwrap_err();
+        assert!(err.to_string().contains("not a size"), "{err}");
+        assert_eq!("2 GiB".parse(), Ok(Bytes(2 << 30)));
+        assert_eq!("4096".parse(), Ok(Bytes(4096)));
+        assert!("99999999999999999999GiB".parse::<Bytes>().is_err());
     }
 
     #[test]
@@ -290,6 +350,12 @@ mod tests {
             .unwrap();
         assert_eq!(ok.models[0].pooling, Some(Pooling::Mean));
         assert_eq!(ok.models[0].slots, Some(2));
+        let ram = parse_file(
+            "models:\n  - { alias: c, path: m.gguf, prompt_cache_ram: 1GiB }\n  - { alias: d, path: m.gguf, prompt_cache_ram: 1024 }\n",
+        )
+        .unwrap();
+        assert_eq!(ram.models[0].prompt_cache_ram, Some(Bytes(1 << 30)));
+        assert_eq!(ram.models[1].prompt_cache_ram, Some(Bytes(1024)));
         assert!(parse_file("models:\n  - { alias: e, path: m.gguf, slot: 2 }\n").is_err());
     }
 

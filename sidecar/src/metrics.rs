@@ -35,6 +35,17 @@ pub struct ModelMetrics {
     pub prompt_tokens_cached_total: AtomicU64,
     /// Times a slot's cache was copied into an empty slot for a request sharing its prefix.
     pub prompt_cache_copies_total: AtomicU64,
+    /// Answer tokens read again into a free slot's cache while the engine was idle.
+    pub prompt_cache_refilled_total: AtomicU64,
+    /// Answer tokens waiting to be read again (a gauge).
+    pub prompt_cache_refill_pending: AtomicU64,
+    /// Evicted slot caches saved to host memory (`prompt_cache_ram`), and saved caches put
+    /// back into a slot for a request that continues them.
+    pub prompt_cache_saves_total: AtomicU64,
+    pub prompt_cache_restores_total: AtomicU64,
+    /// Bytes and entries the host-memory prompt cache holds now.
+    pub prompt_cache_ram_bytes: AtomicU64,
+    pub prompt_cache_ram_entries: AtomicU64,
     pub completion_tokens_total: AtomicU64,
     /// Engine time spent on prompt tokens and on generated tokens; a decode step that carries
     /// both is split in proportion to its token counts.
@@ -160,6 +171,42 @@ pub fn render<'a>(models: impl Iterator<Item = (&'a str, &'a ModelMetrics)> + Cl
         "counter",
         "Slot caches copied into an empty slot for a request sharing their prefix.",
         &|m| get(&m.prompt_cache_copies_total),
+    );
+    family(
+        "lumen_llama_prompt_cache_refilled_total",
+        "counter",
+        "Answer tokens read again into a free slot's cache while idle, for the next turn.",
+        &|m| get(&m.prompt_cache_refilled_total),
+    );
+    family(
+        "lumen_llama_prompt_cache_refill_pending",
+        "gauge",
+        "Answer tokens waiting to be read again while idle.",
+        &|m| get(&m.prompt_cache_refill_pending),
+    );
+    family(
+        "lumen_llama_prompt_cache_saves_total",
+        "counter",
+        "Evicted slot caches saved to host memory (prompt_cache_ram).",
+        &|m| get(&m.prompt_cache_saves_total),
+    );
+    family(
+        "lumen_llama_prompt_cache_restores_total",
+        "counter",
+        "Slot caches restored from host memory for a request continuing them.",
+        &|m| get(&m.prompt_cache_restores_total),
+    );
+    family(
+        "lumen_llama_prompt_cache_ram_bytes",
+        "gauge",
+        "Bytes of KV cache held in host memory (prompt_cache_ram).",
+        &|m| get(&m.prompt_cache_ram_bytes),
+    );
+    family(
+        "lumen_llama_prompt_cache_ram_entries",
+        "gauge",
+        "Evicted prompts held in host memory (prompt_cache_ram).",
+        &|m| get(&m.prompt_cache_ram_entries),
     );
     family(
         "lumen_llama_completion_tokens_total",

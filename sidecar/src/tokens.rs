@@ -3,8 +3,9 @@
 //!
 //! `/tokenize` takes `content` (text, tokenized as `/v1/completions` would) or `messages` (a
 //! chat, rendered through the model's template as `/v1/chat/completions` would, so the count is
-//! the `prompt_tokens` that request would report) and answers `{"tokens":[…],"count":n}`, with
-//! `"pieces"` when `with_pieces` is true. `/detokenize` takes `tokens` and answers `{"content"}`.
+//! the `prompt_tokens` that request would report; its `tools`, `tool_choice` and
+//! `parallel_tool_calls` are counted as that request renders them) and answers `{"tokens":[…],"count":n}`, with
+//! `"pieces"` when `with_pieces` is true (and without `"tokens"` when `with_tokens` is false). `/detokenize` takes `tokens` and answers `{"content"}`.
 //! `model` may be left out when the server has one generation model.
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use crate::app::{blocking, App};
 use crate::engine::Capability;
 use crate::error::ApiError;
 use crate::prompt;
+use crate::tools::{self, Tool, ToolChoice};
 
 /// Most tokens `/detokenize` takes in one request.
 const MAX_DETOKENIZE: usize = 1 << 20;
@@ -34,11 +36,21 @@ struct TokenizeRequest {
     content: Option<String>,
     #[serde(default)]
     messages: Option<Vec<ChatMessage>>,
+    /// With `messages`: the chat's tools, counted as the chat request renders them.
+    #[serde(default)]
+    tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
     /// BOS and the like, as the model's tokenizer adds them (default true, as completions do).
     #[serde(default)]
     add_special: Option<bool>,
     #[serde(default)]
     with_pieces: Option<bool>,
+    /// `false`: the count alone, without the token ids (what the gateway asks for).
+    #[serde(default)]
+    with_tokens: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,17 +113,27 @@ async fn tokenize_response(app: Arc<App>, body: Bytes) -> Result<Response, ApiEr
     };
     let add_special = req.add_special.unwrap_or(true);
     let with_pieces = req.with_pieces.unwrap_or(false);
+    let with_tokens = req.with_tokens.unwrap_or(true);
+    let (tool_defs, choice) = (req.tools, req.tool_choice);
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
     blocking(move || {
         let tokens = match (text, messages) {
             (Some(t), _) => prompt::tokenize(&model, &t, add_special),
-            (None, Some(m)) => {
+            (None, Some(mut m)) => {
+                // Tools are rendered into the prompt as the chat request renders them.
+                if let Some(plan) = tools::plan(tool_defs.as_deref(), choice.as_ref(), parallel)? {
+                    api::instruct(&mut m, &plan);
+                }
                 let rendered = prompt::render_chat(&model, &m)?;
                 prompt::tokenize(&model, &rendered, true)
             }
             (None, None) => Vec::new(),
         };
         let ids: Vec<i32> = tokens.iter().map(|t| t.0).collect();
-        let mut out = json!({"tokens": ids, "count": ids.len()});
+        let mut out = json!({"count": ids.len()});
+        if with_tokens {
+            out["tokens"] = json!(ids);
+        }
         if with_pieces {
             let vocab = model.vocab();
             let pieces: Vec<String> = tokens

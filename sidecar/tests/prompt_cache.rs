@@ -6,6 +6,7 @@ use lumen_test_support::openai::message_content;
 use lumen_test_support::sidecar::{tiny_chat_model, Sidecar};
 use lumen_test_support::sse::read_chat_stream;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 fn tiny(opts: &str) -> Sidecar {
     Sidecar::start(&[
@@ -182,17 +183,145 @@ fn a_repeated_prompt_reuses_all_but_its_last_token_and_streams_the_same_text() {
 }
 
 #[test]
-fn cache_generated_keeps_the_answer_for_the_next_turn() {
-    // By default a next turn reads the last answer again (byte-identical answers); with
-    // cache_generated the answer's cells are kept, as llama-server keeps them.
-    for (opts, answer_cached) in [("", false), (",cache_generated=true", true)] {
+fn the_answer_is_read_again_while_idle_so_the_next_turn_finds_it_cached() {
+    // An answer's cells, generated one token at a time, are dropped (they would not give a
+    // cold start's answer); while the engine is idle the answer is read again as a batch, so
+    // the next turn finds it cached anyway. `cache_generated` keeps the generated cells
+    // instead, as llama-server does. A turn sent before the refill ends reads the answer with
+    // its prompt, as without it.
+    for (opts, refilled) in [("", 11.0), (",cache_generated=true", 0.0)] {
         let s = tiny(&format!("ctx=1024,slots=1,min_prefix=16{opts}"));
-        let turns = conversation(&s, "rivers", "Hello");
-        let prompt = turns[1]["usage"]["prompt_tokens"].as_u64().unwrap();
-        // Turn 2 adds the 12-token answer and 33 tokens of new turn; with the answer cached,
-        // only the new turn and the answer's last token (sampled, never fed) are read.
-        let uncached = prompt - cached(&turns[1]);
-        let expected = if answer_cached { 34 } else { 45 };
-        assert_eq!(uncached, expected, "{opts}: {uncached} of {prompt} read");
+        let mut messages = vec![json!({"role": "system", "content": system("rivers")})];
+        messages.push(json!({"role": "user", "content": "Hello"}));
+        let first = ask(&s, &Value::Array(messages.clone()), json!({}));
+        assert_eq!(first["usage"]["completion_tokens"], 12);
+        // 12 tokens generated, 11 fed back (the last one is never decoded): 11 read again.
+        assert!(
+            s.eventually(Duration::from_secs(10), |s| {
+                s.metric("lumen_llama_prompt_cache_refilled_total", "tiny", None) == refilled
+            }),
+            "{opts}: refilled {}",
+            s.metric("lumen_llama_prompt_cache_refilled_total", "tiny", None)
+        );
+        messages.push(json!({"role": "assistant", "content": message_content(&first)}));
+        messages.push(json!({"role": "user", "content": "Tell me more"}));
+        let second = ask(&s, &Value::Array(messages), json!({}));
+        let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+        // Only the new turn (33 tokens) and the answer's last token are read.
+        assert_eq!(prompt - cached(&second), 34, "{opts}: of {prompt}");
+        // Reading again happens only while idle, and never counts as a request's prompt.
+        assert_eq!(
+            s.metric("lumen_llama_prompt_tokens_total", "tiny", None) as u64
+                + cached(&first)
+                + cached(&second),
+            first["usage"]["prompt_tokens"].as_u64().unwrap() + prompt
+        );
     }
+}
+
+#[test]
+fn a_conversation_evicted_from_its_slot_is_restored_from_host_memory() {
+    // One slot, two conversations taking turns: each turn evicts the other conversation. With
+    // prompt_cache_ram the evicted cache is saved and restored for its next turn; the answers
+    // stay those of a cold start.
+    let ram = tiny("ctx=1024,slots=1,min_prefix=32,prompt_cache_ram=64MiB");
+    let none = tiny("ctx=1024,slots=1,min_prefix=32");
+    let cold = tiny("ctx=1024,slots=1,prompt_cache=false");
+    let topics = ["trains", "cheese"];
+    let mut histories: Vec<Vec<Value>> = topics
+        .iter()
+        .map(|t| vec![json!({"role": "system", "content": system(t)})])
+        .collect();
+    let system_tokens = system("trains").len() as u64;
+    for (round, turn) in ["Hi", "And then?", "Go on"].iter().enumerate() {
+        for h in histories.iter_mut() {
+            h.push(json!({"role": "user", "content": turn}));
+            let messages = Value::Array(h.clone());
+            let (r, n, c) = (
+                ask(&ram, &messages, json!({})),
+                ask(&none, &messages, json!({})),
+                ask(&cold, &messages, json!({})),
+            );
+            assert_eq!(message_content(&r), message_content(&c), "round {round}");
+            assert_eq!(message_content(&n), message_content(&c), "round {round}");
+            if round > 0 {
+                assert!(
+                    cached(&r) > system_tokens,
+                    "round {round}: {} restored",
+                    cached(&r)
+                );
+                // Without host memory only the few tokens both system prompts start with.
+                assert!(
+                    cached(&n) < system_tokens / 2,
+                    "round {round}: {} kept without prompt_cache_ram",
+                    cached(&n)
+                );
+            }
+            h.push(json!({"role": "assistant", "content": message_content(&r)}));
+        }
+    }
+    // Every turn but the first evicted the other conversation; every turn after round 0
+    // restored its own.
+    assert_eq!(
+        ram.metric("lumen_llama_prompt_cache_restores_total", "tiny", None),
+        4.0
+    );
+    assert_eq!(
+        ram.metric("lumen_llama_prompt_cache_saves_total", "tiny", None),
+        5.0
+    );
+    // The entry restored last left host memory; the other conversation's is there.
+    assert_eq!(
+        ram.metric("lumen_llama_prompt_cache_ram_entries", "tiny", None),
+        1.0
+    );
+    assert!(ram.metric("lumen_llama_prompt_cache_ram_bytes", "tiny", None) > 0.0);
+    assert_eq!(
+        none.metric("lumen_llama_prompt_cache_saves_total", "tiny", None),
+        0.0
+    );
+}
+
+#[test]
+fn host_memory_is_bounded_least_recently_saved_out_first() {
+    // A budget that holds one evicted conversation: three conversations on one slot leave
+    // only the most recently evicted one in host memory.
+    let s = tiny("ctx=1024,slots=1,min_prefix=32,prompt_cache_ram=64MiB");
+    let topics = ["ships", "ducks", "kites"];
+    for t in topics {
+        let messages =
+            json!([{"role": "system", "content": system(t)}, {"role": "user", "content": "Hi"}]);
+        ask(&s, &messages, json!({}));
+    }
+    let entry_bytes = s.metric("lumen_llama_prompt_cache_ram_bytes", "tiny", None)
+        / s.metric("lumen_llama_prompt_cache_ram_entries", "tiny", None);
+    assert_eq!(
+        s.metric("lumen_llama_prompt_cache_ram_entries", "tiny", None),
+        2.0
+    );
+    drop(s);
+    // Now a budget of one and a half entries.
+    let budget = (entry_bytes * 1.5) as u64;
+    let s = tiny(&format!(
+        "ctx=1024,slots=1,min_prefix=32,prompt_cache_ram={budget}"
+    ));
+    for t in topics {
+        let messages =
+            json!([{"role": "system", "content": system(t)}, {"role": "user", "content": "Hi"}]);
+        ask(&s, &messages, json!({}));
+    }
+    assert_eq!(
+        s.metric("lumen_llama_prompt_cache_ram_entries", "tiny", None),
+        1.0
+    );
+    assert!(s.metric("lumen_llama_prompt_cache_ram_bytes", "tiny", None) <= budget as f64);
+    // The newest evicted ("ducks") is restored; the oldest ("ships") starts over but for the
+    // shared opening.
+    let back = |t: &str| {
+        let messages =
+            json!([{"role": "system", "content": system(t)}, {"role": "user", "content": "Hi"}]);
+        cached(&ask(&s, &messages, json!({})))
+    };
+    assert!(back("ducks") > system("ducks").len() as u64);
+    assert!(back("ships") < system("ships").len() as u64 / 2);
 }

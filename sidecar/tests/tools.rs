@@ -169,26 +169,49 @@ fn a_named_tool_and_no_parallel_calls_are_honoured() {
 
 #[test]
 fn auto_answers_either_text_or_calls_never_raw_json() {
+    // With `auto` the grammar allows an answer or calls. Sampled over several seeds, the random
+    // tiny model takes both ways; each answer must be one well-formed shape or the other.
     let s = tiny();
-    let req = body(
-        json!([{"role": "user", "content": "Hi"}]),
-        json!({"tools": weather_tool(), "max_tokens": 60}),
-    );
-    let r = post_ok(&s, &req);
-    let msg = &r["choices"][0]["message"];
-    match msg.get("tool_calls") {
-        Some(calls) => {
-            assert!(!calls.as_array().unwrap().is_empty());
-            assert_eq!(msg["content"], Value::Null);
-        }
-        None => {
-            let text = msg["content"].as_str().unwrap();
-            assert!(
-                !text.starts_with("{\"response\""),
-                "the JSON wrapper is removed: {text:?}"
-            );
+    let (mut texts, mut calls) = (0, 0);
+    for seed in 0..12 {
+        let req = body(
+            json!([{"role": "user", "content": "Hi"}]),
+            json!({"tools": weather_tool(), "max_tokens": 200, "temperature": 1.0, "seed": seed}),
+        );
+        let r = post_ok(&s, &req);
+        let choice = &r["choices"][0];
+        let msg = &choice["message"];
+        match msg.get("tool_calls") {
+            Some(list) => {
+                calls += 1;
+                let list = list.as_array().unwrap();
+                assert!(!list.is_empty());
+                assert_eq!(msg["content"], Value::Null);
+                // The tiny model spends a token per character: 200 is room for whole calls.
+                assert_eq!(choice["finish_reason"], "tool_calls", "{r}");
+                for call in list {
+                    let name = call["function"]["name"].as_str().unwrap();
+                    assert!(["get_weather", "get_time"].contains(&name), "{name}");
+                    let args = call["function"]["arguments"].as_str().unwrap();
+                    let args: Value = serde_json::from_str(args).expect("arguments are JSON");
+                    assert!(args.is_object(), "{args}");
+                }
+            }
+            None => {
+                texts += 1;
+                let text = msg["content"].as_str().unwrap();
+                assert!(
+                    !text.starts_with("{\"response\""),
+                    "the JSON wrapper is removed: {text:?}"
+                );
+                assert!(
+                    ["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()),
+                    "{r}"
+                );
+            }
         }
     }
+    assert!(texts > 0 && calls > 0, "{texts} texts, {calls} calls");
 }
 
 #[test]
@@ -268,6 +291,18 @@ fn tokenize_counts_what_a_chat_request_reports() {
     let t = s.post("/tokenize", &json!({"model": "tiny", "messages": messages}));
     assert_eq!(t.status, 200, "{}", t.text());
     assert_eq!(t.json()["count"], r["usage"]["prompt_tokens"]);
+    // With tools, the count includes their instructions, as the chat request renders them.
+    let with_tools = json!({"tools": weather_tool(), "tool_choice": "auto"});
+    let r = post_ok(&s, &body(messages.clone(), with_tools.clone()));
+    let mut ask = json!({"model": "tiny", "messages": messages});
+    ask["tools"] = with_tools["tools"].clone();
+    ask["tool_choice"] = with_tools["tool_choice"].clone();
+    let t = s.post("/tokenize", &ask).json();
+    assert_eq!(t["count"], r["usage"]["prompt_tokens"]);
+    assert!(t["count"].as_u64() > Some(100), "{}", t["count"]);
+    ask["with_tokens"] = json!(false);
+    let t = s.post("/tokenize", &ask).json();
+    assert_eq!(t, json!({"count": r["usage"]["prompt_tokens"]}));
 
     let t = s
         .post(

@@ -33,6 +33,7 @@ use crate::jobs;
 use crate::openai::{self, Endpoint, LlmRequest};
 use crate::ops;
 use crate::routing::Route;
+use crate::upstream::tokenize;
 
 /// The caller when `auth: off`: may use every model.
 static ANONYMOUS: std::sync::LazyLock<Arc<Principal>> =
@@ -121,9 +122,19 @@ impl Gateway {
         let route = resolve_route(ctx, &config, &principal, &req)?;
         //    A Responses request continuing a stored one: the conversation so far; one only
         //    a provider speaking the Responses API can serve needs such a target.      400, 503
-        let req = self.continue_stored(&principal, req, &route).await?;
+        let mut req = self.continue_stored(&principal, req, &route).await?;
         // 8. Route limit, per key.                                                      429
         self.limit_route(ctx, &principal, &route).await?;
+        //    A sidecar target counts the prompt with its own tokenizer, for a token count or
+        //    a token reservation (one local round trip; the estimate when it cannot answer).
+        if req.counting
+            || principal
+                .limits
+                .as_ref()
+                .is_some_and(|l| !l.tokens.is_empty())
+        {
+            req.prompt_tokens = self.count_on_sidecar(&route, &req).await;
+        }
         // A token count (Messages, Responses) is answered here: routed and limited like the
         // request it measures, but never forwarded, cached or charged tokens.
         if req.counting {
@@ -289,15 +300,41 @@ async fn read_request(
     Ok(req)
 }
 
-/// The answer to a token count: the prompt's estimated size, in the API's own shape.
+/// The answer to a token count, in the API's own shape: the target's own count when it gave one
+/// (a sidecar), else the prompt's estimated size.
 fn count_tokens(req: &LlmRequest) -> ops::Reply {
-    let chat = serde_json::from_slice(&req.raw).unwrap_or(serde_json::Value::Null);
-    let tokens = crate::translate::estimate_prompt_tokens(&chat);
+    let tokens = req.prompt_tokens.unwrap_or_else(|| {
+        let chat = serde_json::from_slice(&req.raw).unwrap_or(serde_json::Value::Null);
+        crate::translate::estimate_prompt_tokens(&chat)
+    });
     let body = match req.endpoint {
         Endpoint::Messages => serde_json::json!({"input_tokens": tokens}),
         _ => serde_json::json!({"object": "response.input_tokens", "input_tokens": tokens}),
     };
     ops::Reply::json(http::StatusCode::OK, &body)
+}
+
+impl Gateway {
+    /// The prompt's tokens as counted by the route's first target, when it is a sidecar that
+    /// is up; `None` otherwise, or when it did not answer in time.
+    async fn count_on_sidecar(&self, route: &Route, req: &LlmRequest) -> Option<u64> {
+        let target = route.targets.first()?;
+        if !self.node.health.get(&target.provider.name).is_sidecar() {
+            return None;
+        }
+        let model = match &target.model_json {
+            Some(json) => serde_json::from_slice::<String>(json).ok()?,
+            None => req.model.clone(),
+        };
+        let body = tokenize::request_body(&req.raw, &model)?;
+        match tokenize::count(&self.counter, &target.provider, body).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::debug!(provider = %target.provider.name, error = %e, "sidecar token count failed; estimating");
+                None
+            }
+        }
+    }
 }
 
 /// Step 7: the route for the model asked for. The allow-list names what clients ask for, so it

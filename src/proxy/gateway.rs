@@ -43,6 +43,8 @@ pub struct Gateway {
     pub(super) forwarder: Forwarder,
     /// This process's jobs socket: the only listener on which a job token means anything.
     pub(super) internal_socket: std::path::PathBuf,
+    /// Connections for asking a sidecar target to count a prompt's tokens (`admit`).
+    pub(super) counter: Arc<pingora::connectors::http::Connector>,
 }
 
 impl Gateway {
@@ -63,6 +65,7 @@ impl Gateway {
             started: Instant::now(),
             forwarder: Forwarder::new(),
             internal_socket: crate::jobs::run::socket_path(),
+            counter: Arc::new(pingora::connectors::http::Connector::new(None)),
         }
     }
 
@@ -79,6 +82,7 @@ impl Gateway {
             started: self.started,
             forwarder: Forwarder::new(),
             internal_socket: self.internal_socket.clone(),
+            counter: Arc::new(pingora::connectors::http::Connector::new(None)),
         }
     }
 

@@ -14,8 +14,9 @@
 //!     6  body                endpoint, method, bounded read, parse   [404 405 415 413 408 400]
 //!     7  route               allow-list first, then the route table              [403 404]
 //!     8  route limit         per key on the route (limits.rs)                        [429]
+//!        prompt count        a sidecar target counts the prompt (upstream/tokenize.rs)
 //!     9  cache               hit, bypass (cache/)                                    
-//!     10 reserve tokens      the estimate, settled after (limits.rs)                 [429]
+//!     10 reserve tokens      the count or estimate, settled after (limits.rs)        [429]
 //!   9  miss: embeddings item by item (cache/embeddings.rs), follow or lead a flight
 //!   11 forward               targets, fallback, retries, streaming (forward/)   [502 503 504]
 //! finish

@@ -5,8 +5,10 @@
 //! Imports: the plugins crate and `metrics`; never `config` (config builds these types), nor
 //! `routing` or `proxy` (which use them).
 
+pub mod exchange;
 pub mod health;
 pub mod provider;
 pub mod resolve;
 pub mod retry;
 pub mod supervisor;
+pub mod tokenize;

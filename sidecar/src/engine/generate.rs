@@ -33,10 +33,12 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::LlamaStateSeqFlags;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
 use super::job::{Event, Finish, GenerateJob, Job, Sampling, TokenLogprob};
+use super::ram_cache::{common_prefix, RamCache, Saved};
 use super::text::{Pushed, TextAssembler};
 use crate::metrics::ModelMetrics;
 
@@ -63,13 +65,24 @@ pub(super) struct PromptCache {
     pub min_prefix: usize,
     /// Keep the generated tokens' cells too (`cache_generated`; see `retire`).
     pub keep_generated: bool,
+    /// Bytes of host memory for evicted slot caches (`prompt_cache_ram`; 0: none).
+    pub ram_bytes: usize,
 }
+
+/// Most answer tokens one idle step reads again (see [`SlotCache::pending`]). Small, because a
+/// request that arrives meanwhile waits for the step to end.
+const REFILL_CHUNK: usize = 16;
 
 /// What a free slot's KV cache holds, kept between requests.
 #[derive(Debug, Default)]
 struct SlotCache {
     /// The tokens at positions `0..tokens.len()` of the slot's sequence.
     tokens: Vec<LlamaToken>,
+    /// The last answer's tokens, to be read again after `tokens` while the engine is idle.
+    /// Generated one at a time, their cells were dropped (see `retire`); read again as a
+    /// batch, as a cold start reads them in the next turn's prompt, they give the next turn a
+    /// byte-identical answer without paying for them then.
+    pending: Vec<LlamaToken>,
     /// When the slot was last given a request (a step counter); 0 for never.
     last_used: u64,
     /// The conversation prefix hashes of the request it last served (`affinity`).
@@ -298,6 +311,7 @@ pub(super) fn run(
     let mut batch = LlamaBatch::new(n_batch, 1);
     let mut seqs: Vec<Option<Sequence>> = (0..slots).map(|_| None).collect();
     let mut caches: Vec<SlotCache> = (0..slots).map(|_| SlotCache::default()).collect();
+    let mut ram = RamCache::new(if cache.enabled { cache.ram_bytes } else { 0 });
     let mut clock = 0u64;
     let ctx_per_seq = ctx_per_seq as usize;
 
@@ -309,18 +323,28 @@ pub(super) fn run(
             metrics,
             &mut seqs,
             &mut caches,
+            &mut ram,
             &mut clock,
             cache,
         ) {
             return;
         }
-        retire(ctx, metrics, &mut seqs, &mut caches, cache, stall_limit);
+        retire(
+            ctx,
+            metrics,
+            &mut seqs,
+            &mut caches,
+            &ram,
+            cache,
+            stall_limit,
+        );
         if !step(
             ctx,
             model,
             &mut batch,
             metrics,
             &mut seqs,
+            &mut caches,
             n_batch,
             ctx_per_seq,
         ) {
@@ -329,22 +353,26 @@ pub(super) fn run(
             }
             continue;
         }
-        retire(ctx, metrics, &mut seqs, &mut caches, cache, stall_limit);
+        retire(
+            ctx,
+            metrics,
+            &mut seqs,
+            &mut caches,
+            &ram,
+            cache,
+            stall_limit,
+        );
     }
 }
 
-/// How many leading tokens `a` and `b` share.
-fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 /// Where a request goes: its slot, how many of the slot's cached tokens it keeps, and the slot
-/// whose cache is copied in first, if any.
+/// whose cache is copied in first or the host-memory entry restored first, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Placement {
     slot: usize,
     keep: usize,
     copy_from: Option<usize>,
+    restore: Option<usize>,
 }
 
 /// Where `prompt` goes among the free slots. The slot sharing the longest prefix (ties: least
@@ -355,12 +383,16 @@ struct Placement {
 /// * else, when the prefix is at least half of what the slot holds (llama-server's similarity
 ///   rule), it is taken.
 ///
-/// Otherwise the least recently used free slot is taken, keeping whatever prefix it shares. At
-/// least one prompt token is always left to decode: sampling needs the logits of the prompt's
-/// last position.
-fn choose_slot(
+/// Otherwise the least recently used free slot is taken, keeping whatever prefix it shares.
+///
+/// A host-memory entry (`ram`) that shares a longer usable prefix than all that wins: it is
+/// restored into an empty free slot, or else into the least recently used one. At least one
+/// prompt token is always left to decode: sampling needs the logits of the prompt's last
+/// position.
+fn choose_slot<S: super::ram_cache::Weighed>(
     seqs: &[Option<Sequence>],
     caches: &[SlotCache],
+    ram: &RamCache<S>,
     prompt: &[LlamaToken],
     cache: PromptCache,
 ) -> Option<Placement> {
@@ -370,6 +402,7 @@ fn choose_slot(
         slot,
         keep: 0,
         copy_from: None,
+        restore: None,
     };
     if !cache.enabled {
         return Some(fresh(lru));
@@ -386,36 +419,50 @@ fn choose_slot(
         .map(|i| (i, common_prefix(&caches[i].tokens, prompt)))
         // Longest prefix first, then least recently used.
         .min_by_key(|&(i, n)| (std::cmp::Reverse(n), caches[i].last_used))?;
-    let keep = usable(shared);
-    if keep > 0 {
-        let held = caches[best].tokens.len();
-        if shared >= held {
-            return Some(Placement {
-                slot: best,
-                keep,
-                copy_from: None,
-            });
+    let from_slots =
+        from_slots(caches, best, shared, usable(shared), free).unwrap_or_else(|| Placement {
+            keep: usable(common_prefix(&caches[lru].tokens, prompt)),
+            ..fresh(lru)
+        });
+    match ram.best(prompt) {
+        Some((entry, shared)) if usable(shared) > from_slots.keep => {
+            let slot = free().find(|&i| caches[i].tokens.is_empty()).unwrap_or(lru);
+            Some(Placement {
+                keep: usable(shared),
+                restore: Some(entry),
+                ..fresh(slot)
+            })
         }
-        if let Some(empty) = free().find(|&i| i != best && caches[i].tokens.is_empty()) {
-            return Some(Placement {
-                slot: empty,
-                keep,
-                copy_from: Some(best),
-            });
-        }
-        if shared.saturating_mul(2) >= held {
-            return Some(Placement {
-                slot: best,
-                keep,
-                copy_from: None,
-            });
-        }
+        _ => Some(from_slots),
     }
-    Some(Placement {
-        slot: lru,
-        keep: usable(common_prefix(&caches[lru].tokens, prompt)),
-        copy_from: None,
-    })
+}
+
+/// The placement on `best`, the free slot sharing the longest prefix (`shared` tokens, `keep`
+/// of them usable), if the rules of [`choose_slot`] take it or copy it.
+fn from_slots<I: Iterator<Item = usize>>(
+    caches: &[SlotCache],
+    best: usize,
+    shared: usize,
+    keep: usize,
+    free: impl Fn() -> I,
+) -> Option<Placement> {
+    if keep == 0 {
+        return None;
+    }
+    let on = |slot, copy_from| Placement {
+        slot,
+        keep,
+        copy_from,
+        restore: None,
+    };
+    let held = caches[best].tokens.len();
+    if shared >= held {
+        return Some(on(best, None));
+    }
+    if let Some(empty) = free().find(|&i| i != best && caches[i].tokens.is_empty()) {
+        return Some(on(empty, Some(best)));
+    }
+    (shared.saturating_mul(2) >= held).then(|| on(best, None))
 }
 
 /// Fills free slots from the queue, each request into the slot that best holds its prompt
@@ -429,11 +476,13 @@ fn admit(
     metrics: &ModelMetrics,
     seqs: &mut [Option<Sequence>],
     caches: &mut [SlotCache],
+    ram: &mut RamCache,
     clock: &mut u64,
     cache: PromptCache,
 ) -> bool {
     while seqs.iter().any(Option::is_none) {
-        let idle = seqs.iter().all(Option::is_none);
+        // Idle: nothing to decode, not even an answer to read again; wait for a request.
+        let idle = seqs.iter().all(Option::is_none) && caches.iter().all(|c| c.pending.is_empty());
         let job = if idle {
             match jobs.blocking_recv() {
                 Some(job) => job,
@@ -468,17 +517,44 @@ fn admit(
             }
         };
         // There is a free slot: the loop condition says so.
-        let Some(place) = choose_slot(seqs, caches, &seq.tokens, cache) else {
+        let Some(place) = choose_slot(seqs, caches, ram, &seq.tokens, cache) else {
             break;
         };
         let slot = place.slot;
+        let mut keep = place.keep;
+        // Taken out before the slot's own cache is saved: saving may evict entries.
+        let restored = place.restore.map(|entry| ram.take(entry));
+        // The slot's cache is about to lose tokens that its conversation may come back for:
+        // all of them for a restore, those past `keep` otherwise.
+        let kept = if restored.is_some() { 0 } else { keep };
+        let held = caches[slot].tokens.len();
+        if ram.enabled() && held >= cache.min_prefix && held > kept {
+            save(ctx, metrics, slot, &caches[slot], ram);
+        }
+        if let Some(saved) = restored {
+            let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+            match ctx.state_seq_set(&saved.state, slot as i32) {
+                Ok(()) => {
+                    caches[slot].tokens = saved.tokens;
+                    metrics.prompt_cache_restores_total.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(slot, error = %e, "restoring a saved prompt cache failed");
+                    let _ = ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+                    caches[slot].tokens.clear();
+                    keep = 0;
+                }
+            }
+            record_ram(metrics, ram);
+        }
         if let Some(from) = place.copy_from {
             // Slot indices fit an i32. llama.cpp copies across KV streams only whole; the copy
             // is trimmed to the shared prefix just below.
             let _ = ctx.copy_kv_cache_seq(from as i32, slot as i32, None, None);
             metrics.prompt_cache_copies_total.fetch_add(1, Relaxed);
         }
-        let keep = reuse(ctx, slot, &mut caches[slot], place.keep);
+        let keep = reuse(ctx, slot, &mut caches[slot], keep);
+        record_pending(metrics, caches);
         *clock += 1;
         caches[slot].last_used = *clock;
         seq.n_past = keep;
@@ -490,17 +566,51 @@ fn admit(
         seqs[slot] = Some(seq);
         if cache.enabled {
             caches[slot].prefixes = prefixes;
-            publish_prefixes(metrics, caches);
+            publish_prefixes(metrics, caches, ram);
         }
     }
     true
 }
 
-/// Publishes every slot's conversation prefixes for `/health`.
-fn publish_prefixes(metrics: &ModelMetrics, caches: &[SlotCache]) {
+/// Copies slot `id`'s cells and tokens into host memory before they are evicted.
+fn save(
+    ctx: &LlamaContext<'_>,
+    metrics: &ModelMetrics,
+    id: usize,
+    held: &SlotCache,
+    ram: &mut RamCache,
+) {
+    match ctx.state_seq_get(id as i32, LlamaStateSeqFlags::empty()) {
+        Ok(state) => {
+            let saved = Saved {
+                tokens: held.tokens.clone(),
+                prefixes: held.prefixes.clone(),
+                state,
+            };
+            if ram.insert(saved) {
+                metrics.prompt_cache_saves_total.fetch_add(1, Relaxed);
+            }
+        }
+        Err(e) => tracing::warn!(slot = id, error = %e, "saving a slot's prompt cache failed"),
+    }
+    record_ram(metrics, ram);
+}
+
+fn record_ram(metrics: &ModelMetrics, ram: &RamCache) {
+    metrics
+        .prompt_cache_ram_bytes
+        .store(ram.bytes() as u64, Relaxed);
+    metrics
+        .prompt_cache_ram_entries
+        .store(ram.len() as u64, Relaxed);
+}
+
+/// Publishes the conversation prefixes of every slot and host-memory entry for `/health`.
+fn publish_prefixes(metrics: &ModelMetrics, caches: &[SlotCache], ram: &RamCache) {
     let mut all: Vec<u64> = caches
         .iter()
         .flat_map(|c| c.prefixes.iter().copied())
+        .chain(ram.prefixes())
         .collect();
     all.sort_unstable();
     all.dedup();
@@ -525,6 +635,7 @@ fn reuse(ctx: &mut LlamaContext<'_>, id: usize, cached: &mut SlotCache, keep: us
         0
     };
     cached.tokens.clear();
+    cached.pending.clear();
     keep
 }
 
@@ -536,6 +647,7 @@ fn retire(
     metrics: &ModelMetrics,
     seqs: &mut [Option<Sequence>],
     caches: &mut [SlotCache],
+    ram: &RamCache,
     cache: PromptCache,
     stall_limit: Duration,
 ) {
@@ -571,33 +683,50 @@ fn retire(
                     let _ = ctx.clear_kv_cache_seq(Some(id as u32), Some(kept as u32), None);
                 }
                 let mut tokens = std::mem::take(&mut seq.tokens);
+                caches[id].pending = tokens.get(kept..seq.n_past).unwrap_or_default().to_vec();
                 tokens.truncate(kept);
                 caches[id].tokens = tokens;
             } else {
                 // Sequence ids are slot indices, far below u32::MAX.
                 let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
                 caches[id].tokens.clear();
+                caches[id].pending.clear();
                 if !caches[id].prefixes.is_empty() {
                     caches[id].prefixes.clear();
-                    publish_prefixes(metrics, caches);
+                    publish_prefixes(metrics, caches, ram);
                 }
             }
             *slot = None;
             metrics.slots_busy.fetch_sub(1, Relaxed);
+            record_pending(metrics, caches);
         }
     }
 }
 
-/// One decode step over every slot that can advance. Returns false if there was nothing to do.
+fn record_pending(metrics: &ModelMetrics, caches: &[SlotCache]) {
+    let pending: usize = caches.iter().map(|c| c.pending.len()).sum();
+    metrics
+        .prompt_cache_refill_pending
+        .store(pending as u64, Relaxed);
+}
+
+/// One decode step over every slot that can advance; with no request in any slot, a step that
+/// reads answers again for the next turns (see [`SlotCache::pending`]). Returns false if there
+/// was nothing to do.
+#[allow(clippy::too_many_arguments)]
 fn step(
     ctx: &mut LlamaContext<'_>,
     model: &LlamaModel,
     batch: &mut LlamaBatch<'_>,
     metrics: &ModelMetrics,
     seqs: &mut [Option<Sequence>],
+    caches: &mut [SlotCache],
     n_batch: usize,
     ctx_per_seq: usize,
 ) -> bool {
+    if seqs.iter().all(Option::is_none) {
+        return refill(ctx, batch, metrics, caches);
+    }
     batch.clear();
     let mut budget = n_batch;
     // (slot, batch row whose logits to sample)
@@ -693,9 +822,98 @@ fn step(
     true
 }
 
+/// How many of `pending` tokens to read in one step: at most [`REFILL_CHUNK`], never leaving a
+/// single token for a step of its own (a one-row batch goes through llama.cpp's one-token
+/// kernels, which round differently from the batched ones this is for).
+fn refill_take(pending: usize) -> usize {
+    match pending {
+        0 | 1 => 0,
+        n if n <= REFILL_CHUNK => n,
+        n if n - REFILL_CHUNK == 1 => REFILL_CHUNK - 1,
+        _ => REFILL_CHUNK,
+    }
+}
+
+/// The idle step: reads the next chunk of one free slot's pending answer into its cache.
+fn refill(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    metrics: &ModelMetrics,
+    caches: &mut [SlotCache],
+) -> bool {
+    batch.clear();
+    let Some(id) = caches.iter().position(|c| !c.pending.is_empty()) else {
+        return false;
+    };
+    let done = refill_slot(ctx, batch, metrics, id, &mut caches[id]);
+    record_pending(metrics, caches);
+    done
+}
+
+fn refill_slot(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    metrics: &ModelMetrics,
+    id: usize,
+    c: &mut SlotCache,
+) -> bool {
+    let take = refill_take(c.pending.len());
+    if take == 0 {
+        // One token left: the next turn reads it with its prompt.
+        c.pending.clear();
+        return true;
+    }
+    let start = c.tokens.len();
+    for (k, &token) in c.pending[..take].iter().enumerate() {
+        // Positions fit a slot's context and slot ids are small: both far below i32::MAX.
+        if batch
+            .add(token, (start + k) as i32, &[id as i32], false)
+            .is_err()
+        {
+            c.pending.clear();
+            return true;
+        }
+    }
+    match ctx.decode(batch) {
+        Ok(()) => {
+            c.tokens.extend(c.pending.drain(..take));
+            metrics
+                .prompt_cache_refilled_total
+                .fetch_add(take as u64, Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(slot = id, error = %e, "reading an answer again failed; dropping the slot's cache");
+            let _ = ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+            c.tokens.clear();
+            c.pending.clear();
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refills_never_leave_a_single_token_step() {
+        assert_eq!(refill_take(0), 0);
+        assert_eq!(refill_take(1), 0);
+        assert_eq!(refill_take(2), 2);
+        assert_eq!(refill_take(REFILL_CHUNK), REFILL_CHUNK);
+        assert_eq!(refill_take(REFILL_CHUNK + 1), REFILL_CHUNK - 1);
+        assert_eq!(refill_take(REFILL_CHUNK + 2), REFILL_CHUNK);
+        // Whatever the length, the steps read everything but never one token alone.
+        for n in 2..100 {
+            let mut left = n;
+            while left > 1 {
+                let take = refill_take(left);
+                assert!(take >= 2, "{n}: a step of {take}");
+                left -= take;
+            }
+            assert_eq!(left, 0, "{n}");
+        }
+    }
 
     /// A sequence with `events` queued in its outbox, sending into `tx`.
     fn waiting(tx: mpsc::Sender<Event>, events: usize) -> Sequence {
@@ -725,6 +943,7 @@ mod tests {
     fn slot(held: Vec<LlamaToken>, last_used: u64) -> SlotCache {
         SlotCache {
             tokens: held,
+            pending: Vec::new(),
             last_used,
             prefixes: Vec::new(),
         }
@@ -734,11 +953,43 @@ mod tests {
         enabled: true,
         min_prefix: 4,
         keep_generated: false,
+        ram_bytes: 0,
     };
 
     fn place(caches: &[SlotCache], prompt: &[LlamaToken], cache: PromptCache) -> Placement {
+        place_with(caches, &RamCache::<usize>::new(0), prompt, cache)
+    }
+
+    fn place_with(
+        caches: &[SlotCache],
+        ram: &RamCache<usize>,
+        prompt: &[LlamaToken],
+        cache: PromptCache,
+    ) -> Placement {
         let seqs: Vec<Option<Sequence>> = caches.iter().map(|_| None).collect();
-        choose_slot(&seqs, caches, prompt, cache).unwrap()
+        choose_slot(&seqs, caches, ram, prompt, cache).unwrap()
+    }
+
+    #[test]
+    fn a_saved_cache_is_restored_when_it_holds_more_of_the_prompt_than_any_slot() {
+        let mut ram = RamCache::new(1000);
+        ram.insert(Saved {
+            tokens: tokens(0..30),
+            prefixes: Vec::new(),
+            state: 10usize,
+        });
+        // The slots hold 10 tokens of this prompt; the saved entry holds 30.
+        let caches = [slot(tokens(0..10), 2), slot(tokens(100..110), 1)];
+        let p = place_with(&caches, &ram, &tokens(0..40), CACHE);
+        assert_eq!((p.slot, p.keep, p.restore), (1, 30, Some(0)));
+        // An empty slot is preferred to evicting one.
+        let caches = [slot(tokens(100..110), 1), slot(Vec::new(), 2)];
+        let p = place_with(&caches, &ram, &tokens(0..40), CACHE);
+        assert_eq!((p.slot, p.keep, p.restore), (1, 30, Some(0)));
+        // A slot holding as much wins: no copy needed.
+        let caches = [slot(tokens(0..35), 1), slot(Vec::new(), 2)];
+        let p = place_with(&caches, &ram, &tokens(0..40), CACHE);
+        assert_eq!((p.slot, p.keep, p.restore), (0, 35, None));
     }
 
     #[test]

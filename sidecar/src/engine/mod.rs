@@ -9,11 +9,13 @@
 //! * `job`: the [`Job`]s sent to the engine and the [`Event`]s a generation sends back.
 //! * `generate`: chat/completion models, N slots decoded together (continuous batching).
 //! * `embed`: embedding and reranking models, one request at a time, its inputs batched.
+//! * `ram_cache`: evicted slot caches kept in host memory (`prompt_cache_ram`).
 //! * `text`: UTF-8 assembly and stop strings for generated text.
 
 mod embed;
 mod generate;
 mod job;
+mod ram_cache;
 pub mod text;
 
 use std::num::NonZeroU32;
@@ -242,6 +244,7 @@ fn serve_model(
         enabled: spec.prompt_cache.unwrap_or(true),
         min_prefix: spec.min_prefix.unwrap_or(DEFAULT_MIN_PREFIX).max(1) as usize,
         keep_generated: spec.cache_generated.unwrap_or(false),
+        ram_bytes: spec.prompt_cache_ram.map_or(0, |b| b.0),
     };
     tracing::info!(
         model = %spec.alias,
@@ -251,6 +254,7 @@ fn serve_model(
         threads,
         prompt_cache = cache.enabled,
         min_prefix = cache.min_prefix,
+        prompt_cache_ram = cache.ram_bytes,
         "model loaded"
     );
 

@@ -335,6 +335,11 @@ impl ProviderHealth {
         })
     }
 
+    /// A `lumen-llama` sidecar: its health answer reported slots (it can count tokens).
+    pub fn is_sidecar(&self) -> bool {
+        self.reported_slots.load(Relaxed) > 0
+    }
+
     pub fn set_reported_slots(&self, slots: u32) {
         self.reported_slots.store(slots, Relaxed);
     }

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::BytesMut;
-use http::header::{HOST, USER_AGENT};
+use http::header::USER_AGENT;
 use http::Method;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
@@ -23,6 +22,7 @@ use lumen_plugins::rate_limit::shared::SharedLimiter;
 
 use super::{HealthTable, ProbeState, ProviderHealth};
 use crate::metrics::Metrics;
+use crate::upstream::exchange::exchange;
 use crate::upstream::provider::{ProbeSpec, Provider};
 
 /// A probe's answer body is read up to this size (a model list, a sidecar's health).
@@ -178,53 +178,32 @@ async fn probe(
             .map_err(|e| format!("connect: {e}"))?;
         return Ok(None);
     };
-    let (mut session, _) = connector
-        .get_http_session(&*peer)
-        .await
-        .map_err(|e| format!("connect: {}", e.etype().as_str()))?;
-    session.set_read_timeout(Some(spec.timeout));
-    session.set_write_timeout(Some(spec.timeout));
     let mut head =
         RequestHeader::build(Method::GET, path.as_bytes(), Some(4)).map_err(|e| e.to_string())?;
-    let _ = head.insert_header(HOST, provider.host.clone());
     let _ = head.insert_header(USER_AGENT, "lumen-health-probe");
     // A model list needs the account's key; it is a free call at every provider.
     if let Some((name, value)) = &provider.credential {
         let _ = head.insert_header(name.clone(), value.clone());
     }
-    for (name, value) in &provider.headers {
-        let _ = head.insert_header(name.clone(), value.clone());
-    }
-    let io = |e: pingora::BError| e.etype().as_str().to_string();
-    session
-        .write_request_header(Box::new(head))
-        .await
-        .map_err(io)?;
-    session.finish_request_body().await.map_err(io)?;
-    session.read_response_header().await.map_err(io)?;
-    let status = session
-        .response_header()
-        .map(|h| h.status.as_u16())
-        .unwrap_or(0);
-    let mut body = BytesMut::new();
-    while let Some(chunk) = session.read_response_body().await.map_err(io)? {
-        if body.len() + chunk.len() > MAX_PROBE_BODY {
-            return Err("answer too large".into());
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let answer = exchange(
+        connector,
+        provider,
+        &peer,
+        head,
+        None,
+        spec.timeout,
+        MAX_PROBE_BODY,
+    )
+    .await?;
     let healthy = if spec.lenient {
-        (200..500).contains(&status)
+        (200..500).contains(&answer.status)
     } else {
-        (200..300).contains(&status)
+        (200..300).contains(&answer.status)
     };
     if !healthy {
-        return Err(format!("HTTP {status}"));
+        return Err(format!("HTTP {}", answer.status));
     }
-    connector
-        .release_http_session(session, &*peer, Some(Duration::from_secs(30)))
-        .await;
-    Ok(serde_json::from_slice(&body).ok())
+    Ok(serde_json::from_slice(&answer.body).ok())
 }
 
 /// Total `slots_total` over the models of a `lumen-llama` health answer (0 for other JSON).
