@@ -111,8 +111,31 @@ def lumen_figures(threads: int, prefix_tokens: int, extra: str = ""):
         r = s.post("/v1/chat/completions", {"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": turn1})
         turn2 = turn1 + [r["choices"][0]["message"], {"role": "user", "content": "And yesterday?"}]
         ttft2, _, usage2 = stream_ttft(s.base + "/v1/chat/completions", {"model": "smollm2", "temperature": 0, "max_tokens": 8, "messages": turn2})
+        # 4. The same after a reader's pause (1 s): the sidecar reads the answer again meanwhile.
+        turn1 = [{"role": "system", "content": "Today. " + system}, {"role": "user", "content": "Which ships came in today?"}]
+        r = s.post("/v1/chat/completions", {"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": turn1})
+        time.sleep(1.0)
+        turn2 = turn1 + [r["choices"][0]["message"], {"role": "user", "content": "And yesterday?"}]
+        ttft3, _, usage3 = stream_ttft(s.base + "/v1/chat/completions", {"model": "smollm2", "temperature": 0, "max_tokens": 8, "messages": turn2})
         return {"prompt_tokens": count, "pp": max(pp), "gen": gen, "ttft2": ttft2,
-                "cached2": usage2["prompt_tokens_details"]["cached_tokens"], "prompt2": usage2["prompt_tokens"]}
+                "cached2": usage2["prompt_tokens_details"]["cached_tokens"], "prompt2": usage2["prompt_tokens"],
+                "ttft_paused": ttft3, "cached_paused": usage3["prompt_tokens_details"]["cached_tokens"],
+                "prompt_paused": usage3["prompt_tokens"]}
+    finally:
+        s.stop()
+
+
+def eviction_figures(threads: int, prefix_tokens: int, extra: str):
+    """Turn 2 of conversation A after conversation B took the only slot: A's time to first token."""
+    s = Sidecar(threads, slots=1, ctx=4096, extra=extra)
+    try:
+        system = system_prompt(prefix_tokens)
+        chats = [[{"role": "system", "content": f"{who} " + system}, {"role": "user", "content": "Which ships came in today?"}] for who in ["Anna.", "Bert."]]
+        for chat in chats:
+            r = s.post("/v1/chat/completions", {"model": "smollm2", "temperature": 0, "max_tokens": 24, "messages": chat})
+            chat += [r["choices"][0]["message"], {"role": "user", "content": "And yesterday?"}]
+        ttft, _, usage = stream_ttft(s.base + "/v1/chat/completions", {"model": "smollm2", "temperature": 0, "max_tokens": 8, "messages": chats[0]})
+        return {"ttft": ttft, "cached": usage["prompt_tokens_details"]["cached_tokens"], "prompt": usage["prompt_tokens"]}
     finally:
         s.stop()
 
@@ -194,6 +217,8 @@ def main():
     ours = lumen_figures(args.threads, 2000)
     kept = lumen_figures(args.threads, 2000, ",cache_generated=true")
     ref = None if args.skip_reference else reference_figures(args.threads, 2000)
+    evicted = eviction_figures(args.threads, 2000, "")
+    restored = eviction_figures(args.threads, 2000, ",prompt_cache_ram=512MiB")
     fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
     ratio = lambda a, b: "—" if b is None else f"{a / b:.2f}x"  # noqa: E731
     print(f"\nSmolLM2-135M-Instruct Q4_1, {args.threads} threads; prompt ~{ours['prompt_tokens']} tokens")
@@ -209,6 +234,15 @@ def main():
         f"| the same, `cache_generated=true` ({kept['cached2']} of {kept['prompt2']} cached) | {kept['ttft2']:.2f} | "
         f"{fmt(ref and ref['ttft2'], '.2f')} | {ratio(kept['ttft2'], ref and ref['ttft2'])} |"
     )
+    print(
+        f"| the same after a 1 s pause, default ({ours['cached_paused']} of {ours['prompt_paused']} cached) | {ours['ttft_paused']:.2f} | "
+        f"{fmt(ref and ref['ttft2'], '.2f')} | {ratio(ours['ttft_paused'], ref and ref['ttft2'])} |"
+    )
+    print("\nOne slot; conversation B took it between A's turns 1 and 2: A's turn 2")
+    print("| | time to first token, s | tokens cached |")
+    print("|---|---|---|")
+    print(f"| default | {evicted['ttft']:.2f} | {evicted['cached']} of {evicted['prompt']} |")
+    print(f"| `prompt_cache_ram=512MiB` | {restored['ttft']:.2f} | {restored['cached']} of {restored['prompt']} |")
     if not args.skip_affinity:
         a = affinity_figures(8, 6, 1500)
         print("\nGateway, two sidecars (1 thread, 4 slots each), 8 conversations x 6 turns, ~1,500-token shared system prompt")

@@ -317,3 +317,20 @@ def test_a_second_turn_reuses_the_cached_prefix(quickstart):
     second = client.chat.completions.create(model="smollm2", messages=turn2, temperature=0, max_tokens=12)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached > second.usage.prompt_tokens // 2, (cached, second.usage.prompt_tokens)
+
+
+def test_token_counts_on_a_local_route_are_the_models_own(quickstart):
+    """`count_tokens` (anthropic SDK) and `responses.input_tokens` go to the sidecar's tokenizer
+    for a local route: the count is exactly the prompt the request then reports, not an
+    estimate from the body's size."""
+    import anthropic
+
+    g, client = quickstart
+    a = anthropic.Anthropic(base_url=g.base_url.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Name three rivers in Europe and the seas they reach. " * 4}]
+    count = a.messages.count_tokens(model="smollm2", messages=messages)
+    msg = a.messages.create(model="smollm2", messages=messages, max_tokens=4, extra_body={"temperature": 0})
+    assert count.input_tokens == msg.usage.input_tokens
+    counted = client.responses.input_tokens.count(model="smollm2", input=messages[0]["content"])
+    resp = client.responses.create(model="smollm2", input=messages[0]["content"], max_output_tokens=16, temperature=0)
+    assert counted.input_tokens == resp.usage.input_tokens
