@@ -533,6 +533,8 @@ pub struct StreamTranslator {
     blocks: usize,
     /// Chat tool call indexes whose blocks were closed.
     closed_calls: Vec<u64>,
+    /// Which call each tool-call delta belongs to.
+    call_keys: super::CallKeys,
     finish_reason: Option<String>,
     matched_stop: Option<String>,
     usage: Option<Value>,
@@ -547,6 +549,7 @@ impl StreamTranslator {
             open: None,
             blocks: 0,
             closed_calls: Vec::new(),
+            call_keys: super::CallKeys::default(),
             finish_reason: None,
             matched_stop: None,
             usage: None,
@@ -612,7 +615,7 @@ impl StreamTranslator {
         }
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
             for call in calls {
-                let key = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let key = self.call_keys.key(call);
                 let args = call
                     .pointer("/function/arguments")
                     .and_then(Value::as_str)
@@ -1145,6 +1148,46 @@ mod tests {
             ),
         ]);
         assert_eq!(events.last().unwrap().0, "error");
+    }
+
+    #[test]
+    fn tool_calls_streamed_without_an_index_stay_apart() {
+        // Some OpenAI-compatible providers leave `index` out of tool-call deltas.
+        let events = run(&[
+            chunk(
+                json!({"tool_calls": [{"id": "c1", "function": {"name": "a", "arguments": "{\"x\":"}}]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [{"function": {"arguments": "1}"}}]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [{"id": "c2", "function": {"name": "b", "arguments": "{}"}}]}),
+                None,
+            ),
+            chunk(json!({}), Some("tool_calls")),
+        ]);
+        let starts: Vec<&Value> = events
+            .iter()
+            .filter(|(k, _)| *k == "content_block_start")
+            .map(|(_, v)| &v["content_block"])
+            .collect();
+        assert_eq!(starts.len(), 2, "{events:?}");
+        assert_eq!(
+            (&starts[0]["id"], &starts[0]["name"]),
+            (&json!("c1"), &json!("a"))
+        );
+        assert_eq!(
+            (&starts[1]["id"], &starts[1]["name"]),
+            (&json!("c2"), &json!("b"))
+        );
+        let args: Vec<&Value> = events
+            .iter()
+            .filter(|(k, v)| *k == "content_block_delta" && v["index"] == 0)
+            .map(|(_, v)| &v["delta"]["partial_json"])
+            .collect();
+        assert_eq!(args, [&json!("{\"x\":"), &json!("1}")]);
     }
 
     #[test]

@@ -34,6 +34,42 @@ pub mod responses;
 
 use serde_json::Value;
 
+/// Which tool call a streamed chat `tool_calls` delta belongs to. OpenAI numbers them with
+/// `index`; some OpenAI-compatible providers leave it out and send a call's `id` only on its
+/// first delta. Without an `index`, a delta with a new `id` starts the next call and one
+/// without an `id` (or with the same one) continues the last, so two calls never merge.
+#[derive(Debug, Default)]
+pub struct CallKeys {
+    /// The last call's key and `id` (empty when it had none).
+    last: Option<(u64, String)>,
+    /// The key after the highest seen.
+    next: u64,
+}
+
+impl CallKeys {
+    pub fn key(&mut self, call: &Value) -> u64 {
+        let id = call
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|i| !i.is_empty());
+        let key = match (call.get("index").and_then(Value::as_u64), &self.last) {
+            (Some(index), _) => index,
+            (None, Some((key, last))) if id.is_none_or(|i| i == last || last.is_empty()) => *key,
+            (None, _) => self.next,
+        };
+        self.next = self.next.max(key.saturating_add(1));
+        let same = self.last.as_ref().is_some_and(|(k, _)| *k == key);
+        if !same {
+            self.last = Some((key, id.unwrap_or_default().to_string()));
+        } else if let (Some((_, last)), Some(i)) = (self.last.as_mut(), id) {
+            if last.is_empty() {
+                *last = i.to_string();
+            }
+        }
+        key
+    }
+}
+
 /// A request that cannot be translated, said in the client's terms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TranslateError {
@@ -164,6 +200,37 @@ pub fn write_sse(out: &mut Vec<u8>, event: &Event) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn tool_call_deltas_find_their_call_with_or_without_an_index() {
+        let keys = |deltas: &[Value]| {
+            let mut k = CallKeys::default();
+            deltas.iter().map(|c| k.key(c)).collect::<Vec<u64>>()
+        };
+        let with = [
+            json!({"index": 0, "id": "a", "function": {"name": "f", "arguments": ""}}),
+            json!({"index": 0, "function": {"arguments": "{"}}),
+            json!({"index": 1, "id": "b", "function": {"name": "g"}}),
+            json!({"index": 1, "function": {"arguments": "}"}}),
+        ];
+        assert_eq!(keys(&with), [0, 0, 1, 1]);
+        // No index: a new id is the next call, no id (or the same id) the last one.
+        let without = [
+            json!({"id": "a", "function": {"name": "f", "arguments": ""}}),
+            json!({"function": {"arguments": "{"}}),
+            json!({"id": "a", "function": {"arguments": "}"}}),
+            json!({"id": "b", "function": {"name": "g"}}),
+            json!({"function": {"arguments": "{}"}}),
+        ];
+        assert_eq!(keys(&without), [0, 0, 0, 1, 1]);
+        // A first delta with neither is call 0, and an id arriving later names it.
+        let late = [
+            json!({"function": {"arguments": "{"}}),
+            json!({"id": "a", "function": {"arguments": "}"}}),
+            json!({"id": "b", "function": {"arguments": "{}"}}),
+        ];
+        assert_eq!(keys(&late), [0, 0, 1]);
+    }
 
     #[test]
     fn events_are_written_as_named_sse_events() {

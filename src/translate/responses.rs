@@ -621,6 +621,8 @@ pub struct StreamTranslator {
     message: Option<usize>,
     /// Chat tool call `index` → index in `items`.
     calls: Vec<(u64, usize)>,
+    /// Which call each tool-call delta belongs to.
+    call_keys: super::CallKeys,
     finish_reason: Option<String>,
     usage: Option<Value>,
     finished: bool,
@@ -637,6 +639,7 @@ impl StreamTranslator {
             items: Vec::new(),
             message: None,
             calls: Vec::new(),
+            call_keys: super::CallKeys::default(),
             finish_reason: None,
             usage: None,
             finished: false,
@@ -743,7 +746,7 @@ impl StreamTranslator {
     }
 
     fn call(&mut self, call: &Value, out: &mut Vec<Event>) {
-        let key = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+        let key = self.call_keys.key(call);
         let index = match self.calls.iter().find(|(k, _)| *k == key) {
             Some((_, i)) => *i,
             None if self.items.len() >= MAX_ITEMS => {
@@ -1122,6 +1125,45 @@ mod tests {
 
     fn chunk(delta: Value, finish: Option<&str>) -> Value {
         json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    }
+
+    #[test]
+    fn tool_calls_streamed_without_an_index_stay_apart() {
+        // Some OpenAI-compatible providers leave `index` out of tool-call deltas.
+        let mut t = StreamTranslator::new(meta());
+        let mut out = Vec::new();
+        for c in [
+            chunk(
+                json!({"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "a", "arguments": "{\"x\":"}}]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [{"function": {"arguments": "1}"}}]}),
+                None,
+            ),
+            chunk(
+                json!({"tool_calls": [{"id": "c2", "type": "function", "function": {"name": "b", "arguments": "{}"}}]}),
+                None,
+            ),
+            chunk(json!({}), Some("tool_calls")),
+        ] {
+            t.chunk(&c, &mut out);
+        }
+        t.finish(&mut out);
+        let done: Vec<&Value> = out
+            .iter()
+            .filter(|(k, _)| *k == "response.output_item.done")
+            .map(|(_, v)| &v["item"])
+            .collect();
+        assert_eq!(done.len(), 2, "{out:?}");
+        assert_eq!(
+            (&done[0]["call_id"], &done[0]["arguments"]),
+            (&json!("c1"), &json!("{\"x\":1}"))
+        );
+        assert_eq!(
+            (&done[1]["call_id"], &done[1]["arguments"]),
+            (&json!("c2"), &json!("{}"))
+        );
     }
 
     #[test]
