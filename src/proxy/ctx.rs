@@ -56,6 +56,9 @@ pub struct RequestCtx {
     pub anthropic: bool,
     /// A translated Responses answer to keep once complete (`store`).
     pub keep: Option<crate::stored::Keep>,
+    /// The request fields the current attempt's target could not be given (its API has no
+    /// place for them), named in `x-lumen-dropped-params` on the answer that commits.
+    pub dropped: Vec<&'static str>,
     /// Who is calling, once authenticated (shared, not copied: keys' principals are built at
     /// config load). Its `key_id` goes to the access log, never the credential.
     pub principal: Option<Arc<Principal>>,
@@ -145,6 +148,7 @@ impl RequestCtx {
             endpoint: None,
             anthropic: false,
             keep: None,
+            dropped: Vec::new(),
             principal: None,
             gauge: None,
             in_flight: None,

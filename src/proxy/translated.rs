@@ -16,7 +16,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::session::Session;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::{HeaderName, HeaderValue};
 use pingora::prelude::*;
 
 use super::ctx::RequestCtx;
@@ -30,9 +29,6 @@ use crate::translate::{messages, responses};
 
 /// Most bytes of a whole answer kept for its translation.
 const MAX_ANSWER: usize = 64 * 1024 * 1024;
-
-/// Names the request fields the target could not be given (`reasoning`, `metadata`…).
-const DROPPED_HEADER: HeaderName = HeaderName::from_static("x-lumen-dropped-params");
 
 /// Sets up the translation of `req`'s answer (`None` for an untranslated request): `watch`
 /// translates a stream as it flows, or captures the whole answer. Returns what the translated
@@ -52,16 +48,10 @@ pub(super) fn start(
 }
 
 /// What `req`'s answer says of itself in the client's API (`None` for an untranslated
-/// request); the fields its translation left out are named in a response header, and a
-/// Responses answer to store is set up in `ctx`.
+/// request), and a Responses answer to store set up in `ctx`. (The fields a translation left
+/// out are named by the attempt whose target answered: `forward::stream`.)
 pub(super) fn answer(ctx: &mut RequestCtx, req: &LlmRequest) -> Option<Answer> {
     let original = req.original.as_ref()?;
-    if !req.dropped.is_empty() {
-        // Field names from a fixed list: always a valid header value.
-        if let Ok(v) = HeaderValue::from_str(&req.dropped.join(", ")) {
-            ctx.response_headers.push((DROPPED_HEADER, v));
-        }
-    }
     let id = ctx.request_id.to_str().unwrap_or_default();
     let answer = match req.endpoint {
         Endpoint::Messages => Answer::Messages(messages::Meta::new(format!("msg_{id}"), original)),

@@ -204,3 +204,18 @@ def test_a_native_stream_that_breaks_ends_with_anthropics_error_event(gateway):
             for _ in stream:
                 pass
     assert e.value.body["type"] == "error"
+
+
+def test_chat_fields_the_messages_api_lacks_are_named_when_it_answers(gateway):
+    """A chat request answered by the Messages provider (after the chat provider failed) names
+    the fields the Messages API could not carry, whole and streamed."""
+    c = oa(gateway)
+    raw = c.chat.completions.with_raw_response.create(
+        model="falls-back", messages=[{"role": "user", "content": "hi"}], seed=7, logprobs=True
+    )
+    assert raw.headers["x-lumen-provider"] == "claude"
+    assert raw.headers["x-lumen-dropped-params"] == "logprobs, seed"
+    with c.chat.completions.with_streaming_response.create(
+        model="falls-back", messages=[{"role": "user", "content": "hi"}], seed=7, stream=True
+    ) as stream:
+        assert stream.headers["x-lumen-dropped-params"] == "seed"

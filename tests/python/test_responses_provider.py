@@ -27,6 +27,8 @@ routes:
     targets: [ {{ provider: chat, model: upstream-fast }} ]
   - model: chat-then-native
     targets: [ {{ provider: chat, model: status-500 }}, {{ provider: native, model: upstream-gpt }} ]
+  - model: native-then-chat
+    targets: [ {{ provider: native, model: status-500 }}, {{ provider: chat, model: upstream-fast }} ]
 """,
     )
     yield g
@@ -96,3 +98,23 @@ def test_usage_of_a_native_stream_is_counted(gateway):
         text = r.read().decode()
     prompt = [l for l in text.splitlines() if l.startswith("lumen_tokens_total{") and 'route="gpt"' in l and 'kind="prompt"' in l]
     assert prompt and float(prompt[0].rsplit(" ", 1)[1]) >= 5, text[-2000:]
+
+
+def test_dropped_params_are_named_for_the_target_that_answered(gateway):
+    """`x-lumen-dropped-params` says what the answering target was not given: nothing for a
+    native Responses target, even when a chat target was tried first; `reasoning` and
+    `metadata` when a chat target answers after the native one failed."""
+    c = client(gateway)
+    ask = dict(input="hi", reasoning={"effort": "low"}, metadata={"team": "a"})
+    for model in ["gpt", "chat-then-native"]:
+        raw = c.responses.with_raw_response.create(model=model, **ask)
+        assert "x-lumen-dropped-params" not in raw.headers, (model, dict(raw.headers))
+        assert raw.parse().output_text.startswith("mock responses reply")
+    raw = c.responses.with_raw_response.create(model="native-then-chat", **ask)
+    assert raw.headers["x-lumen-attempts"] == "2"
+    assert raw.headers["x-lumen-dropped-params"] == "reasoning, metadata"
+    assert raw.parse().output_text == "mock reply from upstream-fast"
+    with c.responses.with_streaming_response.create(model="native-then-chat", stream=True, **ask) as stream:
+        assert stream.headers["x-lumen-dropped-params"] == "reasoning, metadata"
+    with c.responses.with_streaming_response.create(model="chat-then-native", stream=True, **ask) as stream:
+        assert "x-lumen-dropped-params" not in stream.headers

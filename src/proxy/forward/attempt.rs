@@ -116,7 +116,9 @@ pub(super) async fn attempt(
     // it, whatever the client set); the client sees it only if it asked.
     watch.strip_usage(crate::openai::adds_usage(req));
     watch.provider_api(provider.api, req.endpoint);
-    let head = target_body(req, target).and_then(|body| {
+    let head = target_body(req, target).and_then(|(body, dropped)| {
+        // This attempt's: an earlier attempt's target may have taken more, or less.
+        ctx.dropped = dropped;
         upstream_request(session.req_header(), provider, req, &body, &ctx.request_id)
             .map(|head| (head, body))
     });

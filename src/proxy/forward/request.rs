@@ -80,19 +80,31 @@ const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-lumen-upstrea
 /// The body a target gets, in the API its provider speaks: the client's request (its model
 /// replaced, usage asked for on streams) for an OpenAI-compatible provider; for one that
 /// speaks the Messages API, a Messages request's own body (its model replaced), or a chat (or
-/// Responses) request translated to Messages.
-pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes>, GatewayError> {
+/// Responses) request translated to Messages. With it, the request fields this target is not
+/// given (its API has no place for them).
+pub(super) fn target_body(
+    req: &LlmRequest,
+    target: &Target,
+) -> Result<(Vec<Bytes>, Vec<&'static str>), GatewayError> {
     let provider = &target.provider;
     if let Some(e) = unsuited(req, target) {
         return Err(invalid(e));
     }
     match (provider.api, req.endpoint) {
-        (Api::Responses, Endpoint::Responses) => return native_responses(req, target),
+        // The client's own API: nothing left out.
+        (Api::Responses, Endpoint::Responses) => {
+            return Ok((native_responses(req, target)?, Vec::new()))
+        }
+        // Chat completions: what translating a Responses or Messages request left out.
         (Api::Openai | Api::Responses, _) => {
-            return Ok(body_with_usage(req, target.model_json.as_ref()))
+            return Ok((
+                body_with_usage(req, target.model_json.as_ref()),
+                req.dropped.clone(),
+            ))
         }
         (Api::Anthropic, _) => {}
     }
+    let mut dropped = Vec::new();
     let model = target_model(req, target);
     let body = match (req.endpoint, req.original.as_deref()) {
         (Endpoint::Messages, Some(original)) => {
@@ -105,9 +117,15 @@ pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes
         (Endpoint::ChatCompletions | Endpoint::Responses, _) => {
             let chat: serde_json::Value = serde_json::from_slice(&req.raw)
                 .map_err(|e| GatewayError::Internal(format!("chat body: {e}")))?;
-            messages_provider::request(&chat, &model)
-                .map_err(invalid)?
-                .0
+            let (body, left_out) = messages_provider::request(&chat, &model).map_err(invalid)?;
+            // A Responses request lost some fields on its way to chat, and more on to Messages.
+            dropped.extend(req.dropped.iter().copied());
+            for field in left_out {
+                if !dropped.contains(&field) {
+                    dropped.push(field);
+                }
+            }
+            body
         }
         (other, _) => {
             return Err(GatewayError::Internal(format!(
@@ -118,7 +136,7 @@ pub(super) fn target_body(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes
     };
     let bytes = serde_json::to_vec(&body)
         .map_err(|e| GatewayError::Internal(format!("messages body: {e}")))?;
-    Ok(vec![Bytes::from(bytes)])
+    Ok((vec![Bytes::from(bytes)], dropped))
 }
 
 /// Why `target` cannot take `req` at all (its provider's API cannot carry it): such a target is

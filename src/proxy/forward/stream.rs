@@ -36,6 +36,8 @@ use crate::upstream::provider::Provider;
 const X_LUMEN_PROVIDER: HeaderName = HeaderName::from_static("x-lumen-provider");
 const X_LUMEN_ATTEMPTS: HeaderName = HeaderName::from_static("x-lumen-attempts");
 const X_LUMEN_OVERHEAD_US: HeaderName = HeaderName::from_static("x-lumen-overhead-us");
+/// Names the request fields the committed target could not be given (`reasoning`…).
+const X_LUMEN_DROPPED: HeaderName = HeaderName::from_static("x-lumen-dropped-params");
 
 /// The pipeline's side of the moment a committed answer is complete (the provider's answer
 /// arrived whole, or a stream's `data: [DONE]` went by), before the client is sent the last of
@@ -88,6 +90,12 @@ pub(super) async fn stream_to_client(
         }
         map.insert(X_LUMEN_ATTEMPTS, HeaderValue::from(ctx.attempts));
         map.insert(X_LUMEN_OVERHEAD_US, HeaderValue::from(overhead));
+        if !ctx.dropped.is_empty() {
+            // Field names from fixed lists: always a valid header value.
+            if let Ok(v) = HeaderValue::from_str(&ctx.dropped.join(", ")) {
+                map.insert(X_LUMEN_DROPPED, v);
+            }
+        }
     });
     ctx.committed_at = Some(Instant::now());
     ctx.status = head.status.as_u16();
