@@ -209,9 +209,14 @@ impl LlmRequest {
     /// over-estimate for JSON with a cloud tokenizer), plus the completion budget
     /// (`max_tokens`, or `default_completion` when the client set none).
     pub fn token_estimate(&self, default_completion: u64) -> u64 {
-        let prompt = self
-            .prompt_tokens
-            .unwrap_or_else(|| (self.raw.len() as u64).div_ceil(4));
+        let prompt = self.prompt_tokens.unwrap_or_else(|| {
+            // An untranslatable request's chat body is a stand-in: its own body is the prompt.
+            let size = match (&self.untranslatable, &self.original) {
+                (Some(_), Some(original)) => original.to_string().len(),
+                _ => self.raw.len(),
+            };
+            (size as u64).div_ceil(4)
+        });
         let completion = match self.endpoint {
             Endpoint::Embeddings | Endpoint::Rerank => 0,
             Endpoint::ChatCompletions
@@ -428,8 +433,34 @@ fn parse_messages(raw: Bytes, counting: bool) -> Result<LlmRequest, RequestError
         return Err(RequestError::MissingField("max_tokens"));
     }
     bounded_tokens("max_tokens", request.get("max_tokens").cloned())?;
-    let chat = crate::translate::messages::to_chat(&request, counting)?;
-    translated(Endpoint::Messages, request, chat.body, chat.dropped)
+    match crate::translate::messages::to_chat(&request, counting) {
+        Ok(chat) => translated(Endpoint::Messages, request, chat.body, chat.dropped),
+        // Anthropic-only blocks or server tools: refused at routing unless a target speaks the
+        // Messages API (which takes it as is). A count of such a body is refused at once.
+        Err(e @ crate::translate::TranslateError::Unsupported { .. }) if !counting => {
+            untranslatable(Endpoint::Messages, request, e)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A request in another API that no chat target can carry (`e` says why): kept whole for a
+/// target that speaks its API, with a minimal chat body beside it that is never forwarded
+/// (`unsuited` passes every other target over; the cache leaves it alone).
+fn untranslatable(
+    endpoint: Endpoint,
+    request: serde_json::Value,
+    e: crate::translate::TranslateError,
+) -> Result<LlmRequest, RequestError> {
+    let stream = request.get("stream").and_then(serde_json::Value::as_bool);
+    let placeholder = serde_json::json!({
+        "model": request.get("model"),
+        "messages": [{"role": "user", "content": ""}],
+        "stream": stream.unwrap_or(false),
+    });
+    let mut req = translated(endpoint, request, placeholder, Vec::new())?;
+    req.untranslatable = Some(Box::new(e));
+    Ok(req)
 }
 
 /// A Responses request: checked, translated to a chat completions request, and that parsed.
@@ -455,15 +486,7 @@ fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
         Ok(chat) => translated(Endpoint::Responses, request, chat.body, chat.dropped),
         // Refused at routing unless a target speaks the Responses API (which takes it as is).
         Err(e @ crate::translate::TranslateError::Unsupported { .. }) => {
-            let stream = request.get("stream").and_then(serde_json::Value::as_bool);
-            let placeholder = serde_json::json!({
-                "model": request.get("model"),
-                "messages": [{"role": "user", "content": ""}],
-                "stream": stream.unwrap_or(false),
-            });
-            let mut req = translated(Endpoint::Responses, request, placeholder, Vec::new())?;
-            req.untranslatable = Some(Box::new(e));
-            Ok(req)
+            untranslatable(Endpoint::Responses, request, e)
         }
         Err(e) => Err(e.into()),
     }

@@ -319,7 +319,8 @@ impl Gateway {
     /// is up; `None` otherwise, or when it did not answer in time.
     async fn count_on_sidecar(&self, route: &Route, req: &LlmRequest) -> Option<u64> {
         let target = route.targets.first()?;
-        if !self.node.health.get(&target.provider.name).is_sidecar() {
+        if req.untranslatable.is_some() || !self.node.health.get(&target.provider.name).is_sidecar()
+        {
             return None;
         }
         let model = match &target.model_json {

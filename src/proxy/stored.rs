@@ -58,20 +58,29 @@ impl Gateway {
     /// conversation (the key's own), translated in before the request's input. An id this
     /// gateway never stored may be the provider's own when the route has a target that speaks
     /// the Responses API: it goes there as it is (and to no other target). A request only such
-    /// a target can serve (a built-in tool) is refused on a route without one.      400, 503
+    /// a target can serve (a built-in tool; for a Messages request, a server tool or a
+    /// document block) is refused on a route without one.                            400, 503
     pub(super) async fn continue_stored(
         &self,
         principal: &Principal,
         mut req: LlmRequest,
         route: &Route,
     ) -> Result<LlmRequest, GatewayError> {
+        // A request only its own API can carry (a built-in tool, a server tool) needs a
+        // target that speaks it (the Messages API, for a Messages request).
+        if let Some(e) = req.untranslatable.as_ref() {
+            if !route
+                .targets
+                .iter()
+                .any(|t| t.provider.api.native_for(req.endpoint))
+            {
+                return Err(RequestError::Translate((**e).clone()).into());
+            }
+        }
         let native = route
             .targets
             .iter()
             .any(|t| t.provider.api == Api::Responses);
-        if let Some(e) = req.untranslatable.as_ref().filter(|_| !native) {
-            return Err(RequestError::Translate((**e).clone()).into());
-        }
         let Some(id) = req.previous_response_id().map(str::to_string) else {
             return Ok(req);
         };

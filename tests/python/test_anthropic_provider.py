@@ -32,6 +32,8 @@ routes:
     targets: [ {{ provider: claude, model: drop-mid-stream }} ]
   - model: falls-back
     targets: [ {{ provider: mock, model: status-500 }}, {{ provider: claude, model: upstream-claude }} ]
+  - model: openai-only
+    targets: [ {{ provider: mock, model: upstream-fast }} ]
 """,
     )
     yield g
@@ -219,3 +221,30 @@ def test_chat_fields_the_messages_api_lacks_are_named_when_it_answers(gateway):
         model="falls-back", messages=[{"role": "user", "content": "hi"}], seed=7, stream=True
     ) as stream:
         assert stream.headers["x-lumen-dropped-params"] == "seed"
+
+
+def test_anthropic_only_blocks_and_server_tools_reach_a_messages_provider_as_they_came(gateway, mock):
+    """A server tool or a document block has no chat form: a route whose target speaks the
+    Messages API gets the request as it came; a route of chat targets refuses it with a 400
+    naming the field, before any provider is called."""
+    a = anthropic.Anthropic(base_url=gateway.base_url.removesuffix("/v1"), api_key="sk-client-python", max_retries=0)
+    server_tool = [{"type": "web_search_20250305", "name": "web_search"}]
+    document = [
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The sky is blue."}},
+        {"type": "text", "text": "What colour is the sky?"},
+    ]
+    msg = a.messages.create(model="claude", max_tokens=50, tools=server_tool, messages=[{"role": "user", "content": "hi"}])
+    assert msg.id == "msg_mock_1"
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent["tools"] == server_tool
+    msg = a.messages.create(model="claude", max_tokens=50, messages=[{"role": "user", "content": document}])
+    assert msg.id == "msg_mock_1"
+    assert json.loads(mock.requests()[-1]["body"])["messages"][0]["content"] == document
+    with a.messages.stream(model="claude", max_tokens=50, tools=server_tool, messages=[{"role": "user", "content": "hi"}]) as stream:
+        assert stream.get_final_message().id == "msg_mock_1"
+    # Chat targets only: a clear 400, and the provider never called.
+    before = len(mock.requests())
+    with pytest.raises(anthropic.BadRequestError) as e:
+        a.messages.create(model="openai-only", max_tokens=50, tools=server_tool, messages=[{"role": "user", "content": "hi"}])
+    assert "web_search" in e.value.body["error"]["message"]
+    assert len(mock.requests()) == before

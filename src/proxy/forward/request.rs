@@ -141,12 +141,13 @@ pub(super) fn target_body(
 
 /// Why `target` cannot take `req` at all (its provider's API cannot carry it): such a target is
 /// passed over, not tried. A Responses request only the Responses API can serve (a built-in
-/// tool) needs a provider that speaks it; a provider that speaks the Messages API takes chat,
+/// tool), or a Messages request only the Messages API can (a server tool, a document block),
+/// needs a provider that speaks that API; a provider that speaks the Messages API takes chat,
 /// Responses and Messages requests only.
 pub(super) fn unsuited(req: &LlmRequest, target: &Target) -> Option<TranslateError> {
     let provider = &target.provider;
     if let Some(e) = &req.untranslatable {
-        if !(provider.api == Api::Responses && req.endpoint == Endpoint::Responses) {
+        if !provider.api.native_for(req.endpoint) {
             return Some((**e).clone());
         }
     }
