@@ -201,6 +201,9 @@ pub struct LlmRequest {
     /// Why a Responses request cannot be translated for a chat completions target (a built-in
     /// tool…): only a provider that speaks the Responses API can serve it.
     pub untranslatable: Option<Box<crate::translate::TranslateError>>,
+    /// The client's body size when `raw` is only a stand-in (a request no chat target can
+    /// carry; 0 otherwise): its token estimate is taken from this, counted once at parse.
+    pub untranslatable_len: usize,
 }
 
 impl LlmRequest {
@@ -211,9 +214,9 @@ impl LlmRequest {
     pub fn token_estimate(&self, default_completion: u64) -> u64 {
         let prompt = self.prompt_tokens.unwrap_or_else(|| {
             // An untranslatable request's chat body is a stand-in: its own body is the prompt.
-            let size = match (&self.untranslatable, &self.original) {
-                (Some(_), Some(original)) => original.to_string().len(),
-                _ => self.raw.len(),
+            let size = match self.untranslatable_len {
+                0 => self.raw.len(),
+                own => own,
             };
             (size as u64).div_ceil(4)
         });
@@ -355,6 +358,7 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         dropped: Vec::new(),
         counting: false,
         prompt_tokens: None,
+        untranslatable_len: 0,
         history: None,
         untranslatable: None,
     })
@@ -438,7 +442,7 @@ fn parse_messages(raw: Bytes, counting: bool) -> Result<LlmRequest, RequestError
         // Anthropic-only blocks or server tools: refused at routing unless a target speaks the
         // Messages API (which takes it as is). A count of such a body is refused at once.
         Err(e @ crate::translate::TranslateError::Unsupported { .. }) if !counting => {
-            untranslatable(Endpoint::Messages, request, e)
+            untranslatable(Endpoint::Messages, request, raw.len(), e)
         }
         Err(e) => Err(e.into()),
     }
@@ -450,6 +454,7 @@ fn parse_messages(raw: Bytes, counting: bool) -> Result<LlmRequest, RequestError
 fn untranslatable(
     endpoint: Endpoint,
     request: serde_json::Value,
+    body_len: usize,
     e: crate::translate::TranslateError,
 ) -> Result<LlmRequest, RequestError> {
     let stream = request.get("stream").and_then(serde_json::Value::as_bool);
@@ -460,6 +465,7 @@ fn untranslatable(
     });
     let mut req = translated(endpoint, request, placeholder, Vec::new())?;
     req.untranslatable = Some(Box::new(e));
+    req.untranslatable_len = body_len;
     Ok(req)
 }
 
@@ -486,7 +492,7 @@ fn parse_responses(raw: Bytes) -> Result<LlmRequest, RequestError> {
         Ok(chat) => translated(Endpoint::Responses, request, chat.body, chat.dropped),
         // Refused at routing unless a target speaks the Responses API (which takes it as is).
         Err(e @ crate::translate::TranslateError::Unsupported { .. }) => {
-            untranslatable(Endpoint::Responses, request, e)
+            untranslatable(Endpoint::Responses, request, raw.len(), e)
         }
         Err(e) => Err(e.into()),
     }
@@ -749,6 +755,20 @@ mod tests {
         let asked = chat(r#"{"model":"fast","stream":true,"messages":[],"stream_options":{"include_usage":true}}"#).unwrap();
         assert_eq!(&body_with_usage(&asked, None).concat()[..], &asked.raw[..]);
         assert!(req.token_estimate(100) >= 7 + 10);
+    }
+
+    #[test]
+    fn an_untranslatable_request_is_estimated_from_its_own_body_not_the_stand_in() {
+        let text = "x".repeat(4000);
+        let body = serde_json::json!({"model": "m", "max_tokens": 1,
+            "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+            "messages": [{"role": "user", "content": text}]});
+        let raw = Bytes::from(serde_json::to_vec(&body).unwrap());
+        let len = raw.len() as u64;
+        let req = parse(Endpoint::Messages, raw).unwrap();
+        assert!(req.untranslatable.is_some());
+        assert!(req.raw.len() < 200, "the stand-in is small");
+        assert_eq!(req.token_estimate(0), len.div_ceil(4));
     }
 
     #[test]
