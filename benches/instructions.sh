@@ -7,6 +7,10 @@
 #
 #   benches/instructions.sh [REQUESTS] [stream]     (after cargo build --release --workspace)
 #   LUMEN_BIN=/tmp/lumen-before benches/instructions.sh    # another build of lumen
+#   LUMEN_PROFILE_DIR=/tmp/prof benches/instructions.sh   # keeps the dumps (callgrind_annotate)
+#   LUMEN_API=translation benches/instructions.sh [REQUESTS] [stream]
+#       # Lumen alone: the same answer asked for in chat completions, the Responses API and
+#       # the Messages API (translated to chat and back), and what translation adds
 #
 # Each proxy gets 200 requests to warm up, then its counters are zeroed, REQUESTS (default
 # 2000) chat requests of 1 KiB are sent on one keep-alive connection (streams of 5 chunks with
@@ -38,17 +42,26 @@ measure() {
   valgrind --tool=callgrind --callgrind-out-file="$work/$name.out" "$@" >"$work/$name.log" 2>&1 &
   local vg=$!
   pids+=("$vg")
-  python3 - "$listen" "$N" "$STREAM" "$vg" <<'PY'
+  python3 - "$listen" "$N" "$STREAM" "$vg" "${API:-chat}" <<'PY'
 import http.client, json, subprocess, sys, time
 port, n, stream, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "true", sys.argv[4]
-body = json.dumps({"model": "bench", "stream": stream, "mock_chunks": 5, "temperature": 0,
-                   "messages": [{"role": "user", "content": "x" * 900}]})
+api = sys.argv[5]
+filler = "x" * 900
+path, body = {
+    "chat": ("/v1/chat/completions", {"model": "bench", "stream": stream, "mock_chunks": 5, "temperature": 0,
+             "messages": [{"role": "user", "content": filler}]}),
+    "responses": ("/v1/responses", {"model": "bench", "stream": stream, "mock_chunks": 5, "temperature": 0,
+                  "input": filler, "store": False}),
+    "messages": ("/v1/messages", {"model": "bench", "stream": stream, "mock_chunks": 5, "temperature": 0,
+                 "max_tokens": 64, "messages": [{"role": "user", "content": filler}]}),
+}[api]
+body = json.dumps(body)
 head = {"authorization": "Bearer lm-bench-key", "content-type": "application/json"}
 deadline = time.time() + 120
 while True:
     try:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        c.request("POST", "/v1/chat/completions", body, head)
+        c.request("POST", path, body, head)
         r = c.getresponse(); r.read()
         if r.status == 200:
             break
@@ -59,7 +72,7 @@ while True:
     time.sleep(0.5)
 def go(k):
     for _ in range(k):
-        c.request("POST", "/v1/chat/completions", body, head)
+        c.request("POST", path, body, head)
         r = c.getresponse(); d = r.read()
         assert r.status == 200, (r.status, d)
 go(200)
@@ -72,6 +85,8 @@ PY
   local ir
   ir=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
   kill "$vg" 2>/dev/null || true
+  # LUMEN_PROFILE_DIR=DIR keeps each dump there, for callgrind_annotate.
+  [ -n "${LUMEN_PROFILE_DIR:-}" ] && cp "$dump" "$LUMEN_PROFILE_DIR/$name.callgrind"
   echo "$name $((ir / N))"
 }
 
@@ -88,6 +103,17 @@ routes:
   - { model: bench, targets: [ { provider: mock, model: bench-upstream } ] }
 YAML
 echo "user-space instructions per request ($N requests, 1 KiB, stream: $STREAM; callgrind)"
+if [ "${LUMEN_API:-}" = translation ]; then
+  for api in chat responses messages; do
+    # a listener of its own for each run: the last one may still be letting go of its port
+    l2=$(port)
+    sed "s/127.0.0.1:$listen/127.0.0.1:$l2/; s/127.0.0.1:$admin/127.0.0.1:$(port)/" "$work/lumen.yaml" >"$work/$api.yaml"
+    r=$(API=$api RUNTIME_DIRECTORY="$work" measure "lumen-$api" "$l2" "$LUMEN" serve --config "$work/$api.yaml")
+    echo "  $r"
+    [ "$api" = chat ] && chat=${r##* } || echo "    added by translation: $(( ${r##* } - chat ))"
+  done
+  exit 0
+fi
 l=$(RUNTIME_DIRECTORY="$work" measure lumen "$listen" "$LUMEN" serve --config "$work/lumen.yaml")
 bare=$(port)
 p=$(measure pingora "$bare" $R/lumen-bare-proxy --listen "127.0.0.1:$bare" --upstream "127.0.0.1:$mock")

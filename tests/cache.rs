@@ -348,6 +348,10 @@ async fn embeddings_are_cached_per_item_and_only_misses_go_upstream() {
 }
 
 async fn concurrent(lumen: &Lumen, body: &Value, n: usize) -> Vec<Response> {
+    concurrent_at(lumen, "/v1/chat/completions", body, n).await
+}
+
+async fn concurrent_at(lumen: &Lumen, path: &'static str, body: &Value, n: usize) -> Vec<Response> {
     let tasks: Vec<_> = (0..n)
         .map(|_| {
             let (addr, body) = (lumen.addr, body.clone());
@@ -355,11 +359,7 @@ async fn concurrent(lumen: &Lumen, body: &Value, n: usize) -> Vec<Response> {
                 Client::connect(addr)
                     .await
                     .unwrap()
-                    .post_json(
-                        "/v1/chat/completions",
-                        &[("authorization", "Bearer sk-alice")],
-                        &body,
-                    )
+                    .post_json(path, &[("authorization", "Bearer sk-alice")], &body)
                     .await
                     .unwrap()
             })
@@ -415,6 +415,87 @@ async fn fifty_identical_requests_in_flight_make_one_upstream_call() {
     assert!(
         last - first >= Duration::from_millis(200),
         "{first:?} {last:?}"
+    );
+}
+
+/// Responses and Messages requests share flights too: the flight carries the provider's chat
+/// answer and each follower translates it for itself (its own id; a stored response each).
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_translated_requests_in_flight_make_one_upstream_call() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, ""));
+    let body = json!({"model": "slow", "input": "hello", "temperature": 0});
+    let responses = concurrent_at(&lumen, "/v1/responses", &body, 20).await;
+    let mut ids = std::collections::HashSet::new();
+    for r in &responses {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["object"], "response");
+        assert_eq!(
+            v["output"][0]["content"][0]["text"],
+            "mock reply from slow-400"
+        );
+        assert!(
+            ids.insert(v["id"].as_str().unwrap().to_string()),
+            "ids differ"
+        );
+    }
+    assert_eq!(chat_calls(&mock), 1, "responses");
+    let followers: Vec<_> = responses
+        .iter()
+        .filter(|r| r.header("x-lumen-coalesced").is_some())
+        .collect();
+    assert!(followers.len() >= 15, "{}", followers.len());
+    // A follower's response is stored under its own id, for its next turn.
+    let id = followers[0].json()["id"].as_str().unwrap().to_string();
+    let stored = Client::connect(lumen.addr)
+        .await
+        .unwrap()
+        .request(
+            "GET",
+            &format!("/v1/responses/{id}"),
+            &[("authorization", "Bearer sk-alice")],
+            b"",
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.status, 200, "{}", stored.text());
+    assert_eq!(stored.json()["id"], id.as_str());
+
+    // Messages streams: followers get Anthropic's events as the leader's chunks arrive.
+    mock.clear();
+    // (The translation passes no mock_* fields on: the slow model holds the answer back.)
+    let body = json!({"model": "slow", "max_tokens": 64, "temperature": 0, "stream": true,
+        "messages": [{"role": "user", "content": "a slow stream"}]});
+    let responses = concurrent_at(&lumen, "/v1/messages", &body, 20).await;
+    let mut ids = std::collections::HashSet::new();
+    for r in &responses {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        // Named events (`event: …` then `data: …`).
+        let events: Vec<Value> = r
+            .text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert_eq!(events.first().unwrap()["type"], "message_start");
+        assert_eq!(events.last().unwrap()["type"], "message_stop");
+        let text: String = events
+            .iter()
+            .filter_map(|e| e["delta"]["text"].as_str())
+            .collect();
+        assert_eq!(text, "tok0 tok1 tok2 ");
+        let id = events[0]["message"]["id"].as_str().unwrap().to_string();
+        assert!(ids.insert(id), "ids differ");
+    }
+    assert_eq!(chat_calls(&mock), 1, "messages stream");
+    assert!(
+        responses
+            .iter()
+            .filter(|r| r.header("x-lumen-coalesced").is_some())
+            .count()
+            >= 15
     );
 }
 

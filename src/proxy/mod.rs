@@ -121,12 +121,18 @@ impl Gateway {
             }
             Err(e) => return Box::pin(self.write_error(s, ctx, &e)).await,
         };
+        // A translated request (Responses, Messages): its answer is translated back.
+        let translation = translated::answer(ctx, &req);
         // 9, for a miss: embeddings item by item, or follow (or lead) an identical request.
-        let Some(mut watch) = self.miss(s, ctx, &req, &route, plan.as_ref()).await? else {
+        let Some(mut watch) = self
+            .miss(s, ctx, &req, &route, plan.as_ref(), translation.as_ref())
+            .await?
+        else {
             return Ok(());
         };
-        // A translated request (Responses, Messages): its answer is translated back.
-        let translation = translated::start(ctx, &req, &mut watch);
+        if let Some(answer) = &translation {
+            translated::watch(answer, req.stream, &mut watch);
+        }
         // 11. Forward: targets in order, fallback, retries, the answer streamed back.
         let forwarded = self
             .forwarder

@@ -30,21 +30,14 @@ use crate::translate::{messages, responses};
 /// Most bytes of a whole answer kept for its translation.
 const MAX_ANSWER: usize = 64 * 1024 * 1024;
 
-/// Sets up the translation of `req`'s answer (`None` for an untranslated request): `watch`
-/// translates a stream as it flows, or captures the whole answer. Returns what the translated
-/// answer says of itself (its id, and the request a `response` echoes).
-pub(super) fn start(
-    ctx: &mut RequestCtx,
-    req: &LlmRequest,
-    watch: &mut Watchers,
-) -> Option<Answer> {
-    let answer = answer(ctx, req)?;
-    if req.stream {
+/// Sets up the translation of an answer (`answer`, from [`answer`]): `watch` translates a
+/// stream as it flows, or captures a whole answer.
+pub(super) fn watch(answer: &Answer, stream: bool, watch: &mut Watchers) {
+    if stream {
         watch.translating(TranslatedStream::new(answer.clone()));
     } else {
         watch.capture(MAX_ANSWER);
     }
-    Some(answer)
 }
 
 /// What `req`'s answer says of itself in the client's API (`None` for an untranslated

@@ -32,6 +32,8 @@ routes:
     targets: [ {{ provider: mock, model: status-400 }} ]
   - model: falls-back
     targets: [ {{ provider: mock, model: status-500 }}, {{ provider: mock, model: upstream-fast }} ]
+  - model: whole
+    targets: [ {{ provider: mock, model: ignores-stream }} ]
   - model: cached
     targets: [ {{ provider: mock, model: upstream-cached }} ]
     cache: {{ ttl: 1h, when: always }}
@@ -102,6 +104,18 @@ def test_stream_emits_anthropics_events(gateway):
     assert final.content[0].text == "tok0 tok1 tok2 "
     assert final.stop_reason == "end_turn"
     assert final.usage.input_tokens == 7 and final.usage.output_tokens == 3
+
+
+def test_a_whole_answer_to_a_stream_request_is_streamed(gateway):
+    """A provider that ignores `stream: true`: the SDK's stream still gets Anthropic's events."""
+    with client(gateway).messages.stream(model="whole", max_tokens=64, messages=[{"role": "user", "content": "hello"}]) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    types = [e.type for e in events]
+    assert types[0] == "message_start" and types[-1] == "message_stop"
+    assert final.content[0].text == "mock reply from ignores-stream"
+    assert final.stop_reason == "end_turn"
+    assert final.usage.input_tokens == 7 and final.usage.output_tokens == 4
 
 
 def test_a_tool_round_trip(gateway, mock):

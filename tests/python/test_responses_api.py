@@ -27,6 +27,8 @@ routes:
     targets: [ {{ provider: mock, model: drop-mid-stream }} ]
   - model: falls-back
     targets: [ {{ provider: mock, model: status-500 }}, {{ provider: mock, model: upstream-fast }} ]
+  - model: whole
+    targets: [ {{ provider: mock, model: ignores-stream }} ]
 """,
     )
     yield g
@@ -89,6 +91,25 @@ def test_stream_emits_the_documented_events(gateway):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert final.output_text == "tok0 tok1 tok2 "
     assert final.usage.input_tokens == 7 and final.usage.output_tokens == 3
+
+
+def test_a_whole_answer_to_a_stream_request_is_streamed_and_stored(gateway):
+    """A provider that ignores `stream: true` and answers whole JSON: the SDK's stream still
+    gets the documented events (not a JSON body it would read as no events), and the
+    completed response is stored for its next turn."""
+    c = client(gateway)
+    with c.responses.stream(model="whole", input="hello") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.completed"
+    assert final.output_text == "mock reply from ignores-stream"
+    assert final.usage.input_tokens == 7 and final.usage.output_tokens == 4
+    stored = c.responses.retrieve(final.id)
+    assert stored.output_text == final.output_text and stored.status == "completed"
+    nxt = c.responses.create(model="fast", input="and then?", previous_response_id=final.id)
+    assert nxt.status == "completed"
 
 
 def test_a_function_tool_round_trip(gateway, mock):

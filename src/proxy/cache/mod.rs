@@ -45,7 +45,7 @@ use serde_json::Value;
 use super::ctx::{add_headers, RequestCtx};
 use super::forward::{TranslatedStream, Watchers};
 use super::gateway::Gateway;
-use crate::openai::{Endpoint, LlmRequest};
+use crate::openai::LlmRequest;
 use crate::routing::Route;
 use crate::translate::answer::Answer;
 use fill::Fill;
@@ -169,122 +169,19 @@ pub enum Followed {
     Alone,
 }
 
-/// Serves this request from the leader's flight.
-pub async fn follow(
+/// Ends a follower's response whose leader failed mid-way: an SSE error event (a translated
+/// stream's own failure event), or a dropped connection for JSON (a truncated body must not
+/// look complete).
+async fn end_broken(
     s: &mut Session,
-    ctx: &mut RequestCtx,
-    plan: &Plan,
-    flight: &Flight,
-    wait: Duration,
-) -> Followed {
-    let Some(head) = flight.head(wait).await else {
-        return match flight.end(Duration::ZERO).await {
-            Some(_) => Followed::TakeOver,
-            None => Followed::Alone,
-        };
-    };
-    let same_shape = head.sse == plan.stream;
-    if !same_shape {
-        // JSON for a stream or the other way round: wait for the assembled answer.
-        return match flight.end(wait).await {
-            Some(End::Complete(Some(body))) => {
-                let entry = Entry {
-                    body,
-                    created_ms: now_ms(),
-                    ttl_ms: 0,
-                    provider: head.provider,
-                };
-                Followed::Done(serve(s, ctx, plan, &entry).await)
-            }
-            Some(End::Failed) => Followed::TakeOver,
-            Some(End::Complete(None)) | None => Followed::Alone,
-        };
+    sse: bool,
+    translate: Option<&mut TranslatedStream>,
+) -> pingora::Result<()> {
+    const MESSAGE: &str = "the upstream answer this request shared failed mid-stream";
+    if let Some(t) = translate.filter(|_| sse) {
+        let failed = t.fail(MESSAGE);
+        return s.write_response_body(Some(failed), true).await;
     }
-    // Same shape: the leader's bytes, as they arrive.
-    let mut resp = match ResponseHeader::build(
-        StatusCode::OK,
-        Some(ctx.response_headers.len().saturating_add(4)),
-    ) {
-        Ok(r) => r,
-        Err(e) => return Followed::Done(Err(e)),
-    };
-    let content_type = if head.sse {
-        "text/event-stream"
-    } else {
-        "application/json"
-    };
-    let _ = resp.insert_header(CONTENT_TYPE, content_type);
-    // The length is not known until the leader's answer ends.
-    let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
-    let _ = resp.insert_header("x-lumen-provider", head.provider.as_str());
-    // A shared answer still being written: as fresh as an answer gets.
-    let _ = resp.insert_header("age", 0);
-    add_headers(&mut resp, &ctx.response_headers);
-    ctx.provider = Some(head.provider.clone());
-    ctx.stream = head.sse;
-    let mut written = false;
-    let mut seen = 0;
-    // The leader's stream carries the usage chunk Lumen always asks for; a follower that did
-    // not ask for it must not see it (every client gets exactly the stream it asked for).
-    let mut strip = (head.sse && !plan.include_usage).then(UsageStrip::default);
-    loop {
-        let update = flight.next(seen, wait).await;
-        if update.chunks.is_empty() && update.end.is_none() {
-            // The leader stalled longer than we wait for it.
-            if written {
-                return Followed::Done(end_broken(s, head.sse).await);
-            }
-            return Followed::Alone;
-        }
-        if !written && !update.chunks.is_empty() {
-            ctx.status = 200;
-            if let Err(e) = s.write_response_header(Box::new(resp.clone()), false).await {
-                return Followed::Done(Err(e));
-            }
-            written = true;
-        }
-        for chunk in update.chunks {
-            seen = seen.saturating_add(1);
-            let chunk = match strip.as_mut() {
-                Some(strip) => strip.filter(chunk),
-                None => chunk,
-            };
-            if chunk.is_empty() {
-                continue;
-            }
-            if let Err(e) = s.write_response_body(Some(chunk), false).await {
-                return Followed::Done(Err(e));
-            }
-        }
-        match update.end {
-            None => continue,
-            Some(End::Complete(body)) => {
-                if !written {
-                    // An empty body: nothing was written yet.
-                    ctx.status = 200;
-                    if let Err(e) = s.write_response_header(Box::new(resp), false).await {
-                        return Followed::Done(Err(e));
-                    }
-                }
-                ctx.usage_total = body.as_deref().and_then(usage_total);
-                if let Some(rest) = strip.as_mut().map(UsageStrip::finish) {
-                    if !rest.is_empty() {
-                        if let Err(e) = s.write_response_body(Some(rest), false).await {
-                            return Followed::Done(Err(e));
-                        }
-                    }
-                }
-                return Followed::Done(s.write_response_body(None, true).await);
-            }
-            Some(End::Failed) if !written => return Followed::TakeOver,
-            Some(End::Failed) => return Followed::Done(end_broken(s, head.sse).await),
-        }
-    }
-}
-
-/// Ends a follower's response whose leader failed mid-way: an SSE error event, or a dropped
-/// connection for JSON (a truncated body must not look complete).
-async fn end_broken(s: &mut Session, sse: bool) -> pingora::Result<()> {
     if sse {
         let event = b"data: {\"error\":{\"message\":\"the upstream answer this request shared failed mid-stream\",\"type\":\"api_error\",\"param\":null,\"code\":\"upstream_unavailable\"}}\n\n";
         s.write_response_body(Some(Bytes::from_static(event)), true)
@@ -298,6 +195,155 @@ async fn end_broken(s: &mut Session, sse: bool) -> pingora::Result<()> {
 }
 
 impl Gateway {
+    /// Serves this request from the leader's flight; a translated request (`answer`) gets
+    /// the leader's chat answer in its own API, with its own ids, like a hit.
+    async fn follow(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        plan: &Plan,
+        flight: &Flight,
+        answer: Option<&Answer>,
+    ) -> Followed {
+        let wait = self.node.cache.coalesce_wait;
+        let Some(head) = flight.head(wait).await else {
+            return match flight.end(Duration::ZERO).await {
+                Some(_) => Followed::TakeOver,
+                None => Followed::Alone,
+            };
+        };
+        // A whole answer is translated whole: it waits for the end, like another shape does.
+        let same_shape = head.sse == plan.stream && (head.sse || answer.is_none());
+        if !same_shape {
+            // JSON for a stream or the other way round: wait for the assembled answer.
+            return match flight.end(wait).await {
+                Some(End::Complete(Some(body))) => {
+                    let entry = Entry {
+                        body,
+                        created_ms: now_ms(),
+                        ttl_ms: 0,
+                        provider: head.provider,
+                    };
+                    let rendered = match render(ctx, plan, &entry, answer) {
+                        Ok(rendered) => rendered,
+                        Err(e) => return Followed::Done(Err(e)),
+                    };
+                    self.keep_completed(ctx, rendered.completed.clone()).await;
+                    Followed::Done(write(s, rendered).await)
+                }
+                Some(End::Failed) => Followed::TakeOver,
+                Some(End::Complete(None)) | None => Followed::Alone,
+            };
+        }
+        // Same shape: the leader's bytes, as they arrive.
+        let mut resp = match ResponseHeader::build(
+            StatusCode::OK,
+            Some(ctx.response_headers.len().saturating_add(4)),
+        ) {
+            Ok(r) => r,
+            Err(e) => return Followed::Done(Err(e)),
+        };
+        let content_type = if head.sse {
+            "text/event-stream"
+        } else {
+            "application/json"
+        };
+        let _ = resp.insert_header(CONTENT_TYPE, content_type);
+        // The length is not known until the leader's answer ends.
+        let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        let _ = resp.insert_header("x-lumen-provider", head.provider.as_str());
+        // A shared answer still being written: as fresh as an answer gets.
+        let _ = resp.insert_header("age", 0);
+        add_headers(&mut resp, &ctx.response_headers);
+        ctx.provider = Some(head.provider.clone());
+        ctx.stream = head.sse;
+        let mut written = false;
+        let mut seen = 0;
+        // The leader's stream carries the usage chunk Lumen always asks for; a follower that
+        // did not ask for it must not see it (every client gets exactly the stream it asked
+        // for). A translated stream reads its usage from that chunk, event by event.
+        let mut translate = answer.map(|answer| {
+            let mut t = TranslatedStream::new(answer.clone());
+            t.commit(200, true);
+            t
+        });
+        let mut strip =
+            (head.sse && !plan.include_usage && translate.is_none()).then(UsageStrip::default);
+        loop {
+            let update = flight.next(seen, wait).await;
+            if update.chunks.is_empty() && update.end.is_none() {
+                // The leader stalled longer than we wait for it.
+                if written {
+                    return Followed::Done(end_broken(s, head.sse, translate.as_mut()).await);
+                }
+                return Followed::Alone;
+            }
+            if !written && !update.chunks.is_empty() {
+                ctx.status = 200;
+                if let Err(e) = s.write_response_header(Box::new(resp.clone()), false).await {
+                    return Followed::Done(Err(e));
+                }
+                written = true;
+            }
+            for chunk in update.chunks {
+                seen = seen.saturating_add(1);
+                let chunk = match (strip.as_mut(), translate.as_mut()) {
+                    (Some(strip), _) => strip.filter(chunk),
+                    (None, Some(t)) => t.filter(&chunk),
+                    (None, None) => chunk,
+                };
+                if chunk.is_empty() {
+                    continue;
+                }
+                if let Err(e) = s.write_response_body(Some(chunk), false).await {
+                    return Followed::Done(Err(e));
+                }
+            }
+            match update.end {
+                None => continue,
+                Some(End::Complete(body)) => {
+                    if !written {
+                        // An empty body: nothing was written yet.
+                        ctx.status = 200;
+                        if let Err(e) = s.write_response_header(Box::new(resp), false).await {
+                            return Followed::Done(Err(e));
+                        }
+                    }
+                    ctx.usage_total = body.as_deref().and_then(usage_total);
+                    let rest = match (strip.as_mut(), translate.as_mut()) {
+                        (Some(strip), _) => strip.finish(),
+                        (None, Some(t)) => {
+                            let rest = t.end();
+                            // Stored before the client has the end: its next turn may come
+                            // at once.
+                            self.keep_completed(ctx, t.take_completed()).await;
+                            rest
+                        }
+                        (None, None) => Bytes::new(),
+                    };
+                    if !rest.is_empty() {
+                        if let Err(e) = s.write_response_body(Some(rest), false).await {
+                            return Followed::Done(Err(e));
+                        }
+                    }
+                    return Followed::Done(s.write_response_body(None, true).await);
+                }
+                Some(End::Failed) if !written => return Followed::TakeOver,
+                Some(End::Failed) => {
+                    return Followed::Done(end_broken(s, head.sse, translate.as_mut()).await)
+                }
+            }
+        }
+    }
+
+    /// A translated Responses answer's `response`, stored when the client asked for that.
+    async fn keep_completed(&self, ctx: &mut RequestCtx, completed: Option<Value>) {
+        if let (Some(response), Some(keep)) = (completed, ctx.keep.as_mut()) {
+            keep.response = Some(response);
+            Box::pin(self.keep_response(ctx)).await;
+        }
+    }
+
     /// Step 9 for a request the cache did not answer: a list of embeddings is looked up item
     /// by item (and answered here); an identical request in flight is followed, else this one
     /// leads and its answer is recorded by a fill. `None`: answered here; else the watchers
@@ -309,6 +355,7 @@ impl Gateway {
         req: &LlmRequest,
         route: &Route,
         plan: Option<&Plan>,
+        answer: Option<&Answer>,
     ) -> Result<Option<Watchers>> {
         let Some(plan) = plan else {
             return Ok(Some(Watchers::default()));
@@ -322,7 +369,7 @@ impl Gateway {
         }
         let sink = (self.node.cache.clone(), self.metrics.clone());
         Ok(self
-            .coalesce(s, ctx, plan)
+            .coalesce(s, ctx, plan, answer)
             .await?
             .map(|fill| Watchers::filling(fill, sink)))
     }
@@ -375,21 +422,20 @@ impl Gateway {
 
     /// A cacheable request that missed: joins an identical request in flight (answered from
     /// it: `None`) or leads one, recording its answer for the store with the fill returned.
+    /// A translated request (`answer`) shares flights with identical requests in its API: the
+    /// flight carries the chat answer, and each follower translates it for itself.
     async fn coalesce(
         &self,
         s: &mut Session,
         ctx: &mut RequestCtx,
         plan: &Plan,
+        answer: Option<&Answer>,
     ) -> Result<Option<Fill>> {
-        let translated = ctx.endpoint.is_some_and(Endpoint::translated);
-        if plan.control == ClientControl::Refresh || translated {
-            // The client wants a fresh answer: no following; store it for the others. (A
-            // translated request neither follows nor leads a flight: a follower gets the
-            // leader's bytes as they come, in the leader's API.)
+        if plan.control == ClientControl::Refresh {
+            // The client wants a fresh answer: no following; store it for the others.
             push_status(ctx, "miss");
             return Ok(Some(Fill::new(plan, None)));
         }
-        let wait = self.node.cache.coalesce_wait;
         loop {
             match self
                 .node
@@ -408,7 +454,7 @@ impl Gateway {
                         HeaderName::from_static("x-lumen-coalesced"),
                         HeaderValue::from_static("1"),
                     ));
-                    match Box::pin(follow(s, ctx, plan, &flight, wait)).await {
+                    match Box::pin(self.follow(s, ctx, plan, &flight, answer)).await {
                         Followed::Done(result) => {
                             ctx.cache = Some("coalesced");
                             // Like a hit: no provider call, so no tokens unless the route

@@ -107,6 +107,9 @@ pub(super) async fn stream_to_client(
         head.remove_header(&CONTENT_LENGTH);
         let _ = head.insert_header(http::header::TRANSFER_ENCODING, "chunked");
     }
+    if watch.streams_whole() {
+        let _ = head.insert_header(CONTENT_TYPE, "text/event-stream");
+    }
     let result = pump(session, ctx, upstream, head, first, sse, source, watch).await;
     take_usage(ctx, watch);
     result

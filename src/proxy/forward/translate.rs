@@ -43,7 +43,8 @@ enum Mode {
     /// An error answer the client's API shapes its own way: kept, and sent reshaped at the end.
     Error(u16),
     /// A whole chat answer to a stream request (a provider that ignored `stream`): kept, and
-    /// sent translated at the end, as a whole answer in the client's API.
+    /// sent at its end as the events its stream would have carried (the client asked for a
+    /// stream, and an SDK reading one finds no events in a JSON body).
     Whole,
 }
 
@@ -91,11 +92,26 @@ impl TranslatedStream {
         self.mode != Mode::Off
     }
 
+    /// Whether the committed answer, a whole chat answer, goes to the client as a stream of
+    /// events: its head must say `text/event-stream`.
+    pub fn streams_whole(&self) -> bool {
+        self.mode == Mode::Whole
+    }
+
     /// The client's bytes for one provider chunk (empty while an event is incomplete, or
     /// while an error answer is kept).
     pub fn filter(&mut self, chunk: &[u8]) -> Bytes {
+        if self.mode == Mode::Off {
+            return Bytes::copy_from_slice(chunk);
+        }
+        self.feed(chunk);
+        self.take()
+    }
+
+    /// Translates what of `chunk` completes events into `events` (or keeps it, see `Mode`).
+    fn feed(&mut self, chunk: &[u8]) {
         match self.mode {
-            Mode::Off => return Bytes::copy_from_slice(chunk),
+            Mode::Off => return,
             Mode::Error(_) | Mode::Whole => {
                 let max = if self.mode == Mode::Whole {
                     MAX_STREAM
@@ -105,12 +121,12 @@ impl TranslatedStream {
                 let room = max.saturating_sub(self.pending.len());
                 self.pending
                     .extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
-                return Bytes::new();
+                return;
             }
             Mode::Events => {}
         }
         if self.translator.finished() {
-            return Bytes::new();
+            return;
         }
         self.seen = self.seen.saturating_add(chunk.len());
         if self.seen > self.limit {
@@ -119,7 +135,7 @@ impl TranslatedStream {
                 "the provider's answer is larger than 64 MiB",
                 &mut self.events,
             );
-            return self.take();
+            return;
         }
         self.pending.extend_from_slice(chunk);
         while let Some(end) = event_end(&self.pending, self.scanned) {
@@ -137,28 +153,40 @@ impl TranslatedStream {
                 &mut self.events,
             );
         }
-        self.take()
     }
 
-    /// What is left to send once the provider's answer ended: a kept error answer, reshaped;
-    /// a kept whole answer, translated (as it came when it is not JSON).
-    pub fn end(&mut self) -> Bytes {
-        if self.mode == Mode::Events && !self.pending.is_empty() {
-            // The provider's last event without its blank line (`data: [DONE]` and a close).
-            let event = self.pending.split();
-            self.scanned = 0;
-            self.event(&event);
-            return self.take();
+    /// A kept whole chat answer, once all here, becomes the events its stream would have
+    /// carried (held until [`TranslatedStream::end`]): a Responses stream's completed
+    /// `response` is then ready to be stored before the client has the end. A body that is
+    /// not a chat answer ends the stream with the API's failure event.
+    pub fn whole_arrived(&mut self) {
+        if self.mode != Mode::Whole {
+            return;
         }
-        if self.mode == Mode::Whole {
-            self.mode = Mode::Off;
-            let body = std::mem::take(&mut self.pending);
-            return match serde_json::from_slice::<Value>(&body) {
-                Ok(chat) => Bytes::from(
-                    serde_json::to_vec(&self.answer.from_chat(&chat)).unwrap_or_default(),
-                ),
-                Err(_) => body.freeze(),
-            };
+        self.mode = Mode::Events;
+        let body = std::mem::take(&mut self.pending);
+        match lumen_plugins::sse::render_sse(lumen_plugins::sse::Kind::Chat, &body, true) {
+            Some(events) => self.feed(&events),
+            None => self.translator.fail(
+                "the provider answered with a body that is not a chat completion",
+                &mut self.events,
+            ),
+        }
+    }
+
+    /// What is left to send once the provider's answer ended: the events of a whole answer, a
+    /// kept error answer reshaped.
+    pub fn end(&mut self) -> Bytes {
+        self.whole_arrived();
+        if self.mode == Mode::Events {
+            if !self.pending.is_empty() {
+                // The provider's last event without its blank line (`data: [DONE]` and a
+                // close).
+                let event = self.pending.split();
+                self.scanned = 0;
+                self.event(&event);
+            }
+            return self.take();
         }
         let Mode::Error(status) = self.mode else {
             return Bytes::new();
@@ -403,17 +431,52 @@ mod tests {
             json!({"type": "error", "error": {"type": "invalid_request_error", "message": "bad input"}})
         );
 
-        // A provider that answered a stream request with a whole JSON answer: translated whole.
+        // A provider that answered a stream request with a whole JSON answer: kept, then sent
+        // as the events of its stream (the client asked for one).
         let mut s = messages();
         assert!(s.commit(200, false));
+        assert!(s.streams_whole());
         assert!(s
             .filter(br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"#)
             .is_empty());
         assert!(s.filter(br#""finish_reason":"length"}]}"#).is_empty());
-        let message: serde_json::Value = serde_json::from_slice(&s.end()).unwrap();
-        assert_eq!(message["type"], "message");
-        assert_eq!(message["content"][0]["text"], "Hi");
-        assert_eq!(message["stop_reason"], "max_tokens");
+        let events = s.end();
+        assert_eq!(
+            types(&events),
+            [
+                "message_start",
+                "ping",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        let text = String::from_utf8(events.to_vec()).unwrap();
+        assert!(text.contains(r#""text":"Hi""#), "{text}");
+        assert!(text.contains(r#""stop_reason":"max_tokens""#), "{text}");
+
+        // A Responses stream answered whole: its completed response is there to be stored
+        // once the answer is all here, before the client is sent its events.
+        let meta = Meta::new("resp_1".into(), 1, &json!({"model": "m", "input": "x"}));
+        let mut s = TranslatedStream::new(Answer::Responses(meta));
+        assert!(s.commit(200, false));
+        assert!(s
+            .filter(br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#)
+            .is_empty());
+        s.whole_arrived();
+        let completed = s.take_completed().unwrap();
+        assert_eq!(completed["status"], "completed");
+        assert_eq!(completed["output"][0]["content"][0]["text"], "Hi");
+        assert_eq!(completed["usage"]["total_tokens"], 4);
+        assert_eq!(types(&s.end()).last().unwrap(), "response.completed");
+
+        // A body that is not a chat answer ends the stream with the API's failure event.
+        let mut s = messages();
+        assert!(s.commit(200, false));
+        assert!(s.filter(b"<html>busy</html>").is_empty());
+        assert_eq!(types(&s.end()).last().unwrap(), "error");
 
         // A Responses client gets the provider's error as it is (the same shape).
         let meta = Meta::new("resp_1".into(), 1, &json!({"model": "m", "input": "x"}));

@@ -274,10 +274,20 @@ impl Watchers {
 
     /// The finished `response` of a translated Responses stream that completed, once.
     pub(super) fn completed_response(&mut self) -> Option<serde_json::Value> {
-        self.translate
-            .as_mut()
-            .filter(|_| self.translating)
-            .and_then(TranslatedStream::take_completed)
+        let t = self.translate.as_mut().filter(|_| self.translating)?;
+        // A whole answer to a stream request is translated now that it is all here.
+        t.whole_arrived();
+        t.take_completed()
+    }
+
+    /// Whether a whole answer goes to the client as a translated stream of events (a
+    /// provider that ignored `stream`): its head then says `text/event-stream`.
+    pub(super) fn streams_whole(&self) -> bool {
+        self.translating
+            && self
+                .translate
+                .as_ref()
+                .is_some_and(TranslatedStream::streams_whole)
     }
 
     /// Whether the stream's `data: [DONE]` went by.

@@ -24,6 +24,7 @@
 //! | `no-done`        | a stream that ends (chunked terminator) without `data: [DONE]` |
 //! | `http10-stream`  | an HTTP/1.0 stream, close-delimited, cut before `data: [DONE]` |
 //! | `embed-short`    | an embeddings answer with one vector fewer than the inputs |
+//! | `ignores-stream` | a whole JSON answer, even to a stream request |
 //!
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
 //! stream chunk, default 0), `mock_one_write` (the whole stream in one write, so it all reaches
@@ -455,7 +456,7 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
                 .collect()
         })
         .unwrap_or_default();
-    let stream_mode = body["stream"].as_bool().unwrap_or(false);
+    let stream_mode = body["stream"].as_bool().unwrap_or(false) && model != "ignores-stream";
     let path = req.path.split('?').next().unwrap_or("");
     if path.ends_with("/messages") {
         return messages_answer(stream, &body, &model, stream_mode).await;
