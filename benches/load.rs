@@ -4,7 +4,9 @@
 //! same machine, reported as ratios.
 //!
 //! Run: `cargo bench --bench load` (needs `nginx` on PATH for the reference column; without it
-//! the nginx column is skipped). `LUMEN_BENCH_SECS` sets seconds per measurement (default 3).
+//! the nginx column is skipped). `LUMEN_BENCH_SECS` sets seconds per measurement (default 3);
+//! `LUMEN_BENCH_ROUNDS=N` measures each scenario N times, the targets taking turns, and
+//! reports medians (and ratios' ranges) across rounds.
 //!
 //! Measured: added latency p50/p99 at concurrency 1 for 1 KiB and 16 KiB chat bodies, requests/s
 //! at concurrency 32 (plain, and streams of 20 chunks), added time to first chunk of a stream,
@@ -76,6 +78,45 @@ impl Sample {
         }
         let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
         self.latencies[i] as f64
+    }
+}
+
+/// One figure across rounds: its median, and its range.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Option<Spread> {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+        })
+    }
+
+    /// `1.23x`, or with its range across rounds, `1.23x [1.10–1.31]`.
+    fn show(&self, unit: &str, range: bool) -> String {
+        let digits = if unit == "x" { 2 } else { 0 };
+        let f = |x: f64| format!("{x:.digits$}");
+        if range {
+            format!("{}{unit} [{}–{}]", f(self.median), f(self.min), f(self.max))
+        } else {
+            format!("{}{unit}", f(self.median))
+        }
     }
 }
 
@@ -482,54 +523,97 @@ fn main() {
     // `LUMEN_BENCH_ONLY=c=32` runs only the scenarios whose name contains it (and skips the
     // cache and fallback sections): for quick A/B runs of one change.
     let only = std::env::var("LUMEN_BENCH_ONLY").ok();
+    // `LUMEN_BENCH_ROUNDS=N` measures each scenario N times, the targets taking turns within a
+    // round, and reports medians across rounds (ratios are taken within a round, then their
+    // median): on shared cores one measurement swings by 15% or more.
+    let rounds: usize = std::env::var("LUMEN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     for (name, conns, bytes, stream, chunks) in scenarios {
         if only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
-        let mut results = Vec::new();
-        for (label, addr, pid) in &targets {
-            let cpu_before = cpu_secs(*pid);
-            let mut sample = runtime.block_on(load(
-                *addr,
-                conns,
-                secs,
-                chat_body_chunks(bytes, stream, chunks),
-                stream,
-            ));
-            let cpu = cpu_secs(*pid) - cpu_before;
-            sample.per_cpu_sec = (cpu > 0.0).then(|| sample.latencies.len() as f64 / cpu);
-            results.push((*label, sample));
+        let mut by_round: Vec<Vec<(&str, Sample)>> = Vec::new();
+        for _ in 0..rounds {
+            let mut results = Vec::new();
+            for (label, addr, pid) in &targets {
+                let cpu_before = cpu_secs(*pid);
+                let mut sample = runtime.block_on(load(
+                    *addr,
+                    conns,
+                    secs,
+                    chat_body_chunks(bytes, stream, chunks),
+                    stream,
+                ));
+                let cpu = cpu_secs(*pid) - cpu_before;
+                sample.per_cpu_sec = (cpu > 0.0).then(|| sample.latencies.len() as f64 / cpu);
+                results.push((*label, sample));
+            }
+            by_round.push(results);
         }
-        let direct = &results[0].1;
-        println!("{name}");
-        for (label, s) in &results {
-            let added50 = s.pct(0.5) - direct.pct(0.5);
-            let added99 = s.pct(0.99) - direct.pct(0.99);
+        // Medians across rounds of `f` of each round's results (`None` when it has none).
+        let across = |f: &dyn Fn(&[(&str, Sample)]) -> Option<f64>| -> Option<Spread> {
+            Spread::of(by_round.iter().filter_map(|r| f(r)).collect())
+        };
+        println!(
+            "{name}{}",
+            if rounds > 1 {
+                format!(" (median of {rounds} rounds)")
+            } else {
+                String::new()
+            }
+        );
+        for (i, (label, _, _)) in targets.iter().enumerate() {
+            let m = |f: &dyn Fn(&Sample, &Sample) -> Option<f64>| {
+                across(&|r: &[(&str, Sample)]| f(&r[i].1, &r[0].1))
+            };
+            let rps = m(&|s, _| Some(s.rps));
+            let direct_ratio = m(&|s, d| Some(s.rps / d.rps));
+            let p50 = m(&|s, _| Some(s.pct(0.5)));
+            let p99 = m(&|s, _| Some(s.pct(0.99)));
+            let added50 = m(&|s, d| Some(s.pct(0.5) - d.pct(0.5)));
+            let added99 = m(&|s, d| Some(s.pct(0.99) - d.pct(0.99)));
+            let cpu = m(&|s, _| s.per_cpu_sec);
+            let v = |x: &Option<Spread>| x.as_ref().map_or(f64::NAN, |x| x.median);
             println!(
                 "  {label:<13} rps {:>9.0} ({:.2}x direct)  p50 {:>7.0} us  p99 {:>7.0} us  added p50 {:>6.0} us  added p99 {:>6.0} us  req/cpu-s {:>7}",
-                s.rps,
-                s.rps / direct.rps,
-                s.pct(0.5),
-                s.pct(0.99),
-                added50,
-                added99,
-                s.per_cpu_sec.map_or("-".to_string(), |r| format!("{r:.0}"))
+                v(&rps),
+                v(&direct_ratio),
+                v(&p50),
+                v(&p99),
+                v(&added50),
+                v(&added99),
+                cpu.map_or("-".to_string(), |r| format!("{:.0}", r.median))
             );
         }
-        let lumen = results.iter().find(|(k, _)| *k == "lumen").map(|(_, s)| s);
+        let index = |label: &str| targets.iter().position(|(k, _, _)| *k == label);
         for reference in ["nginx", "pingora", "lumen-steal", "lumen-nosteal"] {
-            let Some((l, r)) = lumen.zip(results.iter().find(|(k, _)| *k == reference)) else {
+            let (Some(l), Some(r)) = (index("lumen"), index(reference)) else {
                 continue;
             };
-            let r = &r.1;
+            let pair = |f: &dyn Fn(&Sample, &Sample, &Sample) -> Option<f64>| {
+                across(&|round: &[(&str, Sample)]| f(&round[l].1, &round[r].1, &round[0].1))
+            };
+            let rps = pair(&|l, r, _| Some(l.rps / r.rps));
+            let cpu = pair(&|l, r, _| Some(l.per_cpu_sec? / r.per_cpu_sec?));
+            let l50 = pair(&|l, _, d| Some(l.pct(0.5) - d.pct(0.5)));
+            let r50 = pair(&|_, r, d| Some(r.pct(0.5) - d.pct(0.5)));
+            let l99 = pair(&|l, _, d| Some(l.pct(0.99) - d.pct(0.99)));
+            let r99 = pair(&|_, r, d| Some(r.pct(0.99) - d.pct(0.99)));
+            let show = |x: &Option<Spread>, unit: &str| {
+                x.as_ref()
+                    .map_or("-".to_string(), |x| x.show(unit, rounds > 1))
+            };
             println!(
-                "  lumen/{reference}: rps {:.2}x, req/cpu-s {}, added p50 {:.0} vs {:.0} us, added p99 {:.0} vs {:.0} us",
-                l.rps / r.rps,
-                ratio(l.per_cpu_sec, r.per_cpu_sec),
-                l.pct(0.5) - direct.pct(0.5),
-                r.pct(0.5) - direct.pct(0.5),
-                l.pct(0.99) - direct.pct(0.99),
-                r.pct(0.99) - direct.pct(0.99)
+                "  lumen/{reference}: rps {}, req/cpu-s {}, added p50 {} vs {}, added p99 {} vs {}",
+                show(&rps, "x"),
+                show(&cpu, "x"),
+                show(&l50, " us"),
+                show(&r50, " us"),
+                show(&l99, " us"),
+                show(&r99, " us"),
             );
         }
         println!();

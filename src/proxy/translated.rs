@@ -88,12 +88,13 @@ impl Gateway {
         } else if head.status.is_success() {
             match serde_json::from_slice(&body) {
                 Ok(chat) => {
-                    let translated = answer.from_chat(&chat);
+                    let translated = answer.from_chat_json(&chat);
                     if let Some(keep) = ctx.keep.as_mut() {
-                        keep.response = Some(translated.clone());
+                        // A tree only for a response that is stored.
+                        keep.response = serde_json::from_slice(&translated).ok();
                         self.keep_response(ctx).await;
                     }
-                    Bytes::from(serde_json::to_vec(&translated).unwrap_or_default())
+                    Bytes::from(translated)
                 }
                 Err(_) => {
                     let error = GatewayError::Upstream(UpstreamError::Mismatch {

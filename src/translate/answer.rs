@@ -23,6 +23,16 @@ impl Answer {
         }
     }
 
+    /// [`Answer::from_chat`], as JSON (a `response` is written without building its tree).
+    pub fn from_chat_json(&self, chat: &Value) -> Vec<u8> {
+        match self {
+            Answer::Responses(meta) => responses::from_chat_json(chat, meta),
+            Answer::Messages(meta) => {
+                serde_json::to_vec(&messages::from_chat(chat, meta)).unwrap_or_default()
+            }
+        }
+    }
+
     /// An error answer (`status`, an OpenAI-shaped `body`) in the client's API; `None` when
     /// it is the same (Responses errors are OpenAI's).
     pub fn error(&self, status: u16, body: &[u8]) -> Option<Value> {

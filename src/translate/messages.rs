@@ -451,7 +451,7 @@ fn usage(chat_usage: Option<&Value>) -> Value {
 /// provider returns it) as a `thinking` block, its text as a `text` block, its tool calls as
 /// `tool_use` blocks.
 pub fn from_chat(chat: &Value, meta: &Meta) -> Value {
-    let choice = chat.pointer("/choices/0");
+    let choice = super::first_choice(chat);
     let message = choice.and_then(|c| c.get("message"));
     fn s<'a>(v: Option<&'a Value>, name: &str) -> Option<&'a str> {
         v.and_then(|m| m.get(name)).and_then(Value::as_str)
@@ -541,6 +541,24 @@ pub struct StreamTranslator {
     finished: bool,
 }
 
+/// A `content_block_delta` event, written from the chunk's own strings (the most frequent
+/// event: one per provider chunk).
+#[derive(serde::Serialize)]
+struct BlockDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: usize,
+    delta: Delta<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Delta<'a> {
+    TextDelta { text: &'a str },
+    ThinkingDelta { thinking: &'a str },
+    InputJsonDelta { partial_json: &'a str },
+}
+
 impl StreamTranslator {
     pub fn new(meta: Meta) -> StreamTranslator {
         StreamTranslator {
@@ -569,11 +587,11 @@ impl StreamTranslator {
             "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": 0, "output_tokens": 0},
         });
-        out.push((
+        out.push(Event::new(
             "message_start",
-            json!({"type": "message_start", "message": message}),
+            &json!({"type": "message_start", "message": message}),
         ));
-        out.push(("ping", json!({"type": "ping"})));
+        out.push(Event::new("ping", &json!({"type": "ping"})));
     }
 
     /// The events one chat chunk makes.
@@ -585,7 +603,7 @@ impl StreamTranslator {
         if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
             self.usage = Some(u.clone());
         }
-        let Some(choice) = chunk.pointer("/choices/0") else {
+        let Some(choice) = super::first_choice(chunk) else {
             return;
         };
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
@@ -605,19 +623,20 @@ impl StreamTranslator {
         };
         if let Some(thinking) = text("reasoning_content") {
             if self.enter(Block::Thinking, None, out) {
-                self.delta(json!({"type": "thinking_delta", "thinking": thinking}), out);
+                self.delta(Delta::ThinkingDelta { thinking }, out);
             }
         }
         if let Some(t) = text("content") {
             if self.enter(Block::Text, None, out) {
-                self.delta(json!({"type": "text_delta", "text": t}), out);
+                self.delta(Delta::TextDelta { text: t }, out);
             }
         }
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
             for call in calls {
                 let key = self.call_keys.key(call);
                 let args = call
-                    .pointer("/function/arguments")
+                    .get("function")
+                    .and_then(|f| f.get("arguments"))
                     .and_then(Value::as_str)
                     .filter(|a| !a.is_empty());
                 if args.is_none() && self.closed_calls.contains(&key) {
@@ -628,10 +647,7 @@ impl StreamTranslator {
                     return;
                 }
                 if let Some(args) = args {
-                    self.delta(
-                        json!({"type": "input_json_delta", "partial_json": args}),
-                        out,
-                    );
+                    self.delta(Delta::InputJsonDelta { partial_json: args }, out);
                 }
             }
         }
@@ -671,19 +687,23 @@ impl StreamTranslator {
                 json!({"type": "tool_use", "id": s("/id"), "name": s("/function/name"), "input": {}})
             }
         };
-        out.push((
+        out.push(Event::new(
             "content_block_start",
-            json!({"type": "content_block_start", "index": index, "content_block": content_block}),
+            &json!({"type": "content_block_start", "index": index, "content_block": content_block}),
         ));
         self.open = Some((block, index));
         true
     }
 
-    fn delta(&mut self, delta: Value, out: &mut Vec<Event>) {
+    fn delta(&mut self, delta: Delta<'_>, out: &mut Vec<Event>) {
         if let Some((_, index)) = self.open {
-            out.push((
+            out.push(Event::new(
                 "content_block_delta",
-                json!({"type": "content_block_delta", "index": index, "delta": delta}),
+                &BlockDelta {
+                    kind: "content_block_delta",
+                    index,
+                    delta,
+                },
             ));
         }
     }
@@ -693,9 +713,9 @@ impl StreamTranslator {
             if let Block::Tool(key) = block {
                 self.closed_calls.push(key);
             }
-            out.push((
+            out.push(Event::new(
                 "content_block_stop",
-                json!({"type": "content_block_stop", "index": index}),
+                &json!({"type": "content_block_stop", "index": index}),
             ));
         }
     }
@@ -716,13 +736,13 @@ impl StreamTranslator {
             stop
         };
         self.finished = true;
-        out.push((
+        out.push(Event::new(
             "message_delta",
-            json!({"type": "message_delta",
+            &json!({"type": "message_delta",
                    "delta": {"stop_reason": stop, "stop_sequence": sequence},
                    "usage": usage(self.usage.as_ref())}),
         ));
-        out.push(("message_stop", json!({"type": "message_stop"})));
+        out.push(Event::new("message_stop", &json!({"type": "message_stop"})));
     }
 
     /// Ends the stream with an `error` event: the target failed after the first event.
@@ -732,7 +752,7 @@ impl StreamTranslator {
         }
         self.start(out);
         self.finished = true;
-        out.push(("error", error_body(500, message)));
+        out.push(Event::new("error", &error_body(500, message)));
     }
 
     /// Whether the stream has ended (stopped or failed).
@@ -1025,14 +1045,14 @@ mod tests {
         json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     }
 
-    fn run(chunks: &[Value]) -> Vec<Event> {
+    fn run(chunks: &[Value]) -> Vec<(&'static str, Value)> {
         let mut t = StreamTranslator::new(meta());
         let mut out = Vec::new();
         for c in chunks {
             t.chunk(c, &mut out);
         }
         t.finish(&mut out);
-        out
+        crate::translate::pairs(&out)
     }
 
     #[test]
@@ -1123,6 +1143,7 @@ mod tests {
         t.fail("upstream broke", &mut out);
         t.fail("again", &mut out);
         t.finish(&mut out);
+        let out = crate::translate::pairs(&out);
         let (kind, data) = out.last().unwrap();
         assert_eq!(*kind, "error");
         assert_eq!(

@@ -125,13 +125,15 @@ pub struct ChatUsage {
 
 impl ChatUsage {
     pub fn of(usage: Option<&Value>) -> ChatUsage {
+        // Plain lookups, not JSON pointers: a pointer is parsed again on every call.
         let u = usage.filter(|u| u.is_object());
-        let n = |p: &str| {
-            u.and_then(|u| u.pointer(p))
+        let n = |v: Option<&Value>, key: &str| {
+            v.and_then(|v| v.get(key))
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
         };
-        let (input, output) = (n("/prompt_tokens"), n("/completion_tokens"));
+        let (input, output) = (n(u, "prompt_tokens"), n(u, "completion_tokens"));
+        let prompt_details = u.and_then(|u| u.get("prompt_tokens_details"));
         ChatUsage {
             input,
             output,
@@ -139,9 +141,12 @@ impl ChatUsage {
                 .and_then(|u| u.get("total_tokens"))
                 .and_then(Value::as_u64)
                 .unwrap_or_else(|| input.saturating_add(output)),
-            cached: n("/prompt_tokens_details/cached_tokens"),
-            cache_written: n("/prompt_tokens_details/cache_write_tokens"),
-            reasoning: n("/completion_tokens_details/reasoning_tokens"),
+            cached: n(prompt_details, "cached_tokens"),
+            cache_written: n(prompt_details, "cache_write_tokens"),
+            reasoning: n(
+                u.and_then(|u| u.get("completion_tokens_details")),
+                "reasoning_tokens",
+            ),
         }
     }
 }
@@ -181,17 +186,58 @@ pub fn estimate_prompt_tokens(chat: &Value) -> u64 {
     tokens
 }
 
-/// One stream event: its type (the SSE `event:` line) and its data.
-pub type Event = (&'static str, Value);
+/// One stream event: its type (the SSE `event:` line) and its data, already JSON. Events are
+/// serialized as they are made, most straight from the translation's state (typed structs
+/// that borrow it): building a JSON tree for each event and writing it out later cost as
+/// much as the rest of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: &'static str,
+    data: Vec<u8>,
+}
+
+impl Event {
+    /// An event whose data is `data` as JSON.
+    pub fn new(kind: &'static str, data: &impl serde::Serialize) -> Event {
+        Event {
+            kind,
+            data: to_json(data, 256),
+        }
+    }
+
+    /// The event's data, parsed (for tests and the rare reader that needs a tree).
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// A chat answer's (or chunk's) first choice. (Not `pointer("/choices/0")`: a JSON pointer is
+/// parsed again on every call, and this runs once a chunk.)
+pub fn first_choice(chat: &Value) -> Option<&Value> {
+    chat.get("choices")?.get(0)
+}
+
+/// `value` as JSON, into a buffer sized for it up front (`to_vec` starts small and grows by
+/// copying, which showed up in profiles).
+pub fn to_json(value: &impl serde::Serialize, size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size);
+    // Serializing into a Vec fails only for a map with non-string keys (none here).
+    let _ = serde_json::to_writer(&mut out, value);
+    out
+}
+
+/// Events as (type, data) pairs, for tests to read.
+#[cfg(test)]
+pub(crate) fn pairs(events: &[Event]) -> Vec<(&'static str, Value)> {
+    events.iter().map(|e| (e.kind, e.value())).collect()
+}
 
 /// Appends one event as SSE bytes: `event: <type>` and `data: <json>`.
 pub fn write_sse(out: &mut Vec<u8>, event: &Event) {
-    let (kind, data) = event;
     out.extend_from_slice(b"event: ");
-    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(event.kind.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    // Serializing a `Value` into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, data);
+    out.extend_from_slice(&event.data);
     out.extend_from_slice(b"\n\n");
 }
 
@@ -237,7 +283,7 @@ mod tests {
         let mut bytes = b"before\n\n".to_vec();
         write_sse(
             &mut bytes,
-            &("response.output_text.delta", json!({"delta": "a\nb"})),
+            &Event::new("response.output_text.delta", &json!({"delta": "a\nb"})),
         );
         assert_eq!(
             String::from_utf8(bytes).unwrap(),

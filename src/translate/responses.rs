@@ -13,6 +13,8 @@
 //! `output_tokens_details.reasoning_tokens` (zero when the target reports none): clients that
 //! read them (Codex) fail on a usage without them.
 
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::{ChatUsage, Event, TranslateError};
@@ -396,22 +398,83 @@ pub struct Meta {
     pub created_at: u64,
     /// The model the client asked for.
     pub model: String,
-    echo: Map<String, Value>,
+    echo: Echo,
 }
 
-/// Request fields a `response` echoes, with their values when the client left them out.
-const ECHOED: [(&str, Value); 10] = [
-    ("instructions", Value::Null),
-    ("max_output_tokens", Value::Null),
-    ("metadata", Value::Null),
-    ("parallel_tool_calls", Value::Bool(true)),
-    ("previous_response_id", Value::Null),
-    ("reasoning", Value::Null),
-    ("temperature", Value::Null),
-    ("top_p", Value::Null),
-    ("user", Value::Null),
-    ("truncation", Value::Null),
-];
+/// The request fields a `response` echoes: the client's values, or the API's defaults when it
+/// left them out. A struct, not a map: a `response` is written several times a stream.
+#[derive(Debug, Clone, Serialize)]
+struct Echo {
+    instructions: Value,
+    max_output_tokens: Value,
+    metadata: Value,
+    parallel_tool_calls: Value,
+    previous_response_id: Value,
+    reasoning: Value,
+    temperature: Value,
+    top_p: Value,
+    user: Value,
+    truncation: Value,
+    tools: Value,
+    tool_choice: Value,
+    text: Value,
+    store: bool,
+}
+
+/// A `response` object as it is written: serialized from the translation's state, not
+/// built as a JSON tree first.
+#[derive(Serialize)]
+struct ResponseOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created_at: u64,
+    status: &'a str,
+    model: &'a str,
+    output: &'a [Value],
+    usage: &'a Value,
+    error: &'a Option<Value>,
+    incomplete_details: Option<Incomplete>,
+    #[serde(flatten)]
+    echo: &'a Echo,
+}
+
+#[derive(Serialize)]
+struct Incomplete {
+    reason: &'static str,
+}
+
+/// An event that carries a `response` (`response.created`, `.completed`…).
+#[derive(Serialize)]
+struct ResponseEvent<'a, R: Serialize + ?Sized> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    response: &'a R,
+}
+
+/// `response.output_text.delta`: one a provider chunk, written from the chunk's own text.
+#[derive(Serialize)]
+struct TextDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u8,
+    delta: &'a str,
+    logprobs: [u8; 0],
+}
+
+/// `response.function_call_arguments.delta`.
+#[derive(Serialize)]
+struct ArgumentsDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    delta: &'a str,
+}
 
 impl Meta {
     pub fn new(id: String, created_at: u64, request: &Value) -> Meta {
@@ -420,35 +483,33 @@ impl Meta {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        let mut echo = Map::new();
-        for (field, default) in ECHOED {
-            let v = request.get(field).filter(|v| !v.is_null()).cloned();
-            echo.insert(field.into(), v.unwrap_or(default));
-        }
-        echo.insert(
-            "tools".into(),
-            request.get("tools").cloned().unwrap_or_else(|| json!([])),
-        );
-        echo.insert(
-            "tool_choice".into(),
+        let field = |name: &str, default: Value| {
             request
-                .get("tool_choice")
+                .get(name)
+                .filter(|v| !v.is_null())
                 .cloned()
-                .unwrap_or_else(|| json!("auto")),
-        );
-        echo.insert(
-            "text".into(),
-            request
-                .get("text")
-                .cloned()
-                .unwrap_or_else(|| json!({"format": {"type": "text"}})),
-        );
-        // Stored unless the client said not to (`GET /v1/responses/{id}` finds it).
-        let store = request.get("store").and_then(Value::as_bool) != Some(false);
-        echo.insert("store".into(), Value::Bool(store));
-        if echo.get("truncation").is_some_and(Value::is_null) {
-            echo.insert("truncation".into(), json!("disabled"));
-        }
+                .unwrap_or(default)
+        };
+        // Present (even null) is the client's: only an absent field takes the default.
+        let given =
+            |name: &str, default: fn() -> Value| request.get(name).cloned().unwrap_or_else(default);
+        let echo = Echo {
+            instructions: field("instructions", Value::Null),
+            max_output_tokens: field("max_output_tokens", Value::Null),
+            metadata: field("metadata", Value::Null),
+            parallel_tool_calls: field("parallel_tool_calls", Value::Bool(true)),
+            previous_response_id: field("previous_response_id", Value::Null),
+            reasoning: field("reasoning", Value::Null),
+            temperature: field("temperature", Value::Null),
+            top_p: field("top_p", Value::Null),
+            user: field("user", Value::Null),
+            truncation: field("truncation", Value::from("disabled")),
+            tools: given("tools", || json!([])),
+            tool_choice: given("tool_choice", || json!("auto")),
+            text: given("text", || json!({"format": {"type": "text"}})),
+            // Stored unless the client said not to (`GET /v1/responses/{id}` finds it).
+            store: request.get("store").and_then(Value::as_bool) != Some(false),
+        };
         Meta {
             id,
             created_at,
@@ -457,26 +518,36 @@ impl Meta {
         }
     }
 
+    /// A `response` object with this status, output and usage, ready to write.
+    fn out<'a>(
+        &'a self,
+        status: &'a str,
+        output: &'a [Value],
+        usage: &'a Value,
+        end: &'a End,
+    ) -> ResponseOut<'a> {
+        ResponseOut {
+            id: &self.id,
+            object: "response",
+            created_at: self.created_at,
+            status,
+            model: &self.model,
+            output,
+            usage,
+            error: &end.error,
+            incomplete_details: end.incomplete.map(|reason| Incomplete { reason }),
+            echo: &self.echo,
+        }
+    }
+
+    /// A `response` object with this status, output and usage, as JSON.
+    fn response_json(&self, status: &str, output: &[Value], usage: &Value, end: &End) -> Vec<u8> {
+        super::to_json(&self.out(status, output, usage, end), 2048)
+    }
+
     /// A `response` object with this status, output and usage.
     fn response(&self, status: &str, output: Vec<Value>, usage: Value, end: &End) -> Value {
-        let mut r = Map::new();
-        r.insert("id".into(), Value::from(self.id.as_str()));
-        r.insert("object".into(), json!("response"));
-        r.insert("created_at".into(), Value::from(self.created_at));
-        r.insert("status".into(), Value::from(status));
-        r.insert("model".into(), Value::from(self.model.as_str()));
-        r.insert("output".into(), Value::Array(output));
-        r.insert("usage".into(), usage);
-        r.insert("error".into(), end.error.clone().unwrap_or(Value::Null));
-        r.insert(
-            "incomplete_details".into(),
-            end.incomplete
-                .map_or(Value::Null, |reason| json!({"reason": reason})),
-        );
-        for (k, v) in &self.echo {
-            r.insert(k.clone(), v.clone());
-        }
-        Value::Object(r)
+        serde_json::to_value(self.out(status, &output, &usage, end)).unwrap_or(Value::Null)
     }
 
     fn item_id(&self, prefix: &str, n: usize) -> String {
@@ -529,7 +600,19 @@ pub fn usage(chat_usage: Option<&Value>) -> Value {
 /// A chat completion (non-streaming) as a `response` object: the first choice's text as a
 /// `message` item, its tool calls as `function_call` items.
 pub fn from_chat(chat: &Value, meta: &Meta) -> Value {
-    let choice = chat.pointer("/choices/0");
+    let (output, usage, end) = answer_of(chat, meta);
+    meta.response(end.status(), output, usage, &end)
+}
+
+/// [`from_chat`], written as JSON (without building the `response` as a tree first).
+pub fn from_chat_json(chat: &Value, meta: &Meta) -> Vec<u8> {
+    let (output, usage, end) = answer_of(chat, meta);
+    meta.response_json(end.status(), &output, &usage, &end)
+}
+
+/// A chat completion's output items, usage and end, in Responses terms.
+fn answer_of(chat: &Value, meta: &Meta) -> (Vec<Value>, Value, End) {
+    let choice = super::first_choice(chat);
     let message = choice.and_then(|c| c.get("message"));
     let mut output = Vec::new();
     let text = message
@@ -571,7 +654,7 @@ pub fn from_chat(chat: &Value, meta: &Meta) -> Value {
             .and_then(|c| c.get("finish_reason"))
             .and_then(Value::as_str),
     );
-    meta.response(end.status(), output, usage(chat.get("usage")), &end)
+    (output, usage(chat.get("usage")), end)
 }
 
 fn output_text(text: &str) -> Value {
@@ -626,8 +709,9 @@ pub struct StreamTranslator {
     finish_reason: Option<String>,
     usage: Option<Value>,
     finished: bool,
-    /// The finished `response` (completed or incomplete), for storing.
-    completed: Option<Value>,
+    /// The finished `response` (completed or incomplete), for storing: kept as written, and
+    /// parsed only when it is stored.
+    completed: Option<Box<RawValue>>,
 }
 
 impl StreamTranslator {
@@ -650,17 +734,49 @@ impl StreamTranslator {
     /// The finished `response` of a stream that completed (or was cut by its token limit),
     /// once.
     pub fn take_completed(&mut self) -> Option<Value> {
-        self.completed.take()
+        let raw = self.completed.take()?;
+        serde_json::from_str(raw.get()).ok()
+    }
+
+    /// The next event's sequence number.
+    fn next(&mut self) -> u64 {
+        let n = self.sequence;
+        self.sequence = self.sequence.saturating_add(1);
+        n
     }
 
     fn event(&mut self, out: &mut Vec<Event>, kind: &'static str, data: Value) {
         let mut data = data;
+        let n = self.next();
         if let Some(o) = data.as_object_mut() {
             o.insert("type".into(), Value::from(kind));
-            o.insert("sequence_number".into(), Value::from(self.sequence));
+            o.insert("sequence_number".into(), Value::from(n));
         }
-        self.sequence = self.sequence.saturating_add(1);
-        out.push((kind, data));
+        out.push(Event::new(kind, &data));
+    }
+
+    /// An event carrying `response` (already JSON).
+    fn response_event(&mut self, out: &mut Vec<Event>, kind: &'static str, response: &RawValue) {
+        let sequence_number = self.next();
+        out.push(Event::new(
+            kind,
+            &ResponseEvent {
+                kind,
+                sequence_number,
+                response,
+            },
+        ));
+    }
+
+    /// A `response` object of this stream, as JSON.
+    fn response_raw(&self, status: &str, output: &[Value], end: &End) -> Box<RawValue> {
+        let usage = usage(self.usage.as_ref());
+        let json = self.meta.response_json(status, output, &usage, end);
+        // Our own serializer's output: always valid JSON.
+        String::from_utf8(json)
+            .ok()
+            .and_then(|s| RawValue::from_string(s).ok())
+            .unwrap_or_else(|| RawValue::NULL.to_owned())
     }
 
     /// `response.created` and `response.in_progress`, once, before anything else.
@@ -669,11 +785,16 @@ impl StreamTranslator {
             return;
         }
         self.started = true;
-        let r = self
+        // Usage is not known yet: null (as OpenAI sends it), not zeros.
+        let json = self
             .meta
-            .response("in_progress", Vec::new(), Value::Null, &End::default());
-        self.event(out, "response.created", json!({"response": r.clone()}));
-        self.event(out, "response.in_progress", json!({"response": r}));
+            .response_json("in_progress", &[], &Value::Null, &End::default());
+        let r = String::from_utf8(json)
+            .ok()
+            .and_then(|s| RawValue::from_string(s).ok())
+            .unwrap_or_else(|| RawValue::NULL.to_owned());
+        self.response_event(out, "response.created", &r);
+        self.response_event(out, "response.in_progress", &r);
     }
 
     /// The events one chat chunk makes.
@@ -685,7 +806,7 @@ impl StreamTranslator {
         if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
             self.usage = Some(u.clone());
         }
-        let Some(choice) = chunk.pointer("/choices/0") else {
+        let Some(choice) = super::first_choice(chunk) else {
             return;
         };
         if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
@@ -733,16 +854,26 @@ impl StreamTranslator {
                 i
             }
         };
+        if !matches!(self.items.get(index), Some(Open::Message { .. })) {
+            return;
+        }
+        let sequence_number = self.next();
         let Some(Open::Message { id, text: all }) = self.items.get_mut(index) else {
             return;
         };
         all.push_str(text);
-        let id = id.clone();
-        self.event(
-            out,
+        out.push(Event::new(
             "response.output_text.delta",
-            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text, "logprobs": []}),
-        );
+            &TextDelta {
+                kind: "response.output_text.delta",
+                sequence_number,
+                item_id: id,
+                output_index: index,
+                content_index: 0,
+                delta: text,
+                logprobs: [],
+            },
+        ));
     }
 
     fn call(&mut self, call: &Value, out: &mut Vec<Event>) {
@@ -780,22 +911,31 @@ impl StreamTranslator {
             }
         };
         let delta = call
-            .pointer("/function/arguments")
+            .get("function")
+            .and_then(|f| f.get("arguments"))
             .and_then(Value::as_str)
             .filter(|d| !d.is_empty());
-        let Some(Open::Call { id, arguments, .. }) = self.items.get_mut(index) else {
-            return;
-        };
         let Some(delta) = delta else {
             return;
         };
+        if !matches!(self.items.get(index), Some(Open::Call { .. })) {
+            return;
+        }
+        let sequence_number = self.next();
+        let Some(Open::Call { id, arguments, .. }) = self.items.get_mut(index) else {
+            return;
+        };
         arguments.push_str(delta);
-        let id = id.clone();
-        self.event(
-            out,
+        out.push(Event::new(
             "response.function_call_arguments.delta",
-            json!({"item_id": id, "output_index": index, "delta": delta}),
-        );
+            &ArgumentsDelta {
+                kind: "response.function_call_arguments.delta",
+                sequence_number,
+                item_id: id,
+                output_index: index,
+                delta,
+            },
+        ));
     }
 
     /// Closes every item and ends the stream: `response.completed`, or `response.incomplete`
@@ -807,16 +947,15 @@ impl StreamTranslator {
         self.start(out);
         let end = End::of(self.finish_reason.as_deref());
         let output = self.close_items(out, "completed");
-        let usage = usage(self.usage.as_ref());
-        let r = self.meta.response(end.status(), output, usage, &end);
+        let r = self.response_raw(end.status(), &output, &end);
         let kind = if end.incomplete.is_some() {
             "response.incomplete"
         } else {
             "response.completed"
         };
         self.finished = true;
-        self.completed = Some(r.clone());
-        self.event(out, kind, json!({"response": r}));
+        self.response_event(out, kind, &r);
+        self.completed = Some(r);
     }
 
     /// Ends the stream with `response.failed`: the target failed after the first event.
@@ -830,11 +969,9 @@ impl StreamTranslator {
             incomplete: None,
             error: Some(json!({"code": "server_error", "message": message})),
         };
-        let r = self
-            .meta
-            .response("failed", output, usage(self.usage.as_ref()), &end);
+        let r = self.response_raw("failed", &output, &end);
         self.finished = true;
-        self.event(out, "response.failed", json!({"response": r}));
+        self.response_event(out, "response.failed", &r);
     }
 
     /// Whether the stream has ended (completed, incomplete or failed).
@@ -1150,6 +1287,7 @@ mod tests {
             t.chunk(&c, &mut out);
         }
         t.finish(&mut out);
+        let out = crate::translate::pairs(&out);
         let done: Vec<&Value> = out
             .iter()
             .filter(|(k, _)| *k == "response.output_item.done")
@@ -1198,13 +1336,14 @@ mod tests {
         }
         // Each argument piece is out as soon as its chunk is (nothing held to the end).
         assert_eq!(
-            out[after_each[4] - 1].0,
+            out[after_each[4] - 1].kind,
             "response.function_call_arguments.delta"
         );
-        assert_eq!(out[after_each[4] - 1].1["delta"], "{\"city\"");
+        assert_eq!(out[after_each[4] - 1].value()["delta"], "{\"city\"");
         t.finish(&mut out);
         t.finish(&mut out);
         t.fail("late", &mut out);
+        let out = crate::translate::pairs(&out);
         let kinds: Vec<&str> = out.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             kinds,
@@ -1249,6 +1388,7 @@ mod tests {
         let mut out = Vec::new();
         t.chunk(&chunk(json!({"content": "Hi"}), None), &mut out);
         t.fail("the provider dropped the connection", &mut out);
+        let out = crate::translate::pairs(&out);
         let (kind, data) = out.last().unwrap();
         assert_eq!(*kind, "response.failed");
         assert_eq!(data["response"]["status"], "failed");
@@ -1262,6 +1402,7 @@ mod tests {
         let mut out = Vec::new();
         t.chunk(&chunk(json!({"content": "Once"}), Some("length")), &mut out);
         t.finish(&mut out);
+        let out = crate::translate::pairs(&out);
         let (kind, data) = out.last().unwrap();
         assert_eq!(*kind, "response.incomplete");
         assert_eq!(
@@ -1282,6 +1423,7 @@ mod tests {
             t.chunk(&chunk(call, None), &mut out);
         }
         assert!(t.finished());
+        let out = crate::translate::pairs(&out);
         let failed: Vec<_> = out
             .iter()
             .filter(|(k, _)| *k == "response.failed")

@@ -207,7 +207,7 @@ impl Watchers {
         };
         if let Some(error) = native {
             let mut out = b"\n\n".to_vec();
-            crate::translate::write_sse(&mut out, &("error", error));
+            crate::translate::write_sse(&mut out, &crate::translate::Event::new("error", &error));
             return Some(Bytes::from(out));
         }
         self.translate
