@@ -81,6 +81,9 @@ impl Sample {
     }
 }
 
+/// One figure read off one round's results (each target's sample, in target order).
+type RoundFigure<'a> = dyn Fn(&[(&str, Sample)]) -> Option<f64> + 'a;
+
 /// One figure across rounds: its median, and its range.
 struct Spread {
     median: f64,
@@ -554,7 +557,7 @@ fn main() {
             by_round.push(results);
         }
         // Medians across rounds of `f` of each round's results (`None` when it has none).
-        let across = |f: &dyn Fn(&[(&str, Sample)]) -> Option<f64>| -> Option<Spread> {
+        let across = |f: &RoundFigure| -> Option<Spread> {
             Spread::of(by_round.iter().filter_map(|r| f(r)).collect())
         };
         println!(
@@ -682,41 +685,76 @@ fn main() {
     // round trip with `redis:`).
     if only.as_deref().is_none_or(|o| "translation".contains(o)) {
         println!(
-            "translation overhead, c=1 1KiB (lumen-open; each API's request for the same answer)"
+            "translation overhead, c=1 1KiB (lumen-open; each API's request for the same answer; median [range] of per-round differences)"
         );
         let filler = "x".repeat(1024 - 120);
+        // Rounds, each measuring chat and then both APIs: a difference of a few tens of
+        // microseconds is read within a round (median across rounds), not between runs.
+        let rounds = rounds.max(5);
         for stream in [false, true] {
             let what = if stream {
                 "stream, first chunk"
             } else {
                 "whole answer"
             };
-            let base = runtime.block_on(load(
-                lumen_open.addr,
-                1,
-                secs,
-                chat_body_chunks(1024, stream, 3),
-                stream,
-            ));
             let responses = json!({"model": "bench", "input": filler, "stream": stream,
                                "temperature": 0, "store": false});
             let messages = json!({"model": "bench", "max_tokens": 64, "stream": stream, "temperature": 0,
                               "messages": [{"role": "user", "content": filler}]});
-            for (label, path, body) in [
-                ("responses", "/v1/responses", responses),
-                ("messages", "/v1/messages", messages),
-            ] {
-                let body = serde_json::to_vec(&body).unwrap_or_default();
-                let s = runtime.block_on(load_at(lumen_open.addr, path, 1, secs, body, stream));
+            let apis = [
+                (
+                    "responses",
+                    "/v1/responses",
+                    serde_json::to_vec(&responses).unwrap_or_default(),
+                ),
+                (
+                    "messages",
+                    "/v1/messages",
+                    serde_json::to_vec(&messages).unwrap_or_default(),
+                ),
+            ];
+            // Per API: (added p50, added p99, rps ratio, p50, chat p50) of each round.
+            let mut by_api: Vec<Vec<[f64; 5]>> = vec![Vec::new(); apis.len()];
+            for _ in 0..rounds {
+                let base = runtime.block_on(load(
+                    lumen_open.addr,
+                    1,
+                    secs / 2.0,
+                    chat_body_chunks(1024, stream, 3),
+                    stream,
+                ));
+                for (i, (_, path, body)) in apis.iter().enumerate() {
+                    let s = runtime.block_on(load_at(
+                        lumen_open.addr,
+                        path,
+                        1,
+                        secs / 2.0,
+                        body.clone(),
+                        stream,
+                    ));
+                    by_api[i].push([
+                        s.pct(0.5) - base.pct(0.5),
+                        s.pct(0.99) - base.pct(0.99),
+                        s.rps / base.rps,
+                        s.pct(0.5),
+                        base.pct(0.5),
+                    ]);
+                }
+            }
+            for (i, (label, _, _)) in apis.iter().enumerate() {
+                let col = |k: usize| Spread::of(by_api[i].iter().map(|r| r[k]).collect());
+                let show = |x: Option<Spread>, unit: &str| {
+                    x.map_or("-".to_string(), |x| x.show(unit, true))
+                };
+                let median = |x: Option<Spread>| x.map_or(f64::NAN, |x| x.median);
                 println!(
-                "  {label:<9} {what:<19} p50 {:>6.0} vs chat {:>6.0} us (added {:>+4.0} us)  p99 {:>6.0} vs {:>6.0} us  rps {:.2}x",
-                s.pct(0.5),
-                base.pct(0.5),
-                s.pct(0.5) - base.pct(0.5),
-                s.pct(0.99),
-                base.pct(0.99),
-                s.rps / base.rps
-            );
+                    "  {label:<9} {what:<19} p50 {:>4.0} vs chat {:>4.0} us, added p50 {}  added p99 {}  rps {}",
+                    median(col(3)),
+                    median(col(4)),
+                    show(col(0), " us"),
+                    show(col(1), " us"),
+                    show(col(2), "x"),
+                );
             }
         }
         println!();

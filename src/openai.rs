@@ -474,13 +474,11 @@ fn chat_request(chat: serde_json::Value) -> Result<LlmRequest, RequestError> {
         if i > 0 {
             raw.push(b',');
         }
-        let written = serde_json::to_writer(&mut raw, key)
-            .and_then(|()| {
-                raw.push(b':');
-                Ok(raw.len())
-            })
-            .and_then(|start| serde_json::to_writer(&mut raw, value).map(|()| start));
-        let start = written.map_err(|e| RequestError::InvalidJson(e.to_string()))?;
+        let invalid = |e: serde_json::Error| RequestError::InvalidJson(e.to_string());
+        serde_json::to_writer(&mut raw, key).map_err(invalid)?;
+        raw.push(b':');
+        let start = raw.len();
+        serde_json::to_writer(&mut raw, value).map_err(invalid)?;
         match key.as_str() {
             "model" => model_span = start..raw.len(),
             "stream_options" => stream_options_span = Some(start..raw.len()),

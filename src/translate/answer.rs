@@ -63,6 +63,14 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// The stream's opening events (`response.created`…, `message_start`…), once.
+    pub fn start(&mut self, out: &mut Vec<Event>) {
+        match self {
+            Stream::Responses(t) => t.start(out),
+            Stream::Messages(t) => t.start(out),
+        }
+    }
+
     /// The events one chat chunk makes.
     pub fn chunk(&mut self, chunk: &Value, out: &mut Vec<Event>) {
         match self {

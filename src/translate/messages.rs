@@ -552,11 +552,14 @@ struct BlockDelta<'a> {
 }
 
 #[derive(serde::Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type")]
 enum Delta<'a> {
-    TextDelta { text: &'a str },
-    ThinkingDelta { thinking: &'a str },
-    InputJsonDelta { partial_json: &'a str },
+    #[serde(rename = "text_delta")]
+    Text { text: &'a str },
+    #[serde(rename = "thinking_delta")]
+    Thinking { thinking: &'a str },
+    #[serde(rename = "input_json_delta")]
+    InputJson { partial_json: &'a str },
 }
 
 impl StreamTranslator {
@@ -623,12 +626,12 @@ impl StreamTranslator {
         };
         if let Some(thinking) = text("reasoning_content") {
             if self.enter(Block::Thinking, None, out) {
-                self.delta(Delta::ThinkingDelta { thinking }, out);
+                self.delta(Delta::Thinking { thinking }, out);
             }
         }
         if let Some(t) = text("content") {
             if self.enter(Block::Text, None, out) {
-                self.delta(Delta::TextDelta { text: t }, out);
+                self.delta(Delta::Text { text: t }, out);
             }
         }
         if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
@@ -647,7 +650,7 @@ impl StreamTranslator {
                     return;
                 }
                 if let Some(args) = args {
-                    self.delta(Delta::InputJsonDelta { partial_json: args }, out);
+                    self.delta(Delta::InputJson { partial_json: args }, out);
                 }
             }
         }

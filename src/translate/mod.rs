@@ -205,6 +205,11 @@ impl Event {
         }
     }
 
+    /// An event whose data is already JSON (`data` must be valid JSON: the caller wrote it).
+    pub fn json(kind: &'static str, data: Vec<u8>) -> Event {
+        Event { kind, data }
+    }
+
     /// The event's data, parsed (for tests and the rare reader that needs a tree).
     pub fn value(&self) -> Value {
         serde_json::from_slice(&self.data).unwrap_or(Value::Null)
@@ -215,6 +220,78 @@ impl Event {
 /// parsed again on every call, and this runs once a chunk.)
 pub fn first_choice(chat: &Value) -> Option<&Value> {
     chat.get("choices")?.get(0)
+}
+
+/// A provider's chat chunk with only what the stream translators read of it (the first
+/// choice's finish and stop reasons and its delta's text, reasoning and tool calls; `usage`),
+/// the rest skipped unread: ids, model names and fingerprints are parsed once a chunk and never
+/// used. A chunk of another shape (or one carrying `error`) is parsed whole, so the
+/// translators see the same answer to every question they ask of it.
+pub fn chunk_of(data: &[u8]) -> serde_json::Result<Value> {
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+        <&RawValue>::deserialize(d).map(Some)
+    }
+
+    #[derive(Deserialize)]
+    struct Chunk<'a> {
+        #[serde(default, borrow, deserialize_with = "present")]
+        error: Option<&'a RawValue>,
+        #[serde(default)]
+        usage: Option<Value>,
+        #[serde(default)]
+        choices: Option<Vec<Choice>>,
+    }
+
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        delta: Option<Delta>,
+        #[serde(default)]
+        finish_reason: Option<Value>,
+        #[serde(default)]
+        stop_reason: Option<Value>,
+    }
+
+    #[derive(Deserialize)]
+    struct Delta {
+        #[serde(default)]
+        content: Option<Value>,
+        #[serde(default)]
+        reasoning_content: Option<Value>,
+        #[serde(default)]
+        tool_calls: Option<Value>,
+    }
+
+    let chunk = match serde_json::from_slice::<Chunk>(data) {
+        Ok(chunk) if chunk.error.is_none() => chunk,
+        _ => return serde_json::from_slice(data),
+    };
+    let mut out = serde_json::Map::new();
+    if let Some(usage) = chunk.usage {
+        out.insert("usage".into(), usage);
+    }
+    if let Some(first) = chunk.choices.and_then(|c| c.into_iter().next()) {
+        let mut choice = serde_json::Map::new();
+        let put = |map: &mut serde_json::Map<String, Value>, key: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                map.insert(key.into(), v);
+            }
+        };
+        put(&mut choice, "finish_reason", first.finish_reason);
+        put(&mut choice, "stop_reason", first.stop_reason);
+        if let Some(d) = first.delta {
+            let mut delta = serde_json::Map::new();
+            put(&mut delta, "content", d.content);
+            put(&mut delta, "reasoning_content", d.reasoning_content);
+            put(&mut delta, "tool_calls", d.tool_calls);
+            choice.insert("delta".into(), Value::Object(delta));
+        }
+        out.insert("choices".into(), Value::Array(vec![Value::Object(choice)]));
+    }
+    Ok(Value::Object(out))
 }
 
 /// `value` as JSON, into a buffer sized for it up front (`to_vec` starts small and grows by
@@ -276,6 +353,52 @@ mod tests {
             json!({"id": "b", "function": {"arguments": "{}"}}),
         ];
         assert_eq!(keys(&late), [0, 0, 1]);
+    }
+
+    /// A chunk read lightly (`chunk_of`) translates exactly as the same chunk parsed whole.
+    #[test]
+    fn a_chunk_read_lightly_translates_as_one_parsed_whole() {
+        let chunks = [
+            r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t","type":"function","function":{"name":"f","arguments":"{\"a\""}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":null},"finish_reason":"stop","stop_reason":"END"}]}"#,
+            r#"{"choices":[{"index":0,"delta":null}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+            r#"{"choices":[1],"usage":null}"#,
+            r#"{"choices":{"0":{}}}"#,
+            r#"{"choices":[{"delta":"text","finish_reason":7}]}"#,
+        ];
+        let run = |light: bool| {
+            let mut r = responses::StreamTranslator::new(responses::Meta::new(
+                "resp_1".into(),
+                1,
+                &json!({"model": "m", "input": "x"}),
+            ));
+            let mut m = messages::StreamTranslator::new(messages::Meta::new(
+                "msg_1".into(),
+                &json!({"model": "m"}),
+            ));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for c in chunks {
+                let v: Value = if light {
+                    chunk_of(c.as_bytes()).unwrap()
+                } else {
+                    serde_json::from_str(c).unwrap()
+                };
+                r.chunk(&v, &mut a);
+                m.chunk(&v, &mut b);
+            }
+            r.finish(&mut a);
+            m.finish(&mut b);
+            (a, b)
+        };
+        assert_eq!(run(true), run(false));
+        // An `error` chunk is read whole (the translation fails the stream on it).
+        let e = chunk_of(br#"{"error":null,"choices":[]}"#).unwrap();
+        assert_eq!(e.get("error"), Some(&Value::Null));
+        assert!(chunk_of(b"{nope").is_err());
     }
 
     #[test]

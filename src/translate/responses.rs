@@ -14,7 +14,6 @@
 //! read them (Codex) fail on a usage without them.
 
 use serde::Serialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::{ChatUsage, Event, TranslateError};
@@ -398,7 +397,9 @@ pub struct Meta {
     pub created_at: u64,
     /// The model the client asked for.
     pub model: String,
-    echo: Echo,
+    /// The echoed request fields ([`Echo`]) as JSON object members (`"a":1,"b":2`), written
+    /// once: a stream writes its `response` three times.
+    echo: std::sync::Arc<str>,
 }
 
 /// The request fields a `response` echoes: the client's values, or the API's defaults when it
@@ -434,8 +435,6 @@ struct ResponseOut<'a> {
     usage: &'a Value,
     error: &'a Option<Value>,
     incomplete_details: Option<Incomplete>,
-    #[serde(flatten)]
-    echo: &'a Echo,
 }
 
 #[derive(Serialize)]
@@ -443,13 +442,51 @@ struct Incomplete {
     reason: &'static str,
 }
 
-/// An event that carries a `response` (`response.created`, `.completed`…).
+/// `response.output_item.added` and `.done`.
 #[derive(Serialize)]
-struct ResponseEvent<'a, R: Serialize + ?Sized> {
+struct ItemEvent<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     sequence_number: u64,
-    response: &'a R,
+    output_index: usize,
+    item: &'a Value,
+}
+
+/// `response.content_part.added` and `.done`.
+#[derive(Serialize)]
+struct PartEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u8,
+    part: &'a Value,
+}
+
+/// `response.output_text.done`.
+#[derive(Serialize)]
+struct TextDone<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u8,
+    text: &'a str,
+    logprobs: [u8; 0],
+}
+
+/// `response.function_call_arguments.done`.
+#[derive(Serialize)]
+struct ArgumentsDone<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    name: &'a str,
+    arguments: &'a str,
 }
 
 /// `response.output_text.delta`: one a provider chunk, written from the chunk's own text.
@@ -510,23 +547,24 @@ impl Meta {
             // Stored unless the client said not to (`GET /v1/responses/{id}` finds it).
             store: request.get("store").and_then(Value::as_bool) != Some(false),
         };
+        let json = super::to_json(&echo, 512);
+        // `{…}` without its braces (a struct with fields: never empty).
+        let members = json
+            .get(1..json.len().saturating_sub(1))
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
         Meta {
             id,
             created_at,
             model,
-            echo,
+            echo: members.into(),
         }
     }
 
-    /// A `response` object with this status, output and usage, ready to write.
-    fn out<'a>(
-        &'a self,
-        status: &'a str,
-        output: &'a [Value],
-        usage: &'a Value,
-        end: &'a End,
-    ) -> ResponseOut<'a> {
-        ResponseOut {
+    /// A `response` object with this status, output and usage, as JSON: its own fields, then
+    /// the echoed ones (written once, by [`Meta::new`]).
+    fn response_json(&self, status: &str, output: &[Value], usage: &Value, end: &End) -> Vec<u8> {
+        let own = ResponseOut {
             id: &self.id,
             object: "response",
             created_at: self.created_at,
@@ -536,18 +574,20 @@ impl Meta {
             usage,
             error: &end.error,
             incomplete_details: end.incomplete.map(|reason| Incomplete { reason }),
-            echo: &self.echo,
+        };
+        let mut json = super::to_json(&own, 1024usize.saturating_add(self.echo.len()));
+        if json.pop() == Some(b'}') {
+            json.push(b',');
+            json.extend_from_slice(self.echo.as_bytes());
+            json.push(b'}');
         }
-    }
-
-    /// A `response` object with this status, output and usage, as JSON.
-    fn response_json(&self, status: &str, output: &[Value], usage: &Value, end: &End) -> Vec<u8> {
-        super::to_json(&self.out(status, output, usage, end), 2048)
+        json
     }
 
     /// A `response` object with this status, output and usage.
     fn response(&self, status: &str, output: Vec<Value>, usage: Value, end: &End) -> Value {
-        serde_json::to_value(self.out(status, &output, &usage, end)).unwrap_or(Value::Null)
+        serde_json::from_slice(&self.response_json(status, &output, &usage, end))
+            .unwrap_or(Value::Null)
     }
 
     fn item_id(&self, prefix: &str, n: usize) -> String {
@@ -711,7 +751,7 @@ pub struct StreamTranslator {
     finished: bool,
     /// The finished `response` (completed or incomplete), for storing: kept as written, and
     /// parsed only when it is stored.
-    completed: Option<Box<RawValue>>,
+    completed: Option<Vec<u8>>,
 }
 
 impl StreamTranslator {
@@ -734,8 +774,8 @@ impl StreamTranslator {
     /// The finished `response` of a stream that completed (or was cut by its token limit),
     /// once.
     pub fn take_completed(&mut self) -> Option<Value> {
-        let raw = self.completed.take()?;
-        serde_json::from_str(raw.get()).ok()
+        let json = self.completed.take()?;
+        serde_json::from_slice(&json).ok()
     }
 
     /// The next event's sequence number.
@@ -745,38 +785,61 @@ impl StreamTranslator {
         n
     }
 
-    fn event(&mut self, out: &mut Vec<Event>, kind: &'static str, data: Value) {
-        let mut data = data;
-        let n = self.next();
-        if let Some(o) = data.as_object_mut() {
-            o.insert("type".into(), Value::from(kind));
-            o.insert("sequence_number".into(), Value::from(n));
-        }
-        out.push(Event::new(kind, &data));
+    /// An event carrying `response` (already JSON): written around it, not parsed again.
+    fn response_event(&mut self, out: &mut Vec<Event>, kind: &'static str, response: &[u8]) {
+        let sequence_number = self.next();
+        let mut data = Vec::with_capacity(response.len().saturating_add(96));
+        // `kind` is one of this file's fixed event names: nothing in it to escape.
+        data.extend_from_slice(b"{\"type\":\"");
+        data.extend_from_slice(kind.as_bytes());
+        data.extend_from_slice(b"\",\"sequence_number\":");
+        data.extend_from_slice(sequence_number.to_string().as_bytes());
+        data.extend_from_slice(b",\"response\":");
+        data.extend_from_slice(response);
+        data.push(b'}');
+        out.push(Event::json(kind, data));
     }
 
-    /// An event carrying `response` (already JSON).
-    fn response_event(&mut self, out: &mut Vec<Event>, kind: &'static str, response: &RawValue) {
+    /// A `response` object of this stream, as JSON.
+    fn response_now(&self, status: &str, output: &[Value], end: &End) -> Vec<u8> {
+        let usage = usage(self.usage.as_ref());
+        self.meta.response_json(status, output, &usage, end)
+    }
+
+    /// `response.output_item.added` or `.done`.
+    fn item_event(&mut self, out: &mut Vec<Event>, kind: &'static str, index: usize, item: &Value) {
         let sequence_number = self.next();
         out.push(Event::new(
             kind,
-            &ResponseEvent {
+            &ItemEvent {
                 kind,
                 sequence_number,
-                response,
+                output_index: index,
+                item,
             },
         ));
     }
 
-    /// A `response` object of this stream, as JSON.
-    fn response_raw(&self, status: &str, output: &[Value], end: &End) -> Box<RawValue> {
-        let usage = usage(self.usage.as_ref());
-        let json = self.meta.response_json(status, output, &usage, end);
-        // Our own serializer's output: always valid JSON.
-        String::from_utf8(json)
-            .ok()
-            .and_then(|s| RawValue::from_string(s).ok())
-            .unwrap_or_else(|| RawValue::NULL.to_owned())
+    /// `response.content_part.added` or `.done`.
+    fn part_event(
+        &mut self,
+        out: &mut Vec<Event>,
+        kind: &'static str,
+        (item_id, index): (&str, usize),
+        part: &Value,
+    ) {
+        let sequence_number = self.next();
+        out.push(Event::new(
+            kind,
+            &PartEvent {
+                kind,
+                sequence_number,
+                item_id,
+                output_index: index,
+                content_index: 0,
+                part,
+            },
+        ));
     }
 
     /// `response.created` and `response.in_progress`, once, before anything else.
@@ -786,13 +849,9 @@ impl StreamTranslator {
         }
         self.started = true;
         // Usage is not known yet: null (as OpenAI sends it), not zeros.
-        let json = self
+        let r = self
             .meta
             .response_json("in_progress", &[], &Value::Null, &End::default());
-        let r = String::from_utf8(json)
-            .ok()
-            .and_then(|s| RawValue::from_string(s).ok())
-            .unwrap_or_else(|| RawValue::NULL.to_owned());
         self.response_event(out, "response.created", &r);
         self.response_event(out, "response.in_progress", &r);
     }
@@ -841,15 +900,12 @@ impl StreamTranslator {
                 });
                 self.message = Some(i);
                 let item = message_item(id.clone(), "in_progress", Vec::new());
-                self.event(
-                    out,
-                    "response.output_item.added",
-                    json!({"output_index": i, "item": item}),
-                );
-                self.event(
+                self.item_event(out, "response.output_item.added", i, &item);
+                self.part_event(
                     out,
                     "response.content_part.added",
-                    json!({"item_id": id, "output_index": i, "content_index": 0, "part": output_text("")}),
+                    (&id, i),
+                    &output_text(""),
                 );
                 i
             }
@@ -902,11 +958,7 @@ impl StreamTranslator {
                     arguments: String::new(),
                 });
                 self.calls.push((key, i));
-                self.event(
-                    out,
-                    "response.output_item.added",
-                    json!({"output_index": i, "item": item}),
-                );
+                self.item_event(out, "response.output_item.added", i, &item);
                 i
             }
         };
@@ -947,7 +999,7 @@ impl StreamTranslator {
         self.start(out);
         let end = End::of(self.finish_reason.as_deref());
         let output = self.close_items(out, "completed");
-        let r = self.response_raw(end.status(), &output, &end);
+        let r = self.response_now(end.status(), &output, &end);
         let kind = if end.incomplete.is_some() {
             "response.incomplete"
         } else {
@@ -969,7 +1021,7 @@ impl StreamTranslator {
             incomplete: None,
             error: Some(json!({"code": "server_error", "message": message})),
         };
-        let r = self.response_raw("failed", &output, &end);
+        let r = self.response_now("failed", &output, &end);
         self.finished = true;
         self.response_event(out, "response.failed", &r);
     }
@@ -986,17 +1038,21 @@ impl StreamTranslator {
         for (i, item) in items.into_iter().enumerate() {
             let done = match item {
                 Open::Message { id, text } => {
-                    let part = output_text(&text);
-                    self.event(
-                        out,
+                    let sequence_number = self.next();
+                    out.push(Event::new(
                         "response.output_text.done",
-                        json!({"item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": []}),
-                    );
-                    self.event(
-                        out,
-                        "response.content_part.done",
-                        json!({"item_id": id, "output_index": i, "content_index": 0, "part": part.clone()}),
-                    );
+                        &TextDone {
+                            kind: "response.output_text.done",
+                            sequence_number,
+                            item_id: &id,
+                            output_index: i,
+                            content_index: 0,
+                            text: &text,
+                            logprobs: [],
+                        },
+                    ));
+                    let part = output_text(&text);
+                    self.part_event(out, "response.content_part.done", (&id, i), &part);
                     message_item(id, status, vec![part])
                 }
                 Open::Call {
@@ -1005,19 +1061,22 @@ impl StreamTranslator {
                     name,
                     arguments,
                 } => {
-                    self.event(
-                        out,
+                    let sequence_number = self.next();
+                    out.push(Event::new(
                         "response.function_call_arguments.done",
-                        json!({"item_id": id, "output_index": i, "name": name, "arguments": arguments}),
-                    );
+                        &ArgumentsDone {
+                            kind: "response.function_call_arguments.done",
+                            sequence_number,
+                            item_id: &id,
+                            output_index: i,
+                            name: &name,
+                            arguments: &arguments,
+                        },
+                    ));
                     function_item(id, &call_id, &name, &arguments, status)
                 }
             };
-            self.event(
-                out,
-                "response.output_item.done",
-                json!({"output_index": i, "item": done.clone()}),
-            );
+            self.item_event(out, "response.output_item.done", i, &done);
             output.push(done);
         }
         output

@@ -174,8 +174,21 @@ async fn pump(
     let capture = watch.capture.is_some();
     if let Some(captured) = watch.capture.as_mut() {
         captured.head = Some(head);
-    } else if session.write_response_header(head, false).await.is_err() {
-        return Err(ForwardError::ClientGone);
+    } else {
+        if session.write_response_header(head, false).await.is_err() {
+            return Err(ForwardError::ClientGone);
+        }
+        // A translated stream opens before its first chunk is translated: the client's first
+        // bytes do not wait for the whole batch (one more write per translated stream).
+        let opening = watch.opening();
+        if !opening.is_empty()
+            && session
+                .write_response_body(Some(opening), false)
+                .await
+                .is_err()
+        {
+            return Err(ForwardError::ClientGone);
+        }
     }
     // One wait on the shutdown signal for the whole stream, not one per chunk.
     let cut = source.drain.cut();

@@ -89,7 +89,18 @@ impl TranslatedStream {
             Mode::Off
         };
         self.pending.clear();
+        if self.mode == Mode::Events {
+            // The stream opens at once (`response.created`, `message_start`), as the APIs'
+            // own servers do: the client need not wait for the provider's first chunk, nor for
+            // the rest of a batch to be translated, to see its stream begin.
+            self.translator.start(&mut self.events);
+        }
         self.mode != Mode::Off
+    }
+
+    /// The opening events made at the commit (empty once taken, or for another mode).
+    pub fn opening(&mut self) -> Bytes {
+        self.take()
     }
 
     /// Whether the committed answer, a whole chat answer, goes to the client as a stream of
@@ -234,7 +245,7 @@ impl TranslatedStream {
             self.translator.finish(&mut self.events);
             return;
         }
-        match serde_json::from_slice::<Value>(&data) {
+        match crate::translate::chunk_of(&data) {
             Ok(v) => match v.get("error") {
                 Some(error) => {
                     let message = error

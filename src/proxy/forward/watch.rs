@@ -280,6 +280,14 @@ impl Watchers {
         t.take_completed()
     }
 
+    /// A translated stream's opening events, to write with the response head.
+    pub(super) fn opening(&mut self) -> Bytes {
+        match self.translate.as_mut().filter(|_| self.translating) {
+            Some(t) => t.opening(),
+            None => Bytes::new(),
+        }
+    }
+
     /// Whether a whole answer goes to the client as a translated stream of events (a
     /// provider that ignored `stream`): its head then says `text/event-stream`.
     pub(super) fn streams_whole(&self) -> bool {
