@@ -323,6 +323,23 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_opens_at_the_commit_before_any_chunk() {
+        let mut s = stream();
+        assert_eq!(
+            types(&s.opening()),
+            ["response.created", "response.in_progress"]
+        );
+        assert!(s.opening().is_empty(), "once");
+        let mut m = messages();
+        assert!(m.commit(200, true));
+        assert_eq!(types(&m.opening()), ["message_start", "ping"]);
+        // An error answer is not a stream: nothing opens.
+        let mut e = messages();
+        assert!(e.commit(400, false));
+        assert!(e.opening().is_empty());
+    }
+
+    #[test]
     fn events_are_translated_whole_wherever_the_chunks_split() {
         let provider = concat!(
             ": keep-alive\n\n",
