@@ -218,9 +218,13 @@ impl UsageTap {
 
     fn parse_json(&mut self) {
         if !self.sse && !self.overflow && self.total.is_none() && !self.buf.is_empty() {
-            let usage = serde_json::from_slice::<WithUsage>(&self.buf)
-                .ok()
-                .and_then(WithUsage::usage);
+            let usage = match scan_usage(&self.buf) {
+                Some(found) => found,
+                // Not a plain object (or something the scan leaves to serde): parsed whole.
+                None => serde_json::from_slice::<WithUsage>(&self.buf)
+                    .ok()
+                    .and_then(WithUsage::usage),
+            };
             self.buf = Vec::new();
             if let Some(u) = usage {
                 self.total = u.total();
@@ -331,6 +335,146 @@ fn event_len(data: &[u8]) -> Option<usize> {
     })
 }
 
+/// The usage of a whole JSON answer, found by walking its top-level object and parsing only
+/// the members that can hold it (`usage`, `message`, `response`; see [`WithUsage`]): the rest
+/// (choices, their text) is skipped by its brackets and quotes, not parsed. That was most of
+/// a plain request's JSON work after its own parse. `None`: not an object this walk reads with
+/// certainty (a key with an escape, a member twice, a bracket out of place), for the caller to
+/// parse whole: the answer is then the same as a whole parse's.
+fn scan_usage(body: &[u8]) -> Option<Option<Usage>> {
+    let mut at = skip_ws(body, 0);
+    if body.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_ws(body, at.checked_add(1)?);
+    let mut found = WithUsage {
+        usage: None,
+        message: None,
+        response: None,
+    };
+    let mut seen = [false; 3];
+    if body.get(at) == Some(&b'}') {
+        return Some(None);
+    }
+    loop {
+        // A key: a string without escapes (one with any goes to the whole parse).
+        if body.get(at) != Some(&b'"') {
+            return None;
+        }
+        let key_start = at.checked_add(1)?;
+        let key_len = memchr::memchr2(b'"', b'\\', body.get(key_start..)?)?;
+        let key_end = key_start.checked_add(key_len)?;
+        if body.get(key_end) != Some(&b'"') {
+            return None;
+        }
+        let key = body.get(key_start..key_end)?;
+        at = skip_ws(body, key_end.checked_add(1)?);
+        if body.get(at) != Some(&b':') {
+            return None;
+        }
+        at = skip_ws(body, at.checked_add(1)?);
+        let slot = match key {
+            b"usage" => Some(0),
+            b"message" => Some(1),
+            b"response" => Some(2),
+            _ => None,
+        };
+        at = match slot {
+            Some(i) => {
+                // serde rejects a member twice: so does the walk (the whole parse decides).
+                if std::mem::replace(seen.get_mut(i)?, true) {
+                    return None;
+                }
+                // One value, and where it ended (a stream of values reports its offset).
+                let rest = body.get(at..)?;
+                let used = match i {
+                    0 => {
+                        let mut one = serde_json::Deserializer::from_slice(rest).into_iter();
+                        found.usage = one.next()?.ok()?;
+                        one.byte_offset()
+                    }
+                    _ => {
+                        let mut one = serde_json::Deserializer::from_slice(rest).into_iter();
+                        let nested: Option<Nested> = one.next()?.ok()?;
+                        if i == 1 {
+                            found.message = nested;
+                        } else {
+                            found.response = nested;
+                        }
+                        one.byte_offset()
+                    }
+                };
+                at.checked_add(used)?
+            }
+            None => skip_value(body, at)?,
+        };
+        at = skip_ws(body, at);
+        match body.get(at) {
+            Some(b',') => at = skip_ws(body, at.checked_add(1)?),
+            Some(b'}') => return Some(found.usage()),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(body: &[u8], mut at: usize) -> usize {
+    while body.get(at).is_some_and(u8::is_ascii_whitespace) {
+        at = at.saturating_add(1);
+    }
+    at
+}
+
+/// Where the string starting at `at` (its opening quote) ends, just past its closing quote.
+fn skip_string(body: &[u8], at: usize) -> Option<usize> {
+    let mut i = at.checked_add(1)?;
+    loop {
+        let n = memchr::memchr2(b'"', b'\\', body.get(i..)?)?;
+        i = i.checked_add(n)?;
+        match body.get(i)? {
+            // An escape: skip it and the character it escapes.
+            b'\\' => i = i.checked_add(2)?,
+            _ => return i.checked_add(1),
+        }
+    }
+}
+
+/// Where the JSON value starting at `at` ends (not validated, only delimited: a string by its
+/// quotes, an object or array by its brackets, a number or literal by what follows it).
+fn skip_value(body: &[u8], at: usize) -> Option<usize> {
+    match body.get(at)? {
+        b'"' => skip_string(body, at),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            loop {
+                match body.get(i)? {
+                    b'"' => {
+                        i = skip_string(body, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth = depth.checked_add(1)?,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return i.checked_add(1);
+                        }
+                    }
+                    _ => {}
+                }
+                i = i.checked_add(1)?;
+            }
+        }
+        _ => {
+            let rest = body.get(at..)?;
+            let len = rest
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+                .unwrap_or(rest.len());
+            (len > 0).then(|| at.saturating_add(len))
+        }
+    }
+}
+
 /// Whether `bytes` holds the JSON key `"usage"` (SIMD search: most chunks do not).
 fn mentions_usage(bytes: &[u8]) -> bool {
     // Built once: `memmem::find` builds a searcher on every call.
@@ -377,6 +521,52 @@ fn sse_usage(line: &[u8]) -> Option<Usage> {
 )]
 mod tests {
     use super::*;
+
+    /// The walk over a whole answer reads the same usage as a whole parse, wherever the
+    /// member lies and whatever the strings around it hold; what it cannot read with
+    /// certainty it leaves to the whole parse.
+    #[test]
+    fn the_scan_of_a_json_answer_reads_what_a_whole_parse_reads() {
+        let bodies: &[&str] = &[
+            r#"{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":4,"total_tokens":11}}"#,
+            r#" { "usage" : { "prompt_tokens" : 1 } , "id" : "x" } "#,
+            r#"{"choices":[{"message":{"content":"say \"usage\":{\"total_tokens\":99} and }]{["}}],"usage":{"total_tokens":3}}"#,
+            r#"{"choices":[{"message":{"content":"a\\","usage":{"total_tokens":5}}}],"x":1}"#,
+            r#"{"x":{"usage":{"total_tokens":8}},"y":[{"usage":{"total_tokens":9}}]}"#,
+            r#"{"message":{"usage":{"input_tokens":4,"output_tokens":2}}}"#,
+            r#"{"response":{"id":"r","usage":{"input_tokens":1}},"n":-1.5e3,"t":true,"z":null}"#,
+            r#"{"usage":null,"message":{"usage":{"output_tokens":2}}}"#,
+            r#"{"usage":{"total_tokens":"many"}}"#,
+            r#"{"usage":{"total_tokens":1},"usage":{"total_tokens":2}}"#,
+            r#"{"usa\u0067e":{"total_tokens":6}}"#,
+            r#"{}"#,
+            r#"[{"usage":{"total_tokens":1}}]"#,
+            r#"{"usage":{"total_tokens":1}"#,
+            r#"{"a":[1,2,{"b":"]"}],"usage":{"prompt_tokens":2,"completion_tokens":2}}"#,
+            r#"not json"#,
+        ];
+        for body in bodies {
+            let whole = serde_json::from_slice::<WithUsage>(body.as_bytes())
+                .ok()
+                .and_then(WithUsage::usage)
+                .map(|u| (u.total(), u.split()));
+            let mut tap = UsageTap::new(false);
+            tap.observe(body.as_bytes());
+            assert_eq!(
+                (tap.total_tokens(), tap.split()),
+                whole.map_or((None, None), |w| w),
+                "{body}"
+            );
+        }
+        // The walk itself answers the plain shapes, and defers the rest.
+        assert!(scan_usage(bodies[0].as_bytes()).is_some());
+        assert!(scan_usage(bodies[2].as_bytes()).is_some());
+        assert!(scan_usage(bodies[9].as_bytes()).is_none(), "a member twice");
+        assert!(
+            scan_usage(bodies[10].as_bytes()).is_none(),
+            "an escaped key"
+        );
+    }
 
     #[test]
     fn finds_usage_in_a_json_body_split_anywhere() {
