@@ -137,9 +137,37 @@ pub struct ProviderSeries {
 pub struct RouteSeries {
     duration: [Series<prometheus::Histogram>; Endpoint::COUNT],
     ttft: [Series<prometheus::Histogram>; Endpoint::COUNT],
+    /// `requests{endpoint, route, provider, status}` of the first answer seen with each
+    /// endpoint: nearly every request of a route repeats it (its provider, a 200).
+    requests: [Series<(String, u16, prometheus::IntCounter)>; Endpoint::COUNT],
 }
 
 impl RouteSeries {
+    /// Counts a finished request in `lumen_requests_total{endpoint, route, provider, status}`:
+    /// through the kept series when it has the same provider and status, else by lookup.
+    pub fn count_request(
+        &self,
+        metrics: &Metrics,
+        endpoint: Endpoint,
+        route: &str,
+        (provider, code, status): (&str, u16, &str),
+    ) {
+        let kept = self.requests[endpoint.index()].get(metrics, |m| {
+            let counter =
+                m.requests
+                    .with_label_values(&[endpoint.label(), route, provider, status]);
+            (provider.to_string(), code, counter)
+        });
+        if kept.0 == provider && kept.1 == code {
+            kept.2.inc();
+        } else {
+            metrics
+                .requests
+                .with_label_values(&[endpoint.label(), route, provider, status])
+                .inc();
+        }
+    }
+
     /// `lumen_request_duration_seconds{endpoint, route}`.
     pub fn duration<'a>(
         &'a self,

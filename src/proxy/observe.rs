@@ -28,10 +28,17 @@ impl Gateway {
         let provider = ctx.provider.as_deref().unwrap_or("");
         let status = StatusCode::from_u16(ctx.status).ok();
         let status = status.as_ref().map_or("0", StatusCode::as_str);
-        self.metrics
-            .requests
-            .with_label_values(&[endpoint, route, provider, status])
-            .inc();
+        match (ctx.endpoint, &ctx.route) {
+            (Some(e), Some(r)) => {
+                r.series
+                    .count_request(&self.metrics, e, route, (provider, ctx.status, status))
+            }
+            _ => self
+                .metrics
+                .requests
+                .with_label_values(&[endpoint, route, provider, status])
+                .inc(),
+        }
         if let Some((prompt, completion)) = ctx.usage_split {
             for (kind, n) in [("prompt", prompt), ("completion", completion)] {
                 self.metrics
