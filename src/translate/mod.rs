@@ -294,6 +294,45 @@ pub fn chunk_of(data: &[u8]) -> serde_json::Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// A whole chat completion as the one chunk its stream would have carried: the first choice's
+/// message as the delta (a refusal as its text when it has none, as a whole Messages answer
+/// reads it), its finish and stop reasons, the usage. What a stream translator makes of a
+/// provider that answered a stream request whole. `None`: not a chat completion.
+pub fn whole_as_chunk(chat: &Value) -> Option<Value> {
+    let answer = chat.as_object()?;
+    let choices = answer.get("choices")?.as_array()?;
+    let mut chunk = serde_json::Map::new();
+    if let Some(usage) = answer.get("usage") {
+        chunk.insert("usage".into(), usage.clone());
+    }
+    if let Some(choice) = choices.first() {
+        let mut out = serde_json::Map::new();
+        for key in ["finish_reason", "stop_reason"] {
+            if let Some(v) = choice.get(key) {
+                out.insert(key.into(), v.clone());
+            }
+        }
+        if let Some(message) = choice.get("message") {
+            let mut delta = serde_json::Map::new();
+            for key in ["content", "reasoning_content", "tool_calls"] {
+                if let Some(v) = message.get(key) {
+                    delta.insert(key.into(), v.clone());
+                }
+            }
+            let no_text = message
+                .get("content")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty);
+            if let Some(refusal) = message.get("refusal").filter(|_| no_text) {
+                delta.insert("content".into(), refusal.clone());
+            }
+            out.insert("delta".into(), Value::Object(delta));
+        }
+        chunk.insert("choices".into(), Value::Array(vec![Value::Object(out)]));
+    }
+    Some(Value::Object(chunk))
+}
+
 /// `value` as JSON, into a buffer sized for it up front (`to_vec` starts small and grows by
 /// copying, which showed up in profiles).
 pub fn to_json(value: &impl serde::Serialize, size: usize) -> Vec<u8> {

@@ -7,6 +7,7 @@ import json
 
 import openai
 import pytest
+import requests
 
 from conftest import Gateway
 
@@ -29,6 +30,8 @@ routes:
     targets: [ {{ provider: mock, model: status-500 }}, {{ provider: mock, model: upstream-fast }} ]
   - model: whole
     targets: [ {{ provider: mock, model: ignores-stream }} ]
+  - model: whole-cut
+    targets: [ {{ provider: mock, model: whole-then-drop }} ]
 """,
     )
     yield g
@@ -110,6 +113,20 @@ def test_a_whole_answer_to_a_stream_request_is_streamed_and_stored(gateway):
     assert stored.output_text == final.output_text and stored.status == "completed"
     nxt = c.responses.create(model="fast", input="and then?", previous_response_id=final.id)
     assert nxt.status == "completed"
+
+
+def test_a_whole_answer_cut_mid_body_ends_the_stream_with_response_failed(gateway):
+    """The provider ignored `stream` and then broke off: the client's event stream still ends
+    with the API's failure event, not a silent cut."""
+    r = requests.post(
+        f"{gateway.base_url}/responses",
+        headers={"authorization": "Bearer sk-client-python"},
+        json={"model": "whole-cut", "input": "hello", "stream": True},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [l.removeprefix("event: ") for l in r.text.splitlines() if l.startswith("event: ")]
+    assert events[0] == "response.created" and events[-1] == "response.failed", r.text
 
 
 def test_a_function_tool_round_trip(gateway, mock):

@@ -338,9 +338,11 @@ fn event_len(data: &[u8]) -> Option<usize> {
 /// The usage of a whole JSON answer, found by walking its top-level object and parsing only
 /// the members that can hold it (`usage`, `message`, `response`; see [`WithUsage`]): the rest
 /// (choices, their text) is skipped by its brackets and quotes, not parsed. That was most of
-/// a plain request's JSON work after its own parse. `None`: not an object this walk reads with
-/// certainty (a key with an escape, a member twice, a bracket out of place), for the caller to
-/// parse whole: the answer is then the same as a whole parse's.
+/// a plain request's JSON work after its own parse. For a valid JSON answer it reads what a
+/// whole parse reads; the skipped members are delimited, not validated (nor is anything after
+/// the object's end), so a malformed one does not hide the usage beside it. `None`: not an
+/// object this walk reads with certainty (a key with an escape, a member twice, a bracket out
+/// of place), for the caller to parse whole.
 fn scan_usage(body: &[u8]) -> Option<Option<Usage>> {
     let mut at = skip_ws(body, 0);
     if body.get(at) != Some(&b'{') {
@@ -417,8 +419,12 @@ fn scan_usage(body: &[u8]) -> Option<Option<Usage>> {
     }
 }
 
+/// Past JSON's whitespace (space, tab, line feed, carriage return: not form feed).
 fn skip_ws(body: &[u8], mut at: usize) -> usize {
-    while body.get(at).is_some_and(u8::is_ascii_whitespace) {
+    while body
+        .get(at)
+        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
         at = at.saturating_add(1);
     }
     at

@@ -292,6 +292,11 @@ impl Gateway {
                     (None, Some(t)) => t.filter(&chunk),
                     (None, None) => chunk,
                 };
+                // A Responses stream that completed with this chunk is stored before the client
+                // has its end: its next turn may come at once.
+                if let Some(t) = translate.as_mut().filter(|t| t.finished()) {
+                    self.keep_completed(ctx, t.take_completed()).await;
+                }
                 if chunk.is_empty() {
                     continue;
                 }

@@ -190,6 +190,9 @@ async fn pump(
             return Err(ForwardError::ClientGone);
         }
     }
+    // An event stream to the client: the provider's, or a whole answer sent as a translated
+    // one. A break ends it with an error event, never a silent cut.
+    let events = sse || watch.streams_whole();
     // One wait on the shutdown signal for the whole stream, not one per chunk.
     let cut = source.drain.cut();
     tokio::pin!(cut);
@@ -288,7 +291,7 @@ async fn pump(
             Some(read) => read,
             None => tokio::select! {
                 read = upstream.read_response_body() => read,
-                () = &mut cut, if sse && !capture => {
+                () = &mut cut, if events && !capture => {
                     // Shutting down: end the stream while the client can still be told why.
                     watch.broke();
                     let error = GatewayError::ShuttingDown;
@@ -303,7 +306,7 @@ async fn pump(
             Err(e) => {
                 let error = classify(source.provider, &e);
                 watch.broke();
-                let closing = (sse && !capture)
+                let closing = (events && !capture)
                     .then(|| closing_event(watch, sse_error_event(&error), &error, ends_event));
                 let broken = broken(session, source, error, closing).await;
                 return Err(match broken {

@@ -167,17 +167,25 @@ impl TranslatedStream {
     }
 
     /// A kept whole chat answer, once all here, becomes the events its stream would have
-    /// carried (held until [`TranslatedStream::end`]): a Responses stream's completed
-    /// `response` is then ready to be stored before the client has the end. A body that is
-    /// not a chat answer ends the stream with the API's failure event.
+    /// carried (held until [`TranslatedStream::end`]; see `translate::whole_as_chunk`): a
+    /// Responses stream's completed `response` is then ready to be stored before the client
+    /// has the end. A body that is not a chat answer ends the stream with the API's failure
+    /// event.
     pub fn whole_arrived(&mut self) {
         if self.mode != Mode::Whole {
             return;
         }
         self.mode = Mode::Events;
         let body = std::mem::take(&mut self.pending);
-        match lumen_plugins::sse::render_sse(lumen_plugins::sse::Kind::Chat, &body, true) {
-            Some(events) => self.feed(&events),
+        let chunk = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .as_ref()
+            .and_then(crate::translate::whole_as_chunk);
+        match chunk {
+            Some(chunk) => {
+                self.translator.chunk(&chunk, &mut self.events);
+                self.translator.finish(&mut self.events);
+            }
             None => self.translator.fail(
                 "the provider answered with a body that is not a chat completion",
                 &mut self.events,
@@ -499,6 +507,16 @@ mod tests {
         assert_eq!(completed["output"][0]["content"][0]["text"], "Hi");
         assert_eq!(completed["usage"]["total_tokens"], 4);
         assert_eq!(types(&s.end()).last().unwrap(), "response.completed");
+
+        // A whole answer keeps what a rendered stream would lose: a choice without `index`,
+        // the matched stop sequence.
+        let mut s = messages();
+        assert!(s.commit(200, false));
+        s.filter(br#"{"choices":[{"message":{"content":"Hi"},"finish_reason":"stop","stop_reason":"END"}]}"#);
+        let text = String::from_utf8(s.end().to_vec()).unwrap();
+        assert!(text.contains(r#""stop_reason":"stop_sequence""#), "{text}");
+        assert!(text.contains(r#""stop_sequence":"END""#), "{text}");
+        assert!(text.contains(r#""text":"Hi""#), "{text}");
 
         // A body that is not a chat answer ends the stream with the API's failure event.
         let mut s = messages();

@@ -25,6 +25,7 @@
 //! | `http10-stream`  | an HTTP/1.0 stream, close-delimited, cut before `data: [DONE]` |
 //! | `embed-short`    | an embeddings answer with one vector fewer than the inputs |
 //! | `ignores-stream` | a whole JSON answer, even to a stream request |
+//! | `whole-then-drop` | a 200 JSON head and the start of its body, then closes |
 //!
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
 //! stream chunk, default 0), `mock_one_write` (the whole stream in one write, so it all reaches
@@ -418,6 +419,15 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
             return Ok(false);
         }
         "drop" => return Ok(false),
+        "whole-then-drop" => {
+            // A whole JSON answer (whatever `stream` said) cut off mid-body.
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 200\r\n\r\n{\"id\":\"x\",\"choices\":[")
+                .await?;
+            stream.flush().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Ok(false);
+        }
         "empty" => {
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n")
