@@ -235,6 +235,26 @@ pub fn chunk_of(data: &[u8]) -> serde_json::Result<Value> {
         <&RawValue>::deserialize(d).map(Some)
     }
 
+    /// An object, read as `T`; anything else (an array especially, which serde's derived
+    /// structs would take field by field) is an error, so the chunk is parsed whole.
+    struct Obj<T>(T);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Only<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Only<T> {
+                type Value = T;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                    T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                }
+            }
+            d.deserialize_map(Only(std::marker::PhantomData)).map(Obj)
+        }
+    }
+
     #[derive(Deserialize)]
     struct Chunk<'a> {
         #[serde(default, borrow, deserialize_with = "present")]
@@ -242,13 +262,13 @@ pub fn chunk_of(data: &[u8]) -> serde_json::Result<Value> {
         #[serde(default)]
         usage: Option<Value>,
         #[serde(default)]
-        choices: Option<Vec<Choice>>,
+        choices: Option<Vec<Obj<Choice>>>,
     }
 
     #[derive(Deserialize)]
     struct Choice {
         #[serde(default)]
-        delta: Option<Delta>,
+        delta: Option<Obj<Delta>>,
         #[serde(default)]
         finish_reason: Option<Value>,
         #[serde(default)]
@@ -265,15 +285,15 @@ pub fn chunk_of(data: &[u8]) -> serde_json::Result<Value> {
         tool_calls: Option<Value>,
     }
 
-    let chunk = match serde_json::from_slice::<Chunk>(data) {
-        Ok(chunk) if chunk.error.is_none() => chunk,
+    let chunk = match serde_json::from_slice::<Obj<Chunk>>(data) {
+        Ok(Obj(chunk)) if chunk.error.is_none() => chunk,
         _ => return serde_json::from_slice(data),
     };
     let mut out = serde_json::Map::new();
     if let Some(usage) = chunk.usage {
         out.insert("usage".into(), usage);
     }
-    if let Some(first) = chunk.choices.and_then(|c| c.into_iter().next()) {
+    if let Some(Obj(first)) = chunk.choices.and_then(|c| c.into_iter().next()) {
         let mut choice = serde_json::Map::new();
         let put = |map: &mut serde_json::Map<String, Value>, key: &str, v: Option<Value>| {
             if let Some(v) = v {
@@ -282,7 +302,7 @@ pub fn chunk_of(data: &[u8]) -> serde_json::Result<Value> {
         };
         put(&mut choice, "finish_reason", first.finish_reason);
         put(&mut choice, "stop_reason", first.stop_reason);
-        if let Some(d) = first.delta {
+        if let Some(Obj(d)) = first.delta {
             let mut delta = serde_json::Map::new();
             put(&mut delta, "content", d.content);
             put(&mut delta, "reasoning_content", d.reasoning_content);
@@ -408,6 +428,9 @@ mod tests {
             r#"{"choices":[1],"usage":null}"#,
             r#"{"choices":{"0":{}}}"#,
             r#"{"choices":[{"delta":"text","finish_reason":7}]}"#,
+            r#"{"choices":[{"delta":["hi"]}]}"#,
+            r#"{"choices":[[{"content":"x"}]]}"#,
+            r#"[{"choices":[]}]"#,
         ];
         let run = |light: bool| {
             let mut r = responses::StreamTranslator::new(responses::Meta::new(
