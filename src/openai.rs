@@ -345,23 +345,48 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         serde_json::from_str::<serde_json::Value>(v.get())
             .is_ok_and(|o| o.get("include_usage") == Some(&serde_json::Value::Bool(true)))
     });
-    Ok(LlmRequest {
-        include_usage,
-        endpoint,
+    Ok(Read {
         model,
         model_span,
         stream,
         max_tokens,
         stream_options_span,
-        raw,
-        original: None,
-        dropped: Vec::new(),
-        counting: false,
-        prompt_tokens: None,
-        untranslatable_len: 0,
-        history: None,
-        untranslatable: None,
-    })
+        include_usage,
+    }
+    .request(endpoint, raw))
+}
+
+/// What [`parse`] reads of a body (and `chat_request` of a translation's): the request
+/// is this, with nothing of another API attached yet.
+struct Read {
+    model: String,
+    model_span: Range<usize>,
+    stream: bool,
+    max_tokens: Option<u64>,
+    stream_options_span: Option<Range<usize>>,
+    include_usage: bool,
+}
+
+impl Read {
+    fn request(self, endpoint: Endpoint, raw: Bytes) -> LlmRequest {
+        LlmRequest {
+            include_usage: self.include_usage,
+            endpoint,
+            model: self.model,
+            model_span: self.model_span,
+            stream: self.stream,
+            max_tokens: self.max_tokens,
+            stream_options_span: self.stream_options_span,
+            raw,
+            original: None,
+            dropped: Vec::new(),
+            counting: false,
+            prompt_tokens: None,
+            untranslatable_len: 0,
+            history: None,
+            untranslatable: None,
+        }
+    }
 }
 
 /// Parses `raw` for a token counting endpoint (`Endpoint::counting_path`): the API's request
@@ -486,23 +511,15 @@ fn chat_request(chat: serde_json::Value) -> Result<LlmRequest, RequestError> {
         }
     }
     raw.push(b'}');
-    Ok(LlmRequest {
-        include_usage,
-        endpoint: Endpoint::ChatCompletions,
+    Ok(Read {
         model,
         model_span,
         stream,
         max_tokens: max_completion_tokens.or(max_tokens),
         stream_options_span,
-        raw: Bytes::from(raw),
-        original: None,
-        dropped: Vec::new(),
-        counting: false,
-        prompt_tokens: None,
-        untranslatable_len: 0,
-        history: None,
-        untranslatable: None,
-    })
+        include_usage,
+    }
+    .request(Endpoint::ChatCompletions, Bytes::from(raw)))
 }
 
 /// A Messages request: checked, translated to a chat completions request, and that parsed.
@@ -544,12 +561,14 @@ fn untranslatable(
     e: crate::translate::TranslateError,
 ) -> Result<LlmRequest, RequestError> {
     let stream = request.get("stream").and_then(serde_json::Value::as_bool);
-    let placeholder = serde_json::json!({
+    // The chat body that travels with it: never sent (see above), only what the pipeline's
+    // chat-shaped steps (routing, limits, the access log) read.
+    let stand_in = serde_json::json!({
         "model": request.get("model"),
         "messages": [{"role": "user", "content": ""}],
         "stream": stream.unwrap_or(false),
     });
-    let mut req = translated(endpoint, request, placeholder, Vec::new())?;
+    let mut req = translated(endpoint, request, stand_in, Vec::new())?;
     req.untranslatable = Some(Box::new(e));
     req.untranslatable_len = body_len;
     Ok(req)

@@ -15,15 +15,8 @@ pub enum Answer {
 }
 
 impl Answer {
-    /// A whole chat completion in the client's API.
-    pub fn from_chat(&self, chat: &Value) -> Value {
-        match self {
-            Answer::Responses(meta) => responses::from_chat(chat, meta),
-            Answer::Messages(meta) => messages::from_chat(chat, meta),
-        }
-    }
-
-    /// [`Answer::from_chat`], as JSON (a `response` is written without building its tree).
+    /// A whole chat completion in the client's API, as JSON (a `response` is written without
+    /// building its tree).
     pub fn from_chat_json(&self, chat: &Value) -> Vec<u8> {
         match self {
             Answer::Responses(meta) => responses::from_chat_json(chat, meta),

@@ -793,7 +793,8 @@ impl StreamTranslator {
         data.extend_from_slice(b"{\"type\":\"");
         data.extend_from_slice(kind.as_bytes());
         data.extend_from_slice(b"\",\"sequence_number\":");
-        data.extend_from_slice(sequence_number.to_string().as_bytes());
+        // Written into the buffer: no string allocated for a number.
+        let _ = std::io::Write::write_fmt(&mut data, format_args!("{sequence_number}"));
         data.extend_from_slice(b",\"response\":");
         data.extend_from_slice(response);
         data.push(b'}');

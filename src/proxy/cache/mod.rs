@@ -63,17 +63,6 @@ pub fn push_status(ctx: &mut RequestCtx, status: &'static str) {
     ));
 }
 
-/// Writes a stored answer: as JSON, or rendered as an SSE stream for a stream request.
-pub async fn serve(
-    s: &mut Session,
-    ctx: &mut RequestCtx,
-    plan: &Plan,
-    entry: &Entry,
-) -> pingora::Result<()> {
-    let rendered = render(ctx, plan, entry, None)?;
-    write(s, rendered).await
-}
-
 /// A stored answer ready to write.
 pub struct Rendered {
     head: Box<ResponseHeader>,
@@ -109,10 +98,11 @@ pub fn render(
         }
         Some(answer) => {
             let chat: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let translated = answer.from_chat(&chat);
-            let bytes = Bytes::from(serde_json::to_vec(&translated).unwrap_or_default());
-            completed = matches!(answer, Answer::Responses(_)).then_some(translated);
-            bytes
+            let translated = answer.from_chat_json(&chat);
+            if matches!(answer, Answer::Responses(_)) {
+                completed = serde_json::from_slice(&translated).ok();
+            }
+            Bytes::from(translated)
         }
     };
     ctx.usage_total = usage_total(&entry.body);

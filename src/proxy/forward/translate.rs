@@ -323,6 +323,17 @@ mod tests {
         TranslatedStream::new(Answer::Messages(meta))
     }
 
+    /// A Messages stream of one text block, event by event.
+    const ONE_TEXT_BLOCK: [&str; 7] = [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ];
+
     fn types(bytes: &[u8]) -> Vec<String> {
         String::from_utf8_lossy(bytes)
             .lines()
@@ -430,18 +441,7 @@ mod tests {
             )
             .as_bytes(),
         );
-        assert_eq!(
-            types(&out),
-            [
-                "message_start",
-                "ping",
-                "content_block_start",
-                "content_block_delta",
-                "content_block_stop",
-                "message_delta",
-                "message_stop"
-            ]
-        );
+        assert_eq!(types(&out), ONE_TEXT_BLOCK);
         assert!(s.end().is_empty(), "nothing kept for a success");
 
         let mut s = messages();
@@ -477,18 +477,7 @@ mod tests {
             .is_empty());
         assert!(s.filter(br#""finish_reason":"length"}]}"#).is_empty());
         let events = s.end();
-        assert_eq!(
-            types(&events),
-            [
-                "message_start",
-                "ping",
-                "content_block_start",
-                "content_block_delta",
-                "content_block_stop",
-                "message_delta",
-                "message_stop"
-            ]
-        );
+        assert_eq!(types(&events), ONE_TEXT_BLOCK);
         let text = String::from_utf8(events.to_vec()).unwrap();
         assert!(text.contains(r#""text":"Hi""#), "{text}");
         assert!(text.contains(r#""stop_reason":"max_tokens""#), "{text}");
