@@ -759,6 +759,77 @@ fn main() {
         }
         println!();
     }
+    // Dollar budgets: the same key with token budgets alone, and with prices and a dollar
+    // budget on top (reserved before forwarding, settled after, the whole answer read before
+    // its head for `x-lumen-cost-usd`), in process and through Redis. Each pair in rounds, the
+    // difference read within a round.
+    if only.as_deref().is_none_or(|o| "budget".contains(o)) {
+        println!(
+            "dollar budget overhead over token budgets alone, c=1 1KiB whole answer (median [range] of per-round differences)"
+        );
+        let budget_config = |redis: &str, dollars: bool| {
+            let budget = if dollars {
+                ", budget: { usd_per_day: 1000000 }"
+            } else {
+                ""
+            };
+            let prices = if dollars {
+                "prices: [ { provider: mock, model: bench-upstream, input: 1, output: 2 } ]\n"
+            } else {
+                ""
+            };
+            format!(
+                "server: {{ threads: 2 }}\n{redis}{prices}keys: [ {{ id: bench, key: \"{BENCH_KEY}\", limits: {{ tokens_per_day: 1000000000000 }}{budget} }} ]\nproviders:\n  mock: {{ base_url: \"http://{mock}/v1\" }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: mock, model: bench-upstream }} ] }}\n"
+            )
+        };
+        let mut pairs = vec![(
+            "in process",
+            Lumen::start(&budget_config("", false)),
+            Lumen::start(&budget_config("", true)),
+        )];
+        if let Some(r) = &redis {
+            let shared = format!("redis: {{ url: \"{}\" }}\n", r.url());
+            pairs.push((
+                "through redis",
+                Lumen::start(&budget_config(&shared, false)),
+                Lumen::start(&budget_config(&shared, true)),
+            ));
+        }
+        let rounds = rounds.max(5);
+        for (label, tokens, dollars) in &pairs {
+            let mut diffs = Vec::new();
+            let mut p50s = Vec::new();
+            for _ in 0..rounds {
+                let base = runtime.block_on(load(
+                    tokens.addr,
+                    1,
+                    secs / 2.0,
+                    chat_body(1024, false),
+                    false,
+                ));
+                let with = runtime.block_on(load(
+                    dollars.addr,
+                    1,
+                    secs / 2.0,
+                    chat_body(1024, false),
+                    false,
+                ));
+                diffs.push(with.pct(0.5) - base.pct(0.5));
+                p50s.push((with.pct(0.5), base.pct(0.5)));
+            }
+            let median = |mut v: Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+            };
+            println!(
+                "  {label:<14} p50 {:>4.0} vs tokens alone {:>4.0} us, added p50 {}",
+                median(p50s.iter().map(|p| p.0).collect()),
+                median(p50s.iter().map(|p| p.1).collect()),
+                Spread::of(diffs).map_or("-".to_string(), |d| d.show(" us", true)),
+            );
+        }
+        println!();
+    }
     if only.is_some() {
         return;
     }

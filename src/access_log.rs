@@ -50,6 +50,8 @@ pub struct Entry<'a> {
     pub stream: bool,
     pub duration_us: u64,
     pub first_byte_us: u64,
+    /// What the request cost at the configured prices, in micro-dollars; `None`: unpriced.
+    pub cost_micros: Option<u64>,
     pub error: &'a str,
 }
 
@@ -146,6 +148,14 @@ fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
         ",\"stream\":{},\"duration_us\":{},\"first_byte_us\":{}",
         e.stream, e.duration_us, e.first_byte_us
     );
+    if let Some(cost) = e.cost_micros {
+        // Six decimals, exact: a JSON number.
+        let _ = write!(
+            line,
+            ",\"cost_usd\":{}",
+            lumen_plugins::budget::format_usd(cost)
+        );
+    }
     if !e.error.is_empty() {
         line.extend_from_slice(b",\"error\":");
         string(&mut line, e.error);
@@ -203,6 +213,7 @@ mod tests {
             stream: true,
             duration_us: 1234,
             first_byte_us: 1000,
+            cost_micros: Some(1_500_042),
             error: "",
         };
         let line = format_line(
@@ -216,5 +227,6 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["stream"], true);
         assert!(v.get("error").is_none());
+        assert_eq!(v["cost_usd"].as_f64().unwrap(), 1.500042);
     }
 }

@@ -45,6 +45,17 @@ pub enum GatewayError {
     ModelNotAllowed(String),
     #[error("rate limit exceeded ({}): retry after the time in the Retry-After header", .0.label())]
     RateLimited(lumen_plugins::rate_limit::LimitReason),
+    /// A dollar budget would be exceeded: `scope` is `key` or `tenant`, `period` `day` or
+    /// `month`, `remaining` what is left, in USD.
+    #[error("the {scope} budget for this {period} is spent ({remaining} USD left, less than this request may cost); it resets at the time in the Retry-After header")]
+    BudgetExceeded {
+        scope: &'static str,
+        period: &'static str,
+        remaining: String,
+    },
+    /// A budgeted caller asked for a model one of whose targets has no price.
+    #[error("this key has a dollar budget, and the model `{model}` has no price at provider `{provider}`, so its cost cannot be counted (the operator adds it to `prices:`)")]
+    Unpriced { model: String, provider: String },
     #[error(transparent)]
     Request(#[from] RequestError),
     #[error("the model `{0}` does not exist or you do not have access to it")]
@@ -181,6 +192,22 @@ impl GatewayError {
                 "rate_limit_exceeded",
                 Some("rate_limit_exceeded"),
                 None,
+            ),
+            G::BudgetExceeded { scope, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "budget_exceeded",
+                Some(if *scope == "tenant" {
+                    "tenant_budget_exceeded"
+                } else {
+                    "key_budget_exceeded"
+                }),
+                None,
+            ),
+            G::Unpriced { .. } => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("model_not_priced"),
+                Some("model"),
             ),
             G::ModelNotFound(_) => (
                 StatusCode::NOT_FOUND,

@@ -46,6 +46,7 @@ pub mod node;
 pub mod notify;
 pub mod openai;
 pub mod ops;
+pub mod price;
 pub mod proxy;
 pub mod routing;
 pub mod session;
@@ -203,6 +204,8 @@ pub fn admin_service(
         reload,
         ledger: node.ledger.clone(),
         history,
+        budgets: node.budgets.clone(),
+        shared_budgets: node.redis.as_ref().map(|r| r.budgets.clone()),
     });
     let limits = snapshot.server.connections;
     app.server_options = Some(server_options(limits, false));
@@ -431,6 +434,9 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         },
     ));
     for warning in snapshot.auth.warnings() {
+        tracing::warn!("{warning}");
+    }
+    for warning in snapshot.unpriced() {
         tracing::warn!("{warning}");
     }
     tracing::info!(

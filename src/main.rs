@@ -287,6 +287,15 @@ fn main() -> ExitCode {
                 for warning in snapshot.auth.warnings() {
                     eprintln!("warning: {warning}");
                 }
+                for warning in snapshot.unpriced() {
+                    eprintln!("warning: {warning}");
+                }
+                if let Some((file, as_of)) = &snapshot.prices.catalog {
+                    println!(
+                        "prices: {file} (as of {as_of}) and {} entries in all",
+                        snapshot.prices.len()
+                    );
+                }
                 let (keys, issuers) = snapshot.auth.counts();
                 println!(
                     "{}: ok ({} providers, {} routes, {keys} keys, {issuers} JWT issuers)",

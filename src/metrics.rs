@@ -58,6 +58,15 @@ pub struct Metrics {
     /// `lumen_tokens_total{key, provider, route, kind}`: tokens providers reported, `kind`
     /// `prompt` or `completion` (route names are the client-facing model names).
     pub tokens: IntCounterVec,
+    /// `lumen_cost_usd_total{key, provider, route}`: what answered requests cost, in USD, at
+    /// the configured prices (`key` as for `rate_limited`).
+    pub cost: prometheus::CounterVec,
+    /// `lumen_budget_used_ratio{scope, name}`: the share of a configured key's or tenant's
+    /// dollar budget spent in its current window (the tighter of day and month).
+    pub budget_used: prometheus::GaugeVec,
+    /// `lumen_budget_alert_ratio{scope, name}`: the budget's `alert_at` (the shipped alert
+    /// fires when `used` reaches it).
+    pub budget_alert: prometheus::GaugeVec,
     /// `lumen_config_reloads_total{result}`: `ok` or `error`.
     pub reloads: IntCounterVec,
     /// `lumen_config_last_reload_success_timestamp_seconds`.
@@ -242,6 +251,33 @@ impl Metrics {
             "lumen_upstream_errors_total",
             "Failed upstream attempts, by provider and kind",
             &["provider", "kind"],
+        );
+        let cost = prometheus::CounterVec::new(
+            Opts::new(
+                "lumen_cost_usd_total",
+                "What answered requests cost at the configured prices, in USD, by key, provider and route",
+            ),
+            &["key", "provider", "route"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(cost.clone()))
+            .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), &["scope", "name"])
+                .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let budget_used = gauge(
+            "lumen_budget_used_ratio",
+            "Share of a key's or tenant's dollar budget spent in its current window",
+        );
+        let budget_alert = gauge(
+            "lumen_budget_alert_ratio",
+            "The share of a dollar budget at which its alert fires (alert_at)",
         );
         let rate_limited = counter(
             "lumen_rate_limited_total",
@@ -428,6 +464,9 @@ impl Metrics {
             usage_flushes,
             overhead,
             tokens,
+            cost,
+            budget_used,
+            budget_alert,
             reloads,
             last_reload,
             cache,

@@ -34,6 +34,10 @@ pub struct Redis {
     pub on_error: OnRedisError,
     /// Request and token limits shared through the link.
     pub limits: Arc<SharedLimiter>,
+    /// Dollar budgets shared through the link.
+    pub budgets: Arc<lumen_plugins::budget::shared::SharedBudgets>,
+    /// This node's share of each dollar budget while Redis is down (fail-open).
+    pub local_budget_share: f64,
 }
 
 /// One node's shared state. Cheap to share: everything is behind an `Arc`.
@@ -57,6 +61,9 @@ pub struct Node {
     pub drain: Arc<Drain>,
     /// Stored responses (the Responses API's `store`): in Redis when configured.
     pub responses: Arc<crate::stored::ResponseStore>,
+    /// Dollar budgets in this process: every budget without `redis:`; with it, this node's
+    /// share while Redis is down (fail-open). Outlives reloads.
+    pub budgets: Arc<lumen_plugins::budget::LocalBudgets>,
 }
 
 impl Node {
@@ -71,6 +78,11 @@ impl Node {
                     let link = Arc::new(link);
                     Some(Redis {
                         limits: Arc::new(SharedLimiter::new(link.clone(), &r.prefix)),
+                        budgets: Arc::new(lumen_plugins::budget::shared::SharedBudgets::new(
+                            link.clone(),
+                            &r.prefix,
+                        )),
+                        local_budget_share: r.local_budget_share,
                         link,
                         prefix: r.prefix.clone(),
                         on_error: r.on_error,
@@ -99,6 +111,7 @@ impl Node {
             health,
             redis,
             drain: Arc::new(Drain::default()),
+            budgets: Arc::new(lumen_plugins::budget::LocalBudgets::default()),
             config,
             metrics,
         }

@@ -181,6 +181,8 @@ pub struct LlmRequest {
     pub stream: bool,
     /// `max_completion_tokens` or `max_tokens`, when the client set one.
     pub max_tokens: Option<u64>,
+    /// Choices generated (`n`, or `best_of` when larger): each may use `max_tokens`.
+    pub choices: u64,
     /// Byte range of the client's own `stream_options` value in `raw` (null included), when
     /// it set one (rewritten to ask for usage; see [`body_with_usage`]).
     pub stream_options_span: Option<Range<usize>>,
@@ -212,6 +214,13 @@ impl LlmRequest {
     /// over-estimate for JSON with a cloud tokenizer), plus the completion budget
     /// (`max_tokens`, or `default_completion` when the client set none).
     pub fn token_estimate(&self, default_completion: u64) -> u64 {
+        let (prompt, completion) = self.token_split(default_completion);
+        prompt.saturating_add(completion)
+    }
+
+    /// [`token_estimate`](Self::token_estimate) as (prompt, completion): what dollar budgets
+    /// price apart.
+    pub fn token_split(&self, default_completion: u64) -> (u64, u64) {
         let prompt = self.prompt_tokens.unwrap_or_else(|| {
             // An untranslatable request's chat body is a stand-in: its own body is the prompt.
             let size = match self.untranslatable_len {
@@ -225,9 +234,12 @@ impl LlmRequest {
             Endpoint::ChatCompletions
             | Endpoint::Completions
             | Endpoint::Responses
-            | Endpoint::Messages => self.max_tokens.unwrap_or(default_completion),
+            | Endpoint::Messages => self
+                .max_tokens
+                .unwrap_or(default_completion)
+                .saturating_mul(self.choices.max(1)),
         };
-        prompt.saturating_add(completion)
+        (prompt, completion)
     }
 }
 
@@ -249,6 +261,12 @@ struct Head<'a> {
     max_tokens: Option<serde_json::Value>,
     #[serde(default)]
     max_completion_tokens: Option<serde_json::Value>,
+    /// Choices asked for (chat, completions): each may use `max_tokens`.
+    #[serde(default)]
+    n: Option<serde_json::Value>,
+    /// Completions generated server-side to pick the best from (legacy completions).
+    #[serde(default)]
+    best_of: Option<serde_json::Value>,
     /// Present even when `null` (an `Option` alone would read `null` as absent).
     #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
@@ -338,6 +356,12 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         bounded_tokens("max_completion_tokens", head.max_completion_tokens)?;
     let max_tokens = bounded_tokens("max_tokens", head.max_tokens)?;
     let max_tokens = max_completion_tokens.or(max_tokens);
+    // Every choice may use `max_tokens`: budgets reserve for all of them.
+    let choices = bounded_count("n", head.n, MAX_CHOICES)?.max(bounded_count(
+        "best_of",
+        head.best_of,
+        MAX_CHOICES,
+    )?);
     // Kept even when null: `body_with_usage` replaces the value in place, so the forwarded
     // body never holds the key twice (readers keep the last one, which would opt out).
     let stream_options_span = head.stream_options.map(|v| span_in(&raw, v.get()));
@@ -350,6 +374,7 @@ pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<LlmRequest, RequestError>
         model_span,
         stream,
         max_tokens,
+        choices,
         stream_options_span,
         include_usage,
     }
@@ -363,6 +388,7 @@ struct Read {
     model_span: Range<usize>,
     stream: bool,
     max_tokens: Option<u64>,
+    choices: u64,
     stream_options_span: Option<Range<usize>>,
     include_usage: bool,
 }
@@ -376,6 +402,7 @@ impl Read {
             model_span: self.model_span,
             stream: self.stream,
             max_tokens: self.max_tokens,
+            choices: self.choices,
             stream_options_span: self.stream_options_span,
             raw,
             original: None,
@@ -516,6 +543,7 @@ fn chat_request(chat: serde_json::Value) -> Result<LlmRequest, RequestError> {
         model_span,
         stream,
         max_tokens: max_completion_tokens.or(max_tokens),
+        choices: 1,
         stream_options_span,
         include_usage,
     }
@@ -650,6 +678,27 @@ fn span_in(raw: &[u8], part: &str) -> Range<usize> {
 
 /// A token count field: absent or null, or an integer in `0..=MAX_TOKENS_LIMIT`. Anything
 /// else is the client's error, named by field (a huge value must never reach a counter).
+/// Most choices (`n`, `best_of`) one request may ask for (OpenAI's own limit for `n`).
+pub const MAX_CHOICES: u64 = 128;
+
+/// A count such as `n`: absent or null is 1; otherwise 1 to `max`.
+fn bounded_count(
+    field: &'static str,
+    value: Option<serde_json::Value>,
+    max: u64,
+) -> Result<u64, RequestError> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(1),
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(RequestError::InvalidField {
+                field,
+                reason: "must be an integer from 1 to 128",
+            }),
+        },
+    }
+}
+
 fn bounded_tokens(
     field: &'static str,
     value: Option<serde_json::Value>,
@@ -883,6 +932,40 @@ mod tests {
             })
         ));
         assert!(chat(r#"{"model": "a", "model": "b", "messages": []}"#).is_err());
+    }
+
+    #[test]
+    fn every_choice_is_reserved_for_and_absurd_counts_are_refused() {
+        let req = chat(r#"{"model":"m","messages":[],"max_tokens":10,"n":4}"#).unwrap();
+        assert_eq!(req.choices, 4);
+        let prompt = req.token_split(0).0;
+        assert_eq!(req.token_split(512), (prompt, 40));
+        let req = parse(
+            Endpoint::Completions,
+            Bytes::from_static(br#"{"model":"m","prompt":"x","n":2,"best_of":5}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            req.token_split(512).1,
+            5 * 512,
+            "best_of, with the default budget"
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","messages":[],"n":null}"#)
+                .unwrap()
+                .choices,
+            1
+        );
+        for bad in ["0", "129", "-1", "1.5", "\"2\""] {
+            let body = format!(r#"{{"model":"m","messages":[],"n":{bad}}}"#);
+            assert!(
+                matches!(
+                    chat(&body),
+                    Err(RequestError::InvalidField { field: "n", .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -96,12 +96,49 @@ fn the_shipped_configs_are_valid() {
             .env("LUMEN_TEAM_A_KEY", "x")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stderr}");
+        // Every routed model of the shipped configs has a price (the catalog, or 0 locally).
+        assert!(!stderr.contains("no price"), "{name}: {stderr}");
     }
+}
+
+#[test]
+fn routed_models_without_a_price_are_warned_about_and_bad_prices_refused() {
+    let base = "providers:\n  a: { base_url: \"http://127.0.0.1:1/v1\" }\nroutes:\n  - { model: m, targets: [ { provider: a, model: up }, { provider: a, model: other } ] }\n";
+    let (ok, _, stderr) = check(&format!(
+        "prices:\n  - {{ provider: a, model: up, input: 1, output: 2 }}\n{base}"
+    ));
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning: route `m`: no price for provider `a` model `other`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("model `up`"), "{stderr}");
+    let (ok, _, stderr) = check(&format!(
+        "prices:\n  - {{ provider: a, input: -1, output: 2 }}\n{base}"
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains("prices[0]: `input` must be from 0"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = check(&format!("prices_file: nowhere.yaml\n{base}"));
+    assert!(!ok);
+    assert!(stderr.contains("prices_file: cannot read"), "{stderr}");
+    let (ok, _, stderr) = check(&format!(
+        "tenants:\n  acme: {{ budget: {{ usd_per_week: 1 }} }}\n{base}"
+    ));
+    assert!(!ok);
+    assert!(stderr.contains("unknown field `usd_per_week`"), "{stderr}");
+    let (ok, _, stderr) = check(&format!(
+        "keys:\n  - {{ id: k, key: sk-k, budget: {{ usd_per_day: 0 }} }}\n{base}"
+    ));
+    assert!(!ok);
+    assert!(
+        stderr.contains("keys[0].budget: usd_per_day must be above 0"),
+        "{stderr}"
+    );
 }
 
 #[test]

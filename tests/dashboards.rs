@@ -96,6 +96,9 @@ async fn every_metric_the_dashboard_and_the_alerts_query_exists_in_a_live_scrape
 keys:
   - {{ id: team, key: "sk-team" }}
   - {{ id: tight, key: "sk-tight", limits: {{ requests_per_minute: 1 }} }}
+  - {{ id: payer, key: "sk-payer", budget: {{ usd_per_day: 1, alert_at: 0.8 }} }}
+prices:
+  - {{ provider: mock, model: up, input: 1, output: 2 }}
 redis: {{ url: "redis://127.0.0.1:{dead_redis}", timeout: 20ms }}
 providers:
   mock: {{ base_url: "{base}", health: {{ interval: 100ms }} }}
@@ -137,6 +140,7 @@ jobs: {{ workers: 1 }}
         assert_eq!(post("sk-team", chat("spill", stream)).await.status, 200);
         post("sk-team", chat("dead", stream)).await;
         post("sk-tight", chat("fast", stream)).await;
+        assert_eq!(post("sk-payer", chat("fast", stream)).await.status, 200);
     }
     let job = json!({"endpoint": "/v1/chat/completions", "body": chat("fast", false)});
     let r = request(

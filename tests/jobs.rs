@@ -16,6 +16,8 @@ keys:
   - {{ id: alice, key: "sk-alice" }}
   - {{ id: bob, key: "sk-bob" }}
   - {{ id: limited, key: "sk-limited", limits: {{ requests_per_minute: 2 }} }}
+prices:
+  - {{ provider: mock, model: up, input: 1, output: 2 }}
 providers:
   mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
 routes:
@@ -89,6 +91,8 @@ async fn a_native_job_runs_through_the_pipeline_and_reports_its_metrics() {
     }
     assert_eq!(m["completion_tokens"], 3);
     assert_eq!(m["prompt_tokens"], 7);
+    // Its cost at the route's price: 7 prompt tokens at 1 µ$, 3 completion tokens at 2 µ$.
+    assert_eq!(m["cost_usd"].as_f64(), Some(13.0 / 1e6), "{m}");
     // Upstream it was a stream (for /events), with the model rewritten by the route, and the
     // worker's token never left the gateway.
     let sent = mock.requests();

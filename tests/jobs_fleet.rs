@@ -17,6 +17,8 @@ keys:
   - {{ id: alice, key: "sk-alice" }}
   - {{ id: bob, key: "sk-bob" }}
 redis: {{ url: "{redis}" }}
+prices:
+  - {{ provider: mock, model: up, input: 1, output: 2 }}
 providers:
   mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
 routes:
@@ -96,6 +98,12 @@ async fn two_nodes_and_a_worker_run_200_jobs_exactly_once() {
         assert_eq!(
             done["result"]["choices"][0]["message"]["content"],
             "tok0 tok1 tok2 "
+        );
+        // Its cost, recorded in Redis by whichever process ran it: 7 × 1 + 3 × 2 µ$.
+        assert_eq!(
+            done["metrics"]["cost_usd"].as_f64(),
+            Some(13.0 / 1e6),
+            "{done}"
         );
     }
     // Exactly once: one upstream call per job.

@@ -21,9 +21,11 @@
 
 pub mod address;
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod civil;
 pub mod cors;
+pub mod glob;
 pub mod rate_limit;
 pub mod redis_link;
 pub mod sse;

@@ -104,6 +104,14 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out.join("\n")
 }
 
+/// A usage table's cell: dollars to the micro-dollar, the rest as [`text`] shows it.
+fn cell(field: &str, v: &Value) -> String {
+    match (field, v.as_f64()) {
+        ("cost_usd", Some(usd)) => format!("{usd:.6}"),
+        _ => text(v),
+    }
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -215,6 +223,7 @@ pub fn usage(target: &Target, query: &str) -> Result<(String, Value), CliError> 
         "completion_tokens",
         "errors",
         "cache_hits",
+        "cost_usd",
     ];
     let mut rows: Vec<Vec<String>> = report["rows"]
         .as_array()
@@ -224,10 +233,11 @@ pub fn usage(target: &Target, query: &str) -> Result<(String, Value), CliError> 
             let mut row = vec![
                 text(&r["day"]),
                 text(&r["key"]),
+                text(&r["tenant"]),
                 text(&r["provider"]),
                 text(&r["model"]),
             ];
-            row.extend(fields.iter().map(|f| text(&r[*f])));
+            row.extend(fields.iter().map(|f| cell(f, &r[*f])));
             row
         })
         .collect();
@@ -236,8 +246,9 @@ pub fn usage(target: &Target, query: &str) -> Result<(String, Value), CliError> 
         String::new(),
         String::new(),
         String::new(),
+        String::new(),
     ];
-    total.extend(fields.iter().map(|f| text(&report["total"][*f])));
+    total.extend(fields.iter().map(|f| cell(f, &report["total"][*f])));
     rows.push(total);
     let out = format!(
         "{} to {} ({})\n\n{}\n",
@@ -248,13 +259,15 @@ pub fn usage(target: &Target, query: &str) -> Result<(String, Value), CliError> 
             &[
                 "DAY",
                 "KEY",
+                "TENANT",
                 "PROVIDER",
                 "MODEL",
                 "REQUESTS",
                 "PROMPT",
                 "COMPLETION",
                 "ERRORS",
-                "CACHE HITS"
+                "CACHE HITS",
+                "COST USD"
             ],
             &rows
         )

@@ -3,7 +3,7 @@
 //! - for machines: `/metrics` (Prometheus), `/metrics/summary`, `/admin/providers` (every
 //!   provider's health, circuit, latency, load, limits, last error and today's usage),
 //!   `/admin/config` (the active config and the last reload), `/admin/routes`, `/admin/usage`
-//!   (the usage ledger, filtered), `/admin/timeseries` (the last 15 minutes of traffic) and
+//!   (the usage ledger, filtered), `/admin/budgets` (dollar budgets), `/admin/timeseries` (the last 15 minutes of traffic) and
 //!   `/openapi.json`;
 //! - for people: `/ui` (the console), `/docs` (Swagger UI) and `/redoc` (ReDoc), whose
 //!   front-end packages are read from disk ([`assets`]), never from a CDN.
@@ -18,6 +18,7 @@
 //! reports and the OpenAPI document); never `proxy` or `node`.
 
 mod assets;
+pub mod budgets;
 pub mod cli;
 mod history;
 pub mod openapi;
@@ -51,6 +52,10 @@ pub struct AdminApp {
     pub reload: Arc<ReloadState>,
     pub ledger: Arc<Ledger>,
     pub history: Arc<History>,
+    /// Dollar budgets counted in this process (all of them without Redis).
+    pub budgets: Arc<lumen_plugins::budget::LocalBudgets>,
+    /// Dollar budgets shared through Redis, when configured.
+    pub shared_budgets: Option<Arc<lumen_plugins::budget::shared::SharedBudgets>>,
 }
 
 #[async_trait]
@@ -119,6 +124,7 @@ impl AdminApp {
         match path {
             "/metrics" => {
                 self.collect_provider_load(config);
+                self.collect_budgets(config).await;
                 Reply::new(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
@@ -132,6 +138,9 @@ impl AdminApp {
                 Reply::json(&reports::providers(config, &self.health, &today))
             }
             "/admin/routes" => Reply::json(&reports::routes(config)),
+            "/admin/budgets" => Reply::json(
+                &budgets::report(config, &self.budgets, self.shared_budgets.as_ref()).await,
+            ),
             "/admin/usage" => match parse_filter(query) {
                 Ok(filter) => {
                     let report = self.ledger.query(&filter).await;
@@ -165,6 +174,30 @@ impl AdminApp {
                     "unknown_url",
                 ),
             },
+        }
+    }
+
+    /// The configured keys' and tenants' budget gauges, as their windows stand now: a window
+    /// that reset since the last request must not keep an alert firing.
+    async fn collect_budgets(&self, config: &Snapshot) {
+        let report = budgets::report(config, &self.budgets, self.shared_budgets.as_ref()).await;
+        for b in report.budgets.iter().filter(|b| b.configured) {
+            let used = b
+                .windows
+                .iter()
+                .map(|w| w.used_usd / w.limit_usd.max(1e-6))
+                .fold(0.0, f64::max);
+            let labels = [b.scope.as_str(), b.name.as_str()];
+            self.metrics
+                .budget_used
+                .with_label_values(&labels)
+                .set(used);
+            if let Some(alert_at) = b.alert_at {
+                self.metrics
+                    .budget_alert
+                    .with_label_values(&labels)
+                    .set(alert_at);
+            }
         }
     }
 
@@ -221,7 +254,7 @@ fn parse_since(query: &str) -> Result<u64, String> {
     Ok(since)
 }
 
-/// `/admin/usage?key=&provider=&model=&from=YYYY-MM-DD&to=YYYY-MM-DD` (days inclusive, UTC;
+/// `/admin/usage?key=&tenant=&provider=&model=&from=YYYY-MM-DD&to=YYYY-MM-DD` (days inclusive, UTC;
 /// both default to today, `from` to `to`).
 fn parse_filter(query: &str) -> Result<Filter, String> {
     let mut filter = Filter::default();
@@ -235,13 +268,14 @@ fn parse_filter(query: &str) -> Result<Filter, String> {
         };
         match name {
             "key" => filter.key = Some(value),
+            "tenant" => filter.tenant = Some(value),
             "provider" => filter.provider = Some(value),
             "model" => filter.model = Some(value),
             "from" => filter.from = Some(day(&value)?),
             "to" => filter.to = Some(day(&value)?),
             other => {
                 return Err(format!(
-                    "unknown parameter `{other}` (filters: key, provider, model, from, to)"
+                    "unknown parameter `{other}` (filters: key, tenant, provider, model, from, to)"
                 ))
             }
         }

@@ -15,11 +15,12 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::openapi::server::Server;
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use super::budgets::{BudgetEntry, BudgetWindow, BudgetsReport};
 use super::history::{Point, Timeseries};
 use super::reports::{
     CircuitReport, ConfigReport, LastError, ModelReport, ProbeReport, ProviderReport,
     ProvidersReport, QuotaReport, ReloadReport, RouteReport, RoutesReport, TargetReport,
-    UsageReport, UsageRow,
+    UsageReport, UsageRow, UsageTotal,
 };
 use crate::config::Snapshot;
 use crate::jobs::shapes::{
@@ -546,10 +547,12 @@ mod operations {
         security((), ("admin_bearer" = []), ("admin_basic" = [])))]
     fn admin_routes() {}
 
-    /// Usage per day, key, provider and model: requests, tokens, errors, cache hits.
+    /// Usage per day, key (and tenant), provider and model: requests, tokens, errors, cache
+    /// hits and cost in USD.
     #[utoipa::path(get, path = "/admin/usage", tag = "admin",
         params(
             ("key" = Option<String>, Query, description = "A key's id"),
+            ("tenant" = Option<String>, Query, description = "A tenant's name"),
             ("provider" = Option<String>, Query),
             ("model" = Option<String>, Query),
             ("from" = Option<String>, Query, format = Date, description = "First day (UTC), default `to`"),
@@ -560,6 +563,14 @@ mod operations {
             (status = 401, description = "No key, or an unknown one", body = ErrorBody)),
         security((), ("admin_bearer" = []), ("admin_basic" = [])))]
     fn admin_usage() {}
+
+    /// Every dollar budget: each window's limit, what is spent, what requests in flight hold,
+    /// what is left and when it resets (fleet-wide with Redis).
+    #[utoipa::path(get, path = "/admin/budgets", tag = "admin",
+        responses((status = 200, description = "OK", body = BudgetsReport),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody)),
+        security((), ("admin_bearer" = []), ("admin_basic" = [])))]
+    fn admin_budgets() {}
 
     /// The last 15 minutes of traffic, one point per interval, for the console's charts.
     #[utoipa::path(get, path = "/admin/timeseries", tag = "admin",
@@ -643,6 +654,7 @@ impl Modify for SecuritySchemes {
         operations::admin_providers,
         operations::admin_routes,
         operations::admin_usage,
+        operations::admin_budgets,
         operations::admin_timeseries,
         operations::openapi_json,
     ),
@@ -655,7 +667,7 @@ impl Modify for SecuritySchemes {
         RerankRequest, ResponsesRequest, MessagesRequest, AnthropicError, AnthropicErrorDetail, Summary, RequestSummary, Quantiles, UpstreamSummary, ConfigReport,
         ReloadReport, ProvidersReport, ProviderReport, ProbeReport, QuotaReport, LastError,
         ModelReport, CircuitReport, Counts, RoutesReport, RouteReport, TargetReport,
-        UsageReport, UsageRow, Timeseries, Point, JobEvent, JobEventKind, TaskEvent,
+        UsageReport, UsageRow, UsageTotal, BudgetsReport, BudgetEntry, BudgetWindow, Timeseries, Point, JobEvent, JobEventKind, TaskEvent,
     )),
     modifiers(&SecuritySchemes),
     tags(

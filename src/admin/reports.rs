@@ -274,19 +274,37 @@ pub struct UsageReport {
     /// Set when the store could not be read: rows then hold only what this node has in memory.
     pub store_error: Option<String>,
     pub rows: Vec<UsageRow>,
-    pub total: Counts,
+    pub total: UsageTotal,
 }
 
-/// One day of one key at one provider for one model.
+/// Every row added up.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageTotal {
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// `cost_micros` in USD.
+    pub cost_usd: f64,
+}
+
+/// One day of one key (and its tenant) at one provider for one model.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UsageRow {
     pub day: String,
     /// The key's id (never the key).
     pub key: String,
+    /// The key's tenant; empty when it has none.
+    pub tenant: String,
     pub provider: String,
     pub model: String,
     #[serde(flatten)]
     pub counts: Counts,
+    /// `cost_micros` in USD, at the prices configured when each request was answered.
+    pub cost_usd: f64,
+}
+
+/// Micro-dollars as a USD number (six decimals at most: exact as JSON prints it).
+fn usd(micros: u64) -> f64 {
+    micros as f64 / 1e6
 }
 
 /// The rows and their total.
@@ -300,9 +318,11 @@ pub fn usage(report: &Report, backend: &'static str) -> UsageReport {
             UsageRow {
                 day: k.day.to_string(),
                 key: k.key.to_string(),
+                tenant: k.tenant.to_string(),
                 provider: k.provider.to_string(),
                 model: k.model.to_string(),
                 counts: *c,
+                cost_usd: usd(c.cost_micros),
             }
         })
         .collect();
@@ -312,6 +332,9 @@ pub fn usage(report: &Report, backend: &'static str) -> UsageReport {
         backend,
         store_error: report.store_error.clone(),
         rows,
-        total,
+        total: UsageTotal {
+            cost_usd: usd(total.cost_micros),
+            counts: total,
+        },
     }
 }

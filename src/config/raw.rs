@@ -69,6 +69,23 @@ pub struct RawConfig {
     /// Stored responses (the Responses API's `store`).
     #[serde(default)]
     pub responses: RawResponses,
+    /// USD per million tokens per provider and model; these win over `prices_file`'s.
+    #[serde(default)]
+    pub prices: Vec<crate::price::RawPrice>,
+    /// A price catalog (the bundled `conf/prices.yaml`), relative to this file.
+    #[serde(default)]
+    pub prices_file: Option<String>,
+    /// Tenants with a dollar budget shared by all their keys and JWT callers, by name (a key's
+    /// `tenant`, or `jwt:<issuer>:<claim>` for a JWT's tenant claim).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, RawTenant>,
+}
+
+/// One `tenants:` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    pub budget: lumen_plugins::budget::BudgetConfig,
 }
 
 /// `responses:`: how long stored responses are kept, and how many in this process.
@@ -390,6 +407,14 @@ pub struct RawRedis {
     pub timeout: Duration,
     #[serde(default)]
     pub on_redis_error: lumen_plugins::rate_limit::shared::OnRedisError,
+    /// The share (0–1) of each dollar budget this node may spend on its own while Redis is
+    /// down and `on_redis_error: fail_open`: 1/N for a fleet of N keeps the fleet within it.
+    #[serde(default = "whole_budget")]
+    pub local_budget_share: f64,
+}
+
+fn whole_budget() -> f64 {
+    1.0
 }
 
 fn default_prefix() -> String {

@@ -49,6 +49,10 @@ pub struct Snapshot {
     pub responses: super::raw::RawResponses,
     /// Files besides the config itself whose change triggers a reload (JWT keys).
     pub watched: Vec<PathBuf>,
+    /// Prices per provider and model (`prices:`, then `prices_file:`'s catalog).
+    pub prices: Arc<crate::price::PriceTable>,
+    /// Tenants' dollar budgets, by tenant name.
+    pub tenants: HashMap<String, Arc<lumen_plugins::budget::Budget>>,
     /// Where it came from, for `/admin/config` and logs.
     pub source: Source,
 }
@@ -85,6 +89,8 @@ pub struct RedisSettings {
     pub prefix: String,
     pub timeout: Duration,
     pub on_error: lumen_plugins::rate_limit::shared::OnRedisError,
+    /// This node's share of each dollar budget while Redis is down (fail-open).
+    pub local_budget_share: f64,
 }
 
 /// The validated `usage:` section.
@@ -272,7 +278,22 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         }
     };
 
-    let routes = RouteTable::build(&raw.routes, &providers, &mut problems);
+    let prices = Arc::new(build_prices(
+        &raw.prices,
+        raw.prices_file.as_deref(),
+        &source.path,
+        &mut problems,
+    ));
+    let routes = RouteTable::build(&raw.routes, &providers, &prices, &mut problems);
+    let mut tenants = HashMap::new();
+    for (name, tenant) in &raw.tenants {
+        match lumen_plugins::budget::Budget::from_config(&tenant.budget) {
+            Ok(budget) => {
+                tenants.insert(name.clone(), Arc::new(budget));
+            }
+            Err(e) => problems.push(Problem::at(format!("tenants.{name}.budget"), e)),
+        }
+    }
     let per_ip = raw.limits.per_ip.as_ref().and_then(|r| {
         let rate = lumen_plugins::rate_limit::RateConfig {
             requests_per_second: r.requests_per_second,
@@ -309,8 +330,15 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         prefix: r.prefix,
         timeout: r.timeout,
         on_error: r.on_redis_error,
+        local_budget_share: r.local_budget_share,
     });
     if let Some(r) = &redis {
+        if !(r.local_budget_share > 0.0 && r.local_budget_share <= 1.0) {
+            problems.push(Problem::at(
+                "redis.local_budget_share",
+                "must be above 0 and at most 1 (1/N for a fleet of N nodes)",
+            ));
+        }
         if let Err(e) = redis_url_ok(&r.url) {
             problems.push(Problem::at("redis.url", e));
         }
@@ -390,8 +418,76 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
             coalesce_wait: raw.cache.coalesce_wait,
         },
         responses: raw.responses,
+        prices,
+        tenants,
         source,
     })
+}
+
+/// The price table: the operator's `prices:`, then the catalog `prices_file:` names (relative
+/// to the config file). Problems are pushed with their place.
+fn build_prices(
+    operator: &[crate::price::RawPrice],
+    file: Option<&str>,
+    config_path: &str,
+    problems: &mut Vec<Problem>,
+) -> crate::price::PriceTable {
+    let catalog = file.and_then(|file| {
+        let path = std::path::Path::new(config_path)
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(file);
+        let read = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+        let parsed = read.and_then(|text| {
+            serde_yaml::from_str::<crate::price::RawPriceFile>(&text).map_err(|e| e.to_string())
+        });
+        match parsed {
+            Ok(catalog) => Some((path.display().to_string(), catalog)),
+            Err(e) => {
+                problems.push(Problem::at(
+                    "prices_file",
+                    format!("cannot read `{}`: {e}", path.display()),
+                ));
+                None
+            }
+        }
+    });
+    let catalog = catalog.as_ref().map(|(p, c)| (p.as_str(), c));
+    match crate::price::PriceTable::build(operator, catalog) {
+        Ok(table) => table,
+        Err(e) => {
+            problems.push(Problem::at("prices", e));
+            crate::price::PriceTable::default()
+        }
+    }
+}
+
+impl Snapshot {
+    /// Routed models without a price (`lumen check` warns: their requests are counted as
+    /// free and no dollar budget limits them).
+    pub fn unpriced(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for route in self.routes.routes() {
+            for target in &route.targets {
+                let model = target.model_name();
+                let provider = &target.provider.name;
+                if model == "*" {
+                    if !self.prices.prices_provider(provider) {
+                        found.push(format!(
+                            "route `{}`: passes the client's model name to provider `{provider}`, which has no entry in `prices:` (its requests are counted as free, and budgeted keys are refused)",
+                            route.name
+                        ));
+                    }
+                } else if target.price.is_none() {
+                    found.push(format!(
+                        "route `{}`: no price for provider `{provider}` model `{model}` (add it to `prices:` or set it to 0 if it is free; budgeted keys are refused there)",
+                        route.name
+                    ));
+                }
+            }
+        }
+        found
+    }
 }
 
 /// `usage.state_dir`, else systemd's `$STATE_DIRECTORY` (its first entry), else `state/`

@@ -135,6 +135,8 @@ pub struct JobView {
     /// The upstream's OpenAI answer, once completed.
     pub result: Option<Value>,
     pub error: Option<JobError>,
+    /// What its request cost at the configured prices, in micro-dollars, once completed.
+    pub cost_micros: Option<u64>,
 }
 
 impl JobView {
@@ -148,6 +150,7 @@ impl JobView {
             finished_us: None,
             result: None,
             error: None,
+            cost_micros: None,
         }
     }
 

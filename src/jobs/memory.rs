@@ -90,9 +90,10 @@ impl Job {
         self.cancel.subscribe()
     }
 
-    pub fn finish(&self, outcome: Result<Value, JobError>, status: Status) {
+    pub fn finish(&self, outcome: Result<Value, JobError>, status: Status, cost: Option<u64>) {
         self.update(|s| {
             s.view.status = status;
+            s.view.cost_micros = cost;
             s.view.finished_us = Some(now_us());
             s.finished = Some(Instant::now());
             match outcome {
@@ -400,7 +401,7 @@ mod tests {
         let (view, text, mut sub) = m.subscribe("a", "j").unwrap();
         assert_eq!((view.status, text.as_str()), (Status::Processing, "one "));
         job.delta("two");
-        job.finish(Ok(json!({})), Status::Completed);
+        job.finish(Ok(json!({})), Status::Completed, None);
         let idle = Duration::from_secs(1);
         assert!(matches!(sub.next(idle).await, Some(Some(Update::Delta(t))) if t == "two"));
         assert!(matches!(

@@ -49,13 +49,18 @@ enum Backend {
     Redis(redis::RedisJobs),
 }
 
+/// A running job's owner, and what its request cost once the pipeline settled it.
+type Running = (Arc<Principal>, Option<u64>);
+
 /// The node's jobs: the backend, and what workers and the pipeline share.
 pub struct Jobs {
     pub settings: JobSettings,
     backend: Backend,
     /// Tokens of jobs being run now → the key they run as: how the pipeline knows a worker's
     /// request.
-    tokens: Mutex<HashMap<String, Arc<Principal>>>,
+    /// Running jobs by token: whose they are, and what their request cost once the pipeline
+    /// settled it (noted there, taken by the worker when the answer is in).
+    tokens: Mutex<HashMap<String, Running>>,
     running: AtomicUsize,
     closing: AtomicBool,
     /// Queue depth and Redis reachability as last seen (`/health` must not wait on Redis).
@@ -157,7 +162,7 @@ impl Jobs {
         self.tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(token.to_string(), principal);
+            .insert(token.to_string(), (principal, None));
         self.running.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -169,13 +174,35 @@ impl Jobs {
         self.running.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Notes what the request of the job running under `token` cost (micro-dollars); nothing
+    /// for a token no job runs under.
+    pub fn note_cost(&self, token: &str, micros: u64) {
+        if let Some((_, cost)) = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(token)
+        {
+            *cost = Some(micros);
+        }
+    }
+
+    /// What the request of the job running under `token` cost, when the pipeline noted it.
+    pub(crate) fn take_cost(&self, token: &str) -> Option<u64> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .and_then(|(_, cost)| *cost)
+    }
+
     /// The key a worker's internal request runs as, by its token.
     pub fn by_token(&self, token: &str) -> Option<Arc<Principal>> {
         self.tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(token)
-            .cloned()
+            .map(|(principal, _)| principal.clone())
     }
 
     /// Stops taking jobs (graceful shutdown).

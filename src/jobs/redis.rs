@@ -96,6 +96,7 @@ redis.call('XACK', KEYS[2], 'workers', ARGV[1])
 redis.call('XDEL', KEYS[2], ARGV[1])
 if st ~= 'processing' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], ARGV[3], ARGV[4], 'finished', ARGV[5])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'cost', ARGV[7]) end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[3], '*', 't', 'status', 'v', ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
@@ -497,6 +498,7 @@ impl RedisJobs {
         claim: &RedisClaim,
         status: Status,
         outcome: &Result<Value, JobError>,
+        cost_micros: Option<u64>,
     ) -> Result<bool, SubmitError> {
         let mut conn = self.conn().await?;
         let (field, value) = match outcome {
@@ -512,7 +514,8 @@ impl RedisJobs {
             .arg(field)
             .arg(value)
             .arg(now_us())
-            .arg(self.result_ttl_secs);
+            .arg(self.result_ttl_secs)
+            .arg(cost_micros.map_or(String::new(), |c| c.to_string()));
         let recorded: i64 = Self::timed(inv.invoke_async(&mut conn)).await?;
         Ok(recorded == 1)
     }
@@ -538,6 +541,7 @@ fn view_of(hash: &std::collections::HashMap<String, String>) -> Option<JobView> 
             .get("result")
             .and_then(|r| serde_json::from_str(r).ok()),
         error: hash.get("error").and_then(|e| serde_json::from_str(e).ok()),
+        cost_micros: num("cost"),
     })
 }
 

@@ -135,11 +135,11 @@ impl Sink<'_> {
         }
     }
 
-    async fn finish(&self, status: Status, outcome: Result<Value, JobError>) {
+    async fn finish(&self, status: Status, outcome: Result<Value, JobError>, cost: Option<u64>) {
         match self {
-            Sink::Memory(job) => job.finish(outcome, status),
+            Sink::Memory(job) => job.finish(outcome, status, cost),
             Sink::Redis(r, claim, _) => {
-                if let Err(e) = r.finish(claim, status, &outcome).await {
+                if let Err(e) = r.finish(claim, status, &outcome, cost).await {
                     // The claim stays pending: another worker runs the job again after the
                     // visibility timeout.
                     tracing::error!(error = %e, "jobs: could not record a result");
@@ -267,7 +267,7 @@ async fn worker(
                         .await
                     }
                     Err(e) => {
-                        sink.finish(Status::Failed, Err(e)).await;
+                        sink.finish(Status::Failed, Err(e), None).await;
                         jobs.metrics.jobs.with_label_values(&["failed"]).inc();
                     }
                 }
@@ -298,6 +298,9 @@ async fn run(
         outcome = execute(connector, peer, sink, endpoint, body, &token) => outcome,
         _ = sink.stopped() => Err(JobError::cancelled("cancelled while running")),
     };
+    // What the request cost, as the pipeline noted it when it settled (before the worker
+    // read the answer's end).
+    let cost = jobs.take_cost(&token);
     jobs.unregister(&token);
     jobs.metrics
         .job_run
@@ -307,7 +310,7 @@ async fn run(
         Err(e) if e.kind == "job_cancelled" => Status::Cancelled,
         Err(_) => Status::Failed,
     };
-    sink.finish(status, outcome).await;
+    sink.finish(status, outcome, cost).await;
     jobs.metrics.jobs.with_label_values(&[status.label()]).inc();
 }
 
@@ -356,6 +359,11 @@ async fn execute(
             Ok(v) => return Ok(v),
         }
     }
+}
+
+/// Whether an error body is a dollar budget's refusal (`budget_exceeded`).
+fn is_budget_refusal(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| v["error"]["type"] == "budget_exceeded")
 }
 
 enum Retry {
@@ -433,7 +441,8 @@ async fn attempt(
         while let Ok(Some(chunk)) = session.read_response_body().await {
             text.extend_from_slice(&chunk);
         }
-        if status == 429 && from_lumen {
+        // A spent dollar budget resets with its day or month: failed now, not retried.
+        if status == 429 && from_lumen && !is_budget_refusal(&text) {
             return Err(Retry::After(Duration::from_secs(retry_after.unwrap_or(1))));
         }
         return Err(Retry::Fail(error_of(&text, status)));

@@ -52,6 +52,10 @@ pub struct JobMetrics {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub tokens_per_second: Option<f64>,
+    /// What the job's request cost at the configured prices, in USD (its target's price, the
+    /// usage it reported); absent when unpriced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 /// An error in OpenAI's terms.
@@ -114,6 +118,7 @@ impl JobView {
                 (Some(c), Some(p)) if p > 0.0 => Some(c as f64 / p),
                 _ => None,
             },
+            cost_usd: self.cost_micros.map(|c| c as f64 / 1e6),
         }
     }
 

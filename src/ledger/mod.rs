@@ -51,6 +51,8 @@ const SHARDS: usize = 16;
 /// One finished request, as the pipeline saw it.
 pub struct Event<'a> {
     pub key: &'a str,
+    /// The caller's tenant; empty when it has none.
+    pub tenant: &'a str,
     /// The provider that answered (for a cache hit, the one whose answer was cached); empty
     /// when none did.
     pub provider: &'a str,
@@ -58,6 +60,8 @@ pub struct Event<'a> {
     pub model: &'a str,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// What it cost at the configured prices, in micro-dollars.
+    pub cost_micros: u64,
     pub error: bool,
     pub cache_hit: bool,
 }
@@ -83,12 +87,7 @@ impl Shard {
         }
         self.len = 0;
         if self.overflow != Counts::default() {
-            let row = RowKey {
-                day: self.overflow_day.unwrap_or_else(Day::today),
-                key: "_other".into(),
-                provider: "_other".into(),
-                model: "_other".into(),
-            };
+            let row = RowKey::other(self.overflow_day.unwrap_or_else(Day::today));
             into.entry(row).or_default().add(&self.overflow);
             self.overflow = Counts::default();
             self.overflow_day = None;
@@ -100,6 +99,7 @@ impl Shard {
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
     pub key: Option<String>,
+    pub tenant: Option<String>,
     pub provider: Option<String>,
     pub model: Option<String>,
     /// Inclusive day range.
@@ -112,6 +112,7 @@ impl Filter {
         row.day >= from
             && row.day <= to
             && self.key.as_deref().is_none_or(|k| k == &*row.key)
+            && self.tenant.as_deref().is_none_or(|t| t == &*row.tenant)
             && self.provider.as_deref().is_none_or(|p| p == &*row.provider)
             && self.model.as_deref().is_none_or(|m| m == &*row.model)
     }
@@ -197,11 +198,12 @@ impl Ledger {
             completion_tokens: event.completion_tokens,
             errors: u64::from(event.error),
             cache_hits: u64::from(event.cache_hit),
+            cost_micros: event.cost_micros,
         };
         let day = Day::today();
-        let hash = self
-            .hasher
-            .hash_one((day, event.key, event.provider, event.model));
+        let hash =
+            self.hasher
+                .hash_one((day, event.key, event.tenant, event.provider, event.model));
         let mut guard = self.shard().lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *guard;
         // Found by hash without allocating: the common case is a row that already exists.
@@ -209,6 +211,7 @@ impl Ledger {
         if let Some((_, found)) = rows.iter_mut().find(|(k, _)| {
             k.day == day
                 && &*k.key == event.key
+                && &*k.tenant == event.tenant
                 && &*k.provider == event.provider
                 && &*k.model == event.model
         }) {
@@ -225,6 +228,7 @@ impl Ledger {
             RowKey {
                 day,
                 key: event.key.into(),
+                tenant: event.tenant.into(),
                 provider: event.provider.into(),
                 model: event.model.into(),
             },
@@ -335,12 +339,7 @@ impl Ledger {
                 all.entry(k.clone()).or_default().add(v);
             }
             if let Some(day) = shard.overflow_day {
-                let row = RowKey {
-                    day,
-                    key: "_other".into(),
-                    provider: "_other".into(),
-                    model: "_other".into(),
-                };
+                let row = RowKey::other(day);
                 all.entry(row).or_default().add(&shard.overflow);
             }
         }

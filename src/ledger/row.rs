@@ -15,6 +15,9 @@ pub struct Counts {
     pub completion_tokens: u64,
     pub errors: u64,
     pub cache_hits: u64,
+    /// What the requests cost at the configured prices, in micro-dollars.
+    #[serde(default)]
+    pub cost_micros: u64,
 }
 
 impl Counts {
@@ -24,16 +27,18 @@ impl Counts {
         self.completion_tokens += other.completion_tokens;
         self.errors += other.errors;
         self.cache_hits += other.cache_hits;
+        self.cost_micros += other.cost_micros;
     }
 
     /// (field name, value) pairs, in a fixed order (the store's field names).
-    pub fn fields(&self) -> [(&'static str, u64); 5] {
+    pub fn fields(&self) -> [(&'static str, u64); 6] {
         [
             ("requests", self.requests),
             ("prompt_tokens", self.prompt_tokens),
             ("completion_tokens", self.completion_tokens),
             ("errors", self.errors),
             ("cache_hits", self.cache_hits),
+            ("cost_micros", self.cost_micros),
         ]
     }
 
@@ -44,6 +49,7 @@ impl Counts {
             "completion_tokens" => self.completion_tokens = value,
             "errors" => self.errors = value,
             "cache_hits" => self.cache_hits = value,
+            "cost_micros" => self.cost_micros = value,
             _ => {}
         }
     }
@@ -54,8 +60,23 @@ impl Counts {
 pub struct RowKey {
     pub day: Day,
     pub key: Box<str>,
+    /// The caller's tenant (empty: none).
+    pub tenant: Box<str>,
     pub provider: Box<str>,
     pub model: Box<str>,
+}
+
+impl RowKey {
+    /// The catch-all row of `day`, where requests are counted once a day's rows are capped.
+    pub fn other(day: Day) -> RowKey {
+        RowKey {
+            day,
+            key: "_other".into(),
+            tenant: "".into(),
+            provider: "_other".into(),
+            model: "_other".into(),
+        }
+    }
 }
 
 /// A batch on its way to the store: kept until the store took it, so reads still see it.

@@ -57,6 +57,9 @@ struct FileRows {
 struct FileRow {
     day: String,
     key: String,
+    /// Absent in files written before tenants were counted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    tenant: String,
     provider: String,
     model: String,
     #[serde(flatten)]
@@ -201,15 +204,19 @@ impl Store {
                 for (i, hash) in hashes.into_iter().enumerate() {
                     let day = Day(from.0 + i as i64);
                     for (field, value) in hash {
+                        // key, provider, model, counter[, tenant] (fields written before
+                        // tenants were counted have none).
                         let mut parts = field.split(SEP);
                         let (Some(key), Some(provider), Some(model), Some(counter)) =
                             (parts.next(), parts.next(), parts.next(), parts.next())
                         else {
                             continue;
                         };
+                        let tenant = parts.next().unwrap_or("");
                         let row = RowKey {
                             day,
                             key: key.into(),
+                            tenant: tenant.into(),
                             provider: provider.into(),
                             model: model.into(),
                         };
@@ -264,12 +271,17 @@ fn sanitize(part: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn redis_field(row: &RowKey, counter: &str) -> String {
-    format!(
+    let mut field = format!(
         "{}{SEP}{}{SEP}{}{SEP}{counter}",
         sanitize(&row.key),
         sanitize(&row.provider),
         sanitize(&row.model)
-    )
+    );
+    if !row.tenant.is_empty() {
+        field.push(SEP);
+        field.push_str(&sanitize(&row.tenant));
+    }
+    field
 }
 
 async fn blocking<T: Send + 'static>(
@@ -324,6 +336,7 @@ fn read_file(path: &Path) -> Result<Batch, StoreError> {
         let key = RowKey {
             day,
             key: r.key.into(),
+            tenant: r.tenant.into(),
             provider: r.provider.into(),
             model: r.model.into(),
         };
@@ -350,12 +363,7 @@ fn merge_capped(rows: &mut Batch, batch: Batch, cap: usize) {
         } else {
             let n = per_day.entry(k.day).or_default();
             if *n >= cap {
-                RowKey {
-                    day: k.day,
-                    key: "_other".into(),
-                    provider: "_other".into(),
-                    model: "_other".into(),
-                }
+                RowKey::other(k.day)
             } else {
                 *n = n.saturating_add(1);
                 k
@@ -390,6 +398,7 @@ fn add_to_file(
             .map(|(k, counts)| FileRow {
                 day: k.day.to_string(),
                 key: k.key.into(),
+                tenant: k.tenant.into(),
                 provider: k.provider.into(),
                 model: k.model.into(),
                 counts,
@@ -421,6 +430,7 @@ mod tests {
         RowKey {
             day: Day::today(),
             key: "k".into(),
+            tenant: "".into(),
             provider: "p".into(),
             model: model.into(),
         }
@@ -444,12 +454,7 @@ mod tests {
         merge_capped(&mut rows, batch, 2);
         assert_eq!(rows.len(), 3, "a, b, and _other: {rows:?}");
         assert_eq!(rows[&row("a")].requests, 2, "known rows keep counting");
-        let other = RowKey {
-            day: Day::today(),
-            key: "_other".into(),
-            provider: "_other".into(),
-            model: "_other".into(),
-        };
+        let other = RowKey::other(Day::today());
         assert_eq!(rows[&other].requests, 2, "c and d");
         assert_eq!(
             rows.values().map(|c| c.requests).sum::<u64>(),

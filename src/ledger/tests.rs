@@ -23,10 +23,12 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 fn event<'a>(key: &'a str, provider: &'a str, model: &'a str) -> Event<'a> {
     Event {
         key,
+        tenant: "",
         provider,
         model,
         prompt_tokens: 7,
         completion_tokens: 4,
+        cost_micros: 10,
         error: false,
         cache_hit: false,
     }
@@ -54,6 +56,8 @@ async fn counts_per_row_and_filters() {
         cache_hit: true,
         prompt_tokens: 0,
         completion_tokens: 0,
+        cost_micros: 0,
+        tenant: "acme",
         ..event("b", "openai", "gpt")
     });
     let all = ledger.query(&Filter::default()).await;
@@ -63,7 +67,15 @@ async fn counts_per_row_and_filters() {
         (t.requests, t.prompt_tokens, t.completion_tokens),
         (4, 21, 12)
     );
-    assert_eq!((t.errors, t.cache_hits), (1, 1));
+    assert_eq!((t.errors, t.cache_hits, t.cost_micros), (1, 1, 30));
+    let acme = ledger
+        .query(&Filter {
+            tenant: Some("acme".into()),
+            ..Filter::default()
+        })
+        .await;
+    assert_eq!(acme.rows.len(), 1);
+    assert_eq!(&*acme.rows[0].0.key, "b");
     let a = ledger
         .query(&Filter {
             key: Some("a".into()),
@@ -101,7 +113,7 @@ async fn a_flushed_file_survives_a_new_ledger_and_two_writers_add_up() {
     first.flush().await.unwrap();
     let restarted = Ledger::new(&settings(&dir), None);
     let t = totals(&restarted.query(&Filter::default()).await);
-    assert_eq!((t.requests, t.prompt_tokens), (4, 28));
+    assert_eq!((t.requests, t.prompt_tokens, t.cost_micros), (4, 28, 40));
     let text = std::fs::read_to_string(dir.join("usage.json")).unwrap();
     assert!(text.contains(&Day::today().to_string()), "{text}");
     std::fs::remove_dir_all(dir).unwrap();

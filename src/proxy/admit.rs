@@ -25,6 +25,7 @@ use super::cache::plan::{self, Plan};
 use super::cache::push_status;
 use super::ctx::RequestCtx;
 use super::gateway::Gateway;
+use super::money;
 use super::respond::read_body;
 use super::stored;
 use crate::config::Snapshot;
@@ -70,6 +71,14 @@ impl Gateway {
         }
         // 2. Job token, on the internal socket only: a worker acts as its job's key.    401
         let job = self.job_owner(s.req_header(), &config, internal)?;
+        if job.is_some() {
+            ctx.job_token = s
+                .req_header()
+                .headers
+                .get(jobs::run::JOB_TOKEN)
+                .and_then(|t| t.to_str().ok())
+                .map(Box::from);
+        }
         // 3. Per-address limit: floods are cut before any key is checked.               429
         if !internal {
             self.limit_address(s, ctx, &config).await?;
@@ -145,11 +154,35 @@ impl Gateway {
         let hit = self.cache_hit(ctx, plan.as_ref()).await;
         // 10. Token reservation: an estimate now, settled with real usage after. A hit costs
         //     tokens only when the route says so.                                        429
-        if hit.is_none() || plan.as_ref().is_some_and(|p| p.policy.charge_tokens) {
-            self.reserve_tokens(ctx, &principal, &req).await?;
-        }
+        //     Dollar budgets likewise: the worst case at the route's dearest target, settled
+        //     with the real cost after; a hit costs nothing. Both at once (through Redis, two
+        //     round trips in parallel); either refusal drops the other's reservation.     429
+        let tokens = (hit.is_none() || plan.as_ref().is_some_and(|p| p.policy.charge_tokens))
+            && principal
+                .limits
+                .as_ref()
+                .is_some_and(|l| !l.tokens.is_empty());
+        let money = hit.is_none() && money::has_budget(&principal, &config);
+        let (tokens, money) = match (tokens, money) {
+            (true, true) => tokio::join!(
+                self.reserve_tokens(&principal, &req),
+                self.reserve_money(&principal, &req, &route, &config)
+            ),
+            (true, false) => (self.reserve_tokens(&principal, &req).await, None),
+            (false, true) => (
+                None,
+                self.reserve_money(&principal, &req, &route, &config).await,
+            ),
+            (false, false) => (None, None),
+        };
+        self.hold_tokens(ctx, tokens)?;
+        self.hold_money(ctx, money)?;
         match (hit, plan) {
             (Some(entry), Some(plan)) => {
+                // Free, but a budgeted caller is still told where its budget stands.
+                if money::has_budget(&principal, &config) {
+                    self.peek_money(ctx, &principal, &config).await;
+                }
                 push_status(ctx, "hit");
                 Ok(Admit::Hit(plan, entry, req))
             }

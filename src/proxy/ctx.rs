@@ -41,6 +41,18 @@ pub enum TokenHold {
     Shared(lumen_plugins::rate_limit::shared::ReservationGuard),
 }
 
+/// Dollars held for a request under its budgets (key or JWT, tenant), with the budgets charged
+/// (ids and limits as the request's config had them).
+pub struct MoneyHold {
+    pub hold: MoneyReservation,
+    pub charges: Vec<lumen_plugins::budget::Charge>,
+}
+
+pub enum MoneyReservation {
+    Local(lumen_plugins::budget::LocalReservation),
+    Shared(lumen_plugins::budget::shared::SharedBudgetGuard),
+}
+
 /// What one request has gathered so far. Created empty by `new_ctx`, filled phase by phase.
 pub struct RequestCtx {
     pub started: Instant,
@@ -83,6 +95,16 @@ pub struct RequestCtx {
     pub prompt_estimate: u64,
     /// (prompt, completion) tokens the provider reported, when it did.
     pub usage_split: Option<(u64, u64)>,
+    /// (cached prompt, reasoning) tokens the provider reported (priced apart).
+    pub usage_detail: (u64, u64),
+    /// Dollars reserved under the caller's budgets; settled with the cost when it ends.
+    pub money: Option<MoneyHold>,
+    /// The price of the target that answered (or is answering), when it has one.
+    pub price: Option<crate::price::Price>,
+    /// What the request cost, in micro-dollars, once known (settling); `None`: unpriced.
+    pub cost: Option<u64>,
+    /// The job token of a worker's request (internal socket): its cost goes to the job.
+    pub job_token: Option<Box<str>>,
     /// The route, once resolved (its name is a bounded metrics label).
     pub route: Option<Arc<Route>>,
     /// The provider that answered, once one did.
@@ -160,6 +182,11 @@ impl RequestCtx {
             usage_estimate: None,
             prompt_estimate: 0,
             usage_split: None,
+            usage_detail: (0, 0),
+            money: None,
+            price: None,
+            cost: None,
+            job_token: None,
             route: None,
             provider: None,
             stream: false,

@@ -53,12 +53,8 @@ impl Gateway {
     /// nothing.
     pub(super) async fn release(&self, ctx: &mut RequestCtx) {
         ctx.in_flight = None;
-        // The fleet-wide slot is given back before this connection reads its next request (a
-        // client's next call must find it free); were this future dropped, the guard would.
-        if let Some(slot) = ctx.shared_slot.take() {
-            Box::pin(slot.release()).await;
-        }
-        if let Some(hold) = ctx.tokens.take() {
+        let slot = ctx.shared_slot.take();
+        let tokens = ctx.tokens.take().map(|hold| {
             // Settle with what the provider reported; else what was streamed (a client that
             // left mid-stream pays for what was generated). No answer: nothing used.
             let reserved = match &hold {
@@ -70,7 +66,21 @@ impl Gateway {
                 None if ctx.status == 200 => reserved,
                 None => 0,
             };
-            self.settle_tokens(hold, actual).await;
+            (hold, actual)
+        });
+        // The cost is worked out (and a job's noted) now, before anything is awaited.
+        let money = self.settle_money(ctx);
+        // The fleet-wide slot is given back before this connection reads its next request (a
+        // client's next call must find it free); were this future dropped, the guard would.
+        if let Some(slot) = slot {
+            Box::pin(slot.release()).await;
+        }
+        // Tokens and dollars settle side by side (through Redis: two round trips at once).
+        match tokens {
+            Some((hold, actual)) => {
+                tokio::join!(self.settle_tokens(hold, actual), money);
+            }
+            None => money.await,
         }
     }
 
@@ -228,17 +238,20 @@ impl Gateway {
         }
     }
 
-    /// Counts and (once per burst) logs a Redis failure; returns what to do about it.
+    /// Counts and (once per burst) logs a Redis failure of the rate limits; returns what to do
+    /// about it.
     pub(super) fn redis_failed(&self, e: &SharedError) -> OnRedisError {
+        self.redis_failed_for(e, "rate_limit")
+    }
+
+    /// Counts (under `op`) and once per burst logs a Redis failure; returns what to do.
+    pub(super) fn redis_failed_for(&self, e: &SharedError, op: &str) -> OnRedisError {
         let on_error = self
             .node
             .redis
             .as_ref()
             .map_or(OnRedisError::FailOpen, |r| r.on_error);
-        self.metrics
-            .redis_errors
-            .with_label_values(&["rate_limit"])
-            .inc();
+        self.metrics.redis_errors.with_label_values(&[op]).inc();
         let now_ms = self.started.elapsed().as_millis() as u64;
         let last = self.redis_logged_ms.load(Ordering::Relaxed);
         if now_ms.saturating_sub(last) > 10_000
@@ -247,22 +260,19 @@ impl Gateway {
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(error = %e, on_redis_error = ?on_error, "redis unavailable for rate limits");
+            tracing::warn!(error = %e, on_redis_error = ?on_error, op, "redis unavailable for limits");
         }
         on_error
     }
 
     /// Reserves the request's estimated tokens under the caller's token budgets (in Redis when
-    /// configured), adding the `x-ratelimit-*-tokens` headers.
+    /// configured): `None` when it has none. [`Gateway::hold_tokens`] applies the outcome.
     pub(super) async fn reserve_tokens(
         &self,
-        ctx: &mut RequestCtx,
         principal: &Principal,
         req: &LlmRequest,
-    ) -> Result<(), GatewayError> {
-        let Some(limits) = principal.limits.as_ref().filter(|l| !l.tokens.is_empty()) else {
-            return Ok(());
-        };
+    ) -> Option<Result<(TokenHold, RateStatus), Limited>> {
+        let limits = principal.limits.as_ref().filter(|l| !l.tokens.is_empty())?;
         let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
         let local = || {
             self.limiter
@@ -288,14 +298,25 @@ impl Gateway {
                 }
             }
         };
+        Some(result)
+    }
+
+    /// Keeps a token reservation in `ctx` with its `x-ratelimit-*-tokens` headers, or turns
+    /// a refusal into the error to answer.
+    pub(super) fn hold_tokens(
+        &self,
+        ctx: &mut RequestCtx,
+        result: Option<Result<(TokenHold, RateStatus), Limited>>,
+    ) -> Result<(), GatewayError> {
         match result {
-            Ok((hold, status)) => {
+            None => Ok(()),
+            Some(Ok((hold, status))) => {
                 push_headers(ctx, "tokens", &status);
                 ctx.tokens = Some(hold);
                 ctx.track_usage = true;
                 Ok(())
             }
-            Err(limited) => Err(self.refuse(ctx, &limited)),
+            Some(Err(limited)) => Err(self.refuse(ctx, &limited)),
         }
     }
 

@@ -56,6 +56,7 @@ mod frame;
 mod gateway;
 mod jobs;
 mod limits;
+pub mod money;
 mod observe;
 mod respond;
 mod stored;

@@ -28,6 +28,13 @@ impl Gateway {
         let provider = ctx.provider.as_deref().unwrap_or("");
         let status = StatusCode::from_u16(ctx.status).ok();
         let status = status.as_ref().map_or("0", StatusCode::as_str);
+        let cost = ctx.cost.or_else(|| super::money::cost_of(ctx));
+        if let Some(micros) = cost.filter(|c| *c > 0) {
+            self.metrics
+                .cost
+                .with_label_values(&[ctx.key_label(), provider, route])
+                .inc_by(micros as f64 / 1e6);
+        }
         match (ctx.endpoint, &ctx.route) {
             (Some(e), Some(r)) => {
                 r.series
@@ -59,10 +66,12 @@ impl Gateway {
             let (prompt_tokens, completion_tokens) = ctx.usage_split.unwrap_or((0, 0));
             self.node.ledger.record(&ledger::Event {
                 key: &principal.key_id,
+                tenant: principal.tenant.as_deref().unwrap_or(""),
                 provider,
                 model,
                 prompt_tokens,
                 completion_tokens,
+                cost_micros: cost.unwrap_or(0),
                 error: ctx.status >= 400 || ctx.status == 0 || ctx.error.is_some(),
                 cache_hit: matches!(ctx.cache, Some("hit" | "coalesced")),
             });
@@ -99,6 +108,7 @@ impl Gateway {
                 stream: ctx.stream,
                 duration_us: elapsed.as_micros() as u64,
                 first_byte_us: ctx.first_byte.map_or(0, |d| d.as_micros() as u64),
+                cost_micros: cost,
                 error: ctx.error.as_deref().unwrap_or(""),
             });
         }

@@ -112,6 +112,13 @@ impl Gateway {
         };
         head.remove_header(&http::header::TRANSFER_ENCODING);
         head.insert_header(CONTENT_LENGTH, body.len())?;
+        // Settled when the provider's answer was complete: what it cost is known.
+        if let Some(cost) = ctx.cost.filter(|_| head.status.is_success()) {
+            head.insert_header(
+                lumen_plugins::budget::X_LUMEN_COST,
+                lumen_plugins::budget::format_usd(cost),
+            )?;
+        }
         ctx.status = head.status.as_u16();
         let write = async {
             s.write_response_header(head, false).await?;

@@ -21,9 +21,11 @@ use lumen_plugins::rate_limit::RequestLimit;
 use crate::config::problem::Problem;
 use crate::config::raw::{RawRetry, RawRoute, Strategy};
 use crate::metrics::RouteSeries;
+use crate::price::{Price, PriceTable};
 use crate::upstream::provider::Provider;
 use crate::upstream::retry::{self, RetryPolicy};
 use lumen_plugins::cache::CachePolicy;
+pub use lumen_plugins::glob::glob_match;
 
 /// A configured model name and where requests for it go.
 #[derive(Debug)]
@@ -62,16 +64,26 @@ pub struct Target {
     /// state or metric labels).
     pub health_key: String,
     pub weight: u32,
+    /// What the provider charges for this model; `None`: no price known (counted as free).
+    /// A target that keeps the client's model name is priced per request
+    /// ([`RouteTable::price`]).
+    pub price: Option<Price>,
 }
 
 impl Target {
-    fn new(provider: Arc<Provider>, model: Option<&str>, weight: u32) -> Self {
+    fn new(provider: Arc<Provider>, model: Option<&str>, weight: u32, prices: &PriceTable) -> Self {
         Target {
-            provider,
+            price: model.and_then(|m| prices.lookup(&provider.name, m)),
             model_json: model.map(|m| Bytes::from(serde_json::to_vec(m).unwrap_or_default())),
             health_key: model.unwrap_or("*").to_string(),
+            provider,
             weight,
         }
+    }
+
+    /// The model name the provider is sent, as configured (`*`: the client's).
+    pub fn model_name(&self) -> &str {
+        &self.health_key
     }
 }
 
@@ -126,6 +138,9 @@ pub struct RouteTable {
     exposed: HashMap<String, Arc<Provider>>,
     /// Exact route names in file order, for `GET /v1/models`.
     listed: Vec<String>,
+    /// The prices targets were priced with; a target that keeps the client's model name is
+    /// priced from it per request.
+    prices: Arc<PriceTable>,
 }
 
 impl RouteTable {
@@ -134,9 +149,11 @@ impl RouteTable {
     pub fn build(
         raw: &[RawRoute],
         providers: &HashMap<String, Arc<Provider>>,
+        prices: &Arc<PriceTable>,
         problems: &mut Vec<Problem>,
     ) -> RouteTable {
         let mut table = RouteTable {
+            prices: prices.clone(),
             exposed: providers
                 .iter()
                 .filter(|(_, p)| p.expose_models)
@@ -169,7 +186,7 @@ impl RouteTable {
                                 "must be at least 1 (remove the target to stop using it)",
                             ));
                         }
-                        targets.push(Target::new(p.clone(), t.model.as_deref(), t.weight))
+                        targets.push(Target::new(p.clone(), t.model.as_deref(), t.weight, prices))
                     }
                     None => {
                         let mut known: Vec<&str> = providers.keys().map(String::as_str).collect();
@@ -265,7 +282,7 @@ impl RouteTable {
             prefix_affinity: false,
             targets: vec![Target {
                 health_key: "*".to_string(),
-                ..Target::new(provider.clone(), Some(upstream_model), 1)
+                ..Target::new(provider.clone(), Some(upstream_model), 1, &self.prices)
             }],
             limits: None,
             bucket_suffix: String::new(),
@@ -275,6 +292,16 @@ impl RouteTable {
             cache: None,
             series: RouteSeries::default(),
         }))
+    }
+
+    /// The price of `target` for a request for `model`: its own, or for a target that keeps
+    /// the client's model name, that name's.
+    pub fn price(&self, target: &Target, model: &str) -> Option<Price> {
+        match (&target.price, &target.model_json) {
+            (Some(p), _) => Some(*p),
+            (None, Some(_)) => None,
+            (None, None) => self.prices.lookup(&target.provider.name, model),
+        }
     }
 
     /// Every configured route (exact names, then patterns), for readiness.
@@ -293,29 +320,6 @@ impl RouteTable {
 
 fn is_pattern(model: &str) -> bool {
     model.contains(['*', '?'])
-}
-
-/// `*` matches any run of characters, `?` exactly one.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
 }
 
 /// The retry policy for a route with `targets` targets. Unset, every target is tried once, plus

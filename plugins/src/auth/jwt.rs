@@ -329,11 +329,35 @@ fn principal_from(
             }
         },
     };
+    let budget = match claims.get(&map.budget_usd) {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let budget = match v {
+                Value::Number(n) => n.as_f64().and_then(crate::budget::Budget::per_day_usd),
+                Value::Object(_) => {
+                    serde_json::from_value::<crate::budget::BudgetConfig>(v.clone())
+                        .ok()
+                        .and_then(|c| crate::budget::Budget::from_config(&c).ok())
+                }
+                _ => None,
+            };
+            match budget {
+                Some(b) => Some(std::sync::Arc::new(b)),
+                None => {
+                    return Err(jwt(format!(
+                        "claim `{}` must be a positive number (USD per day) or {{\"usd_per_day\", \"usd_per_month\"}}",
+                        map.budget_usd
+                    )))
+                }
+            }
+        }
+    };
     Ok(Principal {
         key_id,
         tenant,
         models,
         limits,
+        budget,
         configured: false,
     })
 }
@@ -405,6 +429,7 @@ fn build_issuer(i: usize, cfg: &JwtConfig, problems: &mut Vec<(String, String)>)
         ("key_id", &cfg.claims.key_id),
         ("tenant", &cfg.claims.tenant),
         ("models", &cfg.claims.models),
+        ("budget_usd", &cfg.claims.budget_usd),
     ] {
         if name.is_empty() {
             problems.push((format!("jwt[{i}].claims.{field}"), "is empty".into()));

@@ -135,6 +135,15 @@ impl KeyTable {
                     None
                 }
             };
+            let budget = match key.budget.as_ref().map(crate::budget::Budget::from_config) {
+                None => None,
+                Some(Ok(budget)) => Some(Arc::new(budget)),
+                Some(Err(msg)) => {
+                    problems.push((path("budget"), msg));
+                    ok = false;
+                    None
+                }
+            };
             let Some(digest) = digest else { continue };
             if !ok {
                 continue;
@@ -147,6 +156,7 @@ impl KeyTable {
                     .as_ref()
                     .map(|m| AllowList::new(m.iter().cloned())),
                 limits,
+                budget,
                 configured: true,
             });
             match by_digest.entry(digest) {
@@ -179,6 +189,17 @@ impl KeyTable {
 
     pub(crate) fn len(&self) -> usize {
         self.by_digest.len()
+    }
+
+    /// Every configured key's principal (disabled and expired ones too), by id.
+    pub(crate) fn principals(&self) -> Vec<Arc<Principal>> {
+        let mut all: Vec<Arc<Principal>> = self
+            .by_digest
+            .values()
+            .map(|e| e.principal.clone())
+            .collect();
+        all.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        all
     }
 
     /// The principal of the usable (enabled, unexpired) key with this id.

@@ -125,6 +125,11 @@ impl Authenticator {
         self.keys.by_id(id, now)
     }
 
+    /// Every configured key's caller (for reports such as `/admin/budgets`), by id.
+    pub fn principals(&self) -> Vec<Arc<Principal>> {
+        self.keys.principals()
+    }
+
     /// What is valid but probably not meant: JWT issuers without an `audience` (their tokens
     /// minted for any other service would be accepted). One line each, for `lumen check` and
     /// the start-up log.

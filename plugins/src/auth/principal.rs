@@ -30,6 +30,9 @@ pub struct Principal {
     pub(super) models: Option<AllowList>,
     /// The key's (or the token's) limits; `None`: unlimited.
     pub limits: Option<crate::rate_limit::KeyLimits>,
+    /// The key's (or the token's) dollar budget; `None`: none of its own (its tenant's may
+    /// still apply).
+    pub budget: Option<std::sync::Arc<crate::budget::Budget>>,
     /// `key_id` names a key of the config (a bounded set, safe as a metrics label), rather
     /// than a JWT subject (unbounded).
     pub configured: bool,
@@ -48,6 +51,7 @@ impl Principal {
             tenant,
             models: models.map(AllowList::new),
             limits: None,
+            budget: None,
             configured: false,
         }
     }
@@ -69,6 +73,7 @@ impl Principal {
             tenant: None,
             models: None,
             limits: None,
+            budget: None,
             configured: false,
         }
     }

@@ -44,6 +44,9 @@ pub struct KeyConfig {
     /// Request rate and concurrency limits for this key.
     #[serde(default)]
     pub limits: Option<crate::rate_limit::LimitsConfig>,
+    /// Dollars this key may spend per UTC day and month.
+    #[serde(default)]
+    pub budget: Option<crate::budget::BudgetConfig>,
 }
 
 /// One `jwt:` issuer.
@@ -94,6 +97,14 @@ pub struct ClaimsMapping {
     /// Optional positive-integer claim: the caller's requests per minute; default `rpm`.
     #[serde(default = "default_rpm_claim")]
     pub requests_per_minute: String,
+    /// Optional claim: the caller's dollar budget, a number (USD per UTC day) or an object
+    /// (`{"usd_per_day": …, "usd_per_month": …}`); default `budget_usd`.
+    #[serde(default = "default_budget_claim")]
+    pub budget_usd: String,
+}
+
+fn default_budget_claim() -> String {
+    "budget_usd".into()
 }
 
 fn default_rpm_claim() -> String {
@@ -119,6 +130,7 @@ impl Default for ClaimsMapping {
             tenant: default_tenant_claim(),
             models: default_models_claim(),
             requests_per_minute: default_rpm_claim(),
+            budget_usd: default_budget_claim(),
         }
     }
 }

@@ -52,6 +52,7 @@ fn key(id: &str, clear: &str) -> KeyConfig {
         expires_at: None,
         disabled: false,
         limits: None,
+        budget: None,
     }
 }
 
@@ -495,6 +496,7 @@ fn custom_claims_mapping() {
             tenant: "org".into(),
             models: "allowed_models".into(),
             requests_per_minute: "quota".into(),
+            budget_usd: "spend".into(),
         },
         ..hs_issuer()
     });
@@ -518,6 +520,31 @@ fn custom_claims_mapping() {
         json!({"client_id": "a", "allowed_models": "o3"}),
     ));
     assert!(jwt_reason(auth.authenticate(&bearer(&bad_models), now())).contains("array"));
+}
+
+#[test]
+fn a_budget_claim_gives_the_caller_a_dollar_budget() {
+    let auth = auth_jwt(hs_issuer());
+    let caller = |extra: Value| {
+        let token = hs256(&with(claims(), extra));
+        auth.authenticate(&bearer(&token), now())
+    };
+    let budget = |extra: Value| caller(extra).unwrap().unwrap().budget.clone();
+    let per_day = budget(json!({"budget_usd": 2.5})).unwrap();
+    assert_eq!(
+        (per_day.per_day, per_day.per_month),
+        (Some(2_500_000), None)
+    );
+    let both = budget(json!({"budget_usd": {"usd_per_day": 1, "usd_per_month": 20}})).unwrap();
+    assert_eq!(
+        (both.per_day, both.per_month),
+        (Some(1_000_000), Some(20_000_000))
+    );
+    assert!(budget(json!({})).is_none());
+    for bad in [json!(0), json!(-1), json!("5"), json!({"usd_per_week": 1})] {
+        let refused = caller(json!({ "budget_usd": bad }));
+        assert!(jwt_reason(refused).contains("budget_usd"), "{bad}");
+    }
 }
 
 #[test]

@@ -555,7 +555,9 @@ pub fn format_reset(d: Duration) -> String {
     format!("{}m{}s", whole / 60, whole % 60)
 }
 
-fn fnv(s: &str) -> u64 {
+/// FNV-1a of `s`: picks a shard (fast, and no attacker gains from a collision there but a
+/// shared lock).
+pub(crate) fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     })

@@ -67,6 +67,39 @@ struct Usage {
     cache_read_input_tokens: Option<u64>,
     #[serde(default)]
     cache_creation_input_tokens: Option<u64>,
+    /// OpenAI chat's `cached_tokens`. (Fields of their own, not aliases: an answer that
+    /// carries both names must not lose its usage to a duplicate-field error.)
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+    /// The Responses API's `cached_tokens`.
+    #[serde(default)]
+    input_tokens_details: Option<Details>,
+    /// OpenAI chat's `reasoning_tokens`.
+    #[serde(default)]
+    completion_tokens_details: Option<Details>,
+    /// The Responses API's `reasoning_tokens`.
+    #[serde(default)]
+    output_tokens_details: Option<Details>,
+}
+
+/// The parts of a usage count that are priced apart.
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+/// What a response reported it used, as prices need it: prompt tokens (of which `cached` were
+/// read from the provider's prompt cache) and completion tokens (of which `reasoning` were
+/// the model's hidden reasoning).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageReport {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub reasoning: u64,
 }
 
 impl Usage {
@@ -94,6 +127,36 @@ impl Usage {
         self.total_tokens
             .or(self.split().map(|(p, c)| p.saturating_add(c)))
     }
+
+    /// (cached prompt tokens, reasoning tokens), as reported.
+    fn detail(&self) -> (Option<u64>, Option<u64>) {
+        let cached = [&self.prompt_tokens_details, &self.input_tokens_details]
+            .into_iter()
+            .find_map(|d| d.as_ref()?.cached_tokens)
+            .or(self.cache_read_input_tokens);
+        let reasoning = [&self.completion_tokens_details, &self.output_tokens_details]
+            .into_iter()
+            .find_map(|d| d.as_ref()?.reasoning_tokens);
+        (cached, reasoning)
+    }
+}
+
+/// The usage a whole JSON answer reports, if it does.
+pub fn report_of_json(body: &[u8]) -> Option<UsageReport> {
+    let usage = match scan_usage(body) {
+        Some(found) => found,
+        None => serde_json::from_slice::<WithUsage>(body)
+            .ok()
+            .and_then(WithUsage::usage),
+    }?;
+    let (prompt, completion) = usage.split()?;
+    let (cached, reasoning) = usage.detail();
+    Some(UsageReport {
+        prompt,
+        completion,
+        cached: cached.unwrap_or(0).min(prompt),
+        reasoning: reasoning.unwrap_or(0).min(completion),
+    })
 }
 
 /// Watches one response body for its token usage.
@@ -103,6 +166,8 @@ pub struct UsageTap {
     total: Option<u64>,
     /// (prompt, completion) when the provider reported them.
     split: Option<(u64, u64)>,
+    /// (cached prompt, reasoning) tokens, when the provider reported them.
+    detail: (Option<u64>, Option<u64>),
     overflow: bool,
     /// Stream events seen (each carries about one token), or body bytes for JSON: what
     /// [`UsageTap::estimate`] counts when no usage arrives.
@@ -117,6 +182,7 @@ impl UsageTap {
             buf: Vec::new(),
             total: None,
             split: None,
+            detail: (None, None),
             overflow: false,
             events: 0,
             bytes: 0,
@@ -201,6 +267,8 @@ impl UsageTap {
             self.total = usage
                 .total_tokens
                 .or(self.split.map(|(p, c)| p.saturating_add(c)));
+            let (cached, reasoning) = usage.detail();
+            self.detail = (cached.or(self.detail.0), reasoning.or(self.detail.1));
         }
     }
 
@@ -216,6 +284,17 @@ impl UsageTap {
         self.split
     }
 
+    /// The usage the response reported, with its priced-apart parts, if it did.
+    pub fn report(&mut self) -> Option<UsageReport> {
+        let (prompt, completion) = self.split()?;
+        Some(UsageReport {
+            prompt,
+            completion,
+            cached: self.detail.0.unwrap_or(0).min(prompt),
+            reasoning: self.detail.1.unwrap_or(0).min(completion),
+        })
+    }
+
     fn parse_json(&mut self) {
         if !self.sse && !self.overflow && self.total.is_none() && !self.buf.is_empty() {
             let usage = match scan_usage(&self.buf) {
@@ -229,6 +308,7 @@ impl UsageTap {
             if let Some(u) = usage {
                 self.total = u.total();
                 self.split = u.split();
+                self.detail = u.detail();
             }
         }
     }
@@ -528,6 +608,38 @@ fn sse_usage(line: &[u8]) -> Option<Usage> {
 mod tests {
     use super::*;
 
+    /// The parts priced apart are read in every API's names, streamed or whole, and an answer
+    /// that carries both names keeps its usage.
+    #[test]
+    fn cached_and_reasoning_tokens_are_read_in_each_api_s_names() {
+        let whole = |body: &str| report_of_json(body.as_bytes()).unwrap();
+        let chat = whole(
+            r#"{"usage":{"prompt_tokens":100,"completion_tokens":50,"prompt_tokens_details":{"cached_tokens":40},"completion_tokens_details":{"reasoning_tokens":30}}}"#,
+        );
+        assert_eq!(
+            (chat.prompt, chat.completion, chat.cached, chat.reasoning),
+            (100, 50, 40, 30)
+        );
+        let responses = whole(
+            r#"{"response":{"usage":{"input_tokens":100,"output_tokens":50,"input_tokens_details":{"cached_tokens":10},"output_tokens_details":{"reasoning_tokens":5}}}}"#,
+        );
+        assert_eq!((responses.cached, responses.reasoning), (10, 5));
+        let both = whole(
+            r#"{"usage":{"prompt_tokens":9,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":4},"input_tokens_details":{"cached_tokens":4}}}"#,
+        );
+        assert_eq!((both.prompt, both.cached), (9, 4));
+        // Anthropic: cache reads are the cached part of the prompt; above the prompt, capped.
+        let messages =
+            whole(r#"{"usage":{"input_tokens":5,"output_tokens":2,"cache_read_input_tokens":20}}"#);
+        assert_eq!((messages.prompt, messages.cached), (25, 20));
+        let mut tap = UsageTap::new(true);
+        tap.observe(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":8,\"completion_tokens\":3,\"prompt_tokens_details\":{\"cached_tokens\":2},\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\n\n");
+        let r = tap.report().unwrap();
+        assert_eq!(
+            (r.prompt, r.completion, r.cached, r.reasoning),
+            (8, 3, 2, 1)
+        );
+    }
     /// The walk over a whole answer reads the same usage as a whole parse, wherever the
     /// member lies and whatever the strings around it hold; what it cannot read with
     /// certainty it leaves to the whole parse.

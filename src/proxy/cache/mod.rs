@@ -55,12 +55,22 @@ use plan::Plan;
 /// upstream after all).
 pub fn push_status(ctx: &mut RequestCtx, status: &'static str) {
     ctx.cache = Some(status);
-    ctx.response_headers
-        .retain(|(k, _)| k.as_str() != "x-lumen-cache" && k.as_str() != "x-lumen-coalesced");
+    ctx.response_headers.retain(|(k, _)| {
+        k.as_str() != "x-lumen-cache"
+            && k.as_str() != "x-lumen-coalesced"
+            && *k != lumen_plugins::budget::X_LUMEN_COST
+    });
     ctx.response_headers.push((
         HeaderName::from_static("x-lumen-cache"),
         HeaderValue::from_static(status),
     ));
+    if status == "hit" {
+        // No provider was called: the answer costs nothing, and says so.
+        ctx.response_headers.push((
+            lumen_plugins::budget::X_LUMEN_COST,
+            HeaderValue::from_static("0.000000"),
+        ));
+    }
 }
 
 /// A stored answer ready to write.

@@ -200,11 +200,15 @@ pub(super) async fn attempt(
 
     // Success (or a status passed on as is): wait for the first real chunk before
     // committing, so a stream that dies before its first event still falls back. SSE
-    // comments (`: processing`) some providers send first are held with it.
+    // comments (`: processing`) some providers send first are held with it. A whole answer
+    // from a priced target is read to its end (up to WHOLE_READ_LIMIT), so that its head can
+    // say what it cost; one that breaks off meanwhile falls back like any other.
     let sse = head
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let whole =
+        !sse && (200..300).contains(&status) && ctx.price.is_some() && watch.capture.is_none();
     let mut first = BytesMut::new();
     loop {
         let read = tokio::select! {
@@ -214,12 +218,17 @@ pub(super) async fn attempt(
         match read {
             Ok(Ok(Some(chunk))) => {
                 first.extend_from_slice(&chunk);
-                if !(sse && only_comments(&first)) {
+                let more = if whole {
+                    !upstream.response_done() && first.len() < WHOLE_READ_LIMIT
+                } else {
+                    sse && only_comments(&first)
+                };
+                if !more {
                     break;
                 }
             }
             // A success with nothing in it is no answer.
-            Ok(Ok(None)) if (200..300).contains(&status) => {
+            Ok(Ok(None)) if (200..300).contains(&status) && first.is_empty() => {
                 return failed(Failure::Dropped, protocol_error(provider))
             }
             Ok(Ok(None)) => break,
@@ -274,6 +283,10 @@ pub(super) async fn attempt(
     };
     Attempt::Committed { label, result }
 }
+
+/// Most of a whole answer read before its head is written; a larger one goes out as it
+/// arrives, without `x-lumen-cost-usd`.
+const WHOLE_READ_LIMIT: usize = 1 << 20;
 
 /// Writes the request and reads the response head (skipping interim 1xx answers). A
 /// pooled connection found closed while the request was being written never delivered

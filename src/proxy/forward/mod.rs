@@ -109,7 +109,7 @@ impl Forwarder {
             })
             .collect();
         let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
-        ctx.prompt_estimate = req.token_estimate(0);
+        ctx.prompt_estimate = req.token_split(0).0;
         let conversation = if route.prefix_affinity {
             crate::routing::affinity::chain(&req.raw)
         } else {
@@ -219,6 +219,12 @@ impl Forwarder {
             }
             previous = Some(i);
             ctx.provider = Some(provider.name.clone());
+            // Priced as this request's config has it (a reload never reprices a request in
+            // flight).
+            ctx.price = ctx
+                .config
+                .as_ref()
+                .and_then(|c| c.routes.price(target, &req.model));
             watch.in_flight(state.provider.enter());
             // The circuit learns the outcome at the commit point (a half-open trial must not
             // wait for a long stream to end), or when the attempt fails.

@@ -70,7 +70,7 @@ pub(super) struct Source<'a> {
 pub(super) async fn stream_to_client(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    upstream: HttpSession,
+    mut upstream: HttpSession,
     (mut head, first): (Box<ResponseHeader>, Option<Bytes>),
     source: &Source<'_>,
     watch: &mut Watchers,
@@ -80,8 +80,21 @@ pub(super) async fn stream_to_client(
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let provider = source.provider;
+    // A whole answer from a priced target was read to its end (see `attempt`): its head says
+    // what it cost.
+    let cost = match (ctx.price, first.as_deref()) {
+        (Some(price), Some(body)) if !sse && upstream.response_done() => {
+            lumen_plugins::sse::usage::report_of_json(body).map(|u| price.cost(&u))
+        }
+        _ => None,
+    };
     let overhead = u64::try_from(ctx.overhead().as_micros()).unwrap_or(u64::MAX);
     edit_headers(&mut head, |map| {
+        if let Some(cost) = cost {
+            if let Ok(v) = HeaderValue::from_str(&lumen_plugins::budget::format_usd(cost)) {
+                map.insert(lumen_plugins::budget::X_LUMEN_COST, v);
+            }
+        }
         for (name, value) in &ctx.response_headers {
             map.append(name.clone(), value.clone());
         }
@@ -121,6 +134,9 @@ fn take_usage(ctx: &mut RequestCtx, watch: &mut Watchers) {
     if let Some(tap) = watch.tap() {
         ctx.usage_total = tap.total_tokens();
         ctx.usage_split = tap.split();
+        if let Some(report) = tap.report() {
+            ctx.usage_detail = (report.cached, report.reasoning);
+        }
         if ctx.usage_total.is_none() {
             ctx.usage_estimate = Some(ctx.prompt_estimate.saturating_add(tap.estimate()));
         }

@@ -30,7 +30,8 @@
 //! Body fields: `mock_chunks` (stream chunk count, default 3), `mock_delay_ms` (delay before each
 //! stream chunk, default 0), `mock_one_write` (the whole stream in one write, so it all reaches
 //! the gateway at once), `mock_retry_after` (seconds, for `status-429`), `mock_headers`
-//! (an object of extra response headers on a normal answer). `GET /v1/models` lists a few
+//! (an object of extra response headers on a normal answer), `mock_usage` (the `usage` object a
+//! chat answer or stream reports, as given). `GET /v1/models` lists a few
 //! models (with HTTP NNN instead when the path has a `/models-NNN/` segment); `GET /_mock/requests` returns the recorded requests as JSON (for tests in other
 //! languages). Health probes (user agent `lumen-health-probe`) are counted, not recorded.
 
@@ -493,7 +494,7 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11},
+            "usage": mock_usage(&body).unwrap_or_else(|| json!({"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11})),
         })
     } else if path.ends_with("/completions") {
         json!({
@@ -612,6 +613,11 @@ async fn tool_call_answer(
     Ok(true)
 }
 
+/// The usage a test asked for (`mock_usage`: the `usage` object to report, as is).
+fn mock_usage(body: &Value) -> Option<Value> {
+    body.get("mock_usage").filter(|u| u.is_object()).cloned()
+}
+
 async fn stream_answer(
     stream: &mut TcpStream,
     body: &Value,
@@ -662,7 +668,7 @@ async fn stream_answer(
     let mut tail = event(&last);
     if include_usage {
         let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
-                           "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": chunks, "total_tokens": 7 + chunks}});
+                           "choices": [], "usage": mock_usage(body).unwrap_or_else(|| json!({"prompt_tokens": 7, "completion_tokens": chunks, "total_tokens": 7 + chunks}))});
         tail.push_str(&event(&usage));
     }
     tail.push_str("data: [DONE]\n\n");

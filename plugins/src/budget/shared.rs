@@ -1,0 +1,417 @@
+//! Dollar budgets shared by every node that points at the same Redis: one atomic script per
+//! reservation and one per settlement, on Redis's own clock (nodes with skewed clocks agree on
+//! when a UTC day or month ends).
+//!
+//! One hash per budget and window length, `{prefix:budgets}:<id>:<day|month>`, holding the
+//! window's number (`i`), what was spent in it (`u`) and what requests in flight hold (`r`). All
+//! budgets share one hash tag so that a request's key and tenant budgets are checked and
+//! charged in one script. Keys expire a day after their window ends.
+//!
+//! A node that dies with requests in flight leaves their reservations held until the window
+//! resets; a request whose node lives settles (or, dropped unsettled, refunds) its own.
+
+// Reachable from the network: no panics (issue 16); tests below may unwrap.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{window_status, BudgetId, Charge, Exceeded, Micros, Period, Standing, WindowStatus};
+use crate::redis_link::{RedisLink, SharedError};
+
+/// The window of a period at Redis time `now` (seconds): its number and its end (seconds).
+/// Days and calendar months in UTC (Howard Hinnant's date algorithms, as `civil.rs`).
+const WINDOWS: &str = r"
+local function window(period, s)
+  local day = math.floor(s / 86400)
+  if period == 'd' then return day, (day + 1) * 86400 end
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  local ny, nm = y, m + 1
+  if m == 12 then ny, nm = y + 1, 1 end
+  -- days_from_civil(ny, nm, 1)
+  local yy = ny
+  if nm <= 2 then yy = yy - 1 end
+  local era2 = math.floor(yy / 400)
+  local yoe2 = yy - era2 * 400
+  local mp2 = (nm + 9) % 12
+  local doy2 = math.floor((153 * mp2 + 2) / 5)
+  local doe2 = yoe2 * 365 + math.floor(yoe2 / 4) - math.floor(yoe2 / 100) + doy2
+  return y * 12 + m - 1, (era2 * 146097 + doe2 - 719468) * 86400
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_s = tonumber(t[1])
+";
+
+/// Gives back a held reservation: its amount leaves the `r` of every window it was charged in
+/// (where that window still stands), and its record goes. KEYS[1]: the held set (id → expiry
+/// ms), KEYS[2]: the records (id → JSON `{"a": amount, "w": [[key, index], …]}`: key names
+/// hold client-chosen text, such as a JWT's subject, so they are never split on a character).
+const RELEASE: &str = r"
+local function release(id)
+  local rec = redis.call('HGET', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  if not rec then return end
+  local held = cjson.decode(rec)
+  local amount = tonumber(held.a) or 0
+  for _, w in ipairs(held.w) do
+    local key, charged = w[1], tonumber(w[2])
+    if tonumber(redis.call('HGET', key, 'i')) == charged then
+      local r = (tonumber(redis.call('HGET', key, 'r')) or 0) - amount
+      if r < 0 then r = 0 end
+      redis.call('HSET', key, 'r', r)
+    end
+  end
+end
+";
+
+/// KEYS: the held set, the records, then one hash per (budget, window). ARGV: reservation id,
+/// amount, ms a reservation may stay held, then (period `d`/`m`, limit) per window key.
+/// Reservations held past their time are released first (their requests' nodes died, or
+/// could not settle). All or nothing; a retry of a reservation that was made reserves
+/// nothing more. Returns {1, (index, remaining, ms to reset) per window} or
+/// {0, window number (from 1), remaining, ms to reset}.
+const RESERVE: &str = r"
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 100)) do
+  release(old)
+end
+local id, amount = ARGV[1], tonumber(ARGV[2])
+local again = redis.call('ZSCORE', KEYS[1], id)
+local n = #KEYS - 2
+local idx, ends, u, r = {}, {}, {}, {}
+for k = 1, n do
+  local period, limit = ARGV[2 + 2 * k], tonumber(ARGV[3 + 2 * k])
+  idx[k], ends[k] = window(period, now_s)
+  local cur = redis.call('HMGET', KEYS[k + 2], 'i', 'u', 'r')
+  u[k], r[k] = 0, 0
+  if tonumber(cur[1]) == idx[k] then
+    u[k] = tonumber(cur[2]) or 0
+    r[k] = tonumber(cur[3]) or 0
+  end
+  if not again and u[k] + r[k] + amount > limit then
+    local left = limit - u[k] - r[k]
+    if left < 0 then left = 0 end
+    return {0, k, left, ends[k] * 1000 - now_ms}
+  end
+end
+local out = {1}
+local rec = {}
+for k = 1, n do
+  local limit = tonumber(ARGV[3 + 2 * k])
+  if not again then
+    r[k] = r[k] + amount
+    redis.call('HSET', KEYS[k + 2], 'i', idx[k], 'u', u[k], 'r', r[k])
+    redis.call('PEXPIREAT', KEYS[k + 2], (ends[k] + 86400) * 1000)
+  end
+  table.insert(rec, {KEYS[k + 2], idx[k]})
+  local left = limit - u[k] - r[k]
+  if left < 0 then left = 0 end
+  table.insert(out, idx[k])
+  table.insert(out, left)
+  table.insert(out, ends[k] * 1000 - now_ms)
+end
+if not again then
+  redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[3]), id)
+  redis.call('HSET', KEYS[2], id, cjson.encode({a = amount, w = rec}))
+end
+return out
+";
+
+/// KEYS: the held set, the records, a marker for this settlement, then one hash per (budget,
+/// window). ARGV: reservation id, actual cost, then the period per window key. The
+/// reservation is released (where it still stands) and the cost spent in each current window,
+/// once: a retried settlement finds its marker and does nothing. Returns what is spent now in
+/// each window.
+const SETTLE: &str = r"
+local first = redis.call('SET', KEYS[3], '1', 'NX', 'PX', 86400000)
+local actual = tonumber(ARGV[2])
+local out = {}
+if first then release(ARGV[1]) end
+for k = 4, #KEYS do
+  local cur_i, cur_end = window(ARGV[k - 1], now_s)
+  local got = redis.call('HMGET', KEYS[k], 'i', 'u', 'r')
+  local u, r = tonumber(got[2]) or 0, tonumber(got[3]) or 0
+  if tonumber(got[1]) ~= cur_i then u, r = 0, 0 end
+  if first then
+    u = u + actual
+    redis.call('HSET', KEYS[k], 'i', cur_i, 'u', u, 'r', r)
+    redis.call('PEXPIREAT', KEYS[k], (cur_end + 86400) * 1000)
+  end
+  table.insert(out, u)
+end
+return out
+";
+
+/// KEYS as for RESERVE; ARGV: period per key. Returns (used, reserved, ms to reset) per key.
+const STATUS: &str = r"
+local out = {}
+for k = 1, #KEYS do
+  local i, e = window(ARGV[k], now_s)
+  local got = redis.call('HMGET', KEYS[k], 'i', 'u', 'r')
+  local u, r = 0, 0
+  if tonumber(got[1]) == i then u, r = tonumber(got[2]) or 0, tonumber(got[3]) or 0 end
+  table.insert(out, u)
+  table.insert(out, r)
+  table.insert(out, e * 1000 - now_ms)
+end
+return out
+";
+
+/// How long a reservation stays held at most: a node that dies mid-request (or cannot settle)
+/// holds budget for no longer than this.
+pub const HELD_AT_MOST: Duration = Duration::from_secs(600);
+
+/// A reservation held in Redis for one request, named by a gateway-made id.
+#[derive(Debug, Clone)]
+pub struct SharedReservation {
+    id: String,
+    /// (key, period) per window charged.
+    windows: Vec<(String, Period)>,
+    pub amount: Micros,
+}
+
+/// The budgets in Redis.
+pub struct SharedBudgets {
+    link: Arc<RedisLink>,
+    prefix: String,
+    /// How long a reservation stays held at most ([`HELD_AT_MOST`]).
+    held_at_most: Duration,
+    reserve: redis::Script,
+    settle: redis::Script,
+    status: redis::Script,
+}
+
+fn code(period: Period) -> &'static str {
+    match period {
+        Period::Day => "d",
+        Period::Month => "m",
+    }
+}
+
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{WINDOWS}{RELEASE}{body}"))
+}
+
+impl SharedBudgets {
+    pub fn new(link: Arc<RedisLink>, prefix: &str) -> SharedBudgets {
+        SharedBudgets {
+            link,
+            prefix: prefix.to_string(),
+            held_at_most: HELD_AT_MOST,
+            reserve: script(RESERVE),
+            settle: script(SETTLE),
+            status: script(STATUS),
+        }
+    }
+
+    /// These budgets with reservations held for at most `held` (tests; the default is
+    /// [`HELD_AT_MOST`]).
+    pub fn holding_for(mut self, held: Duration) -> SharedBudgets {
+        self.held_at_most = held;
+        self
+    }
+
+    fn key(&self, id: &BudgetId, period: Period) -> String {
+        format!(
+            "{{{}:budgets}}:{}:{}",
+            self.prefix,
+            id.as_str(),
+            period.label()
+        )
+    }
+
+    /// The held set and the records of reservations (see RESERVE).
+    fn held(&self) -> [String; 2] {
+        [
+            format!("{{{}:budgets}}:held", self.prefix),
+            format!("{{{}:budgets}}:held:records", self.prefix),
+        ]
+    }
+
+    /// Reserves `amount` under every budget of `charges`, fleet-wide, all or nothing.
+    pub async fn reserve(
+        &self,
+        charges: &[Charge],
+        amount: Micros,
+    ) -> Result<Result<(SharedReservation, Standing), Exceeded>, SharedError> {
+        // Gateway-made, never the client's: a retried call finds its own reservation.
+        let id = format!("{:032x}", u128::from_le_bytes(random_bytes()));
+        let mut invocation = self.reserve.prepare_invoke();
+        for key in self.held() {
+            invocation.key(key);
+        }
+        invocation
+            .arg(&id)
+            .arg(amount)
+            .arg(self.held_at_most.as_millis() as u64);
+        let mut which = Vec::new();
+        for charge in charges {
+            for (period, limit) in charge.budget.limits() {
+                let key = self.key(&charge.id, period);
+                invocation.key(&key).arg(code(period)).arg(limit);
+                which.push((key, charge.id.clone(), period));
+            }
+        }
+        let invocation = &invocation;
+        let reply: Vec<i64> = self
+            .link
+            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        let at = |n: usize| reply.get(n).copied().unwrap_or(0).max(0) as u64;
+        if reply.first() == Some(&0) {
+            let k = (at(1).max(1) as usize).saturating_sub(1);
+            let Some((_, id, period)) = which.get(k) else {
+                let bad = (redis::ErrorKind::TypeError, "budget script: bad refusal");
+                return Err(SharedError::Redis(bad.into()));
+            };
+            return Ok(Err(Exceeded {
+                id: id.clone(),
+                period: *period,
+                remaining: at(2),
+                retry_after: Duration::from_millis(at(3)),
+            }));
+        }
+        let mut windows = Vec::with_capacity(which.len());
+        let mut standing: Option<Standing> = None;
+        let triples = reply.get(1..).unwrap_or_default().chunks_exact(3);
+        for ((key, _, period), t) in which.into_iter().zip(triples) {
+            let &[_, left, reset] = t else { continue };
+            let [left, reset] = [left, reset].map(|v| v.max(0) as u64);
+            windows.push((key, period));
+            if standing.is_none_or(|s| left < s.remaining) {
+                standing = Some(Standing {
+                    remaining: left,
+                    reset_after: Duration::from_millis(reset),
+                });
+            }
+        }
+        let standing = standing.unwrap_or(Standing {
+            remaining: 0,
+            reset_after: Duration::ZERO,
+        });
+        Ok(Ok((
+            SharedReservation {
+                id,
+                windows,
+                amount,
+            },
+            standing,
+        )))
+    }
+
+    /// Replaces a reservation with the real cost; returns what is spent now in each window
+    /// charged, in order. Safe to call again (after an error): a settlement applies once.
+    pub async fn settle(
+        &self,
+        reservation: &SharedReservation,
+        actual: Micros,
+    ) -> Result<Vec<Micros>, SharedError> {
+        let mut invocation = self.settle.prepare_invoke();
+        for key in self.held() {
+            invocation.key(key);
+        }
+        invocation.key(format!(
+            "{{{}:budgets}}:settled:{}",
+            self.prefix, reservation.id
+        ));
+        invocation.arg(&reservation.id).arg(actual);
+        for (key, period) in &reservation.windows {
+            invocation.key(key).arg(code(*period));
+        }
+        let invocation = &invocation;
+        let spent: Vec<i64> = self
+            .link
+            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(spent.into_iter().map(|v| v.max(0) as u64).collect())
+    }
+
+    /// How each window of `charge`'s budget stands now, fleet-wide.
+    pub async fn status(&self, charge: &Charge) -> Result<Vec<WindowStatus>, SharedError> {
+        let mut invocation = self.status.prepare_invoke();
+        let limits: Vec<(Period, Micros)> = charge.budget.limits().collect();
+        for (period, _) in &limits {
+            invocation
+                .key(self.key(&charge.id, *period))
+                .arg(code(*period));
+        }
+        let invocation = &invocation;
+        let reply: Vec<i64> = self
+            .link
+            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(limits
+            .iter()
+            .zip(reply.chunks_exact(3))
+            .filter_map(|((period, limit), t)| {
+                let &[used, reserved, reset] = t else {
+                    return None;
+                };
+                let [used, reserved, reset] = [used, reserved, reset].map(|v| v.max(0) as u64);
+                Some(window_status(*period, *limit, used, reserved, reset))
+            })
+            .collect())
+    }
+}
+
+/// A fleet-wide reservation held for one request: settled by the pipeline, or refunded off the
+/// request's path when dropped unsettled.
+/// 16 bytes from the OS's generator (a reservation's id); zeros if it cannot answer, which
+/// only makes ids collide, never panics.
+fn random_bytes() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    let _ = getrandom::fill(&mut bytes);
+    bytes
+}
+
+pub struct SharedBudgetGuard {
+    budgets: Arc<SharedBudgets>,
+    reservation: Option<SharedReservation>,
+}
+
+impl SharedBudgetGuard {
+    pub fn new(budgets: Arc<SharedBudgets>, reservation: SharedReservation) -> SharedBudgetGuard {
+        SharedBudgetGuard {
+            budgets,
+            reservation: Some(reservation),
+        }
+    }
+
+    /// The reservation, to settle it; the guard then has nothing left to refund.
+    pub fn take(&mut self) -> Option<SharedReservation> {
+        self.reservation.take()
+    }
+
+    pub fn amount(&self) -> Micros {
+        self.reservation.as_ref().map_or(0, |r| r.amount)
+    }
+}
+
+impl Drop for SharedBudgetGuard {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let budgets = self.budgets.clone();
+            runtime.spawn(async move {
+                let _ = budgets.settle(&reservation, 0).await;
+            });
+        }
+    }
+}
