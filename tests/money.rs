@@ -465,7 +465,8 @@ async fn redis_reservations_settle_once_and_expire_when_their_node_is_gone() {
         lumen_plugins::redis_link::RedisLink::new(&redis.url(), Duration::from_millis(500))
             .unwrap(),
     );
-    let budgets = SharedBudgets::new(link, "t").holding_for(Duration::from_millis(300));
+    let budgets =
+        std::sync::Arc::new(SharedBudgets::new(link, "t").holding_for(Duration::from_millis(300)));
     let charge = Charge {
         id: BudgetId::key("jwt:https://idp:with\nnewline"),
         budget: std::sync::Arc::new(
@@ -491,7 +492,7 @@ async fn redis_reservations_settle_once_and_expire_when_their_node_is_gone() {
     );
     let day = &budgets.status(&charge).await.unwrap()[0];
     assert_eq!((day.used, day.reserved), (100_000, 0));
-    // A reservation never settled: held, then released by the next reservation after its
+    // A reservation never settled (its node died): held, then released once held past its
     // time.
     let (_orphan, _) = budgets.reserve(charges, 800_000).await.unwrap().unwrap();
     assert!(
@@ -499,8 +500,16 @@ async fn redis_reservations_settle_once_and_expire_when_their_node_is_gone() {
         "held"
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (_, standing) = budgets.reserve(charges, 200_000).await.unwrap().unwrap();
+    // Past its time it no longer counts, even before another reservation comes.
+    let day = &budgets.status(&charge).await.unwrap()[0];
+    assert_eq!((day.used, day.reserved), (100_000, 0));
+    let (late, standing) = budgets.reserve(charges, 200_000).await.unwrap().unwrap();
     assert_eq!(standing.remaining, 1_000_000 - 100_000 - 200_000);
+    // Cancelled (settled at nothing), as when its reply was lost; twice, as a retry would.
+    budgets.settle(&late, 0).await.unwrap();
+    budgets.settle(&late, 0).await.unwrap();
+    let day = &budgets.status(&charge).await.unwrap()[0];
+    assert_eq!((day.used, day.reserved), (100_000, 0));
 }
 
 fn fleet_node(mock: &MockUpstream, redis: &RedisServer, on_error: &str, extra: &str) -> Lumen {

@@ -257,9 +257,10 @@ struct Window {
 }
 
 impl Window {
-    /// Moves the window on to `index` when it is older (a new day or month starts empty).
+    /// Moves the window on to `index` when it is older (a new day or month starts empty); a
+    /// clock set back never rolls it back.
     fn roll(&mut self, index: u64) {
-        if self.index != index {
+        if index > self.index {
             *self = Window {
                 index,
                 ..Window::default()
@@ -407,8 +408,8 @@ impl LocalBudgets {
                 return true;
             }
             let a = lock(account);
-            a.day.index == day
-                || a.month.index == month
+            a.day.index >= day
+                || a.month.index >= month
                 || a.day.reserved > 0
                 || a.month.reserved > 0
         });
@@ -701,6 +702,22 @@ mod tests {
         let st = book.status(&kept.id, &kept.budget, today);
         assert_eq!(st[0].reserved, 0);
         assert!(book.seen().iter().any(|c| c.id == kept.id));
+    }
+
+    #[test]
+    fn a_clock_set_back_never_rolls_a_window_back() {
+        let book = LocalBudgets::default();
+        let charges = [charge("a", 1.0, None)];
+        let today = at(2026, 12, 5, 10);
+        book.reserve(&charges, 300_000, today)
+            .unwrap()
+            .0
+            .settle(300_000, &charges, today);
+        // The clock goes back past midnight: what today spent still counts.
+        let earlier = at(2026, 12, 4, 86_000);
+        assert!(book.reserve(&charges, 800_000, earlier).is_err());
+        let st = book.status(&charges[0].id, &charges[0].budget, earlier);
+        assert_eq!(st[0].used, 300_000);
     }
 
     #[test]

@@ -57,11 +57,16 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_s = tonumber(t[1])
 ";
 
-/// Gives back a held reservation: its amount leaves the `r` of every window it was charged in
-/// (where that window still stands), and its record goes. KEYS[1]: the held set (id → expiry
-/// ms), KEYS[2]: the records (id → JSON `{"a": amount, "w": [[key, index], …]}`: key names
-/// hold client-chosen text, such as a JWT's subject, so they are never split on a character).
-const RELEASE: &str = r"
+/// Shared by the scripts below. `release` gives back a held reservation: its amount leaves the
+/// `r` of every window it was charged in (where that window still stands), and its record
+/// goes. `sweep` releases the reservations held past their time (their requests' nodes died,
+/// or could not settle). `current` reads a window hash as it stands for the window of `now`:
+/// an older one counts as empty (a new day or month), and a newer one (written by a clock
+/// ahead of this one, before a failover) is never rolled back.
+/// KEYS[1]: the held set (id → expiry ms); KEYS[2]: the records (id → JSON `{"a": amount,
+/// "w": [[key, index], …]}`: key names hold client-chosen text, such as a JWT's subject, so
+/// they are never split on a character).
+const COMMON: &str = r"
 local function release(id)
   local rec = redis.call('HGET', KEYS[2], id)
   redis.call('ZREM', KEYS[1], id)
@@ -78,52 +83,59 @@ local function release(id)
     end
   end
 end
+local function sweep()
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 100)) do
+    release(old)
+  end
+end
+local function current(key, period)
+  local i, e = window(period, now_s)
+  local got = redis.call('HMGET', key, 'i', 'u', 'r')
+  local stored = tonumber(got[1])
+  if stored and stored >= i then
+    return stored, e, tonumber(got[2]) or 0, tonumber(got[3]) or 0
+  end
+  return i, e, 0, 0
+end
 ";
 
-/// KEYS: the held set, the records, then one hash per (budget, window). ARGV: reservation id,
-/// amount, ms a reservation may stay held, then (period `d`/`m`, limit) per window key.
-/// Reservations held past their time are released first (their requests' nodes died, or
-/// could not settle). All or nothing; a retry of a reservation that was made reserves
-/// nothing more. Returns {1, (index, remaining, ms to reset) per window} or
-/// {0, window number (from 1), remaining, ms to reset}.
+/// KEYS: the held set, the records, this reservation's settled marker, then one hash per
+/// (budget, window). ARGV: reservation id, amount, ms it may stay held, then (period `d`/`m`,
+/// limit) per window key. All or nothing. A retry of a reservation that was made reserves
+/// nothing more; one that arrives after it was cancelled (settled) reserves nothing.
+/// Returns {1, (index, remaining, ms to reset) per window}, {0, window number (from 1),
+/// remaining, ms to reset}, or {2} when cancelled.
 const RESERVE: &str = r"
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 100)) do
-  release(old)
-end
+sweep()
+if redis.call('EXISTS', KEYS[3]) == 1 then return {2} end
 local id, amount = ARGV[1], tonumber(ARGV[2])
 local again = redis.call('ZSCORE', KEYS[1], id)
-local n = #KEYS - 2
+local n = #KEYS - 3
 local idx, ends, u, r = {}, {}, {}, {}
-for k = 1, n do
-  local period, limit = ARGV[2 + 2 * k], tonumber(ARGV[3 + 2 * k])
-  idx[k], ends[k] = window(period, now_s)
-  local cur = redis.call('HMGET', KEYS[k + 2], 'i', 'u', 'r')
-  u[k], r[k] = 0, 0
-  if tonumber(cur[1]) == idx[k] then
-    u[k] = tonumber(cur[2]) or 0
-    r[k] = tonumber(cur[3]) or 0
-  end
-  if not again and u[k] + r[k] + amount > limit then
-    local left = limit - u[k] - r[k]
+for j = 1, n do
+  local limit = tonumber(ARGV[3 + 2 * j])
+  idx[j], ends[j], u[j], r[j] = current(KEYS[3 + j], ARGV[2 + 2 * j])
+  if not again and u[j] + r[j] + amount > limit then
+    local left = limit - u[j] - r[j]
     if left < 0 then left = 0 end
-    return {0, k, left, ends[k] * 1000 - now_ms}
+    return {0, j, left, ends[j] * 1000 - now_ms}
   end
 end
 local out = {1}
 local rec = {}
-for k = 1, n do
-  local limit = tonumber(ARGV[3 + 2 * k])
+for j = 1, n do
+  local key, limit = KEYS[3 + j], tonumber(ARGV[3 + 2 * j])
   if not again then
-    r[k] = r[k] + amount
-    redis.call('HSET', KEYS[k + 2], 'i', idx[k], 'u', u[k], 'r', r[k])
-    redis.call('PEXPIREAT', KEYS[k + 2], (ends[k] + 86400) * 1000)
+    r[j] = r[j] + amount
+    redis.call('HSET', key, 'i', idx[j], 'u', u[j], 'r', r[j])
+    redis.call('PEXPIREAT', key, (ends[j] + 86400) * 1000)
   end
-  table.insert(rec, {KEYS[k + 2], idx[k]})
-  local left = limit - u[k] - r[k]
+  table.insert(rec, {key, idx[j]})
+  local left = limit - u[j] - r[j]
   if left < 0 then left = 0 end
-  table.insert(out, idx[k])
+  table.insert(out, idx[j])
   table.insert(out, left)
-  table.insert(out, ends[k] * 1000 - now_ms)
+  table.insert(out, ends[j] * 1000 - now_ms)
 end
 if not again then
   redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[3]), id)
@@ -132,39 +144,37 @@ end
 return out
 ";
 
-/// KEYS: the held set, the records, a marker for this settlement, then one hash per (budget,
-/// window). ARGV: reservation id, actual cost, then the period per window key. The
-/// reservation is released (where it still stands) and the cost spent in each current window,
-/// once: a retried settlement finds its marker and does nothing. Returns what is spent now in
+/// KEYS as for RESERVE. ARGV: reservation id, actual cost, ms the settled marker lives, then
+/// the period per window key. The reservation is released (where it still stands) and the
+/// cost spent in each current window, once: a retried settlement finds its marker and does
+/// nothing, and a reservation that arrives after it is not made. Returns what is spent now in
 /// each window.
 const SETTLE: &str = r"
-local first = redis.call('SET', KEYS[3], '1', 'NX', 'PX', 86400000)
+sweep()
+local first = redis.call('SET', KEYS[3], '1', 'NX', 'PX', tonumber(ARGV[3]))
 local actual = tonumber(ARGV[2])
-local out = {}
 if first then release(ARGV[1]) end
-for k = 4, #KEYS do
-  local cur_i, cur_end = window(ARGV[k - 1], now_s)
-  local got = redis.call('HMGET', KEYS[k], 'i', 'u', 'r')
-  local u, r = tonumber(got[2]) or 0, tonumber(got[3]) or 0
-  if tonumber(got[1]) ~= cur_i then u, r = 0, 0 end
+local out = {}
+for j = 1, #KEYS - 3 do
+  local key = KEYS[3 + j]
+  local i, e, u, r = current(key, ARGV[3 + j])
   if first then
     u = u + actual
-    redis.call('HSET', KEYS[k], 'i', cur_i, 'u', u, 'r', r)
-    redis.call('PEXPIREAT', KEYS[k], (cur_end + 86400) * 1000)
+    redis.call('HSET', key, 'i', i, 'u', u, 'r', r)
+    redis.call('PEXPIREAT', key, (e + 86400) * 1000)
   end
   table.insert(out, u)
 end
 return out
 ";
 
-/// KEYS as for RESERVE; ARGV: period per key. Returns (used, reserved, ms to reset) per key.
+/// KEYS: the held set, the records, then one hash per (budget, window); ARGV: the period per
+/// window key. Returns (used, reserved, ms to reset) per window.
 const STATUS: &str = r"
+sweep()
 local out = {}
-for k = 1, #KEYS do
-  local i, e = window(ARGV[k], now_s)
-  local got = redis.call('HMGET', KEYS[k], 'i', 'u', 'r')
-  local u, r = 0, 0
-  if tonumber(got[1]) == i then u, r = tonumber(got[2]) or 0, tonumber(got[3]) or 0 end
+for j = 1, #KEYS - 2 do
+  local i, e, u, r = current(KEYS[2 + j], ARGV[j])
   table.insert(out, u)
   table.insert(out, r)
   table.insert(out, e * 1000 - now_ms)
@@ -204,7 +214,7 @@ fn code(period: Period) -> &'static str {
 }
 
 fn script(body: &str) -> redis::Script {
-    redis::Script::new(&format!("{WINDOWS}{RELEASE}{body}"))
+    redis::Script::new(&format!("{WINDOWS}{COMMON}{body}"))
 }
 
 impl SharedBudgets {
@@ -243,18 +253,26 @@ impl SharedBudgets {
         ]
     }
 
-    /// Reserves `amount` under every budget of `charges`, fleet-wide, all or nothing.
+    /// This reservation's settled marker: set once it is settled (or cancelled).
+    fn marker(&self, id: &str) -> String {
+        format!("{{{}:budgets}}:settled:{id}", self.prefix)
+    }
+
+    /// Reserves `amount` under every budget of `charges`, fleet-wide, all or nothing. When
+    /// Redis does not answer, the reservation (which may have been made, or may be still on
+    /// its way) is cancelled off the request's path.
     pub async fn reserve(
-        &self,
+        self: &Arc<Self>,
         charges: &[Charge],
         amount: Micros,
     ) -> Result<Result<(SharedReservation, Standing), Exceeded>, SharedError> {
         // Gateway-made, never the client's: a retried call finds its own reservation.
-        let id = format!("{:032x}", u128::from_le_bytes(random_bytes()));
+        let id = new_id()?;
         let mut invocation = self.reserve.prepare_invoke();
         for key in self.held() {
             invocation.key(key);
         }
+        invocation.key(self.marker(&id));
         invocation
             .arg(&id)
             .arg(amount)
@@ -268,11 +286,27 @@ impl SharedBudgets {
             }
         }
         let invocation = &invocation;
-        let reply: Vec<i64> = self
+        let reply: Vec<i64> = match self
             .link
             .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => {
+                let abandoned = SharedReservation {
+                    id,
+                    windows: which.into_iter().map(|(key, _, p)| (key, p)).collect(),
+                    amount,
+                };
+                self.cancel_later(abandoned);
+                return Err(e);
+            }
+        };
         let at = |n: usize| reply.get(n).copied().unwrap_or(0).max(0) as u64;
+        if reply.first() == Some(&2) {
+            let cancelled = (redis::ErrorKind::TypeError, "budget reservation cancelled");
+            return Err(SharedError::Redis(cancelled.into()));
+        }
         if reply.first() == Some(&0) {
             let k = (at(1).max(1) as usize).saturating_sub(1);
             let Some((_, id, period)) = which.get(k) else {
@@ -325,11 +359,14 @@ impl SharedBudgets {
         for key in self.held() {
             invocation.key(key);
         }
-        invocation.key(format!(
-            "{{{}:budgets}}:settled:{}",
-            self.prefix, reservation.id
-        ));
-        invocation.arg(&reservation.id).arg(actual);
+        invocation.key(self.marker(&reservation.id));
+        // The marker must outlive every retry of this settlement (and a reservation still on
+        // its way), not the day.
+        let marker_ms = self.held_at_most.as_millis().saturating_mul(2) as u64;
+        invocation
+            .arg(&reservation.id)
+            .arg(actual)
+            .arg(marker_ms.max(1000));
         for (key, period) in &reservation.windows {
             invocation.key(key).arg(code(*period));
         }
@@ -341,9 +378,29 @@ impl SharedBudgets {
         Ok(spent.into_iter().map(|v| v.max(0) as u64).collect())
     }
 
+    /// Settles `reservation` at nothing off the request's path, retrying: a reservation whose
+    /// reply was lost is given back now rather than when held past its time.
+    pub fn cancel_later(self: &Arc<Self>, reservation: SharedReservation) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let budgets = self.clone();
+        runtime.spawn(async move {
+            for wait in [0, 1, 5, 30] {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                if budgets.settle(&reservation, 0).await.is_ok() {
+                    break;
+                }
+            }
+        });
+    }
+
     /// How each window of `charge`'s budget stands now, fleet-wide.
     pub async fn status(&self, charge: &Charge) -> Result<Vec<WindowStatus>, SharedError> {
         let mut invocation = self.status.prepare_invoke();
+        for key in self.held() {
+            invocation.key(key);
+        }
         let limits: Vec<(Period, Micros)> = charge.budget.limits().collect();
         for (period, _) in &limits {
             invocation
@@ -369,16 +426,23 @@ impl SharedBudgets {
     }
 }
 
-/// A fleet-wide reservation held for one request: settled by the pipeline, or refunded off the
-/// request's path when dropped unsettled.
-/// 16 bytes from the OS's generator (a reservation's id); zeros if it cannot answer, which
-/// only makes ids collide, never panics.
-fn random_bytes() -> [u8; 16] {
+/// A reservation's id: 16 bytes from the OS's generator. Ids must not collide (a second
+/// reservation with the first's id would be taken for its retry), so a generator that cannot
+/// answer is an error, for `on_redis_error` to decide.
+fn new_id() -> Result<String, SharedError> {
     let mut bytes = [0u8; 16];
-    let _ = getrandom::fill(&mut bytes);
-    bytes
+    getrandom::fill(&mut bytes).map_err(|_| {
+        let failed = (
+            redis::ErrorKind::IoError,
+            "no random bytes for a reservation id",
+        );
+        SharedError::Redis(failed.into())
+    })?;
+    Ok(format!("{:032x}", u128::from_le_bytes(bytes)))
 }
 
+/// A fleet-wide reservation held for one request: settled by the pipeline, or refunded off the
+/// request's path when dropped unsettled.
 pub struct SharedBudgetGuard {
     budgets: Arc<SharedBudgets>,
     reservation: Option<SharedReservation>,
