@@ -73,34 +73,21 @@ pub async fn report(
     local: &LocalBudgets,
     shared: Option<&Arc<SharedBudgets>>,
 ) -> BudgetsReport {
+    // Each budget, and whether the config names it (rather than a JWT's claim).
     let mut all: BTreeMap<BudgetId, (Charge, bool)> = BTreeMap::new();
-    for p in config.auth.principals() {
-        if let Some(budget) = &p.budget {
-            let id = BudgetId::key(&p.key_id);
-            all.insert(
-                id.clone(),
-                (
-                    Charge {
-                        id,
-                        budget: budget.clone(),
-                    },
-                    true,
-                ),
-            );
-        }
-    }
-    for (name, budget) in &config.tenants {
-        let id = BudgetId::tenant(name);
-        all.insert(
-            id.clone(),
-            (
-                Charge {
-                    id,
-                    budget: budget.clone(),
-                },
-                true,
-            ),
+    let configured = config
+        .auth
+        .principals()
+        .into_iter()
+        .filter_map(|p| Some((BudgetId::key(&p.key_id), p.budget.clone()?)))
+        .chain(
+            config
+                .tenants
+                .iter()
+                .map(|(name, budget)| (BudgetId::tenant(name), budget.clone())),
         );
+    for (id, budget) in configured {
+        all.insert(id.clone(), (Charge { id, budget }, true));
     }
     // JWT callers' budgets come with their tokens: those this node has seen.
     for charge in local.seen() {

@@ -460,10 +460,6 @@ impl SharedBudgetGuard {
     pub fn take(&mut self) -> Option<SharedReservation> {
         self.reservation.take()
     }
-
-    pub fn amount(&self) -> Micros {
-        self.reservation.as_ref().map_or(0, |r| r.amount)
-    }
 }
 
 impl Drop for SharedBudgetGuard {

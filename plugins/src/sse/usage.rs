@@ -141,22 +141,15 @@ impl Usage {
     }
 }
 
-/// The usage a whole JSON answer reports, if it does.
-pub fn report_of_json(body: &[u8]) -> Option<UsageReport> {
-    let usage = match scan_usage(body) {
+/// The usage of a whole JSON answer: walked (see [`scan_usage`]), else parsed whole.
+fn json_usage(body: &[u8]) -> Option<Usage> {
+    match scan_usage(body) {
         Some(found) => found,
+        // Not a plain object (or something the scan leaves to serde): parsed whole.
         None => serde_json::from_slice::<WithUsage>(body)
             .ok()
             .and_then(WithUsage::usage),
-    }?;
-    let (prompt, completion) = usage.split()?;
-    let (cached, reasoning) = usage.detail();
-    Some(UsageReport {
-        prompt,
-        completion,
-        cached: cached.unwrap_or(0).min(prompt),
-        reasoning: reasoning.unwrap_or(0).min(completion),
-    })
+    }
 }
 
 /// Watches one response body for its token usage.
@@ -169,6 +162,9 @@ pub struct UsageTap {
     /// (cached prompt, reasoning) tokens, when the provider reported them.
     detail: (Option<u64>, Option<u64>),
     overflow: bool,
+    /// The whole JSON answer was read before it streamed past ([`UsageTap::whole`]): its
+    /// chunks are counted, not kept and parsed again.
+    whole_read: bool,
     /// Stream events seen (each carries about one token), or body bytes for JSON: what
     /// [`UsageTap::estimate`] counts when no usage arrives.
     events: u64,
@@ -184,6 +180,7 @@ impl UsageTap {
             split: None,
             detail: (None, None),
             overflow: false,
+            whole_read: false,
             events: 0,
             bytes: 0,
         }
@@ -203,7 +200,7 @@ impl UsageTap {
     /// Sees one chunk of the body, in order.
     pub fn observe(&mut self, chunk: &[u8]) {
         self.bytes = self.bytes.saturating_add(chunk.len() as u64);
-        if self.overflow {
+        if self.overflow || self.whole_read {
             return;
         }
         if !self.sse {
@@ -295,21 +292,30 @@ impl UsageTap {
         })
     }
 
+    /// Reads the usage of a whole JSON answer already here (read to its end before its head
+    /// was written), once: its chunks then only count as they stream past.
+    pub fn whole(&mut self, body: &[u8]) {
+        if self.sse {
+            return;
+        }
+        self.whole_read = true;
+        self.buf = Vec::new();
+        self.take(json_usage(body));
+    }
+
     fn parse_json(&mut self) {
         if !self.sse && !self.overflow && self.total.is_none() && !self.buf.is_empty() {
-            let usage = match scan_usage(&self.buf) {
-                Some(found) => found,
-                // Not a plain object (or something the scan leaves to serde): parsed whole.
-                None => serde_json::from_slice::<WithUsage>(&self.buf)
-                    .ok()
-                    .and_then(WithUsage::usage),
-            };
+            let usage = json_usage(&self.buf);
             self.buf = Vec::new();
-            if let Some(u) = usage {
-                self.total = u.total();
-                self.split = u.split();
-                self.detail = u.detail();
-            }
+            self.take(usage);
+        }
+    }
+
+    fn take(&mut self, usage: Option<Usage>) {
+        if let Some(u) = usage {
+            self.total = u.total();
+            self.split = u.split();
+            self.detail = u.detail();
         }
     }
 }
@@ -612,7 +618,13 @@ mod tests {
     /// that carries both names keeps its usage.
     #[test]
     fn cached_and_reasoning_tokens_are_read_in_each_api_s_names() {
-        let whole = |body: &str| report_of_json(body.as_bytes()).unwrap();
+        let whole = |body: &str| {
+            let mut tap = UsageTap::new(false);
+            tap.whole(body.as_bytes());
+            // What streams past afterwards is counted, not parsed again.
+            tap.observe(b"{\"usage\":{\"prompt_tokens\":1}}");
+            tap.report().unwrap()
+        };
         let chat = whole(
             r#"{"usage":{"prompt_tokens":100,"completion_tokens":50,"prompt_tokens_details":{"cached_tokens":40},"completion_tokens_details":{"reasoning_tokens":30}}}"#,
         );

@@ -80,21 +80,8 @@ pub(super) async fn stream_to_client(
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let provider = source.provider;
-    // A whole answer from a priced target was read to its end (see `attempt`): its head says
-    // what it cost.
-    let cost = match (ctx.price, first.as_deref()) {
-        (Some(price), Some(body)) if !sse && upstream.response_done() => {
-            lumen_plugins::sse::usage::report_of_json(body).map(|u| price.cost(&u))
-        }
-        _ => None,
-    };
     let overhead = u64::try_from(ctx.overhead().as_micros()).unwrap_or(u64::MAX);
     edit_headers(&mut head, |map| {
-        if let Some(cost) = cost {
-            if let Ok(v) = HeaderValue::from_str(&lumen_plugins::budget::format_usd(cost)) {
-                map.insert(lumen_plugins::budget::X_LUMEN_COST, v);
-            }
-        }
         for (name, value) in &ctx.response_headers {
             map.append(name.clone(), value.clone());
         }
@@ -114,6 +101,19 @@ pub(super) async fn stream_to_client(
     ctx.status = head.status.as_u16();
     ctx.stream = sse;
     watch.commit(ctx.status, sse, &provider.name);
+    // A whole answer from a priced target was read to its end (see `attempt`): its usage is
+    // read now, once, and its head says what it cost.
+    if let (Some(price), Some(body), Some(tap)) = (ctx.price, first.as_deref(), watch.tap()) {
+        if !sse && upstream.response_done() {
+            tap.whole(body);
+            if let Some(cost) = tap.report().map(|u| price.cost(&u)) {
+                let _ = head.insert_header(
+                    lumen_plugins::budget::X_LUMEN_COST,
+                    lumen_plugins::budget::format_usd(cost),
+                );
+            }
+        }
+    }
     if sse || watch.strips() {
         // Stripping the usage chunk, or a translation, changes the length: a stream (or a
         // rewritten answer) is always chunked.
