@@ -830,6 +830,70 @@ fn main() {
         }
         println!();
     }
+    // Hedging against a long-tailed provider (95% answer in 50 ms, 5% in 2 s): time to the
+    // answer at c=16 without hedging, and with hedges (a percentile delay, and a fixed one),
+    // each within a 6% budget; extra upstream calls from the hedge counters.
+    if only.as_deref().is_none_or(|o| "hedge".contains(o)) {
+        println!("hedging, c=16, a provider with a long tail (95% at 50 ms, 5% at 2 s)");
+        let hedge_config = |hedge: &str| {
+            format!(
+                "server: {{ threads: 2 }}\nauth: off\nproviders:\n  m1: {{ base_url: \"http://{mock}/v1\", health: {{ enabled: false }} }}\n  m2: {{ base_url: \"http://{mock}/v1\", health: {{ enabled: false }} }}\nroutes:\n  - {{ model: bench, targets: [ {{ provider: m1, model: ttft-50-5-2000 }}, {{ provider: m2, model: ttft-50-5-2000 }} ]{hedge} }}\n"
+            )
+        };
+        // Long enough that the warm-up (50 requests, a few of them 2 s) leaves seconds to measure.
+        let secs = secs.max(20.0);
+        for (label, hedge) in [
+            ("no hedging", ""),
+            // A 95/5 mix puts p95 on the cliff's edge (it may read the tail itself): p90 is
+            // the percentile such a provider wants.
+            (
+                "after p95, budget 6%",
+                ", hedge: { after: p95, budget: 6% }",
+            ),
+            (
+                "after p90, budget 6%",
+                ", hedge: { after: p90, budget: 6% }",
+            ),
+            (
+                "after 60ms, budget 6%",
+                ", hedge: { after: 60ms, budget: 6% }",
+            ),
+        ] {
+            let gateway = Lumen::start(&hedge_config(hedge));
+            let s = runtime.block_on(load(gateway.addr, 16, secs, chat_body(256, false), false));
+            let metrics = runtime
+                .block_on(lumen_test_support::client::request(
+                    gateway.admin,
+                    "GET",
+                    "/metrics",
+                    &[],
+                    b"",
+                ))
+                .map(|r| r.text())
+                .unwrap_or_default();
+            let count = |prefix: &str| -> f64 {
+                metrics
+                    .lines()
+                    .filter(|l| l.starts_with(prefix))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            };
+            let hedges = count("lumen_hedges_total{outcome=\"won\"")
+                + count("lumen_hedges_total{outcome=\"lost\"");
+            // Requests the route saw (the warm-up's 50 included).
+            let requests = s.latencies.len() as f64 + 50.0;
+            println!(
+                "  {label:<22} p50 {:>7.1} ms  p99 {:>7.1} ms  (p99/p50 {:>5.2})  rps {:>6.0}  extra calls {:>5.2}%  won {}",
+                s.pct(0.5) / 1e3,
+                s.pct(0.99) / 1e3,
+                s.pct(0.99) / s.pct(0.5),
+                s.rps,
+                100.0 * hedges / requests,
+                count("lumen_hedges_total{outcome=\"won\""),
+            );
+        }
+        println!();
+    }
     if only.is_some() {
         return;
     }

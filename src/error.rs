@@ -76,6 +76,8 @@ pub enum GatewayError {
     Store(#[from] crate::stored::StoreError),
     #[error(transparent)]
     JobRefused(#[from] crate::jobs::SubmitError),
+    #[error(transparent)]
+    Batch(#[from] crate::batches::BatchError),
     #[error("{0}")]
     BadJob(String),
     #[error("with auth off, this gateway answers only requests addressed to localhost or an IP address (the Host header)")]
@@ -308,6 +310,41 @@ impl GatewayError {
                 Some("job_queue_full"),
                 None,
             ),
+            G::Batch(b) => {
+                use crate::batches::BatchError as B;
+                match b {
+                    B::NotFound(..) => (
+                        StatusCode::NOT_FOUND,
+                        "invalid_request_error",
+                        Some("not_found"),
+                        Some("id"),
+                    ),
+                    B::Invalid { param, .. } => (
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request_error",
+                        Some("invalid_request"),
+                        *param,
+                    ),
+                    B::FileTooLarge { .. } => (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "invalid_request_error",
+                        Some("file_too_large"),
+                        Some("file"),
+                    ),
+                    B::Conflict(_) => (
+                        StatusCode::CONFLICT,
+                        "invalid_request_error",
+                        Some("batch_not_cancellable"),
+                        None,
+                    ),
+                    B::Store(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "api_error",
+                        Some("batch_store_unavailable"),
+                        None,
+                    ),
+                }
+            }
             G::BadJob(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",

@@ -35,6 +35,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod background;
+pub mod batches;
 pub mod config;
 pub mod conn;
 pub mod drain;
@@ -390,6 +391,16 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             &node.drain,
         ));
     }
+    // Every node drives batches: the ones made here, or (Redis) the ones whose lease it holds.
+    server.add_service(held(
+        "lumen batch driver",
+        background::Priority::Deferrable,
+        batches::drive::Driver {
+            batches: node.batches.clone(),
+            config: node.config.clone(),
+        },
+        &node.drain,
+    ));
     if !worker_only {
         server.add_service(admin_service(&node, reload_state.clone(), history.clone()));
         server.add_service(traffic_sampler(&node, history));

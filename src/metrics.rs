@@ -88,6 +88,14 @@ pub struct Metrics {
     pub jobs_queued: prometheus::IntGauge,
     /// `lumen_jobs_total{outcome}`: jobs that ended (`completed`, `failed`, `cancelled`).
     pub jobs: IntCounterVec,
+    /// `lumen_hedges_total{route, outcome}`: hedges `won` (the hedge answered first), `lost`
+    /// (the first target did), `skipped_budget` (due, but over the route's hedge budget).
+    pub hedges: IntCounterVec,
+    /// `lumen_batches_total{status}`: batches that ended (`completed`, `failed`, `expired`,
+    /// `cancelled`), counted by the node that finalized them.
+    pub batches: IntCounterVec,
+    /// `lumen_batch_requests_total{outcome}`: batch lines recorded (`completed`, `failed`).
+    pub batch_requests: IntCounterVec,
     /// `lumen_job_queue_wait_seconds` and `lumen_job_run_seconds`.
     pub job_queue_wait: prometheus::Histogram,
     pub job_run: prometheus::Histogram,
@@ -421,6 +429,21 @@ impl Metrics {
             "Async jobs that ended, by outcome (completed, failed, cancelled)",
             &["outcome"],
         );
+        let hedges = counter(
+            "lumen_hedges_total",
+            "Hedged requests by route and outcome (won, lost, skipped_budget)",
+            &["route", "outcome"],
+        );
+        let batches = counter(
+            "lumen_batches_total",
+            "Batches that ended, by status (completed, failed, expired, cancelled)",
+            &["status"],
+        );
+        let batch_requests = counter(
+            "lumen_batch_requests_total",
+            "Batch lines whose outcome was recorded, by outcome (completed, failed)",
+            &["outcome"],
+        );
         let plain_histogram = |name: &str, help: &str| {
             let h = prometheus::Histogram::with_opts(
                 HistogramOpts::new(name, help).buckets(buckets.clone()),
@@ -454,6 +477,9 @@ impl Metrics {
             registry,
             jobs_queued,
             jobs,
+            hedges,
+            batches,
+            batch_requests,
             job_queue_wait,
             job_run,
             ttft,

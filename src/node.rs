@@ -57,6 +57,8 @@ pub struct Node {
     pub ledger: Arc<Ledger>,
     /// Async jobs: the queue and table this node's API and workers share.
     pub jobs: Arc<Jobs>,
+    /// Files and batches (the Batch API), driven on the job engine.
+    pub batches: Arc<crate::batches::Batches>,
     /// Shutdown: open streams end when it says so (`drain::Drainer`).
     pub drain: Arc<Drain>,
     /// Stored responses (the Responses API's `store`): in Redis when configured.
@@ -99,6 +101,11 @@ impl Node {
         let link = redis.as_ref().map(|r| (r.link.clone(), r.prefix.clone()));
         let health = Arc::new(HealthTable::new());
         health.sync(snapshot.providers.values());
+        let jobs = Arc::new(Jobs::new(
+            snapshot.jobs.clone(),
+            link.clone(),
+            metrics.clone(),
+        ));
         Node {
             quotas: Arc::new(Quotas::new(redis.as_ref().map(|r| r.limits.clone()))),
             cache: Arc::new(Cache::new(&snapshot.cache, link.clone())),
@@ -107,7 +114,13 @@ impl Node {
                 link.clone(),
                 snapshot.responses.max_stored,
             )),
-            jobs: Arc::new(Jobs::new(snapshot.jobs.clone(), link, metrics.clone())),
+            jobs: jobs.clone(),
+            batches: Arc::new(crate::batches::Batches::new(
+                snapshot.batches.clone(),
+                &snapshot.usage.state_dir,
+                link,
+                jobs,
+            )),
             health,
             redis,
             drain: Arc::new(Drain::default()),

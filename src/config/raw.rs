@@ -69,6 +69,9 @@ pub struct RawConfig {
     /// Stored responses (the Responses API's `store`).
     #[serde(default)]
     pub responses: RawResponses,
+    /// The Batch API (`/v1/files`, `/v1/batches`), run on the job engine.
+    #[serde(default)]
+    pub batches: RawBatches,
     /// USD per million tokens per provider and model; these win over `prices_file`'s.
     #[serde(default)]
     pub prices: Vec<crate::price::RawPrice>,
@@ -86,6 +89,70 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawTenant {
     pub budget: lumen_plugins::budget::BudgetConfig,
+}
+
+/// `batches:`: files and batches (the OpenAI Batch API on the job engine).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatches {
+    /// Largest file `POST /v1/files` takes (the upload is buffered whole, then checked).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: ByteSize,
+    /// Requests of one batch file at most (OpenAI's limit).
+    #[serde(default = "default_max_batch_requests")]
+    pub max_requests: usize,
+    /// Lines of one batch running at once.
+    #[serde(default = "default_batch_concurrency")]
+    pub concurrency: usize,
+    /// Share of a target's known capacity (a sidecar's slots, `max_in_flight`) that batch
+    /// lines may hold; the rest is kept for interactive requests (at least one slot is theirs
+    /// to take).
+    #[serde(default = "default_capacity_share")]
+    pub capacity_share: f64,
+    /// Who sees a file or batch: the `key` that made it, or every key of its `tenant`.
+    #[serde(default)]
+    pub scope: BatchScope,
+    /// How long a finished batch and its files stay (OpenAI keeps them 30 days).
+    #[serde(default = "default_batch_retention", with = "duration")]
+    pub retention: Duration,
+}
+
+/// `batches.scope`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchScope {
+    #[default]
+    Key,
+    Tenant,
+}
+
+fn default_max_file_bytes() -> ByteSize {
+    ByteSize(100 * 1024 * 1024)
+}
+fn default_max_batch_requests() -> usize {
+    50_000
+}
+fn default_batch_concurrency() -> usize {
+    8
+}
+fn default_capacity_share() -> f64 {
+    0.5
+}
+fn default_batch_retention() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+impl Default for RawBatches {
+    fn default() -> Self {
+        RawBatches {
+            max_file_bytes: default_max_file_bytes(),
+            max_requests: default_max_batch_requests(),
+            concurrency: default_batch_concurrency(),
+            capacity_share: default_capacity_share(),
+            scope: BatchScope::Key,
+            retention: default_batch_retention(),
+        }
+    }
 }
 
 /// `responses:`: how long stored responses are kept, and how many in this process.
@@ -761,6 +828,39 @@ pub struct RawRoute {
     /// Answer repeated requests from the cache.
     #[serde(default)]
     pub cache: Option<RawRouteCache>,
+    /// Race the next target when the first is slow to answer (`routing::hedge`).
+    #[serde(default)]
+    pub hedge: Option<RawHedge>,
+}
+
+/// `hedge:` of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHedge {
+    /// `400ms` (a fixed delay) or `p95` (that percentile of the route's time to first byte
+    /// over the last minute or two).
+    pub after: String,
+    /// Hedges at most per request (each on another target).
+    #[serde(default = "default_max")]
+    pub max: u32,
+    /// Hedged requests at most, as a share of the route's requests over the last minute:
+    /// `5%` or `0.05`.
+    #[serde(default = "default_budget")]
+    pub budget: serde_yaml::Value,
+    /// A first target with a known capacity (a sidecar's slots, `max_in_flight`) is hedged
+    /// only while at least this many requests wait beyond its capacity.
+    #[serde(default = "default_min_queue")]
+    pub min_queue: u32,
+}
+
+fn default_max() -> u32 {
+    1
+}
+fn default_budget() -> serde_yaml::Value {
+    serde_yaml::Value::String("5%".into())
+}
+fn default_min_queue() -> u32 {
+    1
 }
 
 /// How a route picks among its available targets.

@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub usage: UsageSettings,
     /// Async jobs (queue size and workers are read at start-up).
     pub jobs: crate::jobs::JobSettings,
+    /// Files and batches (the Batch API); read at start-up except where said.
+    pub batches: crate::batches::BatchSettings,
     pub limits: Limits,
     pub cors: Option<lumen_plugins::cors::Cors>,
     /// API keys and JWT issuers, with their lookup tables built.
@@ -245,6 +247,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         problems.push(Problem::at("usage.retention_days", "must be at least 1"));
     }
     let jobs = crate::jobs::JobSettings::build(&raw.jobs, &mut problems);
+    let batches = crate::batches::BatchSettings::build(&raw.batches, &jobs, &mut problems);
     let usage = UsageSettings {
         enabled: raw.usage.enabled,
         state_dir: usage_state_dir(raw.usage.state_dir.as_deref(), &source.path),
@@ -384,6 +387,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         }),
         usage,
         jobs,
+        batches,
         limits: Limits {
             max_body_bytes: raw.limits.max_body_bytes.0,
             per_ip,

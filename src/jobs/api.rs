@@ -317,6 +317,9 @@ fn json_body(body: Option<Bytes>) -> Result<Value, GatewayError> {
 fn job_id(id: Option<String>) -> Result<Option<String>, GatewayError> {
     match id {
         None => Ok(None),
+        Some(s) if s.starts_with(super::BATCH_LINE_PREFIX) => Err(GatewayError::BadJob(
+            "`job_id` may not start with `batch_`: those name the lines of batches".into(),
+        )),
         Some(s)
             if !s.is_empty()
                 && s.len() <= 128
@@ -472,6 +475,7 @@ pub async fn wait(jobs: &Jobs, owner: &str, id: &str, timeout: Duration) -> (Sta
                 message: "failed".into(),
                 kind: "api_error".into(),
                 code: None,
+                status: None,
             });
             (
                 StatusCode::BAD_GATEWAY,

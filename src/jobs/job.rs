@@ -111,6 +111,9 @@ pub struct JobError {
     #[serde(rename = "type")]
     pub kind: String,
     pub code: Option<String>,
+    /// The HTTP status the pipeline answered the job's request with, when it answered one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 impl JobError {
@@ -119,6 +122,7 @@ impl JobError {
             message: message.into(),
             kind: "job_cancelled".into(),
             code: Some("cancelled".into()),
+            status: None,
         }
     }
 }

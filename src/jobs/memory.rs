@@ -56,6 +56,10 @@ impl Job {
         }
     }
 
+    pub fn id(&self) -> String {
+        self.lock().view.id.clone()
+    }
+
     pub fn created_us(&self) -> u64 {
         self.lock().view.created_us
     }

@@ -44,22 +44,26 @@ use crate::openai::Endpoint;
 
 pub use job::{now_us, JobError, JobSettings, JobView, Status, SubmitError, Update};
 
+/// The prefix of the jobs that run a batch's lines (`crate::batches`): they are the lowest
+/// priority traffic, and `/v1/jobs` refuses client ids that start with it.
+pub const BATCH_LINE_PREFIX: &str = "batch_";
+
 enum Backend {
     Memory(memory::Memory),
     Redis(redis::RedisJobs),
 }
 
-/// A running job's owner, and what its request cost once the pipeline settled it.
-type Running = (Arc<Principal>, Option<u64>);
+/// A running job's owner, what its request cost once the pipeline settled it, and whether it
+/// is a batch's line (the lowest priority).
+type Running = (Arc<Principal>, Option<u64>, bool);
 
 /// The node's jobs: the backend, and what workers and the pipeline share.
 pub struct Jobs {
     pub settings: JobSettings,
     backend: Backend,
-    /// Tokens of jobs being run now → the key they run as: how the pipeline knows a worker's
-    /// request.
-    /// Running jobs by token: whose they are, and what their request cost once the pipeline
-    /// settled it (noted there, taken by the worker when the answer is in).
+    /// Running jobs by token (how the pipeline knows a worker's request): whose they are, what
+    /// their request cost once the pipeline settled it (noted there, taken by the worker when
+    /// the answer is in), and whether they are batch lines.
     tokens: Mutex<HashMap<String, Running>>,
     running: AtomicUsize,
     closing: AtomicBool,
@@ -158,11 +162,11 @@ impl Jobs {
         }
     }
 
-    pub(crate) fn register(&self, token: &str, principal: Arc<Principal>) {
+    pub(crate) fn register(&self, token: &str, principal: Arc<Principal>, batch_line: bool) {
         self.tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(token.to_string(), (principal, None));
+            .insert(token.to_string(), (principal, None, batch_line));
         self.running.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -177,7 +181,7 @@ impl Jobs {
     /// Notes what the request of the job running under `token` cost (micro-dollars); nothing
     /// for a token no job runs under.
     pub fn note_cost(&self, token: &str, micros: u64) {
-        if let Some((_, cost)) = self
+        if let Some((_, cost, _)) = self
             .tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -193,7 +197,17 @@ impl Jobs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(token)
-            .and_then(|(_, cost)| *cost)
+            .and_then(|(_, cost, _)| *cost)
+    }
+
+    /// Whether the job running under `token` is a batch's line: it yields to interactive
+    /// requests (`batches.capacity_share`).
+    pub fn is_batch_line(&self, token: &str) -> bool {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .is_some_and(|(_, _, batch)| *batch)
     }
 
     /// The key a worker's internal request runs as, by its token.
@@ -202,7 +216,7 @@ impl Jobs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(token)
-            .map(|(principal, _)| principal.clone())
+            .map(|(principal, _, _)| principal.clone())
     }
 
     /// Stops taking jobs (graceful shutdown).

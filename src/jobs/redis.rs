@@ -148,6 +148,8 @@ pub struct RedisClaim {
     job_key: String,
     ev_key: String,
     entry: String,
+    /// The job's id (its owner's name for it).
+    pub id: String,
     pub endpoint: Endpoint,
     pub body: Value,
     /// The submitting key, as recorded at submit.
@@ -443,7 +445,12 @@ impl RedisJobs {
         let text = |i: usize| string(&reply[i]).unwrap_or_default();
         let endpoint =
             Endpoint::from_path(&format!("/v1{}", text(1))).unwrap_or(Endpoint::ChatCompletions);
+        let id = job_key
+            .strip_prefix(&format!("{}:job:{}:{owner}:", self.tag, owner.len()))
+            .unwrap_or_default()
+            .to_string();
         Ok(Some(RedisClaim {
+            id,
             job_key,
             ev_key,
             entry,
@@ -619,6 +626,7 @@ pub fn principal_of(
                 message: format!("the key `{key_id}` that submitted this job is no longer usable"),
                 kind: "invalid_request_error".into(),
                 code: Some("invalid_api_key".into()),
+                status: None,
             });
     }
     let models = recorded["models"].as_array().map(|m| {

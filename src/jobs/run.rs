@@ -210,6 +210,7 @@ async fn worker(
             }
             let sink = Sink::Memory(&job);
             let owner = job.owner.clone();
+            let id = job.id();
             // Stored as the bytes it was submitted as (checked then): parsed only to run.
             let body: Value = serde_json::from_slice(&job.body).unwrap_or_default();
             run(
@@ -218,6 +219,7 @@ async fn worker(
                 &peer,
                 &sink,
                 owner,
+                &id,
                 job.endpoint,
                 &body,
                 job.created_us(),
@@ -260,6 +262,7 @@ async fn worker(
                             &peer,
                             &sink,
                             owner,
+                            &claim.id,
                             claim.endpoint,
                             &claim.body,
                             claim.created_us,
@@ -283,6 +286,7 @@ async fn run(
     peer: &HttpPeer,
     sink: &Sink<'_>,
     owner: Arc<Principal>,
+    id: &str,
     endpoint: Endpoint,
     body: &Value,
     created_us: u64,
@@ -292,7 +296,8 @@ async fn run(
         .observe(now_us().saturating_sub(created_us) as f64 / 1e6);
     // The token lets the holder act as the job's key: unguessable, from the OS's CSPRNG.
     let token = format!("{:032x}", u128::from_le_bytes(super::secure_random::<16>()));
-    jobs.register(&token, owner);
+    let batch_line = id.starts_with(super::BATCH_LINE_PREFIX);
+    jobs.register(&token, owner, batch_line);
     let run_started = Instant::now();
     let outcome = tokio::select! {
         outcome = execute(connector, peer, sink, endpoint, body, &token) => outcome,
@@ -353,6 +358,7 @@ async fn execute(
                     message: "the key's token budget stayed exhausted".into(),
                     kind: "rate_limit_exceeded".into(),
                     code: Some("rate_limit_exceeded".into()),
+                    status: Some(429),
                 })
             }
             Err(Retry::Fail(e)) => return Err(e),
@@ -376,6 +382,7 @@ fn internal(message: impl Into<String>) -> Retry {
         message: message.into(),
         kind: "api_error".into(),
         code: Some("internal_error".into()),
+        status: None,
     })
 }
 
@@ -471,6 +478,7 @@ async fn attempt(
             message: format!("the stream broke: {e}"),
             kind: "api_error".into(),
             code: Some("upstream_error".into()),
+            status: None,
         })
     })? {
         assembler.push(&chunk);
@@ -501,6 +509,7 @@ async fn attempt(
             message: "the stream ended before it was complete".into(),
             kind: "api_error".into(),
             code: Some("upstream_error".into()),
+            status: None,
         })
     })?;
     connector.release_http_session(session, peer, None).await;
@@ -508,14 +517,17 @@ async fn attempt(
 }
 
 fn error_of(body: &[u8], status: u16) -> JobError {
-    match serde_json::from_slice::<Value>(body) {
+    let mut error = match serde_json::from_slice::<Value>(body) {
         Ok(v) if v["error"].is_object() => error_from(&v["error"]),
         _ => JobError {
             message: format!("HTTP {status}"),
             kind: "api_error".into(),
             code: None,
+            status: None,
         },
-    }
+    };
+    error.status = Some(status);
+    error
 }
 
 fn error_from(error: &Value) -> JobError {
@@ -523,6 +535,7 @@ fn error_from(error: &Value) -> JobError {
         message: error["message"].as_str().unwrap_or("error").to_string(),
         kind: error["type"].as_str().unwrap_or("api_error").to_string(),
         code: error["code"].as_str().map(str::to_string),
+        status: None,
     }
 }
 

@@ -50,6 +50,8 @@ pub(super) enum Admit {
     Forward(LlmRequest, Arc<Route>, Option<Plan>),
     /// A call on the async jobs API, by this caller.
     Job(jobs::api::Call, Arc<Principal>),
+    /// A call on the Batch API (`/v1/files`, `/v1/batches`), by this caller.
+    Batch(crate::batches::api::Call, Arc<Principal>),
 }
 
 impl Gateway {
@@ -78,6 +80,10 @@ impl Gateway {
                 .get(jobs::run::JOB_TOKEN)
                 .and_then(|t| t.to_str().ok())
                 .map(Box::from);
+            ctx.batch_line = ctx
+                .job_token
+                .as_deref()
+                .is_some_and(|t| self.node.jobs.is_batch_line(t));
         }
         // 3. Per-address limit: floods are cut before any key is checked.               429
         if !internal {
@@ -111,6 +117,15 @@ impl Gateway {
         if let Some(call) = jobs_call {
             return Box::pin(self.admit_job(s.req_header(), ctx, &config, call, principal, open))
                 .await;
+        }
+        //    The Batch API: uploads, creates and cancels count against the key's request
+        //    limit; reads (an SDK polling its batch) do not.                      429
+        let head = s.req_header();
+        if let Some(call) = crate::batches::api::route(&head.method, head.uri.path()).transpose()? {
+            if call.counts() && job.is_none() {
+                self.limit(ctx, &principal).await?;
+            }
+            return Ok(Admit::Batch(call, principal));
         }
         // 5. Key rate limit (requests, concurrency): no body is read for a refusal.      429
         if job.is_none() {

@@ -93,6 +93,10 @@ pub struct RequestCtx {
     pub usage_estimate: Option<u64>,
     /// The prompt's share of the estimate (from the body's size), set when forwarding starts.
     pub prompt_estimate: u64,
+    /// What hedges that lost used: their prompts' tokens (estimated: each was sent the whole
+    /// prompt) and those tokens' cost at their targets' prices, in micro-dollars. Settled
+    /// with the request's own usage.
+    pub hedge_spent: (u64, u64),
     /// (prompt, completion) tokens the provider reported, when it did.
     pub usage_split: Option<(u64, u64)>,
     /// (cached prompt, reasoning) tokens the provider reported (priced apart).
@@ -105,6 +109,8 @@ pub struct RequestCtx {
     pub cost: Option<u64>,
     /// The job token of a worker's request (internal socket): its cost goes to the job.
     pub job_token: Option<Box<str>>,
+    /// A worker's request for a batch's line: it waits for room kept for interactive requests.
+    pub batch_line: bool,
     /// The route, once resolved (its name is a bounded metrics label).
     pub route: Option<Arc<Route>>,
     /// The provider that answered, once one did.
@@ -181,12 +187,14 @@ impl RequestCtx {
             usage_total: None,
             usage_estimate: None,
             prompt_estimate: 0,
+            hedge_spent: (0, 0),
             usage_split: None,
             usage_detail: (0, 0),
             money: None,
             price: None,
             cost: None,
             job_token: None,
+            batch_line: false,
             route: None,
             provider: None,
             stream: false,

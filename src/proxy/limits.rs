@@ -65,7 +65,8 @@ impl Gateway {
                 Some(total) => total,
                 None if ctx.status == 200 => reserved,
                 None => 0,
-            };
+            }
+            .saturating_add(ctx.hedge_spent.0);
             (hold, actual)
         });
         // The cost is worked out (and a job's noted) now, before anything is awaited.

@@ -48,6 +48,7 @@
 //! plugins). Nothing imports `proxy` but `lib` and `node` (which takes the cache store).
 
 mod admit;
+mod batches;
 pub mod cache;
 pub mod ctx;
 pub mod faults;
@@ -119,6 +120,9 @@ impl Gateway {
                 return Box::pin(self.serve_job(s, ctx, call, principal))
                     .await
                     .map(drop)
+            }
+            Ok(Admit::Batch(call, principal)) => {
+                return Box::pin(self.serve_batch(s, ctx, call, principal)).await
             }
             Err(e) => return Box::pin(self.write_error(s, ctx, &e)).await,
         };

@@ -90,7 +90,10 @@ pub fn cost_of(ctx: &RequestCtx) -> Option<Micros> {
     if matches!(ctx.cache, Some("hit" | "coalesced")) {
         return Some(0);
     }
-    let price = ctx.price?;
+    let hedges = ctx.hedge_spent.1;
+    let Some(price) = ctx.price else {
+        return (hedges > 0).then_some(hedges);
+    };
     let usage = match (ctx.usage_split, ctx.usage_estimate) {
         (Some((prompt, completion)), _) => UsageReport {
             prompt,
@@ -107,9 +110,9 @@ pub fn cost_of(ctx: &RequestCtx) -> Option<Micros> {
             }
         }
         // No answer: nothing was generated.
-        (None, None) => return Some(0),
+        (None, None) => return Some(hedges),
     };
-    Some(price.cost(&usage))
+    Some(price.cost(&usage).saturating_add(hedges))
 }
 
 impl Gateway {

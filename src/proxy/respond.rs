@@ -72,10 +72,23 @@ impl Gateway {
         status: StatusCode,
         body: Bytes,
     ) -> Result<()> {
+        self.write_typed_reply(s, ctx, status, "application/json", body)
+            .await
+    }
+
+    /// [`Self::write_reply`] with another content type (a stored file's bytes).
+    pub(super) async fn write_typed_reply(
+        &self,
+        s: &mut Session,
+        ctx: &mut RequestCtx,
+        status: StatusCode,
+        content_type: &'static str,
+        body: Bytes,
+    ) -> Result<()> {
         let mut head = ResponseHeader::build_no_case(status, None)?;
         edit_headers(&mut head, |map| {
             map.reserve(ctx.response_headers.len().saturating_add(2));
-            map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            map.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
             map.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
             for (name, value) in &ctx.response_headers {
                 map.append(name.clone(), value.clone());
@@ -178,7 +191,15 @@ impl Gateway {
 /// still arriving `server.body_timeout` after its head (408). A body that arrives in one
 /// piece (the common case) is kept as is, without a copy.
 pub(super) async fn read_body(s: &mut Session, config: &Snapshot) -> Result<Bytes, RequestError> {
-    let limit = config.limits.max_body_bytes;
+    read_body_within(s, config, config.limits.max_body_bytes).await
+}
+
+/// [`read_body`] with another bound than `limits.max_body_bytes` (a file upload's).
+pub(super) async fn read_body_within(
+    s: &mut Session,
+    config: &Snapshot,
+    limit: usize,
+) -> Result<Bytes, RequestError> {
     let now = tokio::time::Instant::now();
     let deadline = now
         .checked_add(config.server.connections.body_timeout)

@@ -113,6 +113,42 @@ pub fn order(
     Ok(ready)
 }
 
+/// Whether a batch's line may go to `route` now: a target that can take requests has room
+/// beyond what is kept for interactive requests (of a known capacity, `share` and at least
+/// one slot is the batches'). With no such target but none available either, it may go (and
+/// fail or fall back like any request) rather than wait for nothing.
+pub fn room_for_batch(
+    route: &Route,
+    states: &[TargetState],
+    table: &HealthTable,
+    share: f64,
+) -> bool {
+    let now = table.now_ms();
+    let mut available = false;
+    for (target, state) in route.targets.iter().zip(states) {
+        let provider = &target.provider;
+        if state
+            .provider
+            .availability(&state.model, now, &provider.circuit)
+            .is_err()
+        {
+            continue;
+        }
+        available = true;
+        let room = match state.provider.capacity(provider.max_in_flight) {
+            None => true,
+            Some(cap) => {
+                let allowed = ((f64::from(cap) * share).floor() as u32).max(1);
+                state.provider.in_flight() < allowed
+            }
+        };
+        if room {
+            return true;
+        }
+    }
+    !available
+}
+
 /// Moves the candidate holding the longest prefix of `conversation` to the front (the first
 /// in strategy order among equals); the order stays as it is when none holds any.
 fn prefer_holder(states: &[TargetState], conversation: &[u64], candidates: &mut [usize]) {

@@ -9,6 +9,7 @@
 
 pub mod affinity;
 pub mod balance;
+pub mod hedge;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -50,6 +51,8 @@ pub struct Route {
     pub cache: Option<CachePolicy>,
     /// Its metric series, resolved on first use.
     pub series: RouteSeries,
+    /// Race the next target when the first is slow to answer.
+    pub hedge: Option<hedge::HedgePolicy>,
 }
 
 /// One place a route can send a request.
@@ -235,7 +238,23 @@ impl RouteTable {
                     "must be above zero (remove `cache:` to turn caching off)",
                 ));
             }
+            let hedge = match r.hedge.as_ref().map(hedge::HedgePolicy::build) {
+                None => None,
+                Some(Ok(policy)) if targets.len() > 1 => Some(policy),
+                Some(Ok(_)) => {
+                    problems.push(Problem::at(
+                        format!("routes[{i}].hedge"),
+                        "needs a second target to hedge to",
+                    ));
+                    None
+                }
+                Some(Err(e)) => {
+                    problems.push(Problem::at(format!("routes[{i}].hedge"), e));
+                    None
+                }
+            };
             let route = Arc::new(Route {
+                hedge,
                 cache,
                 bucket_suffix: format!("|route:{}", r.model),
                 name: r.model.clone(),
@@ -291,6 +310,7 @@ impl RouteTable {
             weighted_order: Vec::new(),
             cache: None,
             series: RouteSeries::default(),
+            hedge: None,
         }))
     }
 

@@ -60,6 +60,7 @@ pub struct Upstreams<'a> {
 }
 
 /// What one attempt goes to, and within which bounds.
+#[derive(Clone, Copy)]
 pub(super) struct Try<'a> {
     /// The pool the attempt's connection comes from.
     pub connections: &'a Connections,
@@ -103,68 +104,127 @@ pub(super) async fn attempt(
     up: &Upstreams<'_>,
     watch: &mut Watchers,
 ) -> Attempt {
-    let (target, state) = (t.target, t.state);
-    let provider = &*target.provider;
-    let failed = |failure: Failure, error: UpstreamError| {
-        Attempt::Failed(Failed {
-            failure,
-            error,
-            answer: None,
-        })
-    };
-    // Streams always ask for the usage chunk (budgets, quotas and the ledger settle on
-    // it, whatever the client set); the client sees it only if it asked.
-    watch.strip_usage(crate::openai::adds_usage(req));
-    watch.provider_api(provider.api, req.endpoint);
-    let head = target_body(req, target).and_then(|(body, dropped)| {
-        // This attempt's: an earlier attempt's target may have taken more, or less.
-        ctx.dropped = dropped;
-        upstream_request(session.req_header(), provider, req, &body, &ctx.request_id)
-            .map(|head| (head, body))
-    });
-    let (head, body) = match head {
-        Ok(built) => built,
+    let whole = ctx.price.is_some() && watch.capture.is_none();
+    let outgoing = match prepare(session, ctx, req, t.target, whole) {
+        Ok(outgoing) => outgoing,
         Err(e) => {
             if let Some(permit) = permit.take() {
                 record(up, t, permit, Outcome::Neutral);
             }
-            return Attempt::Committed {
-                label: "internal",
-                result: Err(ForwardError::BeforeResponse(e)),
-            };
+            return internal(e);
         }
     };
-    let sent = Instant::now();
-    let Ok(peer) = provider.peer.peer().await else {
-        return failed(Failure::Connect, connect_error(provider));
-    };
-    // Boxed, as is the streaming below: inline, their state (4-5 KiB each) would be part of
-    // every future that awaits this one, each moved whole once per request.
-    let exchange = Box::pin(exchange(t.connections, provider, &peer, head, &body));
     // A client that leaves while the provider thinks is noticed now, not when the answer
     // comes: the provider's connection is dropped, so generation (and billing) stops.
-    let gone = || Attempt::Committed {
-        label: "client_gone",
-        result: Err(ForwardError::ClientGone),
-    };
-    let exchanged = tokio::select! {
-        exchanged = within(t.deadline, exchange) => exchanged,
+    // Boxed, as is the streaming below: inline, their state (4-5 KiB each) would be part of
+    // every future that awaits this one, each moved whole once per request.
+    let reached = tokio::select! {
+        reached = Box::pin(reach(t, outgoing, up.health)) => reached,
         () = client_gone(session) => return gone(),
     };
-    let mut upstream = match exchanged {
+    match reached {
+        Ok(reached) => commit(session, ctx, req, t, reached, permit, up, watch).await,
+        Err(failed) => Attempt::Failed(failed),
+    }
+}
+
+/// The client left before an answer was committed.
+pub(super) fn gone() -> Attempt {
+    Attempt::Committed {
+        label: "client_gone",
+        result: Err(ForwardError::ClientGone),
+    }
+}
+
+/// The request could not even be built for the target (the client's error, or ours).
+pub(super) fn internal(e: crate::error::GatewayError) -> Attempt {
+    Attempt::Committed {
+        label: "internal",
+        result: Err(ForwardError::BeforeResponse(e)),
+    }
+}
+
+/// A request ready to go to one target.
+pub(super) struct Outgoing {
+    head: RequestHeader,
+    body: Vec<Bytes>,
+    /// Fields of the client's request this target's API cannot carry (`x-lumen-dropped`).
+    dropped: Vec<&'static str>,
+    /// Read a whole (non-SSE) success to its end before committing, so its head can say
+    /// what it cost (a priced target, and no capture needing the chunks as they come).
+    whole: bool,
+}
+
+/// Builds the request for `target`.
+pub(super) fn prepare(
+    session: &Session,
+    ctx: &RequestCtx,
+    req: &LlmRequest,
+    target: &Target,
+    whole: bool,
+) -> Result<Outgoing, crate::error::GatewayError> {
+    let provider = &*target.provider;
+    let (body, dropped) = target_body(req, target)?;
+    let head = upstream_request(session.req_header(), provider, req, &body, &ctx.request_id)?;
+    Ok(Outgoing {
+        head,
+        body,
+        dropped,
+        whole,
+    })
+}
+
+/// An answer that reached the commit point: its head and first bytes are in.
+pub(super) struct Reached {
+    upstream: HttpSession,
+    peer: Arc<HttpPeer>,
+    head: Box<ResponseHeader>,
+    first: Option<Bytes>,
+    status: u16,
+    sent: Instant,
+    dropped: Vec<&'static str>,
+}
+
+/// Sends `outgoing` and reads the answer up to the commit point: a failure the loop may
+/// retry (nothing reached the client), or an answer to commit. Touches neither the client
+/// nor the request's state, so two of these can race (hedging).
+pub(super) async fn reach(
+    t: &Try<'_>,
+    outgoing: Outgoing,
+    health: &HealthTable,
+) -> Result<Reached, Failed> {
+    let (target, state) = (t.target, t.state);
+    let provider = &*target.provider;
+    let failed = |failure: Failure, error: UpstreamError| Failed {
+        failure,
+        error,
+        answer: None,
+    };
+    let Outgoing {
+        head,
+        body,
+        dropped,
+        whole,
+    } = outgoing;
+    let sent = Instant::now();
+    let Ok(peer) = provider.peer.peer().await else {
+        return Err(failed(Failure::Connect, connect_error(provider)));
+    };
+    let exchange = Box::pin(exchange(t.connections, provider, &peer, head, &body));
+    let mut upstream = match within(t.deadline, exchange).await {
         Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => return failed(failure_of(&e), e),
-        Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
+        Ok(Err(e)) => return Err(failed(failure_of(&e), e)),
+        Err(()) => return Err(failed(Failure::Timeout, timeout_error(provider))),
     };
     let Some(upstream_head) = upstream.response_header() else {
-        return failed(Failure::Dropped, protocol_error(provider));
+        return Err(failed(Failure::Dropped, protocol_error(provider)));
     };
     let status = upstream_head.status.as_u16();
-    read_provider_limits(status, &upstream_head.headers, &state.model, up.health);
+    read_provider_limits(status, &upstream_head.headers, &state.model, health);
     // Our own head in our own HTTP version, with the provider's answer headers only.
     let head = match client_head(upstream_head) {
         Ok(head) => head,
-        Err(_) => return failed(Failure::Dropped, protocol_error(provider)),
+        Err(_) => return Err(failed(Failure::Dropped, protocol_error(provider))),
     };
 
     // A status this route retries: keep the answer (it is the last error if nothing else
@@ -188,7 +248,7 @@ pub(super) async fn attempt(
             }
             _ => None,
         };
-        return Attempt::Failed(Failed {
+        return Err(Failed {
             failure: Failure::Status(status),
             error: UpstreamError::Status {
                 provider: provider.name.clone(),
@@ -207,15 +267,10 @@ pub(super) async fn attempt(
         .headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let whole =
-        !sse && (200..300).contains(&status) && ctx.price.is_some() && watch.capture.is_none();
+    let whole = whole && !sse && (200..300).contains(&status);
     let mut first = BytesMut::new();
     loop {
-        let read = tokio::select! {
-            read = within(t.deadline, upstream.read_response_body()) => read,
-            () = client_gone(session) => return gone(),
-        };
-        match read {
+        match within(t.deadline, upstream.read_response_body()).await {
             Ok(Ok(Some(chunk))) => {
                 first.extend_from_slice(&chunk);
                 let more = if whole {
@@ -229,17 +284,56 @@ pub(super) async fn attempt(
             }
             // A success with nothing in it is no answer.
             Ok(Ok(None)) if (200..300).contains(&status) && first.is_empty() => {
-                return failed(Failure::Dropped, protocol_error(provider))
+                return Err(failed(Failure::Dropped, protocol_error(provider)))
             }
             Ok(Ok(None)) => break,
             Ok(Err(e)) => {
                 let e = classify(provider, &e);
-                return failed(failure_of(&e), e);
+                return Err(failed(failure_of(&e), e));
             }
-            Err(()) => return failed(Failure::Timeout, timeout_error(provider)),
+            Err(()) => return Err(failed(Failure::Timeout, timeout_error(provider))),
         }
     }
-    let first = (!first.is_empty()).then(|| first.freeze());
+    Ok(Reached {
+        upstream,
+        peer,
+        head,
+        first: (!first.is_empty()).then(|| first.freeze()),
+        status,
+        sent,
+        dropped,
+    })
+}
+
+/// From the commit point: the answer goes to the client.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn commit(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &LlmRequest,
+    t: &Try<'_>,
+    reached: Reached,
+    permit: &mut PermitGuard,
+    up: &Upstreams<'_>,
+    watch: &mut Watchers,
+) -> Attempt {
+    let (target, state) = (t.target, t.state);
+    let provider = &*target.provider;
+    let Reached {
+        upstream,
+        peer,
+        head,
+        first,
+        status,
+        sent,
+        dropped,
+    } = reached;
+    // This attempt's: an earlier attempt's target may have taken more, or less.
+    ctx.dropped = dropped;
+    // Streams always ask for the usage chunk (budgets, quotas and the ledger settle on
+    // it, whatever the client set); the client sees it only if it asked.
+    watch.strip_usage(crate::openai::adds_usage(req));
+    watch.provider_api(provider.api, req.endpoint);
     let first_byte = sent.elapsed();
     ctx.first_byte = Some(first_byte);
     let series = provider
@@ -382,7 +476,7 @@ fn only_comments(bytes: &[u8]) -> bool {
 /// Resolves when the client closed or reset its connection, while its request waits for the
 /// provider (the body is read by then). Anything else the client sends (a pipelined request,
 /// kept for later by Pingora) says nothing: then this never resolves.
-async fn client_gone(session: &mut Session) {
+pub(super) async fn client_gone(session: &mut Session) {
     if session.read_body_or_idle(true).await.is_ok() {
         std::future::pending::<()>().await;
     }

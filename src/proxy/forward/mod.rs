@@ -35,6 +35,7 @@
 mod adapt;
 mod attempt;
 mod error;
+mod hedge;
 mod pool;
 mod ready;
 mod request;
@@ -56,7 +57,7 @@ use crate::routing::balance::{self, NoTarget, TargetState};
 use crate::routing::Route;
 use crate::upstream::health::{Outcome, Permit};
 pub use attempt::Upstreams;
-use attempt::{attempt, record, Attempt, Failed, PermitGuard, Try};
+use attempt::{attempt, record, Attempt, Failed, Try};
 use error::is_openai_error;
 pub use error::{sse_error_event, ForwardError};
 use pool::Connections;
@@ -68,9 +69,15 @@ pub use watch::{Captured, Watchers};
 /// once; a small pool would close most of their connections only to reopen them.
 const UPSTREAM_POOL_SIZE: usize = 1024;
 
+/// Longest a batch's line waits for room kept for interactive requests; then it takes its turn
+/// in the target's queue like any request.
+const BATCH_YIELD_MAX: Duration = Duration::from_secs(60);
+
 /// The upstream side: a pool of keep-alive connections shared by all requests.
 pub struct Forwarder {
     connections: Connections,
+    /// What hedged routes learnt (by route name: it outlives reloads).
+    hedging: crate::routing::hedge::Hedging,
 }
 
 impl Default for Forwarder {
@@ -83,6 +90,7 @@ impl Forwarder {
     pub fn new() -> Forwarder {
         Forwarder {
             connections: Connections::new(UPSTREAM_POOL_SIZE),
+            hedging: Default::default(),
         }
     }
 
@@ -108,6 +116,23 @@ impl Forwarder {
                 TargetState { provider, model }
             })
             .collect();
+        // A batch's line yields to interactive requests: it waits (a bounded while, so a
+        // batch is never starved) until a target has room beyond what is kept for them.
+        let mut started = ctx.started;
+        if ctx.batch_line {
+            let share = ctx
+                .config
+                .as_ref()
+                .map_or(0.5, |c| c.batches.capacity_share);
+            let waiting = Instant::now();
+            while waiting.elapsed() < BATCH_YIELD_MAX
+                && !balance::room_for_batch(route, &states, up.health, share)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The route's deadline counts from when the line stopped yielding.
+            started = Instant::now();
+        }
         let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
         ctx.prompt_estimate = req.token_split(0).0;
         let conversation = if route.prefix_affinity {
@@ -115,12 +140,20 @@ impl Forwarder {
         } else {
             Vec::new()
         };
+        // A hedged route learns its times to first byte and counts its requests (its budget).
+        let learnt = route
+            .hedge
+            .as_ref()
+            .map(|_| self.hedging.route(&route.name));
+        if let Some(learnt) = &learnt {
+            learnt.note_request();
+        }
         let order = match balance::order(route, &states, up.health, estimate, &conversation) {
             Ok(order) => order,
             Err(none) => return Err(self.no_target(ctx, route, &none, up.metrics)),
         };
         let policy = &route.retry;
-        let deadline = policy.deadline.and_then(|d| ctx.started.checked_add(d));
+        let deadline = policy.deadline.and_then(|d| started.checked_add(d));
         let mut tried = vec![0u32; route.targets.len()];
         let mut cursor: usize = 0;
         let mut last: Option<Failed> = None;
@@ -180,27 +213,10 @@ impl Forwarder {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
-            let provider = &*target.provider;
-            let circuit = &state.model.circuit;
-            let Some(permit) = circuit.acquire(up.health.now_ms(), &provider.circuit) else {
+            let Some((mut permit, mut quota)) = hedge::arm(target, state, up).await else {
                 continue;
             };
-            // From here the permit is held by a guard: a half-open trial that never reports
-            // (a panic, a dropped future) is handed back, so the circuit cannot stay stuck.
-            let mut permit = PermitGuard::new(permit, &state.model);
-            let quota = match up
-                .quotas
-                .take(&provider.quota, &state.provider, up.health)
-                .await
-            {
-                Ok(hold) => hold,
-                Err(_) => {
-                    if let Some(permit) = permit.take() {
-                        circuit.record(permit, Outcome::Neutral, 0, &provider.circuit);
-                    }
-                    continue;
-                }
-            };
+            let provider = &*target.provider;
             ctx.attempts = ctx.attempts.saturating_add(1);
             if let Some(tries) = tried.get_mut(i) {
                 *tries = tries.saturating_add(1);
@@ -225,19 +241,84 @@ impl Forwarder {
                 .config
                 .as_ref()
                 .and_then(|c| c.routes.price(target, &req.model));
-            watch.in_flight(state.provider.enter());
             // The circuit learns the outcome at the commit point (a half-open trial must not
             // wait for a long stream to end), or when the attempt fails.
             crate::proxy::faults::maybe_panic(session.req_header(), "attempt");
             ctx.attempt_started = Some(Instant::now());
-            let t = Try {
+            let mut t = Try {
                 connections: &self.connections,
                 target,
                 state,
                 policy,
                 deadline,
             };
-            let attempt = attempt(session, ctx, req, &t, &mut permit, up, watch).await;
+            let hedged = learnt.as_ref().zip(route.hedge.as_ref()).filter(|(_, h)| {
+                // The first attempt only, never a batch's line; a first target of known
+                // capacity (a sidecar) only while requests queue on it.
+                ctx.attempts == 1
+                    && !ctx.batch_line
+                    && state
+                        .provider
+                        .capacity(target.provider.max_in_flight)
+                        .is_none_or(|cap| {
+                            state.provider.in_flight() >= cap.saturating_add(h.min_queue)
+                        })
+            });
+            let attempt = match hedged {
+                None => {
+                    watch.in_flight(state.provider.enter());
+                    let attempt = attempt(session, ctx, req, &t, &mut permit, up, watch).await;
+                    // A hedged route learns its times to first byte from every answer.
+                    if let (Some(learnt), Some(first_byte)) = (&learnt, ctx.first_byte) {
+                        learnt.observe_ttft(first_byte);
+                    }
+                    attempt
+                }
+                Some((learnt, policy)) => {
+                    let primary = hedge::Racer {
+                        index: i,
+                        t,
+                        permit,
+                        quota,
+                        in_flight: state.provider.enter(),
+                        price: ctx.price,
+                    };
+                    let candidates = hedge::Candidates {
+                        route,
+                        states: &states,
+                        left: (1..order.len())
+                            .filter_map(|d| order.get(k.wrapping_add(d).checked_rem(order.len())?))
+                            .copied()
+                            .filter(|&j| j != i)
+                            .collect(),
+                        like: t,
+                        req,
+                        config: ctx.config.clone(),
+                    };
+                    let race = hedge::Race {
+                        policy,
+                        learnt,
+                        route: &route.name,
+                    };
+                    let raced = Box::pin(hedge::race(
+                        session, ctx, req, primary, candidates, race, up, watch,
+                    ))
+                    .await;
+                    let racer = raced.racer;
+                    // The attempt that answered (or failed last) is settled below like any.
+                    (t, permit, quota) = (racer.t, racer.permit, racer.quota);
+                    if racer.index != i {
+                        previous = Some(racer.index);
+                        if let Some(tries) = tried.get_mut(racer.index) {
+                            *tries = tries.saturating_add(1);
+                        }
+                    }
+                    watch.in_flight(racer.in_flight);
+                    raced.attempt
+                }
+            };
+            let (target, state) = (t.target, t.state);
+            let provider = &*target.provider;
             // Given back already when the answer arrived whole; else now.
             watch.answered();
             if let Some(started) = ctx.attempt_started.take() {

@@ -106,7 +106,9 @@ pub(super) async fn stream_to_client(
     if let (Some(price), Some(body), Some(tap)) = (ctx.price, first.as_deref(), watch.tap()) {
         if !sse && upstream.response_done() {
             tap.whole(body);
-            if let Some(cost) = tap.report().map(|u| price.cost(&u)) {
+            // Hedges that lost are part of what the request cost.
+            let hedges = ctx.hedge_spent.1;
+            if let Some(cost) = tap.report().map(|u| price.cost(&u).saturating_add(hedges)) {
                 let _ = head.insert_header(
                     lumen_plugins::budget::X_LUMEN_COST,
                     lumen_plugins::budget::format_usd(cost),

@@ -18,6 +18,7 @@
 //! | `empty`          | a 200 with an empty body |
 //! | `comment-then-drop` | a 200 SSE head and a `: processing` comment, then closes |
 //! | `slow-NNN`       | a normal answer after NNN ms |
+//! | `ttft-B-P-T`     | a normal answer after B ms, or after T ms for P% of requests at random (a long tail) |
 //! | `fail-first-NNN` | after NNN ms, a 503 for the first such request in the process, then normal answers |
 //! | `flaky-NN`       | fails NN% of requests at random (503, 429, a drop, or a drop after the head) |
 //! | `interim-100`    | a `100 Continue` interim answer first, then a normal answer |
@@ -348,6 +349,17 @@ async fn answer(stream: &mut TcpStream, req: &Request, log: Option<&Log>) -> std
         .and_then(|p| p.parse::<u64>().ok())
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(spec) = model.strip_prefix("ttft-") {
+        let parts: Vec<u64> = spec.split('-').filter_map(|p| p.parse().ok()).collect();
+        if let [base, pct, tail] = parts[..] {
+            let ms = if fastrand::u64(..100) < pct {
+                tail
+            } else {
+                base
+            };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
     if let Some(ms) = model
         .strip_prefix("fail-first-")
