@@ -147,17 +147,18 @@ async fn batch_beside_interactive() {
         "cargo run --release -p lumen-llama -- fetch-model smollm2",
     )
     .unwrap_or_else(|| tiny_chat_model().to_path_buf());
-    let sidecar = Sidecar::start(&[
-        "--model".into(),
-        format!("m={}:ctx=2048,slots=4", model.display()),
-    ]);
+    let arg = format!("m={}:ctx=2048,slots=4", model.display());
+    // Started (and waited for) off the runtime: its health wait blocks.
+    let sidecar = tokio::task::spawn_blocking(move || Sidecar::start(&["--model".into(), arg]))
+        .await
+        .expect("sidecar");
     let name = model
         .file_name()
         .map_or(String::new(), |n| n.to_string_lossy().into_owned());
     println!("\nbatch beside interactive requests, sidecar {name} (4 slots), batch of 48 lines, concurrency 8");
     for share in ["0.5", "1.0"] {
         let lumen = Lumen::start(&format!(
-            "server: {{ access_log: false }}\nkeys:\n  - {{ id: bench, key: \"sk-bench\" }}\nproviders:\n  local: {{ base_url: \"http://127.0.0.1:{}/v1\", timeout: 300s }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: local }} ] }}\njobs: {{ workers: 8 }}\nbatches: {{ concurrency: 8, capacity_share: {share} }}\nusage: {{ enabled: false }}\n",
+            "server: {{ access_log: false }}\nkeys:\n  - {{ id: bench, key: \"sk-bench\" }}\nproviders:\n  local: {{ base_url: \"http://127.0.0.1:{}/v1\", timeout: 300s, health: {{ path: /health, interval: 1s }} }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: local }} ] }}\njobs: {{ workers: 8 }}\nbatches: {{ concurrency: 8, capacity_share: {share} }}\nusage: {{ enabled: false }}\n",
             sidecar.port
         ));
         // The sidecar's slots are learnt from its health answer.

@@ -124,6 +124,28 @@ async fn wait_final(addr: SocketAddr, key: &str, id: &str, limit: Duration) -> V
     }
 }
 
+/// Waits until at least `n` of the batch's lines completed.
+async fn wait_completed(addr: SocketAddr, id: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = call(
+            addr,
+            "GET",
+            &format!("/v1/batches/{id}"),
+            "sk-alice",
+            b"",
+            true,
+        )
+        .await;
+        let v = r.json();
+        if v["request_counts"]["completed"].as_u64().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A file's lines as JSON, by `custom_id` (each must appear once).
 async fn file_lines(addr: SocketAddr, key: &str, id: &str) -> HashMap<String, Value> {
     let r = call(
@@ -545,24 +567,18 @@ async fn a_batch_cancelled_mid_way_keeps_what_finished_and_runs_nothing_more() {
         .unwrap()
         .to_string();
     // Some lines finish, then the batch is cancelled.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = call(
-            lumen.addr,
-            "GET",
-            &format!("/v1/batches/{id}"),
-            "sk-alice",
-            b"",
-            true,
-        )
-        .await
-        .json();
-        if v["request_counts"]["completed"].as_u64().unwrap_or(0) >= 4 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_completed(lumen.addr, &id, 4).await;
+    // Its input cannot be deleted while it runs (a driver taking over reads it again).
+    let r = call(
+        lumen.addr,
+        "DELETE",
+        &format!("/v1/files/{file_id}"),
+        "sk-alice",
+        b"",
+        true,
+    )
+    .await;
+    assert_eq!(r.status, 409, "{}", r.text());
     let r = call(
         lumen.addr,
         "POST",
@@ -648,24 +664,7 @@ async fn a_fleet_finishes_a_batch_whose_worker_was_killed_recording_each_line_on
         .unwrap()
         .to_string();
     // Kill the worker once lines are running and some have finished.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = call(
-            a.addr,
-            "GET",
-            &format!("/v1/batches/{id}"),
-            "sk-alice",
-            b"",
-            true,
-        )
-        .await
-        .json();
-        if v["request_counts"]["completed"].as_u64().unwrap_or(0) >= 6 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_completed(a.addr, &id, 6).await;
     first.kill();
     let _second = Worker::start(&worker_yaml);
     let done = wait_final(a.addr, "sk-alice", &id, Duration::from_secs(90)).await;
@@ -690,4 +689,74 @@ async fn a_fleet_finishes_a_batch_whose_worker_was_killed_recording_each_line_on
     let again = calls.values().filter(|n| **n > 1).count();
     eprintln!("lines run again after the kill: {again}");
     assert!(again <= 4 && calls.values().all(|n| *n <= 2), "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_lines_leave_a_local_targets_share_to_interactive_requests() {
+    let (local, cloud) = (MockUpstream::start(), MockUpstream::start());
+    // `local` takes 2 at once (as a sidecar with 2 slots): batch lines may hold 1 of them;
+    // the others go on to `cloud`.
+    let yaml = format!(
+        r#"
+keys:
+  - {{ id: alice, key: "sk-alice" }}
+providers:
+  local: {{ base_url: "{}", max_in_flight: 2, health: {{ enabled: false }} }}
+  cloud: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: local, model: slow-150 }}, {{ provider: cloud, model: slow-150 }} ] }}
+jobs: {{ workers: 4 }}
+batches: {{ concurrency: 4, capacity_share: 0.5 }}
+"#,
+        local.base_url(),
+        cloud.base_url()
+    );
+    let lumen = Lumen::start(&yaml);
+    let lines: Vec<String> = (0..16)
+        .map(|i| chat_line(&format!("s{i}"), "fast", json!({})))
+        .collect();
+    let file_id = upload(lumen.addr, "sk-alice", &lines).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = create(lumen.addr, "sk-alice", &file_id).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut most_on_local = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let providers = request(lumen.admin, "GET", "/admin/providers", &[], b"")
+            .await
+            .unwrap()
+            .json();
+        let on_local = providers["providers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "local"))
+            .and_then(|p| p["in_flight"].as_u64())
+            .unwrap_or(0);
+        most_on_local = most_on_local.max(on_local);
+        let v = call(
+            lumen.addr,
+            "GET",
+            &format!("/v1/batches/{id}"),
+            "sk-alice",
+            b"",
+            true,
+        )
+        .await
+        .json();
+        if v["status"] == "completed" {
+            assert_eq!(v["request_counts"]["completed"], 16, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        most_on_local <= 1,
+        "batch lines held {most_on_local} of local's 2 slots"
+    );
+    assert!(!local.requests().is_empty() && !cloud.requests().is_empty());
+    assert_eq!(local.requests().len() + cloud.requests().len(), 16);
 }

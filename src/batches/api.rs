@@ -143,6 +143,18 @@ pub async fn answer(
             None => Err(BatchError::NotFound("File", id).into()),
         },
         Call::DeleteFile(id) => {
+            // A running batch reads its input again when another node takes it over.
+            let running = batches.store.list(&owner).await?;
+            if let Some(user) = running
+                .iter()
+                .find(|b| !b.is_final() && b.input_file_id == id)
+            {
+                return Err(BatchError::Conflict(format!(
+                    "file {id} is the input of batch {}, which has not finished; cancel it first",
+                    user.id
+                ))
+                .into());
+            }
             if batches.files.delete(&owner, &id).await? {
                 ok(json!({"id": id, "object": "file", "deleted": true}))
             } else {
@@ -367,7 +379,10 @@ async fn create(
         error_file_id: None,
         errors: (!valid).then_some(errors),
     };
-    batches.store.create(&rec, valid).await?;
+    batches
+        .store
+        .create(&rec, valid, batches.settings.retention)
+        .await?;
     Ok(rec)
 }
 

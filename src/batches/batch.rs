@@ -97,6 +97,53 @@ impl BatchError {
     }
 }
 
+/// An owner's index in Redis (a sorted set of ids, oldest first), each id read with `fetch`;
+/// ids whose value is gone (expired, or deleted halfway) leave the index as it is read.
+pub async fn read_index<T, F, Fut>(
+    link: &lumen_plugins::redis_link::RedisLink,
+    index: &str,
+    mut fetch: F,
+) -> Result<Vec<T>, BatchError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, BatchError>>,
+{
+    let store_error = |e: lumen_plugins::redis_link::SharedError| BatchError::Store(e.to_string());
+    let mut conn = link
+        .connection()
+        .await
+        .map_err(|e| BatchError::Store(e.to_string()))?;
+    let ids: Vec<String> = link
+        .within(
+            redis::cmd("ZRANGE")
+                .arg(index)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(store_error)?;
+    let mut found = Vec::with_capacity(ids.len());
+    let mut gone = Vec::new();
+    for id in ids {
+        match fetch(id.clone()).await? {
+            Some(item) => found.push(item),
+            None => gone.push(id),
+        }
+    }
+    if !gone.is_empty() {
+        let _ = link
+            .within(
+                redis::cmd("ZREM")
+                    .arg(index)
+                    .arg(&gone)
+                    .query_async::<()>(&mut conn),
+            )
+            .await;
+    }
+    Ok(found)
+}
+
 /// Unix seconds (what OpenAI's `created_at` and friends are).
 pub fn now_secs() -> u64 {
     SystemTime::now()

@@ -33,6 +33,8 @@ pub const LEASE: Duration = Duration::from_secs(10);
 const RENEW: Duration = Duration::from_millis(3300);
 /// How often a node looks for batches to drive.
 const SCAN: Duration = Duration::from_millis(500);
+/// How often what is past `batches.retention` is removed (in process and on disk).
+const SWEEP: Duration = Duration::from_secs(60);
 
 /// The background service driving batches on this node.
 pub struct Driver {
@@ -45,10 +47,15 @@ impl BackgroundService for Driver {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let node = format!("lumen-{}-{:08x}", std::process::id(), fastrand::u32(..));
         let driving: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let mut swept = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(SCAN) => {}
                 _ = shutdown.changed() => return,
+            }
+            if swept.elapsed() >= SWEEP {
+                swept = Instant::now();
+                self.batches.sweep().await;
             }
             let Ok(active) = self.batches.store.active().await else {
                 continue;
@@ -72,8 +79,18 @@ impl BackgroundService for Driver {
                     (self.batches.clone(), self.config.clone(), node.clone());
                 let (driving, stop) = (driving.clone(), shutdown.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = drive(&batches, &config, &id, &node, stop).await {
-                        tracing::warn!(batch = %id, error = %e, "batches: driver stopped; the batch is taken up again");
+                    // The lease is renewed beside the driving, however long one of its steps
+                    // takes; lost (another node took the batch over), the driving stops at
+                    // once, wherever it was: every step is safe to do again.
+                    tokio::select! {
+                        driven = drive(&batches, &config, &id, &node, stop) => {
+                            if let Err(e) = driven {
+                                tracing::warn!(batch = %id, error = %e, "batches: driver stopped; the batch is taken up again");
+                            }
+                        }
+                        () = keep_lease(&batches, &id, &node) => {
+                            tracing::info!(batch = %id, "batches: lease lost; another node drives the batch");
+                        }
                     }
                     batches.store.release(&id, &node).await;
                     driving
@@ -82,6 +99,18 @@ impl BackgroundService for Driver {
                         .remove(&id);
                 });
             }
+        }
+    }
+}
+
+/// Renews this node's lease on a batch until it is lost (returns then). A renewal that fails
+/// for Redis being unreachable is tried again; the lease may then lapse, and a node that can
+/// reach Redis takes over.
+async fn keep_lease(batches: &Batches, id: &str, node: &str) {
+    loop {
+        tokio::time::sleep(RENEW).await;
+        if let Ok(false) = batches.store.renew(id, node, LEASE).await {
+            return;
         }
     }
 }
@@ -109,7 +138,7 @@ async fn drive(
     }
     let principal = match crate::jobs::redis::principal_of(&rec.principal, &config.load().auth) {
         Ok(p) => p,
-        Err(e) => return fail(batches, &mut rec, "invalid_api_key", &e.message).await,
+        Err(e) => return fail(batches, &mut rec, node, "invalid_api_key", &e.message).await,
     };
     let Some(data) = batches
         .files
@@ -117,34 +146,27 @@ async fn drive(
         .await?
     else {
         let message = format!("the input file {} was deleted", rec.input_file_id);
-        return fail(batches, &mut rec, "input_file_missing", &message).await;
+        return fail(batches, &mut rec, node, "input_file_missing", &message).await;
     };
     let (lines, endpoint) = match (
         input::lines(&data, usize::MAX),
         input::endpoint(&rec.endpoint),
     ) {
         (Ok(lines), Some(endpoint)) => (lines, endpoint),
-        (Err(e), _) => return fail(batches, &mut rec, "invalid_file", &e).await,
+        (Err(e), _) => return fail(batches, &mut rec, node, "invalid_file", &e).await,
         (_, None) => {
             let endpoint = rec.endpoint.clone();
-            return fail(batches, &mut rec, "invalid_endpoint", &endpoint).await;
+            return fail(batches, &mut rec, node, "invalid_endpoint", &endpoint).await;
         }
     };
     let done = store.done(id).await?;
     let mut pending: VecDeque<usize> = (0..lines.len()).filter(|i| !done.contains(i)).collect();
     let mut running: Vec<(usize, String)> = Vec::new();
     let tick = store.tick();
-    let mut renewed = Instant::now();
     let owner = principal.key_id.clone();
     loop {
         if *stop.borrow() {
             return Ok(());
-        }
-        if renewed.elapsed() >= RENEW {
-            if !store.renew(id, node, LEASE).await? {
-                return Ok(());
-            }
-            renewed = Instant::now();
         }
         let cancel = store.cancel_asked(id).await?;
         let expired = now_secs() >= rec.expires_at;
@@ -159,20 +181,22 @@ async fn drive(
                 "expired"
             };
             if expired && cancel.is_none() {
-                // OpenAI's way: every line that did not run is in the error file.
-                for i in pending
-                    .iter()
-                    .copied()
-                    .chain(running.iter().map(|(i, _)| *i))
-                {
-                    if let Some(line) = lines.get(i) {
-                        let outcome = not_run(id, i, line, "batch_expired", "This request could not be executed before the completion window expired.");
-                        record(batches, id, i, outcome).await?;
-                    }
+                // OpenAI's way: every line without an outcome (never started, or stopped
+                // now) is in the error file.
+                let done = store.done(id).await?;
+                for (i, line) in lines.iter().enumerate().filter(|(i, _)| !done.contains(i)) {
+                    let outcome = not_run(
+                        id,
+                        i,
+                        line,
+                        "batch_expired",
+                        "This request could not be executed before the completion window expired.",
+                    );
+                    record(batches, id, i, outcome).await?;
                 }
             }
             rec.cancelling_at = rec.cancelling_at.or(cancel);
-            return finalize(batches, &mut rec, status).await;
+            return finalize(batches, &mut rec, node, status).await;
         }
         while running.len() < batches.settings.concurrency {
             let Some(i) = pending.pop_front() else { break };
@@ -208,7 +232,7 @@ async fn drive(
         }
         running = still;
         if pending.is_empty() && running.is_empty() {
-            return finalize(batches, &mut rec, "completed").await;
+            return finalize(batches, &mut rec, node, "completed").await;
         }
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
@@ -342,10 +366,28 @@ fn file_ids(batch: &str) -> (String, String) {
     (format!("file-{stem}o"), format!("file-{stem}e"))
 }
 
+/// Writes the batch's record while this node holds its lease and the stored record is not
+/// final; otherwise another node drives it (or finished it) and this driver stops.
+async fn save(batches: &Batches, rec: &Record, node: &str) -> Result<(), BatchError> {
+    if batches
+        .store
+        .save(rec, node, batches.settings.retention)
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(BatchError::Store(format!(
+            "batch {} is driven by another node now",
+            rec.id
+        )))
+    }
+}
+
 /// The batch failed before any line ran.
 async fn fail(
     batches: &Batches,
     rec: &mut Record,
+    node: &str,
     code: &str,
     message: &str,
 ) -> Result<(), BatchError> {
@@ -354,7 +396,7 @@ async fn fail(
     ]);
     rec.status = "failed".into();
     rec.failed_at = Some(now_secs());
-    batches.store.save(rec, batches.settings.retention).await?;
+    save(batches, rec, node).await?;
     batches
         .jobs
         .metrics
@@ -365,11 +407,16 @@ async fn fail(
 }
 
 /// Writes the output and error files and makes the batch final (`status`).
-async fn finalize(batches: &Batches, rec: &mut Record, status: &str) -> Result<(), BatchError> {
+async fn finalize(
+    batches: &Batches,
+    rec: &mut Record,
+    node: &str,
+    status: &str,
+) -> Result<(), BatchError> {
     let now = now_secs();
     rec.status = "finalizing".into();
     rec.finalizing_at.get_or_insert(now);
-    batches.store.save(rec, batches.settings.retention).await?;
+    save(batches, rec, node).await?;
     let results = batches.store.results(&rec.id).await?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
     for outcome in results.values() {
@@ -405,7 +452,7 @@ async fn finalize(batches: &Batches, rec: &mut Record, status: &str) -> Result<(
         _ => rec.completed_at = at,
     }
     rec.status = status.into();
-    batches.store.save(rec, batches.settings.retention).await?;
+    save(batches, rec, node).await?;
     batches
         .jobs
         .metrics

@@ -129,19 +129,24 @@ impl FileStore {
                     pipe.expire(&data_key, ttl as i64).ignore();
                     pipe.expire(&meta_key, ttl as i64).ignore();
                 }
-                pipe.zadd(
-                    Self::owned_key(prefix, &meta.owner),
-                    &meta.id,
-                    meta.created_at,
-                )
-                .ignore();
                 // A connection of its own: a big file must not wait behind, nor hold up, the
                 // node's shared connection (and its short response timeout).
                 let mut conn = link.dedicated().await.map_err(store_error)?;
                 tokio::time::timeout(REDIS_FILE_TIMEOUT, pipe.query_async::<()>(&mut conn))
                     .await
                     .map_err(|_| store_error("no answer in time"))?
-                    .map_err(store_error)
+                    .map_err(store_error)?;
+                // The owner's index has a hash tag of its own (one slot per call, as a
+                // cluster wants): listed once the file is whole.
+                link.within(
+                    redis::cmd("ZADD")
+                        .arg(Self::owned_key(prefix, &meta.owner))
+                        .arg(meta.created_at)
+                        .arg(&meta.id)
+                        .query_async::<()>(&mut conn),
+                )
+                .await
+                .map_err(store_error)
             }
         }
     }
@@ -230,48 +235,50 @@ impl FileStore {
                 files
             }
             FileStore::Redis { link, prefix } => {
-                let mut conn = Self::redis_conn(link).await?;
                 let owned = Self::owned_key(prefix, owner);
-                let ids: Vec<String> = link
-                    .within(
-                        redis::cmd("ZRANGE")
-                            .arg(&owned)
-                            .arg(0)
-                            .arg(-1)
-                            .query_async(&mut conn),
-                    )
-                    .await
-                    .map_err(store_error)?;
-                let mut files = Vec::with_capacity(ids.len());
-                let mut gone = Vec::new();
-                for id in ids {
-                    let key = Self::keys(prefix, &id).0;
+                super::batch::read_index(link, &owned, |id| async move {
+                    let mut conn = Self::redis_conn(link).await?;
                     let raw: Option<Vec<u8>> = link
-                        .within(redis::cmd("GET").arg(&key).query_async(&mut conn))
+                        .within(
+                            redis::cmd("GET")
+                                .arg(Self::keys(prefix, &id).0)
+                                .query_async(&mut conn),
+                        )
                         .await
                         .map_err(store_error)?;
-                    match raw.and_then(|r| serde_json::from_slice::<FileMeta>(&r).ok()) {
-                        Some(meta) => files.push(meta),
-                        None => gone.push(id),
-                    }
-                }
-                if !gone.is_empty() {
-                    // Expired files leave the owner's index as it is read.
-                    let _ = link
-                        .within(
-                            redis::cmd("ZREM")
-                                .arg(&owned)
-                                .arg(&gone)
-                                .query_async::<()>(&mut conn),
-                        )
-                        .await;
-                }
-                files
+                    Ok(raw.and_then(|r| serde_json::from_slice::<FileMeta>(&r).ok()))
+                })
+                .await?
             }
         };
         files.retain(|m| !m.expired(now));
         files.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         Ok(files)
+    }
+
+    /// Deletes the files on disk whose time has passed (in Redis they expire by themselves).
+    pub async fn sweep(&self) {
+        let FileStore::Disk(dir) = self else { return };
+        let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+            return;
+        };
+        let now = now_secs();
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(raw) = tokio::fs::read(&path).await else {
+                continue;
+            };
+            if let Ok(meta) = serde_json::from_slice::<FileMeta>(&raw) {
+                if meta.expired(now) {
+                    let (meta_path, data_path) = disk_paths(dir, &meta.id);
+                    let _ = tokio::fs::remove_file(data_path).await;
+                    let _ = tokio::fs::remove_file(meta_path).await;
+                }
+            }
+        }
     }
 
     /// Deletes `owner`'s file; `false` when there was none.
@@ -294,6 +301,8 @@ impl FileStore {
             FileStore::Redis { link, prefix } => {
                 let (meta_key, data_key) = Self::keys(prefix, &meta.id);
                 let mut conn = Self::redis_conn(link).await?;
+                // (Not atomic, nor need it be: an index entry whose file is gone is dropped
+                // when the list is read.)
                 let mut pipe = redis::pipe();
                 pipe.del(&meta_key)
                     .ignore()
@@ -374,6 +383,11 @@ mod tests {
         old.expires_at = Some(1);
         store.put(&old, &Bytes::from("abc")).await.unwrap();
         assert!(store.meta("key:a", &a).await.unwrap().is_none(), "expired");
+        store.sweep().await;
+        assert!(
+            !dir.join("files").join(format!("{a}.jsonl")).exists(),
+            "swept"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -76,4 +76,11 @@ impl Batches {
             jobs,
         }
     }
+
+    /// Removes what is past `batches.retention`: finished batches kept in process, expired
+    /// files on disk (Redis expires its own).
+    pub async fn sweep(&self) {
+        self.store.sweep(self.settings.retention);
+        self.files.sweep().await;
+    }
 }

@@ -12,6 +12,9 @@ pub struct Part {
     pub data: Bytes,
 }
 
+/// Most parts a form may have (`POST /v1/files` has two).
+const MAX_PARTS: usize = 16;
+
 /// The boundary of a `multipart/form-data` content type.
 pub fn boundary(content_type: &str) -> Option<String> {
     let (kind, params) = content_type.split_once(';')?;
@@ -31,7 +34,19 @@ pub fn boundary(content_type: &str) -> Option<String> {
 pub fn parts(body: &Bytes, boundary: &str) -> Result<Vec<Part>, String> {
     let delimiter = format!("--{boundary}");
     let finder = memchr::memmem::Finder::new(delimiter.as_bytes());
-    let starts: Vec<usize> = finder.find_iter(body).collect();
+    // Delimiters start a line (RFC 2046); a form has a few parts, so a body of many is not
+    // one (and is not buffered as a list of millions of offsets).
+    let mut starts = Vec::new();
+    for at in finder.find_iter(body) {
+        let line_start = at == 0 || body.get(at.saturating_sub(2)..at) == Some(b"\r\n".as_slice());
+        if !line_start {
+            continue;
+        }
+        if starts.len() > MAX_PARTS {
+            return Err(format!("a multipart body of more than {MAX_PARTS} parts"));
+        }
+        starts.push(at);
+    }
     let Some(&first) = starts.first() else {
         return Err("no multipart boundary in the body".into());
     };
@@ -132,6 +147,10 @@ mod tests {
         );
         let no_name = Bytes::from("--x\r\nContent-Disposition: form-data\r\n\r\nv\r\n--x--");
         assert!(parts(&no_name, "x").is_err());
+        let many = "--x\r\n".repeat(40) + "--x--";
+        assert!(parts(&Bytes::from(many), "x")
+            .unwrap_err()
+            .contains("more than"));
         for cut in 0..40 {
             let body =
                 Bytes::from("--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--x--");

@@ -106,6 +106,8 @@ pub struct MemBatch {
     results: BTreeMap<usize, Outcome>,
     counts: (u64, u64),
     cancel: Option<u64>,
+    /// When it became final (the retention counts from then).
+    finished: Option<std::time::Instant>,
 }
 
 pub enum BatchStore {
@@ -115,6 +117,7 @@ pub enum BatchStore {
         prefix: String,
         record_result: redis::Script,
         renew: redis::Script,
+        save: redis::Script,
     },
 }
 
@@ -126,6 +129,29 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   return 1
 end
 return 0
+";
+
+/// Writes a batch's record only while this node holds its lease and the stored record is not
+/// final (a node that lost its lease must not undo the next one's work); a final record
+/// expires after the retention (ARGV[3] seconds), with its outcomes, and its cancel request
+/// goes.
+const SAVE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local current = redis.call('GET', KEYS[2])
+if current then
+  local ok, rec = pcall(cjson.decode, current)
+  if ok and type(rec) == 'table' then
+    local s = rec['status']
+    if s == 'completed' or s == 'failed' or s == 'expired' or s == 'cancelled' then return 0 end
+  end
+end
+redis.call('SET', KEYS[2], ARGV[2])
+if ARGV[3] ~= '0' then
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('DEL', KEYS[4])
+end
+return 1
 ";
 
 /// Extends a lease only while this node holds it.
@@ -162,6 +188,7 @@ impl BatchStore {
             prefix: prefix.to_string(),
             record_result: redis::Script::new(RECORD_RESULT),
             renew: redis::Script::new(RENEW),
+            save: redis::Script::new(SAVE),
         }
     }
 
@@ -181,8 +208,14 @@ impl BatchStore {
         link.connection().await.map_err(store_error)
     }
 
-    /// Stores a new batch; `active` ones are then driven.
-    pub async fn create(&self, record: &Record, active: bool) -> Result<(), BatchError> {
+    /// Stores a new batch; `active` ones are then driven, final ones (that failed validation)
+    /// expire after `retention`.
+    pub async fn create(
+        &self,
+        record: &Record,
+        active: bool,
+        retention: Duration,
+    ) -> Result<(), BatchError> {
         match self {
             BatchStore::Memory(m) => {
                 lock(m).insert(
@@ -209,6 +242,12 @@ impl BatchStore {
                 if active {
                     pipe.zadd(Self::active_key(prefix), &record.id, record.created_at)
                         .ignore();
+                } else {
+                    pipe.expire(
+                        Self::key(prefix, &record.id, "rec"),
+                        retention.as_secs().max(1) as i64,
+                    )
+                    .ignore();
                 }
                 link.within(pipe.query_async::<()>(&mut conn))
                     .await
@@ -239,37 +278,73 @@ impl BatchStore {
         }
     }
 
-    /// Writes a batch's record (its driver only); a final one stops being driven and expires
-    /// after `retention`.
-    pub async fn save(&self, record: &Record, retention: Duration) -> Result<(), BatchError> {
+    /// Writes a batch's record, if `node` still holds its lease and the stored record is not
+    /// final: `false` when it was not written (another node drives the batch now, or has
+    /// finished it). A final one stops being driven and expires after `retention`.
+    pub async fn save(
+        &self,
+        record: &Record,
+        node: &str,
+        retention: Duration,
+    ) -> Result<bool, BatchError> {
         match self {
             BatchStore::Memory(m) => {
-                if let Some(b) = lock(m).get_mut(&record.id) {
-                    b.record = Some(record.clone());
+                let mut all = lock(m);
+                let Some(b) = all.get_mut(&record.id) else {
+                    return Ok(false);
+                };
+                if b.record.as_ref().is_some_and(Record::is_final) {
+                    return Ok(false);
                 }
-                Ok(())
+                b.record = Some(record.clone());
+                if record.is_final() {
+                    b.finished = Some(std::time::Instant::now());
+                }
+                Ok(true)
             }
-            BatchStore::Redis { link, prefix, .. } => {
+            BatchStore::Redis {
+                link, prefix, save, ..
+            } => {
                 let json = serde_json::to_string(record).map_err(store_error)?;
                 let mut conn = Self::conn(link).await?;
-                let mut pipe = redis::pipe();
-                let rec = Self::key(prefix, &record.id, "rec");
-                pipe.set(&rec, json).ignore();
-                if record.is_final() {
-                    let secs = retention.as_secs().max(1) as i64;
-                    pipe.expire(&rec, secs)
-                        .ignore()
-                        .expire(Self::key(prefix, &record.id, "res"), secs)
-                        .ignore()
-                        .del(Self::key(prefix, &record.id, "cancel"))
-                        .ignore()
-                        .zrem(Self::active_key(prefix), &record.id)
-                        .ignore();
-                }
-                link.within(pipe.query_async::<()>(&mut conn))
+                let ttl = if record.is_final() {
+                    retention.as_secs().max(1)
+                } else {
+                    0
+                };
+                let mut inv = save.prepare_invoke();
+                inv.key(Self::key(prefix, &record.id, "lease"))
+                    .key(Self::key(prefix, &record.id, "rec"))
+                    .key(Self::key(prefix, &record.id, "res"))
+                    .key(Self::key(prefix, &record.id, "cancel"))
+                    .arg(node)
+                    .arg(json)
+                    .arg(ttl);
+                let written: i64 = link
+                    .within(inv.invoke_async(&mut conn))
                     .await
-                    .map_err(store_error)
+                    .map_err(store_error)?;
+                if written == 1 && record.is_final() {
+                    // The index lives under another hash tag: a second call.
+                    link.within(
+                        redis::cmd("ZREM")
+                            .arg(Self::active_key(prefix))
+                            .arg(&record.id)
+                            .query_async::<()>(&mut conn),
+                    )
+                    .await
+                    .map_err(store_error)?;
+                }
+                Ok(written == 1)
             }
+        }
+    }
+
+    /// Forgets, in process, the batches final for longer than `retention` (Redis expires its
+    /// own).
+    pub fn sweep(&self, retention: Duration) {
+        if let BatchStore::Memory(m) = self {
+            lock(m).retain(|_, b| b.finished.is_none_or(|at| at.elapsed() < retention));
         }
     }
 
@@ -282,37 +357,9 @@ impl BatchStore {
                 .filter(|r| r.owner == owner)
                 .collect::<Vec<_>>(),
             BatchStore::Redis { link, prefix, .. } => {
-                let mut conn = Self::conn(link).await?;
                 let owned = Self::owned_key(prefix, owner);
-                let ids: Vec<String> = link
-                    .within(
-                        redis::cmd("ZRANGE")
-                            .arg(&owned)
-                            .arg(0)
-                            .arg(-1)
-                            .query_async(&mut conn),
-                    )
-                    .await
-                    .map_err(store_error)?;
-                let mut records = Vec::with_capacity(ids.len());
-                let mut gone = Vec::new();
-                for id in ids {
-                    match self.get(&id).await? {
-                        Some(r) => records.push(r),
-                        None => gone.push(id),
-                    }
-                }
-                if !gone.is_empty() {
-                    let _ = link
-                        .within(
-                            redis::cmd("ZREM")
-                                .arg(&owned)
-                                .arg(&gone)
-                                .query_async::<()>(&mut conn),
-                        )
-                        .await;
-                }
-                records
+                super::batch::read_index(link, &owned, |id| async move { self.get(&id).await })
+                    .await?
             }
         };
         records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
@@ -474,7 +521,23 @@ impl BatchStore {
 
     /// Lines that have an outcome.
     pub async fn done(&self, id: &str) -> Result<HashSet<usize>, BatchError> {
-        Ok(self.results(id).await?.into_keys().collect())
+        match self {
+            BatchStore::Memory(_) => Ok(self.results(id).await?.into_keys().collect()),
+            BatchStore::Redis { link, prefix, .. } => {
+                // The line numbers only, not the outcomes.
+                let mut conn = link.dedicated().await.map_err(store_error)?;
+                let keys: Vec<String> = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    redis::cmd("HKEYS")
+                        .arg(Self::key(prefix, id, "res"))
+                        .query_async(&mut conn),
+                )
+                .await
+                .map_err(|_| store_error("no answer in time"))?
+                .map_err(store_error)?;
+                Ok(keys.iter().filter_map(|k| k.parse().ok()).collect())
+            }
+        }
     }
 
     /// How often a driver looks at its running lines: in process it costs nothing; in Redis
@@ -616,7 +679,11 @@ mod tests {
     async fn a_line_is_recorded_once_and_counted_once() {
         let store = BatchStore::memory();
         let id = super::super::batch::new_id("batch_");
-        store.create(&record(&id, "key:a"), true).await.unwrap();
+        let day = Duration::from_secs(86_400);
+        store
+            .create(&record(&id, "key:a"), true, day)
+            .await
+            .unwrap();
         let ok = |line: &str| Outcome {
             ok: true,
             line: line.into(),
@@ -640,10 +707,23 @@ mod tests {
         assert_eq!(store.active().await.unwrap(), vec![id.clone()]);
         let mut done = record(&id, "key:a");
         done.status = "completed".into();
-        store.save(&done, Duration::from_secs(60)).await.unwrap();
+        assert!(store.save(&done, "node", day).await.unwrap());
         assert!(store.active().await.unwrap().is_empty());
-        assert_eq!(store.list("key:a").await.unwrap().len(), 1);
-        assert!(store.list("key:b").await.unwrap().is_empty());
+        // Final is final: a driver that lost its lease cannot undo it.
+        done.status = "finalizing".into();
+        assert!(!store.save(&done, "node", day).await.unwrap());
+        assert_eq!(store.get(&id).await.unwrap().unwrap().status, "completed");
+        store.sweep(day);
+        assert_eq!(
+            store.list("key:a").await.unwrap().len(),
+            1,
+            "kept for the retention"
+        );
+        store.sweep(Duration::ZERO);
+        assert!(
+            store.list("key:a").await.unwrap().is_empty(),
+            "gone after it"
+        );
     }
 
     #[test]

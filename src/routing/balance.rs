@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::config::raw::Strategy;
-use crate::routing::Route;
+use crate::routing::{Route, Target};
 use crate::upstream::health::{HealthTable, ProviderHealth, TargetHealth, Unavailable};
 
 /// Every this many requests, `lowest_latency` sends one to another target than the fastest, so
@@ -126,27 +126,44 @@ pub fn room_for_batch(
     let now = table.now_ms();
     let mut available = false;
     for (target, state) in route.targets.iter().zip(states) {
-        let provider = &target.provider;
         if state
             .provider
-            .availability(&state.model, now, &provider.circuit)
+            .availability(&state.model, now, &target.provider.circuit)
             .is_err()
         {
             continue;
         }
         available = true;
-        let room = match state.provider.capacity(provider.max_in_flight) {
-            None => true,
-            Some(cap) => {
-                let allowed = ((f64::from(cap) * share).floor() as u32).max(1);
-                state.provider.in_flight() < allowed
-            }
-        };
-        if room {
+        if batch_room(target, state, share) {
             return true;
         }
     }
     !available
+}
+
+/// Whether `target` has room for a batch's line: no known capacity, or fewer requests in
+/// flight than `share` of it (at least one).
+pub fn batch_room(target: &Target, state: &TargetState, share: f64) -> bool {
+    match state.provider.capacity(target.provider.max_in_flight) {
+        None => true,
+        Some(cap) => {
+            let allowed = ((f64::from(cap) * share).floor() as u32).max(1);
+            state.provider.in_flight() < allowed
+        }
+    }
+}
+
+/// Puts the targets without room for a batch's line after those with room (a local-first
+/// route's sidecar keeps its share for interactive requests, the line goes on to the cloud).
+pub fn batch_order(route: &Route, states: &[TargetState], share: f64, order: &mut [usize]) {
+    order.sort_by_key(|&i| {
+        let room = route
+            .targets
+            .get(i)
+            .zip(states.get(i))
+            .is_some_and(|(t, s)| batch_room(t, s, share));
+        !room
+    });
 }
 
 /// Moves the candidate holding the longest prefix of `conversation` to the front (the first

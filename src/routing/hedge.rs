@@ -201,29 +201,25 @@ impl RouteHedging {
         self.counts.add(REQUESTS, minute);
     }
 
-    /// Takes one hedge from the budget: `false` (nothing counted) when the route's hedges
-    /// over the last minute would exceed `share` of its requests.
-    pub fn take_hedge(&self, share: f64) -> bool {
+    /// Whether one more hedge fits the budget: the route's hedges over the last minute stay
+    /// within `share` of its requests. Counted by [`RouteHedging::count_hedge`] once it starts.
+    pub fn may_hedge(&self, share: f64) -> bool {
         let (minute, into) = self.clock();
         let requests = self.counts.sliding(REQUESTS, minute, into);
         let hedges = self.counts.sliding(HEDGES, minute, into);
-        if hedges + 1.0 > requests * share {
-            return false;
-        }
+        hedges + 1.0 <= requests * share
+    }
+
+    /// A hedge started.
+    pub fn count_hedge(&self) {
+        let (minute, _) = self.clock();
         self.counts.add(HEDGES, minute);
-        true
     }
 
     /// A time to first byte of the route's (every committed answer's).
     pub fn observe_ttft(&self, d: Duration) {
         let (minute, _) = self.clock();
         self.ttft.add(bucket(d), minute);
-    }
-
-    /// A first target that had not answered when a hedge won: slower than anything measured.
-    pub fn observe_censored(&self) {
-        let (minute, _) = self.clock();
-        self.ttft.add(BUCKETS - 1, minute);
     }
 
     /// The `q` quantile of recent times to first byte (a bucket's upper bound), once there
@@ -318,11 +314,19 @@ mod tests {
     #[test]
     fn the_budget_caps_hedges_at_their_share_of_requests() {
         let r = RouteHedging::default();
-        assert!(!r.take_hedge(0.05), "no traffic yet: no budget");
+        assert!(!r.may_hedge(0.05), "no traffic yet: no budget");
         for _ in 0..100 {
             r.note_request();
         }
-        let taken = (0..20).filter(|_| r.take_hedge(0.05)).count();
+        let taken = (0..20)
+            .filter(|_| {
+                let may = r.may_hedge(0.05);
+                if may {
+                    r.count_hedge();
+                }
+                may
+            })
+            .count();
         assert_eq!(taken, 5);
     }
 

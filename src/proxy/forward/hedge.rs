@@ -14,10 +14,10 @@ use http::{HeaderName, HeaderValue};
 
 use super::attempt::{
     client_gone, commit, gone, internal, prepare, reach, record, Attempt, Failed, PermitGuard,
-    Reached, Try,
+    Reached, Try, Upstreams,
 };
 use super::watch::Watchers;
-use super::Upstreams;
+
 use crate::openai::LlmRequest;
 use crate::proxy::ctx::RequestCtx;
 use crate::routing::balance::TargetState;
@@ -34,7 +34,9 @@ pub(super) struct Racer<'a> {
     pub t: Try<'a>,
     pub permit: PermitGuard,
     pub quota: QuotaHold,
-    pub in_flight: InFlight,
+    /// Its provider's in-flight count, until its answer arrived (handed to the watchers when
+    /// it commits).
+    pub in_flight: Option<InFlight>,
     pub price: Option<crate::price::Price>,
 }
 
@@ -114,7 +116,7 @@ impl<'a> Candidates<'a> {
                 },
                 permit,
                 quota,
-                in_flight: state.provider.enter(),
+                in_flight: Some(state.provider.enter()),
                 price,
             });
         }
@@ -127,6 +129,8 @@ impl<'a> Candidates<'a> {
 pub(super) struct Raced<'a> {
     pub racer: Racer<'a>,
     pub attempt: Attempt,
+    /// The targets hedges were started on (each an attempt of the request).
+    pub hedged: Vec<usize>,
 }
 
 type Reaching<'a> = Pin<Box<dyn Future<Output = Result<Reached, Failed>> + Send + 'a>>;
@@ -177,6 +181,7 @@ pub(super) async fn race<'a>(
             return Raced {
                 racer: primary,
                 attempt: internal(e),
+                hedged: Vec::new(),
             }
         }
     };
@@ -192,6 +197,7 @@ pub(super) async fn race<'a>(
         hedges: Vec::new(),
     };
     let mut hedging = true;
+    let mut hedged = Vec::new();
     let mut due = Instant::now().checked_add(delay);
     loop {
         let hedges = runners.hedges.len();
@@ -208,21 +214,22 @@ pub(super) async fn race<'a>(
                         let outcome = if at == 0 { "lost" } else { "won" };
                         up.metrics.hedges.with_label_values(&[race.route, outcome]).inc();
                     }
-                    // The route learns its first target's time to first byte: when a hedge won,
-                    // that time is unknown but longer than the wait so far, and counted as
-                    // the longest (learning the hedges' own times would pull the delay up).
-                    if at == 0 {
-                        race.learnt.observe_ttft(started.elapsed());
-                    } else {
-                        race.learnt.observe_censored();
-                    }
+                    // The route learns its first target's time to first byte; when a hedge won,
+                    // that time is unknown, and the wait so far is a lower bound of it (a
+                    // bound that never turns hedging off, as "the longest" would once the
+                    // first target is slow more often than the percentile allows).
+                    race.learnt.observe_ttft(started.elapsed());
                     let mut racer = winner.racer;
                     ctx.provider = Some(racer.t.target.provider.name.clone());
                     ctx.price = racer.price;
+                    // The watchers give it back as soon as the answer is in.
+                    if let Some(in_flight) = racer.in_flight.take() {
+                        watch.in_flight(in_flight);
+                    }
                     let t = racer.t;
                     let attempt =
                         commit(session, ctx, req, &t, reached, &mut racer.permit, up, watch).await;
-                    return Raced { racer, attempt };
+                    return Raced { racer, attempt, hedged };
                 }
                 Err(failed) => {
                     // Before a hedge starts, a failure goes back to the loop (which falls
@@ -232,7 +239,11 @@ pub(super) async fn race<'a>(
                         for other in others {
                             end(ctx, other, up).await;
                         }
-                        return Raced { racer: last.racer, attempt: Attempt::Failed(failed) };
+                        return Raced {
+                            racer: last.racer,
+                            attempt: Attempt::Failed(failed),
+                            hedged,
+                        };
                     }
                     if let Some(runner) = runners.get_mut(at) {
                         runner.reaching = None;
@@ -242,7 +253,7 @@ pub(super) async fn race<'a>(
             },
             () = sleep_until(next_due), if next_due.is_some() => {
                 due = Instant::now().checked_add(delay);
-                if !race.learnt.take_hedge(race.policy.budget) {
+                if !race.learnt.may_hedge(race.policy.budget) {
                     up.metrics.hedges.with_label_values(&[race.route, "skipped_budget"]).inc();
                     hedging = false;
                     continue;
@@ -253,12 +264,14 @@ pub(super) async fn race<'a>(
                 };
                 match prepare(session, ctx, req, hedge.t.target, whole(&hedge.price, watch)) {
                     Ok(outgoing) => {
+                        race.learnt.count_hedge();
                         if hedges == 0 {
                             ctx.response_headers.push((
                                 HeaderName::from_static("x-lumen-hedged"),
                                 HeaderValue::from_static("1"),
                             ));
                         }
+                        hedged.push(hedge.index);
                         runners.hedges.push(Runner {
                             reaching: Some(start(hedge.t, outgoing)),
                             racer: hedge,
@@ -274,7 +287,7 @@ pub(super) async fn race<'a>(
                 for other in others {
                     end(ctx, other, up).await;
                 }
-                return Raced { racer: first.racer, attempt: gone() };
+                return Raced { racer: first.racer, attempt: gone(), hedged };
             }
         }
     }

@@ -141,17 +141,26 @@ impl Forwarder {
             Vec::new()
         };
         // A hedged route learns its times to first byte and counts its requests (its budget).
+        // (Batch lines are never hedged, nor counted: they would pay for interactive hedges.)
         let learnt = route
             .hedge
             .as_ref()
+            .filter(|_| !ctx.batch_line)
             .map(|_| self.hedging.route(&route.name));
         if let Some(learnt) = &learnt {
             learnt.note_request();
         }
-        let order = match balance::order(route, &states, up.health, estimate, &conversation) {
+        let mut order = match balance::order(route, &states, up.health, estimate, &conversation) {
             Ok(order) => order,
             Err(none) => return Err(self.no_target(ctx, route, &none, up.metrics)),
         };
+        if ctx.batch_line {
+            let share = ctx
+                .config
+                .as_ref()
+                .map_or(0.5, |c| c.batches.capacity_share);
+            balance::batch_order(route, &states, share, &mut order);
+        }
         let policy = &route.retry;
         let deadline = policy.deadline.and_then(|d| started.checked_add(d));
         let mut tried = vec![0u32; route.targets.len()];
@@ -268,8 +277,10 @@ impl Forwarder {
                 None => {
                     watch.in_flight(state.provider.enter());
                     let attempt = attempt(session, ctx, req, &t, &mut permit, up, watch).await;
-                    // A hedged route learns its times to first byte from every answer.
-                    if let (Some(learnt), Some(first_byte)) = (&learnt, ctx.first_byte) {
+                    // A hedged route learns its first targets' times to first byte.
+                    if let (Some(learnt), Some(first_byte), 1) =
+                        (&learnt, ctx.first_byte, ctx.attempts)
+                    {
                         learnt.observe_ttft(first_byte);
                     }
                     attempt
@@ -280,7 +291,7 @@ impl Forwarder {
                         t,
                         permit,
                         quota,
-                        in_flight: state.provider.enter(),
+                        in_flight: Some(state.provider.enter()),
                         price: ctx.price,
                     };
                     let candidates = hedge::Candidates {
@@ -305,15 +316,20 @@ impl Forwarder {
                     ))
                     .await;
                     let racer = raced.racer;
-                    // The attempt that answered (or failed last) is settled below like any.
-                    (t, permit, quota) = (racer.t, racer.permit, racer.quota);
-                    if racer.index != i {
-                        previous = Some(racer.index);
-                        if let Some(tries) = tried.get_mut(racer.index) {
+                    // Hedges are attempts of the request, on their targets.
+                    for j in raced.hedged {
+                        ctx.attempts = ctx.attempts.saturating_add(1);
+                        if let Some(tries) = tried.get_mut(j) {
                             *tries = tries.saturating_add(1);
                         }
                     }
-                    watch.in_flight(racer.in_flight);
+                    // The attempt that answered (or failed last) is settled below like any.
+                    (t, permit, quota) = (racer.t, racer.permit, racer.quota);
+                    previous = Some(racer.index);
+                    ctx.provider = Some(t.target.provider.name.clone());
+                    if let Some(in_flight) = racer.in_flight {
+                        watch.in_flight(in_flight);
+                    }
                     raced.attempt
                 }
             };
