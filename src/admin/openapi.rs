@@ -181,6 +181,32 @@ pub enum GenerateAccepted {
     ShapeB(StillRunning),
 }
 
+/// `POST /v1/files`: a multipart form.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct FileUpload {
+    /// `batch` (the one purpose this gateway stores files for).
+    purpose: String,
+    /// JSONL, one `{"custom_id", "method": "POST", "url", "body"}` a line.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+}
+
+/// `POST /v1/batches`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct BatchCreate {
+    /// A file uploaded with `purpose: batch`.
+    input_file_id: String,
+    /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` or `/v1/responses`.
+    endpoint: String,
+    /// `24h`.
+    completion_window: String,
+    /// Up to 16 string values.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Value>,
+}
+
 /// One event of `GET /v1/jobs/{id}/events`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
@@ -216,6 +242,123 @@ pub struct TaskEvent {
 #[allow(dead_code)]
 mod operations {
     use super::*;
+
+    // ---- Batches (main listener, same auth as /v1/*) ----
+
+    /// Upload a batch input file (checked line by line: a bad line is a 400 naming it).
+    #[utoipa::path(post, path = "/v1/files", tag = "batches",
+        request_body(content = FileUpload, content_type = "multipart/form-data"),
+        responses(
+            (status = 200, description = "The `file` object", body = Object),
+            (status = 400, description = "Not a form, another purpose, or a bad line", body = ErrorBody),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 413, description = "Larger than `batches.max_file_bytes`", body = ErrorBody),
+            (status = 429, description = "Rate limited (see Retry-After)", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn files_upload() {}
+
+    /// The caller's files, newest first (`order=asc` for oldest).
+    #[utoipa::path(get, path = "/v1/files", tag = "batches",
+        params(
+            ("purpose" = Option<String>, Query, description = "`batch` or `batch_output`"),
+            ("limit" = Option<u32>, Query, description = "1 to 10000 (10000)"),
+            ("after" = Option<String>, Query, description = "A file id: the page after it"),
+            ("order" = Option<String>, Query, description = "`desc` (the default) or `asc`"),
+        ),
+        responses(
+            (status = 200, description = "`{\"object\": \"list\", \"data\", \"first_id\", \"last_id\", \"has_more\"}`", body = Object),
+            (status = 400, description = "A bad `limit`", body = ErrorBody),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn files_list() {}
+
+    /// A file's metadata.
+    #[utoipa::path(get, path = "/v1/files/{id}", tag = "batches",
+        params(("id" = String, Path, description = "The file id (`file-…`)")),
+        responses(
+            (status = 200, description = "The `file` object", body = Object),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, deleted, or another key's", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn files_get() {}
+
+    /// A file's bytes (an input, or a batch's output or errors, JSONL).
+    #[utoipa::path(get, path = "/v1/files/{id}/content", tag = "batches",
+        params(("id" = String, Path, description = "The file id")),
+        responses(
+            (status = 200, description = "The file", content_type = "application/octet-stream", body = String),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, deleted, or another key's", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn files_content() {}
+
+    /// Deletes a file (not one an unfinished batch reads).
+    #[utoipa::path(delete, path = "/v1/files/{id}", tag = "batches",
+        params(("id" = String, Path, description = "The file id")),
+        responses(
+            (status = 200, description = "`{\"id\", \"object\": \"file\", \"deleted\": true}`", body = Object),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, deleted, or another key's", body = ErrorBody),
+            (status = 409, description = "The input of a batch that has not finished", body = ErrorBody),
+            (status = 429, description = "Rate limited (see Retry-After)", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn files_delete() {}
+
+    /// Create a batch: each line of the input file runs as a job through the pipeline, at
+    /// most `batches.concurrency` at once, below interactive requests.
+    #[utoipa::path(post, path = "/v1/batches", tag = "batches", request_body = BatchCreate,
+        responses(
+            (status = 200, description = "The `batch` object (`in_progress`, or `failed` with `errors` naming lines for another endpoint)", body = Object),
+            (status = 400, description = "A bad endpoint, window, metadata or file", body = ErrorBody),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "No such input file", body = ErrorBody),
+            (status = 429, description = "Rate limited (see Retry-After)", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn batches_create() {}
+
+    /// The caller's batches, newest first.
+    #[utoipa::path(get, path = "/v1/batches", tag = "batches",
+        params(
+            ("limit" = Option<u32>, Query, description = "1 to 100 (20)"),
+            ("after" = Option<String>, Query, description = "A batch id: the page after it"),
+        ),
+        responses(
+            (status = 200, description = "`{\"object\": \"list\", \"data\", \"first_id\", \"last_id\", \"has_more\"}`", body = Object),
+            (status = 400, description = "A bad `limit`", body = ErrorBody),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn batches_list() {}
+
+    /// A batch: its status, `request_counts`, and once final its output and error files.
+    #[utoipa::path(get, path = "/v1/batches/{id}", tag = "batches",
+        params(("id" = String, Path, description = "The batch id (`batch_…`)")),
+        responses(
+            (status = 200, description = "The `batch` object", body = Object),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, or another key's", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn batches_get() {}
+
+    /// Cancel a batch: what runs is stopped, what finished is kept.
+    #[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches",
+        params(("id" = String, Path, description = "The batch id")),
+        responses(
+            (status = 200, description = "The `batch` object, `cancelling` until its driver stopped it", body = Object),
+            (status = 401, description = "No key, or an unknown one", body = ErrorBody),
+            (status = 404, description = "Unknown, expired, or another key's", body = ErrorBody),
+            (status = 409, description = "Already final", body = ErrorBody),
+            (status = 429, description = "Rate limited (see Retry-After)", body = ErrorBody),
+        ),
+        security(("bearer" = []), ("x_api_key" = [])))]
+    fn batches_cancel() {}
 
     // ---- Jobs (main listener, same auth as /v1/*) ----
 
@@ -619,10 +762,19 @@ impl Modify for SecuritySchemes {
 #[openapi(
     info(
         title = "Lumen",
-        description = "An OpenAI-compatible LLM gateway. The OpenAI endpoints, the jobs API and the probes are on the main listener; the admin API on the admin listener (loopback by default).",
+        description = "An OpenAI-compatible LLM gateway. The OpenAI endpoints, the Batch API, the jobs API and the probes are on the main listener; the admin API on the admin listener (loopback by default).",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
+        operations::files_upload,
+        operations::files_list,
+        operations::files_get,
+        operations::files_content,
+        operations::files_delete,
+        operations::batches_create,
+        operations::batches_list,
+        operations::batches_get,
+        operations::batches_cancel,
         operations::submit_job,
         operations::get_job,
         operations::cancel_job,
@@ -659,6 +811,7 @@ impl Modify for SecuritySchemes {
         operations::openapi_json,
     ),
     components(schemas(
+        FileUpload, BatchCreate,
         SubmitJob, JobEndpoint, JobObject, Status, JobMetrics, ErrorBody, ErrorDetail,
         GenerateBody, GenerateTask, GenerateJob, JobMeta, StopWords, ChatJob, Generated, StillRunning,
         JobFailed, TaskStatus, TaskState, TaskAnswer, TaskResult, TaskError, GenerateAccepted,
@@ -672,6 +825,7 @@ impl Modify for SecuritySchemes {
     modifiers(&SecuritySchemes),
     tags(
         (name = "jobs", description = "Async jobs: submit now, collect later"),
+        (name = "batches", description = "OpenAI's Batch API: files and batches, run on the job engine for every provider"),
         (name = "job shapes", description = "The request shapes of two queue-based LLM APIs (`jobs.compat_prefix`)"),
         (name = "health", description = "Probes for load balancers (no auth)"),
         (name = "openai", description = "OpenAI-compatible endpoints"),

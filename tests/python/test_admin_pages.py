@@ -115,6 +115,12 @@ def test_schemathesis_finds_nothing_on_jobs_and_health(ops_gateway, tmp_path):
     assert "12 selected" in report, report[-3000:]
 
 
+def test_schemathesis_finds_nothing_on_the_batch_api(ops_gateway, tmp_path):
+    report = schemathesis(spec_file(ops_gateway, tmp_path), main(ops_gateway), "sk-team-a", ["batches"])
+    # Every operation was exercised: 5 on files, 4 on batches.
+    assert "9 selected" in report, report[-3000:]
+
+
 def test_schemathesis_finds_nothing_on_the_admin_api(ops_gateway, tmp_path):
     report = schemathesis(spec_file(ops_gateway, tmp_path), admin(ops_gateway), ADMIN_KEY, ["admin"])
     assert "9 selected" in report, report[-3000:]
