@@ -184,3 +184,47 @@ async fn a_percentile_delay_learns_the_routes_time_to_first_byte() {
     assert!(hedged >= 1, "nothing hedged");
     assert_eq!(b.requests().len(), hedged);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hedged_route_reserves_the_hedges_prompt_too() {
+    let (a, b) = (MockUpstream::start(), MockUpstream::start());
+    let yaml = format!(
+        r#"keys:
+  - {{ id: k, key: "sk-k", limits: {{ tokens_per_minute: 1800 }} }}
+providers:
+  a: {{ base_url: "{}", health: {{ enabled: false }} }}
+  b: {{ base_url: "{}", health: {{ enabled: false }} }}
+routes:
+  - model: plain
+    targets: [ {{ provider: a, model: up }}, {{ provider: b, model: up }} ]
+  - model: hedged
+    targets: [ {{ provider: a, model: up }}, {{ provider: b, model: up }} ]
+    hedge: {{ after: 1s, budget: 100% }}
+"#,
+        a.base_url(),
+        b.base_url()
+    );
+    let lumen = Lumen::start(&yaml);
+    // About 1,200 prompt tokens (body bytes / 4): one prompt fits the 1,800 a minute, a prompt
+    // and its hedge's do not, whether or not a hedge then starts.
+    let prompt = "word ".repeat(960);
+    let ask = |model: &str| {
+        let body = chat_with(model, &prompt, json!({"max_tokens": 1}));
+        let addr = lumen.addr;
+        async move {
+            let mut c = Client::connect(addr).await.unwrap();
+            c.post_json(
+                "/v1/chat/completions",
+                &[("authorization", "Bearer sk-k")],
+                &body,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(ask("plain").await.status, 200);
+    let refused = ask("hedged").await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    // The plain request was settled with its real usage: there is room for another.
+    assert_eq!(ask("plain").await.status, 200);
+}

@@ -180,10 +180,10 @@ impl Gateway {
         let money = hit.is_none() && money::has_budget(&principal, &config);
         let (tokens, money) = match (tokens, money) {
             (true, true) => tokio::join!(
-                self.reserve_tokens(&principal, &req),
+                self.reserve_tokens(&principal, &req, &route),
                 self.reserve_money(&principal, &req, &route, &config)
             ),
-            (true, false) => (self.reserve_tokens(&principal, &req).await, None),
+            (true, false) => (self.reserve_tokens(&principal, &req, &route).await, None),
             (false, true) => (
                 None,
                 self.reserve_money(&principal, &req, &route, &config).await,

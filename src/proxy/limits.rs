@@ -272,9 +272,15 @@ impl Gateway {
         &self,
         principal: &Principal,
         req: &LlmRequest,
+        route: &Route,
     ) -> Option<Result<(TokenHold, RateStatus), Limited>> {
         let limits = principal.limits.as_ref().filter(|l| !l.tokens.is_empty())?;
-        let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
+        // A hedged route may send the prompt to `max` more targets: their prompts are
+        // reserved too (each is settled with what was really used).
+        let hedges = route.hedge.as_ref().map_or(0, |h| h.max as u64);
+        let estimate = req
+            .token_estimate(DEFAULT_COMPLETION_TOKENS)
+            .saturating_add(hedges.saturating_mul(req.token_split(0).0));
         let local = || {
             self.limiter
                 .reserve_tokens(&principal.key_id, &limits.tokens, estimate, Instant::now())

@@ -130,12 +130,18 @@ impl Gateway {
             return None;
         }
         let (prompt, completion) = req.token_split(DEFAULT_COMPLETION_TOKENS);
-        // The dearest target's worst case. A target without a price could spend anything: a
-        // budgeted caller is not sent there.
+        // The dearest target's worst case, and on a hedged route the dearest prompt once more
+        // per hedge. A target without a price could spend anything: a budgeted caller is not
+        // sent there.
+        let hedges = route.hedge.as_ref().map_or(0, |h| h.max as u64);
         let mut amount = 0;
+        let mut hedge_prompt = 0;
         for target in &route.targets {
             match config.routes.price(target, &req.model) {
-                Some(price) => amount = amount.max(price.worst_case(prompt, completion)),
+                Some(price) => {
+                    amount = amount.max(price.worst_case(prompt, completion));
+                    hedge_prompt = hedge_prompt.max(price.worst_case(prompt, 0));
+                }
                 None => {
                     return Some(Err(Refused::Unpriced {
                         provider: target.provider.name.clone(),
@@ -143,6 +149,7 @@ impl Gateway {
                 }
             }
         }
+        let amount = amount.saturating_add(hedge_prompt.saturating_mul(hedges));
         let local = |charges: &[Charge]| {
             self.node
                 .budgets
