@@ -56,6 +56,11 @@ async fn a_late_first_target_is_raced_and_the_first_answer_wins() {
     let r = ask(&lumen, &chat("h", "hello")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-lumen-provider"), Some("b"));
+    assert_eq!(
+        r.header("x-lumen-attempts"),
+        Some("2"),
+        "the hedge is an attempt"
+    );
     assert_eq!(r.header("x-lumen-hedged"), Some("1"));
     assert_eq!(
         r.json()["choices"][0]["message"]["content"],

@@ -44,8 +44,10 @@ impl BatchSettings {
         if raw.max_requests == 0 {
             problems.push(Problem::at("batches.max_requests", "must be at least 1"));
         }
-        if raw.retention < Duration::from_secs(60) {
-            problems.push(Problem::at("batches.retention", "must be at least 1m"));
+        // A batch runs for up to its 24 h window after its input was uploaded, and the input
+        // must outlive it: a day at least.
+        if raw.retention < Duration::from_secs(86_400) {
+            problems.push(Problem::at("batches.retention", "must be at least 1d"));
         }
         BatchSettings {
             max_file_bytes: raw.max_file_bytes.0,

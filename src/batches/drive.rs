@@ -130,23 +130,23 @@ async fn drive(
     mut stop: ShutdownWatch,
 ) -> Result<(), BatchError> {
     let store = &batches.store;
-    let Some(mut rec) = store.get(id).await? else {
-        return Ok(());
+    let rec = store.get(id).await?;
+    let Some(mut rec) = rec.filter(|r| !r.is_final()) else {
+        // Finished (or expired) already, its final save cut short before it left the index:
+        // it leaves now, or every node would look at it forever.
+        return store.deactivate(id).await;
     };
-    if rec.is_final() {
-        return Ok(());
-    }
     let principal = match crate::jobs::redis::principal_of(&rec.principal, &config.load().auth) {
         Ok(p) => p,
-        Err(e) => return fail(batches, &mut rec, node, "invalid_api_key", &e.message).await,
+        Err(e) => return stop_short(batches, &mut rec, node, "invalid_api_key", &e.message).await,
     };
     let Some(data) = batches
         .files
         .content(&rec.owner, &rec.input_file_id)
         .await?
     else {
-        let message = format!("the input file {} was deleted", rec.input_file_id);
-        return fail(batches, &mut rec, node, "input_file_missing", &message).await;
+        let message = format!("the input file {} is gone", rec.input_file_id);
+        return stop_short(batches, &mut rec, node, "input_file_missing", &message).await;
     };
     let (lines, endpoint) = match (
         input::lines(&data, usize::MAX),
@@ -383,6 +383,24 @@ async fn save(batches: &Batches, rec: &Record, node: &str) -> Result<(), BatchEr
     }
 }
 
+/// The batch cannot go on (its key is gone, or its input): it fails, keeping in its output and
+/// error files what its lines did so far.
+async fn stop_short(
+    batches: &Batches,
+    rec: &mut Record,
+    node: &str,
+    code: &str,
+    message: &str,
+) -> Result<(), BatchError> {
+    if batches.store.done(&rec.id).await?.is_empty() {
+        return fail(batches, rec, node, code, message).await;
+    }
+    rec.errors = Some(vec![
+        json!({"code": code, "message": message, "line": null, "param": null}),
+    ]);
+    finalize(batches, rec, node, "failed").await
+}
+
 /// The batch failed before any line ran.
 async fn fail(
     batches: &Batches,
@@ -449,6 +467,7 @@ async fn finalize(
     match status {
         "cancelled" => rec.cancelled_at = at,
         "expired" => rec.expired_at = at,
+        "failed" => rec.failed_at = at,
         _ => rec.completed_at = at,
     }
     rec.status = status.into();

@@ -222,6 +222,8 @@ impl BatchStore {
                     record.id.clone(),
                     MemBatch {
                         record: Some(record.clone()),
+                        // One that failed validation is final from the start.
+                        finished: record.is_final().then(std::time::Instant::now),
                         ..MemBatch::default()
                     },
                 );
@@ -338,6 +340,23 @@ impl BatchStore {
                 Ok(written == 1)
             }
         }
+    }
+
+    /// Takes a batch out of the ones to drive (Redis: its index; in process, a final record
+    /// is not driven anyway).
+    pub async fn deactivate(&self, id: &str) -> Result<(), BatchError> {
+        let BatchStore::Redis { link, prefix, .. } = self else {
+            return Ok(());
+        };
+        let mut conn = Self::conn(link).await?;
+        link.within(
+            redis::cmd("ZREM")
+                .arg(Self::active_key(prefix))
+                .arg(id)
+                .query_async::<()>(&mut conn),
+        )
+        .await
+        .map_err(store_error)
     }
 
     /// Forgets, in process, the batches final for longer than `retention` (Redis expires its

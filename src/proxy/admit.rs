@@ -178,15 +178,26 @@ impl Gateway {
                 .as_ref()
                 .is_some_and(|l| !l.tokens.is_empty());
         let money = hit.is_none() && money::has_budget(&principal, &config);
+        //     A hedged route's request may send its prompt to more targets: one prompt more
+        //     per possible hedge is reserved (none for a hit or a batch's line, which never
+        //     hedge).
+        let hedges = match &route.hedge {
+            Some(h) if hit.is_none() && !ctx.batch_line => {
+                (h.max as u64).min(route.targets.len().saturating_sub(1) as u64)
+            }
+            _ => 0,
+        };
+        ctx.hedge_reserve = hedges.saturating_mul(req.token_split(0).0);
         let (tokens, money) = match (tokens, money) {
             (true, true) => tokio::join!(
-                self.reserve_tokens(&principal, &req, &route),
-                self.reserve_money(&principal, &req, &route, &config)
+                self.reserve_tokens(&principal, &req, hedges),
+                self.reserve_money(&principal, &req, &route, &config, hedges)
             ),
-            (true, false) => (self.reserve_tokens(&principal, &req, &route).await, None),
+            (true, false) => (self.reserve_tokens(&principal, &req, hedges).await, None),
             (false, true) => (
                 None,
-                self.reserve_money(&principal, &req, &route, &config).await,
+                self.reserve_money(&principal, &req, &route, &config, hedges)
+                    .await,
             ),
             (false, false) => (None, None),
         };

@@ -97,6 +97,8 @@ pub struct RequestCtx {
     /// prompt) and those tokens' cost at their targets' prices, in micro-dollars. Settled
     /// with the request's own usage.
     pub hedge_spent: (u64, u64),
+    /// The tokens reserved for possible hedges' prompts (on top of the request's estimate).
+    pub hedge_reserve: u64,
     /// (prompt, completion) tokens the provider reported, when it did.
     pub usage_split: Option<(u64, u64)>,
     /// (cached prompt, reasoning) tokens the provider reported (priced apart).
@@ -188,6 +190,7 @@ impl RequestCtx {
             usage_estimate: None,
             prompt_estimate: 0,
             hedge_spent: (0, 0),
+            hedge_reserve: 0,
             usage_split: None,
             usage_detail: (0, 0),
             money: None,

@@ -63,7 +63,8 @@ impl Gateway {
             };
             let actual = match ctx.usage_total.or(ctx.usage_estimate) {
                 Some(total) => total,
-                None if ctx.status == 200 => reserved,
+                // (Without the hedges' prompts reserved: those that ran are added below.)
+                None if ctx.status == 200 => reserved.saturating_sub(ctx.hedge_reserve),
                 None => 0,
             }
             .saturating_add(ctx.hedge_spent.0);
@@ -272,12 +273,11 @@ impl Gateway {
         &self,
         principal: &Principal,
         req: &LlmRequest,
-        route: &Route,
+        hedges: u64,
     ) -> Option<Result<(TokenHold, RateStatus), Limited>> {
         let limits = principal.limits.as_ref().filter(|l| !l.tokens.is_empty())?;
-        // A hedged route may send the prompt to `max` more targets: their prompts are
+        // A hedged route may send the prompt to `hedges` more targets: their prompts are
         // reserved too (each is settled with what was really used).
-        let hedges = route.hedge.as_ref().map_or(0, |h| h.max as u64);
         let estimate = req
             .token_estimate(DEFAULT_COMPLETION_TOKENS)
             .saturating_add(hedges.saturating_mul(req.token_split(0).0));

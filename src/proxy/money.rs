@@ -124,6 +124,7 @@ impl Gateway {
         req: &LlmRequest,
         route: &Route,
         config: &Snapshot,
+        hedges: u64,
     ) -> Option<Result<(MoneyHold, Standing), Refused>> {
         let charges = charges(principal, config);
         if charges.is_empty() {
@@ -133,7 +134,6 @@ impl Gateway {
         // The dearest target's worst case, and on a hedged route the dearest prompt once more
         // per hedge. A target without a price could spend anything: a budgeted caller is not
         // sent there.
-        let hedges = route.hedge.as_ref().map_or(0, |h| h.max as u64);
         let mut amount = 0;
         let mut hedge_prompt = 0;
         for target in &route.targets {

@@ -272,6 +272,8 @@ pub(super) async fn race<'a>(
                             ));
                         }
                         hedged.push(hedge.index);
+                        // An attempt of the request (its `x-lumen-attempts` says so).
+                        ctx.attempts = ctx.attempts.saturating_add(1);
                         runners.hedges.push(Runner {
                             reaching: Some(start(hedge.t, outgoing)),
                             racer: hedge,

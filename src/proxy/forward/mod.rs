@@ -316,9 +316,9 @@ impl Forwarder {
                     ))
                     .await;
                     let racer = raced.racer;
-                    // Hedges are attempts of the request, on their targets.
+                    // Hedges are attempts of the request (counted in `ctx` as they started), on
+                    // their targets.
                     for j in raced.hedged {
-                        ctx.attempts = ctx.attempts.saturating_add(1);
                         if let Some(tries) = tried.get_mut(j) {
                             *tries = tries.saturating_add(1);
                         }
