@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::files::FileMeta;
 use super::store::Record;
-use super::{drive, input, multipart, new_id, now_secs, BatchError, Batches};
+use super::{input, multipart, new_id, now_secs, BatchError, Batches};
 use crate::error::GatewayError;
 
 /// A call of the Batch API.
@@ -359,7 +359,8 @@ async fn create(
     let rec = Record {
         id: new_id("batch_"),
         owner: owner.to_string(),
-        principal: drive::recorded(principal),
+        // As the job engine records a job's submitter: the lines run as it.
+        principal: crate::jobs::redis::recorded(principal),
         endpoint: create.endpoint,
         input_file_id: meta.id,
         completion_window: create.completion_window,

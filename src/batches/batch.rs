@@ -153,19 +153,8 @@ pub fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// `prefix` and 24 random base32 characters (120 bits from the OS's CSPRNG): an id names a
-/// file or batch to its owner, so it must not be guessable from others.
-pub fn new_id(prefix: &str) -> String {
-    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut id = String::with_capacity(prefix.len().saturating_add(24));
-    id.push_str(prefix);
-    for b in crate::jobs::secure_random::<24>() {
-        if let Some(&c) = ALPHABET.get(usize::from(b & 31)) {
-            id.push(char::from(c));
-        }
-    }
-    id
-}
+/// `prefix` and 24 random base32 characters, as the job engine makes its ids.
+pub use crate::jobs::new_id;
 
 /// Whether `id` is one this gateway could have made with `prefix` (checked before it names a
 /// key or a path).

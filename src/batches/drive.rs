@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use lumen_plugins::auth::Principal;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::files::FileMeta;
 use super::input::{self, Line};
@@ -482,16 +481,6 @@ async fn finalize(
     Ok(())
 }
 
-/// The principal a batch's lines run as, recorded as the job engine records a job's.
-pub fn recorded(principal: &Principal) -> Value {
-    json!({
-        "key_id": principal.key_id,
-        "tenant": principal.tenant,
-        "models": principal.models(),
-        "configured": principal.configured,
-    })
-}
-
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,
@@ -502,6 +491,7 @@ pub fn recorded(principal: &Principal) -> Value {
 mod tests {
     use super::*;
     use crate::jobs::JobError;
+    use serde_json::Value;
 
     fn line() -> Line {
         Line {

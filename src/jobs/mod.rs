@@ -115,7 +115,7 @@ impl Jobs {
         if self.closing.load(Ordering::Relaxed) {
             return Err(SubmitError::ShuttingDown);
         }
-        let id = client_id.unwrap_or_else(new_job_id);
+        let id = client_id.unwrap_or_else(|| new_id("job_"));
         let result = match &self.backend {
             Backend::Memory(m) => m.submit(owner, endpoint, body, id),
             Backend::Redis(r) => r.submit(owner, endpoint, body, id).await,
@@ -291,14 +291,16 @@ impl Subscription {
     }
 }
 
-/// `job_` and 24 random base32 characters (120 bits from the OS's CSPRNG): an id names a job
-/// to its owner, so it must not be guessable from others.
-fn new_job_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut id = String::with_capacity(28);
-    id.push_str("job_");
+/// `prefix` and 24 random base32 characters (120 bits from the OS's CSPRNG): an id names a job
+/// (`job_`), a batch or a file to its owner, so it must not be guessable from others.
+pub fn new_id(prefix: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut id = String::with_capacity(prefix.len().saturating_add(24));
+    id.push_str(prefix);
     for b in secure_random::<24>() {
-        id.push(char::from(ALPHABET[usize::from(b & 31)]));
+        if let Some(&c) = ALPHABET.get(usize::from(b & 31)) {
+            id.push(char::from(c));
+        }
     }
     id
 }

@@ -217,12 +217,7 @@ impl RedisJobs {
     ) -> Result<(JobView, bool), SubmitError> {
         let mut conn = self.conn().await?;
         let (job_key, ev_key) = self.keys(&owner.key_id, &id);
-        let principal = json!({
-            "key_id": owner.key_id,
-            "tenant": owner.tenant,
-            "models": owner.models(),
-            "configured": owner.configured,
-        });
+        let principal = recorded(owner);
         let created = now_us();
         let mut inv = self.submit.prepare_invoke();
         inv.key(&job_key)
@@ -610,6 +605,17 @@ impl RedisSub {
             }
         }
     }
+}
+
+/// A submitter as a job records it: a configured key by its id (looked up again when the job
+/// runs), a token caller with its tenant and models. [`principal_of`] reads it back.
+pub fn recorded(principal: &Principal) -> Value {
+    json!({
+        "key_id": principal.key_id,
+        "tenant": principal.tenant,
+        "models": principal.models(),
+        "configured": principal.configured,
+    })
 }
 
 /// The principal a claimed job runs as: the configured key as it is now (its current limits;

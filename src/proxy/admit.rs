@@ -187,7 +187,9 @@ impl Gateway {
             }
             _ => 0,
         };
-        ctx.hedge_reserve = hedges.saturating_mul(req.token_split(0).0);
+        if hedges > 0 {
+            ctx.hedge_reserve = hedges.saturating_mul(req.token_split(0).0);
+        }
         let (tokens, money) = match (tokens, money) {
             (true, true) => tokio::join!(
                 self.reserve_tokens(&principal, &req, hedges),

@@ -278,9 +278,12 @@ impl Gateway {
         let limits = principal.limits.as_ref().filter(|l| !l.tokens.is_empty())?;
         // A hedged route may send the prompt to `hedges` more targets: their prompts are
         // reserved too (each is settled with what was really used).
-        let estimate = req
-            .token_estimate(DEFAULT_COMPLETION_TOKENS)
-            .saturating_add(hedges.saturating_mul(req.token_split(0).0));
+        let estimate = match hedges {
+            0 => req.token_estimate(DEFAULT_COMPLETION_TOKENS),
+            n => req
+                .token_estimate(DEFAULT_COMPLETION_TOKENS)
+                .saturating_add(n.saturating_mul(req.token_split(0).0)),
+        };
         let local = || {
             self.limiter
                 .reserve_tokens(&principal.key_id, &limits.tokens, estimate, Instant::now())

@@ -3,6 +3,7 @@
 10 on a real `lumen-llama` sidecar (with interactive requests served meanwhile), a batch
 cancelled mid-way, and a malformed file refused naming its line."""
 
+import asyncio
 import json
 import statistics
 import subprocess
@@ -109,16 +110,12 @@ def test_embeddings_batch_and_async_client(batch_gateway):
         f = await c.files.create(file=("emb.jsonl", jsonl(lines)), purpose="batch")
         b = await c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
         while b.status not in ("completed", "failed"):
-            import asyncio
-
             await asyncio.sleep(0.1)
             b = await c.batches.retrieve(b.id)
         assert b.status == "completed" and b.request_counts.completed == 20, b
         content = await c.files.content(b.output_file_id)
         rows = [json.loads(l) for l in content.text.splitlines() if l]
         assert all(r["response"]["body"]["data"][0]["embedding"] for r in rows)
-
-    import asyncio
 
     asyncio.run(run())
 
