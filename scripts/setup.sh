@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Lumen needs, only where it is missing, so a second run is
 # quick and needs no network: Debian packages (cmake/clang for Pingora's zlib-ng and llama.cpp,
-# redis-server, curl, openssl, nginx and strace for the benchmark, chromium and Node.js for the admin
+# redis-server and redis-tools (redis-cli builds the test Redis Clusters), curl, openssl, nginx and strace for the benchmark, chromium and Node.js for the admin
 # pages' browser test), promtool (taken out of Debian's `prometheus` package into .tools/, so no
 # Prometheus server is installed or started), the admin pages' front-end packages (Swagger UI,
 # ReDoc, uPlot; npm, pinned in src/admin/ui/package-lock.json), and the Python venv (.venv) with
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(cmake clang libclang-dev pkg-config redis-server curl openssl nginx-light chromium strace)
+packages=(cmake clang libclang-dev pkg-config redis-server redis-tools curl openssl nginx-light chromium strace)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -207,6 +207,7 @@ pub fn admin_service(
         history,
         budgets: node.budgets.clone(),
         shared_budgets: node.redis.as_ref().map(|r| r.budgets.clone()),
+        redis: node.redis.as_ref().map(|r| r.link.clone()),
     });
     let limits = snapshot.server.connections;
     app.server_options = Some(server_options(limits, false));
@@ -242,7 +243,7 @@ pub fn health_prober(node: &impl AsRef<Node>) -> impl pingora::services::Service
             providers: node.config.clone(),
             health: node.health.clone(),
             metrics: node.metrics.clone(),
-            redis: node.shared_limits(),
+            redis: node.redis.as_ref().map(|r| r.link.clone()),
         },
     )
 }

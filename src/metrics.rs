@@ -31,8 +31,13 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// `lumen_requests_in_flight`: requests being handled now.
     pub in_flight: prometheus::IntGauge,
-    /// `lumen_redis_errors_total{op}`: Redis calls that failed or timed out.
+    /// `lumen_redis_errors_total{op}`: Redis calls that failed or timed out (counted by the
+    /// Redis link for every call, through [`RedisObserver`]).
     pub redis_errors: IntCounterVec,
+    /// `lumen_redis_latency_seconds{op}`: every Redis call's time, failed ones included.
+    pub redis_latency: HistogramVec,
+    /// Both of the above resolved once for each operation the gateway names.
+    redis_ops: Vec<(&'static str, prometheus::Histogram, prometheus::IntCounter)>,
     /// `lumen_upstream_attempts_total{provider, outcome}`: every attempt and how it ended
     /// (`ok`, `connect`, `timeout`, `dropped`, `status_429`, `status_5xx`, `status_4xx`).
     pub attempts: IntCounterVec,
@@ -305,6 +310,31 @@ impl Metrics {
             "Redis calls that failed or timed out, by operation",
             &["op"],
         );
+        let redis_latency = {
+            // 50 µs … ~1.6 s: a call on loopback is well under a millisecond; the top buckets
+            // catch timeouts and failovers.
+            let buckets = exponential_buckets(0.00005, 2.0, 16).unwrap_or_default();
+            let opts = HistogramOpts::new(
+                "lumen_redis_latency_seconds",
+                "Time of each Redis call, by operation",
+            )
+            .buckets(buckets);
+            let h = HistogramVec::new(opts, &["op"]).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let redis_ops = REDIS_OPS
+            .iter()
+            .map(|op| {
+                (
+                    *op,
+                    redis_latency.with_label_values(&[op]),
+                    redis_errors.with_label_values(&[op]),
+                )
+            })
+            .collect();
         let attempts = counter(
             "lumen_upstream_attempts_total",
             "Upstream attempts, by provider and outcome",
@@ -505,6 +535,8 @@ impl Metrics {
             probes,
             upstream_duration,
             redis_errors,
+            redis_latency,
+            redis_ops,
             requests,
             duration,
             first_byte,
@@ -683,6 +715,39 @@ impl Metrics {
                 fallbacks: total("lumen_fallbacks_total"),
             },
             config_reloads: sum_by(&f, "lumen_config_reloads_total", Some("result")),
+        }
+    }
+}
+
+/// The operations Redis calls are made for (`op` of the Redis metrics).
+const REDIS_OPS: [&str; 9] = [
+    "rate_limit",
+    "budget",
+    "cache",
+    "jobs",
+    "ledger",
+    "responses",
+    "batches",
+    "files",
+    "topology",
+];
+
+impl lumen_plugins::redis_link::RedisObserver for Metrics {
+    fn call(&self, op: &'static str, elapsed: std::time::Duration, failed: bool) {
+        let seconds = elapsed.as_secs_f64();
+        match self.redis_ops.iter().find(|(name, _, _)| *name == op) {
+            Some((_, latency, errors)) => {
+                latency.observe(seconds);
+                if failed {
+                    errors.inc();
+                }
+            }
+            None => {
+                self.redis_latency.with_label_values(&[op]).observe(seconds);
+                if failed {
+                    self.redis_errors.with_label_values(&[op]).inc();
+                }
+            }
         }
     }
 }

@@ -72,32 +72,34 @@ impl Node {
     /// Builds the node's shared state from the live config.
     pub fn new(config: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Node {
         let snapshot = config.load_full();
-        let redis = snapshot
-            .redis
-            .as_ref()
-            .and_then(|r| match RedisLink::new(&r.url, r.timeout) {
-                Ok(link) => {
-                    let link = Arc::new(link);
-                    Some(Redis {
-                        limits: Arc::new(SharedLimiter::new(link.clone(), &r.prefix)),
-                        budgets: Arc::new(lumen_plugins::budget::shared::SharedBudgets::new(
-                            link.clone(),
-                            &r.prefix,
-                        )),
-                        local_budget_share: r.local_budget_share,
-                        link,
-                        prefix: r.prefix.clone(),
-                        on_error: r.on_error,
-                    })
-                }
-                Err(e) => {
-                    tracing::error!(
-                        error = %e,
-                        "redis unusable: limits, cache, usage and jobs run in this process only"
-                    );
-                    None
-                }
-            });
+        let redis =
+            snapshot
+                .redis
+                .as_ref()
+                .and_then(|r| match RedisLink::with_settings(r.link.clone()) {
+                    Ok(link) => {
+                        let link = Arc::new(link);
+                        link.observe(metrics.clone());
+                        Some(Redis {
+                            limits: Arc::new(SharedLimiter::new(link.clone(), &r.prefix)),
+                            budgets: Arc::new(lumen_plugins::budget::shared::SharedBudgets::new(
+                                link.clone(),
+                                &r.prefix,
+                            )),
+                            local_budget_share: r.local_budget_share,
+                            link,
+                            prefix: r.prefix.clone(),
+                            on_error: r.on_error,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            error = %e,
+                            "redis unusable: limits, cache, usage and jobs run in this process only"
+                        );
+                        None
+                    }
+                });
         let link = redis.as_ref().map(|r| (r.link.clone(), r.prefix.clone()));
         let health = Arc::new(HealthTable::new());
         health.sync(snapshot.providers.values());

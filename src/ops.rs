@@ -81,6 +81,12 @@ pub struct RedisHealth {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<bool>)]
     pub connected: Option<Option<bool>>,
+    /// The servers as last seen (every few seconds): `kind` (`server`, `cluster`,
+    /// `sentinel`), `nodes` (`addr`, `role`: primary, replica or sentinel, `up`, `slots`,
+    /// `primary`), `failovers_seen` and `last_failover_at` (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub topology: Option<lumen_plugins::redis_link::Topology>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -113,13 +119,13 @@ pub struct Model {
 }
 
 /// Probes answered before authentication: `Some` for `/healthz`, `/readyz` and `/health`.
-/// `redis` is the last Redis ping when Redis is configured (`Some(None)`: not pinged yet).
+/// `redis` is the fleet's Redis link when Redis is configured.
 pub fn answer_probe(
     method: &Method,
     path: &str,
     config: &Snapshot,
     health: &HealthTable,
-    redis: Option<Option<bool>>,
+    redis: Option<&lumen_plugins::redis_link::RedisLink>,
     jobs: &crate::jobs::Jobs,
 ) -> Option<Result<Reply, GatewayError>> {
     let path = path.strip_suffix('/').unwrap_or(path);
@@ -192,7 +198,7 @@ fn readiness(config: &Snapshot, health: &HealthTable) -> Reply {
 fn health_report(
     config: &Snapshot,
     health: &HealthTable,
-    redis: Option<Option<bool>>,
+    redis: Option<&lumen_plugins::redis_link::RedisLink>,
     jobs: &crate::jobs::Jobs,
 ) -> Reply {
     let now = health.now_ms();
@@ -258,7 +264,8 @@ fn health_report(
             },
             redis: RedisHealth {
                 configured: redis.is_some(),
-                connected: redis,
+                connected: redis.map(|_| health.redis_ok()),
+                topology: redis.and_then(|link| link.last_topology()),
             },
             providers,
             sidecar: sidecars,

@@ -124,7 +124,7 @@ impl ResponseStore {
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 let key = redis_key(prefix, owner, id);
                 let secs = ttl.as_secs().max(1);
-                link.retrying(|mut conn| {
+                link.retrying("responses", |mut conn| {
                     let (key, body) = (key.clone(), body.clone());
                     async move {
                         redis::cmd("SET")
@@ -148,7 +148,7 @@ impl ResponseStore {
             ResponseStore::Redis { link, prefix } => {
                 let key = redis_key(prefix, owner, id);
                 let body: Option<String> = link
-                    .retrying(|mut conn| {
+                    .retrying("responses", |mut conn| {
                         let key = key.clone();
                         async move { redis::cmd("GET").arg(key).query_async(&mut conn).await }
                     })
@@ -166,7 +166,7 @@ impl ResponseStore {
             ResponseStore::Redis { link, prefix } => {
                 let key = redis_key(prefix, owner, id);
                 let n: u64 = link
-                    .retrying(|mut conn| {
+                    .retrying("responses", |mut conn| {
                         let key = key.clone();
                         async move { redis::cmd("DEL").arg(key).query_async(&mut conn).await }
                     })

@@ -128,7 +128,11 @@ fn text(v: &Value) -> String {
 pub fn status(target: &Target) -> Result<(String, Value, bool), CliError> {
     let config = target.get("/admin/config")?;
     let providers = target.get("/admin/providers")?;
+    let redis = target.get("/admin/redis")?;
     let mut healthy = config["last_reload"]["result"] != "error";
+    if redis["connected"] == Value::Bool(false) {
+        healthy = false;
+    }
     let mut rows = Vec::new();
     let mut model_rows = Vec::new();
     for p in providers["providers"].as_array().into_iter().flatten() {
@@ -174,11 +178,12 @@ pub fn status(target: &Target) -> Result<(String, Value, bool), CliError> {
         ),
     };
     let report = format!(
-        "config {} ({}), {} routes, {} providers; {reload}\n\n{}\n\n{}\n",
+        "config {} ({}), {} routes, {} providers; {reload}\n{}\n{}\n\n{}\n",
         text(&config["hash"]),
         text(&config["path"]),
         text(&config["routes"]),
         text(&config["providers"]),
+        redis_report(&redis),
         table(
             &[
                 "PROVIDER",
@@ -197,8 +202,52 @@ pub fn status(target: &Target) -> Result<(String, Value, bool), CliError> {
             &model_rows
         ),
     );
-    let json = serde_json::json!({"healthy": healthy, "config": config, "providers": providers["providers"]});
+    let json = serde_json::json!({"healthy": healthy, "config": config, "providers": providers["providers"], "redis": redis});
     Ok((report, json, healthy))
+}
+
+/// `lumen status`'s Redis lines: whether it answers, and each server with its role.
+fn redis_report(redis: &Value) -> String {
+    if redis["configured"] != Value::Bool(true) {
+        return "redis: not configured (limits, cache and jobs are this node's own)\n".into();
+    }
+    let answer = match redis["connected"].as_bool() {
+        Some(true) => "answers",
+        Some(false) => "DOES NOT ANSWER",
+        None => "not asked yet",
+    };
+    let topology = &redis["topology"];
+    let failovers = match topology["failovers_seen"].as_u64() {
+        Some(0) | None => "no failover seen".to_string(),
+        Some(n) => format!(
+            "{n} failover(s) seen, the last at {} (Unix)",
+            text(&topology["last_failover_at"])
+        ),
+    };
+    let rows: Vec<Vec<String>> = topology["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            vec![
+                text(&n["addr"]),
+                text(&n["role"]),
+                if n["up"] == Value::Bool(true) {
+                    "up"
+                } else {
+                    "DOWN"
+                }
+                .to_string(),
+                text(&n["slots"]),
+                text(&n["primary"]),
+            ]
+        })
+        .collect();
+    format!(
+        "redis ({}): {answer}; {failovers}\n{}\n",
+        text(&topology["kind"]),
+        table(&["REDIS NODE", "ROLE", "STATE", "SLOTS", "PRIMARY"], &rows)
+    )
 }
 
 /// Parses `24h`, `7d`, `90m` into whole days back from today (at least today itself).

@@ -56,6 +56,8 @@ pub struct AdminApp {
     pub budgets: Arc<lumen_plugins::budget::LocalBudgets>,
     /// Dollar budgets shared through Redis, when configured.
     pub shared_budgets: Option<Arc<lumen_plugins::budget::shared::SharedBudgets>>,
+    /// The fleet's Redis, when configured (`/admin/redis`).
+    pub redis: Option<Arc<lumen_plugins::redis_link::RedisLink>>,
 }
 
 #[async_trait]
@@ -138,6 +140,11 @@ impl AdminApp {
                 Reply::json(&reports::providers(config, &self.health, &today))
             }
             "/admin/routes" => Reply::json(&reports::routes(config)),
+            "/admin/redis" => Reply::json(&crate::ops::RedisHealth {
+                configured: self.redis.is_some(),
+                connected: self.redis.as_ref().map(|_| self.health.redis_ok()),
+                topology: self.redis.as_ref().and_then(|link| link.last_topology()),
+            }),
             "/admin/budgets" => Reply::json(
                 &budgets::report(config, &self.budgets, self.shared_budgets.as_ref()).await,
             ),

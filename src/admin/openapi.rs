@@ -690,6 +690,13 @@ mod operations {
         security((), ("admin_bearer" = []), ("admin_basic" = [])))]
     fn admin_routes() {}
 
+    /// The fleet's Redis as this node sees it: whether it answers, its servers (which are
+    /// primaries, which are up) and the failovers seen. `configured: false` without `redis:`.
+    #[utoipa::path(get, path = "/admin/redis", tag = "admin",
+        responses((status = 200, description = "OK", body = RedisHealth), (status = 401, description = "No key, or an unknown one", body = ErrorBody)),
+        security((), ("admin_bearer" = []), ("admin_basic" = [])))]
+    fn admin_redis() {}
+
     /// Usage per day, key (and tenant), provider and model: requests, tokens, errors, cache
     /// hits and cost in USD.
     #[utoipa::path(get, path = "/admin/usage", tag = "admin",
@@ -805,6 +812,7 @@ impl Modify for SecuritySchemes {
         operations::admin_config,
         operations::admin_providers,
         operations::admin_routes,
+        operations::admin_redis,
         operations::admin_usage,
         operations::admin_budgets,
         operations::admin_timeseries,
@@ -859,6 +867,8 @@ const ADMIN_PATHS: &[&str] = &[
     "/admin/providers",
     "/admin/routes",
     "/admin/usage",
+    "/admin/budgets",
+    "/admin/redis",
     "/admin/timeseries",
     "/openapi.json",
 ];

@@ -112,7 +112,7 @@ where
 {
     let store_error = |e: lumen_plugins::redis_link::SharedError| BatchError::Store(e.to_string());
     let mut conn = link
-        .connection()
+        .connection("batches")
         .await
         .map_err(|e| BatchError::Store(e.to_string()))?;
     let ids: Vec<String> = link

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lumen_plugins::redis_link::RedisLink;
+use lumen_plugins::redis_link::{RedisConn, RedisLink};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -94,8 +94,8 @@ impl FileStore {
         format!("{{{prefix}:files}}:own:{}:{owner}", owner.len())
     }
 
-    async fn redis_conn(link: &RedisLink) -> Result<redis::aio::ConnectionManager, BatchError> {
-        link.connection().await.map_err(store_error)
+    async fn redis_conn(link: &RedisLink) -> Result<RedisConn, BatchError> {
+        link.connection("files").await.map_err(store_error)
     }
 
     /// Stores a file (replacing one of the same id: a batch's output written again after a
@@ -131,7 +131,7 @@ impl FileStore {
                 }
                 // A connection of its own: a big file must not wait behind, nor hold up, the
                 // node's shared connection (and its short response timeout).
-                let mut conn = link.dedicated().await.map_err(store_error)?;
+                let mut conn = link.dedicated("files").await.map_err(store_error)?;
                 tokio::time::timeout(REDIS_FILE_TIMEOUT, pipe.query_async::<()>(&mut conn))
                     .await
                     .map_err(|_| store_error("no answer in time"))?
@@ -191,7 +191,7 @@ impl FileStore {
                 Err(e) => Err(store_error(e)),
             },
             FileStore::Redis { link, prefix } => {
-                let mut conn = link.dedicated().await.map_err(store_error)?;
+                let mut conn = link.dedicated("files").await.map_err(store_error)?;
                 let key = Self::keys(prefix, id).1;
                 let chunks: Vec<Vec<u8>> = tokio::time::timeout(
                     REDIS_FILE_TIMEOUT,
@@ -303,14 +303,16 @@ impl FileStore {
                 let mut conn = Self::redis_conn(link).await?;
                 // (Not atomic, nor need it be: an index entry whose file is gone is dropped
                 // when the list is read.)
-                let mut pipe = redis::pipe();
-                pipe.del(&meta_key)
-                    .ignore()
-                    .del(&data_key)
-                    .ignore()
-                    .zrem(Self::owned_key(prefix, owner), &meta.id)
-                    .ignore();
-                link.within(pipe.query_async::<()>(&mut conn))
+                // Two calls: the file's keys share its slot, the owner's index lives in
+                // another (a Cluster refuses a pipeline across slots).
+                let mut del = redis::cmd("DEL");
+                del.arg(&meta_key).arg(&data_key);
+                link.within(del.query_async::<()>(&mut conn))
+                    .await
+                    .map_err(store_error)?;
+                let mut unlist = redis::cmd("ZREM");
+                unlist.arg(Self::owned_key(prefix, owner)).arg(&meta.id);
+                link.within(unlist.query_async::<()>(&mut conn))
                     .await
                     .map_err(store_error)?;
                 Ok(true)

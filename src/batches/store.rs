@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lumen_plugins::redis_link::RedisLink;
+use lumen_plugins::redis_link::{RedisConn, RedisLink};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -204,8 +204,8 @@ impl BatchStore {
         format!("{{{prefix}:batches}}:own:{}:{owner}", owner.len())
     }
 
-    async fn conn(link: &RedisLink) -> Result<redis::aio::ConnectionManager, BatchError> {
-        link.connection().await.map_err(store_error)
+    async fn conn(link: &RedisLink) -> Result<RedisConn, BatchError> {
+        link.connection("batches").await.map_err(store_error)
     }
 
     /// Stores a new batch; `active` ones are then driven, final ones (that failed validation)
@@ -232,24 +232,26 @@ impl BatchStore {
             BatchStore::Redis { link, prefix, .. } => {
                 let json = serde_json::to_string(record).map_err(store_error)?;
                 let mut conn = Self::conn(link).await?;
+                // The record first, then the indexes (their own slot: a Cluster refuses a
+                // pipeline across slots). An index never names a record that is not there.
+                let mut set = redis::cmd("SET");
+                set.arg(Self::key(prefix, &record.id, "rec")).arg(json);
+                if !active {
+                    set.arg("EX").arg(retention.as_secs().max(1));
+                }
+                link.within(set.query_async::<()>(&mut conn))
+                    .await
+                    .map_err(store_error)?;
                 let mut pipe = redis::pipe();
-                pipe.set(Self::key(prefix, &record.id, "rec"), json)
-                    .ignore()
-                    .zadd(
-                        Self::owned_key(prefix, &record.owner),
-                        &record.id,
-                        record.created_at,
-                    )
-                    .ignore();
+                pipe.zadd(
+                    Self::owned_key(prefix, &record.owner),
+                    &record.id,
+                    record.created_at,
+                )
+                .ignore();
                 if active {
                     pipe.zadd(Self::active_key(prefix), &record.id, record.created_at)
                         .ignore();
-                } else {
-                    pipe.expire(
-                        Self::key(prefix, &record.id, "rec"),
-                        retention.as_secs().max(1) as i64,
-                    )
-                    .ignore();
                 }
                 link.within(pipe.query_async::<()>(&mut conn))
                     .await
@@ -510,7 +512,7 @@ impl BatchStore {
             BatchStore::Redis { link, prefix, .. } => {
                 // Read once per batch (when its driver starts and when it finalizes), not
                 // per poll; a dedicated connection, as a big batch's hash is big.
-                let mut conn = link.dedicated().await.map_err(store_error)?;
+                let mut conn = link.dedicated("batches").await.map_err(store_error)?;
                 let all: HashMap<String, String> = tokio::time::timeout(
                     Duration::from_secs(30),
                     redis::cmd("HGETALL")
@@ -544,7 +546,7 @@ impl BatchStore {
             BatchStore::Memory(_) => Ok(self.results(id).await?.into_keys().collect()),
             BatchStore::Redis { link, prefix, .. } => {
                 // The line numbers only, not the outcomes.
-                let mut conn = link.dedicated().await.map_err(store_error)?;
+                let mut conn = link.dedicated("batches").await.map_err(store_error)?;
                 let keys: Vec<String> = tokio::time::timeout(
                     Duration::from_secs(30),
                     redis::cmd("HKEYS")

@@ -75,7 +75,34 @@ pub fn parse(
         hash: format!("{:016x}", fnv1a(text.as_bytes())),
         loaded_at: SystemTime::now(),
     };
-    snapshot::build(raw, source).map_err(|err| match err {
+    // Secrets come only from the environment: a password written into the file would be
+    // copied wherever the file goes.
+    let literal: Vec<Problem> = raw
+        .redis
+        .as_ref()
+        .map(|r| r.secrets())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, secret)| !substituted.values.iter().any(|v| v == secret))
+        .map(|(at, _)| {
+            Problem::at(
+                at,
+                "write the password as ${REDIS_PASSWORD} (any variable): secrets come only from the environment",
+            )
+        })
+        .collect();
+    let built = match (snapshot::build(raw, source), literal.is_empty()) {
+        (Err(ConfigError::Invalid { path, mut problems }), _) => {
+            problems.extend(literal);
+            Err(ConfigError::Invalid { path, problems })
+        }
+        (Ok(_), false) => Err(ConfigError::Invalid {
+            path: path.to_string(),
+            problems: literal,
+        }),
+        (other, _) => other,
+    };
+    built.map_err(|err| match err {
         ConfigError::Invalid { path, mut problems } => {
             let positions = locate::positions(&substituted.text);
             for p in &mut problems {

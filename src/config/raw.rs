@@ -8,6 +8,7 @@
 //! config it describes.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -460,12 +461,29 @@ fn default_max_body() -> ByteSize {
     ByteSize(8 * 1024 * 1024)
 }
 
-/// The `redis:` section.
+/// The `redis:` section: exactly one of `url`, `cluster` and `sentinel`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
-    /// `redis://[:password@]host:port[/db]`.
-    pub url: String,
+    /// One server: `redis://host:port[/db]`, or `rediss://…` for TLS.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`redis://h1:7000`, …); the rest are learned from them.
+    #[serde(default)]
+    pub cluster: Option<Vec<String>>,
+    /// A master watched by Sentinels: failovers are followed without a restart.
+    #[serde(default)]
+    pub sentinel: Option<RawSentinel>,
+    /// ACL user for every server (and the Sentinels).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// ACL password: only from the environment (`password: ${REDIS_PASSWORD}`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// PEM file of the certificate authority that signed the servers' certificates, for
+    /// `rediss://` with a private CA (default: the system's roots).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// Namespace for every key Lumen writes, so several deployments can share one Redis.
     #[serde(default = "default_prefix")]
     pub prefix: String,
@@ -478,6 +496,53 @@ pub struct RawRedis {
     /// down and `on_redis_error: fail_open`: 1/N for a fleet of N keeps the fleet within it.
     #[serde(default = "whole_budget")]
     pub local_budget_share: f64,
+}
+
+/// `redis.sentinel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSentinel {
+    /// The name the Sentinels know the master by (`sentinel monitor <name> …`).
+    pub master: String,
+    /// Sentinel addresses: `redis://host:26379` (or `rediss://`).
+    pub nodes: Vec<String>,
+}
+
+impl RawRedis {
+    /// Every secret this section holds, with its config path: the password, and any password
+    /// written into a URL. Each must come from `${ENV}`.
+    pub fn secrets(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.password {
+            out.push(("redis.password".to_string(), p.clone()));
+        }
+        let mut urls: Vec<(String, &String)> = Vec::new();
+        if let Some(url) = &self.url {
+            urls.push(("redis.url".into(), url));
+        }
+        for (i, url) in self.cluster.iter().flatten().enumerate() {
+            urls.push((format!("redis.cluster[{i}]"), url));
+        }
+        if let Some(s) = &self.sentinel {
+            for (i, url) in s.nodes.iter().enumerate() {
+                urls.push((format!("redis.sentinel.nodes[{i}]"), url));
+            }
+        }
+        for (path, url) in urls {
+            if let Some(p) = url_password(url) {
+                out.push((path, p));
+            }
+        }
+        out
+    }
+}
+
+/// The password of `scheme://[user]:password@host…`, if the URL has one.
+fn url_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = rest.split('/').next()?.rsplit_once('@')?.0;
+    let password = userinfo.split_once(':')?.1;
+    (!password.is_empty()).then(|| password.to_string())
 }
 
 fn whole_budget() -> f64 {

@@ -193,7 +193,7 @@ fn warn_restart_needed(current: &Snapshot, next: &Snapshot) {
     if current.admin_listen != next.admin_listen {
         needs.push("admin_listen");
     }
-    let redis = |s: &Snapshot| s.redis.as_ref().map(|r| (r.url.clone(), r.prefix.clone()));
+    let redis = |s: &Snapshot| s.redis.as_ref().map(|r| (r.link.clone(), r.prefix.clone()));
     if redis(current) != redis(next) {
         needs.push("redis");
     }

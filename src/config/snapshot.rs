@@ -87,7 +87,8 @@ pub struct CacheSettings {
 /// The validated `redis:` section.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    /// Where the servers are and how to log in (its `Debug` hides the password).
+    pub link: lumen_plugins::redis_link::LinkSettings,
     pub prefix: String,
     pub timeout: Duration,
     pub on_error: lumen_plugins::rate_limit::shared::OnRedisError,
@@ -328,24 +329,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         }
     }
 
-    let redis = raw.redis.map(|r| RedisSettings {
-        url: r.url,
-        prefix: r.prefix,
-        timeout: r.timeout,
-        on_error: r.on_redis_error,
-        local_budget_share: r.local_budget_share,
-    });
-    if let Some(r) = &redis {
-        if !(r.local_budget_share > 0.0 && r.local_budget_share <= 1.0) {
-            problems.push(Problem::at(
-                "redis.local_budget_share",
-                "must be above 0 and at most 1 (1/N for a fleet of N nodes)",
-            ));
-        }
-        if let Err(e) = redis_url_ok(&r.url) {
-            problems.push(Problem::at("redis.url", e));
-        }
-    }
+    let redis = raw.redis.and_then(|r| redis_settings(r, &mut problems));
 
     let watched = raw
         .jwt
@@ -513,6 +497,103 @@ fn usage_state_dir(configured: Option<&str>, config_path: &str) -> PathBuf {
 fn redis_url_ok(url: &str) -> Result<(), String> {
     match url.split_once("://") {
         Some(("redis" | "rediss", rest)) if !rest.is_empty() => Ok(()),
-        _ => Err(format!("`{url}` is not a redis:// URL")),
+        _ => Err(format!("`{url}` is not a redis:// or rediss:// URL")),
     }
+}
+
+/// The `redis:` section checked: one topology, well-formed URLs, a readable CA file.
+fn redis_settings(r: super::raw::RawRedis, problems: &mut Vec<Problem>) -> Option<RedisSettings> {
+    use lumen_plugins::redis_link::{LinkSettings, Servers};
+    let before = problems.len();
+    if r.prefix.is_empty() || r.prefix.contains(['{', '}']) {
+        // Keys are hash-tagged `{prefix:…}` so each script's keys share a Cluster slot; a
+        // brace in the prefix would move the tag and split them.
+        problems.push(Problem::at(
+            "redis.prefix",
+            "must be non-empty and contain no `{` or `}`",
+        ));
+    }
+    if !(r.local_budget_share > 0.0 && r.local_budget_share <= 1.0) {
+        problems.push(Problem::at(
+            "redis.local_budget_share",
+            "must be above 0 and at most 1 (1/N for a fleet of N nodes)",
+        ));
+    }
+    let check_urls = |problems: &mut Vec<Problem>, path: &str, urls: &[String]| {
+        for (i, url) in urls.iter().enumerate() {
+            if let Err(e) = redis_url_ok(url) {
+                problems.push(Problem::at(format!("{path}[{i}]"), e));
+            }
+        }
+    };
+    let servers = match (r.url, r.cluster, r.sentinel) {
+        (Some(url), None, None) => {
+            if let Err(e) = redis_url_ok(&url) {
+                problems.push(Problem::at("redis.url", e));
+            }
+            Servers::One(url)
+        }
+        (None, Some(nodes), None) => {
+            if nodes.is_empty() {
+                problems.push(Problem::at(
+                    "redis.cluster",
+                    "name at least one node of the cluster",
+                ));
+            }
+            check_urls(problems, "redis.cluster", &nodes);
+            Servers::Cluster(nodes)
+        }
+        (None, None, Some(s)) => {
+            if s.nodes.is_empty() {
+                problems.push(Problem::at(
+                    "redis.sentinel.nodes",
+                    "name at least one Sentinel",
+                ));
+            }
+            if s.master.trim().is_empty() {
+                problems.push(Problem::at(
+                    "redis.sentinel.master",
+                    "the master's name as the Sentinels know it",
+                ));
+            }
+            check_urls(problems, "redis.sentinel.nodes", &s.nodes);
+            Servers::Sentinel {
+                master: s.master,
+                nodes: s.nodes,
+            }
+        }
+        _ => {
+            problems.push(Problem::at(
+                "redis",
+                "set exactly one of `url` (one server), `cluster` (Redis Cluster) and `sentinel`",
+            ));
+            return None;
+        }
+    };
+    let tls_ca = match &r.tls_ca_file {
+        None => None,
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                problems.push(Problem::at(
+                    "redis.tls_ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+                None
+            }
+        },
+    };
+    (problems.len() == before).then_some(RedisSettings {
+        link: LinkSettings {
+            servers,
+            username: r.username,
+            password: r.password,
+            tls_ca,
+            timeout: r.timeout,
+        },
+        prefix: r.prefix,
+        timeout: r.timeout,
+        on_error: r.on_redis_error,
+        local_budget_share: r.local_budget_share,
+    })
 }

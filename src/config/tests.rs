@@ -189,3 +189,87 @@ fn per_address_limits_key_ipv6_by_prefix_and_trust_only_listed_proxies() {
     assert!(err.contains("server.trusted_proxies[2]"), "{err}");
     assert!(!err.contains("server.trusted_proxies[0]"), "{err}");
 }
+
+const ROUTES: &str = r#"
+providers:
+  groq: { base_url: "https://api.groq.com/openai/v1", api_key: "${GROQ_API_KEY}" }
+routes:
+  - { model: fast, targets: [ { provider: groq, model: llama } ] }
+"#;
+
+fn redis_env(name: &str) -> Option<String> {
+    match name {
+        "REDIS_PASSWORD" => Some("s3cret-pw".into()),
+        other => env(other),
+    }
+}
+
+#[test]
+fn redis_topologies_parse_with_credentials_from_the_environment() {
+    use lumen_plugins::redis_link::Servers;
+    let cluster = format!(
+        "redis: {{ cluster: [\"redis://127.0.0.1:7000\", \"rediss://127.0.0.1:7001\"], username: lumen, password: \"${{REDIS_PASSWORD}}\" }}\n{ROUTES}"
+    );
+    let s = parse(&cluster, "test.yaml", redis_env).unwrap();
+    let link = &s.redis.as_ref().unwrap().link;
+    assert!(matches!(&link.servers, Servers::Cluster(n) if n.len() == 2));
+    assert_eq!(link.username.as_deref(), Some("lumen"));
+    assert_eq!(link.password.as_deref(), Some("s3cret-pw"));
+    let shown = format!("{:?}", s.redis);
+    assert!(
+        !shown.contains("s3cret-pw"),
+        "Debug hides the password: {shown}"
+    );
+
+    let sentinel = format!(
+        "redis: {{ sentinel: {{ master: mymaster, nodes: [\"redis://:${{REDIS_PASSWORD}}@127.0.0.1:26379\"] }} }}\n{ROUTES}"
+    );
+    let s = parse(&sentinel, "test.yaml", redis_env).unwrap();
+    let link = &s.redis.as_ref().unwrap().link;
+    assert!(
+        matches!(&link.servers, Servers::Sentinel { master, nodes } if master == "mymaster" && nodes.len() == 1)
+    );
+    assert!(!format!("{link:?}").contains("s3cret-pw"));
+}
+
+#[test]
+fn redis_secrets_written_into_the_file_are_refused_and_never_echoed() {
+    let literal =
+        format!("redis: {{ url: \"redis://127.0.0.1:6379\", password: hunter22 }}\n{ROUTES}");
+    let err = parse_err(&literal);
+    assert!(err.contains("redis.password"), "{err}");
+    assert!(err.contains("${REDIS_PASSWORD}"), "{err}");
+    assert!(!err.contains("hunter22"), "{err}");
+    let in_url =
+        format!("redis: {{ cluster: [\"redis://user:hunter22@127.0.0.1:7000\"] }}\n{ROUTES}");
+    let err = parse_err(&in_url);
+    assert!(err.contains("redis.cluster[0]"), "{err}");
+    assert!(!err.contains("hunter22"), "{err}");
+}
+
+#[test]
+fn redis_needs_exactly_one_topology_and_a_prefix_without_braces() {
+    let both = format!(
+        "redis: {{ url: \"redis://127.0.0.1:6379\", cluster: [\"redis://127.0.0.1:7000\"] }}\n{ROUTES}"
+    );
+    assert!(
+        parse_err(&both).contains("exactly one of `url`"),
+        "{}",
+        parse_err(&both)
+    );
+    let none = format!("redis: {{ prefix: lumen }}\n{ROUTES}");
+    assert!(parse_err(&none).contains("exactly one of `url`"));
+    let empty = format!("redis: {{ cluster: [] }}\n{ROUTES}");
+    assert!(parse_err(&empty).contains("redis.cluster"));
+    let braces =
+        format!("redis: {{ url: \"redis://127.0.0.1:6379\", prefix: \"a}}b\" }}\n{ROUTES}");
+    assert!(parse_err(&braces).contains("redis.prefix"));
+    let scheme = format!(
+        "redis: {{ sentinel: {{ master: m, nodes: [\"http://127.0.0.1:26379\"] }} }}\n{ROUTES}"
+    );
+    assert!(parse_err(&scheme).contains("redis.sentinel.nodes[0]"));
+    let ca = format!(
+        "redis: {{ url: \"rediss://127.0.0.1:6379\", tls_ca_file: /nonexistent/ca.pem }}\n{ROUTES}"
+    );
+    assert!(parse_err(&ca).contains("redis.tls_ca_file"));
+}

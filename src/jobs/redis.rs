@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lumen_plugins::auth::Principal;
-use lumen_plugins::redis_link::RedisLink;
+use lumen_plugins::redis_link::{RedisConn, RedisLink};
 use redis::Value as R;
 use serde_json::{json, Value};
 
@@ -195,8 +195,8 @@ impl RedisJobs {
         format!("{}:queued:{owner}", self.tag)
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, SubmitError> {
-        self.link.connection().await.map_err(unavailable)
+    async fn conn(&self) -> Result<RedisConn, SubmitError> {
+        self.link.connection("jobs").await.map_err(unavailable)
     }
 
     async fn timed<T>(
@@ -314,7 +314,7 @@ impl RedisJobs {
         if status != view.status {
             view = self.get(owner, id).await?.unwrap_or(view);
         }
-        let dedicated = self.link.dedicated().await.map_err(unavailable)?;
+        let dedicated = self.link.dedicated("jobs").await.map_err(unavailable)?;
         let sub = RedisSub {
             conn: dedicated,
             ev_key,
@@ -338,10 +338,7 @@ impl RedisJobs {
         Ok(depth.unwrap_or(0).max(0))
     }
 
-    async fn ensure_group(
-        &self,
-        conn: &mut redis::aio::MultiplexedConnection,
-    ) -> redis::RedisResult<()> {
+    async fn ensure_group(&self, conn: &mut RedisConn) -> redis::RedisResult<()> {
         if self.group_ready.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -366,7 +363,7 @@ impl RedisJobs {
     /// timeout), else a new one (waiting up to a second). `Ok(None)`: none now.
     pub async fn take(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut RedisConn,
         consumer: &str,
     ) -> redis::RedisResult<Option<RedisClaim>> {
         let taken = self.try_take(conn, consumer).await;
@@ -379,7 +376,7 @@ impl RedisJobs {
 
     async fn try_take(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut RedisConn,
         consumer: &str,
     ) -> redis::RedisResult<Option<RedisClaim>> {
         self.ensure_group(conn).await?;
@@ -549,7 +546,7 @@ fn view_of(hash: &std::collections::HashMap<String, String>) -> Option<JobView> 
 
 /// A watcher of one job, reading its event stream on a connection of its own.
 pub struct RedisSub {
-    conn: redis::aio::MultiplexedConnection,
+    conn: RedisConn,
     ev_key: String,
     _job_key: String,
     last: String,

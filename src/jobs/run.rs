@@ -230,7 +230,7 @@ async fn worker(
             let mut conn = None;
             while !*stop.borrow() {
                 if conn.is_none() {
-                    match r.link().dedicated().await {
+                    match r.link().dedicated("jobs").await {
                         Ok(c) => conn = Some(c),
                         Err(_) => {
                             tokio::time::sleep(Duration::from_secs(1)).await;

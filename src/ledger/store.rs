@@ -157,7 +157,7 @@ impl Store {
                     }
                 }
                 let mut conn = link
-                    .connection()
+                    .connection("ledger")
                     .await
                     .map_err(|e| StoreError::Redis(e.to_string()))?;
                 let _: i64 =
@@ -190,7 +190,7 @@ impl Store {
                     day = Day(day.0 + 1);
                 }
                 let mut conn = link
-                    .connection()
+                    .connection("ledger")
                     .await
                     .map_err(|e| StoreError::Redis(e.to_string()))?;
                 let hashes: Vec<HashMap<String, u64>> =

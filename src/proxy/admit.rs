@@ -224,11 +224,7 @@ impl Gateway {
         head: &RequestHeader,
         config: &Snapshot,
     ) -> Option<Result<ops::Reply, GatewayError>> {
-        let redis = self
-            .node
-            .redis
-            .as_ref()
-            .map(|_| self.node.health.redis_ok());
+        let redis = self.node.redis.as_ref().map(|r| &*r.link);
         ops::answer_probe(
             &head.method,
             head.uri.path(),

@@ -253,7 +253,6 @@ impl Gateway {
             .redis
             .as_ref()
             .map_or(OnRedisError::FailOpen, |r| r.on_error);
-        self.metrics.redis_errors.with_label_values(&[op]).inc();
         let now_ms = self.started.elapsed().as_millis() as u64;
         let last = self.redis_logged_ms.load(Ordering::Relaxed);
         if now_ms.saturating_sub(last) > 10_000

@@ -288,7 +288,9 @@ impl SharedBudgets {
         let invocation = &invocation;
         let reply: Vec<i64> = match self
             .link
-            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .retrying("budget", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
             .await
         {
             Ok(reply) => reply,
@@ -373,7 +375,9 @@ impl SharedBudgets {
         let invocation = &invocation;
         let spent: Vec<i64> = self
             .link
-            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .retrying("budget", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
             .await?;
         Ok(spent.into_iter().map(|v| v.max(0) as u64).collect())
     }
@@ -410,7 +414,9 @@ impl SharedBudgets {
         let invocation = &invocation;
         let reply: Vec<i64> = self
             .link
-            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .retrying("budget", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
             .await?;
         Ok(limits
             .iter()

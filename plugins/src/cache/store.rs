@@ -163,7 +163,7 @@ impl CacheStore {
         let Some((link, prefix)) = &self.redis else {
             return Ok(None);
         };
-        let mut conn = link.connection().await?;
+        let mut conn = link.connection("cache").await?;
         let cmd = {
             let mut c = redis::cmd("GET");
             c.arg(Self::redis_key(prefix, key));
@@ -190,7 +190,7 @@ impl CacheStore {
         for (key, _) in keys.iter().zip(&found).filter(|(_, hit)| hit.is_none()) {
             cmd.arg(Self::redis_key(prefix, key));
         }
-        let raws: Vec<Option<Vec<u8>>> = match link.connection().await {
+        let raws: Vec<Option<Vec<u8>>> = match link.connection("cache").await {
             Ok(mut conn) => match link.within(cmd.query_async(&mut conn)).await {
                 Ok(raws) => raws,
                 Err(e) => return (found, Some(e)),
@@ -237,30 +237,42 @@ impl CacheStore {
         }
     }
 
-    /// The Redis half of a store (nothing without Redis): one pipelined round trip.
+    /// The Redis half of a store (nothing without Redis): one `SET` per entry, all sent at
+    /// once on the multiplexed connection. Not one pipeline: entries' keys hash to different
+    /// slots, and on a Redis Cluster a pipeline must stay in one.
     pub async fn share(&self, entries: &[(String, Arc<Entry>)]) -> Result<(), SharedError> {
         let Some((link, prefix)) = &self.redis else {
             return Ok(());
         };
-        let mut pipe = redis::pipe();
-        let mut any = false;
-        for (key, entry) in entries {
-            if entry.body.len() <= self.redis_max_entry {
+        let sets: Vec<redis::Cmd> = entries
+            .iter()
+            .filter(|(_, entry)| entry.body.len() <= self.redis_max_entry)
+            .map(|(key, entry)| {
                 let ttl = entry.remaining(now_ms()).as_millis().max(1) as u64;
-                pipe.cmd("SET")
-                    .arg(Self::redis_key(prefix, key))
+                let mut set = redis::cmd("SET");
+                set.arg(Self::redis_key(prefix, key))
                     .arg(entry.encode())
                     .arg("PX")
-                    .arg(ttl)
-                    .ignore();
-                any = true;
-            }
-        }
-        if !any {
+                    .arg(ttl);
+                set
+            })
+            .collect();
+        if sets.is_empty() {
             return Ok(());
         }
-        let mut conn = link.connection().await?;
-        link.within(pipe.query_async::<()>(&mut conn)).await
+        let conn = link.connection("cache").await?;
+        let calls = sets.iter().map(|set| {
+            let mut conn = conn.clone();
+            async move { set.query_async::<()>(&mut conn).await }
+        });
+        link.within(async {
+            futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .collect::<Result<Vec<()>, _>>()
+                .map(|_| ())
+        })
+        .await
     }
 
     /// Bytes held in memory (moka's weighted size, after pending maintenance).

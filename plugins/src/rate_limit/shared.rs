@@ -269,8 +269,8 @@ impl SharedLimiter {
         &self.link
     }
 
-    async fn connection(&self) -> Result<redis::aio::ConnectionManager, SharedError> {
-        self.link.connection().await
+    async fn connection(&self) -> Result<crate::redis_link::RedisConn, SharedError> {
+        self.link.connection("rate_limit").await
     }
 
     /// The slot `member` would hold in `bucket`: for giving back a slot whose admit timed out
@@ -312,7 +312,9 @@ impl SharedLimiter {
         let invocation = &invocation;
         let (code, ahead, wait): (i64, i64, i64) = self
             .link
-            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .retrying("rate_limit", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
             .await?;
         let ahead = ahead.max(0) as u64;
         let status = |remaining| {
@@ -370,7 +372,9 @@ impl SharedLimiter {
         // ZREM of one member is idempotent: a second try is always safe.
         let cmd = &cmd;
         self.link
-            .retrying(|mut conn| async move { cmd.query_async::<i64>(&mut conn).await })
+            .retrying("rate_limit", |mut conn| async move {
+                cmd.query_async::<i64>(&mut conn).await
+            })
             .await?;
         Ok(())
     }
@@ -396,7 +400,9 @@ impl SharedLimiter {
         let invocation = &invocation;
         let reply: Vec<i64> = self
             .link
-            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .retrying("rate_limit", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
             .await?;
         let to_u32 = |v: u64| v.min(u64::from(u32::MAX)) as u32;
         if reply.first() == Some(&0) {
@@ -486,7 +492,9 @@ impl SharedLimiter {
         let invocation = &invocation;
         let (admitted, ahead, wait): (i64, i64, i64) = self
             .link
-            .retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .retrying("rate_limit", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
             .await?;
         let ahead = ahead.max(0) as u64;
         if admitted == 1 {

@@ -48,17 +48,12 @@ impl Gateway {
         let Some(items) = &plan.items else {
             return Ok(false);
         };
-        let (mut found, error) = if plan.control == ClientControl::Normal {
+        // A Redis failure is counted by the Redis link; its items count as misses.
+        let (mut found, _redis_failed) = if plan.control == ClientControl::Normal {
             self.node.cache.store.get_many(&items.keys).await
         } else {
             (vec![None; items.keys.len()], None)
         };
-        if error.is_some() {
-            self.metrics
-                .redis_errors
-                .with_label_values(&["cache"])
-                .inc();
-        }
         let missing: Vec<usize> = found
             .iter()
             .enumerate()

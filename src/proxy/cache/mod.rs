@@ -372,7 +372,7 @@ impl Gateway {
         if plan.control == ClientControl::Bypass {
             return Ok(Some(Watchers::default()));
         }
-        let sink = (self.node.cache.clone(), self.metrics.clone());
+        let sink = self.node.cache.clone();
         Ok(self
             .coalesce(s, ctx, plan, answer)
             .await?
@@ -410,19 +410,14 @@ impl Gateway {
     pub(super) async fn cache_lookup(&self, key: &str) -> Option<Arc<Entry>> {
         match Box::pin(self.node.cache.store.get(key)).await {
             Ok(found) => found.map(|(entry, _)| entry),
-            Err(_) => {
-                self.metrics
-                    .redis_errors
-                    .with_label_values(&["cache"])
-                    .inc();
-                None
-            }
+            // Counted by the Redis link (`lumen_redis_errors_total{op="cache"}`): a miss.
+            Err(_) => None,
         }
     }
 
     /// Stores answers (see [`Cache::keep`]).
     pub(super) fn cache_store(&self, entries: Vec<(String, Entry)>) {
-        self.node.cache.keep(entries, &self.metrics);
+        self.node.cache.keep(entries);
     }
 
     /// A cacheable request that missed: joins an identical request in flight (answered from

@@ -9,7 +9,6 @@ use lumen_plugins::cache::store::{CacheStore, Entry};
 use lumen_plugins::redis_link::RedisLink;
 
 use crate::config::snapshot::CacheSettings;
-use crate::metrics::Metrics;
 
 /// Largest entry sent to Redis: bigger answers stay in this node's memory only.
 const REDIS_MAX_ENTRY: usize = 4 * 1024 * 1024;
@@ -37,8 +36,8 @@ impl Cache {
 
 impl Cache {
     /// Stores answers: in memory at once (the next request hits), in Redis off the request's
-    /// path (a failure is counted).
-    pub fn keep(self: &Arc<Cache>, entries: Vec<(String, Entry)>, metrics: &Arc<Metrics>) {
+    /// path (a failure is counted by the Redis link).
+    pub fn keep(self: &Arc<Cache>, entries: Vec<(String, Entry)>) {
         if entries.is_empty() {
             return;
         }
@@ -46,11 +45,9 @@ impl Cache {
             entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect();
         self.store.remember(&entries);
         let cache = self.clone();
-        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if cache.store.share(&entries).await.is_err() {
-                metrics.redis_errors.with_label_values(&["cache"]).inc();
-            }
+            // A failure is counted by the Redis link; the entries stay in memory.
+            let _ = cache.store.share(&entries).await;
         });
     }
 }

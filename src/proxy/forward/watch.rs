@@ -20,7 +20,6 @@ use pingora::http::ResponseHeader;
 
 use super::adapt::FromMessages;
 use super::translate::TranslatedStream;
-use crate::metrics::Metrics;
 use crate::openai::Endpoint;
 use crate::proxy::cache::fill::Fill;
 use crate::proxy::cache::store::Cache;
@@ -41,9 +40,8 @@ pub struct Captured {
 pub struct Watchers {
     /// Records the answer for the cache and coalesced followers (a cacheable miss).
     pub fill: Option<Fill>,
-    /// Where a complete fill is stored (the node's cache, and the metrics its Redis errors
-    /// are counted in).
-    sink: Option<(Arc<Cache>, Arc<Metrics>)>,
+    /// Where a complete fill is stored (the node's cache).
+    sink: Option<Arc<Cache>>,
     /// Keep the provider's answer here instead of sending it (the pipeline rewrites it).
     pub capture: Option<Captured>,
     /// The attempt's place in its provider's in-flight count (what "busy" and least-loaded
@@ -76,7 +74,7 @@ pub struct Watchers {
 impl Watchers {
     /// Watchers for an answer that fills the cache (`Watchers::default()` watches for nothing
     /// but usage).
-    pub fn filling(fill: Fill, sink: (Arc<Cache>, Arc<Metrics>)) -> Watchers {
+    pub fn filling(fill: Fill, sink: Arc<Cache>) -> Watchers {
         Watchers {
             fill: Some(fill),
             sink: Some(sink),
@@ -228,8 +226,8 @@ impl Watchers {
     /// now, before the client is sent the last of it, so a client that asks again at once
     /// finds it cached instead of following a flight that is about to end.
     pub(super) fn complete(&mut self) {
-        if let (Some(fill), Some((cache, metrics))) = (self.fill.take(), self.sink.as_ref()) {
-            cache.keep(fill.finish().into_iter().collect(), metrics);
+        if let (Some(fill), Some(cache)) = (self.fill.take(), self.sink.as_ref()) {
+            cache.keep(fill.finish().into_iter().collect());
         }
     }
 

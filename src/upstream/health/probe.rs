@@ -18,8 +18,6 @@ use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use lumen_plugins::rate_limit::shared::SharedLimiter;
-
 use super::{HealthTable, ProbeState, ProviderHealth};
 use crate::metrics::Metrics;
 use crate::upstream::exchange::exchange;
@@ -47,7 +45,8 @@ pub struct Prober {
     pub providers: Arc<dyn ProviderList>,
     pub health: Arc<HealthTable>,
     pub metrics: Arc<Metrics>,
-    pub redis: Option<Arc<SharedLimiter>>,
+    /// The fleet's Redis: its topology is asked (which is also its health check).
+    pub redis: Option<Arc<lumen_plugins::redis_link::RedisLink>>,
 }
 
 #[async_trait]
@@ -92,7 +91,7 @@ impl BackgroundService for Prober {
                 if now >= redis_due {
                     redis_due = now + REDIS_PING_EVERY.as_millis() as u64;
                     let (redis, health) = (redis.clone(), self.health.clone());
-                    tokio::spawn(async move { health.set_redis(redis.ping().await.is_ok()) });
+                    tokio::spawn(async move { health.set_redis(redis.topology().await.is_ok()) });
                 }
             }
             tokio::select! {

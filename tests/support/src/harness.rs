@@ -448,6 +448,313 @@ impl Drop for RedisServer {
     }
 }
 
+/// Runs `redis-cli` with `args`; its standard output.
+pub fn redis_cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("redis-cli is installed with redis-server by scripts/setup.sh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `redis-server` with extra arguments in its own directory (cluster and Sentinel members).
+fn spawn_redis(port: u16, dir: &Path, extra: &[String]) -> Child {
+    let child = Command::new("redis-server")
+        .args(extra)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed by scripts/setup.sh");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// A real Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each, made
+/// by `redis-cli --cluster create`; every server killed on drop. A failed node is noticed
+/// within a second (`cluster-node-timeout 1000`), so a replica takes over in a few seconds.
+pub struct RedisCluster {
+    nodes: Vec<(u16, Option<Child>)>,
+    dir: tempdir::Dir,
+}
+
+impl RedisCluster {
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let dir = tempdir::Dir::new("redis-cluster");
+        let count = primaries * (1 + replicas);
+        let mut nodes = Vec::new();
+        for _ in 0..count {
+            let port = free_port();
+            let child = spawn_redis(port, dir.path(), &Self::args(port));
+            nodes.push((port, Some(child)));
+        }
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")));
+        args.extend([
+            "--cluster-replicas".to_string(),
+            replicas.to_string(),
+            "--cluster-yes".to_string(),
+        ]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        redis_cli(&refs);
+        let cluster = RedisCluster { nodes, dir };
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    fn args(port: u16) -> Vec<String> {
+        [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &format!("nodes-{port}.conf"),
+            "--cluster-node-timeout",
+            "1000",
+            // A replica takes over however long ago it last heard from its primary (an idle
+            // test cluster's replica may not have heard for several node timeouts).
+            "--cluster-replica-validity-factor",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Seed URLs for `redis.cluster` (every node).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Ports of the nodes that are up and primaries now, by `CLUSTER NODES` of a live node.
+    pub fn primaries(&self) -> Vec<u16> {
+        self.view()
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter_map(|a| a.split(['@', ',']).next()?.rsplit(':').next()?.parse().ok())
+            .collect()
+    }
+
+    /// `CLUSTER NODES` as a live node sees it.
+    pub fn view(&self) -> String {
+        for (port, child) in &self.nodes {
+            if child.is_some() {
+                let out = redis_cli(&["-p", &port.to_string(), "cluster", "nodes"]);
+                if !out.is_empty() {
+                    return out;
+                }
+            }
+        }
+        String::new()
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and every slot is served.
+    pub fn wait_healthy(&self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|(_, c)| c.is_some())
+                .all(|(port, _)| {
+                    let info = redis_cli(&["-p", &port.to_string(), "cluster", "info"]);
+                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                });
+            if ok {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "redis cluster not healthy within {limit:?}:\n{}",
+                self.view()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs the node on `port` (a crash).
+    pub fn kill(&mut self, port: u16) {
+        for (p, child) in &mut self.nodes {
+            if *p == port {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+
+    /// Starts the node on `port` again with its saved cluster state (it rejoins, as a replica
+    /// when its slots were taken over).
+    pub fn restart(&mut self, port: u16) {
+        let dir = self.dir.path().to_path_buf();
+        for (p, child) in &mut self.nodes {
+            if *p == port && child.is_none() {
+                *child = Some(spawn_redis(port, &dir, &Self::args(port)));
+            }
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A master, one replica and three Sentinels watching it (quorum 2) on loopback; every server
+/// killed on drop. The master is judged down after a second.
+pub struct RedisSentinels {
+    pub master_port: u16,
+    pub replica_port: u16,
+    pub sentinel_ports: Vec<u16>,
+    children: Vec<(u16, Option<Child>)>,
+    _dir: tempdir::Dir,
+}
+
+impl RedisSentinels {
+    /// The name the Sentinels know the master by.
+    pub const MASTER: &'static str = "lumenmaster";
+
+    pub fn start() -> RedisSentinels {
+        let dir = tempdir::Dir::new("redis-sentinel");
+        let (master_port, replica_port) = (free_port(), free_port());
+        let mut children = vec![(master_port, Some(spawn_redis(master_port, dir.path(), &[])))];
+        let replicaof = vec![
+            "--replicaof".to_string(),
+            "127.0.0.1".to_string(),
+            master_port.to_string(),
+        ];
+        children.push((
+            replica_port,
+            Some(spawn_redis(replica_port, dir.path(), &replicaof)),
+        ));
+        let mut sentinel_ports = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "sentinel monitor {m} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {m} 1000\n\
+                     sentinel failover-timeout {m} 5000\n\
+                     sentinel parallel-syncs {m} 1\n",
+                    m = Self::MASTER
+                ),
+            )
+            .expect("write sentinel config");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--protected-mode", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel");
+            children.push((port, Some(child)));
+            sentinel_ports.push(port);
+        }
+        let sentinels = RedisSentinels {
+            master_port,
+            replica_port,
+            sentinel_ports,
+            children,
+            _dir: dir,
+        };
+        // Ready when the replica has synced and every Sentinel knows the replica and the other
+        // two Sentinels (what a failover needs).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let synced = redis_cli(&["-p", &replica_port.to_string(), "info", "replication"])
+                .contains("master_link_status:up");
+            let known = sentinels.sentinel_ports.iter().all(|p| {
+                let m = redis_cli(&["-p", &p.to_string(), "sentinel", "master", Self::MASTER]);
+                let lines: Vec<&str> = m.lines().collect();
+                let field = |name: &str| {
+                    lines
+                        .iter()
+                        .position(|l| *l == name)
+                        .and_then(|i| lines.get(i + 1))
+                        .map(|v| v.trim().to_string())
+                };
+                field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+            });
+            if synced && known {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sentinels not ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sentinels
+    }
+
+    /// URLs for `redis.sentinel.nodes`.
+    pub fn urls(&self) -> Vec<String> {
+        self.sentinel_ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The master's port as the first Sentinel reports it now.
+    pub fn master_now(&self) -> Option<u16> {
+        let port = self.sentinel_ports.first()?.to_string();
+        let out = redis_cli(&[
+            "-p",
+            &port,
+            "sentinel",
+            "get-master-addr-by-name",
+            Self::MASTER,
+        ]);
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// SIGKILLs the server on `port`.
+    pub fn kill(&mut self, port: u16) {
+        for (p, child) in &mut self.children {
+            if *p == port {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RedisSentinels {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            if let Some(mut c) = child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::listen_port;

@@ -1,0 +1,625 @@
+//! The fleet on a Redis Cluster and on Sentinel-managed replicas: real `redis-server`s (three
+//! primaries with a replica each, made by `redis-cli --cluster create`; or a master, a replica
+//! and three Sentinels), real `lumen` nodes, and a Redis primary killed while traffic runs.
+//!
+//! What is asserted: a shared limit of N per minute admits N (± 1, plus what refills during the
+//! phase) across three nodes before and after a failover; while a slot has no primary the nodes
+//! fail open to their own buckets and no request fails; the nodes see the new topology
+//! (`/admin/redis`: primaries, replicas, failovers seen). The figures (failover time, time to
+//! full service, excess admitted) are printed for the notes (`--nocapture`).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lumen_test_support::client::{request, Client};
+use lumen_test_support::harness::{
+    away_from_minute_boundary, redis_cli, RedisCluster, RedisSentinels,
+};
+use lumen_test_support::{Lumen, MockUpstream};
+use serde_json::{json, Value};
+
+/// Requests per minute of each test key: low enough that a burst of 3N shows the limit, high
+/// enough that a few seconds' refill is a handful.
+const N: usize = 30;
+
+fn config(mock: &MockUpstream, redis: &str) -> String {
+    let keys: String = ["before", "during", "after", "restart"]
+        .iter()
+        .map(|id| {
+            format!(
+                "  - {{ id: {id}, key: \"sk-{id}\", limits: {{ requests_per_minute: {N}, burst: {N} }} }}\n"
+            )
+        })
+        .collect();
+    format!(
+        r#"
+server: {{ threads: 2 }}
+redis: {{ {redis}, timeout: 200ms, on_redis_error: fail_open }}
+keys:
+{keys}providers:
+  mock: {{ base_url: "{base}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+        base = mock.base_url()
+    )
+}
+
+/// One chat request with `key` to `addr`: its status (0: no answer at all).
+async fn chat(addr: SocketAddr, key: &str) -> u16 {
+    let Ok(mut c) = Client::connect(addr).await else {
+        return 0;
+    };
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    let auth = format!("Bearer sk-{key}");
+    c.post_json("/v1/chat/completions", &[("authorization", &auth)], &body)
+        .await
+        .map_or(0, |r| r.status)
+}
+
+/// `n` requests at once with `key`, spread over `nodes`; the statuses.
+async fn burst(nodes: &[SocketAddr], key: &str, n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, key) = (nodes[i % nodes.len()], key.to_string());
+            tokio::spawn(async move { chat(addr, &key).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+/// What a per-minute limit of N may admit over a phase of `elapsed`: N, plus what refilled.
+fn allowed(elapsed: Duration) -> usize {
+    N + (elapsed.as_secs_f64() * N as f64 / 60.0).floor() as usize
+}
+
+fn assert_limit(statuses: &[u16], elapsed: Duration, phase: &str) {
+    let admitted = count(statuses, 200);
+    let most = allowed(elapsed);
+    assert!(
+        admitted + 1 >= N && admitted <= most + 1,
+        "{phase}: a shared limit of {N}/min admitted {admitted} (at most {most} + 1): {statuses:?}"
+    );
+    assert_eq!(
+        admitted + count(statuses, 429),
+        statuses.len(),
+        "{phase}: every request is admitted or limited, none fails: {statuses:?}"
+    );
+}
+
+/// `lumen_redis_errors_total` summed over its operations, on one node.
+async fn redis_errors(admin: SocketAddr) -> u64 {
+    let text = request(admin, "GET", "/metrics", &[], b"")
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("lumen_redis_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn admin_redis(admin: SocketAddr) -> Value {
+    request(admin, "GET", "/admin/redis", &[], b"")
+        .await
+        .unwrap()
+        .json()
+}
+
+/// Waits until a node's topology shows `want` (checked by `ok`); its last view.
+async fn topology_until(admin: SocketAddr, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = admin_redis(admin).await;
+        if ok(&seen) {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "topology never matched: {seen}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn primaries_up(topology: &Value) -> usize {
+    topology["topology"]["nodes"].as_array().map_or(0, |nodes| {
+        nodes
+            .iter()
+            .filter(|n| n["role"] == "primary" && n["up"] == true)
+            .count()
+    })
+}
+
+/// The figures of one failover, for the notes.
+struct Failover {
+    /// Until Redis itself served every slot again.
+    redis_recovered: Duration,
+    /// Until the nodes' Redis calls stopped failing.
+    service_recovered: Duration,
+    requests: usize,
+    failed: usize,
+    admitted: usize,
+}
+
+/// Kills a Redis server with `kill` while traffic with key `during` runs through `nodes` (one
+/// request every 20 ms); ends once `recovered` says Redis is whole again and no node has
+/// counted a Redis error for two seconds.
+async fn traffic_through_failover(
+    nodes: &[(SocketAddr, SocketAddr)],
+    kill: impl FnOnce(),
+    recovered: impl Fn() -> bool,
+) -> Failover {
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|(a, _)| *a).collect();
+    let mut errors = 0;
+    for (_, admin) in nodes {
+        errors += redis_errors(*admin).await;
+    }
+    let killed = Instant::now();
+    kill();
+    let (mut statuses, mut redis_recovered, mut last_error) = (Vec::new(), None, killed);
+    let mut i = 0usize;
+    loop {
+        let round: Vec<_> = (0..3)
+            .map(|k| {
+                let addr = addrs[(i + k) % addrs.len()];
+                tokio::spawn(async move { chat(addr, "during").await })
+            })
+            .collect();
+        for t in round {
+            statuses.push(t.await.unwrap());
+        }
+        i += 3;
+        let mut now_errors = 0;
+        for (_, admin) in nodes {
+            now_errors += redis_errors(*admin).await;
+        }
+        if now_errors > errors {
+            errors = now_errors;
+            last_error = Instant::now();
+        }
+        if redis_recovered.is_none() && recovered() {
+            redis_recovered = Some(killed.elapsed());
+        }
+        if redis_recovered.is_some() && last_error.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            let metrics = request(nodes[0].1, "GET", "/metrics", &[], b"")
+                .await
+                .map(|r| r.text())
+                .unwrap_or_default();
+            let errors: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("lumen_redis_errors_total"))
+                .collect();
+            panic!(
+                "no recovery within a minute (redis recovered: {redis_recovered:?}; errors last rose {:?} ago): {errors:?}",
+                last_error.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Failover {
+        redis_recovered: redis_recovered.unwrap_or_default(),
+        service_recovered: last_error.duration_since(killed),
+        requests: statuses.len(),
+        failed: statuses.len() - count(&statuses, 200) - count(&statuses, 429),
+        admitted: count(&statuses, 200),
+    }
+}
+
+/// The port of the cluster primary holding a key that matches `pattern` (`--scan`).
+fn primary_holding(cluster: &RedisCluster, pattern: &str) -> u16 {
+    cluster
+        .primaries()
+        .into_iter()
+        .find(|port| {
+            !redis_cli(&["-p", &port.to_string(), "--scan", "--pattern", pattern])
+                .trim()
+                .is_empty()
+        })
+        .unwrap_or_else(|| panic!("no primary holds {pattern}:\n{}", cluster.view()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_nodes_share_limits_on_a_cluster_while_a_primary_dies() {
+    let mock = MockUpstream::start();
+    let mut cluster = RedisCluster::start(3, 1);
+    let seeds = cluster
+        .urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let yaml = config(&mock, &format!("cluster: [{seeds}]"));
+    let a = Lumen::start(&yaml);
+    let b = Lumen::start(&yaml);
+    let mut c = Lumen::start(&yaml);
+    let nodes = [(a.addr, a.admin), (b.addr, b.admin), (c.addr, c.admin)];
+    let addrs = [a.addr, b.addr, c.addr];
+
+    // The nodes see the cluster: three primaries serving every slot, three replicas.
+    let seen = topology_until(a.admin, |t| primaries_up(t) == 3).await;
+    assert_eq!(seen["topology"]["kind"], "cluster", "{seen}");
+    let nodes_seen = seen["topology"]["nodes"].as_array().unwrap();
+    let slots: u64 = nodes_seen.iter().filter_map(|n| n["slots"].as_u64()).sum();
+    assert_eq!(slots, 16384, "{seen}");
+    assert_eq!(
+        nodes_seen.iter().filter(|n| n["role"] == "replica").count(),
+        3,
+        "{seen}"
+    );
+
+    away_from_minute_boundary().await;
+    let started = Instant::now();
+    let statuses = burst(&addrs, "before", 3 * N).await;
+    assert_limit(&statuses, started.elapsed(), "before the failover");
+
+    // The primary holding the `during` key's slot dies while its traffic runs.
+    assert_eq!(chat(a.addr, "during").await, 200);
+    let victim = primary_holding(&cluster, "*during*");
+    let probe = cluster
+        .primaries()
+        .into_iter()
+        .find(|p| *p != victim)
+        .unwrap();
+    let failover = traffic_through_failover(
+        &nodes,
+        || cluster.kill(victim),
+        || {
+            // Whole again once the cluster has marked the dead primary failed (not merely
+            // suspected) and every slot is served (its replica promoted).
+            let view = redis_cli(&["-p", &probe.to_string(), "cluster", "nodes"]);
+            let failed = view.lines().any(|l| {
+                l.contains(&format!(":{victim}@"))
+                    && l.split_whitespace()
+                        .nth(2)
+                        .is_some_and(|f| f.split(',').any(|f| f == "fail"))
+            });
+            let info = redis_cli(&["-p", &probe.to_string(), "cluster", "info"]);
+            failed && info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+        },
+    )
+    .await;
+    // Each node may fall back to its own bucket of N while the slot has no primary: the
+    // documented excess of fail-open is at most one bucket per node on top of the shared one.
+    let bound = allowed(failover.service_recovered + Duration::from_secs(3)) * (1 + nodes.len());
+    eprintln!(
+        "FIGURES cluster failover: redis recovered in {:?}, nodes' service in {:?}; {} requests, {} failed, {} admitted by a limit of {N}/min (bound {bound})",
+        failover.redis_recovered,
+        failover.service_recovered,
+        failover.requests,
+        failover.failed,
+        failover.admitted,
+    );
+    assert_eq!(
+        failover.failed, 0,
+        "no request fails while a slot has no primary"
+    );
+    assert!(failover.admitted <= bound);
+
+    // Every node notices the promoted replica.
+    for (_, admin) in &nodes {
+        let seen = topology_until(*admin, |t| {
+            t["topology"]["failovers_seen"].as_u64() >= Some(1) && primaries_up(t) == 3
+        })
+        .await;
+        assert!(seen["topology"]["last_failover_at"].as_u64().is_some());
+    }
+
+    // A Lumen node dies (SIGKILL) and comes back; the limit is still one across the fleet.
+    c.kill();
+    c = Lumen::start(&yaml);
+    let addrs = [a.addr, b.addr, c.addr];
+    away_from_minute_boundary().await;
+    let started = Instant::now();
+    let statuses = burst(&addrs, "after", 3 * N).await;
+    assert_limit(&statuses, started.elapsed(), "after the failover");
+
+    // The killed primary returns as a replica of the one that replaced it.
+    cluster.restart(victim);
+    cluster.wait_healthy(Duration::from_secs(30));
+    let started = Instant::now();
+    let statuses = burst(&addrs, "restart", 3 * N).await;
+    assert_limit(
+        &statuses,
+        started.elapsed(),
+        "after the old primary rejoined",
+    );
+    let seen = topology_until(b.admin, |t| {
+        t["topology"]["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().all(|n| n["up"] == true) && n.len() == 6)
+    })
+    .await;
+    let rejoined = seen["topology"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["addr"] == format!("127.0.0.1:{victim}"))
+        .cloned()
+        .unwrap();
+    assert_eq!(rejoined["role"], "replica", "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_failover_is_followed_without_a_restart() {
+    let mock = MockUpstream::start();
+    let mut sentinels = RedisSentinels::start();
+    let nodes_yaml = sentinels
+        .urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let yaml = config(
+        &mock,
+        &format!(
+            "sentinel: {{ master: {}, nodes: [{nodes_yaml}] }}",
+            RedisSentinels::MASTER
+        ),
+    );
+    let a = Lumen::start(&yaml);
+    let b = Lumen::start(&yaml);
+    let nodes = [(a.addr, a.admin), (b.addr, b.admin)];
+    let addrs = [a.addr, b.addr];
+    let old = sentinels.master_port;
+
+    let seen = topology_until(a.admin, |t| primaries_up(t) == 1).await;
+    assert_eq!(seen["topology"]["kind"], "sentinel", "{seen}");
+    let primary = |t: &Value| {
+        t["topology"]["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["role"] == "primary").cloned())
+            .map(|n| n["addr"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(primary(&seen), Some(format!("127.0.0.1:{old}")));
+    assert_eq!(
+        seen["topology"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["role"] == "sentinel")
+            .count(),
+        3,
+        "{seen}"
+    );
+
+    away_from_minute_boundary().await;
+    let started = Instant::now();
+    let statuses = burst(&addrs, "before", 2 * N).await;
+    assert_limit(&statuses, started.elapsed(), "before the failover");
+
+    let watcher = sentinels.sentinel_ports[0];
+    let failover = traffic_through_failover(
+        &nodes,
+        || sentinels.kill(old),
+        || {
+            let answer = redis_cli(&[
+                "-p",
+                &watcher.to_string(),
+                "sentinel",
+                "get-master-addr-by-name",
+                RedisSentinels::MASTER,
+            ]);
+            answer.lines().nth(1).map(str::trim) != Some(old.to_string().as_str())
+                && answer.lines().count() >= 2
+        },
+    )
+    .await;
+    eprintln!(
+        "FIGURES sentinel failover: sentinels promoted the replica in {:?}, nodes' service in {:?}; {} requests, {} failed, {} admitted by a limit of {N}/min",
+        failover.redis_recovered,
+        failover.service_recovered,
+        failover.requests,
+        failover.failed,
+        failover.admitted,
+    );
+    assert_eq!(failover.failed, 0);
+
+    // Both nodes now write to the promoted replica, and say so.
+    let new = format!("127.0.0.1:{}", sentinels.replica_port);
+    for (_, admin) in &nodes {
+        let seen = topology_until(*admin, |t| primary(t).as_deref() == Some(new.as_str())).await;
+        assert!(
+            seen["topology"]["failovers_seen"].as_u64() >= Some(1),
+            "{seen}"
+        );
+    }
+    away_from_minute_boundary().await;
+    let started = Instant::now();
+    let statuses = burst(&addrs, "after", 2 * N).await;
+    assert_limit(&statuses, started.elapsed(), "after the failover");
+    let keys = redis_cli(&[
+        "-p",
+        &sentinels.replica_port.to_string(),
+        "--scan",
+        "--pattern",
+        "*after*",
+    ]);
+    assert!(
+        !keys.trim().is_empty(),
+        "the limit's state is on the new master"
+    );
+}
+
+/// A process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed by scripts/setup.sh");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_and_an_acl_user_reach_redis_and_a_wrong_password_is_refused() {
+    let dir = lumen_test_support::harness::tempdir::Dir::new("redis-tls");
+    let at = dir.path();
+    // A private CA and a server certificate for 127.0.0.1.
+    openssl(
+        at,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=lumen-test-ca",
+        ],
+    );
+    openssl(
+        at,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(at.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        at,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let port = lumen_test_support::harness::free_port();
+    let _redis = Killed(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            // Only the ACL user `lumen` may log in.
+            .args(["--user", "default", "off"])
+            .args([
+                "--user",
+                "lumen",
+                "on",
+                ">s3cret-redis-pw",
+                "~*",
+                "&*",
+                "+@all",
+            ])
+            .current_dir(at)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server (TLS) did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mock = MockUpstream::start();
+    let yaml = |password_var: &str| {
+        format!(
+            r#"
+redis: {{ url: "rediss://127.0.0.1:{port}", username: lumen, password: "${{{password_var}}}", tls_ca_file: "{ca}", on_redis_error: fail_closed, timeout: 500ms }}
+keys:
+  - {{ id: tls, key: "sk-tls", limits: {{ requests_per_minute: 3, burst: 3 }} }}
+providers:
+  mock: {{ base_url: "{base}" }}
+routes:
+  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+"#,
+            ca = at.join("ca.pem").display(),
+            base = mock.base_url()
+        )
+    };
+    let good = Lumen::start_with_env(
+        &yaml("REDIS_PASSWORD"),
+        &[("REDIS_PASSWORD", "s3cret-redis-pw")],
+    );
+    away_from_minute_boundary().await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(chat(good.addr, "tls").await);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429],
+        "the limit is kept in Redis over TLS"
+    );
+    let seen = topology_until(good.admin, |t| t["connected"] == true).await;
+    assert_eq!(seen["topology"]["kind"], "server", "{seen}");
+    assert_eq!(seen["topology"]["nodes"][0]["role"], "primary", "{seen}");
+
+    // A wrong password: Redis refuses the login, and fail_closed refuses the requests.
+    let bad = Lumen::start_with_env(
+        &yaml("WRONG_PASSWORD"),
+        &[("WRONG_PASSWORD", "not-the-password")],
+    );
+    assert_eq!(chat(bad.addr, "tls").await, 429);
+    let seen = topology_until(bad.admin, |t| t["connected"] == false).await;
+    assert!(seen["topology"].is_null(), "{seen}");
+    for node in [&good, &bad] {
+        let log = node.log();
+        assert!(
+            !log.contains("s3cret-redis-pw") && !log.contains("not-the-password"),
+            "{log}"
+        );
+    }
+}
