@@ -353,18 +353,6 @@ impl SharedLimiter {
         }
     }
 
-    /// Checks that Redis answers (for health reporting).
-    pub async fn ping(&self) -> Result<(), SharedError> {
-        let mut conn = self.connection().await?;
-        let ping = redis::cmd("PING");
-        let call = ping.query_async::<String>(&mut conn);
-        let wait = self.timeout.max(Duration::from_millis(200));
-        tokio::time::timeout(wait, call)
-            .await
-            .map_err(|_| SharedError::Timeout(wait))??;
-        Ok(())
-    }
-
     /// Gives a slot back.
     pub async fn release(&self, slot: &SharedSlot) -> Result<(), SharedError> {
         let mut cmd = redis::cmd("ZREM");

@@ -510,6 +510,7 @@ impl RedisCluster {
         redis_cli(&refs);
         let cluster = RedisCluster { nodes, dir };
         cluster.wait_healthy(Duration::from_secs(30));
+        cluster.wait_replicas_synced(Duration::from_secs(30));
         cluster
     }
 
@@ -584,6 +585,42 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until every live replica has finished its first sync with its primary (until
+    /// then a replica promoted in a failover would come up without the primary's data).
+    pub fn wait_replicas_synced(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for (port, child) in &self.nodes {
+            if child.is_none() {
+                continue;
+            }
+            loop {
+                let info = redis_cli(&["-p", &port.to_string(), "info", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {port} never synced:\n{info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Whether the cluster, as the live node on `live` sees it, has marked the node on `port`
+    /// failed (not merely suspected) and serves every slot again: a failover of `port` is over.
+    pub fn failed_over(live: u16, port: u16) -> bool {
+        let view = redis_cli(&["-p", &live.to_string(), "cluster", "nodes"]);
+        let failed = view.lines().any(|l| {
+            l.contains(&format!(":{port}@"))
+                && l.split_whitespace()
+                    .nth(2)
+                    .is_some_and(|f| f.split(',').any(|f| f == "fail"))
+        });
+        let info = redis_cli(&["-p", &live.to_string(), "cluster", "info"]);
+        failed && info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
     }
 
     /// SIGKILLs the node on `port` (a crash).
