@@ -83,7 +83,9 @@ pub fn parse(
         .map(|r| r.secrets())
         .unwrap_or_default()
         .into_iter()
-        .filter(|(_, secret)| !substituted.values.iter().any(|v| v == secret))
+        // From the environment: the secret is a substituted value, or part of one (a whole
+        // `url: ${REDIS_URL}` carries its password).
+        .filter(|(_, secret)| !substituted.values.iter().any(|v| v.contains(secret.as_str())))
         .map(|(at, _)| {
             Problem::at(
                 at,

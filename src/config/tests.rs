@@ -273,3 +273,13 @@ fn redis_needs_exactly_one_topology_and_a_prefix_without_braces() {
     );
     assert!(parse_err(&ca).contains("redis.tls_ca_file"));
 }
+
+#[test]
+fn a_whole_redis_url_from_the_environment_may_carry_its_password() {
+    let env = |name: &str| match name {
+        "REDIS_URL" => Some("redis://:from-env-pw@127.0.0.1:6379".to_string()),
+        other => redis_env(other),
+    };
+    let text = format!("redis: {{ url: \"${{REDIS_URL}}\" }}\n{ROUTES}");
+    assert!(parse(&text, "test.yaml", env).is_ok());
+}

@@ -29,8 +29,9 @@ const MAX_PROBE_BODY: usize = 256 * 1024;
 const TICK: Duration = Duration::from_millis(50);
 /// How often a restarted provider is probed until it answers.
 const RESTART_PROBE_EVERY: Duration = Duration::from_millis(200);
-/// How often Redis is pinged for `/health` when configured.
-const REDIS_PING_EVERY: Duration = Duration::from_secs(5);
+/// How often Redis's topology is asked (its health check, and how a Sentinel failover is
+/// noticed without waiting for an error) when configured.
+const REDIS_PING_EVERY: Duration = Duration::from_secs(2);
 
 /// Where the prober finds the providers to probe. The live config implements it; upstream code
 /// never reads the config itself.

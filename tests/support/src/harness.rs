@@ -485,7 +485,7 @@ fn spawn_redis(port: u16, dir: &Path, extra: &[String]) -> Child {
 /// by `redis-cli --cluster create`; every server killed on drop. A failed node is noticed
 /// within a second (`cluster-node-timeout 1000`), so a replica takes over in a few seconds.
 pub struct RedisCluster {
-    nodes: Vec<(u16, Option<Child>)>,
+    nodes: Vec<(u16, u16, Option<Child>)>,
     dir: tempdir::Dir,
 }
 
@@ -495,12 +495,12 @@ impl RedisCluster {
         let count = primaries * (1 + replicas);
         let mut nodes = Vec::new();
         for _ in 0..count {
-            let port = free_port();
-            let child = spawn_redis(port, dir.path(), &Self::args(port));
-            nodes.push((port, Some(child)));
+            let (port, bus) = (free_port(), free_port());
+            let child = spawn_redis(port, dir.path(), &Self::args(port, bus));
+            nodes.push((port, bus, Some(child)));
         }
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
-        args.extend(nodes.iter().map(|(p, _)| format!("127.0.0.1:{p}")));
+        args.extend(nodes.iter().map(|(p, _, _)| format!("127.0.0.1:{p}")));
         args.extend([
             "--cluster-replicas".to_string(),
             replicas.to_string(),
@@ -514,8 +514,12 @@ impl RedisCluster {
         cluster
     }
 
-    fn args(port: u16) -> Vec<String> {
+    /// `bus`: the cluster bus port, chosen apart (the default, port + 10000, is no port at all
+    /// for a port above 55535).
+    fn args(port: u16, bus: u16) -> Vec<String> {
         [
+            "--cluster-port",
+            &bus.to_string(),
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -536,7 +540,7 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .map(|(p, _, _)| format!("redis://127.0.0.1:{p}"))
             .collect()
     }
 
@@ -552,7 +556,7 @@ impl RedisCluster {
 
     /// `CLUSTER NODES` as a live node sees it.
     pub fn view(&self) -> String {
-        for (port, child) in &self.nodes {
+        for (port, _, child) in &self.nodes {
             if child.is_some() {
                 let out = redis_cli(&["-p", &port.to_string(), "cluster", "nodes"]);
                 if !out.is_empty() {
@@ -570,8 +574,8 @@ impl RedisCluster {
             let ok = self
                 .nodes
                 .iter()
-                .filter(|(_, c)| c.is_some())
-                .all(|(port, _)| {
+                .filter(|(_, _, c)| c.is_some())
+                .all(|(port, _, _)| {
                     let info = redis_cli(&["-p", &port.to_string(), "cluster", "info"]);
                     info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
                 });
@@ -591,7 +595,7 @@ impl RedisCluster {
     /// then a replica promoted in a failover would come up without the primary's data).
     pub fn wait_replicas_synced(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        for (port, child) in &self.nodes {
+        for (port, _, child) in &self.nodes {
             if child.is_none() {
                 continue;
             }
@@ -625,7 +629,7 @@ impl RedisCluster {
 
     /// SIGKILLs the node on `port` (a crash).
     pub fn kill(&mut self, port: u16) {
-        for (p, child) in &mut self.nodes {
+        for (p, _, child) in &mut self.nodes {
             if *p == port {
                 if let Some(mut c) = child.take() {
                     let _ = c.kill();
@@ -639,9 +643,9 @@ impl RedisCluster {
     /// when its slots were taken over).
     pub fn restart(&mut self, port: u16) {
         let dir = self.dir.path().to_path_buf();
-        for (p, child) in &mut self.nodes {
+        for (p, bus, child) in &mut self.nodes {
             if *p == port && child.is_none() {
-                *child = Some(spawn_redis(port, &dir, &Self::args(port)));
+                *child = Some(spawn_redis(port, &dir, &Self::args(port, *bus)));
             }
         }
     }
@@ -649,7 +653,7 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for (_, child) in &mut self.nodes {
+        for (_, _, child) in &mut self.nodes {
             if let Some(mut c) = child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
