@@ -720,7 +720,7 @@ impl Metrics {
 }
 
 /// The operations Redis calls are made for (`op` of the Redis metrics).
-const REDIS_OPS: [&str; 9] = [
+pub const REDIS_OPS: [&str; 9] = [
     "rate_limit",
     "budget",
     "cache",

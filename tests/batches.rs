@@ -8,10 +8,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lumen_test_support::client::{request, Response};
+use lumen_test_support::batch::{
+    call, chat_line, create, file_lines, multipart, upload, wait_final,
+};
+use lumen_test_support::client::request;
 use lumen_test_support::harness::{RedisServer, Worker};
 use lumen_test_support::{Lumen, MockUpstream};
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn config(mock: &MockUpstream, extra: &str) -> String {
     format!(
@@ -29,99 +32,6 @@ routes:
 "#,
         base = mock.base_url()
     )
-}
-
-const BOUNDARY: &str = "lumen-test-boundary-7d3f";
-
-/// A multipart upload as the SDKs send it.
-fn multipart(purpose: &str, file: &[u8]) -> Vec<u8> {
-    let mut body = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
-         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"batch.jsonl\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(file);
-    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
-
-fn chat_line(id: &str, model: &str, extra: Value) -> String {
-    let mut body =
-        json!({"model": model, "messages": [{"role": "user", "content": id}], "max_tokens": 5});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
-    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
-        .to_string()
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    key: &str,
-    body: &[u8],
-    json_body: bool,
-) -> Response {
-    let auth = format!("Bearer {key}");
-    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    let mut headers = vec![("authorization", auth.as_str())];
-    if !body.is_empty() {
-        headers.push((
-            "content-type",
-            if json_body {
-                "application/json"
-            } else {
-                ct.as_str()
-            },
-        ));
-    }
-    request(addr, method, path, &headers, body).await.unwrap()
-}
-
-async fn upload(addr: SocketAddr, key: &str, lines: &[String]) -> Response {
-    let file = lines.join("\n") + "\n";
-    call(
-        addr,
-        "POST",
-        "/v1/files",
-        key,
-        &multipart("batch", file.as_bytes()),
-        false,
-    )
-    .await
-}
-
-async fn create(addr: SocketAddr, key: &str, file_id: &str) -> Value {
-    let body = json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"run": "test"}});
-    let r = call(
-        addr,
-        "POST",
-        "/v1/batches",
-        key,
-        body.to_string().as_bytes(),
-        true,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-async fn wait_final(addr: SocketAddr, key: &str, id: &str, limit: Duration) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let r = call(addr, "GET", &format!("/v1/batches/{id}"), key, b"", true).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        let v = r.json();
-        if ["completed", "failed", "expired", "cancelled"]
-            .contains(&v["status"].as_str().unwrap_or(""))
-        {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "not final in time: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until at least `n` of the batch's lines completed.
@@ -144,30 +54,6 @@ async fn wait_completed(addr: SocketAddr, id: &str, n: u64) {
         assert!(Instant::now() < deadline, "{v}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A file's lines as JSON, by `custom_id` (each must appear once).
-async fn file_lines(addr: SocketAddr, key: &str, id: &str) -> HashMap<String, Value> {
-    let r = call(
-        addr,
-        "GET",
-        &format!("/v1/files/{id}/content"),
-        key,
-        b"",
-        true,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let mut out = HashMap::new();
-    for line in r.text().lines().filter(|l| !l.is_empty()) {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let id = v["custom_id"].as_str().unwrap().to_string();
-        assert!(
-            out.insert(id.clone(), v).is_none(),
-            "{id} is in the file twice"
-        );
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{encode, EncodingKey, Header};
 use lumen_test_support::client::{request, Client};
 use lumen_test_support::harness::RedisServer;
+use lumen_test_support::keyed::{admin, budget, micros};
 use lumen_test_support::openai::chat_with;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
@@ -60,34 +61,6 @@ fn priced(model: &str, usage: Value, extra: Value) -> Value {
     let mut body = chat_with(model, "hi", extra);
     body["mock_usage"] = usage;
     body
-}
-
-async fn admin(lumen: &Lumen, path: &str) -> Value {
-    request(lumen.admin, "GET", path, &[], b"")
-        .await
-        .unwrap()
-        .json()
-}
-
-/// The budget `scope:name` as `/admin/budgets` shows it.
-async fn budget(lumen: &Lumen, scope: &str, name: &str) -> Value {
-    let report = admin(lumen, "/admin/budgets").await;
-    report["budgets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["scope"] == scope && b["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no budget {scope}:{name} in {report}"))
-}
-
-/// Micro-dollars from a USD number or string (`0.001900`).
-fn micros(v: &Value) -> i64 {
-    let usd = match v {
-        Value::String(s) => s.parse::<f64>().unwrap(),
-        other => other.as_f64().unwrap(),
-    };
-    (usd * 1e6).round() as i64
 }
 
 fn header_micros(r: &lumen_test_support::client::Response, name: &str) -> i64 {

@@ -6,12 +6,16 @@
 //! `lumen_redis_errors_total{op}`, which must stay at zero. Reads go to the node that did not
 //! write, so a pass proves the state went through Redis.
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lumen_test_support::client::{request, Client, Response};
+use lumen_test_support::batch::{call, chat_line, create, file_lines, upload, wait_final};
+use lumen_test_support::client::{request, Client};
 use lumen_test_support::harness::RedisCluster;
+use lumen_test_support::keyed::{
+    admin, as_key, budget, by_op, event_deltas, micros, primaries_up, topology_until, wait_job,
+    yaml_list,
+};
 use lumen_test_support::openai::{chat, chat_job, chat_with, message_content};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
@@ -19,10 +23,10 @@ use serde_json::{json, Value};
 /// The caller in every step.
 const K: &str = "sk-cluster";
 
-/// Every Redis-backed feature at once. `redis` is the whole `redis:` line (see §0);
-/// `upstream` is `MockUpstream::base_url()` ("http://127.0.0.1:PORT/v1").
+/// Every Redis-backed feature at once. `redis` is the whole `redis:` line; `upstream` the mock's
+/// base URL.
 fn config(upstream: &str, redis: &str) -> String {
-    // The `sha256:` form of a key, as `lumen keys hash` prints it (see the note below).
+    // The `sha256:` form of a key, as `lumen keys hash` prints it.
     let hashed = lumen_plugins::auth::hash_key("sk-cluster-hashed");
     format!(
         r#"
@@ -64,236 +68,17 @@ batches: {{ concurrency: 2 }}
     )
 }
 
-// batches.rs:34-57: the multipart body the SDKs send, and one JSONL line.
-const BOUNDARY: &str = "lumen-test-boundary-7d3f";
-
-fn multipart(purpose: &str, file: &[u8]) -> Vec<u8> {
-    let mut body = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
-         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"batch.jsonl\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(file);
-    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
-
-fn chat_line(id: &str, model: &str, extra: Value) -> String {
-    let mut body =
-        json!({"model": model, "messages": [{"role": "user", "content": id}], "max_tokens": 5});
-    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-        b.extend(e.clone());
-    }
-    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
-        .to_string()
-}
-
-// batches.rs:59-81: one call helper for everything (JSON, multipart, empty bodies).
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    key: &str,
-    body: &[u8],
-    json_body: bool,
-) -> Response {
-    let auth = format!("Bearer {key}");
-    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    let mut headers = vec![("authorization", auth.as_str())];
-    if !body.is_empty() {
-        headers.push((
-            "content-type",
-            if json_body {
-                "application/json"
-            } else {
-                ct.as_str()
-            },
-        ));
-    }
-    request(addr, method, path, &headers, body).await.unwrap()
-}
-
-async fn call_json(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    key: &str,
-    body: &Value,
-) -> Response {
-    call(addr, method, path, key, body.to_string().as_bytes(), true).await
-}
-
-// batches.rs:83-94
-async fn upload(addr: SocketAddr, key: &str, lines: &[String]) -> Response {
-    let file = lines.join("\n") + "\n";
-    call(
-        addr,
-        "POST",
-        "/v1/files",
-        key,
-        &multipart("batch", file.as_bytes()),
-        false,
-    )
-    .await
-}
-
-// batches.rs:96-109 (asserts 200: this is where BS1 fails on a Cluster, with the body printed)
-async fn create(addr: SocketAddr, key: &str, file_id: &str) -> Value {
-    let body = json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"run": "test"}});
-    let r = call(
-        addr,
-        "POST",
-        "/v1/batches",
-        key,
-        body.to_string().as_bytes(),
-        true,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-// batches.rs:111-125 (named wait_batch here; jobs.rs has another wait_final)
-async fn wait_batch(addr: SocketAddr, key: &str, id: &str, limit: Duration) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let r = call(addr, "GET", &format!("/v1/batches/{id}"), key, b"", true).await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        let v = r.json();
-        if ["completed", "failed", "expired", "cancelled"]
-            .contains(&v["status"].as_str().unwrap_or(""))
-        {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "not final in time: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-// batches.rs:150-171
-async fn file_lines(addr: SocketAddr, key: &str, id: &str) -> HashMap<String, Value> {
-    let r = call(
-        addr,
-        "GET",
-        &format!("/v1/files/{id}/content"),
-        key,
-        b"",
-        true,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let mut out = HashMap::new();
-    for line in r.text().lines().filter(|l| !l.is_empty()) {
-        let v: Value = serde_json::from_str(line).unwrap();
-        let id = v["custom_id"].as_str().unwrap().to_string();
-        assert!(
-            out.insert(id.clone(), v).is_none(),
-            "{id} is in the file twice"
-        );
-    }
-    out
-}
-
-// jobs.rs:49-61, adapted to an address
-async fn wait_job(addr: SocketAddr, key: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = call(addr, "GET", &format!("/v1/jobs/{id}"), key, b"", true)
-            .await
-            .json();
-        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job never ended: {v}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-// money.rs:65-91
-async fn admin(lumen: &Lumen, path: &str) -> Value {
-    request(lumen.admin, "GET", path, &[], b"")
-        .await
-        .unwrap()
-        .json()
-}
-async fn budget(lumen: &Lumen, scope: &str, name: &str) -> Value {
-    let report = admin(lumen, "/admin/budgets").await;
-    report["budgets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["scope"] == scope && b["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no budget {scope}:{name} in {report}"))
-}
-fn micros(v: &Value) -> i64 {
-    let usd = match v {
-        Value::String(s) => s.parse::<f64>().unwrap(),
-        other => other.as_f64().unwrap(),
-    };
-    (usd * 1e6).round() as i64
-}
-
-// redis_fleet.rs:110-139: /admin/redis and waiting for the topology
-async fn admin_redis(admin: SocketAddr) -> Value {
-    request(admin, "GET", "/admin/redis", &[], b"")
-        .await
-        .unwrap()
-        .json()
-}
-async fn topology_until(admin: SocketAddr, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = admin_redis(admin).await;
-        if ok(&seen) {
-            return seen;
-        }
-        assert!(Instant::now() < deadline, "topology never matched: {seen}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-fn primaries_up(topology: &Value) -> usize {
-    topology["topology"]["nodes"].as_array().map_or(0, |nodes| {
-        nodes
-            .iter()
-            .filter(|n| n["role"] == "primary" && n["up"] == true)
-            .count()
-    })
-}
-
-// Per-operation version of redis_fleet.rs:98-108. The `op` label values are created at start-up
-// (src/metrics.rs:328-337, REDIS_OPS :790-800: rate_limit budget cache jobs ledger responses
-// batches files topology), so every op has an `… 0` line from the start.
-async fn by_op(admin: SocketAddr, metric: &str) -> BTreeMap<String, f64> {
-    let text = request(admin, "GET", "/metrics", &[], b"")
-        .await
-        .map(|r| r.text())
-        .unwrap_or_default();
-    let prefix = format!("{metric}{{op=\"");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .filter_map(|rest| {
-            let (op, value) = rest.split_once("\"} ")?;
-            Some((op.to_string(), value.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_redis_feature_runs_on_a_cluster() {
     let mock = MockUpstream::start();
     let cluster = RedisCluster::start(3, 0);
-    let seeds = cluster
-        .urls()
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+
     // fail_closed: a Redis error in limits or budgets is a visible refusal, not a quiet
     // fallback to this node's own counts.
-    let redis =
-        format!("redis: {{ cluster: [{seeds}], timeout: 500ms, on_redis_error: fail_closed }}");
+    let redis = format!(
+        "redis: {{ cluster: {}, timeout: 500ms, on_redis_error: fail_closed }}",
+        yaml_list(&cluster.urls())
+    );
     let yaml = config(&mock.base_url(), &redis);
     let one = Lumen::start(&yaml);
     let two = Lumen::start(&yaml);
@@ -306,14 +91,14 @@ async fn every_redis_feature_runs_on_a_cluster() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(message_content(&r.json()), "mock reply from up");
-    assert_eq!(r.header("x-lumen-cost-usd"), Some("0.000015")); // money.rs:129 style
+    assert_eq!(r.header("x-lumen-cost-usd"), Some("0.000015"));
     assert!(
         r.header("x-lumen-budget-remaining-usd").is_some(),
         "budget reserved through Redis"
     );
-    assert!(r.header("x-ratelimit-limit-requests").is_some()); // limits.rs:382-384
+    assert!(r.header("x-ratelimit-limit-requests").is_some());
     assert!(r.header("x-ratelimit-remaining-tokens").is_some());
-    // the sha256 key (optional)
+    // A key stored as its SHA-256.
     assert_eq!(
         one.chat_status("sk-cluster-hashed", &chat("fast", "hashed"))
             .await,
@@ -329,8 +114,8 @@ async fn every_redis_feature_runs_on_a_cluster() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.chat_stream_text(), "tok0 tok1 tok2 "); // mock: 3 chunks by default
-    assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]")); // cache.rs:179, :405
-    assert_eq!(r.header("x-lumen-cost-usd"), None); // money.rs:139: a stream's cost is not in its head
+    assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(r.header("x-lumen-cost-usd"), None);
 
     // 3. A cached chat: node two hits what node one stored.
     let body = chat_with("cached", "cache me", json!({"temperature": 0}));
@@ -338,10 +123,10 @@ async fn every_redis_feature_runs_on_a_cluster() {
     assert_eq!(miss.header("x-lumen-cache"), Some("miss"));
     let hit = one.post_chat_as("sk-cluster", &body).await;
     assert_eq!(hit.header("x-lumen-cache"), Some("hit"));
-    assert_eq!(hit.header("x-lumen-cost-usd"), Some("0.000000")); // money.rs:144-154
-    assert!(hit.header("x-lumen-budget-remaining-usd").is_some()); // B3 peek on a hit
-                                                                   // Node two has nothing in memory: a hit there came from Redis. The store happens just after
-                                                                   // the response, so poll (cache.rs:511-521).
+    assert_eq!(hit.header("x-lumen-cost-usd"), Some("0.000000"));
+    assert!(hit.header("x-lumen-budget-remaining-usd").is_some());
+    // Node two has nothing in memory: a hit there came from Redis. The store happens just after
+    // the response, so poll.
     let mut from_redis = None;
     for _ in 0..50 {
         let r = two.post_chat_as("sk-cluster", &body).await;
@@ -375,7 +160,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
     let first = post(one.addr, emb.clone()).await;
     assert_eq!(first.status, 200, "{}", first.text());
     assert_eq!(first.header("x-lumen-cache"), Some("miss"));
-    assert_eq!(first.header("x-lumen-cache-items"), Some("0/3")); // src/proxy/cache/embeddings.rs:63-67
+    assert_eq!(first.header("x-lumen-cache-items"), Some("0/3"));
     let vectors: Vec<Value> = first.json()["data"]
         .as_array()
         .unwrap()
@@ -387,10 +172,10 @@ async fn every_redis_feature_runs_on_a_cluster() {
     let again = post(one.addr, emb.clone()).await;
     assert_eq!(again.header("x-lumen-cache"), Some("hit"));
     assert_eq!(again.header("x-lumen-cache-items"), Some("3/3"));
-    // THE Redis check: node two has only Redis to look in. With C3 unfixed, the 3 SETs were never
-    // sent (CrossSlot on the client, error swallowed), so node two answers "miss" / "0/3".
+    // The Redis check: node two has only Redis to look in. Had node one's items not reached
+    // Redis (a pipeline across slots fails as CROSSSLOT), node two would answer "miss", "0/3".
     // Do not poll: each miss on node two would store the items itself, and a later poll would
-    // pass even with C3 broken. Wait once for node one's spawned store, then ask once.
+    // pass even with nothing stored. Wait once for node one's spawned store, then ask once.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let upstream_before = mock
         .requests()
@@ -416,12 +201,12 @@ async fn every_redis_feature_runs_on_a_cluster() {
     );
 
     // 5. Stored responses: create, read and continue on the other node, delete.
-    let created = call_json(
+    let created = as_key(
         one.addr,
         "POST",
         "/v1/responses",
         K,
-        &json!({"model": "fast", "input": "hello responses", "store": true}),
+        Some(&json!({"model": "fast", "input": "hello responses", "store": true})),
     )
     .await;
     assert_eq!(created.status, 200, "{}", created.text());
@@ -429,7 +214,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
     assert_eq!(v["object"], "response");
     assert_eq!(v["status"], "completed");
     assert_eq!(v["store"], true);
-    assert_eq!(v["output"][0]["content"][0]["text"], "mock reply from up"); // cache.rs:433-437
+    assert_eq!(v["output"][0]["content"][0]["text"], "mock reply from up");
     let id = v["id"].as_str().unwrap().to_string();
     // GET on the OTHER node: it can only come from Redis.
     let got = call(
@@ -458,18 +243,18 @@ async fn every_redis_feature_runs_on_a_cluster() {
         items.json()["data"][0]["content"][0]["text"],
         "hello responses"
     );
-    // Continuation: S2 inside the request pipeline (admit.rs:139 continue_stored).
-    let next = call_json(
+    // Continuation: the stored response read inside the request pipeline.
+    let next = as_key(
         two.addr,
         "POST",
         "/v1/responses",
         K,
-        &json!({"model": "fast", "input": "and then?", "previous_response_id": id}),
+        Some(&json!({"model": "fast", "input": "and then?", "previous_response_id": id})),
     )
     .await;
     assert_eq!(next.status, 200, "{}", next.text());
     assert_eq!(next.json()["previous_response_id"], id.as_str());
-    // DELETE (S3), then it is gone on both nodes.
+    // DELETE, then it is gone on both nodes.
     let del = call(
         one.addr,
         "DELETE",
@@ -499,18 +284,18 @@ async fn every_redis_feature_runs_on_a_cluster() {
     );
 
     // 6. A job: submitted on one node, followed and read on the other; a cancel.
-    let s = call_json(
+    let s = as_key(
         one.addr,
         "POST",
         "/v1/jobs",
         K,
-        &chat_job("fast", "job one", json!({})),
+        Some(&chat_job("fast", "job one", json!({}))),
     )
     .await;
     assert_eq!(s.status, 202, "{}", s.text());
     assert_eq!(s.json()["status"], "queued");
     let job = s.json()["id"].as_str().unwrap().to_string();
-    let done = wait_job(two.addr, K, &job).await; // read on the other node: Redis
+    let done = wait_job(two.addr, K, &job, Duration::from_secs(30)).await; // read on the other node: Redis
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         done["result"]["choices"][0]["message"]["content"],
@@ -522,17 +307,17 @@ async fn every_redis_feature_runs_on_a_cluster() {
         "{done}"
     );
 
-    // /events (J4 XRANGE + J13 XREAD on a dedicated cluster connection), as in jobs_fleet.rs:137-168
-    let slow = call_json(
+    // /events: XRANGE, then XREAD on a dedicated cluster connection.
+    let slow = as_key(
         one.addr,
         "POST",
         "/v1/jobs",
         K,
-        &chat_job(
+        Some(&chat_job(
             "fast",
             "slow job",
             json!({"mock_chunks": 5, "mock_delay_ms": 50}),
-        ),
+        )),
     )
     .await
     .json();
@@ -548,35 +333,33 @@ async fn every_redis_feature_runs_on_a_cluster() {
     .await;
     assert_eq!(events.status, 200);
     let text = events.text();
-    let deltas: String = text
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("event: delta\ndata: "))
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .map(|v| v["content"].as_str().unwrap_or("").to_string())
-        .collect();
+    let deltas = event_deltas(&text);
     assert_eq!(deltas, "tok0 tok1 tok2 tok3 tok4 ", "{text}");
     assert!(text.contains("event: result\n"), "{text}");
 
-    // cancel (J3), as in jobs.rs:310-365
-    let long = call_json(
+    // A cancel.
+    let long = as_key(
         one.addr,
         "POST",
         "/v1/jobs",
         K,
-        &chat_job(
+        Some(&chat_job(
             "fast",
             "long job",
             json!({"mock_chunks": 50, "mock_delay_ms": 100}),
-        ),
+        )),
     )
     .await
     .json();
     let lid = long["id"].as_str().unwrap().to_string();
     let c = call(one.addr, "DELETE", &format!("/v1/jobs/{lid}"), K, b"", true).await;
     assert_eq!(c.status, 200, "{}", c.text());
-    assert_eq!(wait_job(one.addr, K, &lid).await["status"], "cancelled");
+    assert_eq!(
+        wait_job(one.addr, K, &lid, Duration::from_secs(30)).await["status"],
+        "cancelled"
+    );
 
-    // /health: jobs on Redis (jobs_fleet.rs:169-174; J5 depth)
+    // /health: jobs on Redis (its queue depth read there).
     let health = request(one.addr, "GET", "/health", &[], b"")
         .await
         .unwrap()
@@ -594,7 +377,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
     assert_eq!(f["status"], "processed");
     assert_eq!(f["filename"], "batch.jsonl");
     let fid = f["id"].as_str().unwrap().to_string();
-    let list = call(two.addr, "GET", "/v1/files", K, b"", true).await; // F5
+    let list = call(two.addr, "GET", "/v1/files", K, b"", true).await;
     assert_eq!(list.status, 200);
     assert!(
         list.json()["data"]
@@ -605,7 +388,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
         "{}",
         list.text()
     );
-    let meta = call(two.addr, "GET", &format!("/v1/files/{fid}"), K, b"", true).await; // F3
+    let meta = call(two.addr, "GET", &format!("/v1/files/{fid}"), K, b"", true).await;
     assert_eq!(meta.status, 200, "{}", meta.text());
     assert_eq!(meta.json()["id"], fid.as_str());
     let content = call(
@@ -616,7 +399,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
         b"",
         true,
     )
-    .await; // F4
+    .await;
     assert_eq!(content.status, 200);
     assert_eq!(content.text(), small.join("\n") + "\n");
     let del = call(
@@ -627,7 +410,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
         b"",
         true,
     )
-    .await; // F6
+    .await;
     assert_eq!(
         del.status,
         200,
@@ -660,33 +443,33 @@ async fn every_redis_feature_runs_on_a_cluster() {
         .as_str()
         .unwrap()
         .to_string();
-    let batch = create(two.addr, K, &input).await; // BS1: asserts 200 inside
+    let batch = create(two.addr, K, &input).await;
     assert_eq!(batch["object"], "batch");
     assert_eq!(batch["status"], "in_progress");
     assert_eq!(batch["request_counts"]["total"], 3);
     let bid = batch["id"].as_str().unwrap().to_string();
-    let g = call(one.addr, "GET", &format!("/v1/batches/{bid}"), K, b"", true).await; // BS2
+    let g = call(one.addr, "GET", &format!("/v1/batches/{bid}"), K, b"", true).await;
     assert_eq!(g.status, 200, "{}", g.text());
     let list = call(one.addr, "GET", "/v1/batches?limit=10", K, b"", true)
         .await
-        .json(); // BS5
+        .json();
     assert_eq!(list["object"], "list");
     assert_eq!(list["data"][0]["id"], bid.as_str());
-    let done = wait_batch(one.addr, K, &bid, Duration::from_secs(60)).await; // BS3, BS8-BS15
+    let done = wait_final(one.addr, K, &bid, Duration::from_secs(60)).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         done["request_counts"],
         json!({"total": 3, "completed": 3, "failed": 0})
     );
     assert!(done["error_file_id"].is_null(), "{done}");
-    let out = file_lines(two.addr, K, done["output_file_id"].as_str().unwrap()).await; // output via F1, read F4
+    let out = file_lines(two.addr, K, done["output_file_id"].as_str().unwrap()).await;
     assert_eq!(out.len(), 3);
     assert_eq!(out["b-1"]["response"]["status_code"], 200);
     assert_eq!(
         out["b-1"]["response"]["body"]["choices"][0]["message"]["content"],
         "tok0 tok1 tok2 "
     );
-    // a final batch cannot be cancelled (batches.rs:358-367); its input can now be deleted (F6 again)
+    // A final batch cannot be cancelled; its input can now be deleted.
     assert_eq!(
         call(
             one.addr,
@@ -719,8 +502,8 @@ async fn every_redis_feature_runs_on_a_cluster() {
     let u1 = admin(&one, "/admin/usage?key=cluster").await;
     let u2 = admin(&two, "/admin/usage?key=cluster").await;
     for u in [&u1, &u2] {
-        assert_eq!(u["backend"], "redis", "{u}"); // usage.rs:239
-        assert!(u["store_error"].is_null(), "ledger flush/read failed: {u}"); // usage.rs:271 for the failing case
+        assert_eq!(u["backend"], "redis", "{u}");
+        assert!(u["store_error"].is_null(), "ledger flush/read failed: {u}");
     }
     assert_eq!(
         u1["total"]["requests"], u2["total"]["requests"],
@@ -757,7 +540,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
     );
 
     // 10. Refusals through the shared limiter: a concurrency slot and a request limit.
-    // 10a: concurrency cap of 1 held on node one, refused on node two (R1 inflight zset, R3 release)
+    // A concurrency cap of 1 held on node one, refused on node two, given back in Redis.
     let slow = json!({"model": "fast", "stream": true, "messages": [{"role": "user", "content": "hold"}],
                       "mock_chunks": 4, "mock_delay_ms": 300});
     let holder = {
@@ -785,7 +568,7 @@ async fn every_redis_feature_runs_on_a_cluster() {
         200,
         "slot given back in Redis"
     );
-    // 10b: 3 per minute with a burst of 3, shared by both nodes
+    // 3 per minute with a burst of 3, shared by both nodes.
     let mut s = Vec::new();
     for (i, node) in [&one, &two, &one, &two].into_iter().enumerate() {
         s.push(
@@ -805,18 +588,13 @@ async fn every_redis_feature_runs_on_a_cluster() {
         );
     }
     let calls = by_op(one.admin, "lumen_redis_latency_seconds_count").await;
-    for op in [
-        "rate_limit",
-        "budget",
-        "cache",
-        "jobs",
-        "ledger",
-        "responses",
-        "batches",
-        "files",
-    ] {
+    // Every operation but the topology query, which needs no request to run.
+    for op in lumen::metrics::REDIS_OPS
+        .iter()
+        .filter(|op| **op != "topology")
+    {
         assert!(
-            calls.get(op).copied().unwrap_or(0.0) > 0.0,
+            calls.get(*op).copied().unwrap_or(0.0) > 0.0,
             "{op} never called Redis: {calls:?}"
         );
     }

@@ -11,9 +11,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lumen_test_support::client::{request, Client};
+use lumen_test_support::client::request;
 use lumen_test_support::harness::{
     away_from_minute_boundary, redis_cli, RedisCluster, RedisSentinels,
+};
+use lumen_test_support::keyed::{
+    as_key, budget, by_op, chat_burst, chat_status, count, primaries_up, topology_until, wait_job,
+    yaml_list,
 };
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
@@ -45,37 +49,6 @@ routes:
     )
 }
 
-/// One chat request with `key` to `addr`: its status (0: no answer at all).
-async fn chat(addr: SocketAddr, key: &str) -> u16 {
-    let Ok(mut c) = Client::connect(addr).await else {
-        return 0;
-    };
-    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
-    let auth = format!("Bearer sk-{key}");
-    c.post_json("/v1/chat/completions", &[("authorization", &auth)], &body)
-        .await
-        .map_or(0, |r| r.status)
-}
-
-/// `n` requests at once with `key`, spread over `nodes`; the statuses.
-async fn burst(nodes: &[SocketAddr], key: &str, n: usize) -> Vec<u16> {
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let (addr, key) = (nodes[i % nodes.len()], key.to_string());
-            tokio::spawn(async move { chat(addr, &key).await })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
-    statuses
-}
-
-fn count(statuses: &[u16], status: u16) -> usize {
-    statuses.iter().filter(|s| **s == status).count()
-}
-
 /// What a per-minute limit of N may admit over a phase of `elapsed`: N, plus what refilled.
 fn allowed(elapsed: Duration) -> usize {
     N + (elapsed.as_secs_f64() * N as f64 / 60.0).floor() as usize
@@ -95,45 +68,12 @@ fn assert_limit(statuses: &[u16], elapsed: Duration, phase: &str) {
     );
 }
 
-/// `lumen_redis_errors_total` summed over its operations, on one node.
+/// Failed Redis calls on one node, all operations together.
 async fn redis_errors(admin: SocketAddr) -> u64 {
-    let text = request(admin, "GET", "/metrics", &[], b"")
+    by_op(admin, "lumen_redis_errors_total")
         .await
-        .map(|r| r.text())
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with("lumen_redis_errors_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .values()
         .sum::<f64>() as u64
-}
-
-async fn admin_redis(admin: SocketAddr) -> Value {
-    request(admin, "GET", "/admin/redis", &[], b"")
-        .await
-        .unwrap()
-        .json()
-}
-
-/// Waits until a node's topology shows `want` (checked by `ok`); its last view.
-async fn topology_until(admin: SocketAddr, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = admin_redis(admin).await;
-        if ok(&seen) {
-            return seen;
-        }
-        assert!(Instant::now() < deadline, "topology never matched: {seen}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn primaries_up(topology: &Value) -> usize {
-    topology["topology"]["nodes"].as_array().map_or(0, |nodes| {
-        nodes
-            .iter()
-            .filter(|n| n["role"] == "primary" && n["up"] == true)
-            .count()
-    })
 }
 
 /// The figures of one failover, for the notes.
@@ -168,7 +108,7 @@ async fn traffic_through_failover(
         let round: Vec<_> = (0..3)
             .map(|k| {
                 let addr = addrs[(i + k) % addrs.len()];
-                tokio::spawn(async move { chat(addr, "during").await })
+                tokio::spawn(async move { chat_status(addr, "sk-during").await })
             })
             .collect();
         for t in round {
@@ -231,13 +171,8 @@ fn primary_holding(cluster: &RedisCluster, pattern: &str) -> u16 {
 async fn three_nodes_share_limits_on_a_cluster_while_a_primary_dies() {
     let mock = MockUpstream::start();
     let mut cluster = RedisCluster::start(3, 1);
-    let seeds = cluster
-        .urls()
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let yaml = config(&mock, &format!("cluster: [{seeds}]"));
+
+    let yaml = config(&mock, &format!("cluster: {}", yaml_list(&cluster.urls())));
     let a = Lumen::start(&yaml);
     let b = Lumen::start(&yaml);
     let mut c = Lumen::start(&yaml);
@@ -258,11 +193,11 @@ async fn three_nodes_share_limits_on_a_cluster_while_a_primary_dies() {
 
     away_from_minute_boundary().await;
     let started = Instant::now();
-    let statuses = burst(&addrs, "before", 3 * N).await;
+    let statuses = chat_burst(&addrs, "sk-before", 3 * N).await;
     assert_limit(&statuses, started.elapsed(), "before the failover");
 
     // The primary holding the `during` key's slot dies while its traffic runs.
-    assert_eq!(chat(a.addr, "during").await, 200);
+    assert_eq!(chat_status(a.addr, "sk-during").await, 200);
     let victim = primary_holding(&cluster, "*during*");
     let probe = cluster
         .primaries()
@@ -307,14 +242,14 @@ async fn three_nodes_share_limits_on_a_cluster_while_a_primary_dies() {
     let addrs = [a.addr, b.addr, c.addr];
     away_from_minute_boundary().await;
     let started = Instant::now();
-    let statuses = burst(&addrs, "after", 3 * N).await;
+    let statuses = chat_burst(&addrs, "sk-after", 3 * N).await;
     assert_limit(&statuses, started.elapsed(), "after the failover");
 
     // The killed primary returns as a replica of the one that replaced it.
     cluster.restart(victim);
     cluster.wait_healthy(Duration::from_secs(30));
     let started = Instant::now();
-    let statuses = burst(&addrs, "restart", 3 * N).await;
+    let statuses = chat_burst(&addrs, "sk-restart", 3 * N).await;
     assert_limit(
         &statuses,
         started.elapsed(),
@@ -340,17 +275,13 @@ async fn three_nodes_share_limits_on_a_cluster_while_a_primary_dies() {
 async fn sentinel_failover_is_followed_without_a_restart() {
     let mock = MockUpstream::start();
     let mut sentinels = RedisSentinels::start();
-    let nodes_yaml = sentinels
-        .urls()
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+
     let yaml = config(
         &mock,
         &format!(
-            "sentinel: {{ master: {}, nodes: [{nodes_yaml}] }}",
-            RedisSentinels::MASTER
+            "sentinel: {{ master: {}, nodes: {} }}",
+            RedisSentinels::MASTER,
+            yaml_list(&sentinels.urls())
         ),
     );
     let a = Lumen::start(&yaml);
@@ -381,7 +312,7 @@ async fn sentinel_failover_is_followed_without_a_restart() {
 
     away_from_minute_boundary().await;
     let started = Instant::now();
-    let statuses = burst(&addrs, "before", 2 * N).await;
+    let statuses = chat_burst(&addrs, "sk-before", 2 * N).await;
     assert_limit(&statuses, started.elapsed(), "before the failover");
 
     let watcher = sentinels.sentinel_ports[0];
@@ -422,7 +353,7 @@ async fn sentinel_failover_is_followed_without_a_restart() {
     }
     away_from_minute_boundary().await;
     let started = Instant::now();
-    let statuses = burst(&addrs, "after", 2 * N).await;
+    let statuses = chat_burst(&addrs, "sk-after", 2 * N).await;
     assert_limit(&statuses, started.elapsed(), "after the failover");
     let keys = redis_cli(&[
         "-p",
@@ -584,7 +515,7 @@ routes:
     away_from_minute_boundary().await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        statuses.push(chat(good.addr, "tls").await);
+        statuses.push(chat_status(good.addr, "sk-tls").await);
     }
     assert_eq!(
         statuses,
@@ -600,7 +531,7 @@ routes:
         &yaml("WRONG_PASSWORD"),
         &[("WRONG_PASSWORD", "not-the-password")],
     );
-    assert_eq!(chat(bad.addr, "tls").await, 429);
+    assert_eq!(chat_status(bad.addr, "sk-tls").await, 429);
     let seen = topology_until(bad.admin, |t| t["connected"] == false).await;
     assert!(seen["topology"].is_null(), "{seen}");
     for node in [&good, &bad] {
@@ -632,20 +563,6 @@ jobs: {{ workers: 2, visibility_timeout: 2s, max_attempts: 4 }}
     )
 }
 
-async fn alice(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Value {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    request(
-        addr,
-        method,
-        path,
-        &[("authorization", "Bearer sk-alice")],
-        body.as_bytes(),
-    )
-    .await
-    .map(|r| r.json())
-    .unwrap_or(Value::Null)
-}
-
 /// Jobs submitted to three nodes while one node is SIGKILLed and restarted, the Redis primary
 /// holding the job queue dies, and another node reloads its config: every job ends with exactly
 /// one result (a run cut short by the killed node is run again, never recorded twice), and the
@@ -654,13 +571,8 @@ async fn alice(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) 
 async fn jobs_end_once_while_a_node_and_the_queues_primary_die() {
     let mock = MockUpstream::start();
     let mut cluster = RedisCluster::start(3, 1);
-    let seeds = cluster
-        .urls()
-        .iter()
-        .map(|u| format!("\"{u}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let yaml = chaos_config(&mock, &format!("cluster: [{seeds}]"));
+
+    let yaml = chaos_config(&mock, &format!("cluster: {}", yaml_list(&cluster.urls())));
     let a = Lumen::start(&yaml);
     let b = Lumen::start(&yaml);
     let mut c = Lumen::start(&yaml);
@@ -676,7 +588,9 @@ async fn jobs_end_once_while_a_node_and_the_queues_primary_die() {
             &format!("job-{i}"),
             json!({"mock_chunks": 4, "mock_delay_ms": 150}),
         );
-        let v = alice(node, "POST", "/v1/jobs", Some(job)).await;
+        let v = as_key(node, "POST", "/v1/jobs", "sk-alice", Some(&job))
+            .await
+            .json();
         ids.push(
             v["id"]
                 .as_str()
@@ -703,23 +617,25 @@ async fn jobs_end_once_while_a_node_and_the_queues_primary_die() {
     let recovered = killed.elapsed();
     let _c_again = Lumen::start(&yaml);
 
-    let mut results = 0;
     for id in &ids {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let done = loop {
-            let v = alice(a.addr, "GET", &format!("/v1/jobs/{id}"), None).await;
-            if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
-                break v;
-            }
-            assert!(Instant::now() < deadline, "job never ended: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let done = wait_job(a.addr, "sk-alice", id, Duration::from_secs(90)).await;
         assert_eq!(done["status"], "completed", "{done}");
         assert_eq!(
             done["result"]["choices"][0]["message"]["content"], "tok0 tok1 tok2 tok3 ",
             "{done}"
         );
-        results += 1;
+        // Recorded once: a second finisher (a run whose worker lost its lease) would add a
+        // second `result` event to the job's stream.
+        let events = as_key(
+            b.addr,
+            "GET",
+            &format!("/v1/jobs/{id}/events"),
+            "sk-alice",
+            None,
+        )
+        .await
+        .text();
+        assert_eq!(events.matches("event: result\n").count(), 1, "{events}");
     }
     let all_done = killed.elapsed();
     // Upstream calls per job: one, or two where a run was cut short (its worker died or lost
@@ -750,17 +666,9 @@ async fn jobs_end_once_while_a_node_and_the_queues_primary_die() {
         counted >= JOBS && counted <= upstream,
         "ledger counted {counted} requests for {JOBS} jobs and {upstream} upstream calls: {usage}"
     );
-    let budgets = request(a.admin, "GET", "/admin/budgets", &[], b"")
-        .await
-        .unwrap()
-        .json();
-    let used = budgets["budgets"]
-        .as_array()
-        .and_then(|b| b.iter().find(|b| b["name"] == "alice"))
-        .map(|b| b["windows"][0]["used_usd"].clone())
-        .unwrap_or(Value::Null);
+    let used = budget(&a, "key", "alice").await["windows"][0]["used_usd"].clone();
     eprintln!(
-        "FIGURES jobs chaos: {JOBS} jobs, {results} results (one each), {reruns} run twice upstream ({upstream} calls); queue primary replaced in {recovered:?}, every job final {all_done:?} after the kill; ledger counted {counted} requests, cost {}; budget used {used} (each completed job costs 0.000015)",
+        "FIGURES jobs chaos: {JOBS} jobs, one result each, {reruns} run twice upstream ({upstream} calls); queue primary replaced in {recovered:?}, every job final {all_done:?} after the kill; ledger counted {counted} requests, cost {}; budget used {used} (each completed job costs 0.000015)",
         usage["total"]["cost_usd"]
     );
 }

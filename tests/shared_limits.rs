@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use lumen_test_support::client::Client;
 use lumen_test_support::harness::RedisServer;
+use lumen_test_support::keyed::{chat_burst, count};
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::json;
 
@@ -32,37 +33,6 @@ routes:
     ))
 }
 
-/// Sends `n` requests at once, alternating between the nodes; returns the statuses.
-async fn burst(nodes: &[&Lumen], n: usize) -> Vec<u16> {
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let addr = nodes[i % nodes.len()].addr;
-            tokio::spawn(async move {
-                let mut c = Client::connect(addr).await.unwrap();
-                let body =
-                    json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
-                c.post_json(
-                    "/v1/chat/completions",
-                    &[("authorization", "Bearer sk-fleet")],
-                    &body,
-                )
-                .await
-                .unwrap()
-                .status
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
-    statuses
-}
-
-fn count(statuses: &[u16], status: u16) -> usize {
-    statuses.iter().filter(|s| **s == status).count()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_share_one_budget_and_survive_redis_failing_open() {
     share_one_budget_across_a_redis_restart("work_stealing").await;
@@ -82,14 +52,14 @@ async fn share_one_budget_across_a_redis_restart(runtime: &str) {
         node_on(&mock, &redis, "fail_open", runtime),
         node_on(&mock, &redis, "fail_open", runtime),
     );
-    let statuses = burst(&[&a, &b], 30).await;
+    let statuses = chat_burst(&[a.addr, b.addr], "sk-fleet", 30).await;
     assert_eq!(count(&statuses, 200), 10, "{statuses:?}");
     assert_eq!(count(&statuses, 429), 20, "{statuses:?}");
     assert_eq!(mock.requests().len(), 10);
 
     // Redis dies: each node falls back to its own bucket and keeps serving.
     redis.kill();
-    let statuses = burst(&[&a, &b], 6).await;
+    let statuses = chat_burst(&[a.addr, b.addr], "sk-fleet", 6).await;
     assert_eq!(
         count(&statuses, 200),
         6,
@@ -104,7 +74,7 @@ async fn share_one_budget_across_a_redis_restart(runtime: &str) {
     // Redis returns (empty): the nodes share one budget again.
     redis.restart();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let statuses = burst(&[&a, &b], 30).await;
+    let statuses = chat_burst(&[a.addr, b.addr], "sk-fleet", 30).await;
     assert_eq!(count(&statuses, 200), 10, "sharing resumes: {statuses:?}");
 }
 
@@ -113,9 +83,9 @@ async fn fail_closed_refuses_while_redis_is_down() {
     let mock = MockUpstream::start();
     let mut redis = RedisServer::start();
     let a = node(&mock, &redis, "fail_closed");
-    assert_eq!(burst(&[&a], 2).await, [200, 200]);
+    assert_eq!(chat_burst(&[a.addr], "sk-fleet", 2).await, [200, 200]);
     redis.kill();
-    let statuses = burst(&[&a], 3).await;
+    let statuses = chat_burst(&[a.addr], "sk-fleet", 3).await;
     assert_eq!(statuses, [429, 429, 429]);
     redis.restart();
     // The connection is re-made within about a second of Redis coming back; allow for a
@@ -123,7 +93,7 @@ async fn fail_closed_refuses_while_redis_is_down() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        if count(&burst(&[&a], 1).await, 200) == 1 {
+        if count(&chat_burst(&[a.addr], "sk-fleet", 1).await, 200) == 1 {
             break;
         }
         assert!(

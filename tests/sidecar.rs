@@ -405,9 +405,27 @@ async fn a_sidecar_does_not_outlive_a_killed_gateway() {
     }
 }
 
+/// Prefix hashes the gateway has read from all its sidecars' health answers.
+async fn reported_prefixes(lumen: &Lumen) -> Vec<String> {
+    let health = lumen_test_support::client::request(lumen.addr, "GET", "/health", &[], b"")
+        .await
+        .unwrap()
+        .json();
+    health["sidecar"]
+        .as_object()
+        .into_iter()
+        .flat_map(|s| s.values())
+        .flat_map(|models| models.as_object().into_iter().flat_map(|m| m.values()))
+        .filter_map(|m| m["prefixes"].as_array())
+        .flatten()
+        .filter_map(|h| h.as_str().map(str::to_string))
+        .collect()
+}
+
 /// The cached share of each later turn of `conversations` chats of three turns sent in turn
 /// through `model` (each turn resends the history): `(cached_tokens, prompt_tokens)` per turn
-/// after the first.
+/// after the first. Each first turn waits until the gateway has read the sidecar's report of
+/// it, so every later conversation is routed knowing what each sidecar holds.
 async fn converse(
     lumen: &Lumen,
     model: &str,
@@ -427,6 +445,7 @@ async fn converse(
     for turn in 0..3 {
         for h in histories.iter_mut() {
             let body = json!({"model": model, "messages": h, "temperature": 0, "max_tokens": 10});
+            let reported = reported_prefixes(lumen).await;
             let mut c = Client::connect(lumen.addr).await.unwrap();
             let r = c
                 .post_json("/v1/chat/completions", &[], &body)
@@ -434,7 +453,16 @@ async fn converse(
                 .unwrap();
             assert_eq!(r.status, 200, "{}", r.text());
             let r = r.json();
-            if turn > 0 {
+            if turn == 0 {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while reported_prefixes(lumen).await == reported {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no sidecar reported the new conversation"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            } else {
                 let usage = &r["usage"];
                 later.push((
                     usage["prompt_tokens_details"]["cached_tokens"]
@@ -457,7 +485,7 @@ async fn prefix_affinity_sends_each_conversation_back_to_the_sidecar_that_holds_
     let (pa, pb) = (free_port(), free_port());
     let sidecar = |port: u16| {
         format!(
-            r#"{{ base_url: "http://127.0.0.1:{port}/v1", timeout: 60s,
+            r#"{{ base_url: "http://127.0.0.1:{port}/v1", timeout: 60s, health: {{ interval: 200ms }},
                spawn: {{ model: "{model}", alias: tiny, options: "ctx=1024,slots=2,threads=1" }} }}"#
         )
     };
@@ -485,6 +513,8 @@ routes:
 
     // Three conversations, round robin over two sidecars: each next turn would land on the
     // other sidecar, which holds only the shared system prompt. With affinity it goes back.
+    // (And the shared system prompt alone draws nothing: were it to, the first sidecar to
+    // report it would take all three, and its two slots would evict each other's history.)
     let sticky = converse(&lumen, "sticky", "Tell me about whales", 3).await;
     assert!(
         sticky.iter().all(|&(cached, prompt)| cached + 45 > prompt),

@@ -394,10 +394,13 @@ async fn stop_short(
     if batches.store.done(&rec.id).await?.is_empty() {
         return fail(batches, rec, node, code, message).await;
     }
-    rec.errors = Some(vec![
-        json!({"code": code, "message": message, "line": null, "param": null}),
-    ]);
+    rec.errors = Some(vec![whole_batch_error(code, message)]);
     finalize(batches, rec, node, "failed").await
+}
+
+/// An error of the whole batch, not of one line (OpenAI's `errors.data` item).
+fn whole_batch_error(code: &str, message: &str) -> serde_json::Value {
+    json!({"code": code, "message": message, "line": null, "param": null})
 }
 
 /// The batch failed before any line ran.
@@ -408,9 +411,7 @@ async fn fail(
     code: &str,
     message: &str,
 ) -> Result<(), BatchError> {
-    rec.errors = Some(vec![
-        json!({"code": code, "message": message, "line": null, "param": null}),
-    ]);
+    rec.errors = Some(vec![whole_batch_error(code, message)]);
     rec.status = "failed".into();
     rec.failed_at = Some(now_secs());
     save(batches, rec, node).await?;

@@ -529,20 +529,12 @@ impl RawRedis {
             }
         }
         for (path, url) in urls {
-            if let Some(p) = url_password(url) {
-                out.push((path, p));
+            if let Some(p) = lumen_plugins::redis_link::url_password(url) {
+                out.push((path, p.to_string()));
             }
         }
         out
     }
-}
-
-/// The password of `scheme://[user]:password@host…`, if the URL has one.
-fn url_password(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let userinfo = rest.split('/').next()?.rsplit_once('@')?.0;
-    let password = userinfo.split_once(':')?.1;
-    (!password.is_empty()).then(|| password.to_string())
 }
 
 fn whole_budget() -> f64 {

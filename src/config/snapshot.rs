@@ -497,7 +497,10 @@ fn usage_state_dir(configured: Option<&str>, config_path: &str) -> PathBuf {
 fn redis_url_ok(url: &str) -> Result<(), String> {
     match url.split_once("://") {
         Some(("redis" | "rediss", rest)) if !rest.is_empty() => Ok(()),
-        _ => Err(format!("`{url}` is not a redis:// or rediss:// URL")),
+        _ => Err(format!(
+            "`{}` is not a redis:// or rediss:// URL",
+            lumen_plugins::redis_link::hide_password(url)
+        )),
     }
 }
 

@@ -8,6 +8,11 @@
 //! hashes what it serves the same way and lists the hashes its slots hold in `/health`
 //! (`sidecar/src/affinity.rs`; the tests of both pin the same values). Providers remember what
 //! was reported and what this node sent them (`upstream::health::prefixes`).
+//!
+//! Holding only the leading instructions (system and developer messages) does not count: many
+//! conversations share them, and a sidecar that answered one would otherwise draw every new
+//! conversation to itself as soon as its health answer listed the shared system prompt (the
+//! other sidecars get that prompt from their own first request, and copy it between slots).
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -44,12 +49,32 @@ struct Part {
     text: Option<String>,
 }
 
-/// The hash chain of a chat completions body's messages; empty when it has none (or is not
-/// a chat body): such a request gets no affinity.
-pub fn chain(body: &[u8]) -> Vec<u64> {
+/// A chat's prefix hashes (`chain[k-1]` names its first `k` messages), and how many of its
+/// first messages are instructions that many conversations share.
+#[derive(Debug, Default)]
+pub struct Conversation {
+    pub chain: Vec<u64>,
+    pub instructions: usize,
+}
+
+impl Conversation {
+    /// Whether a cache holding the first `held` messages holds any of this conversation's own.
+    pub fn holds_own(&self, held: usize) -> bool {
+        held > self.instructions
+    }
+}
+
+/// The conversation of a chat completions body; its chain is empty when it has no messages
+/// (or is not a chat body): such a request gets no affinity.
+pub fn conversation(body: &[u8]) -> Conversation {
     let Ok(body) = serde_json::from_slice::<Body>(body) else {
-        return Vec::new();
+        return Conversation::default();
     };
+    let instructions = body
+        .messages
+        .iter()
+        .take_while(|m| m.role == "system" || m.role == "developer")
+        .count();
     let mut previous = 0u64;
     let mut out = Vec::with_capacity(body.messages.len().min(MAX_CHAIN));
     for m in body.messages.iter().take(MAX_CHAIN) {
@@ -70,7 +95,10 @@ pub fn chain(body: &[u8]) -> Vec<u64> {
         previous = u64::from_le_bytes(digest[..8].try_into().unwrap_or_default());
         out.push(previous);
     }
-    out
+    Conversation {
+        chain: out,
+        instructions,
+    }
 }
 
 #[cfg(test)]
@@ -82,20 +110,25 @@ mod tests {
     fn the_chain_matches_the_sidecars() {
         let body = br#"{"model":"m","messages":[{"role":"system","content":"Be brief."},
             {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}]}"#;
-        assert_eq!(
-            chain(body),
-            vec![0x74c7_32f8_13d5_e8df, 0xab1c_84b2_f333_67a4]
-        );
+        let c = conversation(body);
+        assert_eq!(c.chain, vec![0x74c7_32f8_13d5_e8df, 0xab1c_84b2_f333_67a4]);
+        // The system prompt is shared; the user's message is the conversation's own.
+        assert_eq!(c.instructions, 1);
+        assert!(!c.holds_own(1));
+        assert!(c.holds_own(2));
     }
 
     #[test]
     fn a_body_without_messages_has_no_chain() {
-        assert!(chain(br#"{"model":"m","prompt":"x"}"#).is_empty());
-        assert!(chain(b"not json").is_empty());
+        assert!(conversation(br#"{"model":"m","prompt":"x"}"#)
+            .chain
+            .is_empty());
+        assert!(conversation(b"not json").chain.is_empty());
         // A null or odd content still hashes (as empty).
-        assert_eq!(
-            chain(br#"{"messages":[{"role":"assistant","content":null},{"role":"user","content":7}]}"#).len(),
-            2
+        let odd = conversation(
+            br#"{"messages":[{"role":"assistant","content":null},{"role":"user","content":7}]}"#,
         );
+        assert_eq!((odd.chain.len(), odd.instructions), (2, 0));
+        assert!(odd.holds_own(1));
     }
 }

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use crate::config::raw::Strategy;
+use crate::routing::affinity::Conversation;
 use crate::routing::{Route, Target};
 use crate::upstream::health::{HealthTable, ProviderHealth, TargetHealth, Unavailable};
 
@@ -46,16 +47,16 @@ pub struct TargetState {
 }
 
 /// The available targets of `route` in the order to try them (indexes into `route.targets`).
-/// `states[i]` is the health of `route.targets[i]`. `conversation` is the request's prefix hash
-/// chain (`affinity`), empty unless the route has `prefix_affinity`: the target with room that
-/// holds the longest prefix of it goes first. (The target that answers is remembered as
-/// holding all of it, by the forwarding loop when it commits.)
+/// `states[i]` is the health of `route.targets[i]`. `conversation` is the request's
+/// (`affinity`), its chain empty unless the route has `prefix_affinity`: the target with room
+/// that holds the longest prefix of it, past its shared instructions, goes first. (The target
+/// that answers is remembered as holding all of it, by the forwarding loop when it commits.)
 pub fn order(
     route: &Route,
     states: &[TargetState],
     table: &HealthTable,
     token_estimate: u64,
-    conversation: &[u64],
+    conversation: &Conversation,
 ) -> Result<Vec<usize>, NoTarget> {
     let now = table.now_ms();
     let n = route.targets.len();
@@ -106,7 +107,7 @@ pub fn order(
     let turn = route.turn.fetch_add(1, Relaxed);
     arrange(route, states, turn, &mut ready);
     arrange(route, states, turn, &mut full);
-    if !conversation.is_empty() {
+    if !conversation.chain.is_empty() {
         prefer_holder(states, conversation, &mut ready);
     }
     ready.extend(full);
@@ -167,18 +168,29 @@ pub fn batch_order(route: &Route, states: &[TargetState], share: f64, order: &mu
 }
 
 /// Moves the candidate holding the longest prefix of `conversation` to the front (the first
-/// in strategy order among equals); the order stays as it is when none holds any.
-fn prefer_holder(states: &[TargetState], conversation: &[u64], candidates: &mut [usize]) {
-    let mut best = (0, 0);
-    for (at, &i) in candidates.iter().enumerate() {
-        let held = states[i].provider.prefixes.longest(conversation);
-        if held > best.1 {
-            best = (at, held);
+/// in strategy order among equals); the order stays as it is when none holds any of the
+/// conversation's own messages (see `affinity`: shared instructions draw nothing).
+fn prefer_holder(states: &[TargetState], conversation: &Conversation, candidates: &mut [usize]) {
+    let held: Vec<usize> = candidates
+        .iter()
+        .map(|&i| states[i].provider.prefixes.longest(&conversation.chain))
+        .collect();
+    if let Some(at) = holder(&held, conversation) {
+        candidates[..=at].rotate_right(1);
+    }
+}
+
+/// Which of the candidates, holding `held[at]` leading messages each, the conversation should
+/// go back to: the first that holds the most, if that is more than its shared instructions.
+fn holder(held: &[usize], conversation: &Conversation) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (at, &n) in held.iter().enumerate() {
+        if best.is_none_or(|(_, most)| n > most) {
+            best = Some((at, n));
         }
     }
-    if best.1 > 0 {
-        candidates[..=best.0].rotate_right(1);
-    }
+    best.filter(|&(_, n)| conversation.holds_own(n))
+        .map(|(at, _)| at)
 }
 
 /// Puts `candidates` (in config order) in the route's strategy order.
@@ -222,5 +234,35 @@ fn arrange(route: &Route, states: &[TargetState], turn: usize, candidates: &mut 
                 candidates[..=pick].rotate_right(1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holder;
+    use crate::routing::affinity::Conversation;
+
+    #[test]
+    fn a_conversation_goes_back_to_the_target_holding_its_own_messages() {
+        // A system prompt, then the conversation's own turns.
+        let c = Conversation {
+            chain: vec![1, 2, 3, 4],
+            instructions: 1,
+        };
+        assert_eq!(holder(&[2, 1], &c), Some(0));
+        assert_eq!(holder(&[1, 3], &c), Some(1));
+        // The first of equals (strategy order decides).
+        assert_eq!(holder(&[0, 2, 2], &c), Some(1));
+        // Holding only the shared system prompt draws nothing: otherwise the first sidecar to
+        // report it would take every new conversation.
+        assert_eq!(holder(&[1, 0], &c), None);
+        assert_eq!(holder(&[0, 0], &c), None);
+        assert_eq!(holder(&[], &c), None);
+        // Without instructions, the first message is the conversation's own.
+        let bare = Conversation {
+            chain: vec![7, 8],
+            instructions: 0,
+        };
+        assert_eq!(holder(&[0, 1], &bare), Some(1));
     }
 }

@@ -126,10 +126,6 @@ impl<'a> Call<'a> {
 
     fn finish<T>(mut self, result: &Result<T, RedisError>) {
         self.done = true;
-        self.finished(result);
-    }
-
-    fn finished<T>(&self, result: &Result<T, RedisError>) {
         let failed = match result {
             Ok(_) => false,
             // EVALSHA of a script this server has not seen yet: redis-rs loads it and calls
@@ -174,15 +170,43 @@ pub(super) fn stale_master(e: &RedisError) -> bool {
         || e.kind() == ErrorKind::MasterDown
 }
 
+/// One place that knows the three kinds of connection; [`RedisConn`] times and counts around it.
+impl ConnectionLike for Inner {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Inner::Managed(c) => c.req_packed_command(cmd),
+            Inner::Cluster(c) => c.req_packed_command(cmd),
+            Inner::Plain(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Inner::Managed(c) => c.req_packed_commands(cmd, offset, count),
+            Inner::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Inner::Plain(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Inner::Managed(c) => c.get_db(),
+            Inner::Cluster(c) => c.get_db(),
+            Inner::Plain(c) => c.get_db(),
+        }
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let (call, inner) = Call::start(self);
-            let result = match inner {
-                Inner::Managed(c) => c.req_packed_command(cmd).await,
-                Inner::Cluster(c) => c.req_packed_command(cmd).await,
-                Inner::Plain(c) => c.req_packed_command(cmd).await,
-            };
+            let result = inner.req_packed_command(cmd).await;
             call.finish(&result);
             result
         })
@@ -196,21 +220,13 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let (call, inner) = Call::start(self);
-            let result = match inner {
-                Inner::Managed(c) => c.req_packed_commands(cmd, offset, count).await,
-                Inner::Cluster(c) => c.req_packed_commands(cmd, offset, count).await,
-                Inner::Plain(c) => c.req_packed_commands(cmd, offset, count).await,
-            };
+            let result = inner.req_packed_commands(cmd, offset, count).await;
             call.finish(&result);
             result
         })
     }
 
     fn get_db(&self) -> i64 {
-        match &self.inner {
-            Inner::Managed(c) => c.get_db(),
-            Inner::Cluster(c) => c.get_db(),
-            Inner::Plain(c) => c.get_db(),
-        }
+        self.inner.get_db()
     }
 }

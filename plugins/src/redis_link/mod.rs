@@ -101,18 +101,28 @@ impl std::fmt::Debug for LinkSettings {
     }
 }
 
-/// `url` with the password of its user part (`scheme://user:password@…`) replaced by `***`.
+/// A URL split around its password: (`scheme://user:`, the password, `@host…`), when it has
+/// one. The user part ends at the last `@` (a password may hold an unescaped `/` or `@`; a
+/// host never does).
+fn around_password(url: &str) -> Option<(&str, &str, &str)> {
+    let start = url.find("://")?.checked_add(3)?;
+    let rest = url.get(start..)?;
+    let at = rest.rfind('@')?;
+    let colon = rest.get(..at)?.find(':')?;
+    let (before, password) = url.split_at(start.checked_add(colon)?.checked_add(1)?);
+    let (password, after) = password.split_at(at.checked_sub(colon)?.checked_sub(1)?);
+    (!password.is_empty()).then_some((before, password, after))
+}
+
+/// The password written into `url` (`scheme://[user]:password@host…`), if any.
+pub fn url_password(url: &str) -> Option<&str> {
+    around_password(url).map(|(_, password, _)| password)
+}
+
+/// `url` with its password, if any, replaced by `***`.
 pub fn hide_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_string(),
-        },
+    match around_password(url) {
+        Some((before, _, after)) => format!("{before}***{after}"),
         None => url.to_string(),
     }
 }
@@ -294,10 +304,30 @@ impl RedisLink {
         matches!(self.clients, Clients::Sentinel(_))
     }
 
-    /// Counts a call under `op` that failed before it reached Redis (no connection).
-    fn unreached(&self, op: &'static str, started: Instant) {
-        if let Some(observer) = self.shared.observer.get() {
-            observer.call(op, started.elapsed(), true);
+    /// A connection made (or found) for `op`, or the reason there is none, counted then as a
+    /// failed call under `op` (it never reached Redis).
+    fn hand_out(
+        &self,
+        op: &'static str,
+        started: Instant,
+        made: Result<(Inner, u64), SharedError>,
+        blocking: bool,
+    ) -> Result<RedisConn, SharedError> {
+        match made {
+            Ok((inner, generation)) => Ok(RedisConn::new(
+                inner,
+                op,
+                self.shared.clone(),
+                generation,
+                self.follows_sentinel(),
+                blocking,
+            )),
+            Err(e) => {
+                if let Some(observer) = self.shared.observer.get() {
+                    observer.call(op, started.elapsed(), true);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -306,20 +336,7 @@ impl RedisLink {
     pub async fn connection(&self, op: &'static str) -> Result<RedisConn, SharedError> {
         let started = Instant::now();
         let made = self.runtime_connection().await;
-        match made {
-            Ok((inner, generation)) => Ok(RedisConn::new(
-                inner,
-                op,
-                self.shared.clone(),
-                generation,
-                self.follows_sentinel(),
-                false,
-            )),
-            Err(e) => {
-                self.unreached(op, started);
-                Err(e)
-            }
-        }
+        self.hand_out(op, started, made, false)
     }
 
     async fn runtime_connection(&self) -> Result<(Inner, u64), SharedError> {
@@ -426,24 +443,11 @@ impl RedisLink {
         let wait = self.timeout.max(Duration::from_millis(500));
         let generation = self.shared.generation.load(Ordering::Acquire);
         let made = match tokio::time::timeout(wait, self.make(true)).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => Ok((conn, generation)),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(SharedError::Timeout(wait)),
         };
-        match made {
-            Ok(inner) => Ok(RedisConn::new(
-                inner,
-                op,
-                self.shared.clone(),
-                generation,
-                self.follows_sentinel(),
-                true,
-            )),
-            Err(e) => {
-                self.unreached(op, started);
-                Err(e)
-            }
-        }
+        self.hand_out(op, started, made, true)
     }
 
     /// Runs one call within the link's timeout.
@@ -565,6 +569,29 @@ impl RedisLink {
                     &master, &replicas, &sentinels, &asked,
                 ))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::{hide_password, url_password};
+
+    #[test]
+    fn a_url_password_is_found_and_hidden_whatever_it_holds() {
+        assert_eq!(url_password("redis://:pw@h:6379"), Some("pw"));
+        let url = "rediss://lumen:pa/s@s@10.0.0.1:6379/2";
+        assert_eq!(url_password(url), Some("pa/s@s"));
+        assert_eq!(hide_password(url), "rediss://lumen:***@10.0.0.1:6379/2");
+        for plain in [
+            "redis://h:6379",
+            "redis://lumen@h:6379",
+            "redis://lumen:@h",
+            "nonsense",
+        ] {
+            assert_eq!(url_password(plain), None, "{plain}");
+            assert_eq!(hide_password(plain), plain);
         }
     }
 }

@@ -53,6 +53,7 @@ use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::openai::{LlmRequest, DEFAULT_COMPLETION_TOKENS};
 use crate::proxy::ctx::{add_headers, RequestCtx};
+use crate::routing::affinity::Conversation;
 use crate::routing::balance::{self, NoTarget, TargetState};
 use crate::routing::Route;
 use crate::upstream::health::{Outcome, Permit};
@@ -136,9 +137,9 @@ impl Forwarder {
         let estimate = req.token_estimate(DEFAULT_COMPLETION_TOKENS);
         ctx.prompt_estimate = req.token_split(0).0;
         let conversation = if route.prefix_affinity {
-            crate::routing::affinity::chain(&req.raw)
+            crate::routing::affinity::conversation(&req.raw)
         } else {
-            Vec::new()
+            Conversation::default()
         };
         // A hedged route learns its times to first byte and counts its requests (its budget).
         // (Batch lines are never hedged, nor counted: they would pay for interactive hedges.)
@@ -347,7 +348,7 @@ impl Forwarder {
                 Attempt::Committed { label, result } => {
                     // This target read the conversation: its next turn should come back here
                     // (not to a target that was tried first and failed).
-                    if let Some(&whole) = conversation.last() {
+                    if let Some(&whole) = conversation.chain.last() {
                         state.provider.prefixes.note_sent(whole);
                     }
                     if label == "ok" {
@@ -414,7 +415,7 @@ impl Forwarder {
             HeaderValue::from(ctx.attempts),
         ));
         let Some(failed) = last else {
-            let none = match balance::order(route, states, up.health, 0, &[]) {
+            let none = match balance::order(route, states, up.health, 0, &Conversation::default()) {
                 Err(none) => none,
                 // Everything was available but busy with trials or quotas a moment ago.
                 Ok(_) => NoTarget {

@@ -5,24 +5,32 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    // Tests run in parallel threads: never hand out the same port twice in one process (the
-    // OS may offer a just-released port again before its first taker has bound it).
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("no free port");
-        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
+    // Tests run in parallel threads: never hand out the same port twice in one process. And
+    // never one from the kernel's ephemeral range: every outgoing connection takes its local
+    // port from there, so a port that range offered could be taken by some test's client
+    // between the moment it is handed out and the moment its server binds it.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1_000);
+    // Test binaries started side by side begin at different places.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOWEST + (start + n) % span).expect("ports fit u16");
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
             return port;
         }
     }
+    panic!("no free port below the ephemeral range");
 }
 
 /// A binary of this workspace, next to the running test or bench executable

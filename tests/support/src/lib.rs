@@ -2,12 +2,15 @@
 //! the real binaries on free ports (the gateway, redis-server, the `lumen-llama` sidecar); the
 //! client is a small HTTP/1.1 client that records when each chunk arrives; the mock is an
 //! OpenAI-compatible upstream (the only stand-in we allow: cloud providers cannot be reached
-//! from tests). `openai` builds the requests tests send.
+//! from tests). `openai` builds the requests tests send; `keyed` sends them as a key's holder
+//! and reads the admin reports back; `batch` speaks the Batch API.
 
+pub mod batch;
 pub mod blocking;
 pub mod client;
 pub mod harness;
 pub mod json_prefix;
+pub mod keyed;
 pub mod mock;
 pub mod openai;
 pub mod sidecar;
