@@ -96,6 +96,8 @@ pub struct Drainer {
     pub drain: Arc<Drain>,
     /// Written out last, after the last request was counted.
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// Its last spans are sent before the exit (within the export timeout).
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     /// `lumen_requests_in_flight`: client requests and job requests alike.
     pub in_flight: prometheus::IntGauge,
     pub grace_period: Duration,
@@ -126,6 +128,9 @@ impl BackgroundService for Drainer {
             }
             if self.in_flight.get() <= 0 && self.drain.holds.load(Ordering::Acquire) == 0 {
                 self.ledger.shutdown().await;
+                if let Some(telemetry) = self.telemetry.clone() {
+                    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+                }
                 tracing::info!("drained: no request in flight; exiting");
                 crate::access_log::flush(Duration::from_millis(500));
                 if let Some(hook) = EXIT_HOOK.get() {

@@ -52,6 +52,7 @@ pub mod proxy;
 pub mod routing;
 pub mod session;
 pub mod stored;
+pub mod telemetry;
 pub mod translate;
 pub mod upstream;
 pub use lumen_plugins::sse::usage;
@@ -441,6 +442,7 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
         drain::Drainer {
             drain: node.drain.clone(),
             ledger: node.ledger.clone(),
+            telemetry: node.telemetry.clone(),
             in_flight: node.metrics.in_flight.clone(),
             grace_period: snapshot.server.grace_period,
         },

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub redis_errors: IntCounterVec,
     /// `lumen_redis_latency_seconds{op}`: every Redis call's time, failed ones included.
     pub redis_latency: HistogramVec,
+    /// `lumen_otel_spans_total{result}`: ended spans `exported`, `failed` (the collector
+    /// refused them or was down) or `dropped` (the export queue was full).
+    pub otel_spans: IntCounterVec,
     /// Both of the above resolved once for each operation the gateway names.
     redis_ops: Vec<(&'static str, prometheus::Histogram, prometheus::IntCounter)>,
     /// `lumen_upstream_attempts_total{provider, outcome}`: every attempt and how it ended
@@ -305,6 +308,11 @@ impl Metrics {
         registry
             .register(Box::new(in_flight.clone()))
             .expect("unique metric");
+        let otel_spans = counter(
+            "lumen_otel_spans_total",
+            "Trace spans exported, failed to export, or dropped (export queue full)",
+            &["result"],
+        );
         let redis_errors = counter(
             "lumen_redis_errors_total",
             "Redis calls that failed or timed out, by operation",
@@ -536,6 +544,7 @@ impl Metrics {
             upstream_duration,
             redis_errors,
             redis_latency,
+            otel_spans,
             redis_ops,
             requests,
             duration,

@@ -21,6 +21,7 @@ use crate::jobs::Jobs;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::cache::store::Cache;
+use crate::telemetry::{SpanCounters, Telemetry};
 use crate::upstream::health::quota::Quotas;
 use crate::upstream::health::HealthTable;
 
@@ -66,6 +67,8 @@ pub struct Node {
     /// Dollar budgets in this process: every budget without `redis:`; with it, this node's
     /// share while Redis is down (fail-open). Outlives reloads.
     pub budgets: Arc<lumen_plugins::budget::LocalBudgets>,
+    /// OpenTelemetry traces (`tracing:`, read at start-up); `None`: off.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Node {
@@ -108,7 +111,23 @@ impl Node {
             link.clone(),
             metrics.clone(),
         ));
+        let telemetry = snapshot.tracing.as_ref().and_then(|t| {
+            let result = |r| metrics.otel_spans.with_label_values(&[r]);
+            let counters = SpanCounters {
+                exported: result("exported"),
+                failed: result("failed"),
+                dropped: result("dropped"),
+            };
+            match Telemetry::start(t, counters) {
+                Ok(telemetry) => Some(telemetry),
+                Err(e) => {
+                    tracing::error!(error = %e, "traces are off");
+                    None
+                }
+            }
+        });
         Node {
+            telemetry,
             quotas: Arc::new(Quotas::new(redis.as_ref().map(|r| r.limits.clone()))),
             cache: Arc::new(Cache::new(&snapshot.cache, link.clone())),
             ledger: Arc::new(Ledger::new(&snapshot.usage, link.clone())),

@@ -202,7 +202,13 @@ async fn drive(
             let Some(line) = lines.get(i) else { continue };
             match batches
                 .jobs
-                .submit(&principal, endpoint, line.body.clone(), Some(job_id(id, i)))
+                .submit(
+                    &principal,
+                    endpoint,
+                    line.body.clone(),
+                    Some(job_id(id, i)),
+                    None,
+                )
                 .await
             {
                 Ok((view, _)) => running.push((i, view.id)),

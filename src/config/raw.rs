@@ -83,6 +83,51 @@ pub struct RawConfig {
     /// `tenant`, or `jwt:<issuer>:<claim>` for a JWT's tenant claim).
     #[serde(default)]
     pub tenants: BTreeMap<String, RawTenant>,
+    /// OpenTelemetry traces over OTLP; off without it (read at start-up).
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `tracing:`: where spans go and which are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// The collector: `http://collector:4318` (OTLP/HTTP) or `http://collector:4317` (gRPC).
+    pub otlp: String,
+    /// `http` (protobuf over HTTP, the default) or `grpc`.
+    #[serde(default = "default_otlp_protocol")]
+    pub protocol: String,
+    /// Share of new traces recorded, 0 to 1 (default 1); a client's `traceparent` decides for
+    /// its own requests.
+    #[serde(default = "default_sample")]
+    pub sample: f64,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Record prompts and answers on spans (off: they may hold personal data).
+    #[serde(default)]
+    pub capture_content: bool,
+    /// How long one export may take, retries included.
+    #[serde(default = "default_otlp_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// How often ended spans are sent.
+    #[serde(default = "default_export_every", with = "duration")]
+    pub export_every: Duration,
+}
+
+fn default_otlp_protocol() -> String {
+    "http".into()
+}
+fn default_sample() -> f64 {
+    1.0
+}
+fn default_service_name() -> String {
+    "lumen".into()
+}
+fn default_otlp_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_export_every() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// One `tenants:` entry.

@@ -55,6 +55,8 @@ pub struct Snapshot {
     pub prices: Arc<crate::price::PriceTable>,
     /// Tenants' dollar budgets, by tenant name.
     pub tenants: HashMap<String, Arc<lumen_plugins::budget::Budget>>,
+    /// OpenTelemetry traces (read at start-up); `None`: off.
+    pub tracing: Option<crate::telemetry::TracingSettings>,
     /// Where it came from, for `/admin/config` and logs.
     pub source: Source,
 }
@@ -330,6 +332,7 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
     }
 
     let redis = raw.redis.and_then(|r| redis_settings(r, &mut problems));
+    let tracing = raw.tracing.and_then(|t| tracing_settings(t, &mut problems));
 
     let watched = raw
         .jwt
@@ -408,7 +411,64 @@ pub fn build(raw: RawConfig, source: Source) -> Result<Snapshot, ConfigError> {
         responses: raw.responses,
         prices,
         tenants,
+        tracing,
         source,
+    })
+}
+
+/// The `tracing:` section checked: an http(s) collector URL, a known protocol, a share.
+fn tracing_settings(
+    t: super::raw::RawTracing,
+    problems: &mut Vec<Problem>,
+) -> Option<crate::telemetry::TracingSettings> {
+    use crate::telemetry::{OtlpProtocol, TracingSettings};
+    let before = problems.len();
+    let protocol = match t.protocol.as_str() {
+        "http" => OtlpProtocol::Http,
+        "grpc" => OtlpProtocol::Grpc,
+        other => {
+            problems.push(Problem::at(
+                "tracing.protocol",
+                format!("`{other}` is not a protocol (http or grpc)"),
+            ));
+            OtlpProtocol::Http
+        }
+    };
+    match t.otlp.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
+        Ok(uri) if uri.scheme_str() == Some("https") => problems.push(Problem::at(
+            "tracing.otlp",
+            "https collectors are not supported: send to a collector on this host or \
+             network over http:// (it may forward over TLS)",
+        )),
+        _ => problems.push(Problem::at(
+            "tracing.otlp",
+            format!("`{}` is not an http:// URL", t.otlp),
+        )),
+    }
+    if !(0.0..=1.0).contains(&t.sample) {
+        problems.push(Problem::at(
+            "tracing.sample",
+            format!("{} is not a share between 0 and 1", t.sample),
+        ));
+    }
+    if t.service_name.trim().is_empty() {
+        problems.push(Problem::at("tracing.service_name", "must not be empty"));
+    }
+    if t.timeout.is_zero() || t.export_every.is_zero() {
+        problems.push(Problem::at(
+            "tracing",
+            "timeout and export_every must be above zero",
+        ));
+    }
+    (problems.len() == before).then_some(TracingSettings {
+        otlp: t.otlp,
+        protocol,
+        sample: t.sample,
+        service_name: t.service_name,
+        capture_content: t.capture_content,
+        timeout: t.timeout,
+        every: t.export_every,
     })
 }
 

@@ -283,3 +283,39 @@ fn a_whole_redis_url_from_the_environment_may_carry_its_password() {
     let text = format!("redis: {{ url: \"${{REDIS_URL}}\" }}\n{ROUTES}");
     assert!(parse(&text, "test.yaml", env).is_ok());
 }
+
+#[test]
+fn tracing_is_off_by_default_and_checked_when_on() {
+    assert!(parse_ok(GOOD).tracing.is_none());
+    let on = parse_ok(&format!(
+        "{GOOD}tracing: {{ otlp: \"http://collector:4318\", sample: 0.25, capture_content: true }}\n"
+    ));
+    let t = on.tracing.unwrap();
+    assert_eq!(t.protocol, crate::telemetry::OtlpProtocol::Http);
+    assert_eq!(t.sample, 0.25);
+    assert_eq!(t.service_name, "lumen");
+    assert!(t.capture_content);
+    let grpc = parse_ok(&format!(
+        "{GOOD}tracing: {{ otlp: \"http://collector:4317\", protocol: grpc }}\n"
+    ));
+    assert_eq!(
+        grpc.tracing.unwrap().protocol,
+        crate::telemetry::OtlpProtocol::Grpc
+    );
+    let e = parse_err(&format!(
+        "{GOOD}tracing: {{ otlp: \"collector:4318\", protocol: thrift, sample: 2, service_name: \" \" }}\n"
+    ));
+    for want in [
+        "tracing.otlp",
+        "tracing.protocol",
+        "`thrift`",
+        "tracing.sample",
+        "tracing.service_name",
+    ] {
+        assert!(e.contains(want), "{want} missing from: {e}");
+    }
+    let e = parse_err(&format!(
+        "{GOOD}tracing: {{ otlp: \"https://collector:4318\" }}\n"
+    ));
+    assert!(e.contains("https collectors are not supported"), "{e}");
+}

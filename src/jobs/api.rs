@@ -137,13 +137,15 @@ pub enum Style {
     ShapeA,
 }
 
-/// Answers a jobs call. `body` is the request body (POST calls).
+/// Answers a jobs call. `body` is the request body (POST calls); `trace` the request's own
+/// `traceparent` when it is traced (a job queued here carries it to its run).
 pub async fn answer(
     call: Call,
     body: Option<Bytes>,
     principal: &Arc<Principal>,
     config: &Snapshot,
     jobs: &Jobs,
+    trace: Option<&str>,
 ) -> Result<Answer, GatewayError> {
     let owner = principal.key_id.as_str();
     let find = |id: String| async move {
@@ -162,8 +164,10 @@ pub async fn answer(
                 JobEndpoint::Messages => Endpoint::Messages,
             };
             let client_id = job_id(req.job_id)?;
-            let (view, fresh) =
-                submit(jobs, config, principal, endpoint, req.body, client_id).await?;
+            let (view, fresh) = submit(
+                jobs, config, principal, endpoint, req.body, client_id, trace,
+            )
+            .await?;
             Ok(Answer::Json(
                 if fresh {
                     StatusCode::ACCEPTED
@@ -188,7 +192,10 @@ pub async fn answer(
                 "POST /chat_completion takes {\"job_id\", \"meta\": {…}, \"messages\": [...]}",
             )?;
             let messages = Value::Array(req.messages);
-            submit_shape_b(jobs, config, principal, messages, req.meta, req.job_id).await
+            submit_shape_b(
+                jobs, config, principal, messages, req.meta, req.job_id, trace,
+            )
+            .await
         }
         Call::Generate => {
             let v = json_body(body)?;
@@ -196,10 +203,13 @@ pub async fn answer(
             if jobs.settings.shape_b && has("meta") && has("content") {
                 let req: GenerateJob = from_value(v, NEITHER_SHAPE)?;
                 let messages = json!([{"role": "user", "content": req.content}]);
-                submit_shape_b(jobs, config, principal, messages, req.meta, req.job_id).await
+                submit_shape_b(
+                    jobs, config, principal, messages, req.meta, req.job_id, trace,
+                )
+                .await
             } else if jobs.settings.shape_a && has("prompt") {
                 let req: GenerateTask = from_value(v, NEITHER_SHAPE)?;
-                submit_shape_a(jobs, config, principal, req).await
+                submit_shape_a(jobs, config, principal, req, trace).await
             } else {
                 Err(GatewayError::BadJob(NEITHER_SHAPE.into()))
             }
@@ -224,6 +234,7 @@ async fn submit_shape_a(
     config: &Snapshot,
     principal: &Arc<Principal>,
     req: GenerateTask,
+    trace: Option<&str>,
 ) -> Result<Answer, GatewayError> {
     let model = model_of(req.model.as_deref(), &jobs.settings)?;
     let mut chat = json!({
@@ -243,6 +254,7 @@ async fn submit_shape_a(
         Endpoint::ChatCompletions,
         chat,
         None,
+        trace,
     )
     .await?;
     Ok(Answer::Json(
@@ -263,6 +275,7 @@ async fn submit_shape_b(
     messages: Value,
     meta: JobMeta,
     client_id: Option<String>,
+    trace: Option<&str>,
 ) -> Result<Answer, GatewayError> {
     let model = model_of(meta.model.as_deref(), &jobs.settings)?;
     let mut chat = json!({
@@ -282,6 +295,7 @@ async fn submit_shape_b(
         Endpoint::ChatCompletions,
         chat,
         client_id,
+        trace,
     )
     .await?;
     Ok(Answer::Wait(view.id, jobs.settings.wait_timeout))
@@ -354,6 +368,7 @@ async fn submit(
     endpoint: Endpoint,
     body: Value,
     client_id: Option<String>,
+    trace: Option<&str>,
 ) -> Result<(JobView, bool), GatewayError> {
     if let Some(id) = &client_id {
         // Idempotent: an id seen before answers with its job before anything else is checked.
@@ -374,7 +389,10 @@ async fn submit(
     if !principal.may_use(&req.model) {
         return Err(GatewayError::ModelNotAllowed(req.model));
     }
-    Ok(jobs.submit(principal, endpoint, body, client_id).await?)
+    let trace = trace.map(str::to_string);
+    Ok(jobs
+        .submit(principal, endpoint, body, client_id, trace)
+        .await?)
 }
 
 fn shape_a_default_message(status: Status) -> &'static str {

@@ -37,6 +37,8 @@ pub struct Job {
     /// The OpenAI request as JSON bytes, not a parsed tree: a job is kept for its whole TTL,
     /// and a tree of many small values costs many times its text. Parsed when it runs.
     pub body: bytes::Bytes,
+    /// The submitting request's `traceparent`, when it was traced.
+    pub trace: Option<String>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     cancel: watch::Sender<bool>,
@@ -144,6 +146,7 @@ impl Memory {
         endpoint: Endpoint,
         body: Value,
         id: String,
+        trace: Option<String>,
     ) -> Result<(JobView, bool), SubmitError> {
         let mut table = self.table();
         let key = (owner.key_id.clone(), id.clone());
@@ -166,6 +169,7 @@ impl Memory {
             endpoint,
             // Serialising a `Value` to bytes cannot fail.
             body: bytes::Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+            trace,
             state: Mutex::new(State {
                 view: view.clone(),
                 text: String::new(),
@@ -340,8 +344,14 @@ mod tests {
 
     /// Submits a job for `key` and takes it as a worker would: it is processing now.
     async fn running(m: &Memory, key: &str, id: &str) -> Arc<Job> {
-        m.submit(&owner(key), Endpoint::ChatCompletions, json!({}), id.into())
-            .unwrap();
+        m.submit(
+            &owner(key),
+            Endpoint::ChatCompletions,
+            json!({}),
+            id.into(),
+            None,
+        )
+        .unwrap();
         let job = m.take().await.unwrap();
         assert!(job.start());
         job
@@ -357,6 +367,7 @@ mod tests {
                 Endpoint::ChatCompletions,
                 body.clone(),
                 "x".into(),
+                None,
             )
             .unwrap();
         assert!(fresh);
@@ -366,13 +377,20 @@ mod tests {
                 Endpoint::ChatCompletions,
                 body.clone(),
                 "x".into(),
+                None,
             )
             .unwrap();
         assert!(!fresh);
         assert_eq!(a.created_us, again.created_us);
         assert!(m.get("b", "x").is_none());
         let (_, fresh) = m
-            .submit(&owner("b"), Endpoint::ChatCompletions, body, "x".into())
+            .submit(
+                &owner("b"),
+                Endpoint::ChatCompletions,
+                body,
+                "x".into(),
+                None,
+            )
             .unwrap();
         assert!(fresh, "the same id chosen by another key is another job");
     }
@@ -388,6 +406,7 @@ mod tests {
                 Endpoint::ChatCompletions,
                 json!({}),
                 format!("j{n}"),
+                None,
             )
         };
         submit("a").unwrap();

@@ -104,21 +104,23 @@ impl Jobs {
     }
 
     /// Queues a job, or returns the existing one when `client_id` was used before by this key
-    /// (`Ok((job, false))`).
+    /// (`Ok((job, false))`). `trace`: the submitting request's `traceparent`, which the run
+    /// carries on (its trace links the submit and the run, on whichever node).
     pub async fn submit(
         &self,
         owner: &Arc<Principal>,
         endpoint: Endpoint,
         body: Value,
         client_id: Option<String>,
+        trace: Option<String>,
     ) -> Result<(JobView, bool), SubmitError> {
         if self.closing.load(Ordering::Relaxed) {
             return Err(SubmitError::ShuttingDown);
         }
         let id = client_id.unwrap_or_else(|| new_id("job_"));
         let result = match &self.backend {
-            Backend::Memory(m) => m.submit(owner, endpoint, body, id),
-            Backend::Redis(r) => r.submit(owner, endpoint, body, id).await,
+            Backend::Memory(m) => m.submit(owner, endpoint, body, id, trace),
+            Backend::Redis(r) => r.submit(owner, endpoint, body, id, trace).await,
         };
         if let Ok((_, true)) = &result {
             self.depth.fetch_add(1, Ordering::Relaxed);

@@ -79,8 +79,8 @@ if attempts > tonumber(ARGV[2]) then
 end
 redis.call('HSET', KEYS[1], 'status', 'processing', 'started', ARGV[3])
 redis.call('XADD', KEYS[5], '*', 't', 'status', 'v', 'processing')
-local h = redis.call('HMGET', KEYS[1], 'endpoint', 'body', 'principal', 'created')
-return {1, h[1], h[2], h[3], h[4]}
+local h = redis.call('HMGET', KEYS[1], 'endpoint', 'body', 'principal', 'created', 'trace')
+return {1, h[1], h[2], h[3], h[4], h[5]}
 ";
 
 /// KEYS: job, events. ARGV: text. Returns whether the job was asked to stop.
@@ -155,6 +155,8 @@ pub struct RedisClaim {
     /// The submitting key, as recorded at submit.
     pub principal: Value,
     pub created_us: u64,
+    /// The submitting request's `traceparent`, when it was traced.
+    pub trace: Option<String>,
 }
 
 impl RedisJobs {
@@ -214,6 +216,7 @@ impl RedisJobs {
         endpoint: Endpoint,
         body: Value,
         id: String,
+        trace: Option<String>,
     ) -> Result<(JobView, bool), SubmitError> {
         let mut conn = self.conn().await?;
         let (job_key, ev_key) = self.keys(&owner.key_id, &id);
@@ -238,7 +241,10 @@ impl RedisJobs {
             ("created", created.to_string()),
             ("status", "queued".to_string()),
             ("attempts", "0".to_string()),
-        ] {
+        ]
+        .into_iter()
+        .chain(trace.map(|t| ("trace", t)))
+        {
             inv.arg(k).arg(v);
         }
         let reply: Vec<i64> = Self::timed(inv.invoke_async(&mut conn)).await?;
@@ -450,6 +456,7 @@ impl RedisJobs {
             body: serde_json::from_str(&text(2)).unwrap_or(Value::Null),
             principal: serde_json::from_str(&text(3)).unwrap_or(Value::Null),
             created_us: text(4).parse().unwrap_or(0),
+            trace: reply.get(5).and_then(string).filter(|t| !t.is_empty()),
         }))
     }
 

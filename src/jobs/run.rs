@@ -31,6 +31,9 @@ use lumen_plugins::auth::Principal;
 
 /// The header a worker's request carries: a one-time token naming the job it runs.
 pub const JOB_TOKEN: &str = "x-lumen-job-token";
+/// When the job a worker's request runs was queued (microseconds since the epoch), for the
+/// queue wait's span.
+pub const JOB_QUEUED: &str = "x-lumen-job-queued-us";
 /// Longest stream assembled into a result.
 const RESULT_LIMIT: usize = 64 << 20;
 /// How often a job refused by its key's token budget is tried again, at most.
@@ -223,6 +226,7 @@ async fn worker(
                 job.endpoint,
                 &body,
                 job.created_us(),
+                job.trace.as_deref(),
             )
             .await;
         },
@@ -266,6 +270,7 @@ async fn worker(
                             claim.endpoint,
                             &claim.body,
                             claim.created_us,
+                            claim.trace.as_deref(),
                         )
                         .await
                     }
@@ -290,6 +295,7 @@ async fn run(
     endpoint: Endpoint,
     body: &Value,
     created_us: u64,
+    trace: Option<&str>,
 ) {
     jobs.metrics
         .job_queue_wait
@@ -300,7 +306,7 @@ async fn run(
     jobs.register(&token, owner, batch_line);
     let run_started = Instant::now();
     let outcome = tokio::select! {
-        outcome = execute(connector, peer, sink, endpoint, body, &token) => outcome,
+        outcome = execute(connector, peer, sink, endpoint, body, &token, (trace, created_us)) => outcome,
         _ = sink.stopped() => Err(JobError::cancelled("cancelled while running")),
     };
     // What the request cost, as the pipeline noted it when it settled (before the worker
@@ -327,6 +333,7 @@ async fn execute(
     endpoint: Endpoint,
     body: &Value,
     token: &str,
+    trace: (Option<&str>, u64),
 ) -> Result<Value, JobError> {
     let kind = match endpoint {
         Endpoint::ChatCompletions => Some(Kind::Chat),
@@ -348,7 +355,7 @@ async fn execute(
     let mut tries = 0;
     loop {
         tries += 1;
-        match attempt(connector, peer, sink, endpoint, token, &body, kind).await {
+        match attempt(connector, peer, sink, endpoint, token, &body, kind, trace).await {
             Err(Retry::After(wait)) if tries <= BUDGET_RETRIES => {
                 // The key's token budget is spent for now: the job waits, it does not fail.
                 tokio::time::sleep(wait.min(BUDGET_WAIT_MAX)).await;
@@ -386,6 +393,7 @@ fn internal(message: impl Into<String>) -> Retry {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     connector: &Connector,
     peer: &HttpPeer,
@@ -394,6 +402,7 @@ async fn attempt(
     token: &str,
     body: &Bytes,
     kind: Option<Kind>,
+    (trace, created_us): (Option<&str>, u64),
 ) -> Result<Value, Retry> {
     let mut head = RequestHeader::build(
         "POST",
@@ -409,6 +418,12 @@ async fn attempt(
     set(&mut head, "content-type", "application/json".into())?;
     set(&mut head, "content-length", body.len().to_string())?;
     set(&mut head, JOB_TOKEN, token.to_string())?;
+    // The run continues the submit's trace; its queue wait is a span of it (the proxy reads
+    // JOB_QUEUED only on this internal socket).
+    if let Some(trace) = trace {
+        set(&mut head, "traceparent", trace.to_string())?;
+        set(&mut head, JOB_QUEUED, created_us.to_string())?;
+    }
     let (mut session, _) = connector
         .get_http_session(peer)
         .await

@@ -144,6 +144,10 @@ impl Gateway {
         let req = read_request(s, ctx, &config, open).await?;
         // 7. Route: the allow-list first, then the route table.                         403, 404
         let route = resolve_route(ctx, &config, &principal, &req)?;
+        if let Some(trace) = ctx.trace.as_mut() {
+            trace.model(req.endpoint, &req.model);
+            trace.input(&req.raw);
+        }
         //    A Responses request continuing a stored one: the conversation so far; one only
         //    a provider speaking the Responses API can serve needs such a target.      400, 503
         let mut req = self.continue_stored(&principal, req, &route).await?;
@@ -166,7 +170,11 @@ impl Gateway {
         }
         // 9. Cache: a hit answers below (a request, but no provider call).
         let plan = plan::plan(&route, &req, &principal, s.req_header());
+        let looked = std::time::SystemTime::now();
         let hit = self.cache_hit(ctx, plan.as_ref()).await;
+        if let (Some(trace), Some(_)) = (ctx.trace.as_deref(), &plan) {
+            trace.cache_lookup(looked, hit.is_some());
+        }
         // 10. Token reservation: an estimate now, settled with real usage after. A hit costs
         //     tokens only when the route says so.                                        429
         //     Dollar budgets likewise: the worst case at the route's dearest target, settled
@@ -284,7 +292,7 @@ impl Gateway {
 
     /// Whether the request came in on this process's jobs socket (a Unix socket; every public
     /// listener is TCP).
-    fn on_internal_socket(&self, s: &Session) -> bool {
+    pub(super) fn on_internal_socket(&self, s: &Session) -> bool {
         s.server_addr()
             .and_then(|a| a.as_unix())
             .and_then(|u| u.as_pathname())

@@ -137,6 +137,8 @@ pub struct RequestCtx {
     pub cache: Option<&'static str>,
     /// Short reason for the access log when the request failed.
     pub error: Option<String>,
+    /// Its spans, when traces are on (`tracing:`); ended with the request.
+    pub trace: Option<Box<crate::telemetry::RequestTrace>>,
 }
 
 impl RequestCtx {
@@ -209,6 +211,7 @@ impl RequestCtx {
             committed_at: None,
             cache: None,
             error: None,
+            trace: None,
         }
     }
 }

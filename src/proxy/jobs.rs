@@ -49,7 +49,19 @@ impl Gateway {
         } else {
             None
         };
-        match jobs::api::answer(call, body, &principal, &config, &self.node.jobs).await {
+        let trace = ctx
+            .trace
+            .as_deref()
+            .and_then(|t| t.headers().0.to_str().ok().map(str::to_string));
+        let answer = jobs::api::answer(
+            call,
+            body,
+            &principal,
+            &config,
+            &self.node.jobs,
+            trace.as_deref(),
+        );
+        match answer.await {
             Ok(jobs::api::Answer::Json(status, value)) => {
                 self.write_reply(s, ctx, status, Bytes::from(value.to_string()))
                     .await?;

@@ -87,6 +87,7 @@ impl Gateway {
         if self.start(s, ctx).await? {
             return Ok(());
         }
+        self.begin_trace(s, ctx);
         if s.req_header().method == http::Method::CONNECT {
             // A tunnel's framing is not a request's: refused, and the connection closed.
             s.set_keepalive(None);

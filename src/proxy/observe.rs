@@ -20,8 +20,57 @@ use crate::ledger;
 use crate::openai::Endpoint;
 
 impl Gateway {
+    /// Starts the request's trace (traces on, and not a probe: load balancers ask often).
+    pub(super) fn begin_trace(&self, s: &Session, ctx: &mut RequestCtx) {
+        let Some(telemetry) = &self.node.telemetry else {
+            return;
+        };
+        let head = s.req_header();
+        let path = head.uri.path();
+        if matches!(path, "/healthz" | "/readyz" | "/health" | "/metrics") {
+            return;
+        }
+        let started = crate::telemetry::spans::wall_clock(ctx.started);
+        let trace = telemetry.begin(&head.headers, head.method.as_str(), path, started);
+        // A worker running a job: the time it waited in the queue (said by the worker itself,
+        // so believed only on the internal socket).
+        let queued = head
+            .headers
+            .get(crate::jobs::run::JOB_QUEUED)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .filter(|_| self.on_internal_socket(s));
+        let at = queued
+            .and_then(|us| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_micros(us)));
+        if let Some(at) = at {
+            trace.queue_wait(at);
+        }
+        ctx.trace = Some(trace);
+    }
+
+    /// Ends the request's trace with what it came to.
+    fn end_trace(&self, ctx: &mut RequestCtx, cost: Option<u64>) {
+        let Some(trace) = ctx.trace.take() else {
+            return;
+        };
+        trace.finish(&crate::telemetry::spans::Finished {
+            status: ctx.status,
+            endpoint: ctx.endpoint,
+            model: ctx.model.as_deref(),
+            route: ctx.route_name(),
+            provider: ctx.provider.as_deref(),
+            key_id: ctx.principal.as_ref().map(|p| p.key_id.as_str()),
+            usage: ctx.usage_split,
+            cached_tokens: ctx.usage_detail.0,
+            cache: ctx.cache,
+            stream: ctx.stream,
+            attempts: ctx.attempts,
+            error: ctx.error.as_deref(),
+            cost_micros: cost,
+        });
+    }
+
     /// Records the finished request in the metrics, the ledger and the access log.
-    pub(super) fn observe(&self, s: &Session, ctx: &RequestCtx) {
+    pub(super) fn observe(&self, s: &Session, ctx: &mut RequestCtx) {
         let elapsed = ctx.started.elapsed();
         let endpoint = ctx.endpoint.map_or("none", Endpoint::label);
         let route = ctx.route_name();
@@ -112,5 +161,6 @@ impl Gateway {
                 error: ctx.error.as_deref().unwrap_or(""),
             });
         }
+        self.end_trace(ctx, cost);
     }
 }

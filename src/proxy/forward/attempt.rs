@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::session::Session;
+use crate::telemetry::spans as telemetry;
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -27,7 +28,8 @@ use super::error::{
 };
 use super::pool::Connections;
 use super::request::{
-    client_head, read_all, read_final_head, target_body, upstream_request, write_request,
+    client_head, read_all, read_final_head, target_body, target_model, upstream_request,
+    write_request,
 };
 use super::stream::{stream_to_client, Settle, Source};
 use super::watch::Watchers;
@@ -153,6 +155,8 @@ pub(super) struct Outgoing {
     /// Read a whole (non-SSE) success to its end before committing, so its head can say
     /// what it cost (a priced target, and no capture needing the chunks as they come).
     whole: bool,
+    /// Its span, when the request is traced.
+    span: Option<telemetry::Attempt>,
 }
 
 /// Builds the request for `target`.
@@ -165,12 +169,31 @@ pub(super) fn prepare(
 ) -> Result<Outgoing, crate::error::GatewayError> {
     let provider = &*target.provider;
     let (body, dropped) = target_body(req, target)?;
-    let head = upstream_request(session.req_header(), provider, req, &body, &ctx.request_id)?;
+    // The provider sees this attempt as the parent of its own spans (and never the client's
+    // `traceparent`, which names the client's span, not ours).
+    let span = ctx.trace.as_deref().map(|trace| {
+        trace.attempt(
+            req.endpoint,
+            &provider.name,
+            provider.host.to_str().unwrap_or(""),
+            &target_model(req, target),
+        )
+    });
+    let w3c = span.as_ref().map(telemetry::Attempt::headers);
+    let head = upstream_request(
+        session.req_header(),
+        provider,
+        req,
+        &body,
+        &ctx.request_id,
+        w3c,
+    )?;
     Ok(Outgoing {
         head,
         body,
         dropped,
         whole,
+        span,
     })
 }
 
@@ -183,12 +206,35 @@ pub(super) struct Reached {
     status: u16,
     sent: Instant,
     dropped: Vec<&'static str>,
+    span: Option<telemetry::Attempt>,
 }
 
 /// Sends `outgoing` and reads the answer up to the commit point: a failure the loop may
 /// retry (nothing reached the client), or an answer to commit. Touches neither the client
-/// nor the request's state, so two of these can race (hedging).
+/// nor the request's state, so two of these can race (hedging). A failure ends the attempt's
+/// span; an answer carries it on to [`commit`].
 pub(super) async fn reach(
+    t: &Try<'_>,
+    mut outgoing: Outgoing,
+    health: &HealthTable,
+) -> Result<Reached, Failed> {
+    let span = outgoing.span.take();
+    match reach_answer(t, outgoing, health).await {
+        Ok(reached) => Ok(Reached { span, ..reached }),
+        Err(failed) => {
+            if let Some(span) = span {
+                let why = match failed.failure {
+                    Failure::Status(status) => status.to_string(),
+                    other => other.label().to_string(),
+                };
+                span.failed(&why, &failed.error.to_string());
+            }
+            Err(failed)
+        }
+    }
+}
+
+async fn reach_answer(
     t: &Try<'_>,
     outgoing: Outgoing,
     health: &HealthTable,
@@ -205,6 +251,7 @@ pub(super) async fn reach(
         body,
         dropped,
         whole,
+        span: _,
     } = outgoing;
     let sent = Instant::now();
     let Ok(peer) = provider.peer.peer().await else {
@@ -302,6 +349,7 @@ pub(super) async fn reach(
         status,
         sent,
         dropped,
+        span: None,
     })
 }
 
@@ -327,7 +375,11 @@ pub(super) async fn commit(
         status,
         sent,
         dropped,
+        span,
     } = reached;
+    if let (Some(trace), Some(span)) = (ctx.trace.as_mut(), span) {
+        trace.commit(span, status);
+    }
     // This attempt's: an earlier attempt's target may have taken more, or less.
     ctx.dropped = dropped;
     // Streams always ask for the usage chunk (budgets, quotas and the ledger settle on

@@ -44,8 +44,9 @@ const NOT_FORWARDED: &[&str] = &[
     "upgrade",
     "authorization",
     "x-api-key",
-    // A worker's one-time job token: for this process only.
+    // A worker's one-time job token, and when its job was queued: for this process only.
     "x-lumen-job-token",
+    "x-lumen-job-queued-us",
     "api-key",
     "cookie",
     "openai-organization",
@@ -173,7 +174,7 @@ fn invalid(e: TranslateError) -> GatewayError {
 }
 
 /// The model a target names (the client's when it names none).
-fn target_model(req: &LlmRequest, target: &Target) -> String {
+pub(super) fn target_model(req: &LlmRequest, target: &Target) -> String {
     target
         .model_json
         .as_ref()
@@ -215,13 +216,15 @@ fn native_responses(req: &LlmRequest, target: &Target) -> Result<Vec<Bytes>, Gat
 }
 
 /// Builds the provider's request head: its path, host and credentials, the client's other
-/// headers, and our request id.
+/// headers, our request id, and the attempt's W3C trace context (`traceparent` and maybe
+/// `tracestate`) when the request is traced.
 pub(super) fn upstream_request(
     client: &RequestHeader,
     provider: &Provider,
     req: &LlmRequest,
     body: &[Bytes],
     request_id: &HeaderValue,
+    trace: Option<(HeaderValue, Option<HeaderValue>)>,
 ) -> Result<RequestHeader, GatewayError> {
     let mut path = String::with_capacity(provider.base_path.len().saturating_add(24));
     path.push_str(&provider.base_path);
@@ -262,6 +265,13 @@ pub(super) fn upstream_request(
         map.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     map.insert(X_REQUEST_ID, request_id.clone());
+    if let Some((parent, state)) = trace {
+        map.insert(TRACEPARENT, parent);
+        match state {
+            Some(state) => map.insert(TRACESTATE, state),
+            None => map.remove(TRACESTATE),
+        };
+    }
     if let Some((name, value)) = &provider.credential {
         map.insert(name.clone(), value.clone());
     }
@@ -270,6 +280,9 @@ pub(super) fn upstream_request(
     }
     Ok(RequestHeader::from(parts))
 }
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Query parameters that carry a client's credential (Azure-style `?api-key=`, `?key=`):
 /// like the `Authorization` header, they are for the gateway, never for a provider.

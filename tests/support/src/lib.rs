@@ -13,6 +13,7 @@ pub mod json_prefix;
 pub mod keyed;
 pub mod mock;
 pub mod openai;
+pub mod otlp;
 pub mod sidecar;
 pub mod sse;
 

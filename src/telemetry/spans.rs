@@ -1,0 +1,379 @@
+//! One request's spans: the server span, its attempts and lookups, and the W3C headers that
+//! carry them on.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::Span;
+
+use super::tracer::Telemetry;
+
+/// Longest prompt or answer recorded with `capture_content` (the rest is cut).
+const CONTENT_LIMIT: usize = 32 * 1024;
+
+/// The request's incoming `traceparent` and `tracestate`.
+struct Incoming<'a>(&'a HeaderMap);
+
+impl Extractor for Incoming<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// The GenAI operation an endpoint performs (`gen_ai.operation.name`).
+pub fn operation(endpoint: crate::openai::Endpoint) -> &'static str {
+    use crate::openai::Endpoint;
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Responses | Endpoint::Messages => "chat",
+        Endpoint::Completions => "text_completion",
+        Endpoint::Embeddings => "embeddings",
+        Endpoint::Rerank => "rerank",
+    }
+}
+
+/// A span context as W3C headers: `traceparent`, and `tracestate` when it has one.
+pub fn w3c(sc: &SpanContext) -> (HeaderValue, Option<HeaderValue>) {
+    let parent = format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8() & 1
+    );
+    let state = sc.trace_state().header();
+    (
+        HeaderValue::try_from(parent).unwrap_or(HeaderValue::from_static("")),
+        (!state.is_empty())
+            .then(|| HeaderValue::try_from(state).ok())
+            .flatten(),
+    )
+}
+
+/// What a finished request reports on its server span.
+pub struct Finished<'a> {
+    pub status: u16,
+    pub endpoint: Option<crate::openai::Endpoint>,
+    pub model: Option<&'a str>,
+    pub route: &'a str,
+    pub provider: Option<&'a str>,
+    pub key_id: Option<&'a str>,
+    pub usage: Option<(u64, u64)>,
+    pub cached_tokens: u64,
+    pub cache: Option<&'static str>,
+    pub stream: bool,
+    pub attempts: u32,
+    pub error: Option<&'a str>,
+    pub cost_micros: Option<u64>,
+}
+
+/// One request's trace.
+pub struct RequestTrace {
+    telemetry: Arc<Telemetry>,
+    server: Span,
+    /// The server span's context, for its children.
+    parent: Context,
+    /// The attempt whose answer the client got, ended with the request (its usage is known
+    /// only then).
+    committed: Option<Attempt>,
+}
+
+/// One upstream attempt's span.
+pub struct Attempt {
+    span: Span,
+    model: String,
+}
+
+impl Telemetry {
+    /// Starts the trace of a request whose head is `headers`, begun at `started`: a child of
+    /// the client's `traceparent` when it sent a valid one.
+    pub fn begin(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        method: &str,
+        path: &str,
+        started: SystemTime,
+    ) -> Box<RequestTrace> {
+        let from_client = self.propagator.extract(&Incoming(headers));
+        let server = self
+            .tracer
+            .span_builder(format!("{method} {path}"))
+            .with_kind(SpanKind::Server)
+            .with_start_time(started)
+            .with_attributes([
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("url.path", path.to_string()),
+            ])
+            .start_with_context(&self.tracer, &from_client);
+        let parent = Context::new().with_remote_span_context(server.span_context().clone());
+        Box::new(RequestTrace {
+            telemetry: self.clone(),
+            server,
+            parent,
+            committed: None,
+        })
+    }
+}
+
+impl RequestTrace {
+    /// Whether this request is recorded (sampled).
+    pub fn recording(&self) -> bool {
+        self.server.is_recording()
+    }
+
+    /// Whether prompts and answers are recorded.
+    pub fn captures_content(&self) -> bool {
+        self.telemetry.capture_content && self.recording()
+    }
+
+    /// The server span's context as W3C headers (a job submitted by this request carries it).
+    pub fn headers(&self) -> (HeaderValue, Option<HeaderValue>) {
+        w3c(self.server.span_context())
+    }
+
+    /// The model is known: the span is named for it, as the GenAI conventions name spans.
+    pub fn model(&mut self, endpoint: crate::openai::Endpoint, model: &str) {
+        let op = operation(endpoint);
+        self.server.update_name(format!("{op} {model}"));
+        self.server
+            .set_attribute(KeyValue::new("gen_ai.operation.name", op));
+        self.server
+            .set_attribute(KeyValue::new("gen_ai.request.model", model.to_string()));
+    }
+
+    /// The request's messages (or input), with `capture_content`.
+    pub fn input(&mut self, body: &[u8]) {
+        if !self.captures_content() {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return;
+        };
+        let input = ["messages", "input", "prompt"]
+            .iter()
+            .find_map(|k| v.get(*k).filter(|x| !x.is_null()));
+        if let Some(input) = input {
+            self.server.set_attribute(KeyValue::new(
+                "gen_ai.input.messages",
+                cut(input.to_string()),
+            ));
+        }
+    }
+
+    /// The answer's text, with `capture_content`.
+    pub fn output(&mut self, answer: &serde_json::Value) {
+        if !self.captures_content() {
+            return;
+        }
+        let out = answer
+            .get("choices")
+            .or_else(|| answer.get("output"))
+            .or_else(|| answer.get("content"));
+        if let Some(out) = out {
+            self.server.set_attribute(KeyValue::new(
+                "gen_ai.output.messages",
+                cut(out.to_string()),
+            ));
+        }
+    }
+
+    /// A child span that already happened (from `start` to now): a cache lookup, a wait.
+    pub fn happened(&self, name: &'static str, start: SystemTime, attributes: Vec<KeyValue>) {
+        let tracer = &self.telemetry.tracer;
+        let mut span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &self.parent);
+        span.end();
+    }
+
+    /// A job waited in the queue from `queued` to now (the run's trace).
+    pub fn queue_wait(&self, queued: SystemTime) {
+        self.happened("job queue wait", queued, Vec::new());
+    }
+
+    /// The response cache was asked (from `start` to now).
+    pub fn cache_lookup(&self, start: SystemTime, hit: bool) {
+        self.happened(
+            "cache lookup",
+            start,
+            vec![KeyValue::new("lumen.cache.hit", hit)],
+        );
+    }
+
+    /// Starts an attempt on `provider`'s `model` (at `host`, `name:port`).
+    pub fn attempt(
+        &self,
+        endpoint: crate::openai::Endpoint,
+        provider: &str,
+        host: &str,
+        model: &str,
+    ) -> Attempt {
+        let tracer = &self.telemetry.tracer;
+        let op = operation(endpoint);
+        let (address, port) = match host.rsplit_once(':') {
+            Some((a, p)) if p.parse::<u16>().is_ok() => (a, p.parse::<i64>().ok()),
+            _ => (host, None),
+        };
+        let mut attributes = vec![
+            KeyValue::new("gen_ai.operation.name", op),
+            KeyValue::new("gen_ai.provider.name", provider.to_string()),
+            KeyValue::new("gen_ai.request.model", model.to_string()),
+            KeyValue::new("server.address", address.to_string()),
+        ];
+        if let Some(port) = port {
+            attributes.push(KeyValue::new("server.port", port));
+        }
+        let span = tracer
+            .span_builder(format!("{op} {model}"))
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &self.parent);
+        Attempt {
+            span,
+            model: model.to_string(),
+        }
+    }
+
+    /// The attempt whose answer goes to the client (with the provider's `status`).
+    pub fn commit(&mut self, mut attempt: Attempt, status: u16) {
+        attempt.span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if status >= 400 {
+            attempt
+                .span
+                .set_attribute(KeyValue::new("error.type", status.to_string()));
+            attempt.span.set_status(Status::error(status.to_string()));
+        }
+        self.committed = Some(attempt);
+    }
+
+    /// Ends the trace: the committed attempt and the server span.
+    pub fn finish(mut self, done: &Finished<'_>) {
+        let end = SystemTime::now();
+        let mut kv: Vec<KeyValue> = Vec::with_capacity(12);
+        kv.push(KeyValue::new(
+            "http.response.status_code",
+            i64::from(done.status),
+        ));
+        if let Some(e) = done.endpoint {
+            kv.push(KeyValue::new("gen_ai.operation.name", operation(e)));
+        }
+        if let Some(m) = done.model {
+            kv.push(KeyValue::new("gen_ai.request.model", m.to_string()));
+        }
+        if !done.route.is_empty() {
+            kv.push(KeyValue::new("lumen.route", done.route.to_string()));
+        }
+        if let Some(p) = done.provider.filter(|p| !p.is_empty()) {
+            kv.push(KeyValue::new("gen_ai.provider.name", p.to_string()));
+        }
+        if let Some(k) = done.key_id.filter(|k| !k.is_empty()) {
+            kv.push(KeyValue::new("lumen.key_id", k.to_string()));
+        }
+        if let Some(c) = done.cache {
+            kv.push(KeyValue::new("lumen.cache", c));
+        }
+        if done.stream {
+            kv.push(KeyValue::new("lumen.stream", true));
+        }
+        kv.push(KeyValue::new("lumen.attempts", i64::from(done.attempts)));
+        if let Some(c) = done.cost_micros {
+            kv.push(KeyValue::new("lumen.cost_usd", c as f64 / 1e6));
+        }
+        let usage = |kv: &mut Vec<KeyValue>| {
+            if let Some((input, output)) = done.usage {
+                kv.push(KeyValue::new(
+                    "gen_ai.usage.input_tokens",
+                    i64::try_from(input).unwrap_or(i64::MAX),
+                ));
+                kv.push(KeyValue::new(
+                    "gen_ai.usage.output_tokens",
+                    i64::try_from(output).unwrap_or(i64::MAX),
+                ));
+                if done.cached_tokens > 0 {
+                    kv.push(KeyValue::new(
+                        "gen_ai.usage.cache_read.input_tokens",
+                        i64::try_from(done.cached_tokens).unwrap_or(i64::MAX),
+                    ));
+                }
+            }
+        };
+        usage(&mut kv);
+        if let Some(mut attempt) = self.committed.take() {
+            let mut own = Vec::with_capacity(4);
+            usage(&mut own);
+            own.push(KeyValue::new(
+                "gen_ai.response.model",
+                attempt.model.clone(),
+            ));
+            attempt.span.set_attributes(own);
+            attempt.span.end_with_timestamp(end);
+            kv.push(KeyValue::new("gen_ai.response.model", attempt.model));
+        }
+        let failed = done.status >= 400 || done.status == 0;
+        if failed {
+            let kind = if done.status == 0 {
+                "_OTHER".to_string()
+            } else {
+                done.status.to_string()
+            };
+            kv.push(KeyValue::new("error.type", kind));
+            let message = done.error.unwrap_or("").to_string();
+            self.server.set_status(Status::error(message));
+        }
+        self.server.set_attributes(kv);
+        self.server.end_with_timestamp(end);
+    }
+}
+
+impl Attempt {
+    /// The attempt's context as W3C headers, for the provider.
+    pub fn headers(&self) -> (HeaderValue, Option<HeaderValue>) {
+        w3c(self.span.span_context())
+    }
+
+    /// The attempt failed before anything reached the client (`why`: `timeout`, `connect`,
+    /// `dropped`, or the provider's status); another may follow.
+    pub fn failed(mut self, why: &str, message: &str) {
+        self.span
+            .set_attribute(KeyValue::new("error.type", why.to_string()));
+        if let Ok(status) = why.parse::<i64>() {
+            self.span
+                .set_attribute(KeyValue::new("http.response.status_code", status));
+        }
+        self.span.set_status(Status::error(message.to_string()));
+        self.span.end();
+    }
+}
+
+/// `text`, cut at [`CONTENT_LIMIT`] bytes (on a character boundary).
+fn cut(mut text: String) -> String {
+    if text.len() > CONTENT_LIMIT {
+        let mut at = CONTENT_LIMIT;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+    }
+    text
+}
+
+/// How long ago `since` was, as a wall-clock time (spans take wall-clock times).
+pub fn wall_clock(since: std::time::Instant) -> SystemTime {
+    SystemTime::now()
+        .checked_sub(since.elapsed())
+        .unwrap_or_else(SystemTime::now)
+}
