@@ -11,7 +11,7 @@
 //! State that must outlive a reload lives outside the snapshot, keyed by stable names: rate
 //! limit buckets (key ids), health and circuits (provider and model names), the cache. What a
 //! reload cannot change in a running process (listeners, the admin address, Redis, spawned
-//! sidecars, worker threads) is logged as needing a restart.
+//! sidecars, worker threads, traces) is logged as needing a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -224,6 +224,10 @@ fn warn_restart_needed(current: &Snapshot, next: &Snapshot) {
     };
     if usage(current) != usage(next) {
         needs.push("usage");
+    }
+    let tracing = |s: &Snapshot| s.tracing.as_ref().map(|t| format!("{t:?}"));
+    if tracing(current) != tracing(next) {
+        needs.push("tracing");
     }
     if !needs.is_empty() {
         tracing::warn!(settings = ?needs, "these changed settings take effect only after a restart; everything else is live");
