@@ -42,6 +42,10 @@ providers:
   mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
 routes:
   - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
+  - {{ model: cut, targets: [ {{ provider: mock, model: drop-mid-stream }} ] }}
+  - model: hedged
+    targets: [ {{ provider: mock, model: slow-2000 }}, {{ provider: mock, model: up }} ]
+    hedge: {{ after: 50ms, budget: 100% }}
 "#,
         base = mock.base_url()
     ))
@@ -235,6 +239,8 @@ jobs: {{ workers: {workers} }}
 
     let spans = receiver.wait_for(Duration::from_secs(20), |s| {
         s.iter().any(|s| s.service == "lumen-worker" && s.kind == 3)
+            && s.iter().any(|s| s.service == "lumen-worker" && s.kind == 2)
+            && s.iter().any(|s| s.name == "job queue wait")
             && s.iter().any(|s| s.service == "lumen-node" && s.kind == 2)
     });
     let submit = one(&spans, "the submit", |s| {
@@ -306,6 +312,65 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
     assert_eq!(server.service, "lumen");
     let input = server.attr("gen_ai.input.messages").as_str().unwrap();
     assert!(input.contains("tell me about whales"), "{input}");
+
+    // A stream the provider cuts after it began: a 200 to the client, an error on the trace.
+    let cut_parent = format!("00-{CLIENT_TRACE}-00f067aa0ba902b7-01");
+    let body = serde_json::json!({"model": "cut", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let r = request(
+        lumen.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("traceparent", cut_parent.as_str()),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter().any(|s| s.parent_span_id == "00f067aa0ba902b7")
+            && s.iter().filter(|s| s.kind == 3).count() >= 2
+    });
+    let server = one(&spans, "the cut stream", |s| {
+        s.parent_span_id == "00f067aa0ba902b7"
+    });
+    assert_eq!(server.attr("lumen.stream"), true);
+    assert_eq!(server.attr("error.type"), "_OTHER");
+    assert_eq!(server.status, 2);
+    let attempt = one(&spans, "the cut stream's attempt", |s| {
+        s.parent_span_id == server.span_id
+    });
+    assert_eq!(attempt.attr("error.type"), "_OTHER");
+    assert_eq!(attempt.status, 2);
+
+    // A hedge that wins: the slow first attempt it beat is given up, and says so.
+    let hedge_parent = format!("00-{CLIENT_TRACE}-00f067aa0ba902b8-01");
+    post(
+        &lumen,
+        &chat("hedged", "hi"),
+        &[("traceparent", hedge_parent.as_str())],
+    )
+    .await;
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter()
+            .find(|s| s.parent_span_id == "00f067aa0ba902b8")
+            .is_some_and(|h| s.iter().filter(|c| c.parent_span_id == h.span_id).count() >= 2)
+    });
+    let hedged = one(&spans, "the hedged request", |s| {
+        s.parent_span_id == "00f067aa0ba902b8"
+    });
+    let lost = one(&spans, "the attempt that lost", |s| {
+        s.parent_span_id == hedged.span_id && s.attr("gen_ai.request.model") == "slow-2000"
+    });
+    assert_eq!(lost.attr("error.type"), "cancelled");
+    let won = one(&spans, "the hedge that won", |s| {
+        s.parent_span_id == hedged.span_id && s.attr("gen_ai.request.model") == "up"
+    });
+    assert!(won.attr("error.type").is_null());
+    assert_eq!(hedged.attr("gen_ai.response.model"), "up");
 
     // The unsampled request still handed the provider a trace context, marked not sampled.
     let unsampled = mock

@@ -103,7 +103,7 @@ pub struct RawTracing {
     pub sample: f64,
     #[serde(default = "default_service_name")]
     pub service_name: String,
-    /// Record prompts and answers on spans (off: they may hold personal data).
+    /// Record prompts on spans (off: they may hold personal data).
     #[serde(default)]
     pub capture_content: bool,
     /// How long one export may take, retries included.

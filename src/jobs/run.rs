@@ -355,6 +355,8 @@ async fn execute(
     let mut tries = 0;
     loop {
         tries += 1;
+        // The queue wait is the first try's (a retry's wait is the budget's, not the queue's).
+        let trace = (trace.0, if tries == 1 { trace.1 } else { 0 });
         match attempt(connector, peer, sink, endpoint, token, &body, kind, trace).await {
             Err(Retry::After(wait)) if tries <= BUDGET_RETRIES => {
                 // The key's token budget is spent for now: the job waits, it does not fail.
@@ -422,7 +424,9 @@ async fn attempt(
     // JOB_QUEUED only on this internal socket).
     if let Some(trace) = trace {
         set(&mut head, "traceparent", trace.to_string())?;
-        set(&mut head, JOB_QUEUED, created_us.to_string())?;
+        if created_us > 0 {
+            set(&mut head, JOB_QUEUED, created_us.to_string())?;
+        }
     }
     let (mut session, _) = connector
         .get_http_session(peer)

@@ -170,9 +170,9 @@ impl Gateway {
         }
         // 9. Cache: a hit answers below (a request, but no provider call).
         let plan = plan::plan(&route, &req, &principal, s.req_header());
-        let looked = std::time::SystemTime::now();
+        let looked = ctx.trace.as_ref().map(|_| std::time::SystemTime::now());
         let hit = self.cache_hit(ctx, plan.as_ref()).await;
-        if let (Some(trace), Some(_)) = (ctx.trace.as_deref(), &plan) {
+        if let (Some(trace), Some(looked), Some(_)) = (ctx.trace.as_deref(), looked, &plan) {
             trace.cache_lookup(looked, hit.is_some());
         }
         // 10. Token reservation: an estimate now, settled with real usage after. A hit costs

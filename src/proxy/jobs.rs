@@ -52,6 +52,7 @@ impl Gateway {
         let trace = ctx
             .trace
             .as_deref()
+            .filter(|_| call.submits())
             .and_then(|t| t.headers().0.to_str().ok().map(str::to_string));
         let answer = jobs::api::answer(
             call,

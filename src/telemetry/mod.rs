@@ -8,7 +8,7 @@
 //! server span its child, so a trace crosses the client, every node it passes and the provider.
 //! A job's submit hands its trace to the worker that runs it (`jobs`).
 //!
-//! Prompts and answers are recorded only with `capture_content: true`.
+//! Prompts are recorded only with `capture_content: true` (answers are not recorded).
 //!
 //! Spans are built with the `opentelemetry` API directly, in the request's own state
 //! ([`RequestTrace`], in `RequestCtx`): nothing global, nothing on the `tracing` crate's hot

@@ -27,7 +27,7 @@ pub struct TracingSettings {
     /// Share of new traces recorded (0 to 1); a client's sampled flag wins when it sends one.
     pub sample: f64,
     pub service_name: String,
-    /// Record prompts and answers (`gen_ai.input.messages`, `gen_ai.output.messages`).
+    /// Record prompts (`gen_ai.input.messages`).
     pub capture_content: bool,
     /// How long one export may take, retries included.
     pub timeout: Duration,

@@ -78,18 +78,24 @@ pub struct Finished<'a> {
 /// One request's trace.
 pub struct RequestTrace {
     telemetry: Arc<Telemetry>,
-    server: Span,
-    /// The server span's context, for its children.
-    parent: Context,
+    /// Holds the server span: its children's parent, and where its attributes go.
+    cx: Context,
+    /// Whether the server span is recorded (sampled): a request that is not builds no
+    /// attributes and no names, only the ids its children carry on.
+    recording: bool,
+    /// The model was named (`model`): its attributes are on the span already.
+    named: bool,
     /// The attempt whose answer the client got, ended with the request (its usage is known
     /// only then).
-    committed: Option<Attempt>,
+    committed: Option<Box<Attempt>>,
 }
 
-/// One upstream attempt's span.
+/// One upstream attempt's span. Dropped before it ended (a hedge that lost the race, a client
+/// gone, a request abandoned), it ends marked `cancelled`.
 pub struct Attempt {
     span: Span,
     model: String,
+    ended: bool,
 }
 
 impl Telemetry {
@@ -113,40 +119,41 @@ impl Telemetry {
                 KeyValue::new("url.path", path.to_string()),
             ])
             .start_with_context(&self.tracer, &from_client);
-        let parent = Context::new().with_remote_span_context(server.span_context().clone());
+        let recording = server.is_recording();
         Box::new(RequestTrace {
             telemetry: self.clone(),
-            server,
-            parent,
+            cx: Context::new().with_span(server),
+            recording,
+            named: false,
             committed: None,
         })
     }
 }
 
 impl RequestTrace {
-    /// Whether this request is recorded (sampled).
-    pub fn recording(&self) -> bool {
-        self.server.is_recording()
-    }
-
-    /// Whether prompts and answers are recorded.
+    /// Whether prompts are recorded.
     pub fn captures_content(&self) -> bool {
-        self.telemetry.capture_content && self.recording()
+        self.telemetry.capture_content && self.recording
     }
 
     /// The server span's context as W3C headers (a job submitted by this request carries it).
     pub fn headers(&self) -> (HeaderValue, Option<HeaderValue>) {
-        w3c(self.server.span_context())
+        w3c(self.cx.span().span_context())
     }
 
     /// The model is known: the span is named for it, as the GenAI conventions name spans.
     pub fn model(&mut self, endpoint: crate::openai::Endpoint, model: &str) {
+        if !self.recording {
+            return;
+        }
         let op = operation(endpoint);
-        self.server.update_name(format!("{op} {model}"));
-        self.server
-            .set_attribute(KeyValue::new("gen_ai.operation.name", op));
-        self.server
-            .set_attribute(KeyValue::new("gen_ai.request.model", model.to_string()));
+        let span = self.cx.span();
+        span.update_name(format!("{op} {model}"));
+        span.set_attributes([
+            KeyValue::new("gen_ai.operation.name", op),
+            KeyValue::new("gen_ai.request.model", model.to_string()),
+        ]);
+        self.named = true;
     }
 
     /// The request's messages (or input), with `capture_content`.
@@ -161,39 +168,25 @@ impl RequestTrace {
             .iter()
             .find_map(|k| v.get(*k).filter(|x| !x.is_null()));
         if let Some(input) = input {
-            self.server.set_attribute(KeyValue::new(
+            self.cx.span().set_attribute(KeyValue::new(
                 "gen_ai.input.messages",
                 cut(input.to_string()),
             ));
         }
     }
 
-    /// The answer's text, with `capture_content`.
-    pub fn output(&mut self, answer: &serde_json::Value) {
-        if !self.captures_content() {
-            return;
-        }
-        let out = answer
-            .get("choices")
-            .or_else(|| answer.get("output"))
-            .or_else(|| answer.get("content"));
-        if let Some(out) = out {
-            self.server.set_attribute(KeyValue::new(
-                "gen_ai.output.messages",
-                cut(out.to_string()),
-            ));
-        }
-    }
-
     /// A child span that already happened (from `start` to now): a cache lookup, a wait.
     pub fn happened(&self, name: &'static str, start: SystemTime, attributes: Vec<KeyValue>) {
+        if !self.recording {
+            return;
+        }
         let tracer = &self.telemetry.tracer;
         let mut span = tracer
             .span_builder(name)
             .with_kind(SpanKind::Internal)
             .with_start_time(start)
             .with_attributes(attributes)
-            .start_with_context(tracer, &self.parent);
+            .start_with_context(tracer, &self.cx);
         span.end();
     }
 
@@ -211,15 +204,26 @@ impl RequestTrace {
         );
     }
 
-    /// Starts an attempt on `provider`'s `model` (at `host`, `name:port`).
+    /// Starts an attempt on `provider`'s `model` (at `host`, `name:port`). Not recorded, it
+    /// still has the ids the provider is sent.
     pub fn attempt(
         &self,
         endpoint: crate::openai::Endpoint,
         provider: &str,
         host: &str,
         model: &str,
-    ) -> Attempt {
+    ) -> Box<Attempt> {
         let tracer = &self.telemetry.tracer;
+        if !self.recording {
+            let span = tracer
+                .span_builder("attempt")
+                .start_with_context(tracer, &self.cx);
+            return Box::new(Attempt {
+                span,
+                model: String::new(),
+                ended: false,
+            });
+        }
         let op = operation(endpoint);
         let (address, port) = match host.rsplit_once(':') {
             Some((a, p)) if p.parse::<u16>().is_ok() => (a, p.parse::<i64>().ok()),
@@ -238,104 +242,121 @@ impl RequestTrace {
             .span_builder(format!("{op} {model}"))
             .with_kind(SpanKind::Client)
             .with_attributes(attributes)
-            .start_with_context(tracer, &self.parent);
-        Attempt {
+            .start_with_context(tracer, &self.cx);
+        Box::new(Attempt {
             span,
             model: model.to_string(),
-        }
+            ended: false,
+        })
     }
 
     /// The attempt whose answer goes to the client (with the provider's `status`).
-    pub fn commit(&mut self, mut attempt: Attempt, status: u16) {
+    pub fn commit(&mut self, mut attempt: Box<Attempt>, status: u16) {
         attempt.span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
         ));
         if status >= 400 {
-            attempt
-                .span
-                .set_attribute(KeyValue::new("error.type", status.to_string()));
-            attempt.span.set_status(Status::error(status.to_string()));
+            attempt.mark_failed(&status.to_string(), &status.to_string());
         }
         self.committed = Some(attempt);
     }
 
-    /// Ends the trace: the committed attempt and the server span.
+    /// Ends the trace: the committed attempt and the server span. A request that failed
+    /// (an error status, or an answer cut after it began) is marked so on both.
     pub fn finish(mut self, done: &Finished<'_>) {
         let end = SystemTime::now();
-        let mut kv: Vec<KeyValue> = Vec::with_capacity(12);
-        kv.push(KeyValue::new(
-            "http.response.status_code",
-            i64::from(done.status),
-        ));
-        if let Some(e) = done.endpoint {
-            kv.push(KeyValue::new("gen_ai.operation.name", operation(e)));
-        }
-        if let Some(m) = done.model {
-            kv.push(KeyValue::new("gen_ai.request.model", m.to_string()));
-        }
-        if !done.route.is_empty() {
-            kv.push(KeyValue::new("lumen.route", done.route.to_string()));
-        }
-        if let Some(p) = done.provider.filter(|p| !p.is_empty()) {
-            kv.push(KeyValue::new("gen_ai.provider.name", p.to_string()));
-        }
-        if let Some(k) = done.key_id.filter(|k| !k.is_empty()) {
-            kv.push(KeyValue::new("lumen.key_id", k.to_string()));
-        }
-        if let Some(c) = done.cache {
-            kv.push(KeyValue::new("lumen.cache", c));
-        }
-        if done.stream {
-            kv.push(KeyValue::new("lumen.stream", true));
-        }
-        kv.push(KeyValue::new("lumen.attempts", i64::from(done.attempts)));
-        if let Some(c) = done.cost_micros {
-            kv.push(KeyValue::new("lumen.cost_usd", c as f64 / 1e6));
-        }
-        let usage = |kv: &mut Vec<KeyValue>| {
-            if let Some((input, output)) = done.usage {
-                kv.push(KeyValue::new(
-                    "gen_ai.usage.input_tokens",
-                    i64::try_from(input).unwrap_or(i64::MAX),
+        let failure = if done.status == 0 {
+            Some("_OTHER".to_string())
+        } else if done.status >= 400 {
+            Some(done.status.to_string())
+        } else {
+            done.error.map(|_| "_OTHER".to_string())
+        };
+        // The model the answer came from: the committed attempt's target.
+        let response_model = self
+            .committed
+            .as_ref()
+            .filter(|_| self.recording)
+            .map(|a| a.model.clone());
+        if let Some(mut attempt) = self.committed.take() {
+            if self.recording {
+                let mut own = Vec::with_capacity(4);
+                usage(done, &mut own);
+                own.push(KeyValue::new(
+                    "gen_ai.response.model",
+                    attempt.model.clone(),
                 ));
-                kv.push(KeyValue::new(
-                    "gen_ai.usage.output_tokens",
-                    i64::try_from(output).unwrap_or(i64::MAX),
-                ));
-                if done.cached_tokens > 0 {
-                    kv.push(KeyValue::new(
-                        "gen_ai.usage.cache_read.input_tokens",
-                        i64::try_from(done.cached_tokens).unwrap_or(i64::MAX),
-                    ));
+                attempt.span.set_attributes(own);
+                // An error status was marked at commit; an answer cut later is marked here.
+                if let (Some(kind), true) = (&failure, done.status < 400) {
+                    attempt.mark_failed(kind, done.error.unwrap_or(""));
                 }
             }
-        };
-        usage(&mut kv);
-        if let Some(mut attempt) = self.committed.take() {
-            let mut own = Vec::with_capacity(4);
-            usage(&mut own);
-            own.push(KeyValue::new(
-                "gen_ai.response.model",
-                attempt.model.clone(),
-            ));
-            attempt.span.set_attributes(own);
             attempt.span.end_with_timestamp(end);
-            kv.push(KeyValue::new("gen_ai.response.model", attempt.model));
+            attempt.ended = true;
         }
-        let failed = done.status >= 400 || done.status == 0;
-        if failed {
-            let kind = if done.status == 0 {
-                "_OTHER".to_string()
-            } else {
-                done.status.to_string()
-            };
-            kv.push(KeyValue::new("error.type", kind));
-            let message = done.error.unwrap_or("").to_string();
-            self.server.set_status(Status::error(message));
+        let span = self.cx.span();
+        if self.recording {
+            let mut kv: Vec<KeyValue> = Vec::with_capacity(14);
+            kv.push(KeyValue::new(
+                "http.response.status_code",
+                i64::from(done.status),
+            ));
+            if !self.named {
+                if let Some(e) = done.endpoint {
+                    kv.push(KeyValue::new("gen_ai.operation.name", operation(e)));
+                }
+                if let Some(m) = done.model {
+                    kv.push(KeyValue::new("gen_ai.request.model", m.to_string()));
+                }
+            }
+            if !done.route.is_empty() {
+                kv.push(KeyValue::new("lumen.route", done.route.to_string()));
+            }
+            if let Some(p) = done.provider.filter(|p| !p.is_empty()) {
+                kv.push(KeyValue::new("gen_ai.provider.name", p.to_string()));
+            }
+            if let Some(k) = done.key_id.filter(|k| !k.is_empty()) {
+                kv.push(KeyValue::new("lumen.key_id", k.to_string()));
+            }
+            if let Some(c) = done.cache {
+                kv.push(KeyValue::new("lumen.cache", c));
+            }
+            if done.stream {
+                kv.push(KeyValue::new("lumen.stream", true));
+            }
+            kv.push(KeyValue::new("lumen.attempts", i64::from(done.attempts)));
+            if let Some(c) = done.cost_micros {
+                kv.push(KeyValue::new("lumen.cost_usd", c as f64 / 1e6));
+            }
+            usage(done, &mut kv);
+            if let Some(model) = response_model {
+                kv.push(KeyValue::new("gen_ai.response.model", model));
+            }
+            if let Some(kind) = failure {
+                kv.push(KeyValue::new("error.type", kind));
+                span.set_status(Status::error(done.error.unwrap_or("").to_string()));
+            }
+            span.set_attributes(kv);
         }
-        self.server.set_attributes(kv);
-        self.server.end_with_timestamp(end);
+        span.end_with_timestamp(end);
+    }
+}
+
+/// The usage the provider reported, as the conventions name it.
+fn usage(done: &Finished<'_>, kv: &mut Vec<KeyValue>) {
+    let Some((input, output)) = done.usage else {
+        return;
+    };
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    kv.push(KeyValue::new("gen_ai.usage.input_tokens", int(input)));
+    kv.push(KeyValue::new("gen_ai.usage.output_tokens", int(output)));
+    if done.cached_tokens > 0 {
+        kv.push(KeyValue::new(
+            "gen_ai.usage.cache_read.input_tokens",
+            int(done.cached_tokens),
+        ));
     }
 }
 
@@ -345,17 +366,30 @@ impl Attempt {
         w3c(self.span.span_context())
     }
 
-    /// The attempt failed before anything reached the client (`why`: `timeout`, `connect`,
-    /// `dropped`, or the provider's status); another may follow.
-    pub fn failed(mut self, why: &str, message: &str) {
+    fn mark_failed(&mut self, why: &str, message: &str) {
         self.span
             .set_attribute(KeyValue::new("error.type", why.to_string()));
+        self.span.set_status(Status::error(message.to_string()));
+    }
+
+    /// The attempt failed before anything reached the client (`why`: `timeout`, `connect`,
+    /// `dropped`, `internal`, or the provider's status); another may follow.
+    pub fn failed(mut self: Box<Self>, why: &str, message: &str) {
+        self.mark_failed(why, message);
         if let Ok(status) = why.parse::<i64>() {
             self.span
                 .set_attribute(KeyValue::new("http.response.status_code", status));
         }
-        self.span.set_status(Status::error(message.to_string()));
         self.span.end();
+        self.ended = true;
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.ended && self.span.is_recording() {
+            self.mark_failed("cancelled", "the attempt was given up before it ended");
+        }
     }
 }
 

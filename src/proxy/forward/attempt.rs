@@ -156,7 +156,7 @@ pub(super) struct Outgoing {
     /// what it cost (a priced target, and no capture needing the chunks as they come).
     whole: bool,
     /// Its span, when the request is traced.
-    span: Option<telemetry::Attempt>,
+    span: Option<Box<telemetry::Attempt>>,
 }
 
 /// Builds the request for `target`.
@@ -179,15 +179,23 @@ pub(super) fn prepare(
             &target_model(req, target),
         )
     });
-    let w3c = span.as_ref().map(telemetry::Attempt::headers);
-    let head = upstream_request(
+    let w3c = span.as_deref().map(telemetry::Attempt::headers);
+    let head = match upstream_request(
         session.req_header(),
         provider,
         req,
         &body,
         &ctx.request_id,
         w3c,
-    )?;
+    ) {
+        Ok(head) => head,
+        Err(e) => {
+            if let Some(span) = span {
+                span.failed("internal", &e.to_string());
+            }
+            return Err(e);
+        }
+    };
     Ok(Outgoing {
         head,
         body,
@@ -206,7 +214,7 @@ pub(super) struct Reached {
     status: u16,
     sent: Instant,
     dropped: Vec<&'static str>,
-    span: Option<telemetry::Attempt>,
+    span: Option<Box<telemetry::Attempt>>,
 }
 
 /// Sends `outgoing` and reads the answer up to the commit point: a failure the loop may
