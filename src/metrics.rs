@@ -743,6 +743,7 @@ pub const REDIS_OPS: [&str; 9] = [
 
 impl lumen_plugins::redis_link::RedisObserver for Metrics {
     fn call(&self, op: &'static str, elapsed: std::time::Duration, failed: bool) {
+        crate::telemetry::spans::redis_call(op, elapsed, failed);
         let seconds = elapsed.as_secs_f64();
         match self.redis_ops.iter().find(|(name, _, _)| *name == op) {
             Some((_, latency, errors)) => {

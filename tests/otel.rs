@@ -249,6 +249,13 @@ jobs: {{ workers: {workers} }}
     assert_eq!(submit.parent_span_id, CLIENT_SPAN);
     assert_eq!(submit.name, "POST /v1/jobs");
     assert_eq!(submit.attr("http.response.status_code"), 202);
+    // Its Redis calls (queueing the job) are its children.
+    let queued = spans
+        .iter()
+        .find(|s| s.parent_span_id == submit.span_id && s.name == "redis jobs")
+        .unwrap_or_else(|| panic!("no Redis span under the submit: {spans:#?}"));
+    assert_eq!(queued.attr("db.system.name"), "redis");
+    assert_eq!(queued.kind, 3);
     // The run, on the worker, is the submit's child; its queue wait and attempt are its own.
     let run = one(&spans, "the run", |s| {
         s.service == "lumen-worker" && s.kind == 2

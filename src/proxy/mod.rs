@@ -88,6 +88,16 @@ impl Gateway {
             return Ok(());
         }
         self.begin_trace(s, ctx);
+        // A traced request's task knows its trace: the Redis calls it makes become its spans.
+        let current = ctx
+            .trace
+            .as_deref()
+            .and_then(crate::telemetry::RequestTrace::current);
+        crate::telemetry::spans::within(current, self.serve_request(s, ctx)).await
+    }
+
+    /// Steps 1–11 for a request that is not a preflight: admission, then the answer.
+    async fn serve_request(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         if s.req_header().method == http::Method::CONNECT {
             // A tunnel's framing is not a request's: refused, and the connection closed.
             s.set_keepalive(None);

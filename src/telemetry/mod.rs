@@ -3,7 +3,8 @@
 //! Each traced request has one SERVER span (named `{operation} {model}` once the model is
 //! known, with the GenAI semantic conventions' `gen_ai.*` attributes), and a CLIENT child per
 //! upstream attempt: a fallback, a retry or a hedge is one more child, its failure on it
-//! (`error.type`). A cache lookup is a child too. The attempt's span context goes to the
+//! (`error.type`). A cache lookup, a job's queue wait and the request's Redis calls are
+//! children too (`spans::redis_call`, through the Redis link's observer). The attempt's span context goes to the
 //! provider as W3C `traceparent`/`tracestate`, and a client's own `traceparent` makes the
 //! server span its child, so a trace crosses the client, every node it passes and the provider.
 //! A job's submit hands its trace to the worker that runs it (`jobs`).

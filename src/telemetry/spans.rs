@@ -14,6 +14,50 @@ use opentelemetry_sdk::trace::Span;
 
 use super::tracer::Telemetry;
 
+tokio::task_local! {
+    /// The traced request whose task this is: a Redis call made on its behalf (on its task,
+    /// not one spawned) becomes its child span.
+    static CURRENT: Current;
+}
+
+/// What a request's task knows of its trace.
+#[derive(Clone)]
+pub struct Current {
+    telemetry: Arc<Telemetry>,
+    cx: Context,
+}
+
+/// Runs `work` as the traced request `current`'s (as is, when it is not traced).
+pub async fn within<F: std::future::Future>(current: Option<Current>, work: F) -> F::Output {
+    match current {
+        Some(current) => CURRENT.scope(current, work).await,
+        None => work.await,
+    }
+}
+
+/// A Redis call (`op`: `rate_limit`, `cache`, …) that took `elapsed` and ended now: a child
+/// span of the request whose task made it, if that request is traced.
+pub fn redis_call(op: &'static str, elapsed: std::time::Duration, failed: bool) {
+    let _ = CURRENT.try_with(|current| {
+        let tracer = &current.telemetry.tracer;
+        let end = SystemTime::now();
+        let mut span = tracer
+            .span_builder(format!("redis {op}"))
+            .with_kind(SpanKind::Client)
+            .with_start_time(end.checked_sub(elapsed).unwrap_or(end))
+            .with_attributes([
+                KeyValue::new("db.system.name", "redis"),
+                KeyValue::new("lumen.redis.op", op),
+            ])
+            .start_with_context(tracer, &current.cx);
+        if failed {
+            span.set_attribute(KeyValue::new("error.type", "redis_error"));
+            span.set_status(Status::error("the Redis call failed or timed out"));
+        }
+        span.end_with_timestamp(end);
+    });
+}
+
 /// Longest prompt or answer recorded with `capture_content` (the rest is cut).
 const CONTENT_LIMIT: usize = 32 * 1024;
 
@@ -131,6 +175,14 @@ impl Telemetry {
 }
 
 impl RequestTrace {
+    /// What its task should know of it (see [`within`]); `None` when it is not recorded.
+    pub fn current(&self) -> Option<Current> {
+        self.recording.then(|| Current {
+            telemetry: self.telemetry.clone(),
+            cx: self.cx.clone(),
+        })
+    }
+
     /// Whether prompts are recorded.
     pub fn captures_content(&self) -> bool {
         self.telemetry.capture_content && self.recording
