@@ -391,6 +391,42 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_traceparent_starts_a_new_trace_linked_to_the_clients() {
+    let receiver = OtlpReceiver::http();
+    let mock = MockUpstream::start();
+    let lumen = node(
+        &mock,
+        &format!(
+            "tracing: {{ otlp: \"{}\", trust_traceparent: false, export_every: 200ms }}",
+            receiver.url()
+        ),
+    );
+    // The client says "do not sample"; the gateway records every request all the same
+    // (sample: 1), in a trace of its own.
+    let unsampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00");
+    post(
+        &lumen,
+        &chat("fast", "hi"),
+        &[("traceparent", unsampled.as_str())],
+    )
+    .await;
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter().any(|s| s.kind == 2) && s.iter().any(|s| s.kind == 3)
+    });
+    let server = one(&spans, "the request", |s| s.kind == 2);
+    assert_ne!(server.trace_id, CLIENT_TRACE);
+    assert_eq!(server.parent_span_id, "");
+    assert_eq!(
+        server.links,
+        vec![(CLIENT_TRACE.to_string(), CLIENT_SPAN.to_string())]
+    );
+    // The provider is sent the gateway's trace, not the client's.
+    let sent = mock.requests().pop().unwrap();
+    let (trace, _, flags) = parent_of(sent.header("traceparent").unwrap());
+    assert_eq!((trace, flags), (server.trace_id.as_str(), "01"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_collector_that_never_answers_fails_no_request_and_drops_are_counted() {
     let stuck = OtlpReceiver::stuck();
     let mock = MockUpstream::start();

@@ -106,6 +106,10 @@ pub struct RawTracing {
     /// Record prompts on spans (off: they may hold personal data).
     #[serde(default)]
     pub capture_content: bool,
+    /// Continue a client's `traceparent` (and follow its sampling choice). `false` on a public
+    /// edge: every request starts its own trace, sampled by `sample`, linked to the client's.
+    #[serde(default = "default_true")]
+    pub trust_traceparent: bool,
     /// How long one export may take, retries included.
     #[serde(default = "default_otlp_timeout", with = "duration")]
     pub timeout: Duration,

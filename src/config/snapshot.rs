@@ -467,6 +467,7 @@ fn tracing_settings(
         sample: t.sample,
         service_name: t.service_name,
         capture_content: t.capture_content,
+        trust_traceparent: t.trust_traceparent,
         timeout: t.timeout,
         every: t.export_every,
     })

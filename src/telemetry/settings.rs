@@ -29,6 +29,8 @@ pub struct TracingSettings {
     pub service_name: String,
     /// Record prompts (`gen_ai.input.messages`).
     pub capture_content: bool,
+    /// Continue a client's trace (else each request is a new trace, linked to the client's).
+    pub trust_traceparent: bool,
     /// How long one export may take, retries included.
     pub timeout: Duration,
     /// How often the batch of ended spans is sent.

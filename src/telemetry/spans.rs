@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _,
+    Link, Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::Span;
@@ -153,16 +153,29 @@ impl Telemetry {
         started: SystemTime,
     ) -> Box<RequestTrace> {
         let from_client = self.propagator.extract(&Incoming(headers));
+        // Not trusted: a client cannot choose what is recorded; its trace is only linked.
+        let (parent, links) = if self.trust_traceparent {
+            (from_client, Vec::new())
+        } else {
+            let theirs = from_client.span().span_context().clone();
+            let links = if theirs.is_valid() {
+                vec![Link::with_context(theirs)]
+            } else {
+                Vec::new()
+            };
+            (Context::new(), links)
+        };
         let server = self
             .tracer
             .span_builder(format!("{method} {path}"))
             .with_kind(SpanKind::Server)
             .with_start_time(started)
+            .with_links(links)
             .with_attributes([
                 KeyValue::new("http.request.method", method.to_string()),
                 KeyValue::new("url.path", path.to_string()),
             ])
-            .start_with_context(&self.tracer, &from_client);
+            .start_with_context(&self.tracer, &parent);
         let recording = server.is_recording();
         Box::new(RequestTrace {
             telemetry: self.clone(),

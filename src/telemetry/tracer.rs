@@ -16,6 +16,7 @@ pub struct Telemetry {
     pub(super) tracer: SdkTracer,
     pub(super) propagator: TraceContextPropagator,
     pub(super) capture_content: bool,
+    pub(super) trust_traceparent: bool,
 }
 
 impl Telemetry {
@@ -52,6 +53,7 @@ impl Telemetry {
             tracer,
             propagator: TraceContextPropagator::new(),
             capture_content: settings.capture_content,
+            trust_traceparent: settings.trust_traceparent,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct Span {
     pub attributes: BTreeMap<String, serde_json::Value>,
     /// 2: error (OTLP's `StatusCode`).
     pub status: i32,
+    /// The spans it links to: (trace id, span id).
+    pub links: Vec<(String, String)>,
 }
 
 impl Span {
@@ -186,6 +188,11 @@ fn keep(body: &[u8], store: &Store) -> bool {
                         .map(|kv| (kv.key.clone(), value(kv.value.as_ref())))
                         .collect(),
                     status: s.status.as_ref().map_or(0, |st| st.code),
+                    links: s
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                        .collect(),
                 });
             }
         }
