@@ -118,6 +118,13 @@ pub struct Model {
     pub owned_by: &'static str,
 }
 
+/// Whether `path` is a probe's (`/healthz`, `/readyz`, `/health`, a trailing slash allowed):
+/// answered before authentication, and never traced (load balancers ask often).
+pub fn is_probe(path: &str) -> bool {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    matches!(path, "/healthz" | "/readyz" | "/health")
+}
+
 /// Probes answered before authentication: `Some` for `/healthz`, `/readyz` and `/health`.
 /// `redis` is the fleet's Redis link when Redis is configured.
 pub fn answer_probe(
@@ -128,10 +135,10 @@ pub fn answer_probe(
     redis: Option<&lumen_plugins::redis_link::RedisLink>,
     jobs: &crate::jobs::Jobs,
 ) -> Option<Result<Reply, GatewayError>> {
-    let path = path.strip_suffix('/').unwrap_or(path);
-    if !matches!(path, "/healthz" | "/readyz" | "/health") {
+    if !is_probe(path) {
         return None;
     }
+    let path = path.strip_suffix('/').unwrap_or(path);
     if let Err(e) = only_get(method, path) {
         return Some(Err(e));
     }

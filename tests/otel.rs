@@ -57,6 +57,19 @@ fn one<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a S
     found[0]
 }
 
+/// A client's `traceparent` in [`CLIENT_TRACE`], naming `span`, sampled or not.
+fn client_parent(span: &str, sampled: bool) -> String {
+    format!(
+        "00-{CLIENT_TRACE}-{span}-{}",
+        if sampled { "01" } else { "00" }
+    )
+}
+
+/// Whether a request's server span and an attempt of it have arrived.
+fn request_and_attempt(spans: &[Span]) -> bool {
+    spans.iter().any(|s| s.kind == 2) && spans.iter().any(|s| s.kind == 3)
+}
+
 /// The parent id a W3C `traceparent` names (`00-trace-parent-flags`).
 fn parent_of(traceparent: &str) -> (&str, &str, &str) {
     let parts: Vec<&str> = traceparent.split('-').collect();
@@ -97,7 +110,7 @@ routes:
         base = mock.base_url(),
         b = b.addr
     ));
-    let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    let traceparent = client_parent(CLIENT_SPAN, true);
     post(
         &a,
         &chat("outer", "the secret prompt"),
@@ -217,7 +230,7 @@ jobs: {{ workers: {workers} }}
     // The node takes the submit and runs nothing; the worker (another process) runs it.
     let node = Lumen::start(&config("lumen-node", 0));
     let _worker = Worker::start(&config("lumen-worker", 1));
-    let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    let traceparent = client_parent(CLIENT_SPAN, true);
     let body = chat_job("fast", "a queued question", serde_json::json!({})).to_string();
     let submitted = request(
         node.addr,
@@ -294,23 +307,17 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
         ),
     );
     post(&lumen, &chat("fast", "not sampled"), &[]).await;
-    let sampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    let sampled = client_parent(CLIENT_SPAN, true);
     post(
         &lumen,
         &chat("fast", "tell me about whales"),
         &[("traceparent", sampled.as_str())],
     )
     .await;
-    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
-        s.iter().any(|s| s.kind == 2) && s.iter().any(|s| s.kind == 3)
-    });
+    receiver.wait_for(Duration::from_secs(20), request_and_attempt);
     // Give a stray unsampled span time to arrive, were there one.
-    std::thread::sleep(Duration::from_millis(600));
-    let spans = receiver
-        .spans()
-        .into_iter()
-        .chain(spans)
-        .collect::<Vec<_>>();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let spans = receiver.spans();
     assert!(
         spans.iter().all(|s| s.trace_id == CLIENT_TRACE),
         "{spans:#?}"
@@ -321,7 +328,7 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
     assert!(input.contains("tell me about whales"), "{input}");
 
     // A stream the provider cuts after it began: a 200 to the client, an error on the trace.
-    let cut_parent = format!("00-{CLIENT_TRACE}-00f067aa0ba902b7-01");
+    let cut_parent = client_parent("00f067aa0ba902b7", true);
     let body = serde_json::json!({"model": "cut", "stream": true,
         "messages": [{"role": "user", "content": "hi"}]});
     let r = request(
@@ -354,7 +361,7 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
     assert_eq!(attempt.status, 2);
 
     // A hedge that wins: the slow first attempt it beat is given up, and says so.
-    let hedge_parent = format!("00-{CLIENT_TRACE}-00f067aa0ba902b8-01");
+    let hedge_parent = client_parent("00f067aa0ba902b8", true);
     post(
         &lumen,
         &chat("hedged", "hi"),
@@ -403,16 +410,14 @@ async fn an_untrusted_traceparent_starts_a_new_trace_linked_to_the_clients() {
     );
     // The client says "do not sample"; the gateway records every request all the same
     // (sample: 1), in a trace of its own.
-    let unsampled = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00");
+    let unsampled = client_parent(CLIENT_SPAN, false);
     post(
         &lumen,
         &chat("fast", "hi"),
         &[("traceparent", unsampled.as_str())],
     )
     .await;
-    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
-        s.iter().any(|s| s.kind == 2) && s.iter().any(|s| s.kind == 3)
-    });
+    let spans = receiver.wait_for(Duration::from_secs(20), request_and_attempt);
     let server = one(&spans, "the request", |s| s.kind == 2);
     assert_ne!(server.trace_id, CLIENT_TRACE);
     assert_eq!(server.parent_span_id, "");

@@ -27,7 +27,7 @@ impl Gateway {
         };
         let head = s.req_header();
         let path = head.uri.path();
-        if matches!(path, "/healthz" | "/readyz" | "/health" | "/metrics") {
+        if crate::ops::is_probe(path) {
             return;
         }
         let started = crate::telemetry::spans::wall_clock(ctx.started);

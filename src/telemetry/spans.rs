@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{HeaderMap, HeaderValue};
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
     Link, Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _,
 };
@@ -39,17 +39,18 @@ pub async fn within<F: std::future::Future>(current: Option<Current>, work: F) -
 /// span of the request whose task made it, if that request is traced.
 pub fn redis_call(op: &'static str, elapsed: std::time::Duration, failed: bool) {
     let _ = CURRENT.try_with(|current| {
-        let tracer = &current.telemetry.tracer;
         let end = SystemTime::now();
-        let mut span = tracer
-            .span_builder(format!("redis {op}"))
-            .with_kind(SpanKind::Client)
-            .with_start_time(end.checked_sub(elapsed).unwrap_or(end))
-            .with_attributes([
+        let mut span = past_child(
+            &current.telemetry,
+            &current.cx,
+            format!("redis {op}"),
+            SpanKind::Client,
+            end.checked_sub(elapsed).unwrap_or(end),
+            vec![
                 KeyValue::new("db.system.name", "redis"),
                 KeyValue::new("lumen.redis.op", op),
-            ])
-            .start_with_context(tracer, &current.cx);
+            ],
+        );
         if failed {
             span.set_attribute(KeyValue::new("error.type", "redis_error"));
             span.set_status(Status::error("the Redis call failed or timed out"));
@@ -58,21 +59,26 @@ pub fn redis_call(op: &'static str, elapsed: std::time::Duration, failed: bool) 
     });
 }
 
+/// A child of `cx` that began at `start` (to be ended by the caller, now).
+fn past_child(
+    telemetry: &Telemetry,
+    cx: &Context,
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    kind: SpanKind,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Span {
+    let tracer = &telemetry.tracer;
+    tracer
+        .span_builder(name)
+        .with_kind(kind)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(tracer, cx)
+}
+
 /// Longest prompt or answer recorded with `capture_content` (the rest is cut).
 const CONTENT_LIMIT: usize = 32 * 1024;
-
-/// The request's incoming `traceparent` and `tracestate`.
-struct Incoming<'a>(&'a HeaderMap);
-
-impl Extractor for Incoming<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        vec!["traceparent", "tracestate"]
-    }
-}
 
 /// The GenAI operation an endpoint performs (`gen_ai.operation.name`).
 pub fn operation(endpoint: crate::openai::Endpoint) -> &'static str {
@@ -152,7 +158,9 @@ impl Telemetry {
         path: &str,
         started: SystemTime,
     ) -> Box<RequestTrace> {
-        let from_client = self.propagator.extract(&Incoming(headers));
+        let from_client = self
+            .propagator
+            .extract(&opentelemetry_http::HeaderExtractor(headers));
         // Not trusted: a client cannot choose what is recorded; its trace is only linked.
         let (parent, links) = if self.trust_traceparent {
             (from_client, Vec::new())
@@ -242,17 +250,10 @@ impl RequestTrace {
 
     /// A child span that already happened (from `start` to now): a cache lookup, a wait.
     pub fn happened(&self, name: &'static str, start: SystemTime, attributes: Vec<KeyValue>) {
-        if !self.recording {
-            return;
+        if self.recording {
+            let kind = SpanKind::Internal;
+            past_child(&self.telemetry, &self.cx, name, kind, start, attributes).end();
         }
-        let tracer = &self.telemetry.tracer;
-        let mut span = tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Internal)
-            .with_start_time(start)
-            .with_attributes(attributes)
-            .start_with_context(tracer, &self.cx);
-        span.end();
     }
 
     /// A job waited in the queue from `queued` to now (the run's trace).

@@ -120,7 +120,7 @@ pub fn micros(v: &Value) -> i64 {
 }
 
 /// `GET /admin/redis` on the admin listener `admin`.
-pub async fn admin_redis(admin: SocketAddr) -> Value {
+async fn admin_redis(admin: SocketAddr) -> Value {
     request(admin, "GET", "/admin/redis", &[], b"")
         .await
         .unwrap()
