@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Response};
+use lumen_test_support::keyed::{as_key, wait_job};
 use lumen_test_support::openai::chat_job;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
@@ -31,15 +32,7 @@ jobs: {{ default_model: fast, {jobs} }}
 }
 
 async fn call(lumen: &Lumen, method: &str, path: &str, key: &str, body: Option<Value>) -> Response {
-    let auth = format!("Bearer {key}");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut headers = vec![("authorization", auth.as_str())];
-    if !body.is_empty() {
-        headers.push(("content-type", "application/json"));
-    }
-    request(lumen.addr, method, path, &headers, body.as_bytes())
-        .await
-        .unwrap()
+    as_key(lumen.addr, method, path, key, body.as_ref()).await
 }
 
 async fn submit(lumen: &Lumen, key: &str, job: Value) -> Response {
@@ -47,17 +40,7 @@ async fn submit(lumen: &Lumen, key: &str, job: Value) -> Response {
 }
 
 async fn wait_final(lumen: &Lumen, key: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = call(lumen, "GET", &format!("/v1/jobs/{id}"), key, None)
-            .await
-            .json();
-        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "job never ended: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_job(lumen.addr, key, id, Duration::from_secs(10)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

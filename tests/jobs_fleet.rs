@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use lumen_test_support::client::{request, Response};
 use lumen_test_support::harness::{RedisServer, Worker};
-use lumen_test_support::keyed::event_deltas;
+use lumen_test_support::keyed::{as_key, event_deltas, wait_job_until};
 use lumen_test_support::openai::chat_job;
 use lumen_test_support::{Lumen, MockUpstream};
 use serde_json::{json, Value};
@@ -38,17 +38,7 @@ async fn call(
     key: &str,
     body: Option<Value>,
 ) -> Response {
-    let auth = format!("Bearer {key}");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    request(
-        addr,
-        method,
-        path,
-        &[("authorization", auth.as_str())],
-        body.as_bytes(),
-    )
-    .await
-    .unwrap()
+    as_key(addr, method, path, key, body.as_ref()).await
 }
 
 async fn wait_status(
@@ -57,17 +47,7 @@ async fn wait_status(
     want: &[&str],
     limit: Duration,
 ) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let v = call(addr, "GET", &format!("/v1/jobs/{id}"), "sk-alice", None)
-            .await
-            .json();
-        if want.contains(&v["status"].as_str().unwrap_or("")) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "wanted {want:?}: {v}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_job_until(addr, "sk-alice", id, want, limit).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -196,6 +196,7 @@ routes:
             assert!(!text.contains("secret"), "{k} = {text} on {}", s.name);
         }
         assert!(!s.attributes.contains_key("gen_ai.input.messages"));
+        assert!(!s.attributes.contains_key("gen_ai.output.messages"));
     }
     let metrics = scrape_until(a.admin, "lumen_otel_spans_total{result=\"exported\"}").await;
     assert!(
@@ -326,6 +327,8 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
     assert_eq!(server.service, "lumen");
     let input = server.attr("gen_ai.input.messages").as_str().unwrap();
     assert!(input.contains("tell me about whales"), "{input}");
+    let output = server.attr("gen_ai.output.messages").as_str().unwrap();
+    assert!(output.contains("mock reply from up"), "{output}");
 
     // A stream the provider cuts after it began: a 200 to the client, an error on the trace.
     let cut_parent = client_parent("00f067aa0ba902b7", true);
@@ -352,6 +355,9 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
         s.parent_span_id == "00f067aa0ba902b7"
     });
     assert_eq!(server.attr("lumen.stream"), true);
+    // The answer as far as it got.
+    let output = server.attr("gen_ai.output.messages").as_str().unwrap();
+    assert!(output.contains("tok0"), "{output}");
     assert_eq!(server.attr("error.type"), "_OTHER");
     assert_eq!(server.status, 2);
     let attempt = one(&spans, "the cut stream's attempt", |s| {

@@ -8,33 +8,20 @@
 //! (`/admin/redis`: primaries, replicas, failovers seen). The figures (failover time, time to
 //! full service, excess admitted) are printed for the notes (`--nocapture`).
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lumen_test_support::client::request;
+use lumen_test_support::failover::{
+    allowed, assert_limit, limited_keys, traffic_through_failover, N,
+};
 use lumen_test_support::harness::{
     away_from_minute_boundary, redis_cli, RedisCluster, RedisSentinels,
 };
-use lumen_test_support::keyed::{
-    as_key, budget, by_op, chat_burst, chat_status, count, primaries_up, topology_until, wait_job,
-    yaml_list,
-};
+use lumen_test_support::keyed::{chat_burst, chat_status, primaries_up, topology_until, yaml_list};
 use lumen_test_support::{Lumen, MockUpstream};
-use serde_json::{json, Value};
-
-/// Requests per minute of each test key: low enough that a burst of 3N shows the limit, high
-/// enough that a few seconds' refill is a handful.
-const N: usize = 30;
+use serde_json::Value;
 
 fn config(mock: &MockUpstream, redis: &str) -> String {
-    let keys: String = ["before", "during", "after", "restart"]
-        .iter()
-        .map(|id| {
-            format!(
-                "  - {{ id: {id}, key: \"sk-{id}\", limits: {{ requests_per_minute: {N}, burst: {N} }} }}\n"
-            )
-        })
-        .collect();
+    let keys = limited_keys(&["before", "during", "after", "restart"]);
     format!(
         r#"
 server: {{ threads: 2 }}
@@ -47,124 +34,6 @@ routes:
 "#,
         base = mock.base_url()
     )
-}
-
-/// What a per-minute limit of N may admit over a phase of `elapsed`: N, plus what refilled.
-fn allowed(elapsed: Duration) -> usize {
-    N + (elapsed.as_secs_f64() * N as f64 / 60.0).floor() as usize
-}
-
-fn assert_limit(statuses: &[u16], elapsed: Duration, phase: &str) {
-    let admitted = count(statuses, 200);
-    let most = allowed(elapsed);
-    assert!(
-        admitted + 1 >= N && admitted <= most + 1,
-        "{phase}: a shared limit of {N}/min admitted {admitted} (at most {most} + 1): {statuses:?}"
-    );
-    assert_eq!(
-        admitted + count(statuses, 429),
-        statuses.len(),
-        "{phase}: every request is admitted or limited, none fails: {statuses:?}"
-    );
-}
-
-/// Failed Redis calls on one node, all operations together.
-async fn redis_errors(admin: SocketAddr) -> u64 {
-    by_op(admin, "lumen_redis_errors_total")
-        .await
-        .values()
-        .sum::<f64>() as u64
-}
-
-/// The figures of one failover, for the notes.
-struct Failover {
-    /// Until Redis itself served every slot again.
-    redis_recovered: Duration,
-    /// Until the nodes' Redis calls stopped failing.
-    service_recovered: Duration,
-    requests: usize,
-    failed: usize,
-    admitted: usize,
-}
-
-/// Kills a Redis server with `kill` while traffic with key `during` runs through `nodes` (one
-/// request every 20 ms); ends once `recovered` says Redis is whole again and no node has
-/// counted a Redis error for two seconds.
-async fn traffic_through_failover(
-    nodes: &[(SocketAddr, SocketAddr)],
-    kill: impl FnOnce(),
-    recovered: impl Fn() -> bool,
-) -> Failover {
-    let addrs: Vec<SocketAddr> = nodes.iter().map(|(a, _)| *a).collect();
-    let mut errors = 0;
-    for (_, admin) in nodes {
-        errors += redis_errors(*admin).await;
-    }
-    let killed = Instant::now();
-    kill();
-    let (mut statuses, mut redis_recovered, mut last_error) = (Vec::new(), None, killed);
-    let mut i = 0usize;
-    loop {
-        let round: Vec<_> = (0..3)
-            .map(|k| {
-                let addr = addrs[(i + k) % addrs.len()];
-                tokio::spawn(async move { chat_status(addr, "sk-during").await })
-            })
-            .collect();
-        for t in round {
-            statuses.push(t.await.unwrap());
-        }
-        i += 3;
-        let mut now_errors = 0;
-        for (_, admin) in nodes {
-            now_errors += redis_errors(*admin).await;
-        }
-        if now_errors > errors {
-            errors = now_errors;
-            last_error = Instant::now();
-        }
-        if redis_recovered.is_none() && recovered() {
-            redis_recovered = Some(killed.elapsed());
-        }
-        if redis_recovered.is_some() && last_error.elapsed() > Duration::from_secs(2) {
-            break;
-        }
-        if killed.elapsed() > Duration::from_secs(60) {
-            let metrics = request(nodes[0].1, "GET", "/metrics", &[], b"")
-                .await
-                .map(|r| r.text())
-                .unwrap_or_default();
-            let errors: Vec<&str> = metrics
-                .lines()
-                .filter(|l| l.starts_with("lumen_redis_errors_total"))
-                .collect();
-            panic!(
-                "no recovery within a minute (redis recovered: {redis_recovered:?}; errors last rose {:?} ago): {errors:?}",
-                last_error.elapsed()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Failover {
-        redis_recovered: redis_recovered.unwrap_or_default(),
-        service_recovered: last_error.duration_since(killed),
-        requests: statuses.len(),
-        failed: statuses.len() - count(&statuses, 200) - count(&statuses, 429),
-        admitted: count(&statuses, 200),
-    }
-}
-
-/// The port of the cluster primary holding a key that matches `pattern` (`--scan`).
-fn primary_holding(cluster: &RedisCluster, pattern: &str) -> u16 {
-    cluster
-        .primaries()
-        .into_iter()
-        .find(|port| {
-            !redis_cli(&["-p", &port.to_string(), "--scan", "--pattern", pattern])
-                .trim()
-                .is_empty()
-        })
-        .unwrap_or_else(|| panic!("no primary holds {pattern}:\n{}", cluster.view()))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -198,7 +67,7 @@ async fn three_nodes_share_limits_on_a_cluster_while_a_primary_dies() {
 
     // The primary holding the `during` key's slot dies while its traffic runs.
     assert_eq!(chat_status(a.addr, "sk-during").await, 200);
-    let victim = primary_holding(&cluster, "*during*");
+    let victim = cluster.primary_holding("*during*");
     let probe = cluster
         .primaries()
         .into_iter()
@@ -541,134 +410,4 @@ routes:
             "{log}"
         );
     }
-}
-
-fn chaos_config(mock: &MockUpstream, redis: &str) -> String {
-    format!(
-        r#"
-server: {{ threads: 2 }}
-redis: {{ {redis}, timeout: 200ms, on_redis_error: fail_open }}
-keys:
-  - {{ id: alice, key: "sk-alice", budget: {{ usd_per_day: 100 }} }}
-prices:
-  - {{ provider: mock, model: up, input: 1, output: 2 }}
-providers:
-  mock: {{ base_url: "{base}", health: {{ enabled: false }} }}
-routes:
-  - {{ model: fast, targets: [ {{ provider: mock, model: up }} ] }}
-usage: {{ flush_interval: 200ms }}
-jobs: {{ workers: 2, visibility_timeout: 2s, max_attempts: 4 }}
-"#,
-        base = mock.base_url()
-    )
-}
-
-/// Jobs submitted to three nodes while one node is SIGKILLed and restarted, the Redis primary
-/// holding the job queue dies, and another node reloads its config: every job ends with exactly
-/// one result (a run cut short by the killed node is run again, never recorded twice), and the
-/// usage ledger counts no request twice.
-#[tokio::test(flavor = "multi_thread")]
-async fn jobs_end_once_while_a_node_and_the_queues_primary_die() {
-    let mock = MockUpstream::start();
-    let mut cluster = RedisCluster::start(3, 1);
-
-    let yaml = chaos_config(&mock, &format!("cluster: {}", yaml_list(&cluster.urls())));
-    let a = Lumen::start(&yaml);
-    let b = Lumen::start(&yaml);
-    let mut c = Lumen::start(&yaml);
-    let _worker = lumen_test_support::harness::Worker::start(&yaml);
-    topology_until(a.admin, |t| primaries_up(t) == 3).await;
-
-    const JOBS: usize = 24;
-    let mut ids = Vec::new();
-    for i in 0..JOBS {
-        let node = [a.addr, b.addr, c.addr][i % 3];
-        let job = lumen_test_support::openai::chat_job(
-            "fast",
-            &format!("job-{i}"),
-            json!({"mock_chunks": 4, "mock_delay_ms": 150}),
-        );
-        let v = as_key(node, "POST", "/v1/jobs", "sk-alice", Some(&job))
-            .await
-            .json();
-        ids.push(
-            v["id"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{v}"))
-                .to_string(),
-        );
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Node c dies with jobs running on its workers; the queue's primary dies; b reloads.
-    c.kill();
-    let victim = primary_holding(&cluster, "*lumen:jobs*");
-    let killed = Instant::now();
-    cluster.kill(victim);
-    unsafe { libc::kill(b.pid() as i32, libc::SIGHUP) };
-    let live = cluster
-        .primaries()
-        .into_iter()
-        .find(|p| *p != victim)
-        .unwrap();
-    while !RedisCluster::failed_over(live, victim) {
-        assert!(killed.elapsed() < Duration::from_secs(30), "no failover");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let recovered = killed.elapsed();
-    let _c_again = Lumen::start(&yaml);
-
-    for id in &ids {
-        let done = wait_job(a.addr, "sk-alice", id, Duration::from_secs(90)).await;
-        assert_eq!(done["status"], "completed", "{done}");
-        assert_eq!(
-            done["result"]["choices"][0]["message"]["content"], "tok0 tok1 tok2 tok3 ",
-            "{done}"
-        );
-        // Recorded once: a second finisher (a run whose worker lost its lease) would add a
-        // second `result` event to the job's stream.
-        let events = as_key(
-            b.addr,
-            "GET",
-            &format!("/v1/jobs/{id}/events"),
-            "sk-alice",
-            None,
-        )
-        .await
-        .text();
-        assert_eq!(events.matches("event: result\n").count(), 1, "{events}");
-    }
-    let all_done = killed.elapsed();
-    // Upstream calls per job: one, or two where a run was cut short (its worker died or lost
-    // its lease while the queue's slot had no primary).
-    let mut calls: std::collections::HashMap<String, usize> = Default::default();
-    for r in mock.requests() {
-        if let Some(content) = r.json()["messages"][0]["content"].as_str() {
-            *calls.entry(content.to_string()).or_default() += 1;
-        }
-    }
-    assert_eq!(
-        calls.len(),
-        JOBS,
-        "every job reached the provider: {calls:?}"
-    );
-    let reruns = calls.values().filter(|n| **n > 1).count();
-    assert!(calls.values().all(|n| *n <= 2), "{calls:?}");
-    let upstream: usize = calls.values().sum();
-
-    // The ledger: every request it counts was made, none counted twice.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let usage = request(a.admin, "GET", "/admin/usage?key=alice", &[], b"")
-        .await
-        .unwrap()
-        .json();
-    let counted = usage["total"]["requests"].as_u64().unwrap_or(0) as usize;
-    assert!(
-        counted >= JOBS && counted <= upstream,
-        "ledger counted {counted} requests for {JOBS} jobs and {upstream} upstream calls: {usage}"
-    );
-    let used = budget(&a, "key", "alice").await["windows"][0]["used_usd"].clone();
-    eprintln!(
-        "FIGURES jobs chaos: {JOBS} jobs, one result each, {reruns} run twice upstream ({upstream} calls); queue primary replaced in {recovered:?}, every job final {all_done:?} after the kill; ledger counted {counted} requests, cost {}; budget used {used} (each completed job costs 0.000015)",
-        usage["total"]["cost_usd"]
-    );
 }

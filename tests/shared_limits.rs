@@ -243,3 +243,99 @@ routes:
     assert_eq!(primary.requests().len(), 5, "{by_provider:?}");
     assert_eq!(by_provider.get("backup"), Some(&7), "{by_provider:?}");
 }
+
+/// The fleet's token windows themselves, on a real Redis: a settle sent twice (a resend after a
+/// lost reply) counts once; a reservation whose reply never came (Redis down) is settled, once
+/// Redis is back, with what the request used, in the current window; so the windows add up to
+/// what was used however often Redis failed on the way.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_windows_add_up_to_what_was_used_across_lost_replies() {
+    use std::sync::Arc;
+
+    use lumen_plugins::rate_limit::shared::SharedLimiter;
+    use lumen_plugins::rate_limit::TokenLimit;
+    use lumen_plugins::redis_link::RedisLink;
+
+    let mut redis = RedisServer::start();
+    let link = Arc::new(RedisLink::new(&redis.url(), Duration::from_millis(300)).unwrap());
+    let limiter = Arc::new(SharedLimiter::new(link, "t"));
+    let per_day = [TokenLimit {
+        limit: 1000,
+        window: Duration::from_secs(86_400),
+    }];
+    // What is left of the window now: a reservation of nothing, given back.
+    let left = || async {
+        let (r, status) = limiter
+            .reserve_tokens("k", &per_day, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        limiter.settle_tokens(&r, 0).await.unwrap();
+        status.remaining
+    };
+
+    let (held, status) = limiter
+        .reserve_tokens("k", &per_day, 400)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.remaining, 600);
+    limiter.settle_tokens(&held, 100).await.unwrap();
+    limiter.settle_tokens(&held, 100).await.unwrap();
+    assert_eq!(left().await, 900, "settled once");
+
+    // Redis goes away: the reservation comes back unanswered, and the request is served in
+    // process; what it used is owed to the window.
+    redis.kill();
+    let unanswered = limiter
+        .reserve_tokens("k", &per_day, 400)
+        .await
+        .expect_err("redis is down");
+    redis.restart();
+    // A restarted Redis keeps nothing (no persistence in tests): the window starts again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while limiter
+        .settle_tokens(&unanswered.pending, 70)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    limiter
+        .settle_tokens(&unanswered.pending, 70)
+        .await
+        .unwrap();
+    assert_eq!(
+        left().await,
+        930,
+        "the owed 70 counted once in the current window"
+    );
+
+    // The same, settled off the request's path (as the gateway does): sent until Redis takes it.
+    redis.kill();
+    let unanswered = limiter
+        .reserve_tokens("k", &per_day, 400)
+        .await
+        .expect_err("redis is down");
+    limiter.settle_tokens_later(unanswered.pending, 30);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Ok((r, status))) = limiter.reserve_tokens("k", &per_day, 0).await {
+            limiter.settle_tokens(&r, 0).await.unwrap();
+            if status.remaining == 970 {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owed 30 never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -83,9 +83,14 @@ pub fn parse(
         .map(|r| r.secrets())
         .unwrap_or_default()
         .into_iter()
-        // From the environment: the secret is a substituted value, or part of one (a whole
-        // `url: ${REDIS_URL}` carries its password).
-        .filter(|(_, secret)| !substituted.values.iter().any(|v| v.contains(secret.as_str())))
+        // From the environment: the secret is a whole substituted value, or the password of
+        // one (`url: ${REDIS_URL}`). Not merely a part of one: a short literal password that
+        // happens to occur inside some provider key is still written in the file.
+        .filter(|(_, secret)| {
+            !substituted.values.iter().any(|v| {
+                v == secret || lumen_plugins::redis_link::url_password(v) == Some(secret.as_str())
+            })
+        })
         .map(|(at, _)| {
             Problem::at(
                 at,

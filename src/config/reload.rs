@@ -225,8 +225,7 @@ fn warn_restart_needed(current: &Snapshot, next: &Snapshot) {
     if usage(current) != usage(next) {
         needs.push("usage");
     }
-    let tracing = |s: &Snapshot| s.tracing.as_ref().map(|t| format!("{t:?}"));
-    if tracing(current) != tracing(next) {
+    if current.tracing != next.tracing {
         needs.push("tracing");
     }
     if !needs.is_empty() {

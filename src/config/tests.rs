@@ -245,6 +245,13 @@ fn redis_secrets_written_into_the_file_are_refused_and_never_echoed() {
     let err = parse_err(&in_url);
     assert!(err.contains("redis.cluster[0]"), "{err}");
     assert!(!err.contains("hunter22"), "{err}");
+    // A literal that merely occurs inside a substituted value (`gsk-secret`, the provider
+    // key) is still a literal.
+    let inside =
+        format!("redis: {{ url: \"redis://127.0.0.1:6379\", password: secret }}\n{ROUTES}");
+    assert!(parse_err(&inside).contains("redis.password"));
+    let in_url = format!("redis: {{ url: \"redis://:gsk@127.0.0.1:6379\" }}\n{ROUTES}");
+    assert!(parse_err(&in_url).contains("redis.url"));
 }
 
 #[test]

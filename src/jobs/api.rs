@@ -145,7 +145,7 @@ pub async fn answer(
     principal: &Arc<Principal>,
     config: &Snapshot,
     jobs: &Jobs,
-    trace: Option<&str>,
+    trace: Option<String>,
 ) -> Result<Answer, GatewayError> {
     let owner = principal.key_id.as_str();
     let find = |id: String| async move {
@@ -234,7 +234,7 @@ async fn submit_shape_a(
     config: &Snapshot,
     principal: &Arc<Principal>,
     req: GenerateTask,
-    trace: Option<&str>,
+    trace: Option<String>,
 ) -> Result<Answer, GatewayError> {
     let model = model_of(req.model.as_deref(), &jobs.settings)?;
     let mut chat = json!({
@@ -275,7 +275,7 @@ async fn submit_shape_b(
     messages: Value,
     meta: JobMeta,
     client_id: Option<String>,
-    trace: Option<&str>,
+    trace: Option<String>,
 ) -> Result<Answer, GatewayError> {
     let model = model_of(meta.model.as_deref(), &jobs.settings)?;
     let mut chat = json!({
@@ -368,7 +368,7 @@ async fn submit(
     endpoint: Endpoint,
     body: Value,
     client_id: Option<String>,
-    trace: Option<&str>,
+    trace: Option<String>,
 ) -> Result<(JobView, bool), GatewayError> {
     if let Some(id) = &client_id {
         // Idempotent: an id seen before answers with its job before anything else is checked.
@@ -389,7 +389,6 @@ async fn submit(
     if !principal.may_use(&req.model) {
         return Err(GatewayError::ModelNotAllowed(req.model));
     }
-    let trace = trace.map(str::to_string);
     Ok(jobs
         .submit(principal, endpoint, body, client_id, trace)
         .await?)

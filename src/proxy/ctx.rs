@@ -39,6 +39,12 @@ impl Drop for InFlightGauge {
 pub enum TokenHold {
     Local(lumen_plugins::rate_limit::TokenReservation),
     Shared(lumen_plugins::rate_limit::shared::ReservationGuard),
+    /// Held in process because Redis did not answer (`fail_open`); what the request uses is
+    /// also charged to the fleet's windows once Redis answers (`owed`, which a drop refunds).
+    FailedOpen {
+        local: lumen_plugins::rate_limit::TokenReservation,
+        owed: lumen_plugins::rate_limit::shared::ReservationGuard,
+    },
 }
 
 /// Dollars held for a request under its budgets (key or JWT, tenant), with the budgets charged
@@ -51,6 +57,12 @@ pub struct MoneyHold {
 pub enum MoneyReservation {
     Local(lumen_plugins::budget::LocalReservation),
     Shared(lumen_plugins::budget::shared::SharedBudgetGuard),
+    /// Held against this node's share because Redis did not answer (`fail_open`); the cost is
+    /// also charged to the fleet's budgets once Redis answers (`owed`, which a drop refunds).
+    FailedOpen {
+        local: lumen_plugins::budget::LocalReservation,
+        owed: lumen_plugins::budget::shared::SharedBudgetGuard,
+    },
 }
 
 /// What one request has gathered so far. Created empty by `new_ctx`, filled phase by phase.

@@ -54,14 +54,7 @@ impl Gateway {
             .as_deref()
             .filter(|_| call.submits())
             .and_then(|t| t.headers().0.to_str().ok().map(str::to_string));
-        let answer = jobs::api::answer(
-            call,
-            body,
-            &principal,
-            &config,
-            &self.node.jobs,
-            trace.as_deref(),
-        );
+        let answer = jobs::api::answer(call, body, &principal, &config, &self.node.jobs, trace);
         match answer.await {
             Ok(jobs::api::Answer::Json(status, value)) => {
                 self.write_reply(s, ctx, status, Bytes::from(value.to_string()))

@@ -58,7 +58,7 @@ impl Gateway {
             // Settle with what the provider reported; else what was streamed (a client that
             // left mid-stream pays for what was generated). No answer: nothing used.
             let reserved = match &hold {
-                TokenHold::Local(r) => r.reserved,
+                TokenHold::Local(r) | TokenHold::FailedOpen { local: r, .. } => r.reserved,
                 TokenHold::Shared(r) => r.reserved(),
             };
             let actual = match ctx.usage_total.or(ctx.usage_estimate) {
@@ -300,10 +300,21 @@ impl Gateway {
                             status,
                         )
                     }),
-                    Err(e) => match self.redis_failed(&e) {
-                        OnRedisError::FailOpen => local(),
-                        OnRedisError::FailClosed => Err(unavailable(0)),
-                    },
+                    Err(unanswered) => {
+                        // The reservation may have been made: refunded, or (served in process
+                        // meanwhile) settled with what the request used, once Redis answers.
+                        let on_error = self.redis_failed(&unanswered.error);
+                        let owed = ReservationGuard::unanswered(shared.clone(), unanswered);
+                        match on_error {
+                            OnRedisError::FailOpen => local().map(|(hold, status)| match hold {
+                                TokenHold::Local(local) => {
+                                    (TokenHold::FailedOpen { local, owed }, status)
+                                }
+                                other => (other, status),
+                            }),
+                            OnRedisError::FailClosed => Err(unavailable(0)),
+                        }
+                    }
                 }
             }
         };
@@ -337,8 +348,15 @@ impl Gateway {
                 if let Some(r) = guard.take() {
                     if let Err(e) = Box::pin(shared.settle_tokens(&r, actual)).await {
                         self.redis_failed(&e);
+                        shared.settle_tokens_later(r, actual);
                     }
                 }
+            }
+            (TokenHold::FailedOpen { local, owed }, _) => {
+                local.settle(actual);
+                // Used while Redis could not be asked: the fleet's windows are charged once it
+                // answers, so their totals still equal what was used.
+                owed.owe(actual);
             }
             (TokenHold::Shared(_), None) => {}
         }

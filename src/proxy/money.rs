@@ -165,9 +165,11 @@ impl Gateway {
                         standing,
                     )
                 }),
-                Err(e) => match self.redis_failed_for(&e, "budget") {
+                Err(unanswered) => match self.redis_failed_for(&unanswered.error, "budget") {
                     OnRedisError::FailOpen => {
-                        // This node's share of each budget, counted here until Redis is back.
+                        // This node's share of each budget, counted here until Redis is back;
+                        // the cost is owed to the fleet's budgets (refunded if not admitted).
+                        let owed = SharedBudgetGuard::unanswered(redis.budgets.clone(), unanswered);
                         let share: Vec<Charge> = charges
                             .iter()
                             .map(|c| Charge {
@@ -175,9 +177,16 @@ impl Gateway {
                                 budget: Arc::new(c.budget.share(redis.local_budget_share)),
                             })
                             .collect();
-                        local(&share)
+                        self.node
+                            .budgets
+                            .reserve(&share, amount, SystemTime::now())
+                            .map(|(local, standing)| (Hold::FailedOpen { local, owed }, standing))
                     }
                     OnRedisError::FailClosed => {
+                        drop(SharedBudgetGuard::unanswered(
+                            redis.budgets.clone(),
+                            unanswered,
+                        ));
                         let limited = Limited::for_a_second(0, LimitReason::Unavailable);
                         return Some(Err(Refused::Unavailable(limited)));
                     }
@@ -319,21 +328,19 @@ impl Gateway {
                     Ok(spent) => ratios_of(&charges, &spent),
                     Err(e) => {
                         self.redis_failed_for(&e, "budget");
-                        // A settlement applies once however often it is sent: tried again
-                        // off the request's path (else the reservation is released when held
-                        // past its time, and this cost is not counted).
-                        let budgets = redis.budgets.clone();
-                        tokio::spawn(async move {
-                            for wait in [1, 5, 30] {
-                                tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
-                                if budgets.settle(&r, actual).await.is_ok() {
-                                    break;
-                                }
-                            }
-                        });
+                        // A settlement applies once however often it is sent: sent again off
+                        // the request's path (else the reservation is released when held past
+                        // its time, and this cost is not counted).
+                        redis.budgets.settle_later(r, actual);
                         return;
                     }
                 }
+            }
+            Hold::FailedOpen { local, owed } => {
+                // Served while Redis could not be asked: the fleet's budgets are charged once
+                // it answers, so their totals still equal what was spent.
+                owed.owe(actual);
+                local.settle(actual, &charges, SystemTime::now())
             }
         };
         for (charge, ratio) in charges.iter().zip(ratios) {

@@ -171,20 +171,19 @@ pub fn batch_order(route: &Route, states: &[TargetState], share: f64, order: &mu
 /// in strategy order among equals); the order stays as it is when none holds any of the
 /// conversation's own messages (see `affinity`: shared instructions draw nothing).
 fn prefer_holder(states: &[TargetState], conversation: &Conversation, candidates: &mut [usize]) {
-    let held: Vec<usize> = candidates
+    let held = candidates
         .iter()
-        .map(|&i| states[i].provider.prefixes.longest(&conversation.chain))
-        .collect();
-    if let Some(at) = holder(&held, conversation) {
+        .map(|&i| states[i].provider.prefixes.longest(&conversation.chain));
+    if let Some(at) = holder(held, conversation) {
         candidates[..=at].rotate_right(1);
     }
 }
 
 /// Which of the candidates, holding `held[at]` leading messages each, the conversation should
 /// go back to: the first that holds the most, if that is more than its shared instructions.
-fn holder(held: &[usize], conversation: &Conversation) -> Option<usize> {
+fn holder(held: impl IntoIterator<Item = usize>, conversation: &Conversation) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
-    for (at, &n) in held.iter().enumerate() {
+    for (at, n) in held.into_iter().enumerate() {
         if best.is_none_or(|(_, most)| n > most) {
             best = Some((at, n));
         }
@@ -249,20 +248,20 @@ mod tests {
             chain: vec![1, 2, 3, 4],
             instructions: 1,
         };
-        assert_eq!(holder(&[2, 1], &c), Some(0));
-        assert_eq!(holder(&[1, 3], &c), Some(1));
+        assert_eq!(holder([2, 1], &c), Some(0));
+        assert_eq!(holder([1, 3], &c), Some(1));
         // The first of equals (strategy order decides).
-        assert_eq!(holder(&[0, 2, 2], &c), Some(1));
+        assert_eq!(holder([0, 2, 2], &c), Some(1));
         // Holding only the shared system prompt draws nothing: otherwise the first sidecar to
         // report it would take every new conversation.
-        assert_eq!(holder(&[1, 0], &c), None);
-        assert_eq!(holder(&[0, 0], &c), None);
-        assert_eq!(holder(&[], &c), None);
+        assert_eq!(holder([1, 0], &c), None);
+        assert_eq!(holder([0, 0], &c), None);
+        assert_eq!(holder([], &c), None);
         // Without instructions, the first message is the conversation's own.
         let bare = Conversation {
             chain: vec![7, 8],
             instructions: 0,
         };
-        assert_eq!(holder(&[0, 1], &bare), Some(1));
+        assert_eq!(holder([0, 1], &bare), Some(1));
     }
 }

@@ -19,7 +19,7 @@ pub enum OtlpProtocol {
 }
 
 /// `tracing:`, checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TracingSettings {
     /// The collector's URL (`http://collector:4318`).
     pub otlp: String,
@@ -27,7 +27,7 @@ pub struct TracingSettings {
     /// Share of new traces recorded (0 to 1); a client's sampled flag wins when it sends one.
     pub sample: f64,
     pub service_name: String,
-    /// Record prompts (`gen_ai.input.messages`).
+    /// Record prompts and answers (`gen_ai.input.messages`, `gen_ai.output.messages`).
     pub capture_content: bool,
     /// Continue a client's trace (else each request is a new trace, linked to the client's).
     pub trust_traceparent: bool,

@@ -248,6 +248,26 @@ impl RequestTrace {
         }
     }
 
+    /// The answer's messages, with `capture_content`: from a whole answer, its choices'
+    /// messages (or text, or Anthropic's content); from a stream, the text its events carried
+    /// (as far as it got, for one that was cut).
+    pub fn output(&mut self, sse: bool, answer: &[u8]) {
+        if !self.captures_content() {
+            return;
+        }
+        let messages = match sse {
+            true => streamed_text(answer).map(|text| {
+                serde_json::json!([{"role": "assistant", "content": text}]).to_string()
+            }),
+            false => answered_messages(answer),
+        };
+        if let Some(messages) = messages {
+            self.cx
+                .span()
+                .set_attribute(KeyValue::new("gen_ai.output.messages", cut(messages)));
+        }
+    }
+
     /// A child span that already happened (from `start` to now): a cache lookup, a wait.
     pub fn happened(&self, name: &'static str, start: SystemTime, attributes: Vec<KeyValue>) {
         if self.recording {
@@ -459,6 +479,56 @@ impl Drop for Attempt {
     }
 }
 
+/// A whole answer's messages as JSON: chat `choices[].message`, completions `choices[].text`,
+/// Anthropic's `content`, the Responses API's `output`.
+fn answered_messages(answer: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(answer).ok()?;
+    if let Some(choices) = v["choices"].as_array() {
+        let messages: Vec<serde_json::Value> = choices
+            .iter()
+            .filter_map(|c| match c.get("message") {
+                Some(m) => Some(m.clone()),
+                None => c["text"]
+                    .as_str()
+                    .map(|t| serde_json::json!({"role": "assistant", "content": t})),
+            })
+            .collect();
+        return Some(serde_json::Value::Array(messages).to_string());
+    }
+    if let Some(content) = v.get("content").filter(|c| c.is_array()) {
+        return Some(serde_json::json!([{"role": "assistant", "content": content}]).to_string());
+    }
+    v.get("output").map(|o| o.to_string())
+}
+
+/// The text a stream's events carried: chat `delta.content`, completions `text`, Anthropic's
+/// `content_block_delta`, the Responses API's `response.output_text.delta`. `None` when no
+/// event carried any.
+fn streamed_text(answer: &[u8]) -> Option<String> {
+    let mut text = String::new();
+    let mut any = false;
+    for line in answer.split(|b| *b == b'\n') {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) else {
+            continue;
+        };
+        let piece = v["choices"][0]["delta"]["content"]
+            .as_str()
+            .or_else(|| v["choices"][0]["text"].as_str())
+            .or_else(|| v["delta"]["text"].as_str())
+            .or_else(|| {
+                (v["type"] == "response.output_text.delta").then(|| v["delta"].as_str())?
+            });
+        if let Some(piece) = piece {
+            text.push_str(piece);
+            any = true;
+        }
+    }
+    any.then_some(text)
+}
+
 /// `text`, cut at [`CONTENT_LIMIT`] bytes (on a character boundary).
 fn cut(mut text: String) -> String {
     if text.len() > CONTENT_LIMIT {
@@ -476,4 +546,35 @@ pub fn wall_clock(since: std::time::Instant) -> SystemTime {
     SystemTime::now()
         .checked_sub(since.elapsed())
         .unwrap_or_else(SystemTime::now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{answered_messages, streamed_text};
+
+    #[test]
+    fn answers_are_read_in_every_api_shape() {
+        let chat = br#"{"choices":[{"message":{"role":"assistant","content":"hello"}}]}"#;
+        assert_eq!(
+            answered_messages(chat).unwrap(),
+            r#"[{"content":"hello","role":"assistant"}]"#
+        );
+        let completion = br#"{"choices":[{"text":"once upon"}]}"#;
+        assert!(answered_messages(completion).unwrap().contains("once upon"));
+        let anthropic = br#"{"content":[{"type":"text","text":"bonjour"}]}"#;
+        assert!(answered_messages(anthropic).unwrap().contains("bonjour"));
+        assert_eq!(answered_messages(b"not json"), None);
+
+        // Streams, split anywhere between events; the text of every event, in order.
+        let chat = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n\
+                    data: {\"choices\":[{\"delta\":{\"content\":\"tok0 \"}}]}\n\n\
+                    data: {\"choices\":[{\"delta\":{\"content\":\"tok1\"}}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(streamed_text(chat.as_bytes()).as_deref(), Some("tok0 tok1"));
+        let anthropic = "event: content_block_delta\n\
+                         data: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n";
+        assert_eq!(streamed_text(anthropic.as_bytes()).as_deref(), Some("hi"));
+        let responses = "data: {\"type\":\"response.output_text.delta\",\"delta\":\"yo\"}\n\n";
+        assert_eq!(streamed_text(responses.as_bytes()).as_deref(), Some("yo"));
+        assert_eq!(streamed_text(b"data: [DONE]\n\n"), None);
+    }
 }

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{window_status, BudgetId, Charge, Exceeded, Micros, Period, Standing, WindowStatus};
-use crate::redis_link::{RedisLink, SharedError};
+use crate::redis_link::owed::{owe, Charge as OwedCharge, Creditor, Owed};
+use crate::redis_link::{RedisLink, SharedError, Unanswered};
 
 /// The window of a period at Redis time `now` (seconds): its number and its end (seconds).
 /// Days and calendar months in UTC (Howard Hinnant's date algorithms, as `civil.rs`).
@@ -204,6 +205,34 @@ pub struct SharedBudgets {
     reserve: redis::Script,
     settle: redis::Script,
     status: redis::Script,
+    /// What requests served while Redis could not be asked owe the budgets' windows.
+    owed: Owed<SharedBudgets>,
+}
+
+impl Creditor for SharedBudgets {
+    /// The windows charged, as a reservation names them.
+    type Target = Vec<(String, Period)>;
+    const OP: &'static str = "budget";
+
+    fn owed(&self) -> &Owed<SharedBudgets> {
+        &self.owed
+    }
+
+    fn link(&self) -> &Arc<RedisLink> {
+        &self.link
+    }
+
+    fn charge(self: Arc<Self>, windows: Self::Target, id: String, amount: u64) -> OwedCharge {
+        Box::pin(async move {
+            // A settlement of a reservation never made: it spends `amount`, once.
+            let none = SharedReservation {
+                id,
+                windows,
+                amount: 0,
+            };
+            self.settle(&none, amount).await.map(drop)
+        })
+    }
 }
 
 fn code(period: Period) -> &'static str {
@@ -226,6 +255,7 @@ impl SharedBudgets {
             reserve: script(RESERVE),
             settle: script(SETTLE),
             status: script(STATUS),
+            owed: Owed::default(),
         }
     }
 
@@ -260,14 +290,28 @@ impl SharedBudgets {
 
     /// Reserves `amount` under every budget of `charges`, fleet-wide, all or nothing. When
     /// Redis does not answer, the reservation (which may have been made, or may be still on
-    /// its way) is cancelled off the request's path.
+    /// its way) comes back as `pending`: the caller cancels it ([`SharedBudgets::cancel_later`])
+    /// or, having served the request anyway, settles it with its cost once Redis answers
+    /// ([`SharedBudgets::settle_later`]), so the fleet's totals still add up.
     pub async fn reserve(
         self: &Arc<Self>,
         charges: &[Charge],
         amount: Micros,
-    ) -> Result<Result<(SharedReservation, Standing), Exceeded>, SharedError> {
+    ) -> Result<Result<(SharedReservation, Standing), Exceeded>, Unanswered<SharedReservation>>
+    {
         // Gateway-made, never the client's: a retried call finds its own reservation.
-        let id = new_id()?;
+        let id = match crate::redis_link::write_id() {
+            Ok(id) => id,
+            Err(error) => {
+                // Nothing was sent: nothing to cancel, nothing a settle could find.
+                let pending = SharedReservation {
+                    id: String::new(),
+                    windows: Vec::new(),
+                    amount,
+                };
+                return Err(Unanswered { error, pending });
+            }
+        };
         let mut invocation = self.reserve.prepare_invoke();
         for key in self.held() {
             invocation.key(key);
@@ -286,37 +330,38 @@ impl SharedBudgets {
             }
         }
         let invocation = &invocation;
-        let reply: Vec<i64> = match self
+        let sent = self
             .link
             .retrying("budget", |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
+                invocation.invoke_async::<Vec<i64>>(&mut conn).await
             })
-            .await
-        {
-            Ok(reply) => reply,
-            Err(e) => {
-                let abandoned = SharedReservation {
+            .await;
+        let unanswered =
+            |error: SharedError, id: String, which: Vec<(String, BudgetId, Period)>| {
+                let pending = SharedReservation {
                     id,
                     windows: which.into_iter().map(|(key, _, p)| (key, p)).collect(),
                     amount,
                 };
-                self.cancel_later(abandoned);
-                return Err(e);
-            }
+                Err(Unanswered { error, pending })
+            };
+        let reply = match sent {
+            Ok(reply) => reply,
+            Err(e) => return unanswered(e, id, which),
         };
         let at = |n: usize| reply.get(n).copied().unwrap_or(0).max(0) as u64;
         if reply.first() == Some(&2) {
             let cancelled = (redis::ErrorKind::TypeError, "budget reservation cancelled");
-            return Err(SharedError::Redis(cancelled.into()));
+            return unanswered(SharedError::Redis(cancelled.into()), id, which);
         }
         if reply.first() == Some(&0) {
             let k = (at(1).max(1) as usize).saturating_sub(1);
-            let Some((_, id, period)) = which.get(k) else {
+            let Some((_, budget, period)) = which.get(k) else {
                 let bad = (redis::ErrorKind::TypeError, "budget script: bad refusal");
-                return Err(SharedError::Redis(bad.into()));
+                return unanswered(SharedError::Redis(bad.into()), id, which);
             };
             return Ok(Err(Exceeded {
-                id: id.clone(),
+                id: budget.clone(),
                 period: *period,
                 remaining: at(2),
                 retry_after: Duration::from_millis(at(3)),
@@ -382,21 +427,27 @@ impl SharedBudgets {
         Ok(spent.into_iter().map(|v| v.max(0) as u64).collect())
     }
 
-    /// Settles `reservation` at nothing off the request's path, retrying: a reservation whose
-    /// reply was lost is given back now rather than when held past its time.
-    pub fn cancel_later(self: &Arc<Self>, reservation: SharedReservation) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+    /// Settles `reservation` at `actual` off the caller's path, sent again until Redis takes
+    /// it (a settlement applies once however often it is sent). For a settle that failed on
+    /// the request's path, and for a request served while Redis could not be asked: its cost
+    /// still reaches the fleet's totals once Redis is back.
+    pub fn settle_later(self: &Arc<Self>, reservation: SharedReservation, actual: Micros) {
+        if reservation.id.is_empty() {
             return;
-        };
+        }
         let budgets = self.clone();
-        runtime.spawn(async move {
-            for wait in [0, 1, 5, 30] {
-                tokio::time::sleep(Duration::from_secs(wait)).await;
-                if budgets.settle(&reservation, 0).await.is_ok() {
-                    break;
-                }
-            }
+        let reservation = Arc::new(reservation);
+        self.link.resend("budget", move || {
+            let (budgets, reservation) = (budgets.clone(), reservation.clone());
+            async move { budgets.settle(&reservation, actual).await.map(drop) }
         });
+    }
+
+    /// Settles `reservation` at nothing off the request's path: a reservation whose reply was
+    /// lost, or whose request ended without a cost, is given back now rather than when held
+    /// past its time.
+    pub fn cancel_later(self: &Arc<Self>, reservation: SharedReservation) {
+        self.settle_later(reservation, 0);
     }
 
     /// How each window of `charge`'s budget stands now, fleet-wide.
@@ -432,26 +483,13 @@ impl SharedBudgets {
     }
 }
 
-/// A reservation's id: 16 bytes from the OS's generator. Ids must not collide (a second
-/// reservation with the first's id would be taken for its retry), so a generator that cannot
-/// answer is an error, for `on_redis_error` to decide.
-fn new_id() -> Result<String, SharedError> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|_| {
-        let failed = (
-            redis::ErrorKind::IoError,
-            "no random bytes for a reservation id",
-        );
-        SharedError::Redis(failed.into())
-    })?;
-    Ok(format!("{:032x}", u128::from_le_bytes(bytes)))
-}
-
 /// A fleet-wide reservation held for one request: settled by the pipeline, or refunded off the
 /// request's path when dropped unsettled.
 pub struct SharedBudgetGuard {
     budgets: Arc<SharedBudgets>,
     reservation: Option<SharedReservation>,
+    /// Whether the reservation may have been made (false: Redis surely never saw it).
+    made: bool,
 }
 
 impl SharedBudgetGuard {
@@ -459,6 +497,34 @@ impl SharedBudgetGuard {
         SharedBudgetGuard {
             budgets,
             reservation: Some(reservation),
+            made: true,
+        }
+    }
+
+    /// A reservation Redis did not answer, for a request served on the node's own count.
+    pub fn unanswered(
+        budgets: Arc<SharedBudgets>,
+        unanswered: Unanswered<SharedReservation>,
+    ) -> SharedBudgetGuard {
+        SharedBudgetGuard {
+            budgets,
+            reservation: Some(unanswered.pending),
+            made: unanswered.error.may_have_run(),
+        }
+    }
+
+    /// Charges `actual` to the budgets of an [`SharedBudgetGuard::unanswered`] reservation once
+    /// Redis answers: by its id when it may have been made (which also releases it), else
+    /// added to what this node owes those budgets (one write per budget, however many
+    /// requests).
+    pub fn owe(mut self, actual: Micros) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        if self.made {
+            self.budgets.settle_later(reservation, actual);
+        } else {
+            owe(&self.budgets, reservation.windows, actual);
         }
     }
 
@@ -470,14 +536,9 @@ impl SharedBudgetGuard {
 
 impl Drop for SharedBudgetGuard {
     fn drop(&mut self) {
-        let Some(reservation) = self.reservation.take() else {
+        let Some(reservation) = self.reservation.take().filter(|_| self.made) else {
             return;
         };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let budgets = self.budgets.clone();
-            runtime.spawn(async move {
-                let _ = budgets.settle(&reservation, 0).await;
-            });
-        }
+        self.budgets.cancel_later(reservation);
     }
 }

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::redis_link::owed::{owe, Charge, Creditor, Owed};
 use crate::redis_link::RedisLink;
 
 use super::{gcra_steps, window_ms, LimitReason, Limited, RateStatus, RequestLimit};
@@ -51,45 +52,75 @@ redis.call('SET', KEYS[1], nxt, 'PX', math.ceil((nxt - now) / 1000) + 1000)
 return {1, nxt - now, 0}
 ";
 
-/// Token windows on Redis time. KEYS[i]: one hash per window length (`i`: window index, `u`:
-/// used); ARGV: estimate, then (length ms, limit) per window. All or nothing.
-/// Returns {1, index, used, ms to reset, …per window} or {0, window, used, ms to reset}.
+/// Token windows on Redis time. KEYS[1]: the reservation's settled marker, KEYS[2]: its
+/// record (what it holds), then one hash per window length (`i`: window index, `u`: used);
+/// ARGV: estimate, ms the record lives (0: no record, for counts never settled), then
+/// (length ms, limit) per window. All or nothing; a reservation that arrives after it was
+/// settled (cancelled) reserves nothing.
+/// Returns {1, index, used, ms to reset, …per window}, {0, window, used, ms to reset} or {2}.
 const RESERVE_TOKENS: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local est = tonumber(ARGV[1])
 local used, idx = {}, {}
-for i = 1, #KEYS do
-  local len, lim = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+for i = 1, #KEYS - 2 do
+  local len, lim = tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
   idx[i] = math.floor(now / len)
-  local cur = redis.call('HMGET', KEYS[i], 'i', 'u')
+  local cur = redis.call('HMGET', KEYS[i + 2], 'i', 'u')
   local u = 0
   if tonumber(cur[1]) == idx[i] then u = tonumber(cur[2]) or 0 end
   used[i] = u
   if u + est > lim then return {0, i, u, (idx[i] + 1) * len - now} end
 end
 local out = {1}
-for i = 1, #KEYS do
-  local len = tonumber(ARGV[2 * i])
-  redis.call('HSET', KEYS[i], 'i', idx[i], 'u', used[i] + est)
-  redis.call('PEXPIRE', KEYS[i], len * 2)
+for i = 1, #KEYS - 2 do
+  local len = tonumber(ARGV[2 * i + 1])
+  redis.call('HSET', KEYS[i + 2], 'i', idx[i], 'u', used[i] + est)
+  redis.call('PEXPIRE', KEYS[i + 2], len * 2)
   table.insert(out, idx[i])
   table.insert(out, used[i] + est)
   table.insert(out, (idx[i] + 1) * len - now)
 end
+if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[2], est, 'PX', tonumber(ARGV[2])) end
 return out
 ";
 
-/// Settles a reservation: KEYS as above; ARGV: delta (actual − reserved), then the window index
-/// charged per window. A window that rolled over is left alone; usage never goes below zero.
+/// Settles a reservation, once however often it is sent. KEYS as above; ARGV: tokens used, ms
+/// a settled marker lives, then (length ms, window index charged) per window.
+///
+/// When the reservation's reply came (marker ms 0), its record is the proof it is unsettled:
+/// no record, nothing to do. When the reply was lost (marker ms > 0, index -1: it may not
+/// have been made), a marker makes the settle apply once and turns away the reservation if
+/// it arrives later. Either way what the record held (nothing, without one) is replaced by
+/// what was used: in the window charged, left alone once it rolled over, or, for -1, in the
+/// current window. Usage never goes below zero. Returns 1, or 0 when settled before.
 const SETTLE_TOKENS: &str = r"
-local delta = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  if tonumber(redis.call('HGET', KEYS[i], 'i')) == tonumber(ARGV[i + 1]) then
-    local u = tonumber(redis.call('HGET', KEYS[i], 'u')) or 0
-    local v = u + delta
+local marker_ms = tonumber(ARGV[2])
+if marker_ms > 0 then
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', marker_ms) then return 0 end
+elseif redis.call('EXISTS', KEYS[2]) == 0 then
+  return 0
+end
+local held = tonumber(redis.call('GET', KEYS[2])) or 0
+redis.call('DEL', KEYS[2])
+local actual = tonumber(ARGV[1])
+local delta = actual - held
+if delta == 0 then return 1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS - 2 do
+  local key, len, want = KEYS[i + 2], tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
+  local stored = tonumber(redis.call('HGET', key, 'i'))
+  local current = math.floor(now / len)
+  if want < 0 then want = current end
+  if stored == want then
+    local v = (tonumber(redis.call('HGET', key, 'u')) or 0) + delta
     if v < 0 then v = 0 end
-    redis.call('HSET', KEYS[i], 'u', v)
+    redis.call('HSET', key, 'u', v)
+  elseif want == current and (stored == nil or stored < current) and actual > 0 then
+    redis.call('HSET', key, 'i', current, 'u', actual)
+    redis.call('PEXPIRE', key, len * 2)
   end
 end
 return 1
@@ -193,6 +224,8 @@ impl Drop for SlotGuard {
 pub struct ReservationGuard {
     limiter: Arc<SharedLimiter>,
     reservation: Option<SharedReservation>,
+    /// Whether the reservation may have been made (false: Redis surely never saw it).
+    made: bool,
 }
 
 impl ReservationGuard {
@@ -200,6 +233,35 @@ impl ReservationGuard {
         ReservationGuard {
             limiter,
             reservation: Some(reservation),
+            made: true,
+        }
+    }
+
+    /// A reservation Redis did not answer, for a request served on the node's own count.
+    pub fn unanswered(
+        limiter: Arc<SharedLimiter>,
+        unanswered: Unanswered<SharedReservation>,
+    ) -> ReservationGuard {
+        ReservationGuard {
+            limiter,
+            reservation: Some(unanswered.pending),
+            made: unanswered.error.may_have_run(),
+        }
+    }
+
+    /// Charges `actual` tokens to the windows of an [`ReservationGuard::unanswered`]
+    /// reservation once Redis answers: by its id when it may have been made (which also
+    /// replaces what it held), else added to what this node owes the bucket (one write per
+    /// bucket, however many requests).
+    pub fn owe(mut self, actual: u64) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        if self.made {
+            self.limiter.settle_tokens_later(reservation, actual);
+        } else {
+            let lengths = reservation.windows.iter().map(|(len, _)| *len).collect();
+            owe(&self.limiter, (reservation.bucket, lengths), actual);
         }
     }
 
@@ -216,61 +278,92 @@ impl ReservationGuard {
 
 impl Drop for ReservationGuard {
     fn drop(&mut self) {
-        let Some(reservation) = self.reservation.take() else {
+        let Some(reservation) = self.reservation.take().filter(|_| self.made) else {
             return;
         };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let limiter = self.limiter.clone();
-            runtime.spawn(async move {
-                let _ = limiter.settle_tokens(&reservation, 0).await;
-            });
-        }
+        self.limiter.settle_tokens_later(reservation, 0);
     }
 }
 
 /// Tokens reserved in Redis for one request; settle it with [`SharedLimiter::settle_tokens`].
 #[derive(Debug, Clone)]
 pub struct SharedReservation {
+    /// Gateway-made: names the reservation's record and settled marker.
+    id: String,
     bucket: String,
-    /// (window length ms, window index) per window charged.
-    windows: Vec<(u64, u64)>,
+    /// (window length ms, window index; -1 when unknown: the reply was lost) per window.
+    windows: Vec<(u64, i64)>,
     pub reserved: u64,
 }
 
-pub use crate::redis_link::SharedError;
+pub use crate::redis_link::{SharedError, Unanswered};
+
+/// How long a token reservation's record lives at least (longer for long windows): past any
+/// request, so its settle finds what it held. A settle deletes it; only the reservations of
+/// a node that died stay until then.
+const RECORD_AT_LEAST_MS: u64 = 60 * 60 * 1000;
+
+/// How long a settled marker lives (written only when a reservation's reply was lost): past
+/// every resend of its settle, and past the reservation, were it still on its way.
+const MARKER_MS: u64 = 20 * 60 * 1000;
 
 /// The shared limiter: the scripts, run over the node's shared Redis link.
 pub struct SharedLimiter {
     link: Arc<RedisLink>,
     prefix: String,
-    timeout: Duration,
     script: redis::Script,
     reserve_script: redis::Script,
     admit_script: redis::Script,
     settle_script: redis::Script,
+    /// What requests served while Redis could not be asked owe the token windows.
+    owed: Owed<SharedLimiter>,
+}
+
+impl Creditor for SharedLimiter {
+    /// A bucket and the lengths (ms) of its windows.
+    type Target = (String, Vec<u64>);
+    const OP: &'static str = "rate_limit";
+
+    fn owed(&self) -> &Owed<SharedLimiter> {
+        &self.owed
+    }
+
+    fn link(&self) -> &Arc<RedisLink> {
+        &self.link
+    }
+
+    fn charge(self: Arc<Self>, (bucket, lengths): Self::Target, id: String, n: u64) -> Charge {
+        Box::pin(async move {
+            // A settle of a reservation never made (its reply "lost"): `n` tokens in each
+            // window's current one, once.
+            let none = SharedReservation {
+                id,
+                bucket,
+                windows: lengths.into_iter().map(|len| (len, -1)).collect(),
+                reserved: 0,
+            };
+            self.settle_tokens(&none, n).await
+        })
+    }
 }
 
 impl SharedLimiter {
     /// Limits kept under `prefix` over `link`; nothing is connected until the first check.
     pub fn new(link: Arc<RedisLink>, prefix: &str) -> SharedLimiter {
         SharedLimiter {
-            timeout: link.timeout,
             link,
             prefix: prefix.to_string(),
             script: redis::Script::new(GCRA),
             reserve_script: redis::Script::new(RESERVE_TOKENS),
             admit_script: redis::Script::new(ADMIT),
             settle_script: redis::Script::new(SETTLE_TOKENS),
+            owed: Owed::default(),
         }
     }
 
     /// The Redis link this limiter uses (shared with the cache).
     pub fn link(&self) -> &Arc<RedisLink> {
         &self.link
-    }
-
-    async fn connection(&self) -> Result<crate::redis_link::RedisConn, SharedError> {
-        self.link.connection("rate_limit").await
     }
 
     /// The slot `member` would hold in `bucket`: for giving back a slot whose admit timed out
@@ -371,27 +464,92 @@ impl SharedLimiter {
         format!("{{{}:{}}}:tok:{}", self.prefix, bucket, length_ms)
     }
 
+    /// A reservation's settled marker and record (in its bucket's slot).
+    fn reservation_keys(&self, bucket: &str, id: &str) -> [String; 2] {
+        [
+            format!("{{{}:{}}}:tok:settled:{}", self.prefix, bucket, id),
+            format!("{{{}:{}}}:tok:held:{}", self.prefix, bucket, id),
+        ]
+    }
+
     /// Reserves `estimate` tokens of `bucket` in every window of `limits`, across every node.
+    /// When Redis does not answer, the reservation (which may have been made) comes back as
+    /// `pending`: the caller cancels it, or settles it with what the request used once Redis
+    /// answers ([`SharedLimiter::settle_tokens_later`]), so the windows still add up.
     pub async fn reserve_tokens(
         &self,
         bucket: &str,
         limits: &[super::TokenLimit],
         estimate: u64,
-    ) -> Result<Result<(SharedReservation, RateStatus), Limited>, SharedError> {
+    ) -> Result<Result<(SharedReservation, RateStatus), Limited>, Unanswered<SharedReservation>>
+    {
+        self.reserve_in(bucket, limits, estimate, true).await
+    }
+
+    /// Counts `n` against `bucket`'s windows for good, as [`SharedLimiter::reserve_tokens`]
+    /// without a record: for counts never settled (a provider's requests).
+    pub async fn count_tokens(
+        &self,
+        bucket: &str,
+        limits: &[super::TokenLimit],
+        n: u64,
+    ) -> Result<Result<RateStatus, Limited>, SharedError> {
+        match self.reserve_in(bucket, limits, n, false).await {
+            Ok(counted) => Ok(counted.map(|(_, status)| status)),
+            Err(unanswered) => Err(unanswered.error),
+        }
+    }
+
+    async fn reserve_in(
+        &self,
+        bucket: &str,
+        limits: &[super::TokenLimit],
+        estimate: u64,
+        record: bool,
+    ) -> Result<Result<(SharedReservation, RateStatus), Limited>, Unanswered<SharedReservation>>
+    {
+        let mut pending = SharedReservation {
+            id: String::new(),
+            bucket: bucket.to_string(),
+            windows: limits.iter().map(|l| (window_ms(l).get(), -1)).collect(),
+            reserved: estimate,
+        };
+        pending.id = match crate::redis_link::write_id() {
+            Ok(id) => id,
+            Err(error) => return Err(Unanswered { error, pending }),
+        };
         let mut invocation = self.reserve_script.prepare_invoke();
-        invocation.arg(estimate);
+        for key in self.reservation_keys(bucket, &pending.id) {
+            invocation.key(key);
+        }
+        // The record outlives the longest window and any request (a settle finds it).
+        let longest = limits.iter().map(|l| window_ms(l).get()).max().unwrap_or(0);
+        let record_ms = match record {
+            true => longest.saturating_mul(2).max(RECORD_AT_LEAST_MS),
+            false => 0,
+        };
+        invocation.arg(estimate).arg(record_ms);
         for l in limits {
             let length_ms = window_ms(l).get();
             invocation.key(self.window_key(bucket, length_ms));
             invocation.arg(length_ms).arg(l.limit);
         }
         let invocation = &invocation;
-        let reply: Vec<i64> = self
+        let sent = self
             .link
             .retrying("rate_limit", |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
+                invocation.invoke_async::<Vec<i64>>(&mut conn).await
             })
-            .await?;
+            .await;
+        let reply = match sent {
+            Ok(reply) => reply,
+            Err(error) => return Err(Unanswered { error, pending }),
+        };
+        if reply.first() == Some(&2) {
+            let cancelled = (redis::ErrorKind::TypeError, "token reservation cancelled");
+            let error = SharedError::Redis(cancelled.into());
+            return Err(Unanswered { error, pending });
+        }
         let to_u32 = |v: u64| v.min(u64::from(u32::MAX)) as u32;
         if reply.first() == Some(&0) {
             // The script's window number counts from 1.
@@ -409,16 +567,16 @@ impl SharedLimiter {
                 reason: LimitReason::Tokens,
             }));
         }
-        let mut windows = Vec::with_capacity(limits.len());
         let mut tightest: Option<RateStatus> = None;
-        // `[1, index, used, reset, index, used, reset, …]`; a short reply leaves windows out.
+        // `[1, index, used, reset, index, used, reset, …]`; a short reply leaves windows out
+        // (settled in the current window, as if the reply was lost).
         let triples = reply.get(1..).unwrap_or_default().chunks_exact(3);
-        for (l, chunk) in limits.iter().zip(triples) {
+        for ((l, window), chunk) in limits.iter().zip(&mut pending.windows).zip(triples) {
             let &[index, used, reset] = chunk else {
                 continue;
             };
-            let [index, used, reset] = [index, used, reset].map(|v| v.max(0) as u64);
-            windows.push((window_ms(l).get(), index));
+            window.1 = index.max(0);
+            let [used, reset] = [used, reset].map(|v| v.max(0) as u64);
             let status = RateStatus {
                 limit: to_u32(l.limit),
                 remaining: to_u32(l.limit.saturating_sub(used)),
@@ -433,38 +591,54 @@ impl SharedLimiter {
             remaining: 0,
             reset_after: Duration::ZERO,
         });
-        Ok(Ok((
-            SharedReservation {
-                bucket: bucket.to_string(),
-                windows,
-                reserved: estimate,
-            },
-            status,
-        )))
+        Ok(Ok((pending, status)))
     }
 
-    /// Replaces a reservation's estimate with what the request used.
+    /// Replaces a reservation's estimate with what the request used. Applies once however
+    /// often it is sent.
     pub async fn settle_tokens(
         &self,
         reservation: &SharedReservation,
         actual: u64,
     ) -> Result<(), SharedError> {
-        // Not retried on a dead connection: a settle that had run before the connection broke
-        // would count the difference twice, and this one errs towards admitting more.
-        let mut conn = self.connection().await?;
-        // Both are bounded (`max_tokens` is capped at parse), but never trust a cast to.
-        let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let delta = signed(actual).saturating_sub(signed(reservation.reserved));
+        if reservation.id.is_empty() {
+            return Ok(());
+        }
         let mut invocation = self.settle_script.prepare_invoke();
-        invocation.arg(delta);
+        for key in self.reservation_keys(&reservation.bucket, &reservation.id) {
+            invocation.key(key);
+        }
+        // A lost reply (-1) leaves it unknown whether the reservation was made: the marker
+        // decides (see SETTLE_TOKENS).
+        let lost = reservation.windows.iter().any(|(_, index)| *index < 0);
+        invocation.arg(actual).arg(if lost { MARKER_MS } else { 0 });
         for (length_ms, index) in &reservation.windows {
             invocation.key(self.window_key(&reservation.bucket, *length_ms));
-            invocation.arg(*index);
+            invocation.arg(*length_ms).arg(*index);
         }
-        let _: i64 = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| SharedError::Timeout(self.timeout))??;
+        let invocation = &invocation;
+        let _: i64 = self
+            .link
+            .retrying("rate_limit", |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
+            .await?;
         Ok(())
+    }
+
+    /// [`SharedLimiter::settle_tokens`] off the caller's path, sent again until Redis takes
+    /// it: for a settle that failed, a refund, and a request served while Redis could not be
+    /// asked (its tokens still reach the fleet's windows once Redis is back).
+    pub fn settle_tokens_later(self: &Arc<Self>, reservation: SharedReservation, actual: u64) {
+        if reservation.id.is_empty() {
+            return;
+        }
+        let limiter = self.clone();
+        let reservation = Arc::new(reservation);
+        self.link.resend("rate_limit", move || {
+            let (limiter, reservation) = (limiter.clone(), reservation.clone());
+            async move { limiter.settle_tokens(&reservation, actual).await }
+        });
     }
 
     /// Admits one request of `bucket` under `limit`, counted across every node.

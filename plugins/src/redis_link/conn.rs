@@ -26,6 +26,8 @@ pub trait RedisObserver: Send + Sync {
 pub(crate) struct Shared {
     pub(crate) observer: OnceLock<Arc<dyn RedisObserver>>,
     pub(crate) generation: AtomicU64,
+    /// Writes waiting to be sent again ([`super::RedisLink::resend`]).
+    pub(crate) resending: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {

@@ -39,6 +39,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Mutex as AsyncMutex;
 
 mod conn;
+pub mod owed;
 pub mod topology;
 
 use conn::{Inner, Shared};
@@ -156,6 +157,47 @@ pub enum SharedError {
     Timeout(Duration),
     #[error("redis is unreachable; next connection attempt in under a second")]
     Backoff,
+}
+
+/// A write Redis did not answer, with what it would have written: the caller decides whether
+/// to take it back or to apply it later with [`resend`] (such writes apply once however often
+/// they are sent).
+#[derive(Debug)]
+pub struct Unanswered<P> {
+    pub error: SharedError,
+    pub pending: P,
+}
+
+/// A reservation's id: 16 bytes from the OS's generator. Ids must not collide (a second
+/// reservation with the first's id would be taken for its retry), so a generator that cannot
+/// answer is an error, for `on_redis_error` to decide.
+pub fn write_id() -> Result<String, SharedError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|_| {
+        let failed = (
+            redis::ErrorKind::IoError,
+            "no random bytes for a reservation id",
+        );
+        SharedError::Redis(failed.into())
+    })?;
+    Ok(format!("{:032x}", u128::from_le_bytes(bytes)))
+}
+
+/// Seconds between the tries of [`RedisLink::resend`]: soon, then less often, for about nine
+/// minutes. A failover takes seconds; an outage longer than this loses the write (and the
+/// Redis error metrics show the outage).
+const RESEND_AFTER: [u64; 9] = [0, 1, 2, 5, 10, 30, 60, 120, 300];
+
+/// Writes waiting to be sent again, at most: a long outage under load must not grow a task
+/// per request without bound. A write beyond it is dropped and counted as a failed call.
+const RESENDING_AT_MOST: usize = 10_000;
+
+impl SharedError {
+    /// Whether the call may have run in Redis (its answer lost): only a call refused before it
+    /// was sent (no connection, within a second of the last failed attempt) surely did not.
+    pub fn may_have_run(&self) -> bool {
+        !matches!(self, SharedError::Backoff)
+    }
 }
 
 /// The clients connections are made from, by topology.
@@ -281,6 +323,7 @@ impl RedisLink {
             shared: Arc::new(Shared {
                 observer: OnceLock::new(),
                 generation: AtomicU64::new(0),
+                resending: std::sync::atomic::AtomicUsize::new(0),
             }),
             conns: ArcSwap::from_pointee(Vec::new()),
             making: AsyncMutex::new(()),
@@ -458,6 +501,51 @@ impl RedisLink {
         Ok(tokio::time::timeout(self.timeout, call)
             .await
             .map_err(|_| SharedError::Timeout(self.timeout))??)
+    }
+
+    /// Sends a write that applies once however often it is sent (a settle, a refund) until
+    /// Redis takes it, off the caller's path, on the current runtime.
+    pub fn resend<F, Fut>(&self, what: &'static str, mut write: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), SharedError>> + Send + 'static,
+    {
+        let Ok(runtime) = Handle::try_current() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        if shared.resending.fetch_add(1, Ordering::AcqRel) >= RESENDING_AT_MOST {
+            shared.resending.fetch_sub(1, Ordering::AcqRel);
+            if let Some(observer) = shared.observer.get() {
+                observer.call(what, Duration::ZERO, true);
+            }
+            tracing::warn!(
+                what,
+                "too many redis writes waiting to be resent; this one is dropped"
+            );
+            return;
+        }
+        /// Counts the write out however its task ends (done, given up, runtime shut down).
+        struct Waiting(Arc<Shared>);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.resending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let waiting = Waiting(shared);
+        runtime.spawn(async move {
+            let _waiting = waiting;
+            for wait in RESEND_AFTER {
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                if write().await.is_ok() {
+                    return;
+                }
+            }
+            tracing::warn!(
+                what,
+                "redis took no write for nine minutes; this one is dropped"
+            );
+        });
     }
 
     /// Runs `op` on the calling runtime's connection (its calls counted under `name`) within

@@ -101,6 +101,9 @@ pub(super) async fn stream_to_client(
     ctx.status = head.status.as_u16();
     ctx.stream = sse;
     watch.commit(ctx.status, sse, &provider.name);
+    if ctx.status < 300 && ctx.trace.as_ref().is_some_and(|t| t.captures_content()) {
+        watch.record_answer();
+    }
     // A whole answer from a priced target was read to its end (see `attempt`): its usage is
     // read now, once, and its head says what it cost.
     if let (Some(price), Some(body), Some(tap)) = (ctx.price, first.as_deref(), watch.tap()) {
@@ -133,6 +136,9 @@ pub(super) async fn stream_to_client(
 /// The usage the provider reported, or, for an answer cut short, an estimate of what was
 /// generated, into `ctx` for settling, metrics and the ledger.
 fn take_usage(ctx: &mut RequestCtx, watch: &mut Watchers) {
+    if let (Some(trace), Some((sse, answer))) = (ctx.trace.as_mut(), watch.take_answer()) {
+        trace.output(sse, &answer);
+    }
     if let Some(tap) = watch.tap() {
         ctx.usage_total = tap.total_tokens();
         ctx.usage_split = tap.split();

@@ -69,7 +69,13 @@ pub struct Watchers {
     native: bool,
     /// What ends the committed stream.
     end: End,
+    /// The answer's bytes as the chat-shaped watchers see them, for a trace that records
+    /// content (`tracing.capture_content`).
+    answer: Option<BytesMut>,
 }
+
+/// Most bytes of an answer kept for its trace (the text recorded is cut shorter still).
+const ANSWER_LIMIT: usize = 256 * 1024;
 
 impl Watchers {
     /// Watchers for an answer that fills the cache (`Watchers::default()` watches for nothing
@@ -169,10 +175,24 @@ impl Watchers {
         }
     }
 
+    /// Keeps the committed success's bytes for its trace (`capture_content`).
+    pub(super) fn record_answer(&mut self) {
+        self.answer = Some(BytesMut::new());
+    }
+
+    /// What [`Watchers::record_answer`] kept, once, with whether it is an event stream.
+    pub(super) fn take_answer(&mut self) -> Option<(bool, BytesMut)> {
+        self.answer.take().map(|a| (self.sse, a))
+    }
+
     /// One chunk of a chat answer: every watcher after the adapter sees it.
     fn watch(&mut self, chunk: Bytes) -> Bytes {
         if let Some(tap) = self.tap.as_mut() {
             tap.observe(&chunk);
+        }
+        if let Some(answer) = self.answer.as_mut() {
+            let room = ANSWER_LIMIT.saturating_sub(answer.len());
+            answer.extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
         }
         if self.sse {
             self.done.observe(&chunk);

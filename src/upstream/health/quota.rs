@@ -67,12 +67,13 @@ impl Quotas {
                     1,
                     state,
                     table,
+                    true,
                 )
                 .await?;
             state.quota_requests_left.store(left, Relaxed);
             // Requests are counted as they start: kept as reserved (an unsettled local
             // reservation would be refunded when dropped).
-            if let Reservation::Local(r) = reservation {
+            if let Some(Reservation::Local(r)) = reservation {
                 let counted = r.reserved;
                 r.settle(counted);
             }
@@ -86,10 +87,11 @@ impl Quotas {
                     1,
                     state,
                     table,
+                    false,
                 )
                 .await?;
             state.quota_tokens_left.store(left, Relaxed);
-            hold.tokens = Some(reservation);
+            hold.tokens = reservation;
         }
         Ok(hold)
     }
@@ -101,15 +103,33 @@ impl Quotas {
         amount: u64,
         state: &ProviderHealth,
         table: &HealthTable,
-    ) -> Result<(Reservation, u64), Unavailable> {
+        kept: bool,
+    ) -> Result<(Option<Reservation>, u64), Unavailable> {
         let refused = |retry_after: Duration| {
             state.quota_exhausted(table.after(retry_after));
             Unavailable::QuotaExhausted
         };
         if let Some(shared) = &self.shared {
-            match shared.reserve_tokens(bucket, limits, amount).await {
+            // Requests are counted for good (nothing to settle: no record in Redis); tokens
+            // are settled with what the attempt used.
+            let asked = match kept {
+                true => shared
+                    .count_tokens(bucket, limits, amount)
+                    .await
+                    .map(|counted| counted.map(|status| (None, status))),
+                false => shared
+                    .reserve_tokens(bucket, limits, amount)
+                    .await
+                    .map(|reserved| reserved.map(|(r, status)| (Some(r), status)))
+                    .map_err(|unanswered| {
+                        // It may have been made: given back once Redis answers.
+                        shared.settle_tokens_later(unanswered.pending, 0);
+                        unanswered.error
+                    }),
+            };
+            match asked {
                 Ok(Ok((r, status))) => {
-                    return Ok((Reservation::Shared(r), u64::from(status.remaining)))
+                    return Ok((r.map(Reservation::Shared), u64::from(status.remaining)))
                 }
                 Ok(Err(limited)) => return Err(refused(limited.retry_after)),
                 // Redis down: count in process rather than stop using the provider.
@@ -120,7 +140,7 @@ impl Quotas {
             .local
             .reserve_tokens(bucket, limits, amount, Instant::now())
         {
-            Ok((r, status)) => Ok((Reservation::Local(r), u64::from(status.remaining))),
+            Ok((r, status)) => Ok((Some(Reservation::Local(r)), u64::from(status.remaining))),
             Err(limited) => Err(refused(limited.retry_after)),
         }
     }
@@ -132,7 +152,9 @@ impl Quotas {
             Some(Reservation::Local(r)) => r.settle(used),
             Some(Reservation::Shared(r)) => {
                 if let Some(shared) = &self.shared {
-                    let _ = shared.settle_tokens(&r, used).await;
+                    if shared.settle_tokens(&r, used).await.is_err() {
+                        shared.settle_tokens_later(r, used);
+                    }
                 }
             }
         }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::client::{request, Response};
-use crate::keyed::as_key;
+use crate::client::Response;
+use crate::keyed::{as_key, as_key_with};
 
 const BOUNDARY: &str = "lumen-test-boundary-7d3f";
 
@@ -46,20 +46,12 @@ pub async fn call(
     body: &[u8],
     json_body: bool,
 ) -> Response {
-    let auth = format!("Bearer {key}");
-    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    let mut headers = vec![("authorization", auth.as_str())];
-    if !body.is_empty() {
-        headers.push((
-            "content-type",
-            if json_body {
-                "application/json"
-            } else {
-                ct.as_str()
-            },
-        ));
-    }
-    request(addr, method, path, &headers, body).await.unwrap()
+    let content_type = if json_body {
+        "application/json".to_string()
+    } else {
+        format!("multipart/form-data; boundary={BOUNDARY}")
+    };
+    as_key_with(addr, method, path, key, body, &content_type).await
 }
 
 /// Uploads `lines` as a batch input file.

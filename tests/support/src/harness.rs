@@ -635,6 +635,31 @@ impl RedisCluster {
         failed && info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
     }
 
+    /// The port of the primary holding a key that matches `pattern` (`--scan`).
+    pub fn primary_holding(&self, pattern: &str) -> u16 {
+        self.primaries()
+            .into_iter()
+            .find(|port| {
+                !redis_cli(&["-p", &port.to_string(), "--scan", "--pattern", pattern])
+                    .trim()
+                    .is_empty()
+            })
+            .unwrap_or_else(|| panic!("no primary holds {pattern}:\n{}", self.view()))
+    }
+
+    /// The keys matching `pattern` on every primary, with the port holding each.
+    pub fn keys(&self, pattern: &str) -> Vec<(u16, String)> {
+        self.primaries()
+            .into_iter()
+            .flat_map(|port| {
+                redis_cli(&["-p", &port.to_string(), "--scan", "--pattern", pattern])
+                    .lines()
+                    .map(|k| (port, k.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// SIGKILLs the node on `port` (a crash).
     pub fn kill(&mut self, port: u16) {
         for (p, _, child) in &mut self.nodes {

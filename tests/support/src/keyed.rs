@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::client::{request, Client, Response};
+use crate::client::{request, Response};
 use crate::harness::Lumen;
+use crate::openai::bearer;
 
 /// `method path` on `addr` as the holder of `key` (`Authorization: Bearer KEY`), with `body` as
 /// JSON when given. Panics when no response comes.
@@ -20,28 +21,49 @@ pub async fn as_key(
     key: &str,
     body: Option<&Value>,
 ) -> Response {
-    let auth = format!("Bearer {key}");
     let body = body.map(Value::to_string).unwrap_or_default();
+    as_key_with(addr, method, path, key, body.as_bytes(), "application/json").await
+}
+
+/// [`as_key`] with a body of any `content_type` (sent only with a body).
+pub async fn as_key_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &[u8],
+    content_type: &str,
+) -> Response {
+    let auth = bearer(key);
     let mut headers = vec![("authorization", auth.as_str())];
     if !body.is_empty() {
-        headers.push(("content-type", "application/json"));
+        headers.push(("content-type", content_type));
     }
-    request(addr, method, path, &headers, body.as_bytes())
-        .await
-        .unwrap()
+    request(addr, method, path, &headers, body).await.unwrap()
 }
 
 /// Polls `GET /v1/jobs/{id}` on `addr` until the job is completed, failed or cancelled.
 pub async fn wait_job(addr: SocketAddr, key: &str, id: &str, limit: Duration) -> Value {
+    wait_job_until(addr, key, id, &["completed", "failed", "cancelled"], limit).await
+}
+
+/// Polls `GET /v1/jobs/{id}` on `addr` until the job's status is one of `want`.
+pub async fn wait_job_until(
+    addr: SocketAddr,
+    key: &str,
+    id: &str,
+    want: &[&str],
+    limit: Duration,
+) -> Value {
     let deadline = Instant::now() + limit;
     loop {
         let v = as_key(addr, "GET", &format!("/v1/jobs/{id}"), key, None)
             .await
             .json();
-        if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap_or("")) {
+        if want.contains(&v["status"].as_str().unwrap_or("")) {
             return v;
         }
-        assert!(Instant::now() < deadline, "job never ended: {v}");
+        assert!(Instant::now() < deadline, "wanted {want:?}: {v}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -75,14 +97,7 @@ pub async fn chat_burst(nodes: &[SocketAddr], key: &str, n: usize) -> Vec<u16> {
 /// One chat request (model `fast`) as `key` to `addr`: its status, 0 when no answer came (a
 /// node that is down or dying).
 pub async fn chat_status(addr: SocketAddr, key: &str) -> u16 {
-    let Ok(mut c) = Client::connect(addr).await else {
-        return 0;
-    };
-    let body = crate::openai::chat("fast", "hi");
-    let auth = format!("Bearer {key}");
-    c.post_json("/v1/chat/completions", &[("authorization", &auth)], &body)
-        .await
-        .map_or(0, |r| r.status)
+    crate::openai::chat_status(addr, key, &crate::openai::chat("fast", "hi")).await
 }
 
 /// How many of `statuses` are `status`.
@@ -92,10 +107,12 @@ pub fn count(statuses: &[u16], status: u16) -> usize {
 
 /// `GET path` on the admin listener, as JSON.
 pub async fn admin(lumen: &Lumen, path: &str) -> Value {
-    request(lumen.admin, "GET", path, &[], b"")
-        .await
-        .unwrap()
-        .json()
+    admin_at(lumen.admin, path).await
+}
+
+/// `GET path` on the admin listener at `admin`, as JSON.
+pub async fn admin_at(admin: SocketAddr, path: &str) -> Value {
+    request(admin, "GET", path, &[], b"").await.unwrap().json()
 }
 
 /// The budget `scope:name` as `/admin/budgets` shows it.
@@ -119,19 +136,11 @@ pub fn micros(v: &Value) -> i64 {
     (usd * 1e6).round() as i64
 }
 
-/// `GET /admin/redis` on the admin listener `admin`.
-async fn admin_redis(admin: SocketAddr) -> Value {
-    request(admin, "GET", "/admin/redis", &[], b"")
-        .await
-        .unwrap()
-        .json()
-}
-
 /// Polls `/admin/redis` until `ok` holds (20 s at most); the view that matched.
 pub async fn topology_until(admin: SocketAddr, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let seen = admin_redis(admin).await;
+        let seen = admin_at(admin, "/admin/redis").await;
         if ok(&seen) {
             return seen;
         }
@@ -171,4 +180,12 @@ pub async fn by_op(admin: SocketAddr, metric: &str) -> BTreeMap<String, f64> {
 pub fn yaml_list(urls: &[String]) -> String {
     let quoted: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
     format!("[{}]", quoted.join(", "))
+}
+
+/// Failed Redis calls on one node (its admin listener `admin`), all operations together.
+pub async fn redis_errors(admin: SocketAddr) -> u64 {
+    by_op(admin, "lumen_redis_errors_total")
+        .await
+        .values()
+        .sum::<f64>() as u64
 }

@@ -3,11 +3,14 @@
 //! client is a small HTTP/1.1 client that records when each chunk arrives; the mock is an
 //! OpenAI-compatible upstream (the only stand-in we allow: cloud providers cannot be reached
 //! from tests). `openai` builds the requests tests send; `keyed` sends them as a key's holder
-//! and reads the admin reports back; `batch` speaks the Batch API.
+//! and reads the admin reports back; `batch` speaks the Batch API; `failover` and `chaos` drive
+//! a fleet through a Redis failover and through parts dying.
 
 pub mod batch;
 pub mod blocking;
+pub mod chaos;
 pub mod client;
+pub mod failover;
 pub mod harness;
 pub mod json_prefix;
 pub mod keyed;

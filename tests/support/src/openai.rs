@@ -5,6 +5,8 @@
 //! Bodies are `serde_json::Value`s a test may still change before sending; each builder spells
 //! out the one user message, so two tests that send different words say so at the call.
 
+use std::net::SocketAddr;
+
 use serde_json::{json, Value};
 
 use crate::client::{Client, Response};
@@ -62,20 +64,26 @@ impl Lumen {
             .await
     }
 
-    /// The status of [`Lumen::post_chat_as`], or 0 when the connection broke before a response
-    /// came (a reload swapping listeners, say): for tests that poll until a status changes.
-    /// Panics when it cannot connect at all.
+    /// The status of [`Lumen::post_chat_as`], or 0 when no response came (a reload swapping
+    /// listeners, say): for tests that poll until a status changes.
     pub async fn chat_status(&self, key: &str, body: &Value) -> u16 {
-        let mut c = Client::connect(self.addr).await.unwrap();
-        c.post_json(
-            "/v1/chat/completions",
-            &[("authorization", &bearer(key))],
-            body,
-        )
-        .await
-        .map(|r| r.status)
-        .unwrap_or(0)
+        chat_status(self.addr, key, body).await
     }
+}
+
+/// `POST /v1/chat/completions` with `body` to `addr` as the holder of `key`: its status, 0 when
+/// no response came (a node that is down, dying or swapping listeners).
+pub async fn chat_status(addr: SocketAddr, key: &str, body: &Value) -> u16 {
+    let Ok(mut c) = Client::connect(addr).await else {
+        return 0;
+    };
+    c.post_json(
+        "/v1/chat/completions",
+        &[("authorization", &bearer(key))],
+        body,
+    )
+    .await
+    .map_or(0, |r| r.status)
 }
 
 #[cfg(test)]
