@@ -34,8 +34,14 @@ async fn post(lumen: &Lumen, body: &Value, headers: &[(&str, &str)]) -> Value {
 
 /// A node serving `fast` from the mock, auth off, with `extra` on top (its `tracing:`).
 fn node(mock: &MockUpstream, extra: &str) -> Lumen {
-    Lumen::start(&format!(
-        r#"
+    node_with_env(mock, extra, &[])
+}
+
+/// [`node`] with `env` in its environment.
+fn node_with_env(mock: &MockUpstream, extra: &str, env: &[(&str, &str)]) -> Lumen {
+    Lumen::start_with_env(
+        &format!(
+            r#"
 auth: off
 {extra}
 providers:
@@ -47,8 +53,10 @@ routes:
     targets: [ {{ provider: mock, model: slow-2000 }}, {{ provider: mock, model: up }} ]
     hedge: {{ after: 50ms, budget: 100% }}
 "#,
-        base = mock.base_url()
-    ))
+            base = mock.base_url()
+        ),
+        env,
+    )
 }
 
 fn one<'a>(spans: &'a [Span], what: &str, pick: impl Fn(&Span) -> bool) -> &'a Span {
@@ -456,15 +464,7 @@ async fn a_collector_that_never_answers_fails_no_request_and_drops_are_counted()
     // The same burst through a node without traces, for the figures.
     let plain = node(&mock, "");
     let (plain_took, _) = burst(&plain, total).await;
-    let metrics = request(lumen.admin, "GET", "/metrics", &[], b"")
-        .await
-        .unwrap()
-        .text();
-    let dropped: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("lumen_otel_spans_total{result=\"dropped\"} "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let dropped = spans_counted(&lumen, "dropped").await;
     println!(
         "FIGURES stuck collector: {total} requests in {:.2} s, 0 failed, {dropped} spans \
          dropped; without traces {:.2} s (ratio {:.2})",
@@ -472,7 +472,7 @@ async fn a_collector_that_never_answers_fails_no_request_and_drops_are_counted()
         plain_took.as_secs_f64(),
         took.as_secs_f64() / plain_took.as_secs_f64()
     );
-    assert!(dropped > 0.0, "{metrics}");
+    assert!(dropped > 0.0, "no dropped span counted");
 }
 
 /// `total` chat requests, 16 at a time: how long they took, and how many failed.
@@ -500,4 +500,72 @@ async fn burst(lumen: &Lumen, total: usize) -> (Duration, usize) {
         failed += t.await.unwrap();
     }
     (started.elapsed(), failed)
+}
+
+/// An https:// collector with a private CA (`tls_ca_file`), and a hosted collector's key in
+/// `headers` from the environment: spans arrive over TLS (OTLP/HTTP and gRPC) with the key;
+/// the key is in no log line. A collector whose certificate is not trusted gets nothing, and
+/// the failed exports are counted; requests are served all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_collector_with_a_private_ca_gets_spans_with_the_configured_headers() {
+    let dir = lumen_test_support::harness::tempdir::Dir::new("otlp-tls");
+    lumen_test_support::harness::test_ca(dir.path());
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let (cert, key) = (read("server.pem"), read("server.key"));
+    let ca = dir.path().join("ca.pem");
+    let mock = MockUpstream::start();
+    for protocol in ["http", "grpc"] {
+        let receiver = OtlpReceiver::tls(protocol == "grpc", &cert, &key);
+        assert!(receiver.url().starts_with("https://"));
+        let lumen = node_with_env(
+            &mock,
+            &format!(
+                "tracing: {{ otlp: \"{}\", protocol: {protocol}, tls_ca_file: \"{}\", \
+                 headers: {{ X-Collector-Key: \"${{OTLP_KEY}}\" }}, export_every: 200ms }}",
+                receiver.url(),
+                ca.display()
+            ),
+            &[("OTLP_KEY", "otlp-s3cret-key")],
+        );
+        post(&lumen, &chat("fast", "over tls"), &[]).await;
+        receiver.wait_for(Duration::from_secs(20), request_and_attempt);
+        let keys = receiver.headers("x-collector-key");
+        assert!(
+            !keys.is_empty() && keys.iter().all(|k| k == "otlp-s3cret-key"),
+            "{protocol}: {keys:?}"
+        );
+        assert!(!lumen.log().contains("otlp-s3cret-key"), "{}", lumen.log());
+    }
+
+    // The system's roots do not hold the test CA: the handshake fails, nothing arrives, the
+    // failures are counted, and requests are served.
+    let receiver = OtlpReceiver::tls(false, &cert, &key);
+    let lumen = node(
+        &mock,
+        &format!(
+            "tracing: {{ otlp: \"{}\", export_every: 200ms, timeout: 1s }}",
+            receiver.url()
+        ),
+    );
+    post(&lumen, &chat("fast", "untrusted"), &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spans_counted(&lumen, "failed").await == 0.0 {
+        assert!(Instant::now() < deadline, "no failed export counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(receiver.spans().is_empty());
+}
+
+/// `lumen_otel_spans_total{result}` on `lumen` now.
+async fn spans_counted(lumen: &Lumen, result: &str) -> f64 {
+    let metrics = request(lumen.admin, "GET", "/metrics", &[], b"")
+        .await
+        .unwrap()
+        .text();
+    let line = format!("lumen_otel_spans_total{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

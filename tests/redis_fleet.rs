@@ -247,76 +247,12 @@ impl Drop for Killed {
     }
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let status = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is installed by scripts/setup.sh");
-    assert!(status.success(), "openssl {args:?}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_and_an_acl_user_reach_redis_and_a_wrong_password_is_refused() {
     let dir = lumen_test_support::harness::tempdir::Dir::new("redis-tls");
     let at = dir.path();
     // A private CA and a server certificate for 127.0.0.1.
-    openssl(
-        at,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=lumen-test-ca",
-        ],
-    );
-    openssl(
-        at,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    std::fs::write(at.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(
-        at,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    lumen_test_support::harness::test_ca(at);
     let port = lumen_test_support::harness::free_port();
     let _redis = Killed(
         std::process::Command::new("redis-server")

@@ -88,7 +88,10 @@ pub fn parse(
         // happens to occur inside some provider key is still written in the file.
         .filter(|(_, secret)| {
             !substituted.values.iter().any(|v| {
-                v == secret || lumen_plugins::redis_link::url_password(v) == Some(secret.as_str())
+                v == secret
+                    // `redis://${REDIS_CREDS}@host` with `user:pw` in the variable.
+                    || v.split_once(':').is_some_and(|(_, pw)| pw == secret)
+                    || lumen_plugins::redis_link::url_password(v) == Some(secret.as_str())
             })
         })
         .map(|(at, _)| {

@@ -92,7 +92,8 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTracing {
-    /// The collector: `http://collector:4318` (OTLP/HTTP) or `http://collector:4317` (gRPC).
+    /// The collector: `http://collector:4318` (OTLP/HTTP) or `http://collector:4317` (gRPC);
+    /// `https://` for TLS.
     pub otlp: String,
     /// `http` (protobuf over HTTP, the default) or `grpc`.
     #[serde(default = "default_otlp_protocol")]
@@ -103,7 +104,7 @@ pub struct RawTracing {
     pub sample: f64,
     #[serde(default = "default_service_name")]
     pub service_name: String,
-    /// Record prompts on spans (off: they may hold personal data).
+    /// Record prompts and answers on spans (off: they may hold personal data).
     #[serde(default)]
     pub capture_content: bool,
     /// Continue a client's `traceparent` (and follow its sampling choice). `false` on a public
@@ -116,6 +117,12 @@ pub struct RawTracing {
     /// How often ended spans are sent.
     #[serde(default = "default_export_every", with = "duration")]
     pub export_every: Duration,
+    /// A private CA for an https:// collector (PEM); the system's roots otherwise.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Headers sent with every export (a hosted collector's key: `${OTLP_KEY}`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 fn default_otlp_protocol() -> String {

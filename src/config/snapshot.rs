@@ -435,16 +435,39 @@ fn tracing_settings(
         }
     };
     match t.otlp.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {}
-        Ok(uri) if uri.scheme_str() == Some("https") => problems.push(Problem::at(
-            "tracing.otlp",
-            "https collectors are not supported: send to a collector on this host or \
-             network over http:// (it may forward over TLS)",
-        )),
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
         _ => problems.push(Problem::at(
             "tracing.otlp",
-            format!("`{}` is not an http:// URL", t.otlp),
+            format!("`{}` is not an http:// or https:// URL", t.otlp),
         )),
+    }
+    let tls_ca = t
+        .tls_ca_file
+        .as_ref()
+        .and_then(|path| match std::fs::read(path) {
+            Ok(pem) if crate::telemetry::pem_certificates(&pem).is_ok() => Some(pem),
+            Ok(_) => {
+                let why = format!("{} holds no PEM certificate", path.display());
+                problems.push(Problem::at("tracing.tls_ca_file", why));
+                None
+            }
+            Err(e) => {
+                let why = format!("cannot read {}: {e}", path.display());
+                problems.push(Problem::at("tracing.tls_ca_file", why));
+                None
+            }
+        });
+    let mut headers = Vec::new();
+    for (name, value) in t.headers {
+        let name = name.to_ascii_lowercase();
+        let named = http::HeaderName::from_bytes(name.as_bytes()).is_ok();
+        if !named || http::HeaderValue::from_str(&value).is_err() {
+            // The value may be a substituted secret: only the name is quoted.
+            let at = format!("tracing.headers.{name}");
+            problems.push(Problem::at(at, "not a valid HTTP header name and value"));
+        } else {
+            headers.push((name, value));
+        }
     }
     if !(0.0..=1.0).contains(&t.sample) {
         problems.push(Problem::at(
@@ -470,6 +493,8 @@ fn tracing_settings(
         trust_traceparent: t.trust_traceparent,
         timeout: t.timeout,
         every: t.export_every,
+        tls_ca,
+        headers,
     })
 }
 

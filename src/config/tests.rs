@@ -321,8 +321,17 @@ fn tracing_is_off_by_default_and_checked_when_on() {
     ] {
         assert!(e.contains(want), "{want} missing from: {e}");
     }
-    let e = parse_err(&format!(
-        "{GOOD}tracing: {{ otlp: \"https://collector:4318\" }}\n"
+    // https:// with headers whose values come from the environment, and never show.
+    let hosted = parse_ok(&format!(
+        "{GOOD}tracing: {{ otlp: \"https://api.collector.example\", headers: {{ X-Key: \"${{GROQ_API_KEY}}\" }} }}\n"
     ));
-    assert!(e.contains("https collectors are not supported"), "{e}");
+    let t = hosted.tracing.unwrap();
+    assert_eq!(t.headers, [("x-key".to_string(), "gsk-secret".to_string())]);
+    assert!(!format!("{t:?}").contains("gsk-secret"), "{t:?}");
+    let e = parse_err(&format!(
+        "{GOOD}tracing: {{ otlp: \"https://c:4318\", tls_ca_file: /nonexistent/ca.pem, headers: {{ \"bad name\": \"${{GROQ_API_KEY}}\" }} }}\n"
+    ));
+    assert!(e.contains("tracing.tls_ca_file"), "{e}");
+    assert!(e.contains("tracing.headers.bad name"), "{e}");
+    assert!(!e.contains("gsk-secret"), "{e}");
 }

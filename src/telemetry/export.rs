@@ -1,5 +1,5 @@
-//! Getting spans out: the OTLP exporter (HTTP/protobuf or gRPC), behind the SDK's batch
-//! processor, bounded and counted.
+//! Getting spans out: the OTLP exporter (HTTP/protobuf or gRPC, over TLS for https://, with
+//! the configured headers), behind the SDK's batch processor, bounded and counted.
 //!
 //! The SDK's `BatchSpanProcessor` runs on its own thread with a bounded queue, and never blocks
 //! a request: a span that finds the queue full is dropped. It counts such drops privately
@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use opentelemetry::Context;
 use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::tonic_types::metadata::MetadataMap;
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SpanData, SpanExporter, SpanProcessor,
@@ -26,6 +28,7 @@ use opentelemetry_sdk::Resource;
 use prometheus::IntCounter;
 
 use super::settings::{OtlpProtocol, TelemetryError, TracingSettings};
+use super::tls::{self, Connector};
 
 /// Spans waiting for export, at most: past it, spans are dropped (and counted).
 pub const MAX_QUEUE: usize = 4096;
@@ -57,10 +60,11 @@ fn io_runtime() -> Result<&'static tokio::runtime::Runtime, TelemetryError> {
     Ok(RUNTIME.get_or_init(|| rt))
 }
 
-/// The SDK's hyper client, its requests run on [`io_runtime`].
+/// The SDK's hyper client (over [`Connector`]: http:// and https://), its requests run on
+/// [`io_runtime`].
 #[derive(Debug, Clone)]
 struct OnRuntime {
-    inner: opentelemetry_http::hyper::HyperClient,
+    inner: opentelemetry_http::hyper::HyperClient<Connector>,
     rt: tokio::runtime::Handle,
 }
 
@@ -88,8 +92,10 @@ pub fn exporter(
             } else {
                 format!("{base}/v1/traces")
             };
+            let connector = Connector::new(tls::client_config(settings.tls_ca.as_deref())?);
             let client = OnRuntime {
-                inner: opentelemetry_http::hyper::HyperClient::with_default_connector(
+                inner: opentelemetry_http::hyper::HyperClient::new(
+                    connector,
                     settings.timeout,
                     None,
                 ),
@@ -101,16 +107,35 @@ pub fn exporter(
                 .with_endpoint(endpoint)
                 .with_protocol(Protocol::HttpBinary)
                 .with_timeout(settings.timeout)
+                .with_headers(settings.headers.iter().cloned().collect())
                 .build()
         }
         OtlpProtocol::Grpc => {
             // tonic's channel starts its worker on the runtime it is built in.
             let _in = rt.enter();
-            opentelemetry_otlp::SpanExporter::builder()
+            let mut metadata = http::HeaderMap::new();
+            for (name, value) in &settings.headers {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(name.as_bytes()),
+                    http::HeaderValue::from_str(value),
+                ) {
+                    metadata.insert(n, v);
+                }
+            }
+            let builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(settings.otlp.clone())
                 .with_timeout(settings.timeout)
-                .build()
+                .with_metadata(MetadataMap::from_headers(metadata));
+            if settings.otlp.starts_with("https://") {
+                let tls = match &settings.tls_ca {
+                    Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                    None => ClientTlsConfig::new().with_native_roots(),
+                };
+                builder.with_tls_config(tls).build()
+            } else {
+                builder.build()
+            }
         }
     };
     built.map_err(|e| TelemetryError::Exporter(e.to_string()))

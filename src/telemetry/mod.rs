@@ -9,7 +9,8 @@
 //! server span its child, so a trace crosses the client, every node it passes and the provider.
 //! A job's submit hands its trace to the worker that runs it (`jobs`).
 //!
-//! Prompts are recorded only with `capture_content: true` (answers are not recorded).
+//! Prompts and answers are recorded only with `capture_content: true`. A collector may be
+//! https:// (`tls`: the system's roots or `tls_ca_file`), with `headers` on every export.
 //!
 //! Spans are built with the `opentelemetry` API directly, in the request's own state
 //! ([`RequestTrace`], in `RequestCtx`): nothing global, nothing on the `tracing` crate's hot
@@ -20,9 +21,11 @@
 mod export;
 mod settings;
 pub mod spans;
+mod tls;
 mod tracer;
 
 pub use export::{SpanCounters, MAX_QUEUE};
 pub use settings::{OtlpProtocol, TelemetryError, TracingSettings};
 pub use spans::RequestTrace;
+pub use tls::pem_certificates;
 pub use tracer::Telemetry;

@@ -218,10 +218,6 @@ impl Creditor for SharedBudgets {
         &self.owed
     }
 
-    fn link(&self) -> &Arc<RedisLink> {
-        &self.link
-    }
-
     fn charge(self: Arc<Self>, windows: Self::Target, id: String, amount: u64) -> OwedCharge {
         Box::pin(async move {
             // A settlement of a reservation never made: it spends `amount`, once.
@@ -303,10 +299,15 @@ impl SharedBudgets {
         let id = match crate::redis_link::write_id() {
             Ok(id) => id,
             Err(error) => {
-                // Nothing was sent: nothing to cancel, nothing a settle could find.
+                // Nothing was sent: nothing to cancel; what the request spends is still owed
+                // to these windows.
+                let windows = charges
+                    .iter()
+                    .flat_map(|c| c.budget.limits().map(|(p, _)| (self.key(&c.id, p), p)))
+                    .collect();
                 let pending = SharedReservation {
                     id: String::new(),
-                    windows: Vec::new(),
+                    windows,
                     amount,
                 };
                 return Err(Unanswered { error, pending });
@@ -514,17 +515,18 @@ impl SharedBudgetGuard {
     }
 
     /// Charges `actual` to the budgets of an [`SharedBudgetGuard::unanswered`] reservation once
-    /// Redis answers: by its id when it may have been made (which also releases it), else
-    /// added to what this node owes those budgets (one write per budget, however many
-    /// requests).
+    /// Redis answers: added to what this node owes those budgets (one write per budget,
+    /// however many requests), and the reservation, if it may have been made, released by its
+    /// id.
     pub fn owe(mut self, actual: Micros) {
         let Some(reservation) = self.reservation.take() else {
             return;
         };
+        owe(&self.budgets, reservation.windows.clone(), actual);
         if self.made {
-            self.budgets.settle_later(reservation, actual);
-        } else {
-            owe(&self.budgets, reservation.windows, actual);
+            // What it may hold is given back by its own id (dropped in a long outage, it is
+            // released once held past its time).
+            self.budgets.cancel_later(reservation);
         }
     }
 

@@ -53,16 +53,20 @@ return {1, nxt - now, 0}
 ";
 
 /// Token windows on Redis time. KEYS[1]: the reservation's settled marker, KEYS[2]: its
-/// record (what it holds), then one hash per window length (`i`: window index, `u`: used);
-/// ARGV: estimate, ms the record lives (0: no record, for counts never settled), then
-/// (length ms, limit) per window. All or nothing; a reservation that arrives after it was
-/// settled (cancelled) reserves nothing.
+/// record (`estimate,index,index…`: what it holds, and in which window of each length), then
+/// one hash per window length (`i`: window index, `u`: used); ARGV: estimate, ms the record
+/// lives (0: no record, for counts never settled), then (length ms, limit) per window. All or
+/// nothing. A reservation that arrives after it was settled (cancelled) reserves nothing; one
+/// sent again after its reply was lost finds its record and reserves nothing more.
 /// Returns {1, index, used, ms to reset, …per window}, {0, window, used, ms to reset} or {2}.
 const RESERVE_TOKENS: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
+local keep = tonumber(ARGV[2]) > 0
+local again = keep and redis.call('EXISTS', KEYS[2]) == 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local est = tonumber(ARGV[1])
+if again then est = 0 end
 local used, idx = {}, {}
 for i = 1, #KEYS - 2 do
   local len, lim = tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
@@ -71,30 +75,35 @@ for i = 1, #KEYS - 2 do
   local u = 0
   if tonumber(cur[1]) == idx[i] then u = tonumber(cur[2]) or 0 end
   used[i] = u
-  if u + est > lim then return {0, i, u, (idx[i] + 1) * len - now} end
+  if not again and u + est > lim then return {0, i, u, (idx[i] + 1) * len - now} end
 end
 local out = {1}
+local rec = ARGV[1]
 for i = 1, #KEYS - 2 do
   local len = tonumber(ARGV[2 * i + 1])
-  redis.call('HSET', KEYS[i + 2], 'i', idx[i], 'u', used[i] + est)
-  redis.call('PEXPIRE', KEYS[i + 2], len * 2)
+  if not again then
+    redis.call('HSET', KEYS[i + 2], 'i', idx[i], 'u', used[i] + est)
+    redis.call('PEXPIRE', KEYS[i + 2], len * 2)
+  end
+  rec = rec .. ',' .. idx[i]
   table.insert(out, idx[i])
   table.insert(out, used[i] + est)
   table.insert(out, (idx[i] + 1) * len - now)
 end
-if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[2], est, 'PX', tonumber(ARGV[2])) end
+if keep and not again then redis.call('SET', KEYS[2], rec, 'PX', tonumber(ARGV[2])) end
 return out
 ";
 
 /// Settles a reservation, once however often it is sent. KEYS as above; ARGV: tokens used, ms
-/// a settled marker lives, then (length ms, window index charged) per window.
+/// a settled marker lives, then (length ms, window index charged, -1 when unknown) per window.
 ///
 /// When the reservation's reply came (marker ms 0), its record is the proof it is unsettled:
-/// no record, nothing to do. When the reply was lost (marker ms > 0, index -1: it may not
-/// have been made), a marker makes the settle apply once and turns away the reservation if
-/// it arrives later. Either way what the record held (nothing, without one) is replaced by
-/// what was used: in the window charged, left alone once it rolled over, or, for -1, in the
-/// current window. Usage never goes below zero. Returns 1, or 0 when settled before.
+/// no record, nothing to do. When the reply was lost (marker ms > 0: it may not have been
+/// made), a marker makes the settle apply once and turns away the reservation if it arrives
+/// later. With a record, what it held is replaced by what was used, in the windows it was
+/// made in (a window that rolled over since is left alone); without one (never made), what
+/// was used is counted in the current windows. Usage never goes below zero. Returns 1, or 0
+/// when settled before.
 const SETTLE_TOKENS: &str = r"
 local marker_ms = tonumber(ARGV[2])
 if marker_ms > 0 then
@@ -102,25 +111,37 @@ if marker_ms > 0 then
 elseif redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
-local held = tonumber(redis.call('GET', KEYS[2])) or 0
+local rec = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[2])
+local held, made = 0, {}
+if rec then
+  local j = 0
+  for part in string.gmatch(rec, '[^,]+') do
+    if j == 0 then held = tonumber(part) or 0 else made[j] = tonumber(part) end
+    j = j + 1
+  end
+end
 local actual = tonumber(ARGV[1])
-local delta = actual - held
-if delta == 0 then return 1 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, #KEYS - 2 do
-  local key, len, want = KEYS[i + 2], tonumber(ARGV[2 * i + 1]), tonumber(ARGV[2 * i + 2])
+  local key, len = KEYS[i + 2], tonumber(ARGV[2 * i + 1])
   local stored = tonumber(redis.call('HGET', key, 'i'))
   local current = math.floor(now / len)
-  if want < 0 then want = current end
-  if stored == want then
-    local v = (tonumber(redis.call('HGET', key, 'u')) or 0) + delta
-    if v < 0 then v = 0 end
-    redis.call('HSET', key, 'u', v)
-  elseif want == current and (stored == nil or stored < current) and actual > 0 then
-    redis.call('HSET', key, 'i', current, 'u', actual)
-    redis.call('PEXPIRE', key, len * 2)
+  if rec then
+    local want = made[i] or tonumber(ARGV[2 * i + 2])
+    if stored == want then
+      local v = (tonumber(redis.call('HGET', key, 'u')) or 0) + actual - held
+      if v < 0 then v = 0 end
+      redis.call('HSET', key, 'u', v)
+    end
+  elseif actual > 0 then
+    if stored == current then
+      redis.call('HSET', key, 'u', (tonumber(redis.call('HGET', key, 'u')) or 0) + actual)
+    elseif stored == nil or stored < current then
+      redis.call('HSET', key, 'i', current, 'u', actual)
+      redis.call('PEXPIRE', key, len * 2)
+    end
   end
 end
 return 1
@@ -250,18 +271,19 @@ impl ReservationGuard {
     }
 
     /// Charges `actual` tokens to the windows of an [`ReservationGuard::unanswered`]
-    /// reservation once Redis answers: by its id when it may have been made (which also
-    /// replaces what it held), else added to what this node owes the bucket (one write per
-    /// bucket, however many requests).
+    /// reservation once Redis answers: added to what this node owes the bucket (one write per
+    /// bucket, however many requests), and the reservation, if it may have been made, given
+    /// back by its id.
     pub fn owe(mut self, actual: u64) {
         let Some(reservation) = self.reservation.take() else {
             return;
         };
+        let lengths = reservation.windows.iter().map(|(len, _)| *len).collect();
+        owe(&self.limiter, (reservation.bucket.clone(), lengths), actual);
         if self.made {
-            self.limiter.settle_tokens_later(reservation, actual);
-        } else {
-            let lengths = reservation.windows.iter().map(|(len, _)| *len).collect();
-            owe(&self.limiter, (reservation.bucket, lengths), actual);
+            // What it may hold is given back by its own id (a refund, which may be dropped
+            // in a long outage: the window then keeps the estimate until it rolls over).
+            self.limiter.settle_tokens_later(reservation, 0);
         }
     }
 
@@ -326,10 +348,6 @@ impl Creditor for SharedLimiter {
 
     fn owed(&self) -> &Owed<SharedLimiter> {
         &self.owed
-    }
-
-    fn link(&self) -> &Arc<RedisLink> {
-        &self.link
     }
 
     fn charge(self: Arc<Self>, (bucket, lengths): Self::Target, id: String, n: u64) -> Charge {

@@ -157,6 +157,9 @@ pub enum SharedError {
     Timeout(Duration),
     #[error("redis is unreachable; next connection attempt in under a second")]
     Backoff,
+    /// Refused before anything was sent.
+    #[error("{0}")]
+    Unsent(&'static str),
 }
 
 /// A write Redis did not answer, with what it would have written: the caller decides whether
@@ -173,13 +176,8 @@ pub struct Unanswered<P> {
 /// answer is an error, for `on_redis_error` to decide.
 pub fn write_id() -> Result<String, SharedError> {
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|_| {
-        let failed = (
-            redis::ErrorKind::IoError,
-            "no random bytes for a reservation id",
-        );
-        SharedError::Redis(failed.into())
-    })?;
+    getrandom::fill(&mut bytes)
+        .map_err(|_| SharedError::Unsent("no random bytes for a reservation id"))?;
     Ok(format!("{:032x}", u128::from_le_bytes(bytes)))
 }
 
@@ -196,7 +194,7 @@ impl SharedError {
     /// Whether the call may have run in Redis (its answer lost): only a call refused before it
     /// was sent (no connection, within a second of the last failed attempt) surely did not.
     pub fn may_have_run(&self) -> bool {
-        !matches!(self, SharedError::Backoff)
+        !matches!(self, SharedError::Backoff | SharedError::Unsent(_))
     }
 }
 
@@ -564,13 +562,20 @@ impl RedisLink {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let attempts = async {
+            // The first try's error, once it was sent: a second try that cannot even connect
+            // must not say nothing was sent.
+            let mut sent: Option<redis::RedisError> = None;
             let mut retried = false;
             loop {
-                let conn = self.connection(name).await?;
+                let conn = match self.connection(name).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(sent.take().map_or(e, SharedError::from)),
+                };
                 match op(conn).await {
                     Err(e) if !retried && conn::stale_master(&e) => {
                         tracing::debug!(error = %e, "redis connection was dead; one more try on its replacement");
                         retried = true;
+                        sent = Some(e);
                     }
                     result => return result.map_err(SharedError::from),
                 }

@@ -3,9 +3,11 @@
 //! Redis answers again, so the fleet's totals still add up to what was used.
 //!
 //! Summed, not one write per request: while Redis is down a node may serve thousands of
-//! requests a second, and what it must remember is one number per budget, however long the
-//! outage lasts. Each sum goes out as one write under a gateway-made id, sent again until
-//! Redis takes it (see [`RedisLink::resend`]): it applies once however often it is sent.
+//! requests a second, and what it must remember is one number per target, however long the
+//! outage lasts. Each target has at most one write in flight, under a gateway-made id, sent
+//! again each second until Redis takes it (it applies once however often it is sent); what is
+//! owed meanwhile waits beside it for the next write. Nothing owed is given up while the
+//! process lives; a node that stops (or is killed) before Redis is back loses what it owed.
 
 // Reachable from the network: no panics (issue 16); tests below may unwrap.
 #![deny(
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{write_id, RedisLink, SharedError};
+use super::{write_id, SharedError};
 
 /// How often the sums owed are sent while there are any.
 const SEND_EVERY: Duration = Duration::from_secs(1);
@@ -38,21 +40,30 @@ pub trait Creditor: Send + Sync + Sized + 'static {
     /// The operation its writes are counted under (`lumen_redis_errors_total{op}`).
     const OP: &'static str;
     fn owed(&self) -> &Owed<Self>;
-    fn link(&self) -> &Arc<RedisLink>;
     fn charge(self: Arc<Self>, target: Self::Target, id: String, amount: u64) -> Charge;
 }
 
 /// Sums owed to a [`Creditor`], per target; kept by the creditor itself.
 pub struct Owed<C: Creditor> {
-    sums: Mutex<HashMap<C::Target, u64>>,
+    state: Mutex<State<C::Target>>,
     /// Whether the task that sends the sums is running.
     sending: AtomicBool,
+}
+
+struct State<T> {
+    /// Owed and not yet in a write.
+    sums: HashMap<T, u64>,
+    /// The write in flight per target: its id and amount.
+    flying: HashMap<T, (String, u64)>,
 }
 
 impl<C: Creditor> Default for Owed<C> {
     fn default() -> Owed<C> {
         Owed {
-            sums: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                sums: HashMap::new(),
+                flying: HashMap::new(),
+            }),
             sending: AtomicBool::new(false),
         }
     }
@@ -60,21 +71,47 @@ impl<C: Creditor> Default for Owed<C> {
 
 impl<C: Creditor> Owed<C> {
     fn add(&self, target: C::Target, amount: u64) {
-        if let Ok(mut sums) = self.sums.lock() {
-            let sum = sums.entry(target).or_insert(0);
+        if let Ok(mut state) = self.state.lock() {
+            let sum = state.sums.entry(target).or_insert(0);
             *sum = sum.saturating_add(amount);
         }
     }
 
-    fn drain(&self) -> Vec<(C::Target, u64)> {
-        match self.sums.lock() {
-            Ok(mut sums) => sums.drain().collect(),
-            Err(_) => Vec::new(),
+    /// The writes to send now: every one in flight, a target's sum becoming its write when
+    /// it has none in flight.
+    fn due(&self) -> Vec<(C::Target, String, u64)> {
+        let Ok(mut state) = self.state.lock() else {
+            return Vec::new();
+        };
+        let State { sums, flying } = &mut *state;
+        let ready: Vec<C::Target> = sums
+            .keys()
+            .filter(|t| !flying.contains_key(*t))
+            .cloned()
+            .collect();
+        for target in ready {
+            let (Some(amount), Ok(id)) = (sums.remove(&target), write_id()) else {
+                continue;
+            };
+            flying.insert(target, (id, amount));
+        }
+        flying
+            .iter()
+            .map(|(t, (id, amount))| (t.clone(), id.clone(), *amount))
+            .collect()
+    }
+
+    fn landed(&self, target: &C::Target) {
+        if let Ok(mut state) = self.state.lock() {
+            state.flying.remove(target);
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.sums.lock().map(|s| s.is_empty()).unwrap_or(true)
+        self.state
+            .lock()
+            .map(|s| s.sums.is_empty() && s.flying.is_empty())
+            .unwrap_or(true)
     }
 }
 
@@ -96,31 +133,45 @@ pub fn owe<C: Creditor>(creditor: &Arc<C>, target: C::Target, amount: u64) {
     runtime.spawn(send(creditor.clone()));
 }
 
-/// Sends what is owed each second until nothing is: each sum as one write, sent again until
-/// Redis takes it.
+/// Clears the sending flag if the task is dropped before it is done (its runtime shut down),
+/// so that a later sum starts a new one.
+struct Sending<C: Creditor> {
+    creditor: Arc<C>,
+    armed: bool,
+}
+
+impl<C: Creditor> Drop for Sending<C> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.creditor.owed().sending.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Sends what is owed each second until nothing is.
 async fn send<C: Creditor>(creditor: Arc<C>) {
+    let mut guard = Sending {
+        creditor: creditor.clone(),
+        armed: true,
+    };
     loop {
         tokio::time::sleep(SEND_EVERY).await;
         let owed = creditor.owed();
-        let due = owed.drain();
-        if due.is_empty() {
-            owed.sending.store(false, Ordering::Release);
-            // A sum added between the drain and the flag is sent too.
-            if !owed.is_empty() && !owed.sending.swap(true, Ordering::AcqRel) {
-                continue;
+        for (target, id, amount) in owed.due() {
+            let sent = creditor.clone().charge(target.clone(), id, amount).await;
+            match sent {
+                Ok(()) => owed.landed(&target),
+                // Redis is still away: everything waits for the next round.
+                Err(_) => break,
             }
-            return;
         }
-        for (target, amount) in due {
-            let Ok(id) = write_id() else {
-                // No id, no write that applies once: kept for the next round.
-                owed.add(target, amount);
-                continue;
-            };
-            let to = creditor.clone();
-            creditor.link().resend(C::OP, move || {
-                to.clone().charge(target.clone(), id.clone(), amount)
-            });
+        if owed.is_empty() {
+            owed.sending.store(false, Ordering::Release);
+            // A sum added between the check and the flag is sent too.
+            if owed.is_empty() || owed.sending.swap(true, Ordering::AcqRel) {
+                guard.armed = false;
+                return;
+            }
         }
     }
 }

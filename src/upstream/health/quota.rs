@@ -122,8 +122,10 @@ impl Quotas {
                     .await
                     .map(|reserved| reserved.map(|(r, status)| (Some(r), status)))
                     .map_err(|unanswered| {
-                        // It may have been made: given back once Redis answers.
-                        shared.settle_tokens_later(unanswered.pending, 0);
+                        // If it may have been made, it is given back once Redis answers.
+                        if unanswered.error.may_have_run() {
+                            shared.settle_tokens_later(unanswered.pending, 0);
+                        }
                         unanswered.error
                     }),
             };

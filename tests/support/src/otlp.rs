@@ -3,7 +3,9 @@
 //! with `opentelemetry-proto`. It keeps every span it receives for tests to read.
 //!
 //! [`OtlpReceiver::stuck`] is a collector that accepts connections and never answers, to show
-//! that a collector in trouble never slows or fails a request.
+//! that a collector in trouble never slows or fails a request. [`OtlpReceiver::tls`] serves
+//! either protocol over TLS (an https:// collector), with a certificate from
+//! [`crate::harness::test_ca`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,8 +15,9 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
 
 /// One received span, its ids in lower-case hex (as in `traceparent`).
 #[derive(Debug, Clone)]
@@ -40,12 +43,20 @@ impl Span {
     }
 }
 
-type Store = Arc<Mutex<Vec<Span>>>;
+/// What the receiver got: the spans, and the headers of every export request.
+#[derive(Default)]
+struct Got {
+    spans: Vec<Span>,
+    headers: Vec<(String, String)>,
+}
+
+type Store = Arc<Mutex<Got>>;
 
 /// A receiver on 127.0.0.1, on its own runtime thread; stops when dropped.
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
-    spans: Store,
+    got: Store,
+    tls: bool,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -59,24 +70,49 @@ enum Mode {
 impl OtlpReceiver {
     /// OTLP/HTTP: `tracing: { otlp: <url()> }`.
     pub fn http() -> OtlpReceiver {
-        OtlpReceiver::start(Mode::Http)
+        OtlpReceiver::start(Mode::Http, None)
     }
 
     /// OTLP/gRPC: `tracing: { otlp: <url()>, protocol: grpc }`.
     pub fn grpc() -> OtlpReceiver {
-        OtlpReceiver::start(Mode::Grpc)
+        OtlpReceiver::start(Mode::Grpc, None)
     }
 
     /// Accepts connections, reads what comes, never answers.
     pub fn stuck() -> OtlpReceiver {
-        OtlpReceiver::start(Mode::Stuck)
+        OtlpReceiver::start(Mode::Stuck, None)
     }
 
-    fn start(mode: Mode) -> OtlpReceiver {
-        let spans: Store = Arc::default();
+    /// OTLP/HTTP (`grpc`: false) or gRPC over TLS, with the certificate and key (PEM) given;
+    /// `url()` is https://.
+    pub fn tls(grpc: bool, cert_pem: &[u8], key_pem: &[u8]) -> OtlpReceiver {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificate");
+        let key = PrivateKeyDer::from_pem_slice(key_pem).expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mode = if grpc { Mode::Grpc } else { Mode::Http };
+        OtlpReceiver::start(
+            mode,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+    }
+
+    fn start(mode: Mode, tls: Option<tokio_rustls::TlsAcceptor>) -> OtlpReceiver {
+        let got: Store = Arc::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let store = spans.clone();
+        let store = got.clone();
+        let secure = tls.is_some();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -89,12 +125,15 @@ impl OtlpReceiver {
                     .expect("ready");
                 let accept = async {
                     while let Ok((stream, _)) = listener.accept().await {
-                        let store = store.clone();
+                        let (store, tls) = (store.clone(), tls.clone());
                         tokio::spawn(async move {
-                            match mode {
-                                Mode::Http => http_connection(stream, store).await,
-                                Mode::Grpc => grpc_connection(stream, store).await,
-                                Mode::Stuck => stuck_connection(stream).await,
+                            match tls {
+                                None => serve(mode, stream, store).await,
+                                Some(tls) => {
+                                    if let Ok(stream) = tls.accept(stream).await {
+                                        serve(mode, stream, store).await;
+                                    }
+                                }
                             }
                         });
                     }
@@ -110,18 +149,31 @@ impl OtlpReceiver {
             .expect("receiver started");
         OtlpReceiver {
             addr,
-            spans,
+            got,
+            tls: secure,
             _stop: stop,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every span received so far.
     pub fn spans(&self) -> Vec<Span> {
-        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let got = self.got.lock().unwrap_or_else(|p| p.into_inner());
+        got.spans.clone()
+    }
+
+    /// The values of header `name` on the export requests received so far.
+    pub fn headers(&self, name: &str) -> Vec<String> {
+        let got = self.got.lock().unwrap_or_else(|p| p.into_inner());
+        got.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Waits until `done` holds for the spans received (or panics after `limit`).
@@ -158,12 +210,27 @@ fn value(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> serde_
     }
 }
 
-/// Decodes one export request into `store`.
-fn keep(body: &[u8], store: &Store) -> bool {
+/// One connection, whatever carries it.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mode: Mode,
+    stream: S,
+    store: Store,
+) {
+    match mode {
+        Mode::Http => http_connection(stream, store).await,
+        Mode::Grpc => grpc_connection(stream, store).await,
+        Mode::Stuck => stuck_connection(stream).await,
+    }
+}
+
+/// Decodes one export request (its `headers`, its protobuf `body`) into `store`.
+fn keep(headers: Vec<(String, String)>, body: &[u8], store: &Store) -> bool {
     let Ok(request) = ExportTraceServiceRequest::decode(body) else {
         return false;
     };
-    let mut out = store.lock().unwrap_or_else(|p| p.into_inner());
+    let mut got = store.lock().unwrap_or_else(|p| p.into_inner());
+    got.headers.extend(headers);
+    let out = &mut got.spans;
     for rs in &request.resource_spans {
         let service = rs
             .resource
@@ -201,7 +268,7 @@ fn keep(body: &[u8], store: &Store) -> bool {
 }
 
 /// HTTP/1.1 with keep-alive: `POST /v1/traces` with a protobuf body (a length, not chunks).
-async fn http_connection(mut stream: TcpStream, store: Store) {
+async fn http_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, store: Store) {
     let mut buf = Vec::new();
     loop {
         let head_end = loop {
@@ -228,7 +295,13 @@ async fn http_connection(mut stream: TcpStream, store: Store) {
             }
         }
         let body: Vec<u8> = buf.drain(..head_end + length).skip(head_end).collect();
-        let ok = head.starts_with("post /v1/traces ") && keep(&body, &store);
+        let headers = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let ok = head.starts_with("post /v1/traces ") && keep(headers, &body, &store);
         let answer: &[u8] = if ok {
             b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
         } else {
@@ -241,7 +314,7 @@ async fn http_connection(mut stream: TcpStream, store: Store) {
 }
 
 /// gRPC over HTTP/2: each message is a 5-byte prefix (compressed flag, length) and protobuf.
-async fn grpc_connection(stream: TcpStream, store: Store) {
+async fn grpc_connection<S: AsyncRead + AsyncWrite + Unpin>(stream: S, store: Store) {
     let Ok(mut connection) = h2::server::handshake(stream).await else {
         return;
     };
@@ -249,6 +322,11 @@ async fn grpc_connection(stream: TcpStream, store: Store) {
         let store = store.clone();
         tokio::spawn(async move {
             let path = request.uri().path().to_string();
+            let headers = request
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
             let mut body = request.into_body();
             let mut data = Vec::new();
             while let Some(Ok(chunk)) = body.data().await {
@@ -258,7 +336,7 @@ async fn grpc_connection(stream: TcpStream, store: Store) {
             let ok = path == "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
                 && data.len() >= 5
                 && data[0] == 0
-                && keep(&data[5..], &store);
+                && keep(headers, &data[5..], &store);
             let head = http::Response::builder()
                 .status(200)
                 .header("content-type", "application/grpc")
@@ -279,7 +357,7 @@ async fn grpc_connection(stream: TcpStream, store: Store) {
     }
 }
 
-async fn stuck_connection(mut stream: TcpStream) {
+async fn stuck_connection<S: AsyncRead + Unpin>(mut stream: S) {
     let mut sink = [0u8; 65536];
     while let Ok(n) = stream.read(&mut sink).await {
         if n == 0 {
