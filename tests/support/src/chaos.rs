@@ -211,7 +211,20 @@ impl SharedRedis {
         }
     }
 
+    /// SIGKILLs the server on `port` once its replica holds every write it acknowledged: its
+    /// writes are paused (they wait, and time out at the nodes) until the replica has caught
+    /// up. Redis replicates asynchronously, so writes a primary acknowledged in its last
+    /// milliseconds can die with it; that loss is Redis's own guarantee, not what this
+    /// scenario measures (the fleet's accounting is, to the micro-dollar).
     fn kill(&mut self, port: u16) {
+        let p = port.to_string();
+        redis_cli(&["-p", &p, "client", "pause", "10000", "write"]);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !caught_up(&redis_cli(&["-p", &p, "info", "replication"]))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         match self {
             SharedRedis::Cluster(c) => c.kill(port),
             SharedRedis::Sentinel(s) => s.kill(port),
@@ -243,6 +256,24 @@ impl SharedRedis {
             }
         }
     }
+}
+
+/// Whether a primary's `INFO replication` shows its replica at the primary's own offset.
+fn caught_up(info: &str) -> bool {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let primary = info
+        .lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let replica = info
+        .lines()
+        .find(|l| l.starts_with("slave0:"))
+        .and_then(|l| field(l, "offset="));
+    primary.is_some() && primary == replica
 }
 
 fn config(mock: &MockUpstream, redis: &SharedRedis) -> String {
