@@ -32,7 +32,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -316,8 +316,27 @@ impl Refusal {
     }
 }
 
+/// Connections accepted whose first bytes have not arrived yet: a draining process waits for
+/// them too (see `drain`), or a connection accepted just before the listener was handed over
+/// would be closed unanswered when the process exits.
+static UNREAD: AtomicUsize = AtomicUsize::new(0);
+
+/// How many accepted connections have sent nothing yet.
+pub fn unread_connections() -> usize {
+    UNREAD.load(Ordering::Acquire)
+}
+
+impl Drop for GuardedStream {
+    fn drop(&mut self) {
+        if self.fresh {
+            UNREAD.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 impl GuardedStream {
     fn new(inner: Stream, limits: ConnLimits, slot: OwnedSemaphorePermit) -> Self {
+        UNREAD.fetch_add(1, Ordering::AcqRel);
         let deadline = Instant::now() + limits.header_timeout;
         let phase = if matches!(inner.selected_alpn_proto(), Some(ALPN::H2)) {
             Phase::Exempt
@@ -360,6 +379,9 @@ impl GuardedStream {
     /// announced itself; a head is counted against `max_header_bytes`.
     fn on_read(&mut self, bytes: &[u8]) -> Result<(), HeadTooLarge> {
         let fresh = std::mem::replace(&mut self.fresh, false);
+        if fresh {
+            UNREAD.fetch_sub(1, Ordering::AcqRel);
+        }
         let header_timeout = self.limits.header_timeout;
         let phase = self.phase_mut();
         if fresh && bytes.starts_with(H2_PREFACE) {

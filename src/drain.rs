@@ -7,7 +7,8 @@
 //! - shortly before the grace period ends it tells every open stream to stop
 //!   ([`Drain::cut`]): each ends with an SSE error event (`server_shutting_down`) and a clean
 //!   end, so clients know to retry;
-//! - as soon as no request is in flight and the services that finish work at shutdown (job
+//! - as soon as no request is in flight, no accepted connection is still to send its first
+//!   request, and the services that finish work at shutdown (job
 //!   workers, sidecar stop, socket clean-up: wrapped in [`Held`]) are done, it writes the usage
 //!   ledger out one last time and the process exits, without waiting out the grace period.
 
@@ -126,7 +127,13 @@ impl BackgroundService for Drainer {
                 );
                 self.drain.cut.send_replace(true);
             }
-            if self.in_flight.get() <= 0 && self.drain.holds.load(Ordering::Acquire) == 0 {
+            // A connection accepted before the listener stopped (or was handed to a new
+            // process) whose request has not arrived yet is waited for as well, until its
+            // request is in flight or the connection ends (the head timeout bounds it).
+            if self.in_flight.get() <= 0
+                && self.drain.holds.load(Ordering::Acquire) == 0
+                && crate::conn::unread_connections() == 0
+            {
                 self.ledger.shutdown().await;
                 if let Some(telemetry) = self.telemetry.clone() {
                     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
