@@ -338,6 +338,31 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
     let output = server.attr("gen_ai.output.messages").as_str().unwrap();
     assert!(output.contains("mock reply from up"), "{output}");
 
+    // Embeddings: the input is recorded, the vectors are not.
+    let embed_parent = client_parent("00f067aa0ba902b6", true);
+    let r = request(
+        lumen.addr,
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("content-type", "application/json"),
+            ("traceparent", embed_parent.as_str()),
+        ],
+        br#"{"model": "fast", "input": ["vectors please"]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter().any(|s| s.parent_span_id == "00f067aa0ba902b6")
+    });
+    let embedded = one(&spans, "the embeddings request", |s| {
+        s.parent_span_id == "00f067aa0ba902b6"
+    });
+    let input = embedded.attr("gen_ai.input.messages").as_str().unwrap();
+    assert!(input.contains("vectors please"), "{input}");
+    assert!(embedded.attr("gen_ai.output.messages").is_null());
+
     // A stream the provider cuts after it began: a 200 to the client, an error on the trace.
     let cut_parent = client_parent("00f067aa0ba902b7", true);
     let body = serde_json::json!({"model": "cut", "stream": true,

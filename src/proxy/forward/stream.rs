@@ -101,7 +101,12 @@ pub(super) async fn stream_to_client(
     ctx.status = head.status.as_u16();
     ctx.stream = sse;
     watch.commit(ctx.status, sse, &provider.name);
-    if ctx.status < 300 && ctx.trace.as_ref().is_some_and(|t| t.captures_content()) {
+    // Answers are messages; vectors and rankings are not recorded.
+    let says = !matches!(
+        ctx.endpoint,
+        Some(crate::openai::Endpoint::Embeddings | crate::openai::Endpoint::Rerank)
+    );
+    if says && ctx.status < 300 && ctx.trace.as_ref().is_some_and(|t| t.captures_content()) {
         watch.record_answer();
     }
     // A whole answer from a priced target was read to its end (see `attempt`): its usage is
