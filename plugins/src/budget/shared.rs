@@ -429,9 +429,9 @@ impl SharedBudgets {
     }
 
     /// Settles `reservation` at `actual` off the caller's path, sent again until Redis takes
-    /// it (a settlement applies once however often it is sent). For a settle that failed on
-    /// the request's path, and for a request served while Redis could not be asked: its cost
-    /// still reaches the fleet's totals once Redis is back.
+    /// it (a settlement applies once however often it is sent): for a settle that failed on
+    /// the request's path, and for a refund (see [`SharedBudgets::cancel_later`]). What a
+    /// request served without Redis spent is owed instead ([`SharedBudgetGuard::owe`]).
     pub fn settle_later(self: &Arc<Self>, reservation: SharedReservation, actual: Micros) {
         if reservation.id.is_empty() {
             return;

@@ -645,8 +645,8 @@ impl SharedLimiter {
     }
 
     /// [`SharedLimiter::settle_tokens`] off the caller's path, sent again until Redis takes
-    /// it: for a settle that failed, a refund, and a request served while Redis could not be
-    /// asked (its tokens still reach the fleet's windows once Redis is back).
+    /// it: for a settle that failed, and a refund. What a request served without Redis used
+    /// is owed instead ([`ReservationGuard::owe`]).
     pub fn settle_tokens_later(self: &Arc<Self>, reservation: SharedReservation, actual: u64) {
         if reservation.id.is_empty() {
             return;

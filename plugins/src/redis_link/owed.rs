@@ -27,6 +27,9 @@ use std::time::Duration;
 
 use super::{write_id, SharedError};
 
+/// Targets owed at most (each one number); an amount for a new target beyond it is dropped.
+const TARGETS_AT_MOST: usize = 100_000;
+
 /// How often the sums owed are sent while there are any.
 const SEND_EVERY: Duration = Duration::from_secs(1);
 
@@ -71,10 +74,21 @@ impl<C: Creditor> Default for Owed<C> {
 
 impl<C: Creditor> Owed<C> {
     fn add(&self, target: C::Target, amount: u64) {
-        if let Ok(mut state) = self.state.lock() {
-            let sum = state.sums.entry(target).or_insert(0);
-            *sum = sum.saturating_add(amount);
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        // Targets are callers' budgets and buckets (a JWT's subjects among them): bounded, so
+        // that a long outage with very many callers cannot grow the map without end.
+        let known = state.sums.contains_key(&target) || state.flying.contains_key(&target);
+        if !known && state.sums.len().saturating_add(state.flying.len()) >= TARGETS_AT_MOST {
+            tracing::warn!(
+                op = C::OP,
+                "too many targets owed to redis; this amount is dropped"
+            );
+            return;
         }
+        let sum = state.sums.entry(target).or_insert(0);
+        *sum = sum.saturating_add(amount);
     }
 
     /// The writes to send now: every one in flight, a target's sum becoming its write when
