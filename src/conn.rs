@@ -49,6 +49,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use crate::spread::{self, Counted, Place, Spread};
+
 /// What the HTTP/2 client connection preface starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
@@ -84,6 +86,15 @@ pub struct Guarded<A> {
     /// When a refusal was last logged (seconds since the Unix epoch): one line a second at most,
     /// since refusals come in floods.
     last_warned: AtomicU64,
+    /// `runtime: per_core`: this thread among its siblings, which connections are spread over.
+    cores: Option<Cores<A>>,
+}
+
+/// The per-core services' apps (one each, by core), and which one is this service's.
+struct Cores<A> {
+    apps: Arc<[Arc<A>]>,
+    spread: Arc<Spread>,
+    me: usize,
 }
 
 impl<A> Guarded<A> {
@@ -93,18 +104,29 @@ impl<A> Guarded<A> {
             limits,
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             last_warned: AtomicU64::new(0),
+            cores: None,
         }
     }
 
-    /// `app` behind the same connection count as `other`: the per-thread proxy services of
-    /// `runtime: per_core` are one listening service to `server.max_connections`.
-    pub fn sharing<B>(app: A, other: &Guarded<B>) -> Self {
-        Guarded {
-            app: Arc::new(app),
-            limits: other.limits,
-            slots: other.slots.clone(),
-            last_warned: AtomicU64::new(0),
-        }
+    /// The per-thread services of `runtime: per_core`, one per app: one listening service to
+    /// `server.max_connections`, whose connections are spread evenly over the threads
+    /// ([`crate::spread`]).
+    pub fn per_core(apps: Vec<A>, limits: ConnLimits, spread: &Arc<Spread>) -> Vec<Self> {
+        let apps: Arc<[Arc<A>]> = apps.into_iter().map(Arc::new).collect();
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        (0..apps.len())
+            .map(|me| Guarded {
+                app: apps[me].clone(),
+                limits,
+                slots: slots.clone(),
+                last_warned: AtomicU64::new(0),
+                cores: Some(Cores {
+                    apps: apps.clone(),
+                    spread: spread.clone(),
+                    me,
+                }),
+            })
+            .collect()
     }
 
     fn warn_refused(&self) {
@@ -137,12 +159,70 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             self.warn_refused();
             return None;
         };
-        let stream = GuardedStream::new(stream, self.limits, slot);
-        self.app.process_new(Box::new(stream), shutdown).await
+        let Some(cores) = &self.cores else {
+            return self.serve_here(stream, slot, None, shutdown).await;
+        };
+        // `runtime: per_core`: a thread ahead of its siblings hands the connection over.
+        let (stream, slot, counted) = match cores.spread.place(cores.me) {
+            Place::Here(counted) => (stream, slot, counted),
+            Place::There(to) => match self.hand_over(cores, to, stream, slot, shutdown) {
+                Ok(()) => return None,
+                Err((stream, slot)) => (stream, slot, cores.spread.count(cores.me)),
+            },
+        };
+        self.serve_here(stream, slot, Some(counted), shutdown).await
     }
 
     async fn cleanup(&self) {
         self.app.cleanup().await
+    }
+}
+
+impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
+    /// A new connection served on this thread.
+    async fn serve_here(
+        &self,
+        stream: Stream,
+        slot: OwnedSemaphorePermit,
+        counted: Option<Counted>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let stream = GuardedStream::new(stream, self.limits, slot, counted);
+        self.app.process_new(Box::new(stream), shutdown).await
+    }
+
+    /// Hands a new connection to core `to`, where it is served to its end (Pingora's loop
+    /// over the connection's requests, run there). What cannot move (TLS, a Unix socket, a
+    /// core without a runtime yet) comes back, to be served here.
+    fn hand_over(
+        &self,
+        cores: &Cores<A>,
+        to: usize,
+        stream: Stream,
+        slot: OwnedSemaphorePermit,
+        shutdown: &ShutdownWatch,
+    ) -> Result<(), (Stream, OwnedSemaphorePermit)> {
+        let (Some(runtime), Some(app)) = (cores.spread.runtime(to), cores.apps.get(to)) else {
+            return Err((stream, slot));
+        };
+        let socket = match spread::detach(stream) {
+            Ok(socket) => socket,
+            Err(stream) => return Err((stream, slot)),
+        };
+        let counted = cores.spread.count(to);
+        let (app, limits, shutdown) = (app.clone(), self.limits, shutdown.clone());
+        runtime.spawn(async move {
+            // Closed when it cannot be registered there (its descriptor dropped).
+            let Some(stream) = socket.attach() else {
+                return;
+            };
+            let stream: Stream = Box::new(GuardedStream::new(stream, limits, slot, Some(counted)));
+            let mut next = app.process_new(stream, &shutdown).await;
+            while let Some(stream) = next {
+                next = app.process_new(stream, &shutdown).await;
+            }
+        });
+        Ok(())
     }
 }
 
@@ -196,6 +276,8 @@ pub struct GuardedStream {
     timer: Pin<Box<Sleep>>,
     /// Released when the connection is dropped.
     _slot: OwnedSemaphorePermit,
+    /// `runtime: per_core`: the connection counted on its thread, until it is dropped.
+    _core: Option<Counted>,
 }
 
 /// Counts a request head's bytes and fields as they arrive, up to the blank line that ends it,
@@ -335,7 +417,12 @@ impl Drop for GuardedStream {
 }
 
 impl GuardedStream {
-    fn new(inner: Stream, limits: ConnLimits, slot: OwnedSemaphorePermit) -> Self {
+    fn new(
+        inner: Stream,
+        limits: ConnLimits,
+        slot: OwnedSemaphorePermit,
+        core: Option<Counted>,
+    ) -> Self {
         UNREAD.fetch_add(1, Ordering::AcqRel);
         let deadline = Instant::now() + limits.header_timeout;
         let phase = if matches!(inner.selected_alpn_proto(), Some(ALPN::H2)) {
@@ -352,6 +439,7 @@ impl GuardedStream {
             refusal: None,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             _slot: slot,
+            _core: core,
         }
     }
 

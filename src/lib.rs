@@ -51,6 +51,7 @@ pub mod price;
 pub mod proxy;
 pub mod routing;
 pub mod session;
+pub mod spread;
 pub mod stored;
 pub mod telemetry;
 pub mod translate;
@@ -111,28 +112,40 @@ pub fn proxy_service(gateway: Gateway) -> Result<Service<conn::Guarded<proxy::Pr
 
 /// `server.runtime: per_core`: `threads` proxy services of one thread each on the same
 /// listening sockets (Pingora's listener table hands every service the socket the first one
-/// bound, so the kernel spreads accepted connections over the threads waiting on it). Each
-/// has an upstream pool of its own ([`Gateway::sibling`]); they share the node, the limits
-/// and one `server.max_connections` count.
+/// bound). Each has an upstream pool of its own ([`Gateway::sibling`]); they share the node,
+/// the limits and one `server.max_connections` count. Whichever thread wakes first accepts
+/// what is queued, so a thread ahead of the others hands new connections over
+/// ([`spread`]). Add them all to one `Server`; the first also takes any other endpoint the
+/// caller adds (`add_uds`).
 pub fn per_core_proxy_services(
     gateway: Gateway,
     threads: usize,
-) -> Result<Vec<Service<conn::Guarded<proxy::Proxy>>>, SetupError> {
-    let siblings: Vec<Gateway> = (1..threads.max(1)).map(|_| gateway.sibling()).collect();
+) -> Result<Vec<spread::CoreService<Service<conn::Guarded<proxy::Proxy>>>>, SetupError> {
+    let threads = threads.max(1);
     let snapshot = gateway.config.load_full();
     let h2c = plaintext_h2c(&snapshot);
-    let mut first = proxy_service(gateway)?;
-    first.threads = Some(1);
-    let mut services = Vec::with_capacity(threads.max(1));
-    for (i, sibling) in siblings.into_iter().enumerate() {
-        let shared = first.app_logic().expect("a new service holds its app");
-        let app = conn::Guarded::sharing(http_proxy(sibling, h2c), shared);
-        let mut service = Service::new(format!("lumen proxy {}", i + 2), app);
+    let limits = snapshot.server.connections;
+    let mut gateways = Vec::with_capacity(threads);
+    for _ in 1..threads {
+        gateways.push(gateway.sibling());
+    }
+    gateways.insert(0, gateway);
+    let apps = gateways.into_iter().map(|g| http_proxy(g, h2c)).collect();
+    let spread = Arc::new(spread::Spread::new(threads));
+    let mut services = Vec::with_capacity(threads);
+    for (i, app) in conn::Guarded::per_core(apps, limits, &spread)
+        .into_iter()
+        .enumerate()
+    {
+        let name = match i {
+            0 => "lumen proxy".to_string(),
+            i => format!("lumen proxy {}", i + 1),
+        };
+        let mut service = Service::new(name, app);
         service.threads = Some(1);
         add_listeners(&mut service, &snapshot)?;
-        services.push(service);
+        services.push(spread::CoreService::new(service, spread.clone(), i));
     }
-    services.insert(0, first);
     Ok(services)
 }
 
@@ -355,23 +368,32 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
     let reload_state = Arc::new(config::reload::ReloadState::default());
     let history = Arc::new(admin::History::default());
     let gateway = Gateway::on(node.clone());
-    let mut proxies = if worker_only {
-        // No listeners but the internal socket below.
-        vec![guarded_proxy(gateway, false)]
-    } else if runtime == RuntimeModel::PerCore {
-        per_core_proxy_services(gateway, threads)?
-    } else {
-        vec![proxy_service(gateway)?]
-    };
     // Workers send jobs through the proxy over this socket (owner-only; one per process).
     let socket = jobs::run::socket_path();
     let _ = std::fs::remove_file(&socket);
-    proxies[0].add_uds(
-        &socket.to_string_lossy(),
-        Some(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
-    );
-    for proxy in proxies {
+    let internal = |service: &mut Service<conn::Guarded<proxy::Proxy>>| {
+        service.add_uds(
+            &socket.to_string_lossy(),
+            Some(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
+        )
+    };
+    if worker_only || runtime != RuntimeModel::PerCore {
+        // A worker has no listeners but the internal socket.
+        let mut proxy = if worker_only {
+            guarded_proxy(gateway, false)
+        } else {
+            proxy_service(gateway)?
+        };
+        internal(&mut proxy);
         server.add_service(proxy);
+    } else {
+        let mut proxies = per_core_proxy_services(gateway, threads)?;
+        if let Some(first) = proxies.first_mut() {
+            internal(&mut first.service);
+        }
+        for proxy in proxies {
+            server.add_service(proxy);
+        }
     }
     server.add_service(held(
         "lumen jobs socket cleanup",

@@ -393,7 +393,9 @@ impl Gateway {
             None => req.model.clone(),
         };
         let body = tokenize::request_body(&req.raw, &model)?;
-        match tokenize::count(&self.counter, &target.provider, body).await {
+        // Boxed: an HTTP exchange's future is some kilobytes, and inline it would be part of
+        // every request's future (moved, so copied, on every request), counted or not.
+        match Box::pin(tokenize::count(&self.counter, &target.provider, body)).await {
             Ok(n) => Some(n),
             Err(e) => {
                 tracing::debug!(provider = %target.provider.name, error = %e, "sidecar token count failed; estimating");

@@ -93,7 +93,17 @@ impl Gateway {
             .trace
             .as_deref()
             .and_then(crate::telemetry::RequestTrace::current);
-        crate::telemetry::spans::within(current, self.serve_request(s, ctx)).await
+        match current {
+            // Boxed: the traced future holds the request's whole future beside its trace.
+            Some(current) => {
+                Box::pin(crate::telemetry::spans::within(
+                    current,
+                    self.serve_request(s, ctx),
+                ))
+                .await
+            }
+            None => self.serve_request(s, ctx).await,
+        }
     }
 
     /// Steps 1–11 for a request that is not a preflight: admission, then the answer.

@@ -27,12 +27,14 @@ pub struct Current {
     cx: Context,
 }
 
-/// Runs `work` as the traced request `current`'s (as is, when it is not traced).
-pub async fn within<F: std::future::Future>(current: Option<Current>, work: F) -> F::Output {
-    match current {
-        Some(current) => CURRENT.scope(current, work).await,
-        None => work.await,
-    }
+/// Runs `work` as the traced request `current`'s. Only traced requests come here: an
+/// untraced one awaits its work as is, so its future is not moved through this one's (a
+/// request's future is some kilobytes, and every move of it is a copy).
+pub fn within<F: std::future::Future>(
+    current: Current,
+    work: F,
+) -> tokio::task::futures::TaskLocalFuture<Current, F> {
+    CURRENT.scope(current, work)
 }
 
 /// A Redis call (`op`: `rate_limit`, `cache`, …) that took `elapsed` and ended now: a child
