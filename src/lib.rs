@@ -125,13 +125,16 @@ pub fn per_core_proxy_services(
     let snapshot = gateway.config.load_full();
     let h2c = plaintext_h2c(&snapshot);
     let limits = snapshot.server.connections;
+    let spread = Arc::new(spread::Spread::new(
+        threads,
+        &gateway.metrics.connections_open,
+    ));
     let mut gateways = Vec::with_capacity(threads);
     for _ in 1..threads {
         gateways.push(gateway.sibling());
     }
     gateways.insert(0, gateway);
     let apps = gateways.into_iter().map(|g| http_proxy(g, h2c)).collect();
-    let spread = Arc::new(spread::Spread::new(threads));
     let mut services = Vec::with_capacity(threads);
     for (i, app) in conn::Guarded::per_core(apps, limits, &spread)
         .into_iter()

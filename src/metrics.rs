@@ -90,6 +90,9 @@ pub struct Metrics {
     /// `max_in_flight`, or the slots a sidecar reports): set at each scrape.
     pub provider_in_flight: IntGaugeVec,
     pub provider_slots: IntGaugeVec,
+    /// `lumen_connections_open{thread}`: client connections each proxy thread serves, in
+    /// `server.runtime: per_core` (whose threads spread connections evenly, `spread.rs`).
+    pub connections_open: IntGaugeVec,
     /// `lumen_usage_flushes_total{result}`: usage ledger writes, `ok` or `error`.
     pub usage_flushes: IntCounterVec,
     /// `lumen_jobs_queued`: async jobs waiting for a worker.
@@ -451,6 +454,11 @@ impl Metrics {
             "Requests a provider takes at once (max_in_flight or a sidecar's reported slots; 0: unbounded)",
             &["provider"],
         );
+        let connections_open = gauge(
+            "lumen_connections_open",
+            "Client connections open on each proxy thread (server.runtime: per_core)",
+            &["thread"],
+        );
         let usage_flushes = counter(
             "lumen_usage_flushes_total",
             "Usage ledger writes to its file or Redis, by result",
@@ -525,6 +533,7 @@ impl Metrics {
             sidecar_restarts,
             provider_in_flight,
             provider_slots,
+            connections_open,
             usage_flushes,
             overhead,
             tokens,

@@ -20,7 +20,6 @@
 //! (its state lives in the stream), and the jobs socket's connections are the node's own.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -29,12 +28,13 @@ use pingora::protocols::l4::stream::Stream as TcpStream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service as ServiceTrait;
+use prometheus::{IntGauge, IntGaugeVec};
 use tokio::runtime::Handle;
 
 /// How many more connections a thread may serve than the least busy one before it hands a
 /// new one over. One would move a connection back and forth between two threads that take
 /// turns accepting; two keeps them within two of each other.
-pub const SLACK: usize = 2;
+pub const SLACK: i64 = 2;
 
 /// The per-core threads' connection counts, and their runtimes once they run.
 #[derive(Debug)]
@@ -42,10 +42,10 @@ pub struct Spread {
     cores: Box<[Core]>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Core {
-    /// Connections this thread serves (counted by [`Counted`]).
-    open: AtomicUsize,
+    /// Connections this thread serves (counted by [`Counted`]): `lumen_connections_open`.
+    open: IntGauge,
     /// The thread's runtime, set when its service starts.
     runtime: OnceLock<Handle>,
 }
@@ -60,9 +60,15 @@ pub enum Place {
 }
 
 impl Spread {
-    pub fn new(cores: usize) -> Spread {
+    /// `cores` threads, whose counts are `gauge`'s series `thread="1"`, `"2"`, ….
+    pub fn new(cores: usize, gauge: &IntGaugeVec) -> Spread {
         Spread {
-            cores: (0..cores.max(1)).map(|_| Core::default()).collect(),
+            cores: (1..=cores.max(1))
+                .map(|thread| Core {
+                    open: gauge.with_label_values(&[&thread.to_string()]),
+                    runtime: OnceLock::new(),
+                })
+                .collect(),
         }
     }
 
@@ -82,11 +88,9 @@ impl Spread {
             .iter()
             .enumerate()
             .filter(|(i, c)| *i != me && c.runtime.get().is_some())
-            .min_by_key(|(_, c)| c.open.load(Ordering::Relaxed));
+            .min_by_key(|(_, c)| c.open.get());
         match least {
-            Some((i, c)) if mine >= c.open.load(Ordering::Relaxed).saturating_add(SLACK) => {
-                Place::There(i)
-            }
+            Some((i, c)) if mine >= c.open.get().saturating_add(SLACK) => Place::There(i),
             _ => Place::Here(self.count(me)),
         }
     }
@@ -94,7 +98,7 @@ impl Spread {
     /// One more connection on `core`, until the returned count is dropped.
     pub fn count(self: &Arc<Self>, core: usize) -> Counted {
         if let Some(c) = self.cores.get(core) {
-            c.open.fetch_add(1, Ordering::Relaxed);
+            c.open.inc();
         }
         Counted {
             spread: self.clone(),
@@ -108,10 +112,8 @@ impl Spread {
     }
 
     /// Connections `core` serves now.
-    pub fn open(&self, core: usize) -> usize {
-        self.cores
-            .get(core)
-            .map_or(0, |c| c.open.load(Ordering::Relaxed))
+    pub fn open(&self, core: usize) -> i64 {
+        self.cores.get(core).map_or(0, |c| c.open.get())
     }
 }
 
@@ -125,7 +127,7 @@ pub struct Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         if let Some(c) = self.spread.cores.get(self.core) {
-            c.open.fetch_sub(1, Ordering::Relaxed);
+            c.open.dec();
         }
     }
 }
@@ -226,12 +228,16 @@ impl<S: ServiceTrait> ServiceTrait for CoreService<S> {
 mod tests {
     use super::*;
 
+    fn gauge() -> IntGaugeVec {
+        IntGaugeVec::new(prometheus::Opts::new("open", "open"), &["thread"]).expect("gauge")
+    }
+
     fn started(cores: usize) -> (Arc<Spread>, tokio::runtime::Runtime) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        let spread = Arc::new(Spread::new(cores));
+        let spread = Arc::new(Spread::new(cores, &gauge()));
         for core in 0..cores {
             spread.started(core, runtime.handle().clone());
         }
@@ -251,7 +257,7 @@ mod tests {
         }
         let (a, b) = (spread.open(0), spread.open(1));
         assert_eq!(a + b, 32);
-        assert!(a.abs_diff(b) <= SLACK, "{a} vs {b}");
+        assert!((a - b).abs() <= SLACK, "{a} vs {b}");
         // Counts go with the connections.
         held.truncate(10);
         assert_eq!(spread.open(0) + spread.open(1), 10);
@@ -261,14 +267,14 @@ mod tests {
 
     #[test]
     fn a_core_not_started_yet_is_never_handed_a_connection() {
-        let spread = Arc::new(Spread::new(2));
+        let spread = Arc::new(Spread::new(2, &gauge()));
         let held: Vec<Counted> = (0..8)
             .map(|_| match spread.place(0) {
                 Place::Here(c) => c,
                 Place::There(to) => panic!("handed to {to}, which has no runtime"),
             })
             .collect();
-        assert_eq!(spread.open(0), held.len());
+        assert_eq!(spread.open(0), held.len() as i64);
     }
 
     #[test]

@@ -82,6 +82,73 @@ async fn per_core_proxies_share_one_rate_limit() {
     assert_eq!((ok, limited), (6, 14), "{statuses:?}");
 }
 
+/// `lumen_connections_open{thread}` as scraped: (thread 1, thread 2).
+async fn open_per_thread(lumen: &Lumen) -> (i64, i64) {
+    let scrape = lumen_test_support::client::request(lumen.admin, "GET", "/metrics", &[], b"")
+        .await
+        .unwrap()
+        .text();
+    let of = |thread: &str| {
+        let series = format!("lumen_connections_open{{thread=\"{thread}\"}} ");
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in the scrape"))
+    };
+    (of("1"), of("2"))
+}
+
+/// Connections opened together are spread over the per-core threads, however the kernel
+/// wakes them: whichever thread wins the listening socket hands connections to the other
+/// once it serves two more. (Without it, a burst could land every connection on one thread:
+/// 2 runs of 6 with 32 connections did.) Three bursts, each checked while held.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_core_threads_share_a_burst_of_connections_evenly() {
+    let mock = MockUpstream::start();
+    let lumen = Lumen::start(&config(&mock, "threads: 2, runtime: per_core"));
+    for burst in 0..3 {
+        let opens = (0..32).map(|_| async {
+            let mut c = Client::connect(lumen.addr).await.unwrap();
+            let answer = c.request("GET", "/healthz", &[], b"").await.unwrap();
+            assert_eq!(answer.status, 200);
+            c
+        });
+        let held = futures::future::join_all(opens).await;
+        // The harness's own probe may still be counted a moment after it closed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let (a, b) = loop {
+            let (a, b) = open_per_thread(&lumen).await;
+            if a + b == 32 || std::time::Instant::now() > deadline {
+                break (a, b);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(a + b, 32, "burst {burst}: {a} + {b} connections counted");
+        assert!(
+            (a - b).abs() <= 2,
+            "burst {burst}: {a} on one thread, {b} on the other"
+        );
+        // A connection handed over is served there: a second request on each.
+        for mut c in held {
+            let answer = c.request("GET", "/healthz", &[], b"").await.unwrap();
+            assert_eq!(answer.status, 200);
+        }
+        // Closed connections are no longer counted.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while open_per_thread(&lumen).await != (0, 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "closed connections still counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // And they were served: a chat request through a handed-over connection's thread works.
+    let resp = lumen.post_chat_as("sk-free", &chat("fast", "hi")).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
 /// `server.max_connections` counts the connections of every per-core proxy together.
 #[tokio::test(flavor = "multi_thread")]
 async fn per_core_proxies_share_one_connection_cap() {
