@@ -719,7 +719,7 @@ mod tests {
 
     fn guarded(io: tokio::io::DuplexStream) -> GuardedStream {
         let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        GuardedStream::new(Box::new(io), LIMITS, slot)
+        GuardedStream::new(Box::new(io), LIMITS, slot, None)
     }
 
     #[tokio::test(start_paused = true)]
