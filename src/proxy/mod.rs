@@ -115,13 +115,13 @@ impl Gateway {
                 method: "CONNECT".into(),
                 path: s.req_header().uri.to_string(),
             };
-            return self.write_error(s, ctx, &e).await;
+            return Box::pin(self.write_error(s, ctx, &e)).await;
         }
         // 1–10: admission, one call per step (admit.rs).
         let (req, route, plan) = match self.admit(s, ctx).await {
             Ok(Admit::Forward(req, route, plan)) => (req, route, plan),
             Ok(Admit::Reply(reply)) => {
-                return self.write_reply(s, ctx, reply.status, reply.body).await;
+                return Box::pin(self.write_reply(s, ctx, reply.status, reply.body)).await;
             }
             Ok(Admit::Hit(plan, entry, req)) => {
                 // Given back before the client has its answer (a hit reserves no tokens).

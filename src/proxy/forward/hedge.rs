@@ -54,11 +54,15 @@ pub(super) async fn arm(
     // From here the permit is held by a guard: a half-open trial that never reports (a
     // panic, a dropped future) is handed back, so the circuit cannot stay stuck.
     let mut permit = PermitGuard::new(permit, &state.model);
-    match up
-        .quotas
-        .take(&provider.quota, &state.provider, up.health)
-        .await
-    {
+    // Most providers have no quota. One that has is counted (in Redis, with a fleet) through
+    // a boxed future: inline, its state (4.6 KiB) would be part of every request's future,
+    // which is moved whole once per request.
+    let taken = if provider.quota.is_empty() {
+        Ok(QuotaHold::default())
+    } else {
+        Box::pin(up.quotas.take(&provider.quota, &state.provider, up.health)).await
+    };
+    match taken {
         Ok(hold) => Some((permit, hold)),
         Err(_) => {
             if let Some(permit) = permit.take() {

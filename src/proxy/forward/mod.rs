@@ -396,7 +396,8 @@ impl Forwarder {
                 }
             }
         }
-        self.give_up(session, ctx, route, last, &states, up).await
+        // Boxed: the error path's writes need not be part of every request's future.
+        Box::pin(self.give_up(session, ctx, route, last, &states, up)).await
     }
 
     /// No attempt succeeded: the client gets the last failure (the provider's own error answer

@@ -154,7 +154,9 @@ impl Quotas {
             Some(Reservation::Local(r)) => r.settle(used),
             Some(Reservation::Shared(r)) => {
                 if let Some(shared) = &self.shared {
-                    if shared.settle_tokens(&r, used).await.is_err() {
+                    // Boxed: a Redis call's state (some KiB) would otherwise be part of the
+                    // future of every request that settles, quota or not.
+                    if Box::pin(shared.settle_tokens(&r, used)).await.is_err() {
                         shared.settle_tokens_later(r, used);
                     }
                 }
