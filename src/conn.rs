@@ -313,23 +313,32 @@ impl HeadScan {
             return Ok(());
         }
         let mut taken = bytes.len();
-        for (i, b) in bytes.iter().enumerate() {
-            match b {
-                b'\n' if self.started => {
-                    self.newlines = self.newlines.saturating_add(1);
-                    if self.newlines == 2 {
-                        self.complete = true;
-                        taken = i.saturating_add(1);
-                        break;
-                    }
-                    self.lines = self.lines.saturating_add(1);
-                }
-                b'\r' | b'\n' => {}
-                _ => {
-                    self.started = true;
-                    self.newlines = 0;
-                }
+        // Line by line (memchr finds each line feed): within a line only whether it holds a
+        // byte other than CR matters, and a header line's first byte tells.
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let end = memchr::memchr(b'\n', rest);
+            let (line, after) = match end {
+                Some(at) => (&rest[..at], &rest[at + 1..]),
+                None => (rest, &rest[rest.len()..]),
+            };
+            if line.iter().any(|&b| b != b'\r') {
+                self.started = true;
+                self.newlines = 0;
             }
+            if end.is_none() {
+                break;
+            }
+            if self.started {
+                self.newlines = self.newlines.saturating_add(1);
+                if self.newlines == 2 {
+                    self.complete = true;
+                    taken = bytes.len() - after.len();
+                    break;
+                }
+                self.lines = self.lines.saturating_add(1);
+            }
+            rest = after;
         }
         self.bytes = self.bytes.saturating_add(taken);
         if self.bytes > max_bytes {
@@ -829,6 +838,57 @@ mod tests {
             .unwrap();
         assert!(scan.complete);
         assert_eq!(scan.bytes, 24);
+    }
+
+    /// The byte-at-a-time scan that `HeadScan::feed` replaced with a line-at-a-time one: the
+    /// reference the new one must match.
+    fn feed_bytewise(scan: &mut HeadScan, bytes: &[u8]) {
+        if scan.complete {
+            return;
+        }
+        let mut taken = bytes.len();
+        for (i, b) in bytes.iter().enumerate() {
+            match b {
+                b'\n' if scan.started => {
+                    scan.newlines += 1;
+                    if scan.newlines == 2 {
+                        scan.complete = true;
+                        taken = i + 1;
+                        break;
+                    }
+                    scan.lines += 1;
+                }
+                b'\r' | b'\n' => {}
+                _ => {
+                    scan.started = true;
+                    scan.newlines = 0;
+                }
+            }
+        }
+        scan.bytes += taken;
+    }
+
+    #[test]
+    fn the_line_scan_counts_as_a_byte_scan_would() {
+        // Every string of up to 8 bytes over {a, CR, LF}, split at every point.
+        let alphabet = [b'a', b'\r', b'\n'];
+        for len in 0..=8u32 {
+            for mut n in 0..3usize.pow(len) {
+                let mut wire = Vec::new();
+                for _ in 0..len {
+                    wire.push(alphabet[n % 3]);
+                    n /= 3;
+                }
+                for split in 0..=wire.len() {
+                    let (mut fast, mut slow) = (HeadScan::default(), HeadScan::default());
+                    for part in [&wire[..split], &wire[split..]] {
+                        let _ = fast.feed(part, 1 << 20);
+                        feed_bytewise(&mut slow, part);
+                    }
+                    assert_eq!(fast, slow, "{wire:?} split at {split}");
+                }
+            }
+        }
     }
 
     #[test]

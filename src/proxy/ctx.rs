@@ -156,11 +156,14 @@ pub struct RequestCtx {
 impl RequestCtx {
     /// Time spent in the gateway itself so far: everything but waiting on providers.
     pub fn overhead(&self) -> Duration {
-        let streamed = self.committed_at.map_or(Duration::ZERO, |t| t.elapsed());
+        // One clock read for all three spans.
+        let now = Instant::now();
+        let since = |t: Instant| now.saturating_duration_since(t);
+        let streamed = self.committed_at.map_or(Duration::ZERO, since);
         let current = self
             .attempt_started
-            .map_or(Duration::ZERO, |t| t.elapsed().saturating_sub(streamed));
-        self.started.elapsed().saturating_sub(
+            .map_or(Duration::ZERO, |t| since(t).saturating_sub(streamed));
+        since(self.started).saturating_sub(
             self.upstream_wait
                 .saturating_add(current)
                 .saturating_add(streamed),
