@@ -124,12 +124,18 @@ pub fn record(entry: &Entry) {
 fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
     let mut line = Vec::with_capacity(e.error.len().saturating_add(256));
     let ts = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let _ = write!(
-        line,
-        "{{\"ts\":{}.{:06},\"kind\":\"access\",\"request_id\":",
-        ts.as_secs(),
-        ts.subsec_micros()
-    );
+    // Numbers through itoa, not `write!`: the line is made for every request.
+    line.extend_from_slice(b"{\"ts\":");
+    number(&mut line, ts.as_secs());
+    line.push(b'.');
+    let mut micros = itoa::Buffer::new();
+    let micros = micros.format(ts.subsec_micros()).as_bytes();
+    line.extend(std::iter::repeat_n(
+        b'0',
+        6usize.saturating_sub(micros.len()),
+    ));
+    line.extend_from_slice(micros);
+    line.extend_from_slice(b",\"kind\":\"access\",\"request_id\":");
     string(&mut line, e.request_id);
     line.extend_from_slice(b",\"key_id\":");
     string(&mut line, e.key_id);
@@ -137,17 +143,22 @@ fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
     string(&mut line, e.method);
     line.extend_from_slice(b",\"path\":");
     string(&mut line, e.path);
-    let _ = write!(line, ",\"status\":{},\"endpoint\":", e.status);
+    line.extend_from_slice(b",\"status\":");
+    number(&mut line, e.status);
+    line.extend_from_slice(b",\"endpoint\":");
     string(&mut line, e.endpoint);
     line.extend_from_slice(b",\"route\":");
     string(&mut line, e.route);
     line.extend_from_slice(b",\"provider\":");
     string(&mut line, e.provider);
-    let _ = write!(
-        line,
-        ",\"stream\":{},\"duration_us\":{},\"first_byte_us\":{}",
-        e.stream, e.duration_us, e.first_byte_us
-    );
+    line.extend_from_slice(if e.stream {
+        b",\"stream\":true,\"duration_us\":"
+    } else {
+        b",\"stream\":false,\"duration_us\":"
+    });
+    number(&mut line, e.duration_us);
+    line.extend_from_slice(b",\"first_byte_us\":");
+    number(&mut line, e.first_byte_us);
     if let Some(cost) = e.cost_micros {
         // Six decimals, exact: a JSON number.
         let _ = write!(
@@ -162,6 +173,10 @@ fn format_line(e: &Entry, now: SystemTime) -> Vec<u8> {
     }
     line.extend_from_slice(b"}\n");
     line
+}
+
+fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Longest value of any one field: a line stays small whatever a client sends (a long path,
@@ -228,5 +243,19 @@ mod tests {
         assert_eq!(v["stream"], true);
         assert!(v.get("error").is_none());
         assert_eq!(v["cost_usd"].as_f64().unwrap(), 1.500042);
+        assert_eq!(v["duration_us"], 1234);
+        assert_eq!(v["first_byte_us"], 1000);
+        // Microseconds keep their six places.
+        let line = format_line(
+            &entry,
+            UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_042),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert!(
+            line.starts_with(b"{\"ts\":1700000000.000042,"),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
+        assert_eq!(v["stream"], true);
     }
 }
