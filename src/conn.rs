@@ -205,6 +205,11 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
         let (Some(runtime), Some(app)) = (cores.spread.runtime(to), cores.apps.get(to)) else {
             return Err((stream, slot));
         };
+        if *shutdown.borrow() {
+            // Shutting down: the other thread may already have let its idle connections go,
+            // and the drain must see this one; it is served where it is.
+            return Err((stream, slot));
+        }
         let socket = match spread::detach(stream) {
             Ok(socket) => socket,
             Err(stream) => return Err((stream, slot)),
@@ -216,7 +221,8 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
             let Some(stream) = socket.attach() else {
                 return;
             };
-            let stream: Stream = Box::new(GuardedStream::new(stream, limits, slot, Some(counted)));
+            let stream: Stream =
+                Box::new(GuardedStream::new(stream, limits, slot, Some(counted)).moved());
             let mut next = app.process_new(stream, &shutdown).await;
             while let Some(stream) = next {
                 next = app.process_new(stream, &shutdown).await;
@@ -278,6 +284,19 @@ pub struct GuardedStream {
     _slot: OwnedSemaphorePermit,
     /// `runtime: per_core`: the connection counted on its thread, until it is dropped.
     _core: Option<Counted>,
+    /// A connection handed over from another thread: Pingora's stream around it has no write
+    /// buffer (Pingora sizes it only as it accepts), so writes are gathered here as Pingora's
+    /// own buffer would, and a response's head and body go out in one send.
+    out: Option<WriteBuf>,
+}
+
+/// Writes held until they fill Pingora's write buffer size or are flushed (tokio's
+/// `BufWriter`'s rule).
+#[derive(Debug, Default)]
+struct WriteBuf {
+    held: Vec<u8>,
+    /// How much of `held` is already written.
+    sent: usize,
 }
 
 /// Counts a request head's bytes and fields as they arrive, up to the blank line that ends it,
@@ -449,6 +468,7 @@ impl GuardedStream {
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             _slot: slot,
             _core: core,
+            out: None,
         }
     }
 
@@ -608,21 +628,79 @@ impl AsyncRead for GuardedStream {
     }
 }
 
+/// Pingora's own write buffer size, which a handed-over connection's writes are held to.
+const WRITE_BUFFER: usize = pingora::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE;
+
+impl GuardedStream {
+    /// A connection handed over from another thread: its writes are buffered here.
+    fn moved(mut self) -> Self {
+        self.out = Some(WriteBuf {
+            held: Vec::with_capacity(WRITE_BUFFER),
+            sent: 0,
+        });
+        self
+    }
+
+    /// Writes out what is held, if anything.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(out) = self.out.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while out.sent < out.held.len() {
+            let rest = out.held.get(out.sent..).unwrap_or_default();
+            match Pin::new(&mut self.inner).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)));
+                }
+                Poll::Ready(Ok(n)) => out.sent = out.sent.saturating_add(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        out.held.clear();
+        out.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl AsyncWrite for GuardedStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let Some(out) = this.out.as_ref() else {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        };
+        if out.held.len().saturating_add(buf.len()) > WRITE_BUFFER {
+            if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        if buf.len() >= WRITE_BUFFER {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        if let Some(out) = this.out.as_mut() {
+            out.held.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if let Err(e) = std::task::ready!(this.poll_send_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -630,17 +708,29 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if this.out.is_some() {
+            // Held like a single write of the first non-empty slice (tokio's default).
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return Pin::new(this).poll_write(cx, first);
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.out.is_none() && self.inner.is_write_vectored()
     }
 }
 
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
+        if self.out.is_some() {
+            let _ = std::future::poll_fn(|cx| self.poll_send_held(cx)).await;
+        }
         self.inner.shutdown().await
     }
 }
@@ -838,6 +928,35 @@ mod tests {
             .unwrap();
         assert!(scan.complete);
         assert_eq!(scan.bytes, 24);
+    }
+
+    #[tokio::test]
+    async fn a_moved_connection_sends_a_head_and_its_body_together_when_flushed() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut stream = guarded(server).moved();
+        stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        stream.write_all(b"{\"ok\":true}").await.unwrap();
+        // Nothing went out yet: held, as Pingora's own buffer would hold it.
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(50), client.read(&mut byte)).await;
+        assert!(early.is_err(), "a write went out before the flush");
+        stream.flush().await.unwrap();
+        let mut got = vec![0u8; 30];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], b"HTTP/1.1 200 OK\r\n\r\n{\"ok\":true}");
+        // A write as large as the buffer goes straight out, after what is held.
+        stream.write_all(b"x").await.unwrap();
+        stream.write_all(&[b'y'; WRITE_BUFFER]).await.unwrap();
+        let mut got = vec![0u8; WRITE_BUFFER + 1];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got[0], b'x');
+        assert!(got[1..].iter().all(|&b| b == b'y'));
+        // Shutting down sends what is held first.
+        stream.write_all(b"tail").await.unwrap();
+        Shutdown::shutdown(&mut stream).await;
+        let mut rest = [0u8; 4];
+        client.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"tail");
     }
 
     /// The byte-at-a-time scan that `HeadScan::feed` replaced with a line-at-a-time one: the

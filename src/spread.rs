@@ -10,7 +10,8 @@
 //! So a thread that accepts a connection while it serves [`SLACK`] more than the least busy
 //! thread hands the connection over, before anything is read from it: the socket leaves this
 //! thread's runtime and is registered with the other's. This costs a few system calls once per
-//! connection, never per request, and only while the threads are uneven. nginx evens its
+//! connection, never per request, and only while the threads are uneven (a moved connection's
+//! writes are buffered by its guard, as Pingora's stream buffers an accepted one's). nginx evens its
 //! workers out the same way in spirit (a worker with most of its connections in use stops
 //! accepting); `SO_REUSEPORT` per thread would spread by a hash of the peer's address, which
 //! is uneven for few connections and cannot move one, and would need one socket per thread in
@@ -214,6 +215,16 @@ impl<S: ServiceTrait> ServiceTrait for CoreService<S> {
 
     fn threads(&self) -> Option<usize> {
         self.service.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        // A graceful upgrade closes the inherited sockets no service claims: without this,
+        // one listener left out of a new config would stay open, queueing connections.
+        self.service.listen_addresses()
+    }
+
+    fn on_startup_delay(&self, time_waited: std::time::Duration) {
+        self.service.on_startup_delay(time_waited)
     }
 
     fn runtime_opts_override(
