@@ -571,6 +571,17 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(days * 86_400 + secs)
     }
 
+    /// The start of today (UTC). A reservation dropped unsettled is refunded at the real
+    /// clock's time, so tests that drop one must charge in the real current windows (with a
+    /// fixed date they broke when that date passed).
+    fn today() -> SystemTime {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        UNIX_EPOCH + Duration::from_secs(secs - secs % 86_400)
+    }
+
     fn charge(id: &str, day: f64, month: Option<f64>) -> Charge {
         Charge {
             id: BudgetId::key(id),
@@ -628,7 +639,7 @@ mod tests {
     #[test]
     fn reservations_refuse_past_the_limit_settle_and_refund() {
         let book = LocalBudgets::default();
-        let now = at(2026, 12, 4, 0);
+        let now = today();
         let charges = [charge("a", 1.0, None)];
         let (r1, s) = book.reserve(&charges, 600_000, now).unwrap();
         assert_eq!(s.remaining, 400_000);
@@ -679,8 +690,8 @@ mod tests {
     #[test]
     fn accounts_of_past_windows_are_swept_and_current_ones_kept() {
         let book = LocalBudgets::default();
-        let yesterday = at(2026, 12, 3, 0);
-        let today = at(2026, 12, 4, 0);
+        let today = today();
+        let yesterday = today - Duration::from_secs(86_400);
         // Many callers, each charged once yesterday and never again.
         for i in 0..2 * SWEEP_EVERY as usize * SHARDS {
             let c = charge(&format!("jwt:idp:{i}"), 1.0, None);
