@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use lumen_test_support::client::request;
+use lumen_test_support::client::{request, Response};
 use lumen_test_support::harness::{scrape_until, RedisServer, Worker};
 use lumen_test_support::keyed::wait_job;
 use lumen_test_support::openai::{chat, chat_job};
@@ -17,19 +17,26 @@ const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const CLIENT_SPAN: &str = "b7ad6b7169203331";
 
 async fn post(lumen: &Lumen, body: &Value, headers: &[(&str, &str)]) -> Value {
+    send(lumen, "/v1/chat/completions", body, headers)
+        .await
+        .json()
+}
+
+/// POSTs `body` as JSON to `path` with `headers`; the reply must be a 200.
+async fn send(lumen: &Lumen, path: &str, body: &Value, headers: &[(&str, &str)]) -> Response {
     let mut headers = headers.to_vec();
     headers.push(("content-type", "application/json"));
     let r = request(
         lumen.addr,
         "POST",
-        "/v1/chat/completions",
+        path,
         &headers,
         body.to_string().as_bytes(),
     )
     .await
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
+    r
 }
 
 /// A node serving `fast` from the mock, auth off, with `extra` on top (its `tracing:`).
@@ -340,19 +347,13 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
 
     // Embeddings: the input is recorded, the vectors are not.
     let embed_parent = client_parent("00f067aa0ba902b6", true);
-    let r = request(
-        lumen.addr,
-        "POST",
+    send(
+        &lumen,
         "/v1/embeddings",
-        &[
-            ("content-type", "application/json"),
-            ("traceparent", embed_parent.as_str()),
-        ],
-        br#"{"model": "fast", "input": ["vectors please"]}"#,
+        &serde_json::json!({"model": "fast", "input": ["vectors please"]}),
+        &[("traceparent", embed_parent.as_str())],
     )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
+    .await;
     let spans = receiver.wait_for(Duration::from_secs(20), |s| {
         s.iter().any(|s| s.parent_span_id == "00f067aa0ba902b6")
     });
@@ -367,19 +368,13 @@ async fn grpc_export_samples_new_traces_and_follows_the_clients_choice() {
     let cut_parent = client_parent("00f067aa0ba902b7", true);
     let body = serde_json::json!({"model": "cut", "stream": true,
         "messages": [{"role": "user", "content": "hi"}]});
-    let r = request(
-        lumen.addr,
-        "POST",
+    send(
+        &lumen,
         "/v1/chat/completions",
-        &[
-            ("content-type", "application/json"),
-            ("traceparent", cut_parent.as_str()),
-        ],
-        body.to_string().as_bytes(),
+        &body,
+        &[("traceparent", cut_parent.as_str())],
     )
-    .await
-    .unwrap();
-    assert_eq!(r.status, 200);
+    .await;
     let spans = receiver.wait_for(Duration::from_secs(20), |s| {
         s.iter().any(|s| s.parent_span_id == "00f067aa0ba902b7")
             && s.iter().filter(|s| s.kind == 3).count() >= 2

@@ -663,7 +663,7 @@ mod tests {
     #[test]
     fn all_or_nothing_across_budgets_and_windows() {
         let book = LocalBudgets::default();
-        let now = at(2026, 12, 4, 0);
+        let now = today();
         let key = charge("a", 10.0, Some(1.0));
         let tenant = Charge {
             id: BudgetId::tenant("t"),
