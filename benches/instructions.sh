@@ -7,6 +7,7 @@
 #
 #   benches/instructions.sh [REQUESTS] [stream]     (after cargo build --release --workspace)
 #   LUMEN_BIN=/tmp/lumen-before benches/instructions.sh    # another build of lumen
+#   LUMEN_PROFILE=dist benches/instructions.sh     # the LTO builds (cargo build --profile dist)
 #   LUMEN_PROFILE_DIR=/tmp/prof benches/instructions.sh   # keeps the dumps (callgrind_annotate)
 #   LUMEN_API=translation benches/instructions.sh [REQUESTS] [stream]
 #       # Lumen alone: the same answer asked for in chat completions, the Responses API and
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 N=${1:-2000}
 STREAM=${2:-}
 [ "$STREAM" = stream ] && STREAM=true || STREAM=false
-R=target/release
+R=target/${LUMEN_PROFILE:-release}
 LUMEN=${LUMEN_BIN:-$R/lumen}
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)"; exit 1; }
 

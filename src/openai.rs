@@ -70,6 +70,16 @@ impl Endpoint {
     /// How many endpoints there are (for tables indexed by [`Endpoint::index`]).
     pub const COUNT: usize = 6;
 
+    /// Every endpoint, in [`Endpoint::index`] order.
+    pub const ALL: [Endpoint; Endpoint::COUNT] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Rerank,
+        Endpoint::Responses,
+        Endpoint::Messages,
+    ];
+
     /// A dense index, `0..COUNT`.
     pub fn index(self) -> usize {
         match self {

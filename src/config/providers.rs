@@ -291,8 +291,22 @@ pub(super) fn build_provider(
     if !problems.is_empty() {
         return Err(problems);
     }
+    let targets = crate::openai::Endpoint::ALL.map(|endpoint| {
+        let path = crate::upstream::provider::endpoint_path(&base_path, p.api, endpoint);
+        let uri =
+            pingora::http::RequestHeader::build_no_case(http::Method::POST, path.as_bytes(), None)
+                .ok()?
+                .uri
+                .clone();
+        // Kept only where a head made from the parsed target writes out the very same bytes.
+        let mut parts = http::Request::new(()).into_parts().0;
+        parts.uri = uri.clone();
+        let head = pingora::http::RequestHeader::from(parts);
+        (head.raw_path() == path.as_bytes()).then_some(uri)
+    });
     Ok(Provider {
         name: name.to_string(),
+        name_value: HeaderValue::from_str(name).ok(),
         peer: Resolver::new(upstream),
         host: HeaderValue::from_str(&host_header).map_err(|_| {
             vec![Problem::at(
@@ -301,6 +315,7 @@ pub(super) fn build_provider(
             )]
         })?,
         base_path,
+        targets,
         api: p.api,
         credential,
         headers,

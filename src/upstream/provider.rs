@@ -18,6 +18,8 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// An upstream, ready to connect to: URL parsed, peer options set, headers encoded.
 pub struct Provider {
     pub name: String,
+    /// `name` as a header value (`x-lumen-provider`), when it is a valid one.
+    pub name_value: Option<HeaderValue>,
     /// The provider's Pingora peer, built once per resolved address (connections are pooled by
     /// the peer's hash, so requests share them).
     pub peer: Resolver,
@@ -25,6 +27,10 @@ pub struct Provider {
     pub host: HeaderValue,
     /// The base URL's path without a trailing slash (`/openai/v1`); endpoint paths follow it.
     pub base_path: String,
+    /// Each endpoint's request target here ([`Provider::path`]) parsed once, by
+    /// [`crate::openai::Endpoint::index`]: a request without a query string clones it instead
+    /// of parsing its path again (`None`: parsed per request).
+    pub targets: [Option<http::Uri>; crate::openai::Endpoint::COUNT],
     /// The API the provider speaks: what a request to it is translated to, if anything.
     pub api: Api,
     /// The credential header: `Authorization: Bearer <api_key>` (`x-api-key: <api_key>` for
@@ -42,6 +48,27 @@ pub struct Provider {
     pub max_in_flight: Option<u32>,
     /// Its per-attempt metric series, resolved on first use.
     pub series: Series<ProviderSeries>,
+}
+
+impl Provider {
+    /// The path a request from a client of `endpoint` goes to here, without its query.
+    pub fn path(&self, endpoint: crate::openai::Endpoint) -> String {
+        endpoint_path(&self.base_path, self.api, endpoint)
+    }
+}
+
+/// The path under `base_path` that a provider speaking `api` takes `endpoint`'s requests on.
+pub fn endpoint_path(base_path: &str, api: Api, endpoint: crate::openai::Endpoint) -> String {
+    use crate::openai::Endpoint;
+    let suffix = match api {
+        Api::Responses if endpoint == Endpoint::Responses => "/responses",
+        Api::Openai | Api::Responses => endpoint.upstream_suffix(),
+        Api::Anthropic => "/messages",
+    };
+    let mut path = String::with_capacity(base_path.len().saturating_add(24));
+    path.push_str(base_path);
+    path.push_str(suffix);
+    path
 }
 
 impl std::fmt::Debug for Provider {

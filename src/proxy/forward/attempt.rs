@@ -455,15 +455,12 @@ async fn exchange(
 ) -> Result<HttpSession, UpstreamError> {
     let mut stale_retry_left = true;
     loop {
-        let (mut upstream, reused) = connections
-            .get(peer)
+        let (conn, reused) = connections
+            .get_conn(peer)
             .await
             .map_err(|e| classify(provider, &e))?;
-        // Pingora leaves per-read timeouts to the caller: `timeout` bounds the wait for the
-        // response head and then for each body chunk.
-        upstream.set_read_timeout(Some(provider.timeout));
-        upstream.set_write_timeout(Some(provider.timeout));
-        let written = write_request(upstream, &head, body, peer, provider.timeout).await;
+        // Every read and write of the exchange is bounded by the provider's `timeout`.
+        let written = write_request(conn, &head, body, peer, provider.timeout).await;
         let mut upstream = match written {
             Ok(upstream) => upstream,
             Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {

@@ -38,6 +38,25 @@ pub struct Connections {
     max_idle: usize,
 }
 
+/// A connection to a provider as the pool hands it out.
+pub enum Conn {
+    /// An idle HTTP/1 connection taken from the pool.
+    Kept(Stream),
+    /// A connection Pingora's connector made (HTTP/1 or HTTP/2); boxed, as new connections
+    /// are rare and the session is large.
+    New(Box<HttpSession>),
+}
+
+impl Conn {
+    /// The connection as a session to write a request on and read its answer from.
+    pub fn into_session(self, peer: &HttpPeer) -> HttpSession {
+        match self {
+            Conn::Kept(stream) => HttpSession::H1(Http1Session::new_with_options(stream, peer)),
+            Conn::New(session) => *session,
+        }
+    }
+}
+
 /// How often idle connections past their timeout are looked for across all providers.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -83,18 +102,26 @@ impl Connections {
 
     /// A connection to `peer`: the most recently used idle one that is still sound, else a new
     /// one. `true` with a reused connection (a request written on it may find it closed).
+    #[cfg(test)]
     pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
+        let (conn, reused) = self.get_conn(peer).await?;
+        Ok((conn.into_session(peer), reused))
+    }
+
+    /// As `get`, with a reused connection as its bare stream: a request written on it whole
+    /// needs no session until its answer is read (one session made a request, not two).
+    pub async fn get_conn(&self, peer: &HttpPeer) -> pingora::Result<(Conn, bool)> {
         let key = peer.reuse_hash();
         while let Some(mut stream) = self.take(key) {
             if sound(&mut stream) {
-                let h1 = Http1Session::new_with_options(stream, peer);
-                return Ok((HttpSession::H1(h1), true));
+                return Ok((Conn::Kept(stream), true));
             }
         }
         // Boxed: the connect future (a TLS handshake included) is about 9 KiB, and inline it
         // would make every future that awaits this one that much larger, each moved whole
         // once per request.
-        Box::pin(self.connector.get_http_session(peer)).await
+        let (session, reused) = Box::pin(self.connector.get_http_session(peer)).await?;
+        Ok((Conn::New(Box::new(session)), reused))
     }
 
     /// Gives a connection whose exchange ended back for reuse, when its answer was read whole

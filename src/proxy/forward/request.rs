@@ -17,10 +17,12 @@ use std::time::Duration;
 
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
+use pingora::protocols::Stream;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
+use super::pool::Conn;
 use crate::error::{GatewayError, RequestError};
 use crate::openai::{body_with_usage, Endpoint, LlmRequest};
 use crate::proxy::ctx::X_REQUEST_ID;
@@ -226,26 +228,32 @@ pub(super) fn upstream_request(
     request_id: &HeaderValue,
     trace: Option<(HeaderValue, Option<HeaderValue>)>,
 ) -> Result<RequestHeader, GatewayError> {
-    let mut path = String::with_capacity(provider.base_path.len().saturating_add(24));
-    path.push_str(&provider.base_path);
-    path.push_str(match provider.api {
-        Api::Responses if req.endpoint == Endpoint::Responses => "/responses",
-        Api::Openai | Api::Responses => req.endpoint.upstream_suffix(),
-        Api::Anthropic => "/messages",
-    });
-    if let Some(query) = client.uri.query() {
-        append_query(&mut path, query);
-    }
     let internal =
         |e: pingora::BError| GatewayError::Internal(format!("building upstream request: {e}"));
-    // No header-case map: field names go out lowercase (as in HTTP/2), which saves an
-    // allocation per header and a second map per request.
-    let head =
-        RequestHeader::build_no_case(Method::POST, path.as_bytes(), None).map_err(internal)?;
+    let query = client.uri.query().filter(|q| !q.is_empty());
+    let mut parts = match (query, target_for(provider, req.endpoint)) {
+        // Most requests: the target parsed when the config was loaded.
+        (None, Some(uri)) => {
+            let mut parts = http::Request::new(()).into_parts().0;
+            parts.method = Method::POST;
+            parts.uri = uri.clone();
+            parts
+        }
+        _ => {
+            let mut path = provider.path(req.endpoint);
+            if let Some(query) = query {
+                append_query(&mut path, query);
+            }
+            // No header-case map: field names go out lowercase (as in HTTP/2), which saves
+            // an allocation per header and a second map per request.
+            let head = RequestHeader::build_no_case(Method::POST, path.as_bytes(), None)
+                .map_err(internal)?;
+            http::request::Parts::from(head)
+        }
+    };
     // The headers go straight into `http`'s map: Pingora's `append_header` would parse every
     // name again (see `ctx::edit_headers`). The path is origin-form, which the URI carries
     // byte for byte, so nothing is lost on the way out and back.
-    let mut parts = http::request::Parts::from(head);
     let map = &mut parts.headers;
     map.reserve(client.headers.len().saturating_add(6));
     // A Messages client's `anthropic-version` / `anthropic-beta` describe its own API: they
@@ -279,6 +287,11 @@ pub(super) fn upstream_request(
         map.insert(name.clone(), value.clone());
     }
     Ok(RequestHeader::from(parts))
+}
+
+/// The target `provider` takes `endpoint`'s requests on, parsed when its config was loaded.
+fn target_for(provider: &Provider, endpoint: Endpoint) -> Option<&http::Uri> {
+    provider.targets.get(endpoint.index())?.as_ref()
 }
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -317,28 +330,31 @@ pub(super) fn append_query(path: &mut String, query: &str) {
 pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>> {
     // Built in `http`'s map, with no header-case map (as for the provider's request):
     // lowercase field names, parsed once (`ctx::edit_headers` says why).
+    // One pass over the provider's headers (a handful) rather than a lookup per name kept.
     let mut map = HeaderMap::with_capacity(RETURNED.len().saturating_add(8));
-    for name in RETURNED {
-        for value in upstream.headers.get_all(&name) {
+    let mut length = None;
+    let mut request_id = None;
+    for (name, value) in upstream.headers.iter() {
+        if RETURNED.contains(name) {
             map.append(name.clone(), value.clone());
+        } else if name == CONTENT_LENGTH {
+            length = length.or(Some(value));
+        } else if name == X_REQUEST_ID {
+            request_id = request_id.or(Some(value));
         }
     }
     // A JSON answer keeps its length (so the client sees a complete body, or a dropped
     // connection); a stream's is removed by the caller, which may change it.
     // Without a length the body is chunked to the client, whatever the provider's framing
     // (close-delimited would end the client's keep-alive connection).
-    match upstream.headers.get(CONTENT_LENGTH) {
+    match length {
         Some(length) => map.insert(CONTENT_LENGTH, length.clone()),
         None => map.insert(
             http::header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         ),
     };
-    if let Some(id) = upstream
-        .headers
-        .get("x-request-id")
-        .filter(|v| v.len() <= 256)
-    {
+    if let Some(id) = request_id.filter(|v| v.len() <= 256) {
         map.insert(UPSTREAM_REQUEST_ID, id.clone());
     }
     let mut parts = http::Response::new(()).into_parts().0;
@@ -356,7 +372,7 @@ const ONE_WRITE_MAX: usize = 64 * 1024;
 /// Larger requests and HTTP/2 go through Pingora's session as is. Returns the session to read
 /// the answer from.
 pub(super) async fn write_request(
-    upstream: HttpSession,
+    conn: Conn,
     head: &RequestHeader,
     body: &[Bytes],
     peer: &HttpPeer,
@@ -366,12 +382,23 @@ pub(super) async fn write_request(
         .iter()
         .map(Bytes::len)
         .fold(0usize, usize::saturating_add);
-    let mut upstream = match upstream {
-        HttpSession::H1(h1) if length <= ONE_WRITE_MAX => {
-            return write_h1_at_once(h1, head, body, length, peer, timeout).await;
+    let small = length <= ONE_WRITE_MAX;
+    let session = match conn {
+        Conn::Kept(stream) if small => {
+            return write_h1_at_once(stream, head, body, length, peer, timeout).await;
+        }
+        other => other.into_session(peer),
+    };
+    let mut upstream = match session {
+        HttpSession::H1(h1) if small => {
+            return write_h1_at_once(h1.into_inner(), head, body, length, peer, timeout).await;
         }
         other => other,
     };
+    // Pingora leaves per-read timeouts to the caller: `timeout` bounds the wait for the
+    // response head and then for each body chunk.
+    upstream.set_read_timeout(Some(timeout));
+    upstream.set_write_timeout(Some(timeout));
     upstream
         .write_request_header(Box::new(head.clone()))
         .await?;
@@ -383,10 +410,10 @@ pub(super) async fn write_request(
 }
 
 /// The one-write path of [`write_request`]: the head serialized as Pingora would, the body
-/// after it, written on the connection's stream, which then becomes an HTTP/1 session again
-/// (ready to read the answer, and to go back to the pool after it).
+/// after it, written on the connection's stream, which then becomes an HTTP/1 session (ready
+/// to read the answer, and to go back to the pool after it).
 async fn write_h1_at_once(
-    h1: Http1Session,
+    mut stream: Stream,
     head: &RequestHeader,
     body: &[Bytes],
     length: usize,
@@ -401,7 +428,6 @@ async fn write_h1_at_once(
     for piece in body {
         bytes.extend_from_slice(piece);
     }
-    let mut stream = h1.into_inner();
     let written = tokio::time::timeout(timeout, async {
         stream.write_all(&bytes).await?;
         stream.flush().await
@@ -460,7 +486,56 @@ pub(super) async fn read_all(upstream: &mut HttpSession, limit: usize) -> Result
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::append_query;
+    use super::{append_query, client_head};
+    use pingora::http::ResponseHeader;
+
+    #[test]
+    fn the_client_gets_only_the_headers_that_describe_the_answer() {
+        let mut up = ResponseHeader::build(201, None).unwrap();
+        for (name, value) in [
+            ("Content-Type", "application/json"),
+            ("Set-Cookie", "session=secret"),
+            ("x-request-id", "req-1"),
+            ("x-request-id", "req-2"),
+            ("Content-Length", "12"),
+            ("x-ratelimit-remaining-requests", "3"),
+            ("openai-organization", "org-x"),
+            ("Cache-Control", "no-cache"),
+            ("Cache-Control", "private"),
+            ("retry-after-ms", "20"),
+        ] {
+            up.append_header(name, value).unwrap();
+        }
+        let head = client_head(&up).unwrap();
+        assert_eq!(head.status.as_u16(), 201);
+        let mut kept: Vec<(String, String)> = head
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        kept.sort();
+        let expected = [
+            ("cache-control", "no-cache"),
+            ("cache-control", "private"),
+            ("content-length", "12"),
+            ("content-type", "application/json"),
+            ("retry-after-ms", "20"),
+            ("x-lumen-upstream-request-id", "req-1"),
+        ];
+        assert_eq!(
+            kept,
+            expected
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .to_vec()
+        );
+
+        // No length: chunked to the client; an overlong provider id is not passed on.
+        let mut up = ResponseHeader::build(200, None).unwrap();
+        up.append_header("x-request-id", "x".repeat(300)).unwrap();
+        let head = client_head(&up).unwrap();
+        assert_eq!(head.headers["transfer-encoding"], "chunked");
+        assert_eq!(head.headers.len(), 1);
+    }
 
     #[test]
     fn credential_query_parameters_are_never_forwarded() {

@@ -85,8 +85,8 @@ pub(super) async fn stream_to_client(
         for (name, value) in &ctx.response_headers {
             map.append(name.clone(), value.clone());
         }
-        if let Ok(name) = HeaderValue::from_str(&provider.name) {
-            map.insert(X_LUMEN_PROVIDER, name);
+        if let Some(name) = &provider.name_value {
+            map.insert(X_LUMEN_PROVIDER, name.clone());
         }
         map.insert(X_LUMEN_ATTEMPTS, HeaderValue::from(ctx.attempts));
         map.insert(X_LUMEN_OVERHEAD_US, HeaderValue::from(overhead));
