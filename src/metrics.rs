@@ -824,14 +824,9 @@ mod tests {
 
     #[test]
     fn endpoint_indexes_are_dense() {
-        let all = [
-            Endpoint::ChatCompletions,
-            Endpoint::Completions,
-            Endpoint::Embeddings,
-            Endpoint::Rerank,
-            Endpoint::Responses,
-            Endpoint::Messages,
-        ];
+        let all = Endpoint::ALL;
+        // `ALL` lists them in index order.
+        assert!(all.iter().enumerate().all(|(i, e)| e.index() == i));
         let mut seen: Vec<usize> = all.iter().map(|e| e.index()).collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..Endpoint::COUNT).collect::<Vec<_>>());
