@@ -456,7 +456,7 @@ async fn exchange(
     let mut stale_retry_left = true;
     loop {
         let (conn, reused) = connections
-            .get_conn(peer)
+            .get(peer)
             .await
             .map_err(|e| classify(provider, &e))?;
         // Every read and write of the exchange is bounded by the provider's `timeout`.

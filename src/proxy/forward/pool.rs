@@ -100,17 +100,10 @@ impl Connections {
         }
     }
 
-    /// A connection to `peer`: the most recently used idle one that is still sound, else a new
-    /// one. `true` with a reused connection (a request written on it may find it closed).
-    #[cfg(test)]
-    pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
-        let (conn, reused) = self.get_conn(peer).await?;
-        Ok((conn.into_session(peer), reused))
-    }
-
-    /// As `get`, with a reused connection as its bare stream: a request written on it whole
-    /// needs no session until its answer is read (one session made a request, not two).
-    pub async fn get_conn(&self, peer: &HttpPeer) -> pingora::Result<(Conn, bool)> {
+    /// A connection to `peer`: the most recently used idle one that is still sound (as its bare
+    /// stream: a request written on it whole needs no session until its answer is read), else
+    /// a new one. `true` with a reused connection (a request written on it may find it closed).
+    pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(Conn, bool)> {
         let key = peer.reuse_hash();
         while let Some(mut stream) = self.take(key) {
             if sound(&mut stream) {
@@ -207,7 +200,7 @@ mod tests {
         peer: &HttpPeer,
         pool: &Connections,
     ) -> (HttpSession, tokio::net::TcpStream) {
-        let (session, reused) = pool.get(peer).await.unwrap();
+        let (session, reused) = pool.get_session(peer).await.unwrap();
         assert!(!reused);
         let (server, _) = listener.accept().await.unwrap();
         (session, server)
@@ -238,6 +231,14 @@ mod tests {
         session
     }
 
+    impl Connections {
+        /// `get`, as a session.
+        async fn get_session(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
+            let (conn, reused) = self.get(peer).await?;
+            Ok((conn.into_session(peer), reused))
+        }
+    }
+
     #[tokio::test]
     async fn a_released_connection_is_reused_and_a_closed_or_expired_one_is_not() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -249,7 +250,7 @@ mod tests {
         let session = answered(session, &mut server).await;
         pool.release(session, &peer, Duration::from_secs(60)).await;
         assert_eq!(pool.idle_count(), 1);
-        let (session, reused) = pool.get(&peer).await.unwrap();
+        let (session, reused) = pool.get_session(&peer).await.unwrap();
         assert!(reused);
         assert_eq!(pool.idle_count(), 0);
 

@@ -486,8 +486,64 @@ pub(super) async fn read_all(upstream: &mut HttpSession, limit: usize) -> Result
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::{append_query, client_head};
-    use pingora::http::ResponseHeader;
+    use super::{append_query, client_head, target_for, upstream_request};
+    use crate::openai::Endpoint;
+    use bytes::Bytes;
+    use http::HeaderValue;
+    use pingora::http::{RequestHeader, ResponseHeader};
+
+    /// The target parsed at load is each API's path for each endpoint, under that endpoint's
+    /// index; a request without a query goes to it, one with a query to the path built again
+    /// with the query, less the client's credentials.
+    #[test]
+    fn the_upstream_target_is_the_providers_path_and_the_query_less_credentials() {
+        let yaml = r#"
+providers:
+  chat: { base_url: "http://127.0.0.1:9/openai/v1/", health: { enabled: false } }
+  resp: { base_url: "http://127.0.0.1:9/v1", api: responses, health: { enabled: false } }
+  msgs: { base_url: "http://127.0.0.1:9/anthropic/v1", api: anthropic, health: { enabled: false } }
+routes:
+  - { model: m, targets: [ { provider: chat } ] }
+"#;
+        let snapshot = crate::config::parse(yaml, "test.yaml", |_| None).unwrap();
+        let body =
+            Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+        let req = crate::openai::parse(Endpoint::ChatCompletions, body.clone()).unwrap();
+        let id = HeaderValue::from_static("req-1");
+        for (name, chat_path) in [
+            ("chat", "/openai/v1/chat/completions"),
+            ("resp", "/v1/chat/completions"),
+            ("msgs", "/anthropic/v1/messages"),
+        ] {
+            let provider = &snapshot.providers[name];
+            for endpoint in Endpoint::ALL {
+                let target = target_for(provider, endpoint).map(|u| u.to_string());
+                assert_eq!(target, Some(provider.path(endpoint)), "{name} {endpoint:?}");
+            }
+            for (client_path, query) in [
+                ("/v1/chat/completions", ""),
+                ("/v1/chat/completions?", ""),
+                ("/v1/chat/completions?api-key=sk-x", ""),
+                (
+                    "/v1/chat/completions?api-version=2024&key=sk-x&x=1",
+                    "?api-version=2024&x=1",
+                ),
+            ] {
+                let client = RequestHeader::build("POST", client_path.as_bytes(), None).unwrap();
+                let head = upstream_request(
+                    &client,
+                    provider,
+                    &req,
+                    std::slice::from_ref(&body),
+                    &id,
+                    None,
+                )
+                .unwrap();
+                let expected = format!("{chat_path}{query}");
+                assert_eq!(head.raw_path(), expected.as_bytes(), "{name} {client_path}");
+            }
+        }
+    }
 
     #[test]
     fn the_client_gets_only_the_headers_that_describe_the_answer() {
