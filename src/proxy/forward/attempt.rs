@@ -19,17 +19,16 @@ use crate::telemetry::spans as telemetry;
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_TYPE;
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 
+use super::answer::Answer;
 use super::error::{
     classify, connect_error, failure_of, is_stale_connection, protocol_error, timeout_error,
     ForwardError,
 };
 use super::pool::Connections;
 use super::request::{
-    client_head, read_all, read_final_head, target_body, target_model, upstream_request,
-    write_request,
+    client_head, read_all, target_body, target_model, upstream_request, write_request,
 };
 use super::stream::{stream_to_client, Settle, Source};
 use super::watch::Watchers;
@@ -207,7 +206,7 @@ pub(super) fn prepare(
 
 /// An answer that reached the commit point: its head and first bytes are in.
 pub(super) struct Reached {
-    upstream: HttpSession,
+    upstream: Answer,
     peer: Arc<HttpPeer>,
     head: Box<ResponseHeader>,
     first: Option<Bytes>,
@@ -271,7 +270,7 @@ async fn reach_answer(
         Ok(Err(e)) => return Err(failed(failure_of(&e), e)),
         Err(()) => return Err(failed(Failure::Timeout, timeout_error(provider))),
     };
-    let Some(upstream_head) = upstream.response_header() else {
+    let Some(upstream_head) = upstream.head() else {
         return Err(failed(Failure::Dropped, protocol_error(provider)));
     };
     let status = upstream_head.status.as_u16();
@@ -288,8 +287,7 @@ async fn reach_answer(
         let answer = match within(t.deadline, read_all(&mut upstream, MAX_ERROR_BODY)).await {
             Ok(Ok(body)) => {
                 t.connections
-                    .release(upstream, &peer, provider.idle_timeout)
-                    .await;
+                    .release(upstream, &peer, provider.idle_timeout);
                 // Kept in OpenAI's shape, whatever the provider's API: it is what the client
                 // (or its own API's translation) gets if nothing else answers.
                 let body = match provider.api {
@@ -325,11 +323,11 @@ async fn reach_answer(
     let whole = whole && !sse && (200..300).contains(&status);
     let mut first = BytesMut::new();
     loop {
-        match within(t.deadline, upstream.read_response_body()).await {
+        match within(t.deadline, upstream.read_body()).await {
             Ok(Ok(Some(chunk))) => {
                 first.extend_from_slice(&chunk);
                 let more = if whole {
-                    !upstream.response_done() && first.len() < WHOLE_READ_LIMIT
+                    !upstream.done() && first.len() < WHOLE_READ_LIMIT
                 } else {
                     sse && only_comments(&first)
                 };
@@ -452,7 +450,7 @@ async fn exchange(
     peer: &HttpPeer,
     head: RequestHeader,
     body: &[Bytes],
-) -> Result<HttpSession, UpstreamError> {
+) -> Result<Answer, UpstreamError> {
     let mut stale_retry_left = true;
     loop {
         let (conn, reused) = connections
@@ -460,7 +458,7 @@ async fn exchange(
             .await
             .map_err(|e| classify(provider, &e))?;
         // Every read and write of the exchange is bounded by the provider's `timeout`.
-        let written = write_request(conn, &head, body, peer, provider.timeout).await;
+        let written = write_request(conn, &head, body, provider.timeout).await;
         let mut upstream = match written {
             Ok(upstream) => upstream,
             Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {
@@ -469,7 +467,8 @@ async fn exchange(
             }
             Err(e) => return Err(classify(provider, &e)),
         };
-        read_final_head(&mut upstream)
+        upstream
+            .read_head()
             .await
             .map_err(|e| classify(provider, &e))?;
         return Ok(upstream);

@@ -22,7 +22,8 @@
 //! | `attempt.rs` | one attempt up to the commit point |
 //! | `stream.rs` | from the commit point: the answer to the client, chunk by chunk |
 //! | `watch.rs` | what sees the answer on its way: cache fill, capture, usage tap and strip |
-//! | `request.rs` | the provider's request head and the client's response head |
+//! | `request.rs` | the provider's request head (and writing it) and the client's response head |
+//! | `answer.rs` | the provider's HTTP/1.1 answer read: head, body framing, reuse of the connection |
 //! | `pool.rs` | connections to providers: new ones, and the idle ones kept for reuse |
 //! | `ready.rs` | polling a read once without waiting (batching chunks, checking an idle connection) |
 //! | `translate.rs` | a streamed answer translated event by event for a client of another API |
@@ -33,6 +34,7 @@
 //! cache's `Fill` (a watcher); nothing else of `proxy`.
 
 mod adapt;
+mod answer;
 mod attempt;
 mod error;
 mod hedge;

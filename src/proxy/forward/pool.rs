@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use tokio::io::AsyncReadExt;
 
+use super::answer::Answer;
 use super::ready::ready_now;
 
 /// New connections, and the idle ones kept for reuse.
@@ -48,11 +48,18 @@ pub enum Conn {
 }
 
 impl Conn {
-    /// The connection as a session to write a request on and read its answer from.
-    pub fn into_session(self, peer: &HttpPeer) -> HttpSession {
+    /// The connection's stream, to write a request on (`answer.rs` reads the answer).
+    pub fn into_stream(self) -> pingora::Result<Stream> {
         match self {
-            Conn::Kept(stream) => HttpSession::H1(Http1Session::new_with_options(stream, peer)),
-            Conn::New(session) => *session,
+            Conn::Kept(stream) => Ok(stream),
+            Conn::New(session) => match *session {
+                HttpSession::H1(h1) => Ok(h1.into_inner()),
+                // Providers are reached over HTTP/1.1 only (no ALPN `h2` is offered).
+                HttpSession::H2(_) | HttpSession::Custom(_) => pingora::Error::e_explain(
+                    pingora::ErrorType::InvalidHTTPHeader,
+                    "a provider connection that is not HTTP/1.1",
+                ),
+            },
         }
     }
 }
@@ -119,13 +126,8 @@ impl Connections {
 
     /// Gives a connection whose exchange ended back for reuse, when its answer was read whole
     /// and neither side asked to close it; else it is closed.
-    pub async fn release(&self, session: HttpSession, peer: &HttpPeer, idle_timeout: Duration) {
-        let HttpSession::H1(mut h1) = session else {
-            // (Providers are reached over HTTP/1.1 only.)
-            return;
-        };
-        h1.respect_keepalive();
-        let Some(mut stream) = h1.reuse().await else {
+    pub fn release(&self, answer: Answer, peer: &HttpPeer, idle_timeout: Duration) {
+        let Some(mut stream) = answer.into_reusable() else {
             return;
         };
         if !sound(&mut stream) {
@@ -193,50 +195,40 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    /// A peer on a local listener, and a pooled-looking stream connected to it with the
-    /// server's side of it.
+    /// A new connection to a peer on a local listener, with the server's side of it.
     async fn pair(
         listener: &tokio::net::TcpListener,
         peer: &HttpPeer,
         pool: &Connections,
-    ) -> (HttpSession, tokio::net::TcpStream) {
-        let (session, reused) = pool.get_session(peer).await.unwrap();
+    ) -> (Conn, tokio::net::TcpStream) {
+        let (conn, reused) = pool.get(peer).await.unwrap();
         assert!(!reused);
         let (server, _) = listener.accept().await.unwrap();
-        (session, server)
+        (conn, server)
     }
 
-    /// One request on `session`, answered by `server` with `answer`; the head is read.
-    async fn ask(
-        mut session: HttpSession,
-        server: &mut tokio::net::TcpStream,
-        answer: &[u8],
-    ) -> HttpSession {
-        let mut head = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();
-        head.insert_header("host", "x").unwrap();
-        session.write_request_header(Box::new(head)).await.unwrap();
-        session.finish_request_body().await.unwrap();
+    /// One request on `conn`, answered by `server` with `answer`; the head is read.
+    async fn ask(conn: Conn, server: &mut tokio::net::TcpStream, answer: &[u8]) -> Answer {
+        let mut stream = conn.into_stream().unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        stream.flush().await.unwrap();
         let mut buf = [0u8; 1024];
         let _ = server.read(&mut buf).await.unwrap();
         server.write_all(answer).await.unwrap();
-        session.read_response_header().await.unwrap();
-        session
+        let mut upstream = Answer::new(stream, Duration::from_secs(5));
+        upstream.read_head().await.unwrap();
+        upstream
     }
 
     /// One request answered whole.
-    async fn answered(session: HttpSession, server: &mut tokio::net::TcpStream) -> HttpSession {
+    async fn answered(conn: Conn, server: &mut tokio::net::TcpStream) -> Answer {
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        let mut session = ask(session, server, answer).await;
-        while session.read_response_body().await.unwrap().is_some() {}
-        session
-    }
-
-    impl Connections {
-        /// `get`, as a session.
-        async fn get_session(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
-            let (conn, reused) = self.get(peer).await?;
-            Ok((conn.into_session(peer), reused))
-        }
+        let mut upstream = ask(conn, server, answer).await;
+        while upstream.read_body().await.unwrap().is_some() {}
+        upstream
     }
 
     #[tokio::test]
@@ -248,29 +240,29 @@ mod tests {
         // Reused.
         let (session, mut server) = pair(&listener, &peer, &pool).await;
         let session = answered(session, &mut server).await;
-        pool.release(session, &peer, Duration::from_secs(60)).await;
+        pool.release(session, &peer, Duration::from_secs(60));
         assert_eq!(pool.idle_count(), 1);
-        let (session, reused) = pool.get_session(&peer).await.unwrap();
+        let (conn, reused) = pool.get(&peer).await.unwrap();
         assert!(reused);
         assert_eq!(pool.idle_count(), 0);
 
         // Closed by the provider while idle: dropped when taken, and a new one made.
-        let session = answered(session, &mut server).await;
-        pool.release(session, &peer, Duration::from_secs(60)).await;
+        let session = answered(conn, &mut server).await;
+        pool.release(session, &peer, Duration::from_secs(60));
         drop(server);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (session, mut server) = pair(&listener, &peer, &pool).await;
 
         // Past its idle timeout: never reused.
         let session = answered(session, &mut server).await;
-        pool.release(session, &peer, Duration::from_millis(1)).await;
+        pool.release(session, &peer, Duration::from_millis(1));
         tokio::time::sleep(Duration::from_millis(20)).await;
         let (session, mut server) = pair(&listener, &peer, &pool).await;
 
         // An answer not read whole is never given back.
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok";
         let session = ask(session, &mut server, answer).await;
-        pool.release(session, &peer, Duration::from_secs(60)).await;
+        pool.release(session, &peer, Duration::from_secs(60));
         assert_eq!(pool.idle_count(), 0);
     }
 
@@ -287,14 +279,12 @@ mod tests {
         let pool = Connections::new(8);
         let (session, mut server_a) = pair(&a, &peer_a, &pool).await;
         let session = answered(session, &mut server_a).await;
-        pool.release(session, &peer_a, Duration::from_millis(1))
-            .await;
+        pool.release(session, &peer_a, Duration::from_millis(1));
         assert_eq!(pool.idle_count(), 1);
         tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(100)).await;
         let (session, mut server_b) = pair(&b, &peer_b, &pool).await;
         let session = answered(session, &mut server_b).await;
-        pool.release(session, &peer_b, Duration::from_secs(60))
-            .await;
+        pool.release(session, &peer_b, Duration::from_secs(60));
         assert_eq!(pool.idle_count(), 1, "only provider b's connection is kept");
         let mut buf = [0u8; 8];
         let read = tokio::time::timeout(Duration::from_secs(5), server_a.read(&mut buf)).await;
@@ -319,7 +309,7 @@ mod tests {
         }
         for (session, server) in sessions.into_iter().zip(servers.iter_mut()) {
             let session = answered(session, server).await;
-            pool.release(session, &peer, Duration::from_secs(60)).await;
+            pool.release(session, &peer, Duration::from_secs(60));
         }
         assert_eq!(pool.idle_count(), 2);
     }

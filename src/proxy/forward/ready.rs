@@ -2,8 +2,8 @@
 //! dropped and made again later rather than awaited.
 
 /// The output of `future` if it is ready without waiting. Reading the provider's body is
-/// cancel-safe in Pingora (nothing is consumed from the socket until a read completes), so a
-/// read that is not ready is dropped and made again later.
+/// cancel-safe (`answer.rs`: nothing is consumed from the socket until a read completes), so
+/// a read that is not ready is dropped and made again later.
 pub(super) fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());

@@ -15,13 +15,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use std::time::Duration;
 
-use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as Http1Session};
-use pingora::protocols::Stream;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::protocols::http::v1::client::http_req_header_to_wire;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
+use super::answer::{Answer, Head};
 use super::pool::Conn;
 use crate::error::{GatewayError, RequestError};
 use crate::openai::{body_with_usage, Endpoint, LlmRequest};
@@ -327,7 +325,7 @@ pub(super) fn append_query(path: &mut String, query: &str) {
 
 /// The client's response head made from a provider's: the provider's status and the headers
 /// in [`RETURNED`], in Lumen's own HTTP version (Pingora writes it), never the provider's.
-pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<ResponseHeader>> {
+pub(super) fn client_head(upstream: &Head) -> pingora::Result<Box<ResponseHeader>> {
     // Built in `http`'s map, with no header-case map (as for the provider's request):
     // lowercase field names, parsed once (`ctx::edit_headers` says why).
     // One pass over the provider's headers (a handful) rather than a lookup per name kept.
@@ -363,118 +361,59 @@ pub(super) fn client_head(upstream: &ResponseHeader) -> pingora::Result<Box<Resp
     Ok(Box::new(ResponseHeader::from(parts)))
 }
 
-/// Bodies up to this size go out in one write with their head on HTTP/1 (most chat requests).
-/// Beyond it, copying the body next to the head would cost more than the write it saves.
+/// Bodies up to this size go out in one write with their head (most chat requests). Beyond
+/// it, copying the body next to the head would cost more than the write it saves.
 const ONE_WRITE_MAX: usize = 64 * 1024;
 
-/// Writes the request. On HTTP/1, up to [`ONE_WRITE_MAX`], head and body leave in one write:
-/// one syscall and one segment, where Pingora's session flushes the head on its own first.
-/// Larger requests and HTTP/2 go through Pingora's session as is. Returns the session to read
-/// the answer from.
+/// Writes the request on `conn` (HTTP/1.1: head and body in one write up to
+/// [`ONE_WRITE_MAX`]: one syscall and one segment) and returns its answer to read.
+/// `timeout` bounds each write and each read.
 pub(super) async fn write_request(
     conn: Conn,
     head: &RequestHeader,
     body: &[Bytes],
-    peer: &HttpPeer,
     timeout: Duration,
-) -> pingora::Result<HttpSession> {
+) -> pingora::Result<Answer> {
+    let mut stream = conn.into_stream()?;
+    let wire = http_req_header_to_wire(head).ok_or_else(|| {
+        pingora::Error::explain(ErrorType::InvalidHTTPHeader, "request head not writable")
+    })?;
     let length = body
         .iter()
         .map(Bytes::len)
         .fold(0usize, usize::saturating_add);
-    let small = length <= ONE_WRITE_MAX;
-    let session = match conn {
-        Conn::Kept(stream) if small => {
-            return write_h1_at_once(stream, head, body, length, peer, timeout).await;
+    let written = pingora_timeout::timeout(timeout, async {
+        if length <= ONE_WRITE_MAX {
+            let mut bytes = BytesMut::with_capacity(wire.len().saturating_add(length));
+            bytes.extend_from_slice(&wire);
+            for piece in body {
+                bytes.extend_from_slice(piece);
+            }
+            stream.write_all(&bytes).await?;
+        } else {
+            stream.write_all(&wire).await?;
+            for piece in body {
+                stream.write_all(piece).await?;
+            }
         }
-        other => other.into_session(peer),
-    };
-    let mut upstream = match session {
-        HttpSession::H1(h1) if small => {
-            return write_h1_at_once(h1.into_inner(), head, body, length, peer, timeout).await;
-        }
-        other => other,
-    };
-    // Pingora leaves per-read timeouts to the caller: `timeout` bounds the wait for the
-    // response head and then for each body chunk.
-    upstream.set_read_timeout(Some(timeout));
-    upstream.set_write_timeout(Some(timeout));
-    upstream
-        .write_request_header(Box::new(head.clone()))
-        .await?;
-    for piece in body.iter().filter(|p| !p.is_empty()) {
-        upstream.write_request_body(piece.clone(), false).await?;
-    }
-    upstream.finish_request_body().await?;
-    Ok(upstream)
-}
-
-/// The one-write path of [`write_request`]: the head serialized as Pingora would, the body
-/// after it, written on the connection's stream, which then becomes an HTTP/1 session (ready
-/// to read the answer, and to go back to the pool after it).
-async fn write_h1_at_once(
-    mut stream: Stream,
-    head: &RequestHeader,
-    body: &[Bytes],
-    length: usize,
-    peer: &HttpPeer,
-    timeout: Duration,
-) -> pingora::Result<HttpSession> {
-    let wire = http_req_header_to_wire(head).ok_or_else(|| {
-        pingora::Error::explain(ErrorType::InvalidHTTPHeader, "request head not writable")
-    })?;
-    let mut bytes = BytesMut::with_capacity(wire.len().saturating_add(length));
-    bytes.extend_from_slice(&wire);
-    for piece in body {
-        bytes.extend_from_slice(piece);
-    }
-    let written = tokio::time::timeout(timeout, async {
-        stream.write_all(&bytes).await?;
         stream.flush().await
     })
     .await;
     match written {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return Err(pingora::Error::because(
-                ErrorType::WriteError,
-                "while writing the request",
-                e,
-            ))
-        }
-        Err(_) => {
-            return pingora::Error::e_explain(ErrorType::WriteTimedout, "writing the request")
-        }
+        Ok(Ok(())) => Ok(Answer::new(stream, timeout)),
+        Ok(Err(e)) => Err(pingora::Error::because(
+            ErrorType::WriteError,
+            "while writing the request",
+            e,
+        )),
+        Err(_) => pingora::Error::e_explain(ErrorType::WriteTimedout, "writing the request"),
     }
-    let mut h1 = Http1Session::new_with_options(stream, peer);
-    h1.read_timeout = Some(timeout);
-    h1.write_timeout = Some(timeout);
-    Ok(HttpSession::H1(h1))
-}
-
-/// Most interim answers one exchange may send before its real one (a provider looping on
-/// `103 Early Hints` must not hold a request forever).
-const MAX_INTERIM: usize = 8;
-
-/// Reads the response head, skipping interim 1xx answers (`100 Continue`, `103 Early Hints`):
-/// they are not the answer, and reading a body after one would be a protocol error.
-pub(super) async fn read_final_head(upstream: &mut HttpSession) -> pingora::Result<()> {
-    for _ in 0..=MAX_INTERIM {
-        upstream.read_response_header().await?;
-        let interim = upstream
-            .response_header()
-            .is_some_and(|h| h.status.is_informational());
-        if !interim {
-            return Ok(());
-        }
-    }
-    pingora::Error::e_explain(ErrorType::InvalidHTTPHeader, "too many interim answers")
 }
 
 /// Reads a whole (small) response body, failing above `limit` bytes.
-pub(super) async fn read_all(upstream: &mut HttpSession, limit: usize) -> Result<Bytes, ()> {
+pub(super) async fn read_all(upstream: &mut Answer, limit: usize) -> Result<Bytes, ()> {
     let mut body = BytesMut::new();
-    while let Some(chunk) = upstream.read_response_body().await.map_err(|_| ())? {
+    while let Some(chunk) = upstream.read_body().await.map_err(|_| ())? {
         if body.len().saturating_add(chunk.len()) > limit {
             return Err(());
         }
@@ -486,7 +425,7 @@ pub(super) async fn read_all(upstream: &mut HttpSession, limit: usize) -> Result
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
-    use super::{append_query, client_head, target_for, upstream_request};
+    use super::{append_query, client_head, target_for, upstream_request, Head};
     use crate::openai::Endpoint;
     use bytes::Bytes;
     use http::HeaderValue;
@@ -562,7 +501,11 @@ routes:
         ] {
             up.append_header(name, value).unwrap();
         }
-        let head = client_head(&up).unwrap();
+        let head = client_head(&Head {
+            status: up.status,
+            headers: up.headers.clone(),
+        })
+        .unwrap();
         assert_eq!(head.status.as_u16(), 201);
         let mut kept: Vec<(String, String)> = head
             .headers
@@ -588,7 +531,11 @@ routes:
         // No length: chunked to the client; an overlong provider id is not passed on.
         let mut up = ResponseHeader::build(200, None).unwrap();
         up.append_header("x-request-id", "x".repeat(300)).unwrap();
-        let head = client_head(&up).unwrap();
+        let head = client_head(&Head {
+            status: up.status,
+            headers: up.headers.clone(),
+        })
+        .unwrap();
         assert_eq!(head.headers["transfer-encoding"], "chunked");
         assert_eq!(head.headers.len(), 1);
     }

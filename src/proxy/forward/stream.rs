@@ -17,9 +17,9 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 
+use super::answer::Answer;
 use super::error::{
     classify, error_kind, protocol_error, sse_error_event, sse_event_of, ForwardError,
 };
@@ -70,7 +70,7 @@ pub(super) struct Source<'a> {
 pub(super) async fn stream_to_client(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    mut upstream: HttpSession,
+    upstream: Answer,
     (mut head, first): (Box<ResponseHeader>, Option<Bytes>),
     source: &Source<'_>,
     watch: &mut Watchers,
@@ -112,7 +112,7 @@ pub(super) async fn stream_to_client(
     // A whole answer from a priced target was read to its end (see `attempt`): its usage is
     // read now, once, and its head says what it cost.
     if let (Some(price), Some(body), Some(tap)) = (ctx.price, first.as_deref(), watch.tap()) {
-        if !sse && upstream.response_done() {
+        if !sse && upstream.done() {
             tap.whole(body);
             // Hedges that lost are part of what the request cost.
             let hedges = ctx.hedge_spent.1;
@@ -191,7 +191,7 @@ const BATCH_BYTES: usize = 64 * 1024;
 async fn pump(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    mut upstream: HttpSession,
+    mut upstream: Answer,
     head: Box<ResponseHeader>,
     first: Option<Bytes>,
     sse: bool,
@@ -238,15 +238,15 @@ async fn pump(
             break;
         };
         let mut chunk = watch.chunk(chunk);
-        // One read from the provider often holds many chunks (Pingora hands them out one at a
-        // time from its buffer): every chunk already here goes to the client in one write, not
+        // One read from the provider often holds many chunks (`answer.rs` hands them out one
+        // at a time from its buffer): every chunk already here goes to the client in one write, not
         // one write (and one flush) each. What ended the run (the end, an error) is acted on
         // after the write, as if it had been read then.
         let mut ahead = None;
         if !capture {
             let mut batch: Option<BytesMut> = None;
             while batch.as_ref().map_or(chunk.len(), BytesMut::len) < BATCH_BYTES {
-                match ready_now(upstream.read_response_body()) {
+                match ready_now(upstream.read_body()) {
                     None => break,
                     Some(Ok(Some(more))) => {
                         let more = watch.chunk(more);
@@ -268,9 +268,7 @@ async fn pump(
         // usage chunk comes before it). What this write carries is the client's last of it.
         let mut keeping = false;
         let settling = if !completed
-            && (matches!(ahead, Some(Ok(None)))
-                || upstream.response_done()
-                || (sse && watch.done_seen()))
+            && (matches!(ahead, Some(Ok(None))) || upstream.done() || (sse && watch.done_seen()))
         {
             completed = true;
             let settle = complete(ctx, watch, sse, source);
@@ -319,7 +317,7 @@ async fn pump(
         let read = match ahead {
             Some(read) => read,
             None => tokio::select! {
-                read = upstream.read_response_body() => read,
+                read = upstream.read_body() => read,
                 () = &mut cut, if events && !capture => {
                     // Shutting down: end the stream while the client can still be told why.
                     watch.broke();
@@ -384,8 +382,7 @@ async fn pump(
     crate::proxy::faults::maybe_pause(session.req_header(), "answer-sent").await;
     source
         .connections
-        .release(upstream, source.peer, source.provider.idle_timeout)
-        .await;
+        .release(upstream, source.peer, source.provider.idle_timeout);
     Ok(())
 }
 
