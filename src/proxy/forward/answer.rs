@@ -58,7 +58,6 @@ pub struct Answer {
     buf: BytesMut,
     /// Bounds each read.
     timeout: Duration,
-    head: Option<Head>,
     body: Body,
     /// Whether the connection can carry another request once the body has been read whole.
     keep_alive: bool,
@@ -106,7 +105,6 @@ impl Answer {
             stream,
             buf: BytesMut::with_capacity(BUFFER),
             timeout,
-            head: None,
             body: Body::Head,
             keep_alive: false,
         }
@@ -114,7 +112,7 @@ impl Answer {
 
     /// Reads the response head, skipping interim `1xx` answers: they are not the answer, and
     /// reading a body after one would be a protocol error.
-    pub async fn read_head(&mut self) -> Result<()> {
+    pub async fn read_head(&mut self) -> Result<Head> {
         let mut interim = 0usize;
         loop {
             match self.parse_head()? {
@@ -133,10 +131,7 @@ impl Answer {
                         );
                     }
                 }
-                Some(head) => {
-                    self.head = Some(head);
-                    return Ok(());
-                }
+                Some(head) => return Ok(head),
                 None => {
                     if self.buf.len() >= MAX_HEAD {
                         return Error::e_explain(
@@ -153,11 +148,6 @@ impl Answer {
                 }
             }
         }
-    }
-
-    /// The response head, once read.
-    pub fn head(&self) -> Option<&Head> {
-        self.head.as_ref()
     }
 
     /// The next bytes of the body (`None` at its end), waiting for them when none are here.
@@ -210,7 +200,6 @@ impl Answer {
     /// Parses a head at the start of the buffer, if it is all there, and takes it out of the
     /// buffer; sets the body's framing from it.
     fn parse_head(&mut self) -> Result<Option<Head>> {
-        let invalid = |why: &'static str| Error::e_explain(ErrorType::InvalidHTTPHeader, why);
         if self.buf.is_empty() {
             return Ok(None);
         }
@@ -285,24 +274,19 @@ impl Answer {
 
     /// The next piece of the body the buffer holds, by its framing.
     fn step(&mut self) -> Result<Step> {
-        let invalid = |why: &'static str| Error::e_explain(ErrorType::InvalidHTTPHeader, why);
         loop {
             match self.body {
                 Body::Head => return invalid("body read before the head"),
                 Body::Done => return Ok(Step::End),
-                Body::Length(0) => {
-                    self.body = Body::Done;
-                    return Ok(Step::End);
-                }
                 Body::Length(left) => {
-                    let take = self.take_upto(left);
-                    let Some(bytes) = take else {
+                    let Some(bytes) = self.take_upto(left) else {
                         return Ok(Step::More);
                     };
-                    self.body = Body::Length(left.saturating_sub(bytes.len() as u64));
-                    if self.body == Body::Length(0) {
-                        self.body = Body::Done;
-                    }
+                    // Done with the last byte: `done()` says so before the next read.
+                    self.body = match left.saturating_sub(bytes.len() as u64) {
+                        0 => Body::Done,
+                        n => Body::Length(n),
+                    };
                     return Ok(Step::Data(bytes));
                 }
                 Body::UntilClose => {
@@ -393,6 +377,11 @@ impl Answer {
         let n = usize::try_from(left).map_or(self.buf.len(), |l| l.min(self.buf.len()));
         Some(self.buf.split_to(n).freeze())
     }
+}
+
+/// A malformed or oversized answer.
+fn invalid<T>(why: &'static str) -> Result<T> {
+    Error::e_explain(ErrorType::InvalidHTTPHeader, why)
 }
 
 /// `bytes[at..at + len]` as a slice of `bytes`, if it lies inside.
@@ -547,8 +536,7 @@ mod tests {
             false,
         )
         .await;
-        a.read_head().await.unwrap();
-        let head = a.head().unwrap();
+        let head = a.read_head().await.unwrap();
         assert_eq!(head.status, 200);
         assert_eq!(head.headers["content-type"], "application/json");
         assert_eq!(head.headers["x-request-id"], "r-1");
@@ -585,9 +573,9 @@ mod tests {
             false,
         )
         .await;
-        a.read_head().await.unwrap();
-        assert_eq!(a.head().unwrap().status, 201);
-        assert!(a.head().unwrap().headers.get("link").is_none());
+        let head = a.read_head().await.unwrap();
+        assert_eq!(head.status, 201);
+        assert!(head.headers.get("link").is_none());
         assert_eq!(body_of(&mut a).await.unwrap(), b"ok");
 
         let many = b"HTTP/1.1 103 Early Hints\r\n\r\n".repeat(MAX_INTERIM + 1);
@@ -672,7 +660,7 @@ mod tests {
                     assert!(!in_body, "{}", String::from_utf8_lossy(&wire));
                     e
                 }
-                Ok(()) => body_of(&mut a).await.unwrap_err(),
+                Ok(_) => body_of(&mut a).await.unwrap_err(),
             };
             assert_eq!(
                 e.etype(),

@@ -21,7 +21,7 @@ use http::header::CONTENT_TYPE;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::upstreams::peer::HttpPeer;
 
-use super::answer::Answer;
+use super::answer::{Answer, Head};
 use super::error::{
     classify, connect_error, failure_of, is_stale_connection, protocol_error, timeout_error,
     ForwardError,
@@ -265,18 +265,15 @@ async fn reach_answer(
         return Err(failed(Failure::Connect, connect_error(provider)));
     };
     let exchange = Box::pin(exchange(t.connections, provider, &peer, head, &body));
-    let mut upstream = match within(t.deadline, exchange).await {
-        Ok(Ok(upstream)) => upstream,
+    let (mut upstream, upstream_head) = match within(t.deadline, exchange).await {
+        Ok(Ok(answer)) => answer,
         Ok(Err(e)) => return Err(failed(failure_of(&e), e)),
         Err(()) => return Err(failed(Failure::Timeout, timeout_error(provider))),
-    };
-    let Some(upstream_head) = upstream.head() else {
-        return Err(failed(Failure::Dropped, protocol_error(provider)));
     };
     let status = upstream_head.status.as_u16();
     read_provider_limits(status, &upstream_head.headers, &state.model, health);
     // Our own head in our own HTTP version, with the provider's answer headers only.
-    let head = match client_head(upstream_head) {
+    let head = match client_head(&upstream_head) {
         Ok(head) => head,
         Err(_) => return Err(failed(Failure::Dropped, protocol_error(provider))),
     };
@@ -450,15 +447,15 @@ async fn exchange(
     peer: &HttpPeer,
     head: RequestHeader,
     body: &[Bytes],
-) -> Result<Answer, UpstreamError> {
+) -> Result<(Answer, Head), UpstreamError> {
     let mut stale_retry_left = true;
     loop {
-        let (conn, reused) = connections
+        let (stream, reused) = connections
             .get(peer)
             .await
             .map_err(|e| classify(provider, &e))?;
         // Every read and write of the exchange is bounded by the provider's `timeout`.
-        let written = write_request(conn, &head, body, provider.timeout).await;
+        let written = write_request(stream, &head, body, provider.timeout).await;
         let mut upstream = match written {
             Ok(upstream) => upstream,
             Err(e) if reused && stale_retry_left && is_stale_connection(&e) => {
@@ -467,11 +464,11 @@ async fn exchange(
             }
             Err(e) => return Err(classify(provider, &e)),
         };
-        upstream
+        let head = upstream
             .read_head()
             .await
             .map_err(|e| classify(provider, &e))?;
-        return Ok(upstream);
+        return Ok((upstream, head));
     }
 }
 

@@ -38,32 +38,6 @@ pub struct Connections {
     max_idle: usize,
 }
 
-/// A connection to a provider as the pool hands it out.
-pub enum Conn {
-    /// An idle HTTP/1 connection taken from the pool.
-    Kept(Stream),
-    /// A connection Pingora's connector made (HTTP/1 or HTTP/2); boxed, as new connections
-    /// are rare and the session is large.
-    New(Box<HttpSession>),
-}
-
-impl Conn {
-    /// The connection's stream, to write a request on (`answer.rs` reads the answer).
-    pub fn into_stream(self) -> pingora::Result<Stream> {
-        match self {
-            Conn::Kept(stream) => Ok(stream),
-            Conn::New(session) => match *session {
-                HttpSession::H1(h1) => Ok(h1.into_inner()),
-                // Providers are reached over HTTP/1.1 only (no ALPN `h2` is offered).
-                HttpSession::H2(_) | HttpSession::Custom(_) => pingora::Error::e_explain(
-                    pingora::ErrorType::InvalidHTTPHeader,
-                    "a provider connection that is not HTTP/1.1",
-                ),
-            },
-        }
-    }
-}
-
 /// How often idle connections past their timeout are looked for across all providers.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -107,21 +81,28 @@ impl Connections {
         }
     }
 
-    /// A connection to `peer`: the most recently used idle one that is still sound (as its bare
-    /// stream: a request written on it whole needs no session until its answer is read), else
-    /// a new one. `true` with a reused connection (a request written on it may find it closed).
-    pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(Conn, bool)> {
+    /// A connection to `peer`, as its stream (`request.rs` writes on it, `answer.rs` reads the
+    /// answer): the most recently used idle one that is still sound, else a new one. `true`
+    /// with a reused connection (a request written on it may find it closed).
+    pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(Stream, bool)> {
         let key = peer.reuse_hash();
         while let Some(mut stream) = self.take(key) {
             if sound(&mut stream) {
-                return Ok((Conn::Kept(stream), true));
+                return Ok((stream, true));
             }
         }
         // Boxed: the connect future (a TLS handshake included) is about 9 KiB, and inline it
         // would make every future that awaits this one that much larger, each moved whole
         // once per request.
         let (session, reused) = Box::pin(self.connector.get_http_session(peer)).await?;
-        Ok((Conn::New(Box::new(session)), reused))
+        match session {
+            HttpSession::H1(h1) => Ok((h1.into_inner(), reused)),
+            // Providers are reached over HTTP/1.1 only (no ALPN `h2` is offered).
+            HttpSession::H2(_) | HttpSession::Custom(_) => pingora::Error::e_explain(
+                pingora::ErrorType::InvalidHTTPHeader,
+                "a provider connection that is not HTTP/1.1",
+            ),
+        }
     }
 
     /// Gives a connection whose exchange ended back for reuse, when its answer was read whole
@@ -200,7 +181,7 @@ mod tests {
         listener: &tokio::net::TcpListener,
         peer: &HttpPeer,
         pool: &Connections,
-    ) -> (Conn, tokio::net::TcpStream) {
+    ) -> (Stream, tokio::net::TcpStream) {
         let (conn, reused) = pool.get(peer).await.unwrap();
         assert!(!reused);
         let (server, _) = listener.accept().await.unwrap();
@@ -208,8 +189,7 @@ mod tests {
     }
 
     /// One request on `conn`, answered by `server` with `answer`; the head is read.
-    async fn ask(conn: Conn, server: &mut tokio::net::TcpStream, answer: &[u8]) -> Answer {
-        let mut stream = conn.into_stream().unwrap();
+    async fn ask(mut stream: Stream, server: &mut tokio::net::TcpStream, answer: &[u8]) -> Answer {
         stream
             .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
@@ -219,12 +199,12 @@ mod tests {
         let _ = server.read(&mut buf).await.unwrap();
         server.write_all(answer).await.unwrap();
         let mut upstream = Answer::new(stream, Duration::from_secs(5));
-        upstream.read_head().await.unwrap();
+        let _head = upstream.read_head().await.unwrap();
         upstream
     }
 
     /// One request answered whole.
-    async fn answered(conn: Conn, server: &mut tokio::net::TcpStream) -> Answer {
+    async fn answered(conn: Stream, server: &mut tokio::net::TcpStream) -> Answer {
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
         let mut upstream = ask(conn, server, answer).await;
         while upstream.read_body().await.unwrap().is_some() {}

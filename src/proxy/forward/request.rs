@@ -16,11 +16,11 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use std::time::Duration;
 
 use pingora::protocols::http::v1::client::http_req_header_to_wire;
+use pingora::protocols::Stream;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
 use super::answer::{Answer, Head};
-use super::pool::Conn;
 use crate::error::{GatewayError, RequestError};
 use crate::openai::{body_with_usage, Endpoint, LlmRequest};
 use crate::proxy::ctx::X_REQUEST_ID;
@@ -365,16 +365,15 @@ pub(super) fn client_head(upstream: &Head) -> pingora::Result<Box<ResponseHeader
 /// it, copying the body next to the head would cost more than the write it saves.
 const ONE_WRITE_MAX: usize = 64 * 1024;
 
-/// Writes the request on `conn` (HTTP/1.1: head and body in one write up to
+/// Writes the request on `stream` (HTTP/1.1: head and body in one write up to
 /// [`ONE_WRITE_MAX`]: one syscall and one segment) and returns its answer to read.
 /// `timeout` bounds each write and each read.
 pub(super) async fn write_request(
-    conn: Conn,
+    mut stream: Stream,
     head: &RequestHeader,
     body: &[Bytes],
     timeout: Duration,
 ) -> pingora::Result<Answer> {
-    let mut stream = conn.into_stream()?;
     let wire = http_req_header_to_wire(head).ok_or_else(|| {
         pingora::Error::explain(ErrorType::InvalidHTTPHeader, "request head not writable")
     })?;
