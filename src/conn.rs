@@ -32,7 +32,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -234,8 +234,12 @@ impl<A: ServerApp + Send + Sync + 'static> Guarded<A> {
 
 /// Marks the request on `session` as having its head read: from here on its reads are not
 /// on the head clock. A no-op on streams that are not guarded (HTTP/2, the jobs' subrequests).
+///
+/// Call it once the request is counted in flight: a draining process that sees no unserved
+/// connection then sees the request (see [`unserved_connections`]).
 pub fn request_started(session: &ServerSession) {
     if let Some(stream) = guarded(session) {
+        stream.served();
         stream.set_phase(Phase::Busy);
     }
 }
@@ -244,9 +248,20 @@ pub fn request_started(session: &ServerSession) {
 /// starts, at most `keepalive_timeout`.
 pub fn request_finished(session: &ServerSession) {
     if let Some(stream) = guarded(session) {
+        stream.served();
         let until = Instant::now() + stream.limits.keepalive_timeout;
         stream.set_phase(Phase::Idle { until });
     }
+}
+
+/// Whether `session` is the first request of its connection, still to be read. Shutdown lets
+/// go of keep-alive connections waiting for their next request, but not of these: their
+/// client connected to send a request, perhaps in the very moment the listener stopped (or
+/// was handed to a new process), and closing the connection unread would fail that request
+/// with no answer to retry on. `server.header_timeout` bounds the wait. `false` for streams
+/// that are not guarded (HTTP/2 streams arrive with their head; the jobs' subrequests).
+pub fn first_request(session: &ServerSession) -> bool {
+    guarded(session).is_some_and(|stream| stream.unserved.load(Ordering::Acquire))
 }
 
 fn guarded(session: &ServerSession) -> Option<&GuardedStream> {
@@ -275,6 +290,9 @@ pub struct GuardedStream {
     phase: Mutex<Phase>,
     /// Whether nothing has been read yet (the h2c preface is looked for in the first read).
     fresh: bool,
+    /// Whether no request has started on this HTTP/1 connection yet: counted in [`UNSERVED`]
+    /// until one has, or the connection ends.
+    unserved: AtomicBool,
     /// The head being read: its size so far, and whether it has ended.
     head: HeadScan,
     /// Set once the head is refused: the 431 being written, then the close.
@@ -426,21 +444,21 @@ impl Refusal {
     }
 }
 
-/// Connections accepted whose first bytes have not arrived yet: a draining process waits for
-/// them too (see `drain`), or a connection accepted just before the listener was handed over
-/// would be closed unanswered when the process exits.
-static UNREAD: AtomicUsize = AtomicUsize::new(0);
+/// HTTP/1 connections accepted whose first request has not started: a draining process waits
+/// for them too (see `drain`), or a connection accepted just before the listener stopped or
+/// was handed over would be closed unanswered when the process exits. A connection leaves the
+/// count only after its request is counted in flight ([`request_started`]), so the drain,
+/// reading this count before the in-flight gauge, never sees the request in neither.
+static UNSERVED: AtomicUsize = AtomicUsize::new(0);
 
-/// How many accepted connections have sent nothing yet.
-pub fn unread_connections() -> usize {
-    UNREAD.load(Ordering::Acquire)
+/// How many accepted HTTP/1 connections have not started their first request yet.
+pub fn unserved_connections() -> usize {
+    UNSERVED.load(Ordering::Acquire)
 }
 
 impl Drop for GuardedStream {
     fn drop(&mut self) {
-        if self.fresh {
-            UNREAD.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.served();
     }
 }
 
@@ -451,11 +469,14 @@ impl GuardedStream {
         slot: OwnedSemaphorePermit,
         core: Option<Counted>,
     ) -> Self {
-        UNREAD.fetch_add(1, Ordering::AcqRel);
         let deadline = Instant::now() + limits.header_timeout;
-        let phase = if matches!(inner.selected_alpn_proto(), Some(ALPN::H2)) {
+        // HTTP/2 connections are not counted unserved: Pingora's own shutdown (GOAWAY) lets
+        // their requests finish, and each is counted in flight as it starts.
+        let h2 = matches!(inner.selected_alpn_proto(), Some(ALPN::H2));
+        let phase = if h2 {
             Phase::Exempt
         } else {
+            UNSERVED.fetch_add(1, Ordering::AcqRel);
             Phase::Head { deadline }
         };
         GuardedStream {
@@ -463,12 +484,20 @@ impl GuardedStream {
             limits,
             phase: Mutex::new(phase),
             fresh: true,
+            unserved: AtomicBool::new(!h2),
             head: HeadScan::default(),
             refusal: None,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             _slot: slot,
             _core: core,
             out: None,
+        }
+    }
+
+    /// Leaves the unserved count, once.
+    fn served(&self) {
+        if self.unserved.swap(false, Ordering::AcqRel) {
+            UNSERVED.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -496,15 +525,13 @@ impl GuardedStream {
     /// announced itself; a head is counted against `max_header_bytes`.
     fn on_read(&mut self, bytes: &[u8]) -> Result<(), HeadTooLarge> {
         let fresh = std::mem::replace(&mut self.fresh, false);
-        if fresh {
-            UNREAD.fetch_sub(1, Ordering::AcqRel);
-        }
         let header_timeout = self.limits.header_timeout;
-        let phase = self.phase_mut();
         if fresh && bytes.starts_with(H2_PREFACE) {
-            *phase = Phase::Exempt;
-        } else if let Phase::Idle { .. } = phase {
-            *phase = Phase::Head {
+            // h2c: counted as HTTP/2 connections are (not unserved).
+            self.served();
+            *self.phase_mut() = Phase::Exempt;
+        } else if let Phase::Idle { .. } = self.phase_mut() {
+            *self.phase_mut() = Phase::Head {
                 deadline: Instant::now() + header_timeout,
             };
             self.head = HeadScan::default();
@@ -844,6 +871,34 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), LIMITS.header_timeout);
         trickle.abort();
+    }
+
+    /// A connection is unserved (waited for by a draining process, and its first head read
+    /// even while shutting down) from its accept until a request starts, however many bytes
+    /// of the head have come; an h2c connection is not.
+    #[tokio::test]
+    async fn a_connection_is_unserved_until_its_first_request_starts() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut stream = guarded(server);
+        assert!(stream.unserved.load(Ordering::Acquire));
+        client.write_all(b"POST / HTTP/1.1\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(stream.read(&mut buf).await.unwrap() > 0);
+        assert!(
+            stream.unserved.load(Ordering::Acquire),
+            "a head is arriving"
+        );
+        stream.served();
+        assert!(!stream.unserved.load(Ordering::Acquire));
+        // Leaving the count is done once, whatever calls it again (the next request, the drop).
+        stream.served();
+        assert!(!stream.unserved.load(Ordering::Acquire));
+
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut stream = guarded(server);
+        client.write_all(H2_PREFACE).await.unwrap();
+        assert!(stream.read(&mut buf).await.unwrap() > 0);
+        assert!(!stream.unserved.load(Ordering::Acquire), "h2c");
     }
 
     #[tokio::test(start_paused = true)]

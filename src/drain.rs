@@ -129,10 +129,11 @@ impl BackgroundService for Drainer {
             }
             // A connection accepted before the listener stopped (or was handed to a new
             // process) whose request has not arrived yet is waited for as well, until its
-            // request is in flight or the connection ends (the head timeout bounds it).
-            if self.in_flight.get() <= 0
+            // request is in flight or the connection ends (the head timeout bounds it). Read
+            // first: a request leaves that count only once it is counted in flight.
+            if crate::conn::unserved_connections() == 0
+                && self.in_flight.get() <= 0
                 && self.drain.holds.load(Ordering::Acquire) == 0
-                && crate::conn::unread_connections() == 0
             {
                 self.ledger.shutdown().await;
                 if let Some(telemetry) = self.telemetry.clone() {

@@ -181,6 +181,59 @@ async fn streams_longer_than_the_grace_period_end_with_an_error_event_not_silent
     }
 }
 
+/// A client that connected just before the shutdown (the listener may take one more
+/// connection as it stops, or one lands just before a binary upgrade hands the sockets over)
+/// gets its first request answered; a kept-alive connection waiting for its next request is
+/// let go at once, as clients expect of idle connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_answers_a_new_connections_first_request_and_lets_idle_ones_go() {
+    let mock = MockUpstream::start();
+    let mut lumen = Lumen::start(&format!(
+        "auth: off\nserver: {{ grace_period: 20s }}\nproviders:\n  mock: {{ base_url: \"{}\", health: {{ enabled: false }} }}\nroutes:\n  - {{ model: m, targets: [ {{ provider: mock }} ] }}\n",
+        mock.base_url()
+    ));
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mut idle = Client::connect(lumen.addr).await.unwrap();
+    assert_eq!(
+        idle.post_json("/v1/chat/completions", &[], &body)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let mut new = Client::connect(lumen.addr).await.unwrap();
+    // Accepted and waiting for its head when the shutdown comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(lumen.pid() as i32, libc::SIGTERM) };
+    assert!(
+        idle.closed_within(Duration::from_secs(3)).await.is_ok(),
+        "the idle keep-alive connection is let go"
+    );
+    // Well after the listener stopped and the idle connections were let go.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp = new
+        .post_json("/v1/chat/completions", &[], &body)
+        .await
+        .expect("the new connection's request is answered");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("connection"),
+        Some("close"),
+        "{:?}",
+        resp.headers
+    );
+    // Then nothing holds the drain: the node exits long before its grace period.
+    let status = lumen.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped_at.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_node_exits_at_once_on_sigterm() {
     let mock = MockUpstream::start();

@@ -65,13 +65,20 @@ impl Proxy {
     }
 
     /// Reads the request head. `None`: there is no request to serve (the client closed, sent
-    /// a malformed head, which is answered 400 here, or the service is shutting down).
+    /// a malformed head, which is answered 400 here, or the service is shutting down and this
+    /// is a keep-alive connection waiting for its next request).
     async fn read_head(&self, s: &mut Session) -> Option<()> {
-        let read = tokio::select! {
-            // Polled first: a head already buffered is served even while shutting down.
-            biased;
-            read = s.read_request() => read,
-            () = self.shutting_down() => return None,
+        let read = if crate::conn::first_request(s) {
+            // A new connection's first request is read even while shutting down (see
+            // `first_request`); the header timeout bounds the wait.
+            s.read_request().await
+        } else {
+            tokio::select! {
+                // Polled first: a head already buffered is served even while shutting down.
+                biased;
+                read = s.read_request() => read,
+                () = self.shutting_down() => return None,
+            }
         };
         match read {
             Ok(true) => Some(()),

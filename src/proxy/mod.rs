@@ -77,8 +77,6 @@ pub use gateway::Gateway;
 impl Gateway {
     /// Steps 1–11: the request's head is in; the answer is written here, whatever it is.
     pub(super) async fn serve(&self, s: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        // The head is in: the rest of this request is off the header clock.
-        crate::conn::request_started(s);
         // HTTP/1.1 clients may send their next requests before reading this answer; without
         // this Pingora answers the first and closes, dropping the rest. Answers go out in
         // order, one request at a time (RFC 9112 §9.3.2); the flag carries over keep-alive.

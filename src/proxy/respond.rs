@@ -44,6 +44,9 @@ impl Gateway {
         // a write that cannot progress for this long fails, and the upstream is dropped.
         s.set_write_timeout(Some(DOWNSTREAM_WRITE_TIMEOUT));
         ctx.gauge = Some(InFlightGauge::enter(&self.metrics.in_flight));
+        // The head is in: the rest of this request is off the header clock. After the gauge: a
+        // draining process sees a new connection's first request as unserved or in flight.
+        crate::conn::request_started(s);
         let config = self.config.load_full();
         ctx.anthropic = s.req_header().uri.path().starts_with("/v1/messages");
         ctx.request_id = match s.req_header().headers.get("x-request-id") {
