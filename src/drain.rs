@@ -10,7 +10,10 @@
 //! - as soon as no request is in flight, no accepted connection is still to send its first
 //!   request, and the services that finish work at shutdown (job
 //!   workers, sidecar stop, socket clean-up: wrapped in [`Held`]) are done, it writes the usage
-//!   ledger out one last time and the process exits, without waiting out the grace period.
+//!   ledger out one last time and the process exits, without waiting out the grace period;
+//! - and if something still holds it (a request that outlives the cut, a connection that
+//!   never sends its first request), it stops waiting just before Pingora would stop the
+//!   runtimes, and writes the ledger out all the same: usage is never lost to the clock.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -104,11 +107,22 @@ pub struct Drainer {
     pub grace_period: Duration,
 }
 
-/// When streams are cut: shortly before the grace period ends (a tenth of it, at most a
-/// second), so their error events go out before Pingora stops the runtimes.
+/// How long before the grace period ends the drain starts to wrap up: a tenth of it, at most
+/// a second.
+fn margin(grace_period: Duration) -> Duration {
+    (grace_period / 10).min(Duration::from_secs(1))
+}
+
+/// When streams are cut: a margin before the grace period ends, so their error events go out
+/// before Pingora stops the runtimes.
 fn cut_after(grace_period: Duration) -> Duration {
-    let margin = (grace_period / 10).min(Duration::from_secs(1));
-    grace_period.saturating_sub(margin)
+    grace_period.saturating_sub(margin(grace_period))
+}
+
+/// When the drain stops waiting and exits anyway: half the margin after the cut, leaving the
+/// other half for the ledger's last write (Pingora cancels every task when the period ends).
+fn give_up_after(grace_period: Duration) -> Duration {
+    grace_period.saturating_sub(margin(grace_period) / 2)
 }
 
 #[async_trait]
@@ -118,9 +132,14 @@ impl BackgroundService for Drainer {
             return;
         }
         tracing::info!(grace_period_s = self.grace_period.as_secs_f64(), "draining");
-        let cut_at = tokio::time::Instant::now() + cut_after(self.grace_period);
+        let started = tokio::time::Instant::now();
+        let (cut_at, give_up_at) = (
+            started + cut_after(self.grace_period),
+            started + give_up_after(self.grace_period),
+        );
         loop {
-            if !self.drain.is_cut() && tokio::time::Instant::now() >= cut_at {
+            let now = tokio::time::Instant::now();
+            if !self.drain.is_cut() && now >= cut_at {
                 tracing::warn!(
                     in_flight = self.in_flight.get(),
                     "grace period ending: open streams end with server_shutting_down"
@@ -131,15 +150,26 @@ impl BackgroundService for Drainer {
             // process) whose request has not arrived yet is waited for as well, until its
             // request is in flight or the connection ends (the head timeout bounds it). Read
             // first: a request leaves that count only once it is counted in flight.
-            if crate::conn::unserved_connections() == 0
+            let unserved = crate::conn::unserved_connections();
+            let drained = unserved == 0
                 && self.in_flight.get() <= 0
-                && self.drain.holds.load(Ordering::Acquire) == 0
-            {
+                && self.drain.holds.load(Ordering::Acquire) == 0;
+            if drained || now >= give_up_at {
+                if !drained {
+                    tracing::warn!(
+                        in_flight = self.in_flight.get(),
+                        unserved_connections = unserved,
+                        shutdown_work = self.drain.holds.load(Ordering::Acquire),
+                        "grace period over: exiting with work still open"
+                    );
+                }
                 self.ledger.shutdown().await;
                 if let Some(telemetry) = self.telemetry.clone() {
                     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
                 }
-                tracing::info!("drained: no request in flight; exiting");
+                if drained {
+                    tracing::info!("drained: no request in flight; exiting");
+                }
                 crate::access_log::flush(Duration::from_millis(500));
                 if let Some(hook) = EXIT_HOOK.get() {
                     hook();
@@ -163,6 +193,19 @@ mod tests {
             Duration::from_millis(4500)
         );
         assert_eq!(cut_after(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_drain_gives_up_between_the_cut_and_the_end_of_the_grace_period() {
+        assert_eq!(
+            give_up_after(Duration::from_secs(30)),
+            Duration::from_millis(29_500)
+        );
+        assert_eq!(
+            give_up_after(Duration::from_secs(1)),
+            Duration::from_millis(950)
+        );
+        assert_eq!(give_up_after(Duration::ZERO), Duration::ZERO);
     }
 
     #[tokio::test]

@@ -469,7 +469,8 @@ fn run_node(config_path: &Path, upgrade: bool, worker_only: bool) -> Result<(), 
             ledger: node.ledger.clone(),
             telemetry: node.telemetry.clone(),
             in_flight: node.metrics.in_flight.clone(),
-            grace_period: snapshot.server.grace_period,
+            // Pingora's grace period is whole seconds: the drain's clock is the same one.
+            grace_period: std::time::Duration::from_secs(snapshot.server.grace_period.as_secs()),
         },
     ));
     for warning in snapshot.auth.warnings() {

@@ -180,7 +180,8 @@ async fn usage_is_counted_filtered_and_survives_a_restart() {
     // SIGTERM: flushed on the way out; a new process reads it back.
     let status = lumen.terminate(Duration::from_secs(20));
     assert!(status.success(), "{status:?}\n{}", lumen.log());
-    let file = std::fs::read_to_string(state.path().join("usage.json")).unwrap();
+    let file = std::fs::read_to_string(state.path().join("usage.json"))
+        .unwrap_or_else(|e| panic!("usage.json after the exit: {e}\n{}", lumen.log()));
     assert!(file.contains("\"team-a\""), "{file}");
     let config_text = std::fs::read_to_string(&lumen.config_path).unwrap();
     drop(lumen);
@@ -199,6 +200,41 @@ async fn usage_is_counted_filtered_and_survives_a_restart() {
 }
 
 /// The harness adds fresh listeners unless the YAML names them.
+/// A connection that never sends its request holds the drain (it may be a client's request on
+/// its way) but not past the grace period, and never at the cost of the usage written out.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_is_written_at_the_exit_even_when_a_silent_connection_outlives_the_grace_period() {
+    let mock = MockUpstream::start();
+    let state = Dir::new("lumen-usage-silent");
+    // The header timeout (10 s) is far past the grace period (1 s).
+    let extra = format!(
+        "usage: {{ state_dir: \"{}\", flush_interval: 1h }}\n",
+        state.path().display()
+    );
+    let mut lumen = Lumen::start(&config(&mock, &extra));
+    assert_eq!(
+        lumen
+            .chat_status("sk-team-a", &usage_chat("fast", false))
+            .await,
+        200
+    );
+    until_total(&lumen, "", 1).await;
+    let _silent = tokio::net::TcpStream::connect(lumen.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped_at = std::time::Instant::now();
+    let status = lumen.terminate(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", lumen.log());
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopped_at.elapsed()
+    );
+    let file = std::fs::read_to_string(state.path().join("usage.json"))
+        .unwrap_or_else(|e| panic!("usage.json after the exit: {e}\n{}", lumen.log()));
+    assert!(file.contains("\"team-a\""), "{file}");
+    assert!(lumen.log().contains("grace period over"), "{}", lumen.log());
+}
+
 fn strip_listeners(text: &str) -> String {
     text.lines()
         .filter(|l| !l.starts_with("listen:") && !l.starts_with("admin_listen:"))
