@@ -199,7 +199,6 @@ async fn usage_is_counted_filtered_and_survives_a_restart() {
     assert_eq!(report["total"]["prompt_tokens"], 28);
 }
 
-/// The harness adds fresh listeners unless the YAML names them.
 /// A connection that never sends its request holds the drain (it may be a client's request on
 /// its way) but not past the grace period, and never at the cost of the usage written out.
 #[tokio::test(flavor = "multi_thread")]
@@ -235,6 +234,7 @@ async fn usage_is_written_at_the_exit_even_when_a_silent_connection_outlives_the
     assert!(lumen.log().contains("grace period over"), "{}", lumen.log());
 }
 
+/// The harness adds fresh listeners unless the YAML names them.
 fn strip_listeners(text: &str) -> String {
     text.lines()
         .filter(|l| !l.starts_with("listen:") && !l.starts_with("admin_listen:"))
