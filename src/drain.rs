@@ -154,29 +154,29 @@ impl BackgroundService for Drainer {
             let drained = unserved == 0
                 && self.in_flight.get() <= 0
                 && self.drain.holds.load(Ordering::Acquire) == 0;
-            if drained || now >= give_up_at {
-                if !drained {
-                    tracing::warn!(
-                        in_flight = self.in_flight.get(),
-                        unserved_connections = unserved,
-                        shutdown_work = self.drain.holds.load(Ordering::Acquire),
-                        "grace period over: exiting with work still open"
-                    );
-                }
-                self.ledger.shutdown().await;
-                if let Some(telemetry) = self.telemetry.clone() {
-                    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
-                }
-                if drained {
-                    tracing::info!("drained: no request in flight; exiting");
-                }
-                crate::access_log::flush(Duration::from_millis(500));
-                if let Some(hook) = EXIT_HOOK.get() {
-                    hook();
-                }
-                std::process::exit(0);
+            if !drained && now < give_up_at {
+                tokio::time::sleep(POLL).await;
+                continue;
             }
-            tokio::time::sleep(POLL).await;
+            if drained {
+                tracing::info!("drained: no request in flight; exiting");
+            } else {
+                tracing::warn!(
+                    in_flight = self.in_flight.get(),
+                    unserved_connections = unserved,
+                    shutdown_work = self.drain.holds.load(Ordering::Acquire),
+                    "grace period over: exiting with work still open"
+                );
+            }
+            self.ledger.shutdown().await;
+            if let Some(telemetry) = self.telemetry.clone() {
+                let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            }
+            crate::access_log::flush(Duration::from_millis(500));
+            if let Some(hook) = EXIT_HOOK.get() {
+                hook();
+            }
+            std::process::exit(0);
         }
     }
 }
